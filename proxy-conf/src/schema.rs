@@ -1,0 +1,360 @@
+//! The `sauna.toml` schema: one struct per section, with the defaults users of uWSGI, Gunicorn and
+//! Celery expect. Every section is optional so that a file with only `[programs.x]` or only `[beat]`
+//! is a valid configuration. Unknown keys are refused (`deny_unknown_fields`) so a typo never
+//! silently falls back to a default. Checks that span several keys live in `validate`, not here.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::units::{ByteSize, Duration};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The Python application shared by the web pool and, by default, by programs.
+    #[serde(default)]
+    pub app: AppConfig,
+    /// The WSGI web pool; absent means no web role.
+    pub web: Option<WebConfig>,
+    /// Supervised commands, by name, started in name order.
+    #[serde(default)]
+    pub programs: BTreeMap<String, ProgramConfig>,
+    /// The Celery beat replacement; absent means no beat role.
+    pub beat: Option<BeatConfig>,
+    /// The Prometheus endpoint; absent means the default loopback listener.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// The control socket used by `status`, `stop` and `reload`.
+    #[serde(default)]
+    pub control: ControlConfig,
+}
+
+/// `[app]`: where the Python application lives and how to run it.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppConfig {
+    /// Working directory, first on `sys.path`. Relative paths are resolved against the config file.
+    pub directory: Option<PathBuf>,
+    /// The interpreter for workers and the default for programs.
+    pub python: String,
+    /// `module:callable` of a WSGI application.
+    pub wsgi: Option<String>,
+    /// A PasteDeploy ini file, optionally `file.ini#name`.
+    pub paste: Option<String>,
+    /// Extra environment for workers and programs.
+    pub env: BTreeMap<String, String>,
+}
+
+impl Default for AppConfig {
+    fn default() -> Self {
+        AppConfig {
+            directory: None,
+            python: "python3".to_owned(),
+            wsgi: None,
+            paste: None,
+            env: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[web]`: the HTTP front and its pool of Python workers.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebConfig {
+    /// `"host:port"` or `"unix:/path"` addresses to listen on.
+    pub listen: Vec<String>,
+    /// Number of worker processes.
+    pub workers: u32,
+    /// Request slots (threads) per worker.
+    pub threads: u32,
+    /// Per-request deadline: the stack is logged, the worker killed, the client gets 504.
+    pub timeout: Duration,
+    /// Recycle a worker after this many requests; 0 = never.
+    pub max_requests: u64,
+    /// A random 0..=jitter added to `max_requests` per worker so recycles do not align.
+    pub max_requests_jitter: u64,
+    /// Recycle a worker after its current request when its RSS exceeds this; 0 = off.
+    pub max_rss: ByteSize,
+    /// Requests allowed to wait for a free worker; beyond that → 503.
+    pub queue_size: u32,
+    /// A request that waited longer than this → 503.
+    pub queue_timeout: Duration,
+    /// Largest accepted request body → 413 beyond.
+    pub max_body: ByteSize,
+    /// Bodies larger than this are buffered in a temporary file instead of memory.
+    pub body_buffer: ByteSize,
+    /// Time old workers get to finish in-flight requests on reload and stop.
+    pub graceful_timeout: Duration,
+    /// Longest time a new generation may take to become ready during `reload`.
+    pub reload_timeout: Duration,
+    /// A path requested through the canary worker during `reload`; it must answer 2xx/3xx.
+    pub warmup: Option<String>,
+    /// Mount prefix given to the app as `SCRIPT_NAME`.
+    pub script_name: String,
+    /// Peers whose `X-Forwarded-For`/`-Proto` headers are trusted (IPs or CIDRs, `"*"` for all).
+    pub forwarded_allow_ips: Vec<String>,
+    /// One log line per request.
+    pub access_log: bool,
+    /// Kernel accept backlog of each listening socket.
+    pub backlog: u32,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        WebConfig {
+            listen: vec!["127.0.0.1:8000".to_owned()],
+            workers: 2,
+            threads: 1,
+            timeout: Duration::from_secs(30),
+            max_requests: 0,
+            max_requests_jitter: 0,
+            max_rss: ByteSize(0),
+            queue_size: 1024,
+            queue_timeout: Duration::from_secs(10),
+            max_body: ByteSize(100 << 20),
+            body_buffer: ByteSize(1 << 20),
+            graceful_timeout: Duration::from_secs(30),
+            reload_timeout: Duration::from_secs(60),
+            warmup: None,
+            script_name: String::new(),
+            forwarded_allow_ips: vec!["127.0.0.1".to_owned(), "::1".to_owned()],
+            access_log: true,
+            backlog: 2048,
+        }
+    }
+}
+
+/// When a program that exited is started again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Whatever the exit status.
+    #[default]
+    Always,
+    /// Only after a non-zero exit or a death by signal.
+    OnFailure,
+    /// Never; the program stays down.
+    Never,
+}
+
+/// How `reload` treats a program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProgramReload {
+    /// Start the new instance, wait for it, then stop the old one.
+    #[default]
+    Rolling,
+    /// Stop, then start.
+    Restart,
+    /// Leave it running.
+    None,
+}
+
+/// Resource limits applied to a program before `exec` (see setrlimit(2)).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Rlimits {
+    /// RLIMIT_NOFILE: open file descriptors.
+    pub nofile: Option<u64>,
+    /// RLIMIT_CORE: core dump size.
+    pub core: Option<ByteSize>,
+    /// RLIMIT_AS: address space.
+    #[serde(rename = "as")]
+    pub address_space: Option<ByteSize>,
+}
+
+/// `[programs.NAME]`: a supervised command such as a Celery worker.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProgramConfig {
+    /// argv; the first element is looked up on `PATH`. `"python"` means `[app].python`.
+    pub command: Vec<String>,
+    /// Number of identical instances.
+    pub instances: u32,
+    /// Working directory; defaults to `[app].directory`.
+    pub directory: Option<PathBuf>,
+    /// Extra environment, on top of `[app].env`.
+    pub env: BTreeMap<String, String>,
+    /// User to run as (only when the supervisor runs as root).
+    pub user: Option<String>,
+    /// Group to run as (only when the supervisor runs as root).
+    pub group: Option<String>,
+    /// When to start it again after an exit.
+    pub restart: RestartPolicy,
+    /// Signal sent to the program's process group to stop it, e.g. `"TERM"`, `"INT"`, `"QUIT"`.
+    pub stop_signal: String,
+    /// Time between `stop_signal` and SIGKILL of the whole group.
+    pub stop_timeout: Duration,
+    /// RSS of the whole process tree above which the program is restarted gracefully; 0 = off.
+    pub max_rss: ByteSize,
+    /// Consecutive samples over `max_rss` before the restart.
+    pub max_rss_samples: u32,
+    /// Longest delay between restarts; delays double from 1 s up to this.
+    pub backoff_max: Duration,
+    /// Running this long resets the backoff and the crash counter.
+    pub stable_after: Duration,
+    /// This many exits within `crash_window` make the program `fatal`.
+    pub crash_limit: u32,
+    /// Window over which `crash_limit` exits are counted.
+    pub crash_window: Duration,
+    /// Time a new instance must survive to count as started (reload readiness).
+    pub ready_after: Duration,
+    /// How `reload` treats this program.
+    pub reload: ProgramReload,
+    /// Resource limits.
+    pub rlimits: Rlimits,
+}
+
+impl Default for ProgramConfig {
+    fn default() -> Self {
+        ProgramConfig {
+            command: Vec::new(),
+            instances: 1,
+            directory: None,
+            env: BTreeMap::new(),
+            user: None,
+            group: None,
+            restart: RestartPolicy::Always,
+            stop_signal: "TERM".to_owned(),
+            stop_timeout: Duration::from_secs(10),
+            max_rss: ByteSize(0),
+            max_rss_samples: 3,
+            backoff_max: Duration::from_secs(60),
+            stable_after: Duration::from_secs(30),
+            crash_limit: 5,
+            crash_window: Duration::from_secs(60),
+            ready_after: Duration::from_secs(3),
+            reload: ProgramReload::Rolling,
+            rlimits: Rlimits::default(),
+        }
+    }
+}
+
+/// What happens to slots missed while no supervisor could publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CatchUp {
+    /// Drop missed slots.
+    Skip,
+    /// Publish one run for any number of missed slots.
+    #[default]
+    Once,
+    /// Publish every missed slot within the window.
+    All,
+}
+
+/// `[beat]`: the scheduler that publishes Celery tasks.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BeatConfig {
+    /// The Redis broker URL the Celery workers consume from.
+    pub broker: String,
+    /// Default IANA time zone of cron jobs.
+    pub timezone: String,
+    /// Elect one publisher among supervisors sharing the broker.
+    pub leader_lock: bool,
+    /// Lock time-to-live; renewed at a third of it.
+    pub lock_ttl: Duration,
+    /// `module:app` of a Celery app whose `beat_schedule` is imported.
+    pub celery_app: Option<String>,
+    /// Jobs by name.
+    pub jobs: BTreeMap<String, JobConfig>,
+}
+
+impl Default for BeatConfig {
+    fn default() -> Self {
+        BeatConfig {
+            broker: "redis://127.0.0.1:6379/0".to_owned(),
+            timezone: "UTC".to_owned(),
+            leader_lock: true,
+            lock_ttl: Duration::from_secs(10),
+            celery_app: None,
+            jobs: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[beat.jobs.NAME]`: one schedule entry.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobConfig {
+    /// Registered Celery task name.
+    pub task: String,
+    /// A 5-field crontab expression or an `@daily`-style shortcut.
+    pub cron: Option<String>,
+    /// A fixed interval.
+    pub every: Option<Duration>,
+    /// Positional arguments.
+    pub args: Vec<toml::Value>,
+    /// Keyword arguments.
+    pub kwargs: toml::Table,
+    /// Queue (routing key).
+    pub queue: String,
+    /// Priority 0..=9 (0 is the highest under Redis).
+    pub priority: Option<u8>,
+    /// The worker discards the task when it starts later than this after publishing.
+    pub expires: Option<Duration>,
+    /// IANA time zone; defaults to `[beat].timezone`.
+    pub timezone: Option<String>,
+    /// Missed-slot policy.
+    pub catch_up: CatchUp,
+    /// How far back missed slots are considered; defaults to one period.
+    pub catch_up_window: Option<Duration>,
+}
+
+impl Default for JobConfig {
+    fn default() -> Self {
+        JobConfig {
+            task: String::new(),
+            cron: None,
+            every: None,
+            args: Vec::new(),
+            kwargs: toml::Table::new(),
+            queue: "celery".to_owned(),
+            priority: None,
+            expires: None,
+            timezone: None,
+            catch_up: CatchUp::Once,
+            catch_up_window: None,
+        }
+    }
+}
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `host:port`, loopback by default; an empty string disables the endpoint.
+    pub listen: String,
+    /// File holding the bearer token scrapes must present.
+    pub token_file: Option<PathBuf>,
+    /// Environment variable holding the bearer token.
+    pub token_env: Option<String>,
+    /// Celery queues whose length is exported, besides those derived from programs.
+    pub queues: Vec<String>,
+    /// How often queue lengths and RSS are sampled.
+    pub sample_interval: Duration,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: "127.0.0.1:9808".to_owned(),
+            token_file: None,
+            token_env: None,
+            queues: Vec::new(),
+            sample_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `[control]`: the Unix socket of the running supervisor.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// Socket path; default `$RUNTIME_DIRECTORY/control.sock`, else `./.sauna/control.sock`.
+    pub socket: Option<PathBuf>,
+}

@@ -1,0 +1,69 @@
+//! Finding and loading the configuration file for a command: `-c FILE`, else `$SAUNA_CONFIG`,
+//! else `./sauna.toml`; and the `check` command. Parsing and diagnostics belong to `proxy-conf`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use proxy_conf::{LoadError, Loaded};
+
+use crate::cli::{ConfigArg, EXIT_USAGE};
+
+/// The configuration could not be used; commands exit 2 on it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source} (pass -c FILE or set SAUNA_CONFIG)")]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file has problems; each is a `FILE:LINE:COL: message` line.
+    #[error("{0}\n{count} problem(s) in {path}", count = .0.0.len(), path = .1.display())]
+    Invalid(proxy_conf::Diagnostics, PathBuf),
+}
+
+/// The file a command should read.
+pub fn config_path(arg: &ConfigArg) -> PathBuf {
+    if let Some(path) = &arg.config {
+        return path.clone();
+    }
+    match std::env::var_os("SAUNA_CONFIG") {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => PathBuf::from("sauna.toml"),
+    }
+}
+
+/// Loads the configuration named by `arg`.
+pub fn load(arg: &ConfigArg) -> Result<Loaded, ConfigError> {
+    load_path(&config_path(arg))
+}
+
+/// Loads the configuration at `path`.
+pub fn load_path(path: &Path) -> Result<Loaded, ConfigError> {
+    proxy_conf::load_file(path).map_err(|error| match error {
+        LoadError::Io { path, source } => ConfigError::Unreadable { path, source },
+        LoadError::Invalid(diagnostics) => ConfigError::Invalid(diagnostics, path.to_owned()),
+    })
+}
+
+/// `sauna-supervisor check`: prints every problem and exits 2, or says the file is valid.
+pub fn check_command(arg: &ConfigArg, _live: bool) -> anyhow::Result<ExitCode> {
+    match load(arg) {
+        Ok(loaded) => {
+            println!("{}: ok", loaded.path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(ConfigError::Invalid(diagnostics, path)) => {
+            println!("{diagnostics}");
+            eprintln!(
+                "sauna-supervisor: {} problem(s) in {}",
+                diagnostics.0.len(),
+                path.display()
+            );
+            Ok(ExitCode::from(EXIT_USAGE))
+        }
+        Err(other) => Err(other.into()),
+    }
+}

@@ -1,0 +1,228 @@
+//! Every Prometheus family the supervisor exports, registered once in one registry.
+//!
+//! The families are created here and handed to the pool, the programs and beat as an
+//! `Arc<Metrics>`: the prometheus types are atomic counters and gauges, so recording a value is
+//! lock-free and never passes through the main loop. Label values are bounded (status classes,
+//! slots, program and job names from the config), never paths, pids or task ids.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Buckets for web latencies, from 5 ms to 30 s.
+const WEB_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Buckets for beat publish lag, from 1 ms to 60 s.
+const LAG_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0, 60.0];
+
+/// The registry and every family in it.
+pub struct Metrics {
+    registry: Registry,
+    /// Responses by status class (`2xx`, `5xx`, …).
+    pub http_requests_total: IntCounterVec,
+    /// Accepted → response complete.
+    pub http_request_duration_seconds: Histogram,
+    /// Accepted → a worker starts it.
+    pub http_queue_wait_seconds: Histogram,
+    /// Requests waiting for a worker right now.
+    pub http_queue_depth: IntGauge,
+    /// Requests in a worker right now.
+    pub http_in_flight: IntGauge,
+    /// Requests refused before reaching a worker, by reason.
+    pub http_rejected_total: IntCounterVec,
+    /// Workers by state.
+    pub workers: IntGaugeVec,
+    /// RSS of each worker slot.
+    pub worker_rss_bytes: IntGaugeVec,
+    /// Worker replacements by reason.
+    pub worker_restarts_total: IntCounterVec,
+    /// 1 while a program has all its instances running.
+    pub program_up: IntGaugeVec,
+    /// Restarts of each program.
+    pub program_restarts_total: IntCounterVec,
+    /// Celery tasks published by each job.
+    pub beat_published_total: IntCounterVec,
+    /// Failed publishes of each job.
+    pub beat_errors_total: IntCounterVec,
+    /// Due instant → published.
+    pub beat_lag_seconds: Histogram,
+    /// 1 while this supervisor holds the beat leader lock.
+    pub beat_leader: IntGauge,
+    /// Next due instant of each job, Unix seconds.
+    pub beat_next_run_timestamp_seconds: IntGaugeVec,
+    /// Messages waiting in each Celery queue (all priority keys).
+    pub celery_queue_length: IntGaugeVec,
+    /// Reloads by outcome.
+    pub reloads_total: IntCounterVec,
+    /// The current generation.
+    pub generation: IntGauge,
+}
+
+impl Metrics {
+    /// Creates and registers every family, plus the process collector.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let family = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(family.clone()))?;
+            Ok::<_, prometheus::Error>(family)
+        };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let family = IntGaugeVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(family.clone()))?;
+            Ok::<_, prometheus::Error>(family)
+        };
+        let gauge = |name: &str, help: &str| {
+            let family = IntGauge::new(name, help)?;
+            registry.register(Box::new(family.clone()))?;
+            Ok::<_, prometheus::Error>(family)
+        };
+        let histogram = |name: &str, help: &str, buckets: &[f64]| {
+            let family =
+                Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))?;
+            registry.register(Box::new(family.clone()))?;
+            Ok::<_, prometheus::Error>(family)
+        };
+
+        let build_info = gauge_vec(
+            "sauna_build_info",
+            "Always 1; the version label names the running sauna-supervisor.",
+            &["version"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+
+        Ok(Metrics {
+            http_requests_total: counter(
+                "sauna_http_requests_total",
+                "HTTP responses sent, by status class.",
+                &["status"],
+            )?,
+            http_request_duration_seconds: histogram(
+                "sauna_http_request_duration_seconds",
+                "Time from accepting a request to the end of its response.",
+                WEB_BUCKETS,
+            )?,
+            http_queue_wait_seconds: histogram(
+                "sauna_http_queue_wait_seconds",
+                "Time a request waited between being accepted and a worker starting it.",
+                WEB_BUCKETS,
+            )?,
+            http_queue_depth: gauge(
+                "sauna_http_queue_depth",
+                "Requests waiting for a free worker.",
+            )?,
+            http_in_flight: gauge(
+                "sauna_http_in_flight_requests",
+                "Requests being handled by a worker.",
+            )?,
+            http_rejected_total: counter(
+                "sauna_http_rejected_total",
+                "Requests refused before reaching a worker, by reason.",
+                &["reason"],
+            )?,
+            workers: gauge_vec("sauna_workers", "Web workers by state.", &["state"])?,
+            worker_rss_bytes: gauge_vec(
+                "sauna_worker_rss_bytes",
+                "Resident memory of each web worker slot.",
+                &["worker"],
+            )?,
+            worker_restarts_total: counter(
+                "sauna_worker_restarts_total",
+                "Web workers replaced, by reason.",
+                &["reason"],
+            )?,
+            program_up: gauge_vec(
+                "sauna_program_up",
+                "1 while every instance of the program is running.",
+                &["program"],
+            )?,
+            program_restarts_total: counter(
+                "sauna_program_restarts_total",
+                "Times a program instance was started again.",
+                &["program"],
+            )?,
+            beat_published_total: counter(
+                "sauna_beat_published_total",
+                "Celery tasks published by each beat job.",
+                &["job"],
+            )?,
+            beat_errors_total: counter(
+                "sauna_beat_errors_total",
+                "Failed publishes of each beat job.",
+                &["job"],
+            )?,
+            beat_lag_seconds: histogram(
+                "sauna_beat_lag_seconds",
+                "Time between a job's due instant and its publish.",
+                LAG_BUCKETS,
+            )?,
+            beat_leader: gauge(
+                "sauna_beat_leader",
+                "1 while this supervisor holds the beat leader lock.",
+            )?,
+            beat_next_run_timestamp_seconds: gauge_vec(
+                "sauna_beat_next_run_timestamp_seconds",
+                "Unix time of each job's next due instant.",
+                &["job"],
+            )?,
+            celery_queue_length: gauge_vec(
+                "sauna_celery_queue_length",
+                "Messages waiting in a Celery queue, over all its priority keys.",
+                &["queue"],
+            )?,
+            reloads_total: counter("sauna_reloads_total", "Reloads, by outcome.", &["outcome"])?,
+            generation: gauge(
+                "sauna_generation",
+                "The generation now serving; 1 at start, one more per successful reload.",
+            )?,
+            registry,
+        })
+    }
+
+    /// The text exposition (format 0.0.4) of every family.
+    pub fn render(&self) -> Result<String, prometheus::Error> {
+        let mut buffer = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buffer)?;
+        String::from_utf8(buffer).map_err(|error| prometheus::Error::Msg(error.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_contract_family_is_rendered() {
+        let metrics = Metrics::new().unwrap();
+        metrics
+            .http_requests_total
+            .with_label_values(&["2xx"])
+            .inc();
+        metrics.workers.with_label_values(&["idle"]).set(2);
+        let text = metrics.render().unwrap();
+        for family in [
+            "sauna_http_requests_total",
+            "sauna_http_request_duration_seconds",
+            "sauna_http_queue_wait_seconds",
+            "sauna_http_queue_depth",
+            "sauna_workers",
+            "sauna_beat_lag_seconds",
+            "sauna_beat_leader",
+            "sauna_generation",
+            "sauna_build_info",
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {family} ")),
+                "{family} missing"
+            );
+        }
+    }
+}
