@@ -14,4 +14,5 @@
 
 pub mod cli;
 pub mod config;
+pub mod lifecycle;
 pub mod metrics;

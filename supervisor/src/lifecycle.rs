@@ -1,0 +1,28 @@
+//! The supervisor's lifecycle phases and the ways it can be asked to stop. Shared vocabulary for the
+//! main loop, the roles it stops, `status` and the tests that observe them.
+
+use serde::Serialize;
+
+/// Where the supervisor is in its life; reported by `status` and to systemd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Binding sockets and starting roles; `READY=1` not sent yet.
+    Starting,
+    /// Every role has started.
+    Running,
+    /// A reload is rolling a new generation.
+    Reloading,
+    /// Stopping: no new work is accepted.
+    Stopping,
+}
+
+/// How a role should stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopMode {
+    /// Stop accepting, let in-flight work finish within its timeout, then force.
+    Graceful,
+    /// Kill at once (SIGQUIT to the supervisor).
+    Fast,
+}
