@@ -15,6 +15,10 @@
 pub mod child;
 pub mod cli;
 pub mod config;
+pub mod dispatch;
 pub mod lifecycle;
 pub mod metrics;
+pub mod pool;
 pub mod status;
+pub mod web;
+pub mod worker;

@@ -1,0 +1,411 @@
+//! The central dispatch of the web pool: which idle request slot serves the next request, and the
+//! one bounded queue where requests wait when none is idle. It owns the idle slot channels, the
+//! per-worker request counts and the waiting requests; it does not own processes (the pool does)
+//! nor HTTP (the front does).
+//!
+//! Requests never wait behind a busy worker while another is idle: a slot is taken only when it is
+//! idle, the least-loaded worker of the current generation is preferred (so 2 workers × 8 threads
+//! spread over both GILs), and a returning slot goes straight to the oldest waiting request.
+//!
+//! This is a lock-protected queue, like `tokio::sync::Semaphore`, not actor state: the hot path
+//! takes the lock twice per request (take a slot, give it back) for a few hundred nanoseconds and
+//! never across an `.await`, where a dispatch actor would add two task wake-ups per request. Only
+//! the pool changes the set of workers; everything it needs to act on (a worker reached
+//! `max_requests`, timed out, broke its channel) comes back to it as a `Notice` over a channel.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics::Metrics;
+use crate::worker::WorkerId;
+use crate::worker::frame::Channel;
+
+/// What the dispatcher tells the pool.
+#[derive(Debug)]
+pub enum Notice {
+    /// The worker served its `max_requests`; replace it when convenient.
+    RecycleWanted(WorkerId),
+    /// A request on this worker passed its deadline; `context` says which and for how long.
+    TimedOut {
+        /// The worker.
+        worker: WorkerId,
+        /// Method, path and age of the request.
+        context: String,
+    },
+    /// The worker broke its protocol or a slot was lost; it must be replaced.
+    Broken {
+        /// The worker.
+        worker: WorkerId,
+        /// What happened.
+        reason: String,
+    },
+}
+
+/// Why a request got no slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Rejected {
+    /// `queue_size` requests are already waiting.
+    #[error("the request queue is full")]
+    QueueFull,
+    /// It waited `queue_timeout` without a slot.
+    #[error("no worker became free within the queue timeout")]
+    QueueTimeout,
+    /// The pool is stopping.
+    #[error("the pool is shutting down")]
+    ShuttingDown,
+}
+
+impl Rejected {
+    /// The `reason` label of `sauna_http_rejected_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Rejected::QueueFull => "queue_full",
+            Rejected::QueueTimeout => "queue_timeout",
+            Rejected::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+/// How a request left its slot.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The exchange completed; the slot can serve again.
+    Done,
+    /// The worker process went away (its channel closed); the pool learns it from the exit.
+    Gone,
+    /// The request passed its deadline; the worker must be killed.
+    TimedOut(String),
+    /// The channel is in an unknown state; the worker must be replaced.
+    Broken(String),
+}
+
+/// One worker as the dispatcher sees it.
+#[derive(Debug)]
+struct Route {
+    id: WorkerId,
+    slot: usize,
+    generation: u64,
+    free: Vec<Channel>,
+    busy: usize,
+    served: u64,
+    limit: Option<u64>,
+    routable: bool,
+    recycle_noted: bool,
+}
+
+#[derive(Default)]
+struct State {
+    routes: Vec<Route>,
+    waiters: VecDeque<oneshot::Sender<Lease>>,
+    generation: u64,
+    closed: bool,
+}
+
+/// Per-worker counters for `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerLoad {
+    /// The worker.
+    pub id: WorkerId,
+    /// Requests it completed.
+    pub served: u64,
+    /// Requests it is serving now.
+    pub busy: usize,
+}
+
+/// The dispatcher shared by the front (take/return slots) and the pool (add/retire workers).
+pub struct Dispatcher {
+    state: Mutex<State>,
+    queue_size: usize,
+    queue_timeout: Duration,
+    metrics: Arc<Metrics>,
+    notices: mpsc::UnboundedSender<Notice>,
+}
+
+/// The exclusive use of one request slot of one worker, from dispatch until the response ends.
+/// Give it back with `release`; dropped unused it returns idle, dropped after use it counts as
+/// broken (the exchange was abandoned half-way).
+pub struct Lease {
+    channel: Option<Channel>,
+    worker: WorkerId,
+    slot: usize,
+    used: bool,
+    dispatcher: Arc<Dispatcher>,
+}
+
+impl Lease {
+    /// The slot's channel; marks the lease used.
+    pub fn channel(&mut self) -> Option<&mut Channel> {
+        self.used = true;
+        self.channel.as_mut()
+    }
+
+    /// The worker serving this request.
+    pub fn worker(&self) -> WorkerId {
+        self.worker
+    }
+
+    /// The worker's slot number (its metrics label).
+    pub fn slot(&self) -> usize {
+        self.slot
+    }
+
+    /// Gives the slot back.
+    pub fn release(mut self, outcome: Outcome) {
+        let channel = self.channel.take();
+        self.dispatcher.give_back(self.worker, channel, outcome);
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(channel) = self.channel.take() {
+            let outcome = if self.used {
+                Outcome::Broken("a request was abandoned in the middle of its exchange".to_owned())
+            } else {
+                Outcome::Done
+            };
+            self.dispatcher.give_back(self.worker, Some(channel), outcome);
+        }
+    }
+}
+
+impl Dispatcher {
+    /// A dispatcher with no workers yet.
+    pub fn new(
+        queue_size: usize,
+        queue_timeout: Duration,
+        metrics: Arc<Metrics>,
+        notices: mpsc::UnboundedSender<Notice>,
+    ) -> Arc<Dispatcher> {
+        Arc::new(Dispatcher {
+            state: Mutex::new(State::default()),
+            queue_size,
+            queue_timeout,
+            metrics,
+            notices,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the queue half-updated in a way that
+        // matters more than stopping the whole front would, so a poisoned lock is used as is.
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes an idle slot, waiting in the queue for one if every slot is busy.
+    pub async fn acquire(self: &Arc<Self>) -> Result<Lease, Rejected> {
+        let receiver = {
+            let mut state = self.lock();
+            if state.closed {
+                return Err(Rejected::ShuttingDown);
+            }
+            if let Some(lease) = self.take_idle(&mut state) {
+                return Ok(lease);
+            }
+            if state.waiters.len() >= self.queue_size {
+                state.waiters.retain(|waiter| !waiter.is_closed());
+                if state.waiters.len() >= self.queue_size {
+                    return Err(Rejected::QueueFull);
+                }
+            }
+            let (sender, receiver) = oneshot::channel();
+            state.waiters.push_back(sender);
+            receiver
+        };
+        self.metrics.http_queue_depth.inc();
+        let waited = tokio::time::timeout(self.queue_timeout, receiver).await;
+        self.metrics.http_queue_depth.dec();
+        match waited {
+            Ok(Ok(lease)) => Ok(lease),
+            Ok(Err(_closed)) => Err(Rejected::ShuttingDown),
+            Err(_elapsed) => Err(Rejected::QueueTimeout),
+        }
+    }
+
+    fn take_idle(self: &Arc<Self>, state: &mut State) -> Option<Lease> {
+        let generation = state.generation;
+        let route = state
+            .routes
+            .iter_mut()
+            .filter(|route| route.routable && route.generation == generation && !route.free.is_empty())
+            .max_by_key(|route| (route.free.len(), std::cmp::Reverse(route.busy)))?;
+        let channel = route.free.pop()?;
+        route.busy += 1;
+        self.metrics.http_in_flight.inc();
+        Some(Lease {
+            channel: Some(channel),
+            worker: route.id,
+            slot: route.slot,
+            used: false,
+            dispatcher: Arc::clone(self),
+        })
+    }
+
+    /// Hands idle channels of `route_index` to waiting requests, oldest first.
+    fn serve_waiters(self: &Arc<Self>, state: &mut State, route_index: usize) {
+        while !state.waiters.is_empty() {
+            let Some(route) = state.routes.get_mut(route_index) else { return };
+            let Some(channel) = route.free.pop() else { return };
+            route.busy += 1;
+            self.metrics.http_in_flight.inc();
+            let mut lease = Lease {
+                channel: Some(channel),
+                worker: route.id,
+                slot: route.slot,
+                used: false,
+                dispatcher: Arc::clone(self),
+            };
+            loop {
+                let Some(waiter) = state.waiters.pop_front() else {
+                    // Nobody waits any more: put the channel back.
+                    if let (Some(route), Some(channel)) = (state.routes.get_mut(route_index), lease.channel.take()) {
+                        route.busy -= 1;
+                        self.metrics.http_in_flight.dec();
+                        route.free.push(channel);
+                    }
+                    return;
+                };
+                match waiter.send(lease) {
+                    Ok(()) => break,
+                    Err(returned) => lease = returned,
+                }
+            }
+        }
+    }
+
+    fn give_back(self: &Arc<Self>, worker: WorkerId, channel: Option<Channel>, outcome: Outcome) {
+        let mut state = self.lock();
+        self.metrics.http_in_flight.dec();
+        let Some(index) = state.routes.iter().position(|route| route.id == worker) else {
+            return; // removed meanwhile: the channel closes here
+        };
+        let route = &mut state.routes[index];
+        route.busy = route.busy.saturating_sub(1);
+        let notice = match outcome {
+            Outcome::Done => {
+                route.served += 1;
+                match channel {
+                    Some(channel) if route.routable => route.free.push(channel),
+                    _ => {}
+                }
+                match route.limit {
+                    Some(limit) if route.served >= limit && !route.recycle_noted => {
+                        route.recycle_noted = true;
+                        Some(Notice::RecycleWanted(worker))
+                    }
+                    _ => None,
+                }
+            }
+            Outcome::Gone => {
+                route.routable = false;
+                None
+            }
+            Outcome::TimedOut(context) => {
+                route.routable = false;
+                Some(Notice::TimedOut { worker, context })
+            }
+            Outcome::Broken(reason) => {
+                route.routable = false;
+                Some(Notice::Broken { worker, reason })
+            }
+        };
+        if !state.routes[index].routable {
+            state.routes[index].free.clear();
+            if state.routes[index].busy == 0 {
+                state.routes.remove(index);
+            }
+        } else {
+            self.serve_waiters(&mut state, index);
+        }
+        drop(state);
+        if let Some(notice) = notice {
+            let _ = self.notices.send(notice);
+        }
+    }
+
+    /// Adds a ready worker; its slots serve waiting requests at once when its generation is current.
+    pub fn add_worker(
+        self: &Arc<Self>,
+        worker: WorkerId,
+        slot: usize,
+        generation: u64,
+        channels: Vec<Channel>,
+        limit: Option<u64>,
+    ) {
+        let mut state = self.lock();
+        state.routes.push(Route {
+            id: worker,
+            slot,
+            generation,
+            free: channels,
+            busy: 0,
+            served: 0,
+            limit,
+            routable: true,
+            recycle_noted: false,
+        });
+        let index = state.routes.len() - 1;
+        if generation == state.generation {
+            self.serve_waiters(&mut state, index);
+        }
+    }
+
+    /// Stops routing to `worker` and closes its idle slots; slots in use close as their requests
+    /// end. When the last one closes, the shim sees end-of-file on every slot and exits by itself.
+    pub fn retire(&self, worker: WorkerId) {
+        let mut state = self.lock();
+        if let Some(index) = state.routes.iter().position(|route| route.id == worker) {
+            let route = &mut state.routes[index];
+            route.routable = false;
+            route.free.clear();
+            if route.busy == 0 {
+                state.routes.remove(index);
+            }
+        }
+    }
+
+    /// Forgets `worker` at once (it died or is being killed).
+    pub fn remove(&self, worker: WorkerId) {
+        let mut state = self.lock();
+        state.routes.retain(|route| route.id != worker);
+    }
+
+    /// Makes `generation` the one new requests go to.
+    pub fn set_generation(self: &Arc<Self>, generation: u64) {
+        let mut state = self.lock();
+        state.generation = generation;
+        for index in 0..state.routes.len() {
+            if state.routes[index].generation == generation {
+                self.serve_waiters(&mut state, index);
+            }
+        }
+    }
+
+    /// Refuses new requests and wakes every waiting one with `ShuttingDown`.
+    pub fn close(&self) {
+        let mut state = self.lock();
+        state.closed = true;
+        state.waiters.clear();
+    }
+
+    /// Requests served and in progress, per worker still known to the dispatcher.
+    pub fn loads(&self) -> Vec<WorkerLoad> {
+        self.lock()
+            .routes
+            .iter()
+            .map(|route| WorkerLoad {
+                id: route.id,
+                served: route.served,
+                busy: route.busy,
+            })
+            .collect()
+    }
+
+    /// True while `worker` still has requests in progress or idle slots open.
+    pub fn holds(&self, worker: WorkerId) -> bool {
+        self.lock().routes.iter().any(|route| route.id == worker)
+    }
+}

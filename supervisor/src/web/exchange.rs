@@ -1,0 +1,404 @@
+//! One request's conversation with the worker slot it was dispatched to: send the request frame,
+//! answer the worker's body reads from the buffered body, and turn its response frames into a
+//! hyper response whose body is streamed as the worker produces it. It enforces the request's
+//! deadline, and when the client leaves early it tells the worker (`Abort`) and drains the slot in
+//! the background so the slot is reused only once the worker is done. It owns no socket: the
+//! slot comes from the dispatcher as a `Lease` and goes back to it.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame as BodyFrame, SizeHint};
+use tokio::time::Sleep;
+
+use crate::dispatch::{Lease, Outcome};
+use crate::metrics::Metrics;
+use crate::worker::frame::{self, ChannelError, FLAG_END, Kind};
+use crate::web::body::RequestBody;
+
+/// Largest body piece sent per `Read`.
+const READ_CHUNK: usize = 256 * 1024;
+
+/// What the worker produced next.
+#[derive(Debug)]
+pub enum Event {
+    /// Status line and headers (`status\0name\0value…`), the first body bytes, and whether the
+    /// response is already complete.
+    Head {
+        /// The encoded status and headers.
+        head: Bytes,
+        /// Body bytes sent along.
+        chunk: Bytes,
+        /// No more frames follow.
+        end: bool,
+    },
+    /// More body.
+    Chunk(Bytes),
+    /// The response is complete.
+    End,
+}
+
+/// Why an exchange ended without a complete response.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    /// The request passed `timeout`.
+    #[error("the request took longer than the timeout")]
+    Timeout,
+    /// The worker died (its slot closed).
+    #[error("the worker died while serving the request")]
+    WorkerGone,
+    /// The worker sent something invalid.
+    #[error("{0}")]
+    Protocol(String),
+    /// The app raised after the headers were sent.
+    #[error("the application failed after sending the response headers")]
+    AppFailed,
+}
+
+/// The request's conversation with its slot.
+pub struct Exchange {
+    lease: Option<Lease>,
+    body: RequestBody,
+    offset: u64,
+    deadline: Pin<Box<Sleep>>,
+    started: Instant,
+    context: Arc<str>,
+    draining: bool,
+}
+
+impl std::fmt::Debug for Exchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exchange").field("context", &self.context).finish_non_exhaustive()
+    }
+}
+
+impl Exchange {
+    /// Starts the exchange: queues `request` (a complete `Request` frame) on the slot. `body` is
+    /// the part of the body not sent inline, served to the worker's `Read`s from `offset`.
+    pub fn new(mut lease: Lease, request: BytesMut, body: RequestBody, offset: u64, timeout: Duration, context: Arc<str>) -> Exchange {
+        if let Some(channel) = lease.channel() {
+            let queue = channel.queue();
+            if queue.is_empty() {
+                *queue = request;
+            } else {
+                queue.extend_from_slice(&request);
+            }
+        }
+        Exchange {
+            lease: Some(lease),
+            body,
+            offset,
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+            started: Instant::now(),
+            context,
+            draining: false,
+        }
+    }
+
+    /// The worker slot number serving this request.
+    pub fn slot(&self) -> Option<usize> {
+        self.lease.as_ref().map(Lease::slot)
+    }
+
+    fn finish(&mut self, outcome: Outcome) {
+        if let Some(lease) = self.lease.take() {
+            lease.release(outcome);
+        }
+    }
+
+    fn fail(&mut self, error: ChannelError) -> ExchangeError {
+        match error {
+            ChannelError::Closed => {
+                self.finish(Outcome::Gone);
+                ExchangeError::WorkerGone
+            }
+            ChannelError::Io(error) => {
+                self.finish(Outcome::Gone);
+                ExchangeError::Protocol(format!("worker channel failed: {error}"))
+            }
+            ChannelError::Protocol(message) => {
+                self.finish(Outcome::Broken(message.clone()));
+                ExchangeError::Protocol(message)
+            }
+        }
+    }
+
+    /// Drives the exchange to its next event.
+    pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, ExchangeError>> {
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            let age = self.started.elapsed();
+            let context = format!("request {} timed out after {:.1} s", self.context, age.as_secs_f64());
+            self.finish(Outcome::TimedOut(context));
+            return Poll::Ready(Err(ExchangeError::Timeout));
+        }
+        loop {
+            let Some(channel) = self.lease.as_mut().and_then(Lease::channel) else {
+                return Poll::Ready(Err(ExchangeError::WorkerGone));
+            };
+            if channel.has_output() {
+                match channel.poll_flush(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(error)) => return Poll::Ready(Err(self.fail(error))),
+                    Poll::Ready(Ok(())) => {}
+                }
+            }
+            let frame = match channel.poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(self.fail(error))),
+                Poll::Ready(Ok(frame)) => frame,
+            };
+            match frame.kind {
+                Kind::Read => {
+                    let max = usize::try_from(frame.arg).unwrap_or(READ_CHUNK).clamp(1, READ_CHUNK);
+                    let piece = if self.draining {
+                        Bytes::new()
+                    } else {
+                        match self.body.read_at(self.offset, max) {
+                            Ok(piece) => piece,
+                            Err(error) => {
+                                tracing::error!("cannot read the buffered request body: {error}");
+                                Bytes::new()
+                            }
+                        }
+                    };
+                    self.offset += piece.len() as u64;
+                    let queue = channel.queue();
+                    frame::put_header(queue, Kind::Data, 0, 0, piece.len());
+                    queue.extend_from_slice(&piece);
+                }
+                Kind::Start => {
+                    let head_len = usize::try_from(frame.arg).unwrap_or(usize::MAX);
+                    if head_len > frame.payload.len() {
+                        return Poll::Ready(Err(self.fail(ChannelError::Protocol("head longer than its frame".to_owned()))));
+                    }
+                    let mut payload = frame.payload;
+                    let chunk = payload.split_off(head_len);
+                    let end = frame.flags & FLAG_END != 0;
+                    if end {
+                        self.finish(Outcome::Done);
+                    }
+                    return Poll::Ready(Ok(Event::Head {
+                        head: payload,
+                        chunk,
+                        end,
+                    }));
+                }
+                Kind::Body => return Poll::Ready(Ok(Event::Chunk(frame.payload))),
+                Kind::End => {
+                    self.finish(Outcome::Done);
+                    return Poll::Ready(Ok(Event::End));
+                }
+                Kind::Error => {
+                    self.finish(Outcome::Done);
+                    return Poll::Ready(Err(ExchangeError::AppFailed));
+                }
+                other => {
+                    let message = format!("unexpected {other:?} frame on a request slot");
+                    return Poll::Ready(Err(self.fail(ChannelError::Protocol(message))));
+                }
+            }
+        }
+    }
+
+    /// Waits for the next event.
+    pub async fn next_event(&mut self) -> Result<Event, ExchangeError> {
+        std::future::poll_fn(|cx| self.poll_event(cx)).await
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        if self.draining || self.lease.is_none() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // no runtime: the lease is dropped as broken and the worker replaced
+        };
+        // The client left before the response ended: tell the worker, then read until its
+        // response ends, so the slot is handed on clean.
+        let Some(mut lease) = self.lease.take() else { return };
+        if let Some(channel) = lease.channel() {
+            frame::put_header(channel.queue(), Kind::Abort, 0, 0, 0);
+        }
+        let mut drain = Exchange {
+            lease: Some(lease),
+            body: RequestBody::Memory(Bytes::new()),
+            offset: 0,
+            deadline: Box::pin(tokio::time::sleep_until(self.deadline.deadline())),
+            started: self.started,
+            context: Arc::clone(&self.context),
+            draining: true,
+        };
+        runtime.spawn(async move {
+            loop {
+                match drain.next_event().await {
+                    Ok(Event::Chunk(_)) | Ok(Event::Head { end: false, .. }) => {}
+                    Ok(Event::End) | Ok(Event::Head { end: true, .. }) | Err(_) => break,
+                }
+            }
+        });
+    }
+}
+
+/// What is recorded when a response ends: the access log line and the request metrics.
+pub struct Completion {
+    /// Shared metrics.
+    pub metrics: Arc<Metrics>,
+    /// Write an access log line.
+    pub access_log: bool,
+    /// `GET /path`.
+    pub method: String,
+    /// The request path and query.
+    pub path: String,
+    /// Response status.
+    pub status: u16,
+    /// When the request was accepted.
+    pub accepted: Instant,
+    /// Accepted → a worker started it.
+    pub queue_wait: Option<Duration>,
+    /// The worker slot.
+    pub worker: Option<usize>,
+}
+
+impl Completion {
+    /// Records the end of the response after `bytes` body bytes.
+    pub fn record(&self, bytes: u64, completed: bool) {
+        let duration = self.accepted.elapsed();
+        let class = match self.status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.metrics.http_requests_total.with_label_values(&[class]).inc();
+        self.metrics.http_request_duration_seconds.observe(duration.as_secs_f64());
+        if self.access_log {
+            tracing::info!(
+                target: "sauna::access",
+                method = %self.method,
+                path = %self.path,
+                status = self.status,
+                bytes,
+                duration_ms = duration.as_secs_f64() * 1000.0,
+                queue_ms = self.queue_wait.map_or(0.0, |wait| wait.as_secs_f64() * 1000.0),
+                worker = self.worker.map_or(-1, |slot| slot as i64),
+                completed,
+                "{} {} {}",
+                self.method,
+                self.path,
+                self.status
+            );
+        }
+    }
+}
+
+/// The response body handed to hyper.
+pub enum ResponseBody {
+    /// A complete body.
+    Full(Option<Bytes>),
+    /// Streamed from the worker as it produces it.
+    Stream(Box<Streaming>),
+}
+
+impl std::fmt::Debug for ResponseBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ResponseBody::Full(bytes) => f.debug_tuple("Full").field(&bytes.as_ref().map(Bytes::len)).finish(),
+            ResponseBody::Stream(_) => f.write_str("Stream"),
+        }
+    }
+}
+
+/// The state of a streamed response body.
+pub struct Streaming {
+    exchange: Exchange,
+    first: Option<Bytes>,
+    bytes: u64,
+    done: bool,
+    completion: Completion,
+}
+
+impl Streaming {
+    /// A body that starts with `first` and continues with the worker's `Body` frames.
+    pub fn new(exchange: Exchange, first: Bytes, completion: Completion) -> Streaming {
+        Streaming {
+            exchange,
+            first: Some(first).filter(|chunk| !chunk.is_empty()),
+            bytes: 0,
+            done: false,
+            completion,
+        }
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        self.completion.record(self.bytes, self.done);
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = ExchangeError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<BodyFrame<Bytes>, ExchangeError>>> {
+        match self.get_mut() {
+            ResponseBody::Full(bytes) => Poll::Ready(bytes.take().map(|bytes| Ok(BodyFrame::data(bytes)))),
+            ResponseBody::Stream(stream) => {
+                if let Some(first) = stream.first.take() {
+                    stream.bytes += first.len() as u64;
+                    return Poll::Ready(Some(Ok(BodyFrame::data(first))));
+                }
+                if stream.done {
+                    return Poll::Ready(None);
+                }
+                loop {
+                    return match stream.exchange.poll_event(cx) {
+                        Poll::Pending => Poll::Pending,
+                        Poll::Ready(Ok(Event::Chunk(chunk))) if chunk.is_empty() => continue,
+                        Poll::Ready(Ok(Event::Chunk(chunk))) => {
+                            stream.bytes += chunk.len() as u64;
+                            Poll::Ready(Some(Ok(BodyFrame::data(chunk))))
+                        }
+                        Poll::Ready(Ok(Event::End)) => {
+                            stream.done = true;
+                            Poll::Ready(None)
+                        }
+                        Poll::Ready(Ok(Event::Head { .. })) => {
+                            let error = ExchangeError::Protocol("a second response head".to_owned());
+                            stream.exchange.finish(Outcome::Broken(error.to_string()));
+                            Poll::Ready(Some(Err(error)))
+                        }
+                        Poll::Ready(Err(error)) => {
+                            if matches!(error, ExchangeError::Timeout) {
+                                stream.completion.status = 504;
+                            }
+                            tracing::warn!("response to {} aborted: {error}", stream.exchange.context);
+                            stream.done = true;
+                            Poll::Ready(Some(Err(error)))
+                        }
+                    };
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Full(bytes) => bytes.is_none(),
+            ResponseBody::Stream(stream) => stream.done && stream.first.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
+            ResponseBody::Full(None) => SizeHint::with_exact(0),
+            ResponseBody::Stream(_) => SizeHint::default(),
+        }
+    }
+}

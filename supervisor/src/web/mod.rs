@@ -1,0 +1,443 @@
+//! The HTTP/1.1 front of the web pool: the listening sockets (TCP and Unix, one socket per
+//! `[web].listen` address, owned by the supervisor so that a worker restart never resets a queued
+//! connection), one hyper connection task per client, and the handling of one request from
+//! accept to response: body buffering (413), environ, dispatch (503 with `Retry-After` when the
+//! queue is full or too slow), the exchange with the worker (504 on timeout, 502 when the worker
+//! dies), the access log and the request metrics. No HTTP is parsed in Python.
+//!
+//! It does not start or stop workers (the pool does) nor choose them (the dispatcher does).
+
+pub mod body;
+pub mod environ;
+pub mod exchange;
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use hyper::body::Incoming;
+use hyper::http::{HeaderName, HeaderValue, Request, Response, StatusCode, header};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpSocket, UnixListener};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::dispatch::Dispatcher;
+use crate::metrics::Metrics;
+use crate::worker::frame::{self, FLAG_PULL, HEADER_LEN, Kind};
+use body::{BodyError, RequestBody};
+use environ::{Connection, EnvironConfig};
+use exchange::{Completion, Event, Exchange, ExchangeError, ResponseBody, Streaming};
+
+/// Bodies up to this size travel inside the request frame; larger ones are pulled by the worker.
+const INLINE_BODY: u64 = 256 * 1024;
+/// A client must send its request head within this time (slowloris protection).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A bound listening socket.
+#[derive(Debug)]
+pub enum Listener {
+    /// `host:port`.
+    Tcp(TcpListener),
+    /// `unix:/path`; the path is removed on shutdown.
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// The address as `host:port` (with the real port when 0 was asked) or `unix:/path`.
+    pub fn address(&self) -> String {
+        match self {
+            Listener::Tcp(listener) => listener
+                .local_addr()
+                .map_or_else(|_| "?".to_owned(), |address| address.to_string()),
+            Listener::Unix(_, path) => format!("unix:{}", path.display()),
+        }
+    }
+}
+
+/// A listen address could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {address}: {source}")]
+pub struct BindError {
+    /// The address from `[web].listen`.
+    pub address: String,
+    /// The OS error.
+    #[source]
+    pub source: io::Error,
+}
+
+/// Binds every address, or fails naming the first that cannot be bound.
+pub fn bind(addresses: &[String], backlog: u32) -> Result<Vec<Listener>, BindError> {
+    addresses
+        .iter()
+        .map(|address| bind_one(address, backlog).map_err(|source| BindError { address: address.clone(), source }))
+        .collect()
+}
+
+fn bind_one(address: &str, backlog: u32) -> io::Result<Listener> {
+    if let Some(path) = address.strip_prefix("unix:") {
+        let path = PathBuf::from(path);
+        if path.exists() {
+            // A socket file left by a previous run is replaced; a live one is not stolen.
+            if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                return Err(io::Error::new(io::ErrorKind::AddrInUse, "another process is listening on it"));
+            }
+            std::fs::remove_file(&path)?;
+        }
+        let listener = std::os::unix::net::UnixListener::bind(&path)?;
+        // std binds with a backlog of 128; listen(2) again to apply the configured one.
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&listener);
+        // SAFETY: `raw` is the descriptor of the listener we own; listen(2) only changes its backlog.
+        if unsafe { libc::listen(raw, i32::try_from(backlog).unwrap_or(i32::MAX)) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        listener.set_nonblocking(true)?;
+        return Ok(Listener::Unix(UnixListener::from_std(listener)?, path));
+    }
+    let address: SocketAddr = address.parse().map_err(|_| {
+        io::Error::new(io::ErrorKind::InvalidInput, "expected \"host:port\" (an IP address and a port) or \"unix:/path\"")
+    })?;
+    let socket = if address.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(address)?;
+    Ok(Listener::Tcp(socket.listen(backlog)?))
+}
+
+/// Settings of the front, from `[web]`.
+#[derive(Debug, Clone)]
+pub struct FrontConfig {
+    /// 413 beyond this many body bytes; 0 = no limit.
+    pub max_body: u64,
+    /// Bodies above this are buffered in a temporary file.
+    pub body_buffer: u64,
+    /// Per-request deadline once a worker has it.
+    pub timeout: Duration,
+    /// `Retry-After` seconds sent with 503.
+    pub retry_after: u64,
+    /// Write access log lines.
+    pub access_log: bool,
+    /// Environ settings.
+    pub environ: EnvironConfig,
+}
+
+/// Everything a request handler needs.
+pub struct Front {
+    /// Settings.
+    pub config: FrontConfig,
+    /// Where requests get their worker slot.
+    pub dispatcher: Arc<Dispatcher>,
+    /// Shared metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// The running front.
+#[derive(Debug)]
+pub struct FrontHandle {
+    stop: watch::Sender<bool>,
+    accepting: Vec<JoinHandle<()>>,
+    graceful: Arc<GracefulShutdown>,
+    unix_paths: Vec<PathBuf>,
+}
+
+impl FrontHandle {
+    /// Stops accepting, lets open connections finish their current request (idle keep-alive
+    /// connections close at once) for up to `grace`, then drops the rest. True when every
+    /// connection finished in time.
+    pub async fn shutdown(self, grace: Duration) -> bool {
+        let _ = self.stop.send(true);
+        for task in self.accepting {
+            let _ = task.await;
+        }
+        for path in &self.unix_paths {
+            let _ = std::fs::remove_file(path);
+        }
+        match Arc::try_unwrap(self.graceful) {
+            Ok(graceful) => tokio::time::timeout(grace, graceful.shutdown()).await.is_ok(),
+            Err(_) => false,
+        }
+    }
+}
+
+/// Starts accepting on every listener.
+pub fn serve(listeners: Vec<Listener>, front: Arc<Front>) -> FrontHandle {
+    let (stop, stopped) = watch::channel(false);
+    let graceful = Arc::new(GracefulShutdown::new());
+    let mut unix_paths = Vec::new();
+    let accepting = listeners
+        .into_iter()
+        .map(|listener| {
+            if let Listener::Unix(_, path) = &listener {
+                unix_paths.push(path.clone());
+            }
+            tokio::spawn(accept_loop(listener, Arc::clone(&front), Arc::clone(&graceful), stopped.clone()))
+        })
+        .collect();
+    FrontHandle {
+        stop,
+        accepting,
+        graceful,
+        unix_paths,
+    }
+}
+
+async fn accept_loop(listener: Listener, front: Arc<Front>, graceful: Arc<GracefulShutdown>, mut stop: watch::Receiver<bool>) {
+    let mut builder = http1::Builder::new();
+    builder
+        .keep_alive(true)
+        .pipeline_flush(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    loop {
+        let accepted = tokio::select! {
+            accepted = accept(&listener) => accepted,
+            _ = stop.changed() => return,
+        };
+        let (io, connection) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // EMFILE and friends: back off instead of spinning on a full descriptor table.
+                tracing::error!("accepting a connection on {} failed: {error}", listener.address());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let connection = Arc::new(connection);
+        let front = Arc::clone(&front);
+        let service = service_fn(move |request| handle(Arc::clone(&front), Arc::clone(&connection), request));
+        match io {
+            Stream::Tcp(stream) => {
+                let served = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+                tokio::spawn(async move {
+                    let _ = served.await;
+                });
+            }
+            Stream::Unix(stream) => {
+                let served = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+                tokio::spawn(async move {
+                    let _ = served.await;
+                });
+            }
+        }
+    }
+}
+
+enum Stream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(listener: &Listener) -> io::Result<(Stream, Connection)> {
+    match listener {
+        Listener::Tcp(listener) => {
+            let (stream, peer) = listener.accept().await?;
+            stream.set_nodelay(true)?;
+            let local = stream.local_addr().ok();
+            Ok((Stream::Tcp(stream), Connection { peer: Some(peer), local }))
+        }
+        Listener::Unix(listener, _) => {
+            let (stream, _) = listener.accept().await?;
+            Ok((Stream::Unix(stream), Connection { peer: None, local: None }))
+        }
+    }
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody::Full(Some(Bytes::from_static(text.as_bytes()))));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+async fn handle(front: Arc<Front>, connection: Arc<Connection>, request: Request<Incoming>) -> Result<Response<ResponseBody>, Infallible> {
+    let accepted = Instant::now();
+    let completion = Completion {
+        metrics: Arc::clone(&front.metrics),
+        access_log: front.config.access_log,
+        method: request.method().as_str().to_owned(),
+        path: request.uri().path_and_query().map_or("/", |pq| pq.as_str()).to_owned(),
+        status: 0,
+        accepted,
+        queue_wait: None,
+        worker: None,
+    };
+    Ok(respond(&front, &connection, request, completion).await)
+}
+
+fn reject(front: &Front, reason: &str, mut response: Response<ResponseBody>, mut completion: Completion) -> Response<ResponseBody> {
+    front.metrics.http_rejected_total.with_label_values(&[reason]).inc();
+    completion.status = response.status().as_u16();
+    completion.record(0, true);
+    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+async fn respond(front: &Front, connection: &Connection, request: Request<Incoming>, mut completion: Completion) -> Response<ResponseBody> {
+    let config = &front.config;
+    let (parts, incoming) = request.into_parts();
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if config.max_body > 0 && declared.is_some_and(|length| length > config.max_body) {
+        return reject(front, "body_too_large", plain(StatusCode::PAYLOAD_TOO_LARGE, "Request body too large\n"), completion);
+    }
+    let body = match body::receive(incoming, config.max_body, config.body_buffer).await {
+        Ok(body) => body,
+        Err(BodyError::TooLarge(_)) => {
+            return reject(front, "body_too_large", plain(StatusCode::PAYLOAD_TOO_LARGE, "Request body too large\n"), completion);
+        }
+        Err(BodyError::Client(error)) => {
+            tracing::debug!("client sent a broken body or left: {error}");
+            return reject(front, "bad_request", plain(StatusCode::BAD_REQUEST, "Bad request body\n"), completion);
+        }
+        Err(BodyError::Spill(error)) => {
+            tracing::error!("{error}");
+            return reject(front, "body_buffer", plain(StatusCode::INTERNAL_SERVER_ERROR, "Cannot buffer the request body\n"), completion);
+        }
+    };
+
+    let mut request_frame = BytesMut::with_capacity(1024);
+    request_frame.extend_from_slice(&[0; HEADER_LEN]);
+    if let Err(error) = environ::write_environ(&mut request_frame, &parts, connection, body.len(), &config.environ) {
+        tracing::debug!("refusing {} {}: {error}", completion.method, completion.path);
+        return reject(front, "bad_request", plain(StatusCode::BAD_REQUEST, "Bad request path\n"), completion);
+    }
+    let environ_len = u32::try_from(request_frame.len() - HEADER_LEN).unwrap_or(u32::MAX);
+    let (flags, offset) = match &body {
+        RequestBody::Memory(bytes) if body.len() <= INLINE_BODY => {
+            request_frame.extend_from_slice(bytes);
+            (0, body.len())
+        }
+        _ => (FLAG_PULL, 0),
+    };
+    frame::patch_header(&mut request_frame, 0, Kind::Request, flags, environ_len);
+
+    let lease = match front.dispatcher.acquire().await {
+        Ok(lease) => lease,
+        Err(rejected) => {
+            let mut response = plain(StatusCode::SERVICE_UNAVAILABLE, "Service temporarily overloaded, retry later\n");
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(config.retry_after));
+            return reject(front, rejected.label(), response, completion);
+        }
+    };
+    let queue_wait = accepted_elapsed(&completion);
+    front.metrics.http_queue_wait_seconds.observe(queue_wait.as_secs_f64());
+    completion.queue_wait = Some(queue_wait);
+    completion.worker = Some(lease.slot());
+    let context: Arc<str> = Arc::from(format!("{} {}", completion.method, completion.path));
+    let mut exchange = Exchange::new(lease, request_frame, body, offset, config.timeout, context);
+
+    let failure = match exchange.next_event().await {
+        Ok(Event::Head { head, chunk, end }) => {
+            let body = if end {
+                ResponseBody::Full(Some(chunk.clone()))
+            } else {
+                ResponseBody::Full(None)
+            };
+            match build_response(&head, body) {
+                Ok(mut response) => {
+                    completion.status = response.status().as_u16();
+                    if end {
+                        completion.record(chunk.len() as u64, true);
+                    } else {
+                        *response.body_mut() = ResponseBody::Stream(Box::new(Streaming::new(exchange, chunk, completion)));
+                    }
+                    return response;
+                }
+                Err(message) => {
+                    tracing::error!("the application sent an invalid response to {} {}: {message}", completion.method, completion.path);
+                    (StatusCode::BAD_GATEWAY, "Bad Gateway: the application sent an invalid response\n")
+                }
+            }
+        }
+        Ok(Event::Chunk(_) | Event::End) => {
+            tracing::error!("worker sent a body before the response head");
+            (StatusCode::BAD_GATEWAY, "Bad Gateway\n")
+        }
+        Err(ExchangeError::Timeout) => (StatusCode::GATEWAY_TIMEOUT, "Gateway Timeout: the application did not answer in time\n"),
+        Err(ExchangeError::WorkerGone) => {
+            tracing::error!("worker {} died while serving {} {}", completion.worker.unwrap_or_default(), completion.method, completion.path);
+            (StatusCode::BAD_GATEWAY, "Bad Gateway: the application worker died\n")
+        }
+        Err(error @ (ExchangeError::Protocol(_) | ExchangeError::AppFailed)) => {
+            tracing::error!("serving {} {} failed: {error}", completion.method, completion.path);
+            (StatusCode::BAD_GATEWAY, "Bad Gateway\n")
+        }
+    };
+    let response = plain(failure.0, failure.1);
+    completion.status = response.status().as_u16();
+    completion.record(0, true);
+    response
+}
+
+fn accepted_elapsed(completion: &Completion) -> Duration {
+    completion.accepted.elapsed()
+}
+
+/// Hop-by-hop headers belong to the connection hyper manages, not to the app.
+fn is_hop_by_hop(name: &[u8]) -> bool {
+    [&b"connection"[..], b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te", b"trailer"]
+        .iter()
+        .any(|hop| name.eq_ignore_ascii_case(hop))
+}
+
+/// Builds the response from the worker's `status\0name\0value…` head.
+fn build_response(head: &[u8], body: ResponseBody) -> Result<Response<ResponseBody>, String> {
+    let mut fields = head.split(|byte| *byte == 0);
+    let status_line = fields.next().unwrap_or_default();
+    let code = status_line
+        .get(..3)
+        .and_then(|digits| std::str::from_utf8(digits).ok())
+        .and_then(|digits| digits.parse::<u16>().ok())
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .ok_or_else(|| format!("invalid status {:?}", String::from_utf8_lossy(status_line)))?;
+    let mut response = Response::new(body);
+    *response.status_mut() = code;
+    let reason = status_line.get(4..).unwrap_or_default();
+    if !reason.is_empty() && code.canonical_reason().map(str::as_bytes) != Some(reason) {
+        if let Ok(reason) = hyper::ext::ReasonPhrase::try_from(reason.to_vec()) {
+            response.extensions_mut().insert(reason);
+        }
+    }
+    let headers = response.headers_mut();
+    while let Some(name) = fields.next() {
+        let value = fields.next().ok_or("a header without a value")?;
+        if is_hop_by_hop(name) {
+            continue;
+        }
+        let name = HeaderName::from_bytes(name).map_err(|_| format!("invalid header name {:?}", String::from_utf8_lossy(name)))?;
+        let value = HeaderValue::from_bytes(value).map_err(|_| format!("invalid value of header {name}"))?;
+        headers.append(name, value);
+    }
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_heads_become_responses() {
+        let head = b"201 Made It\0Content-Type\0text/plain\0Set-Cookie\0a=1\0Set-Cookie\0b=2\0Transfer-Encoding\0chunked";
+        let response = build_response(head, ResponseBody::Full(None)).unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+        assert_eq!(response.headers().get_all("set-cookie").iter().count(), 2);
+        assert!(response.headers().get("transfer-encoding").is_none());
+        let reason = response.extensions().get::<hyper::ext::ReasonPhrase>().unwrap();
+        assert_eq!(reason.as_bytes(), b"Made It");
+        assert!(build_response(b"2x0 OK", ResponseBody::Full(None)).is_err());
+        assert!(build_response(b"200 OK\0X-Odd", ResponseBody::Full(None)).is_err());
+        assert!(build_response(b"200 OK\0Bad Name\0v", ResponseBody::Full(None)).is_err());
+    }
+}

@@ -1,0 +1,299 @@
+//! The wire format between the HTTP front and a worker (protocol version 1), and the buffered,
+//! poll-based reader/writer of one worker channel. It owns the byte layout only: what a request
+//! or a response means is decided by `web::exchange` (Rust side) and `shim.py` (Python side).
+//!
+//! Every frame is a 12-byte little-endian header followed by `len` payload bytes:
+//!
+//! ```text
+//! u32 len   payload bytes after the header
+//! u32 arg   kind-specific (environ length, head length, read size)
+//! u8  kind  see `Kind`
+//! u8  flags kind-specific
+//! u16 zero  reserved
+//! ```
+//!
+//! The header is one `struct.unpack_from('<IIBBH')` in Python. A request's environ is a single
+//! block of `key\0value\0…` bytes that the shim turns into a dict with `bytes.decode('latin-1')`,
+//! `str.split('\0')` and `dict(zip(it, it))` — three C-level calls, no per-key Python work. Each
+//! request slot has its own channel, so frames need no request id and never interleave.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::AsyncWrite;
+use tokio::net::UnixStream;
+
+/// The protocol version the shim reports in its `Ready` frame; both sides ship in one binary, the
+/// check catches a stale shim file or a hand-started worker.
+pub const PROTOCOL: u32 = 1;
+/// Bytes in a frame header.
+pub const HEADER_LEN: usize = 12;
+/// Largest payload accepted from a worker; a bigger length means a corrupt channel.
+pub const MAX_PAYLOAD: usize = 64 << 20;
+
+/// `Request` flag: the body continues beyond the inline bytes and is pulled with `Read`.
+pub const FLAG_PULL: u8 = 1;
+/// `Start` flag: the response is complete (no `Body`/`End` frames follow).
+pub const FLAG_END: u8 = 1;
+
+/// What a frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// Front → worker: `arg` bytes of environ block, then inline body bytes.
+    Request = 1,
+    /// Front → worker: body bytes answering a `Read`; empty means end of body.
+    Data = 2,
+    /// Front → worker: the client went away; stop producing the response.
+    Abort = 3,
+    /// Worker → front (control channel): the app is imported; payload `pid\0protocol\0python`.
+    Ready = 16,
+    /// Worker → front (control channel): the app failed to import; payload is the traceback.
+    Failed = 17,
+    /// Worker → front: status and headers (`arg` bytes, `status\0name\0value…`), then body bytes.
+    Start = 18,
+    /// Worker → front: more body bytes.
+    Body = 19,
+    /// Worker → front: the response is complete.
+    End = 20,
+    /// Worker → front: the app failed after the headers were sent; abort the response.
+    Error = 21,
+    /// Worker → front: the app wants up to `arg` more body bytes.
+    Read = 22,
+}
+
+impl Kind {
+    fn from_u8(value: u8) -> Option<Kind> {
+        Some(match value {
+            1 => Kind::Request,
+            2 => Kind::Data,
+            3 => Kind::Abort,
+            16 => Kind::Ready,
+            17 => Kind::Failed,
+            18 => Kind::Start,
+            19 => Kind::Body,
+            20 => Kind::End,
+            21 => Kind::Error,
+            22 => Kind::Read,
+            _ => return None,
+        })
+    }
+}
+
+/// One decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// What it carries.
+    pub kind: Kind,
+    /// Kind-specific flags.
+    pub flags: u8,
+    /// Kind-specific argument.
+    pub arg: u32,
+    /// The payload.
+    pub payload: Bytes,
+}
+
+/// Appends a frame header to `out`.
+pub fn put_header(out: &mut BytesMut, kind: Kind, flags: u8, arg: u32, len: usize) {
+    // Payloads we send are bounded by INLINE_BODY/READ_CHUNK and the environ size; saturating
+    // keeps a pathological environ from wrapping into a valid-looking short length.
+    let len = u32::try_from(len).unwrap_or(u32::MAX);
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&arg.to_le_bytes());
+    out.extend_from_slice(&[kind as u8, flags, 0, 0]);
+}
+
+/// Writes the header of a frame whose payload was appended after a `HEADER_LEN` placeholder
+/// starting at `start` (used to build a request in place without copying the environ).
+pub fn patch_header(out: &mut [u8], start: usize, kind: Kind, flags: u8, arg: u32) {
+    let len = out.len() - start - HEADER_LEN;
+    let len = u32::try_from(len).unwrap_or(u32::MAX);
+    let header = &mut out[start..start + HEADER_LEN];
+    header[0..4].copy_from_slice(&len.to_le_bytes());
+    header[4..8].copy_from_slice(&arg.to_le_bytes());
+    header[8..12].copy_from_slice(&[kind as u8, flags, 0, 0]);
+}
+
+/// Why a channel stopped yielding frames.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// The worker closed its end (it exited or crashed).
+    #[error("the worker closed its channel")]
+    Closed,
+    /// A read or write failed.
+    #[error("worker channel I/O failed: {0}")]
+    Io(#[from] io::Error),
+    /// The bytes are not a valid frame.
+    #[error("worker sent an invalid frame: {0}")]
+    Protocol(String),
+}
+
+/// Takes one complete frame off the front of `buffer`, if there is one.
+pub fn decode(buffer: &mut BytesMut) -> Result<Option<Frame>, ChannelError> {
+    if buffer.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let word = |at: usize| u32::from_le_bytes([buffer[at], buffer[at + 1], buffer[at + 2], buffer[at + 3]]);
+    let len = word(0) as usize;
+    let arg = word(4);
+    let (kind_byte, flags) = (buffer[8], buffer[9]);
+    let kind = Kind::from_u8(kind_byte)
+        .ok_or_else(|| ChannelError::Protocol(format!("unknown frame kind {kind_byte}")))?;
+    if len > MAX_PAYLOAD {
+        return Err(ChannelError::Protocol(format!("frame of {len} bytes")));
+    }
+    if buffer.len() < HEADER_LEN + len {
+        buffer.reserve(HEADER_LEN + len - buffer.len());
+        return Ok(None);
+    }
+    buffer.advance(HEADER_LEN);
+    let payload = buffer.split_to(len).freeze();
+    Ok(Some(Frame {
+        kind,
+        flags,
+        arg,
+        payload,
+    }))
+}
+
+/// One end of a worker channel (a request slot or the control channel): a Unix stream socket
+/// with a read buffer and a queue of bytes still to write, driven by polling so that both an
+/// `async fn` and a hyper response body can use it without an extra task.
+#[derive(Debug)]
+pub struct Channel {
+    stream: UnixStream,
+    input: BytesMut,
+    output: BytesMut,
+}
+
+/// Read buffer growth step: big enough that a typical response arrives in one `read`.
+const READ_SIZE: usize = 64 * 1024;
+
+impl Channel {
+    /// Wraps a connected socket (it must already be non-blocking and registered with tokio).
+    pub fn new(stream: UnixStream) -> Channel {
+        Channel {
+            stream,
+            input: BytesMut::with_capacity(READ_SIZE),
+            output: BytesMut::new(),
+        }
+    }
+
+    /// Queues bytes to be written by the next `poll_flush`.
+    pub fn queue(&mut self) -> &mut BytesMut {
+        &mut self.output
+    }
+
+    /// True when queued bytes are waiting to be written.
+    pub fn has_output(&self) -> bool {
+        !self.output.is_empty()
+    }
+
+    /// Writes out the queued bytes.
+    pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ChannelError>> {
+        while !self.output.is_empty() {
+            let written = ready!(Pin::new(&mut self.stream).poll_write(cx, &self.output))?;
+            if written == 0 {
+                return Poll::Ready(Err(ChannelError::Closed));
+            }
+            self.output.advance(written);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Reads the next frame.
+    pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<Frame, ChannelError>> {
+        loop {
+            if let Some(frame) = decode(&mut self.input)? {
+                return Poll::Ready(Ok(frame));
+            }
+            ready!(self.stream.poll_read_ready(cx))?;
+            if self.input.capacity() - self.input.len() < READ_SIZE / 4 {
+                self.input.reserve(READ_SIZE);
+            }
+            match self.stream.try_read_buf(&mut self.input) {
+                Ok(0) => return Poll::Ready(Err(ChannelError::Closed)),
+                Ok(_) => {}
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Err(error) => return Poll::Ready(Err(error.into())),
+            }
+        }
+    }
+
+    /// Reads the next frame.
+    pub async fn frame(&mut self) -> Result<Frame, ChannelError> {
+        std::future::poll_fn(|cx| self.poll_frame(cx)).await
+    }
+
+    /// Writes out the queued bytes.
+    pub async fn flush(&mut self) -> Result<(), ChannelError> {
+        std::future::poll_fn(|cx| self.poll_flush(cx)).await
+    }
+
+    /// Reads whatever raw bytes arrive (used for faulthandler's stack dump on the control
+    /// channel, which is plain text, not frames). Returns an empty buffer at end of stream.
+    pub async fn read_raw(&mut self) -> io::Result<Bytes> {
+        if !self.input.is_empty() {
+            return Ok(self.input.split().freeze());
+        }
+        loop {
+            self.stream.readable().await?;
+            self.input.reserve(READ_SIZE);
+            match self.stream.try_read_buf(&mut self.input) {
+                Ok(_) => return Ok(self.input.split().freeze()),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Err(error) => return Err(error),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_wait_for_missing_bytes() {
+        let mut wire = BytesMut::new();
+        put_header(&mut wire, Kind::Start, FLAG_END, 6, 11);
+        wire.extend_from_slice(b"200 OK\0body");
+        put_header(&mut wire, Kind::End, 0, 0, 0);
+
+        let mut partial = BytesMut::from(&wire[..5]);
+        assert_eq!(decode(&mut partial).unwrap(), None);
+        let mut partial = BytesMut::from(&wire[..HEADER_LEN + 3]);
+        assert_eq!(decode(&mut partial).unwrap(), None);
+
+        let first = decode(&mut wire).unwrap().unwrap();
+        assert_eq!(first.kind, Kind::Start);
+        assert_eq!(first.flags, FLAG_END);
+        assert_eq!(first.arg, 6);
+        assert_eq!(&first.payload[..], b"200 OK\0body");
+        let second = decode(&mut wire).unwrap().unwrap();
+        assert_eq!((second.kind, second.payload.len()), (Kind::End, 0));
+        assert!(wire.is_empty());
+    }
+
+    #[test]
+    fn header_patched_in_place_matches_put_header() {
+        let mut built = BytesMut::new();
+        built.extend_from_slice(&[0; HEADER_LEN]);
+        built.extend_from_slice(b"A\0b\0xyz");
+        patch_header(&mut built, 0, Kind::Request, FLAG_PULL, 3);
+        let mut expected = BytesMut::new();
+        put_header(&mut expected, Kind::Request, FLAG_PULL, 3, 7);
+        expected.extend_from_slice(b"A\0b\0xyz");
+        assert_eq!(built, expected);
+    }
+
+    #[test]
+    fn unknown_kinds_and_huge_lengths_are_protocol_errors() {
+        let mut wire = BytesMut::from(&[0u8, 0, 0, 0, 0, 0, 0, 0, 99, 0, 0, 0][..]);
+        assert!(matches!(decode(&mut wire), Err(ChannelError::Protocol(_))));
+        let mut wire = BytesMut::new();
+        put_header(&mut wire, Kind::Body, 0, 0, MAX_PAYLOAD + 1);
+        assert!(matches!(decode(&mut wire), Err(ChannelError::Protocol(_))));
+    }
+}

@@ -1,0 +1,435 @@
+//! One worker process from spawn to exit: the channels it inherits, the ready handshake, the
+//! Python stack dump before a kill, and the report of how it ended. It owns the process, not the
+//! decisions: when to start, recycle or replace a worker is the pool's (`crate::pool`), which
+//! requests it serves is the dispatcher's (`crate::dispatch`), and what goes over a request slot
+//! is the front's (`crate::web`).
+//!
+//! Descriptors a worker inherits (see `shim.py`):
+//! - **3, the control channel**, a socketpair. The supervisor writes the shim's source into it
+//!   and shuts its writing side, so the bootstrap `python -c` reads the program until EOF (no
+//!   temporary file that could be swapped or cleaned away). The shim answers with one `Ready`
+//!   frame after the app imported, or `Failed` with the traceback. Afterwards faulthandler is
+//!   registered on SIGUSR2 with this descriptor as its file: a stack dump of a stuck worker is
+//!   written by the C signal handler even while Python code holds the GIL or sleeps in C.
+//! - **4 … 4+threads-1, the request slots**, one socketpair each, one request at a time each.
+//!
+//! Readiness is the child's own word over its own channel (started ≠ ready): a worker that is
+//! running but has not imported the app never receives a request.
+
+pub mod frame;
+
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use proxy_conf::AppConfig;
+use tokio::process::Child;
+use tokio::sync::mpsc;
+
+use crate::child::{self, ChildSpec};
+use frame::{Channel, ChannelError, Kind, PROTOCOL};
+
+/// The shim, compiled into the binary.
+const SHIM: &str = include_str!("shim.py");
+
+/// The program `python -c` runs: read the shim from descriptor 3 until EOF and execute it.
+const BOOTSTRAP: &str = "import os;exec(compile(b''.join(iter(lambda:os.read(3,65536),b'')),'sauna-shim.py','exec'))";
+
+/// First descriptor number of the request slots in the worker.
+const FIRST_SLOT_FD: i32 = 4;
+/// Descriptor number of the control channel in the worker.
+const CONTROL_FD: i32 = 3;
+/// The signal faulthandler dumps the Python stack on (registered by the shim).
+const STACK_SIGNAL: Signal = Signal::SIGUSR2;
+/// A stack dump is complete when nothing more arrived for this long.
+const STACK_QUIET: Duration = Duration::from_millis(200);
+/// Longest wait for a stack dump before the kill goes ahead anyway.
+const STACK_MAX: Duration = Duration::from_secs(3);
+
+/// Identifies one worker process for the pool's whole life (never reused, unlike pids and slots).
+pub type WorkerId = u64;
+
+/// How to run the app: everything every worker of one generation shares.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// The interpreter.
+    pub python: PathBuf,
+    /// Working directory, first on `sys.path`.
+    pub directory: PathBuf,
+    /// Extra environment.
+    pub env: BTreeMap<String, String>,
+    /// `wsgi` or `paste`.
+    pub kind: &'static str,
+    /// `module:callable` or `file.ini[#name]`.
+    pub target: String,
+    /// Request slots per worker.
+    pub threads: usize,
+    /// Longest time from spawn to `Ready`.
+    pub start_timeout: Duration,
+}
+
+impl Launch {
+    /// Resolves `[app]` against the directory of the config file.
+    pub fn new(app: &AppConfig, base_dir: &Path, threads: usize, start_timeout: Duration) -> Result<Launch, String> {
+        let directory = match &app.directory {
+            Some(directory) => base_dir.join(directory),
+            None => base_dir.to_path_buf(),
+        };
+        // A bare name ("python3") is looked up on PATH; a path is relative to the config file.
+        let python = if app.python.contains('/') {
+            base_dir.join(&app.python)
+        } else {
+            PathBuf::from(&app.python)
+        };
+        let (kind, target) = match (&app.wsgi, &app.paste) {
+            (Some(wsgi), None) => ("wsgi", wsgi.clone()),
+            (None, Some(paste)) => ("paste", paste.clone()),
+            (Some(_), Some(_)) => {
+                return Err("[app] sets both `wsgi` and `paste`; keep one".to_owned());
+            }
+            (None, None) => {
+                return Err(
+                    "[app] needs `wsgi = \"module:callable\"` or `paste = \"file.ini\"` to run a web pool".to_owned(),
+                );
+            }
+        };
+        let mut env = app.env.clone();
+        env.entry("PYTHONUNBUFFERED".to_owned()).or_insert_with(|| "1".to_owned());
+        Ok(Launch {
+            python,
+            directory,
+            env,
+            kind,
+            target,
+            threads: threads.max(1),
+            start_timeout,
+        })
+    }
+}
+
+/// Why a worker never became ready.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StartError {
+    /// The process could not be started.
+    #[error("cannot start the worker: {0}")]
+    Spawn(String),
+    /// The app failed to import; the Python traceback.
+    #[error("the app failed to import:\n{0}")]
+    Import(String),
+    /// The process exited before reporting ready.
+    #[error("the worker exited before it was ready ({0}); its output is in the log above")]
+    Exited(String),
+    /// It took longer than the start timeout.
+    #[error("the worker did not report ready within {0:?}")]
+    Timeout(Duration),
+    /// The control channel carried something unexpected.
+    #[error("the worker broke the handshake: {0}")]
+    Protocol(String),
+}
+
+/// What a worker task reports to the pool.
+#[derive(Debug)]
+pub enum Event {
+    /// The app is imported; the request slots are ready to use.
+    Ready {
+        /// The worker.
+        id: WorkerId,
+        /// Its pid.
+        pid: u32,
+        /// One channel per request slot.
+        slots: Vec<Channel>,
+    },
+    /// The worker never became ready; its process is gone.
+    Failed {
+        /// The worker.
+        id: WorkerId,
+        /// Why.
+        error: StartError,
+    },
+    /// The Python stack of a worker about to be killed.
+    Stack {
+        /// The worker.
+        id: WorkerId,
+        /// faulthandler's dump.
+        text: String,
+    },
+    /// A ready worker's process ended.
+    Exited {
+        /// The worker.
+        id: WorkerId,
+        /// "exit status 0", "signal 9 (SIGKILL)" …
+        how: String,
+        /// True for a clean exit (status 0).
+        clean: bool,
+    },
+}
+
+/// What the pool asks of a worker task.
+#[derive(Debug)]
+pub enum Command {
+    /// Dump the Python stack (logged with `context`, e.g. the request that timed out), then SIGKILL.
+    KillWithStack {
+        /// What the worker was doing, for the log line.
+        context: String,
+    },
+    /// SIGTERM now, SIGKILL after the grace period.
+    Terminate {
+        /// Time between SIGTERM and SIGKILL.
+        grace: Duration,
+    },
+    /// SIGKILL now.
+    Kill,
+}
+
+/// Starts the task that owns worker `id`; returns the sender of its commands. Dropping that
+/// sender kills the worker.
+pub fn spawn(
+    id: WorkerId,
+    label: String,
+    launch: std::sync::Arc<Launch>,
+    events: mpsc::UnboundedSender<Event>,
+) -> mpsc::UnboundedSender<Command> {
+    let (commands, receiver) = mpsc::unbounded_channel();
+    tokio::spawn(run(id, label, launch, events, receiver));
+    commands
+}
+
+async fn run(
+    id: WorkerId,
+    label: String,
+    launch: std::sync::Arc<Launch>,
+    events: mpsc::UnboundedSender<Event>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+) {
+    let mut started = match start(&launch, "serve", &label).await {
+        Ok(started) => started,
+        Err(error) => {
+            let _ = events.send(Event::Failed { id, error });
+            return;
+        }
+    };
+    let pid = started.pid;
+    let slots = std::mem::take(&mut started.slots);
+    let _ = events.send(Event::Ready { id, pid, slots });
+    let mut kill_at: Option<tokio::time::Instant> = None;
+    loop {
+        let kill_timer = async {
+            match kill_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            status = started.child.wait() => {
+                let (how, clean) = describe_exit(status);
+                let _ = events.send(Event::Exited { id, how, clean });
+                return;
+            }
+            () = kill_timer => {
+                kill_at = None;
+                signal_group(pid, Signal::SIGKILL);
+            }
+            command = commands.recv() => match command {
+                Some(Command::KillWithStack { context }) => {
+                    let text = dump_stack(pid, &mut started.control).await;
+                    tracing::error!(worker = %label, pid, "{context}; killing the worker. Python stack:\n{text}");
+                    let _ = events.send(Event::Stack { id, text });
+                    signal_group(pid, Signal::SIGKILL);
+                }
+                Some(Command::Terminate { grace }) => {
+                    signal_group(pid, Signal::SIGTERM);
+                    kill_at = Some(tokio::time::Instant::now() + grace);
+                }
+                Some(Command::Kill) | None => signal_group(pid, Signal::SIGKILL),
+            },
+        }
+    }
+}
+
+fn signal_group(pid: u32, signal: Signal) {
+    if let Err(error) = child::signal_group(pid, signal) {
+        tracing::warn!(pid, "cannot send {signal} to worker: {error}");
+    }
+}
+
+fn describe_exit(status: std::io::Result<ExitStatus>) -> (String, bool) {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(status) => match (status.code(), status.signal()) {
+            (Some(code), _) => (format!("exit status {code}"), code == 0),
+            (None, Some(signal)) => {
+                let name = Signal::try_from(signal).map(|s| s.as_str()).unwrap_or("?");
+                (format!("signal {signal} ({name})"), false)
+            }
+            _ => (format!("{status}"), false),
+        },
+        Err(error) => (format!("cannot wait for it: {error}"), false),
+    }
+}
+
+/// A worker process that reported ready.
+struct Started {
+    child: Child,
+    pid: u32,
+    control: Channel,
+    slots: Vec<Channel>,
+}
+
+fn tokio_stream(stream: std::os::unix::net::UnixStream) -> Result<tokio::net::UnixStream, StartError> {
+    stream
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::UnixStream::from_std(stream))
+        .map_err(|error| StartError::Spawn(format!("cannot set up a worker channel: {error}")))
+}
+
+/// Spawns the shim and waits for its `Ready` (mode `serve`) or its exit after the import (`check`).
+async fn start(launch: &Launch, mode: &str, label: &str) -> Result<Started, StartError> {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let channel_error = |error: std::io::Error| StartError::Spawn(format!("cannot create a worker channel: {error}"));
+
+    let (mut control_ours, control_theirs) = UnixStream::pair().map_err(channel_error)?;
+    // The shim's source fits in the socket buffer, so this never blocks.
+    control_ours.write_all(SHIM.as_bytes()).map_err(channel_error)?;
+    control_ours.shutdown(std::net::Shutdown::Write).map_err(channel_error)?;
+    let mut pass_fds: Vec<(OwnedFd, i32)> = vec![(OwnedFd::from(control_theirs), CONTROL_FD)];
+    let mut slots = Vec::new();
+    let slot_count = if mode == "check" { 0 } else { launch.threads };
+    for index in 0..slot_count {
+        let (ours, theirs) = UnixStream::pair().map_err(channel_error)?;
+        let number = FIRST_SLOT_FD + i32::try_from(index).unwrap_or(i32::MAX - FIRST_SLOT_FD);
+        pass_fds.push((OwnedFd::from(theirs), number));
+        slots.push(ours);
+    }
+    let spec = ChildSpec {
+        argv: vec![
+            launch.python.display().to_string(),
+            "-c".to_owned(),
+            BOOTSTRAP.to_owned(),
+            PROTOCOL.to_string(),
+            mode.to_owned(),
+            launch.kind.to_owned(),
+            launch.target.clone(),
+            slot_count.max(1).to_string(),
+        ],
+        cwd: Some(launch.directory.clone()),
+        env: launch.env.clone(),
+        pass_fds,
+        ..ChildSpec::default()
+    };
+    let mut child = child::spawn(spec).map_err(|error| StartError::Spawn(error.to_string()))?;
+    child::capture_output(&mut child, label.to_owned());
+    let pid = child.id().unwrap_or_default();
+    let mut control = Channel::new(tokio_stream(control_ours)?);
+    let deadline = Instant::now() + launch.start_timeout;
+
+    enum First {
+        Frame(Result<Result<frame::Frame, ChannelError>, tokio::time::error::Elapsed>),
+        Exit(std::io::Result<ExitStatus>),
+    }
+    let first = tokio::select! {
+        frame = tokio::time::timeout_at(deadline.into(), control.frame()) => First::Frame(frame),
+        status = child.wait() => First::Exit(status),
+    };
+    let outcome = match first {
+        First::Frame(frame) => frame,
+        First::Exit(status) => {
+            // The process ended first; its Ready or Failed frame may still be in the channel.
+            return match control.frame().await {
+                Ok(frame) if frame.kind == Kind::Failed => Err(StartError::Import(String::from_utf8_lossy(&frame.payload).into_owned())),
+                Ok(frame) if frame.kind == Kind::Ready && mode == "check" => Ok(Started { child, pid, control, slots: Vec::new() }),
+                _ => Err(StartError::Exited(describe_exit(status).0)),
+            };
+        }
+    };
+    let frame = match outcome {
+        Err(_elapsed) => {
+            signal_group(pid, Signal::SIGKILL);
+            return Err(StartError::Timeout(launch.start_timeout));
+        }
+        Ok(Err(ChannelError::Closed)) => {
+            let status = child.wait().await;
+            return Err(StartError::Exited(describe_exit(status).0));
+        }
+        Ok(Err(error)) => {
+            signal_group(pid, Signal::SIGKILL);
+            return Err(StartError::Protocol(error.to_string()));
+        }
+        Ok(Ok(frame)) => frame,
+    };
+    match frame.kind {
+        Kind::Ready => {
+            let text = String::from_utf8_lossy(&frame.payload);
+            let protocol = text.split('\0').nth(1).unwrap_or("");
+            if protocol != PROTOCOL.to_string() {
+                signal_group(pid, Signal::SIGKILL);
+                return Err(StartError::Protocol(format!("shim speaks protocol {protocol:?}, expected {PROTOCOL}")));
+            }
+        }
+        Kind::Failed => {
+            let _ = child.wait().await;
+            return Err(StartError::Import(String::from_utf8_lossy(&frame.payload).into_owned()));
+        }
+        other => {
+            signal_group(pid, Signal::SIGKILL);
+            return Err(StartError::Protocol(format!("unexpected {other:?} frame")));
+        }
+    }
+    let slots = slots
+        .into_iter()
+        .map(|stream| tokio_stream(stream).map(Channel::new))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Started {
+        child,
+        pid,
+        control,
+        slots,
+    })
+}
+
+/// Asks faulthandler for every thread's stack and collects what it writes.
+async fn dump_stack(pid: u32, control: &mut Channel) -> String {
+    let Ok(raw) = i32::try_from(pid) else {
+        return String::new();
+    };
+    if let Err(error) = nix::sys::signal::kill(Pid::from_raw(raw), STACK_SIGNAL) {
+        return format!("(no stack: cannot signal the worker: {error})");
+    }
+    let mut text = Vec::new();
+    let give_up = tokio::time::Instant::now() + STACK_MAX;
+    loop {
+        let quiet = tokio::time::Instant::now() + STACK_QUIET;
+        match tokio::time::timeout_at(quiet.min(give_up), control.read_raw()).await {
+            Ok(Ok(chunk)) if !chunk.is_empty() => text.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    if text.is_empty() {
+        return "(the worker wrote no stack within 3 s)".to_owned();
+    }
+    String::from_utf8_lossy(&text).trim_end().to_owned()
+}
+
+/// Imports the app in a throwaway worker (`sauna-supervisor check`). Must be called outside any
+/// tokio runtime (it runs its own, small one). Returns the traceback when the import fails.
+pub fn check_import(app: &AppConfig, base_dir: &Path) -> Result<(), String> {
+    let launch = Launch::new(app, base_dir, 1, Duration::from_secs(120))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| format!("cannot start a runtime for the import check: {error}"))?;
+    runtime.block_on(async {
+        match start(&launch, "check", "check").await {
+            Ok(mut started) => {
+                let _ = started.child.wait().await;
+                Ok(())
+            }
+            Err(StartError::Import(traceback)) => Err(traceback),
+            Err(other) => Err(other.to_string()),
+        }
+    })
+}

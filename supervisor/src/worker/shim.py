@@ -1,0 +1,412 @@
+"""sauna-supervisor worker shim: runs one WSGI application behind the supervisor's HTTP front.
+
+Shipped inside the sauna-supervisor binary and run with [app].python (CPython >= 3.9, stdlib only).
+The supervisor parses HTTP; this process only turns request frames into a WSGI call and the app's
+response back into frames (the format is documented in supervisor/src/worker/frame.rs).
+
+Descriptors: 3 is the control channel (the source of this file arrives on it, then "ready" or the
+import traceback goes back, then faulthandler writes stack dumps to it on SIGUSR2); 4, 5, ... are
+the request slots, one per thread. Each slot carries one request at a time, so a thread blocks on
+its own socket and needs no locking, queueing or request ids.
+
+argv: protocol mode(serve|check) kind(wsgi|paste) target threads
+"""
+
+import faulthandler
+import importlib
+import io
+import itertools
+import os
+import signal
+import socket
+import struct
+import sys
+import threading
+import traceback
+
+PROTOCOL = 1
+HEADER = struct.Struct("<IIBBH")
+HLEN = HEADER.size
+REQUEST, DATA, ABORT = 1, 2, 3
+READY, FAILED, START, BODY, END, ERROR, READ = 16, 17, 18, 19, 20, 21, 22
+FLAG_PULL = 1
+FLAG_END = 1
+CONTROL_FD = 3
+FIRST_SLOT_FD = 4
+STACK_SIGNAL = signal.SIGUSR2
+RECV_SIZE = 262144
+READ_SIZE = 65536
+
+_pack = HEADER.pack
+_unpack = HEADER.unpack_from
+_chain = itertools.chain.from_iterable
+
+
+class ClientDisconnected(OSError):
+    """The HTTP client went away while the app was reading the request body."""
+
+
+class FileWrapper:
+    """wsgi.file_wrapper: iterates a file-like object in blocks; real files are sent with
+    os.sendfile straight from the page cache to the supervisor's socket."""
+
+    def __init__(self, filelike, blksize=8192):
+        self.filelike = filelike
+        self.blksize = blksize
+        if hasattr(filelike, "close"):
+            self.close = filelike.close
+
+    def __iter__(self):
+        read = self.filelike.read
+        size = self.blksize
+        while True:
+            block = read(size)
+            if not block:
+                return
+            yield block
+
+
+class PullInput(io.RawIOBase):
+    """The part of a large request body that the supervisor keeps (in memory or a temporary
+    file) until the app asks for it: each read is one READ frame answered by one DATA frame."""
+
+    def __init__(self, slot):
+        self.slot = slot
+        self.eof = False
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if self.eof:
+            return 0
+        slot = self.slot
+        slot.send(_pack(0, len(buffer), READ, 0, 0))
+        while True:
+            kind, _flags, _arg, payload = slot.recv_frame()
+            if kind == DATA:
+                break
+            if kind == ABORT:
+                slot.aborted = True
+        if not payload:
+            self.eof = True
+            if slot.aborted:
+                raise ClientDisconnected("the client disconnected")
+            return 0
+        size = len(payload)
+        buffer[:size] = payload
+        return size
+
+
+class Slot:
+    """One request slot: a socket to the front and the state of the request it is serving."""
+
+    def __init__(self, fd, app, base):
+        self.sock = socket.socket(fileno=fd)
+        self.sock.setblocking(True)
+        self.pending = b""
+        self.app = app
+        self.base = base
+        self.aborted = False
+        self.status = None
+        self.headers = None
+        self.sent = False
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def sendv(self, parts):
+        total = sum(map(len, parts))
+        sent = self.sock.sendmsg(parts)
+        if sent < total:
+            self.sock.sendall(b"".join(parts)[sent:])
+
+    def recv_frame(self):
+        data = self.pending
+        recv = self.sock.recv
+        while len(data) < HLEN:
+            chunk = recv(RECV_SIZE)
+            if not chunk:
+                raise EOFError
+            data += chunk
+        size, arg, kind, flags, _ = _unpack(data)
+        end = HLEN + size
+        if len(data) < end:
+            whole = bytearray(end)
+            have = len(data)
+            whole[:have] = data
+            view = memoryview(whole)
+            recv_into = self.sock.recv_into
+            while have < end:
+                got = recv_into(view[have:], end - have)
+                if not got:
+                    raise EOFError
+                have += got
+            self.pending = b""
+            return kind, flags, arg, bytes(view[HLEN:])
+        self.pending = data[end:]
+        return kind, flags, arg, data[HLEN:end]
+
+    def serve(self):
+        """Serves requests until the supervisor closes the slot."""
+        try:
+            while True:
+                kind, flags, arg, payload = self.recv_frame()
+                if kind == REQUEST:
+                    self.handle(flags, arg, payload)
+                # A stray ABORT (the response had ended before it arrived) is dropped here.
+        except (EOFError, ConnectionError):
+            return
+
+    def handle(self, flags, env_len, payload):
+        parts = payload[:env_len].decode("latin-1").split("\0")
+        it = iter(parts)
+        environ = dict(zip(it, it))
+        environ.update(self.base)
+        body = payload[env_len:]
+        if flags & FLAG_PULL:
+            environ["wsgi.input"] = io.BufferedReader(PullInput(self), READ_SIZE)
+        else:
+            environ["wsgi.input"] = io.BytesIO(body)
+        self.status = None
+        self.headers = None
+        self.sent = False
+        self.aborted = False
+        result = None
+        try:
+            result = self.app(environ, self.start_response)
+            self.respond(result)
+        except (EOFError, ConnectionError):
+            raise
+        except BaseException as error:  # noqa: BLE001 - any app failure must become a response
+            if isinstance(error, (KeyboardInterrupt, SystemExit)):
+                raise
+            self.fail(environ)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:  # noqa: BLE001
+                    self.log_exception(environ, "close() of the response iterable failed")
+
+    def head(self):
+        status = self.status
+        if status is None:
+            raise AssertionError("the application returned without calling start_response()")
+        head = "\0".join(itertools.chain((status,), _chain(self.headers))).encode("latin-1")
+        return head
+
+    def respond(self, result):
+        if type(result) is list or type(result) is tuple:
+            body = b"".join(result)
+            if self.sent:
+                if body:
+                    self.sendv([_pack(len(body), 0, BODY, 0, 0), body])
+                self.send(_pack(0, 0, END, 0, 0))
+            else:
+                head = self.head()
+                self.sendv([_pack(len(head) + len(body), len(head), START, FLAG_END, 0), head, body])
+            return
+        try:
+            single = len(result) == 1
+        except (TypeError, AttributeError):
+            single = False
+        if single and not self.sent:
+            body = b"".join(result)
+            head = self.head()
+            self.sendv([_pack(len(head) + len(body), len(head), START, FLAG_END, 0), head, body])
+            return
+        if isinstance(result, FileWrapper) and self.send_file(result):
+            return
+        for chunk in result:
+            if not chunk:
+                continue
+            if self.sent:
+                if self.client_gone():
+                    return
+                self.sendv([_pack(len(chunk), 0, BODY, 0, 0), chunk])
+            else:
+                self.write_first(chunk)
+        if self.sent:
+            self.send(_pack(0, 0, END, 0, 0))
+        else:
+            head = self.head()
+            self.send(_pack(len(head), len(head), START, FLAG_END, 0) + head)
+
+    def send_file(self, wrapper):
+        """Sends a real file with os.sendfile; False when it is not a regular file."""
+        filelike = wrapper.filelike
+        try:
+            fd = filelike.fileno()
+            position = filelike.tell()
+            size = os.fstat(fd).st_size - position
+        except (AttributeError, OSError, io.UnsupportedOperation):
+            return False
+        if size <= 0 or self.sent:
+            return False
+        head = self.head()
+        self.send(_pack(len(head), len(head), START, 0, 0) + head)
+        self.sent = True
+        out = self.sock.fileno()
+        while size > 0:
+            step = min(size, 1 << 30)
+            self.send(_pack(step, 0, BODY, 0, 0))
+            offset = position
+            remaining = step
+            while remaining > 0:
+                done = os.sendfile(out, fd, offset, remaining)
+                if done == 0:
+                    raise RuntimeError("the file shrank while it was being sent")
+                offset += done
+                remaining -= done
+            position += step
+            size -= step
+        self.send(_pack(0, 0, END, 0, 0))
+        return True
+
+    def client_gone(self):
+        """True once the front said the client disconnected; checked between streamed chunks."""
+        if self.aborted:
+            self.send(_pack(0, 0, END, 0, 0))
+            return True
+        try:
+            data = self.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        if not data:
+            raise EOFError
+        self.pending += data
+        kind = _unpack(self.pending)[2] if len(self.pending) >= HLEN else None
+        if kind == ABORT:
+            self.pending = self.pending[HLEN:]
+            self.aborted = True
+            self.send(_pack(0, 0, END, 0, 0))
+            return True
+        return False
+
+    def write_first(self, chunk):
+        head = self.head()
+        self.sendv([_pack(len(head) + len(chunk), len(head), START, 0, 0), head, chunk])
+        self.sent = True
+
+    def start_response(self, status, headers, exc_info=None):
+        if exc_info is not None:
+            try:
+                if self.sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
+        elif self.status is not None:
+            raise AssertionError("start_response() called a second time without exc_info")
+        self.status = status
+        self.headers = headers
+        return self.write
+
+    def write(self, data):
+        if self.status is None:
+            raise AssertionError("write() called before start_response()")
+        if not data:
+            return
+        if self.sent:
+            self.sendv([_pack(len(data), 0, BODY, 0, 0), data])
+        else:
+            self.write_first(data)
+
+    def log_exception(self, environ, what):
+        method = environ.get("REQUEST_METHOD", "?")
+        path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+        sys.stderr.write("%s while serving %s %s\n%s" % (what, method, path, traceback.format_exc()))
+        sys.stderr.flush()
+
+    def fail(self, environ):
+        self.log_exception(environ, "the application raised an exception")
+        if self.sent:
+            self.send(_pack(0, 0, ERROR, 0, 0))
+            return
+        body = b"Internal Server Error\n"
+        head = "500 Internal Server Error\0Content-Type\0text/plain; charset=utf-8".encode("latin-1")
+        self.sendv([_pack(len(head) + len(body), len(head), START, FLAG_END, 0), head, body])
+
+
+def report(kind, payload):
+    control = CONTROL_FD
+    data = _pack(len(payload), 0, kind, 0, 0) + payload
+    while data:
+        written = os.write(control, data)
+        data = data[written:]
+
+
+def setup_paste_logging(path):
+    """Applies the ini file's [loggers] like `pserve` does, so Pyramid apps log as configured."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            has_loggers = any(line.strip() == "[loggers]" for line in handle)
+    except OSError:
+        return
+    if has_loggers:
+        import logging.config
+
+        here = os.path.dirname(os.path.abspath(path))
+        logging.config.fileConfig(path, {"__file__": os.path.abspath(path), "here": here}, False)
+
+
+def load_app(kind, target):
+    if kind == "paste":
+        try:
+            from paste.deploy import loadapp
+        except ImportError:
+            raise ImportError(
+                "[app].paste needs PasteDeploy in the environment of [app].python: "
+                "pip install PasteDeploy"
+            ) from None
+        path, _, name = target.partition("#")
+        path = os.path.abspath(path)
+        setup_paste_logging(path)
+        return loadapp("config:" + path + ("#" + name if name else ""))
+    module_name, _, attribute = target.partition(":")
+    module = importlib.import_module(module_name)
+    app = module
+    for part in (attribute or "application").split("."):
+        app = getattr(app, part)
+    if not callable(app):
+        raise TypeError("%s is not callable (got %r)" % (target, type(app).__name__))
+    return app
+
+
+def main(argv):
+    protocol, mode, kind, target, threads = argv
+    threads = int(threads)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    if int(protocol) != PROTOCOL:
+        report(FAILED, ("shim speaks protocol %d, supervisor %s" % (PROTOCOL, protocol)).encode())
+        return 1
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        app = load_app(kind, target)
+    except BaseException:  # noqa: BLE001 - SystemExit and SyntaxError at import are failures too
+        report(FAILED, traceback.format_exc().encode("utf-8", "replace"))
+        return 1
+    report(READY, ("%d\0%d\0%s" % (os.getpid(), PROTOCOL, sys.version.split()[0])).encode())
+    if mode == "check":
+        return 0
+    faulthandler.register(STACK_SIGNAL, file=CONTROL_FD, all_threads=True)
+    base = {
+        "wsgi.version": (1, 0),
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": threads > 1,
+        "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
+        "wsgi.input_terminated": True,
+        "wsgi.file_wrapper": FileWrapper,
+    }
+    slots = [Slot(FIRST_SLOT_FD + index, app, base) for index in range(threads)]
+    for slot in slots[1:]:
+        threading.Thread(target=slot.serve, name="sauna-slot", daemon=True).start()
+    slots[0].serve()
+    return 0
+
+
+sys.exit(main(sys.argv[1:]))

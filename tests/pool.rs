@@ -1,0 +1,741 @@
+//! The web pool through real CPython workers: WSGI behaviour (every test app is wrapped in
+//! `wsgiref.validate.validator`), timeouts, crashes, recycling, the queue, slow uploads and real
+//! frameworks. Most tests drive `Pool::start` directly (a library API) and talk raw HTTP/1.1 over
+//! TCP, so that pipelining, chunked bodies and bad requests are visible exactly as sent.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proxy_conf::{AppConfig, ByteSize, WebConfig};
+use sauna_supervisor::lifecycle::StopMode;
+use sauna_supervisor::metrics::Metrics;
+use sauna_supervisor::pool::{Pool, PoolError, PoolHandle, PoolStatus};
+
+use crate::util::{self, Sandbox};
+
+/// The test app: one WSGI callable answering many paths, wrapped in the PEP 3333 validator.
+const APP: &str = r#"
+import hashlib, json, os, sys, threading, time
+from wsgiref.validate import validator
+
+HELD = []
+
+def _app(environ, start_response):
+    path = environ["PATH_INFO"]
+    text = [("Content-Type", "text/plain")]
+    if path == "/hello":
+        start_response("200 OK", text)
+        return [b"Hello, World!"]
+    if path.startswith("/environ"):
+        body = {k: v for k, v in environ.items() if isinstance(v, str)}
+        body["wsgi.input_terminated"] = environ.get("wsgi.input_terminated")
+        body["wsgi.multithread"] = environ["wsgi.multithread"]
+        body["wsgi.version"] = list(environ["wsgi.version"])
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [json.dumps(body).encode()]
+    if path == "/echo":
+        stream = environ["wsgi.input"]
+        mode = environ.get("QUERY_STRING", "")
+        if mode == "lines":
+            data = b"".join(stream.readlines())
+        elif mode == "iter":
+            data = b"".join(line for line in stream)
+        elif mode == "line":
+            data = b""
+            while True:
+                line = stream.readline()
+                if not line:
+                    break
+                data += line
+        else:
+            data = b""
+            while True:
+                chunk = stream.read(7777)
+                if not chunk:
+                    break
+                data += chunk
+        result = {"len": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                  "content_length": environ.get("CONTENT_LENGTH")}
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [json.dumps(result).encode()]
+    if path == "/stream":
+        start_response("200 OK", text)
+        def chunks():
+            for i in range(5):
+                yield b"chunk %d\n" % i
+                time.sleep(0.05)
+        return chunks()
+    if path == "/forever":
+        marker = environ["QUERY_STRING"]
+        start_response("200 OK", text)
+        class Forever:
+            def __iter__(self):
+                while True:
+                    yield b"x" * 1024
+                    time.sleep(0.01)
+            def close(self):
+                open(marker, "w").write("closed")
+        return Forever()
+    if path == "/big":
+        start_response("200 OK", text)
+        return (b"y" * 65536 for _ in range(16))
+    if path == "/cookies":
+        start_response("200 OK", text + [("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("X-Latin", "caf\xe9")])
+        return [b"two cookies"]
+    if path == "/write":
+        write = start_response("200 OK", text)
+        write(b"written ")
+        return [b"and returned"]
+    if path == "/empty":
+        start_response("204 No Content", [])
+        return []
+    if path == "/reason":
+        start_response("299 Custom Thing", text)
+        return [b"custom"]
+    if path == "/error":
+        raise ValueError("boom in the app")
+    if path == "/error-late":
+        start_response("200 OK", text)
+        def late():
+            yield b"partial"
+            raise RuntimeError("late failure")
+        return late()
+    if path == "/exc-info":
+        start_response("200 OK", text)
+        try:
+            raise KeyError("replaced")
+        except KeyError:
+            start_response("500 Internal Server Error", text, sys.exc_info())
+        return [b"error page"]
+    if path == "/sleep":
+        time.sleep(float(environ["QUERY_STRING"] or "1"))
+        start_response("200 OK", text)
+        return [b"slept"]
+    if path == "/crash":
+        os._exit(3)
+    if path == "/pid":
+        start_response("200 OK", text)
+        return [str(os.getpid()).encode()]
+    if path == "/grow":
+        HELD.append(bytearray(int(environ["QUERY_STRING"]) << 20))
+        start_response("200 OK", text)
+        return [str(os.getpid()).encode()]
+    if path == "/file":
+        start_response("200 OK", text)
+        return environ["wsgi.file_wrapper"](open(__file__, "rb"), 4096)
+    if path == "/errors":
+        environ["wsgi.errors"].write("message to wsgi.errors\n")
+        start_response("200 OK", text)
+        return [b"logged"]
+    start_response("404 Not Found", text)
+    return [b"not found"]
+
+application = validator(_app)
+"#;
+
+/// A pool started in its own runtime, so the test can use blocking sockets.
+struct TestPool {
+    runtime: tokio::runtime::Runtime,
+    handle: Option<PoolHandle>,
+    address: String,
+}
+
+impl TestPool {
+    fn status(&self) -> PoolStatus {
+        let handle = self.handle.as_ref().expect("pool running");
+        self.runtime.block_on(handle.status())
+    }
+
+    fn wait_for(&self, what: &str, predicate: impl Fn(&PoolStatus) -> bool) -> PoolStatus {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = self.status();
+            if predicate(&status) {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; status: {status:#?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn ready_pids(&self) -> Vec<u32> {
+        let status = self.status();
+        let mut pids: Vec<u32> = status
+            .workers
+            .iter()
+            .filter(|worker| format!("{:?}", worker.state) == "Ready")
+            .filter_map(|worker| worker.pid)
+            .collect();
+        pids.sort_unstable();
+        pids
+    }
+
+    fn shutdown(mut self, mode: StopMode) {
+        if let Some(handle) = self.handle.take() {
+            self.runtime.block_on(handle.shutdown(mode));
+        }
+    }
+}
+
+impl Drop for TestPool {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            self.runtime.block_on(handle.shutdown(StopMode::Fast));
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("build a runtime")
+}
+
+fn app_config(dir: &Path, wsgi: &str) -> AppConfig {
+    AppConfig {
+        directory: Some(dir.to_path_buf()),
+        python: util::python().display().to_string(),
+        wsgi: Some(wsgi.to_owned()),
+        ..AppConfig::default()
+    }
+}
+
+fn web_config(adjust: impl FnOnce(&mut WebConfig)) -> WebConfig {
+    let mut web = WebConfig {
+        listen: vec!["127.0.0.1:0".to_owned()],
+        workers: 1,
+        access_log: false,
+        ..WebConfig::default()
+    };
+    adjust(&mut web);
+    web
+}
+
+fn try_start(app: &AppConfig, web: &WebConfig, dir: &Path) -> (tokio::runtime::Runtime, Result<PoolHandle, PoolError>) {
+    let runtime = runtime();
+    let metrics = Arc::new(Metrics::new().expect("metrics"));
+    let result = runtime.block_on(Pool::start(app, web, dir, metrics));
+    (runtime, result)
+}
+
+fn start(app: &AppConfig, web: &WebConfig, dir: &Path) -> TestPool {
+    let (runtime, result) = try_start(app, web, dir);
+    let handle = result.unwrap_or_else(|error| panic!("pool did not start: {error}"));
+    let address = handle.listen_addresses()[0].clone();
+    TestPool {
+        runtime,
+        handle: Some(handle),
+        address,
+    }
+}
+
+fn start_test_app(sandbox: &Sandbox, adjust: impl FnOnce(&mut WebConfig)) -> TestPool {
+    sandbox.write("app.py", APP);
+    start(&app_config(sandbox.root(), "app:application"), &web_config(adjust), sandbox.root())
+}
+
+/// A parsed HTTP response.
+#[derive(Debug)]
+struct Response {
+    status: u16,
+    reason: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Response {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(key, _)| key.eq_ignore_ascii_case(name)).map(|(_, value)| value.as_str())
+    }
+
+    fn headers_named(&self, name: &str) -> Vec<&str> {
+        self.headers.iter().filter(|(key, _)| key.eq_ignore_ascii_case(name)).map(|(_, value)| value.as_str()).collect()
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|error| panic!("not JSON ({error}): {}", self.text()))
+    }
+}
+
+fn connect(address: &str) -> TcpStream {
+    let stream = TcpStream::connect(address).expect("connect to the pool");
+    stream.set_read_timeout(Some(Duration::from_secs(30))).expect("set timeout");
+    stream
+}
+
+/// Reads one response; `head` for a response to HEAD (no body whatever the headers say).
+fn read_response(reader: &mut BufReader<TcpStream>, head: bool) -> Response {
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("read status line");
+    let mut parts = line.trim_end().splitn(3, ' ');
+    let _version = parts.next();
+    let status: u16 = parts.next().and_then(|code| code.parse().ok()).unwrap_or_else(|| panic!("bad status line {line:?}"));
+    let reason = parts.next().unwrap_or("").to_owned();
+    let mut headers = Vec::new();
+    loop {
+        let mut raw = Vec::new();
+        reader.read_until(b'\n', &mut raw).expect("read header");
+        let text: String = raw.iter().map(|b| char::from(*b)).collect();
+        let text = text.trim_end();
+        if text.is_empty() {
+            break;
+        }
+        let (name, value) = text.split_once(':').expect("header colon");
+        headers.push((name.trim().to_owned(), value.trim().to_owned()));
+    }
+    let mut response = Response { status, reason, headers, body: Vec::new() };
+    if head || status == 204 || status == 304 || (100..200).contains(&status) {
+        return response;
+    }
+    if response.header("transfer-encoding").is_some_and(|te| te.eq_ignore_ascii_case("chunked")) {
+        loop {
+            let mut size = String::new();
+            reader.read_line(&mut size).expect("chunk size");
+            let size = usize::from_str_radix(size.trim(), 16).expect("hex chunk size");
+            let mut chunk = vec![0; size + 2];
+            reader.read_exact(&mut chunk).expect("chunk");
+            if size == 0 {
+                break;
+            }
+            response.body.extend_from_slice(&chunk[..size]);
+        }
+    } else if let Some(length) = response.header("content-length") {
+        let mut body = vec![0; length.parse().expect("content-length")];
+        reader.read_exact(&mut body).expect("body");
+        response.body = body;
+    } else {
+        reader.read_to_end(&mut response.body).expect("body to close");
+    }
+    response
+}
+
+/// Sends `raw` on a new connection and reads one response.
+fn exchange(address: &str, raw: &[u8]) -> Response {
+    let mut stream = connect(address);
+    stream.write_all(raw).expect("send request");
+    let head = raw.starts_with(b"HEAD ");
+    read_response(&mut BufReader::new(stream), head)
+}
+
+fn get(address: &str, path: &str) -> Response {
+    exchange(address, format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes())
+}
+
+fn post(address: &str, path: &str, content_type: &str, body: &[u8]) -> Response {
+    let mut raw = format!(
+        "POST {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    raw.extend_from_slice(body);
+    exchange(address, &raw)
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    let output = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            child.stdin.take().expect("stdin").write_all(data)?;
+            child.wait_with_output()
+        })
+        .expect("run sha256sum");
+    String::from_utf8_lossy(&output.stdout).split_whitespace().next().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn serves_hello_world_with_keep_alive_and_pipelining() {
+    let sandbox = Sandbox::new();
+    let pool = start_test_app(&sandbox, |_| {});
+    let response = get(&pool.address, "/hello");
+    assert_eq!(response.status, 200);
+    assert_eq!(response.body, b"Hello, World!");
+    assert_eq!(response.header("content-length"), Some("13"));
+
+    // Three pipelined requests on one connection, answered in order.
+    let mut stream = connect(&pool.address);
+    stream
+        .write_all(b"GET /hello HTTP/1.1\r\nHost: t\r\n\r\nGET /pid HTTP/1.1\r\nHost: t\r\n\r\nGET /missing HTTP/1.1\r\nHost: t\r\n\r\n")
+        .expect("send pipelined");
+    let mut reader = BufReader::new(stream);
+    assert_eq!(read_response(&mut reader, false).body, b"Hello, World!");
+    assert_eq!(read_response(&mut reader, false).status, 200);
+    assert_eq!(read_response(&mut reader, false).status, 404);
+    pool.shutdown(StopMode::Graceful);
+}
+
+#[test]
+fn environ_follows_pep_3333() {
+    let sandbox = Sandbox::new();
+    let pool = start_test_app(&sandbox, |web| web.script_name = "/mount".to_owned());
+    let response = exchange(
+        &pool.address,
+        b"POST /mount/caf%C3%A9/a%2Fb?x=%C3%A9&y=1 HTTP/1.1\r\nHost: example.com:8080\r\nContent-Type: text/plain\r\nContent-Length: 5\r\nX-Twice: a\r\nX-Twice: b\r\nConnection: close\r\n\r\nhello",
+    );
+    // The app's environ route is not under /mount's PATH_INFO "/environ", so ask for it directly.
+    assert_eq!(response.status, 404, "{}", response.text());
+    let response = exchange(
+        &pool.address,
+        b"POST /mount/environ?x=%C3%A9&y=1 HTTP/1.1\r\nHost: example.com:8080\r\nContent-Type: text/plain\r\nContent-Length: 5\r\nX-Twice: a\r\nX-Twice: b\r\nConnection: close\r\n\r\nhello",
+    );
+    let environ = response.json();
+    assert_eq!(environ["SCRIPT_NAME"], "/mount");
+    assert_eq!(environ["PATH_INFO"], "/environ");
+    assert_eq!(environ["QUERY_STRING"], "x=%C3%A9&y=1");
+    assert_eq!(environ["REQUEST_METHOD"], "POST");
+    assert_eq!(environ["SERVER_NAME"], "example.com");
+    assert_eq!(environ["SERVER_PORT"], "8080");
+    assert_eq!(environ["SERVER_PROTOCOL"], "HTTP/1.1");
+    assert_eq!(environ["CONTENT_TYPE"], "text/plain");
+    assert_eq!(environ["CONTENT_LENGTH"], "5");
+    assert_eq!(environ["HTTP_X_TWICE"], "a, b");
+    assert_eq!(environ["REMOTE_ADDR"], "127.0.0.1");
+    assert_eq!(environ["wsgi.url_scheme"], "http");
+    assert_eq!(environ["wsgi.input_terminated"], true);
+    assert_eq!(environ["wsgi.version"], serde_json::json!([1, 0]));
+    assert_eq!(environ["REQUEST_URI"], "/mount/environ?x=%C3%A9&y=1");
+    assert!(environ.get("HTTP_CONTENT_TYPE").is_none());
+
+    // PATH_INFO: percent-decoded bytes read as latin-1.
+    let environ = get(&pool.address, "/mount/environ/caf%C3%A9/a%2Fb").json();
+    assert_eq!(environ["PATH_INFO"], "/environ/caf\u{c3}\u{a9}/a/b");
+    let response = exchange(&pool.address, b"GET /environ HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 9.9.9.9\r\nX-Forwarded-Proto: https\r\nConnection: close\r\n\r\n");
+    let environ = response.json();
+    // 127.0.0.1 is a trusted proxy by default.
+    assert_eq!(environ["REMOTE_ADDR"], "9.9.9.9");
+    assert_eq!(environ["wsgi.url_scheme"], "https");
+    assert_eq!(environ["PATH_INFO"], "/environ");
+}
+
+#[test]
+fn request_bodies_reach_the_app_whole_in_every_read_style() {
+    let sandbox = Sandbox::new();
+    // A small memory threshold so the large body goes through the temporary file.
+    let pool = start_test_app(&sandbox, |web| web.body_buffer = ByteSize(100_000));
+    let small = b"line one\nline two\nthree".to_vec();
+    let large: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    for body in [&small, &large] {
+        for mode in ["", "lines", "iter", "line"] {
+            let response = post(&pool.address, &format!("/echo?{mode}"), "application/octet-stream", body);
+            let result = response.json();
+            assert_eq!(result["len"], body.len(), "mode {mode:?}");
+            assert_eq!(result["sha256"], sha256_hex(body), "mode {mode:?}");
+            assert_eq!(result["content_length"], body.len().to_string());
+        }
+    }
+    // Chunked request body: buffered, then given with CONTENT_LENGTH and wsgi.input_terminated.
+    let response = exchange(
+        &pool.address,
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    );
+    assert_eq!(response.json()["len"], 11);
+    // Expect: 100-continue gets its interim response before the body is sent.
+    let mut stream = connect(&pool.address);
+    stream
+        .write_all(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n")
+        .expect("send head");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("interim");
+    assert!(line.starts_with("HTTP/1.1 100"), "{line}");
+    reader.read_line(&mut line).expect("blank");
+    stream.write_all(b"data").expect("send body");
+    assert_eq!(read_response(&mut reader, false).json()["len"], 4);
+}
+
+#[test]
+fn responses_keep_wsgi_semantics() {
+    let sandbox = Sandbox::new();
+    let pool = start_test_app(&sandbox, |_| {});
+    let address = &pool.address;
+
+    let stream = get(address, "/stream");
+    assert_eq!(stream.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(stream.text(), "chunk 0\nchunk 1\nchunk 2\nchunk 3\nchunk 4\n");
+
+    let cookies = get(address, "/cookies");
+    assert_eq!(cookies.headers_named("set-cookie"), vec!["a=1", "b=2"]);
+    assert_eq!(cookies.header("x-latin"), Some("caf\u{e9}"));
+
+    assert_eq!(get(address, "/write").text(), "written and returned");
+    let empty = get(address, "/empty");
+    assert_eq!((empty.status, empty.body.len()), (204, 0));
+    let custom = get(address, "/reason");
+    assert_eq!((custom.status, custom.reason.as_str()), (299, "Custom Thing"));
+
+    let head = exchange(address, b"HEAD /hello HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+
+    let big = get(address, "/big");
+    assert_eq!(big.body.len(), 16 * 65536);
+    let file = get(address, "/file");
+    assert_eq!(file.body, APP.as_bytes());
+    assert_eq!(get(address, "/errors").text(), "logged");
+
+    // An app exception is a 500 and the worker keeps serving.
+    let pid = get(address, "/pid").text();
+    let error = get(address, "/error");
+    assert_eq!(error.status, 500);
+    assert_eq!(get(address, "/exc-info").status, 500);
+    assert_eq!(get(address, "/pid").text(), pid);
+
+    // A failure after the headers were sent cuts the response short; the worker survives.
+    let late = get(address, "/error-late");
+    assert_eq!(late.status, 200);
+    assert_eq!(get(address, "/pid").text(), pid);
+
+    // Bad HTTP is refused by the front without reaching Python.
+    let bad = exchange(address, b"GET / HTTP/1.1\r\nBad Header Line\r\n\r\n");
+    assert_eq!(bad.status, 400);
+    let nul = get(address, "/a%00b");
+    assert_eq!(nul.status, 400);
+}
+
+#[test]
+fn close_is_called_when_the_client_leaves_mid_stream() {
+    let sandbox = Sandbox::new();
+    let pool = start_test_app(&sandbox, |_| {});
+    let marker = sandbox.path("closed.txt");
+    let mut stream = connect(&pool.address);
+    stream
+        .write_all(format!("GET /forever?{} HTTP/1.1\r\nHost: t\r\n\r\n", marker.display()).as_bytes())
+        .expect("send");
+    let mut buffer = [0u8; 4096];
+    let read = stream.read(&mut buffer).expect("first bytes");
+    assert!(read > 0);
+    drop(stream);
+    util::wait_until(Duration::from_secs(10), "close() of the streaming iterable", || marker.exists().then_some(()));
+    // The slot is clean again.
+    assert_eq!(get(&pool.address, "/hello").body, b"Hello, World!");
+}
+
+#[test]
+fn import_error_is_reported_with_its_traceback() {
+    let sandbox = Sandbox::new();
+    sandbox.write("broken.py", "import os\n\ndef helper():\n    raise RuntimeError('settings missing')\n\nhelper()\n");
+    let app = app_config(sandbox.root(), "broken:application");
+    let (_runtime, result) = try_start(&app, &web_config(|_| {}), sandbox.root());
+    let error = result.expect_err("a broken app must not start");
+    let text = error.to_string();
+    assert!(matches!(error, PoolError::Import { .. }), "{text}");
+    assert!(text.contains("Traceback (most recent call last)"), "{text}");
+    assert!(text.contains("RuntimeError: settings missing"), "{text}");
+    assert!(text.contains("broken.py\", line 4, in helper"), "{text}");
+
+    let checked = sauna_supervisor::pool::check_import(&app, sandbox.root());
+    assert!(checked.expect_err("check must fail").contains("RuntimeError: settings missing"));
+    sandbox.write("app.py", APP);
+    sauna_supervisor::pool::check_import(&app_config(sandbox.root(), "app:application"), sandbox.root()).expect("the good app imports");
+}
+
+#[test]
+fn timeout_answers_504_logs_the_stack_and_replaces_the_worker() {
+    let sandbox = Sandbox::new();
+    let pool = start_test_app(&sandbox, |web| {
+        web.workers = 2;
+        web.timeout = proxy_conf::Duration::from_millis(1000);
+    });
+    let before = pool.ready_pids();
+    let started = Instant::now();
+    let response = get(&pool.address, "/sleep?30");
+    assert_eq!(response.status, 504);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let status = pool.wait_for("a replacement worker", |status| {
+        let ready = status.workers.iter().filter(|w| format!("{:?}", w.state) == "Ready").count();
+        ready == 2 && status.workers.iter().any(|w| w.last_error.as_deref().is_some_and(|e| e.contains("Python stack")))
+    });
+    let error = status.workers.iter().find_map(|w| w.last_error.clone()).expect("last error");
+    assert!(error.contains("GET /sleep?30 timed out"), "{error}");
+    assert!(error.contains("in _app"), "the stack names the app function: {error}");
+    let after = pool.ready_pids();
+    assert_eq!(before.iter().filter(|pid| after.contains(pid)).count(), 1, "only the stuck worker was replaced");
+    assert_eq!(get(&pool.address, "/hello").status, 200);
+}
+
+#[test]
+fn crash_answers_502_and_the_slot_recovers() {
+    let sandbox = Sandbox::new();
+    let pool = start_test_app(&sandbox, |_| {});
+    let before = pool.ready_pids();
+    assert_eq!(get(&pool.address, "/crash").status, 502);
+    pool.wait_for("the crashed worker's replacement", |status| {
+        status.workers.iter().any(|w| format!("{:?}", w.state) == "Ready" && !before.contains(&w.pid.unwrap_or(0)))
+    });
+    assert_eq!(get(&pool.address, "/hello").status, 200);
+    let status = pool.status();
+    assert!(status.workers[0].last_error.as_deref().unwrap_or("").contains("exit status 3"), "{status:#?}");
+}
+
+#[test]
+fn recycles_by_request_count_without_failing_a_request() {
+    let sandbox = Sandbox::new();
+    let pool = start_test_app(&sandbox, |web| web.max_requests = 5);
+    let mut pids = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let response = get(&pool.address, "/pid");
+        assert_eq!(response.status, 200);
+        pids.insert(response.text());
+    }
+    assert!(pids.len() >= 3, "workers were recycled: {pids:?}");
+    pool.wait_for("one ready worker", |status| status.workers.len() == 1);
+}
+
+#[test]
+fn recycles_by_memory_after_the_request() {
+    let sandbox = Sandbox::new();
+    let pool = start_test_app(&sandbox, |web| web.max_rss = ByteSize(150 << 20));
+    let first = get(&pool.address, "/grow?200").text();
+    let status = pool.wait_for("a recycled worker", |status| {
+        status.workers.iter().any(|w| format!("{:?}", w.state) == "Ready" && w.pid.map(|p| p.to_string()) != Some(first.clone()))
+            && status.workers.len() == 1
+    });
+    assert_eq!(status.workers.len(), 1);
+    assert_ne!(get(&pool.address, "/pid").text(), first);
+}
+
+#[test]
+fn a_full_queue_answers_503_with_retry_after() {
+    let sandbox = Sandbox::new();
+    let pool = start_test_app(&sandbox, |web| {
+        web.queue_size = 1;
+        web.queue_timeout = proxy_conf::Duration::from_secs(5);
+    });
+    let address = pool.address.clone();
+    let busy = std::thread::spawn({
+        let address = address.clone();
+        move || get(&address, "/sleep?2")
+    });
+    util::wait_until(Duration::from_secs(10), "the worker to be busy", || {
+        (pool.status().workers[0].in_flight == 1).then_some(())
+    });
+    let queued = std::thread::spawn({
+        let address = address.clone();
+        move || get(&address, "/hello")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let rejected = get(&address, "/hello");
+    assert_eq!(rejected.status, 503);
+    assert_eq!(rejected.header("retry-after"), Some("5"));
+    assert_eq!(busy.join().expect("busy").status, 200);
+    assert_eq!(queued.join().expect("queued").status, 200);
+}
+
+#[test]
+fn a_slow_upload_does_not_hold_the_only_worker() {
+    let sandbox = Sandbox::new();
+    let pool = start_test_app(&sandbox, |_| {});
+    let address = pool.address.clone();
+    let upload = std::thread::spawn(move || {
+        let mut stream = connect(&address);
+        stream
+            .write_all(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 20\r\nConnection: close\r\n\r\n")
+            .expect("head");
+        for _ in 0..20 {
+            stream.write_all(b"x").expect("one byte");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        read_response(&mut BufReader::new(stream), false)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..10 {
+        let started = Instant::now();
+        assert_eq!(get(&pool.address, "/hello").status, 200);
+        assert!(started.elapsed() < Duration::from_millis(500), "a fast request waited behind the upload");
+    }
+    assert_eq!(upload.join().expect("upload").json()["len"], 20);
+}
+
+#[test]
+fn bodies_over_max_body_get_413() {
+    let sandbox = Sandbox::new();
+    let pool = start_test_app(&sandbox, |web| web.max_body = ByteSize(1000));
+    assert_eq!(post(&pool.address, "/echo", "text/plain", &[b'a'; 1001]).status, 413);
+    let chunked = exchange(
+        &pool.address,
+        format!("POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n7d0\r\n{}\r\n0\r\n\r\n", "b".repeat(2000)).as_bytes(),
+    );
+    assert_eq!(chunked.status, 413);
+    assert_eq!(post(&pool.address, "/echo", "text/plain", &[b'a'; 1000]).json()["len"], 1000);
+}
+
+#[test]
+fn threads_serve_concurrent_requests_in_one_worker() {
+    let sandbox = Sandbox::new();
+    let pool = start_test_app(&sandbox, |web| web.threads = 4);
+    let started = Instant::now();
+    let sleepers: Vec<_> = (0..4)
+        .map(|_| {
+            let address = pool.address.clone();
+            std::thread::spawn(move || get(&address, "/sleep?1").status)
+        })
+        .collect();
+    for sleeper in sleepers {
+        assert_eq!(sleeper.join().expect("sleeper"), 200);
+    }
+    assert!(started.elapsed() < Duration::from_millis(2500), "4 threads served 4 sleeps at once");
+    assert_eq!(get(&pool.address, "/environ").json()["wsgi.multithread"], true);
+}
+
+#[test]
+fn scale_adds_and_removes_workers() {
+    let sandbox = Sandbox::new();
+    let pool = start_test_app(&sandbox, |_| {});
+    pool.handle.as_ref().expect("pool").scale(2);
+    pool.wait_for("three ready workers", |status| {
+        status.workers.iter().filter(|w| format!("{:?}", w.state) == "Ready").count() == 3
+    });
+    pool.handle.as_ref().expect("pool").scale(-2);
+    pool.wait_for("one worker", |status| status.workers.len() == 1 && status.workers_wanted == 1);
+    assert_eq!(get(&pool.address, "/hello").status, 200);
+}
+
+#[test]
+fn graceful_shutdown_finishes_in_flight_requests() {
+    let sandbox = Sandbox::new();
+    let pool = start_test_app(&sandbox, |_| {});
+    let address = pool.address.clone();
+    let slow = std::thread::spawn(move || get(&address, "/sleep?1"));
+    util::wait_until(Duration::from_secs(10), "the request to reach the worker", || {
+        (pool.status().workers[0].in_flight == 1).then_some(())
+    });
+    pool.shutdown(StopMode::Graceful);
+    assert_eq!(slow.join().expect("slow").text(), "slept");
+}
+
+#[test]
+fn unix_socket_listener_serves_requests() {
+    let sandbox = Sandbox::new();
+    let socket = sandbox.path("web.sock");
+    let pool = start_test_app(&sandbox, |web| web.listen = vec![format!("unix:{}", socket.display())]);
+    let mut stream = std::os::unix::net::UnixStream::connect(&socket).expect("connect unix");
+    stream.write_all(b"GET /environ HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").expect("send");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("read");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("\"SERVER_NAME\": \"h\""), "{text}");
+    pool.shutdown(StopMode::Graceful);
+    assert!(!socket.exists(), "the socket file is removed on stop");
+}
+
+#[test]
+fn bind_errors_name_the_address() {
+    let sandbox = Sandbox::new();
+    sandbox.write("app.py", APP);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = taken.local_addr().expect("addr").to_string();
+    let web = web_config(|web| web.listen = vec![address.clone()]);
+    let (_runtime, result) = try_start(&app_config(sandbox.root(), "app:application"), &web, sandbox.root());
+    let error = result.expect_err("port taken").to_string();
+    assert!(error.contains(&address), "{error}");
+}
