@@ -179,7 +179,9 @@ fn restart_delay(recent: usize) -> Duration {
     if recent >= CRASH_LOOP {
         return MAX_BACKOFF;
     }
-    let exponent = u32::try_from(recent.saturating_sub(1)).unwrap_or(u32::MAX).min(16);
+    let exponent = u32::try_from(recent.saturating_sub(1))
+        .unwrap_or(u32::MAX)
+        .min(16);
     (Duration::from_millis(100) * 2u32.pow(exponent)).min(MAX_BACKOFF)
 }
 
@@ -189,8 +191,17 @@ fn request_limit(max_requests: u64, jitter: u64) -> Option<u64> {
     if max_requests == 0 {
         return None;
     }
-    let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
-    Some(max_requests + if jitter == 0 { 0 } else { random % (jitter + 1) })
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    Some(
+        max_requests
+            + if jitter == 0 {
+                0
+            } else {
+                random % (jitter + 1)
+            },
+    )
 }
 
 struct Actor {
@@ -216,16 +227,29 @@ impl Pool {
     /// Binds every listen address, starts the workers and resolves once each reported ready.
     /// Fails with the address that cannot be bound, or the traceback of a worker whose import
     /// failed (every started worker is stopped again).
-    pub async fn start(app: &AppConfig, web: &WebConfig, base_dir: &Path, metrics: Arc<Metrics>) -> Result<PoolHandle, PoolError> {
+    pub async fn start(
+        app: &AppConfig,
+        web: &WebConfig,
+        base_dir: &Path,
+        metrics: Arc<Metrics>,
+    ) -> Result<PoolHandle, PoolError> {
         let threads = usize::try_from(web.threads).unwrap_or(1).max(1);
-        let launch = Arc::new(Launch::new(app, base_dir, threads, web.reload_timeout.get()).map_err(PoolError::Config)?);
+        let launch = Arc::new(
+            Launch::new(app, base_dir, threads, web.reload_timeout.get())
+                .map_err(PoolError::Config)?,
+        );
         let forwarders = Forwarders::parse(&web.forwarded_allow_ips).map_err(PoolError::Config)?;
         let script_name = web.script_name.trim_end_matches('/').to_owned();
         if !script_name.is_empty() && !script_name.starts_with('/') {
-            return Err(PoolError::Config(format!("[web].script_name \"{}\" must start with \"/\"", web.script_name)));
+            return Err(PoolError::Config(format!(
+                "[web].script_name \"{}\" must start with \"/\"",
+                web.script_name
+            )));
         }
         if web.listen.is_empty() {
-            return Err(PoolError::Config("[web].listen is empty: give at least one address".to_owned()));
+            return Err(PoolError::Config(
+                "[web].listen is empty: give at least one address".to_owned(),
+            ));
         }
         let listeners = web::bind(&web.listen, web.backlog)?;
         let listen = listeners.iter().map(web::Listener::address).collect();
@@ -234,7 +258,11 @@ impl Pool {
         let queue_timeout = web.queue_timeout.get();
         let dispatcher = Dispatcher::new(
             usize::try_from(web.queue_size).unwrap_or(usize::MAX),
-            if queue_timeout.is_zero() { Duration::from_secs(u64::from(u32::MAX)) } else { queue_timeout },
+            if queue_timeout.is_zero() {
+                Duration::from_secs(u64::from(u32::MAX))
+            } else {
+                queue_timeout
+            },
             Arc::clone(&metrics),
             notices_tx,
         );
@@ -271,10 +299,17 @@ impl Pool {
             config: FrontConfig {
                 max_body: web.max_body.bytes(),
                 body_buffer: web.body_buffer.bytes(),
-                timeout: if timeout.is_zero() { Duration::from_secs(u64::from(u32::MAX)) } else { timeout },
+                timeout: if timeout.is_zero() {
+                    Duration::from_secs(u64::from(u32::MAX))
+                } else {
+                    timeout
+                },
                 retry_after: queue_timeout.as_secs().max(1),
                 access_log: web.access_log,
-                environ: EnvironConfig { script_name, forwarders },
+                environ: EnvironConfig {
+                    script_name,
+                    forwarders,
+                },
             },
             dispatcher,
             metrics,
@@ -283,7 +318,11 @@ impl Pool {
         let listen = actor.listen.clone();
         let (commands, receiver) = mpsc::unbounded_channel();
         let task = tokio::spawn(actor.run(receiver));
-        Ok(PoolHandle { commands, task, listen })
+        Ok(PoolHandle {
+            commands,
+            task,
+            listen,
+        })
     }
 }
 
@@ -322,7 +361,11 @@ impl PoolHandle {
 }
 
 impl Actor {
-    fn spawn_worker(&mut self, slot: usize, replaces: Option<(WorkerId, &'static str)>) -> WorkerId {
+    fn spawn_worker(
+        &mut self,
+        slot: usize,
+        replaces: Option<(WorkerId, &'static str)>,
+    ) -> WorkerId {
         let id = self.next_id;
         self.next_id += 1;
         let label = format!("web worker {slot}");
@@ -351,7 +394,11 @@ impl Actor {
 
     /// Start-up: every worker ready, or the first failure (after stopping the others).
     async fn wait_all_ready(&mut self) -> Result<(), PoolError> {
-        while self.workers.values().any(|worker| worker.state == WorkerState::Starting) {
+        while self
+            .workers
+            .values()
+            .any(|worker| worker.state == WorkerState::Starting)
+        {
             let Some(event) = self.events.recv().await else {
                 return Err(PoolError::Config("the worker tasks stopped".to_owned()));
             };
@@ -366,7 +413,8 @@ impl Actor {
                     let alive = self.workers.len().saturating_sub(1);
                     let mut ended = 0;
                     while ended < alive {
-                        match tokio::time::timeout(Duration::from_secs(5), self.events.recv()).await {
+                        match tokio::time::timeout(Duration::from_secs(5), self.events.recv()).await
+                        {
                             Ok(Some(Event::Exited { .. } | Event::Failed { .. })) => ended += 1,
                             Ok(Some(Event::Ready { id, .. })) => {
                                 if let Some(worker) = self.workers.get(&id) {
@@ -379,7 +427,10 @@ impl Actor {
                     }
                     return Err(match error {
                         StartError::Import(traceback) => PoolError::Import { slot, traceback },
-                        other => PoolError::Start { slot, message: other.to_string() },
+                        other => PoolError::Start {
+                            slot,
+                            message: other.to_string(),
+                        },
                     });
                 }
                 Event::Stack { .. } | Event::Exited { .. } => {}
@@ -423,15 +474,21 @@ impl Actor {
 
     fn on_ready(&mut self, id: WorkerId, pid: u32, slots: Vec<worker::frame::Channel>) {
         let limit = request_limit(self.web.max_requests, self.web.max_requests_jitter);
-        let Some(worker) = self.workers.get_mut(&id) else { return };
+        let Some(worker) = self.workers.get_mut(&id) else {
+            return;
+        };
         worker.pid = Some(pid);
         worker.state = WorkerState::Ready;
         worker.ready_at = Some(Instant::now());
         let (slot, generation, replaces) = (worker.slot, worker.generation, worker.replaces.take());
         tracing::info!(worker = slot, pid, generation, "web worker ready");
-        self.dispatcher.add_worker(id, slot, generation, slots, limit);
+        self.dispatcher
+            .add_worker(id, slot, generation, slots, limit);
         if let Some((old, reason)) = replaces {
-            self.metrics.worker_restarts_total.with_label_values(&[reason]).inc();
+            self.metrics
+                .worker_restarts_total
+                .with_label_values(&[reason])
+                .inc();
             self.retire(old, Ending::Replaced);
         }
         self.publish_states();
@@ -461,7 +518,9 @@ impl Actor {
         match event {
             Event::Ready { id, pid, slots } => self.on_ready(id, pid, slots),
             Event::Failed { id, error } => {
-                let Some(worker) = self.workers.remove(&id) else { return };
+                let Some(worker) = self.workers.remove(&id) else {
+                    return;
+                };
                 let text = error.to_string();
                 tracing::error!(worker = worker.slot, "web worker failed to start: {text}");
                 if let Some(slot) = self.slots.get_mut(worker.slot) {
@@ -474,14 +533,21 @@ impl Actor {
                     }
                     self.pump_recycling();
                 } else if worker.ending == Ending::Unexpected {
-                    self.metrics.worker_restarts_total.with_label_values(&["crash"]).inc();
+                    self.metrics
+                        .worker_restarts_total
+                        .with_label_values(&["crash"])
+                        .inc();
                     self.schedule_restart(worker.slot);
                 }
                 self.publish_states();
             }
             Event::Stack { id, text } => {
                 let context = self.stack_context.remove(&id).unwrap_or_default();
-                if let Some(slot) = self.workers.get(&id).and_then(|worker| self.slots.get_mut(worker.slot)) {
+                if let Some(slot) = self
+                    .workers
+                    .get(&id)
+                    .and_then(|worker| self.slots.get_mut(worker.slot))
+                {
                     slot.last_error = Some(format!("{context}\nPython stack:\n{text}"));
                 }
             }
@@ -491,13 +557,19 @@ impl Actor {
 
     fn on_exit(&mut self, id: WorkerId, how: &str, clean: bool) {
         self.dispatcher.remove(id);
-        let Some(worker) = self.workers.remove(&id) else { return };
+        let Some(worker) = self.workers.remove(&id) else {
+            return;
+        };
         if self.recycling == Some(id) {
             self.recycling = None;
         }
         match worker.ending {
             Ending::Replaced | Ending::Removed => {
-                tracing::info!(worker = worker.slot, pid = worker.pid, "web worker stopped ({how})");
+                tracing::info!(
+                    worker = worker.slot,
+                    pid = worker.pid,
+                    "web worker stopped ({how})"
+                );
             }
             Ending::TimedOut | Ending::Broken => {
                 if worker.slot < self.slots.len() && !self.slot_has_successor(worker.slot, id) {
@@ -505,15 +577,25 @@ impl Actor {
                 }
             }
             Ending::Unexpected => {
-                let message = format!("web worker {} (pid {}) exited unexpectedly: {how}", worker.slot, worker.pid.unwrap_or_default());
+                let message = format!(
+                    "web worker {} (pid {}) exited unexpectedly: {how}",
+                    worker.slot,
+                    worker.pid.unwrap_or_default()
+                );
                 tracing::error!("{message}");
-                self.metrics.worker_restarts_total.with_label_values(&["crash"]).inc();
+                self.metrics
+                    .worker_restarts_total
+                    .with_label_values(&["crash"])
+                    .inc();
                 let _ = clean;
                 if let Some(slot) = self.slots.get_mut(worker.slot) {
                     slot.last_error = Some(message);
                 }
                 // A replacement already on its way takes over the slot instead of a restart.
-                let successor = self.workers.values_mut().find(|other| other.replaces.is_some_and(|(old, _)| old == id));
+                let successor = self
+                    .workers
+                    .values_mut()
+                    .find(|other| other.replaces.is_some_and(|(old, _)| old == id));
                 if let Some(successor) = successor {
                     successor.replaces = None;
                 } else if worker.slot < self.slots.len() {
@@ -521,25 +603,38 @@ impl Actor {
                 }
             }
         }
-        self.metrics.worker_rss_bytes.with_label_values(&[&worker.slot.to_string()]).set(0);
+        self.metrics
+            .worker_rss_bytes
+            .with_label_values(&[&worker.slot.to_string()])
+            .set(0);
         self.pump_recycling();
         self.publish_states();
     }
 
     fn slot_has_successor(&self, slot: usize, except: WorkerId) -> bool {
-        self.workers
-            .iter()
-            .any(|(id, worker)| *id != except && worker.slot == slot && matches!(worker.state, WorkerState::Starting | WorkerState::Ready))
+        self.workers.iter().any(|(id, worker)| {
+            *id != except
+                && worker.slot == slot
+                && matches!(worker.state, WorkerState::Starting | WorkerState::Ready)
+        })
     }
 
     fn schedule_restart(&mut self, slot_index: usize) {
-        let Some(slot) = self.slots.get_mut(slot_index) else { return };
+        let Some(slot) = self.slots.get_mut(slot_index) else {
+            return;
+        };
         let now = Instant::now();
-        slot.crashes.retain(|at| now.duration_since(*at) < CRASH_WINDOW);
+        slot.crashes
+            .retain(|at| now.duration_since(*at) < CRASH_WINDOW);
         slot.crashes.push(now);
         let delay = restart_delay(slot.crashes.len());
         if slot.crashes.len() >= CRASH_LOOP {
-            tracing::error!(worker = slot_index, "web worker slot {slot_index} crashed {} times within {:?}; next restart in {delay:?}", slot.crashes.len(), CRASH_WINDOW);
+            tracing::error!(
+                worker = slot_index,
+                "web worker slot {slot_index} crashed {} times within {:?}; next restart in {delay:?}",
+                slot.crashes.len(),
+                CRASH_WINDOW
+            );
         }
         slot.restart_at = Some(now + delay);
     }
@@ -565,26 +660,41 @@ impl Actor {
                 self.recycle_queue.push_back((id, "max_requests"));
                 self.pump_recycling();
             }
-            Notice::TimedOut { worker: id, context } => {
-                let Some(worker) = self.workers.get_mut(&id) else { return };
+            Notice::TimedOut {
+                worker: id,
+                context,
+            } => {
+                let Some(worker) = self.workers.get_mut(&id) else {
+                    return;
+                };
                 self.dispatcher.retire(id);
                 worker.state = WorkerState::Killing;
                 worker.ending = Ending::TimedOut;
-                self.metrics.worker_restarts_total.with_label_values(&["timeout"]).inc();
+                self.metrics
+                    .worker_restarts_total
+                    .with_label_values(&["timeout"])
+                    .inc();
                 if let Some(slot) = self.slots.get_mut(worker.slot) {
                     slot.last_error = Some(context.clone());
                 }
                 self.stack_context.insert(id, context.clone());
-                let _ = worker.commands.send(worker::Command::KillWithStack { context });
+                let _ = worker
+                    .commands
+                    .send(worker::Command::KillWithStack { context });
                 self.publish_states();
             }
             Notice::Broken { worker: id, reason } => {
-                let Some(worker) = self.workers.get_mut(&id) else { return };
+                let Some(worker) = self.workers.get_mut(&id) else {
+                    return;
+                };
                 tracing::error!(worker = worker.slot, "web worker replaced: {reason}");
                 self.dispatcher.remove(id);
                 worker.state = WorkerState::Killing;
                 worker.ending = Ending::Broken;
-                self.metrics.worker_restarts_total.with_label_values(&["crash"]).inc();
+                self.metrics
+                    .worker_restarts_total
+                    .with_label_values(&["crash"])
+                    .inc();
                 let _ = worker.commands.send(worker::Command::Kill);
                 self.publish_states();
             }
@@ -598,11 +708,17 @@ impl Actor {
             return;
         }
         while let Some((old, reason)) = self.recycle_queue.pop_front() {
-            let Some(worker) = self.workers.get(&old) else { continue };
+            let Some(worker) = self.workers.get(&old) else {
+                continue;
+            };
             if worker.state != WorkerState::Ready || worker.slot >= self.slots.len() {
                 continue;
             }
-            tracing::info!(worker = worker.slot, pid = worker.pid, "recycling web worker ({reason})");
+            tracing::info!(
+                worker = worker.slot,
+                pid = worker.pid,
+                "recycling web worker ({reason})"
+            );
             let slot = worker.slot;
             self.recycling = Some(old);
             self.spawn_worker(slot, Some((old, reason)));
@@ -625,7 +741,10 @@ impl Actor {
             let Some(rss) = read_rss(pid) else { continue };
             worker.rss = rss;
             if worker.state == WorkerState::Ready {
-                self.metrics.worker_rss_bytes.with_label_values(&[&worker.slot.to_string()]).set(i64::try_from(rss).unwrap_or(i64::MAX));
+                self.metrics
+                    .worker_rss_bytes
+                    .with_label_values(&[&worker.slot.to_string()])
+                    .set(i64::try_from(rss).unwrap_or(i64::MAX));
                 if max_rss > 0 && rss > max_rss {
                     worker.rss_over += 1;
                     if worker.rss_over == RSS_SAMPLES {
@@ -635,7 +754,10 @@ impl Actor {
                     worker.rss_over = 0;
                 }
                 // A worker that served steadily for the crash window clears its slot's record.
-                if worker.ready_at.is_some_and(|at| now.duration_since(at) > CRASH_WINDOW) {
+                if worker
+                    .ready_at
+                    .is_some_and(|at| now.duration_since(at) > CRASH_WINDOW)
+                {
                     if let Some(slot) = self.slots.get_mut(worker.slot) {
                         slot.crashes.clear();
                     }
@@ -649,7 +771,11 @@ impl Actor {
         }
         for id in overdue {
             if let Some(worker) = self.workers.get_mut(&id) {
-                tracing::warn!(worker = worker.slot, pid = worker.pid, "draining web worker did not finish in time; killing it");
+                tracing::warn!(
+                    worker = worker.slot,
+                    pid = worker.pid,
+                    "draining web worker did not finish in time; killing it"
+                );
                 worker.state = WorkerState::Killing;
                 let _ = worker.commands.send(worker::Command::Kill);
             }
@@ -662,7 +788,10 @@ impl Actor {
             for _ in 0..delta {
                 let slot = self.slots.len();
                 self.slots.push(Slot::default());
-                self.metrics.worker_restarts_total.with_label_values(&["scale"]).inc();
+                self.metrics
+                    .worker_restarts_total
+                    .with_label_values(&["scale"])
+                    .inc();
                 self.spawn_worker(slot, None);
             }
         } else {
@@ -673,9 +802,17 @@ impl Actor {
                 }
                 self.slots.pop();
                 let slot = self.slots.len();
-                let ids: Vec<WorkerId> = self.workers.iter().filter(|(_, worker)| worker.slot == slot).map(|(id, _)| *id).collect();
+                let ids: Vec<WorkerId> = self
+                    .workers
+                    .iter()
+                    .filter(|(_, worker)| worker.slot == slot)
+                    .map(|(id, _)| *id)
+                    .collect();
                 for id in ids {
-                    self.metrics.worker_restarts_total.with_label_values(&["scale"]).inc();
+                    self.metrics
+                        .worker_restarts_total
+                        .with_label_values(&["scale"])
+                        .inc();
                     self.retire(id, Ending::Removed);
                 }
             }
@@ -702,7 +839,10 @@ impl Actor {
                 requests: worker.served,
                 in_flight: worker.in_flight,
                 rss_bytes: worker.rss,
-                last_error: self.slots.get(worker.slot).and_then(|slot| slot.last_error.clone()),
+                last_error: self
+                    .slots
+                    .get(worker.slot)
+                    .and_then(|slot| slot.last_error.clone()),
             })
             .collect();
         for (index, slot) in self.slots.iter().enumerate() {
@@ -711,7 +851,11 @@ impl Actor {
                     slot: index,
                     pid: None,
                     generation: self.generation,
-                    state: if slot.crashes.len() >= CRASH_LOOP { WorkerState::CrashLoop } else { WorkerState::Backoff },
+                    state: if slot.crashes.len() >= CRASH_LOOP {
+                        WorkerState::CrashLoop
+                    } else {
+                        WorkerState::Backoff
+                    },
                     requests: 0,
                     in_flight: 0,
                     rss_bytes: 0,
@@ -729,7 +873,11 @@ impl Actor {
     }
 
     fn publish_states(&self) {
-        let mut counts: BTreeMap<&'static str, i64> = ["starting", "ready", "draining", "killing", "backoff"].into_iter().map(|state| (state, 0)).collect();
+        let mut counts: BTreeMap<&'static str, i64> =
+            ["starting", "ready", "draining", "killing", "backoff"]
+                .into_iter()
+                .map(|state| (state, 0))
+                .collect();
         for worker in self.workers.values() {
             let label = match worker.state {
                 WorkerState::Starting => "starting",
@@ -740,7 +888,11 @@ impl Actor {
             };
             *counts.entry(label).or_default() += 1;
         }
-        *counts.entry("backoff").or_default() += self.slots.iter().filter(|slot| slot.restart_at.is_some()).count() as i64;
+        *counts.entry("backoff").or_default() += self
+            .slots
+            .iter()
+            .filter(|slot| slot.restart_at.is_some())
+            .count() as i64;
         for (state, count) in counts {
             self.metrics.workers.with_label_values(&[state]).set(count);
         }
@@ -756,7 +908,9 @@ impl Actor {
             match mode {
                 StopMode::Graceful => {
                     if !front.shutdown(grace).await {
-                        tracing::warn!("some requests did not finish within graceful_timeout ({grace:?})");
+                        tracing::warn!(
+                            "some requests did not finish within graceful_timeout ({grace:?})"
+                        );
                     }
                 }
                 StopMode::Fast => {
@@ -781,7 +935,11 @@ impl Actor {
         // Idle workers exit as soon as their slots close; give the rest until the deadline.
         let mut killed = mode == StopMode::Fast;
         while !self.workers.is_empty() {
-            let wait_until = if killed { Instant::now() + Duration::from_secs(5) } else { deadline };
+            let wait_until = if killed {
+                Instant::now() + Duration::from_secs(5)
+            } else {
+                deadline
+            };
             match tokio::time::timeout_at(wait_until.into(), self.events.recv()).await {
                 Ok(Some(Event::Exited { id, .. } | Event::Failed { id, .. })) => {
                     self.dispatcher.remove(id);
@@ -796,7 +954,10 @@ impl Actor {
                 Ok(None) => break,
                 Err(_) if killed => break,
                 Err(_) => {
-                    tracing::warn!("{} web worker(s) still busy after graceful_timeout; killing them", self.workers.len());
+                    tracing::warn!(
+                        "{} web worker(s) still busy after graceful_timeout; killing them",
+                        self.workers.len()
+                    );
                     for worker in self.workers.values() {
                         let _ = worker.commands.send(worker::Command::Kill);
                     }

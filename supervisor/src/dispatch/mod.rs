@@ -167,7 +167,8 @@ impl Drop for Lease {
             } else {
                 Outcome::Done
             };
-            self.dispatcher.give_back(self.worker, Some(channel), outcome);
+            self.dispatcher
+                .give_back(self.worker, Some(channel), outcome);
         }
     }
 }
@@ -192,7 +193,9 @@ impl Dispatcher {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding this lock cannot leave the queue half-updated in a way that
         // matters more than stopping the whole front would, so a poisoned lock is used as is.
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Takes an idle slot, waiting in the queue for one if every slot is busy.
@@ -230,7 +233,9 @@ impl Dispatcher {
         let route = state
             .routes
             .iter_mut()
-            .filter(|route| route.routable && route.generation == generation && !route.free.is_empty())
+            .filter(|route| {
+                route.routable && route.generation == generation && !route.free.is_empty()
+            })
             .max_by_key(|route| (route.free.len(), std::cmp::Reverse(route.busy)))?;
         let channel = route.free.pop()?;
         route.busy += 1;
@@ -247,8 +252,12 @@ impl Dispatcher {
     /// Hands idle channels of `route_index` to waiting requests, oldest first.
     fn serve_waiters(self: &Arc<Self>, state: &mut State, route_index: usize) {
         while !state.waiters.is_empty() {
-            let Some(route) = state.routes.get_mut(route_index) else { return };
-            let Some(channel) = route.free.pop() else { return };
+            let Some(route) = state.routes.get_mut(route_index) else {
+                return;
+            };
+            let Some(channel) = route.free.pop() else {
+                return;
+            };
             route.busy += 1;
             self.metrics.http_in_flight.inc();
             let mut lease = Lease {
@@ -261,7 +270,9 @@ impl Dispatcher {
             loop {
                 let Some(waiter) = state.waiters.pop_front() else {
                     // Nobody waits any more: put the channel back.
-                    if let (Some(route), Some(channel)) = (state.routes.get_mut(route_index), lease.channel.take()) {
+                    if let (Some(route), Some(channel)) =
+                        (state.routes.get_mut(route_index), lease.channel.take())
+                    {
                         route.busy -= 1;
                         self.metrics.http_in_flight.dec();
                         route.free.push(channel);

@@ -63,7 +63,9 @@ impl RequestBody {
         let size = usize::try_from(remaining).unwrap_or(usize::MAX).min(max);
         match self {
             RequestBody::Memory(bytes) => {
-                let start = usize::try_from(offset).unwrap_or(usize::MAX).min(bytes.len());
+                let start = usize::try_from(offset)
+                    .unwrap_or(usize::MAX)
+                    .min(bytes.len());
                 Ok(bytes.slice(start..start + size))
             }
             RequestBody::File { file, .. } => {
@@ -84,12 +86,18 @@ impl RequestBody {
 }
 
 /// Receives `body` completely. `max_body` of 0 means no limit.
-pub async fn receive(mut body: Incoming, max_body: u64, memory_limit: u64) -> Result<RequestBody, BodyError> {
+pub async fn receive(
+    mut body: Incoming,
+    max_body: u64,
+    memory_limit: u64,
+) -> Result<RequestBody, BodyError> {
     let mut chunks: Vec<Bytes> = Vec::new();
     let mut total: u64 = 0;
     let mut file: Option<File> = None;
     while let Some(frame) = body.frame().await {
-        let Ok(data) = frame?.into_data() else { continue };
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
         total += data.len() as u64;
         if max_body > 0 && total > max_body {
             return Err(BodyError::TooLarge(max_body));

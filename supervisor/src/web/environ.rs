@@ -40,11 +40,17 @@ impl Forwarders {
                 Some((address, prefix)) => (address, Some(prefix)),
                 None => (entry, None),
             };
-            let invalid = || format!("forwarded_allow_ips: \"{entry}\" is not an IP address, a CIDR or \"*\"");
+            let invalid = || {
+                format!("forwarded_allow_ips: \"{entry}\" is not an IP address, a CIDR or \"*\"")
+            };
             let ip: IpAddr = address.parse().map_err(|_| invalid())?;
             let max = if ip.is_ipv4() { 32 } else { 128 };
             let prefix = match prefix {
-                Some(prefix) => prefix.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(invalid)?,
+                Some(prefix) => prefix
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|p| *p <= max)
+                    .ok_or_else(invalid)?,
                 None => max,
             };
             forwarders.networks.push((ip, prefix));
@@ -58,7 +64,11 @@ impl Forwarders {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
             v4 => v4,
         };
-        self.any || self.networks.iter().any(|(network, prefix)| in_network(ip, *network, *prefix))
+        self.any
+            || self
+                .networks
+                .iter()
+                .any(|(network, prefix)| in_network(ip, *network, *prefix))
     }
 }
 
@@ -146,7 +156,9 @@ pub fn write_environ(
     };
     let script_name = config.script_name.as_bytes();
     let path_info = match path.strip_prefix(script_name) {
-        Some(rest) if !script_name.is_empty() && (rest.is_empty() || rest.starts_with(b"/")) => rest,
+        Some(rest) if !script_name.is_empty() && (rest.is_empty() || rest.starts_with(b"/")) => {
+            rest
+        }
         _ => &path[..],
     };
     let query = uri.query().unwrap_or("");
@@ -174,7 +186,12 @@ pub fn write_environ(
     let mut remote = connection.peer.map(|peer| (peer.ip(), Some(peer.port())));
     if trusted_proxy {
         if let Some(proto) = headers.get("x-forwarded-proto") {
-            let proto = proto.as_bytes().split(|b| *b == b',').next().unwrap_or(b"").trim_ascii();
+            let proto = proto
+                .as_bytes()
+                .split(|b| *b == b',')
+                .next()
+                .unwrap_or(b"")
+                .trim_ascii();
             if proto.eq_ignore_ascii_case(b"https") {
                 scheme = b"https";
             }
@@ -192,7 +209,10 @@ pub fn write_environ(
     }
 
     let default_port: &[u8] = if scheme == b"https" { b"443" } else { b"80" };
-    let host = headers.get("host").map(|value| value.as_bytes()).or_else(|| uri.host().map(str::as_bytes));
+    let host = headers
+        .get("host")
+        .map(|value| value.as_bytes())
+        .or_else(|| uri.host().map(str::as_bytes));
     match host.map(split_host) {
         Some((name, port)) if !name.is_empty() => {
             put(out, b"SERVER_NAME", name);
@@ -213,7 +233,10 @@ pub fn write_environ(
     if let Some(content_type) = headers.get("content-type") {
         put(out, b"CONTENT_TYPE", content_type.as_bytes());
     }
-    if body_len > 0 || headers.contains_key("content-length") || headers.contains_key("transfer-encoding") {
+    if body_len > 0
+        || headers.contains_key("content-length")
+        || headers.contains_key("transfer-encoding")
+    {
         put(out, b"CONTENT_LENGTH", body_len.to_string().as_bytes());
     }
     write_http_headers(out, headers);
@@ -230,7 +253,13 @@ fn write_http_headers(out: &mut BytesMut, headers: &HeaderMap) {
             continue;
         }
         out.extend_from_slice(b"HTTP_");
-        out.extend(name_text.bytes().map(|b| if b == b'-' { b'_' } else { b.to_ascii_uppercase() }));
+        out.extend(name_text.bytes().map(|b| {
+            if b == b'-' {
+                b'_'
+            } else {
+                b.to_ascii_uppercase()
+            }
+        }));
         out.extend_from_slice(b"\0");
         let separator: &[u8] = if name_text == "cookie" { b"; " } else { b", " };
         for (index, value) in headers.get_all(name).iter().enumerate() {
@@ -269,7 +298,9 @@ fn forwarded_client(headers: &HeaderMap, forwarders: &Forwarders) -> Option<IpAd
 fn split_host(host: &[u8]) -> (&[u8], Option<&[u8]>) {
     if host.starts_with(b"[") {
         if let Some(end) = host.iter().position(|b| *b == b']') {
-            let port = host[end + 1..].strip_prefix(b":").filter(|port| !port.is_empty());
+            let port = host[end + 1..]
+                .strip_prefix(b":")
+                .filter(|port| !port.is_empty());
             return (&host[..=end], port);
         }
         return (host, None);
@@ -286,17 +317,28 @@ mod tests {
     use super::*;
     use hyper::http::Request;
 
-    fn environ(request: Request<()>, connection: &Connection, config: &EnvironConfig) -> Vec<(String, String)> {
+    fn environ(
+        request: Request<()>,
+        connection: &Connection,
+        config: &EnvironConfig,
+    ) -> Vec<(String, String)> {
         let (parts, ()) = request.into_parts();
         let mut out = BytesMut::new();
         write_environ(&mut out, &parts, connection, 5, config).unwrap();
         let text: String = out.iter().map(|b| char::from(*b)).collect();
         let items: Vec<&str> = text.split('\0').collect();
-        items.chunks(2).filter(|pair| pair.len() == 2).map(|pair| (pair[0].to_owned(), pair[1].to_owned())).collect()
+        items
+            .chunks(2)
+            .filter(|pair| pair.len() == 2)
+            .map(|pair| (pair[0].to_owned(), pair[1].to_owned()))
+            .collect()
     }
 
     fn get<'a>(environ: &'a [(String, String)], key: &str) -> Option<&'a str> {
-        environ.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        environ
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     fn tcp() -> Connection {
@@ -319,7 +361,10 @@ mod tests {
         let env = environ(request, &tcp(), &EnvironConfig::default());
         assert_eq!(get(&env, "PATH_INFO"), Some("/caf\u{c3}\u{a9}/a/b"));
         assert_eq!(get(&env, "QUERY_STRING"), Some("x=%C3%A9&y=1"));
-        assert_eq!(get(&env, "REQUEST_URI"), Some("/caf%C3%A9/a%2Fb?x=%C3%A9&y=1"));
+        assert_eq!(
+            get(&env, "REQUEST_URI"),
+            Some("/caf%C3%A9/a%2Fb?x=%C3%A9&y=1")
+        );
         assert_eq!(get(&env, "SCRIPT_NAME"), Some(""));
         assert_eq!(get(&env, "SERVER_NAME"), Some("example.com"));
         assert_eq!(get(&env, "SERVER_PORT"), Some("8080"));
@@ -340,7 +385,10 @@ mod tests {
             ..EnvironConfig::default()
         };
         let env = environ(Request::get("/app/x").body(()).unwrap(), &tcp(), &config);
-        assert_eq!((get(&env, "SCRIPT_NAME"), get(&env, "PATH_INFO")), (Some("/app"), Some("/x")));
+        assert_eq!(
+            (get(&env, "SCRIPT_NAME"), get(&env, "PATH_INFO")),
+            (Some("/app"), Some("/x"))
+        );
         let env = environ(Request::get("/apple").body(()).unwrap(), &tcp(), &config);
         assert_eq!(get(&env, "PATH_INFO"), Some("/apple"));
     }
@@ -372,7 +420,13 @@ mod tests {
     #[test]
     fn encoded_nul_is_refused_and_bad_escapes_are_kept() {
         let (parts, ()) = Request::get("/a%00b").body(()).unwrap().into_parts();
-        let result = write_environ(&mut BytesMut::new(), &parts, &tcp(), 0, &EnvironConfig::default());
+        let result = write_environ(
+            &mut BytesMut::new(),
+            &parts,
+            &tcp(),
+            0,
+            &EnvironConfig::default(),
+        );
         assert_eq!(result, Err(BadRequest::NulInPath));
         assert_eq!(percent_decode(b"/100%/%zz%4"), b"/100%/%zz%4");
         assert_eq!(percent_decode(b"%41%42"), b"AB");
@@ -380,12 +434,17 @@ mod tests {
 
     #[test]
     fn allow_list_parses_cidrs_and_rejects_garbage() {
-        let forwarders = Forwarders::parse(&["127.0.0.1".to_owned(), "fd00::/8".to_owned()]).unwrap();
+        let forwarders =
+            Forwarders::parse(&["127.0.0.1".to_owned(), "fd00::/8".to_owned()]).unwrap();
         assert!(forwarders.trusts("127.0.0.1".parse().unwrap()));
         assert!(forwarders.trusts("::ffff:127.0.0.1".parse().unwrap()));
         assert!(forwarders.trusts("fd12::1".parse().unwrap()));
         assert!(!forwarders.trusts("127.0.0.2".parse().unwrap()));
-        assert!(Forwarders::parse(&["*".to_owned()]).unwrap().trusts("8.8.8.8".parse().unwrap()));
+        assert!(
+            Forwarders::parse(&["*".to_owned()])
+                .unwrap()
+                .trusts("8.8.8.8".parse().unwrap())
+        );
         assert!(Forwarders::parse(&["10.0.0.0/33".to_owned()]).is_err());
         assert!(Forwarders::parse(&["nope".to_owned()]).is_err());
     }
@@ -394,6 +453,9 @@ mod tests {
     fn hosts_split_with_and_without_ports() {
         assert_eq!(split_host(b"a.b:81"), (&b"a.b"[..], Some(&b"81"[..])));
         assert_eq!(split_host(b"a.b"), (&b"a.b"[..], None));
-        assert_eq!(split_host(b"[::1]:8000"), (&b"[::1]"[..], Some(&b"8000"[..])));
+        assert_eq!(
+            split_host(b"[::1]:8000"),
+            (&b"[::1]"[..], Some(&b"8000"[..]))
+        );
     }
 }

@@ -16,8 +16,8 @@ use tokio::time::Sleep;
 
 use crate::dispatch::{Lease, Outcome};
 use crate::metrics::Metrics;
-use crate::worker::frame::{self, ChannelError, FLAG_END, Kind};
 use crate::web::body::RequestBody;
+use crate::worker::frame::{self, ChannelError, FLAG_END, Kind};
 
 /// Largest body piece sent per `Read`.
 const READ_CHUNK: usize = 256 * 1024;
@@ -71,14 +71,23 @@ pub struct Exchange {
 
 impl std::fmt::Debug for Exchange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Exchange").field("context", &self.context).finish_non_exhaustive()
+        f.debug_struct("Exchange")
+            .field("context", &self.context)
+            .finish_non_exhaustive()
     }
 }
 
 impl Exchange {
     /// Starts the exchange: queues `request` (a complete `Request` frame) on the slot. `body` is
     /// the part of the body not sent inline, served to the worker's `Read`s from `offset`.
-    pub fn new(mut lease: Lease, request: BytesMut, body: RequestBody, offset: u64, timeout: Duration, context: Arc<str>) -> Exchange {
+    pub fn new(
+        mut lease: Lease,
+        request: BytesMut,
+        body: RequestBody,
+        offset: u64,
+        timeout: Duration,
+        context: Arc<str>,
+    ) -> Exchange {
         if let Some(channel) = lease.channel() {
             let queue = channel.queue();
             if queue.is_empty() {
@@ -130,7 +139,11 @@ impl Exchange {
     pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, ExchangeError>> {
         if self.deadline.as_mut().poll(cx).is_ready() {
             let age = self.started.elapsed();
-            let context = format!("request {} timed out after {:.1} s", self.context, age.as_secs_f64());
+            let context = format!(
+                "request {} timed out after {:.1} s",
+                self.context,
+                age.as_secs_f64()
+            );
             self.finish(Outcome::TimedOut(context));
             return Poll::Ready(Err(ExchangeError::Timeout));
         }
@@ -152,7 +165,9 @@ impl Exchange {
             };
             match frame.kind {
                 Kind::Read => {
-                    let max = usize::try_from(frame.arg).unwrap_or(READ_CHUNK).clamp(1, READ_CHUNK);
+                    let max = usize::try_from(frame.arg)
+                        .unwrap_or(READ_CHUNK)
+                        .clamp(1, READ_CHUNK);
                     let piece = if self.draining {
                         Bytes::new()
                     } else {
@@ -172,7 +187,9 @@ impl Exchange {
                 Kind::Start => {
                     let head_len = usize::try_from(frame.arg).unwrap_or(usize::MAX);
                     if head_len > frame.payload.len() {
-                        return Poll::Ready(Err(self.fail(ChannelError::Protocol("head longer than its frame".to_owned()))));
+                        return Poll::Ready(Err(self.fail(ChannelError::Protocol(
+                            "head longer than its frame".to_owned(),
+                        ))));
                     }
                     let mut payload = frame.payload;
                     let chunk = payload.split_off(head_len);
@@ -203,6 +220,19 @@ impl Exchange {
         }
     }
 
+    /// True (and the slot released) when the worker's `End` has already arrived.
+    pub fn try_finish(&mut self) -> bool {
+        let ended = self
+            .lease
+            .as_mut()
+            .and_then(Lease::channel)
+            .is_some_and(|channel| !channel.has_output() && channel.try_take_end());
+        if ended {
+            self.finish(Outcome::Done);
+        }
+        ended
+    }
+
     /// Waits for the next event.
     pub async fn next_event(&mut self) -> Result<Event, ExchangeError> {
         std::future::poll_fn(|cx| self.poll_event(cx)).await
@@ -219,7 +249,9 @@ impl Drop for Exchange {
         };
         // The client left before the response ended: tell the worker, then read until its
         // response ends, so the slot is handed on clean.
-        let Some(mut lease) = self.lease.take() else { return };
+        let Some(mut lease) = self.lease.take() else {
+            return;
+        };
         if let Some(channel) = lease.channel() {
             frame::put_header(channel.queue(), Kind::Abort, 0, 0, 0);
         }
@@ -233,12 +265,9 @@ impl Drop for Exchange {
             draining: true,
         };
         runtime.spawn(async move {
-            loop {
-                match drain.next_event().await {
-                    Ok(Event::Chunk(_)) | Ok(Event::Head { end: false, .. }) => {}
-                    Ok(Event::End) | Ok(Event::Head { end: true, .. }) | Err(_) => break,
-                }
-            }
+            while let Ok(Event::Chunk(_) | Event::Head { end: false, .. }) =
+                drain.next_event().await
+            {}
         });
     }
 }
@@ -274,8 +303,13 @@ impl Completion {
             400..=499 => "4xx",
             _ => "5xx",
         };
-        self.metrics.http_requests_total.with_label_values(&[class]).inc();
-        self.metrics.http_request_duration_seconds.observe(duration.as_secs_f64());
+        self.metrics
+            .http_requests_total
+            .with_label_values(&[class])
+            .inc();
+        self.metrics
+            .http_request_duration_seconds
+            .observe(duration.as_secs_f64());
         if self.access_log {
             tracing::info!(
                 target: "sauna::access",
@@ -307,7 +341,10 @@ pub enum ResponseBody {
 impl std::fmt::Debug for ResponseBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ResponseBody::Full(bytes) => f.debug_tuple("Full").field(&bytes.as_ref().map(Bytes::len)).finish(),
+            ResponseBody::Full(bytes) => f
+                .debug_tuple("Full")
+                .field(&bytes.as_ref().map(Bytes::len))
+                .finish(),
             ResponseBody::Stream(_) => f.write_str("Stream"),
         }
     }
@@ -345,9 +382,14 @@ impl Body for ResponseBody {
     type Data = Bytes;
     type Error = ExchangeError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<BodyFrame<Bytes>, ExchangeError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<BodyFrame<Bytes>, ExchangeError>>> {
         match self.get_mut() {
-            ResponseBody::Full(bytes) => Poll::Ready(bytes.take().map(|bytes| Ok(BodyFrame::data(bytes)))),
+            ResponseBody::Full(bytes) => {
+                Poll::Ready(bytes.take().map(|bytes| Ok(BodyFrame::data(bytes))))
+            }
             ResponseBody::Stream(stream) => {
                 if let Some(first) = stream.first.take() {
                     stream.bytes += first.len() as u64;
@@ -369,7 +411,8 @@ impl Body for ResponseBody {
                             Poll::Ready(None)
                         }
                         Poll::Ready(Ok(Event::Head { .. })) => {
-                            let error = ExchangeError::Protocol("a second response head".to_owned());
+                            let error =
+                                ExchangeError::Protocol("a second response head".to_owned());
                             stream.exchange.finish(Outcome::Broken(error.to_string()));
                             Poll::Ready(Some(Err(error)))
                         }
@@ -377,7 +420,10 @@ impl Body for ResponseBody {
                             if matches!(error, ExchangeError::Timeout) {
                                 stream.completion.status = 504;
                             }
-                            tracing::warn!("response to {} aborted: {error}", stream.exchange.context);
+                            tracing::warn!(
+                                "response to {} aborted: {error}",
+                                stream.exchange.context
+                            );
                             stream.done = true;
                             Poll::Ready(Some(Err(error)))
                         }

@@ -77,7 +77,12 @@ pub struct BindError {
 pub fn bind(addresses: &[String], backlog: u32) -> Result<Vec<Listener>, BindError> {
     addresses
         .iter()
-        .map(|address| bind_one(address, backlog).map_err(|source| BindError { address: address.clone(), source }))
+        .map(|address| {
+            bind_one(address, backlog).map_err(|source| BindError {
+                address: address.clone(),
+                source,
+            })
+        })
         .collect()
 }
 
@@ -87,7 +92,10 @@ fn bind_one(address: &str, backlog: u32) -> io::Result<Listener> {
         if path.exists() {
             // A socket file left by a previous run is replaced; a live one is not stolen.
             if std::os::unix::net::UnixStream::connect(&path).is_ok() {
-                return Err(io::Error::new(io::ErrorKind::AddrInUse, "another process is listening on it"));
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "another process is listening on it",
+                ));
             }
             std::fs::remove_file(&path)?;
         }
@@ -102,9 +110,16 @@ fn bind_one(address: &str, backlog: u32) -> io::Result<Listener> {
         return Ok(Listener::Unix(UnixListener::from_std(listener)?, path));
     }
     let address: SocketAddr = address.parse().map_err(|_| {
-        io::Error::new(io::ErrorKind::InvalidInput, "expected \"host:port\" (an IP address and a port) or \"unix:/path\"")
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "expected \"host:port\" (an IP address and a port) or \"unix:/path\"",
+        )
     })?;
-    let socket = if address.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let socket = if address.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     socket.set_reuseaddr(true)?;
     socket.set_nodelay(true)?;
     socket.bind(address)?;
@@ -160,7 +175,9 @@ impl FrontHandle {
             let _ = std::fs::remove_file(path);
         }
         match Arc::try_unwrap(self.graceful) {
-            Ok(graceful) => tokio::time::timeout(grace, graceful.shutdown()).await.is_ok(),
+            Ok(graceful) => tokio::time::timeout(grace, graceful.shutdown())
+                .await
+                .is_ok(),
             Err(_) => false,
         }
     }
@@ -177,7 +194,12 @@ pub fn serve(listeners: Vec<Listener>, front: Arc<Front>) -> FrontHandle {
             if let Listener::Unix(_, path) = &listener {
                 unix_paths.push(path.clone());
             }
-            tokio::spawn(accept_loop(listener, Arc::clone(&front), Arc::clone(&graceful), stopped.clone()))
+            tokio::spawn(accept_loop(
+                listener,
+                Arc::clone(&front),
+                Arc::clone(&graceful),
+                stopped.clone(),
+            ))
         })
         .collect();
     FrontHandle {
@@ -188,11 +210,18 @@ pub fn serve(listeners: Vec<Listener>, front: Arc<Front>) -> FrontHandle {
     }
 }
 
-async fn accept_loop(listener: Listener, front: Arc<Front>, graceful: Arc<GracefulShutdown>, mut stop: watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: Listener,
+    front: Arc<Front>,
+    graceful: Arc<GracefulShutdown>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut builder = http1::Builder::new();
     builder
         .keep_alive(true)
-        .pipeline_flush(true)
+        // pipeline_flush(true) loses hyper's automatic 400 on a malformed request (the
+        // connection closes before the buffered error is written), so it stays off.
+        .pipeline_flush(false)
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
     loop {
@@ -204,23 +233,29 @@ async fn accept_loop(listener: Listener, front: Arc<Front>, graceful: Arc<Gracef
             Ok(accepted) => accepted,
             Err(error) => {
                 // EMFILE and friends: back off instead of spinning on a full descriptor table.
-                tracing::error!("accepting a connection on {} failed: {error}", listener.address());
+                tracing::error!(
+                    "accepting a connection on {} failed: {error}",
+                    listener.address()
+                );
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
         let connection = Arc::new(connection);
         let front = Arc::clone(&front);
-        let service = service_fn(move |request| handle(Arc::clone(&front), Arc::clone(&connection), request));
+        let service =
+            service_fn(move |request| handle(Arc::clone(&front), Arc::clone(&connection), request));
         match io {
             Stream::Tcp(stream) => {
-                let served = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+                let served =
+                    graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
                 tokio::spawn(async move {
                     let _ = served.await;
                 });
             }
             Stream::Unix(stream) => {
-                let served = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+                let served =
+                    graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
                 tokio::spawn(async move {
                     let _ = served.await;
                 });
@@ -240,31 +275,54 @@ async fn accept(listener: &Listener) -> io::Result<(Stream, Connection)> {
             let (stream, peer) = listener.accept().await?;
             stream.set_nodelay(true)?;
             let local = stream.local_addr().ok();
-            Ok((Stream::Tcp(stream), Connection { peer: Some(peer), local }))
+            Ok((
+                Stream::Tcp(stream),
+                Connection {
+                    peer: Some(peer),
+                    local,
+                },
+            ))
         }
         Listener::Unix(listener, _) => {
             let (stream, _) = listener.accept().await?;
-            Ok((Stream::Unix(stream), Connection { peer: None, local: None }))
+            Ok((
+                Stream::Unix(stream),
+                Connection {
+                    peer: None,
+                    local: None,
+                },
+            ))
         }
     }
 }
 
 fn plain(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
-    let mut response = Response::new(ResponseBody::Full(Some(Bytes::from_static(text.as_bytes()))));
+    let mut response = Response::new(ResponseBody::Full(Some(Bytes::from_static(
+        text.as_bytes(),
+    ))));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     response
 }
 
-async fn handle(front: Arc<Front>, connection: Arc<Connection>, request: Request<Incoming>) -> Result<Response<ResponseBody>, Infallible> {
+async fn handle(
+    front: Arc<Front>,
+    connection: Arc<Connection>,
+    request: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
     let accepted = Instant::now();
     let completion = Completion {
         metrics: Arc::clone(&front.metrics),
         access_log: front.config.access_log,
         method: request.method().as_str().to_owned(),
-        path: request.uri().path_and_query().map_or("/", |pq| pq.as_str()).to_owned(),
+        path: request
+            .uri()
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_owned(),
         status: 0,
         accepted,
         queue_wait: None,
@@ -273,15 +331,31 @@ async fn handle(front: Arc<Front>, connection: Arc<Connection>, request: Request
     Ok(respond(&front, &connection, request, completion).await)
 }
 
-fn reject(front: &Front, reason: &str, mut response: Response<ResponseBody>, mut completion: Completion) -> Response<ResponseBody> {
-    front.metrics.http_rejected_total.with_label_values(&[reason]).inc();
+fn reject(
+    front: &Front,
+    reason: &str,
+    mut response: Response<ResponseBody>,
+    mut completion: Completion,
+) -> Response<ResponseBody> {
+    front
+        .metrics
+        .http_rejected_total
+        .with_label_values(&[reason])
+        .inc();
     completion.status = response.status().as_u16();
     completion.record(0, true);
-    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
     response
 }
 
-async fn respond(front: &Front, connection: &Connection, request: Request<Incoming>, mut completion: Completion) -> Response<ResponseBody> {
+async fn respond(
+    front: &Front,
+    connection: &Connection,
+    request: Request<Incoming>,
+    mut completion: Completion,
+) -> Response<ResponseBody> {
     let config = &front.config;
     let (parts, incoming) = request.into_parts();
     let declared = parts
@@ -290,28 +364,66 @@ async fn respond(front: &Front, connection: &Connection, request: Request<Incomi
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<u64>().ok());
     if config.max_body > 0 && declared.is_some_and(|length| length > config.max_body) {
-        return reject(front, "body_too_large", plain(StatusCode::PAYLOAD_TOO_LARGE, "Request body too large\n"), completion);
+        return reject(
+            front,
+            "body_too_large",
+            plain(StatusCode::PAYLOAD_TOO_LARGE, "Request body too large\n"),
+            completion,
+        );
     }
     let body = match body::receive(incoming, config.max_body, config.body_buffer).await {
         Ok(body) => body,
         Err(BodyError::TooLarge(_)) => {
-            return reject(front, "body_too_large", plain(StatusCode::PAYLOAD_TOO_LARGE, "Request body too large\n"), completion);
+            return reject(
+                front,
+                "body_too_large",
+                plain(StatusCode::PAYLOAD_TOO_LARGE, "Request body too large\n"),
+                completion,
+            );
         }
         Err(BodyError::Client(error)) => {
             tracing::debug!("client sent a broken body or left: {error}");
-            return reject(front, "bad_request", plain(StatusCode::BAD_REQUEST, "Bad request body\n"), completion);
+            return reject(
+                front,
+                "bad_request",
+                plain(StatusCode::BAD_REQUEST, "Bad request body\n"),
+                completion,
+            );
         }
         Err(BodyError::Spill(error)) => {
             tracing::error!("{error}");
-            return reject(front, "body_buffer", plain(StatusCode::INTERNAL_SERVER_ERROR, "Cannot buffer the request body\n"), completion);
+            return reject(
+                front,
+                "body_buffer",
+                plain(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "Cannot buffer the request body\n",
+                ),
+                completion,
+            );
         }
     };
 
     let mut request_frame = BytesMut::with_capacity(1024);
     request_frame.extend_from_slice(&[0; HEADER_LEN]);
-    if let Err(error) = environ::write_environ(&mut request_frame, &parts, connection, body.len(), &config.environ) {
-        tracing::debug!("refusing {} {}: {error}", completion.method, completion.path);
-        return reject(front, "bad_request", plain(StatusCode::BAD_REQUEST, "Bad request path\n"), completion);
+    if let Err(error) = environ::write_environ(
+        &mut request_frame,
+        &parts,
+        connection,
+        body.len(),
+        &config.environ,
+    ) {
+        tracing::debug!(
+            "refusing {} {}: {error}",
+            completion.method,
+            completion.path
+        );
+        return reject(
+            front,
+            "bad_request",
+            plain(StatusCode::BAD_REQUEST, "Bad request path\n"),
+            completion,
+        );
     }
     let environ_len = u32::try_from(request_frame.len() - HEADER_LEN).unwrap_or(u32::MAX);
     let (flags, offset) = match &body {
@@ -326,13 +438,21 @@ async fn respond(front: &Front, connection: &Connection, request: Request<Incomi
     let lease = match front.dispatcher.acquire().await {
         Ok(lease) => lease,
         Err(rejected) => {
-            let mut response = plain(StatusCode::SERVICE_UNAVAILABLE, "Service temporarily overloaded, retry later\n");
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(config.retry_after));
+            let mut response = plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Service temporarily overloaded, retry later\n",
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(config.retry_after));
             return reject(front, rejected.label(), response, completion);
         }
     };
     let queue_wait = accepted_elapsed(&completion);
-    front.metrics.http_queue_wait_seconds.observe(queue_wait.as_secs_f64());
+    front
+        .metrics
+        .http_queue_wait_seconds
+        .observe(queue_wait.as_secs_f64());
     completion.queue_wait = Some(queue_wait);
     completion.worker = Some(lease.slot());
     let context: Arc<str> = Arc::from(format!("{} {}", completion.method, completion.path));
@@ -340,6 +460,7 @@ async fn respond(front: &Front, connection: &Connection, request: Request<Incomi
 
     let failure = match exchange.next_event().await {
         Ok(Event::Head { head, chunk, end }) => {
+            let end = end || exchange.try_finish();
             let body = if end {
                 ResponseBody::Full(Some(chunk.clone()))
             } else {
@@ -351,13 +472,22 @@ async fn respond(front: &Front, connection: &Connection, request: Request<Incomi
                     if end {
                         completion.record(chunk.len() as u64, true);
                     } else {
-                        *response.body_mut() = ResponseBody::Stream(Box::new(Streaming::new(exchange, chunk, completion)));
+                        *response.body_mut() = ResponseBody::Stream(Box::new(Streaming::new(
+                            exchange, chunk, completion,
+                        )));
                     }
                     return response;
                 }
                 Err(message) => {
-                    tracing::error!("the application sent an invalid response to {} {}: {message}", completion.method, completion.path);
-                    (StatusCode::BAD_GATEWAY, "Bad Gateway: the application sent an invalid response\n")
+                    tracing::error!(
+                        "the application sent an invalid response to {} {}: {message}",
+                        completion.method,
+                        completion.path
+                    );
+                    (
+                        StatusCode::BAD_GATEWAY,
+                        "Bad Gateway: the application sent an invalid response\n",
+                    )
                 }
             }
         }
@@ -365,13 +495,28 @@ async fn respond(front: &Front, connection: &Connection, request: Request<Incomi
             tracing::error!("worker sent a body before the response head");
             (StatusCode::BAD_GATEWAY, "Bad Gateway\n")
         }
-        Err(ExchangeError::Timeout) => (StatusCode::GATEWAY_TIMEOUT, "Gateway Timeout: the application did not answer in time\n"),
+        Err(ExchangeError::Timeout) => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "Gateway Timeout: the application did not answer in time\n",
+        ),
         Err(ExchangeError::WorkerGone) => {
-            tracing::error!("worker {} died while serving {} {}", completion.worker.unwrap_or_default(), completion.method, completion.path);
-            (StatusCode::BAD_GATEWAY, "Bad Gateway: the application worker died\n")
+            tracing::error!(
+                "worker {} died while serving {} {}",
+                completion.worker.unwrap_or_default(),
+                completion.method,
+                completion.path
+            );
+            (
+                StatusCode::BAD_GATEWAY,
+                "Bad Gateway: the application worker died\n",
+            )
         }
         Err(error @ (ExchangeError::Protocol(_) | ExchangeError::AppFailed)) => {
-            tracing::error!("serving {} {} failed: {error}", completion.method, completion.path);
+            tracing::error!(
+                "serving {} {} failed: {error}",
+                completion.method,
+                completion.path
+            );
             (StatusCode::BAD_GATEWAY, "Bad Gateway\n")
         }
     };
@@ -387,9 +532,17 @@ fn accepted_elapsed(completion: &Completion) -> Duration {
 
 /// Hop-by-hop headers belong to the connection hyper manages, not to the app.
 fn is_hop_by_hop(name: &[u8]) -> bool {
-    [&b"connection"[..], b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te", b"trailer"]
-        .iter()
-        .any(|hop| name.eq_ignore_ascii_case(hop))
+    [
+        &b"connection"[..],
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"upgrade",
+        b"te",
+        b"trailer",
+    ]
+    .iter()
+    .any(|hop| name.eq_ignore_ascii_case(hop))
 }
 
 /// Builds the response from the worker's `status\0name\0value…` head.
@@ -416,8 +569,10 @@ fn build_response(head: &[u8], body: ResponseBody) -> Result<Response<ResponseBo
         if is_hop_by_hop(name) {
             continue;
         }
-        let name = HeaderName::from_bytes(name).map_err(|_| format!("invalid header name {:?}", String::from_utf8_lossy(name)))?;
-        let value = HeaderValue::from_bytes(value).map_err(|_| format!("invalid value of header {name}"))?;
+        let name = HeaderName::from_bytes(name)
+            .map_err(|_| format!("invalid header name {:?}", String::from_utf8_lossy(name)))?;
+        let value = HeaderValue::from_bytes(value)
+            .map_err(|_| format!("invalid value of header {name}"))?;
         headers.append(name, value);
     }
     Ok(response)
@@ -434,7 +589,10 @@ mod tests {
         assert_eq!(response.status(), StatusCode::CREATED);
         assert_eq!(response.headers().get_all("set-cookie").iter().count(), 2);
         assert!(response.headers().get("transfer-encoding").is_none());
-        let reason = response.extensions().get::<hyper::ext::ReasonPhrase>().unwrap();
+        let reason = response
+            .extensions()
+            .get::<hyper::ext::ReasonPhrase>()
+            .unwrap();
         assert_eq!(reason.as_bytes(), b"Made It");
         assert!(build_response(b"2x0 OK", ResponseBody::Full(None)).is_err());
         assert!(build_response(b"200 OK\0X-Odd", ResponseBody::Full(None)).is_err());

@@ -135,7 +135,9 @@ pub fn decode(buffer: &mut BytesMut) -> Result<Option<Frame>, ChannelError> {
     if buffer.len() < HEADER_LEN {
         return Ok(None);
     }
-    let word = |at: usize| u32::from_le_bytes([buffer[at], buffer[at + 1], buffer[at + 2], buffer[at + 3]]);
+    let word = |at: usize| {
+        u32::from_le_bytes([buffer[at], buffer[at + 1], buffer[at + 2], buffer[at + 3]])
+    };
     let len = word(0) as usize;
     let arg = word(4);
     let (kind_byte, flags) = (buffer[8], buffer[9]);
@@ -220,6 +222,24 @@ impl Channel {
                 Err(error) => return Poll::Ready(Err(error.into())),
             }
         }
+    }
+
+    /// Takes an `End` frame if one has already arrived, without waiting: lets the front answer a
+    /// one-chunk streamed response with `Content-Length` instead of chunked encoding.
+    pub fn try_take_end(&mut self) -> bool {
+        if self.input.len() < HEADER_LEN {
+            self.input.reserve(READ_SIZE);
+            if self.stream.try_read_buf(&mut self.input).is_err() {
+                return false;
+            }
+        }
+        let is_end = self.input.len() >= HEADER_LEN
+            && self.input[8] == Kind::End as u8
+            && self.input[..4] == [0, 0, 0, 0];
+        if is_end {
+            self.input.advance(HEADER_LEN);
+        }
+        is_end
     }
 
     /// Reads the next frame.

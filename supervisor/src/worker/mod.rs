@@ -37,7 +37,8 @@ use frame::{Channel, ChannelError, Kind, PROTOCOL};
 const SHIM: &str = include_str!("shim.py");
 
 /// The program `python -c` runs: read the shim from descriptor 3 until EOF and execute it.
-const BOOTSTRAP: &str = "import os;exec(compile(b''.join(iter(lambda:os.read(3,65536),b'')),'sauna-shim.py','exec'))";
+const BOOTSTRAP: &str =
+    "import os;exec(compile(b''.join(iter(lambda:os.read(3,65536),b'')),'sauna-shim.py','exec'))";
 
 /// First descriptor number of the request slots in the worker.
 const FIRST_SLOT_FD: i32 = 4;
@@ -74,7 +75,12 @@ pub struct Launch {
 
 impl Launch {
     /// Resolves `[app]` against the directory of the config file.
-    pub fn new(app: &AppConfig, base_dir: &Path, threads: usize, start_timeout: Duration) -> Result<Launch, String> {
+    pub fn new(
+        app: &AppConfig,
+        base_dir: &Path,
+        threads: usize,
+        start_timeout: Duration,
+    ) -> Result<Launch, String> {
         let directory = match &app.directory {
             Some(directory) => base_dir.join(directory),
             None => base_dir.to_path_buf(),
@@ -98,7 +104,8 @@ impl Launch {
             }
         };
         let mut env = app.env.clone();
-        env.entry("PYTHONUNBUFFERED".to_owned()).or_insert_with(|| "1".to_owned());
+        env.entry("PYTHONUNBUFFERED".to_owned())
+            .or_insert_with(|| "1".to_owned());
         Ok(Launch {
             python,
             directory,
@@ -279,7 +286,9 @@ struct Started {
     slots: Vec<Channel>,
 }
 
-fn tokio_stream(stream: std::os::unix::net::UnixStream) -> Result<tokio::net::UnixStream, StartError> {
+fn tokio_stream(
+    stream: std::os::unix::net::UnixStream,
+) -> Result<tokio::net::UnixStream, StartError> {
     stream
         .set_nonblocking(true)
         .and_then(|()| tokio::net::UnixStream::from_std(stream))
@@ -290,12 +299,18 @@ fn tokio_stream(stream: std::os::unix::net::UnixStream) -> Result<tokio::net::Un
 async fn start(launch: &Launch, mode: &str, label: &str) -> Result<Started, StartError> {
     use std::io::Write;
     use std::os::unix::net::UnixStream;
-    let channel_error = |error: std::io::Error| StartError::Spawn(format!("cannot create a worker channel: {error}"));
+    let channel_error = |error: std::io::Error| {
+        StartError::Spawn(format!("cannot create a worker channel: {error}"))
+    };
 
     let (mut control_ours, control_theirs) = UnixStream::pair().map_err(channel_error)?;
     // The shim's source fits in the socket buffer, so this never blocks.
-    control_ours.write_all(SHIM.as_bytes()).map_err(channel_error)?;
-    control_ours.shutdown(std::net::Shutdown::Write).map_err(channel_error)?;
+    control_ours
+        .write_all(SHIM.as_bytes())
+        .map_err(channel_error)?;
+    control_ours
+        .shutdown(std::net::Shutdown::Write)
+        .map_err(channel_error)?;
     let mut pass_fds: Vec<(OwnedFd, i32)> = vec![(OwnedFd::from(control_theirs), CONTROL_FD)];
     let mut slots = Vec::new();
     let slot_count = if mode == "check" { 0 } else { launch.threads };
@@ -340,8 +355,15 @@ async fn start(launch: &Launch, mode: &str, label: &str) -> Result<Started, Star
         First::Exit(status) => {
             // The process ended first; its Ready or Failed frame may still be in the channel.
             return match control.frame().await {
-                Ok(frame) if frame.kind == Kind::Failed => Err(StartError::Import(String::from_utf8_lossy(&frame.payload).into_owned())),
-                Ok(frame) if frame.kind == Kind::Ready && mode == "check" => Ok(Started { child, pid, control, slots: Vec::new() }),
+                Ok(frame) if frame.kind == Kind::Failed => Err(StartError::Import(
+                    String::from_utf8_lossy(&frame.payload).into_owned(),
+                )),
+                Ok(frame) if frame.kind == Kind::Ready && mode == "check" => Ok(Started {
+                    child,
+                    pid,
+                    control,
+                    slots: Vec::new(),
+                }),
                 _ => Err(StartError::Exited(describe_exit(status).0)),
             };
         }
@@ -367,12 +389,16 @@ async fn start(launch: &Launch, mode: &str, label: &str) -> Result<Started, Star
             let protocol = text.split('\0').nth(1).unwrap_or("");
             if protocol != PROTOCOL.to_string() {
                 signal_group(pid, Signal::SIGKILL);
-                return Err(StartError::Protocol(format!("shim speaks protocol {protocol:?}, expected {PROTOCOL}")));
+                return Err(StartError::Protocol(format!(
+                    "shim speaks protocol {protocol:?}, expected {PROTOCOL}"
+                )));
             }
         }
         Kind::Failed => {
             let _ = child.wait().await;
-            return Err(StartError::Import(String::from_utf8_lossy(&frame.payload).into_owned()));
+            return Err(StartError::Import(
+                String::from_utf8_lossy(&frame.payload).into_owned(),
+            ));
         }
         other => {
             signal_group(pid, Signal::SIGKILL);
