@@ -397,6 +397,7 @@ mod tests {
     fn forwarded_headers_count_only_from_trusted_proxies() {
         let request = || {
             Request::get("/")
+                .header("Host", "h")
                 .header("X-Forwarded-For", "6.6.6.6, 1.2.3.4, 10.0.0.8")
                 .header("X-Forwarded-Proto", "https")
                 .body(())
