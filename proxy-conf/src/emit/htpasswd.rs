@@ -1,0 +1,54 @@
+//! htpasswd entries for the staging password. nginx's `auth_basic_user_file` checks `$6$`
+//! (SHA-512-crypt) entries with the system's crypt(3), which glibc and libxcrypt provide; unlike
+//! `{SHA}`/`$apr1$` it is salted and iterated, so it is the one to write.
+
+use sha_crypt::{PasswordHasher as _, ShaCrypt};
+
+/// Why no entry could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum HtpasswdError {
+    /// The user name cannot be written into an htpasswd line.
+    #[error("user name {0:?} cannot contain ':' or a newline, or be empty")]
+    BadUser(String),
+    /// The password is empty or spans lines.
+    #[error("the password is empty or contains a newline")]
+    BadPassword,
+    /// The hash could not be computed.
+    #[error("cannot hash the password: {0}")]
+    Hash(String),
+}
+
+/// One `user:$6$salt$hash` line, without the newline.
+pub fn entry(user: &str, password: &str) -> Result<String, HtpasswdError> {
+    if user.is_empty() || user.contains([':', '\n', '\r']) {
+        return Err(HtpasswdError::BadUser(user.to_owned()));
+    }
+    if password.is_empty() || password.contains(['\n', '\r']) {
+        return Err(HtpasswdError::BadPassword);
+    }
+    let hash = ShaCrypt::default()
+        .hash_password(password.as_bytes())
+        .map_err(|e| HtpasswdError::Hash(e.to_string()))?;
+    Ok(format!("{user}:{hash}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha_crypt::PasswordVerifier as _;
+
+    #[test]
+    fn entries_are_salted_sha512_crypt_that_verify() {
+        let line = entry("alice", "correct horse").unwrap();
+        let (user, hash) = line.split_once(':').unwrap();
+        assert_eq!(user, "alice");
+        assert!(hash.starts_with("$6$"), "{hash}");
+        let parsed = sha_crypt::PasswordHashRef::new(hash).unwrap();
+        ShaCrypt::default()
+            .verify_password(b"correct horse", parsed)
+            .unwrap();
+        assert_ne!(line, entry("alice", "correct horse").unwrap());
+        assert!(entry("a:b", "x").is_err());
+        assert!(entry("a", "").is_err());
+    }
+}
