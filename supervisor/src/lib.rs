@@ -14,5 +14,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod emit;
 pub mod lifecycle;
+pub mod live;
 pub mod metrics;

@@ -336,9 +336,10 @@ pub fn render(config: &Config, secrets: &Secrets) -> Result<Output, EmitError> {
             contents: render_instance(instance, &redis, secrets),
         });
         output.next_steps.push(format!(
-            "install -d -o {user} -g {user} -m 0750 {}",
+            "install -m 0640 -g {user} redis/{name}.conf /etc/redis/ && install -d -o {user} -g {user} -m 0750 {}",
             data_dir(&redis, instance).display(),
-            user = redis.user
+            user = redis.user,
+            name = instance.name
         ));
     }
     Ok(output)
