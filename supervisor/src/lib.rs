@@ -16,3 +16,5 @@ pub mod cli;
 pub mod config;
 pub mod lifecycle;
 pub mod metrics;
+pub mod notify;
+pub mod signals;
