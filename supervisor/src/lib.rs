@@ -15,6 +15,7 @@
 pub mod cli;
 pub mod config;
 pub mod lifecycle;
+pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod signals;
