@@ -16,5 +16,8 @@ pub mod child;
 pub mod cli;
 pub mod config;
 pub mod lifecycle;
+pub mod logging;
 pub mod metrics;
+pub mod notify;
+pub mod signals;
 pub mod status;
