@@ -12,9 +12,14 @@
 //!
 //! Data flows one way: config → supervisor state (the main loop) → pool, programs, beat → metrics.
 
+pub mod child;
 pub mod cli;
 pub mod config;
 pub mod emit;
 pub mod lifecycle;
 pub mod live;
+pub mod logging;
 pub mod metrics;
+pub mod notify;
+pub mod signals;
+pub mod status;
