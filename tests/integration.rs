@@ -1,2 +1,4 @@
 //! Integration tests that run the real `sauna-supervisor` binary; one module per feature.
 mod util;
+// emit: generated nginx/redis/postgres/systemd files checked and run by the real servers.
+mod emit;

@@ -1,8 +1,12 @@
 //! htpasswd entries for the staging password. nginx's `auth_basic_user_file` checks `$6$`
 //! (SHA-512-crypt) entries with the system's crypt(3), which glibc and libxcrypt provide; unlike
-//! `{SHA}`/`$apr1$` it is salted and iterated, so it is the one to write.
+//! `{SHA}`/`$apr1$` it is salted and iterated, so it is the one to write. The salt is exactly
+//! 16 characters: crypt(3) cuts longer salts to 16, so a longer one would never compare equal.
 
 use sha_crypt::{PasswordHasher as _, ShaCrypt};
+
+/// Random bytes of salt; their crypt-base64 form is the 16 characters SHA-crypt uses.
+const SALT_BYTES: usize = 12;
 
 /// Why no entry could be made.
 #[derive(Debug, thiserror::Error)]
@@ -26,8 +30,10 @@ pub fn entry(user: &str, password: &str) -> Result<String, HtpasswdError> {
     if password.is_empty() || password.contains(['\n', '\r']) {
         return Err(HtpasswdError::BadPassword);
     }
+    let mut salt = [0u8; SALT_BYTES];
+    getrandom::fill(&mut salt).map_err(|e| HtpasswdError::Hash(e.to_string()))?;
     let hash = ShaCrypt::default()
-        .hash_password(password.as_bytes())
+        .hash_password_with_salt(password.as_bytes(), &salt)
         .map_err(|e| HtpasswdError::Hash(e.to_string()))?;
     Ok(format!("{user}:{hash}"))
 }
@@ -43,6 +49,10 @@ mod tests {
         let (user, hash) = line.split_once(':').unwrap();
         assert_eq!(user, "alice");
         assert!(hash.starts_with("$6$"), "{hash}");
+        let salt = hash
+            .trim_start_matches("$6$")
+            .trim_start_matches("rounds=5000$");
+        assert_eq!(salt.split('$').next().unwrap().len(), 16, "{hash}");
         let parsed = sha_crypt::PasswordHashRef::new(hash).unwrap();
         ShaCrypt::default()
             .verify_password(b"correct horse", parsed)
