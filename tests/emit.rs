@@ -282,15 +282,21 @@ fn nginx_accepts_every_emitted_variant() {
     }
 }
 
-/// An upstream that answers every request with the headers it received, as `Name: value` lines.
+/// An upstream that answers every request with a request counter and the headers it received,
+/// as `Name: value` lines; paths under `/cacheable` are marked cacheable for a minute.
 const ECHO_UPSTREAM: &str = r#"
-import http.server, sys
+import http.server, itertools, sys
+counter = itertools.count(1)
 class Echo(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
-        body = "".join(f"{k}: {v}\n" for k, v in self.headers.items()).encode()
+        lines = [f"Request-Number: {next(counter)}"]
+        lines += [f"{k}: {v}" for k, v in self.headers.items()]
+        body = ("\n".join(lines) + "\n").encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
+        if self.path.startswith("/cacheable"):
+            self.send_header("Cache-Control", "public, max-age=60")
         self.end_headers()
         self.wfile.write(body)
     def log_message(self, *args):
@@ -307,6 +313,23 @@ fn curl(args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).replace("\r\n", "\n")
 }
 
+/// The body of a `curl -i` response.
+fn body(response: &str) -> &str {
+    response.split_once("\n\n").map_or("", |(_, body)| body)
+}
+
+/// Starts the echo upstream on `port`.
+fn start_upstream(sandbox: &Sandbox, port: u16) -> Daemon {
+    let python = require_tool("python3", "apt-get install -y python3");
+    let script = sandbox.write("upstream.py", ECHO_UPSTREAM);
+    let mut upstream = Daemon::spawn(
+        "python upstream",
+        Command::new(python).arg(&script).arg(port.to_string()),
+    );
+    wait_for_port(port, &mut upstream);
+    upstream
+}
+
 fn wait_for_port(port: u16, daemon: &mut Daemon) {
     wait_until(
         Duration::from_secs(20),
@@ -320,7 +343,6 @@ fn wait_for_port(port: u16, daemon: &mut Daemon) {
 
 #[test]
 fn nginx_serves_static_files_proxies_with_forwarded_headers_and_asks_for_the_staging_password() {
-    let python = require_tool("python3", "apt-get install -y python3");
     let nginx = require_tool("nginx", APT_NGINX);
     let sandbox = Sandbox::new();
     let (upstream_port, http_port) = (free_port(), free_port());
@@ -330,12 +352,13 @@ fn nginx_serves_static_files_proxies_with_forwarded_headers_and_asks_for_the_sta
         &sandbox,
         upstream_port,
         http_port,
-        "",
+        "websocket = [\"/ws/\"]",
         &format!(
-            "[deploy.staging]\nhtpasswd = \"{}\"\n[deploy.tls]\ncertificate = \"{}\"\nkey = \"{}\"\n",
+            "[deploy.staging]\nhtpasswd = \"{}\"\n[deploy.tls]\ncertificate = \"{}\"\nkey = \"{}\"\nacme_webroot = \"{}\"\n",
             sandbox.path("htpasswd").display(),
             cert.display(),
-            key.display()
+            key.display(),
+            sandbox.path("acme").display()
         ),
     );
     let https_port: u16 = config
@@ -350,14 +373,9 @@ fn nginx_serves_static_files_proxies_with_forwarded_headers_and_asks_for_the_sta
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     }
 
-    let upstream_script = sandbox.write("upstream.py", ECHO_UPSTREAM);
-    let mut upstream = Daemon::spawn(
-        "python upstream",
-        Command::new(python)
-            .arg(&upstream_script)
-            .arg(upstream_port.to_string()),
-    );
-    wait_for_port(upstream_port, &mut upstream);
+    sandbox.write("acme/.well-known/acme-challenge/token-1", "token-1.key\n");
+    sandbox.write("static/style.css", &"body { color: black; }\n".repeat(200));
+    let _upstream = start_upstream(&sandbox, upstream_port);
     let mut server = Daemon::spawn("nginx", &mut nginx_command(&nginx, &sandbox, &main));
     wait_for_port(https_port, &mut server);
 
@@ -368,6 +386,13 @@ fn nginx_serves_static_files_proxies_with_forwarded_headers_and_asks_for_the_sta
         redirect.contains(&format!("Location: https://localhost:{https_port}/app?x=1")),
         "{redirect}"
     );
+
+    // The ACME challenge is answered from the webroot over plain HTTP, without the password.
+    let challenge = curl(&[&format!(
+        "http://localhost:{http_port}/.well-known/acme-challenge/token-1"
+    )]);
+    assert!(challenge.starts_with("HTTP/1.1 200"), "{challenge}");
+    assert_eq!(body(&challenge), "token-1.key\n");
 
     let base = format!("https://localhost:{https_port}");
     let insecure = ["-k", "--http1.1"];
@@ -430,6 +455,38 @@ fn nginx_serves_static_files_proxies_with_forwarded_headers_and_asks_for_the_sta
         );
     }
 
+    // Upstream connections are kept alive: no `Connection: close` reaches the app.
+    assert!(!body(&app).contains("Connection:"), "{app}");
+    // WebSocket locations pass the handshake headers on.
+    let ws = curl(&[
+        insecure[0],
+        insecure[1],
+        "-u",
+        "reviewer:open sesame",
+        "-H",
+        "Upgrade: websocket",
+        "-H",
+        "Connection: Upgrade",
+        &format!("{base}/ws/chat"),
+    ]);
+    assert!(body(&ws).contains("\nUpgrade: websocket\n"), "{ws}");
+    assert!(body(&ws).contains("\nConnection: upgrade\n"), "{ws}");
+    // Text is compressed.
+    let css = curl(&[
+        insecure[0],
+        insecure[1],
+        "-u",
+        "reviewer:open sesame",
+        "-H",
+        "Accept-Encoding: gzip",
+        "-o",
+        "/dev/null",
+        "-D",
+        "-",
+        &format!("{base}/static/style.css"),
+    ]);
+    assert!(css.contains("Content-Encoding: gzip"), "{css}");
+
     // A body above [web].max_body is refused by nginx already.
     let big = sandbox.write("big.bin", &"x".repeat(2 << 20));
     let refused = curl(&[
@@ -442,6 +499,43 @@ fn nginx_serves_static_files_proxies_with_forwarded_headers_and_asks_for_the_sta
         &format!("{base}/upload"),
     ]);
     assert!(refused.starts_with("HTTP/1.1 413"), "{refused}");
+}
+
+#[test]
+fn nginx_caches_only_what_the_app_marks_cacheable() {
+    let nginx = require_tool("nginx", APT_NGINX);
+    let sandbox = Sandbox::new();
+    let (upstream_port, http_port) = (free_port(), free_port());
+    let config = nginx_config(
+        &sandbox,
+        upstream_port,
+        http_port,
+        "",
+        &format!(
+            "[deploy.cache]\npath = \"{}\"\n",
+            sandbox.path("cache").display()
+        ),
+    );
+    let main = emit_and_check_nginx(&sandbox, &config, &[]);
+    let _upstream = start_upstream(&sandbox, upstream_port);
+    let mut server = Daemon::spawn("nginx", &mut nginx_command(&nginx, &sandbox, &main));
+    wait_for_port(http_port, &mut server);
+    let number = |path: &str| -> String {
+        let response = curl(&[&format!("http://127.0.0.1:{http_port}{path}")]);
+        body(&response)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let first = number("/cacheable/page");
+    assert_eq!(
+        number("/cacheable/page"),
+        first,
+        "a cacheable page was fetched twice"
+    );
+    let private = number("/private");
+    assert_ne!(number("/private"), private, "an unmarked page was cached");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -570,6 +664,50 @@ policy = "allkeys-lfu"
         stdout.contains("maxmemory-policy is allkeys-lru, but it holds the Celery broker"),
         "{stdout}"
     );
+}
+
+#[test]
+fn redis_serves_the_broker_on_a_unix_socket() {
+    let server = require_tool("redis-server", APT_REDIS);
+    let cli = require_tool("redis-cli", "apt-get install -y redis-tools");
+    let sandbox = Sandbox::new();
+    let socket = sandbox.path("broker.sock");
+    sandbox.write(
+        "sauna.toml",
+        &format!(
+            "[redis]\nbroker = \"redis+socket://{}?virtual_host=2\"\ndir = \"{}\"\n",
+            socket.display(),
+            sandbox.root().display()
+        ),
+    );
+    ok(&sandbox, &["emit", "redis", "-o", "out"], &[]);
+    std::fs::create_dir_all(sandbox.path("sauna-broker")).expect("data dir");
+    let mut daemon = Daemon::spawn(
+        "redis-server",
+        Command::new(server).arg(sandbox.path("out/redis/sauna-broker.conf")),
+    );
+    let policy = wait_until(Duration::from_secs(20), "redis on its socket", || {
+        daemon.assert_running();
+        let output = Command::new(&cli)
+            .arg("-s")
+            .arg(&socket)
+            .args(["CONFIG", "GET", "maxmemory-policy"])
+            .output()
+            .ok()?;
+        output
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+            .filter(|text| !text.is_empty())
+    });
+    assert_eq!(policy, "maxmemory-policy\nnoeviction");
+    let port = run(Command::new(&cli)
+        .arg("-s")
+        .arg(&socket)
+        .args(["CONFIG", "GET", "port"]));
+    assert_eq!(String::from_utf8_lossy(&port.stdout).trim(), "port\n0");
+    let live = ok(&sandbox, &["check", "--live"], &[]);
+    assert!(live.contains("live servers agree"), "{live}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -920,10 +1058,29 @@ memory = "8GiB"
 fn emitted_files_match_the_golden_files() {
     let sandbox = Sandbox::new();
     sandbox.write("sauna.toml", GOLDEN_CONFIG);
-    ok(
+    let listing = ok(
         &sandbox,
         &["emit", "all", "-o", "out"],
         &[("REDIS_PASSWORD", "golden")],
+    );
+    // `emit all` says where each file goes and what to run next.
+    for expected in [
+        "nginx/myapp.conf",
+        "install as /etc/nginx/conf.d/myapp.conf",
+        "install as /etc/systemd/system/myapp.service",
+        "Then:",
+        "nginx -t && systemctl reload nginx",
+        "sudo --preserve-env=MYAPP_DB_PASSWORD -u postgres psql",
+        "systemctl enable --now myapp-broker-redis myapp-cache-redis myapp",
+    ] {
+        assert!(
+            listing.contains(expected),
+            "{expected:?} missing from\n{listing}"
+        );
+    }
+    assert!(
+        !listing.contains("golden"),
+        "the password leaked: {listing}"
     );
     let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden");
     let update = std::env::var_os("SAUNA_UPDATE_GOLDEN").is_some();
@@ -965,6 +1122,30 @@ fn emitted_files_match_the_golden_files() {
         }
     }
     assert_eq!(produced.len(), 9, "{produced:?}");
+}
+
+#[test]
+fn a_cache_sharing_the_broker_keeps_the_broker_policy_and_says_why() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "sauna.toml",
+        r#"[beat]
+broker = "redis://127.0.0.1:6379/3"
+
+[redis.cache]
+url = "redis://127.0.0.1:6379/1"
+"#,
+    );
+    let output = sandbox.run(&["emit", "redis"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("shares the broker's server"), "{stderr}");
+    assert!(stdout.contains("maxmemory-policy noeviction"), "{stdout}");
+    assert!(!stdout.contains("allkeys-lru"), "{stdout}");
+    assert!(stdout.contains("[redis.cache].url: database 1"), "{stdout}");
 }
 
 #[test]
