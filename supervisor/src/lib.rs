@@ -14,6 +14,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
