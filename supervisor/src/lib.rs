@@ -12,6 +12,7 @@
 //!
 //! Data flows one way: config → supervisor state (the main loop) → pool, programs, beat → metrics.
 
+pub mod child;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -20,3 +21,4 @@ pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod signals;
+pub mod status;
