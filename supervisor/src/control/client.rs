@@ -13,7 +13,7 @@ use nix::sys::socket::{
     AddressFamily, SockFlag, SockType, UnixAddr, connect as connect_fd, socket,
 };
 
-use super::protocol::{Request, Response, request_line};
+use super::protocol::{Request, Response, ResponseBody, request_line};
 use super::{ControlError, MAX_SOCKET_PATH};
 
 /// Sends `request` to the supervisor listening on `path` and returns its response lines.
@@ -85,7 +85,7 @@ impl Replies {
                 }
             };
             match &response.body {
-                super::ResponseBody::Progress { message } => progress(message),
+                ResponseBody::Progress { message } => progress(message),
                 _ => return Ok(response),
             }
         }
