@@ -8,9 +8,8 @@
 //!
 //! Who may connect is decided twice. The socket file is 0600, so the kernel refuses `connect`
 //! to other users before we see them; and every accepted connection's `SO_PEERCRED` must be root
-//! or our own effective uid, which also covers a socket made reachable by a looser mode or a
-//! descriptor passed to someone else. Refused peers get one `error` line and are logged with their
-//! uid and pid.
+//! or our own effective uid, which still holds if someone loosens the file's mode by hand.
+//! Refused peers get one `error` line and are logged with their uid and pid.
 
 use std::io;
 use std::os::fd::AsRawFd;
