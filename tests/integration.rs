@@ -1,2 +1,3 @@
 //! Integration tests that run the real `sauna-supervisor` binary; one module per feature.
+mod lifecycle;
 mod util;
