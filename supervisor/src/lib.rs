@@ -15,11 +15,14 @@
 pub mod child;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod emit;
 pub mod lifecycle;
 pub mod live;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
+pub mod remote;
 pub mod signals;
 pub mod status;
+pub mod supervisor;
