@@ -48,7 +48,9 @@ pub fn load_path(path: &Path) -> Result<Loaded, ConfigError> {
     })
 }
 
-/// `sauna-supervisor check`: prints every problem and exits 2, or says the file is valid.
+/// `sauna-supervisor check`: prints every problem and exits 2, or says the file is valid. With
+/// `--live`, also compares the running Redis and PostgreSQL with the file (`crate::live`); every
+/// contradiction is a warning line and makes the exit status 2.
 pub fn check_command(arg: &ConfigArg, live: bool) -> anyhow::Result<ExitCode> {
     match load(arg) {
         Ok(loaded) => {
