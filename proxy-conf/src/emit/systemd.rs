@@ -127,8 +127,19 @@ pub fn render(config: &Config) -> Result<Output, EmitError> {
         "# Secrets named by password_env/token_env, one VAR=value per line, mode 0600.\nEnvironmentFile=-/etc/sauna/{name}.env\nLimitNOFILE={}",
         unit.limit_nofile
     );
+    // An app under /home or /root still has to be readable.
+    let in_home = config
+        .app
+        .directory
+        .as_ref()
+        .is_some_and(|dir| dir.starts_with("/home") || dir.starts_with("/root"));
+    if in_home {
+        out.push_str("# [app].directory is under a home directory: readable, not writable.\nProtectHome=read-only\n");
+    } else {
+        out.push_str("ProtectHome=yes\n");
+    }
     out.push_str(
-        "NoNewPrivileges=yes\nProtectSystem=strict\nProtectHome=yes\nPrivateTmp=yes\nPrivateDevices=yes\n\
+        "NoNewPrivileges=yes\nProtectSystem=strict\nPrivateTmp=yes\nPrivateDevices=yes\n\
          ProtectKernelTunables=yes\nProtectKernelModules=yes\nProtectControlGroups=yes\n\
          RestrictSUIDSGID=yes\nLockPersonality=yes\nRestrictRealtime=yes\n",
     );
