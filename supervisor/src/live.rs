@@ -168,7 +168,7 @@ fn check_postgres(config: &Config, cpus: u32, findings: &mut Vec<String>) {
     let mut client = match options.connect(postgres::NoTls) {
         Ok(client) => client,
         Err(error) => {
-            findings.push(format!("{label}: cannot connect: {error}"));
+            findings.push(format!("{label}: cannot connect: {}", with_causes(&error)));
             return;
         }
     };
@@ -178,7 +178,10 @@ fn check_postgres(config: &Config, cpus: u32, findings: &mut Vec<String>) {
             .ok()
             .and_then(|value| value.parse::<u32>().ok()),
         Err(error) => {
-            findings.push(format!("{label}: SHOW max_connections failed: {error}"));
+            findings.push(format!(
+                "{label}: SHOW max_connections failed: {}",
+                with_causes(&error)
+            ));
             return;
         }
     };
@@ -199,4 +202,17 @@ fn check_postgres(config: &Config, cpus: u32, findings: &mut Vec<String>) {
             budget.max_connections()
         ));
     }
+}
+
+/// The error and its causes on one line: the postgres crate's top-level message ("error
+/// connecting to server") says nothing about why without them.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
