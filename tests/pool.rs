@@ -898,3 +898,72 @@ fn bind_errors_name_the_address() {
     let error = result.expect_err("port taken").to_string();
     assert!(error.contains(&address), "{error}");
 }
+
+/// A sandbox config running the test app on a free port through the real binary.
+fn binary_config(sandbox: &Sandbox, web_extra: &str) -> String {
+    sandbox.write("app.py", APP);
+    let port = util::free_port();
+    sandbox.write_config(&format!(
+        "[app]\ndirectory = \".\"\npython = \"{}\"\nwsgi = \"app:application\"\n\n[web]\nlisten = [\"127.0.0.1:{port}\"]\nworkers = 2\n{web_extra}\n",
+        util::python().display()
+    ));
+    format!("127.0.0.1:{port}")
+}
+
+fn ready_workers(status: &serde_json::Value) -> usize {
+    status["pool"]["workers"].as_array().map_or(0, |workers| {
+        workers.iter().filter(|w| w["state"] == "ready").count()
+    })
+}
+
+#[test]
+fn the_binary_runs_the_pool_reports_it_and_stops_gracefully() {
+    let sandbox = Sandbox::new();
+    let address = binary_config(&sandbox, "timeout = \"1s\"");
+    let running = sandbox.start();
+    let status = running.wait_for(Duration::from_secs(30), "two ready workers", |status| {
+        ready_workers(status) == 2
+    });
+    assert_eq!(status["pool"]["workers"][0]["generation"], 1);
+    assert_eq!(get(&address, "/hello").body, b"Hello, World!");
+
+    // Timeout through the binary: 504, the Python stack in the log, the pool whole again.
+    assert_eq!(get(&address, "/sleep?30").status, 504);
+    running.wait_for_log("Python stack", Duration::from_secs(10));
+    running.wait_for_log("in _app", Duration::from_secs(10));
+    running.wait_for(Duration::from_secs(30), "the pool whole again", |status| {
+        ready_workers(status) == 2
+    });
+
+    // TTIN adds a worker, TTOU removes one.
+    running.signal("TTIN");
+    running.wait_for(Duration::from_secs(30), "three ready workers", |status| {
+        ready_workers(status) == 3
+    });
+    running.signal("TTOU");
+    running.wait_for(Duration::from_secs(30), "two workers", |status| {
+        status["pool"]["workers"].as_array().map_or(0, Vec::len) == 2
+    });
+
+    // Metrics recorded by the front.
+    let exit = running.stop();
+    assert!(exit.success(), "{exit:?}");
+}
+
+#[test]
+fn check_shows_the_import_traceback() {
+    let sandbox = Sandbox::new();
+    binary_config(&sandbox, "");
+    sandbox.write(
+        "app.py",
+        "raise ImportError('no module named settings_prod')\n",
+    );
+    let output = sandbox.run(&["check"]);
+    assert_eq!(output.status.code(), Some(2));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("Traceback (most recent call last)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("no module named settings_prod"), "{stdout}");
+}

@@ -54,6 +54,18 @@ pub fn load_path(path: &Path) -> Result<Loaded, ConfigError> {
 pub fn check_command(arg: &ConfigArg, live: bool) -> anyhow::Result<ExitCode> {
     match load(arg) {
         Ok(loaded) => {
+            if loaded.config.web.is_some() {
+                if let Err(traceback) =
+                    crate::pool::check_import(&loaded.config.app, &base_dir(&loaded))
+                {
+                    println!("{traceback}");
+                    eprintln!(
+                        "sauna-supervisor: the app in {} does not import",
+                        loaded.path.display()
+                    );
+                    return Ok(ExitCode::from(EXIT_USAGE));
+                }
+            }
             println!("{}: ok", loaded.path.display());
             if live {
                 let findings = crate::live::check(&loaded.config, crate::emit::machine().cpus);
@@ -78,6 +90,20 @@ pub fn check_command(arg: &ConfigArg, live: bool) -> anyhow::Result<ExitCode> {
         }
         Err(other) => Err(other.into()),
     }
+}
+
+/// The directory relative paths in `loaded` are taken from: the config file's.
+pub fn base_dir(loaded: &Loaded) -> PathBuf {
+    let base = match loaded
+        .path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+    {
+        Some(parent) => parent.to_path_buf(),
+        None => PathBuf::from("."),
+    };
+    // Absolute, so that a worker's working directory does not depend on ours.
+    base.canonicalize().unwrap_or(base)
 }
 
 /// The control socket of the supervisor configured by `loaded`: `[control].socket`, else

@@ -46,19 +46,38 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// The roles the config asked for, each behind its actor handle.
-struct Roles {}
+struct Roles {
+    pool: Option<crate::pool::PoolHandle>,
+}
 
 impl Roles {
     /// Starts every configured role, in start order.
-    async fn start(_loaded: &Loaded, _metrics: &Arc<Metrics>) -> anyhow::Result<Roles> {
-        Ok(Roles {})
+    async fn start(loaded: &Loaded, metrics: &Arc<Metrics>) -> anyhow::Result<Roles> {
+        let mut roles = Roles { pool: None };
+        if let Some(web) = &loaded.config.web {
+            let base_dir = crate::config::base_dir(loaded);
+            let pool =
+                crate::pool::Pool::start(&loaded.config.app, web, &base_dir, Arc::clone(metrics))
+                    .await
+                    .context("the web pool did not start")?;
+            roles.pool = Some(pool);
+        }
+        Ok(roles)
     }
 
     /// Stops every role, in reverse start order.
-    async fn shutdown(self, _mode: StopMode) {}
+    async fn shutdown(self, mode: StopMode) {
+        if let Some(pool) = self.pool {
+            pool.shutdown(mode).await;
+        }
+    }
 
     /// The roles' part of the status report.
-    async fn fill_status(&self, _report: &mut StatusReport) {}
+    async fn fill_status(&self, report: &mut StatusReport) {
+        if let Some(pool) = &self.pool {
+            report.pool = serde_json::to_value(pool.status().await).ok();
+        }
+    }
 
     /// A one-line summary for systemd's `STATUS=`.
     fn summary(&self) -> String {
@@ -238,7 +257,10 @@ impl Supervisor {
     }
 
     async fn scale_workers(&mut self, delta: i32) {
-        tracing::warn!(delta, "no web pool in this build to scale (issue #3)");
+        match &self.roles.pool {
+            Some(pool) => pool.scale(delta),
+            None => tracing::warn!(delta, "no [web] pool configured to scale"),
+        }
     }
 
     async fn status_report(&self) -> StatusReport {
