@@ -451,7 +451,7 @@ fn environ_follows_pep_3333() {
     assert_eq!(environ["HTTP_X_TWICE"], "a, b");
     assert_eq!(environ["REMOTE_ADDR"], "127.0.0.1");
     assert_eq!(environ["wsgi.url_scheme"], "http");
-    assert_eq!(environ["wsgi.input_terminated"], true);
+    assert_eq!(environ["wsgi.input_terminated"], serde_json::Value::Null);
     assert_eq!(environ["wsgi.version"], serde_json::json!([1, 0]));
     assert_eq!(environ["REQUEST_URI"], "/mount/environ?x=%C3%A9&y=1");
     assert!(environ.get("HTTP_CONTENT_TYPE").is_none());
@@ -494,6 +494,13 @@ fn request_bodies_reach_the_app_whole_in_every_read_style() {
         b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
     );
     assert_eq!(response.json()["len"], 11);
+    let chunked_environ = exchange(
+        &pool.address,
+        b"POST /environ HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+    )
+    .json();
+    assert_eq!(chunked_environ["wsgi.input_terminated"], true);
+    assert_eq!(chunked_environ["CONTENT_LENGTH"], "2");
     // Expect: 100-continue gets its interim response before the body is sent.
     let mut stream = connect(&pool.address);
     stream
@@ -555,11 +562,17 @@ fn responses_keep_wsgi_semantics() {
     assert_eq!(get(address, "/pid").text(), pid);
 
     // A failure after the headers were sent cuts the response short; the worker survives.
-    let late = get(address, "/error-late");
-    assert_eq!(late.status, 200);
+    // (hyper may close before flushing the head; either way no complete response arrives).
+    let mut stream = connect(address);
+    stream
+        .write_all(b"GET /error-late HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    let raw = String::from_utf8_lossy(&raw);
     assert!(
-        !late.complete,
-        "the truncated response must not look complete"
+        !raw.contains("\r\n0\r\n\r\n"),
+        "the truncated response must not look complete: {raw:?}"
     );
     assert_eq!(get(address, "/pid").text(), pid);
 
@@ -966,4 +979,165 @@ fn check_shows_the_import_traceback() {
         "{stdout}"
     );
     assert!(stdout.contains("no module named settings_prod"), "{stdout}");
+}
+
+const FLASK_APP: &str = r#"
+import hashlib
+from wsgiref.validate import validator
+from flask import Flask, jsonify, request
+
+flask_app = Flask(__name__)
+
+@flask_app.get("/")
+def home():
+    return "<h1>Flask home</h1>"
+
+@flask_app.post("/form")
+def form():
+    return "name=%s&city=%s" % (request.form["name"], request.form["city"])
+
+@flask_app.post("/upload")
+def upload():
+    data = request.files["upload"].read()
+    return jsonify(title=request.form["title"], filename=request.files["upload"].filename,
+                   size=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+application = validator(flask_app)
+"#;
+
+const DJANGO_APP: &str = r#"
+import hashlib
+from wsgiref.validate import validator
+import django
+from django.conf import settings
+
+settings.configure(DEBUG=False, SECRET_KEY="test-only", ROOT_URLCONF=__name__, ALLOWED_HOSTS=["*"],
+                   MIDDLEWARE=[], INSTALLED_APPS=[])
+django.setup()
+
+from django.core.wsgi import get_wsgi_application
+from django.http import HttpResponse, JsonResponse
+from django.urls import path
+
+def home(request):
+    return HttpResponse("<h1>Django home</h1>")
+
+def form(request):
+    return HttpResponse("name=%s&city=%s" % (request.POST["name"], request.POST["city"]))
+
+def upload(request):
+    upload = request.FILES["upload"]
+    data = upload.read()
+    return JsonResponse({"title": request.POST["title"], "filename": upload.name, "size": len(data),
+                         "sha256": hashlib.sha256(data).hexdigest()})
+
+urlpatterns = [path("", home), path("form", form), path("upload", upload)]
+application = validator(get_wsgi_application())
+"#;
+
+const PYRAMID_APP: &str = r#"
+import hashlib
+from wsgiref.validate import validator
+from pyramid.config import Configurator
+from pyramid.response import Response
+
+def home(request):
+    return Response("<h1>Pyramid home</h1>")
+
+def form(request):
+    return Response("name=%s&city=%s" % (request.POST["name"], request.POST["city"]))
+
+def upload(request):
+    field = request.POST["upload"]
+    data = field.file.read()
+    return {"title": request.POST["title"], "filename": field.filename, "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest()}
+
+def main(global_config, **settings):
+    with Configurator(settings=settings) as config:
+        config.add_route("home", "/")
+        config.add_route("form", "/form")
+        config.add_route("upload", "/upload")
+        config.add_view(home, route_name="home")
+        config.add_view(form, route_name="form", request_method="POST")
+        config.add_view(upload, route_name="upload", request_method="POST", renderer="json")
+        return validator(config.make_wsgi_app())
+"#;
+
+const PYRAMID_INI: &str = "[app:main]\nuse = call:pyramid_app:main\n\n[loggers]\nkeys = root\n\n[handlers]\nkeys = console\n\n[formatters]\nkeys = generic\n\n[logger_root]\nlevel = WARN\nhandlers = console\n\n[handler_console]\nclass = StreamHandler\nargs = (sys.stderr,)\nformatter = generic\n\n[formatter_generic]\nformat = %(levelname)s %(message)s\n";
+
+/// Serves a page, a urlencoded form POST and a 2 MB multipart upload through `app`.
+fn check_framework(app: AppConfig, dir: &Path, home: &str) {
+    let pool = start(&app, &web_config(|_| {}), dir);
+    let page = get(&pool.address, "/");
+    assert_eq!(page.status, 200, "{}", page.text());
+    assert!(page.text().contains(home), "{}", page.text());
+
+    let form = post(
+        &pool.address,
+        "/form",
+        "application/x-www-form-urlencoded",
+        b"name=J%C3%BCrgen+M&city=Z%C3%BCrich",
+    );
+    assert_eq!(form.status, 200, "{}", form.text());
+    assert_eq!(form.text(), "name=J\u{fc}rgen M&city=Z\u{fc}rich");
+
+    let file: Vec<u8> = (0..2_000_000u32)
+        .map(|i| (i.wrapping_mul(7919) % 256) as u8)
+        .collect();
+    let boundary = "sauna-boundary-7d1";
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"title\"\r\n\r\nquarterly report\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"upload\"; filename=\"report.bin\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(&file);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let upload = post(
+        &pool.address,
+        "/upload",
+        &format!("multipart/form-data; boundary={boundary}"),
+        &body,
+    );
+    assert_eq!(upload.status, 200, "{}", upload.text());
+    let result = upload.json();
+    assert_eq!(result["title"], "quarterly report");
+    assert_eq!(result["filename"], "report.bin");
+    assert_eq!(result["size"], file.len());
+    assert_eq!(result["sha256"], sha256_hex(&file));
+    pool.shutdown(StopMode::Graceful);
+}
+
+#[test]
+fn flask_serves_pages_forms_and_uploads() {
+    let sandbox = Sandbox::new();
+    sandbox.write("flask_app.py", FLASK_APP);
+    check_framework(
+        app_config(sandbox.root(), "flask_app:application"),
+        sandbox.root(),
+        "Flask home",
+    );
+}
+
+#[test]
+fn django_serves_pages_forms_and_uploads() {
+    let sandbox = Sandbox::new();
+    sandbox.write("django_app.py", DJANGO_APP);
+    check_framework(
+        app_config(sandbox.root(), "django_app:application"),
+        sandbox.root(),
+        "Django home",
+    );
+}
+
+#[test]
+fn pyramid_through_pastedeploy_serves_pages_forms_and_uploads() {
+    let sandbox = Sandbox::new();
+    sandbox.write("pyramid_app.py", PYRAMID_APP);
+    sandbox.write("production.ini", PYRAMID_INI);
+    let app = AppConfig {
+        wsgi: None,
+        paste: Some("production.ini#main".to_owned()),
+        ..app_config(sandbox.root(), "unused")
+    };
+    check_framework(app, sandbox.root(), "Pyramid home");
 }

@@ -31,7 +31,7 @@ use tokio::task::JoinHandle;
 
 use crate::dispatch::Dispatcher;
 use crate::metrics::Metrics;
-use crate::worker::frame::{self, FLAG_PULL, HEADER_LEN, Kind};
+use crate::worker::frame::{self, FLAG_PULL, FLAG_TERMINATED, HEADER_LEN, Kind};
 use body::{BodyError, RequestBody};
 use environ::{Connection, EnvironConfig};
 use exchange::{Completion, Event, Exchange, ExchangeError, ResponseBody, Streaming};
@@ -432,6 +432,13 @@ async fn respond(
             (0, body.len())
         }
         _ => (FLAG_PULL, 0),
+    };
+    // The body is always complete and CONTENT_LENGTH always set, but an app reading a chunked
+    // request may rely on `wsgi.input_terminated` (Werkzeug, mod_wsgi and gunicorn's convention).
+    let flags = if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+        flags | FLAG_TERMINATED
+    } else {
+        flags
     };
     frame::patch_header(&mut request_frame, 0, Kind::Request, flags, environ_len);
 

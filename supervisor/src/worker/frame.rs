@@ -35,6 +35,8 @@ pub const MAX_PAYLOAD: usize = 64 << 20;
 
 /// `Request` flag: the body continues beyond the inline bytes and is pulled with `Read`.
 pub const FLAG_PULL: u8 = 1;
+/// `Request` flag: the client sent the body chunked; the app gets `wsgi.input_terminated`.
+pub const FLAG_TERMINATED: u8 = 2;
 /// `Start` flag: the response is complete (no `Body`/`End` frames follow).
 pub const FLAG_END: u8 = 1;
 

@@ -30,6 +30,7 @@ HLEN = HEADER.size
 REQUEST, DATA, ABORT = 1, 2, 3
 READY, FAILED, START, BODY, END, ERROR, READ = 16, 17, 18, 19, 20, 21, 22
 FLAG_PULL = 1
+FLAG_TERMINATED = 2
 FLAG_END = 1
 CONTROL_FD = 3
 FIRST_SLOT_FD = 4
@@ -168,6 +169,9 @@ class Slot:
             environ["wsgi.input"] = io.BufferedReader(PullInput(self), READ_SIZE)
         else:
             environ["wsgi.input"] = io.BytesIO(body)
+        if flags & FLAG_TERMINATED:
+            # Werkzeug checks presence, not truth; only chunked requests get the key.
+            environ["wsgi.input_terminated"] = True
         self.status = None
         self.headers = None
         self.sent = False
@@ -399,7 +403,6 @@ def main(argv):
         "wsgi.multithread": threads > 1,
         "wsgi.multiprocess": True,
         "wsgi.run_once": False,
-        "wsgi.input_terminated": True,
         "wsgi.file_wrapper": FileWrapper,
     }
     slots = [Slot(FIRST_SLOT_FD + index, app, base) for index in range(threads)]
