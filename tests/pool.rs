@@ -523,6 +523,7 @@ fn responses_keep_wsgi_semantics() {
 
     let stream = get(address, "/stream");
     assert_eq!(stream.header("transfer-encoding"), Some("chunked"));
+    assert!(stream.complete);
     assert_eq!(
         stream.text(),
         "chunk 0\nchunk 1\nchunk 2\nchunk 3\nchunk 4\n"

@@ -74,6 +74,8 @@ impl Rejected {
 pub enum Outcome {
     /// The exchange completed; the slot can serve again.
     Done,
+    /// The slot was never used (the request gave up first); it is idle again.
+    Unused,
     /// The worker process went away (its channel closed); the pool learns it from the exit.
     Gone,
     /// The request passed its deadline; the worker must be killed.
@@ -165,7 +167,7 @@ impl Drop for Lease {
             let outcome = if self.used {
                 Outcome::Broken("a request was abandoned in the middle of its exchange".to_owned())
             } else {
-                Outcome::Done
+                Outcome::Unused
             };
             self.dispatcher
                 .give_back(self.worker, Some(channel), outcome);
@@ -296,8 +298,10 @@ impl Dispatcher {
         let route = &mut state.routes[index];
         route.busy = route.busy.saturating_sub(1);
         let notice = match outcome {
-            Outcome::Done => {
-                route.served += 1;
+            Outcome::Done | Outcome::Unused => {
+                if matches!(outcome, Outcome::Done) {
+                    route.served += 1;
+                }
                 match channel {
                     Some(channel) if route.routable => route.free.push(channel),
                     _ => {}

@@ -35,7 +35,7 @@ FLAG_END = 1
 CONTROL_FD = 3
 FIRST_SLOT_FD = 4
 STACK_SIGNAL = signal.SIGUSR2
-RECV_SIZE = 262144
+RECV_SIZE = 65536
 READ_SIZE = 65536
 
 _pack = HEADER.pack
@@ -106,6 +106,10 @@ class Slot:
         self.sock = socket.socket(fileno=fd)
         self.sock.setblocking(True)
         self.pending = b""
+        # One receive buffer per slot: sock.recv(n) would allocate (and for large n mmap and
+        # munmap) n bytes on every call, which costs more than the rest of a small request.
+        self.buffer = bytearray(RECV_SIZE)
+        self.view = memoryview(self.buffer)
         self.app = app
         self.base = base
         self.aborted = False
@@ -122,14 +126,16 @@ class Slot:
         if sent < total:
             self.sock.sendall(b"".join(parts)[sent:])
 
+    def receive(self, flags=0):
+        size = self.sock.recv_into(self.buffer, RECV_SIZE, flags)
+        if not size:
+            raise EOFError
+        return self.view[:size].tobytes()
+
     def recv_frame(self):
         data = self.pending
-        recv = self.sock.recv
         while len(data) < HLEN:
-            chunk = recv(RECV_SIZE)
-            if not chunk:
-                raise EOFError
-            data += chunk
+            data += self.receive()
         size, arg, kind, flags, _ = _unpack(data)
         end = HLEN + size
         if len(data) < end:
@@ -275,11 +281,9 @@ class Slot:
             self.send(_pack(0, 0, END, 0, 0))
             return True
         try:
-            data = self.sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+            data = self.receive(socket.MSG_DONTWAIT)
         except BlockingIOError:
             return False
-        if not data:
-            raise EOFError
         self.pending += data
         kind = _unpack(self.pending)[2] if len(self.pending) >= HLEN else None
         if kind == ABORT:
