@@ -424,3 +424,139 @@ impl Dispatcher {
         self.lock().routes.iter().any(|route| route.id == worker)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn channels(count: usize) -> (Vec<Channel>, Vec<tokio::net::UnixStream>) {
+        let mut ours = Vec::new();
+        let mut theirs = Vec::new();
+        for _ in 0..count {
+            let (a, b) = tokio::net::UnixStream::pair().unwrap();
+            ours.push(Channel::new(a));
+            theirs.push(b);
+        }
+        (ours, theirs)
+    }
+
+    fn dispatcher(queue_size: usize) -> (Arc<Dispatcher>, mpsc::UnboundedReceiver<Notice>) {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let metrics = Arc::new(Metrics::new().unwrap());
+        (
+            Dispatcher::new(queue_size, Duration::from_millis(200), metrics, sender),
+            receiver,
+        )
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn requests_go_to_the_least_loaded_worker_of_the_current_generation() {
+        runtime().block_on(async {
+            let (dispatcher, _notices) = dispatcher(4);
+            dispatcher.set_generation(1);
+            let (a, _keep_a) = channels(2);
+            let (b, _keep_b) = channels(2);
+            let (old, _keep_old) = channels(2);
+            dispatcher.add_worker(1, 0, 1, a, None);
+            dispatcher.add_worker(2, 1, 1, b, None);
+            dispatcher.add_worker(3, 2, 0, old, None);
+            let first = dispatcher.acquire().await.unwrap();
+            let second = dispatcher.acquire().await.unwrap();
+            assert_ne!(
+                first.worker(),
+                second.worker(),
+                "both GILs get work before either gets two"
+            );
+            assert!([first.worker(), second.worker()].iter().all(|id| *id != 3));
+        });
+    }
+
+    #[test]
+    fn a_returned_slot_goes_to_the_oldest_waiter_and_a_full_queue_refuses() {
+        runtime().block_on(async {
+            let (dispatcher, _notices) = dispatcher(1);
+            dispatcher.set_generation(1);
+            let (slots, _keep) = channels(1);
+            dispatcher.add_worker(7, 0, 1, slots, None);
+            let mut busy = dispatcher.acquire().await.unwrap();
+            let waiting = tokio::spawn({
+                let dispatcher = Arc::clone(&dispatcher);
+                async move { dispatcher.acquire().await.map(|lease| lease.worker()) }
+            });
+            tokio::task::yield_now().await;
+            assert_eq!(dispatcher.acquire().await.err(), Some(Rejected::QueueFull));
+            let _ = busy.channel();
+            busy.release(Outcome::Done);
+            assert_eq!(waiting.await.unwrap(), Ok(7));
+            assert_eq!(dispatcher.loads()[0].served, 1);
+        });
+    }
+
+    #[test]
+    fn waiting_too_long_is_a_queue_timeout() {
+        runtime().block_on(async {
+            let (dispatcher, _notices) = dispatcher(4);
+            assert_eq!(
+                dispatcher.acquire().await.err(),
+                Some(Rejected::QueueTimeout)
+            );
+            dispatcher.close();
+            assert_eq!(
+                dispatcher.acquire().await.err(),
+                Some(Rejected::ShuttingDown)
+            );
+        });
+    }
+
+    #[test]
+    fn max_requests_asks_for_a_recycle_once_and_timeouts_stop_routing() {
+        runtime().block_on(async {
+            let (dispatcher, mut notices) = dispatcher(4);
+            dispatcher.set_generation(1);
+            let (slots, _keep) = channels(1);
+            dispatcher.add_worker(5, 0, 1, slots, Some(2));
+            for _ in 0..3 {
+                let mut lease = dispatcher.acquire().await.unwrap();
+                let _ = lease.channel();
+                lease.release(Outcome::Done);
+            }
+            assert!(matches!(notices.try_recv(), Ok(Notice::RecycleWanted(5))));
+            assert!(notices.try_recv().is_err(), "asked once");
+            let mut lease = dispatcher.acquire().await.unwrap();
+            let _ = lease.channel();
+            lease.release(Outcome::TimedOut("GET /slow".to_owned()));
+            assert!(matches!(
+                notices.try_recv(),
+                Ok(Notice::TimedOut { worker: 5, .. })
+            ));
+            assert!(!dispatcher.holds(5));
+            assert_eq!(
+                dispatcher.acquire().await.err(),
+                Some(Rejected::QueueTimeout)
+            );
+        });
+    }
+
+    #[test]
+    fn retired_workers_close_idle_slots_and_finish_busy_ones() {
+        runtime().block_on(async {
+            let (dispatcher, _notices) = dispatcher(4);
+            dispatcher.set_generation(1);
+            let (slots, _keep) = channels(2);
+            dispatcher.add_worker(9, 0, 1, slots, None);
+            let mut lease = dispatcher.acquire().await.unwrap();
+            dispatcher.retire(9);
+            assert!(dispatcher.holds(9), "its request is still running");
+            let _ = lease.channel();
+            lease.release(Outcome::Done);
+            assert!(!dispatcher.holds(9));
+        });
+    }
+}
