@@ -911,6 +911,18 @@ fn bind_errors_name_the_address() {
     );
     let error = result.expect_err("port taken").to_string();
     assert!(error.contains(&address), "{error}");
+
+    // A unix path holding something else than a socket is refused, never deleted.
+    let precious = sandbox.write("precious.txt", "keep me");
+    let web = web_config(|web| web.listen = vec![format!("unix:{}", precious.display())]);
+    let (_runtime, result) = try_start(
+        &app_config(sandbox.root(), "app:application"),
+        &web,
+        sandbox.root(),
+    );
+    let error = result.expect_err("not a socket").to_string();
+    assert!(error.contains("not a socket"), "{error}");
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "keep me");
 }
 
 /// A sandbox config running the test app on a free port through the real binary.

@@ -89,8 +89,16 @@ pub fn bind(addresses: &[String], backlog: u32) -> Result<Vec<Listener>, BindErr
 fn bind_one(address: &str, backlog: u32) -> io::Result<Listener> {
     if let Some(path) = address.strip_prefix("unix:") {
         let path = PathBuf::from(path);
-        if path.exists() {
-            // A socket file left by a previous run is replaced; a live one is not stolen.
+        if let Ok(metadata) = std::fs::symlink_metadata(&path) {
+            use std::os::unix::fs::FileTypeExt;
+            // A socket file left by a previous run is replaced; a live socket is not stolen and
+            // a path that is not a socket is never deleted.
+            if !metadata.file_type().is_socket() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "the path exists and is not a socket",
+                ));
+            }
             if std::os::unix::net::UnixStream::connect(&path).is_ok() {
                 return Err(io::Error::new(
                     io::ErrorKind::AddrInUse,
@@ -455,7 +463,7 @@ async fn respond(
             return reject(front, rejected.label(), response, completion);
         }
     };
-    let queue_wait = accepted_elapsed(&completion);
+    let queue_wait = completion.accepted.elapsed();
     front
         .metrics
         .http_queue_wait_seconds
@@ -531,10 +539,6 @@ async fn respond(
     completion.status = response.status().as_u16();
     completion.record(0, true);
     response
-}
-
-fn accepted_elapsed(completion: &Completion) -> Duration {
-    completion.accepted.elapsed()
 }
 
 /// Hop-by-hop headers belong to the connection hyper manages, not to the app.

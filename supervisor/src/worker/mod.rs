@@ -44,6 +44,8 @@ const BOOTSTRAP: &str =
 const FIRST_SLOT_FD: i32 = 4;
 /// Descriptor number of the control channel in the worker.
 const CONTROL_FD: i32 = 3;
+/// Send buffer of a worker's end of a request slot.
+const SLOT_SEND_BUFFER: usize = 1 << 20;
 /// The signal faulthandler dumps the Python stack on (registered by the shim).
 const STACK_SIGNAL: Signal = Signal::SIGUSR2;
 /// A stack dump is complete when nothing more arrived for this long.
@@ -316,6 +318,13 @@ async fn start(launch: &Launch, mode: &str, label: &str) -> Result<Started, Star
     let slot_count = if mode == "check" { 0 } else { launch.threads };
     for index in 0..slot_count {
         let (ours, theirs) = UnixStream::pair().map_err(channel_error)?;
+        // A deeper send buffer lets a streaming response run ahead of the front by several
+        // chunks instead of blocking the worker on every one (the kernel caps it at wmem_max).
+        let _ = nix::sys::socket::setsockopt(
+            &theirs,
+            nix::sys::socket::sockopt::SndBuf,
+            &SLOT_SEND_BUFFER,
+        );
         let number = FIRST_SLOT_FD + i32::try_from(index).unwrap_or(i32::MAX - FIRST_SLOT_FD);
         pass_fds.push((OwnedFd::from(theirs), number));
         slots.push(ours);
