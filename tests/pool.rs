@@ -141,6 +141,7 @@ struct TestPool {
     runtime: tokio::runtime::Runtime,
     handle: Option<PoolHandle>,
     address: String,
+    metrics: Arc<Metrics>,
 }
 
 impl TestPool {
@@ -223,25 +224,30 @@ fn try_start(
     app: &AppConfig,
     web: &WebConfig,
     dir: &Path,
-) -> (tokio::runtime::Runtime, Result<PoolHandle, PoolError>) {
+) -> (
+    tokio::runtime::Runtime,
+    Result<PoolHandle, PoolError>,
+    Arc<Metrics>,
+) {
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
         .with_env_filter("info")
         .try_init();
     let runtime = runtime();
     let metrics = Arc::new(Metrics::new().expect("metrics"));
-    let result = runtime.block_on(Pool::start(app, web, dir, metrics));
-    (runtime, result)
+    let result = runtime.block_on(Pool::start(app, web, dir, Arc::clone(&metrics)));
+    (runtime, result, metrics)
 }
 
 fn start(app: &AppConfig, web: &WebConfig, dir: &Path) -> TestPool {
-    let (runtime, result) = try_start(app, web, dir);
+    let (runtime, result, metrics) = try_start(app, web, dir);
     let handle = result.unwrap_or_else(|error| panic!("pool did not start: {error}"));
     let address = handle.listen_addresses()[0].clone();
     TestPool {
         runtime,
         handle: Some(handle),
         address,
+        metrics,
     }
 }
 
@@ -421,6 +427,25 @@ fn serves_hello_world_with_keep_alive_and_pipelining() {
     assert_eq!(read_response(&mut reader, false).body, b"Hello, World!");
     assert_eq!(read_response(&mut reader, false).status, 200);
     assert_eq!(read_response(&mut reader, false).status, 404);
+
+    // The front recorded the requests, their status classes and their queue wait.
+    let metrics = pool.metrics.render().unwrap();
+    assert!(
+        metrics.contains("sauna_http_requests_total{status=\"2xx\"} 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("sauna_http_requests_total{status=\"4xx\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("sauna_http_queue_wait_seconds_count 4"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("sauna_workers{state=\"ready\"} 1"),
+        "{metrics}"
+    );
     pool.shutdown(StopMode::Graceful);
 }
 
@@ -620,7 +645,7 @@ fn import_error_is_reported_with_its_traceback() {
         "import os\n\ndef helper():\n    raise RuntimeError('settings missing')\n\nhelper()\n",
     );
     let app = app_config(sandbox.root(), "broken:application");
-    let (_runtime, result) = try_start(&app, &web_config(|_| {}), sandbox.root());
+    let (_runtime, result, _) = try_start(&app, &web_config(|_| {}), sandbox.root());
     let error = result.expect_err("a broken app must not start");
     let text = error.to_string();
     assert!(matches!(error, PoolError::Import { .. }), "{text}");
@@ -904,7 +929,7 @@ fn bind_errors_name_the_address() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let address = taken.local_addr().expect("addr").to_string();
     let web = web_config(|web| web.listen = vec![address.clone()]);
-    let (_runtime, result) = try_start(
+    let (_runtime, result, _) = try_start(
         &app_config(sandbox.root(), "app:application"),
         &web,
         sandbox.root(),
@@ -915,7 +940,7 @@ fn bind_errors_name_the_address() {
     // A unix path holding something else than a socket is refused, never deleted.
     let precious = sandbox.write("precious.txt", "keep me");
     let web = web_config(|web| web.listen = vec![format!("unix:{}", precious.display())]);
-    let (_runtime, result) = try_start(
+    let (_runtime, result, _) = try_start(
         &app_config(sandbox.root(), "app:application"),
         &web,
         sandbox.root(),
@@ -952,6 +977,7 @@ fn the_binary_runs_the_pool_reports_it_and_stops_gracefully() {
     });
     assert_eq!(status["pool"]["workers"][0]["generation"], 1);
     assert_eq!(get(&address, "/hello").body, b"Hello, World!");
+    running.wait_for_log("GET /hello 200", Duration::from_secs(10));
 
     // Timeout through the binary: 504, the Python stack in the log, the pool whole again.
     assert_eq!(get(&address, "/sleep?30").status, 504);
