@@ -222,7 +222,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(Command::Stop { .. }) => not_yet("stop", 2),
         Some(Command::Check { config, live }) => crate::config::check_command(&config, live),
         Some(Command::Emit { .. }) => not_yet("emit", 7),
-        Some(Command::Beat { .. }) => not_yet("beat next", 5),
+        Some(Command::Beat {
+            command: BeatCommand::Next(args),
+        }) => crate::beat::next::next_command(&args),
         Some(Command::Htpasswd { .. }) => not_yet("htpasswd", 7),
         Some(Command::Upgrade { .. }) => not_yet("upgrade", 4),
     }

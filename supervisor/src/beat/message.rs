@@ -39,6 +39,10 @@ pub struct TaskMessage<'a> {
     pub expires: Option<DateTime<Utc>>,
     /// `pid@host` of the publisher.
     pub origin: &'a str,
+    /// The job and slot this message stands for, sent as the extra headers `sauna_beat_job`
+    /// and `sauna_beat_slot` (custom headers are merged flat, as `apply_async(headers=…)` does;
+    /// workers ignore them) so operators and tests can see which slot a task belongs to.
+    pub slot: Option<(&'a str, DateTime<Utc>)>,
 }
 
 impl TaskMessage<'_> {
@@ -69,7 +73,7 @@ impl TaskMessage<'_> {
         let expires = self
             .expires
             .map(|time| time.to_rfc3339_opts(SecondsFormat::Micros, false));
-        let envelope = json!({
+        let mut envelope = json!({
             "body": body,
             "content-encoding": "utf-8",
             "content-type": "application/json",
@@ -104,6 +108,11 @@ impl TaskMessage<'_> {
                 "delivery_tag": self.delivery_tag,
             },
         });
+        if let Some((job, slot)) = self.slot {
+            envelope["headers"]["sauna_beat_job"] = json!(job);
+            envelope["headers"]["sauna_beat_slot"] =
+                json!(slot.to_rfc3339_opts(SecondsFormat::Millis, false));
+        }
         envelope.to_string()
     }
 }
@@ -141,6 +150,7 @@ mod tests {
             priority,
             expires: None,
             origin: "4242@host",
+            slot: None,
         }
     }
 

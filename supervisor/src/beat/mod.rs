@@ -13,12 +13,13 @@
 //! reads each job's last published slot from Redis and continues from there, so a new leader picks
 //! up exactly where the old one stopped; the catch-up policy decides what to do with slots nobody
 //! published. Redis errors close the connection and are retried with a doubling backoff (100 ms
-//! up to 5 s), with one log line when Redis goes away and one when it is back.
+//! up to 2 s), with one log line when Redis goes away and one when it is back.
 
 pub mod celery_schedule;
 pub mod jobs;
 pub mod leader;
 pub mod message;
+pub mod next;
 pub mod publisher;
 pub mod schedule;
 
@@ -43,7 +44,7 @@ pub use schedule::Schedule;
 /// First retry delay after a Redis error.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Longest retry delay.
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// Why beat could not start or reload.
 #[derive(Debug, thiserror::Error)]
@@ -226,6 +227,12 @@ impl BeatHandle {
             .await
             .map_err(|_| BeatError::Stopped)?;
         answer.await.map_err(|_| BeatError::Stopped)?
+    }
+
+    /// Stops the actor at once without releasing the lock, as a crash would (fast stop); another
+    /// supervisor takes over when the lock's TTL runs out.
+    pub fn abort(self) {
+        self.task.abort();
     }
 
     /// Stops the actor and releases the lock so another supervisor takes over at once.
@@ -584,6 +591,7 @@ impl Actor {
                 .and_then(|expires| chrono::Duration::from_std(expires).ok())
                 .map(|expires| published_at + expires),
             origin: &self.origin,
+            slot: Some((&job.name, slot)),
         };
         let outcome = self
             .broker
