@@ -21,24 +21,222 @@ use crate::util::{Sandbox, free_port, python, repo_root, require_tool};
 
 /// (golden file stem, arguments after `beat next`)
 const GOLDEN: &[(&str, &[&str])] = &[
-    ("names", &["--cron", "0 9 * jan,JUL mon-fri", "--after", "2026-01-01T00:00:00Z", "--count", "6"]),
-    ("steps", &["--cron", "*/20 8-18/5 * * *", "--after", "2026-01-01T00:00:00Z", "--count", "9"]),
-    ("lists", &["--cron", "5,35 1,13 * * *", "--after", "2026-01-01T00:00:00Z", "--count", "5"]),
-    ("both_day_fields", &["--cron", "0 0 1,15 * fri", "--after", "2026-01-01T00:00:00Z", "--count", "8"]),
-    ("sunday_7", &["--cron", "0 12 * * 7", "--after", "2026-01-01T00:00:00Z", "--count", "3"]),
-    ("shortcut_weekly", &["--cron", "@weekly", "--after", "2026-01-01T00:00:00Z", "--count", "3"]),
-    ("shortcut_monthly", &["--cron", "@monthly", "--timezone", "Europe/Helsinki", "--after", "2026-01-01T00:00:00Z", "--count", "3"]),
-    ("shortcut_yearly", &["--cron", "@yearly", "--after", "2026-01-01T00:00:00Z", "--count", "3"]),
-    ("shortcut_hourly", &["--cron", "@hourly", "--after", "2026-01-01T00:00:00Z", "--count", "3"]),
-    ("leap_year", &["--cron", "0 0 29 2 *", "--after", "2026-01-01T00:00:00Z", "--count", "3"]),
-    ("helsinki_spring_daily", &["--cron", "30 3 * * *", "--timezone", "Europe/Helsinki", "--after", "2026-03-27T12:00:00Z", "--count", "4"]),
-    ("helsinki_fall_daily", &["--cron", "30 3 * * *", "--timezone", "Europe/Helsinki", "--after", "2026-10-23T12:00:00Z", "--count", "4"]),
-    ("helsinki_fall_hourly", &["--cron", "15 * * * *", "--timezone", "Europe/Helsinki", "--after", "2026-10-24T22:30:00Z", "--count", "6"]),
-    ("new_york_spring_daily", &["--cron", "30 2 * * *", "--timezone", "America/New_York", "--after", "2026-03-06T12:00:00Z", "--count", "4"]),
-    ("new_york_spring_hourly", &["--cron", "0 * * * *", "--timezone", "America/New_York", "--after", "2026-03-08T04:30:00Z", "--count", "5"]),
-    ("new_york_fall_daily", &["--cron", "30 1 * * *", "--timezone", "America/New_York", "--after", "2026-10-30T12:00:00Z", "--count", "4"]),
-    ("new_york_fall_hourly", &["--cron", "0 * * * *", "--timezone", "America/New_York", "--after", "2026-11-01T03:30:00Z", "--count", "5"]),
-    ("every", &["--every", "90m", "--timezone", "America/New_York", "--after", "2026-03-08T04:00:00Z", "--count", "4"]),
+    (
+        "names",
+        &[
+            "--cron",
+            "0 9 * jan,JUL mon-fri",
+            "--after",
+            "2026-01-01T00:00:00Z",
+            "--count",
+            "6",
+        ],
+    ),
+    (
+        "steps",
+        &[
+            "--cron",
+            "*/20 8-18/5 * * *",
+            "--after",
+            "2026-01-01T00:00:00Z",
+            "--count",
+            "9",
+        ],
+    ),
+    (
+        "lists",
+        &[
+            "--cron",
+            "5,35 1,13 * * *",
+            "--after",
+            "2026-01-01T00:00:00Z",
+            "--count",
+            "5",
+        ],
+    ),
+    (
+        "both_day_fields",
+        &[
+            "--cron",
+            "0 0 1,15 * fri",
+            "--after",
+            "2026-01-01T00:00:00Z",
+            "--count",
+            "8",
+        ],
+    ),
+    (
+        "sunday_7",
+        &[
+            "--cron",
+            "0 12 * * 7",
+            "--after",
+            "2026-01-01T00:00:00Z",
+            "--count",
+            "3",
+        ],
+    ),
+    (
+        "shortcut_weekly",
+        &[
+            "--cron",
+            "@weekly",
+            "--after",
+            "2026-01-01T00:00:00Z",
+            "--count",
+            "3",
+        ],
+    ),
+    (
+        "shortcut_monthly",
+        &[
+            "--cron",
+            "@monthly",
+            "--timezone",
+            "Europe/Helsinki",
+            "--after",
+            "2026-01-01T00:00:00Z",
+            "--count",
+            "3",
+        ],
+    ),
+    (
+        "shortcut_yearly",
+        &[
+            "--cron",
+            "@yearly",
+            "--after",
+            "2026-01-01T00:00:00Z",
+            "--count",
+            "3",
+        ],
+    ),
+    (
+        "shortcut_hourly",
+        &[
+            "--cron",
+            "@hourly",
+            "--after",
+            "2026-01-01T00:00:00Z",
+            "--count",
+            "3",
+        ],
+    ),
+    (
+        "leap_year",
+        &[
+            "--cron",
+            "0 0 29 2 *",
+            "--after",
+            "2026-01-01T00:00:00Z",
+            "--count",
+            "3",
+        ],
+    ),
+    (
+        "helsinki_spring_daily",
+        &[
+            "--cron",
+            "30 3 * * *",
+            "--timezone",
+            "Europe/Helsinki",
+            "--after",
+            "2026-03-27T12:00:00Z",
+            "--count",
+            "4",
+        ],
+    ),
+    (
+        "helsinki_fall_daily",
+        &[
+            "--cron",
+            "30 3 * * *",
+            "--timezone",
+            "Europe/Helsinki",
+            "--after",
+            "2026-10-23T12:00:00Z",
+            "--count",
+            "4",
+        ],
+    ),
+    (
+        "helsinki_fall_hourly",
+        &[
+            "--cron",
+            "15 * * * *",
+            "--timezone",
+            "Europe/Helsinki",
+            "--after",
+            "2026-10-24T22:30:00Z",
+            "--count",
+            "6",
+        ],
+    ),
+    (
+        "new_york_spring_daily",
+        &[
+            "--cron",
+            "30 2 * * *",
+            "--timezone",
+            "America/New_York",
+            "--after",
+            "2026-03-06T12:00:00Z",
+            "--count",
+            "4",
+        ],
+    ),
+    (
+        "new_york_spring_hourly",
+        &[
+            "--cron",
+            "0 * * * *",
+            "--timezone",
+            "America/New_York",
+            "--after",
+            "2026-03-08T04:30:00Z",
+            "--count",
+            "5",
+        ],
+    ),
+    (
+        "new_york_fall_daily",
+        &[
+            "--cron",
+            "30 1 * * *",
+            "--timezone",
+            "America/New_York",
+            "--after",
+            "2026-10-30T12:00:00Z",
+            "--count",
+            "4",
+        ],
+    ),
+    (
+        "new_york_fall_hourly",
+        &[
+            "--cron",
+            "0 * * * *",
+            "--timezone",
+            "America/New_York",
+            "--after",
+            "2026-11-01T03:30:00Z",
+            "--count",
+            "5",
+        ],
+    ),
+    (
+        "every",
+        &[
+            "--every",
+            "90m",
+            "--timezone",
+            "America/New_York",
+            "--after",
+            "2026-03-08T04:00:00Z",
+            "--count",
+            "4",
+        ],
+    ),
 ];
 
 #[test]
@@ -64,15 +262,28 @@ fn beat_next_matches_golden_files() {
         }
         let expected = std::fs::read_to_string(&path).unwrap_or_default();
         if expected != text {
-            failures.push(format!("{}:\n--- expected\n{expected}--- got\n{text}", path.display()));
+            failures.push(format!(
+                "{}:\n--- expected\n{expected}--- got\n{text}",
+                path.display()
+            ));
         }
     }
-    assert!(failures.is_empty(), "{}\n(SAUNA_UPDATE_GOLDEN=1 rewrites them)", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{}\n(SAUNA_UPDATE_GOLDEN=1 rewrites them)",
+        failures.join("\n")
+    );
 }
 
 fn shell_words(args: &[&str]) -> String {
     args.iter()
-        .map(|arg| if arg.contains(' ') || arg.contains('*') { format!("'{arg}'") } else { (*arg).to_owned() })
+        .map(|arg| {
+            if arg.contains(' ') || arg.contains('*') {
+                format!("'{arg}'")
+            } else {
+                (*arg).to_owned()
+            }
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -83,8 +294,14 @@ fn beat_next_refuses_bad_input_with_exit_2() {
     for (args, needle) in [
         (&["--cron", "0 0 30 2 *"][..], "can never fire"),
         (&["--cron", "* * * *"][..], "expected 5"),
-        (&["--cron", "@daily", "--timezone", "Mars/Base"][..], "unknown time zone"),
-        (&["--cron", "@daily", "--after", "yesterday"][..], "RFC 3339"),
+        (
+            &["--cron", "@daily", "--timezone", "Mars/Base"][..],
+            "unknown time zone",
+        ),
+        (
+            &["--cron", "@daily", "--after", "yesterday"][..],
+            "RFC 3339",
+        ),
     ] {
         let mut full = vec!["beat", "next"];
         full.extend_from_slice(args);
@@ -110,9 +327,20 @@ task = "tasks.often"
 every = "10m"
 "#,
     );
-    let output = sandbox.run(&["beat", "next", "--after", "2026-03-28T12:00:00Z", "--count", "2"]);
+    let output = sandbox.run(&[
+        "beat",
+        "next",
+        "--after",
+        "2026-03-28T12:00:00Z",
+        "--count",
+        "2",
+    ]);
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert_eq!(
         stdout,
         "# nightly: cron \"30 3 * * *\" (Europe/Helsinki) → tasks.nightly\n\
@@ -134,7 +362,11 @@ struct RedisServer {
 
 impl RedisServer {
     fn start(dir: &Path) -> RedisServer {
-        let mut server = RedisServer { child: None, port: free_port(), dir: dir.to_path_buf() };
+        let mut server = RedisServer {
+            child: None,
+            port: free_port(),
+            dir: dir.to_path_buf(),
+        };
         server.spawn();
         server
     }
@@ -143,8 +375,22 @@ impl RedisServer {
         let binary = require_tool("redis-server", "apt-get install -y redis-server");
         std::fs::create_dir_all(&self.dir).expect("redis dir");
         let child = Command::new(binary)
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
-            .args(["--appendonly", "yes", "--appendfsync", "always", "--daemonize", "no"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--daemonize",
+                "no",
+            ])
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null())
@@ -164,13 +410,17 @@ impl RedisServer {
     }
 
     fn connection(&self) -> redis::Connection {
-        redis::Client::open(self.url(0)).and_then(|client| client.get_connection()).expect("connect to test redis")
+        redis::Client::open(self.url(0))
+            .and_then(|client| client.get_connection())
+            .expect("connect to test redis")
     }
 
     /// Stops the server (SIGTERM, data kept in its AOF).
     fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
             let _ = child.wait();
         }
     }
@@ -212,8 +462,24 @@ impl CeleryWorker {
         let log = sandbox.path("worker.log");
         let log_file = std::fs::File::create(&log).expect("worker log");
         let child = Command::new(python())
-            .args(["-m", "celery", "-A", "tasks", "worker", "-P", "solo", "-Q", "celery,hi"])
-            .args(["--without-heartbeat", "--without-gossip", "--without-mingle", "-l", "info"])
+            .args([
+                "-m",
+                "celery",
+                "-A",
+                "tasks",
+                "worker",
+                "-P",
+                "solo",
+                "-Q",
+                "celery,hi",
+            ])
+            .args([
+                "--without-heartbeat",
+                "--without-gossip",
+                "--without-mingle",
+                "-l",
+                "info",
+            ])
             .current_dir(sandbox.root())
             .env("BROKER", broker)
             .env("RECORD", &record)
@@ -223,9 +489,11 @@ impl CeleryWorker {
             .spawn()
             .expect("start the celery worker");
         let worker = CeleryWorker { child, record, log };
-        crate::util::wait_until(Duration::from_secs(60), "the celery worker to be ready", || {
-            worker.log().contains("ready.").then_some(())
-        });
+        crate::util::wait_until(
+            Duration::from_secs(60),
+            "the celery worker to be ready",
+            || worker.log().contains("ready.").then_some(()),
+        );
         worker
     }
 
@@ -255,9 +523,14 @@ fn beat_config(text: &str) -> proxy_conf::Config {
 
 async fn start_beat(config: &proxy_conf::Config, base_dir: &Path) -> BeatHandle {
     let metrics = Arc::new(Metrics::new().expect("metrics"));
-    beat::start(config.beat.as_ref().expect("[beat]"), &config.app, base_dir, metrics)
-        .await
-        .expect("beat starts")
+    beat::start(
+        config.beat.as_ref().expect("[beat]"),
+        &config.app,
+        base_dir,
+        metrics,
+    )
+    .await
+    .expect("beat starts")
 }
 
 async fn wait_async<T>(timeout: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
@@ -266,19 +539,30 @@ async fn wait_async<T>(timeout: Duration, what: &str, mut probe: impl FnMut() ->
         if let Some(value) = probe() {
             return value;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-async fn wait_status(handle: &BeatHandle, timeout: Duration, what: &str, predicate: impl Fn(&BeatStatus) -> bool) -> BeatStatus {
+async fn wait_status(
+    handle: &BeatHandle,
+    timeout: Duration,
+    what: &str,
+    predicate: impl Fn(&BeatStatus) -> bool,
+) -> BeatStatus {
     let deadline = Instant::now() + timeout;
     loop {
         let status = handle.status().await.expect("beat answers");
         if predicate(&status) {
             return status;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}; last status {status:?}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}; last status {status:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -294,17 +578,32 @@ struct Queued {
 
 fn queued(redis: &RedisServer, key: &str) -> Vec<Queued> {
     let mut connection = redis.connection();
-    let mut raw: Vec<String> = redis::cmd("LRANGE").arg(key).arg(0).arg(-1).query(&mut connection).expect("LRANGE");
+    let mut raw: Vec<String> = redis::cmd("LRANGE")
+        .arg(key)
+        .arg(0)
+        .arg(-1)
+        .query(&mut connection)
+        .expect("LRANGE");
     raw.reverse(); // LPUSH: newest first
     raw.iter()
         .map(|text| {
             let message: Value = serde_json::from_str(text).expect("queued JSON");
             let headers = &message["headers"];
-            let time = |value: &Value| value.as_str().map(|text| DateTime::parse_from_rfc3339(text).expect("rfc3339").with_timezone(&Utc));
+            let time = |value: &Value| {
+                value.as_str().map(|text| {
+                    DateTime::parse_from_rfc3339(text)
+                        .expect("rfc3339")
+                        .with_timezone(&Utc)
+                })
+            };
             Queued {
-                job: headers["sauna_beat_job"].as_str().unwrap_or_default().to_owned(),
+                job: headers["sauna_beat_job"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
                 slot: time(&headers["sauna_beat_slot"]).expect("slot header"),
-                published: time(&headers["expires"]).map(|expires| expires - chrono::Duration::hours(1)),
+                published: time(&headers["expires"])
+                    .map(|expires| expires - chrono::Duration::hours(1)),
             }
         })
         .collect()
@@ -313,7 +612,11 @@ fn queued(redis: &RedisServer, key: &str) -> Vec<Queued> {
 /// Panics unless `slots` are strictly increasing by exactly `step`.
 fn assert_consecutive(slots: &[DateTime<Utc>], step: chrono::Duration, what: &str) {
     for pair in slots.windows(2) {
-        assert_eq!(pair[1] - pair[0], step, "{what}: slots not consecutive or duplicated: {slots:?}");
+        assert_eq!(
+            pair[1] - pair[0],
+            step,
+            "{what}: slots not consecutive or duplicated: {slots:?}"
+        );
     }
 }
 
@@ -342,19 +645,40 @@ args = ["pri"]
         redis.url(0)
     ));
     let handle = start_beat(&config, sandbox.root()).await;
-    let records = wait_async(Duration::from_secs(20), "both jobs executed by the worker", || {
-        let records = worker.records();
-        let rec = records.iter().any(|r| r["args"] == serde_json::json!([1, "é", [true]]) && r["kwargs"] == serde_json::json!({"k": {"n": 2}, "s": "x"}));
-        let pri = records.iter().any(|r| r["args"] == serde_json::json!(["pri"]));
-        (rec && pri).then_some(records)
-    })
+    let records = wait_async(
+        Duration::from_secs(20),
+        "both jobs executed by the worker",
+        || {
+            let records = worker.records();
+            let rec = records.iter().any(|r| {
+                r["args"] == serde_json::json!([1, "é", [true]])
+                    && r["kwargs"] == serde_json::json!({"k": {"n": 2}, "s": "x"})
+            });
+            let pri = records
+                .iter()
+                .any(|r| r["args"] == serde_json::json!(["pri"]));
+            (rec && pri).then_some(records)
+        },
+    )
     .await;
     let status = handle.status().await.expect("status");
     assert!(status.leader);
-    let rec = status.jobs.iter().find(|job| job.name == "rec").expect("rec in status");
-    assert!(rec.next_run.is_some() && rec.last_run.is_some() && rec.last_task_id.is_some(), "{rec:?}");
-    let ids: std::collections::BTreeSet<&str> = records.iter().filter_map(|r| r["id"].as_str()).collect();
-    assert_eq!(ids.len(), records.len(), "every publish has a fresh task id");
+    let rec = status
+        .jobs
+        .iter()
+        .find(|job| job.name == "rec")
+        .expect("rec in status");
+    assert!(
+        rec.next_run.is_some() && rec.last_run.is_some() && rec.last_task_id.is_some(),
+        "{rec:?}"
+    );
+    let ids: std::collections::BTreeSet<&str> =
+        records.iter().filter_map(|r| r["id"].as_str()).collect();
+    assert_eq!(
+        ids.len(),
+        records.len(),
+        "every publish has a fresh task id"
+    );
     handle.shutdown().await;
 
     // A message whose `expires` is in the past is discarded by the worker, not run.
@@ -373,13 +697,27 @@ args = ["pri"]
         slot: None,
     };
     let mut connection = redis.connection();
-    let _: i64 = redis::cmd("LPUSH").arg(message.queue_key()).arg(message.envelope()).query(&mut connection).expect("LPUSH");
-    wait_async(Duration::from_secs(20), "the worker to discard the expired task", || {
-        let log = worker.log();
-        (log.contains("00000000-0000-4000-8000-00000000dead") && log.to_lowercase().contains("discard")).then_some(())
-    })
+    let _: i64 = redis::cmd("LPUSH")
+        .arg(message.queue_key())
+        .arg(message.envelope())
+        .query(&mut connection)
+        .expect("LPUSH");
+    wait_async(
+        Duration::from_secs(20),
+        "the worker to discard the expired task",
+        || {
+            let log = worker.log();
+            (log.contains("00000000-0000-4000-8000-00000000dead")
+                && log.to_lowercase().contains("discard"))
+            .then_some(())
+        },
+    )
     .await;
-    assert!(!worker.records().iter().any(|r| r["args"] == args), "expired task ran:\n{}", worker.log());
+    assert!(
+        !worker.records().iter().any(|r| r["args"] == args),
+        "expired task ran:\n{}",
+        worker.log()
+    );
 }
 
 #[tokio::test]
@@ -391,16 +729,28 @@ async fn priorities_land_on_the_keys_kombu_reads() {
         text.push_str(&format!("[beat.jobs.p{priority}]\ntask = \"t\"\nevery = \"1s\"\nqueue = \"pq\"\npriority = {priority}\n"));
     }
     let handle = start_beat(&beat_config(&text), sandbox.root()).await;
-    wait_async(Duration::from_secs(10), "a message on every priority key", || {
-        ["pq", "pq\x06\x163", "pq\x06\x166", "pq\x06\x169"]
-            .iter()
-            .all(|key| !queued(&redis, key).is_empty())
-            .then_some(())
-    })
+    wait_async(
+        Duration::from_secs(10),
+        "a message on every priority key",
+        || {
+            ["pq", "pq\x06\x163", "pq\x06\x166", "pq\x06\x169"]
+                .iter()
+                .all(|key| !queued(&redis, key).is_empty())
+                .then_some(())
+        },
+    )
     .await;
     handle.shutdown().await;
-    for (key, job) in [("pq", "p0"), ("pq\x06\x163", "p4"), ("pq\x06\x166", "p7"), ("pq\x06\x169", "p9")] {
-        assert!(queued(&redis, key).iter().all(|message| message.job == job), "{key:?}");
+    for (key, job) in [
+        ("pq", "p0"),
+        ("pq\x06\x163", "p4"),
+        ("pq\x06\x166", "p7"),
+        ("pq\x06\x169", "p9"),
+    ] {
+        assert!(
+            queued(&redis, key).iter().all(|message| message.job == job),
+            "{key:?}"
+        );
     }
 }
 
@@ -433,35 +783,61 @@ async fn celery_app_beat_schedule_is_imported_and_run() {
     ));
     let handle = start_beat(&config, sandbox.root()).await;
     let status = handle.status().await.expect("status");
-    let cron = status.jobs.iter().find(|job| job.name == "imported-cron").expect("imported-cron");
+    let cron = status
+        .jobs
+        .iter()
+        .find(|job| job.name == "imported-cron")
+        .expect("imported-cron");
     // Celery ANDs the day fields: the next Monday that is a 1st, midnight Helsinki time.
-    let next = DateTime::parse_from_rfc3339(cron.next_run.as_deref().expect("next run")).expect("rfc3339");
+    let next =
+        DateTime::parse_from_rfc3339(cron.next_run.as_deref().expect("next run")).expect("rfc3339");
     assert_eq!(next.offset().local_minus_utc() % 3600, 0);
-    assert_eq!(next.format("%d %H:%M %a").to_string(), "01 00:00 Mon", "{cron:?}");
+    assert_eq!(
+        next.format("%d %H:%M %a").to_string(),
+        "01 00:00 Mon",
+        "{cron:?}"
+    );
     wait_async(Duration::from_secs(20), "the imported job executed", || {
         worker
             .records()
             .iter()
-            .any(|r| r["args"] == serde_json::json!(["imported"]) && r["kwargs"] == serde_json::json!({"via": "celery_app"}))
+            .any(|r| {
+                r["args"] == serde_json::json!(["imported"])
+                    && r["kwargs"] == serde_json::json!({"via": "celery_app"})
+            })
             .then_some(())
     })
     .await;
     handle.shutdown().await;
 
-    // A schedule we cannot honour is an error naming the entry.
+    // Schedules we cannot honour are errors naming each entry. (`solar.__new__` avoids needing
+    // the `ephem` package just to build one.)
     sandbox.write(
-        "solarapp.py",
-        "from celery import Celery\nfrom celery.schedules import solar\napp = Celery('s')\napp.conf.beat_schedule = {'sunrise-job': {'task': 't', 'schedule': solar('sunrise', 60.2, 24.9)}}\n",
+        "oddapp.py",
+        "from celery import Celery\nfrom celery.schedules import schedule, solar\n\
+         class Custom(schedule):\n    pass\n\
+         app = Celery('odd')\napp.conf.beat_schedule = {\n\
+         'sunrise-job': {'task': 't', 'schedule': solar.__new__(solar)},\n\
+         'custom-job': {'task': 't', 'schedule': Custom(5)},\n}\n",
     );
-    let mut solar = config.clone();
-    solar.beat.as_mut().expect("beat").celery_app = Some("solarapp:app".to_owned());
+    let mut odd = config.clone();
+    odd.beat.as_mut().expect("beat").celery_app = Some("oddapp:app".to_owned());
     let metrics = Arc::new(Metrics::new().expect("metrics"));
-    let error = beat::start(solar.beat.as_ref().expect("beat"), &solar.app, sandbox.root(), metrics)
-        .await
-        .err()
-        .expect("solar schedule refused")
-        .to_string();
-    assert!(error.contains("\"sunrise-job\"") && error.contains("solar"), "{error}");
+    let error = beat::start(
+        odd.beat.as_ref().expect("beat"),
+        &odd.app,
+        sandbox.root(),
+        metrics,
+    )
+    .await
+    .err()
+    .expect("solar and custom schedules refused")
+    .to_string();
+    assert!(error.contains("\"sunrise-job\": solar"), "{error}");
+    assert!(
+        error.contains("\"custom-job\": custom schedule class oddapp.Custom"),
+        "{error}"
+    );
 }
 
 fn shared_config(redis: &RedisServer, lock: bool, ttl: &str, extra: &str) -> proxy_conf::Config {
@@ -478,13 +854,23 @@ async fn three_publishers_send_every_slot_exactly_once() {
     for lock in [true, false] {
         let key = if lock { "ticks" } else { "ticks-nolock" };
         let mut config = shared_config(&redis, lock, "1s", "");
-        config.beat.as_mut().expect("beat").jobs.get_mut("tick").expect("tick").queue = key.to_owned();
+        config
+            .beat
+            .as_mut()
+            .expect("beat")
+            .jobs
+            .get_mut("tick")
+            .expect("tick")
+            .queue = key.to_owned();
         let mut handles = Vec::new();
         for _ in 0..3 {
             handles.push(start_beat(&config, sandbox.root()).await);
         }
         let slots = wait_async(Duration::from_secs(30), "6 slots published", || {
-            let slots: Vec<_> = queued(&redis, key).into_iter().map(|message| message.slot).collect();
+            let slots: Vec<_> = queued(&redis, key)
+                .into_iter()
+                .map(|message| message.slot)
+                .collect();
             (slots.len() >= 6).then_some(slots)
         })
         .await;
@@ -506,21 +892,56 @@ async fn three_publishers_send_every_slot_exactly_once() {
 async fn killed_leader_is_replaced_within_the_ttl_without_losing_a_slot() {
     let sandbox = Sandbox::new();
     let redis = RedisServer::start(&sandbox.path("redis"));
-    let config = shared_config(&redis, true, "2s", "catch_up = \"all\"\ncatch_up_window = \"30s\"\n");
+    let config = shared_config(
+        &redis,
+        true,
+        "2s",
+        "catch_up = \"all\"\ncatch_up_window = \"30s\"\n",
+    );
     let first = start_beat(&config, sandbox.root()).await;
-    wait_status(&first, Duration::from_secs(10), "first supervisor leads", |status| status.leader).await;
+    wait_status(
+        &first,
+        Duration::from_secs(10),
+        "first supervisor leads",
+        |status| status.leader,
+    )
+    .await;
     let second = start_beat(&config, sandbox.root()).await;
-    wait_status(&second, Duration::from_secs(10), "second stands by", |status| status.lock_holder.is_some()).await;
-    wait_async(Duration::from_secs(10), "3 slots", || (queued(&redis, "ticks").len() >= 3).then_some(())).await;
+    wait_status(
+        &second,
+        Duration::from_secs(10),
+        "second stands by",
+        |status| status.lock_holder.is_some(),
+    )
+    .await;
+    wait_async(Duration::from_secs(10), "3 slots", || {
+        (queued(&redis, "ticks").len() >= 3).then_some(())
+    })
+    .await;
     first.abort(); // as kill -9: the lock is not released
     let killed = Instant::now();
-    wait_status(&second, Duration::from_secs(10), "second takes over", |status| status.leader).await;
+    wait_status(
+        &second,
+        Duration::from_secs(10),
+        "second takes over",
+        |status| status.leader,
+    )
+    .await;
     let takeover = killed.elapsed();
-    assert!(takeover <= Duration::from_millis(2300), "takeover took {takeover:?} with lock_ttl 2s");
+    assert!(
+        takeover <= Duration::from_millis(2300),
+        "takeover took {takeover:?} with lock_ttl 2s"
+    );
     let count = queued(&redis, "ticks").len();
-    wait_async(Duration::from_secs(10), "3 more slots", || (queued(&redis, "ticks").len() >= count + 3).then_some(())).await;
+    wait_async(Duration::from_secs(10), "3 more slots", || {
+        (queued(&redis, "ticks").len() >= count + 3).then_some(())
+    })
+    .await;
     second.shutdown().await;
-    let slots: Vec<_> = queued(&redis, "ticks").into_iter().map(|message| message.slot).collect();
+    let slots: Vec<_> = queued(&redis, "ticks")
+        .into_iter()
+        .map(|message| message.slot)
+        .collect();
     assert_consecutive(&slots, chrono::Duration::seconds(1), "across the takeover");
 }
 
@@ -529,46 +950,81 @@ async fn redis_outage_follows_each_catch_up_policy() {
     let sandbox = Sandbox::new();
     let mut redis = RedisServer::start(&sandbox.path("redis"));
     let mut text = format!("[beat]\nbroker = \"{}\"\nlock_ttl = \"2s\"\n", redis.url(0));
-    for (name, policy) in [("skip", "catch_up = \"skip\""), ("once", "catch_up = \"once\""), ("all", "catch_up = \"all\"\ncatch_up_window = \"60s\"")] {
+    for (name, policy) in [
+        ("skip", "catch_up = \"skip\""),
+        ("once", "catch_up = \"once\""),
+        ("all", "catch_up = \"all\"\ncatch_up_window = \"60s\""),
+    ] {
         text.push_str(&format!("[beat.jobs.{name}]\ntask = \"t\"\nevery = \"1s\"\nqueue = \"q-{name}\"\nexpires = \"1h\"\n{policy}\n"));
     }
     let handle = start_beat(&beat_config(&text), sandbox.root()).await;
     wait_async(Duration::from_secs(10), "2 slots each", || {
-        ["q-skip", "q-once", "q-all"].iter().all(|key| queued(&redis, key).len() >= 2).then_some(())
+        ["q-skip", "q-once", "q-all"]
+            .iter()
+            .all(|key| queued(&redis, key).len() >= 2)
+            .then_some(())
     })
     .await;
     redis.stop();
     let down = Utc::now();
-    wait_status(&handle, Duration::from_secs(5), "beat to notice", |status| !status.redis_up).await;
+    wait_status(
+        &handle,
+        Duration::from_secs(5),
+        "beat to notice",
+        |status| !status.redis_up,
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(10)).await;
     redis.spawn();
     let up = Utc::now();
     wait_async(Duration::from_secs(15), "publishing to resume", || {
         ["q-skip", "q-once", "q-all"]
             .iter()
-            .all(|key| queued(&redis, key).iter().any(|message| message.slot > up + chrono::Duration::seconds(1)))
+            .all(|key| {
+                queued(&redis, key)
+                    .iter()
+                    .any(|message| message.slot > up + chrono::Duration::seconds(1))
+            })
             .then_some(())
     })
     .await;
     handle.shutdown().await;
-    let in_outage = |messages: &[Queued]| messages.iter().filter(|m| m.slot > down && m.slot < up).count();
+    let in_outage = |messages: &[Queued]| {
+        messages
+            .iter()
+            .filter(|m| m.slot > down && m.slot < up)
+            .count()
+    };
     let late = |messages: &[Queued]| {
         messages
             .iter()
-            .filter(|m| m.published.is_some_and(|published| published - m.slot > chrono::Duration::milliseconds(1500)))
+            .filter(|m| {
+                m.published.is_some_and(|published| {
+                    published - m.slot > chrono::Duration::milliseconds(1500)
+                })
+            })
             .count()
     };
     let all = queued(&redis, "q-all");
     let slots: Vec<_> = all.iter().map(|m| m.slot).collect();
     assert_consecutive(&slots, chrono::Duration::seconds(1), "catch_up = all");
-    assert!(in_outage(&all) >= 8, "all: every missed slot published: {slots:?}");
+    assert!(
+        in_outage(&all) >= 8,
+        "all: every missed slot published: {slots:?}"
+    );
     let once = queued(&redis, "q-once");
-    assert!(in_outage(&once) <= 1 && late(&once) <= 1, "once: at most one run for the outage: {once:?}");
+    assert!(
+        in_outage(&once) <= 1 && late(&once) <= 1,
+        "once: at most one run for the outage: {once:?}"
+    );
     let skip = queued(&redis, "q-skip");
     assert_eq!(late(&skip), 0, "skip: nothing published late: {skip:?}");
     assert!(in_outage(&skip) <= 1, "skip: {skip:?}");
     for messages in [&once, &skip] {
         let slots: Vec<_> = messages.iter().map(|m| m.slot).collect();
-        assert!(slots.windows(2).all(|pair| pair[1] > pair[0]), "no slot twice: {slots:?}");
+        assert!(
+            slots.windows(2).all(|pair| pair[1] > pair[0]),
+            "no slot twice: {slots:?}"
+        );
     }
 }

@@ -66,7 +66,12 @@ fn run(args: &BeatNextArgs) -> Result<String, String> {
     }
     if let Some(every) = args.every {
         let schedule = Schedule::every(every.get()).map_err(|error| format!("--every: {error}"))?;
-        return Ok(fire_times(&schedule, tz.unwrap_or(chrono_tz::UTC), after, args.count));
+        return Ok(fire_times(
+            &schedule,
+            tz.unwrap_or(chrono_tz::UTC),
+            after,
+            args.count,
+        ));
     }
     let loaded = crate::config::load(&args.config).map_err(|error| format!("{error:#}"))?;
     let Some(beat) = &loaded.config.beat else {
@@ -88,7 +93,10 @@ fn run(args: &BeatNextArgs) -> Result<String, String> {
         if index > 0 {
             out.push('\n');
         }
-        out.push_str(&format!("# {}: {} → {}\n", job.name, job.schedule, job.task));
+        out.push_str(&format!(
+            "# {}: {} → {}\n",
+            job.name, job.schedule, job.task
+        ));
         let zone = match &job.schedule {
             Schedule::Cron { tz, .. } => *tz,
             Schedule::Every { .. } => tz.unwrap_or(chrono_tz::UTC),
