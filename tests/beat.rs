@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use sauna_supervisor::beat::{self, BeatHandle, BeatStatus};
+use sauna_supervisor::beat::{self, BeatHandle};
 use sauna_supervisor::metrics::Metrics;
 use serde_json::Value;
 
@@ -547,26 +547,6 @@ async fn wait_async<T>(timeout: Duration, what: &str, mut probe: impl FnMut() ->
     }
 }
 
-async fn wait_status(
-    handle: &BeatHandle,
-    timeout: Duration,
-    what: &str,
-    predicate: impl Fn(&BeatStatus) -> bool,
-) -> BeatStatus {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let status = handle.status().await.expect("beat answers");
-        if predicate(&status) {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}; last status {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// A message as found in a queue list: its slot header and its publish instant (from `expires`
 /// minus the job's 1 h expiry).
 #[derive(Debug, Clone)]
@@ -769,35 +749,33 @@ app.conf.beat_schedule = {
 }
 "#;
 
-#[tokio::test]
-async fn celery_app_beat_schedule_is_imported_and_run() {
+#[test]
+fn celery_app_beat_schedule_is_imported_and_run() {
     let sandbox = Sandbox::new();
     let redis = RedisServer::start(&sandbox.path("redis"));
     let worker = CeleryWorker::start(&sandbox, &redis.url(0));
     sandbox.write("celeryapp.py", CELERY_APP_PY);
-    let config = beat_config(&format!(
-        "[app]\npython = \"{}\"\ndirectory = \"{}\"\n[beat]\nbroker = \"{}\"\nlock_ttl = \"2s\"\ncelery_app = \"celeryapp:app\"\n",
-        python().display(),
-        sandbox.root().display(),
-        redis.url(0)
-    ));
-    let handle = start_beat(&config, sandbox.root()).await;
-    let status = handle.status().await.expect("status");
-    let cron = status
-        .jobs
-        .iter()
-        .find(|job| job.name == "imported-cron")
-        .expect("imported-cron");
+    let config = |app: &str| {
+        format!(
+            "[app]\npython = \"{}\"\ndirectory = \"{}\"\n[beat]\nbroker = \"{}\"\nlock_ttl = \"2s\"\ncelery_app = \"{app}\"\n",
+            python().display(),
+            sandbox.root().display(),
+            redis.url(0)
+        )
+    };
+    sandbox.write_config(&config("celeryapp:app"));
+    let running = sandbox.start();
+    let status = running.status_json();
+    let cron = job_status(&status, "imported-cron").expect("imported-cron in status");
     // Celery ANDs the day fields: the next Monday that is a 1st, midnight Helsinki time.
-    let next =
-        DateTime::parse_from_rfc3339(cron.next_run.as_deref().expect("next run")).expect("rfc3339");
-    assert_eq!(next.offset().local_minus_utc() % 3600, 0);
+    let next = DateTime::parse_from_rfc3339(cron["next_run"].as_str().expect("next run"))
+        .expect("rfc3339");
     assert_eq!(
         next.format("%d %H:%M %a").to_string(),
         "01 00:00 Mon",
-        "{cron:?}"
+        "{cron}"
     );
-    wait_async(Duration::from_secs(20), "the imported job executed", || {
+    crate::util::wait_until(Duration::from_secs(20), "the imported job executed", || {
         worker
             .records()
             .iter()
@@ -806,12 +784,11 @@ async fn celery_app_beat_schedule_is_imported_and_run() {
                     && r["kwargs"] == serde_json::json!({"via": "celery_app"})
             })
             .then_some(())
-    })
-    .await;
-    handle.shutdown().await;
+    });
+    assert!(running.stop().success());
 
-    // Schedules we cannot honour are errors naming each entry. (`solar.__new__` avoids needing
-    // the `ephem` package just to build one.)
+    // Schedules we cannot honour are errors naming each entry, and the supervisor does not
+    // start. (`solar.__new__` avoids needing the `ephem` package just to build one.)
     sandbox.write(
         "oddapp.py",
         "from celery import Celery\nfrom celery.schedules import schedule, solar\n\
@@ -820,133 +797,59 @@ async fn celery_app_beat_schedule_is_imported_and_run() {
          'sunrise-job': {'task': 't', 'schedule': solar.__new__(solar)},\n\
          'custom-job': {'task': 't', 'schedule': Custom(5)},\n}\n",
     );
-    let mut odd = config.clone();
-    odd.beat.as_mut().expect("beat").celery_app = Some("oddapp:app".to_owned());
-    let metrics = Arc::new(Metrics::new().expect("metrics"));
-    let error = beat::start(
-        odd.beat.as_ref().expect("beat"),
-        &odd.app,
-        sandbox.root(),
-        metrics,
-    )
-    .await
-    .err()
-    .expect("solar and custom schedules refused")
-    .to_string();
-    assert!(error.contains("\"sunrise-job\": solar"), "{error}");
+    sandbox.write_config(&config("oddapp:app"));
+    let output = sandbox.run(&["run"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("\"sunrise-job\": solar"), "{stderr}");
     assert!(
-        error.contains("\"custom-job\": custom schedule class oddapp.Custom"),
-        "{error}"
+        stderr.contains("\"custom-job\": custom schedule class oddapp.Custom"),
+        "{stderr}"
+    );
+    // `beat next -c` imports the same schedule.
+    sandbox.write_config(&config("celeryapp:app"));
+    let output = sandbox.run(&["beat", "next", "--count", "1"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("# imported-cron: cron \"0 0 1 * mon\" (Europe/Helsinki)"),
+        "{stdout}"
     );
 }
 
-fn shared_config(redis: &RedisServer, lock: bool, ttl: &str, extra: &str) -> proxy_conf::Config {
-    beat_config(&format!(
-        "[beat]\nbroker = \"{}\"\nleader_lock = {lock}\nlock_ttl = \"{ttl}\"\n[beat.jobs.tick]\ntask = \"t\"\nevery = \"1s\"\nqueue = \"ticks\"\nexpires = \"1h\"\n{extra}",
-        redis.url(0)
-    ))
-}
-
-#[tokio::test]
-async fn three_publishers_send_every_slot_exactly_once() {
+#[test]
+fn supervisors_without_the_lock_still_publish_every_slot_once() {
     let sandbox = Sandbox::new();
     let redis = RedisServer::start(&sandbox.path("redis"));
-    for lock in [true, false] {
-        let key = if lock { "ticks" } else { "ticks-nolock" };
-        let mut config = shared_config(&redis, lock, "1s", "");
-        config
-            .beat
-            .as_mut()
-            .expect("beat")
-            .jobs
-            .get_mut("tick")
-            .expect("tick")
-            .queue = key.to_owned();
-        let mut handles = Vec::new();
-        for _ in 0..3 {
-            handles.push(start_beat(&config, sandbox.root()).await);
-        }
-        let slots = wait_async(Duration::from_secs(30), "6 slots published", || {
-            let slots: Vec<_> = queued(&redis, key)
-                .into_iter()
-                .map(|message| message.slot)
-                .collect();
-            (slots.len() >= 6).then_some(slots)
+    let supervisors: Vec<_> = (0..3)
+        .map(|_| {
+            let dir = Sandbox::new();
+            dir.write_config(&format!(
+                "[beat]\nbroker = \"{}\"\nleader_lock = false\n[beat.jobs.tick]\ntask = \"t\"\nevery = \"1s\"\nqueue = \"nolock\"\n",
+                redis.url(0)
+            ));
+            let running = dir.start();
+            (dir, running)
         })
-        .await;
-        let mut leaders = 0;
-        for handle in &handles {
-            leaders += usize::from(handle.status().await.expect("status").leader);
-        }
-        for handle in handles {
-            handle.shutdown().await;
-        }
-        assert_consecutive(&slots, chrono::Duration::seconds(1), key);
-        if lock {
-            assert_eq!(leaders, 1, "exactly one leader among three");
-        }
-    }
-}
-
-#[tokio::test]
-async fn killed_leader_is_replaced_within_the_ttl_without_losing_a_slot() {
-    let sandbox = Sandbox::new();
-    let redis = RedisServer::start(&sandbox.path("redis"));
-    let config = shared_config(
-        &redis,
-        true,
-        "2s",
-        "catch_up = \"all\"\ncatch_up_window = \"30s\"\n",
-    );
-    let first = start_beat(&config, sandbox.root()).await;
-    wait_status(
-        &first,
-        Duration::from_secs(10),
-        "first supervisor leads",
-        |status| status.leader,
-    )
-    .await;
-    let second = start_beat(&config, sandbox.root()).await;
-    wait_status(
-        &second,
-        Duration::from_secs(10),
-        "second stands by",
-        |status| status.lock_holder.is_some(),
-    )
-    .await;
-    wait_async(Duration::from_secs(10), "3 slots", || {
-        (queued(&redis, "ticks").len() >= 3).then_some(())
-    })
-    .await;
-    first.abort(); // as kill -9: the lock is not released
-    let killed = Instant::now();
-    wait_status(
-        &second,
-        Duration::from_secs(10),
-        "second takes over",
-        |status| status.leader,
-    )
-    .await;
-    let takeover = killed.elapsed();
-    assert!(
-        takeover <= Duration::from_millis(2300),
-        "takeover took {takeover:?} with lock_ttl 2s"
-    );
-    let count = queued(&redis, "ticks").len();
-    wait_async(Duration::from_secs(10), "3 more slots", || {
-        (queued(&redis, "ticks").len() >= count + 3).then_some(())
-    })
-    .await;
-    second.shutdown().await;
-    let slots: Vec<_> = queued(&redis, "ticks")
-        .into_iter()
-        .map(|message| message.slot)
         .collect();
-    assert_consecutive(&slots, chrono::Duration::seconds(1), "across the takeover");
+    let slots = crate::util::wait_until(Duration::from_secs(20), "6 slots", || {
+        let slots: Vec<_> = queued(&redis, "nolock")
+            .into_iter()
+            .map(|m| m.slot)
+            .collect();
+        (slots.len() >= 6).then_some(slots)
+    });
+    for (_, running) in supervisors {
+        assert!(running.stop().success());
+    }
+    assert_consecutive(
+        &slots,
+        chrono::Duration::seconds(1),
+        "three unlocked publishers",
+    );
 }
 
-#[tokio::test]
-async fn redis_outage_follows_each_catch_up_policy() {
+#[test]
+fn redis_outage_follows_each_catch_up_policy() {
     let sandbox = Sandbox::new();
     let mut redis = RedisServer::start(&sandbox.path("redis"));
     let mut text = format!("[beat]\nbroker = \"{}\"\nlock_ttl = \"2s\"\n", redis.url(0));
@@ -957,27 +860,23 @@ async fn redis_outage_follows_each_catch_up_policy() {
     ] {
         text.push_str(&format!("[beat.jobs.{name}]\ntask = \"t\"\nevery = \"1s\"\nqueue = \"q-{name}\"\nexpires = \"1h\"\n{policy}\n"));
     }
-    let handle = start_beat(&beat_config(&text), sandbox.root()).await;
-    wait_async(Duration::from_secs(10), "2 slots each", || {
+    sandbox.write_config(&text);
+    let running = sandbox.start();
+    crate::util::wait_until(Duration::from_secs(10), "2 slots each", || {
         ["q-skip", "q-once", "q-all"]
             .iter()
             .all(|key| queued(&redis, key).len() >= 2)
             .then_some(())
-    })
-    .await;
+    });
     redis.stop();
     let down = Utc::now();
-    wait_status(
-        &handle,
-        Duration::from_secs(5),
-        "beat to notice",
-        |status| !status.redis_up,
-    )
-    .await;
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    running.wait_for(Duration::from_secs(5), "beat to notice", |status| {
+        status["beat"]["redis_up"] == false
+    });
+    std::thread::sleep(Duration::from_secs(10));
     redis.spawn();
     let up = Utc::now();
-    wait_async(Duration::from_secs(15), "publishing to resume", || {
+    crate::util::wait_until(Duration::from_secs(15), "publishing to resume", || {
         ["q-skip", "q-once", "q-all"]
             .iter()
             .all(|key| {
@@ -986,9 +885,19 @@ async fn redis_outage_follows_each_catch_up_policy() {
                     .any(|message| message.slot > up + chrono::Duration::seconds(1))
             })
             .then_some(())
-    })
-    .await;
-    handle.shutdown().await;
+    });
+    let log = running.log();
+    assert!(running.stop().success());
+    assert_eq!(
+        log.matches("cannot reach Redis").count(),
+        1,
+        "one line per state change:\n{log}"
+    );
+    assert_eq!(log.matches("Redis is reachable again").count(), 1, "{log}");
+    assert!(
+        log.contains("missed slot(s) not published"),
+        "skipped slots are reported:\n{log}"
+    );
     let in_outage = |messages: &[Queued]| {
         messages
             .iter()
@@ -1027,4 +936,132 @@ async fn redis_outage_follows_each_catch_up_policy() {
             "no slot twice: {slots:?}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Through the real binary
+
+fn job_status<'a>(status: &'a Value, job: &str) -> Option<&'a Value> {
+    status["beat"]["jobs"]
+        .as_array()?
+        .iter()
+        .find(|entry| entry["name"] == job)
+}
+
+#[test]
+fn supervisor_runs_beat_jobs_that_the_worker_executes() {
+    let sandbox = Sandbox::new();
+    let redis = RedisServer::start(&sandbox.path("redis"));
+    let worker = CeleryWorker::start(&sandbox, &redis.url(0));
+    sandbox.write_config(&format!(
+        "[beat]\nbroker = \"{}\"\nlock_ttl = \"2s\"\n[beat.jobs.rec]\ntask = \"tasks.record\"\nevery = \"1s\"\nargs = [\"via-binary\"]\nkwargs = {{ n = 1 }}\n",
+        redis.url(0)
+    ));
+    let running = sandbox.start();
+    let status = running.wait_for(Duration::from_secs(15), "a published task", |status| {
+        job_status(status, "rec").is_some_and(|job| job["last_task_id"].is_string())
+    });
+    assert_eq!(status["beat"]["leader"], true);
+    assert!(status["beat"]["lock_holder"].is_string());
+    crate::util::wait_until(Duration::from_secs(20), "the worker to run it", || {
+        worker
+            .records()
+            .iter()
+            .any(|r| {
+                r["args"] == serde_json::json!(["via-binary"])
+                    && r["kwargs"] == serde_json::json!({"n": 1})
+            })
+            .then_some(())
+    });
+    let text = running.log();
+    assert!(
+        text.contains("beat: published") && text.contains("task_id"),
+        "{text}"
+    );
+    assert!(running.stop().success());
+    // A clean stop released the lock.
+    let mut connection = redis.connection();
+    let lock: Option<String> = redis::cmd("GET")
+        .arg("sauna:beat:lock")
+        .query(&mut connection)
+        .expect("GET");
+    assert_eq!(lock, None);
+}
+
+/// Several supervisors (separate processes, as on separate hosts) on one Redis.
+fn start_supervisors(
+    redis: &RedisServer,
+    count: usize,
+    ttl: &str,
+    extra: &str,
+) -> Vec<(Sandbox, crate::util::Running)> {
+    (0..count)
+        .map(|_| {
+            let sandbox = Sandbox::new();
+            sandbox.write_config(&format!(
+                "[beat]\nbroker = \"{}\"\nlock_ttl = \"{ttl}\"\n[beat.jobs.tick]\ntask = \"t\"\nevery = \"1s\"\nqueue = \"ticks\"\nexpires = \"1h\"\n{extra}",
+                redis.url(0)
+            ));
+            let running = sandbox.start();
+            (sandbox, running)
+        })
+        .collect()
+}
+
+fn is_leader(running: &crate::util::Running) -> bool {
+    running
+        .try_status()
+        .is_some_and(|status| status["beat"]["leader"] == true)
+}
+
+#[test]
+fn three_supervisor_processes_publish_every_slot_once_and_survive_kill_9_of_the_leader() {
+    let sandbox = Sandbox::new();
+    let redis = RedisServer::start(&sandbox.path("redis"));
+    let mut supervisors = start_supervisors(
+        &redis,
+        3,
+        "2s",
+        "catch_up = \"all\"\ncatch_up_window = \"30s\"\n",
+    );
+    let leader = crate::util::wait_until(Duration::from_secs(10), "one leader", || {
+        let leaders: Vec<usize> = (0..supervisors.len())
+            .filter(|index| is_leader(&supervisors[*index].1))
+            .collect();
+        (leaders.len() == 1).then(|| leaders[0])
+    });
+    crate::util::wait_until(Duration::from_secs(15), "5 slots", || {
+        (queued(&redis, "ticks").len() >= 5).then_some(())
+    });
+
+    let (_dir, mut killed) = supervisors.remove(leader);
+    killed.signal("KILL");
+    let at = Instant::now();
+    killed.wait_exit(Duration::from_secs(10));
+    let successor = crate::util::wait_until(Duration::from_secs(10), "a new leader", || {
+        supervisors
+            .iter()
+            .position(|(_, running)| is_leader(running))
+    });
+    let takeover = at.elapsed();
+    assert!(
+        takeover <= Duration::from_millis(2500),
+        "takeover took {takeover:?} with lock_ttl 2s"
+    );
+    let count = queued(&redis, "ticks").len();
+    crate::util::wait_until(Duration::from_secs(15), "4 more slots", || {
+        (queued(&redis, "ticks").len() >= count + 4).then_some(())
+    });
+    let successor_pid = supervisors[successor].1.pid();
+    for (_, running) in supervisors {
+        assert!(running.stop().success());
+    }
+    let messages = queued(&redis, "ticks");
+    let slots: Vec<_> = messages.iter().map(|m| m.slot).collect();
+    assert_consecutive(
+        &slots,
+        chrono::Duration::seconds(1),
+        "three supervisors, leader killed",
+    );
+    assert!(successor_pid > 0);
 }

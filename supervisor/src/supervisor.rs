@@ -46,19 +46,44 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// The roles the config asked for, each behind its actor handle.
-struct Roles {}
+struct Roles {
+    /// The scheduler, when `[beat]` is configured.
+    beat: Option<crate::beat::BeatHandle>,
+}
 
 impl Roles {
     /// Starts every configured role, in start order.
-    async fn start(_loaded: &Loaded, _metrics: &Arc<Metrics>) -> anyhow::Result<Roles> {
-        Ok(Roles {})
+    async fn start(loaded: &Loaded, metrics: &Arc<Metrics>) -> anyhow::Result<Roles> {
+        let base_dir = loaded.path.parent().unwrap_or(std::path::Path::new("."));
+        let beat = match &loaded.config.beat {
+            Some(config) => Some(
+                crate::beat::start(config, &loaded.config.app, base_dir, Arc::clone(metrics))
+                    .await
+                    .context("cannot start beat")?,
+            ),
+            None => None,
+        };
+        Ok(Roles { beat })
     }
 
     /// Stops every role, in reverse start order.
-    async fn shutdown(self, _mode: StopMode) {}
+    async fn shutdown(self, _mode: StopMode) {
+        // Even a fast stop releases the beat lock: one Redis round trip lets a standby take
+        // over at once instead of after the lock's TTL.
+        if let Some(beat) = self.beat {
+            beat.shutdown().await;
+        }
+    }
 
     /// The roles' part of the status report.
-    async fn fill_status(&self, _report: &mut StatusReport) {}
+    async fn fill_status(&self, report: &mut StatusReport) {
+        if let Some(beat) = &self.beat {
+            report.beat = match beat.status().await {
+                Ok(status) => serde_json::to_value(status).ok(),
+                Err(error) => Some(serde_json::json!({ "error": error.to_string() })),
+            };
+        }
+    }
 
     /// A one-line summary for systemd's `STATUS=`.
     fn summary(&self) -> String {

@@ -229,12 +229,6 @@ impl BeatHandle {
         answer.await.map_err(|_| BeatError::Stopped)?
     }
 
-    /// Stops the actor at once without releasing the lock, as a crash would (fast stop); another
-    /// supervisor takes over when the lock's TTL runs out.
-    pub fn abort(self) {
-        self.task.abort();
-    }
-
     /// Stops the actor and releases the lock so another supervisor takes over at once.
     pub async fn shutdown(self) {
         let (reply, answer) = oneshot::channel();
