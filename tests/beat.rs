@@ -734,6 +734,88 @@ async fn priorities_land_on_the_keys_kombu_reads() {
     }
 }
 
+#[tokio::test]
+async fn reload_switches_schedules_without_doubling_or_losing_a_slot() {
+    let sandbox = Sandbox::new();
+    let redis = RedisServer::start(&sandbox.path("redis"));
+    let text = |jobs: &str| {
+        format!(
+            "[beat]\nbroker = \"{}\"\nlock_ttl = \"2s\"\n{jobs}",
+            redis.url(0)
+        )
+    };
+    let before = beat_config(&text(
+        "[beat.jobs.a]\ntask = \"t\"\nevery = \"1s\"\nqueue = \"qa\"\n\
+         [beat.jobs.gone]\ntask = \"t\"\nevery = \"1s\"\nqueue = \"qgone\"\n",
+    ));
+    let handle = start_beat(&before, sandbox.root()).await;
+    wait_async(Duration::from_secs(10), "3 slots of a", || {
+        (queued(&redis, "qa").len() >= 3).then_some(())
+    })
+    .await;
+    let after = beat_config(&text(
+        "[beat.jobs.a]\ntask = \"t\"\nevery = \"2s\"\nqueue = \"qa\"\n\
+         [beat.jobs.new]\ntask = \"t\"\nevery = \"1s\"\nqueue = \"qnew\"\n",
+    ));
+    let reloaded_at = Utc::now();
+    handle
+        .reload(
+            after.beat.as_ref().expect("beat"),
+            &after.app,
+            sandbox.root(),
+        )
+        .await
+        .expect("reload applies");
+    let gone_count = queued(&redis, "qgone").len();
+    wait_async(
+        Duration::from_secs(10),
+        "a on its new schedule, and the new job",
+        || {
+            let late = queued(&redis, "qa")
+                .iter()
+                .filter(|m| m.slot > reloaded_at)
+                .count();
+            (late >= 2 && !queued(&redis, "qnew").is_empty()).then_some(())
+        },
+    )
+    .await;
+    // A broken config is refused and the running schedule kept.
+    let broken = beat_config(&text(
+        "[beat.jobs.a]\ntask = \"t\"\ncron = \"0 0 30 2 *\"\n",
+    ));
+    let error = handle
+        .reload(
+            broken.beat.as_ref().expect("beat"),
+            &broken.app,
+            sandbox.root(),
+        )
+        .await
+        .expect_err("impossible cron refused");
+    assert!(error.to_string().contains("beat.jobs.a.cron"), "{error}");
+    let status = handle.status().await.expect("status");
+    let names: Vec<&str> = status.jobs.iter().map(|job| job.name.as_str()).collect();
+    assert_eq!(names, ["a", "new"]);
+    handle.shutdown().await;
+
+    let slots: Vec<_> = queued(&redis, "qa").into_iter().map(|m| m.slot).collect();
+    assert!(
+        slots.windows(2).all(|pair| pair[1] > pair[0]),
+        "no slot twice: {slots:?}"
+    );
+    let (old, new): (Vec<_>, Vec<_>) = slots.iter().partition(|slot| **slot <= reloaded_at);
+    assert_consecutive(&old, chrono::Duration::seconds(1), "before the reload");
+    assert_consecutive(&new, chrono::Duration::seconds(2), "after the reload");
+    let gap = new[0] - old[old.len() - 1];
+    assert!(
+        gap <= chrono::Duration::seconds(2),
+        "nothing lost at the switch: {slots:?}"
+    );
+    assert!(
+        queued(&redis, "qgone").len() <= gone_count + 1,
+        "removed job stopped"
+    );
+}
+
 const CELERY_APP_PY: &str = r#"
 import os
 from celery import Celery
