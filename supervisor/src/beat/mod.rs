@@ -177,7 +177,7 @@ pub async fn start(
         .iter()
         .map(|job| JobState::new(job.clone(), wall))
         .collect();
-    let actor = Actor {
+    let mut actor = Actor {
         settings,
         broker,
         leader,
@@ -246,6 +246,8 @@ struct JobState {
     last_run: Option<DateTime<Utc>>,
     last_task_id: Option<String>,
     published: u64,
+    /// The value last written to the next-run gauge (`None`: never written).
+    shown_next: Option<Option<DateTime<Utc>>>,
 }
 
 impl JobState {
@@ -258,9 +260,11 @@ impl JobState {
             last_run: None,
             last_task_id: None,
             published: 0,
+            shown_next: None,
         }
     }
 
+    /// Marks every slot up to `cursor` handled and recomputes the next one from the cursor.
     fn advance(&mut self, cursor: DateTime<Utc>) {
         self.cursor = self.cursor.max(cursor);
         self.next = self.job.schedule.next_after(self.cursor);
@@ -374,8 +378,13 @@ impl Actor {
         }
     }
 
-    fn update_next_metrics(&self) {
-        for state in &self.jobs {
+    /// Sets the next-run gauge of every job whose next run changed since it was last set.
+    fn update_next_metrics(&mut self) {
+        for state in &mut self.jobs {
+            if state.shown_next == Some(state.next) {
+                continue;
+            }
+            state.shown_next = Some(state.next);
             let gauge = self
                 .metrics
                 .beat_next_run_timestamp_seconds
@@ -486,6 +495,15 @@ impl Actor {
             }
         }
         if !self.leader.may_publish(Instant::now()) {
+            // A standby only shows when jobs would run next; its cursors stay where they were
+            // so that, on taking over, sync_cursors and the catch-up policy see every slot.
+            let now = Utc::now();
+            for state in &mut self.jobs {
+                if state.next.is_some_and(|next| next <= now) {
+                    state.next = state.job.schedule.next_after(now);
+                }
+            }
+            self.update_next_metrics();
             return;
         }
         if !self.synced {
@@ -509,9 +527,8 @@ impl Actor {
             .collect();
         let slots = self.broker.last_slots(&names).await?;
         for (state, slot) in self.jobs.iter_mut().zip(slots) {
-            if let Some(slot) = slot.and_then(DateTime::from_timestamp_millis) {
-                state.advance(slot);
-            }
+            let slot = slot.and_then(DateTime::from_timestamp_millis);
+            state.advance(slot.unwrap_or(state.cursor));
         }
         self.synced = true;
         Ok(())
