@@ -50,3 +50,87 @@ pub fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let column = before[line_start..].chars().count() + 1;
     (line, column)
 }
+
+/// The candidate closest to a misspelt `word`, if one is close enough to be what was meant
+/// (an edit distance of at most a third of the longer word, and at least one edit allowed).
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    let word_lower = word.to_lowercase();
+    candidates
+        .into_iter()
+        .map(|candidate| {
+            (
+                edit_distance(&word_lower, &candidate.to_lowercase()),
+                candidate,
+            )
+        })
+        .filter(|(distance, candidate)| {
+            let longest = word.chars().count().max(candidate.chars().count());
+            *distance <= (longest / 3).max(1)
+        })
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, candidate)| candidate)
+}
+
+/// Levenshtein distance in characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut current = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(ca != *cb);
+            current.push(substitution.min(previous[j + 1] + 1).min(current[j] + 1));
+        }
+        previous = current;
+    }
+    previous[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn columns_count_characters_not_bytes() {
+        let text = "# é€😀\nkey = \"ü\" x";
+        let offset = text.find('x').unwrap();
+        assert_eq!(line_column(text, offset), (2, 11));
+        assert_eq!(line_column(text, 0), (1, 1));
+        assert_eq!(line_column(text, text.find('😀').unwrap() + 4), (1, 6));
+    }
+
+    #[test]
+    fn suggestions_are_close_or_absent() {
+        let keys = ["listen", "workers", "threads", "timeout"];
+        assert_eq!(did_you_mean("wrokers", keys), Some("workers"));
+        assert_eq!(did_you_mean("Workers", keys), Some("workers"));
+        assert_eq!(did_you_mean("thread", keys), Some("threads"));
+        assert_eq!(did_you_mean("zzz", keys), None);
+        assert_eq!(did_you_mean("port", keys), None);
+    }
+
+    #[test]
+    fn diagnostics_print_one_per_line() {
+        let diagnostics = Diagnostics(vec![
+            Diagnostic {
+                file: "sauna.toml".to_owned(),
+                line: 3,
+                column: 11,
+                message: "a".to_owned(),
+            },
+            Diagnostic {
+                file: "sauna.toml".to_owned(),
+                line: 4,
+                column: 1,
+                message: "b".to_owned(),
+            },
+        ]);
+        assert_eq!(
+            diagnostics.to_string(),
+            "sauna.toml:3:11: a\nsauna.toml:4:1: b"
+        );
+    }
+}
