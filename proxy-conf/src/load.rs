@@ -226,11 +226,13 @@ fn syntax_problems(
         let span = error.span().unwrap_or(0..0);
         let raw = error.message().trim().replace('\n', "; ");
         if raw.starts_with("unclosed") {
-            // The innermost array or inline table that runs to where the parser gave up.
+            // The outermost array or inline table that runs to where the parser gave up: what
+            // it swallowed may look like closed arrays (`[beat.jobs.x]`), but the first opener
+            // is the one left open.
             let opened = containers
                 .iter()
                 .filter(|container| container.end >= span.start && container.start < span.start)
-                .max_by_key(|container| container.start);
+                .min_by_key(|container| container.start);
             if let Some(opened) = opened {
                 problems.push((
                     opened.start..span.end.max(opened.end),
@@ -287,5 +289,194 @@ fn collect_containers(table: &DeTable<'_>, out: &mut Vec<Range<usize>>) {
     }
     for (_, value) in table.iter() {
         visit(value, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn messages(text: &str) -> Vec<String> {
+        load_str(text, "sauna.toml")
+            .err()
+            .map(|diagnostics| diagnostics.0.iter().map(ToString::to_string).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn an_empty_file_is_a_valid_configuration() {
+        let config = load_str("", "sauna.toml").unwrap();
+        assert_eq!(config, Config::default());
+        assert!(config.web.is_none() && config.beat.is_none() && config.programs.is_empty());
+    }
+
+    #[test]
+    fn a_file_with_only_one_program_is_valid() {
+        let config = load_str(
+            "[programs.x]\ncommand = [\"sleep\", \"60\"]\n",
+            "sauna.toml",
+        )
+        .unwrap();
+        assert_eq!(config.programs["x"].command, ["sleep", "60"]);
+        assert!(config.web.is_none());
+    }
+
+    #[test]
+    fn a_file_with_only_beat_is_valid() {
+        let config = load_str("[beat]\n", "sauna.toml").unwrap();
+        assert_eq!(config.beat.unwrap().timezone, "UTC");
+    }
+
+    #[test]
+    fn every_problem_is_reported_in_file_order() {
+        let text = "\
+[web]
+workers = 0
+timeout = \"30 secs\"
+
+[programs.b]
+command = [\"x\"]
+restart = \"sometimes\"
+
+[programs.a]
+comand = [\"x\"]
+
+[beat.jobs.nightly]
+task = \"t\"
+every = 5
+";
+        let found = messages(text);
+        assert_eq!(found.len(), 6, "{found:#?}");
+        assert!(found[0].starts_with("sauna.toml:1:1: web: the web pool needs an application"));
+        assert!(found[1].starts_with("sauna.toml:2:11: web.workers: must be at least 1"));
+        assert!(found[2].starts_with("sauna.toml:3:11: web.timeout: invalid duration \"30 secs\""));
+        assert!(
+            found[3]
+                .starts_with("sauna.toml:7:11: programs.b.restart: unknown value \"sometimes\"")
+        );
+        assert!(found[4].starts_with(
+            "sauna.toml:10:1: unknown key \"comand\" in [programs.a]; did you mean \"command\"?"
+        ));
+        assert_eq!(
+            found[5],
+            "sauna.toml:14:9: beat.jobs.nightly.every: a bare number is ambiguous here: write a unit, e.g. \"5s\""
+        );
+    }
+
+    #[test]
+    fn columns_count_characters_after_multibyte_text() {
+        let text = "[app]\nenv = { CAFE = \"Café ☕\", N = 1 }\n";
+        assert_eq!(
+            messages(text),
+            ["sauna.toml:2:30: app.env.N: expected a string, found the integer 1"]
+        );
+    }
+
+    #[test]
+    fn syntax_errors_are_reported_without_their_fallout() {
+        let text = "[web]\nworkers =\nthreads = \"2\nlisten = [\"a:1\",\n[programs.x]\ncommand = [\"x\"]\n";
+        assert_eq!(
+            messages(text),
+            [
+                "sauna.toml:2:10: missing value after \"=\"",
+                "sauna.toml:3:13: invalid basic string, expected `\"`",
+                "sauna.toml:4:10: unclosed array, expected `]`; it was opened here and never closed",
+            ]
+        );
+        assert_eq!(
+            messages("[web]\n[web]\n"),
+            [
+                "sauna.toml:2:2: duplicate key \"web\": it is already defined above; each key and table can appear once"
+            ]
+        );
+    }
+
+    fn loaded(text: &str, path: &str) -> Loaded {
+        Loaded {
+            config: load_str(text, path).unwrap(),
+            path: PathBuf::from(path),
+            source: text.to_owned(),
+        }
+    }
+
+    #[test]
+    fn later_checks_point_at_the_value_or_the_table_header() {
+        let loaded = loaded(
+            "# ☕\n[beat.jobs.nightly]\ntask = \"t\"\ncron = \"61 * * * *\"\n",
+            "deploy/sauna.toml",
+        );
+        let at_value = loaded.diagnostic_at(&["beat", "jobs", "nightly", "cron"], "bad minute");
+        assert_eq!(at_value.to_string(), "deploy/sauna.toml:4:8: bad minute");
+        let at_header =
+            loaded.diagnostic_at(&["beat", "jobs", "nightly", "queue"], "no such queue");
+        assert_eq!(
+            at_header.to_string(),
+            "deploy/sauna.toml:2:1: no such queue"
+        );
+        let at_start = loaded.diagnostic_at(&["app", "wsgi"], "cannot import");
+        assert_eq!(at_start.to_string(), "deploy/sauna.toml:1:1: cannot import");
+    }
+
+    #[test]
+    fn the_control_socket_defaults_to_the_runtime_directory_then_next_to_the_file() {
+        let mut config = Config::default();
+        let dir = Path::new("/srv/app");
+        assert_eq!(
+            control_socket(&config, dir, None),
+            Path::new("/srv/app/.sauna/control.sock")
+        );
+        assert_eq!(
+            control_socket(&config, dir, Some(OsStr::new("/run/sauna:/run/other"))),
+            Path::new("/run/sauna/control.sock")
+        );
+        config.control.socket = Some(PathBuf::from("/run/x.sock"));
+        assert_eq!(
+            control_socket(&config, dir, Some(OsStr::new("/run/sauna"))),
+            Path::new("/run/x.sock")
+        );
+    }
+
+    #[test]
+    fn relative_paths_are_joined_onto_the_file_directory_without_resolving_symlinks() {
+        let temp = std::env::temp_dir().join(format!("proxy-conf-load-{}", std::process::id()));
+        let release = temp.join("releases").join("1");
+        std::fs::create_dir_all(&release).unwrap();
+        let current = temp.join("current");
+        let _ = std::fs::remove_file(&current);
+        std::os::unix::fs::symlink(&release, &current).unwrap();
+        let file = current.join("sauna.toml");
+        std::fs::write(
+            &file,
+            "[app]\ndirectory = \"src\"\n[programs.a]\ncommand = [\"x\"]\ndirectory = \"/abs\"\n[programs.b]\ncommand = [\"x\"]\ndirectory = \"../shared\"\n[control]\nsocket = \"run/c.sock\"\n",
+        )
+        .unwrap();
+        let loaded = load_file(&file).unwrap();
+        let config = &loaded.config;
+        assert_eq!(
+            config.app.directory.as_deref(),
+            Some(current.join("src").as_path())
+        );
+        assert_eq!(
+            config.programs["a"].directory.as_deref(),
+            Some(Path::new("/abs"))
+        );
+        assert_eq!(
+            config.programs["b"].directory.as_deref(),
+            Some(current.join("../shared").as_path())
+        );
+        assert_eq!(loaded.control_socket(), current.join("run/c.sock"));
+        assert_eq!(loaded.config_dir(), current);
+        std::fs::remove_dir_all(&temp).unwrap();
+    }
+
+    #[test]
+    fn a_missing_file_is_an_io_error_naming_it() {
+        let error = load_file(Path::new("/nonexistent/sauna.toml")).unwrap_err();
+        assert!(matches!(error, LoadError::Io { .. }));
+        assert!(
+            error
+                .to_string()
+                .starts_with("cannot read /nonexistent/sauna.toml: ")
+        );
     }
 }

@@ -76,6 +76,17 @@ impl Checker<'_> {
         });
     }
 
+    /// Reports `message` at element `position` of the array at `path`, named `path[position]`.
+    fn report_element(&mut self, path: &[&str], position: usize, message: impl std::fmt::Display) {
+        let index = position.to_string();
+        let mut element = path.to_vec();
+        element.push(&index);
+        self.findings.push(Finding {
+            span: self.index.value_or_table(&element),
+            message: format!("{}[{position}]: {message}", display_path(path)),
+        });
+    }
+
     /// Reports at the key itself (for problems with a name, not a value).
     fn report_key(&mut self, path: &[&str], message: impl std::fmt::Display) {
         let span = self.index.get(path).map_or_else(
@@ -215,9 +226,9 @@ impl Checker<'_> {
         }
         for (position, peer) in web.forwarded_allow_ips.iter().enumerate() {
             if !is_ip_or_cidr(peer) {
-                let position = position.to_string();
-                self.report(
-                    &["web", "forwarded_allow_ips", &position],
+                self.report_element(
+                    &["web", "forwarded_allow_ips"],
+                    position,
                     format!(
                         "\"{peer}\" is not an IP address, a CIDR like \"10.0.0.0/8\", or \"*\""
                     ),
@@ -230,18 +241,18 @@ impl Checker<'_> {
     /// Syntax of every `[web].listen` entry, duplicates among them, and a clash with `[metrics]`.
     fn listen_addresses(&mut self, config: &Config, web: &WebConfig) {
         let mut seen: Vec<(Listen, usize)> = Vec::new();
+        let path = ["web", "listen"];
         for (position, text) in web.listen.iter().enumerate() {
-            let index = position.to_string();
-            let path = ["web", "listen", index.as_str()];
             match text.parse::<Listen>() {
-                Err(error) => self.report(&path, error),
+                Err(error) => self.report_element(&path, position, error),
                 Ok(address) => {
                     if let Some((_, first)) = seen
                         .iter()
                         .find(|(other, _)| other.conflicts_with(&address))
                     {
-                        self.report(
+                        self.report_element(
                             &path,
+                            position,
                             format!("\"{text}\" clashes with \"{}\" listed before it; each address can be bound once", web.listen[*first]),
                         );
                     } else {
@@ -278,10 +289,7 @@ impl Checker<'_> {
                 );
             }
         } else if program.command[0].trim().is_empty() {
-            self.report(
-                &["programs", name, "command", "0"],
-                "the program to run must not be empty",
-            );
+            self.report_element(&at("command"), 0, "the program to run must not be empty");
         }
         if program.instances == 0 {
             self.report(
@@ -543,4 +551,261 @@ fn is_ip_or_cidr(text: &str) -> bool {
     };
     let max = if ip.is_ipv4() { 32 } else { 128 };
     prefix.is_none_or(|prefix| prefix.parse::<u8>().is_ok_and(|bits| bits <= max))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::load_str;
+
+    /// `LINE:COL: message` of every problem in `text`.
+    fn problems(text: &str) -> Vec<String> {
+        match load_str(text, "sauna.toml") {
+            Ok(_) => Vec::new(),
+            Err(diagnostics) => diagnostics
+                .0
+                .iter()
+                .map(|d| format!("{}:{}: {}", d.line, d.column, d.message))
+                .collect(),
+        }
+    }
+
+    fn assert_one(text: &str, expected: &str) {
+        assert_eq!(problems(text), [expected], "in:\n{text}");
+    }
+
+    const APP: &str = "[app]\nwsgi = \"myapp.wsgi:application\"\n";
+
+    #[test]
+    fn zero_workers_and_threads_are_refused() {
+        let text = format!("{APP}[web]\nworkers = 0\nthreads = 0\n");
+        assert_eq!(
+            problems(&text),
+            [
+                "4:11: web.workers: must be at least 1; remove [web] to run without a web pool",
+                "5:11: web.threads: must be at least 1 (1 = one request at a time per worker)",
+            ]
+        );
+    }
+
+    #[test]
+    fn web_needs_exactly_one_application() {
+        assert_one(
+            "[web]\nworkers = 2\n",
+            "1:1: web: the web pool needs an application: set [app].wsgi = \"module:callable\" or [app].paste = \"production.ini\"",
+        );
+        assert_one(
+            "[app]\nwsgi = \"a:b\"\npaste = \"x.ini\"\n",
+            "3:9: app.paste: set either wsgi or paste, not both: paste loads the app from an ini file, wsgi names it directly",
+        );
+        assert!(problems("[app]\npaste = \"production.ini#main\"\n[web]\n").is_empty());
+        assert_one(
+            "[app]\npaste = \"x.ini#\"\n",
+            "2:9: app.paste: \"x.ini#\" is not a PasteDeploy file; expected \"production.ini\" or \"production.ini#main\"",
+        );
+    }
+
+    #[test]
+    fn a_mistyped_wsgi_is_not_also_reported_as_missing() {
+        assert_eq!(
+            problems("[app]\nwsgi = 5\n[web]\n"),
+            ["2:8: app.wsgi: expected a string, found the integer 5"]
+        );
+    }
+
+    #[test]
+    fn wsgi_must_be_module_colon_callable() {
+        assert_one(
+            "[app]\nwsgi = \"myapp.wsgi\"\n",
+            "2:8: app.wsgi: \"myapp.wsgi\" has no \":\" between module and callable; expected \"module:callable\", e.g. \"myapp.wsgi:application\"",
+        );
+        assert_one(
+            "[app]\nwsgi = \"my-app:app\"\n",
+            "2:8: app.wsgi: \"my-app:app\" does not start with a Python module path; expected \"module:callable\", e.g. \"myapp.wsgi:application\"",
+        );
+        assert!(problems("[app]\nwsgi = \"pkg.sub_mod:make.app\"\n").is_empty());
+    }
+
+    #[test]
+    fn listen_addresses_are_parsed_and_must_not_clash() {
+        let text = format!(
+            "{APP}[web]\nlisten = [\"127.0.0.1:8000\", \"unix:/run/a.sock\", \"0.0.0.0:8000\", \"8001\", \"unix:/run/a.sock\"]\n[metrics]\nlisten = \"127.0.0.1:8000\"\n"
+        );
+        assert_eq!(
+            problems(&text),
+            [
+                "4:49: web.listen[2]: \"0.0.0.0:8000\" clashes with \"127.0.0.1:8000\" listed before it; each address can be bound once",
+                "4:65: web.listen[3]: invalid listen address \"8001\": the port is missing; expected \"host:port\", \"[v6]:port\" or \"unix:/absolute/path\"",
+                "4:73: web.listen[4]: \"unix:/run/a.sock\" clashes with \"unix:/run/a.sock\" listed before it; each address can be bound once",
+                "6:10: metrics.listen: \"127.0.0.1:8000\" clashes with [web].listen \"127.0.0.1:8000\"; give the metrics endpoint its own port",
+            ]
+        );
+        assert_one(
+            &format!("{APP}[web]\nlisten = []\n"),
+            "4:10: web.listen: needs at least one address, e.g. [\"127.0.0.1:8000\"]",
+        );
+        assert!(problems(&format!("{APP}[web]\nlisten = [\"[::1]:8000\"]\n")).is_empty());
+    }
+
+    #[test]
+    fn the_metrics_endpoint_is_tcp_or_off() {
+        assert!(problems("[metrics]\nlisten = \"\"\n").is_empty());
+        assert_one(
+            "[metrics]\nlisten = \"unix:/run/m.sock\"\n",
+            "2:10: metrics.listen: Prometheus scrapes over TCP: expected \"host:port\", e.g. \"127.0.0.1:9808\" (or \"\" to turn the endpoint off)",
+        );
+        assert_one(
+            "[metrics]\ntoken_file = \"t\"\ntoken_env = \"T\"\n",
+            "3:13: metrics.token_env: set either token_file or token_env, not both",
+        );
+    }
+
+    #[test]
+    fn jitter_needs_max_requests_and_the_queue_needs_room() {
+        let text = format!("{APP}[web]\nmax_requests_jitter = 50\nqueue_size = 0\n");
+        assert_eq!(
+            problems(&text),
+            [
+                "4:23: web.max_requests_jitter: has no effect without max_requests; set max_requests too, or remove it",
+                "5:14: web.queue_size: must be at least 1: requests wait here for a free worker",
+            ]
+        );
+        assert!(
+            problems(&format!(
+                "{APP}[web]\nmax_requests = 1000\nmax_requests_jitter = 50\n"
+            ))
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_program_needs_a_command() {
+        assert_one(
+            "[programs.worker]\ninstances = 2\n",
+            "1:1: programs.worker.command: a program needs a command, e.g. command = [\"celery\", \"-A\", \"myapp\", \"worker\"]",
+        );
+        assert_one(
+            "[programs.worker]\ncommand = []\n",
+            "2:11: programs.worker.command: a program needs a command, e.g. command = [\"celery\", \"-A\", \"myapp\", \"worker\"]",
+        );
+        assert_one(
+            "[programs.worker]\ncommand = [\"\", \"x\"]\n",
+            "2:12: programs.worker.command[0]: the program to run must not be empty",
+        );
+    }
+
+    #[test]
+    fn program_counts_and_signals_are_checked() {
+        let text = "[programs.w]\ncommand = [\"x\"]\ninstances = 0\nstop_signal = \"TREM\"\nbackoff_max = \"500ms\"\n";
+        assert_eq!(
+            problems(text),
+            [
+                "3:13: programs.w.instances: must be at least 1; remove the program to not run it",
+                "4:15: programs.w.stop_signal: unknown signal \"TREM\" (did you mean \"TERM\"?); expected one of: TERM, INT, QUIT, HUP, USR1, USR2, KILL",
+                "5:15: programs.w.backoff_max: must be at least \"1s\", the first restart delay",
+            ]
+        );
+        assert!(
+            problems("[programs.w]\ncommand = [\"x\"]\nstop_signal = \"sigquit\"\n").is_empty()
+        );
+    }
+
+    #[test]
+    fn stop_signals_are_named_canonically() {
+        assert_eq!(stop_signal_name("SIGTERM"), Some("TERM"));
+        assert_eq!(stop_signal_name("int"), Some("INT"));
+        assert_eq!(stop_signal_name("usr2"), Some("USR2"));
+        assert_eq!(stop_signal_name("SIGSEGV"), None);
+        assert_eq!(stop_signal_name("15"), None);
+    }
+
+    #[test]
+    fn environment_names_must_be_usable() {
+        assert_one(
+            "[app]\nenv = { \"A=B\" = \"1\" }\n",
+            "2:9: app.env.\"A=B\": an environment variable name must not be empty or contain \"=\"",
+        );
+    }
+
+    #[test]
+    fn a_job_needs_a_task_and_exactly_one_schedule() {
+        assert_eq!(
+            problems("[beat.jobs.j]\nqueue = \"q\"\n"),
+            [
+                "1:1: beat.jobs.j.task: a job needs the Celery task to send, e.g. task = \"myapp.tasks.cleanup\"",
+                "1:1: beat.jobs.j: a job needs a schedule: cron = \"*/5 * * * *\" or every = \"30s\"",
+            ]
+        );
+        assert_one(
+            "[beat.jobs.j]\ntask = \"t\"\ncron = \"* * * * *\"\nevery = \"1m\"\n",
+            "4:9: beat.jobs.j.every: set either cron or every, not both",
+        );
+        assert_one(
+            "[beat.jobs.j]\ntask = \"t\"\nevery = \"0s\"\n",
+            "3:9: beat.jobs.j.every: must be longer than 0s",
+        );
+    }
+
+    #[test]
+    fn a_misspelt_schedule_key_is_reported_once() {
+        let found = problems("[beat.jobs.j]\ntask = \"t\"\ncorn = \"* * * * *\"\n");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0]
+                .starts_with("3:1: unknown key \"corn\" in [beat.jobs.j]; did you mean \"cron\"?")
+        );
+    }
+
+    #[test]
+    fn job_priority_expiry_and_time_zones_are_checked() {
+        let text = "[beat]\ntimezone = \"Europe/Helsnki\"\n[beat.jobs.j]\ntask = \"t\"\nevery = \"1m\"\npriority = 10\nexpires = \"0s\"\ntimezone = \"Mars/Olympus\"\n";
+        assert_eq!(
+            problems(text),
+            [
+                "2:12: beat.timezone: unknown time zone \"Europe/Helsnki\" (did you mean \"Europe/Helsinki\"?); expected an IANA name such as \"UTC\" or \"Europe/Helsinki\"",
+                "6:12: beat.jobs.j.priority: 10 is out of range; expected 0 to 9 (0 is the highest under Redis)",
+                "7:11: beat.jobs.j.expires: \"0s\" would expire every task at once; remove it for tasks that never expire",
+                "8:12: beat.jobs.j.timezone: unknown time zone \"Mars/Olympus\"; expected an IANA name such as \"UTC\" or \"Europe/Helsinki\"",
+            ]
+        );
+        assert!(problems("[beat]\ntimezone = \"America/New_York\"\n").is_empty());
+    }
+
+    #[test]
+    fn beat_publishes_to_redis_only() {
+        assert_one(
+            "[beat]\nbroker = \"amqp://guest@localhost//\"\n",
+            "2:10: beat.broker: \"amqp://guest@localhost//\" is not a Redis URL: beat publishes to Redis; expected \"redis://HOST:PORT/DB\", \"rediss://…\" or \"unix:///path/to/redis.sock\"",
+        );
+        assert!(
+            problems("[beat]\nbroker = \"rediss://h:6380/1\"\ncelery_app = \"proj.celery:app\"\n")
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn web_paths_and_trusted_peers_are_checked() {
+        let text = format!(
+            "{APP}[web]\nwarmup = \"health\"\nscript_name = \"/app/\"\nforwarded_allow_ips = [\"10.0.0.0/8\", \"*\", \"10.0.0.0/33\"]\n"
+        );
+        assert_eq!(
+            problems(&text),
+            [
+                "4:10: web.warmup: must be a path starting with \"/\", e.g. \"/health\", not \"health\"",
+                "5:15: web.script_name: must start with \"/\" and not end with one, e.g. \"/app\", not \"/app/\"",
+                "6:43: web.forwarded_allow_ips[2]: \"10.0.0.0/33\" is not an IP address, a CIDR like \"10.0.0.0/8\", or \"*\"",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_control_socket_path_must_fit_in_sun_path() {
+        let long = format!("/{}", "s".repeat(120));
+        let found = problems(&format!("[control]\nsocket = \"{long}\"\n"));
+        assert_eq!(found.len(), 1);
+        assert!(
+            found[0]
+                .starts_with("2:10: control.socket: a Unix socket path can be at most 107 bytes")
+        );
+    }
 }
