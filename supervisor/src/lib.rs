@@ -12,7 +12,13 @@
 //!
 //! Data flows one way: config → supervisor state (the main loop) → pool, programs, beat → metrics.
 
+pub mod child;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod lifecycle;
+pub mod logging;
 pub mod metrics;
+pub mod notify;
+pub mod signals;
+pub mod status;

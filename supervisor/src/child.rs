@@ -1,0 +1,349 @@
+//! Spawning child processes (program instances and web workers) the one safe way, and forwarding
+//! what they print into the supervisor's log.
+//!
+//! Every child is started with `tokio::process` and:
+//! - **its own process group** (`process_group(0)`), so a stop signal reaches the child and every
+//!   grandchild it forked (Celery's prefork pool) with one `kill(-pgid, sig)`, and a Ctrl-C on the
+//!   supervisor's terminal does not hit the children behind the supervisor's back;
+//! - **`PR_SET_PDEATHSIG(SIGKILL)`**, so a supervisor killed with SIGKILL leaves no orphan. The
+//!   kernel ties this to the *thread* that forked: children are spawned from runtime worker
+//!   threads, which live as long as the supervisor, never from short-lived blocking threads. The
+//!   supervisor may die between `fork` and `prctl`; the child compares `getppid()` with the pid
+//!   recorded before the fork and exits at once if they differ;
+//! - **resource limits** set between `fork` and `exec` (setrlimit only, which is async-signal-safe);
+//! - **no accidental privileges**: a `user`/`group` is resolved before the fork and applied by the
+//!   standard library (which also drops supplementary groups); `$NOTIFY_SOCKET` and the watchdog
+//!   variables are removed so a child cannot speak to systemd for us; only stdin (null),
+//!   stdout/stderr (pipes) and explicitly passed fds are inherited (Rust opens everything else
+//!   close-on-exec).
+//!
+//! It deliberately does not reap children: each `Child` is awaited by its owner, and there is no
+//! global `waitpid(-1)`, which would steal exit statuses from `tokio::process`.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use nix::sys::resource::{Resource, setrlimit};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::{Group, Pid, User};
+use proxy_conf::Rlimits;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::{Child, Command};
+
+/// Longest piece of output logged as one line; longer runs without a newline are split here so a
+/// child that never prints a newline cannot grow the supervisor's memory.
+const MAX_LINE: usize = 16 * 1024;
+
+/// Environment variables that belong to the supervisor's conversation with systemd.
+const SUPERVISOR_ONLY_ENV: &[&str] = &[
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+];
+
+/// Everything needed to start one child.
+#[derive(Debug, Default)]
+pub struct ChildSpec {
+    /// The command and its arguments; `argv[0]` is looked up on `PATH`.
+    pub argv: Vec<String>,
+    /// Working directory.
+    pub cwd: Option<PathBuf>,
+    /// Variables added to (or replacing) the supervisor's environment.
+    pub env: BTreeMap<String, String>,
+    /// User to run as; only honoured when the supervisor runs as root.
+    pub user: Option<String>,
+    /// Group to run as; defaults to the user's primary group.
+    pub group: Option<String>,
+    /// Resource limits applied before `exec`.
+    pub rlimits: Rlimits,
+    /// Descriptors the child inherits: `(our fd, the number it gets in the child)`.
+    pub pass_fds: Vec<(OwnedFd, RawFd)>,
+}
+
+/// Why a child could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// `argv` was empty.
+    #[error("empty command")]
+    EmptyCommand,
+    /// The user does not exist.
+    #[error("unknown user \"{0}\"")]
+    UnknownUser(String),
+    /// The group does not exist.
+    #[error("unknown group \"{0}\"")]
+    UnknownGroup(String),
+    /// Looking up a user or group failed.
+    #[error("cannot look up user or group: {0}")]
+    Lookup(#[source] nix::Error),
+    /// Preparing a passed descriptor failed.
+    #[error("cannot prepare an inherited descriptor: {0}")]
+    PassFd(#[source] nix::Error),
+    /// `fork`/`exec` failed, e.g. the command does not exist.
+    #[error("cannot start `{command}`: {source}")]
+    Exec {
+        /// The command.
+        command: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Starts the child described by `spec` with stdout and stderr piped.
+pub fn spawn(spec: ChildSpec) -> Result<Child, SpawnError> {
+    let (program, args) = spec.argv.split_first().ok_or(SpawnError::EmptyCommand)?;
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .envs(&spec.env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    for name in SUPERVISOR_ONLY_ENV {
+        command.env_remove(name);
+    }
+    if let Some(cwd) = &spec.cwd {
+        command.current_dir(cwd);
+    }
+    apply_identity(&mut command, spec.user.as_deref(), spec.group.as_deref())?;
+
+    let limits = rlimit_table(&spec.rlimits);
+    let targets: Vec<RawFd> = spec.pass_fds.iter().map(|(_, target)| *target).collect();
+    let mut passed: Vec<(OwnedFd, RawFd)> = Vec::with_capacity(spec.pass_fds.len());
+    for (fd, target) in spec.pass_fds {
+        passed.push((move_clear_of(fd, &targets)?, target));
+    }
+    let moves: Vec<(RawFd, RawFd)> = passed
+        .iter()
+        .map(|(fd, target)| (fd.as_raw_fd(), *target))
+        .collect();
+    let parent = std::process::id();
+
+    // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
+    // functions may be called. It calls prctl, getppid, setrlimit, dup2, fcntl and _exit, all
+    // plain system calls, and touches only data captured by value before the fork.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() as u32 != parent {
+                libc::_exit(1);
+            }
+            for (resource, value) in &limits {
+                setrlimit(*resource, *value, *value).map_err(std::io::Error::from)?;
+            }
+            for (fd, target) in &moves {
+                if libc::dup2(*fd, *target) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // dup2 clears close-on-exec on the new number only when the numbers differ.
+                if fd == target && libc::fcntl(*fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn().map_err(|source| SpawnError::Exec {
+        command: program.clone(),
+        source,
+    })?;
+    // The parent's copies of passed descriptors close here, when `passed` is dropped.
+    drop(passed);
+    Ok(child)
+}
+
+/// Sends `signal` to the process group led by `pid`; a group that is already gone is not an error.
+pub fn signal_group(pid: u32, signal: Signal) -> nix::Result<()> {
+    let Ok(raw) = i32::try_from(pid) else {
+        return Err(nix::Error::ESRCH);
+    };
+    match killpg(Pid::from_raw(raw), signal) {
+        Err(nix::Error::ESRCH) | Ok(()) => Ok(()),
+        Err(other) => Err(other),
+    }
+}
+
+/// Forwards the child's stdout and stderr to the log, one event per line, tagged with `label`
+/// (a program or worker name) and the child's pid. Returns when both streams are closed.
+pub fn capture_output(child: &mut Child, label: String) -> tokio::task::JoinHandle<()> {
+    let pid = child.id().unwrap_or_default();
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    tokio::spawn(async move {
+        let out = forward_lines(stdout, label.clone(), pid, "stdout");
+        let err = forward_lines(stderr, label, pid, "stderr");
+        tokio::join!(out, err);
+    })
+}
+
+async fn forward_lines<R: AsyncRead + Unpin>(
+    stream: Option<R>,
+    label: String,
+    pid: u32,
+    stream_name: &'static str,
+) {
+    let Some(mut stream) = stream else { return };
+    let mut pending: Vec<u8> = Vec::with_capacity(4096);
+    let mut chunk = vec![0u8; 8192];
+    loop {
+        let read = match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(&chunk[..read]);
+        let mut start = 0;
+        while let Some(newline) = pending[start..].iter().position(|&b| b == b'\n') {
+            emit_line(&label, pid, stream_name, &pending[start..start + newline]);
+            start += newline + 1;
+        }
+        pending.drain(..start);
+        while pending.len() >= MAX_LINE {
+            emit_line(&label, pid, stream_name, &pending[..MAX_LINE]);
+            pending.drain(..MAX_LINE);
+        }
+    }
+    if !pending.is_empty() {
+        emit_line(&label, pid, stream_name, &pending);
+    }
+}
+
+fn emit_line(label: &str, pid: u32, stream: &'static str, line: &[u8]) {
+    let line = String::from_utf8_lossy(line);
+    let line = line.strip_suffix('\r').unwrap_or(&line);
+    tracing::info!(target: "sauna::output", source = label, pid, stream, "{line}");
+}
+
+fn apply_identity(
+    command: &mut Command,
+    user: Option<&str>,
+    group: Option<&str>,
+) -> Result<(), SpawnError> {
+    if user.is_none() && group.is_none() {
+        return Ok(());
+    }
+    if !nix::unistd::geteuid().is_root() {
+        tracing::warn!(
+            user = user.unwrap_or(""),
+            group = group.unwrap_or(""),
+            "not running as root: user/group switch ignored, the child runs as the supervisor's user"
+        );
+        return Ok(());
+    }
+    let mut gid = None;
+    if let Some(name) = user {
+        let found = User::from_name(name)
+            .map_err(SpawnError::Lookup)?
+            .ok_or_else(|| SpawnError::UnknownUser(name.to_owned()))?;
+        command
+            .uid(found.uid.as_raw())
+            .env("USER", &found.name)
+            .env("LOGNAME", &found.name)
+            .env("HOME", &found.dir);
+        gid = Some(found.gid.as_raw());
+    }
+    if let Some(name) = group {
+        let found = Group::from_name(name)
+            .map_err(SpawnError::Lookup)?
+            .ok_or_else(|| SpawnError::UnknownGroup(name.to_owned()))?;
+        gid = Some(found.gid.as_raw());
+    }
+    if let Some(gid) = gid {
+        command.gid(gid);
+    }
+    Ok(())
+}
+
+fn rlimit_table(limits: &Rlimits) -> Vec<(Resource, u64)> {
+    let mut table = Vec::new();
+    if let Some(nofile) = limits.nofile {
+        table.push((Resource::RLIMIT_NOFILE, nofile));
+    }
+    if let Some(core) = limits.core {
+        table.push((Resource::RLIMIT_CORE, core.bytes()));
+    }
+    if let Some(address_space) = limits.address_space {
+        table.push((Resource::RLIMIT_AS, address_space.bytes()));
+    }
+    table
+}
+
+/// Returns `fd` renumbered above every target number, so that `dup2` onto one target in the
+/// child can never overwrite another passed descriptor that happens to sit on that number.
+fn move_clear_of(fd: OwnedFd, targets: &[RawFd]) -> Result<OwnedFd, SpawnError> {
+    if !targets.contains(&fd.as_raw_fd()) {
+        return Ok(fd);
+    }
+    let floor = targets.iter().copied().max().unwrap_or(2) + 1;
+    let raw = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(floor))
+        .map_err(SpawnError::PassFd)?;
+    // SAFETY: fcntl(F_DUPFD_CLOEXEC) returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn child_gets_its_own_group_limits_and_passed_fd() {
+        runtime().block_on(async {
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            let spec = ChildSpec {
+                argv: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "echo pgid=$(ps -o pgid= $$ | tr -d ' ') pid=$$; ulimit -n; echo hi >&5".into(),
+                ],
+                rlimits: Rlimits {
+                    nofile: Some(77),
+                    ..Rlimits::default()
+                },
+                pass_fds: vec![(OwnedFd::from(theirs), 5)],
+                ..ChildSpec::default()
+            };
+            let child = spawn(spec).unwrap();
+            let output = child.wait_with_output().await.unwrap();
+            let text = String::from_utf8(output.stdout).unwrap();
+            let mut lines = text.lines();
+            let first = lines.next().unwrap();
+            let (pgid, pid) = first
+                .strip_prefix("pgid=")
+                .and_then(|rest| rest.split_once(" pid="))
+                .unwrap();
+            assert_eq!(pgid, pid, "child leads its own process group");
+            assert_eq!(lines.next(), Some("77"));
+            let mut received = String::new();
+            std::io::Read::read_to_string(&mut &ours, &mut received).unwrap();
+            assert_eq!(received, "hi\n");
+        });
+    }
+
+    #[test]
+    fn a_missing_command_is_reported_by_name() {
+        let error = runtime()
+            .block_on(async {
+                spawn(ChildSpec {
+                    argv: vec!["/nonexistent/celery".into()],
+                    ..ChildSpec::default()
+                })
+            })
+            .unwrap_err();
+        assert!(error.to_string().contains("/nonexistent/celery"), "{error}");
+    }
+}

@@ -1,0 +1,341 @@
+//! The integration-test harness: a sandbox directory per test, the real `sauna-supervisor`
+//! binary started in it behind a kill-on-drop guard, and helpers that wait on observable state
+//! (`status --json`, log lines, files) instead of sleeping.
+
+#![allow(dead_code)] // each test module uses a different part of the harness
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_sauna-supervisor"))
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the supervisor crate sits inside the repository")
+        .to_path_buf()
+}
+
+/// The test venv's Python (created by `scripts/test.sh`), or `$SAUNA_TEST_PYTHON`.
+pub fn python() -> PathBuf {
+    let path = std::env::var_os("SAUNA_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".venv/bin/python"));
+    assert!(
+        path.exists(),
+        "no test Python at {}: run `scripts/test.sh` (it creates .venv with tests/requirements.txt), or set SAUNA_TEST_PYTHON",
+        path.display()
+    );
+    path
+}
+
+/// Finds `tool` on PATH (or in `extra_dirs`), failing the test with the install command if absent.
+pub fn require_tool(tool: &str, install: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path).chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")]) {
+        let candidate = dir.join(tool);
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!("`{tool}` is not installed: run `{install}` (or `scripts/test.sh`, which installs everything the tests need)");
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("bind an ephemeral port on 127.0.0.1")
+}
+
+/// Polls `probe` every 20 ms until it returns `Some` or `timeout` passes.
+pub fn wait_until<T>(timeout: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A temporary directory holding one test's config, app files, sockets and logs.
+pub struct Sandbox {
+    dir: tempfile::TempDir,
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Sandbox {
+    /// A fresh empty sandbox.
+    pub fn new() -> Sandbox {
+        let dir = tempfile::Builder::new()
+            .prefix("sauna-test-")
+            .tempdir()
+            .expect("create a temp dir");
+        Sandbox { dir }
+    }
+
+    /// The sandbox directory.
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A path inside the sandbox.
+    pub fn path(&self, relative: &str) -> PathBuf {
+        self.dir.path().join(relative)
+    }
+
+    /// Writes a file (creating parent directories) and returns its path.
+    pub fn write(&self, relative: &str, contents: &str) -> PathBuf {
+        let path = self.path(relative);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("create parent dirs");
+        }
+        std::fs::write(&path, contents).expect("write sandbox file");
+        path
+    }
+
+    /// The control socket every sandbox config uses.
+    pub fn control_socket(&self) -> PathBuf {
+        self.path("run/control.sock")
+    }
+
+    /// Writes `sauna.toml`; a `[control]` section pointing into the sandbox and a `[metrics]`
+    /// section on a free port are added when the text has none, so tests never collide.
+    pub fn write_config(&self, toml: &str) -> PathBuf {
+        let mut text = toml.to_owned();
+        if !text.contains("[control]") {
+            text.push_str(&format!(
+                "\n[control]\nsocket = \"{}\"\n",
+                self.control_socket().display()
+            ));
+        }
+        if !text.contains("[metrics]") {
+            text.push_str(&format!("\n[metrics]\nlisten = \"127.0.0.1:{}\"\n", free_port()));
+        }
+        self.write("sauna.toml", &text)
+    }
+
+    /// The binary with `args`, run in the sandbox with its config.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(binary());
+        command
+            .args(args)
+            .current_dir(self.root())
+            .env("SAUNA_CONFIG", self.path("sauna.toml"))
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// Runs the binary to completion and returns its output.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run sauna-supervisor")
+    }
+
+    /// Starts `sauna-supervisor run` and waits until `status --json` answers.
+    pub fn start(&self) -> Running {
+        self.start_with(|_| {})
+    }
+
+    /// Like [`Sandbox::start`], with a chance to adjust the command (environment, flags).
+    pub fn start_with(&self, adjust: impl FnOnce(&mut Command)) -> Running {
+        let mut command = self.command(&["run", "--log-level", "debug"]);
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        adjust(&mut command);
+        let mut child = command.spawn().expect("spawn sauna-supervisor run");
+        let log = Arc::new(Mutex::new(String::new()));
+        let readers = [
+            child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+            child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|mut stream| {
+            let log = Arc::clone(&log);
+            thread::spawn(move || {
+                let mut buffer = [0u8; 8192];
+                while let Ok(n) = stream.read(&mut buffer) {
+                    if n == 0 {
+                        break;
+                    }
+                    let text = String::from_utf8_lossy(&buffer[..n]).into_owned();
+                    if std::env::var_os("SAUNA_TEST_ECHO").is_some() {
+                        eprint!("{text}");
+                    }
+                    log.lock().expect("log lock").push_str(&text);
+                }
+            })
+        })
+        .collect();
+        let running = Running {
+            child: Some(child),
+            log,
+            readers,
+            sandbox_root: self.root().to_path_buf(),
+        };
+        running.wait_for_answer(Duration::from_secs(30));
+        running
+    }
+}
+
+/// A `sauna-supervisor run` started by a test; killed (with its group) when dropped.
+pub struct Running {
+    child: Option<Child>,
+    log: Arc<Mutex<String>>,
+    readers: Vec<thread::JoinHandle<()>>,
+    sandbox_root: PathBuf,
+}
+
+impl Running {
+    /// The supervisor's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or_default()
+    }
+
+    /// Everything the supervisor printed so far.
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log lock").clone()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        wait_until(timeout, &format!("log line containing {needle:?}"), || {
+            self.log().contains(needle).then_some(())
+        });
+    }
+
+    fn status_command(&self) -> Command {
+        let mut command = Command::new(binary());
+        command
+            .args(["status", "--json"])
+            .current_dir(&self.sandbox_root)
+            .env("SAUNA_CONFIG", self.sandbox_root.join("sauna.toml"))
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// `status --json` now, or `None` when it does not answer.
+    pub fn try_status(&self) -> Option<serde_json::Value> {
+        let output = self.status_command().output().ok()?;
+        if !output.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&output.stdout).ok()
+    }
+
+    /// `status --json` now; panics with the log when it does not answer.
+    pub fn status_json(&self) -> serde_json::Value {
+        self.try_status()
+            .unwrap_or_else(|| panic!("status --json did not answer; log:\n{}", self.log()))
+    }
+
+    /// Waits until `predicate` holds for `status --json`, and returns that status.
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        what: &str,
+        predicate: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.try_status();
+            if let Some(status) = &status {
+                if predicate(status) {
+                    return status.clone();
+                }
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}\nlast status: {}\nlog:\n{}",
+                    status.map(|s| s.to_string()).unwrap_or_default(),
+                    self.log()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait_for_answer(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.try_status().is_none() {
+            if let Some(child) = &self.child {
+                let mut probe = Command::new("kill");
+                probe.args(["-0", &child.id().to_string()]);
+                if !probe.status().map(|s| s.success()).unwrap_or(false) {
+                    panic!("sauna-supervisor exited during start-up; log:\n{}", self.log());
+                }
+            }
+            if Instant::now() >= deadline {
+                panic!("sauna-supervisor did not answer status within {timeout:?}; log:\n{}", self.log());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends a signal (e.g. `"TERM"`) to the supervisor.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits for the supervisor to exit and returns its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("supervisor still owned");
+        let status = wait_until(timeout, "sauna-supervisor to exit", || {
+            child.try_wait().ok().flatten()
+        });
+        self.child = None;
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+        status
+    }
+
+    /// Graceful stop through `sauna-supervisor stop`; returns the supervisor's exit status.
+    pub fn stop(mut self) -> ExitStatus {
+        let mut command = Command::new(binary());
+        command
+            .arg("stop")
+            .current_dir(&self.sandbox_root)
+            .env("SAUNA_CONFIG", self.sandbox_root.join("sauna.toml"));
+        let stop = command.output().expect("run sauna-supervisor stop");
+        assert!(
+            stop.status.success(),
+            "stop failed: {}\nlog:\n{}",
+            String::from_utf8_lossy(&stop.stderr),
+            self.log()
+        );
+        self.wait_exit(Duration::from_secs(60))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            // The children die with it through PR_SET_PDEATHSIG.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
