@@ -142,6 +142,10 @@ fn resolve_paths(config: &mut Config, base: &Path) {
     if let Some(directory) = &mut config.app.directory {
         resolve(directory);
     }
+    // `python3` is looked up on PATH; `venv/bin/python` is a path like the others.
+    if config.app.python.contains('/') && Path::new(&config.app.python).is_relative() {
+        config.app.python = base.join(&config.app.python).display().to_string();
+    }
     for program in config.programs.values_mut() {
         if let Some(directory) = &mut program.directory {
             resolve(directory);
@@ -447,7 +451,7 @@ every = 5
         let file = current.join("sauna.toml");
         std::fs::write(
             &file,
-            "[app]\ndirectory = \"src\"\n[programs.a]\ncommand = [\"x\"]\ndirectory = \"/abs\"\n[programs.b]\ncommand = [\"x\"]\ndirectory = \"../shared\"\n[control]\nsocket = \"run/c.sock\"\n",
+            "[app]\ndirectory = \"src\"\npython = \"venv/bin/python\"\n[programs.a]\ncommand = [\"x\"]\ndirectory = \"/abs\"\n[programs.b]\ncommand = [\"x\"]\ndirectory = \"../shared\"\n[control]\nsocket = \"run/c.sock\"\n",
         )
         .unwrap();
         let loaded = load_file(&file).unwrap();

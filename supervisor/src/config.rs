@@ -12,12 +12,13 @@ use crate::cli::{ConfigArg, EXIT_USAGE};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config file {path}: {source} (pass -c FILE or set SAUNA_CONFIG)")]
+    #[error("cannot read config file {path}: {error}; pass -c FILE or set SAUNA_CONFIG")]
     Unreadable {
         /// The file.
         path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
+        /// The OS error; part of the message rather than a `source`, so that `{:#}` does not
+        /// print it twice.
+        error: std::io::Error,
     },
     /// The file has problems; each is a `FILE:LINE:COL: message` line.
     #[error("{0}\n{count} problem(s) in {path}", count = .0.0.len(), path = .1.display())]
@@ -43,7 +44,10 @@ pub fn load(arg: &ConfigArg) -> Result<Loaded, ConfigError> {
 /// Loads the configuration at `path`.
 pub fn load_path(path: &Path) -> Result<Loaded, ConfigError> {
     proxy_conf::load_file(path).map_err(|error| match error {
-        LoadError::Io { path, source } => ConfigError::Unreadable { path, source },
+        LoadError::Io { path, source } => ConfigError::Unreadable {
+            path,
+            error: source,
+        },
         LoadError::Invalid(diagnostics) => ConfigError::Invalid(diagnostics, path.to_owned()),
     })
 }
@@ -52,7 +56,11 @@ pub fn load_path(path: &Path) -> Result<Loaded, ConfigError> {
 pub fn check_command(arg: &ConfigArg, _live: bool) -> anyhow::Result<ExitCode> {
     match load(arg) {
         Ok(loaded) => {
-            println!("{}: ok", loaded.path.display());
+            println!(
+                "{}: ok ({})",
+                loaded.path.display(),
+                roles_summary(&loaded.config)
+            );
             Ok(ExitCode::SUCCESS)
         }
         Err(ConfigError::Invalid(diagnostics, path)) => {
@@ -65,5 +73,24 @@ pub fn check_command(arg: &ConfigArg, _live: bool) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(EXIT_USAGE))
         }
         Err(other) => Err(other.into()),
+    }
+}
+
+/// `web: 4 workers, 2 programs, beat: 3 jobs` — what `run` would start, for `check`'s success line.
+fn roles_summary(config: &proxy_conf::Config) -> String {
+    let mut roles = Vec::new();
+    if let Some(web) = &config.web {
+        roles.push(format!("web: {} worker(s)", web.workers));
+    }
+    if !config.programs.is_empty() {
+        roles.push(format!("{} program(s)", config.programs.len()));
+    }
+    if let Some(beat) = &config.beat {
+        roles.push(format!("beat: {} job(s)", beat.jobs.len()));
+    }
+    if roles.is_empty() {
+        "nothing to run yet: add [web], [programs.NAME] or [beat]".to_owned()
+    } else {
+        roles.join(", ")
     }
 }
