@@ -94,3 +94,11 @@ fn roles_summary(config: &proxy_conf::Config) -> String {
         roles.join(", ")
     }
 }
+
+/// The control socket of the supervisor configured by `loaded`: `[control].socket`, else
+/// `$RUNTIME_DIRECTORY/control.sock` (systemd's `RuntimeDirectory=`), else `.sauna/control.sock`
+/// next to the config file. Relative paths are taken from the config file's directory, so
+/// `status` finds the same socket whatever directory it is run from.
+pub fn control_socket(loaded: &Loaded) -> PathBuf {
+    loaded.control_socket()
+}

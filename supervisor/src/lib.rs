@@ -20,5 +20,7 @@ pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
+pub mod remote;
 pub mod signals;
 pub mod status;
+pub mod supervisor;
