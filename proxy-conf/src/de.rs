@@ -193,7 +193,9 @@ fn expected_text(expected: &dyn Expected, with_range: bool) -> String {
         "u8" => range(0, u8::MAX.into()),
         "u16" => range(0, u16::MAX.into()),
         "u32" => range(0, u32::MAX.into()),
-        "u64" | "usize" => range(0, u64::MAX.into()),
+        // 18446744073709551615 tells nobody anything.
+        "u64" | "usize" if with_range => "an integer of at least 0".to_owned(),
+        "u64" | "usize" => "an integer".to_owned(),
         "i8" => range(i8::MIN.into(), i8::MAX.into()),
         "i16" => range(i16::MIN.into(), i16::MAX.into()),
         "i32" => range(i32::MIN.into(), i32::MAX.into()),
@@ -563,8 +565,8 @@ mod tests {
     fn every_failing_key_is_reported_and_the_rest_still_loads() {
         let text = "[web]\nworkers = -1\nthreads = true\ntimeout = 30\nqueue_size = 7\n";
         let (root, _) = DeTable::parse_recoverable(text);
-        let (config, problems) = deserialize_collecting::<Config>(&root);
-        let messages: Vec<String> = problems.iter().map(Problem::message).collect();
+        let (config, found) = deserialize_collecting::<Config>(&root);
+        let messages: Vec<String> = found.iter().map(Problem::message).collect();
         assert_eq!(messages.len(), 3, "{messages:?}");
         assert!(
             messages.contains(
@@ -580,6 +582,10 @@ mod tests {
             &"web.timeout: a bare number is ambiguous here: write a unit, e.g. \"30s\"".to_owned()
         ));
         assert_eq!(config.web.map(|web| web.queue_size), Some(7));
+        assert_eq!(
+            problems("[web]\nmax_requests = -5\n"),
+            ["web.max_requests: expected an integer of at least 0, found the integer -5"]
+        );
     }
 
     #[test]
