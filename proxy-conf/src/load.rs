@@ -167,12 +167,36 @@ pub fn load_str(text: &str, file: &str) -> Result<Config, Diagnostics> {
 
     let (config, problems) = deserialize_collecting::<Config>(&root);
     // After a syntax error the parser's recovery may have cut a value short or swallowed the
-    // lines after it: stay quiet about what sits on those lines, the syntax error is the news.
-    let damaged = |span: &Range<usize>| {
-        found.iter().any(|(bad, _)| {
-            let same_line = line_column(text, bad.start).0 == line_column(text, span.start).0;
-            same_line || (bad.start < span.start && span.start < bad.end)
+    // lines after it: stay quiet about what sits there, the syntax error is the news. A broken
+    // `[table` header sends the keys under it to the wrong table, up to the next header.
+    let damaged_regions: Vec<Range<usize>> = found
+        .iter()
+        .map(|(bad, _)| {
+            // Byte-wise, so that a span that is not on a character boundary cannot panic.
+            let bytes = text.as_bytes();
+            let start = bad.start.min(bytes.len());
+            let stop = bad.end.clamp(start, bytes.len());
+            let line_start = bytes[..start]
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |i| i + 1);
+            let line_end = bytes[stop..]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(bytes.len(), |i| stop + i);
+            let in_header = starts_header(&bytes[line_start..]);
+            let end = if in_header {
+                next_header(text, line_end)
+            } else {
+                line_end.max(bad.end)
+            };
+            line_start..end
         })
+        .collect();
+    let damaged = |span: &Range<usize>| {
+        damaged_regions
+            .iter()
+            .any(|region| region.start <= span.start && span.start <= region.end)
     };
     let mut schema: Vec<(Range<usize>, String)> = problems
         .iter()
@@ -229,13 +253,24 @@ fn syntax_problems(
     for error in errors {
         let span = error.span().unwrap_or(0..0);
         let raw = error.message().trim().replace('\n', "; ");
-        if raw.starts_with("unclosed") {
+        let opener = if raw.starts_with("unclosed array") {
+            Some(b'[')
+        } else if raw.starts_with("unclosed inline table") {
+            Some(b'{')
+        } else {
+            None
+        };
+        if let Some(opener) = opener {
             // The outermost array or inline table that runs to where the parser gave up: what
             // it swallowed may look like closed arrays (`[beat.jobs.x]`), but the first opener
             // is the one left open.
             let opened = containers
                 .iter()
-                .filter(|container| container.end >= span.start && container.start < span.start)
+                .filter(|container| {
+                    container.end >= span.start
+                        && container.start < span.start
+                        && text.as_bytes().get(container.start) == Some(&opener)
+                })
                 .min_by_key(|container| container.start);
             if let Some(opened) = opened {
                 problems.push((
@@ -272,6 +307,25 @@ fn syntax_problems(
         }
     }
     kept
+}
+
+/// Offset of the first line after the one at `from` that starts a `[table]` header (the end of
+/// the text if none does).
+fn next_header(text: &str, from: usize) -> usize {
+    let bytes = text.as_bytes();
+    let mut offset = from.min(bytes.len());
+    for line in bytes[offset..].split_inclusive(|&b| b == b'\n') {
+        if offset > from && starts_header(line) {
+            return offset;
+        }
+        offset += line.len();
+    }
+    bytes.len()
+}
+
+/// True when a line, after leading whitespace, opens a `[table]` header.
+fn starts_header(line: &[u8]) -> bool {
+    line.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[')
 }
 
 /// Spans of every array and inline table in the tree.
@@ -385,6 +439,13 @@ every = 5
                 "sauna.toml:2:10: missing value after \"=\"",
                 "sauna.toml:3:13: invalid basic string, expected `\"`",
                 "sauna.toml:4:10: unclosed array, expected `]`; it was opened here and never closed",
+            ]
+        );
+        assert_eq!(
+            messages("[web\nworkers = \"2\"\nthreads = 0\n[programs.x]\ncommand = 5\n"),
+            [
+                "sauna.toml:1:5: unclosed table, expected `]`",
+                "sauna.toml:5:11: programs.x.command: expected an array, found the integer 5",
             ]
         );
         assert_eq!(
