@@ -119,17 +119,35 @@ pub enum LoadError {
 
 /// Reads and checks the file at `path`; relative paths in it are resolved against its directory.
 pub fn load_file(path: &Path) -> Result<Loaded, LoadError> {
+    load_file_with(path, |_| Vec::new())
+}
+
+/// Like [`load_file`], and also runs `extra` checks that live outside this crate (cron syntax,
+/// the app import), so that their problems are reported together with the file's own, in file
+/// order. `extra` also runs when the file has other problems: it then sees the configuration
+/// built from every value that loaded (defaults in place of the broken ones), so it should only
+/// judge values that are present. Build its diagnostics with [`Loaded::diagnostic_at`].
+pub fn load_file_with(
+    path: &Path,
+    extra: impl FnOnce(&Loaded) -> Vec<Diagnostic>,
+) -> Result<Loaded, LoadError> {
     let source = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
         path: path.to_owned(),
         source,
     })?;
-    let mut config = load_str(&source, &path.display().to_string()).map_err(LoadError::Invalid)?;
+    let (mut config, mut diagnostics) = analyse(&source, &path.display().to_string());
     resolve_paths(&mut config, &config_dir(path));
-    Ok(Loaded {
+    let loaded = Loaded {
         config,
         path: path.to_owned(),
         source,
-    })
+    };
+    diagnostics.extend(extra(&loaded));
+    if diagnostics.is_empty() {
+        return Ok(loaded);
+    }
+    diagnostics.sort_by_key(|diagnostic| (diagnostic.line, diagnostic.column));
+    Err(LoadError::Invalid(Diagnostics(diagnostics)))
 }
 
 /// Joins relative directories and files onto `base`. Never canonicalizes (see [`config_dir`]).
@@ -162,6 +180,17 @@ fn resolve_paths(config: &mut Config, base: &Path) {
 /// Parses and checks configuration text; `file` names it in diagnostics. Relative paths are
 /// left as written (there is no file to resolve them against).
 pub fn load_str(text: &str, file: &str) -> Result<Config, Diagnostics> {
+    let (config, diagnostics) = analyse(text, file);
+    if diagnostics.is_empty() {
+        Ok(config)
+    } else {
+        Err(Diagnostics(diagnostics))
+    }
+}
+
+/// The configuration built from every value that fitted (defaults in place of the others), and
+/// every problem in file order.
+fn analyse(text: &str, file: &str) -> (Config, Vec<Diagnostic>) {
     let (root, syntax_errors) = DeTable::parse_recoverable(text);
     let mut found: Vec<(Range<usize>, String)> = syntax_problems(text, &root, &syntax_errors);
 
@@ -218,24 +247,20 @@ pub fn load_str(text: &str, file: &str) -> Result<Config, Diagnostics> {
         );
     }
     found.extend(schema);
-    if found.is_empty() {
-        return Ok(config);
-    }
     found.sort_by_key(|(span, _)| span.start);
-    Err(Diagnostics(
-        found
-            .into_iter()
-            .map(|(span, message)| {
-                let (line, column) = line_column(text, span.start);
-                Diagnostic {
-                    file: file.to_owned(),
-                    line,
-                    column,
-                    message,
-                }
-            })
-            .collect(),
-    ))
+    let diagnostics = found
+        .into_iter()
+        .map(|(span, message)| {
+            let (line, column) = line_column(text, span.start);
+            Diagnostic {
+                file: file.to_owned(),
+                line,
+                column,
+                message,
+            }
+        })
+        .collect();
+    (config, diagnostics)
 }
 
 /// The parser's errors, made readable: one per line (recovery tends to cascade), an unclosed
@@ -531,6 +556,35 @@ every = 5
         );
         assert_eq!(loaded.control_socket(), current.join("run/c.sock"));
         assert_eq!(loaded.config_dir(), current);
+        std::fs::remove_dir_all(&temp).unwrap();
+    }
+
+    #[test]
+    fn checks_from_outside_are_merged_in_file_order() {
+        let temp = std::env::temp_dir().join(format!("proxy-conf-extra-{}", std::process::id()));
+        std::fs::create_dir_all(&temp).unwrap();
+        let file = temp.join("sauna.toml");
+        std::fs::write(
+            &file,
+            "[web]\nworkers = 0\n[beat.jobs.a]\ntask = \"t\"\ncron = \"61 * * * *\"\n[metrics]\nlisten = 5\n",
+        )
+        .unwrap();
+        let error = load_file_with(&file, |loaded| {
+            assert!(
+                loaded.config.beat.is_some(),
+                "extra checks see the partial config"
+            );
+            vec![loaded.diagnostic_at(&["beat", "jobs", "a", "cron"], "minute 61 is out of range")]
+        })
+        .unwrap_err();
+        let LoadError::Invalid(diagnostics) = error else {
+            panic!("expected diagnostics");
+        };
+        let lines: Vec<(usize, usize)> = diagnostics.0.iter().map(|d| (d.line, d.column)).collect();
+        assert_eq!(lines, [(1, 1), (2, 11), (5, 8), (7, 10)], "{diagnostics}");
+        assert_eq!(diagnostics.0[2].message, "minute 61 is out of range");
+        let ok = load_file_with(&file, |_| Vec::new());
+        assert!(ok.is_err(), "the file's own problems remain");
         std::fs::remove_dir_all(&temp).unwrap();
     }
 
