@@ -5,10 +5,12 @@
 
 mod de;
 pub mod diagnostics;
+pub mod emit;
 pub mod listen;
 pub mod load;
 mod locate;
 pub mod schema;
+pub mod stack;
 pub mod units;
 pub mod validate;
 

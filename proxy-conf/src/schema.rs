@@ -30,6 +30,12 @@ pub struct Config {
     /// The control socket used by `status`, `stop` and `reload`.
     #[serde(default)]
     pub control: ControlConfig,
+    /// The nginx edge and the systemd unit (`emit`); absent means the defaults.
+    pub deploy: Option<crate::stack::DeployConfig>,
+    /// The Redis instances (`emit redis`, `check --live`); absent means none are managed.
+    pub redis: Option<crate::stack::RedisConfig>,
+    /// The PostgreSQL database (`emit postgres`, `check --live`); absent means none is managed.
+    pub postgres: Option<crate::stack::PostgresConfig>,
 }
 
 /// `[app]`: where the Python application lives and how to run it.
@@ -420,13 +426,21 @@ mod tests {
         names.into_inner()
     }
 
-    /// True when a line of `text`, commented out or not, sets `key`.
+    /// True when `text` sets `key` somewhere (commented out or not, as `key =` or `a.key =`), or
+    /// opens it as a table (`[section.key]`, `[section.key.NAME]`).
     fn documents(text: &str, key: &str) -> bool {
-        text.lines().any(|line| {
+        let is_key_char = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+        let assigned = text.match_indices(key).any(|(at, _)| {
+            let before = text[..at].chars().next_back();
+            let after = text[at + key.len()..].trim_start_matches(' ');
+            !before.is_some_and(is_key_char) && after.starts_with('=')
+        });
+        let opened = text.lines().any(|line| {
             let line = line.trim_start_matches(['#', ' ']);
-            line.strip_prefix(key)
-                .is_some_and(|rest| rest.trim_start().starts_with('='))
-        })
+            line.starts_with('[')
+                && (line.contains(&format!(".{key}]")) || line.contains(&format!(".{key}.")))
+        });
+        assigned || opened
     }
 
     #[test]
@@ -448,14 +462,18 @@ mod tests {
             ("[beat.jobs.NAME]", fields::<JobConfig>()),
             ("[metrics]", fields::<MetricsConfig>()),
             ("[control]", fields::<ControlConfig>()),
+            ("[deploy]", fields::<crate::stack::DeployConfig>()),
+            ("[deploy.tls]", fields::<crate::stack::TlsConfig>()),
+            ("[deploy.staging]", fields::<crate::stack::StagingConfig>()),
+            ("[deploy.cache]", fields::<crate::stack::CacheConfig>()),
+            ("[deploy.systemd]", fields::<crate::stack::SystemdConfig>()),
+            ("[redis]", fields::<crate::stack::RedisConfig>()),
+            ("[redis.cache]", fields::<crate::stack::RedisCacheConfig>()),
+            ("[postgres]", fields::<crate::stack::PostgresConfig>()),
         ];
         for (section, keys) in keyed {
             assert!(!keys.is_empty(), "no fields found for {section}");
             for key in keys {
-                // Sub-tables are documented by their own header.
-                if matches!(key, "jobs" | "rlimits") {
-                    continue;
-                }
                 assert!(
                     documents(example, key),
                     "examples/sauna.toml does not document {section} {key}"
