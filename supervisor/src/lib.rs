@@ -17,4 +17,5 @@ pub mod cli;
 pub mod config;
 pub mod lifecycle;
 pub mod metrics;
+pub mod programs;
 pub mod status;

@@ -1,0 +1,546 @@
+//! The actor that owns one program: its instances' processes, their restart histories and
+//! timers, and the stop sequence. One tokio task per program; commands arrive over an mpsc
+//! channel and answers leave through oneshot senders, so nothing about a program is shared.
+//!
+//! Each spawned process is awaited by a small waiter task that owns its `Child` and reports the
+//! exit back to the actor. The actor never waits on a child itself, so it can answer `status`
+//! and run timers while a process is stopping. What to do after an exit is decided by the pure
+//! machine in `state.rs`; this file carries the decisions out.
+//!
+//! An instance *is* its process group: the stop signal goes to the whole group, SIGKILL follows
+//! after `stop_timeout`, and once the leader has exited the group is SIGKILLed once more, because
+//! members that ignored the signal (or were never sent one: a crash of the leader) would
+//! otherwise outlive it as orphans. A grandchild that leaves the group (`setsid`, a daemonizing
+//! double fork) escapes all of this; under systemd, `KillMode=control-group` catches it.
+
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use nix::sys::signal::Signal;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::child;
+use crate::lifecycle::StopMode;
+use crate::metrics::Metrics;
+use crate::programs::launch::Launch;
+use crate::programs::rss;
+use crate::programs::state::{Decision, InstanceState, RestartHistory, can_transition};
+use crate::programs::{InstanceStatus, ProgramStatus};
+
+/// What the facade can ask a program actor.
+#[derive(Debug)]
+pub enum Command {
+    /// Report the program's status.
+    Status(oneshot::Sender<ProgramStatus>),
+    /// Stop every instance; the answer comes once every process group is gone.
+    Shutdown(StopMode, oneshot::Sender<()>),
+}
+
+/// A waiter task's report: process `run` of instance `index` has exited.
+struct Exited {
+    index: usize,
+    run: u64,
+    status: io::Result<ExitStatus>,
+}
+
+/// Why an instance is being stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    /// The supervisor is shutting down: the instance stays stopped.
+    Shutdown,
+    /// Over `max_rss`: started again as soon as the group is gone.
+    MaxRss,
+}
+
+/// One instance of the program.
+struct Instance {
+    index: usize,
+    state: InstanceState,
+    /// The process group leader while a process runs.
+    pid: Option<u32>,
+    /// Identifies the current process, so a late exit report of an earlier one is ignored.
+    run: u64,
+    started: Option<(Instant, SystemTime)>,
+    starts: u64,
+    history: RestartHistory,
+    restart_at: Option<Instant>,
+    ready_at: Option<Instant>,
+    kill_at: Option<Instant>,
+    stop_reason: Option<StopReason>,
+    rss_bytes: Option<u64>,
+    rss_over: u32,
+    last_exit: Option<String>,
+    last_exit_at: Option<SystemTime>,
+    fatal: Option<String>,
+}
+
+impl Instance {
+    fn new(index: usize) -> Instance {
+        Instance {
+            index,
+            state: InstanceState::Stopped,
+            pid: None,
+            run: 0,
+            started: None,
+            starts: 0,
+            history: RestartHistory::default(),
+            restart_at: None,
+            ready_at: None,
+            kill_at: None,
+            stop_reason: None,
+            rss_bytes: None,
+            rss_over: 0,
+            last_exit: None,
+            last_exit_at: None,
+            fatal: None,
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        [self.restart_at, self.ready_at, self.kill_at]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+}
+
+/// The actor's state; see the module documentation.
+pub struct ProgramActor {
+    launch: Launch,
+    metrics: Arc<Metrics>,
+    instances: Vec<Instance>,
+    exits_tx: mpsc::UnboundedSender<Exited>,
+    exits_rx: mpsc::UnboundedReceiver<Exited>,
+    next_rss_sample: Option<Instant>,
+    shutting_down: Option<StopMode>,
+    shutdown_replies: Vec<oneshot::Sender<()>>,
+    runs: u64,
+}
+
+impl ProgramActor {
+    /// An actor for `launch` with every instance stopped.
+    pub fn new(launch: Launch, metrics: Arc<Metrics>) -> ProgramActor {
+        let (exits_tx, exits_rx) = mpsc::unbounded_channel();
+        let instances = (0..launch.instances as usize).map(Instance::new).collect();
+        let next_rss_sample = (launch.max_rss > 0).then(|| Instant::now() + launch.rss_interval);
+        metrics
+            .program_up
+            .with_label_values(&[launch.name.as_str()])
+            .set(0);
+        metrics
+            .program_restarts_total
+            .with_label_values(&[launch.name.as_str()])
+            .inc_by(0);
+        ProgramActor {
+            launch,
+            metrics,
+            instances,
+            exits_tx,
+            exits_rx,
+            next_rss_sample,
+            shutting_down: None,
+            shutdown_replies: Vec::new(),
+            runs: 0,
+        }
+    }
+
+    /// Spawns every instance now, in index order. Called from the runtime before `run`, so
+    /// programs start in the order the facade starts them.
+    pub fn start_all(&mut self) {
+        for index in 0..self.instances.len() {
+            self.start(index);
+        }
+    }
+
+    /// Serves commands until a shutdown has completed or the facade is gone.
+    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut commands_open = true;
+        loop {
+            if self.shutting_down.is_some() && self.all_down() {
+                for reply in self.shutdown_replies.drain(..) {
+                    let _ = reply.send(());
+                }
+                return;
+            }
+            let deadline = self.next_deadline();
+            let timer = async move {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                command = commands.recv(), if commands_open => match command {
+                    Some(Command::Status(reply)) => {
+                        let _ = reply.send(self.status());
+                    }
+                    Some(Command::Shutdown(mode, reply)) => {
+                        self.shutdown_replies.push(reply);
+                        self.begin_shutdown(mode);
+                    }
+                    None => {
+                        // The facade was dropped without a shutdown: leave nothing running.
+                        commands_open = false;
+                        self.begin_shutdown(StopMode::Fast);
+                    }
+                },
+                Some(exited) = self.exits_rx.recv() => self.on_exit(exited),
+                () = timer => self.on_timers(Instant::now()),
+            }
+        }
+    }
+
+    fn set_state(&mut self, index: usize, to: InstanceState) {
+        let from = self.instances[index].state;
+        if !can_transition(from, to) {
+            tracing::error!(
+                "program \"{}\": internal error: transition {from:?} → {to:?} is not in the table",
+                self.launch.label(index)
+            );
+        }
+        self.instances[index].state = to;
+        let all_running = self
+            .instances
+            .iter()
+            .all(|instance| instance.state == InstanceState::Running);
+        self.metrics
+            .program_up
+            .with_label_values(&[self.launch.name.as_str()])
+            .set(i64::from(all_running && !self.instances.is_empty()));
+    }
+
+    fn start(&mut self, index: usize) {
+        let label = self.launch.label(index);
+        self.set_state(index, InstanceState::Starting);
+        let now = Instant::now();
+        let instance = &mut self.instances[index];
+        instance.restart_at = None;
+        instance.kill_at = None;
+        instance.stop_reason = None;
+        instance.rss_over = 0;
+        instance.rss_bytes = None;
+        instance.fatal = None;
+        instance.started = Some((now, SystemTime::now()));
+        instance.starts += 1;
+        if instance.starts > 1 {
+            self.metrics
+                .program_restarts_total
+                .with_label_values(&[self.launch.name.as_str()])
+                .inc();
+        }
+        match child::spawn(self.launch.spec(index)) {
+            Ok(mut process) => {
+                let pid = process.id().unwrap_or_default();
+                self.runs += 1;
+                let run = self.runs;
+                let instance = &mut self.instances[index];
+                instance.pid = Some(pid);
+                instance.run = run;
+                instance.ready_at = Some(now + self.launch.ready_after);
+                tracing::info!(program = %label, pid, "program \"{label}\": started (pid {pid})");
+                child::capture_output(&mut process, label);
+                let exits = self.exits_tx.clone();
+                tokio::spawn(async move {
+                    let status = process.wait().await;
+                    let _ = exits.send(Exited { index, run, status });
+                });
+                if self.launch.ready_after.is_zero() {
+                    self.become_ready(index);
+                }
+            }
+            Err(error) => {
+                let description = format!("could not start: {error}");
+                tracing::error!(program = %label, "program \"{label}\": {description}");
+                self.after_unrequested_exit(index, false, description);
+            }
+        }
+    }
+
+    fn become_ready(&mut self, index: usize) {
+        self.instances[index].ready_at = None;
+        self.set_state(index, InstanceState::Running);
+    }
+
+    fn on_exit(&mut self, exited: Exited) {
+        let index = exited.index;
+        let Some(instance) = self.instances.get_mut(index) else {
+            return;
+        };
+        if instance.run != exited.run {
+            return;
+        }
+        let Some(pid) = instance.pid.take() else {
+            return;
+        };
+        // Members that outlived the leader would become orphans: the instance is the group.
+        if let Err(error) = child::signal_group(pid, Signal::SIGKILL) {
+            tracing::warn!("cannot kill what is left of process group {pid}: {error}");
+        }
+        let (description, success) = describe(&exited.status);
+        instance.last_exit = Some(description.clone());
+        instance.last_exit_at = Some(SystemTime::now());
+        instance.rss_bytes = None;
+        instance.ready_at = None;
+        instance.kill_at = None;
+        let label = self.launch.label(index);
+        if instance.state == InstanceState::Stopping {
+            let reason = instance.stop_reason.take();
+            tracing::info!(program = %label, pid, "program \"{label}\": stopped ({description})");
+            if reason == Some(StopReason::MaxRss) && self.shutting_down.is_none() {
+                self.start(index);
+            } else {
+                self.set_state(index, InstanceState::Stopped);
+            }
+        } else {
+            self.after_unrequested_exit(index, success, description);
+        }
+    }
+
+    fn after_unrequested_exit(&mut self, index: usize, success: bool, description: String) {
+        let now = Instant::now();
+        let label = self.launch.label(index);
+        let instance = &mut self.instances[index];
+        let started_at = instance.started.map_or(now, |(at, _)| at);
+        match instance
+            .history
+            .on_exit(&self.launch.rules, success, started_at, now)
+        {
+            Decision::Restart { delay } => {
+                instance.restart_at = Some(now + delay);
+                tracing::warn!(
+                    program = %label,
+                    "program \"{label}\": {description}; restarting in {}",
+                    proxy_conf::Duration(delay)
+                );
+                self.set_state(index, InstanceState::Backoff);
+            }
+            Decision::StayDown => {
+                tracing::info!(
+                    program = %label,
+                    "program \"{label}\": {description}; not restarted (restart = {})",
+                    restart_word(self.launch.rules.restart)
+                );
+                self.set_state(index, InstanceState::Exited);
+            }
+            Decision::GiveUp { exits, window } => {
+                let reason = format!(
+                    "{description} {exits} times in {}; giving up",
+                    proxy_conf::Duration(window)
+                );
+                tracing::error!(program = %label, "program \"{label}\": {reason}");
+                instance.fatal = Some(reason);
+                self.set_state(index, InstanceState::Fatal);
+            }
+        }
+    }
+
+    fn stop(&mut self, index: usize, mode: StopMode, reason: StopReason) {
+        let label = self.launch.label(index);
+        let instance = &mut self.instances[index];
+        match instance.state {
+            InstanceState::Starting | InstanceState::Running => {
+                let Some(pid) = instance.pid else { return };
+                let signal = match mode {
+                    StopMode::Graceful => self.launch.stop_signal,
+                    StopMode::Fast => Signal::SIGKILL,
+                };
+                instance.stop_reason = Some(reason);
+                instance.ready_at = None;
+                instance.kill_at = match mode {
+                    StopMode::Graceful => Some(Instant::now() + self.launch.stop_timeout),
+                    StopMode::Fast => None,
+                };
+                tracing::info!(program = %label, pid, "program \"{label}\": sending {signal} to process group {pid}");
+                if let Err(error) = child::signal_group(pid, signal) {
+                    tracing::warn!(program = %label, "program \"{label}\": cannot signal process group {pid}: {error}");
+                }
+                self.set_state(index, InstanceState::Stopping);
+            }
+            InstanceState::Stopping => {
+                instance.stop_reason = Some(reason);
+                if mode == StopMode::Fast {
+                    instance.kill_at = Some(Instant::now());
+                }
+            }
+            InstanceState::Backoff => {
+                instance.restart_at = None;
+                self.set_state(index, InstanceState::Stopped);
+            }
+            InstanceState::Exited | InstanceState::Stopped | InstanceState::Fatal => {}
+        }
+    }
+
+    fn begin_shutdown(&mut self, mode: StopMode) {
+        if self.shutting_down == Some(StopMode::Fast) {
+            return;
+        }
+        self.shutting_down = Some(mode);
+        for index in 0..self.instances.len() {
+            self.stop(index, mode, StopReason::Shutdown);
+        }
+    }
+
+    fn all_down(&self) -> bool {
+        self.instances.iter().all(|instance| instance.pid.is_none())
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let instances = self.instances.iter().filter_map(Instance::next_deadline);
+        let sample = self
+            .next_rss_sample
+            .filter(|_| self.shutting_down.is_none());
+        instances.chain(sample).min()
+    }
+
+    fn on_timers(&mut self, now: Instant) {
+        for index in 0..self.instances.len() {
+            let instance = &mut self.instances[index];
+            if instance.restart_at.is_some_and(|at| at <= now) {
+                instance.restart_at = None;
+                if instance.state == InstanceState::Backoff && self.shutting_down.is_none() {
+                    self.start(index);
+                }
+            }
+            let instance = &mut self.instances[index];
+            if instance.ready_at.is_some_and(|at| at <= now) {
+                self.become_ready(index);
+            }
+            let instance = &mut self.instances[index];
+            if instance.kill_at.is_some_and(|at| at <= now) {
+                instance.kill_at = None;
+                if let Some(pid) = instance.pid {
+                    let label = self.launch.label(index);
+                    tracing::warn!(
+                        program = %label,
+                        pid,
+                        "program \"{label}\": still running {} after {}; sending SIGKILL to process group {pid}",
+                        proxy_conf::Duration(self.launch.stop_timeout),
+                        self.launch.stop_signal
+                    );
+                    if let Err(error) = child::signal_group(pid, Signal::SIGKILL) {
+                        tracing::warn!(program = %label, "program \"{label}\": cannot kill process group {pid}: {error}");
+                    }
+                }
+            }
+        }
+        if self.next_rss_sample.is_some_and(|at| at <= now) && self.shutting_down.is_none() {
+            self.next_rss_sample = Some(now + self.launch.rss_interval);
+            self.sample_rss();
+        }
+    }
+
+    fn sample_rss(&mut self) {
+        let limit = self.launch.max_rss;
+        for index in 0..self.instances.len() {
+            let instance = &mut self.instances[index];
+            let running = matches!(
+                instance.state,
+                InstanceState::Starting | InstanceState::Running
+            );
+            let Some(pid) = instance.pid.filter(|_| running) else {
+                continue;
+            };
+            instance.rss_bytes = rss::tree_rss(pid);
+            let rss = instance.rss_bytes.unwrap_or_default();
+            if rss <= limit {
+                instance.rss_over = 0;
+                continue;
+            }
+            instance.rss_over += 1;
+            if instance.rss_over >= self.launch.max_rss_samples {
+                let label = self.launch.label(index);
+                tracing::warn!(
+                    program = %label,
+                    pid,
+                    rss_bytes = rss,
+                    "program \"{label}\": RSS {} of its process tree is over max_rss {} for {} consecutive samples; restarting it",
+                    proxy_conf::ByteSize(rss),
+                    proxy_conf::ByteSize(limit),
+                    instance.rss_over
+                );
+                self.stop(index, StopMode::Graceful, StopReason::MaxRss);
+            }
+        }
+    }
+
+    fn status(&self) -> ProgramStatus {
+        let now = Instant::now();
+        let wall_now = SystemTime::now();
+        let to_unix = |at: SystemTime| {
+            at.duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |since| since.as_secs_f64())
+        };
+        let instances: Vec<InstanceStatus> = self
+            .instances
+            .iter()
+            .map(|instance| {
+                let running = instance.pid.is_some();
+                let detail = match instance.state {
+                    InstanceState::Fatal => instance.fatal.clone(),
+                    InstanceState::Backoff => instance.restart_at.map(|at| {
+                        format!(
+                            "restarting in {:.1}s",
+                            at.saturating_duration_since(now).as_secs_f64()
+                        )
+                    }),
+                    InstanceState::Stopping if instance.stop_reason == Some(StopReason::MaxRss) => {
+                        Some("restarting: over max_rss".to_owned())
+                    }
+                    _ => None,
+                };
+                InstanceStatus {
+                    index: instance.index,
+                    pid: instance.pid,
+                    state: instance.state,
+                    started_at: instance.started.map(|(_, wall)| to_unix(wall)),
+                    uptime_seconds: instance
+                        .started
+                        .filter(|_| running)
+                        .map(|(at, _)| now.saturating_duration_since(at).as_secs()),
+                    restarts: instance.starts.saturating_sub(1),
+                    last_exit: instance.last_exit.clone(),
+                    last_exit_at: instance.last_exit_at.map(to_unix),
+                    recent_exits: instance
+                        .history
+                        .recent_exits()
+                        .map(|at| {
+                            wall_now
+                                .checked_sub(now.saturating_duration_since(at))
+                                .map_or(0.0, to_unix)
+                        })
+                        .collect(),
+                    rss_bytes: instance.rss_bytes,
+                    detail,
+                }
+            })
+            .collect();
+        ProgramStatus::new(self.launch.name.clone(), instances)
+    }
+}
+
+/// A readable exit status and whether it counts as success.
+fn describe(status: &io::Result<ExitStatus>) -> (String, bool) {
+    match status {
+        Ok(status) => match (status.code(), status.signal()) {
+            (Some(code), _) => (format!("exited with status {code}"), code == 0),
+            (None, Some(signal)) => {
+                let name = Signal::try_from(signal)
+                    .map_or_else(|_| signal.to_string(), |signal| signal.to_string());
+                (format!("killed by signal {name}"), false)
+            }
+            (None, None) => (format!("ended ({status})"), false),
+        },
+        Err(error) => (format!("could not be waited for: {error}"), false),
+    }
+}
+
+fn restart_word(policy: proxy_conf::RestartPolicy) -> &'static str {
+    match policy {
+        proxy_conf::RestartPolicy::Always => "always",
+        proxy_conf::RestartPolicy::OnFailure => "on-failure",
+        proxy_conf::RestartPolicy::Never => "never",
+    }
+}

@@ -1,0 +1,240 @@
+//! Programs: the supervised commands of `[programs.NAME]` (Celery workers and the like). This
+//! module is the facade the main loop uses: it starts one actor per program in name order, asks
+//! them for their status, and stops them in reverse order. The restart policy lives in
+//! [`state`], the per-program process handling in [`actor`], the resolution of config keys in
+//! [`launch`] and memory measurement in [`rss`].
+//!
+//! Reload is not built yet; it is meant to slot in as one more actor command per program
+//! (start the new instances, wait until they are `running`, then stop the old ones), which is why
+//! each program's processes are owned by its own actor rather than by the facade.
+
+pub mod actor;
+pub mod launch;
+pub mod rss;
+pub mod state;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proxy_conf::Config;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::lifecycle::StopMode;
+use crate::metrics::Metrics;
+use actor::{Command, ProgramActor};
+use launch::Launch;
+pub use state::InstanceState;
+
+/// The shortest RSS sampling interval, so a `sample_interval = "0s"` cannot spin the actor.
+const MIN_RSS_INTERVAL: Duration = Duration::from_millis(50);
+
+/// The status of one program, as `status --json` shows it under `programs`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProgramStatus {
+    /// `[programs.NAME]`.
+    pub name: String,
+    /// The least healthy state among its instances (`running` only when all are running).
+    pub state: InstanceState,
+    /// True when an instance gave up after a crash loop (for `/healthz`).
+    pub fatal: bool,
+    /// Each instance, by index.
+    pub instances: Vec<InstanceStatus>,
+}
+
+impl ProgramStatus {
+    fn new(name: String, instances: Vec<InstanceStatus>) -> ProgramStatus {
+        let state = instances
+            .iter()
+            .map(|instance| instance.state)
+            .min_by_key(|state| health_rank(*state))
+            .unwrap_or(InstanceState::Stopped);
+        ProgramStatus {
+            name,
+            state,
+            fatal: state == InstanceState::Fatal,
+            instances,
+        }
+    }
+}
+
+/// Orders states from least to most healthy for [`ProgramStatus::state`].
+fn health_rank(state: InstanceState) -> u8 {
+    match state {
+        InstanceState::Fatal => 0,
+        InstanceState::Backoff => 1,
+        InstanceState::Stopping => 2,
+        InstanceState::Starting => 3,
+        InstanceState::Exited => 4,
+        InstanceState::Stopped => 5,
+        InstanceState::Running => 6,
+    }
+}
+
+/// The status of one instance of a program.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceStatus {
+    /// 0-based index, also in `$SAUNA_INSTANCE` and in log labels (`celery:1`).
+    pub index: usize,
+    /// The process group leader, while one runs.
+    pub pid: Option<u32>,
+    /// Where the instance is in its life.
+    pub state: InstanceState,
+    /// Unix time (seconds) the current or last process was started.
+    pub started_at: Option<f64>,
+    /// Seconds the current process has been running.
+    pub uptime_seconds: Option<u64>,
+    /// Times the instance was started again after its first start.
+    pub restarts: u64,
+    /// How the last process ended, e.g. `exited with status 1` or `killed by signal SIGKILL`.
+    pub last_exit: Option<String>,
+    /// Unix time of that exit.
+    pub last_exit_at: Option<f64>,
+    /// Unix times of the unrequested exits inside the crash window, oldest first; the gaps show
+    /// the backoff delays.
+    pub recent_exits: Vec<f64>,
+    /// RSS of the instance's process tree at the last sample (only sampled with `max_rss`).
+    pub rss_bytes: Option<u64>,
+    /// Why it is in this state: the crash-loop reason, the time left before a restart, ….
+    pub detail: Option<String>,
+}
+
+/// A running program actor as the facade sees it.
+struct ProgramHandle {
+    name: String,
+    commands: mpsc::Sender<Command>,
+    task: JoinHandle<()>,
+}
+
+/// Every program of the configuration, each run by its own actor.
+pub struct Programs {
+    /// In start (name) order.
+    programs: Vec<ProgramHandle>,
+}
+
+impl Programs {
+    /// Starts every `[programs.NAME]` in name order. Relative paths are taken from `base_dir`
+    /// (the config file's directory). RSS for `max_rss` is sampled every
+    /// `[metrics].sample_interval`. Must be called on the tokio runtime that will run the
+    /// actors: children are spawned from its threads (see `child` on `PR_SET_PDEATHSIG`).
+    pub fn start(config: &Config, base_dir: &Path, metrics: Arc<Metrics>) -> Programs {
+        let rss_interval = config.metrics.sample_interval.get().max(MIN_RSS_INTERVAL);
+        let programs = config
+            .programs
+            .iter()
+            .map(|(name, program)| {
+                let launch = Launch::new(name, program, &config.app, base_dir, rss_interval);
+                let mut actor = ProgramActor::new(launch, Arc::clone(&metrics));
+                actor.start_all();
+                let (commands, receiver) = mpsc::channel(16);
+                let task = tokio::spawn(actor.run(receiver));
+                ProgramHandle {
+                    name: name.clone(),
+                    commands,
+                    task,
+                }
+            })
+            .collect();
+        Programs { programs }
+    }
+
+    /// The status of every program, in start order.
+    pub async fn status(&self) -> Vec<ProgramStatus> {
+        let mut statuses = Vec::with_capacity(self.programs.len());
+        for program in &self.programs {
+            let (reply, answer) = oneshot::channel();
+            if program.commands.send(Command::Status(reply)).await.is_err() {
+                tracing::error!("program \"{}\": its actor is gone", program.name);
+                continue;
+            }
+            if let Ok(status) = answer.await {
+                statuses.push(status);
+            }
+        }
+        statuses
+    }
+
+    /// True when some program gave up after a crash loop; `/healthz` reports unhealthy then.
+    pub async fn any_fatal(&self) -> bool {
+        self.status().await.iter().any(|program| program.fatal)
+    }
+
+    /// Stops every program and returns once all their process groups are gone. Graceful: one
+    /// program after the other in reverse start order, each instance getting `stop_signal` and
+    /// SIGKILL after `stop_timeout`. Fast: every group gets SIGKILL at once.
+    pub async fn shutdown(self, mode: StopMode) {
+        let mut pending = Vec::new();
+        for program in self.programs.into_iter().rev() {
+            let (reply, answer) = oneshot::channel();
+            if program
+                .commands
+                .send(Command::Shutdown(mode, reply))
+                .await
+                .is_err()
+            {
+                tracing::error!("program \"{}\": its actor is gone", program.name);
+                continue;
+            }
+            match mode {
+                StopMode::Graceful => {
+                    let _ = answer.await;
+                    let _ = program.task.await;
+                }
+                StopMode::Fast => pending.push((answer, program.task)),
+            }
+        }
+        for (answer, task) in pending {
+            let _ = answer.await;
+            let _ = task.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(state: InstanceState) -> InstanceStatus {
+        InstanceStatus {
+            index: 0,
+            pid: None,
+            state,
+            started_at: None,
+            uptime_seconds: None,
+            restarts: 0,
+            last_exit: None,
+            last_exit_at: None,
+            recent_exits: Vec::new(),
+            rss_bytes: None,
+            detail: None,
+        }
+    }
+
+    #[test]
+    fn a_program_is_as_healthy_as_its_worst_instance() {
+        let status = ProgramStatus::new(
+            "celery".into(),
+            vec![
+                instance(InstanceState::Running),
+                instance(InstanceState::Fatal),
+            ],
+        );
+        assert_eq!(status.state, InstanceState::Fatal);
+        assert!(status.fatal);
+        let status = ProgramStatus::new(
+            "celery".into(),
+            vec![
+                instance(InstanceState::Running),
+                instance(InstanceState::Running),
+            ],
+        );
+        assert_eq!(status.state, InstanceState::Running);
+        assert!(!status.fatal);
+        assert_eq!(
+            ProgramStatus::new("x".into(), Vec::new()).state,
+            InstanceState::Stopped
+        );
+    }
+}
