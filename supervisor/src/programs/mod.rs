@@ -195,6 +195,162 @@ impl Programs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::child;
+    use std::collections::BTreeSet;
+    use std::time::Instant;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    fn start(toml: &str) -> Programs {
+        let config = proxy_conf::load_str(toml, "sauna.toml").unwrap();
+        Programs::start(
+            &config,
+            Path::new("/tmp"),
+            Arc::new(Metrics::new().unwrap()),
+        )
+    }
+
+    async fn wait_for(
+        programs: &Programs,
+        what: &str,
+        predicate: impl Fn(&[ProgramStatus]) -> bool,
+    ) -> Vec<ProgramStatus> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = programs.status().await;
+            if predicate(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {status:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// True while `pid` exists and is not a zombie.
+    fn alive(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let (_, rest) = stat.rsplit_once(')')?;
+                Some(!rest.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(false)
+    }
+
+    fn tree(pid: u32) -> BTreeSet<u32> {
+        rss::tree_members(&rss::read_processes(Path::new("/proc")), pid)
+    }
+
+    #[test]
+    fn a_killed_instance_comes_back_with_a_new_pid_and_env() {
+        runtime().block_on(async {
+            let programs = start(
+                r#"
+                [programs.sleeper]
+                command = ["sh", "-c", "test \"$SAUNA_INSTANCE\" = 1 || exit 3; exec sleep 300"]
+                instances = 2
+                ready_after = "0s"
+                "#,
+            );
+            let status = wait_for(&programs, "both instances", |status| {
+                status[0].instances[1].state == InstanceState::Running
+            })
+            .await;
+            let first = status[0].instances[1].pid.unwrap();
+            // Instance 0 exits with 3: it is not SAUNA_INSTANCE=1.
+            wait_for(&programs, "instance 0 backing off", |status| {
+                status[0].instances[0].last_exit.as_deref() == Some("exited with status 3")
+            })
+            .await;
+            child::signal_group(first, nix::sys::signal::Signal::SIGKILL).unwrap();
+            let killed = Instant::now();
+            let status = wait_for(&programs, "a new pid", |status| {
+                let instance = &status[0].instances[1];
+                instance.pid.is_some_and(|pid| pid != first)
+            })
+            .await;
+            assert!(killed.elapsed() < Duration::from_secs(2));
+            let instance = &status[0].instances[1];
+            assert_eq!(instance.restarts, 1);
+            assert_eq!(
+                instance.last_exit.as_deref(),
+                Some("killed by signal SIGKILL")
+            );
+            programs.shutdown(StopMode::Fast).await;
+        });
+    }
+
+    #[test]
+    fn a_stop_ends_grandchildren_and_kills_what_ignores_the_signal() {
+        runtime().block_on(async {
+            let programs = start(
+                r#"
+                [programs.polite]
+                command = ["sh", "-c", "sleep 300 & sleep 300 & wait"]
+                [programs.stubborn]
+                command = ["sh", "-c", "trap '' TERM; sleep 300 & wait"]
+                stop_timeout = "300ms"
+                "#,
+            );
+            let status = wait_for(&programs, "grandchildren", |status| {
+                status.iter().all(|program| {
+                    program.instances[0]
+                        .pid
+                        .is_some_and(|pid| tree(pid).len() >= 2)
+                })
+            })
+            .await;
+            let mut pids = BTreeSet::new();
+            for program in &status {
+                pids.extend(tree(program.instances[0].pid.unwrap()));
+            }
+            let stopping = Instant::now();
+            programs.shutdown(StopMode::Graceful).await;
+            let took = stopping.elapsed();
+            assert!(
+                took >= Duration::from_millis(300),
+                "{took:?}: the stubborn one waited for stop_timeout"
+            );
+            assert!(took < Duration::from_secs(5), "{took:?}");
+            for pid in pids {
+                assert!(!alive(pid), "pid {pid} survived the stop");
+            }
+        });
+    }
+
+    #[test]
+    fn an_instance_over_max_rss_is_restarted() {
+        runtime().block_on(async {
+            // The leader is a small shell; the memory is in its child, as in Celery's prefork pool.
+            let programs = start(
+                r#"
+                [programs.hog]
+                command = ["sh", "-c", "python3 -c 'import time; b = b\"x\" * (64 << 20); time.sleep(300)' & wait"]
+                max_rss = "32MiB"
+                max_rss_samples = 2
+                [metrics]
+                sample_interval = "100ms"
+                "#,
+            );
+            let status = wait_for(&programs, "a max_rss restart", |status| {
+                status[0].instances[0].restarts >= 1
+            })
+            .await;
+            assert_eq!(
+                status[0].instances[0].last_exit.as_deref(),
+                Some("killed by signal SIGTERM")
+            );
+            programs.shutdown(StopMode::Fast).await;
+        });
+    }
 
     fn instance(state: InstanceState) -> InstanceStatus {
         InstanceStatus {
