@@ -456,8 +456,8 @@ impl ProgramActor {
                     program = %label,
                     pid,
                     rss_bytes = rss,
-                    "program \"{label}\": RSS {} of its process tree is over max_rss {} for {} consecutive samples; restarting it",
-                    proxy_conf::ByteSize(rss),
+                    "program \"{label}\": RSS {:.1}MiB of its process tree is over max_rss {} for {} consecutive samples; restarting it",
+                    rss as f64 / f64::from(1u32 << 20),
                     proxy_conf::ByteSize(limit),
                     instance.rss_over
                 );
