@@ -39,9 +39,8 @@ pub enum Command {
     Shutdown(StopMode, oneshot::Sender<()>),
 }
 
-/// A waiter task's report: process `run` of instance `index` has exited.
+/// A waiter task's report: process `run` has exited.
 struct Exited {
-    index: usize,
     run: u64,
     status: io::Result<ExitStatus>,
 }
@@ -150,8 +149,8 @@ impl ProgramActor {
     /// Spawns every instance now, in index order. Called from the runtime before `run`, so
     /// programs start in the order the facade starts them.
     pub fn start_all(&mut self) {
-        for index in 0..self.instances.len() {
-            self.start(index);
+        for slot in 0..self.instances.len() {
+            self.start(slot);
         }
     }
 
@@ -193,15 +192,21 @@ impl ProgramActor {
         }
     }
 
-    fn set_state(&mut self, index: usize, to: InstanceState) {
-        let from = self.instances[index].state;
+    /// The log label of the instance in `slot` (a position in `instances`; reload will keep old
+    /// and new processes of one index side by side).
+    fn label(&self, slot: usize) -> String {
+        self.launch.label(self.instances[slot].index)
+    }
+
+    fn set_state(&mut self, slot: usize, to: InstanceState) {
+        let from = self.instances[slot].state;
         if !can_transition(from, to) {
             tracing::error!(
                 "program \"{}\": internal error: transition {from:?} → {to:?} is not in the table",
-                self.launch.label(index)
+                self.label(slot)
             );
         }
-        self.instances[index].state = to;
+        self.instances[slot].state = to;
         let all_running = self
             .instances
             .iter()
@@ -212,11 +217,11 @@ impl ProgramActor {
             .set(i64::from(all_running && !self.instances.is_empty()));
     }
 
-    fn start(&mut self, index: usize) {
-        let label = self.launch.label(index);
-        self.set_state(index, InstanceState::Starting);
+    fn start(&mut self, slot: usize) {
+        let label = self.label(slot);
+        self.set_state(slot, InstanceState::Starting);
         let now = Instant::now();
-        let instance = &mut self.instances[index];
+        let instance = &mut self.instances[slot];
         instance.restart_at = None;
         instance.kill_at = None;
         instance.stop_reason = None;
@@ -231,12 +236,12 @@ impl ProgramActor {
                 .with_label_values(&[self.launch.name.as_str()])
                 .inc();
         }
-        match child::spawn(self.launch.spec(index)) {
+        match child::spawn(self.launch.spec(self.instances[slot].index)) {
             Ok(mut process) => {
                 let pid = process.id().unwrap_or_default();
                 self.runs += 1;
                 let run = self.runs;
-                let instance = &mut self.instances[index];
+                let instance = &mut self.instances[slot];
                 instance.pid = Some(pid);
                 instance.run = run;
                 instance.ready_at = Some(now + self.launch.ready_after);
@@ -245,33 +250,36 @@ impl ProgramActor {
                 let exits = self.exits_tx.clone();
                 tokio::spawn(async move {
                     let status = process.wait().await;
-                    let _ = exits.send(Exited { index, run, status });
+                    let _ = exits.send(Exited { run, status });
                 });
                 if self.launch.ready_after.is_zero() {
-                    self.become_ready(index);
+                    self.become_ready(slot);
                 }
             }
             Err(error) => {
                 let description = format!("could not start: {error}");
                 tracing::error!(program = %label, "program \"{label}\": {description}");
-                self.after_unrequested_exit(index, false, description);
+                self.after_unrequested_exit(slot, false, description);
             }
         }
     }
 
-    fn become_ready(&mut self, index: usize) {
-        self.instances[index].ready_at = None;
-        self.set_state(index, InstanceState::Running);
+    fn become_ready(&mut self, slot: usize) {
+        self.instances[slot].ready_at = None;
+        self.set_state(slot, InstanceState::Running);
     }
 
     fn on_exit(&mut self, exited: Exited) {
-        let index = exited.index;
-        let Some(instance) = self.instances.get_mut(index) else {
+        // Matched by run, not by position: a late report about an earlier process is ignored.
+        let Some(slot) = self
+            .instances
+            .iter()
+            .position(|instance| instance.run == exited.run)
+        else {
             return;
         };
-        if instance.run != exited.run {
-            return;
-        }
+        let label = self.label(slot);
+        let instance = &mut self.instances[slot];
         let Some(pid) = instance.pid.take() else {
             return;
         };
@@ -285,24 +293,23 @@ impl ProgramActor {
         instance.rss_bytes = None;
         instance.ready_at = None;
         instance.kill_at = None;
-        let label = self.launch.label(index);
         if instance.state == InstanceState::Stopping {
             let reason = instance.stop_reason.take();
             tracing::info!(program = %label, pid, "program \"{label}\": stopped ({description})");
             if reason == Some(StopReason::MaxRss) && self.shutting_down.is_none() {
-                self.start(index);
+                self.start(slot);
             } else {
-                self.set_state(index, InstanceState::Stopped);
+                self.set_state(slot, InstanceState::Stopped);
             }
         } else {
-            self.after_unrequested_exit(index, success, description);
+            self.after_unrequested_exit(slot, success, description);
         }
     }
 
-    fn after_unrequested_exit(&mut self, index: usize, success: bool, description: String) {
+    fn after_unrequested_exit(&mut self, slot: usize, success: bool, description: String) {
         let now = Instant::now();
-        let label = self.launch.label(index);
-        let instance = &mut self.instances[index];
+        let label = self.label(slot);
+        let instance = &mut self.instances[slot];
         let started_at = instance.started.map_or(now, |(at, _)| at);
         match instance
             .history
@@ -315,7 +322,7 @@ impl ProgramActor {
                     "program \"{label}\": {description}; restarting in {}",
                     proxy_conf::Duration(delay)
                 );
-                self.set_state(index, InstanceState::Backoff);
+                self.set_state(slot, InstanceState::Backoff);
             }
             Decision::StayDown => {
                 tracing::info!(
@@ -323,7 +330,7 @@ impl ProgramActor {
                     "program \"{label}\": {description}; not restarted (restart = {})",
                     restart_word(self.launch.rules.restart)
                 );
-                self.set_state(index, InstanceState::Exited);
+                self.set_state(slot, InstanceState::Exited);
             }
             Decision::GiveUp { exits, window } => {
                 let reason = format!(
@@ -332,14 +339,14 @@ impl ProgramActor {
                 );
                 tracing::error!(program = %label, "program \"{label}\": {reason}");
                 instance.fatal = Some(reason);
-                self.set_state(index, InstanceState::Fatal);
+                self.set_state(slot, InstanceState::Fatal);
             }
         }
     }
 
-    fn stop(&mut self, index: usize, mode: StopMode, reason: StopReason) {
-        let label = self.launch.label(index);
-        let instance = &mut self.instances[index];
+    fn stop(&mut self, slot: usize, mode: StopMode, reason: StopReason) {
+        let label = self.label(slot);
+        let instance = &mut self.instances[slot];
         match instance.state {
             InstanceState::Starting | InstanceState::Running => {
                 let Some(pid) = instance.pid else { return };
@@ -357,7 +364,7 @@ impl ProgramActor {
                 if let Err(error) = child::signal_group(pid, signal) {
                     tracing::warn!(program = %label, "program \"{label}\": cannot signal process group {pid}: {error}");
                 }
-                self.set_state(index, InstanceState::Stopping);
+                self.set_state(slot, InstanceState::Stopping);
             }
             InstanceState::Stopping => {
                 instance.stop_reason = Some(reason);
@@ -367,7 +374,7 @@ impl ProgramActor {
             }
             InstanceState::Backoff => {
                 instance.restart_at = None;
-                self.set_state(index, InstanceState::Stopped);
+                self.set_state(slot, InstanceState::Stopped);
             }
             InstanceState::Exited | InstanceState::Stopped | InstanceState::Fatal => {}
         }
@@ -378,8 +385,8 @@ impl ProgramActor {
             return;
         }
         self.shutting_down = Some(mode);
-        for index in 0..self.instances.len() {
-            self.stop(index, mode, StopReason::Shutdown);
+        for slot in 0..self.instances.len() {
+            self.stop(slot, mode, StopReason::Shutdown);
         }
     }
 
@@ -396,23 +403,23 @@ impl ProgramActor {
     }
 
     fn on_timers(&mut self, now: Instant) {
-        for index in 0..self.instances.len() {
-            let instance = &mut self.instances[index];
+        for slot in 0..self.instances.len() {
+            let instance = &mut self.instances[slot];
             if instance.restart_at.is_some_and(|at| at <= now) {
                 instance.restart_at = None;
                 if instance.state == InstanceState::Backoff && self.shutting_down.is_none() {
-                    self.start(index);
+                    self.start(slot);
                 }
             }
-            let instance = &mut self.instances[index];
+            let instance = &mut self.instances[slot];
             if instance.ready_at.is_some_and(|at| at <= now) {
-                self.become_ready(index);
+                self.become_ready(slot);
             }
-            let instance = &mut self.instances[index];
+            let instance = &mut self.instances[slot];
             if instance.kill_at.is_some_and(|at| at <= now) {
                 instance.kill_at = None;
                 if let Some(pid) = instance.pid {
-                    let label = self.launch.label(index);
+                    let label = self.label(slot);
                     tracing::warn!(
                         program = %label,
                         pid,
@@ -434,8 +441,8 @@ impl ProgramActor {
 
     fn sample_rss(&mut self) {
         let limit = self.launch.max_rss;
-        for index in 0..self.instances.len() {
-            let instance = &mut self.instances[index];
+        for slot in 0..self.instances.len() {
+            let instance = &mut self.instances[slot];
             let running = matches!(
                 instance.state,
                 InstanceState::Starting | InstanceState::Running
@@ -451,7 +458,8 @@ impl ProgramActor {
             }
             instance.rss_over += 1;
             if instance.rss_over >= self.launch.max_rss_samples {
-                let label = self.launch.label(index);
+                let samples = instance.rss_over;
+                let label = self.label(slot);
                 tracing::warn!(
                     program = %label,
                     pid,
@@ -459,9 +467,9 @@ impl ProgramActor {
                     "program \"{label}\": RSS {:.1}MiB of its process tree is over max_rss {} for {} consecutive samples; restarting it",
                     rss as f64 / f64::from(1u32 << 20),
                     proxy_conf::ByteSize(limit),
-                    instance.rss_over
+                    samples
                 );
-                self.stop(index, StopMode::Graceful, StopReason::MaxRss);
+                self.stop(slot, StopMode::Graceful, StopReason::MaxRss);
             }
         }
     }
