@@ -15,7 +15,13 @@
 pub mod child;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod lifecycle;
+pub mod logging;
 pub mod metrics;
+pub mod notify;
 pub mod programs;
+pub mod remote;
+pub mod signals;
 pub mod status;
+pub mod supervisor;

@@ -1,7 +1,7 @@
 //! The supervisor's lifecycle phases and the ways it can be asked to stop. Shared vocabulary for the
 //! main loop, the roles it stops, `status` and the tests that observe them.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Where the supervisor is in its life; reported by `status` and to systemd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -18,7 +18,7 @@ pub enum Phase {
 }
 
 /// How a role should stop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StopMode {
     /// Stop accepting, let in-flight work finish within its timeout, then force.
