@@ -120,6 +120,12 @@ impl Programs {
     /// `[metrics].sample_interval`. Must be called on the tokio runtime that will run the
     /// actors: children are spawned from its threads (see `child` on `PR_SET_PDEATHSIG`).
     pub fn start(config: &Config, base_dir: &Path, metrics: Arc<Metrics>) -> Programs {
+        // `sauna.toml` given without a directory has an empty parent: the current directory.
+        let base_dir = if base_dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            base_dir
+        };
         let rss_interval = config.metrics.sample_interval.get().max(MIN_RSS_INTERVAL);
         let programs = config
             .programs
