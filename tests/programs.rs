@@ -144,17 +144,20 @@ crash_window = "30s"
 }
 
 #[test]
-fn a_graceful_stop_ends_the_whole_process_group_including_grandchildren() {
+fn a_graceful_stop_ends_whole_process_groups_in_reverse_start_order() {
     let sandbox = Sandbox::new();
     sandbox.write_config(
         r#"
 [programs.family]
 command = ["sh", "-c", "sleep 300 & sleep 300 & wait"]
+
+[programs.later]
+command = ["sleep", "300"]
 "#,
     );
-    let running = sandbox.start();
-    let status = running.wait_for(Duration::from_secs(10), "family started", |status| {
-        pid_of(status, "family").is_some()
+    let mut running = sandbox.start();
+    let status = running.wait_for(Duration::from_secs(10), "both started", |status| {
+        pid_of(status, "family").is_some() && pid_of(status, "later").is_some()
     });
     let leader = pid_of(&status, "family").expect("a pid");
     let members = wait_until(Duration::from_secs(5), "two grandchildren", || {
@@ -162,7 +165,8 @@ command = ["sh", "-c", "sleep 300 & sleep 300 & wait"]
         (members.len() >= 3).then_some(members)
     });
     let stopping = Instant::now();
-    assert!(running.stop().success());
+    running.signal("TERM");
+    assert!(running.wait_exit(Duration::from_secs(10)).success());
     assert!(
         stopping.elapsed() < Duration::from_secs(5),
         "TERM was enough"
@@ -170,6 +174,16 @@ command = ["sh", "-c", "sleep 300 & sleep 300 & wait"]
     for pid in members {
         assert!(!alive(pid), "pid {pid} of the group survived the stop");
     }
+    let log = running.log();
+    let position = |needle: &str| {
+        log.find(needle)
+            .unwrap_or_else(|| panic!("{needle:?} not in log:\n{log}"))
+    };
+    assert!(
+        position("program \"later\": sending SIGTERM")
+            < position("program \"family\": sending SIGTERM"),
+        "programs stop in reverse start order:\n{log}"
+    );
 }
 
 #[test]
@@ -243,12 +257,14 @@ instances = 2
 }
 
 #[test]
-fn rlimits_are_visible_in_proc_limits() {
+fn rlimits_and_identity_are_visible_in_proc() {
     let sandbox = Sandbox::new();
     sandbox.write_config(
         r#"
 [programs.limited]
 command = ["sleep", "300"]
+user = "nobody"
+directory = "/"
 rlimits = { nofile = 321, core = "0", as = "2GiB" }
 "#,
     );
@@ -274,6 +290,64 @@ rlimits = { nofile = 321, core = "0", as = "2GiB" }
         ["2147483648", "2147483648"],
         "{limits}"
     );
+    let proc_status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    let uid = proc_status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))
+        .and_then(|uids| uids.split_whitespace().next())
+        .expect("a Uid line");
+    if nix::unistd::geteuid().is_root() {
+        assert_eq!(uid, "65534", "runs as nobody:\n{proc_status}");
+    } else {
+        running.wait_for_log("user/group switch ignored", Duration::from_secs(1));
+    }
+    assert!(running.stop().success());
+}
+
+#[test]
+fn python_cwd_and_env_come_from_app_unless_the_program_overrides_them() {
+    let python = require_tool("python3", "apt-get install -y python3");
+    let sandbox = Sandbox::new();
+    std::fs::create_dir_all(sandbox.path("app")).expect("create app dir");
+    // A wrapper as `[app].python`, given relative to the config file, proves where `python` went.
+    let wrapper = sandbox.write(
+        "venv/bin/python",
+        &format!(
+            "#!/bin/sh\necho via the app interpreter\nexec {} \"$@\"\n",
+            python.display()
+        ),
+    );
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("make the wrapper executable");
+    sandbox.write_config(
+        r#"
+[app]
+directory = "app"
+python = "venv/bin/python"
+env = { FROM_APP = "app", OVERRIDDEN = "app" }
+
+[programs.py]
+command = ["python", "-c", "import os; print('cwd', os.getcwd(), os.environ['FROM_APP'], os.environ['OVERRIDDEN'])"]
+env = { OVERRIDDEN = "program" }
+restart = "never"
+"#,
+    );
+    let running = sandbox.start();
+    let app_dir = sandbox
+        .path("app")
+        .canonicalize()
+        .expect("canonical app dir");
+    running.wait_for_log(
+        &format!("cwd {} app program", app_dir.display()),
+        Duration::from_secs(10),
+    );
+    running.wait_for_log("via the app interpreter", Duration::from_secs(1));
+    running.wait_for(Duration::from_secs(5), "py exited", |status| {
+        instance(status, "py")["state"] == "exited"
+    });
     assert!(running.stop().success());
 }
 
