@@ -187,6 +187,43 @@ command = ["sleep", "300"]
 }
 
 #[test]
+fn a_stop_lets_group_members_finish_after_their_leader_died() {
+    let sandbox = Sandbox::new();
+    // The outer shell dies on TERM at once; the worker it started finishes its work first, as
+    // a Celery worker behind a non-exec shell wrapper does.
+    sandbox.write_config(
+        r#"
+[programs.wrapped]
+command = ["sh", "-c", "sh -c 'trap \"sleep 0.4; echo work finished; exit 0\" TERM; while :; do sleep 0.05; done' & wait"]
+stop_timeout = "10s"
+"#,
+    );
+    let mut running = sandbox.start();
+    let status = running.wait_for(Duration::from_secs(10), "wrapped started", |status| {
+        pid_of(status, "wrapped").is_some()
+    });
+    let leader = pid_of(&status, "wrapped").expect("a pid");
+    wait_until(Duration::from_secs(5), "the worker", || {
+        (group_members(leader).len() >= 2).then_some(())
+    });
+    let stopping = Instant::now();
+    running.signal("TERM");
+    assert!(running.wait_exit(Duration::from_secs(15)).success());
+    let took = stopping.elapsed();
+    let log = running.log();
+    assert!(
+        log.contains("work finished"),
+        "the worker was cut short:\n{log}"
+    );
+    assert!(!log.contains("sending SIGKILL"), "{log}");
+    assert!(
+        took < Duration::from_secs(5),
+        "stopped once the group was empty, took {took:?}"
+    );
+    assert!(group_members(leader).is_empty());
+}
+
+#[test]
 fn a_child_ignoring_term_is_sigkilled_after_stop_timeout() {
     let sandbox = Sandbox::new();
     sandbox.write_config(

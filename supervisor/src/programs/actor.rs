@@ -7,17 +7,21 @@
 //! and run timers while a process is stopping. What to do after an exit is decided by the pure
 //! machine in `state.rs`; this file carries the decisions out.
 //!
-//! An instance *is* its process group: the stop signal goes to the whole group, SIGKILL follows
-//! after `stop_timeout`, and once the leader has exited the group is SIGKILLed once more, because
-//! members that ignored the signal (or were never sent one: a crash of the leader) would
-//! otherwise outlive it as orphans. A grandchild that leaves the group (`setsid`, a daemonizing
-//! double fork) escapes all of this; under systemd, `KillMode=control-group` catches it.
+//! An instance *is* its process group: the stop signal goes to the whole group and SIGKILL
+//! follows after `stop_timeout`. A stop is complete when the group is empty, not when the leader
+//! has exited: a shell wrapper may die at once on TERM while the Celery worker it started is
+//! still finishing its tasks, so the group gets the rest of `stop_timeout` (checked on a short
+//! interval; no kernel event announces the end of a process that is not our child). After an
+//! exit nobody asked for, what is left of the group is SIGKILLed at once: those members would
+//! otherwise outlive the instance as orphans next to its replacement. A grandchild that leaves
+//! the group (`setsid`, a daemonizing double fork) escapes all of this; under systemd,
+//! `KillMode=control-group` catches it.
 
 use std::io;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::Signal;
 use tokio::sync::{mpsc, oneshot};
@@ -26,9 +30,12 @@ use crate::child;
 use crate::lifecycle::StopMode;
 use crate::metrics::Metrics;
 use crate::programs::launch::Launch;
-use crate::programs::rss;
+use crate::programs::procfs;
 use crate::programs::state::{Decision, InstanceState, RestartHistory, can_transition};
 use crate::programs::{InstanceStatus, ProgramStatus};
+
+/// How often a stopping group whose leader has exited is checked for remaining members.
+const GROUP_CHECK_INTERVAL: Duration = Duration::from_millis(50);
 
 /// What the facade can ask a program actor.
 #[derive(Debug)]
@@ -60,6 +67,10 @@ struct Instance {
     state: InstanceState,
     /// The process group leader while a process runs.
     pid: Option<u32>,
+    /// The process group while it may have members: from the spawn until the group is empty.
+    group: Option<u32>,
+    /// When to look again whether a stopping group whose leader has exited is empty.
+    group_check_at: Option<Instant>,
     /// Identifies the current process, so a late exit report of an earlier one is ignored.
     run: u64,
     started: Option<(Instant, SystemTime)>,
@@ -82,6 +93,8 @@ impl Instance {
             index,
             state: InstanceState::Stopped,
             pid: None,
+            group: None,
+            group_check_at: None,
             run: 0,
             started: None,
             starts: 0,
@@ -99,10 +112,15 @@ impl Instance {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        [self.restart_at, self.ready_at, self.kill_at]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.restart_at,
+            self.ready_at,
+            self.kill_at,
+            self.group_check_at,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 }
 
@@ -243,6 +261,7 @@ impl ProgramActor {
                 let run = self.runs;
                 let instance = &mut self.instances[slot];
                 instance.pid = Some(pid);
+                instance.group = Some(pid);
                 instance.run = run;
                 instance.ready_at = Some(now + self.launch.ready_after);
                 tracing::info!(program = %label, pid, "program \"{label}\": started (pid {pid})");
@@ -283,26 +302,43 @@ impl ProgramActor {
         let Some(pid) = instance.pid.take() else {
             return;
         };
-        // Members that outlived the leader would become orphans: the instance is the group.
-        if let Err(error) = child::signal_group(pid, Signal::SIGKILL) {
-            tracing::warn!("cannot kill what is left of process group {pid}: {error}");
-        }
         let (description, success) = describe(&exited.status);
         instance.last_exit = Some(description.clone());
         instance.last_exit_at = Some(SystemTime::now());
         instance.rss_bytes = None;
         instance.ready_at = None;
-        instance.kill_at = None;
         if instance.state == InstanceState::Stopping {
-            let reason = instance.stop_reason.take();
-            tracing::info!(program = %label, pid, "program \"{label}\": stopped ({description})");
-            if reason == Some(StopReason::MaxRss) && self.shutting_down.is_none() {
-                self.start(slot);
-            } else {
-                self.set_state(slot, InstanceState::Stopped);
-            }
+            tracing::info!(program = %label, pid, "program \"{label}\": leader {description}");
+            self.check_stopped_group(slot, Instant::now());
         } else {
+            // Members that outlived the leader would become orphans: the instance is the group.
+            kill_group(&label, pid);
+            instance.group = None;
+            instance.kill_at = None;
             self.after_unrequested_exit(slot, success, description);
+        }
+    }
+
+    /// A stopping instance's leader has exited: finishes the stop when the group is empty, else
+    /// looks again shortly (the SIGKILL at `kill_at` still applies).
+    fn check_stopped_group(&mut self, slot: usize, now: Instant) {
+        let instance = &mut self.instances[slot];
+        instance.group_check_at = None;
+        if let Some(group) = instance.group {
+            if procfs::group_alive(group) {
+                instance.group_check_at = Some(now + GROUP_CHECK_INTERVAL);
+                return;
+            }
+        }
+        instance.group = None;
+        instance.kill_at = None;
+        let reason = instance.stop_reason.take();
+        let label = self.label(slot);
+        tracing::info!(program = %label, "program \"{label}\": stopped");
+        if reason == Some(StopReason::MaxRss) && self.shutting_down.is_none() {
+            self.start(slot);
+        } else {
+            self.set_state(slot, InstanceState::Stopped);
         }
     }
 
@@ -369,7 +405,10 @@ impl ProgramActor {
             InstanceState::Stopping => {
                 instance.stop_reason = Some(reason);
                 if mode == StopMode::Fast {
-                    instance.kill_at = Some(Instant::now());
+                    if let Some(group) = instance.group {
+                        kill_group(&label, group);
+                    }
+                    instance.kill_at = None;
                 }
             }
             InstanceState::Backoff => {
@@ -391,7 +430,9 @@ impl ProgramActor {
     }
 
     fn all_down(&self) -> bool {
-        self.instances.iter().all(|instance| instance.pid.is_none())
+        self.instances
+            .iter()
+            .all(|instance| instance.pid.is_none() && instance.group.is_none())
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -418,19 +459,22 @@ impl ProgramActor {
             let instance = &mut self.instances[slot];
             if instance.kill_at.is_some_and(|at| at <= now) {
                 instance.kill_at = None;
-                if let Some(pid) = instance.pid {
+                if let Some(group) = instance.group {
                     let label = self.label(slot);
                     tracing::warn!(
                         program = %label,
-                        pid,
-                        "program \"{label}\": still running {} after {}; sending SIGKILL to process group {pid}",
+                        "program \"{label}\": still running {} after {}; sending SIGKILL to process group {group}",
                         proxy_conf::Duration(self.launch.stop_timeout),
                         self.launch.stop_signal
                     );
-                    if let Err(error) = child::signal_group(pid, Signal::SIGKILL) {
-                        tracing::warn!(program = %label, "program \"{label}\": cannot kill process group {pid}: {error}");
-                    }
+                    kill_group(&label, group);
                 }
+            }
+            if self.instances[slot]
+                .group_check_at
+                .is_some_and(|at| at <= now)
+            {
+                self.check_stopped_group(slot, now);
             }
         }
         if self.next_rss_sample.is_some_and(|at| at <= now) && self.shutting_down.is_none() {
@@ -450,7 +494,7 @@ impl ProgramActor {
             let Some(pid) = instance.pid.filter(|_| running) else {
                 continue;
             };
-            instance.rss_bytes = rss::tree_rss(pid);
+            instance.rss_bytes = procfs::tree_rss(pid);
             let rss = instance.rss_bytes.unwrap_or_default();
             if rss <= limit {
                 instance.rss_over = 0;
@@ -526,6 +570,13 @@ impl ProgramActor {
             })
             .collect();
         ProgramStatus::new(self.launch.name.clone(), instances)
+    }
+}
+
+/// SIGKILL to a whole process group; a group that is already gone is fine.
+fn kill_group(label: &str, group: u32) {
+    if let Err(error) = child::signal_group(group, Signal::SIGKILL) {
+        tracing::warn!(program = %label, "program \"{label}\": cannot kill process group {group}: {error}");
     }
 }
 

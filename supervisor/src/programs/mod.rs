@@ -2,7 +2,7 @@
 //! module is the facade the main loop uses: it starts one actor per program in name order, asks
 //! them for their status, and stops them in reverse order. The restart policy lives in
 //! [`state`], the per-program process handling in [`actor`], the resolution of config keys in
-//! [`launch`] and memory measurement in [`rss`].
+//! [`launch`] and what `/proc` says about processes in [`procfs`].
 //!
 //! Reload is not built yet; it is meant to slot in as one more actor command per program
 //! (start the new instances, wait until they are `running`, then stop the old ones), which is why
@@ -10,7 +10,7 @@
 
 pub mod actor;
 pub mod launch;
-pub mod rss;
+pub mod procfs;
 pub mod state;
 
 use std::path::Path;
@@ -252,7 +252,7 @@ mod tests {
     }
 
     fn tree(pid: u32) -> BTreeSet<u32> {
-        rss::tree_members(&rss::read_processes(Path::new("/proc")), pid)
+        procfs::tree_members(&procfs::read_processes(Path::new("/proc")), pid)
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Resident memory of a program instance's whole process tree, read from `/proc`.
+//! What `/proc` says about a program instance's processes: the resident memory of its whole
+//! process tree, and whether its process group still has live members.
 //!
 //! A Celery worker's memory lives mostly in its prefork children, so the leader's own RSS says
 //! little: the tree is every process descending from the leader (by parent pid) plus every
@@ -6,7 +7,7 @@
 //! away from the tree but stays in the group). Shared pages are counted once per process, as
 //! `ps` and every peer do; the sum is an upper bound, which is what a limit should compare.
 //!
-//! This module only measures; deciding when a value is too much belongs to the actor.
+//! This module only observes; deciding what a value means belongs to the actor.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -20,6 +21,8 @@ pub struct ProcStat {
     pub ppid: u32,
     /// Its process group.
     pub pgrp: u32,
+    /// The state letter: `R`, `S`, `D`, `Z` (zombie), ….
+    pub state: char,
     /// Resident set size in pages.
     pub rss_pages: u64,
 }
@@ -33,6 +36,7 @@ pub fn parse_stat(text: &str) -> Option<ProcStat> {
     let fields: Vec<&str> = tail.split_whitespace().collect();
     Some(ProcStat {
         pid,
+        state: fields.first()?.chars().next()?,
         ppid: fields.get(1)?.parse().ok()?,
         pgrp: fields.get(2)?.parse().ok()?,
         rss_pages: fields.get(21)?.parse().ok()?,
@@ -95,6 +99,15 @@ pub fn tree_rss(root: u32) -> Option<u64> {
     Some(pages.saturating_mul(page_size()))
 }
 
+/// True while process group `pgid` has a member that is not a zombie. A zombie cannot be
+/// signalled away and, when the supervisor is PID 1 of a container, may never be reaped, so it
+/// must not keep a stop waiting.
+pub fn group_alive(pgid: u32) -> bool {
+    read_processes(Path::new("/proc"))
+        .iter()
+        .any(|process| process.pgrp == pgid && process.state != 'Z')
+}
+
 fn page_size() -> u64 {
     // SAFETY: sysconf only reads a constant of the running kernel; it has no preconditions.
     let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
@@ -110,6 +123,7 @@ mod tests {
             pid,
             ppid,
             pgrp,
+            state: 'S',
             rss_pages,
         }
     }
@@ -118,6 +132,8 @@ mod tests {
     fn parses_a_name_with_spaces_and_parentheses() {
         let text = "4242 (celery (worker) x) S 4200 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 3 0 12345 99999 2560 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0\n";
         assert_eq!(parse_stat(text), Some(stat(4242, 4200, 4242, 2560)));
+        let zombie = text.replace(") S ", ") Z ");
+        assert_eq!(parse_stat(&zombie).map(|stat| stat.state), Some('Z'));
         assert_eq!(parse_stat("garbage"), None);
     }
 
@@ -141,5 +157,7 @@ mod tests {
     fn measures_this_test_process() {
         let rss = tree_rss(std::process::id()).expect("this process exists");
         assert!(rss > 1 << 20, "{rss}");
+        let own_group = nix::unistd::getpgrp().as_raw().unsigned_abs();
+        assert!(group_alive(own_group));
     }
 }
