@@ -213,12 +213,12 @@ mod tests {
     }
 
     fn start(toml: &str) -> Programs {
+        start_with_metrics(toml, Arc::new(Metrics::new().unwrap()))
+    }
+
+    fn start_with_metrics(toml: &str, metrics: Arc<Metrics>) -> Programs {
         let config = proxy_conf::load_str(toml, "sauna.toml").unwrap();
-        Programs::start(
-            &config,
-            Path::new("/tmp"),
-            Arc::new(Metrics::new().unwrap()),
-        )
+        Programs::start(&config, Path::new("/tmp"), metrics)
     }
 
     async fn wait_for(
@@ -242,13 +242,9 @@ mod tests {
 
     /// True while `pid` exists and is not a zombie.
     fn alive(pid: u32) -> bool {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|stat| {
-                let (_, rest) = stat.rsplit_once(')')?;
-                Some(!rest.trim_start().starts_with('Z'))
-            })
-            .unwrap_or(false)
+        procfs::read_processes(Path::new("/proc"))
+            .iter()
+            .any(|process| process.pid == pid && process.state != 'Z')
     }
 
     fn tree(pid: u32) -> BTreeSet<u32> {
@@ -258,19 +254,31 @@ mod tests {
     #[test]
     fn a_killed_instance_comes_back_with_a_new_pid_and_env() {
         runtime().block_on(async {
-            let programs = start(
+            let metrics = Arc::new(Metrics::new().unwrap());
+            let programs = start_with_metrics(
                 r#"
                 [programs.sleeper]
                 command = ["sh", "-c", "test \"$SAUNA_INSTANCE\" = 1 || exit 3; exec sleep 300"]
                 instances = 2
                 ready_after = "0s"
+                [programs.steady]
+                command = ["sleep", "300"]
+                ready_after = "0s"
                 "#,
+                Arc::clone(&metrics),
             );
+            let up = |name: &str| metrics.program_up.with_label_values(&[name]).get();
             let status = wait_for(&programs, "both instances", |status| {
                 status[0].instances[1].state == InstanceState::Running
             })
             .await;
             let first = status[0].instances[1].pid.unwrap();
+            assert_eq!(status[1].state, InstanceState::Running);
+            assert_eq!(
+                (up("sleeper"), up("steady")),
+                (0, 1),
+                "up only when every instance runs"
+            );
             // Instance 0 exits with 3: it is not SAUNA_INSTANCE=1.
             wait_for(&programs, "instance 0 backing off", |status| {
                 status[0].instances[0].last_exit.as_deref() == Some("exited with status 3")
@@ -290,7 +298,13 @@ mod tests {
                 instance.last_exit.as_deref(),
                 Some("killed by signal SIGKILL")
             );
+            let restarts = metrics
+                .program_restarts_total
+                .with_label_values(&["sleeper"])
+                .get();
+            assert!(restarts >= 1, "{restarts}");
             programs.shutdown(StopMode::Fast).await;
+            assert_eq!(up("steady"), 0);
         });
     }
 
