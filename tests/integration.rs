@@ -1,4 +1,11 @@
 //! Integration tests that run the real `sauna-supervisor` binary; one module per feature.
+// Test code: a failed unwrap is a failed test with its location, which is what we want here.
+#![allow(clippy::unwrap_used)]
+// util: the harness (sandbox, the real binary behind a kill-on-drop guard, waiting on status).
 mod util;
-// [programs.NAME]: restarts, backoff and fatal, group stops, orphans, rlimits, max_rss.
+// lifecycle: one instance per socket, stale sockets, socket permissions, signals, sd_notify.
+mod lifecycle;
+// emit: generated nginx/redis/postgres/systemd files checked and run by the real servers.
+mod emit;
+// programs: restarts, backoff into fatal, group stops, orphans, rlimits, identity, max_rss.
 mod programs;

@@ -48,11 +48,23 @@ pub fn load_path(path: &Path) -> Result<Loaded, ConfigError> {
     })
 }
 
-/// `sauna-supervisor check`: prints every problem and exits 2, or says the file is valid.
-pub fn check_command(arg: &ConfigArg, _live: bool) -> anyhow::Result<ExitCode> {
+/// `sauna-supervisor check`: prints every problem and exits 2, or says the file is valid. With
+/// `--live`, also compares the running Redis and PostgreSQL with the file (`crate::live`); every
+/// contradiction is a warning line and makes the exit status 2.
+pub fn check_command(arg: &ConfigArg, live: bool) -> anyhow::Result<ExitCode> {
     match load(arg) {
         Ok(loaded) => {
             println!("{}: ok", loaded.path.display());
+            if live {
+                let findings = crate::live::check(&loaded.config, crate::emit::machine().cpus);
+                for finding in &findings {
+                    println!("warning: {finding}");
+                }
+                if !findings.is_empty() {
+                    return Ok(ExitCode::from(EXIT_USAGE));
+                }
+                println!("live servers agree with {}", loaded.path.display());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(ConfigError::Invalid(diagnostics, path)) => {
