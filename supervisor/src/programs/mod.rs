@@ -1,15 +1,15 @@
 //! Programs: the supervised commands of `[programs.NAME]` (Celery workers and the like). This
 //! module is the facade the main loop uses: it starts one actor per program in name order, asks
 //! them for their status, and stops them in reverse order. The restart policy lives in
-//! [`state`], the per-program process handling in [`actor`], the resolution of config keys in
-//! [`launch`] and what `/proc` says about processes in [`procfs`].
+//! [`state`], the per-program process handling in `actor`, the resolution of config keys in
+//! `launch` and what `/proc` says about processes in [`procfs`].
 //!
 //! Reload is not built yet; it is meant to slot in as one more actor command per program
 //! (start the new instances, wait until they are `running`, then stop the old ones), which is why
 //! each program's processes are owned by its own actor rather than by the facade.
 
-pub mod actor;
-pub mod launch;
+mod actor;
+mod launch;
 pub mod procfs;
 pub mod state;
 
