@@ -7,5 +7,7 @@ mod util;
 mod lifecycle;
 // emit: generated nginx/redis/postgres/systemd files checked and run by the real servers.
 mod emit;
+// programs: restarts, backoff into fatal, group stops, orphans, rlimits, identity, max_rss.
+mod programs;
 // check: every config problem at once as FILE:LINE:COL (golden output), exit status.
 mod check;
