@@ -1,4 +1,15 @@
 //! Integration tests that run the real `sauna-supervisor` binary; one module per feature.
-mod beat; // beat next golden files; beat against real Redis and a real Celery worker
-mod lifecycle;
+// Test code: a failed unwrap is a failed test with its location, which is what we want here.
+#![allow(clippy::unwrap_used)]
+// util: the harness (sandbox, the real binary behind a kill-on-drop guard, waiting on status).
 mod util;
+// lifecycle: one instance per socket, stale sockets, socket permissions, signals, sd_notify.
+mod lifecycle;
+// emit: generated nginx/redis/postgres/systemd files checked and run by the real servers.
+mod emit;
+// programs: restarts, backoff into fatal, group stops, orphans, rlimits, identity, max_rss.
+mod programs;
+// beat: `beat next` golden files; beat with real Redis and Celery, leader takeover, outages.
+mod beat;
+// check: every config problem at once as FILE:LINE:COL (golden output), exit status.
+mod check;

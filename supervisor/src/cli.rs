@@ -223,11 +223,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(Command::Status { config, json }) => crate::remote::status_command(&config, json),
         Some(Command::Stop { config }) => crate::remote::stop_command(&config),
         Some(Command::Check { config, live }) => crate::config::check_command(&config, live),
-        Some(Command::Emit { .. }) => not_yet("emit", 7),
+        Some(Command::Emit {
+            target,
+            config,
+            output,
+        }) => crate::emit::emit_command(target, &config, output.as_deref()),
         Some(Command::Beat {
             command: BeatCommand::Next(args),
         }) => crate::beat::next::next_command(&args),
-        Some(Command::Htpasswd { .. }) => not_yet("htpasswd", 7),
+        Some(Command::Htpasswd { user }) => crate::emit::htpasswd_command(&user),
         Some(Command::Upgrade { .. }) => not_yet("upgrade", 4),
     }
 }

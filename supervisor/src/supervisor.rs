@@ -8,6 +8,7 @@
 //! reverse start order, then beat releases its lock. It never sits on the request hot path: the
 //! HTTP front talks to the workers without passing through here.
 
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +22,7 @@ use crate::lifecycle::{Phase, StopMode};
 use crate::logging::LogHandle;
 use crate::metrics::Metrics;
 use crate::notify::Notifier;
+use crate::programs::Programs;
 use crate::signals::{SignalEvent, Signals};
 use crate::status::StatusReport;
 
@@ -47,6 +49,8 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<ExitCode> {
 
 /// The roles the config asked for, each behind its actor handle.
 struct Roles {
+    /// Every `[programs.NAME]`.
+    programs: Programs,
     /// The scheduler, when `[beat]` is configured.
     beat: Option<crate::beat::BeatHandle>,
 }
@@ -54,20 +58,28 @@ struct Roles {
 impl Roles {
     /// Starts every configured role, in start order.
     async fn start(loaded: &Loaded, metrics: &Arc<Metrics>) -> anyhow::Result<Roles> {
-        let base_dir = loaded.path.parent().unwrap_or(std::path::Path::new("."));
+        let base_dir = loaded.path.parent().unwrap_or(Path::new("."));
+        let programs = Programs::start(&loaded.config, base_dir, Arc::clone(metrics));
         let beat = match &loaded.config.beat {
-            Some(config) => Some(
-                crate::beat::start(config, &loaded.config.app, base_dir, Arc::clone(metrics))
+            Some(config) => {
+                match crate::beat::start(config, &loaded.config.app, base_dir, Arc::clone(metrics))
                     .await
-                    .context("cannot start beat")?,
-            ),
+                {
+                    Ok(beat) => Some(beat),
+                    Err(error) => {
+                        programs.shutdown(StopMode::Graceful).await;
+                        return Err(anyhow::Error::new(error).context("cannot start beat"));
+                    }
+                }
+            }
             None => None,
         };
-        Ok(Roles { beat })
+        Ok(Roles { programs, beat })
     }
 
     /// Stops every role, in reverse start order.
-    async fn shutdown(self, _mode: StopMode) {
+    async fn shutdown(self, mode: StopMode) {
+        self.programs.shutdown(mode).await;
         // Even a fast stop releases the beat lock: one Redis round trip lets a standby take
         // over at once instead of after the lock's TTL.
         if let Some(beat) = self.beat {
@@ -77,6 +89,7 @@ impl Roles {
 
     /// The roles' part of the status report.
     async fn fill_status(&self, report: &mut StatusReport) {
+        report.programs = serde_json::to_value(self.programs.status().await).unwrap_or_default();
         if let Some(beat) = &self.beat {
             report.beat = match beat.status().await {
                 Ok(status) => serde_json::to_value(status).ok(),

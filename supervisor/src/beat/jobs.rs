@@ -59,14 +59,41 @@ pub struct Job {
 /// A problem with the beat configuration: the key path it concerns and what is wrong.
 pub type Problem = (Vec<String>, String);
 
-/// Checks `[beat]` and every `[beat.jobs.NAME]` without running anything; every problem is
-/// returned with its key path (e.g. `["beat", "jobs", "cleanup", "cron"]`).
+/// The checks of `[beat.jobs.NAME]` that `proxy-conf` cannot make: each `cron` expression's
+/// syntax and whether it can ever fire. Every problem comes with its key path (e.g.
+/// `["beat", "jobs", "cleanup", "cron"]`) for [`proxy_conf::Loaded::diagnostic_at`]. Nothing runs
+/// (the Celery app is imported only by `start`, `reload` and `beat next`).
 pub fn validate_jobs(config: &BeatConfig) -> Vec<Problem> {
-    let mut problems = Vec::new();
-    resolve_config_jobs(config, &mut problems);
-    problems
+    config
+        .jobs
+        .iter()
+        .filter_map(|(name, job)| {
+            let expr = job.cron.as_ref()?;
+            let error = Schedule::cron(expr, chrono_tz::UTC).err()?;
+            let path = ["beat", "jobs", name.as_str(), "cron"];
+            Some((
+                path.iter().map(|part| (*part).to_owned()).collect(),
+                error.0,
+            ))
+        })
+        .collect()
 }
 
+/// [`validate_jobs`] as diagnostics pointing into the file, for
+/// [`proxy_conf::load::load_file_with`], so `check` reports cron problems as `FILE:LINE:COL`.
+pub fn config_diagnostics(loaded: &proxy_conf::Loaded) -> Vec<proxy_conf::Diagnostic> {
+    let Some(beat) = &loaded.config.beat else {
+        return Vec::new();
+    };
+    validate_jobs(beat)
+        .into_iter()
+        .map(|(path, message)| loaded.diagnostic_at(&path, message))
+        .collect()
+}
+
+/// Resolves `[beat.jobs.NAME]` into jobs, collecting every problem (the structural ones are
+/// also checked by `proxy-conf` when the file loads; they are repeated here because `start`
+/// and `reload` take a `BeatConfig` that need not come from a checked file).
 fn resolve_config_jobs(config: &BeatConfig, problems: &mut Vec<Problem>) -> Vec<Job> {
     let path = |parts: &[&str]| parts.iter().map(|part| (*part).to_owned()).collect();
     let default_tz = match parse_tz(&config.timezone) {
@@ -82,10 +109,10 @@ fn resolve_config_jobs(config: &BeatConfig, problems: &mut Vec<Problem>) -> Vec<
             format!("invalid Redis URL: {error} (expected redis://host:port/db)"),
         ));
     }
-    if config.leader_lock && config.lock_ttl.get() < std::time::Duration::from_millis(300) {
+    if config.leader_lock && config.lock_ttl.get() < std::time::Duration::from_secs(1) {
         problems.push((
             path(&["beat", "lock_ttl"]),
-            "lock_ttl must be at least 300ms (it is renewed at a third of it)".to_owned(),
+            "must be at least \"1s\"; it is renewed at a third of its length".to_owned(),
         ));
     }
     let mut jobs = Vec::new();
@@ -475,10 +502,27 @@ mod tests {
             cron = "* * * * *"
             every = "1s"
             priority = 12
+            [beat.jobs.d]
+            task = "t"
+            cron = "61 * * * *"
             "#,
         )
         .unwrap();
-        let problems = validate_jobs(config.beat.as_ref().unwrap());
+        let beat = config.beat.as_ref().unwrap();
+        let cron_only: Vec<String> = validate_jobs(beat)
+            .iter()
+            .map(|(path, message)| format!("{}: {message}", path.join(".")))
+            .collect();
+        assert_eq!(
+            cron_only,
+            [
+                "beat.jobs.a.cron: cron expression \"0 0 30 2 *\" can never fire (no month has such a day)",
+                "beat.jobs.d.cron: minute field \"61\": 61 is outside 0-59",
+            ]
+        );
+        let mut problems = Vec::new();
+        let jobs = resolve_config_jobs(beat, &mut problems);
+        assert!(jobs.is_empty());
         let paths: Vec<String> = problems.iter().map(|(path, _)| path.join(".")).collect();
         assert_eq!(
             paths,
@@ -488,7 +532,8 @@ mod tests {
                 "beat.jobs.b",
                 "beat.jobs.c.task",
                 "beat.jobs.c.every",
-                "beat.jobs.c.priority"
+                "beat.jobs.c.priority",
+                "beat.jobs.d.cron"
             ]
         );
     }
