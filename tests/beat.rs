@@ -816,6 +816,72 @@ async fn reload_switches_schedules_without_doubling_or_losing_a_slot() {
     );
 }
 
+#[tokio::test]
+async fn the_publish_script_fences_a_paused_leader_and_never_repeats_a_slot() {
+    use beat::publisher::{Broker, Published};
+    let sandbox = Sandbox::new();
+    let redis = RedisServer::start(&sandbox.path("redis"));
+    let ttl = Duration::from_secs(5);
+    let broker = |()| Broker::new(&redis.url(0), "fence:", Duration::from_secs(1)).expect("broker");
+    let (mut old, mut new) = (broker(()), broker(()));
+    assert_eq!(old.acquire("a:1:old", ttl).await.expect("acquire"), None);
+    let refused = new
+        .acquire("b:2:new", ttl)
+        .await
+        .expect("acquire")
+        .expect("held by old");
+    assert_eq!(refused.name.as_deref(), Some("a:1"));
+    async fn publish(broker: &mut Broker, token: Option<&str>, slot: i64) -> Published {
+        let message = format!("{{\"slot\": {slot}}}");
+        broker
+            .publish(token, "job", slot, "fenced", &message)
+            .await
+            .expect("publish")
+    }
+    assert_eq!(
+        publish(&mut old, Some("a:1:old"), 1000).await,
+        Published::Sent
+    );
+    // The old leader pauses past its TTL; the lock expires and the new one takes it.
+    let mut connection = redis.connection();
+    let _: i64 = redis::cmd("DEL")
+        .arg("fence:lock")
+        .query(&mut connection)
+        .expect("DEL");
+    assert_eq!(new.acquire("b:2:new", ttl).await.expect("acquire"), None);
+    assert_eq!(new.last_slots(&["job"]).await.expect("HMGET"), [Some(1000)]);
+    assert_eq!(
+        publish(&mut new, Some("b:2:new"), 2000).await,
+        Published::Sent
+    );
+    // The old leader wakes up: refused by the fence, whatever the slot.
+    assert_eq!(
+        publish(&mut old, Some("a:1:old"), 2000).await,
+        Published::NotLeader
+    );
+    assert_eq!(
+        publish(&mut old, Some("a:1:old"), 3000).await,
+        Published::NotLeader
+    );
+    assert!(!old.renew("a:1:old", ttl).await.expect("renew"));
+    // Unfenced publishers (leader_lock = false) are kept apart by the slot check alone.
+    assert_eq!(publish(&mut old, None, 2000).await, Published::AlreadySent);
+    assert_eq!(publish(&mut old, None, 1500).await, Published::AlreadySent);
+    let queued: Vec<String> = redis::cmd("LRANGE")
+        .arg("fenced")
+        .arg(0)
+        .arg(-1)
+        .query(&mut connection)
+        .expect("LRANGE");
+    assert_eq!(queued, ["{\"slot\": 2000}", "{\"slot\": 1000}"]);
+    new.release("b:2:new").await.expect("release");
+    let lock: Option<String> = redis::cmd("GET")
+        .arg("fence:lock")
+        .query(&mut connection)
+        .expect("GET");
+    assert_eq!(lock, None);
+}
+
 const CELERY_APP_PY: &str = r#"
 import os
 from celery import Celery

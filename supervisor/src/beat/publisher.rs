@@ -150,13 +150,6 @@ impl Broker {
         }
     }
 
-    /// Checks that Redis answers.
-    pub async fn ping(&mut self) -> Result<(), BrokerError> {
-        let mut connection = self.connection().await?;
-        let result: Result<String, _> = redis::cmd("PING").query_async(&mut connection).await;
-        result.map(drop).map_err(|error| self.fail(error))
-    }
-
     /// Tries to take the lock with `token` for `ttl`; `Ok(None)` when taken, else who holds it.
     pub async fn acquire(
         &mut self,
