@@ -701,14 +701,23 @@ args = ["pri"]
 }
 
 #[tokio::test]
-async fn priorities_land_on_the_keys_kombu_reads() {
+async fn priorities_land_on_the_keys_kombu_reads_and_metrics_are_recorded() {
     let sandbox = Sandbox::new();
     let redis = RedisServer::start(&sandbox.path("redis"));
     let mut text = format!("[beat]\nbroker = \"{}\"\nlock_ttl = \"2s\"\n", redis.url(0));
     for priority in [0, 4, 7, 9] {
         text.push_str(&format!("[beat.jobs.p{priority}]\ntask = \"t\"\nevery = \"1s\"\nqueue = \"pq\"\npriority = {priority}\n"));
     }
-    let handle = start_beat(&beat_config(&text), sandbox.root()).await;
+    let config = beat_config(&text);
+    let metrics = Arc::new(Metrics::new().expect("metrics"));
+    let handle = beat::start(
+        config.beat.as_ref().expect("beat"),
+        &config.app,
+        sandbox.root(),
+        Arc::clone(&metrics),
+    )
+    .await
+    .expect("beat starts");
     wait_async(
         Duration::from_secs(10),
         "a message on every priority key",
@@ -720,7 +729,18 @@ async fn priorities_land_on_the_keys_kombu_reads() {
         },
     )
     .await;
+    let text = metrics.render().expect("render");
+    for needle in [
+        "sauna_beat_published_total{job=\"p0\"} ",
+        "sauna_beat_next_run_timestamp_seconds{job=\"p9\"} ",
+        "sauna_beat_lag_seconds_count ",
+        "sauna_beat_leader 1",
+    ] {
+        assert!(text.contains(needle), "{needle} missing:\n{text}");
+    }
     handle.shutdown().await;
+    let text = metrics.render().expect("render");
+    assert!(text.contains("sauna_beat_leader 0"), "{text}");
     for (key, job) in [
         ("pq", "p0"),
         ("pq\x06\x163", "p4"),
