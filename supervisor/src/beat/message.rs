@@ -90,8 +90,8 @@ impl TaskMessage<'_> {
                 "timelimit": [null, null],
                 "root_id": self.id,
                 "parent_id": null,
-                "argsrepr": self.args.to_string(),
-                "kwargsrepr": self.kwargs.to_string(),
+                "argsrepr": args_repr(self.args),
+                "kwargsrepr": python_repr(self.kwargs),
                 "origin": self.origin,
                 "ignore_result": null,
                 "replaced_task_nesting": 0,
@@ -114,6 +114,68 @@ impl TaskMessage<'_> {
                 json!(slot.to_rfc3339_opts(SecondsFormat::Millis, false));
         }
         envelope.to_string()
+    }
+}
+
+/// Positional arguments as Python shows a tuple, e.g. `(1, 'x')`, for `argsrepr`.
+fn args_repr(args: &Value) -> String {
+    match args.as_array() {
+        Some(items) if items.len() == 1 => format!("({},)", python_repr(&items[0])),
+        Some(items) => format!(
+            "({})",
+            items.iter().map(python_repr).collect::<Vec<_>>().join(", ")
+        ),
+        None => python_repr(args),
+    }
+}
+
+/// A JSON value as Python's `repr` would show the decoded object (`argsrepr`/`kwargsrepr` are
+/// only displayed, in worker logs, events and Flower).
+fn python_repr(value: &Value) -> String {
+    match value {
+        Value::Null => "None".to_owned(),
+        Value::Bool(true) => "True".to_owned(),
+        Value::Bool(false) => "False".to_owned(),
+        Value::Number(number) => number.to_string(),
+        Value::String(text) => {
+            let quote = if text.contains('\'') && !text.contains('"') {
+                '"'
+            } else {
+                '\''
+            };
+            let mut out = String::from(quote);
+            for c in text.chars() {
+                match c {
+                    '\\' => out.push_str("\\\\"),
+                    '\n' => out.push_str("\\n"),
+                    '\r' => out.push_str("\\r"),
+                    '\t' => out.push_str("\\t"),
+                    c if c == quote => {
+                        out.push('\\');
+                        out.push(c);
+                    }
+                    c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+                    c => out.push(c),
+                }
+            }
+            out.push(quote);
+            out
+        }
+        Value::Array(items) => format!(
+            "[{}]",
+            items.iter().map(python_repr).collect::<Vec<_>>().join(", ")
+        ),
+        Value::Object(map) => format!(
+            "{{{}}}",
+            map.iter()
+                .map(|(key, value)| format!(
+                    "{}: {}",
+                    python_repr(&Value::String(key.clone())),
+                    python_repr(value)
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     }
 }
 
@@ -164,7 +226,7 @@ mod tests {
                 .unwrap()
                 .with_timezone(&Utc),
         );
-        let expected = r#"{"body":"W1syLDNdLHsieiI6IsOpIn0seyJjYWxsYmFja3MiOm51bGwsImNoYWluIjpudWxsLCJjaG9yZCI6bnVsbCwiZXJyYmFja3MiOm51bGx9XQ==","content-encoding":"utf-8","content-type":"application/json","headers":{"argsrepr":"[2,3]","eta":null,"expires":"2026-11-24T17:23:44.967701+00:00","group":null,"group_index":null,"id":"660ef087-854b-400d-a13c-6ad8f2cddf9e","ignore_result":null,"kwargsrepr":"{\"z\":\"é\"}","lang":"py","origin":"4242@host","parent_id":null,"replaced_task_nesting":0,"retries":0,"root_id":"660ef087-854b-400d-a13c-6ad8f2cddf9e","shadow":null,"stamped_headers":null,"stamps":{},"task":"proj.add","timelimit":[null,null]},"properties":{"body_encoding":"base64","correlation_id":"660ef087-854b-400d-a13c-6ad8f2cddf9e","delivery_info":{"exchange":"","routing_key":"celery"},"delivery_mode":2,"delivery_tag":"a53d1ac6-3c5d-42b8-a134-d9fb00ac3d95","priority":7,"reply_to":""}}"#;
+        let expected = r#"{"body":"W1syLDNdLHsieiI6IsOpIn0seyJjYWxsYmFja3MiOm51bGwsImNoYWluIjpudWxsLCJjaG9yZCI6bnVsbCwiZXJyYmFja3MiOm51bGx9XQ==","content-encoding":"utf-8","content-type":"application/json","headers":{"argsrepr":"(2, 3)","eta":null,"expires":"2026-11-24T17:23:44.967701+00:00","group":null,"group_index":null,"id":"660ef087-854b-400d-a13c-6ad8f2cddf9e","ignore_result":null,"kwargsrepr":"{'z': 'é'}","lang":"py","origin":"4242@host","parent_id":null,"replaced_task_nesting":0,"retries":0,"root_id":"660ef087-854b-400d-a13c-6ad8f2cddf9e","shadow":null,"stamped_headers":null,"stamps":{},"task":"proj.add","timelimit":[null,null]},"properties":{"body_encoding":"base64","correlation_id":"660ef087-854b-400d-a13c-6ad8f2cddf9e","delivery_info":{"exchange":"","routing_key":"celery"},"delivery_mode":2,"delivery_tag":"a53d1ac6-3c5d-42b8-a134-d9fb00ac3d95","priority":7,"reply_to":""}}"#;
         assert_eq!(msg.envelope(), expected);
         let parsed: Value = serde_json::from_str(&msg.envelope()).unwrap();
         let body = base64::engine::general_purpose::STANDARD
@@ -206,6 +268,18 @@ mod tests {
                 "celery\x06\x169"
             ]
         );
+    }
+
+    #[test]
+    fn reprs_look_like_python() {
+        assert_eq!(args_repr(&json!([2, 3])), "(2, 3)");
+        assert_eq!(args_repr(&json!(["x"])), "('x',)");
+        assert_eq!(args_repr(&json!([])), "()");
+        assert_eq!(
+            python_repr(&json!({"a": [true, null, 1.5], "b": "it's \"q\"\n"})),
+            r#"{'a': [True, None, 1.5], 'b': 'it\'s "q"\n'}"#
+        );
+        assert_eq!(python_repr(&json!("it's")), r#""it's""#);
     }
 
     #[test]
