@@ -23,6 +23,7 @@ pub mod live;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
+pub mod orphans;
 pub mod programs;
 pub mod remote;
 pub mod signals;
