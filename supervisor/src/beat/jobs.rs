@@ -13,6 +13,10 @@
 //! - `all`: publish every missed slot within `catch_up_window` (without a window: the latest
 //!   only), oldest first, at most [`MAX_CATCH_UP`].
 //!
+//! Slots due at or after a *handover* instant (given after a takeover from a leader that died
+//! holding the lock) were that leader's to publish and are all published, oldest first, whatever
+//! the policy: a takeover loses no slot.
+//!
 //! Every slot not published is reported, so loss is never silent.
 
 use std::collections::BTreeMap;
@@ -279,12 +283,14 @@ pub fn latest_slot(
     }
 }
 
-/// Decides which due slots in `(cursor, now]` to publish under `policy` (see the module doc).
+/// Decides which due slots in `(cursor, now]` to publish under `policy`, publishing every slot
+/// from `handover_since` on as well (see the module doc).
 pub fn plan_due(
     schedule: &Schedule,
     policy: CatchUp,
     window: Option<std::time::Duration>,
     cursor: DateTime<Utc>,
+    handover_since: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
 ) -> DuePlan {
     let Some(latest) = latest_slot(schedule, cursor, now) else {
@@ -321,6 +327,10 @@ pub fn plan_due(
             }
         },
     };
+    let publish = match handover_since {
+        Some(since) => with_handover_slots(schedule, publish, cursor.max(since), now),
+        None => publish,
+    };
     let skipped = match publish.first() {
         None => Some((first_due, latest)),
         Some(&first) if first > first_due => {
@@ -330,6 +340,24 @@ pub fn plan_due(
         Some(_) => None,
     };
     DuePlan { publish, skipped }
+}
+
+/// `publish` plus every slot in `[from, now]` (after the cursor), oldest first, at most
+/// [`MAX_CATCH_UP`] of the newest.
+fn with_handover_slots(
+    schedule: &Schedule,
+    publish: Vec<DateTime<Utc>>,
+    from: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Vec<DateTime<Utc>> {
+    let mut slots: std::collections::BTreeSet<DateTime<Utc>> = publish.into_iter().collect();
+    let mut slot = schedule.next_after(from - chrono::Duration::milliseconds(1));
+    while let Some(current) = slot.filter(|slot| *slot <= now) {
+        slots.insert(current);
+        slot = schedule.next_after(current);
+    }
+    let excess = slots.len().saturating_sub(MAX_CATCH_UP);
+    slots.into_iter().skip(excess).collect()
 }
 
 /// The last slot before `until`, starting from `from` (which is before it).
@@ -368,6 +396,7 @@ mod tests {
                 policy,
                 None,
                 at("2026-01-01T00:00:00Z"),
+                None,
                 at("2026-01-01T00:00:10.020Z"),
             );
             assert_eq!(plan.publish, [at("2026-01-01T00:00:10Z")], "{policy:?}");
@@ -376,16 +405,41 @@ mod tests {
     }
 
     #[test]
+    fn a_takeover_publishes_every_slot_the_dead_leader_held_whatever_the_policy() {
+        // The old leader published 00:00:10 and died; the lock expired 20 s later and we took
+        // over at 00:00:35.5, so 00:00:20 and 00:00:30 were its slots, not missed ones.
+        let (cursor, now) = (at("2026-01-01T00:00:10Z"), at("2026-01-01T00:00:35.5Z"));
+        let handover = Some(at("2026-01-01T00:00:15.5Z"));
+        for policy in [CatchUp::Skip, CatchUp::Once, CatchUp::All] {
+            let plan = plan_due(&every(10), policy, None, cursor, handover, now);
+            assert_eq!(
+                plan.publish,
+                [at("2026-01-01T00:00:20Z"), at("2026-01-01T00:00:30Z")],
+                "{policy:?}"
+            );
+            assert_eq!(plan.skipped, None, "{policy:?}");
+        }
+        // Slots older than the handover still follow the policy.
+        let early = (at("2026-01-01T00:00:00Z"), Some(at("2026-01-01T00:00:25Z")));
+        let skip = plan_due(&every(10), CatchUp::Skip, None, early.0, early.1, now);
+        assert_eq!(skip.publish, [at("2026-01-01T00:00:30Z")]);
+        assert_eq!(
+            skip.skipped,
+            Some((at("2026-01-01T00:00:10Z"), at("2026-01-01T00:00:20Z")))
+        );
+    }
+
+    #[test]
     fn outage_under_each_policy() {
         // Cursor at 00:00:00, back at 00:00:35.5: slots 10, 20, 30 missed (none on time).
         let (cursor, now) = (at("2026-01-01T00:00:00Z"), at("2026-01-01T00:00:35.5Z"));
-        let skip = plan_due(&every(10), CatchUp::Skip, None, cursor, now);
+        let skip = plan_due(&every(10), CatchUp::Skip, None, cursor, None, now);
         assert!(skip.publish.is_empty());
         assert_eq!(
             skip.skipped,
             Some((at("2026-01-01T00:00:10Z"), at("2026-01-01T00:00:30Z")))
         );
-        let once = plan_due(&every(10), CatchUp::Once, None, cursor, now);
+        let once = plan_due(&every(10), CatchUp::Once, None, cursor, None, now);
         assert_eq!(once.publish, [at("2026-01-01T00:00:30Z")]);
         assert_eq!(
             once.skipped,
@@ -396,6 +450,7 @@ mod tests {
             CatchUp::Once,
             Some(std::time::Duration::from_secs(5)),
             cursor,
+            None,
             now,
         );
         assert!(once_narrow.publish.is_empty());
@@ -404,6 +459,7 @@ mod tests {
             CatchUp::All,
             Some(std::time::Duration::from_secs(60)),
             cursor,
+            None,
             now,
         );
         assert_eq!(
@@ -420,6 +476,7 @@ mod tests {
             CatchUp::All,
             Some(std::time::Duration::from_secs(20)),
             cursor,
+            None,
             now,
         );
         assert_eq!(
@@ -439,6 +496,7 @@ mod tests {
             CatchUp::Once,
             None,
             at("2026-01-01T00:00:00Z"),
+            None,
             at("2026-01-01T00:00:40.1Z"),
         );
         assert_eq!(plan.publish, [at("2026-01-01T00:00:40Z")]);
@@ -448,6 +506,7 @@ mod tests {
             CatchUp::Skip,
             None,
             at("2026-01-01T00:00:00Z"),
+            None,
             at("2026-01-01T00:00:40.1Z"),
         );
         assert_eq!(skip.publish, [at("2026-01-01T00:00:40Z")]);
@@ -460,6 +519,7 @@ mod tests {
             CatchUp::All,
             Some(std::time::Duration::from_secs(3600)),
             at("2026-01-01T00:00:00Z"),
+            None,
             at("2026-01-01T01:00:00.9Z"),
         );
         assert_eq!(plan.publish.len(), MAX_CATCH_UP);

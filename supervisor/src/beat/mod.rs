@@ -11,8 +11,10 @@
 //!
 //! Per job the actor keeps a *cursor*: every slot up to it is handled. When it becomes leader it
 //! reads each job's last published slot from Redis and continues from there, so a new leader picks
-//! up exactly where the old one stopped; the catch-up policy decides what to do with slots nobody
-//! published. Redis errors close the connection and are retried with a doubling backoff (100 ms
+//! up exactly where the old one stopped. Slots that fell due while a now-dead leader still held
+//! the lock (at most one lock TTL before the takeover) were that leader's to publish, not missed
+//! by everyone, so the new leader publishes all of them whatever the policy; the catch-up policy
+//! decides only about slots nobody could publish (no leader at all: a restart, a Redis outage). Redis errors close the connection and are retried with a doubling backoff (100 ms
 //! up to 2 s), with one log line when Redis goes away and one when it is back.
 
 pub mod celery_schedule;
@@ -186,6 +188,8 @@ pub async fn start(
         backoff: BACKOFF_MIN,
         retry_at: None,
         synced: false,
+        saw_other_leader: false,
+        handover_since: None,
         origin: format!("{pid}@{host}"),
         metrics,
     };
@@ -291,6 +295,11 @@ struct Actor {
     retry_at: Option<Instant>,
     /// Cursors have been merged with Redis's last published slots since we became publisher.
     synced: bool,
+    /// Another supervisor held the lock while we stood by: our next acquisition is a takeover.
+    saw_other_leader: bool,
+    /// After a takeover: slots due since this instant were the previous leader's (see the module
+    /// doc) and are published whatever the catch-up policy; cleared after one publishing pass.
+    handover_since: Option<DateTime<Utc>>,
     origin: String,
     metrics: Arc<Metrics>,
 }
@@ -470,6 +479,11 @@ impl Actor {
                     Ok(None) => {
                         self.redis_ok();
                         if self.leader.held(sent) {
+                            if std::mem::take(&mut self.saw_other_leader) {
+                                let ttl = chrono::Duration::from_std(ttl)
+                                    .unwrap_or(chrono::Duration::MAX);
+                                self.handover_since = Utc::now().checked_sub_signed(ttl);
+                            }
                             tracing::info!(
                                 holder = self.leader.holder().unwrap_or_default(),
                                 "beat: acquired the leader lock; publishing"
@@ -481,6 +495,7 @@ impl Actor {
                     Ok(Some(holder)) => {
                         self.redis_ok();
                         let first = self.leader.holder().is_none();
+                        self.saw_other_leader = true;
                         let name = holder.name.clone();
                         self.leader.refused(Instant::now(), holder);
                         if first {
@@ -546,6 +561,7 @@ impl Actor {
                 state.job.catch_up,
                 state.job.catch_up_window,
                 state.cursor,
+                self.handover_since,
                 now,
             );
             if let Some((first, last)) = plan.skipped {
@@ -576,6 +592,7 @@ impl Actor {
             }
             self.jobs[index].advance(now);
         }
+        self.handover_since = None;
         Ok(())
     }
 
