@@ -7,5 +7,11 @@ mod util;
 mod lifecycle;
 // emit: generated nginx/redis/postgres/systemd files checked and run by the real servers.
 mod emit;
+// programs: restarts, backoff into fatal, group stops, orphans, rlimits, identity, max_rss.
+mod programs;
+// beat: `beat next` golden files; beat with real Redis and Celery, leader takeover, outages.
+mod beat;
+// check: every config problem at once as FILE:LINE:COL (golden output), exit status.
+mod check;
 // pool: the WSGI pool through real CPython workers (front, dispatch, lifecycle, frameworks).
 mod pool;

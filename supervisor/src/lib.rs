@@ -12,6 +12,7 @@
 //!
 //! Data flows one way: config → supervisor state (the main loop) → pool, programs, beat → metrics.
 
+pub mod beat;
 pub mod child;
 pub mod cli;
 pub mod config;
@@ -23,7 +24,9 @@ pub mod live;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
+pub mod orphans;
 pub mod pool;
+pub mod programs;
 pub mod remote;
 pub mod signals;
 pub mod status;

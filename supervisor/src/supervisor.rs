@@ -8,6 +8,7 @@
 //! reverse start order, then beat releases its lock. It never sits on the request hot path: the
 //! HTTP front talks to the workers without passing through here.
 
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +22,7 @@ use crate::lifecycle::{Phase, StopMode};
 use crate::logging::LogHandle;
 use crate::metrics::Metrics;
 use crate::notify::Notifier;
+use crate::programs::Programs;
 use crate::signals::{SignalEvent, Signals};
 use crate::status::StatusReport;
 
@@ -33,6 +35,12 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<ExitCode> {
     // SAFETY: nothing has started a thread yet; the runtime is built below.
     let notifier = unsafe { Notifier::from_env_take() };
     let log = crate::logging::init(&args.log)?;
+    // SAFETY: still single-threaded: the runtime is built below.
+    if let Err(error) = unsafe { crate::orphans::install() } {
+        tracing::warn!(
+            "cannot start the group reaper ({error}): grandchildren of programs may outlive a crash of the supervisor"
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         // One runtime thread: on a 2-core host the Python workers need the other core, and one
         // thread doing all the front's I/O avoids cross-thread wake-ups. Measured with wrk on
@@ -50,22 +58,57 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<ExitCode> {
 
 /// The roles the config asked for, each behind its actor handle.
 struct Roles {
+    /// The web pool, when `[web]` is configured.
     pool: Option<crate::pool::PoolHandle>,
+    /// Every `[programs.NAME]`.
+    programs: Programs,
+    /// The scheduler, when `[beat]` is configured.
+    beat: Option<crate::beat::BeatHandle>,
 }
 
 impl Roles {
     /// Starts every configured role, in start order.
     async fn start(loaded: &Loaded, metrics: &Arc<Metrics>) -> anyhow::Result<Roles> {
-        let mut roles = Roles { pool: None };
-        if let Some(web) = &loaded.config.web {
-            let base_dir = crate::config::base_dir(loaded);
-            let pool =
-                crate::pool::Pool::start(&loaded.config.app, web, &base_dir, Arc::clone(metrics))
+        // The pool first: it binds the listening sockets, and a bind error stops the start.
+        let pool = match &loaded.config.web {
+            Some(web) => {
+                let pool_dir = crate::config::base_dir(loaded);
+                let pool = crate::pool::Pool::start(
+                    &loaded.config.app,
+                    web,
+                    &pool_dir,
+                    Arc::clone(metrics),
+                )
+                .await
+                .context("the web pool did not start")?;
+                Some(pool)
+            }
+            None => None,
+        };
+        let base_dir = loaded.path.parent().unwrap_or(Path::new("."));
+        let programs = Programs::start(&loaded.config, base_dir, Arc::clone(metrics));
+        let beat = match &loaded.config.beat {
+            Some(config) => {
+                match crate::beat::start(config, &loaded.config.app, base_dir, Arc::clone(metrics))
                     .await
-                    .context("the web pool did not start")?;
-            roles.pool = Some(pool);
-        }
-        Ok(roles)
+                {
+                    Ok(beat) => Some(beat),
+                    Err(error) => {
+                        programs.shutdown(StopMode::Graceful).await;
+                        if let Some(pool) = pool {
+                            pool.shutdown(StopMode::Graceful).await;
+                        }
+                        return Err(anyhow::Error::new(error).context("cannot start beat"));
+                    }
+                }
+            }
+            None => None,
+        };
+        Ok(Roles {
+            pool,
+            programs,
+            beat,
+        })
     }
 
     /// Stops every role, in reverse start order.
@@ -73,12 +116,25 @@ impl Roles {
         if let Some(pool) = self.pool {
             pool.shutdown(mode).await;
         }
+        self.programs.shutdown(mode).await;
+        // Even a fast stop releases the beat lock: one Redis round trip lets a standby take
+        // over at once instead of after the lock's TTL.
+        if let Some(beat) = self.beat {
+            beat.shutdown().await;
+        }
     }
 
     /// The roles' part of the status report.
     async fn fill_status(&self, report: &mut StatusReport) {
         if let Some(pool) = &self.pool {
             report.pool = serde_json::to_value(pool.status().await).ok();
+        }
+        report.programs = serde_json::to_value(self.programs.status().await).unwrap_or_default();
+        if let Some(beat) = &self.beat {
+            report.beat = match beat.status().await {
+                Ok(status) => serde_json::to_value(status).ok(),
+                Err(error) => Some(serde_json::json!({ "error": error.to_string() })),
+            };
         }
     }
 
