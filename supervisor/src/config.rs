@@ -62,15 +62,17 @@ pub fn check_command(arg: &ConfigArg, live: bool) -> anyhow::Result<ExitCode> {
     match load(arg) {
         Ok(loaded) => {
             if loaded.config.web.is_some() {
-                if let Err(traceback) =
-                    crate::pool::check_import(&loaded.config.app, &base_dir(&loaded))
-                {
-                    println!("{traceback}");
-                    eprintln!(
-                        "sauna-supervisor: the app in {} does not import",
-                        loaded.path.display()
-                    );
-                    return Ok(ExitCode::from(EXIT_USAGE));
+                match crate::pool::check_import(&loaded.config.app, &base_dir(&loaded)) {
+                    Ok(()) => {}
+                    Err(crate::pool::ImportCheck::Failed(traceback)) => {
+                        println!("{traceback}");
+                        eprintln!(
+                            "sauna-supervisor: the app in {} does not import",
+                            loaded.path.display()
+                        );
+                        return Ok(ExitCode::from(EXIT_USAGE));
+                    }
+                    Err(not_run) => eprintln!("warning: {not_run}"),
                 }
             }
             println!(

@@ -978,9 +978,11 @@ fn read_rss(pid: u32) -> Option<u64> {
     Some(pages * u64::try_from(page_size).unwrap_or(4096))
 }
 
-/// Imports the app in a throwaway worker for `sauna-supervisor check`; the traceback on failure.
-/// Call it outside a tokio runtime.
-pub fn check_import(app: &AppConfig, base_dir: &Path) -> Result<(), String> {
+pub use crate::worker::ImportCheck;
+
+/// Imports the app in a throwaway worker for `sauna-supervisor check`: the traceback when the
+/// import fails, `NotRun` when the app cannot be run here at all. Call it outside a tokio runtime.
+pub fn check_import(app: &AppConfig, base_dir: &Path) -> Result<(), ImportCheck> {
     worker::check_import(app, base_dir)
 }
 

@@ -449,22 +449,43 @@ async fn dump_stack(pid: u32, control: &mut Channel) -> String {
     String::from_utf8_lossy(&text).trim_end().to_owned()
 }
 
+/// Why `check` could not confirm that the app imports.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ImportCheck {
+    /// The app ran and failed to import: the Python traceback. `check` fails on it.
+    #[error("{0}")]
+    Failed(String),
+    /// The app could not be run at all (no such interpreter or directory, bad `[app]`), so the
+    /// import was not checked; `check` only warns, since a config may be checked on a machine
+    /// other than the one it runs on.
+    #[error("cannot check that the app imports: {0}")]
+    NotRun(String),
+}
+
 /// Imports the app in a throwaway worker (`sauna-supervisor check`). Must be called outside any
-/// tokio runtime (it runs its own, small one). Returns the traceback when the import fails.
-pub fn check_import(app: &AppConfig, base_dir: &Path) -> Result<(), String> {
-    let launch = Launch::new(app, base_dir, 1, Duration::from_secs(120))?;
+/// tokio runtime (it runs its own, small one).
+pub fn check_import(app: &AppConfig, base_dir: &Path) -> Result<(), ImportCheck> {
+    let launch =
+        Launch::new(app, base_dir, 1, Duration::from_secs(120)).map_err(ImportCheck::NotRun)?;
+    if !launch.directory.is_dir() {
+        return Err(ImportCheck::NotRun(format!(
+            "[app].directory {} does not exist",
+            launch.directory.display()
+        )));
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|error| format!("cannot start a runtime for the import check: {error}"))?;
+        .map_err(|error| ImportCheck::NotRun(format!("cannot start a runtime: {error}")))?;
     runtime.block_on(async {
         match start(&launch, "check", "check").await {
             Ok(mut started) => {
                 let _ = started.child.wait().await;
                 Ok(())
             }
-            Err(StartError::Import(traceback)) => Err(traceback),
-            Err(other) => Err(other.to_string()),
+            Err(StartError::Import(traceback)) => Err(ImportCheck::Failed(traceback)),
+            Err(StartError::Spawn(message)) => Err(ImportCheck::NotRun(message)),
+            Err(other) => Err(ImportCheck::Failed(other.to_string())),
         }
     })
 }
