@@ -1179,3 +1179,27 @@ fn pyramid_through_pastedeploy_serves_pages_forms_and_uploads() {
     };
     check_framework(app, sandbox.root(), "Pyramid home");
 }
+
+#[test]
+fn a_recycled_threaded_worker_finishes_every_request_before_it_exits() {
+    let sandbox = Sandbox::new();
+    let pool = start_test_app(&sandbox, |web| {
+        web.threads = 2;
+        web.max_requests = 2;
+    });
+    assert_eq!(get(&pool.address, "/hello").status, 200);
+    // The long request takes one slot, the short one the other; the short one is the worker's
+    // last before its recycle, and its slot closes while the long one still runs on the other.
+    let long = std::thread::spawn({
+        let address = pool.address.clone();
+        move || get(&address, "/sleep?1.5")
+    });
+    util::wait_until(Duration::from_secs(10), "the long request", || {
+        (pool.status().workers[0].in_flight == 1).then_some(())
+    });
+    assert_eq!(get(&pool.address, "/sleep?0.2").text(), "slept");
+    assert_eq!(long.join().unwrap().text(), "slept");
+    pool.wait_for("the recycled worker gone", |status| {
+        status.workers.len() == 1
+    });
+}

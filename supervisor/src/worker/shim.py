@@ -417,9 +417,14 @@ def main(argv):
         "wsgi.file_wrapper": FileWrapper,
     }
     slots = [Slot(FIRST_SLOT_FD + index, app, base) for index in range(threads)]
-    for slot in slots[1:]:
-        threading.Thread(target=slot.serve, name="sauna-slot", daemon=True).start()
+    helpers = [threading.Thread(target=slot.serve, name="sauna-slot", daemon=True) for slot in slots[1:]]
+    for helper in helpers:
+        helper.start()
     slots[0].serve()
+    # The supervisor closes each slot when its last request is done (recycle, stop): exit only
+    # once every slot is closed, so no request still running on another thread is cut off.
+    for helper in helpers:
+        helper.join()
     return 0
 
 
