@@ -551,11 +551,11 @@ impl Actor {
                     slot.last_error = Some(format!("{context}\nPython stack:\n{text}"));
                 }
             }
-            Event::Exited { id, how, clean } => self.on_exit(id, &how, clean),
+            Event::Exited { id, how } => self.on_exit(id, &how),
         }
     }
 
-    fn on_exit(&mut self, id: WorkerId, how: &str, clean: bool) {
+    fn on_exit(&mut self, id: WorkerId, how: &str) {
         self.dispatcher.remove(id);
         let Some(worker) = self.workers.remove(&id) else {
             return;
@@ -587,7 +587,6 @@ impl Actor {
                     .worker_restarts_total
                     .with_label_values(&["crash"])
                     .inc();
-                let _ = clean;
                 if let Some(slot) = self.slots.get_mut(worker.slot) {
                     slot.last_error = Some(message);
                 }

@@ -107,11 +107,6 @@ impl Exchange {
         }
     }
 
-    /// The worker slot number serving this request.
-    pub fn slot(&self) -> Option<usize> {
-        self.lease.as_ref().map(Lease::slot)
-    }
-
     fn finish(&mut self, outcome: Outcome) {
         if let Some(lease) = self.lease.take() {
             lease.release(outcome);

@@ -252,11 +252,6 @@ impl Channel {
         std::future::poll_fn(|cx| self.poll_frame(cx)).await
     }
 
-    /// Writes out the queued bytes.
-    pub async fn flush(&mut self) -> Result<(), ChannelError> {
-        std::future::poll_fn(|cx| self.poll_flush(cx)).await
-    }
-
     /// Reads whatever raw bytes arrive (used for faulthandler's stack dump on the control
     /// channel, which is plain text, not frames). Returns an empty buffer at end of stream.
     pub async fn read_raw(&mut self) -> io::Result<Bytes> {

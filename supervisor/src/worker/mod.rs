@@ -172,8 +172,6 @@ pub enum Event {
         id: WorkerId,
         /// "exit status 0", "signal 9 (SIGKILL)" …
         how: String,
-        /// True for a clean exit (status 0).
-        clean: bool,
     },
 }
 
@@ -184,11 +182,6 @@ pub enum Command {
     KillWithStack {
         /// What the worker was doing, for the log line.
         context: String,
-    },
-    /// SIGTERM now, SIGKILL after the grace period.
-    Terminate {
-        /// Time between SIGTERM and SIGKILL.
-        grace: Duration,
     },
     /// SIGKILL now.
     Kill,
@@ -224,23 +217,12 @@ async fn run(
     let pid = started.pid;
     let slots = std::mem::take(&mut started.slots);
     let _ = events.send(Event::Ready { id, pid, slots });
-    let mut kill_at: Option<tokio::time::Instant> = None;
     loop {
-        let kill_timer = async {
-            match kill_at {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             status = started.child.wait() => {
-                let (how, clean) = describe_exit(status);
-                let _ = events.send(Event::Exited { id, how, clean });
+                let how = describe_exit(status);
+                let _ = events.send(Event::Exited { id, how });
                 return;
-            }
-            () = kill_timer => {
-                kill_at = None;
-                signal_group(pid, Signal::SIGKILL);
             }
             command = commands.recv() => match command {
                 Some(Command::KillWithStack { context }) => {
@@ -248,10 +230,6 @@ async fn run(
                     tracing::error!(worker = %label, pid, "{context}; killing the worker. Python stack:\n{text}");
                     let _ = events.send(Event::Stack { id, text });
                     signal_group(pid, Signal::SIGKILL);
-                }
-                Some(Command::Terminate { grace }) => {
-                    signal_group(pid, Signal::SIGTERM);
-                    kill_at = Some(tokio::time::Instant::now() + grace);
                 }
                 Some(Command::Kill) | None => signal_group(pid, Signal::SIGKILL),
             },
@@ -265,18 +243,18 @@ fn signal_group(pid: u32, signal: Signal) {
     }
 }
 
-fn describe_exit(status: std::io::Result<ExitStatus>) -> (String, bool) {
+fn describe_exit(status: std::io::Result<ExitStatus>) -> String {
     use std::os::unix::process::ExitStatusExt;
     match status {
         Ok(status) => match (status.code(), status.signal()) {
-            (Some(code), _) => (format!("exit status {code}"), code == 0),
+            (Some(code), _) => format!("exit status {code}"),
             (None, Some(signal)) => {
                 let name = Signal::try_from(signal).map(|s| s.as_str()).unwrap_or("?");
-                (format!("signal {signal} ({name})"), false)
+                format!("signal {signal} ({name})")
             }
-            _ => (format!("{status}"), false),
+            _ => format!("{status}"),
         },
-        Err(error) => (format!("cannot wait for it: {error}"), false),
+        Err(error) => format!("cannot wait for it: {error}"),
     }
 }
 
@@ -373,7 +351,7 @@ async fn start(launch: &Launch, mode: &str, label: &str) -> Result<Started, Star
                     control,
                     slots: Vec::new(),
                 }),
-                _ => Err(StartError::Exited(describe_exit(status).0)),
+                _ => Err(StartError::Exited(describe_exit(status))),
             };
         }
     };
@@ -384,7 +362,7 @@ async fn start(launch: &Launch, mode: &str, label: &str) -> Result<Started, Star
         }
         Ok(Err(ChannelError::Closed)) => {
             let status = child.wait().await;
-            return Err(StartError::Exited(describe_exit(status).0));
+            return Err(StartError::Exited(describe_exit(status)));
         }
         Ok(Err(error)) => {
             signal_group(pid, Signal::SIGKILL);
