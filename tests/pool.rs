@@ -1203,3 +1203,68 @@ fn a_recycled_threaded_worker_finishes_every_request_before_it_exits() {
         status.workers.len() == 1
     });
 }
+
+#[test]
+fn access_log_lines_carry_their_fields_in_json() {
+    let sandbox = Sandbox::new();
+    let address = binary_config(&sandbox, "");
+    let running = sandbox.start_with(|command| {
+        command.args(["--log-format", "json"]);
+    });
+    running.wait_for(Duration::from_secs(30), "two ready workers", |status| {
+        ready_workers(status) == 2
+    });
+    assert_eq!(get(&address, "/hello?x=1").status, 200);
+    running.wait_for_log("\"target\":\"sauna::access\"", Duration::from_secs(10));
+    let line = running
+        .log()
+        .lines()
+        .find(|line| line.contains("sauna::access"))
+        .map(str::to_owned)
+        .unwrap();
+    let entry: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let fields = &entry; // the JSON layer flattens event fields
+    assert_eq!(fields["method"], "GET", "{line}");
+    assert_eq!(fields["path"], "/hello?x=1", "{line}");
+    assert_eq!(fields["status"], 200, "{line}");
+    assert_eq!(fields["bytes"], 13, "{line}");
+    assert!(fields["queue_ms"].is_number(), "{line}");
+    assert!(fields["duration_ms"].is_number(), "{line}");
+    assert!(fields["worker"].is_number(), "{line}");
+}
+
+#[test]
+fn a_stream_that_outlives_the_timeout_is_cut_and_its_worker_replaced() {
+    let sandbox = Sandbox::new();
+    let pool = start_test_app(&sandbox, |web| {
+        web.timeout = proxy_conf::Duration::from_millis(1000);
+    });
+    let before = pool.ready_pids();
+    let marker = sandbox.path("never.txt");
+    let mut stream = connect(&pool.address);
+    stream
+        .write_all(
+            format!(
+                "GET /forever?{} HTTP/1.1\r\nHost: t\r\n\r\n",
+                marker.display()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    let started = Instant::now();
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the stream was cut at the deadline"
+    );
+    assert!(String::from_utf8_lossy(&raw).starts_with("HTTP/1.1 200"));
+    let status = pool.wait_for("a fresh worker", |status| {
+        status.workers.len() == 1
+            && format!("{:?}", status.workers[0].state) == "Ready"
+            && !before.contains(&status.workers[0].pid.unwrap_or(0))
+    });
+    let error = status.workers[0].last_error.clone().unwrap_or_default();
+    assert!(error.contains("GET /forever"), "{error}");
+    assert_eq!(get(&pool.address, "/hello").status, 200);
+}
