@@ -1,4 +1,4 @@
-"""The apps every server in benches/run.sh serves: hello world, a 1 MiB body streamed in 64 KiB
+"""The apps every server in benches/web.sh serves: hello world, a 1 MiB body streamed in 64 KiB
 chunks, and a mix where /slow sleeps 50 ms (standing in for a database call)."""
 import time
 

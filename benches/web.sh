@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Side-by-side load benchmark of sauna-supervisor against Gunicorn (sync and gthread), uWSGI
-# (--http-socket) and Granian (WSGI), same apps (benches/apps.py), same number of workers, load
+# (--http-socket) and Granian (WSGI), same apps (benches/web_apps.py), same number of workers, load
 # from wrk on loopback, one server after another. Prints req/s, p50, p99 and sauna's ratio.
 #
-#   benches/run.sh                 # everything (about 6 minutes)
-#   DURATION=5s benches/run.sh     # shorter runs
+#   benches/web.sh                 # everything (about 6 minutes)
+#   DURATION=5s benches/web.sh     # shorter runs
 #
 # Needs wrk (apt-get install -y wrk). Peers are pip-installed into benches/.venv.
 # Scenarios (2 workers each):
@@ -28,7 +28,7 @@ fi
 cargo build --release --bin sauna-supervisor >/dev/null
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
-cp benches/apps.py "$work/"
+cp benches/web_apps.py "$work/apps.py"
 port=18400
 python_bin=$(readlink -f "$venv/bin/python")
 
@@ -108,7 +108,7 @@ for server in "${servers[@]}"; do
   stop_server
   if [ "$server" != gunicorn-sync ]; then
     start_server "$server" mixed 8
-    wrk -t1 -c60 -d"$DURATION" -s benches/mix.lua "$url/" >/dev/null &
+    wrk -t1 -c60 -d"$DURATION" -s benches/web_mix.lua "$url/" >/dev/null &
     load=$!
     sleep 1
     record mixed-fast "$server" "$(run_wrk -t1 -c4 -d"$(( ${DURATION%s} - 2 ))s" "$url/")"
