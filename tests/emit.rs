@@ -767,7 +767,10 @@ fn postgres_runs_with_the_emitted_files_and_only_the_app_reaches_its_database() 
     let port = free_port();
     let admin = os_user();
     // `check` also imports the app (issue #3), so the sandbox has one.
-    sandbox.write("app.py", "def application(environ, start_response):\n    return []\n");
+    sandbox.write(
+        "app.py",
+        "def application(environ, start_response):\n    return []\n",
+    );
     sandbox.write(
         "sauna.toml",
         &format!(
