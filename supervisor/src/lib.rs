@@ -18,6 +18,7 @@ pub mod config;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
+pub mod metrics_server;
 pub mod notify;
 pub mod signals;
 pub mod status;
