@@ -15,6 +15,7 @@
 pub mod child;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
