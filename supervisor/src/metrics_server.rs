@@ -158,7 +158,9 @@ pub async fn start(
         return Ok(None);
     }
     let token = read_token(config, config_dir)?;
-    serve(&config.listen, token, metrics, health).await.map(Some)
+    serve(&config.listen, token, metrics, health)
+        .await
+        .map(Some)
 }
 
 /// The bearer token `[metrics]` asks for: the trimmed contents of `token_file`, else of the
@@ -502,7 +504,13 @@ mod tests {
                     .starts_with("Bearer")
             );
         }
-        for wrong in ["Bearer s3cre", "Bearer s3cret2", "Basic s3cret", "s3cret", "Bearer"] {
+        for wrong in [
+            "Bearer s3cre",
+            "Bearer s3cret2",
+            "Basic s3cret",
+            "s3cret",
+            "Bearer",
+        ] {
             let response = respond(&shared, &request("GET", "/metrics", Some(wrong)), now);
             assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{wrong}");
         }

@@ -99,7 +99,10 @@ pub fn render_text(status: &Value) -> String {
             beat.get("leader").map(Value::to_string).unwrap_or_default()
         ));
         if let Some(jobs) = beat.get("jobs").and_then(Value::as_array) {
-            out.push_str(&format!("{:<24} {:<27} {:<27}\n", "JOB", "NEXT RUN", "LAST RUN"));
+            out.push_str(&format!(
+                "{:<24} {:<27} {:<27}\n",
+                "JOB", "NEXT RUN", "LAST RUN"
+            ));
             for job in jobs {
                 out.push_str(&format!(
                     "{:<24} {:<27} {:<27}\n",
@@ -122,7 +125,14 @@ fn render_pool(pool: &Value) -> String {
     }
     out.push('\n');
     if let Some(workers) = pool.get("workers").and_then(Value::as_array) {
-        let columns = ["slot", "pid", "generation", "state", "requests", "rss_bytes"];
+        let columns = [
+            "slot",
+            "pid",
+            "generation",
+            "state",
+            "requests",
+            "rss_bytes",
+        ];
         for column in columns {
             out.push_str(&format!("{:<12}", column.to_uppercase()));
         }
@@ -156,6 +166,10 @@ mod tests {
         });
         let text = render_text(&status);
         assert!(text.contains("pid 10 · running · generation 1"), "{text}");
-        assert!(text.lines().any(|line| line.starts_with("celery") && line.contains("42")), "{text}");
+        assert!(
+            text.lines()
+                .any(|line| line.starts_with("celery") && line.contains("42")),
+            "{text}"
+        );
     }
 }

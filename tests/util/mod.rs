@@ -41,13 +41,17 @@ pub fn python() -> PathBuf {
 /// Finds `tool` on PATH (or in `extra_dirs`), failing the test with the install command if absent.
 pub fn require_tool(tool: &str, install: &str) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    for dir in std::env::split_paths(&path).chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")]) {
+    for dir in
+        std::env::split_paths(&path).chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+    {
         let candidate = dir.join(tool);
         if candidate.is_file() {
             return candidate;
         }
     }
-    panic!("`{tool}` is not installed: run `{install}` (or `scripts/test.sh`, which installs everything the tests need)");
+    panic!(
+        "`{tool}` is not installed: run `{install}` (or `scripts/test.sh`, which installs everything the tests need)"
+    );
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
@@ -65,7 +69,10 @@ pub fn wait_until<T>(timeout: Duration, what: &str, mut probe: impl FnMut() -> O
         if let Some(value) = probe() {
             return value;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         thread::sleep(Duration::from_millis(20));
     }
 }
@@ -127,7 +134,10 @@ impl Sandbox {
             ));
         }
         if !text.contains("[metrics]") {
-            text.push_str(&format!("\n[metrics]\nlisten = \"127.0.0.1:{}\"\n", free_port()));
+            text.push_str(&format!(
+                "\n[metrics]\nlisten = \"127.0.0.1:{}\"\n",
+                free_port()
+            ));
         }
         self.write("sauna.toml", &text)
     }
@@ -163,8 +173,14 @@ impl Sandbox {
         let mut child = command.spawn().expect("spawn sauna-supervisor run");
         let log = Arc::new(Mutex::new(String::new()));
         let readers = [
-            child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
-            child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
         ]
         .into_iter()
         .flatten()
@@ -280,11 +296,17 @@ impl Running {
                 let mut probe = Command::new("kill");
                 probe.args(["-0", &child.id().to_string()]);
                 if !probe.status().map(|s| s.success()).unwrap_or(false) {
-                    panic!("sauna-supervisor exited during start-up; log:\n{}", self.log());
+                    panic!(
+                        "sauna-supervisor exited during start-up; log:\n{}",
+                        self.log()
+                    );
                 }
             }
             if Instant::now() >= deadline {
-                panic!("sauna-supervisor did not answer status within {timeout:?}; log:\n{}", self.log());
+                panic!(
+                    "sauna-supervisor did not answer status within {timeout:?}; log:\n{}",
+                    self.log()
+                );
             }
             thread::sleep(Duration::from_millis(50));
         }
