@@ -337,6 +337,8 @@ pub struct MetricsConfig {
     pub queues: Vec<String>,
     /// How often queue lengths and RSS are sampled.
     pub sample_interval: Duration,
+    /// Redis URL whose queue lengths are sampled; defaults to `[beat].broker`.
+    pub broker: Option<String>,
 }
 
 impl Default for MetricsConfig {
@@ -347,6 +349,7 @@ impl Default for MetricsConfig {
             token_env: None,
             queues: Vec::new(),
             sample_interval: Duration::from_secs(5),
+            broker: None,
         }
     }
 }
