@@ -155,10 +155,9 @@ fn option_value(arg: &str, short: &str, long: &str) -> Option<Option<String>> {
         Some(None)
     } else if let Some(value) = arg.strip_prefix(&format!("{long}=")) {
         Some(Some(value.to_owned()))
-    } else if let Some(value) = arg.strip_prefix(short) {
-        Some(Some(value.trim_start_matches('=').to_owned()))
     } else {
-        None
+        arg.strip_prefix(short)
+            .map(|value| Some(value.trim_start_matches('=').to_owned()))
     }
 }
 
