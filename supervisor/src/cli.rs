@@ -221,6 +221,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(Command::Status { .. }) => not_yet("status", 2),
         Some(Command::Stop { .. }) => not_yet("stop", 2),
         Some(Command::Check { config, live }) => crate::config::check_command(&config, live),
+        Some(Command::Emit {
+            target: EmitTarget::Grafana,
+            output,
+            ..
+        }) => crate::grafana::emit_command(output.as_deref()),
         Some(Command::Emit { .. }) => not_yet("emit", 7),
         Some(Command::Beat { .. }) => not_yet("beat next", 5),
         Some(Command::Htpasswd { .. }) => not_yet("htpasswd", 7),

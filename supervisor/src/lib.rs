@@ -17,6 +17,7 @@ pub mod child;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod grafana;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
