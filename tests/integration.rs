@@ -1,2 +1,11 @@
 //! Integration tests that run the real `sauna-supervisor` binary; one module per feature.
+// Test code: a failed unwrap is a failed test with its location, which is what we want here.
+#![allow(clippy::unwrap_used)]
+// util: the harness (sandbox, the real binary behind a kill-on-drop guard, waiting on status).
 mod util;
+// lifecycle: one instance per socket, stale sockets, socket permissions, signals, sd_notify.
+mod lifecycle;
+// emit: generated nginx/redis/postgres/systemd files checked and run by the real servers.
+mod emit;
+// metrics: the /metrics, /healthz and /readyz endpoint, promtool, Celery queue lengths, emit grafana.
+mod metrics;

@@ -4,8 +4,10 @@
 //! `check` and `emit` run without starting one.
 
 pub mod diagnostics;
+pub mod emit;
 pub mod load;
 pub mod schema;
+pub mod stack;
 pub mod units;
 
 pub use diagnostics::{Diagnostic, Diagnostics};

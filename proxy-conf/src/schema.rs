@@ -30,6 +30,12 @@ pub struct Config {
     /// The control socket used by `status`, `stop` and `reload`.
     #[serde(default)]
     pub control: ControlConfig,
+    /// The nginx edge and the systemd unit (`emit`); absent means the defaults.
+    pub deploy: Option<crate::stack::DeployConfig>,
+    /// The Redis instances (`emit redis`, `check --live`); absent means none are managed.
+    pub redis: Option<crate::stack::RedisConfig>,
+    /// The PostgreSQL database (`emit postgres`, `check --live`); absent means none is managed.
+    pub postgres: Option<crate::stack::PostgresConfig>,
 }
 
 /// `[app]`: where the Python application lives and how to run it.
@@ -337,7 +343,8 @@ pub struct MetricsConfig {
     pub queues: Vec<String>,
     /// How often queue lengths and RSS are sampled.
     pub sample_interval: Duration,
-    /// Redis URL whose queue lengths are sampled; defaults to `[beat].broker`.
+    /// Redis URL whose Celery queue lengths are sampled; defaults to `[beat].broker`, then
+    /// `[redis].broker`.
     pub broker: Option<String>,
 }
 

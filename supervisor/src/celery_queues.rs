@@ -4,7 +4,7 @@
 //! The queues are derived from the configuration alone: those the programs' Celery worker
 //! commands consume (`-Q`/`--queues`, minus `-X`/`--exclude-queues`; `celery` without `-Q`),
 //! those beat jobs publish to, and `[metrics].queues`. The broker is `[metrics].broker`, else
-//! `[beat].broker`. A queue's length is the sum of LLEN over its kombu keys — the queue name and
+//! `[beat].broker`, else `[redis].broker`. A queue's length is the sum of LLEN over its kombu keys — the queue name and
 //! its priority keys `<queue>\x06\x16{3,6,9}` (protocols.md §2.1). This module neither publishes
 //! nor consumes messages, and does not know about apps that rename Celery's default queue
 //! (`task_default_queue`): such queues belong in `[metrics].queues`.
@@ -70,7 +70,8 @@ pub fn plan(config: &Config) -> Option<SamplerPlan> {
         .metrics
         .broker
         .clone()
-        .or_else(|| config.beat.as_ref().map(|beat| beat.broker.clone()))?;
+        .or_else(|| config.beat.as_ref().map(|beat| beat.broker.clone()))
+        .or_else(|| config.redis.as_ref().and_then(|redis| redis.broker.clone()))?;
     if queues.is_empty() {
         return None;
     }
@@ -259,7 +260,7 @@ pub fn spawn_for(config: &Config, metrics: Arc<Metrics>) -> Option<QueueSampler>
             if !queues.is_empty() {
                 tracing::info!(
                     ?queues,
-                    "Celery queue lengths are not sampled: no broker (set [metrics].broker or [beat].broker)"
+                    "Celery queue lengths are not sampled: no broker (set [metrics].broker, [beat].broker or [redis].broker)"
                 );
             }
             None

@@ -215,20 +215,26 @@ pub fn main() -> ExitCode {
 
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        None => not_yet("run", 2),
-        Some(Command::Run(_)) => not_yet("run", 2),
-        Some(Command::Reload { .. }) => not_yet("reload", 4),
-        Some(Command::Status { .. }) => not_yet("status", 2),
-        Some(Command::Stop { .. }) => not_yet("stop", 2),
+        None => crate::supervisor::run_command(&cli.run),
+        Some(Command::Run(args)) => crate::supervisor::run_command(&args),
+        Some(Command::Reload { config, timeout }) => {
+            crate::remote::reload_command(&config, timeout)
+        }
+        Some(Command::Status { config, json }) => crate::remote::status_command(&config, json),
+        Some(Command::Stop { config }) => crate::remote::stop_command(&config),
         Some(Command::Check { config, live }) => crate::config::check_command(&config, live),
         Some(Command::Emit {
             target: EmitTarget::Grafana,
             output,
             ..
         }) => crate::grafana::emit_command(output.as_deref()),
-        Some(Command::Emit { .. }) => not_yet("emit", 7),
+        Some(Command::Emit {
+            target,
+            config,
+            output,
+        }) => crate::emit::emit_command(target, &config, output.as_deref()),
         Some(Command::Beat { .. }) => not_yet("beat next", 5),
-        Some(Command::Htpasswd { .. }) => not_yet("htpasswd", 7),
+        Some(Command::Htpasswd { user }) => crate::emit::htpasswd_command(&user),
         Some(Command::Upgrade { .. }) => not_yet("upgrade", 4),
     }
 }

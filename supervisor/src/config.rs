@@ -48,11 +48,23 @@ pub fn load_path(path: &Path) -> Result<Loaded, ConfigError> {
     })
 }
 
-/// `sauna-supervisor check`: prints every problem and exits 2, or says the file is valid.
-pub fn check_command(arg: &ConfigArg, _live: bool) -> anyhow::Result<ExitCode> {
+/// `sauna-supervisor check`: prints every problem and exits 2, or says the file is valid. With
+/// `--live`, also compares the running Redis and PostgreSQL with the file (`crate::live`); every
+/// contradiction is a warning line and makes the exit status 2.
+pub fn check_command(arg: &ConfigArg, live: bool) -> anyhow::Result<ExitCode> {
     match load(arg) {
         Ok(loaded) => {
             println!("{}: ok", loaded.path.display());
+            if live {
+                let findings = crate::live::check(&loaded.config, crate::emit::machine().cpus);
+                for finding in &findings {
+                    println!("warning: {finding}");
+                }
+                if !findings.is_empty() {
+                    return Ok(ExitCode::from(EXIT_USAGE));
+                }
+                println!("live servers agree with {}", loaded.path.display());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(ConfigError::Invalid(diagnostics, path)) => {
@@ -65,5 +77,29 @@ pub fn check_command(arg: &ConfigArg, _live: bool) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(EXIT_USAGE))
         }
         Err(other) => Err(other.into()),
+    }
+}
+
+/// The control socket of the supervisor configured by `loaded`: `[control].socket`, else
+/// `$RUNTIME_DIRECTORY/control.sock` (systemd's `RuntimeDirectory=`), else `.sauna/control.sock`
+/// next to the config file. Relative paths are taken from the config file's directory, so
+/// `status` finds the same socket whatever directory it is run from.
+pub fn control_socket(loaded: &Loaded) -> PathBuf {
+    let base = loaded
+        .path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if let Some(socket) = &loaded.config.control.socket {
+        return base.join(socket);
+    }
+    match std::env::var_os("RUNTIME_DIRECTORY") {
+        // systemd may list several directories separated by colons; the first is ours.
+        Some(dirs) if !dirs.is_empty() => {
+            let dirs = dirs.to_string_lossy().into_owned();
+            let first = dirs.split(':').next().unwrap_or_default().to_owned();
+            PathBuf::from(first).join("control.sock")
+        }
+        _ => base.join(".sauna/control.sock"),
     }
 }
