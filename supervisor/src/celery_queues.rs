@@ -236,17 +236,28 @@ pub fn redacted(url: &str) -> String {
     }
 }
 
-/// The running sampler; dropping it stops sampling and removes the queue series, so a reload
-/// that watches other queues does not leave stale ones behind.
+/// The running sampler; dropping it stops sampling and removes its queues' series, so a reload
+/// that watches other queues does not leave stale ones behind. Only its own series are touched,
+/// so the old and the new sampler of a reload may overlap.
 pub struct QueueSampler {
     task: JoinHandle<()>,
     metrics: Arc<Metrics>,
+    queues: Vec<String>,
 }
 
 impl Drop for QueueSampler {
     fn drop(&mut self) {
         self.task.abort();
-        self.metrics.celery_queue_length.reset();
+        forget(&self.metrics, &self.queues);
+    }
+}
+
+/// Removes the series of `queues` (absent ones are fine).
+fn forget(metrics: &Metrics, queues: &[String]) {
+    for queue in queues {
+        let _ = metrics
+            .celery_queue_length
+            .remove_label_values(&[queue.as_str()]);
     }
 }
 
@@ -270,9 +281,13 @@ pub fn spawn_for(config: &Config, metrics: Arc<Metrics>) -> Option<QueueSampler>
 
 /// Starts the sampler task for `plan`.
 pub fn spawn(plan: SamplerPlan, metrics: Arc<Metrics>) -> QueueSampler {
-    metrics.celery_queue_length.reset();
+    let queues = plan.queues.clone();
     let task = tokio::spawn(run(plan, Arc::clone(&metrics)));
-    QueueSampler { task, metrics }
+    QueueSampler {
+        task,
+        metrics,
+        queues,
+    }
 }
 
 async fn run(plan: SamplerPlan, metrics: Arc<Metrics>) {
@@ -317,7 +332,7 @@ async fn run(plan: SamplerPlan, metrics: Arc<Metrics>) {
             Err(error) => {
                 // A stale length is worse than none: the series disappear until Redis answers.
                 connection = None;
-                metrics.celery_queue_length.reset();
+                forget(&metrics, &plan.queues);
                 failures += 1;
                 let delay = retry_delay(failures, plan.interval);
                 if change == Change::Lost {
