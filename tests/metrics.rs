@@ -11,10 +11,13 @@ use std::time::{Duration, Instant};
 use sauna_supervisor::celery_queues::{self, SamplerPlan};
 use sauna_supervisor::metrics::Metrics;
 use sauna_supervisor::metrics_server::{self, Health, MetricsServer};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use std::io::{Read as _, Write as _};
 use tokio::sync::watch;
 
-use crate::util::{Sandbox, free_port, require_tool};
+use crate::util::{Sandbox, free_port, require_tool, wait_until};
+
+/// Longest wait for something observable.
+const TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Every family of interface.md's "Metric names that must exist".
 const CONTRACT_FAMILIES: [&str; 19] = [
@@ -55,20 +58,22 @@ impl Reply {
     }
 }
 
-/// One HTTP/1.1 request on a fresh connection, read to the end.
-async fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> Reply {
-    let mut stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect to the metrics endpoint");
+/// One HTTP/1.1 request on a fresh connection, read to the end. Blocking: the async tests run
+/// on a multi-threaded runtime, so the server keeps running on a worker thread meanwhile.
+fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> Reply {
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("set a read timeout");
     let authorization = token
         .map(|token| format!("Authorization: Bearer {token}\r\n"))
         .unwrap_or_default();
     let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{authorization}\r\n"
     );
-    stream.write_all(request.as_bytes()).await.expect("send");
+    stream.write_all(request.as_bytes()).expect("send");
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.expect("read the reply");
+    stream.read_to_end(&mut raw).expect("read the reply");
     let text = String::from_utf8(raw).expect("a UTF-8 reply");
     let (head, body) = text.split_once("\r\n\r\n").expect("a complete reply");
     let mut lines = head.lines();
@@ -86,21 +91,6 @@ async fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -
     }
 }
 
-/// Waits (polling, never a fixed sleep) until `probe` returns `Some`.
-async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
-    what: &str,
-    mut probe: impl FnMut() -> F,
-) -> T {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(value) = probe().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Runs `promtool check metrics` on a scrape; panics with its findings when it complains.
 fn promtool_check(scrape: &str) {
     let promtool = require_tool("promtool", "apt-get install -y prometheus");
@@ -112,7 +102,6 @@ fn promtool_check(scrape: &str) {
         .spawn()
         .expect("run promtool");
     {
-        use std::io::Write as _;
         let mut stdin = child.stdin.take().expect("promtool stdin");
         stdin.write_all(scrape.as_bytes()).expect("feed promtool");
     }
@@ -185,11 +174,11 @@ async fn serve(
     (server, health)
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn a_real_scrape_passes_promtool_and_has_every_family() {
     let (server, _health) = serve(None, busy_metrics()).await;
     let addr = server.local_addr();
-    let reply = http(addr, "GET", "/metrics", None).await;
+    let reply = http(addr, "GET", "/metrics", None);
     assert_eq!(reply.status, 200);
     assert!(
         reply
@@ -216,23 +205,23 @@ async fn a_real_scrape_passes_promtool_and_has_every_family() {
 
     // A fresh registry (before any role recorded anything) is just as clean.
     let (fresh, _health) = serve(None, Arc::new(Metrics::new().expect("families"))).await;
-    promtool_check(&http(fresh.local_addr(), "GET", "/metrics", None).await.body);
+    promtool_check(&http(fresh.local_addr(), "GET", "/metrics", None).body);
 
-    let head = http(addr, "HEAD", "/metrics", None).await;
+    let head = http(addr, "HEAD", "/metrics", None);
     assert_eq!(head.status, 200);
     assert!(head.body.is_empty());
-    assert_eq!(http(addr, "GET", "/nope", None).await.status, 404);
-    let post = http(addr, "POST", "/metrics", None).await;
+    assert_eq!(http(addr, "GET", "/nope", None).status, 404);
+    let post = http(addr, "POST", "/metrics", None);
     assert_eq!(post.status, 405);
     assert_eq!(post.header("allow"), Some("GET, HEAD"));
     server.shutdown().await;
     assert!(
-        tokio::net::TcpStream::connect(addr).await.is_err(),
+        std::net::TcpStream::connect(addr).is_err(),
         "the port is closed after shutdown"
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn with_a_token_a_scrape_without_it_gets_401() {
     let sandbox = Sandbox::new();
     sandbox.write("secrets/metrics-token", "t0ken-from-file\n");
@@ -247,7 +236,7 @@ async fn with_a_token_a_scrape_without_it_gets_401() {
         .expect("start the endpoint")
         .expect("listen is set");
     let addr = server.local_addr();
-    let refused = http(addr, "GET", "/metrics", None).await;
+    let refused = http(addr, "GET", "/metrics", None);
     assert_eq!(refused.status, 401);
     assert!(
         refused
@@ -257,12 +246,9 @@ async fn with_a_token_a_scrape_without_it_gets_401() {
         refused.headers
     );
     assert!(!refused.body.contains("sauna_"));
-    assert_eq!(
-        http(addr, "GET", "/metrics", Some("wrong")).await.status,
-        401
-    );
-    assert_eq!(http(addr, "GET", "/healthz", None).await.status, 401);
-    let allowed = http(addr, "GET", "/metrics", Some("t0ken-from-file")).await;
+    assert_eq!(http(addr, "GET", "/metrics", Some("wrong")).status, 401);
+    assert_eq!(http(addr, "GET", "/healthz", None).status, 401);
+    let allowed = http(addr, "GET", "/metrics", Some("t0ken-from-file"));
     assert_eq!(allowed.status, 200);
     assert!(allowed.body.contains("sauna_generation 2"));
 
@@ -279,7 +265,7 @@ async fn with_a_token_a_scrape_without_it_gets_401() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn a_taken_port_is_reported_with_its_address() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let listen = taken.local_addr().expect("address").to_string();
@@ -290,24 +276,24 @@ async fn a_taken_port_is_reported_with_its_address() {
     assert!(error.to_string().contains(&listen), "{error}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn healthz_and_readyz_follow_the_main_loop() {
     let (server, health) = serve(None, busy_metrics()).await;
     let addr = server.local_addr();
-    assert_eq!(http(addr, "GET", "/healthz", None).await.status, 200);
-    let readyz = http(addr, "GET", "/readyz", None).await;
+    assert_eq!(http(addr, "GET", "/healthz", None).status, 200);
+    let readyz = http(addr, "GET", "/readyz", None);
     assert_eq!(readyz.status, 503, "not ready before the first generation");
     assert!(readyz.body.contains("not serving yet"), "{}", readyz.body);
 
     health.send_replace(Health::now(true, Vec::new()));
-    assert_eq!(http(addr, "GET", "/readyz", None).await.status, 200);
-    let healthz = http(addr, "GET", "/healthz", None).await;
+    assert_eq!(http(addr, "GET", "/readyz", None).status, 200);
+    let healthz = http(addr, "GET", "/healthz", None);
     assert_eq!(healthz.status, 200);
     assert_eq!(healthz.header("content-type"), Some("application/json"));
 
     let fatal = "program \"celery\" is fatal: exited 5 times within 60s";
     health.send_replace(Health::now(true, vec![fatal.to_owned()]));
-    let healthz = http(addr, "GET", "/healthz", None).await;
+    let healthz = http(addr, "GET", "/healthz", None);
     assert_eq!(healthz.status, 503);
     let verdict: serde_json::Value = serde_json::from_str(&healthz.body).expect("JSON body");
     assert_eq!(verdict["status"], "unhealthy");
@@ -322,7 +308,7 @@ async fn healthz_and_readyz_follow_the_main_loop() {
         problems: Vec::new(),
         heartbeat: stale,
     });
-    let healthz = http(addr, "GET", "/healthz", None).await;
+    let healthz = http(addr, "GET", "/healthz", None);
     assert_eq!(healthz.status, 503);
     assert!(
         healthz.body.contains("has not reported"),
@@ -332,10 +318,10 @@ async fn healthz_and_readyz_follow_the_main_loop() {
 
     // The main loop has ended: both probes fail.
     health.send_replace(Health::now(true, Vec::new()));
-    assert_eq!(http(addr, "GET", "/healthz", None).await.status, 200);
+    assert_eq!(http(addr, "GET", "/healthz", None).status, 200);
     drop(health);
-    assert_eq!(http(addr, "GET", "/healthz", None).await.status, 503);
-    assert_eq!(http(addr, "GET", "/readyz", None).await.status, 503);
+    assert_eq!(http(addr, "GET", "/healthz", None).status, 503);
+    assert_eq!(http(addr, "GET", "/readyz", None).status, 503);
 }
 
 /// A `redis-server` on a free loopback port in a temp dir, killed when dropped.
@@ -371,7 +357,7 @@ impl RedisServer {
             port,
             _dir: dir,
         };
-        crate::util::wait_until(Duration::from_secs(10), "redis-server to answer", || {
+        wait_until(TIMEOUT, "redis-server to answer", || {
             let client = redis::Client::open(server.url(0)).ok()?;
             let mut connection = client.get_connection().ok()?;
             redis::cmd("PING").query::<String>(&mut connection).ok()
@@ -399,7 +385,7 @@ fn queue_length(scrape: &str, queue: &str) -> Option<i64> {
         .and_then(|value| value.parse().ok())
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn queue_lengths_follow_the_broker() {
     let mut redis_server = RedisServer::start();
     let metrics = Arc::new(Metrics::new().expect("families"));
@@ -413,13 +399,12 @@ async fn queue_lengths_follow_the_broker() {
         },
         Arc::clone(&metrics),
     );
-    let scrape = || async { http(addr, "GET", "/metrics", None).await.body };
-    eventually("empty queues to be sampled", || async {
-        let body = scrape().await;
+    let scrape = || http(addr, "GET", "/metrics", None).body;
+    wait_until(TIMEOUT, "empty queues to be sampled", || {
+        let body = scrape();
         (queue_length(&body, "celery") == Some(0) && queue_length(&body, "hi") == Some(0))
             .then_some(())
-    })
-    .await;
+    });
 
     // Messages at priority 0 and 7 (key `hi\x06\x166`) both count; another DB does not.
     let client = redis::Client::open(redis_server.url(3)).expect("client");
@@ -439,24 +424,22 @@ async fn queue_lengths_follow_the_broker() {
         .arg("{}")
         .query(&mut other.get_connection().expect("connect"))
         .expect("LPUSH");
-    eventually("the pushed messages to be counted", || async {
-        let body = scrape().await;
+    wait_until(TIMEOUT, "the pushed messages to be counted", || {
+        let body = scrape();
         (queue_length(&body, "hi") == Some(3) && queue_length(&body, "celery") == Some(1))
             .then_some(())
-    })
-    .await;
+    });
 
     // The broker goes away: the stale lengths disappear instead of lying.
     let _ = redis_server.child.kill();
     let _ = redis_server.child.wait();
-    eventually("the queue series to disappear", || async {
-        queue_length(&scrape().await, "hi").is_none().then_some(())
-    })
-    .await;
+    wait_until(TIMEOUT, "the queue series to disappear", || {
+        queue_length(&scrape(), "hi").is_none().then_some(())
+    });
 
     // Dropping the sampler (reload, stop) removes its series too.
     drop(sampler);
-    assert!(queue_length(&scrape().await, "celery").is_none());
+    assert!(queue_length(&scrape(), "celery").is_none());
 }
 
 #[test]
