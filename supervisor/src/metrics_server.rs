@@ -40,6 +40,9 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections served at once; more are closed on accept. Scrapers and probes need a handful.
 const MAX_CONNECTIONS: usize = 64;
 
+/// The exposition format 0.0.4, with the charset made explicit.
+const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
 /// The main loop's verdict on the supervisor, sent on every loop iteration and at least every
 /// second through a `tokio::sync::watch` channel.
 #[derive(Debug, Clone)]
@@ -211,6 +214,9 @@ pub async fn serve(
         health,
         token: token.map(String::into_bytes),
     });
+    if shared.token.is_none() && !local_addr.ip().is_loopback() {
+        tracing::warn!(address = %local_addr, "metrics endpoint reachable beyond this host without a token; set [metrics].token_file or token_env");
+    }
     let (stop, stopped) = oneshot::channel();
     let task = tokio::spawn(accept_loop(listener, shared, stopped));
     tracing::info!(address = %local_addr, "metrics endpoint listening (/metrics, /healthz, /readyz)");
@@ -296,7 +302,7 @@ fn respond<B>(shared: &Shared, request: &Request<B>, now: Instant) -> Response<F
         "/metrics" => match shared.metrics.render() {
             Ok(body) => with_type(
                 StatusCode::OK,
-                prometheus::TEXT_FORMAT,
+                METRICS_CONTENT_TYPE,
                 Bytes::from(body.into_bytes()),
             ),
             Err(error) => {
@@ -472,7 +478,7 @@ mod tests {
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(
             response.headers()[header::CONTENT_TYPE],
-            "text/plain; version=0.0.4"
+            "text/plain; version=0.0.4; charset=utf-8"
         );
         assert!(body(response).contains("# TYPE sauna_generation gauge"));
     }
