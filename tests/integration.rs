@@ -7,5 +7,7 @@ mod util;
 mod lifecycle;
 // emit: generated nginx/redis/postgres/systemd files checked and run by the real servers.
 mod emit;
+// programs: restarts, backoff into fatal, group stops, orphans, rlimits, identity, max_rss.
+mod programs;
 // metrics: the /metrics, /healthz and /readyz endpoint, promtool, Celery queue lengths, emit grafana.
 mod metrics;

@@ -8,6 +8,7 @@
 //! reverse start order, then beat releases its lock. It never sits on the request hot path: the
 //! HTTP front talks to the workers without passing through here.
 
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +22,7 @@ use crate::lifecycle::{Phase, StopMode};
 use crate::logging::LogHandle;
 use crate::metrics::Metrics;
 use crate::notify::Notifier;
+use crate::programs::Programs;
 use crate::signals::{SignalEvent, Signals};
 use crate::status::StatusReport;
 
@@ -46,19 +48,28 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// The roles the config asked for, each behind its actor handle.
-struct Roles {}
+struct Roles {
+    /// Every `[programs.NAME]`.
+    programs: Programs,
+}
 
 impl Roles {
     /// Starts every configured role, in start order.
-    async fn start(_loaded: &Loaded, _metrics: &Arc<Metrics>) -> anyhow::Result<Roles> {
-        Ok(Roles {})
+    async fn start(loaded: &Loaded, metrics: &Arc<Metrics>) -> anyhow::Result<Roles> {
+        let base_dir = loaded.path.parent().unwrap_or(Path::new("."));
+        let programs = Programs::start(&loaded.config, base_dir, Arc::clone(metrics));
+        Ok(Roles { programs })
     }
 
     /// Stops every role, in reverse start order.
-    async fn shutdown(self, _mode: StopMode) {}
+    async fn shutdown(self, mode: StopMode) {
+        self.programs.shutdown(mode).await;
+    }
 
     /// The roles' part of the status report.
-    async fn fill_status(&self, _report: &mut StatusReport) {}
+    async fn fill_status(&self, report: &mut StatusReport) {
+        report.programs = serde_json::to_value(self.programs.status().await).unwrap_or_default();
+    }
 
     /// A one-line summary for systemd's `STATUS=`.
     fn summary(&self) -> String {

@@ -1,0 +1,605 @@
+//! The actor that owns one program: its instances' processes, their restart histories and
+//! timers, and the stop sequence. One tokio task per program; commands arrive over an mpsc
+//! channel and answers leave through oneshot senders, so nothing about a program is shared.
+//!
+//! Each spawned process is awaited by a small waiter task that owns its `Child` and reports the
+//! exit back to the actor. The actor never waits on a child itself, so it can answer `status`
+//! and run timers while a process is stopping. What to do after an exit is decided by the pure
+//! machine in `state.rs`; this file carries the decisions out.
+//!
+//! An instance *is* its process group: the stop signal goes to the whole group and SIGKILL
+//! follows after `stop_timeout`. A stop is complete when the group is empty, not when the leader
+//! has exited: a shell wrapper may die at once on TERM while the Celery worker it started is
+//! still finishing its tasks, so the group gets the rest of `stop_timeout` (checked on a short
+//! interval; no kernel event announces the end of a process that is not our child). After an
+//! exit nobody asked for, what is left of the group is SIGKILLed at once: those members would
+//! otherwise outlive the instance as orphans next to its replacement. A grandchild that leaves
+//! the group (`setsid`, a daemonizing double fork) escapes all of this; under systemd,
+//! `KillMode=control-group` catches it.
+
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use nix::sys::signal::Signal;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::child;
+use crate::lifecycle::StopMode;
+use crate::metrics::Metrics;
+use crate::programs::launch::Launch;
+use crate::programs::procfs;
+use crate::programs::state::{Decision, InstanceState, RestartHistory, can_transition};
+use crate::programs::{InstanceStatus, ProgramStatus};
+
+/// How often a stopping group whose leader has exited is checked for remaining members.
+const GROUP_CHECK_INTERVAL: Duration = Duration::from_millis(50);
+
+/// What the facade can ask a program actor.
+#[derive(Debug)]
+pub enum Command {
+    /// Report the program's status.
+    Status(oneshot::Sender<ProgramStatus>),
+    /// Stop every instance; the answer comes once every process group is gone.
+    Shutdown(StopMode, oneshot::Sender<()>),
+}
+
+/// A waiter task's report: process `run` has exited.
+struct Exited {
+    run: u64,
+    status: io::Result<ExitStatus>,
+}
+
+/// Why an instance is being stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    /// The supervisor is shutting down: the instance stays stopped.
+    Shutdown,
+    /// Over `max_rss`: started again as soon as the group is gone.
+    MaxRss,
+}
+
+/// One instance of the program.
+struct Instance {
+    index: usize,
+    state: InstanceState,
+    /// The process group leader while a process runs.
+    pid: Option<u32>,
+    /// The process group while it may have members: from the spawn until the group is empty.
+    group: Option<u32>,
+    /// When to look again whether a stopping group whose leader has exited is empty.
+    group_check_at: Option<Instant>,
+    /// Identifies the current process, so a late exit report of an earlier one is ignored.
+    run: u64,
+    started: Option<(Instant, SystemTime)>,
+    starts: u64,
+    history: RestartHistory,
+    restart_at: Option<Instant>,
+    ready_at: Option<Instant>,
+    kill_at: Option<Instant>,
+    stop_reason: Option<StopReason>,
+    rss_bytes: Option<u64>,
+    rss_over: u32,
+    last_exit: Option<String>,
+    last_exit_at: Option<SystemTime>,
+    fatal: Option<String>,
+}
+
+impl Instance {
+    fn new(index: usize) -> Instance {
+        Instance {
+            index,
+            state: InstanceState::Stopped,
+            pid: None,
+            group: None,
+            group_check_at: None,
+            run: 0,
+            started: None,
+            starts: 0,
+            history: RestartHistory::default(),
+            restart_at: None,
+            ready_at: None,
+            kill_at: None,
+            stop_reason: None,
+            rss_bytes: None,
+            rss_over: 0,
+            last_exit: None,
+            last_exit_at: None,
+            fatal: None,
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        [
+            self.restart_at,
+            self.ready_at,
+            self.kill_at,
+            self.group_check_at,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+}
+
+/// The actor's state; see the module documentation.
+pub struct ProgramActor {
+    launch: Launch,
+    metrics: Arc<Metrics>,
+    instances: Vec<Instance>,
+    exits_tx: mpsc::UnboundedSender<Exited>,
+    exits_rx: mpsc::UnboundedReceiver<Exited>,
+    next_rss_sample: Option<Instant>,
+    shutting_down: Option<StopMode>,
+    shutdown_replies: Vec<oneshot::Sender<()>>,
+    runs: u64,
+}
+
+impl ProgramActor {
+    /// An actor for `launch` with every instance stopped.
+    pub fn new(launch: Launch, metrics: Arc<Metrics>) -> ProgramActor {
+        let (exits_tx, exits_rx) = mpsc::unbounded_channel();
+        let instances = (0..launch.instances as usize).map(Instance::new).collect();
+        let next_rss_sample = (launch.max_rss > 0).then(|| Instant::now() + launch.rss_interval);
+        metrics
+            .program_up
+            .with_label_values(&[launch.name.as_str()])
+            .set(0);
+        metrics
+            .program_restarts_total
+            .with_label_values(&[launch.name.as_str()])
+            .inc_by(0);
+        ProgramActor {
+            launch,
+            metrics,
+            instances,
+            exits_tx,
+            exits_rx,
+            next_rss_sample,
+            shutting_down: None,
+            shutdown_replies: Vec::new(),
+            runs: 0,
+        }
+    }
+
+    /// Spawns every instance now, in index order. Called from the runtime before `run`, so
+    /// programs start in the order the facade starts them.
+    pub fn start_all(&mut self) {
+        for slot in 0..self.instances.len() {
+            self.start(slot);
+        }
+    }
+
+    /// Serves commands until a shutdown has completed or the facade is gone.
+    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut commands_open = true;
+        loop {
+            if self.shutting_down.is_some() && self.all_down() {
+                for reply in self.shutdown_replies.drain(..) {
+                    let _ = reply.send(());
+                }
+                return;
+            }
+            let deadline = self.next_deadline();
+            let timer = async move {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                command = commands.recv(), if commands_open => match command {
+                    Some(Command::Status(reply)) => {
+                        let _ = reply.send(self.status());
+                    }
+                    Some(Command::Shutdown(mode, reply)) => {
+                        self.shutdown_replies.push(reply);
+                        self.begin_shutdown(mode);
+                    }
+                    None => {
+                        // The facade was dropped without a shutdown: leave nothing running.
+                        commands_open = false;
+                        self.begin_shutdown(StopMode::Fast);
+                    }
+                },
+                Some(exited) = self.exits_rx.recv() => self.on_exit(exited),
+                () = timer => self.on_timers(Instant::now()),
+            }
+        }
+    }
+
+    /// The log label of the instance in `slot` (a position in `instances`; reload will keep old
+    /// and new processes of one index side by side).
+    fn label(&self, slot: usize) -> String {
+        self.launch.label(self.instances[slot].index)
+    }
+
+    fn set_state(&mut self, slot: usize, to: InstanceState) {
+        let from = self.instances[slot].state;
+        if !can_transition(from, to) {
+            tracing::error!(
+                "program \"{}\": internal error: transition {from:?} → {to:?} is not in the table",
+                self.label(slot)
+            );
+        }
+        self.instances[slot].state = to;
+        let all_running = self
+            .instances
+            .iter()
+            .all(|instance| instance.state == InstanceState::Running);
+        self.metrics
+            .program_up
+            .with_label_values(&[self.launch.name.as_str()])
+            .set(i64::from(all_running && !self.instances.is_empty()));
+    }
+
+    fn start(&mut self, slot: usize) {
+        let label = self.label(slot);
+        self.set_state(slot, InstanceState::Starting);
+        let now = Instant::now();
+        let instance = &mut self.instances[slot];
+        instance.restart_at = None;
+        instance.kill_at = None;
+        instance.stop_reason = None;
+        instance.rss_over = 0;
+        instance.rss_bytes = None;
+        instance.fatal = None;
+        instance.started = Some((now, SystemTime::now()));
+        instance.starts += 1;
+        if instance.starts > 1 {
+            self.metrics
+                .program_restarts_total
+                .with_label_values(&[self.launch.name.as_str()])
+                .inc();
+        }
+        match child::spawn(self.launch.spec(self.instances[slot].index)) {
+            Ok(mut process) => {
+                let pid = process.id().unwrap_or_default();
+                self.runs += 1;
+                let run = self.runs;
+                let instance = &mut self.instances[slot];
+                instance.pid = Some(pid);
+                instance.group = Some(pid);
+                instance.run = run;
+                instance.ready_at = Some(now + self.launch.ready_after);
+                tracing::info!(program = %label, pid, "program \"{label}\": started (pid {pid})");
+                child::capture_output(&mut process, label);
+                let exits = self.exits_tx.clone();
+                tokio::spawn(async move {
+                    let status = process.wait().await;
+                    let _ = exits.send(Exited { run, status });
+                });
+                if self.launch.ready_after.is_zero() {
+                    self.become_ready(slot);
+                }
+            }
+            Err(error) => {
+                let description = format!("could not start: {error}");
+                tracing::error!(program = %label, "program \"{label}\": {description}");
+                self.after_unrequested_exit(slot, false, description);
+            }
+        }
+    }
+
+    fn become_ready(&mut self, slot: usize) {
+        self.instances[slot].ready_at = None;
+        self.set_state(slot, InstanceState::Running);
+    }
+
+    fn on_exit(&mut self, exited: Exited) {
+        // Matched by run, not by position: a late report about an earlier process is ignored.
+        let Some(slot) = self
+            .instances
+            .iter()
+            .position(|instance| instance.run == exited.run)
+        else {
+            return;
+        };
+        let label = self.label(slot);
+        let instance = &mut self.instances[slot];
+        let Some(pid) = instance.pid.take() else {
+            return;
+        };
+        let (description, success) = describe(&exited.status);
+        instance.last_exit = Some(description.clone());
+        instance.last_exit_at = Some(SystemTime::now());
+        instance.rss_bytes = None;
+        instance.ready_at = None;
+        if instance.state == InstanceState::Stopping {
+            tracing::info!(program = %label, pid, "program \"{label}\": leader {description}");
+            self.check_stopped_group(slot, Instant::now());
+        } else {
+            // Members that outlived the leader would become orphans: the instance is the group.
+            kill_group(&label, pid);
+            instance.group = None;
+            instance.kill_at = None;
+            self.after_unrequested_exit(slot, success, description);
+        }
+    }
+
+    /// A stopping instance's leader has exited: finishes the stop when the group is empty, else
+    /// looks again shortly (the SIGKILL at `kill_at` still applies).
+    fn check_stopped_group(&mut self, slot: usize, now: Instant) {
+        let instance = &mut self.instances[slot];
+        instance.group_check_at = None;
+        if let Some(group) = instance.group {
+            if procfs::group_alive(group) {
+                instance.group_check_at = Some(now + GROUP_CHECK_INTERVAL);
+                return;
+            }
+        }
+        instance.group = None;
+        instance.kill_at = None;
+        let reason = instance.stop_reason.take();
+        let label = self.label(slot);
+        tracing::info!(program = %label, "program \"{label}\": stopped");
+        if reason == Some(StopReason::MaxRss) && self.shutting_down.is_none() {
+            self.start(slot);
+        } else {
+            self.set_state(slot, InstanceState::Stopped);
+        }
+    }
+
+    fn after_unrequested_exit(&mut self, slot: usize, success: bool, description: String) {
+        let now = Instant::now();
+        let label = self.label(slot);
+        let instance = &mut self.instances[slot];
+        let started_at = instance.started.map_or(now, |(at, _)| at);
+        match instance
+            .history
+            .on_exit(&self.launch.rules, success, started_at, now)
+        {
+            Decision::Restart { delay } => {
+                instance.restart_at = Some(now + delay);
+                tracing::warn!(
+                    program = %label,
+                    "program \"{label}\": {description}; restarting in {}",
+                    proxy_conf::Duration(delay)
+                );
+                self.set_state(slot, InstanceState::Backoff);
+            }
+            Decision::StayDown => {
+                tracing::info!(
+                    program = %label,
+                    "program \"{label}\": {description}; not restarted (restart = {})",
+                    restart_word(self.launch.rules.restart)
+                );
+                self.set_state(slot, InstanceState::Exited);
+            }
+            Decision::GiveUp { exits, window } => {
+                let reason = format!(
+                    "{description} {exits} times in {}; giving up",
+                    proxy_conf::Duration(window)
+                );
+                tracing::error!(program = %label, "program \"{label}\": {reason}");
+                instance.fatal = Some(reason);
+                self.set_state(slot, InstanceState::Fatal);
+            }
+        }
+    }
+
+    fn stop(&mut self, slot: usize, mode: StopMode, reason: StopReason) {
+        let label = self.label(slot);
+        let instance = &mut self.instances[slot];
+        match instance.state {
+            InstanceState::Starting | InstanceState::Running => {
+                let Some(pid) = instance.pid else { return };
+                let signal = match mode {
+                    StopMode::Graceful => self.launch.stop_signal,
+                    StopMode::Fast => Signal::SIGKILL,
+                };
+                instance.stop_reason = Some(reason);
+                instance.ready_at = None;
+                instance.kill_at = match mode {
+                    StopMode::Graceful => Some(Instant::now() + self.launch.stop_timeout),
+                    StopMode::Fast => None,
+                };
+                tracing::info!(program = %label, pid, "program \"{label}\": sending {signal} to process group {pid}");
+                if let Err(error) = child::signal_group(pid, signal) {
+                    tracing::warn!(program = %label, "program \"{label}\": cannot signal process group {pid}: {error}");
+                }
+                self.set_state(slot, InstanceState::Stopping);
+            }
+            InstanceState::Stopping => {
+                instance.stop_reason = Some(reason);
+                if mode == StopMode::Fast {
+                    if let Some(group) = instance.group {
+                        kill_group(&label, group);
+                    }
+                    instance.kill_at = None;
+                }
+            }
+            InstanceState::Backoff => {
+                instance.restart_at = None;
+                self.set_state(slot, InstanceState::Stopped);
+            }
+            InstanceState::Exited | InstanceState::Stopped | InstanceState::Fatal => {}
+        }
+    }
+
+    fn begin_shutdown(&mut self, mode: StopMode) {
+        if self.shutting_down == Some(StopMode::Fast) {
+            return;
+        }
+        self.shutting_down = Some(mode);
+        for slot in 0..self.instances.len() {
+            self.stop(slot, mode, StopReason::Shutdown);
+        }
+    }
+
+    fn all_down(&self) -> bool {
+        self.instances
+            .iter()
+            .all(|instance| instance.pid.is_none() && instance.group.is_none())
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let instances = self.instances.iter().filter_map(Instance::next_deadline);
+        let sample = self
+            .next_rss_sample
+            .filter(|_| self.shutting_down.is_none());
+        instances.chain(sample).min()
+    }
+
+    fn on_timers(&mut self, now: Instant) {
+        for slot in 0..self.instances.len() {
+            let instance = &mut self.instances[slot];
+            if instance.restart_at.is_some_and(|at| at <= now) {
+                instance.restart_at = None;
+                if instance.state == InstanceState::Backoff && self.shutting_down.is_none() {
+                    self.start(slot);
+                }
+            }
+            let instance = &mut self.instances[slot];
+            if instance.ready_at.is_some_and(|at| at <= now) {
+                self.become_ready(slot);
+            }
+            let instance = &mut self.instances[slot];
+            if instance.kill_at.is_some_and(|at| at <= now) {
+                instance.kill_at = None;
+                if let Some(group) = instance.group {
+                    let label = self.label(slot);
+                    tracing::warn!(
+                        program = %label,
+                        "program \"{label}\": still running {} after {}; sending SIGKILL to process group {group}",
+                        proxy_conf::Duration(self.launch.stop_timeout),
+                        self.launch.stop_signal
+                    );
+                    kill_group(&label, group);
+                }
+            }
+            if self.instances[slot]
+                .group_check_at
+                .is_some_and(|at| at <= now)
+            {
+                self.check_stopped_group(slot, now);
+            }
+        }
+        if self.next_rss_sample.is_some_and(|at| at <= now) && self.shutting_down.is_none() {
+            self.next_rss_sample = Some(now + self.launch.rss_interval);
+            self.sample_rss();
+        }
+    }
+
+    fn sample_rss(&mut self) {
+        let limit = self.launch.max_rss;
+        for slot in 0..self.instances.len() {
+            let instance = &mut self.instances[slot];
+            let running = matches!(
+                instance.state,
+                InstanceState::Starting | InstanceState::Running
+            );
+            let Some(pid) = instance.pid.filter(|_| running) else {
+                continue;
+            };
+            instance.rss_bytes = procfs::tree_rss(pid);
+            let rss = instance.rss_bytes.unwrap_or_default();
+            if rss <= limit {
+                instance.rss_over = 0;
+                continue;
+            }
+            instance.rss_over += 1;
+            if instance.rss_over >= self.launch.max_rss_samples {
+                let samples = instance.rss_over;
+                let label = self.label(slot);
+                tracing::warn!(
+                    program = %label,
+                    pid,
+                    rss_bytes = rss,
+                    "program \"{label}\": RSS {:.1}MiB of its process tree is over max_rss {} for {} consecutive samples; restarting it",
+                    rss as f64 / f64::from(1u32 << 20),
+                    proxy_conf::ByteSize(limit),
+                    samples
+                );
+                self.stop(slot, StopMode::Graceful, StopReason::MaxRss);
+            }
+        }
+    }
+
+    fn status(&self) -> ProgramStatus {
+        let now = Instant::now();
+        let wall_now = SystemTime::now();
+        let to_unix = |at: SystemTime| {
+            at.duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |since| since.as_secs_f64())
+        };
+        let instances: Vec<InstanceStatus> = self
+            .instances
+            .iter()
+            .map(|instance| {
+                let running = instance.pid.is_some();
+                let detail = match instance.state {
+                    InstanceState::Fatal => instance.fatal.clone(),
+                    InstanceState::Backoff => instance.restart_at.map(|at| {
+                        format!(
+                            "restarting in {:.1}s",
+                            at.saturating_duration_since(now).as_secs_f64()
+                        )
+                    }),
+                    InstanceState::Stopping if instance.stop_reason == Some(StopReason::MaxRss) => {
+                        Some("restarting: over max_rss".to_owned())
+                    }
+                    _ => None,
+                };
+                InstanceStatus {
+                    index: instance.index,
+                    pid: instance.pid,
+                    state: instance.state,
+                    started_at: instance.started.map(|(_, wall)| to_unix(wall)),
+                    uptime_seconds: instance
+                        .started
+                        .filter(|_| running)
+                        .map(|(at, _)| now.saturating_duration_since(at).as_secs()),
+                    restarts: instance.starts.saturating_sub(1),
+                    last_exit: instance.last_exit.clone(),
+                    last_exit_at: instance.last_exit_at.map(to_unix),
+                    recent_exits: instance
+                        .history
+                        .recent_exits()
+                        .map(|at| {
+                            wall_now
+                                .checked_sub(now.saturating_duration_since(at))
+                                .map_or(0.0, to_unix)
+                        })
+                        .collect(),
+                    rss_bytes: instance.rss_bytes,
+                    detail,
+                }
+            })
+            .collect();
+        ProgramStatus::new(self.launch.name.clone(), instances)
+    }
+}
+
+/// SIGKILL to a whole process group; a group that is already gone is fine.
+fn kill_group(label: &str, group: u32) {
+    if let Err(error) = child::signal_group(group, Signal::SIGKILL) {
+        tracing::warn!(program = %label, "program \"{label}\": cannot kill process group {group}: {error}");
+    }
+}
+
+/// A readable exit status and whether it counts as success.
+fn describe(status: &io::Result<ExitStatus>) -> (String, bool) {
+    match status {
+        Ok(status) => match (status.code(), status.signal()) {
+            (Some(code), _) => (format!("exited with status {code}"), code == 0),
+            (None, Some(signal)) => {
+                let name = Signal::try_from(signal)
+                    .map_or_else(|_| signal.to_string(), |signal| signal.to_string());
+                (format!("killed by signal {name}"), false)
+            }
+            (None, None) => (format!("ended ({status})"), false),
+        },
+        Err(error) => (format!("could not be waited for: {error}"), false),
+    }
+}
+
+fn restart_word(policy: proxy_conf::RestartPolicy) -> &'static str {
+    match policy {
+        proxy_conf::RestartPolicy::Always => "always",
+        proxy_conf::RestartPolicy::OnFailure => "on-failure",
+        proxy_conf::RestartPolicy::Never => "never",
+    }
+}

@@ -1,0 +1,416 @@
+//! Programs: the supervised commands of `[programs.NAME]` (Celery workers and the like). This
+//! module is the facade the main loop uses: it starts one actor per program in name order, asks
+//! them for their status, and stops them in reverse order. The restart policy lives in
+//! [`state`], the per-program process handling in `actor`, the resolution of config keys in
+//! `launch` and what `/proc` says about processes in [`procfs`].
+//!
+//! Reload is not built yet; it is meant to slot in as one more actor command per program
+//! (start the new instances, wait until they are `running`, then stop the old ones), which is why
+//! each program's processes are owned by its own actor rather than by the facade.
+
+mod actor;
+mod launch;
+pub mod procfs;
+pub mod state;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proxy_conf::Config;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::lifecycle::StopMode;
+use crate::metrics::Metrics;
+use actor::{Command, ProgramActor};
+use launch::Launch;
+pub use state::InstanceState;
+
+/// The shortest RSS sampling interval, so a `sample_interval = "0s"` cannot spin the actor.
+const MIN_RSS_INTERVAL: Duration = Duration::from_millis(50);
+
+/// The status of one program, as `status --json` shows it under `programs`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProgramStatus {
+    /// `[programs.NAME]`.
+    pub name: String,
+    /// The least healthy state among its instances (`running` only when all are running).
+    pub state: InstanceState,
+    /// True when an instance gave up after a crash loop (for `/healthz`).
+    pub fatal: bool,
+    /// Each instance, by index.
+    pub instances: Vec<InstanceStatus>,
+}
+
+impl ProgramStatus {
+    fn new(name: String, instances: Vec<InstanceStatus>) -> ProgramStatus {
+        let state = instances
+            .iter()
+            .map(|instance| instance.state)
+            .min_by_key(|state| health_rank(*state))
+            .unwrap_or(InstanceState::Stopped);
+        ProgramStatus {
+            name,
+            state,
+            fatal: state == InstanceState::Fatal,
+            instances,
+        }
+    }
+}
+
+/// Orders states from least to most healthy for [`ProgramStatus::state`].
+fn health_rank(state: InstanceState) -> u8 {
+    match state {
+        InstanceState::Fatal => 0,
+        InstanceState::Backoff => 1,
+        InstanceState::Stopping => 2,
+        InstanceState::Starting => 3,
+        InstanceState::Exited => 4,
+        InstanceState::Stopped => 5,
+        InstanceState::Running => 6,
+    }
+}
+
+/// The status of one instance of a program.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceStatus {
+    /// 0-based index, also in `$SAUNA_INSTANCE` and in log labels (`celery:1`).
+    pub index: usize,
+    /// The process group leader, while one runs.
+    pub pid: Option<u32>,
+    /// Where the instance is in its life.
+    pub state: InstanceState,
+    /// Unix time (seconds) the current or last process was started.
+    pub started_at: Option<f64>,
+    /// Seconds the current process has been running.
+    pub uptime_seconds: Option<u64>,
+    /// Times the instance was started again after its first start.
+    pub restarts: u64,
+    /// How the last process ended, e.g. `exited with status 1` or `killed by signal SIGKILL`.
+    pub last_exit: Option<String>,
+    /// Unix time of that exit.
+    pub last_exit_at: Option<f64>,
+    /// Unix times of the unrequested exits inside the crash window, oldest first; the gaps show
+    /// the backoff delays.
+    pub recent_exits: Vec<f64>,
+    /// RSS of the instance's process tree at the last sample (only sampled with `max_rss`).
+    pub rss_bytes: Option<u64>,
+    /// Why it is in this state: the crash-loop reason, the time left before a restart, ….
+    pub detail: Option<String>,
+}
+
+/// A running program actor as the facade sees it.
+struct ProgramHandle {
+    name: String,
+    commands: mpsc::Sender<Command>,
+    task: JoinHandle<()>,
+}
+
+/// Every program of the configuration, each run by its own actor.
+pub struct Programs {
+    /// In start (name) order.
+    programs: Vec<ProgramHandle>,
+}
+
+impl Programs {
+    /// Starts every `[programs.NAME]` in name order. Relative paths are taken from `base_dir`
+    /// (the config file's directory). RSS for `max_rss` is sampled every
+    /// `[metrics].sample_interval`. Must be called on the tokio runtime that will run the
+    /// actors: children are spawned from its threads (see `child` on `PR_SET_PDEATHSIG`).
+    pub fn start(config: &Config, base_dir: &Path, metrics: Arc<Metrics>) -> Programs {
+        // `sauna.toml` given without a directory has an empty parent: the current directory.
+        let base_dir = if base_dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            base_dir
+        };
+        let rss_interval = config.metrics.sample_interval.get().max(MIN_RSS_INTERVAL);
+        let programs = config
+            .programs
+            .iter()
+            .map(|(name, program)| {
+                let launch = Launch::new(name, program, &config.app, base_dir, rss_interval);
+                let mut actor = ProgramActor::new(launch, Arc::clone(&metrics));
+                actor.start_all();
+                let (commands, receiver) = mpsc::channel(16);
+                let task = tokio::spawn(actor.run(receiver));
+                ProgramHandle {
+                    name: name.clone(),
+                    commands,
+                    task,
+                }
+            })
+            .collect();
+        Programs { programs }
+    }
+
+    /// The status of every program, in start order.
+    pub async fn status(&self) -> Vec<ProgramStatus> {
+        let mut statuses = Vec::with_capacity(self.programs.len());
+        for program in &self.programs {
+            let (reply, answer) = oneshot::channel();
+            if program.commands.send(Command::Status(reply)).await.is_err() {
+                tracing::error!("program \"{}\": its actor is gone", program.name);
+                continue;
+            }
+            if let Ok(status) = answer.await {
+                statuses.push(status);
+            }
+        }
+        statuses
+    }
+
+    /// True when some program gave up after a crash loop; `/healthz` reports unhealthy then.
+    pub async fn any_fatal(&self) -> bool {
+        self.status().await.iter().any(|program| program.fatal)
+    }
+
+    /// Stops every program and returns once all their process groups are gone. Graceful: one
+    /// program after the other in reverse start order, each instance getting `stop_signal` and
+    /// SIGKILL after `stop_timeout`. Fast: every group gets SIGKILL at once.
+    pub async fn shutdown(self, mode: StopMode) {
+        let mut pending = Vec::new();
+        for program in self.programs.into_iter().rev() {
+            let (reply, answer) = oneshot::channel();
+            if program
+                .commands
+                .send(Command::Shutdown(mode, reply))
+                .await
+                .is_err()
+            {
+                tracing::error!("program \"{}\": its actor is gone", program.name);
+                continue;
+            }
+            match mode {
+                StopMode::Graceful => {
+                    let _ = answer.await;
+                    let _ = program.task.await;
+                }
+                StopMode::Fast => pending.push((answer, program.task)),
+            }
+        }
+        for (answer, task) in pending {
+            let _ = answer.await;
+            let _ = task.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::child;
+    use std::collections::BTreeSet;
+    use std::time::Instant;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    fn start(toml: &str) -> Programs {
+        start_with_metrics(toml, Arc::new(Metrics::new().unwrap()))
+    }
+
+    fn start_with_metrics(toml: &str, metrics: Arc<Metrics>) -> Programs {
+        let config = proxy_conf::load_str(toml, "sauna.toml").unwrap();
+        Programs::start(&config, Path::new("/tmp"), metrics)
+    }
+
+    async fn wait_for(
+        programs: &Programs,
+        what: &str,
+        predicate: impl Fn(&[ProgramStatus]) -> bool,
+    ) -> Vec<ProgramStatus> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = programs.status().await;
+            if predicate(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {status:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// True while `pid` exists and is not a zombie.
+    fn alive(pid: u32) -> bool {
+        procfs::read_processes(Path::new("/proc"))
+            .iter()
+            .any(|process| process.pid == pid && process.state != 'Z')
+    }
+
+    fn tree(pid: u32) -> BTreeSet<u32> {
+        procfs::tree_members(&procfs::read_processes(Path::new("/proc")), pid)
+    }
+
+    #[test]
+    fn a_killed_instance_comes_back_with_a_new_pid_and_env() {
+        runtime().block_on(async {
+            let metrics = Arc::new(Metrics::new().unwrap());
+            let programs = start_with_metrics(
+                r#"
+                [programs.sleeper]
+                command = ["sh", "-c", "test \"$SAUNA_INSTANCE\" = 1 || exit 3; exec sleep 300"]
+                instances = 2
+                ready_after = "0s"
+                [programs.steady]
+                command = ["sleep", "300"]
+                ready_after = "0s"
+                "#,
+                Arc::clone(&metrics),
+            );
+            let up = |name: &str| metrics.program_up.with_label_values(&[name]).get();
+            let status = wait_for(&programs, "both instances", |status| {
+                status[0].instances[1].state == InstanceState::Running
+            })
+            .await;
+            let first = status[0].instances[1].pid.unwrap();
+            assert_eq!(status[1].state, InstanceState::Running);
+            assert_eq!(
+                (up("sleeper"), up("steady")),
+                (0, 1),
+                "up only when every instance runs"
+            );
+            // Instance 0 exits with 3: it is not SAUNA_INSTANCE=1.
+            wait_for(&programs, "instance 0 backing off", |status| {
+                status[0].instances[0].last_exit.as_deref() == Some("exited with status 3")
+            })
+            .await;
+            child::signal_group(first, nix::sys::signal::Signal::SIGKILL).unwrap();
+            let killed = Instant::now();
+            let status = wait_for(&programs, "a new pid", |status| {
+                let instance = &status[0].instances[1];
+                instance.pid.is_some_and(|pid| pid != first)
+            })
+            .await;
+            assert!(killed.elapsed() < Duration::from_secs(2));
+            let instance = &status[0].instances[1];
+            assert_eq!(instance.restarts, 1);
+            assert_eq!(
+                instance.last_exit.as_deref(),
+                Some("killed by signal SIGKILL")
+            );
+            let restarts = metrics
+                .program_restarts_total
+                .with_label_values(&["sleeper"])
+                .get();
+            assert!(restarts >= 1, "{restarts}");
+            programs.shutdown(StopMode::Fast).await;
+            assert_eq!(up("steady"), 0);
+        });
+    }
+
+    #[test]
+    fn a_stop_ends_grandchildren_and_kills_what_ignores_the_signal() {
+        runtime().block_on(async {
+            let programs = start(
+                r#"
+                [programs.polite]
+                command = ["sh", "-c", "sleep 300 & sleep 300 & wait"]
+                [programs.stubborn]
+                command = ["sh", "-c", "trap '' TERM; sleep 300 & wait"]
+                stop_timeout = "300ms"
+                "#,
+            );
+            let status = wait_for(&programs, "grandchildren", |status| {
+                status.iter().all(|program| {
+                    program.instances[0]
+                        .pid
+                        .is_some_and(|pid| tree(pid).len() >= 2)
+                })
+            })
+            .await;
+            let mut pids = BTreeSet::new();
+            for program in &status {
+                pids.extend(tree(program.instances[0].pid.unwrap()));
+            }
+            let stopping = Instant::now();
+            programs.shutdown(StopMode::Graceful).await;
+            let took = stopping.elapsed();
+            assert!(
+                took >= Duration::from_millis(300),
+                "{took:?}: the stubborn one waited for stop_timeout"
+            );
+            assert!(took < Duration::from_secs(5), "{took:?}");
+            for pid in pids {
+                assert!(!alive(pid), "pid {pid} survived the stop");
+            }
+        });
+    }
+
+    #[test]
+    fn an_instance_over_max_rss_is_restarted() {
+        runtime().block_on(async {
+            // The leader is a small shell; the memory is in its child, as in Celery's prefork pool.
+            let programs = start(
+                r#"
+                [programs.hog]
+                command = ["sh", "-c", "python3 -c 'import time; b = b\"x\" * (64 << 20); time.sleep(300)' & wait"]
+                max_rss = "32MiB"
+                max_rss_samples = 2
+                [metrics]
+                sample_interval = "100ms"
+                "#,
+            );
+            let status = wait_for(&programs, "a max_rss restart", |status| {
+                status[0].instances[0].restarts >= 1
+            })
+            .await;
+            assert_eq!(
+                status[0].instances[0].last_exit.as_deref(),
+                Some("killed by signal SIGTERM")
+            );
+            programs.shutdown(StopMode::Fast).await;
+        });
+    }
+
+    fn instance(state: InstanceState) -> InstanceStatus {
+        InstanceStatus {
+            index: 0,
+            pid: None,
+            state,
+            started_at: None,
+            uptime_seconds: None,
+            restarts: 0,
+            last_exit: None,
+            last_exit_at: None,
+            recent_exits: Vec::new(),
+            rss_bytes: None,
+            detail: None,
+        }
+    }
+
+    #[test]
+    fn a_program_is_as_healthy_as_its_worst_instance() {
+        let status = ProgramStatus::new(
+            "celery".into(),
+            vec![
+                instance(InstanceState::Running),
+                instance(InstanceState::Fatal),
+            ],
+        );
+        assert_eq!(status.state, InstanceState::Fatal);
+        assert!(status.fatal);
+        let status = ProgramStatus::new(
+            "celery".into(),
+            vec![
+                instance(InstanceState::Running),
+                instance(InstanceState::Running),
+            ],
+        );
+        assert_eq!(status.state, InstanceState::Running);
+        assert!(!status.fatal);
+        assert_eq!(
+            ProgramStatus::new("x".into(), Vec::new()).state,
+            InstanceState::Stopped
+        );
+    }
+}

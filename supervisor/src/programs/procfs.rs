@@ -1,0 +1,163 @@
+//! What `/proc` says about a program instance's processes: the resident memory of its whole
+//! process tree, and whether its process group still has live members.
+//!
+//! A Celery worker's memory lives mostly in its prefork children, so the leader's own RSS says
+//! little: the tree is every process descending from the leader (by parent pid) plus every
+//! process still in the leader's process group (a grandchild whose parent died was re-parented
+//! away from the tree but stays in the group). Shared pages are counted once per process, as
+//! `ps` and every peer do; the sum is an upper bound, which is what a limit should compare.
+//!
+//! This module only observes; deciding what a value means belongs to the actor.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+
+/// What one `/proc/PID/stat` line says about tree membership and memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcStat {
+    /// The process id.
+    pub pid: u32,
+    /// Its parent.
+    pub ppid: u32,
+    /// Its process group.
+    pub pgrp: u32,
+    /// The state letter: `R`, `S`, `D`, `Z` (zombie), ….
+    pub state: char,
+    /// Resident set size in pages.
+    pub rss_pages: u64,
+}
+
+/// Parses the text of `/proc/PID/stat`. The command name (field 2) is in parentheses and may
+/// itself contain spaces and parentheses, so fields are counted after the *last* `)`.
+pub fn parse_stat(text: &str) -> Option<ProcStat> {
+    let (head, tail) = text.rsplit_once(')')?;
+    let pid = head.split_once(' ')?.0.trim().parse().ok()?;
+    // After the name: state(3) ppid(4) pgrp(5) … rss(24), so index 0 here is field 3.
+    let fields: Vec<&str> = tail.split_whitespace().collect();
+    Some(ProcStat {
+        pid,
+        state: fields.first()?.chars().next()?,
+        ppid: fields.get(1)?.parse().ok()?,
+        pgrp: fields.get(2)?.parse().ok()?,
+        rss_pages: fields.get(21)?.parse().ok()?,
+    })
+}
+
+/// The pids of `root`'s tree among `processes`: `root`, its descendants, and members of the
+/// process group `root` leads.
+pub fn tree_members(processes: &[ProcStat], root: u32) -> BTreeSet<u32> {
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    for process in processes {
+        children.entry(process.ppid).or_default().push(process.pid);
+    }
+    let mut members: BTreeSet<u32> = processes
+        .iter()
+        .filter(|process| process.pid == root || process.pgrp == root)
+        .map(|process| process.pid)
+        .collect();
+    let mut pending: Vec<u32> = members.iter().copied().collect();
+    while let Some(pid) = pending.pop() {
+        for child in children.get(&pid).into_iter().flatten() {
+            if members.insert(*child) {
+                pending.push(*child);
+            }
+        }
+    }
+    members
+}
+
+/// Every process visible in `proc_root` (normally `/proc`); processes that vanish while being
+/// read are skipped.
+pub fn read_processes(proc_root: &Path) -> Vec<ProcStat> {
+    let Ok(entries) = std::fs::read_dir(proc_root) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|entry| entry.file_name().to_str().is_some_and(is_pid))
+        .filter_map(|entry| std::fs::read_to_string(entry.path().join("stat")).ok())
+        .filter_map(|text| parse_stat(&text))
+        .collect()
+}
+
+fn is_pid(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|byte| byte.is_ascii_digit())
+}
+
+/// Total RSS in bytes of the tree rooted at `root`, or `None` when `root` is gone.
+pub fn tree_rss(root: u32) -> Option<u64> {
+    let processes = read_processes(Path::new("/proc"));
+    let members = tree_members(&processes, root);
+    if members.is_empty() {
+        return None;
+    }
+    let pages: u64 = processes
+        .iter()
+        .filter(|process| members.contains(&process.pid))
+        .map(|process| process.rss_pages)
+        .sum();
+    Some(pages.saturating_mul(page_size()))
+}
+
+/// True while process group `pgid` has a member that is not a zombie. A zombie cannot be
+/// signalled away and, when the supervisor is PID 1 of a container, may never be reaped, so it
+/// must not keep a stop waiting.
+pub fn group_alive(pgid: u32) -> bool {
+    read_processes(Path::new("/proc"))
+        .iter()
+        .any(|process| process.pgrp == pgid && process.state != 'Z')
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf only reads a constant of the running kernel; it has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(size).unwrap_or(4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stat(pid: u32, ppid: u32, pgrp: u32, rss_pages: u64) -> ProcStat {
+        ProcStat {
+            pid,
+            ppid,
+            pgrp,
+            state: 'S',
+            rss_pages,
+        }
+    }
+
+    #[test]
+    fn parses_a_name_with_spaces_and_parentheses() {
+        let text = "4242 (celery (worker) x) S 4200 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 3 0 12345 99999 2560 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0\n";
+        assert_eq!(parse_stat(text), Some(stat(4242, 4200, 4242, 2560)));
+        let zombie = text.replace(") S ", ") Z ");
+        assert_eq!(parse_stat(&zombie).map(|stat| stat.state), Some('Z'));
+        assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn tree_has_descendants_and_group_members_but_not_strangers() {
+        let processes = [
+            stat(1, 0, 1, 1),
+            stat(100, 1, 100, 10),   // the leader
+            stat(101, 100, 100, 20), // prefork child
+            stat(102, 101, 100, 30), // grandchild
+            stat(103, 1, 100, 40),   // orphaned group member, re-parented to init
+            stat(104, 103, 104, 50), // its child in a group of its own
+            stat(200, 1, 200, 60),   // unrelated
+        ];
+        let members: Vec<u32> = tree_members(&processes, 100).into_iter().collect();
+        assert_eq!(members, [100, 101, 102, 103, 104]);
+        assert!(tree_members(&processes, 999).is_empty());
+    }
+
+    #[test]
+    fn measures_this_test_process() {
+        let rss = tree_rss(std::process::id()).expect("this process exists");
+        assert!(rss > 1 << 20, "{rss}");
+        let own_group = nix::unistd::getpgrp().as_raw().unsigned_abs();
+        assert!(group_alive(own_group));
+    }
+}
