@@ -101,7 +101,10 @@ fn nginx_config(
     tables: &str,
 ) -> String {
     format!(
-        r#"[web]
+        r#"[app]
+wsgi = "app:application"
+
+[web]
 listen = ["127.0.0.1:{upstream_port}"]
 workers = 2
 threads = 2
@@ -766,7 +769,10 @@ fn postgres_runs_with_the_emitted_files_and_only_the_app_reaches_its_database() 
     sandbox.write(
         "sauna.toml",
         &format!(
-            r#"[web]
+            r#"[app]
+wsgi = "app:application"
+
+[web]
 workers = 3
 threads = 2
 
@@ -956,7 +962,10 @@ fn systemd_analyze_verifies_the_units() {
     sandbox.write(
         "sauna.toml",
         &format!(
-            r#"[web]
+            r#"[app]
+wsgi = "app:application"
+
+[web]
 graceful_timeout = "40s"
 
 [programs.celery]
@@ -1153,7 +1162,10 @@ fn emit_refuses_a_config_whose_values_disagree() {
     let sandbox = Sandbox::new();
     sandbox.write(
         "sauna.toml",
-        r#"[web]
+        r#"[app]
+wsgi = "app:application"
+
+[web]
 listen = ["127.0.0.1:8000"]
 forwarded_allow_ips = ["10.0.0.1"]
 

@@ -294,6 +294,34 @@ instances = 2
 }
 
 #[test]
+fn sigkill_of_the_supervisor_leaves_no_grandchild_behind() {
+    let sandbox = Sandbox::new();
+    // The shell forks a background grandchild and is then the group's leader: PDEATHSIG kills
+    // only the shell, so the grandchild is the group reaper's to kill.
+    sandbox.write_config(
+        r#"
+[programs.wrapper]
+command = ["sh", "-c", "sleep 311 & sleep 312; wait"]
+"#,
+    );
+    let mut running = sandbox.start();
+    let status = running.wait_for(Duration::from_secs(10), "wrapper started", |status| {
+        pid_of(status, "wrapper").is_some()
+    });
+    let leader = pid_of(&status, "wrapper").expect("a pid");
+    wait_until(Duration::from_secs(5), "both sleeps in the group", || {
+        (group_members(leader).len() >= 3).then_some(())
+    });
+    running.signal("KILL");
+    running.wait_exit(Duration::from_secs(5));
+    wait_until(
+        Duration::from_secs(5),
+        "every member of the program's group to be gone",
+        || group_members(leader).is_empty().then_some(()),
+    );
+}
+
+#[test]
 fn rlimits_and_identity_are_visible_in_proc() {
     let sandbox = Sandbox::new();
     sandbox.write_config(

@@ -3,14 +3,19 @@
 //! configuration into nginx, Redis, PostgreSQL and systemd files. It has no async runtime, so
 //! `check` and `emit` run without starting one.
 
+mod de;
 pub mod diagnostics;
 pub mod emit;
+pub mod listen;
 pub mod load;
+mod locate;
 pub mod schema;
 pub mod stack;
 pub mod units;
+pub mod validate;
 
 pub use diagnostics::{Diagnostic, Diagnostics};
-pub use load::{LoadError, Loaded, load_file, load_str};
+pub use listen::Listen;
+pub use load::{LoadError, Loaded, control_socket, load_file, load_file_with, load_str};
 pub use schema::*;
 pub use units::{ByteSize, Duration};

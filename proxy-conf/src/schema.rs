@@ -44,7 +44,8 @@ pub struct Config {
 pub struct AppConfig {
     /// Working directory, first on `sys.path`. Relative paths are resolved against the config file.
     pub directory: Option<PathBuf>,
-    /// The interpreter for workers and the default for programs.
+    /// The interpreter for workers and the default for programs; a relative path (one with a
+    /// `/`) is resolved against the config file, a bare name is looked up on `PATH`.
     pub python: String,
     /// `module:callable` of a WSGI application.
     pub wsgi: Option<String>,
@@ -365,6 +366,123 @@ impl Default for MetricsConfig {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControlConfig {
-    /// Socket path; default `$RUNTIME_DIRECTORY/control.sock`, else `./.sauna/control.sock`.
+    /// Socket path; default `$RUNTIME_DIRECTORY/control.sock`, else `.sauna/control.sock` next to
+    /// the config file (see `Loaded::control_socket`).
     pub socket: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::fmt;
+
+    use serde::de::{self, Visitor};
+
+    use super::*;
+
+    /// A deserializer that only records the field names serde asks a struct for.
+    struct FieldNames<'a>(&'a RefCell<Vec<&'static str>>);
+
+    #[derive(Debug)]
+    struct Stop;
+
+    impl fmt::Display for Stop {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("stop")
+        }
+    }
+
+    impl std::error::Error for Stop {}
+
+    impl de::Error for Stop {
+        fn custom<T: fmt::Display>(_: T) -> Self {
+            Stop
+        }
+    }
+
+    impl<'de> de::Deserializer<'de> for FieldNames<'_> {
+        type Error = Stop;
+
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Stop> {
+            Err(Stop)
+        }
+
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Stop> {
+            self.0.borrow_mut().extend_from_slice(fields);
+            Err(Stop)
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool u8 u16 u32 u64 i8 i16 i32 i64 i128 u128 f32 f64 char str string seq bytes
+            byte_buf map unit unit_struct tuple_struct tuple identifier ignored_any option
+            newtype_struct enum
+        }
+    }
+
+    fn fields<T: for<'de> Deserialize<'de>>() -> Vec<&'static str> {
+        let names = RefCell::new(Vec::new());
+        let _ = T::deserialize(FieldNames(&names));
+        names.into_inner()
+    }
+
+    /// True when `text` sets `key` somewhere (commented out or not, as `key =` or `a.key =`), or
+    /// opens it as a table (`[section.key]`, `[section.key.NAME]`).
+    fn documents(text: &str, key: &str) -> bool {
+        let is_key_char = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+        let assigned = text.match_indices(key).any(|(at, _)| {
+            let before = text[..at].chars().next_back();
+            let after = text[at + key.len()..].trim_start_matches(' ');
+            !before.is_some_and(is_key_char) && after.starts_with('=')
+        });
+        let opened = text.lines().any(|line| {
+            let line = line.trim_start_matches(['#', ' ']);
+            line.starts_with('[')
+                && (line.contains(&format!(".{key}]")) || line.contains(&format!(".{key}.")))
+        });
+        assigned || opened
+    }
+
+    #[test]
+    fn every_key_is_documented_in_the_reference_example() {
+        let example = include_str!("../../examples/sauna.toml");
+        for section in fields::<Config>() {
+            let header = format!("[{section}");
+            assert!(
+                example.contains(&header),
+                "examples/sauna.toml lacks [{section}]"
+            );
+        }
+        let keyed = [
+            ("[app]", fields::<AppConfig>()),
+            ("[web]", fields::<WebConfig>()),
+            ("[programs.NAME]", fields::<ProgramConfig>()),
+            ("[programs.NAME.rlimits]", fields::<Rlimits>()),
+            ("[beat]", fields::<BeatConfig>()),
+            ("[beat.jobs.NAME]", fields::<JobConfig>()),
+            ("[metrics]", fields::<MetricsConfig>()),
+            ("[control]", fields::<ControlConfig>()),
+            ("[deploy]", fields::<crate::stack::DeployConfig>()),
+            ("[deploy.tls]", fields::<crate::stack::TlsConfig>()),
+            ("[deploy.staging]", fields::<crate::stack::StagingConfig>()),
+            ("[deploy.cache]", fields::<crate::stack::CacheConfig>()),
+            ("[deploy.systemd]", fields::<crate::stack::SystemdConfig>()),
+            ("[redis]", fields::<crate::stack::RedisConfig>()),
+            ("[redis.cache]", fields::<crate::stack::RedisCacheConfig>()),
+            ("[postgres]", fields::<crate::stack::PostgresConfig>()),
+        ];
+        for (section, keys) in keyed {
+            assert!(!keys.is_empty(), "no fields found for {section}");
+            for key in keys {
+                assert!(
+                    documents(example, key),
+                    "examples/sauna.toml does not document {section} {key}"
+                );
+            }
+        }
+    }
 }

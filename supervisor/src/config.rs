@@ -12,12 +12,13 @@ use crate::cli::{ConfigArg, EXIT_USAGE};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config file {path}: {source} (pass -c FILE or set SAUNA_CONFIG)")]
+    #[error("cannot read config file {path}: {error}; pass -c FILE or set SAUNA_CONFIG")]
     Unreadable {
         /// The file.
         path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
+        /// The OS error; part of the message rather than a `source`, so that `{:#}` does not
+        /// print it twice.
+        error: std::io::Error,
     },
     /// The file has problems; each is a `FILE:LINE:COL: message` line.
     #[error("{0}\n{count} problem(s) in {path}", count = .0.0.len(), path = .1.display())]
@@ -43,7 +44,10 @@ pub fn load(arg: &ConfigArg) -> Result<Loaded, ConfigError> {
 /// Loads the configuration at `path`.
 pub fn load_path(path: &Path) -> Result<Loaded, ConfigError> {
     proxy_conf::load_file(path).map_err(|error| match error {
-        LoadError::Io { path, source } => ConfigError::Unreadable { path, source },
+        LoadError::Io { path, source } => ConfigError::Unreadable {
+            path,
+            error: source,
+        },
         LoadError::Invalid(diagnostics) => ConfigError::Invalid(diagnostics, path.to_owned()),
     })
 }
@@ -54,7 +58,11 @@ pub fn load_path(path: &Path) -> Result<Loaded, ConfigError> {
 pub fn check_command(arg: &ConfigArg, live: bool) -> anyhow::Result<ExitCode> {
     match load(arg) {
         Ok(loaded) => {
-            println!("{}: ok", loaded.path.display());
+            println!(
+                "{}: ok ({})",
+                loaded.path.display(),
+                roles_summary(&loaded.config)
+            );
             if live {
                 let findings = crate::live::check(&loaded.config, crate::emit::machine().cpus);
                 for finding in &findings {
@@ -80,26 +88,29 @@ pub fn check_command(arg: &ConfigArg, live: bool) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// `web: 4 workers, 2 programs, beat: 3 jobs` — what `run` would start, for `check`'s success line.
+fn roles_summary(config: &proxy_conf::Config) -> String {
+    let mut roles = Vec::new();
+    if let Some(web) = &config.web {
+        roles.push(format!("web: {} worker(s)", web.workers));
+    }
+    if !config.programs.is_empty() {
+        roles.push(format!("{} program(s)", config.programs.len()));
+    }
+    if let Some(beat) = &config.beat {
+        roles.push(format!("beat: {} job(s)", beat.jobs.len()));
+    }
+    if roles.is_empty() {
+        "nothing to run yet: add [web], [programs.NAME] or [beat]".to_owned()
+    } else {
+        roles.join(", ")
+    }
+}
+
 /// The control socket of the supervisor configured by `loaded`: `[control].socket`, else
 /// `$RUNTIME_DIRECTORY/control.sock` (systemd's `RuntimeDirectory=`), else `.sauna/control.sock`
 /// next to the config file. Relative paths are taken from the config file's directory, so
 /// `status` finds the same socket whatever directory it is run from.
 pub fn control_socket(loaded: &Loaded) -> PathBuf {
-    let base = loaded
-        .path
-        .parent()
-        .filter(|parent| !parent.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if let Some(socket) = &loaded.config.control.socket {
-        return base.join(socket);
-    }
-    match std::env::var_os("RUNTIME_DIRECTORY") {
-        // systemd may list several directories separated by colons; the first is ours.
-        Some(dirs) if !dirs.is_empty() => {
-            let dirs = dirs.to_string_lossy().into_owned();
-            let first = dirs.split(':').next().unwrap_or_default().to_owned();
-            PathBuf::from(first).join("control.sock")
-        }
-        _ => base.join(".sauna/control.sock"),
-    }
+    loaded.control_socket()
 }

@@ -25,6 +25,7 @@ pub mod logging;
 pub mod metrics;
 pub mod metrics_server;
 pub mod notify;
+pub mod orphans;
 pub mod programs;
 pub mod remote;
 pub mod signals;

@@ -35,6 +35,12 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<ExitCode> {
     // SAFETY: nothing has started a thread yet; the runtime is built below.
     let notifier = unsafe { Notifier::from_env_take() };
     let log = crate::logging::init(&args.log)?;
+    // SAFETY: still single-threaded: the runtime is built below.
+    if let Err(error) = unsafe { crate::orphans::install() } {
+        tracing::warn!(
+            "cannot start the group reaper ({error}): grandchildren of programs may outlive a crash of the supervisor"
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("sauna")
