@@ -9,6 +9,8 @@ mod lifecycle;
 mod emit;
 // programs: restarts, backoff into fatal, group stops, orphans, rlimits, identity, max_rss.
 mod programs;
+// beat: `beat next` golden files; beat with real Redis and Celery, leader takeover, outages.
+mod beat;
 // check: every config problem at once as FILE:LINE:COL (golden output), exit status.
 mod check;
 // metrics: the /metrics, /healthz and /readyz endpoint, promtool, Celery queue lengths, emit grafana.

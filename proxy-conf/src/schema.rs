@@ -265,6 +265,9 @@ pub struct BeatConfig {
     pub leader_lock: bool,
     /// Lock time-to-live; renewed at a third of it.
     pub lock_ttl: Duration,
+    /// Prefix of beat's Redis keys (the lock and the last published slots); supervisors that
+    /// share it share one schedule.
+    pub key_prefix: String,
     /// `module:app` of a Celery app whose `beat_schedule` is imported.
     pub celery_app: Option<String>,
     /// Jobs by name.
@@ -278,6 +281,7 @@ impl Default for BeatConfig {
             timezone: "UTC".to_owned(),
             leader_lock: true,
             lock_ttl: Duration::from_secs(10),
+            key_prefix: "sauna:beat:".to_owned(),
             celery_app: None,
             jobs: BTreeMap::new(),
         }

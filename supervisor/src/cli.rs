@@ -233,7 +233,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             config,
             output,
         }) => crate::emit::emit_command(target, &config, output.as_deref()),
-        Some(Command::Beat { .. }) => not_yet("beat next", 5),
+        Some(Command::Beat {
+            command: BeatCommand::Next(args),
+        }) => crate::beat::next::next_command(&args),
         Some(Command::Htpasswd { user }) => crate::emit::htpasswd_command(&user),
         Some(Command::Upgrade { .. }) => not_yet("upgrade", 4),
     }

@@ -41,14 +41,17 @@ pub fn load(arg: &ConfigArg) -> Result<Loaded, ConfigError> {
     load_path(&config_path(arg))
 }
 
-/// Loads the configuration at `path`.
+/// Loads the configuration at `path`, with the checks that need the supervisor's own parsers
+/// (cron expressions) reported beside proxy-conf's, in file order.
 pub fn load_path(path: &Path) -> Result<Loaded, ConfigError> {
-    proxy_conf::load_file(path).map_err(|error| match error {
-        LoadError::Io { path, source } => ConfigError::Unreadable {
-            path,
-            error: source,
-        },
-        LoadError::Invalid(diagnostics) => ConfigError::Invalid(diagnostics, path.to_owned()),
+    proxy_conf::load_file_with(path, crate::beat::jobs::config_diagnostics).map_err(|error| {
+        match error {
+            LoadError::Io { path, source } => ConfigError::Unreadable {
+                path,
+                error: source,
+            },
+            LoadError::Invalid(diagnostics) => ConfigError::Invalid(diagnostics, path.to_owned()),
+        }
     })
 }
 

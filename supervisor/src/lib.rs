@@ -12,6 +12,7 @@
 //!
 //! Data flows one way: config → supervisor state (the main loop) → pool, programs, beat → metrics.
 
+pub mod beat;
 pub mod celery_queues;
 pub mod child;
 pub mod cli;

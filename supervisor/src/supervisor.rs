@@ -57,6 +57,8 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<ExitCode> {
 struct Roles {
     /// Every `[programs.NAME]`.
     programs: Programs,
+    /// The scheduler, when `[beat]` is configured.
+    beat: Option<crate::beat::BeatHandle>,
 }
 
 impl Roles {
@@ -64,17 +66,42 @@ impl Roles {
     async fn start(loaded: &Loaded, metrics: &Arc<Metrics>) -> anyhow::Result<Roles> {
         let base_dir = loaded.path.parent().unwrap_or(Path::new("."));
         let programs = Programs::start(&loaded.config, base_dir, Arc::clone(metrics));
-        Ok(Roles { programs })
+        let beat = match &loaded.config.beat {
+            Some(config) => {
+                match crate::beat::start(config, &loaded.config.app, base_dir, Arc::clone(metrics))
+                    .await
+                {
+                    Ok(beat) => Some(beat),
+                    Err(error) => {
+                        programs.shutdown(StopMode::Graceful).await;
+                        return Err(anyhow::Error::new(error).context("cannot start beat"));
+                    }
+                }
+            }
+            None => None,
+        };
+        Ok(Roles { programs, beat })
     }
 
     /// Stops every role, in reverse start order.
     async fn shutdown(self, mode: StopMode) {
         self.programs.shutdown(mode).await;
+        // Even a fast stop releases the beat lock: one Redis round trip lets a standby take
+        // over at once instead of after the lock's TTL.
+        if let Some(beat) = self.beat {
+            beat.shutdown().await;
+        }
     }
 
     /// The roles' part of the status report.
     async fn fill_status(&self, report: &mut StatusReport) {
         report.programs = serde_json::to_value(self.programs.status().await).unwrap_or_default();
+        if let Some(beat) = &self.beat {
+            report.beat = match beat.status().await {
+                Ok(status) => serde_json::to_value(status).ok(),
+                Err(error) => Some(serde_json::json!({ "error": error.to_string() })),
+            };
+        }
     }
 
     /// A one-line summary for systemd's `STATUS=`.

@@ -1,0 +1,175 @@
+//! Beat's cost and precision against a real `redis-server` (issue #5, point 6):
+//! - **publish lag**: 50 jobs due every second for 20 s; lag = publish instant − due slot, read
+//!   back from the queued messages (the publish instant is `expires − 1 h`); target p99 < 50 ms;
+//! - **idle cost**: 10 000 cron jobs none of which is due during the measurement; the process's
+//!   CPU time (getrusage) over 30 s of wall time; target < 1 %.
+//!
+//! Run with `cargo bench --bench beat` (needs `redis-server`: `apt-get install -y redis-server`).
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Timelike, Utc};
+use sauna_supervisor::metrics::Metrics;
+
+struct Redis {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_redis() -> Redis {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("a free port");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server is not installed: apt-get install -y redis-server");
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/0")).expect("url");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.get_connection().is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Redis {
+        child,
+        port,
+        _dir: dir,
+    }
+}
+
+fn cpu_time() -> Duration {
+    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        .expect("getrusage");
+    let user = usage.user_time();
+    let system = usage.system_time();
+    Duration::from_micros(
+        (user.tv_sec() * 1_000_000
+            + user.tv_usec()
+            + system.tv_sec() * 1_000_000
+            + system.tv_usec()) as u64,
+    )
+}
+
+async fn lag(redis: &Redis) {
+    let mut text = format!("[beat]\nbroker = \"redis://127.0.0.1:{}/0\"\n", redis.port);
+    for index in 0..50 {
+        text.push_str(&format!(
+            "[beat.jobs.j{index}]\ntask = \"t\"\nevery = \"1s\"\nqueue = \"lag\"\nexpires = \"1h\"\n"
+        ));
+    }
+    let config: proxy_conf::Config = toml::from_str(&text).expect("config");
+    let metrics = Arc::new(Metrics::new().expect("metrics"));
+    let handle = sauna_supervisor::beat::start(
+        config.beat.as_ref().expect("beat"),
+        &config.app,
+        std::path::Path::new("."),
+        metrics,
+    )
+    .await
+    .expect("beat starts");
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    handle.shutdown().await;
+    let mut connection = redis::Client::open(format!("redis://127.0.0.1:{}/0", redis.port))
+        .and_then(|client| client.get_connection())
+        .expect("connect");
+    let raw: Vec<String> = redis::cmd("LRANGE")
+        .arg("lag")
+        .arg(0)
+        .arg(-1)
+        .query(&mut connection)
+        .expect("LRANGE");
+    let mut lags: Vec<f64> = raw
+        .iter()
+        .filter_map(|text| {
+            let message: serde_json::Value = serde_json::from_str(text).ok()?;
+            let time = |key: &str| {
+                DateTime::parse_from_rfc3339(message["headers"][key].as_str()?)
+                    .ok()
+                    .map(|time| time.with_timezone(&Utc))
+            };
+            let published = time("expires")? - chrono::Duration::hours(1);
+            Some((published - time("sauna_beat_slot")?).num_microseconds()? as f64 / 1000.0)
+        })
+        .collect();
+    lags.sort_by(f64::total_cmp);
+    let quantile = |q: f64| lags[((lags.len() as f64 - 1.0) * q).round() as usize];
+    println!(
+        "publish lag over {} publishes (50 jobs every 1s, 20s): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (target p99 < 50 ms)",
+        lags.len(),
+        quantile(0.5),
+        quantile(0.99),
+        quantile(1.0)
+    );
+}
+
+async fn idle(redis: &Redis) {
+    // Daily jobs at an hour 12 h away: nothing is due while we measure.
+    let hour = (Utc::now().hour() + 12) % 24;
+    let mut text = format!("[beat]\nbroker = \"redis://127.0.0.1:{}/0\"\n", redis.port);
+    for index in 0..10_000 {
+        text.push_str(&format!(
+            "[beat.jobs.j{index}]\ntask = \"t\"\ncron = \"{} {hour} * * *\"\n",
+            index % 60
+        ));
+    }
+    let config: proxy_conf::Config = toml::from_str(&text).expect("config");
+    let metrics = Arc::new(Metrics::new().expect("metrics"));
+    let handle = sauna_supervisor::beat::start(
+        config.beat.as_ref().expect("beat"),
+        &config.app,
+        std::path::Path::new("."),
+        metrics,
+    )
+    .await
+    .expect("beat starts");
+    // Let it become leader and settle before measuring.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (cpu, wall) = (cpu_time(), Instant::now());
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let used = cpu_time() - cpu;
+    let elapsed = wall.elapsed();
+    let status = handle.status().await.expect("status");
+    handle.shutdown().await;
+    println!(
+        "idle cost with {} jobs (leader: {}): {:.3} % CPU ({:?} CPU in {:?}) (target < 1 %)",
+        status.jobs.len(),
+        status.leader,
+        used.as_secs_f64() / elapsed.as_secs_f64() * 100.0,
+        used,
+        elapsed
+    );
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let redis = start_redis();
+    runtime.block_on(async {
+        lag(&redis).await;
+        idle(&redis).await;
+    });
+}

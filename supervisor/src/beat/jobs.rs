@@ -1,0 +1,600 @@
+//! The job table beat runs: `[beat.jobs.NAME]` entries and imported Celery `beat_schedule`
+//! entries resolved into [`Job`]s, their validation (with the key path of each problem, for
+//! `check`), and the pure catch-up decision — which due slots to publish after a wake-up, a
+//! restart or an outage. It does not talk to Redis or keep time; the actor does.
+//!
+//! A *slot* is one scheduled instant of a job. Slots up to a job's *cursor* are handled. At a
+//! wake-up at `now`, the due slots are those in `(cursor, now]`; the most recent is *on time*
+//! when it is at most [`ON_TIME`] old (half the interval for sub-2 s intervals), all others are
+//! *missed*, and the job's `catch_up` policy decides:
+//! - `skip`: publish only an on-time slot;
+//! - `once` (default): publish the on-time slot, or else the latest missed one if it lies within
+//!   `catch_up_window` (default: one period, i.e. always the latest);
+//! - `all`: publish every missed slot within `catch_up_window` (without a window: the latest
+//!   only), oldest first, at most [`MAX_CATCH_UP`].
+//!
+//! Slots due at or after a *handover* instant (given after a takeover from a leader that died
+//! holding the lock) were that leader's to publish and are all published, oldest first, whatever
+//! the policy: a takeover loses no slot.
+//!
+//! Every slot not published is reported, so loss is never silent.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use chrono::{DateTime, Utc};
+use proxy_conf::{AppConfig, BeatConfig, CatchUp};
+use serde_json::Value;
+
+use super::celery_schedule::{self, ImportError};
+use super::message::toml_to_json;
+use super::schedule::{Schedule, parse_tz};
+
+/// A slot this recent counts as on time rather than missed.
+pub const ON_TIME: chrono::Duration = chrono::Duration::seconds(1);
+/// Most missed slots `catch_up = "all"` publishes at once; older ones are reported as skipped.
+pub const MAX_CATCH_UP: usize = 1000;
+
+/// One resolved job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    /// The job's name (`[beat.jobs.NAME]` or the `beat_schedule` key).
+    pub name: String,
+    /// Registered Celery task name.
+    pub task: String,
+    /// When it fires.
+    pub schedule: Schedule,
+    /// Positional arguments, a JSON array.
+    pub args: Value,
+    /// Keyword arguments, a JSON object.
+    pub kwargs: Value,
+    /// Queue name.
+    pub queue: String,
+    /// Priority 0..=9.
+    pub priority: Option<u8>,
+    /// Relative expiry from the publish instant.
+    pub expires: Option<std::time::Duration>,
+    /// Missed-slot policy.
+    pub catch_up: CatchUp,
+    /// How old a missed slot may be and still be published.
+    pub catch_up_window: Option<std::time::Duration>,
+}
+
+/// A problem with the beat configuration: the key path it concerns and what is wrong.
+pub type Problem = (Vec<String>, String);
+
+/// The checks of `[beat.jobs.NAME]` that `proxy-conf` cannot make: each `cron` expression's
+/// syntax and whether it can ever fire. Every problem comes with its key path (e.g.
+/// `["beat", "jobs", "cleanup", "cron"]`) for [`proxy_conf::Loaded::diagnostic_at`]. Nothing runs
+/// (the Celery app is imported only by `start`, `reload` and `beat next`).
+pub fn validate_jobs(config: &BeatConfig) -> Vec<Problem> {
+    config
+        .jobs
+        .iter()
+        .filter_map(|(name, job)| {
+            let expr = job.cron.as_ref()?;
+            let error = Schedule::cron(expr, chrono_tz::UTC).err()?;
+            let path = ["beat", "jobs", name.as_str(), "cron"];
+            Some((
+                path.iter().map(|part| (*part).to_owned()).collect(),
+                error.0,
+            ))
+        })
+        .collect()
+}
+
+/// [`validate_jobs`] as diagnostics pointing into the file, for
+/// [`proxy_conf::load::load_file_with`], so `check` reports cron problems as `FILE:LINE:COL`.
+pub fn config_diagnostics(loaded: &proxy_conf::Loaded) -> Vec<proxy_conf::Diagnostic> {
+    let Some(beat) = &loaded.config.beat else {
+        return Vec::new();
+    };
+    validate_jobs(beat)
+        .into_iter()
+        .map(|(path, message)| loaded.diagnostic_at(&path, message))
+        .collect()
+}
+
+/// Resolves `[beat.jobs.NAME]` into jobs, collecting every problem (the structural ones are
+/// also checked by `proxy-conf` when the file loads; they are repeated here because `start`
+/// and `reload` take a `BeatConfig` that need not come from a checked file).
+fn resolve_config_jobs(config: &BeatConfig, problems: &mut Vec<Problem>) -> Vec<Job> {
+    let path = |parts: &[&str]| parts.iter().map(|part| (*part).to_owned()).collect();
+    let default_tz = match parse_tz(&config.timezone) {
+        Ok(tz) => Some(tz),
+        Err(error) => {
+            problems.push((path(&["beat", "timezone"]), error.0));
+            None
+        }
+    };
+    if let Err(error) = redis::Client::open(config.broker.as_str()) {
+        problems.push((
+            path(&["beat", "broker"]),
+            format!("invalid Redis URL: {error} (expected redis://host:port/db)"),
+        ));
+    }
+    if config.leader_lock && config.lock_ttl.get() < std::time::Duration::from_secs(1) {
+        problems.push((
+            path(&["beat", "lock_ttl"]),
+            "must be at least \"1s\"; it is renewed at a third of its length".to_owned(),
+        ));
+    }
+    let mut jobs = Vec::new();
+    for (name, job) in &config.jobs {
+        let at = |key: &str| path(&["beat", "jobs", name, key]);
+        let before = problems.len();
+        if job.task.trim().is_empty() {
+            problems.push((
+                at("task"),
+                "a job needs `task`, the Celery task name".to_owned(),
+            ));
+        }
+        let tz = match &job.timezone {
+            Some(name) => match parse_tz(name) {
+                Ok(tz) => Some(tz),
+                Err(error) => {
+                    problems.push((at("timezone"), error.0));
+                    None
+                }
+            },
+            None => default_tz,
+        };
+        let schedule = match (&job.cron, job.every) {
+            (Some(_), Some(_)) => {
+                problems.push((
+                    at("every"),
+                    "set either `cron` or `every`, not both".to_owned(),
+                ));
+                None
+            }
+            (None, None) => {
+                problems.push((
+                    path(&["beat", "jobs", name]),
+                    "a job needs `cron` (e.g. \"*/5 * * * *\") or `every` (e.g. \"30s\")"
+                        .to_owned(),
+                ));
+                None
+            }
+            (Some(expr), None) => match Schedule::cron(expr, tz.unwrap_or(chrono_tz::UTC)) {
+                Ok(schedule) => Some(schedule),
+                Err(error) => {
+                    problems.push((at("cron"), error.0));
+                    None
+                }
+            },
+            (None, Some(every)) => match Schedule::every(every.get()) {
+                Ok(schedule) => Some(schedule),
+                Err(error) => {
+                    problems.push((at("every"), error.0));
+                    None
+                }
+            },
+        };
+        if job.priority.is_some_and(|priority| priority > 9) {
+            problems.push((
+                at("priority"),
+                "priority must be 0..=9 (0 is the highest under Redis)".to_owned(),
+            ));
+        }
+        if job.queue.is_empty() {
+            problems.push((at("queue"), "queue must not be empty".to_owned()));
+        }
+        if let (Some(schedule), true) = (schedule, problems.len() == before) {
+            jobs.push(Job {
+                name: name.clone(),
+                task: job.task.clone(),
+                schedule,
+                args: Value::Array(job.args.iter().map(toml_to_json).collect()),
+                kwargs: toml_to_json(&toml::Value::Table(job.kwargs.clone())),
+                queue: job.queue.clone(),
+                priority: job.priority,
+                expires: job.expires.map(|expires| expires.get()),
+                catch_up: job.catch_up,
+                catch_up_window: job.catch_up_window.map(|window| window.get()),
+            });
+        }
+    }
+    jobs
+}
+
+/// Why the job table could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum JobsError {
+    /// The configuration has problems (key path, message).
+    #[error("{}", .0.iter().map(|(path, message)| format!("{}: {message}", path.join("."))).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Problem>),
+    /// The Celery app's schedule could not be imported.
+    #[error(transparent)]
+    Import(#[from] ImportError),
+}
+
+/// Resolves the configured jobs, plus the Celery app's `beat_schedule` when `celery_app` is set
+/// (this runs `[app].python`).
+pub async fn build_jobs(
+    config: &BeatConfig,
+    app: &AppConfig,
+    base_dir: &Path,
+) -> Result<Vec<Job>, JobsError> {
+    let mut problems = Vec::new();
+    let mut jobs = resolve_config_jobs(config, &mut problems);
+    if !problems.is_empty() {
+        return Err(JobsError::Invalid(problems));
+    }
+    if let Some(spec) = &config.celery_app {
+        let default_tz = parse_tz(&config.timezone).unwrap_or(chrono_tz::UTC);
+        let imported = celery_schedule::import(spec, app, base_dir, default_tz).await?;
+        let names: BTreeMap<&str, ()> = jobs.iter().map(|job| (job.name.as_str(), ())).collect();
+        for job in &imported {
+            if names.contains_key(job.name.as_str()) {
+                problems.push((
+                    vec!["beat".to_owned(), "jobs".to_owned(), job.name.clone()],
+                    format!(
+                        "job \"{}\" is also in {spec}'s beat_schedule; rename one of them",
+                        job.name
+                    ),
+                ));
+            }
+        }
+        if !problems.is_empty() {
+            return Err(JobsError::Invalid(problems));
+        }
+        jobs.extend(imported);
+    }
+    Ok(jobs)
+}
+
+/// What to do with a job's due slots at one wake-up.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DuePlan {
+    /// Slots to publish, oldest first.
+    pub publish: Vec<DateTime<Utc>>,
+    /// Missed slots not published, as (first, last) bounds, when there are any.
+    pub skipped: Option<(DateTime<Utc>, DateTime<Utc>)>,
+}
+
+fn on_time_tolerance(schedule: &Schedule) -> chrono::Duration {
+    match schedule {
+        Schedule::Every { interval } if interval.as_millis() < 2000 => {
+            chrono::Duration::milliseconds(interval.as_millis() as i64 / 2)
+        }
+        _ => ON_TIME,
+    }
+}
+
+/// The most recent slot in `(cursor, now]`, found without walking every slot since `cursor`.
+pub fn latest_slot(
+    schedule: &Schedule,
+    cursor: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    let mut span = chrono::Duration::minutes(2);
+    loop {
+        let from = (now - span).max(cursor);
+        let mut latest = None;
+        let mut slot = schedule.next_after(from)?;
+        while slot <= now {
+            latest = Some(slot);
+            slot = schedule.next_after(slot)?;
+        }
+        if latest.is_some() || from == cursor {
+            return latest;
+        }
+        span = span.checked_mul(4).unwrap_or(chrono::Duration::MAX);
+    }
+}
+
+/// Decides which due slots in `(cursor, now]` to publish under `policy`, publishing every slot
+/// from `handover_since` on as well (see the module doc).
+pub fn plan_due(
+    schedule: &Schedule,
+    policy: CatchUp,
+    window: Option<std::time::Duration>,
+    cursor: DateTime<Utc>,
+    handover_since: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> DuePlan {
+    let Some(latest) = latest_slot(schedule, cursor, now) else {
+        return DuePlan::default();
+    };
+    let on_time = now - latest <= on_time_tolerance(schedule);
+    let window = window.and_then(|window| chrono::Duration::from_std(window).ok());
+    let first_due = schedule.next_after(cursor).unwrap_or(latest);
+    let publish: Vec<DateTime<Utc>> = match policy {
+        _ if on_time && first_due == latest => vec![latest],
+        CatchUp::Skip if on_time => vec![latest],
+        CatchUp::Skip => Vec::new(),
+        CatchUp::Once if on_time => vec![latest],
+        CatchUp::Once => match window {
+            Some(window) if now - latest > window => Vec::new(),
+            _ => vec![latest],
+        },
+        CatchUp::All => match window {
+            None => vec![latest],
+            Some(window) => {
+                let mut slots = std::collections::VecDeque::new();
+                let mut slot = schedule
+                    .next_after((now - window).max(cursor) - chrono::Duration::milliseconds(1));
+                while let Some(current) = slot.filter(|slot| *slot <= now) {
+                    if current > cursor && now - current <= window {
+                        slots.push_back(current);
+                        if slots.len() > MAX_CATCH_UP {
+                            slots.pop_front();
+                        }
+                    }
+                    slot = schedule.next_after(current);
+                }
+                slots.into_iter().collect()
+            }
+        },
+    };
+    let publish = match handover_since {
+        Some(since) => with_handover_slots(schedule, publish, cursor.max(since), now),
+        None => publish,
+    };
+    let skipped = match publish.first() {
+        None => Some((first_due, latest)),
+        Some(&first) if first > first_due => {
+            let before_first = publish_gap_end(schedule, first_due, first);
+            Some((first_due, before_first))
+        }
+        Some(_) => None,
+    };
+    DuePlan { publish, skipped }
+}
+
+/// `publish` plus every slot in `[from, now]` (after the cursor), oldest first, at most
+/// [`MAX_CATCH_UP`] of the newest.
+fn with_handover_slots(
+    schedule: &Schedule,
+    publish: Vec<DateTime<Utc>>,
+    from: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Vec<DateTime<Utc>> {
+    let mut slots: std::collections::BTreeSet<DateTime<Utc>> = publish.into_iter().collect();
+    let mut slot = schedule.next_after(from - chrono::Duration::milliseconds(1));
+    while let Some(current) = slot.filter(|slot| *slot <= now) {
+        slots.insert(current);
+        slot = schedule.next_after(current);
+    }
+    let excess = slots.len().saturating_sub(MAX_CATCH_UP);
+    slots.into_iter().skip(excess).collect()
+}
+
+/// The last slot before `until`, starting from `from` (which is before it).
+fn publish_gap_end(
+    schedule: &Schedule,
+    from: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> DateTime<Utc> {
+    latest_slot(
+        schedule,
+        from - chrono::Duration::milliseconds(1),
+        until - chrono::Duration::milliseconds(1),
+    )
+    .unwrap_or(from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(text: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(text)
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    fn every(secs: u64) -> Schedule {
+        Schedule::every(std::time::Duration::from_secs(secs)).unwrap()
+    }
+
+    #[test]
+    fn on_time_slot_is_published_under_every_policy() {
+        for policy in [CatchUp::Skip, CatchUp::Once, CatchUp::All] {
+            let plan = plan_due(
+                &every(10),
+                policy,
+                None,
+                at("2026-01-01T00:00:00Z"),
+                None,
+                at("2026-01-01T00:00:10.020Z"),
+            );
+            assert_eq!(plan.publish, [at("2026-01-01T00:00:10Z")], "{policy:?}");
+            assert_eq!(plan.skipped, None);
+        }
+    }
+
+    #[test]
+    fn a_takeover_publishes_every_slot_the_dead_leader_held_whatever_the_policy() {
+        // The old leader published 00:00:10 and died; the lock expired 20 s later and we took
+        // over at 00:00:35.5, so 00:00:20 and 00:00:30 were its slots, not missed ones.
+        let (cursor, now) = (at("2026-01-01T00:00:10Z"), at("2026-01-01T00:00:35.5Z"));
+        let handover = Some(at("2026-01-01T00:00:15.5Z"));
+        for policy in [CatchUp::Skip, CatchUp::Once, CatchUp::All] {
+            let plan = plan_due(&every(10), policy, None, cursor, handover, now);
+            assert_eq!(
+                plan.publish,
+                [at("2026-01-01T00:00:20Z"), at("2026-01-01T00:00:30Z")],
+                "{policy:?}"
+            );
+            assert_eq!(plan.skipped, None, "{policy:?}");
+        }
+        // Slots older than the handover still follow the policy.
+        let early = (at("2026-01-01T00:00:00Z"), Some(at("2026-01-01T00:00:25Z")));
+        let skip = plan_due(&every(10), CatchUp::Skip, None, early.0, early.1, now);
+        assert_eq!(skip.publish, [at("2026-01-01T00:00:30Z")]);
+        assert_eq!(
+            skip.skipped,
+            Some((at("2026-01-01T00:00:10Z"), at("2026-01-01T00:00:20Z")))
+        );
+    }
+
+    #[test]
+    fn outage_under_each_policy() {
+        // Cursor at 00:00:00, back at 00:00:35.5: slots 10, 20, 30 missed (none on time).
+        let (cursor, now) = (at("2026-01-01T00:00:00Z"), at("2026-01-01T00:00:35.5Z"));
+        let skip = plan_due(&every(10), CatchUp::Skip, None, cursor, None, now);
+        assert!(skip.publish.is_empty());
+        assert_eq!(
+            skip.skipped,
+            Some((at("2026-01-01T00:00:10Z"), at("2026-01-01T00:00:30Z")))
+        );
+        let once = plan_due(&every(10), CatchUp::Once, None, cursor, None, now);
+        assert_eq!(once.publish, [at("2026-01-01T00:00:30Z")]);
+        assert_eq!(
+            once.skipped,
+            Some((at("2026-01-01T00:00:10Z"), at("2026-01-01T00:00:20Z")))
+        );
+        let once_narrow = plan_due(
+            &every(10),
+            CatchUp::Once,
+            Some(std::time::Duration::from_secs(5)),
+            cursor,
+            None,
+            now,
+        );
+        assert!(once_narrow.publish.is_empty());
+        let all = plan_due(
+            &every(10),
+            CatchUp::All,
+            Some(std::time::Duration::from_secs(60)),
+            cursor,
+            None,
+            now,
+        );
+        assert_eq!(
+            all.publish,
+            [
+                at("2026-01-01T00:00:10Z"),
+                at("2026-01-01T00:00:20Z"),
+                at("2026-01-01T00:00:30Z")
+            ]
+        );
+        assert_eq!(all.skipped, None);
+        let all_window = plan_due(
+            &every(10),
+            CatchUp::All,
+            Some(std::time::Duration::from_secs(20)),
+            cursor,
+            None,
+            now,
+        );
+        assert_eq!(
+            all_window.publish,
+            [at("2026-01-01T00:00:20Z"), at("2026-01-01T00:00:30Z")]
+        );
+        assert_eq!(
+            all_window.skipped,
+            Some((at("2026-01-01T00:00:10Z"), at("2026-01-01T00:00:10Z")))
+        );
+    }
+
+    #[test]
+    fn missed_slots_collapse_into_an_on_time_one() {
+        let plan = plan_due(
+            &every(10),
+            CatchUp::Once,
+            None,
+            at("2026-01-01T00:00:00Z"),
+            None,
+            at("2026-01-01T00:00:40.1Z"),
+        );
+        assert_eq!(plan.publish, [at("2026-01-01T00:00:40Z")]);
+        assert!(plan.skipped.is_some());
+        let skip = plan_due(
+            &every(10),
+            CatchUp::Skip,
+            None,
+            at("2026-01-01T00:00:00Z"),
+            None,
+            at("2026-01-01T00:00:40.1Z"),
+        );
+        assert_eq!(skip.publish, [at("2026-01-01T00:00:40Z")]);
+    }
+
+    #[test]
+    fn all_is_capped() {
+        let plan = plan_due(
+            &every(1),
+            CatchUp::All,
+            Some(std::time::Duration::from_secs(3600)),
+            at("2026-01-01T00:00:00Z"),
+            None,
+            at("2026-01-01T01:00:00.9Z"),
+        );
+        assert_eq!(plan.publish.len(), MAX_CATCH_UP);
+        assert_eq!(plan.publish.last(), Some(&at("2026-01-01T01:00:00Z")));
+    }
+
+    #[test]
+    fn latest_slot_of_a_rare_cron_job_far_back() {
+        let yearly = Schedule::cron("@yearly", chrono_tz::UTC).unwrap();
+        assert_eq!(
+            latest_slot(
+                &yearly,
+                at("2020-06-01T00:00:00Z"),
+                at("2026-03-01T00:00:00Z")
+            ),
+            Some(at("2026-01-01T00:00:00Z"))
+        );
+        assert_eq!(
+            latest_slot(
+                &yearly,
+                at("2026-01-01T00:00:00Z"),
+                at("2026-03-01T00:00:00Z")
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn validation_names_each_key() {
+        let config: proxy_conf::Config = toml::from_str(
+            r#"
+            [beat]
+            timezone = "Mars/Olympus"
+            [beat.jobs.a]
+            task = "t"
+            cron = "0 0 30 2 *"
+            [beat.jobs.b]
+            task = "t"
+            [beat.jobs.c]
+            cron = "* * * * *"
+            every = "1s"
+            priority = 12
+            [beat.jobs.d]
+            task = "t"
+            cron = "61 * * * *"
+            "#,
+        )
+        .unwrap();
+        let beat = config.beat.as_ref().unwrap();
+        let cron_only: Vec<String> = validate_jobs(beat)
+            .iter()
+            .map(|(path, message)| format!("{}: {message}", path.join(".")))
+            .collect();
+        assert_eq!(
+            cron_only,
+            [
+                "beat.jobs.a.cron: cron expression \"0 0 30 2 *\" can never fire (no month has such a day)",
+                "beat.jobs.d.cron: minute field \"61\": 61 is outside 0-59",
+            ]
+        );
+        let mut problems = Vec::new();
+        let jobs = resolve_config_jobs(beat, &mut problems);
+        assert!(jobs.is_empty());
+        let paths: Vec<String> = problems.iter().map(|(path, _)| path.join(".")).collect();
+        assert_eq!(
+            paths,
+            [
+                "beat.timezone",
+                "beat.jobs.a.cron",
+                "beat.jobs.b",
+                "beat.jobs.c.task",
+                "beat.jobs.c.every",
+                "beat.jobs.c.priority",
+                "beat.jobs.d.cron"
+            ]
+        );
+    }
+}

@@ -1,0 +1,293 @@
+//! The Celery task message a job publishes: the protocol-v2 envelope exactly as kombu's Redis
+//! transport stores it in a queue list (protocols.md §1), and the Redis key it goes to (§2.1).
+//! It owns the shape of the message only; sending it belongs to `publisher`.
+//!
+//! Every field a worker requires is always present (`headers.task`, `headers.id`, a unique
+//! `properties.delivery_tag`, `delivery_info.exchange`/`routing_key`, `content-type`, and a body
+//! that decodes to a 3-element array): a worker that meets a malformed message exits, and the
+//! message is put back at the head of the queue for the next worker to crash on. There is never
+//! an ETA (an ETA beyond Redis's visibility timeout is redelivered in a loop), `ignore_result` is
+//! null so the task's own setting wins, and every timestamp carries an offset.
+
+use base64::Engine;
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{Value, json};
+
+/// kombu's separator between a queue name and its priority step.
+const PRIORITY_SEP: &str = "\x06\x16";
+/// kombu's default priority steps for Redis.
+const PRIORITY_STEPS: [u8; 4] = [0, 3, 6, 9];
+
+/// What one publish carries; everything a job decides, plus the per-message identifiers.
+#[derive(Debug, Clone)]
+pub struct TaskMessage<'a> {
+    /// Registered Celery task name.
+    pub task: &'a str,
+    /// Fresh task id (a UUID string).
+    pub id: &'a str,
+    /// Fresh delivery tag (a UUID string), the key of the worker's `unacked` entry.
+    pub delivery_tag: &'a str,
+    /// Positional arguments (a JSON array).
+    pub args: &'a Value,
+    /// Keyword arguments (a JSON object).
+    pub kwargs: &'a Value,
+    /// Queue name (routing key on the anonymous exchange).
+    pub queue: &'a str,
+    /// Priority 0..=9, 0 highest under Redis.
+    pub priority: Option<u8>,
+    /// Absolute expiry, or none.
+    pub expires: Option<DateTime<Utc>>,
+    /// `pid@host` of the publisher.
+    pub origin: &'a str,
+    /// The job and slot this message stands for, sent as the extra headers `sauna_beat_job`
+    /// and `sauna_beat_slot` (custom headers are merged flat, as `apply_async(headers=…)` does;
+    /// workers ignore them) so operators and tests can see which slot a task belongs to.
+    pub slot: Option<(&'a str, DateTime<Utc>)>,
+}
+
+impl TaskMessage<'_> {
+    /// The Redis list the message is pushed to: the queue, suffixed with its priority step.
+    pub fn queue_key(&self) -> String {
+        let priority = self.priority.unwrap_or(0).min(9);
+        let step = PRIORITY_STEPS
+            .iter()
+            .rev()
+            .find(|step| **step <= priority)
+            .copied()
+            .unwrap_or(0);
+        if step == 0 {
+            self.queue.to_owned()
+        } else {
+            format!("{}{PRIORITY_SEP}{step}", self.queue)
+        }
+    }
+
+    /// The JSON text pushed to the queue list.
+    pub fn envelope(&self) -> String {
+        let body = json!([
+            self.args,
+            self.kwargs,
+            {"callbacks": null, "errbacks": null, "chain": null, "chord": null}
+        ]);
+        let body = base64::engine::general_purpose::STANDARD.encode(body.to_string());
+        let expires = self
+            .expires
+            .map(|time| time.to_rfc3339_opts(SecondsFormat::Micros, false));
+        let mut envelope = json!({
+            "body": body,
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {
+                "lang": "py",
+                "task": self.task,
+                "id": self.id,
+                "shadow": null,
+                "eta": null,
+                "expires": expires,
+                "group": null,
+                "group_index": null,
+                "retries": 0,
+                "timelimit": [null, null],
+                "root_id": self.id,
+                "parent_id": null,
+                "argsrepr": args_repr(self.args),
+                "kwargsrepr": python_repr(self.kwargs),
+                "origin": self.origin,
+                "ignore_result": null,
+                "replaced_task_nesting": 0,
+                "stamped_headers": null,
+                "stamps": {},
+            },
+            "properties": {
+                "correlation_id": self.id,
+                "reply_to": "",
+                "delivery_mode": 2,
+                "delivery_info": {"exchange": "", "routing_key": self.queue},
+                "priority": self.priority.unwrap_or(0).min(9),
+                "body_encoding": "base64",
+                "delivery_tag": self.delivery_tag,
+            },
+        });
+        if let Some((job, slot)) = self.slot {
+            envelope["headers"]["sauna_beat_job"] = json!(job);
+            envelope["headers"]["sauna_beat_slot"] =
+                json!(slot.to_rfc3339_opts(SecondsFormat::Millis, false));
+        }
+        envelope.to_string()
+    }
+}
+
+/// Positional arguments as Python shows a tuple, e.g. `(1, 'x')`, for `argsrepr`.
+fn args_repr(args: &Value) -> String {
+    match args.as_array() {
+        Some(items) if items.len() == 1 => format!("({},)", python_repr(&items[0])),
+        Some(items) => format!(
+            "({})",
+            items.iter().map(python_repr).collect::<Vec<_>>().join(", ")
+        ),
+        None => python_repr(args),
+    }
+}
+
+/// A JSON value as Python's `repr` would show the decoded object (`argsrepr`/`kwargsrepr` are
+/// only displayed, in worker logs, events and Flower).
+fn python_repr(value: &Value) -> String {
+    match value {
+        Value::Null => "None".to_owned(),
+        Value::Bool(true) => "True".to_owned(),
+        Value::Bool(false) => "False".to_owned(),
+        Value::Number(number) => number.to_string(),
+        Value::String(text) => {
+            let quote = if text.contains('\'') && !text.contains('"') {
+                '"'
+            } else {
+                '\''
+            };
+            let mut out = String::from(quote);
+            for c in text.chars() {
+                match c {
+                    '\\' => out.push_str("\\\\"),
+                    '\n' => out.push_str("\\n"),
+                    '\r' => out.push_str("\\r"),
+                    '\t' => out.push_str("\\t"),
+                    c if c == quote => {
+                        out.push('\\');
+                        out.push(c);
+                    }
+                    c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+                    c => out.push(c),
+                }
+            }
+            out.push(quote);
+            out
+        }
+        Value::Array(items) => format!(
+            "[{}]",
+            items.iter().map(python_repr).collect::<Vec<_>>().join(", ")
+        ),
+        Value::Object(map) => format!(
+            "{{{}}}",
+            map.iter()
+                .map(|(key, value)| format!(
+                    "{}: {}",
+                    python_repr(&Value::String(key.clone())),
+                    python_repr(value)
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// Converts a TOML value (args/kwargs from sauna.toml) to JSON; datetimes become RFC 3339 text.
+pub fn toml_to_json(value: &toml::Value) -> Value {
+    match value {
+        toml::Value::String(text) => Value::String(text.clone()),
+        toml::Value::Integer(number) => Value::from(*number),
+        toml::Value::Float(number) => Value::from(*number),
+        toml::Value::Boolean(flag) => Value::Bool(*flag),
+        toml::Value::Datetime(time) => Value::String(time.to_string()),
+        toml::Value::Array(items) => Value::Array(items.iter().map(toml_to_json).collect()),
+        toml::Value::Table(table) => Value::Object(
+            table
+                .iter()
+                .map(|(key, value)| (key.clone(), toml_to_json(value)))
+                .collect(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message<'a>(args: &'a Value, kwargs: &'a Value, priority: Option<u8>) -> TaskMessage<'a> {
+        TaskMessage {
+            task: "proj.add",
+            id: "660ef087-854b-400d-a13c-6ad8f2cddf9e",
+            delivery_tag: "a53d1ac6-3c5d-42b8-a134-d9fb00ac3d95",
+            args,
+            kwargs,
+            queue: "celery",
+            priority,
+            expires: None,
+            origin: "4242@host",
+            slot: None,
+        }
+    }
+
+    #[test]
+    fn envelope_golden() {
+        let args = json!([2, 3]);
+        let kwargs = json!({"z": "é"});
+        let mut msg = message(&args, &kwargs, Some(7));
+        msg.expires = Some(
+            DateTime::parse_from_rfc3339("2026-11-24T17:23:44.967701+00:00")
+                .unwrap()
+                .with_timezone(&Utc),
+        );
+        let expected = r#"{"body":"W1syLDNdLHsieiI6IsOpIn0seyJjYWxsYmFja3MiOm51bGwsImNoYWluIjpudWxsLCJjaG9yZCI6bnVsbCwiZXJyYmFja3MiOm51bGx9XQ==","content-encoding":"utf-8","content-type":"application/json","headers":{"argsrepr":"(2, 3)","eta":null,"expires":"2026-11-24T17:23:44.967701+00:00","group":null,"group_index":null,"id":"660ef087-854b-400d-a13c-6ad8f2cddf9e","ignore_result":null,"kwargsrepr":"{'z': 'é'}","lang":"py","origin":"4242@host","parent_id":null,"replaced_task_nesting":0,"retries":0,"root_id":"660ef087-854b-400d-a13c-6ad8f2cddf9e","shadow":null,"stamped_headers":null,"stamps":{},"task":"proj.add","timelimit":[null,null]},"properties":{"body_encoding":"base64","correlation_id":"660ef087-854b-400d-a13c-6ad8f2cddf9e","delivery_info":{"exchange":"","routing_key":"celery"},"delivery_mode":2,"delivery_tag":"a53d1ac6-3c5d-42b8-a134-d9fb00ac3d95","priority":7,"reply_to":""}}"#;
+        assert_eq!(msg.envelope(), expected);
+        let parsed: Value = serde_json::from_str(&msg.envelope()).unwrap();
+        let body = base64::engine::general_purpose::STANDARD
+            .decode(parsed["body"].as_str().unwrap())
+            .unwrap();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body.as_array().unwrap().len(), 3);
+        assert_eq!(body[1]["z"], "é");
+    }
+
+    #[test]
+    fn priority_steps_pick_the_queue_key() {
+        let (args, kwargs) = (json!([]), json!({}));
+        let keys: Vec<String> = [
+            None,
+            Some(0),
+            Some(2),
+            Some(3),
+            Some(5),
+            Some(6),
+            Some(8),
+            Some(9),
+            Some(200),
+        ]
+        .into_iter()
+        .map(|priority| message(&args, &kwargs, priority).queue_key())
+        .collect();
+        assert_eq!(
+            keys,
+            [
+                "celery",
+                "celery",
+                "celery",
+                "celery\x06\x163",
+                "celery\x06\x163",
+                "celery\x06\x166",
+                "celery\x06\x166",
+                "celery\x06\x169",
+                "celery\x06\x169"
+            ]
+        );
+    }
+
+    #[test]
+    fn reprs_look_like_python() {
+        assert_eq!(args_repr(&json!([2, 3])), "(2, 3)");
+        assert_eq!(args_repr(&json!(["x"])), "('x',)");
+        assert_eq!(args_repr(&json!([])), "()");
+        assert_eq!(
+            python_repr(&json!({"a": [true, null, 1.5], "b": "it's \"q\"\n"})),
+            r#"{'a': [True, None, 1.5], 'b': 'it\'s "q"\n'}"#
+        );
+        assert_eq!(python_repr(&json!("it's")), r#""it's""#);
+    }
+
+    #[test]
+    fn toml_values_become_json() {
+        let table: toml::Table = toml::from_str("a = 1\nb = [true, 'x']\nc = { d = 1.5 }").unwrap();
+        assert_eq!(
+            toml_to_json(&toml::Value::Table(table)),
+            json!({"a": 1, "b": [true, "x"], "c": {"d": 1.5}})
+        );
+    }
+}

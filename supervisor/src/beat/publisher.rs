@@ -1,0 +1,285 @@
+//! Beat's side of Redis: one connection with short timeouts, the leader-lock commands, and the
+//! fenced publish. It owns the key names and the Lua scripts; *when* to call them (lease timing,
+//! backoff, catch-up) belongs to `leader` and the actor in `mod.rs`.
+//!
+//! Keys, under `[beat].key_prefix` (default `sauna:beat:`):
+//! - `<prefix>lock`: the leader lock, a string `host:pid:uuid` with a TTL of `lock_ttl`;
+//! - `<prefix>last`: a hash, job name → the last published slot (Unix milliseconds).
+//!
+//! The publish is one Lua script, so Redis runs it atomically: it checks that this supervisor
+//! still holds the lock (when the lock is on), that the slot is newer than the job's last
+//! published slot, then LPUSHes the message and records the slot. A leader paused past its TTL
+//! wakes up to a refused script instead of a duplicate, and a new leader continues exactly after
+//! the last slot the old one published.
+
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, Script};
+
+/// Redis failed or could not be reached; the actor backs off and retries.
+#[derive(Debug, thiserror::Error)]
+#[error("Redis at {url}: {source}")]
+pub struct BrokerError {
+    /// The broker URL without its password.
+    pub url: String,
+    /// What Redis or the connection said.
+    #[source]
+    pub source: redis::RedisError,
+}
+
+/// The outcome of one fenced publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// The message is in the queue and the slot recorded.
+    Sent,
+    /// The slot (or a later one) was already published, by us or by another supervisor.
+    AlreadySent,
+    /// This supervisor no longer holds the lock; nothing was pushed.
+    NotLeader,
+}
+
+/// What a failed lock acquisition learned about the current holder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    /// The holder's `host:pid` (the token without its secret part), if any.
+    pub name: Option<String>,
+    /// Milliseconds until the lock expires, if it has a TTL.
+    pub ttl_ms: Option<u64>,
+}
+
+const PUBLISH_LUA: &str = r"
+-- KEYS: lock, last-slot hash, queue list. ARGV: token ('' = unfenced), job, slot ms, message.
+if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local last = redis.call('HGET', KEYS[2], ARGV[2])
+if last and tonumber(last) >= tonumber(ARGV[3]) then return 0 end
+redis.call('LPUSH', KEYS[3], ARGV[4])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+return 1
+";
+
+const RENEW_LUA: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
+const RELEASE_LUA: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+/// A broker URL with any password replaced, for logs.
+pub fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// The broker as beat uses it.
+pub struct Broker {
+    client: Client,
+    url: String,
+    prefix: String,
+    timeout: Duration,
+    connection: Option<MultiplexedConnection>,
+    publish: Script,
+    renew: Script,
+    release: Script,
+}
+
+impl Broker {
+    /// Prepares a broker for `url`; nothing is connected until the first command.
+    /// `timeout` bounds connecting and every reply, so a hung Redis cannot outlive the lease.
+    pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Broker, BrokerError> {
+        let client = Client::open(url).map_err(|source| BrokerError {
+            url: redacted(url),
+            source,
+        })?;
+        Ok(Broker {
+            client,
+            url: redacted(url),
+            prefix: prefix.to_owned(),
+            timeout,
+            connection: None,
+            publish: Script::new(PUBLISH_LUA),
+            renew: Script::new(RENEW_LUA),
+            release: Script::new(RELEASE_LUA),
+        })
+    }
+
+    /// The URL without password.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    fn fail(&mut self, source: redis::RedisError) -> BrokerError {
+        // Drop the connection on any error so the next command reconnects from scratch.
+        self.connection = None;
+        BrokerError {
+            url: self.url.clone(),
+            source,
+        }
+    }
+
+    async fn connection(&mut self) -> Result<MultiplexedConnection, BrokerError> {
+        if let Some(connection) = &self.connection {
+            return Ok(connection.clone());
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout));
+        match self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+        {
+            Ok(connection) => {
+                self.connection = Some(connection.clone());
+                Ok(connection)
+            }
+            Err(error) => Err(self.fail(error)),
+        }
+    }
+
+    /// Tries to take the lock with `token` for `ttl`; `Ok(None)` when taken, else who holds it.
+    pub async fn acquire(
+        &mut self,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<Option<Holder>, BrokerError> {
+        let mut connection = self.connection().await?;
+        let lock = self.key("lock");
+        let set: Result<Option<String>, _> = redis::cmd("SET")
+            .arg(&lock)
+            .arg(token)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .query_async(&mut connection)
+            .await;
+        if set.map_err(|error| self.fail(error))?.is_some() {
+            return Ok(None);
+        }
+        let found: Result<(Option<String>, i64), _> = redis::pipe()
+            .cmd("GET")
+            .arg(&lock)
+            .cmd("PTTL")
+            .arg(&lock)
+            .query_async(&mut connection)
+            .await;
+        let (value, ttl_ms) = found.map_err(|error| self.fail(error))?;
+        Ok(Some(Holder {
+            name: value.map(|value| holder_name(&value)),
+            ttl_ms: u64::try_from(ttl_ms).ok(),
+        }))
+    }
+
+    /// Extends the lock to `ttl` if `token` still holds it; false when it was lost.
+    pub async fn renew(&mut self, token: &str, ttl: Duration) -> Result<bool, BrokerError> {
+        let mut connection = self.connection().await?;
+        let result: Result<i64, _> = self
+            .renew
+            .key(self.key("lock"))
+            .arg(token)
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut connection)
+            .await;
+        result
+            .map(|done| done == 1)
+            .map_err(|error| self.fail(error))
+    }
+
+    /// Deletes the lock if `token` holds it, so a successor need not wait for the TTL.
+    pub async fn release(&mut self, token: &str) -> Result<(), BrokerError> {
+        let mut connection = self.connection().await?;
+        let result: Result<i64, _> = self
+            .release
+            .key(self.key("lock"))
+            .arg(token)
+            .invoke_async(&mut connection)
+            .await;
+        result.map(drop).map_err(|error| self.fail(error))
+    }
+
+    /// The last published slot (Unix ms) of each job, in the order given.
+    pub async fn last_slots(&mut self, jobs: &[&str]) -> Result<Vec<Option<i64>>, BrokerError> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut connection = self.connection().await?;
+        let result: Result<Vec<Option<i64>>, _> = redis::cmd("HMGET")
+            .arg(self.key("last"))
+            .arg(jobs)
+            .query_async(&mut connection)
+            .await;
+        result.map_err(|error| self.fail(error))
+    }
+
+    /// Pushes `message` to `queue_key` for `job`'s `slot_ms`, atomically fenced by `token`
+    /// (`None` when the lock is off: the slot check alone keeps publishers from doubling).
+    pub async fn publish(
+        &mut self,
+        token: Option<&str>,
+        job: &str,
+        slot_ms: i64,
+        queue_key: &str,
+        message: &str,
+    ) -> Result<Published, BrokerError> {
+        let mut connection = self.connection().await?;
+        let result: Result<i64, _> = self
+            .publish
+            .key(self.key("lock"))
+            .key(self.key("last"))
+            .key(queue_key)
+            .arg(token.unwrap_or(""))
+            .arg(job)
+            .arg(slot_ms)
+            .arg(message)
+            .invoke_async(&mut connection)
+            .await;
+        match result.map_err(|error| self.fail(error))? {
+            1 => Ok(Published::Sent),
+            0 => Ok(Published::AlreadySent),
+            _ => Ok(Published::NotLeader),
+        }
+    }
+}
+
+/// `host:pid` from a lock token `host:pid:uuid`.
+pub fn holder_name(token: &str) -> String {
+    match token.rsplit_once(':') {
+        Some((name, _secret)) => name.to_owned(),
+        None => token.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redacted("redis://:secret@host:6379/3"),
+            "redis://***@host:6379/3"
+        );
+        assert_eq!(
+            redacted("redis://127.0.0.1:6379/0"),
+            "redis://127.0.0.1:6379/0"
+        );
+    }
+
+    #[test]
+    fn holder_name_hides_the_secret() {
+        assert_eq!(holder_name("web1:4242:0f3a"), "web1:4242");
+    }
+}
