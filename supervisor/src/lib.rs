@@ -13,16 +13,19 @@
 //! Data flows one way: config → supervisor state (the main loop) → pool, programs, beat → metrics.
 
 pub mod beat;
+pub mod celery_queues;
 pub mod child;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod dispatch;
 pub mod emit;
+pub mod grafana;
 pub mod lifecycle;
 pub mod live;
 pub mod logging;
 pub mod metrics;
+pub mod metrics_server;
 pub mod notify;
 pub mod orphans;
 pub mod pool;
