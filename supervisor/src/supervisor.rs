@@ -4,8 +4,8 @@
 //!
 //! It starts the roles in order (web pool — which binds the listening sockets first — then
 //! programs in name order, then beat), tells systemd `READY=1` once all of them have started, and
-//! stops them in the opposite order: the pool stops accepting and drains, then programs stop in
-//! reverse start order, then beat releases its lock. It never sits on the request hot path: the
+//! stops them: the pool stops accepting and drains, beat releases its lock, then programs stop in
+//! reverse start order. It never sits on the request hot path: the
 //! HTTP front talks to the workers without passing through here.
 
 use std::path::Path;
@@ -15,16 +15,23 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use proxy_conf::Loaded;
+use tokio::sync::watch;
 
+use crate::celery_queues::QueueSampler;
 use crate::cli::RunArgs;
 use crate::control::{ControlRequest, ControlServer, ErrorKind, Request, Responder};
 use crate::lifecycle::{Phase, StopMode};
 use crate::logging::LogHandle;
 use crate::metrics::Metrics;
+use crate::metrics_server::{Health, MetricsServer};
 use crate::notify::Notifier;
 use crate::programs::Programs;
 use crate::signals::{SignalEvent, Signals};
 use crate::status::StatusReport;
+
+/// How often the loop refreshes the health verdict; `/healthz` calls the loop hung after a few
+/// missed beats.
+const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// How long the last answers on the control socket get to reach their clients at exit.
 const CONTROL_FLUSH: Duration = Duration::from_secs(2);
@@ -111,17 +118,20 @@ impl Roles {
         })
     }
 
-    /// Stops every role, in reverse start order.
+    /// Stops every role: the pool stops accepting and drains first, then beat, then programs in
+    /// reverse start order. Beat goes before the programs because it needs the broker — often
+    /// a supervised Redis — to release its lock, and publishing to queues whose workers are
+    /// stopping helps nobody.
     async fn shutdown(self, mode: StopMode) {
         if let Some(pool) = self.pool {
             pool.shutdown(mode).await;
         }
-        self.programs.shutdown(mode).await;
         // Even a fast stop releases the beat lock: one Redis round trip lets a standby take
         // over at once instead of after the lock's TTL.
         if let Some(beat) = self.beat {
             beat.shutdown().await;
         }
+        self.programs.shutdown(mode).await;
     }
 
     /// The roles' part of the status report.
@@ -138,9 +148,64 @@ impl Roles {
         }
     }
 
-    /// A one-line summary for systemd's `STATUS=`.
-    fn summary(&self) -> String {
-        "running".to_owned()
+    /// Whether every role is within its policy (problems for `/healthz`), and a one-line
+    /// summary for systemd's `STATUS=`.
+    async fn health(&self) -> (Vec<String>, String) {
+        let mut problems = Vec::new();
+        let mut parts = Vec::new();
+        if let Some(pool) = &self.pool {
+            let status = pool.status().await;
+            let ready = status
+                .workers
+                .iter()
+                .filter(|worker| worker.state == crate::pool::WorkerState::Ready)
+                .count();
+            if ready == 0 {
+                problems.push("web pool: no worker is ready".to_owned());
+            }
+            parts.push(format!(
+                "web {ready}/{} workers ready (generation {})",
+                status.workers_wanted, status.generation
+            ));
+        }
+        let programs = self.programs.status().await;
+        if !programs.is_empty() {
+            let mut up = 0;
+            for program in &programs {
+                if program.fatal {
+                    problems.push(format!(
+                        "program \"{}\" is fatal: {}",
+                        program.name,
+                        program
+                            .instances
+                            .iter()
+                            .find_map(|instance| instance.detail.clone())
+                            .unwrap_or_else(|| "gave up after a crash loop".to_owned())
+                    ));
+                } else if program
+                    .instances
+                    .iter()
+                    .all(|instance| instance.pid.is_some())
+                {
+                    up += 1;
+                }
+            }
+            parts.push(format!("programs {up}/{} up", programs.len()));
+        }
+        if let Some(beat) = &self.beat {
+            match beat.status().await {
+                Ok(status) => parts.push(format!(
+                    "beat {} ({} jobs)",
+                    if status.leader { "leader" } else { "standby" },
+                    status.jobs.len()
+                )),
+                Err(error) => problems.push(format!("beat: {error}")),
+            }
+        }
+        if parts.is_empty() {
+            parts.push("running, nothing configured".to_owned());
+        }
+        (problems, parts.join(" · "))
     }
 }
 
@@ -156,6 +221,14 @@ struct Supervisor {
     signals: Signals,
     control: ControlServer,
     roles: Roles,
+    /// The verdict `/healthz` and `/readyz` serve, refreshed by the loop every second.
+    health: watch::Sender<Health>,
+    /// The `/metrics` endpoint, unless `[metrics].listen` is empty.
+    metrics_server: Option<MetricsServer>,
+    /// Samples Celery queue lengths, when there are queues and a broker.
+    queue_sampler: Option<QueueSampler>,
+    /// The last `STATUS=` line sent, so that systemd hears only changes.
+    status_line: String,
 }
 
 /// Why the main loop ended.
@@ -180,16 +253,38 @@ impl Supervisor {
         );
         notify_or_log(notifier.status("starting"), "STATUS");
         let metrics = Arc::new(Metrics::new().context("cannot register metrics")?);
+        let (health, health_receiver) = watch::channel(Health::starting());
+        // The endpoint comes up before the roles so that probes see "starting", not a refusal.
+        let metrics_server = match crate::metrics_server::start(
+            &loaded.config.metrics,
+            &crate::config::base_dir(&loaded),
+            Arc::clone(&metrics),
+            health_receiver,
+        )
+        .await
+        {
+            Ok(server) => server,
+            Err(error) => {
+                control.shutdown(Duration::ZERO).await;
+                return Err(error.into());
+            }
+        };
         let roles = match Roles::start(&loaded, &metrics).await {
             Ok(roles) => roles,
             Err(error) => {
+                if let Some(server) = metrics_server {
+                    server.shutdown().await;
+                }
                 control.shutdown(Duration::ZERO).await;
                 return Err(error);
             }
         };
+        let queue_sampler = crate::celery_queues::spawn_for(&loaded.config, Arc::clone(&metrics));
         metrics.generation.set(1);
+        let (problems, status_line) = roles.health().await;
+        health.send_replace(Health::now(true, problems));
         notify_or_log(notifier.ready(), "READY");
-        notify_or_log(notifier.status(&roles.summary()), "STATUS");
+        notify_or_log(notifier.status(&status_line), "STATUS");
         tracing::info!(
             startup_ms = started.elapsed().as_millis() as u64,
             "every role has started"
@@ -205,12 +300,18 @@ impl Supervisor {
             signals,
             control,
             roles,
+            health,
+            metrics_server,
+            queue_sampler,
+            status_line,
         })
     }
 
     /// The loop itself; returns when a stop was requested and every role has stopped.
     async fn run(mut self) -> anyhow::Result<ExitCode> {
         let mut watchdog = self.notifier.watchdog_interval().map(tokio::time::interval);
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let stop = loop {
             tokio::select! {
                 event = self.signals.recv() => {
@@ -227,6 +328,7 @@ impl Supervisor {
                     // Pinged from the loop itself: a hung loop stops pinging and systemd acts.
                     notify_or_log(self.notifier.watchdog(), "WATCHDOG");
                 }
+                _ = heartbeat.tick() => self.publish_health().await,
             }
         };
         self.shutdown(stop).await;
@@ -315,6 +417,18 @@ impl Supervisor {
         outcome
     }
 
+    /// Refreshes `/healthz`'s verdict (which also proves this loop alive) and tells systemd
+    /// when the one-line status changed.
+    async fn publish_health(&mut self) {
+        let (problems, line) = self.roles.health().await;
+        self.health
+            .send_replace(Health::now(self.phase != Phase::Starting, problems));
+        if line != self.status_line {
+            notify_or_log(self.notifier.status(&line), "STATUS");
+            self.status_line = line;
+        }
+    }
+
     async fn scale_workers(&mut self, delta: i32) {
         match &self.roles.pool {
             Some(pool) => pool.scale(delta),
@@ -341,8 +455,17 @@ impl Supervisor {
     async fn shutdown(mut self, stop: StopRequest) {
         self.phase = Phase::Stopping;
         notify_or_log(self.notifier.stopping(), "STOPPING");
+        self.health.send_replace(Health::now(
+            false,
+            vec!["sauna-supervisor is stopping".to_owned()],
+        ));
         let began = Instant::now();
+        drop(self.queue_sampler.take());
         self.roles.shutdown(stop.mode).await;
+        // Last, so that the final scrape can still see the roles stopping.
+        if let Some(server) = self.metrics_server.take() {
+            server.shutdown().await;
+        }
         tracing::info!(
             elapsed_ms = began.elapsed().as_millis() as u64,
             "every role has stopped"
