@@ -464,3 +464,183 @@ fn emit_grafana_prints_or_writes_an_importable_dashboard() {
     let file = std::fs::read(sandbox.path("out/grafana-dashboard.json")).expect("the file");
     assert_eq!(file, printed.stdout);
 }
+
+#[test]
+fn the_running_supervisor_serves_metrics_and_health() {
+    let sandbox = Sandbox::new();
+    let port = free_port();
+    sandbox.write_config(&format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"));
+    let running = sandbox.start();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    wait_until(TIMEOUT, "/readyz to answer 200", || {
+        (http(addr, "GET", "/readyz", None).status == 200).then_some(())
+    });
+    assert_eq!(http(addr, "GET", "/healthz", None).status, 200);
+    let scrape = http(addr, "GET", "/metrics", None);
+    assert_eq!(scrape.status, 200);
+    assert!(
+        scrape.body.contains("sauna_generation 1"),
+        "{}",
+        scrape.body
+    );
+    promtool_check(&scrape.body);
+    assert!(running.stop().success());
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "the endpoint closes with the supervisor"
+    );
+}
+
+#[test]
+fn a_fatal_program_turns_healthz_503() {
+    let sandbox = Sandbox::new();
+    let port = free_port();
+    sandbox.write_config(&format!(
+        r#"
+[programs.sleeper]
+command = ["sleep", "600"]
+
+[programs.crasher]
+command = ["sh", "-c", "exit 1"]
+crash_limit = 2
+crash_window = "30s"
+
+[metrics]
+listen = "127.0.0.1:{port}"
+"#
+    ));
+    let running = sandbox.start();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let healthz = wait_until(TIMEOUT, "/healthz to report the fatal program", || {
+        let reply = http(addr, "GET", "/healthz", None);
+        (reply.status == 503).then_some(reply)
+    });
+    let verdict: serde_json::Value = serde_json::from_str(&healthz.body).expect("JSON body");
+    let problem = verdict["problems"][0].as_str().unwrap_or_default();
+    assert!(
+        problem.starts_with("program \"crasher\" is fatal"),
+        "{verdict}"
+    );
+    // Fatal is a health problem, not unreadiness: the rest of the stack still serves.
+    assert_eq!(http(addr, "GET", "/readyz", None).status, 200);
+    // `sleeper` counts as up once it has survived `ready_after`.
+    let scrape = wait_until(TIMEOUT, "sleeper to be up", || {
+        let scrape = http(addr, "GET", "/metrics", None).body;
+        scrape
+            .contains("sauna_program_up{program=\"sleeper\"} 1")
+            .then_some(scrape)
+    });
+    assert!(
+        scrape.contains("sauna_program_up{program=\"crasher\"} 0"),
+        "{scrape}"
+    );
+    assert!(
+        scrape.contains("sauna_program_restarts_total{program=\"crasher\"} 1"),
+        "{scrape}"
+    );
+    promtool_check(&scrape);
+    assert!(running.stop().success());
+}
+
+/// The web app of the every-role test: 200 everywhere except `/missing`.
+const WSGI_APP: &str = r#"
+def application(environ, start_response):
+    if environ["PATH_INFO"] == "/missing":
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"missing"]
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
+"#;
+
+/// The value of the sample `series` (name and labels exactly as rendered), if present.
+fn sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.parse().ok())
+}
+
+#[test]
+fn with_every_role_active_every_family_moves_and_promtool_passes() {
+    let redis_server = RedisServer::start();
+    let sandbox = Sandbox::new();
+    sandbox.write("app.py", WSGI_APP);
+    let web: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    sandbox.write_config(&format!(
+        r#"
+[app]
+directory = "."
+python = "{python}"
+wsgi = "app:application"
+
+[web]
+listen = ["{web}"]
+workers = 2
+
+[programs.sleeper]
+command = ["sleep", "600"]
+
+[beat]
+broker = "{broker}"
+
+[beat.jobs.tick]
+task = "app.tick"
+every = "1s"
+queue = "ticks"
+
+[metrics]
+listen = "{addr}"
+sample_interval = "200ms"
+"#,
+        python = crate::util::python().display(),
+        broker = redis_server.url(2),
+    ));
+    let running = sandbox.start();
+    wait_until(TIMEOUT, "/readyz to answer 200", || {
+        (http(addr, "GET", "/readyz", None).status == 200).then_some(())
+    });
+    assert_eq!(http(web, "GET", "/hello", None).status, 200);
+    assert_eq!(http(web, "GET", "/missing", None).status, 404);
+
+    // Nobody consumes `ticks`, so every beat publish stays in the queue the job names.
+    let scrape = wait_until(TIMEOUT, "every role to have recorded something", || {
+        let scrape = http(addr, "GET", "/metrics", None).body;
+        let moved = sample(&scrape, "sauna_http_requests_total{status=\"2xx\"}") >= Some(1.0)
+            && sample(&scrape, "sauna_http_requests_total{status=\"4xx\"}") >= Some(1.0)
+            && sample(&scrape, "sauna_workers{state=\"ready\"}") == Some(2.0)
+            && sample(&scrape, "sauna_program_up{program=\"sleeper\"}") == Some(1.0)
+            && sample(&scrape, "sauna_beat_published_total{job=\"tick\"}") >= Some(1.0)
+            && queue_length(&scrape, "ticks") >= Some(1);
+        moved.then_some(scrape)
+    });
+    for family in CONTRACT_FAMILIES {
+        assert!(
+            scrape.contains(&format!("# TYPE {family} ")),
+            "{family} missing from the scrape:\n{scrape}"
+        );
+    }
+    for series in [
+        "sauna_http_request_duration_seconds_count",
+        "sauna_http_queue_wait_seconds_count",
+    ] {
+        assert!(sample(&scrape, series) >= Some(2.0), "{series}:\n{scrape}");
+    }
+    assert_eq!(sample(&scrape, "sauna_generation"), Some(1.0), "{scrape}");
+    assert_eq!(sample(&scrape, "sauna_beat_leader"), Some(1.0), "{scrape}");
+    assert!(
+        scrape.contains("sauna_beat_next_run_timestamp_seconds{job=\"tick\"}"),
+        "{scrape}"
+    );
+    promtool_check(&scrape);
+    assert_eq!(http(addr, "GET", "/healthz", None).status, 200);
+
+    // The broker goes away: the stale queue lengths disappear instead of lying.
+    drop(redis_server);
+    wait_until(TIMEOUT, "the queue series to disappear", || {
+        queue_length(&http(addr, "GET", "/metrics", None).body, "ticks")
+            .is_none()
+            .then_some(())
+    });
+    assert!(running.stop().success());
+}
