@@ -492,6 +492,27 @@ fn the_running_supervisor_serves_metrics_and_health() {
 }
 
 #[test]
+fn the_binary_takes_its_token_from_the_environment() {
+    let sandbox = Sandbox::new();
+    let port = free_port();
+    sandbox.write_config(&format!(
+        "[metrics]\nlisten = \"127.0.0.1:{port}\"\ntoken_env = \"SAUNA_TEST_METRICS_TOKEN\"\n"
+    ));
+    let running = sandbox.start_with(|command| {
+        command.env("SAUNA_TEST_METRICS_TOKEN", "from-the-environment");
+    });
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    assert_eq!(http(addr, "GET", "/metrics", None).status, 401);
+    let scrape = http(addr, "GET", "/metrics", Some("from-the-environment"));
+    assert_eq!(scrape.status, 200);
+    assert!(
+        !running.log().contains("from-the-environment"),
+        "the token reached the log"
+    );
+    assert!(running.stop().success());
+}
+
+#[test]
 fn a_fatal_program_turns_healthz_503() {
     let sandbox = Sandbox::new();
     let port = free_port();
