@@ -563,6 +563,19 @@ listen = "127.0.0.1:{port}"
     assert!(running.stop().success());
 }
 
+/// The Celery app of the every-role test's worker program.
+const TASKS_PY: &str = r#"
+import os
+from celery import Celery
+
+app = Celery("tasks", broker=os.environ["BROKER"])
+app.conf.update(broker_connection_retry_on_startup=True, worker_hijack_root_logger=False)
+
+@app.task(name="tasks.noop")
+def noop(*args, **kwargs):
+    return None
+"#;
+
 /// The web app of the every-role test: 200 everywhere except `/missing`.
 const WSGI_APP: &str = r#"
 def application(environ, start_response):
@@ -586,6 +599,7 @@ fn with_every_role_active_every_family_moves_and_promtool_passes() {
     let redis_server = RedisServer::start();
     let sandbox = Sandbox::new();
     sandbox.write("app.py", WSGI_APP);
+    sandbox.write("tasks.py", TASKS_PY);
     let web: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     sandbox.write_config(&format!(
@@ -599,16 +613,23 @@ wsgi = "app:application"
 listen = ["{web}"]
 workers = 2
 
-[programs.sleeper]
-command = ["sleep", "600"]
+[programs.worker]
+command = ["python", "-m", "celery", "-A", "tasks", "worker", "-P", "solo", "-Q", "work,other",
+           "--without-heartbeat", "--without-gossip", "--without-mingle"]
+env = {{ BROKER = "{broker}" }}
 
 [beat]
 broker = "{broker}"
 
 [beat.jobs.tick]
-task = "app.tick"
+task = "tasks.noop"
 every = "1s"
 queue = "ticks"
+
+[beat.jobs.work]
+task = "tasks.noop"
+every = "1s"
+queue = "work"
 
 [metrics]
 listen = "{addr}"
@@ -624,15 +645,19 @@ sample_interval = "200ms"
     assert_eq!(http(web, "GET", "/hello", None).status, 200);
     assert_eq!(http(web, "GET", "/missing", None).status, 404);
 
-    // Nobody consumes `ticks`, so every beat publish stays in the queue the job names.
+    // Nobody consumes `ticks`, so every beat publish stays in the queue the job names; the Celery
+    // worker consumes `work` and `other`.
     let scrape = wait_until(TIMEOUT, "every role to have recorded something", || {
         let scrape = http(addr, "GET", "/metrics", None).body;
         let moved = sample(&scrape, "sauna_http_requests_total{status=\"2xx\"}") >= Some(1.0)
             && sample(&scrape, "sauna_http_requests_total{status=\"4xx\"}") >= Some(1.0)
             && sample(&scrape, "sauna_workers{state=\"ready\"}") == Some(2.0)
-            && sample(&scrape, "sauna_program_up{program=\"sleeper\"}") == Some(1.0)
+            && sample(&scrape, "sauna_program_up{program=\"worker\"}") == Some(1.0)
             && sample(&scrape, "sauna_beat_published_total{job=\"tick\"}") >= Some(1.0)
-            && queue_length(&scrape, "ticks") >= Some(1);
+            && queue_length(&scrape, "ticks") >= Some(1)
+            // Derived from the worker's `-Q work,other`: sampled even while empty.
+            && queue_length(&scrape, "other") == Some(0)
+            && queue_length(&scrape, "work").is_some();
         moved.then_some(scrape)
     });
     for family in CONTRACT_FAMILIES {
