@@ -576,9 +576,13 @@ def noop(*args, **kwargs):
     return None
 "#;
 
-/// The web app of the every-role test: 200 everywhere except `/missing`.
+/// The web app of the end-to-end tests: 200 everywhere except `/missing`; `/sleep?SECONDS`.
 const WSGI_APP: &str = r#"
+import time
+
 def application(environ, start_response):
+    if environ["PATH_INFO"] == "/sleep":
+        time.sleep(float(environ["QUERY_STRING"]))
     if environ["PATH_INFO"] == "/missing":
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"missing"]
@@ -689,4 +693,95 @@ sample_interval = "200ms"
             .then_some(())
     });
     assert!(running.stop().success());
+}
+
+/// The sum of every series of a labelled family.
+fn family_sum(scrape: &str, family: &str) -> f64 {
+    scrape
+        .lines()
+        .filter(|line| line.starts_with(&format!("{family}{{")))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn rejections_recycles_and_reloads_move_their_counters() {
+    let sandbox = Sandbox::new();
+    sandbox.write("app.py", WSGI_APP);
+    let web: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    sandbox.write_config(&format!(
+        r#"
+[app]
+directory = "."
+python = "{python}"
+wsgi = "app:application"
+
+[web]
+listen = ["{web}"]
+workers = 1
+max_requests = 2
+queue_size = 1
+queue_timeout = "20s"
+
+[metrics]
+listen = "{addr}"
+"#,
+        python = crate::util::python().display(),
+    ));
+    let running = sandbox.start();
+    let scrape = || http(addr, "GET", "/metrics", None).body;
+    let worker_ready = || {
+        wait_until(TIMEOUT, "a ready worker", || {
+            (sample(&scrape(), "sauna_workers{state=\"ready\"}") == Some(1.0)).then_some(())
+        })
+    };
+    worker_ready();
+
+    // A recycle: the worker is replaced after max_requests.
+    for _ in 0..3 {
+        assert_eq!(http(web, "GET", "/hello", None).status, 200);
+    }
+    wait_until(TIMEOUT, "a recycle by max_requests", || {
+        (sample(
+            &scrape(),
+            "sauna_worker_restarts_total{reason=\"max_requests\"}",
+        ) >= Some(1.0))
+        .then_some(())
+    });
+
+    // A 503: one request in the worker, one waiting, the next finds the queue full.
+    worker_ready();
+    let busy = std::thread::spawn(move || http(web, "GET", "/sleep?2", None).status);
+    wait_until(TIMEOUT, "the worker to be busy", || {
+        (sample(&scrape(), "sauna_http_in_flight_requests") == Some(1.0)).then_some(())
+    });
+    let queued = std::thread::spawn(move || http(web, "GET", "/hello", None).status);
+    wait_until(TIMEOUT, "a request to wait in the queue", || {
+        (sample(&scrape(), "sauna_http_queue_depth") == Some(1.0)).then_some(())
+    });
+    assert_eq!(http(web, "GET", "/hello", None).status, 503);
+    assert_eq!(busy.join().expect("the slow request"), 200);
+    assert_eq!(queued.join().expect("the queued request"), 200);
+    let after = scrape();
+    assert_eq!(
+        sample(&after, "sauna_http_rejected_total{reason=\"queue_full\"}"),
+        Some(1.0),
+        "{after}"
+    );
+    assert!(sample(&after, "sauna_http_requests_total{status=\"5xx\"}") >= Some(1.0));
+
+    // A reload counts, whatever its outcome.
+    let before = family_sum(&after, "sauna_reloads_total");
+    let reload = sandbox.run(&["reload"]);
+    wait_until(TIMEOUT, "the reload to be counted", || {
+        (family_sum(&scrape(), "sauna_reloads_total") == before + 1.0).then_some(())
+    });
+    let final_scrape = scrape();
+    promtool_check(&final_scrape);
+    assert!(
+        running.stop().success(),
+        "reload said: {}",
+        String::from_utf8_lossy(&reload.stderr)
+    );
 }
