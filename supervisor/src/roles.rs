@@ -29,7 +29,7 @@ impl Roles {
         // The pool first: it binds the listening sockets, and a bind error stops the start.
         let pool = match &loaded.config.web {
             Some(web) => {
-                let pool_dir = crate::config::base_dir(loaded);
+                let pool_dir = loaded.config_dir();
                 let pool = crate::pool::Pool::start(
                     &loaded.config.app,
                     web,
@@ -42,7 +42,7 @@ impl Roles {
             }
             None => None,
         };
-        let base_dir = &crate::config::base_dir(loaded);
+        let base_dir = &loaded.config_dir();
         let programs = Programs::start(&loaded.config, base_dir, Arc::clone(metrics));
         let beat = match &loaded.config.beat {
             Some(config) => {
@@ -182,7 +182,7 @@ impl Roles {
         metrics: &Arc<Metrics>,
         progress: &Progress,
     ) -> Result<Vec<String>, RoleReloadError> {
-        let base_dir = crate::config::base_dir(new);
+        let base_dir = new.config_dir();
         let mut summary = Vec::new();
         match (self.pool.as_mut(), &new.config.web) {
             (Some(_pool), Some(_web)) => {

@@ -122,7 +122,7 @@ impl Supervisor {
         // The endpoint comes up before the roles so that probes see "starting", not a refusal.
         let metrics_server = match crate::metrics_server::start(
             &loaded.config.metrics,
-            &crate::config::base_dir(&loaded),
+            &loaded.config_dir(),
             Arc::clone(&metrics),
             health_receiver,
         )
