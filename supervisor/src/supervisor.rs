@@ -452,6 +452,7 @@ impl Supervisor {
             pool: None,
             programs: serde_json::Value::Array(Vec::new()),
             beat: None,
+            figures: self.metrics.figures(),
         }
     }
 
@@ -466,6 +467,7 @@ impl Supervisor {
             pool: None,
             programs: serde_json::Value::Array(Vec::new()),
             beat: None,
+            figures: self.metrics.figures(),
         };
         roles.fill_status(&mut report).await;
         report
