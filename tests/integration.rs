@@ -15,3 +15,5 @@ mod beat;
 mod check;
 // pool: the WSGI pool through real CPython workers (front, dispatch, lifecycle, frameworks).
 mod pool;
+// metrics: the /metrics, /healthz and /readyz endpoint, promtool, Celery queue lengths, emit grafana.
+mod metrics;

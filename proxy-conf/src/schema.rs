@@ -348,6 +348,9 @@ pub struct MetricsConfig {
     pub queues: Vec<String>,
     /// How often queue lengths and RSS are sampled.
     pub sample_interval: Duration,
+    /// Redis URL whose Celery queue lengths are sampled; defaults to `[beat].broker`, then
+    /// `[redis].broker`.
+    pub broker: Option<String>,
 }
 
 impl Default for MetricsConfig {
@@ -358,6 +361,7 @@ impl Default for MetricsConfig {
             token_env: None,
             queues: Vec::new(),
             sample_interval: Duration::from_secs(5),
+            broker: None,
         }
     }
 }

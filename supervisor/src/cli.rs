@@ -224,6 +224,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(Command::Stop { config }) => crate::remote::stop_command(&config),
         Some(Command::Check { config, live }) => crate::config::check_command(&config, live),
         Some(Command::Emit {
+            target: EmitTarget::Grafana,
+            output,
+            ..
+        }) => crate::grafana::emit_command(output.as_deref()),
+        Some(Command::Emit {
             target,
             config,
             output,

@@ -26,3 +26,7 @@ pub enum StopMode {
     /// Kill at once (SIGQUIT to the supervisor).
     Fast,
 }
+
+/// Where a role reports the steps of a reload ("canary ready", "celery: new instance up"), for
+/// the `reload` client and the log. Sending never blocks; a reload nobody watches drops them.
+pub type Progress = tokio::sync::mpsc::UnboundedSender<String>;

@@ -10,10 +10,31 @@ use prometheus::{
     TextEncoder,
 };
 
-/// Buckets for web latencies, from 5 ms to 30 s.
+/// Buckets for web latencies and queue waits, from 5 ms to 30 s: fine steps where typical
+/// requests fall (so p50/p95 interpolate well) and enough above 1 s to see requests approach the
+/// default 10 s queue timeout and 30 s request timeout.
 const WEB_BUCKETS: &[f64] = &[
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0,
 ];
+
+/// The `status` label values of `sauna_http_requests_total`: status classes, never codes.
+pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// The `reason` label values of `sauna_worker_restarts_total` (interface.md).
+pub const WORKER_RESTART_REASONS: [&str; 6] = [
+    "crash",
+    "timeout",
+    "max_requests",
+    "max_rss",
+    "reload",
+    "scale",
+];
+
+/// The `reason` label values of `sauna_http_rejected_total` (the pool's `Rejected::label`).
+pub const REJECT_REASONS: [&str; 3] = ["queue_full", "queue_timeout", "shutting_down"];
+
+/// The `outcome` label values of `sauna_reloads_total`.
+pub const RELOAD_OUTCOMES: [&str; 2] = ["success", "failure"];
 
 /// Buckets for beat publish lag, from 1 ms to 60 s.
 const LAG_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0, 60.0];
@@ -35,7 +56,7 @@ pub struct Metrics {
     pub http_rejected_total: IntCounterVec,
     /// Workers by state.
     pub workers: IntGaugeVec,
-    /// RSS of each worker slot.
+    /// RSS of each worker, labelled by slot number (never by pid, which changes on recycle).
     pub worker_rss_bytes: IntGaugeVec,
     /// Worker replacements by reason.
     pub worker_restarts_total: IntCounterVec,
@@ -99,7 +120,7 @@ impl Metrics {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
 
-        Ok(Metrics {
+        let metrics = Metrics {
             http_requests_total: counter(
                 "sauna_http_requests_total",
                 "HTTP responses sent, by status class.",
@@ -131,7 +152,7 @@ impl Metrics {
             workers: gauge_vec("sauna_workers", "Web workers by state.", &["state"])?,
             worker_rss_bytes: gauge_vec(
                 "sauna_worker_rss_bytes",
-                "Resident memory of each web worker slot.",
+                "Resident memory of the web worker in each slot.",
                 &["worker"],
             )?,
             worker_restarts_total: counter(
@@ -184,7 +205,22 @@ impl Metrics {
                 "The generation now serving; 1 at start, one more per successful reload.",
             )?,
             registry,
-        })
+        };
+        // Label sets known in advance start at 0, so every family shows from the first scrape
+        // and `rate()` sees the first increment instead of a series appearing at 1.
+        for class in STATUS_CLASSES {
+            metrics.http_requests_total.with_label_values(&[class]);
+        }
+        for reason in WORKER_RESTART_REASONS {
+            metrics.worker_restarts_total.with_label_values(&[reason]);
+        }
+        for reason in REJECT_REASONS {
+            metrics.http_rejected_total.with_label_values(&[reason]);
+        }
+        for outcome in RELOAD_OUTCOMES {
+            metrics.reloads_total.with_label_values(&[outcome]);
+        }
+        Ok(metrics)
     }
 
     /// The text exposition (format 0.0.4) of every family.
@@ -200,29 +236,51 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_contract_family_is_rendered() {
-        let metrics = Metrics::new().unwrap();
-        metrics
-            .http_requests_total
-            .with_label_values(&["2xx"])
-            .inc();
-        metrics.workers.with_label_values(&["idle"]).set(2);
-        let text = metrics.render().unwrap();
+    fn families_with_known_labels_show_from_the_start() {
+        let text = Metrics::new().unwrap().render().unwrap();
         for family in [
             "sauna_http_requests_total",
             "sauna_http_request_duration_seconds",
             "sauna_http_queue_wait_seconds",
             "sauna_http_queue_depth",
-            "sauna_workers",
+            "sauna_http_in_flight_requests",
+            "sauna_http_rejected_total",
+            "sauna_worker_restarts_total",
             "sauna_beat_lag_seconds",
             "sauna_beat_leader",
+            "sauna_reloads_total",
             "sauna_generation",
             "sauna_build_info",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_cpu_seconds_total",
+            "process_start_time_seconds",
         ] {
             assert!(
                 text.contains(&format!("# TYPE {family} ")),
                 "{family} missing"
             );
         }
+        assert!(text.contains("sauna_http_requests_total{status=\"5xx\"} 0"));
+        assert!(text.contains("sauna_worker_restarts_total{reason=\"max_rss\"} 0"));
+        assert!(text.contains("sauna_http_request_duration_seconds_bucket{le=\"30\"} 0"));
+    }
+
+    #[test]
+    fn families_with_open_labels_show_once_recorded() {
+        let metrics = Metrics::new().unwrap();
+        metrics.workers.with_label_values(&["idle"]).set(2);
+        metrics
+            .worker_rss_bytes
+            .with_label_values(&["0"])
+            .set(1 << 20);
+        metrics
+            .celery_queue_length
+            .with_label_values(&["celery"])
+            .set(3);
+        let text = metrics.render().unwrap();
+        assert!(text.contains("sauna_workers{state=\"idle\"} 2"));
+        assert!(text.contains("sauna_worker_rss_bytes{worker=\"0\"} 1048576"));
+        assert!(text.contains("sauna_celery_queue_length{queue=\"celery\"} 3"));
     }
 }

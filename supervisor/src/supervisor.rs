@@ -4,27 +4,35 @@
 //!
 //! It starts the roles in order (web pool — which binds the listening sockets first — then
 //! programs in name order, then beat), tells systemd `READY=1` once all of them have started, and
-//! stops them in the opposite order: the pool stops accepting and drains, then programs stop in
-//! reverse start order, then beat releases its lock. It never sits on the request hot path: the
+//! stops them: the pool stops accepting and drains, beat releases its lock, then programs stop in
+//! reverse start order. It never sits on the request hot path: the
 //! HTTP front talks to the workers without passing through here.
 
-use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use proxy_conf::Loaded;
+use tokio::sync::watch;
 
+use crate::celery_queues::QueueSampler;
 use crate::cli::RunArgs;
 use crate::control::{ControlRequest, ControlServer, ErrorKind, Request, Responder};
 use crate::lifecycle::{Phase, StopMode};
 use crate::logging::LogHandle;
 use crate::metrics::Metrics;
+use crate::metrics_server::{Health, MetricsServer};
 use crate::notify::Notifier;
-use crate::programs::Programs;
+
+use crate::reload::{self, ReloadEvent, ReloadRun};
+use crate::roles::Roles;
 use crate::signals::{SignalEvent, Signals};
 use crate::status::StatusReport;
+
+/// How often the loop refreshes the health verdict; `/healthz` calls the loop hung after a few
+/// missed beats.
+const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// How long the last answers on the control socket get to reach their clients at exit.
 const CONTROL_FLUSH: Duration = Duration::from_secs(2);
@@ -56,94 +64,6 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// The roles the config asked for, each behind its actor handle.
-struct Roles {
-    /// The web pool, when `[web]` is configured.
-    pool: Option<crate::pool::PoolHandle>,
-    /// Every `[programs.NAME]`.
-    programs: Programs,
-    /// The scheduler, when `[beat]` is configured.
-    beat: Option<crate::beat::BeatHandle>,
-}
-
-impl Roles {
-    /// Starts every configured role, in start order.
-    async fn start(loaded: &Loaded, metrics: &Arc<Metrics>) -> anyhow::Result<Roles> {
-        // The pool first: it binds the listening sockets, and a bind error stops the start.
-        let pool = match &loaded.config.web {
-            Some(web) => {
-                let pool_dir = crate::config::base_dir(loaded);
-                let pool = crate::pool::Pool::start(
-                    &loaded.config.app,
-                    web,
-                    &pool_dir,
-                    Arc::clone(metrics),
-                )
-                .await
-                .context("the web pool did not start")?;
-                Some(pool)
-            }
-            None => None,
-        };
-        let base_dir = loaded.path.parent().unwrap_or(Path::new("."));
-        let programs = Programs::start(&loaded.config, base_dir, Arc::clone(metrics));
-        let beat = match &loaded.config.beat {
-            Some(config) => {
-                match crate::beat::start(config, &loaded.config.app, base_dir, Arc::clone(metrics))
-                    .await
-                {
-                    Ok(beat) => Some(beat),
-                    Err(error) => {
-                        programs.shutdown(StopMode::Graceful).await;
-                        if let Some(pool) = pool {
-                            pool.shutdown(StopMode::Graceful).await;
-                        }
-                        return Err(anyhow::Error::new(error).context("cannot start beat"));
-                    }
-                }
-            }
-            None => None,
-        };
-        Ok(Roles {
-            pool,
-            programs,
-            beat,
-        })
-    }
-
-    /// Stops every role, in reverse start order.
-    async fn shutdown(self, mode: StopMode) {
-        if let Some(pool) = self.pool {
-            pool.shutdown(mode).await;
-        }
-        self.programs.shutdown(mode).await;
-        // Even a fast stop releases the beat lock: one Redis round trip lets a standby take
-        // over at once instead of after the lock's TTL.
-        if let Some(beat) = self.beat {
-            beat.shutdown().await;
-        }
-    }
-
-    /// The roles' part of the status report.
-    async fn fill_status(&self, report: &mut StatusReport) {
-        if let Some(pool) = &self.pool {
-            report.pool = serde_json::to_value(pool.status().await).ok();
-        }
-        report.programs = serde_json::to_value(self.programs.status().await).unwrap_or_default();
-        if let Some(beat) = &self.beat {
-            report.beat = match beat.status().await {
-                Ok(status) => serde_json::to_value(status).ok(),
-                Err(error) => Some(serde_json::json!({ "error": error.to_string() })),
-            };
-        }
-    }
-
-    /// A one-line summary for systemd's `STATUS=`.
-    fn summary(&self) -> String {
-        "running".to_owned()
-    }
-}
-
 /// The state the main loop owns.
 struct Supervisor {
     loaded: Loaded,
@@ -155,7 +75,23 @@ struct Supervisor {
     metrics: Arc<Metrics>,
     signals: Signals,
     control: ControlServer,
-    roles: Roles,
+    /// The running roles; `None` while a reload run owns them.
+    roles: Option<Roles>,
+    /// The reload in progress, if any.
+    reload: Option<ReloadRun>,
+    /// Reload requests that arrived during the run in progress; they share the next run.
+    /// `Some(empty)` is a reload asked for by a signal, with nobody waiting.
+    queued_reloads: Option<Vec<Responder>>,
+    /// The last full status, served while a reload run owns the roles.
+    status_snapshot: Option<serde_json::Value>,
+    /// The verdict `/healthz` and `/readyz` serve, refreshed by the loop every second.
+    health: watch::Sender<Health>,
+    /// The `/metrics` endpoint, unless `[metrics].listen` is empty.
+    metrics_server: Option<MetricsServer>,
+    /// Samples Celery queue lengths, when there are queues and a broker.
+    queue_sampler: Option<QueueSampler>,
+    /// The last `STATUS=` line sent, so that systemd hears only changes.
+    status_line: String,
 }
 
 /// Why the main loop ended.
@@ -163,6 +99,8 @@ struct StopRequest {
     mode: StopMode,
     /// The `stop` client waiting for the end, if the request came over the control socket.
     waiter: Option<Responder>,
+    /// The supervisor stops because it can no longer serve; it exits with status 1.
+    failed: bool,
 }
 
 impl Supervisor {
@@ -180,16 +118,38 @@ impl Supervisor {
         );
         notify_or_log(notifier.status("starting"), "STATUS");
         let metrics = Arc::new(Metrics::new().context("cannot register metrics")?);
+        let (health, health_receiver) = watch::channel(Health::starting());
+        // The endpoint comes up before the roles so that probes see "starting", not a refusal.
+        let metrics_server = match crate::metrics_server::start(
+            &loaded.config.metrics,
+            &loaded.config_dir(),
+            Arc::clone(&metrics),
+            health_receiver,
+        )
+        .await
+        {
+            Ok(server) => server,
+            Err(error) => {
+                control.shutdown(Duration::ZERO).await;
+                return Err(error.into());
+            }
+        };
         let roles = match Roles::start(&loaded, &metrics).await {
             Ok(roles) => roles,
             Err(error) => {
+                if let Some(server) = metrics_server {
+                    server.shutdown().await;
+                }
                 control.shutdown(Duration::ZERO).await;
                 return Err(error);
             }
         };
+        let queue_sampler = crate::celery_queues::spawn_for(&loaded.config, Arc::clone(&metrics));
         metrics.generation.set(1);
+        let (problems, status_line) = roles.health().await;
+        health.send_replace(Health::now(true, problems));
         notify_or_log(notifier.ready(), "READY");
-        notify_or_log(notifier.status(&roles.summary()), "STATUS");
+        notify_or_log(notifier.status(&status_line), "STATUS");
         tracing::info!(
             startup_ms = started.elapsed().as_millis() as u64,
             "every role has started"
@@ -204,13 +164,22 @@ impl Supervisor {
             metrics,
             signals,
             control,
-            roles,
+            roles: Some(roles),
+            reload: None,
+            queued_reloads: None,
+            status_snapshot: None,
+            health,
+            metrics_server,
+            queue_sampler,
+            status_line,
         })
     }
 
     /// The loop itself; returns when a stop was requested and every role has stopped.
     async fn run(mut self) -> anyhow::Result<ExitCode> {
         let mut watchdog = self.notifier.watchdog_interval().map(tokio::time::interval);
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let stop = loop {
             tokio::select! {
                 event = self.signals.recv() => {
@@ -227,22 +196,44 @@ impl Supervisor {
                     // Pinged from the loop itself: a hung loop stops pinging and systemd acts.
                     notify_or_log(self.notifier.watchdog(), "WATCHDOG");
                 }
+                _ = heartbeat.tick() => self.publish_health().await,
+                event = next_reload_event(&mut self.reload) => match event {
+                    ReloadEvent::Progress(line) => {
+                        tracing::info!("reload: {line}");
+                        for waiter in self.reload.iter().flat_map(|run| &run.waiters) {
+                            waiter.progress(line.clone());
+                        }
+                    }
+                    ReloadEvent::Finished(finished) => {
+                        if let Some(stop) = self.on_reload_finished(*finished).await {
+                            break stop;
+                        }
+                    }
+                },
             }
         };
+        let failed = stop.failed;
         self.shutdown(stop).await;
-        Ok(ExitCode::SUCCESS)
+        Ok(if failed {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        })
     }
 
     async fn on_signal(&mut self, event: SignalEvent) -> Option<StopRequest> {
         match event {
             SignalEvent::Shutdown(mode) => {
                 tracing::info!(?mode, "stop requested by signal");
-                return Some(StopRequest { mode, waiter: None });
+                return Some(StopRequest {
+                    mode,
+                    waiter: None,
+                    failed: false,
+                });
             }
             SignalEvent::Reload => {
-                if let Err(message) = self.reload(None).await {
-                    tracing::error!("reload failed: {message}");
-                }
+                tracing::info!("reload requested by SIGHUP");
+                self.request_reload(None).await;
             }
             SignalEvent::ReopenLogs => match self.log.reopen() {
                 Ok(()) => tracing::info!("log file reopened"),
@@ -256,73 +247,215 @@ impl Supervisor {
     async fn on_request(&mut self, request: ControlRequest) -> Option<StopRequest> {
         let ControlRequest { request, reply } = request;
         match request {
-            Request::Status => {
-                let report = self.status_report().await;
-                match serde_json::to_value(&report) {
-                    Ok(data) => reply.ok(data),
-                    Err(error) => reply.error(ErrorKind::Failed, error.to_string(), None),
-                }
-            }
+            Request::Status => match self.status_value().await {
+                Ok(data) => reply.ok(data),
+                Err(error) => reply.error(ErrorKind::Failed, error.to_string(), None),
+            },
             Request::Stop { mode } => {
                 tracing::info!(?mode, "stop requested over the control socket");
                 reply.progress("stopping");
                 return Some(StopRequest {
                     mode,
                     waiter: Some(reply),
+                    failed: false,
                 });
             }
-            Request::Reload { .. } => match self.reload(Some(&reply)).await {
-                Ok(summary) => reply.ok(serde_json::json!({ "summary": summary })),
-                Err(ReloadError::Config(diagnostics)) => reply.error(
-                    ErrorKind::Config,
-                    "the new config has problems; nothing changed",
-                    Some(diagnostics),
-                ),
-                Err(ReloadError::Failed(message)) => reply.error(ErrorKind::Failed, message, None),
-            },
+            Request::Reload { .. } => {
+                tracing::info!("reload requested over the control socket");
+                self.request_reload(Some(reply)).await;
+            }
         }
         None
     }
 
-    /// Re-reads the config. Rolling the roles to a new generation is issue #4's work; until it
-    /// lands, a reload validates the new file and says plainly that nothing was rolled.
-    async fn reload(&mut self, progress: Option<&Responder>) -> Result<String, ReloadError> {
-        self.phase = Phase::Reloading;
-        notify_or_log(self.notifier.reloading(), "RELOADING");
-        let outcome = match crate::config::load_path(&self.loaded.path) {
-            Ok(_) => {
-                if let Some(progress) = progress {
-                    progress.progress("config re-read: valid");
-                }
-                Err(ReloadError::Failed(
-                    "the config is valid, but rolling the roles to a new generation is not \
-                     available in this build yet (issue #4); restart the service to apply it"
-                        .to_owned(),
-                ))
+    /// Starts a reload now, or queues it behind the one in progress (the client is told).
+    async fn request_reload(&mut self, waiter: Option<Responder>) {
+        if self.reload.is_some() || self.roles.is_none() {
+            if let Some(waiter) = &waiter {
+                waiter.progress("another reload is in progress; this one starts when it ends");
             }
-            Err(error) => Err(ReloadError::Config(error.to_string())),
-        };
-        self.metrics
-            .reloads_total
-            .with_label_values(&[if outcome.is_ok() {
-                "success"
-            } else {
-                "failure"
-            }])
-            .inc();
-        self.phase = Phase::Running;
-        notify_or_log(self.notifier.ready(), "READY");
-        outcome
+            self.queued_reloads
+                .get_or_insert_with(Vec::new)
+                .extend(waiter);
+            return;
+        }
+        self.start_reload(waiter.into_iter().collect()).await;
     }
 
-    async fn scale_workers(&mut self, delta: i32) {
-        match &self.roles.pool {
-            Some(pool) => pool.scale(delta),
-            None => tracing::warn!(delta, "no [web] pool configured to scale"),
+    /// Re-reads the config; if it loads, hands the roles to a new [`ReloadRun`].
+    async fn start_reload(&mut self, waiters: Vec<Responder>) {
+        notify_or_log(self.notifier.reloading(), "RELOADING");
+        let loaded = match crate::config::load_path(&self.loaded.path) {
+            Ok(loaded) => loaded,
+            Err(error) => {
+                let diagnostics = error.to_string();
+                tracing::error!("reload refused, nothing changed:\n{diagnostics}");
+                reload::refuse_config(waiters, &diagnostics);
+                self.metrics
+                    .reloads_total
+                    .with_label_values(&["config_error"])
+                    .inc();
+                notify_or_log(self.notifier.ready(), "READY");
+                return;
+            }
+        };
+        let Some(roles) = self.roles.take() else {
+            return;
+        };
+        self.status_snapshot = serde_json::to_value(self.status_report_of(&roles).await).ok();
+        let generation = self.generation + 1;
+        for waiter in &waiters {
+            waiter.progress(format!(
+                "generation {} → {generation}: config re-read, rolling",
+                self.generation
+            ));
+        }
+        tracing::info!(from = self.generation, to = generation, "reload: rolling");
+        self.phase = Phase::Reloading;
+        self.reload = Some(ReloadRun::start(
+            roles,
+            loaded,
+            generation,
+            Arc::clone(&self.metrics),
+            waiters,
+        ));
+    }
+
+    /// Takes the roles back from a finished run, answers its waiters and starts the queued one.
+    async fn on_reload_finished(
+        &mut self,
+        finished: Result<reload::Finished, tokio::task::JoinError>,
+    ) -> Option<StopRequest> {
+        let run = self.reload.take()?;
+        self.phase = Phase::Running;
+        self.status_snapshot = None;
+        match finished {
+            Ok(finished) => {
+                match &finished.outcome {
+                    Ok(lines) => {
+                        tracing::info!(
+                            generation = run.generation,
+                            "reload done: {}",
+                            lines.join("; ")
+                        );
+                        self.generation = run.generation;
+                        self.metrics.generation.set(run.generation as i64);
+                        self.metrics
+                            .reloads_total
+                            .with_label_values(&["success"])
+                            .inc();
+                        self.queue_sampler = None;
+                        self.queue_sampler = crate::celery_queues::spawn_for(
+                            &finished.loaded.config,
+                            Arc::clone(&self.metrics),
+                        );
+                        self.loaded = finished.loaded;
+                    }
+                    Err(error) => {
+                        tracing::error!(
+                            "reload rolled back, generation {} kept: {error}",
+                            self.generation
+                        );
+                        if let Some(detail) = &error.detail {
+                            tracing::error!("{detail}");
+                        }
+                        self.metrics
+                            .reloads_total
+                            .with_label_values(&["rolled_back"])
+                            .inc();
+                    }
+                }
+                reload::answer(run.waiters, run.generation, &finished.outcome);
+                self.roles = Some(finished.roles);
+            }
+            Err(error) => {
+                // The run panicked: its roles were dropped with it (their children killed on
+                // drop), so nothing is served any more. Stop, and let systemd's Restart= act.
+                tracing::error!("reload task failed: {error}; stopping");
+                for waiter in run.waiters {
+                    waiter.error(
+                        ErrorKind::Failed,
+                        format!("the reload task failed: {error}"),
+                        None,
+                    );
+                }
+                self.metrics
+                    .reloads_total
+                    .with_label_values(&["failed"])
+                    .inc();
+                return Some(StopRequest {
+                    mode: StopMode::Fast,
+                    waiter: None,
+                    failed: true,
+                });
+            }
+        }
+        notify_or_log(self.notifier.ready(), "READY");
+        if let Some(waiters) = self.queued_reloads.take() {
+            self.start_reload(waiters).await;
+        }
+        None
+    }
+
+    /// Refreshes `/healthz`'s verdict (which also proves this loop alive) and tells systemd
+    /// when the one-line status changed.
+    async fn publish_health(&mut self) {
+        let Some(roles) = &self.roles else {
+            // A reload run owns the roles: the loop is alive, the verdict stays as it was.
+            self.health
+                .send_modify(|health| health.heartbeat = Instant::now());
+            return;
+        };
+        let (problems, line) = roles.health().await;
+        self.health
+            .send_replace(Health::now(self.phase != Phase::Starting, problems));
+        if line != self.status_line {
+            notify_or_log(self.notifier.status(&line), "STATUS");
+            self.status_line = line;
         }
     }
 
-    async fn status_report(&self) -> StatusReport {
+    async fn scale_workers(&mut self, delta: i32) {
+        match &self.roles {
+            Some(roles) if roles.scale(delta) => tracing::info!(delta, "scaling the web pool"),
+            Some(_) => tracing::warn!(delta, "no [web] pool configured to scale"),
+            None => tracing::warn!(
+                delta,
+                "a reload is in progress; scale again when it is done"
+            ),
+        }
+    }
+
+    /// The status document: live from the roles, or while a reload run owns them, the snapshot
+    /// taken when it started, with the phase brought up to date.
+    async fn status_value(&self) -> Result<serde_json::Value, serde_json::Error> {
+        match (&self.roles, &self.status_snapshot) {
+            (Some(roles), _) => serde_json::to_value(self.status_report_of(roles).await),
+            (None, Some(snapshot)) => {
+                let mut snapshot = snapshot.clone();
+                snapshot["phase"] = serde_json::to_value(self.phase)?;
+                snapshot["uptime_seconds"] = self.started.elapsed().as_secs().into();
+                Ok(snapshot)
+            }
+            (None, None) => serde_json::to_value(self.status_report_of_nothing()),
+        }
+    }
+
+    fn status_report_of_nothing(&self) -> StatusReport {
+        StatusReport {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION"),
+            phase: self.phase,
+            generation: self.generation,
+            uptime_seconds: self.started.elapsed().as_secs(),
+            config: self.loaded.path.display().to_string(),
+            pool: None,
+            programs: serde_json::Value::Array(Vec::new()),
+            beat: None,
+        }
+    }
+
+    async fn status_report_of(&self, roles: &Roles) -> StatusReport {
         let mut report = StatusReport {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION"),
@@ -334,15 +467,35 @@ impl Supervisor {
             programs: serde_json::Value::Array(Vec::new()),
             beat: None,
         };
-        self.roles.fill_status(&mut report).await;
+        roles.fill_status(&mut report).await;
         report
     }
 
     async fn shutdown(mut self, stop: StopRequest) {
         self.phase = Phase::Stopping;
         notify_or_log(self.notifier.stopping(), "STOPPING");
+        self.health.send_replace(Health::now(
+            false,
+            vec!["sauna-supervisor is stopping".to_owned()],
+        ));
         let began = Instant::now();
-        self.roles.shutdown(stop.mode).await;
+        drop(self.queue_sampler.take());
+        if let Some(mut run) = self.reload.take() {
+            // A stop during a reload waits for the run: it is bounded by the roles' own
+            // timeouts, and stopping half-rolled roles would leave orphans of either generation.
+            tracing::info!("waiting for the reload in progress before stopping");
+            if let Ok(finished) = run.finished().await {
+                reload::answer(run.waiters, run.generation, &finished.outcome);
+                self.roles = Some(finished.roles);
+            }
+        }
+        if let Some(roles) = self.roles.take() {
+            roles.shutdown(stop.mode).await;
+        }
+        // Last, so that the final scrape can still see the roles stopping.
+        if let Some(server) = self.metrics_server.take() {
+            server.shutdown().await;
+        }
         tracing::info!(
             elapsed_ms = began.elapsed().as_millis() as u64,
             "every role has stopped"
@@ -354,15 +507,12 @@ impl Supervisor {
     }
 }
 
-/// Why a reload did not apply.
-#[derive(Debug, thiserror::Error)]
-enum ReloadError {
-    /// The new config is invalid: every diagnostic, one per line.
-    #[error("{0}")]
-    Config(String),
-    /// Something else failed; the message says what.
-    #[error("{0}")]
-    Failed(String),
+/// The run's next event; pending while there is no run.
+async fn next_reload_event(run: &mut Option<ReloadRun>) -> ReloadEvent {
+    match run {
+        Some(run) => run.next_event().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn tick(interval: &mut Option<tokio::time::Interval>) {

@@ -1,0 +1,466 @@
+//! The metrics endpoint on a real socket with a real `Metrics` (scrapes checked by `promtool`),
+//! its bearer token and health probes, Celery queue lengths read from a real `redis-server`, and
+//! `emit grafana` through the real binary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sauna_supervisor::celery_queues::{self, SamplerPlan};
+use sauna_supervisor::metrics::Metrics;
+use sauna_supervisor::metrics_server::{self, Health, MetricsServer};
+use std::io::{Read as _, Write as _};
+use tokio::sync::watch;
+
+use crate::util::{Sandbox, free_port, require_tool, wait_until};
+
+/// Longest wait for something observable.
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Every family of interface.md's "Metric names that must exist".
+const CONTRACT_FAMILIES: [&str; 19] = [
+    "sauna_http_requests_total",
+    "sauna_http_request_duration_seconds",
+    "sauna_http_queue_wait_seconds",
+    "sauna_http_queue_depth",
+    "sauna_http_rejected_total",
+    "sauna_workers",
+    "sauna_worker_rss_bytes",
+    "sauna_worker_restarts_total",
+    "sauna_program_up",
+    "sauna_program_restarts_total",
+    "sauna_beat_published_total",
+    "sauna_beat_errors_total",
+    "sauna_beat_lag_seconds",
+    "sauna_beat_leader",
+    "sauna_beat_next_run_timestamp_seconds",
+    "sauna_celery_queue_length",
+    "sauna_reloads_total",
+    "sauna_generation",
+    "sauna_build_info",
+];
+
+/// A response as the test sees it.
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection, read to the end. Blocking: the async tests run
+/// on a multi-threaded runtime, so the server keeps running on a worker thread meanwhile.
+fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> Reply {
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("set a read timeout");
+    let authorization = token
+        .map(|token| format!("Authorization: Bearer {token}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{authorization}\r\n"
+    );
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("read the reply");
+    let text = String::from_utf8(raw).expect("a UTF-8 reply");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a complete reply");
+    let mut lines = head.lines();
+    let status = lines.next().expect("a status line")[9..12]
+        .parse()
+        .expect("a status code");
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(key, value)| (key.trim().to_owned(), value.trim().to_owned()))
+        .collect();
+    Reply {
+        status,
+        headers,
+        body: body.to_owned(),
+    }
+}
+
+/// Runs `promtool check metrics` on a scrape; panics with its findings when it complains.
+fn promtool_check(scrape: &str) {
+    let promtool = require_tool("promtool", "apt-get install -y prometheus");
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    {
+        let mut stdin = child.stdin.take().expect("promtool stdin");
+        stdin.write_all(scrape.as_bytes()).expect("feed promtool");
+    }
+    let output = child.wait_with_output().expect("wait for promtool");
+    assert!(
+        output.status.success(),
+        "promtool check metrics failed ({}):\n{}{}\nscrape:\n{scrape}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A `Metrics` in which every role has recorded something.
+fn busy_metrics() -> Arc<Metrics> {
+    let metrics = Metrics::new().expect("register the families");
+    metrics
+        .http_requests_total
+        .with_label_values(&["2xx"])
+        .inc();
+    metrics.http_request_duration_seconds.observe(0.042);
+    metrics.http_queue_wait_seconds.observe(0.001);
+    metrics.http_queue_depth.set(0);
+    metrics
+        .http_rejected_total
+        .with_label_values(&["queue_full"])
+        .inc();
+    metrics.workers.with_label_values(&["idle"]).set(2);
+    metrics
+        .worker_rss_bytes
+        .with_label_values(&["0"])
+        .set(50 << 20);
+    metrics
+        .worker_restarts_total
+        .with_label_values(&["max_rss"])
+        .inc();
+    metrics.program_up.with_label_values(&["celery"]).set(1);
+    metrics
+        .program_restarts_total
+        .with_label_values(&["celery"])
+        .inc();
+    metrics
+        .beat_published_total
+        .with_label_values(&["cleanup"])
+        .inc();
+    metrics.beat_errors_total.with_label_values(&["cleanup"]);
+    metrics.beat_lag_seconds.observe(0.003);
+    metrics.beat_leader.set(1);
+    metrics
+        .beat_next_run_timestamp_seconds
+        .with_label_values(&["cleanup"])
+        .set(1_800_000_000);
+    metrics
+        .celery_queue_length
+        .with_label_values(&["celery"])
+        .set(4);
+    metrics.reloads_total.with_label_values(&["success"]).inc();
+    metrics.generation.set(2);
+    Arc::new(metrics)
+}
+
+async fn serve(
+    token: Option<&str>,
+    metrics: Arc<Metrics>,
+) -> (MetricsServer, watch::Sender<Health>) {
+    let (health, receiver) = watch::channel(Health::starting());
+    let server = metrics_server::serve("127.0.0.1:0", token.map(str::to_owned), metrics, receiver)
+        .await
+        .expect("bind the metrics endpoint");
+    (server, health)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_real_scrape_passes_promtool_and_has_every_family() {
+    let (server, _health) = serve(None, busy_metrics()).await;
+    let addr = server.local_addr();
+    let reply = http(addr, "GET", "/metrics", None);
+    assert_eq!(reply.status, 200);
+    assert!(
+        reply
+            .header("content-type")
+            .is_some_and(|value| value.starts_with("text/plain; version=0.0.4")),
+        "{:?}",
+        reply.headers
+    );
+    for family in CONTRACT_FAMILIES {
+        assert!(
+            reply.body.contains(&format!("# TYPE {family} ")),
+            "{family} missing from the scrape"
+        );
+    }
+    for process in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_start_time_seconds",
+    ] {
+        assert!(reply.body.contains(process), "{process} missing");
+    }
+    promtool_check(&reply.body);
+
+    // A fresh registry (before any role recorded anything) is just as clean.
+    let (fresh, _health) = serve(None, Arc::new(Metrics::new().expect("families"))).await;
+    promtool_check(&http(fresh.local_addr(), "GET", "/metrics", None).body);
+
+    let head = http(addr, "HEAD", "/metrics", None);
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+    assert_eq!(http(addr, "GET", "/nope", None).status, 404);
+    let post = http(addr, "POST", "/metrics", None);
+    assert_eq!(post.status, 405);
+    assert_eq!(post.header("allow"), Some("GET, HEAD"));
+    server.shutdown().await;
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "the port is closed after shutdown"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn with_a_token_a_scrape_without_it_gets_401() {
+    let sandbox = Sandbox::new();
+    sandbox.write("secrets/metrics-token", "t0ken-from-file\n");
+    let config = proxy_conf::MetricsConfig {
+        listen: "127.0.0.1:0".to_owned(),
+        token_file: Some(PathBuf::from("secrets/metrics-token")),
+        ..proxy_conf::MetricsConfig::default()
+    };
+    let (_health, receiver) = watch::channel(Health::now(true, Vec::new()));
+    let server = metrics_server::start(&config, sandbox.root(), busy_metrics(), receiver)
+        .await
+        .expect("start the endpoint")
+        .expect("listen is set");
+    let addr = server.local_addr();
+    let refused = http(addr, "GET", "/metrics", None);
+    assert_eq!(refused.status, 401);
+    assert!(
+        refused
+            .header("www-authenticate")
+            .is_some_and(|value| value.starts_with("Bearer")),
+        "{:?}",
+        refused.headers
+    );
+    assert!(!refused.body.contains("sauna_"));
+    assert_eq!(http(addr, "GET", "/metrics", Some("wrong")).status, 401);
+    assert_eq!(http(addr, "GET", "/healthz", None).status, 401);
+    let allowed = http(addr, "GET", "/metrics", Some("t0ken-from-file"));
+    assert_eq!(allowed.status, 200);
+    assert!(allowed.body.contains("sauna_generation 2"));
+
+    let disabled = proxy_conf::MetricsConfig {
+        listen: String::new(),
+        ..proxy_conf::MetricsConfig::default()
+    };
+    let (_health, receiver) = watch::channel(Health::starting());
+    assert!(
+        metrics_server::start(&disabled, sandbox.root(), busy_metrics(), receiver)
+            .await
+            .expect("an empty listen is not an error")
+            .is_none()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_taken_port_is_reported_with_its_address() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let listen = taken.local_addr().expect("address").to_string();
+    let (_health, receiver) = watch::channel(Health::starting());
+    let error = metrics_server::serve(&listen, None, busy_metrics(), receiver)
+        .await
+        .expect_err("the port is taken");
+    assert!(error.to_string().contains(&listen), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn healthz_and_readyz_follow_the_main_loop() {
+    let (server, health) = serve(None, busy_metrics()).await;
+    let addr = server.local_addr();
+    assert_eq!(http(addr, "GET", "/healthz", None).status, 200);
+    let readyz = http(addr, "GET", "/readyz", None);
+    assert_eq!(readyz.status, 503, "not ready before the first generation");
+    assert!(readyz.body.contains("not serving yet"), "{}", readyz.body);
+
+    health.send_replace(Health::now(true, Vec::new()));
+    assert_eq!(http(addr, "GET", "/readyz", None).status, 200);
+    let healthz = http(addr, "GET", "/healthz", None);
+    assert_eq!(healthz.status, 200);
+    assert_eq!(healthz.header("content-type"), Some("application/json"));
+
+    let fatal = "program \"celery\" is fatal: exited 5 times within 60s";
+    health.send_replace(Health::now(true, vec![fatal.to_owned()]));
+    let healthz = http(addr, "GET", "/healthz", None);
+    assert_eq!(healthz.status, 503);
+    let verdict: serde_json::Value = serde_json::from_str(&healthz.body).expect("JSON body");
+    assert_eq!(verdict["status"], "unhealthy");
+    assert_eq!(verdict["problems"][0], fatal);
+
+    // The main loop stops publishing: its last heartbeat ages past the limit.
+    let stale = Instant::now()
+        .checked_sub(metrics_server::HEARTBEAT_TIMEOUT + Duration::from_secs(1))
+        .expect("the monotonic clock is older than a few seconds");
+    health.send_replace(Health {
+        ready: true,
+        problems: Vec::new(),
+        heartbeat: stale,
+    });
+    let healthz = http(addr, "GET", "/healthz", None);
+    assert_eq!(healthz.status, 503);
+    assert!(
+        healthz.body.contains("has not reported"),
+        "{}",
+        healthz.body
+    );
+
+    // The main loop has ended: both probes fail.
+    health.send_replace(Health::now(true, Vec::new()));
+    assert_eq!(http(addr, "GET", "/healthz", None).status, 200);
+    drop(health);
+    assert_eq!(http(addr, "GET", "/healthz", None).status, 503);
+    assert_eq!(http(addr, "GET", "/readyz", None).status, 503);
+}
+
+/// A `redis-server` on a free loopback port in a temp dir, killed when dropped.
+struct RedisServer {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    fn start() -> RedisServer {
+        let binary = require_tool("redis-server", "apt-get install -y redis-server");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let child = Command::new(binary)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        let server = RedisServer {
+            child,
+            port,
+            _dir: dir,
+        };
+        wait_until(TIMEOUT, "redis-server to answer", || {
+            let client = redis::Client::open(server.url(0)).ok()?;
+            let mut connection = client.get_connection().ok()?;
+            redis::cmd("PING").query::<String>(&mut connection).ok()
+        });
+        server
+    }
+
+    fn url(&self, db: u8) -> String {
+        format!("redis://127.0.0.1:{}/{db}", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn queue_length(scrape: &str, queue: &str) -> Option<i64> {
+    let prefix = format!("sauna_celery_queue_length{{queue=\"{queue}\"}} ");
+    scrape
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|value| value.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn queue_lengths_follow_the_broker() {
+    let mut redis_server = RedisServer::start();
+    let metrics = Arc::new(Metrics::new().expect("families"));
+    let (server, _health) = serve(None, Arc::clone(&metrics)).await;
+    let addr = server.local_addr();
+    let sampler = celery_queues::spawn(
+        SamplerPlan {
+            broker: redis_server.url(3),
+            queues: vec!["celery".to_owned(), "hi".to_owned()],
+            interval: Duration::from_millis(100),
+        },
+        Arc::clone(&metrics),
+    );
+    let scrape = || http(addr, "GET", "/metrics", None).body;
+    wait_until(TIMEOUT, "empty queues to be sampled", || {
+        let body = scrape();
+        (queue_length(&body, "celery") == Some(0) && queue_length(&body, "hi") == Some(0))
+            .then_some(())
+    });
+
+    // Messages at priority 0 and 7 (key `hi\x06\x166`) both count; another DB does not.
+    let client = redis::Client::open(redis_server.url(3)).expect("client");
+    let mut connection = client.get_connection().expect("connect");
+    for (key, count) in [("hi", 2), ("hi\x06\x166", 1), ("celery", 1)] {
+        for _ in 0..count {
+            let _: i64 = redis::cmd("LPUSH")
+                .arg(key)
+                .arg("{}")
+                .query(&mut connection)
+                .expect("LPUSH");
+        }
+    }
+    let other = redis::Client::open(redis_server.url(0)).expect("client");
+    let _: i64 = redis::cmd("LPUSH")
+        .arg("celery")
+        .arg("{}")
+        .query(&mut other.get_connection().expect("connect"))
+        .expect("LPUSH");
+    wait_until(TIMEOUT, "the pushed messages to be counted", || {
+        let body = scrape();
+        (queue_length(&body, "hi") == Some(3) && queue_length(&body, "celery") == Some(1))
+            .then_some(())
+    });
+
+    // The broker goes away: the stale lengths disappear instead of lying.
+    let _ = redis_server.child.kill();
+    let _ = redis_server.child.wait();
+    wait_until(TIMEOUT, "the queue series to disappear", || {
+        queue_length(&scrape(), "hi").is_none().then_some(())
+    });
+
+    // Dropping the sampler (reload, stop) removes its series too.
+    drop(sampler);
+    assert!(queue_length(&scrape(), "celery").is_none());
+}
+
+#[test]
+fn emit_grafana_prints_or_writes_an_importable_dashboard() {
+    let sandbox = Sandbox::new();
+    let printed = sandbox.run(&["emit", "grafana"]);
+    assert!(
+        printed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&printed.stderr)
+    );
+    let dashboard: serde_json::Value =
+        serde_json::from_slice(&printed.stdout).expect("the dashboard is JSON");
+    assert_eq!(dashboard["__inputs"][0]["name"], "DS_PROMETHEUS");
+
+    let written = sandbox.run(&["emit", "grafana", "-o", "out"]);
+    assert!(
+        written.status.success(),
+        "{}",
+        String::from_utf8_lossy(&written.stderr)
+    );
+    let file = std::fs::read(sandbox.path("out/grafana-dashboard.json")).expect("the file");
+    assert_eq!(file, printed.stdout);
+}
