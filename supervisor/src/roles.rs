@@ -185,13 +185,16 @@ impl Roles {
         let base_dir = new.config_dir();
         let mut summary = Vec::new();
         match (self.pool.as_mut(), &new.config.web) {
-            (Some(_pool), Some(_web)) => {
-                // Interim until the pool's rolling reload lands (issue #4).
-                return Err(RoleReloadError {
-                    role: "web pool".to_owned(),
-                    message: "rolling the web pool is not available in this build yet; restart the service to apply a new release".to_owned(),
-                    detail: None,
-                });
+            (Some(pool), Some(web)) => {
+                let rolled = pool
+                    .reload(&new.config.app, web, &base_dir, generation, progress)
+                    .await
+                    .map_err(|error| RoleReloadError {
+                        role: "web pool".to_owned(),
+                        message: error.to_string(),
+                        detail: error.detail(),
+                    })?;
+                summary.push(rolled);
             }
             (None, Some(web)) => {
                 let pool =
