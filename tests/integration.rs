@@ -17,3 +17,5 @@ mod check;
 mod pool;
 // metrics: the /metrics, /healthz and /readyz endpoint, promtool, Celery queue lengths, emit grafana.
 mod metrics;
+// reload: rolling web-pool reloads under load — release switches, broken releases rolled back.
+mod reload;
