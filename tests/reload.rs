@@ -42,6 +42,8 @@ const BODY: &[u8] = &[b'x'; 3000];
 struct Stack {
     sandbox: Sandbox,
     port: u16,
+    /// `[metrics]` keeps its address across rewrites of the config.
+    metrics_port: u16,
     running: Option<Running>,
 }
 
@@ -53,6 +55,7 @@ impl Stack {
         let stack = Stack {
             sandbox,
             port,
+            metrics_port: util::free_port(),
             running: None,
         };
         stack.release("v1", "");
@@ -80,8 +83,10 @@ impl Stack {
         }
         self.sandbox.write_config(&format!(
             "[app]\npython = \"{}\"\ndirectory = \"current\"\nwsgi = \"app:application\"\n\n\
-             [web]\nthreads = 2\ngraceful_timeout = \"10s\"\n{web}\n",
-            util::python().display()
+             [web]\nthreads = 2\ngraceful_timeout = \"10s\"\n{web}\n\n\
+             [metrics]\nlisten = \"127.0.0.1:{}\"\n",
+            util::python().display(),
+            self.metrics_port
         ));
     }
 
@@ -281,6 +286,21 @@ fn read_response(reader: &mut BufReader<TcpStream>) -> Result<(u16, String), Str
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
+/// `GET /metrics`.
+fn scrape(stack: &Stack) -> String {
+    let mut stream =
+        TcpStream::connect(("127.0.0.1", stack.metrics_port)).expect("connect to /metrics");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .expect("send");
+    let (status, body) = read_response(&mut BufReader::new(stream)).expect("metrics answer");
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
 fn failures(seen: &[Seen]) -> Vec<&Seen> {
     seen.iter().filter(|seen| seen.answer.is_err()).collect()
 }
@@ -342,6 +362,11 @@ fn ten_reloads_under_load_switch_releases_without_a_failed_request() {
     }
     let status = stack.running().status_json();
     let seen = load.finish();
+    assert!(
+        seen.len() >= 200,
+        "the load kept flowing: {} requests",
+        seen.len()
+    );
     let failed = failures(&seen);
     assert!(
         failed.is_empty(),
@@ -374,6 +399,16 @@ fn ten_reloads_under_load_switch_releases_without_a_failed_request() {
         );
     }
     assert_eq!(status["pool"]["generation"], 11, "{status}");
+    let metrics = scrape(&stack);
+    let reloads: f64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("sauna_worker_restarts_total{reason=\"reload\"} "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_default();
+    assert!(
+        reloads >= 20.0,
+        "every rolled worker counts as a reload restart:\n{metrics}"
+    );
     let workers = workers(&status);
     let serving: Vec<_> = workers
         .iter()
@@ -476,6 +511,11 @@ fn broken_releases_are_refused_or_rolled_back_while_the_old_one_serves() {
     load.wait_for(50);
 
     let seen = load.finish();
+    assert!(
+        seen.len() >= 200,
+        "the load kept flowing: {} requests",
+        seen.len()
+    );
     let failed = failures(&seen);
     assert!(
         failed.is_empty(),

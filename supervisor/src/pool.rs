@@ -231,6 +231,9 @@ struct Rollout {
     canary_took: Duration,
     /// Slots that got a worker of the generation rolled to.
     replaced: usize,
+    /// The number of workers before the reload (`[web].workers` changed by `TTIN`/`TTOU`): what
+    /// a rollback restores.
+    old_slots: usize,
     progress: Progress,
     reply: oneshot::Sender<Result<Rolled, PoolReloadError>>,
     /// Why the roll is being turned around.
@@ -1328,6 +1331,7 @@ impl Actor {
             canary_started: now,
             canary_took: Duration::ZERO,
             replaced: 0,
+            old_slots: self.slots.len(),
             progress,
             reply,
             failure: None,
@@ -1507,11 +1511,12 @@ impl Actor {
     /// worker once it is ready. When every slot serves the target generation, the leftovers
     /// (other generations, slots beyond `[web].workers`) drain and the reload ends.
     fn advance_rollout(&mut self) {
-        if !self.roll_refills() {
-            return;
-        }
+        let wanted = match self.rollout.as_ref() {
+            Some(rollout) if rollout.phase == Phase::Rolling => wanted_workers(&rollout.new.web),
+            Some(rollout) if rollout.phase == Phase::RollingBack => rollout.old_slots.max(1),
+            _ => return,
+        };
         let target = self.generation;
-        let wanted = wanted_workers(&self.web);
         if self
             .workers
             .values()
