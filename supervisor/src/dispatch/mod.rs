@@ -495,16 +495,16 @@ mod tests {
     }
 
     #[test]
-    fn requests_go_to_the_least_loaded_worker_of_the_current_generation() {
+    fn requests_go_to_the_least_loaded_worker_of_the_served_generation() {
         runtime().block_on(async {
             let (dispatcher, _notices) = dispatcher(4);
             dispatcher.set_generation(1);
             let (a, _keep_a) = channels(2);
             let (b, _keep_b) = channels(2);
-            let (old, _keep_old) = channels(2);
+            let (canary, _keep_canary) = channels(2);
             dispatcher.add_worker(1, 0, 1, a, None);
             dispatcher.add_worker(2, 1, 1, b, None);
-            dispatcher.add_worker(3, 2, 0, old, None);
+            dispatcher.add_worker(3, 2, 2, canary, None);
             let first = dispatcher.acquire().await.unwrap();
             let second = dispatcher.acquire().await.unwrap();
             assert_ne!(
