@@ -5,6 +5,11 @@
 //! queue is full or too slow), the exchange with the worker (504 on timeout, 502 when the worker
 //! dies), the access log and the request metrics. No HTTP is parsed in Python.
 //!
+//! A reload changes the front in place: the settings are swapped for requests that arrive from
+//! then on, and listening sockets are added or closed one by one, the others untouched (their
+//! queued connections are never reset). The reload's warm-up request (`warm_up`) is built here too,
+//! so it reaches the canary exactly as a client's request would.
+//!
 //! It does not start or stop workers (the pool does) nor choose them (the dispatcher does).
 
 pub mod body;
