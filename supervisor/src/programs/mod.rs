@@ -4,28 +4,31 @@
 //! [`state`], the per-program process handling in `actor`, the resolution of config keys in
 //! `launch` and what `/proc` says about processes in [`procfs`].
 //!
-//! Reload is not built yet; it is meant to slot in as one more actor command per program
-//! (start the new instances, wait until they are `running`, then stop the old ones), which is why
-//! each program's processes are owned by its own actor rather than by the facade.
+//! A reload ([`Programs::reload`]) compares each program's [`launch::Fingerprint`] with the new
+//! config's ([`plan`]): added programs start, removed ones stop gracefully, unchanged ones are
+//! left alone and changed ones are handed to their actor, which rolls them per their new
+//! `reload` policy (see `actor`). Programs are reloaded one after the other in name order; the
+//! first failure stops the reload there, and what was already applied stays applied.
 
 mod actor;
 mod launch;
 pub mod procfs;
 pub mod state;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use proxy_conf::Config;
+use proxy_conf::{Config, ProgramReload};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::lifecycle::StopMode;
+use crate::lifecycle::{Progress, StopMode};
 use crate::metrics::Metrics;
-use actor::{Command, ProgramActor};
-use launch::Launch;
+use actor::{Command, ProgramActor, Reload};
+use launch::{Fingerprint, Launch};
 pub use state::InstanceState;
 
 /// The shortest RSS sampling interval, so a `sample_interval = "0s"` cannot spin the actor.
@@ -60,6 +63,14 @@ impl ProgramStatus {
     }
 }
 
+fn policy_word(policy: ProgramReload) -> &'static str {
+    match policy {
+        ProgramReload::Rolling => "rolled",
+        ProgramReload::Restart => "restarted",
+        ProgramReload::None => "kept",
+    }
+}
+
 /// Orders states from least to most healthy for [`ProgramStatus::state`].
 fn health_rank(state: InstanceState) -> u8 {
     match state {
@@ -76,8 +87,12 @@ fn health_rank(state: InstanceState) -> u8 {
 /// The status of one instance of a program.
 #[derive(Debug, Clone, Serialize)]
 pub struct InstanceStatus {
-    /// 0-based index, also in `$SAUNA_INSTANCE` and in log labels (`celery:1`).
+    /// 0-based index, also in `$SAUNA_INSTANCE` and in log labels (`celery:1`). During a
+    /// reload an index can appear twice: the old instance and its replacement.
     pub index: usize,
+    /// The generation (config epoch) the instance started under: 1 at start-up, then the
+    /// generation of the reload that last replaced it.
+    pub generation: u64,
     /// The process group leader, while one runs.
     pub pid: Option<u32>,
     /// Where the instance is in its life.
@@ -104,14 +119,113 @@ pub struct InstanceStatus {
 /// A running program actor as the facade sees it.
 struct ProgramHandle {
     name: String,
+    /// What the running instances were started from.
+    fingerprint: Fingerprint,
     commands: mpsc::Sender<Command>,
     task: JoinHandle<()>,
+}
+
+impl ProgramHandle {
+    /// Starts the actor of one program; its instances spawn now.
+    fn start(
+        launch: Launch,
+        fingerprint: Fingerprint,
+        metrics: &Arc<Metrics>,
+        generation: u64,
+    ) -> ProgramHandle {
+        let name = launch.name.clone();
+        let mut actor = ProgramActor::new(launch, Arc::clone(metrics), generation);
+        actor.start_all();
+        let (commands, receiver) = mpsc::channel(16);
+        let task = tokio::spawn(actor.run(receiver));
+        ProgramHandle {
+            name,
+            fingerprint,
+            commands,
+            task,
+        }
+    }
+
+    /// Stops the program gracefully and waits until its process groups are gone.
+    async fn stop(self, mode: StopMode) {
+        let (reply, answer) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::Shutdown(mode, reply))
+            .await
+            .is_err()
+        {
+            tracing::error!("program \"{}\": its actor is gone", self.name);
+            return;
+        }
+        let _ = answer.await;
+        let _ = self.task.await;
+    }
+}
+
+/// What a reload does with one program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Only in the new config: start it.
+    Added,
+    /// Only in the old config: stop it.
+    Removed,
+    /// Different keys, `[app]` values or resolved paths: replace it per its new `reload`.
+    Changed,
+    /// Identical: leave it alone.
+    Unchanged,
+}
+
+/// Compares the running programs' fingerprints with the new config's, in name order.
+pub fn plan(
+    old: &BTreeMap<String, Fingerprint>,
+    new: &BTreeMap<String, Fingerprint>,
+) -> Vec<(String, Change)> {
+    let mut names: Vec<&String> = old.keys().chain(new.keys()).collect();
+    names.sort();
+    names.dedup();
+    names
+        .into_iter()
+        .map(|name| {
+            let change = match (old.get(name), new.get(name)) {
+                (None, _) => Change::Added,
+                (Some(_), None) => Change::Removed,
+                (Some(old), Some(new)) if old == new => Change::Unchanged,
+                (Some(_), Some(_)) => Change::Changed,
+            };
+            (name.clone(), change)
+        })
+        .collect()
 }
 
 /// Every program of the configuration, each run by its own actor.
 pub struct Programs {
     /// In start (name) order.
     programs: Vec<ProgramHandle>,
+    metrics: Arc<Metrics>,
+}
+
+/// `sauna.toml` given without a directory has an empty parent: the current directory.
+fn base_dir_or_current(base_dir: &Path) -> &Path {
+    if base_dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        base_dir
+    }
+}
+
+/// Every program of `config`, resolved: its launch and fingerprint.
+fn resolve(config: &Config, base_dir: &Path) -> BTreeMap<String, (Launch, Fingerprint)> {
+    let rss_interval = config.metrics.sample_interval.get().max(MIN_RSS_INTERVAL);
+    config
+        .programs
+        .iter()
+        .map(|(name, program)| {
+            let launch = Launch::new(name, program, &config.app, base_dir, rss_interval);
+            let fingerprint = launch.fingerprint(program);
+            (name.clone(), (launch, fingerprint))
+        })
+        .collect()
 }
 
 impl Programs {
@@ -119,31 +233,147 @@ impl Programs {
     /// (the config file's directory). RSS for `max_rss` is sampled every
     /// `[metrics].sample_interval`. Must be called on the tokio runtime that will run the
     /// actors: children are spawned from its threads (see `child` on `PR_SET_PDEATHSIG`).
+    /// Instances start under generation 1.
     pub fn start(config: &Config, base_dir: &Path, metrics: Arc<Metrics>) -> Programs {
-        // `sauna.toml` given without a directory has an empty parent: the current directory.
-        let base_dir = if base_dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            base_dir
-        };
-        let rss_interval = config.metrics.sample_interval.get().max(MIN_RSS_INTERVAL);
-        let programs = config
+        let programs = resolve(config, base_dir_or_current(base_dir))
+            .into_values()
+            .map(|(launch, fingerprint)| ProgramHandle::start(launch, fingerprint, &metrics, 1))
+            .collect();
+        Programs { programs, metrics }
+    }
+
+    /// Applies a new config to the running programs (see the module documentation); new
+    /// instances start under `generation`. Returns a one-line summary, or what failed: the
+    /// program, how its new instance ended and its last output, and which programs were already
+    /// reloaded before it (those stay reloaded; the ones after it were not touched).
+    ///
+    /// `rolling` and `restart` programs are replaced by their actor; a changed program with
+    /// `reload = "none"` keeps running with its old config, which it also keeps for later
+    /// restarts after an exit: the next reload still sees it as changed.
+    pub async fn reload(
+        &mut self,
+        config: &Config,
+        base_dir: &Path,
+        progress: &Progress,
+        generation: u64,
+    ) -> Result<String, String> {
+        let mut new = resolve(config, base_dir_or_current(base_dir));
+        let old: BTreeMap<String, Fingerprint> = self
             .programs
             .iter()
-            .map(|(name, program)| {
-                let launch = Launch::new(name, program, &config.app, base_dir, rss_interval);
-                let mut actor = ProgramActor::new(launch, Arc::clone(&metrics));
-                actor.start_all();
-                let (commands, receiver) = mpsc::channel(16);
-                let task = tokio::spawn(actor.run(receiver));
-                ProgramHandle {
-                    name: name.clone(),
-                    commands,
-                    task,
-                }
-            })
+            .map(|program| (program.name.clone(), program.fingerprint.clone()))
             .collect();
-        Programs { programs }
+        let new_fingerprints: BTreeMap<String, Fingerprint> = new
+            .iter()
+            .map(|(name, (_, fingerprint))| (name.clone(), fingerprint.clone()))
+            .collect();
+        let say = |line: String| {
+            tracing::info!("{line}");
+            let _ = progress.send(line);
+        };
+        let mut applied: Vec<String> = Vec::new();
+        let mut kept: Vec<String> = Vec::new();
+        let mut unchanged = 0usize;
+        for (name, change) in plan(&old, &new_fingerprints) {
+            match change {
+                Change::Unchanged => unchanged += 1,
+                Change::Added => {
+                    let Some((launch, fingerprint)) = new.remove(&name) else {
+                        continue;
+                    };
+                    let handle =
+                        ProgramHandle::start(launch, fingerprint, &self.metrics, generation);
+                    let at = self.programs.partition_point(|program| program.name < name);
+                    self.programs.insert(at, handle);
+                    say(format!("program \"{name}\": added, started"));
+                    applied.push(format!("\"{name}\" started"));
+                }
+                Change::Removed => {
+                    let Some(at) = self
+                        .programs
+                        .iter()
+                        .position(|program| program.name == name)
+                    else {
+                        continue;
+                    };
+                    say(format!("program \"{name}\": removed, stopping it"));
+                    self.programs.remove(at).stop(StopMode::Graceful).await;
+                    say(format!("program \"{name}\": stopped"));
+                    applied.push(format!("\"{name}\" stopped"));
+                }
+                Change::Changed => {
+                    let Some((launch, fingerprint)) = new.remove(&name) else {
+                        continue;
+                    };
+                    let Some(handle) = self
+                        .programs
+                        .iter_mut()
+                        .find(|program| program.name == name)
+                    else {
+                        continue;
+                    };
+                    let policy = config
+                        .programs
+                        .get(&name)
+                        .map_or(ProgramReload::Rolling, |program| program.reload);
+                    if policy == ProgramReload::None {
+                        say(format!(
+                            "program \"{name}\": changed, but reload = \"none\": it keeps running with its old config"
+                        ));
+                        kept.push(format!("\"{name}\""));
+                        continue;
+                    }
+                    let (reply, answer) = oneshot::channel();
+                    let reload = Reload {
+                        launch,
+                        policy,
+                        generation,
+                        progress: progress.clone(),
+                        reply,
+                    };
+                    let outcome = match handle.commands.send(Command::Reload(reload)).await {
+                        Ok(()) => answer.await.unwrap_or_else(|_| {
+                            Err(format!(
+                                "program \"{name}\": its actor ended during the reload"
+                            ))
+                        }),
+                        Err(_) => Err(format!("program \"{name}\": its actor is gone")),
+                    };
+                    match outcome {
+                        Ok(summary) => {
+                            handle.fingerprint = fingerprint;
+                            say(summary);
+                            applied.push(format!("\"{name}\" {}", policy_word(policy)));
+                        }
+                        Err(failure) => {
+                            let before = if applied.is_empty() {
+                                String::new()
+                            } else {
+                                format!(
+                                    "\nalready applied before it, and kept: {}",
+                                    applied.join(", ")
+                                )
+                            };
+                            return Err(format!("{failure}{before}"));
+                        }
+                    }
+                }
+            }
+        }
+        let mut parts = applied;
+        if !kept.is_empty() {
+            parts.push(format!(
+                "{} kept the old config (reload = \"none\")",
+                kept.join(", ")
+            ));
+        }
+        if unchanged > 0 {
+            parts.push(format!("{unchanged} unchanged"));
+        }
+        if parts.is_empty() {
+            return Ok("programs: none configured".to_owned());
+        }
+        Ok(format!("programs: {}", parts.join(", ")))
     }
 
     /// The status of every program, in start order.
@@ -375,6 +605,7 @@ mod tests {
     fn instance(state: InstanceState) -> InstanceStatus {
         InstanceStatus {
             index: 0,
+            generation: 1,
             pid: None,
             state,
             started_at: None,
