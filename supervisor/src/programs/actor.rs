@@ -61,7 +61,7 @@ pub enum Command {
     /// Stop every instance; the answer comes once every process group is gone.
     Shutdown(StopMode, oneshot::Sender<()>),
     /// Replace the instances with ones started from a new config.
-    Reload(Reload),
+    Reload(Box<Reload>),
 }
 
 /// A reload of one program, as the facade asks for it.
@@ -278,7 +278,7 @@ impl ProgramActor {
                         self.shutdown_replies.push(reply);
                         self.begin_shutdown(mode);
                     }
-                    Some(Command::Reload(reload)) => self.begin_rollout(reload),
+                    Some(Command::Reload(reload)) => self.begin_rollout(*reload),
                     None => {
                         // The facade was dropped without a shutdown: leave nothing running.
                         commands_open = false;

@@ -331,7 +331,11 @@ impl Programs {
                         progress: progress.clone(),
                         reply,
                     };
-                    let outcome = match handle.commands.send(Command::Reload(reload)).await {
+                    let outcome = match handle
+                        .commands
+                        .send(Command::Reload(Box::new(reload)))
+                        .await
+                    {
                         Ok(()) => answer.await.unwrap_or_else(|_| {
                             Err(format!(
                                 "program \"{name}\": its actor ended during the reload"
@@ -598,6 +602,353 @@ mod tests {
                 status[0].instances[0].last_exit.as_deref(),
                 Some("killed by signal SIGTERM")
             );
+            programs.shutdown(StopMode::Fast).await;
+        });
+    }
+
+    fn fingerprints(toml: &str, base_dir: &Path) -> BTreeMap<String, Fingerprint> {
+        let config = proxy_conf::load_str(toml, "sauna.toml").unwrap();
+        resolve(&config, base_dir)
+            .into_iter()
+            .map(|(name, (_, fingerprint))| (name, fingerprint))
+            .collect()
+    }
+
+    #[test]
+    fn the_plan_sorts_programs_into_added_removed_changed_unchanged() {
+        let base = Path::new("/tmp");
+        let old = fingerprints(
+            r#"
+            [app]
+            wsgi = "a:app"
+            env = { A = "1" }
+            [programs.same]
+            command = ["sleep", "1"]
+            [programs.gone]
+            command = ["sleep", "1"]
+            [programs.edited]
+            command = ["sleep", "1"]
+            [programs.envy]
+            command = ["sleep", "1"]
+            [programs.py]
+            command = ["python", "-V"]
+            "#,
+            base,
+        );
+        // [app].wsgi matters to no program; [app].env to all of them; [app].python only to
+        // a program whose command is `python`.
+        let new = fingerprints(
+            r#"
+            [app]
+            wsgi = "b:app"
+            env = { A = "1" }
+            python = "/usr/bin/python3"
+            [programs.same]
+            command = ["sleep", "1"]
+            [programs.edited]
+            command = ["sleep", "2"]
+            [programs.envy]
+            command = ["sleep", "1"]
+            env = { B = "2" }
+            [programs.py]
+            command = ["python", "-V"]
+            [programs.fresh]
+            command = ["sleep", "1"]
+            "#,
+            base,
+        );
+        assert_eq!(
+            plan(&old, &new),
+            [
+                ("edited".to_owned(), Change::Changed),
+                ("envy".to_owned(), Change::Changed),
+                ("fresh".to_owned(), Change::Added),
+                ("gone".to_owned(), Change::Removed),
+                ("py".to_owned(), Change::Changed),
+                ("same".to_owned(), Change::Unchanged),
+            ]
+        );
+        // A new `reload` policy alone is a change of the program's keys, too.
+        let policy = fingerprints(
+            "[programs.same]\ncommand = [\"sleep\", \"1\"]\nreload = \"restart\"\n",
+            base,
+        );
+        let plain = fingerprints("[programs.same]\ncommand = [\"sleep\", \"1\"]\n", base);
+        assert_eq!(
+            plan(&plain, &policy),
+            [("same".to_owned(), Change::Changed)]
+        );
+        assert_eq!(
+            plan(&plain, &plain),
+            [("same".to_owned(), Change::Unchanged)]
+        );
+    }
+
+    #[test]
+    fn a_retargeted_current_symlink_changes_the_program() {
+        let dir = tempfile::tempdir().unwrap();
+        for release in ["r1", "r2"] {
+            std::fs::create_dir_all(dir.path().join(release).join("venv/bin")).unwrap();
+        }
+        let current = dir.path().join("current");
+        std::os::unix::fs::symlink("r1", &current).unwrap();
+        let toml = r#"
+            [app]
+            directory = "current"
+            python = "current/venv/bin/python"
+            [programs.worker]
+            command = ["sleep", "1"]
+            [programs.elsewhere]
+            command = ["sleep", "1"]
+            directory = "/"
+            [programs.pinned]
+            command = ["/bin/sleep", "1"]
+            directory = "/"
+            [programs.venv]
+            command = ["python", "-V"]
+            directory = "/"
+            "#;
+        let before = fingerprints(toml, dir.path());
+        assert_eq!(
+            plan(&before, &fingerprints(toml, dir.path()))
+                .iter()
+                .filter(|(_, change)| *change != Change::Unchanged)
+                .count(),
+            0,
+            "same target, nothing to do"
+        );
+        std::fs::remove_file(&current).unwrap();
+        std::os::unix::fs::symlink("r2", &current).unwrap();
+        let after = fingerprints(toml, dir.path());
+        assert_eq!(
+            plan(&before, &after),
+            [
+                ("elsewhere".to_owned(), Change::Unchanged),
+                ("pinned".to_owned(), Change::Unchanged),
+                // Its interpreter lives in the release.
+                ("venv".to_owned(), Change::Changed),
+                // Its working directory is the release.
+                ("worker".to_owned(), Change::Changed),
+            ]
+        );
+    }
+
+    /// A program config whose instance records, in `dir`, when it started and when it got
+    /// SIGTERM (nanoseconds since the epoch), then runs until stopped.
+    fn recording(dir: &Path, name: &str, extra: &str) -> String {
+        let dir = dir.display();
+        format!(
+            r#"
+            [programs.{name}]
+            command = ["sh", "-c", "date +%s%N > {dir}/start-$$; trap 'date +%s%N > {dir}/term-$$; exit 0' TERM; sleep 300 & wait"]
+            ready_after = "600ms"
+            stop_timeout = "5s"
+            {extra}
+            "#
+        )
+    }
+
+    fn recorded(dir: &Path, what: &str, pid: u32) -> u128 {
+        let text = std::fs::read_to_string(dir.join(format!("{what}-{pid}")))
+            .unwrap_or_else(|error| panic!("{what}-{pid}: {error}"));
+        text.trim().parse().unwrap()
+    }
+
+    fn drain(progress: &mut mpsc::UnboundedReceiver<String>) -> Vec<String> {
+        let mut lines = Vec::new();
+        while let Ok(line) = progress.try_recv() {
+            lines.push(line);
+        }
+        lines
+    }
+
+    async fn reload(
+        programs: &mut Programs,
+        toml: &str,
+        generation: u64,
+    ) -> (Result<String, String>, Vec<String>) {
+        let config = proxy_conf::load_str(toml, "sauna.toml").unwrap();
+        let (progress, mut lines) = mpsc::unbounded_channel();
+        let outcome = programs
+            .reload(&config, Path::new("/tmp"), &progress, generation)
+            .await;
+        (outcome, drain(&mut lines))
+    }
+
+    #[test]
+    fn rolling_keeps_the_old_instance_until_the_new_one_survived_ready_after() {
+        runtime().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let old_toml = recording(dir.path(), "celery", "instances = 2");
+            let mut programs = start(&old_toml);
+            let status = wait_for(&programs, "two running instances", |status| {
+                status[0].state == InstanceState::Running
+            })
+            .await;
+            let old: Vec<u32> = status[0].instances.iter().map(|i| i.pid.unwrap()).collect();
+            // Any change of the command is a change; this one also sets an env var.
+            let new_toml = recording(
+                dir.path(),
+                "celery",
+                "instances = 2\nenv = { RELEASE = \"2\" }",
+            );
+            let (outcome, lines) = reload(&mut programs, &new_toml, 2).await;
+            let summary = outcome.unwrap();
+            assert!(summary.contains("\"celery\" rolled"), "{summary}");
+            let status = programs.status().await;
+            let instances = &status[0].instances;
+            assert_eq!(instances.len(), 2, "{instances:#?}");
+            for (index, instance) in instances.iter().enumerate() {
+                let new = instance.pid.unwrap();
+                assert_eq!((instance.index, instance.generation), (index, 2));
+                assert!(!old.contains(&new));
+                assert!(alive(new));
+                assert!(!alive(old[index]));
+                // The old one got TERM only after the new one had run for ready_after (counted
+                // from the spawn, which `started_at` records).
+                let term = recorded(dir.path(), "term", old[index]) as f64 / 1e9;
+                let gap = term - instance.started_at.unwrap();
+                assert!(gap >= 0.6, "old stopped {gap} s after the new start");
+            }
+            assert!(
+                lines.iter().any(|line| line.contains("new instance 1 up")
+                    && line.contains("stopping the old one")),
+                "{lines:#?}"
+            );
+            programs.shutdown(StopMode::Fast).await;
+        });
+    }
+
+    #[test]
+    fn a_new_instance_that_dies_rolls_back_and_the_old_one_is_untouched() {
+        runtime().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let mut programs = start(&format!(
+                "{}{}",
+                recording(dir.path(), "celery", ""),
+                "[programs.beta]\ncommand = [\"sleep\", \"300\"]\nready_after = \"0s\"\n"
+            ));
+            // `beta` sorts first, so it is rolled before celery fails.
+            let status = wait_for(&programs, "running", |status| {
+                status.iter().all(|p| p.state == InstanceState::Running)
+            })
+            .await;
+            let old = status[1].instances[0].pid.unwrap();
+            let toml = r#"
+                [programs.beta]
+                command = ["sleep", "301"]
+                ready_after = "0s"
+                [programs.celery]
+                command = ["sh", "-c", "echo 'ImportError: no module named tasks' >&2; exit 7"]
+                ready_after = "2s"
+                "#;
+            let (outcome, _) = reload(&mut programs, toml, 2).await;
+            let error = outcome.unwrap_err();
+            assert!(error.contains("program \"celery\""), "{error}");
+            assert!(error.contains("exited with status 7"), "{error}");
+            assert!(
+                error.contains("ImportError: no module named tasks"),
+                "{error}"
+            );
+            assert!(error.contains("old instances kept running"), "{error}");
+            assert!(error.contains("\"beta\" rolled"), "{error}");
+            let status = programs.status().await;
+            assert_eq!(status[0].instances[0].generation, 2, "beta stays rolled");
+            let celery = &status[1].instances;
+            assert_eq!(celery.len(), 1, "{celery:#?}");
+            assert_eq!((celery[0].pid, celery[0].generation), (Some(old), 1));
+            assert_eq!(celery[0].state, InstanceState::Running);
+            assert!(
+                !dir.path().join(format!("term-{old}")).exists(),
+                "the old instance never got a signal"
+            );
+            // The next reload still sees the change and tries again.
+            let (outcome, _) = reload(&mut programs, toml, 3).await;
+            assert!(outcome.unwrap_err().contains("exited with status 7"));
+            programs.shutdown(StopMode::Fast).await;
+        });
+    }
+
+    #[test]
+    fn restart_stops_first_and_none_keeps_the_old_config() {
+        runtime().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let toml = |restart_env: &str, none_env: &str| {
+                format!(
+                    "{}{}",
+                    recording(
+                        dir.path(),
+                        "again",
+                        &format!("reload = \"restart\"\nenv = {{ V = \"{restart_env}\" }}")
+                    ),
+                    recording(
+                        dir.path(),
+                        "steady",
+                        &format!("reload = \"none\"\nenv = {{ V = \"{none_env}\" }}")
+                    )
+                )
+            };
+            let mut programs = start(&toml("1", "1"));
+            let status = wait_for(&programs, "running", |status| {
+                status.iter().all(|p| p.state == InstanceState::Running)
+            })
+            .await;
+            let (again, steady) = (
+                status[0].instances[0].pid.unwrap(),
+                status[1].instances[0].pid.unwrap(),
+            );
+            let (outcome, lines) = reload(&mut programs, &toml("2", "2"), 2).await;
+            let summary = outcome.unwrap();
+            assert!(summary.contains("\"again\" restarted"), "{summary}");
+            assert!(
+                summary.contains("\"steady\" kept the old config"),
+                "{summary}"
+            );
+            assert!(
+                lines.iter().any(|line| line.contains("reload = \"none\"")),
+                "{lines:#?}"
+            );
+            let status = programs.status().await;
+            let new = status[0].instances[0].pid.unwrap();
+            assert_ne!(new, again);
+            assert_eq!(status[0].instances[0].generation, 2);
+            assert!(
+                recorded(dir.path(), "start", new) >= recorded(dir.path(), "term", again),
+                "restart: the old one was stopped before the new one started"
+            );
+            assert_eq!(status[1].instances[0].pid, Some(steady));
+            assert_eq!(status[1].instances[0].generation, 1);
+            programs.shutdown(StopMode::Fast).await;
+        });
+    }
+
+    #[test]
+    fn reload_starts_added_and_stops_removed_programs() {
+        runtime().block_on(async {
+            let mut programs = start(
+                "[programs.old]\ncommand = [\"sleep\", \"300\"]\n[programs.same]\ncommand = [\"sleep\", \"300\"]\n",
+            );
+            let status = wait_for(&programs, "started", |status| {
+                status.iter().all(|p| p.instances[0].pid.is_some())
+            })
+            .await;
+            let (old, same) = (status[0].instances[0].pid.unwrap(), status[1].instances[0].pid.unwrap());
+            let (outcome, _) = reload(
+                &mut programs,
+                "[programs.new]\ncommand = [\"sleep\", \"300\"]\n[programs.same]\ncommand = [\"sleep\", \"300\"]\n",
+                2,
+            )
+            .await;
+            assert_eq!(
+                outcome.unwrap(),
+                "programs: \"new\" started, \"old\" stopped, 1 unchanged"
+            );
+            let status = programs.status().await;
+            let names: Vec<&str> = status.iter().map(|p| p.name.as_str()).collect();
+            assert_eq!(names, ["new", "same"]);
+            assert_eq!(status[0].instances[0].generation, 2);
+            assert_eq!(status[1].instances[0].pid, Some(same));
+            assert!(!alive(old));
             programs.shutdown(StopMode::Fast).await;
         });
     }
