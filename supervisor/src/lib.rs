@@ -34,5 +34,6 @@ pub mod remote;
 pub mod signals;
 pub mod status;
 pub mod supervisor;
+pub mod watch;
 pub mod web;
 pub mod worker;
