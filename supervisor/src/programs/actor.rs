@@ -7,11 +7,16 @@
 //! and run timers while a process is stopping. What to do after an exit is decided by the pure
 //! machine in `state.rs`; this file carries the decisions out.
 //!
-//! An instance *is* its process group: the stop signal goes to the whole group and SIGKILL
-//! follows after `stop_timeout`. A stop is complete when the group is empty, not when the leader
-//! has exited: a shell wrapper may die at once on TERM while the Celery worker it started is
-//! still finishing its tasks, so the group gets the rest of `stop_timeout` (checked on a short
-//! interval; no kernel event announces the end of a process that is not our child). After an
+//! An instance *is* its process group, but a graceful stop signals the group leader first, and
+//! the rest of the group only once the leader has exited (systemd's `KillMode=mixed`); SIGKILL
+//! of the whole group follows after `stop_timeout`. The leader goes first because Celery's warm
+//! shutdown depends on it: its prefork pool children reset SIGTERM to the default action, so a
+//! TERM to the whole group kills the running tasks (`WorkerLostError`, the tasks are lost),
+//! while a TERM to the main process lets it finish them and stop its children itself. A shell
+//! wrapper should therefore `exec` the worker. A stop is complete when the group is empty, not
+//! when the leader has exited: what is left gets the stop signal and the rest of
+//! `stop_timeout` (checked on a short interval; no kernel event announces the end of a process
+//! that is not our child). After an
 //! exit nobody asked for, what is left of the group is SIGKILLed at once: those members would
 //! otherwise outlive the instance as orphans next to its replacement. A grandchild that leaves
 //! the group (`setsid`, a daemonizing double fork) escapes all of this; under systemd,
@@ -410,6 +415,10 @@ impl ProgramActor {
         instance.ready_at = None;
         if instance.state == InstanceState::Stopping {
             tracing::info!(program = %label, pid, "program \"{label}\": leader {description}");
+            if let Some(group) = instance.group.filter(|_| instance.kill_at.is_some()) {
+                // Graceful: the leader is done; what it left behind gets the signal now.
+                let _ = child::signal_group(group, instance.launch.stop_signal);
+            }
             self.check_stopped_group(slot, Instant::now());
         } else if on_trial {
             kill_group(&label, pid);
@@ -502,9 +511,18 @@ impl ProgramActor {
                     StopMode::Graceful => Some(Instant::now() + instance.launch.stop_timeout),
                     StopMode::Fast => None,
                 };
-                tracing::info!(program = %label, pid, "program \"{label}\": sending {signal} to process group {pid}");
-                if let Err(error) = child::signal_group(pid, signal) {
-                    tracing::warn!(program = %label, "program \"{label}\": cannot signal process group {pid}: {error}");
+                let sent = match mode {
+                    StopMode::Graceful => {
+                        tracing::info!(program = %label, pid, "program \"{label}\": sending {signal} to pid {pid}");
+                        signal_leader(pid, signal)
+                    }
+                    StopMode::Fast => {
+                        tracing::info!(program = %label, pid, "program \"{label}\": sending {signal} to process group {pid}");
+                        child::signal_group(pid, signal)
+                    }
+                };
+                if let Err(error) = sent {
+                    tracing::warn!(program = %label, "program \"{label}\": cannot send {signal} to {pid}: {error}");
                 }
                 self.set_state(slot, InstanceState::Stopping);
             }
@@ -952,6 +970,17 @@ impl ProgramActor {
             })
             .collect();
         ProgramStatus::new(self.launch.name.clone(), instances)
+    }
+}
+
+/// `signal` to one process; one that is already gone is fine.
+fn signal_leader(pid: u32, signal: Signal) -> nix::Result<()> {
+    let Ok(raw) = i32::try_from(pid) else {
+        return Err(nix::Error::ESRCH);
+    };
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), signal) {
+        Err(nix::Error::ESRCH) | Ok(()) => Ok(()),
+        Err(other) => Err(other),
     }
 }
 

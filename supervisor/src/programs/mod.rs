@@ -502,8 +502,10 @@ mod tests {
                 Arc::clone(&metrics),
             );
             let up = |name: &str| metrics.program_up.with_label_values(&[name]).get();
-            let status = wait_for(&programs, "both instances", |status| {
+            // Instance 0 counts as running (ready_after 0s) until its exit is seen.
+            let status = wait_for(&programs, "instance 1 up, instance 0 down", |status| {
                 status[0].instances[1].state == InstanceState::Running
+                    && status[0].instances[0].state != InstanceState::Running
             })
             .await;
             let first = status[0].instances[1].pid.unwrap();
