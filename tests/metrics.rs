@@ -464,3 +464,324 @@ fn emit_grafana_prints_or_writes_an_importable_dashboard() {
     let file = std::fs::read(sandbox.path("out/grafana-dashboard.json")).expect("the file");
     assert_eq!(file, printed.stdout);
 }
+
+#[test]
+fn the_running_supervisor_serves_metrics_and_health() {
+    let sandbox = Sandbox::new();
+    let port = free_port();
+    sandbox.write_config(&format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"));
+    let running = sandbox.start();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    wait_until(TIMEOUT, "/readyz to answer 200", || {
+        (http(addr, "GET", "/readyz", None).status == 200).then_some(())
+    });
+    assert_eq!(http(addr, "GET", "/healthz", None).status, 200);
+    let scrape = http(addr, "GET", "/metrics", None);
+    assert_eq!(scrape.status, 200);
+    assert!(
+        scrape.body.contains("sauna_generation 1"),
+        "{}",
+        scrape.body
+    );
+    promtool_check(&scrape.body);
+    assert!(running.stop().success());
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "the endpoint closes with the supervisor"
+    );
+}
+
+#[test]
+fn the_binary_takes_its_token_from_the_environment() {
+    let sandbox = Sandbox::new();
+    let port = free_port();
+    sandbox.write_config(&format!(
+        "[metrics]\nlisten = \"127.0.0.1:{port}\"\ntoken_env = \"SAUNA_TEST_METRICS_TOKEN\"\n"
+    ));
+    let running = sandbox.start_with(|command| {
+        command.env("SAUNA_TEST_METRICS_TOKEN", "from-the-environment");
+    });
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    assert_eq!(http(addr, "GET", "/metrics", None).status, 401);
+    let scrape = http(addr, "GET", "/metrics", Some("from-the-environment"));
+    assert_eq!(scrape.status, 200);
+    assert!(
+        !running.log().contains("from-the-environment"),
+        "the token reached the log"
+    );
+    assert!(running.stop().success());
+}
+
+#[test]
+fn a_fatal_program_turns_healthz_503() {
+    let sandbox = Sandbox::new();
+    let port = free_port();
+    sandbox.write_config(&format!(
+        r#"
+[programs.sleeper]
+command = ["sleep", "600"]
+
+[programs.crasher]
+command = ["sh", "-c", "exit 1"]
+crash_limit = 2
+crash_window = "30s"
+
+[metrics]
+listen = "127.0.0.1:{port}"
+"#
+    ));
+    let running = sandbox.start();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let healthz = wait_until(TIMEOUT, "/healthz to report the fatal program", || {
+        let reply = http(addr, "GET", "/healthz", None);
+        (reply.status == 503).then_some(reply)
+    });
+    let verdict: serde_json::Value = serde_json::from_str(&healthz.body).expect("JSON body");
+    let problem = verdict["problems"][0].as_str().unwrap_or_default();
+    assert!(
+        problem.starts_with("program \"crasher\" is fatal"),
+        "{verdict}"
+    );
+    // Fatal is a health problem, not unreadiness: the rest of the stack still serves.
+    assert_eq!(http(addr, "GET", "/readyz", None).status, 200);
+    // `sleeper` counts as up once it has survived `ready_after`.
+    let scrape = wait_until(TIMEOUT, "sleeper to be up", || {
+        let scrape = http(addr, "GET", "/metrics", None).body;
+        scrape
+            .contains("sauna_program_up{program=\"sleeper\"} 1")
+            .then_some(scrape)
+    });
+    assert!(
+        scrape.contains("sauna_program_up{program=\"crasher\"} 0"),
+        "{scrape}"
+    );
+    assert!(
+        scrape.contains("sauna_program_restarts_total{program=\"crasher\"} 1"),
+        "{scrape}"
+    );
+    promtool_check(&scrape);
+    assert!(running.stop().success());
+}
+
+/// The Celery app of the every-role test's worker program.
+const TASKS_PY: &str = r#"
+import os
+from celery import Celery
+
+app = Celery("tasks", broker=os.environ["BROKER"])
+app.conf.update(broker_connection_retry_on_startup=True, worker_hijack_root_logger=False)
+
+@app.task(name="tasks.noop")
+def noop(*args, **kwargs):
+    return None
+"#;
+
+/// The web app of the end-to-end tests: 200 everywhere except `/missing`; `/sleep?SECONDS`.
+const WSGI_APP: &str = r#"
+import time
+
+def application(environ, start_response):
+    if environ["PATH_INFO"] == "/sleep":
+        time.sleep(float(environ["QUERY_STRING"]))
+    if environ["PATH_INFO"] == "/missing":
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"missing"]
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
+"#;
+
+/// The value of the sample `series` (name and labels exactly as rendered), if present.
+fn sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.parse().ok())
+}
+
+#[test]
+fn with_every_role_active_every_family_moves_and_promtool_passes() {
+    let redis_server = RedisServer::start();
+    let sandbox = Sandbox::new();
+    sandbox.write("app.py", WSGI_APP);
+    sandbox.write("tasks.py", TASKS_PY);
+    let web: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    sandbox.write_config(&format!(
+        r#"
+[app]
+directory = "."
+python = "{python}"
+wsgi = "app:application"
+
+[web]
+listen = ["{web}"]
+workers = 2
+
+[programs.worker]
+command = ["python", "-m", "celery", "-A", "tasks", "worker", "-P", "solo", "-Q", "work,other",
+           "--without-heartbeat", "--without-gossip", "--without-mingle"]
+env = {{ BROKER = "{broker}" }}
+
+[beat]
+broker = "{broker}"
+
+[beat.jobs.tick]
+task = "tasks.noop"
+every = "1s"
+queue = "ticks"
+
+[beat.jobs.work]
+task = "tasks.noop"
+every = "1s"
+queue = "work"
+
+[metrics]
+listen = "{addr}"
+sample_interval = "200ms"
+"#,
+        python = crate::util::python().display(),
+        broker = redis_server.url(2),
+    ));
+    let running = sandbox.start();
+    wait_until(TIMEOUT, "/readyz to answer 200", || {
+        (http(addr, "GET", "/readyz", None).status == 200).then_some(())
+    });
+    assert_eq!(http(web, "GET", "/hello", None).status, 200);
+    assert_eq!(http(web, "GET", "/missing", None).status, 404);
+
+    // Nobody consumes `ticks`, so every beat publish stays in the queue the job names; the Celery
+    // worker consumes `work` and `other`.
+    let scrape = wait_until(TIMEOUT, "every role to have recorded something", || {
+        let scrape = http(addr, "GET", "/metrics", None).body;
+        let moved = sample(&scrape, "sauna_http_requests_total{status=\"2xx\"}") >= Some(1.0)
+            && sample(&scrape, "sauna_http_requests_total{status=\"4xx\"}") >= Some(1.0)
+            && sample(&scrape, "sauna_workers{state=\"ready\"}") == Some(2.0)
+            && sample(&scrape, "sauna_program_up{program=\"worker\"}") == Some(1.0)
+            && sample(&scrape, "sauna_beat_published_total{job=\"tick\"}") >= Some(1.0)
+            && queue_length(&scrape, "ticks") >= Some(1)
+            // Derived from the worker's `-Q work,other`: sampled even while empty.
+            && queue_length(&scrape, "other") == Some(0)
+            && queue_length(&scrape, "work").is_some();
+        moved.then_some(scrape)
+    });
+    for family in CONTRACT_FAMILIES {
+        assert!(
+            scrape.contains(&format!("# TYPE {family} ")),
+            "{family} missing from the scrape:\n{scrape}"
+        );
+    }
+    for series in [
+        "sauna_http_request_duration_seconds_count",
+        "sauna_http_queue_wait_seconds_count",
+    ] {
+        assert!(sample(&scrape, series) >= Some(2.0), "{series}:\n{scrape}");
+    }
+    assert_eq!(sample(&scrape, "sauna_generation"), Some(1.0), "{scrape}");
+    assert_eq!(sample(&scrape, "sauna_beat_leader"), Some(1.0), "{scrape}");
+    assert!(
+        scrape.contains("sauna_beat_next_run_timestamp_seconds{job=\"tick\"}"),
+        "{scrape}"
+    );
+    promtool_check(&scrape);
+    assert_eq!(http(addr, "GET", "/healthz", None).status, 200);
+
+    // The broker goes away: the stale queue lengths disappear instead of lying.
+    drop(redis_server);
+    wait_until(TIMEOUT, "the queue series to disappear", || {
+        queue_length(&http(addr, "GET", "/metrics", None).body, "ticks")
+            .is_none()
+            .then_some(())
+    });
+    assert!(running.stop().success());
+}
+
+/// The sum of every series of a labelled family.
+fn family_sum(scrape: &str, family: &str) -> f64 {
+    scrape
+        .lines()
+        .filter(|line| line.starts_with(&format!("{family}{{")))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn rejections_recycles_and_reloads_move_their_counters() {
+    let sandbox = Sandbox::new();
+    sandbox.write("app.py", WSGI_APP);
+    let web: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    sandbox.write_config(&format!(
+        r#"
+[app]
+directory = "."
+python = "{python}"
+wsgi = "app:application"
+
+[web]
+listen = ["{web}"]
+workers = 1
+max_requests = 2
+queue_size = 1
+queue_timeout = "20s"
+
+[metrics]
+listen = "{addr}"
+"#,
+        python = crate::util::python().display(),
+    ));
+    let running = sandbox.start();
+    let scrape = || http(addr, "GET", "/metrics", None).body;
+    let worker_ready = || {
+        wait_until(TIMEOUT, "a ready worker", || {
+            (sample(&scrape(), "sauna_workers{state=\"ready\"}") == Some(1.0)).then_some(())
+        })
+    };
+    worker_ready();
+
+    // A recycle: the worker is replaced after max_requests.
+    for _ in 0..3 {
+        assert_eq!(http(web, "GET", "/hello", None).status, 200);
+    }
+    wait_until(TIMEOUT, "a recycle by max_requests", || {
+        (sample(
+            &scrape(),
+            "sauna_worker_restarts_total{reason=\"max_requests\"}",
+        ) >= Some(1.0))
+        .then_some(())
+    });
+
+    // A 503: one request in the worker, one waiting, the next finds the queue full.
+    worker_ready();
+    let busy = std::thread::spawn(move || http(web, "GET", "/sleep?2", None).status);
+    wait_until(TIMEOUT, "the worker to be busy", || {
+        (sample(&scrape(), "sauna_http_in_flight_requests") == Some(1.0)).then_some(())
+    });
+    let queued = std::thread::spawn(move || http(web, "GET", "/hello", None).status);
+    wait_until(TIMEOUT, "a request to wait in the queue", || {
+        (sample(&scrape(), "sauna_http_queue_depth") == Some(1.0)).then_some(())
+    });
+    assert_eq!(http(web, "GET", "/hello", None).status, 503);
+    assert_eq!(busy.join().expect("the slow request"), 200);
+    assert_eq!(queued.join().expect("the queued request"), 200);
+    let after = scrape();
+    assert_eq!(
+        sample(&after, "sauna_http_rejected_total{reason=\"queue_full\"}"),
+        Some(1.0),
+        "{after}"
+    );
+    assert!(sample(&after, "sauna_http_requests_total{status=\"5xx\"}") >= Some(1.0));
+
+    // A reload counts, whatever its outcome.
+    let before = family_sum(&after, "sauna_reloads_total");
+    let reload = sandbox.run(&["reload"]);
+    wait_until(TIMEOUT, "the reload to be counted", || {
+        (family_sum(&scrape(), "sauna_reloads_total") == before + 1.0).then_some(())
+    });
+    let final_scrape = scrape();
+    promtool_check(&final_scrape);
+    assert!(
+        running.stop().success(),
+        "reload said: {}",
+        String::from_utf8_lossy(&reload.stderr)
+    );
+}

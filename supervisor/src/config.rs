@@ -62,7 +62,7 @@ pub fn check_command(arg: &ConfigArg, live: bool) -> anyhow::Result<ExitCode> {
     match load(arg) {
         Ok(loaded) => {
             if loaded.config.web.is_some() {
-                match crate::pool::check_import(&loaded.config.app, &base_dir(&loaded)) {
+                match crate::pool::check_import(&loaded.config.app, &loaded.config_dir()) {
                     Ok(()) => {}
                     Err(crate::pool::ImportCheck::Failed(traceback)) => {
                         println!("{traceback}");
@@ -103,20 +103,6 @@ pub fn check_command(arg: &ConfigArg, live: bool) -> anyhow::Result<ExitCode> {
         }
         Err(other) => Err(other.into()),
     }
-}
-
-/// The directory relative paths in `loaded` are taken from: the config file's.
-pub fn base_dir(loaded: &Loaded) -> PathBuf {
-    let base = match loaded
-        .path
-        .parent()
-        .filter(|parent| !parent.as_os_str().is_empty())
-    {
-        Some(parent) => parent.to_path_buf(),
-        None => PathBuf::from("."),
-    };
-    // Absolute, so that a worker's working directory does not depend on ours.
-    base.canonicalize().unwrap_or(base)
 }
 
 /// `web: 4 workers, 2 programs, beat: 3 jobs` — what `run` would start, for `check`'s success line.

@@ -19,12 +19,6 @@ pub fn emit_command(
     arg: &ConfigArg,
     output_dir: Option<&Path>,
 ) -> anyhow::Result<ExitCode> {
-    if target == EmitTarget::Grafana {
-        eprintln!(
-            "sauna-supervisor: `emit grafana` belongs to the metrics feature and is not available in this build yet"
-        );
-        return Ok(ExitCode::FAILURE);
-    }
     if target == EmitTarget::All && output_dir.is_none() {
         eprintln!("sauna-supervisor: `emit all` writes several files: pass -o DIR");
         return Ok(ExitCode::from(EXIT_USAGE));
@@ -96,8 +90,8 @@ fn render(target: EmitTarget, config: &Config) -> Result<Rendered, RenderError> 
         EmitTarget::Systemd => {
             output = emit::systemd::render(config).map_err(RenderError::Config)?
         }
-        // Grafana never gets here (answered in `emit_command`); it shares the arm to stay total.
-        EmitTarget::All | EmitTarget::Grafana => {
+        EmitTarget::Grafana => output.files.push(grafana_file()),
+        EmitTarget::All => {
             // Collect every target's problems before giving up, so one run shows them all.
             let mut problems = Vec::new();
             let mut add = |result: Result<Output, EmitError>| match result {
@@ -120,12 +114,22 @@ fn render(target: EmitTarget, config: &Config) -> Result<Rendered, RenderError> 
                 skipped.push("postgres: no [postgres] section".to_owned());
             }
             add(emit::systemd::render(config));
+            output.files.push(grafana_file());
             if !problems.is_empty() {
                 return Err(RenderError::Config(EmitError(problems)));
             }
         }
     }
     Ok(Rendered { output, skipped })
+}
+
+/// The Grafana dashboard, as one of `emit all`'s files.
+fn grafana_file() -> emit::File {
+    emit::File {
+        path: crate::grafana::FILE_NAME.to_owned(),
+        install_to: "Grafana (Dashboards → New → Import)".to_owned(),
+        contents: crate::grafana::dashboard_text(),
+    }
 }
 
 /// The machine the files are generated on: total memory and CPUs (Celery's default concurrency).

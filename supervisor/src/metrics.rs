@@ -33,8 +33,10 @@ pub const WORKER_RESTART_REASONS: [&str; 6] = [
 /// The `reason` label values of `sauna_http_rejected_total` (the pool's `Rejected::label`).
 pub const REJECT_REASONS: [&str; 3] = ["queue_full", "queue_timeout", "shutting_down"];
 
-/// The `outcome` label values of `sauna_reloads_total`.
-pub const RELOAD_OUTCOMES: [&str; 2] = ["success", "failure"];
+/// The `outcome` label values of `sauna_reloads_total`: the new generation serves; a role
+/// failed and was rolled back (the old generation serves); the new config did not load
+/// (nothing changed); the reload itself broke.
+pub const RELOAD_OUTCOMES: [&str; 4] = ["success", "rolled_back", "config_error", "failed"];
 
 /// Buckets for beat publish lag, from 1 ms to 60 s.
 const LAG_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0, 60.0];
@@ -221,6 +223,30 @@ impl Metrics {
             metrics.reloads_total.with_label_values(&[outcome]);
         }
         Ok(metrics)
+    }
+
+    /// The live figures `status` shows, read from the same families Prometheus scrapes.
+    pub fn figures(&self) -> serde_json::Value {
+        let by_label = |family: &IntCounterVec, labels: &[&str]| -> serde_json::Value {
+            labels
+                .iter()
+                .map(|label| {
+                    let value = family.with_label_values(&[label]).get();
+                    ((*label).to_owned(), serde_json::Value::from(value))
+                })
+                .collect::<serde_json::Map<_, _>>()
+                .into()
+        };
+        serde_json::json!({
+            "requests": by_label(&self.http_requests_total, &STATUS_CLASSES),
+            "in_flight": self.http_in_flight.get(),
+            "queue_depth": self.http_queue_depth.get(),
+            "queue_wait_seconds_sum": self.http_queue_wait_seconds.get_sample_sum(),
+            "request_seconds_sum": self.http_request_duration_seconds.get_sample_sum(),
+            "rejected": by_label(&self.http_rejected_total, &REJECT_REASONS),
+            "worker_restarts": by_label(&self.worker_restarts_total, &WORKER_RESTART_REASONS),
+            "reloads": by_label(&self.reloads_total, &RELOAD_OUTCOMES),
+        })
     }
 
     /// The text exposition (format 0.0.4) of every family.

@@ -28,6 +28,8 @@ pub struct StatusReport {
     pub programs: Value,
     /// Beat, when configured.
     pub beat: Option<Value>,
+    /// Live request, rejection, restart and reload counts (the metrics' own values).
+    pub figures: Value,
 }
 
 /// Renders a `status --json` document as the compact table `status` prints.
@@ -52,6 +54,9 @@ pub fn render_text(status: &Value) -> String {
     if let Some(pool) = status.get("pool").filter(|pool| !pool.is_null()) {
         out.push_str("\nWEB POOL\n");
         out.push_str(&render_pool(pool));
+        if let Some(figures) = status.get("figures") {
+            out.push_str(&render_figures(figures));
+        }
     }
     if let Some(programs) = status.get("programs").and_then(Value::as_array) {
         if !programs.is_empty() {
@@ -116,6 +121,40 @@ pub fn render_text(status: &Value) -> String {
     out
 }
 
+/// `requests 2xx=10 4xx=1 · in flight 2 · queued 0 · rejected 0 · restarts 1 · reloads 3`.
+fn render_figures(figures: &Value) -> String {
+    let counts = |key: &str| -> Vec<(String, u64)> {
+        figures
+            .get(key)
+            .and_then(Value::as_object)
+            .map(|map| {
+                map.iter()
+                    .map(|(label, value)| (label.clone(), value.as_u64().unwrap_or_default()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let total = |key: &str| counts(key).iter().map(|(_, n)| n).sum::<u64>();
+    let requests: Vec<String> = counts("requests")
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(class, n)| format!("{class}={n}"))
+        .collect();
+    format!(
+        "requests {} · in flight {} · queued {} · rejected {} · worker restarts {} · reloads {}\n",
+        if requests.is_empty() {
+            "0".to_owned()
+        } else {
+            requests.join(" ")
+        },
+        figures.get("in_flight").cloned().unwrap_or_default(),
+        figures.get("queue_depth").cloned().unwrap_or_default(),
+        total("rejected"),
+        total("worker_restarts"),
+        total("reloads"),
+    )
+}
+
 fn render_pool(pool: &Value) -> String {
     let mut out = String::new();
     for (key, value) in pool.as_object().into_iter().flatten() {
@@ -160,7 +199,7 @@ mod tests {
     fn text_lists_programs_with_their_instances() {
         let status = serde_json::json!({
             "pid": 10, "version": "0.1.0", "phase": "running", "generation": 1,
-            "uptime_seconds": 5, "config": "sauna.toml", "pool": null, "beat": null,
+            "uptime_seconds": 5, "config": "sauna.toml", "pool": null, "beat": null, "figures": {},
             "programs": [{"name": "celery", "state": "running",
                           "instances": [{"index": 0, "pid": 42, "state": "running", "restarts": 1, "uptime_seconds": 3}]}]
         });

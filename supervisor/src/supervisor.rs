@@ -8,7 +8,6 @@
 //! reverse start order. It never sits on the request hot path: the
 //! HTTP front talks to the workers without passing through here.
 
-use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,7 +24,9 @@ use crate::logging::LogHandle;
 use crate::metrics::Metrics;
 use crate::metrics_server::{Health, MetricsServer};
 use crate::notify::Notifier;
-use crate::programs::Programs;
+
+use crate::reload::{self, ReloadEvent, ReloadRun};
+use crate::roles::Roles;
 use crate::signals::{SignalEvent, Signals};
 use crate::status::StatusReport;
 
@@ -63,152 +64,6 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// The roles the config asked for, each behind its actor handle.
-struct Roles {
-    /// The web pool, when `[web]` is configured.
-    pool: Option<crate::pool::PoolHandle>,
-    /// Every `[programs.NAME]`.
-    programs: Programs,
-    /// The scheduler, when `[beat]` is configured.
-    beat: Option<crate::beat::BeatHandle>,
-}
-
-impl Roles {
-    /// Starts every configured role, in start order.
-    async fn start(loaded: &Loaded, metrics: &Arc<Metrics>) -> anyhow::Result<Roles> {
-        // The pool first: it binds the listening sockets, and a bind error stops the start.
-        let pool = match &loaded.config.web {
-            Some(web) => {
-                let pool_dir = crate::config::base_dir(loaded);
-                let pool = crate::pool::Pool::start(
-                    &loaded.config.app,
-                    web,
-                    &pool_dir,
-                    Arc::clone(metrics),
-                )
-                .await
-                .context("the web pool did not start")?;
-                Some(pool)
-            }
-            None => None,
-        };
-        let base_dir = loaded.path.parent().unwrap_or(Path::new("."));
-        let programs = Programs::start(&loaded.config, base_dir, Arc::clone(metrics));
-        let beat = match &loaded.config.beat {
-            Some(config) => {
-                match crate::beat::start(config, &loaded.config.app, base_dir, Arc::clone(metrics))
-                    .await
-                {
-                    Ok(beat) => Some(beat),
-                    Err(error) => {
-                        programs.shutdown(StopMode::Graceful).await;
-                        if let Some(pool) = pool {
-                            pool.shutdown(StopMode::Graceful).await;
-                        }
-                        return Err(anyhow::Error::new(error).context("cannot start beat"));
-                    }
-                }
-            }
-            None => None,
-        };
-        Ok(Roles {
-            pool,
-            programs,
-            beat,
-        })
-    }
-
-    /// Stops every role: the pool stops accepting and drains first, then beat, then programs in
-    /// reverse start order. Beat goes before the programs because it needs the broker — often
-    /// a supervised Redis — to release its lock, and publishing to queues whose workers are
-    /// stopping helps nobody.
-    async fn shutdown(self, mode: StopMode) {
-        if let Some(pool) = self.pool {
-            pool.shutdown(mode).await;
-        }
-        // Even a fast stop releases the beat lock: one Redis round trip lets a standby take
-        // over at once instead of after the lock's TTL.
-        if let Some(beat) = self.beat {
-            beat.shutdown().await;
-        }
-        self.programs.shutdown(mode).await;
-    }
-
-    /// The roles' part of the status report.
-    async fn fill_status(&self, report: &mut StatusReport) {
-        if let Some(pool) = &self.pool {
-            report.pool = serde_json::to_value(pool.status().await).ok();
-        }
-        report.programs = serde_json::to_value(self.programs.status().await).unwrap_or_default();
-        if let Some(beat) = &self.beat {
-            report.beat = match beat.status().await {
-                Ok(status) => serde_json::to_value(status).ok(),
-                Err(error) => Some(serde_json::json!({ "error": error.to_string() })),
-            };
-        }
-    }
-
-    /// Whether every role is within its policy (problems for `/healthz`), and a one-line
-    /// summary for systemd's `STATUS=`.
-    async fn health(&self) -> (Vec<String>, String) {
-        let mut problems = Vec::new();
-        let mut parts = Vec::new();
-        if let Some(pool) = &self.pool {
-            let status = pool.status().await;
-            let ready = status
-                .workers
-                .iter()
-                .filter(|worker| worker.state == crate::pool::WorkerState::Ready)
-                .count();
-            if ready == 0 {
-                problems.push("web pool: no worker is ready".to_owned());
-            }
-            parts.push(format!(
-                "web {ready}/{} workers ready (generation {})",
-                status.workers_wanted, status.generation
-            ));
-        }
-        let programs = self.programs.status().await;
-        if !programs.is_empty() {
-            let mut up = 0;
-            for program in &programs {
-                if program.fatal {
-                    problems.push(format!(
-                        "program \"{}\" is fatal: {}",
-                        program.name,
-                        program
-                            .instances
-                            .iter()
-                            .find_map(|instance| instance.detail.clone())
-                            .unwrap_or_else(|| "gave up after a crash loop".to_owned())
-                    ));
-                } else if program
-                    .instances
-                    .iter()
-                    .all(|instance| instance.pid.is_some())
-                {
-                    up += 1;
-                }
-            }
-            parts.push(format!("programs {up}/{} up", programs.len()));
-        }
-        if let Some(beat) = &self.beat {
-            match beat.status().await {
-                Ok(status) => parts.push(format!(
-                    "beat {} ({} jobs)",
-                    if status.leader { "leader" } else { "standby" },
-                    status.jobs.len()
-                )),
-                Err(error) => problems.push(format!("beat: {error}")),
-            }
-        }
-        if parts.is_empty() {
-            parts.push("running, nothing configured".to_owned());
-        }
-        (problems, parts.join(" · "))
-    }
-}
-
 /// The state the main loop owns.
 struct Supervisor {
     loaded: Loaded,
@@ -220,7 +75,15 @@ struct Supervisor {
     metrics: Arc<Metrics>,
     signals: Signals,
     control: ControlServer,
-    roles: Roles,
+    /// The running roles; `None` while a reload run owns them.
+    roles: Option<Roles>,
+    /// The reload in progress, if any.
+    reload: Option<ReloadRun>,
+    /// Reload requests that arrived during the run in progress; they share the next run.
+    /// `Some(empty)` is a reload asked for by a signal, with nobody waiting.
+    queued_reloads: Option<Vec<Responder>>,
+    /// The last full status, served while a reload run owns the roles.
+    status_snapshot: Option<serde_json::Value>,
     /// The verdict `/healthz` and `/readyz` serve, refreshed by the loop every second.
     health: watch::Sender<Health>,
     /// The `/metrics` endpoint, unless `[metrics].listen` is empty.
@@ -236,6 +99,8 @@ struct StopRequest {
     mode: StopMode,
     /// The `stop` client waiting for the end, if the request came over the control socket.
     waiter: Option<Responder>,
+    /// The supervisor stops because it can no longer serve; it exits with status 1.
+    failed: bool,
 }
 
 impl Supervisor {
@@ -257,7 +122,7 @@ impl Supervisor {
         // The endpoint comes up before the roles so that probes see "starting", not a refusal.
         let metrics_server = match crate::metrics_server::start(
             &loaded.config.metrics,
-            &crate::config::base_dir(&loaded),
+            &loaded.config_dir(),
             Arc::clone(&metrics),
             health_receiver,
         )
@@ -299,7 +164,10 @@ impl Supervisor {
             metrics,
             signals,
             control,
-            roles,
+            roles: Some(roles),
+            reload: None,
+            queued_reloads: None,
+            status_snapshot: None,
             health,
             metrics_server,
             queue_sampler,
@@ -329,22 +197,43 @@ impl Supervisor {
                     notify_or_log(self.notifier.watchdog(), "WATCHDOG");
                 }
                 _ = heartbeat.tick() => self.publish_health().await,
+                event = next_reload_event(&mut self.reload) => match event {
+                    ReloadEvent::Progress(line) => {
+                        tracing::info!("reload: {line}");
+                        for waiter in self.reload.iter().flat_map(|run| &run.waiters) {
+                            waiter.progress(line.clone());
+                        }
+                    }
+                    ReloadEvent::Finished(finished) => {
+                        if let Some(stop) = self.on_reload_finished(*finished).await {
+                            break stop;
+                        }
+                    }
+                },
             }
         };
+        let failed = stop.failed;
         self.shutdown(stop).await;
-        Ok(ExitCode::SUCCESS)
+        Ok(if failed {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        })
     }
 
     async fn on_signal(&mut self, event: SignalEvent) -> Option<StopRequest> {
         match event {
             SignalEvent::Shutdown(mode) => {
                 tracing::info!(?mode, "stop requested by signal");
-                return Some(StopRequest { mode, waiter: None });
+                return Some(StopRequest {
+                    mode,
+                    waiter: None,
+                    failed: false,
+                });
             }
             SignalEvent::Reload => {
-                if let Err(message) = self.reload(None).await {
-                    tracing::error!("reload failed: {message}");
-                }
+                tracing::info!("reload requested by SIGHUP");
+                self.request_reload(None).await;
             }
             SignalEvent::ReopenLogs => match self.log.reopen() {
                 Ok(()) => tracing::info!("log file reopened"),
@@ -358,69 +247,166 @@ impl Supervisor {
     async fn on_request(&mut self, request: ControlRequest) -> Option<StopRequest> {
         let ControlRequest { request, reply } = request;
         match request {
-            Request::Status => {
-                let report = self.status_report().await;
-                match serde_json::to_value(&report) {
-                    Ok(data) => reply.ok(data),
-                    Err(error) => reply.error(ErrorKind::Failed, error.to_string(), None),
-                }
-            }
+            Request::Status => match self.status_value().await {
+                Ok(data) => reply.ok(data),
+                Err(error) => reply.error(ErrorKind::Failed, error.to_string(), None),
+            },
             Request::Stop { mode } => {
                 tracing::info!(?mode, "stop requested over the control socket");
                 reply.progress("stopping");
                 return Some(StopRequest {
                     mode,
                     waiter: Some(reply),
+                    failed: false,
                 });
             }
-            Request::Reload { .. } => match self.reload(Some(&reply)).await {
-                Ok(summary) => reply.ok(serde_json::json!({ "summary": summary })),
-                Err(ReloadError::Config(diagnostics)) => reply.error(
-                    ErrorKind::Config,
-                    "the new config has problems; nothing changed",
-                    Some(diagnostics),
-                ),
-                Err(ReloadError::Failed(message)) => reply.error(ErrorKind::Failed, message, None),
-            },
+            Request::Reload { .. } => {
+                tracing::info!("reload requested over the control socket");
+                self.request_reload(Some(reply)).await;
+            }
         }
         None
     }
 
-    /// Re-reads the config. Rolling the roles to a new generation is issue #4's work; until it
-    /// lands, a reload validates the new file and says plainly that nothing was rolled.
-    async fn reload(&mut self, progress: Option<&Responder>) -> Result<String, ReloadError> {
-        self.phase = Phase::Reloading;
-        notify_or_log(self.notifier.reloading(), "RELOADING");
-        let outcome = match crate::config::load_path(&self.loaded.path) {
-            Ok(_) => {
-                if let Some(progress) = progress {
-                    progress.progress("config re-read: valid");
-                }
-                Err(ReloadError::Failed(
-                    "the config is valid, but rolling the roles to a new generation is not \
-                     available in this build yet (issue #4); restart the service to apply it"
-                        .to_owned(),
-                ))
+    /// Starts a reload now, or queues it behind the one in progress (the client is told).
+    async fn request_reload(&mut self, waiter: Option<Responder>) {
+        if self.reload.is_some() || self.roles.is_none() {
+            if let Some(waiter) = &waiter {
+                waiter.progress("another reload is in progress; this one starts when it ends");
             }
-            Err(error) => Err(ReloadError::Config(error.to_string())),
+            self.queued_reloads
+                .get_or_insert_with(Vec::new)
+                .extend(waiter);
+            return;
+        }
+        self.start_reload(waiter.into_iter().collect()).await;
+    }
+
+    /// Re-reads the config; if it loads, hands the roles to a new [`ReloadRun`].
+    async fn start_reload(&mut self, waiters: Vec<Responder>) {
+        notify_or_log(self.notifier.reloading(), "RELOADING");
+        let loaded = match crate::config::load_path(&self.loaded.path) {
+            Ok(loaded) => loaded,
+            Err(error) => {
+                let diagnostics = error.to_string();
+                tracing::error!("reload refused, nothing changed:\n{diagnostics}");
+                reload::refuse_config(waiters, &diagnostics);
+                self.metrics
+                    .reloads_total
+                    .with_label_values(&["config_error"])
+                    .inc();
+                notify_or_log(self.notifier.ready(), "READY");
+                return;
+            }
         };
-        self.metrics
-            .reloads_total
-            .with_label_values(&[if outcome.is_ok() {
-                "success"
-            } else {
-                "failure"
-            }])
-            .inc();
+        let Some(roles) = self.roles.take() else {
+            return;
+        };
+        self.status_snapshot = serde_json::to_value(self.status_report_of(&roles).await).ok();
+        let generation = self.generation + 1;
+        for waiter in &waiters {
+            waiter.progress(format!(
+                "generation {} → {generation}: config re-read, rolling",
+                self.generation
+            ));
+        }
+        tracing::info!(from = self.generation, to = generation, "reload: rolling");
+        self.phase = Phase::Reloading;
+        self.reload = Some(ReloadRun::start(
+            roles,
+            loaded,
+            generation,
+            Arc::clone(&self.metrics),
+            waiters,
+        ));
+    }
+
+    /// Takes the roles back from a finished run, answers its waiters and starts the queued one.
+    async fn on_reload_finished(
+        &mut self,
+        finished: Result<reload::Finished, tokio::task::JoinError>,
+    ) -> Option<StopRequest> {
+        let run = self.reload.take()?;
         self.phase = Phase::Running;
+        self.status_snapshot = None;
+        match finished {
+            Ok(finished) => {
+                match &finished.outcome {
+                    Ok(lines) => {
+                        tracing::info!(
+                            generation = run.generation,
+                            "reload done: {}",
+                            lines.join("; ")
+                        );
+                        self.generation = run.generation;
+                        self.metrics.generation.set(run.generation as i64);
+                        self.metrics
+                            .reloads_total
+                            .with_label_values(&["success"])
+                            .inc();
+                        self.queue_sampler = None;
+                        self.queue_sampler = crate::celery_queues::spawn_for(
+                            &finished.loaded.config,
+                            Arc::clone(&self.metrics),
+                        );
+                        self.loaded = finished.loaded;
+                    }
+                    Err(error) => {
+                        tracing::error!(
+                            "reload rolled back, generation {} kept: {error}",
+                            self.generation
+                        );
+                        if let Some(detail) = &error.detail {
+                            tracing::error!("{detail}");
+                        }
+                        self.metrics
+                            .reloads_total
+                            .with_label_values(&["rolled_back"])
+                            .inc();
+                    }
+                }
+                reload::answer(run.waiters, run.generation, &finished.outcome);
+                self.roles = Some(finished.roles);
+            }
+            Err(error) => {
+                // The run panicked: its roles were dropped with it (their children killed on
+                // drop), so nothing is served any more. Stop, and let systemd's Restart= act.
+                tracing::error!("reload task failed: {error}; stopping");
+                for waiter in run.waiters {
+                    waiter.error(
+                        ErrorKind::Failed,
+                        format!("the reload task failed: {error}"),
+                        None,
+                    );
+                }
+                self.metrics
+                    .reloads_total
+                    .with_label_values(&["failed"])
+                    .inc();
+                return Some(StopRequest {
+                    mode: StopMode::Fast,
+                    waiter: None,
+                    failed: true,
+                });
+            }
+        }
         notify_or_log(self.notifier.ready(), "READY");
-        outcome
+        if let Some(waiters) = self.queued_reloads.take() {
+            self.start_reload(waiters).await;
+        }
+        None
     }
 
     /// Refreshes `/healthz`'s verdict (which also proves this loop alive) and tells systemd
     /// when the one-line status changed.
     async fn publish_health(&mut self) {
-        let (problems, line) = self.roles.health().await;
+        let Some(roles) = &self.roles else {
+            // A reload run owns the roles: the loop is alive, the verdict stays as it was.
+            self.health
+                .send_modify(|health| health.heartbeat = Instant::now());
+            return;
+        };
+        let (problems, line) = roles.health().await;
         self.health
             .send_replace(Health::now(self.phase != Phase::Starting, problems));
         if line != self.status_line {
@@ -430,14 +416,34 @@ impl Supervisor {
     }
 
     async fn scale_workers(&mut self, delta: i32) {
-        match &self.roles.pool {
-            Some(pool) => pool.scale(delta),
-            None => tracing::warn!(delta, "no [web] pool configured to scale"),
+        match &self.roles {
+            Some(roles) if roles.scale(delta) => tracing::info!(delta, "scaling the web pool"),
+            Some(_) => tracing::warn!(delta, "no [web] pool configured to scale"),
+            None => tracing::warn!(
+                delta,
+                "a reload is in progress; scale again when it is done"
+            ),
         }
     }
 
-    async fn status_report(&self) -> StatusReport {
-        let mut report = StatusReport {
+    /// The status document: live from the roles, or while a reload run owns them, the snapshot
+    /// taken when it started, with the phase brought up to date.
+    async fn status_value(&self) -> Result<serde_json::Value, serde_json::Error> {
+        match (&self.roles, &self.status_snapshot) {
+            (Some(roles), _) => serde_json::to_value(self.status_report_of(roles).await),
+            (None, Some(snapshot)) => {
+                let mut snapshot = snapshot.clone();
+                snapshot["phase"] = serde_json::to_value(self.phase)?;
+                snapshot["uptime_seconds"] = self.started.elapsed().as_secs().into();
+                Ok(snapshot)
+            }
+            (None, None) => serde_json::to_value(self.supervisor_status()),
+        }
+    }
+
+    /// The supervisor's own part of the status, before the roles fill in theirs.
+    fn supervisor_status(&self) -> StatusReport {
+        StatusReport {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION"),
             phase: self.phase,
@@ -447,8 +453,13 @@ impl Supervisor {
             pool: None,
             programs: serde_json::Value::Array(Vec::new()),
             beat: None,
-        };
-        self.roles.fill_status(&mut report).await;
+            figures: self.metrics.figures(),
+        }
+    }
+
+    async fn status_report_of(&self, roles: &Roles) -> StatusReport {
+        let mut report = self.supervisor_status();
+        roles.fill_status(&mut report).await;
         report
     }
 
@@ -461,7 +472,18 @@ impl Supervisor {
         ));
         let began = Instant::now();
         drop(self.queue_sampler.take());
-        self.roles.shutdown(stop.mode).await;
+        if let Some(mut run) = self.reload.take() {
+            // A stop during a reload waits for the run: it is bounded by the roles' own
+            // timeouts, and stopping half-rolled roles would leave orphans of either generation.
+            tracing::info!("waiting for the reload in progress before stopping");
+            if let Ok(finished) = run.finished().await {
+                reload::answer(run.waiters, run.generation, &finished.outcome);
+                self.roles = Some(finished.roles);
+            }
+        }
+        if let Some(roles) = self.roles.take() {
+            roles.shutdown(stop.mode).await;
+        }
         // Last, so that the final scrape can still see the roles stopping.
         if let Some(server) = self.metrics_server.take() {
             server.shutdown().await;
@@ -477,15 +499,12 @@ impl Supervisor {
     }
 }
 
-/// Why a reload did not apply.
-#[derive(Debug, thiserror::Error)]
-enum ReloadError {
-    /// The new config is invalid: every diagnostic, one per line.
-    #[error("{0}")]
-    Config(String),
-    /// Something else failed; the message says what.
-    #[error("{0}")]
-    Failed(String),
+/// The run's next event; pending while there is no run.
+async fn next_reload_event(run: &mut Option<ReloadRun>) -> ReloadEvent {
+    match run {
+        Some(run) => run.next_event().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn tick(interval: &mut Option<tokio::time::Interval>) {

@@ -393,6 +393,13 @@ impl Actor {
             if state.shown_next == Some(state.next) {
                 continue;
             }
+            if state.shown_next.is_none() {
+                // A new job's counters start at 0, so both families show before its first
+                // publish or error and `rate()` sees the first increment.
+                let name = [state.job.name.as_str()];
+                self.metrics.beat_published_total.with_label_values(&name);
+                self.metrics.beat_errors_total.with_label_values(&name);
+            }
             state.shown_next = Some(state.next);
             let gauge = self
                 .metrics

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame as BodyFrame, SizeHint};
+use tokio::sync::mpsc;
 use tokio::time::Sleep;
 
 use crate::dispatch::{Lease, Outcome};
@@ -133,14 +134,7 @@ impl Exchange {
     /// Drives the exchange to its next event.
     pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, ExchangeError>> {
         if self.deadline.as_mut().poll(cx).is_ready() {
-            let age = self.started.elapsed();
-            let context = format!(
-                "request {} timed out after {:.1} s",
-                self.context,
-                age.as_secs_f64()
-            );
-            self.finish(Outcome::TimedOut(context));
-            return Poll::Ready(Err(ExchangeError::Timeout));
+            return Poll::Ready(Err(self.time_out()));
         }
         loop {
             let Some(channel) = self.lease.as_mut().and_then(Lease::channel) else {
@@ -226,6 +220,23 @@ impl Exchange {
             self.finish(Outcome::Done);
         }
         ended
+    }
+
+    /// Gives the slot back as timed out (the pool kills the worker) and returns the error.
+    fn time_out(&mut self) -> ExchangeError {
+        let age = self.started.elapsed();
+        let context = format!(
+            "request {} timed out after {:.1} s",
+            self.context,
+            age.as_secs_f64()
+        );
+        self.finish(Outcome::TimedOut(context));
+        ExchangeError::Timeout
+    }
+
+    /// Resolves when the request's deadline has passed.
+    pub async fn expired(&mut self) {
+        self.deadline.as_mut().await;
     }
 
     /// Waits for the next event.
@@ -345,9 +356,29 @@ impl std::fmt::Debug for ResponseBody {
     }
 }
 
+/// Batches of body chunks read ahead of a slow client, and chunks per batch: the worker is
+/// released once its response is in here, unless the response is bigger than that.
+const READ_AHEAD_BATCHES: usize = 8;
+const BATCH_CHUNKS: usize = 8;
+
+/// What the read-ahead task hands to the response body.
+#[derive(Debug)]
+enum Piece {
+    Data(Bytes),
+    End,
+    Failed(ExchangeError),
+}
+
 /// The state of a streamed response body.
+///
+/// A small task (`pump`) reads the worker's frames into a bounded queue, independently of how
+/// fast hyper can write to the client: a slow reader holds memory (up to
+/// `READ_AHEAD_BATCHES` × `BATCH_CHUNKS` chunks), not a worker slot. Past that bound the worker
+/// waits, which is the backpressure. Frames that have already arrived travel as one batch, so
+/// a fast stream costs one task wake-up per read, not per chunk.
 pub struct Streaming {
-    exchange: Exchange,
+    batches: mpsc::Receiver<Vec<Piece>>,
+    pending: std::collections::VecDeque<Piece>,
     first: Option<Bytes>,
     bytes: u64,
     done: bool,
@@ -357,12 +388,77 @@ pub struct Streaming {
 impl Streaming {
     /// A body that starts with `first` and continues with the worker's `Body` frames.
     pub fn new(exchange: Exchange, first: Bytes, completion: Completion) -> Streaming {
+        let (sender, batches) = mpsc::channel(READ_AHEAD_BATCHES);
+        tokio::spawn(pump(exchange, sender));
         Streaming {
-            exchange,
+            batches,
+            pending: std::collections::VecDeque::new(),
             first: Some(first).filter(|chunk| !chunk.is_empty()),
             bytes: 0,
             done: false,
             completion,
+        }
+    }
+}
+
+/// Turns an exchange event into a piece; `None` for an empty chunk.
+fn piece_of(exchange: &mut Exchange, event: Result<Event, ExchangeError>) -> Option<Piece> {
+    Some(match event {
+        Ok(Event::Chunk(chunk)) if chunk.is_empty() => return None,
+        Ok(Event::Chunk(chunk)) => Piece::Data(chunk),
+        Ok(Event::End) => Piece::End,
+        Ok(Event::Head { .. }) => {
+            let error = ExchangeError::Protocol("a second response head".to_owned());
+            exchange.finish(Outcome::Broken(error.to_string()));
+            Piece::Failed(error)
+        }
+        Err(error) => {
+            tracing::warn!("response to {} aborted: {error}", exchange.context);
+            Piece::Failed(error)
+        }
+    })
+}
+
+/// Moves the worker's response into the queue until it ends. When the client goes away the
+/// queue closes, the exchange is dropped and its `Drop` tells the worker to stop.
+async fn pump(mut exchange: Exchange, sender: mpsc::Sender<Vec<Piece>>) {
+    loop {
+        let event = tokio::select! {
+            event = exchange.next_event() => event,
+            () = sender.closed() => return,
+        };
+        let Some(piece) = piece_of(&mut exchange, event) else {
+            continue;
+        };
+        let mut last = !matches!(piece, Piece::Data(_));
+        let mut batch = vec![piece];
+        // Take whatever else has already arrived, without waiting.
+        while !last && batch.len() < BATCH_CHUNKS {
+            let mut idle = Context::from_waker(std::task::Waker::noop());
+            let Poll::Ready(event) = exchange.poll_event(&mut idle) else {
+                break;
+            };
+            if let Some(piece) = piece_of(&mut exchange, event) {
+                last = !matches!(piece, Piece::Data(_));
+                batch.push(piece);
+            }
+        }
+        // Waiting for room here is the backpressure on the worker; the request's deadline
+        // still applies while the client is slow.
+        let permit = tokio::select! {
+            permit = sender.reserve() => permit,
+            () = exchange.expired(), if !last => {
+                let error = exchange.time_out();
+                let _ = sender.send(vec![Piece::Failed(error)]).await;
+                return;
+            }
+        };
+        match permit {
+            Ok(permit) => permit.send(batch),
+            Err(_closed) => return,
+        }
+        if last {
+            return;
         }
     }
 }
@@ -393,36 +489,33 @@ impl Body for ResponseBody {
                 if stream.done {
                     return Poll::Ready(None);
                 }
-                loop {
-                    return match stream.exchange.poll_event(cx) {
-                        Poll::Pending => Poll::Pending,
-                        Poll::Ready(Ok(Event::Chunk(chunk))) if chunk.is_empty() => continue,
-                        Poll::Ready(Ok(Event::Chunk(chunk))) => {
-                            stream.bytes += chunk.len() as u64;
-                            Poll::Ready(Some(Ok(BodyFrame::data(chunk))))
-                        }
-                        Poll::Ready(Ok(Event::End)) => {
+                if stream.pending.is_empty() {
+                    match stream.batches.poll_recv(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Some(batch)) => stream.pending.extend(batch),
+                        Poll::Ready(None) => {
                             stream.done = true;
-                            Poll::Ready(None)
+                            return Poll::Ready(Some(Err(ExchangeError::WorkerGone)));
                         }
-                        Poll::Ready(Ok(Event::Head { .. })) => {
-                            let error =
-                                ExchangeError::Protocol("a second response head".to_owned());
-                            stream.exchange.finish(Outcome::Broken(error.to_string()));
-                            Poll::Ready(Some(Err(error)))
+                    }
+                }
+                match stream.pending.pop_front() {
+                    None => Poll::Pending,
+                    Some(Piece::Data(chunk)) => {
+                        stream.bytes += chunk.len() as u64;
+                        Poll::Ready(Some(Ok(BodyFrame::data(chunk))))
+                    }
+                    Some(Piece::End) => {
+                        stream.done = true;
+                        Poll::Ready(None)
+                    }
+                    Some(Piece::Failed(error)) => {
+                        if matches!(error, ExchangeError::Timeout) {
+                            stream.completion.status = 504;
                         }
-                        Poll::Ready(Err(error)) => {
-                            if matches!(error, ExchangeError::Timeout) {
-                                stream.completion.status = 504;
-                            }
-                            tracing::warn!(
-                                "response to {} aborted: {error}",
-                                stream.exchange.context
-                            );
-                            stream.done = true;
-                            Poll::Ready(Some(Err(error)))
-                        }
-                    };
+                        stream.done = true;
+                        Poll::Ready(Some(Err(error)))
+                    }
                 }
             }
         }
