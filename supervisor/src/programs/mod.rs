@@ -375,7 +375,8 @@ impl Programs {
             parts.push(format!("{unchanged} unchanged"));
         }
         if parts.is_empty() {
-            return Ok("programs: none configured".to_owned());
+            // No programs before or after: nothing to say.
+            return Ok(String::new());
         }
         Ok(format!("programs: {}", parts.join(", ")))
     }
