@@ -437,11 +437,12 @@ impl Supervisor {
                 snapshot["uptime_seconds"] = self.started.elapsed().as_secs().into();
                 Ok(snapshot)
             }
-            (None, None) => serde_json::to_value(self.status_report_of_nothing()),
+            (None, None) => serde_json::to_value(self.supervisor_status()),
         }
     }
 
-    fn status_report_of_nothing(&self) -> StatusReport {
+    /// The supervisor's own part of the status, before the roles fill in theirs.
+    fn supervisor_status(&self) -> StatusReport {
         StatusReport {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION"),
@@ -457,18 +458,7 @@ impl Supervisor {
     }
 
     async fn status_report_of(&self, roles: &Roles) -> StatusReport {
-        let mut report = StatusReport {
-            pid: std::process::id(),
-            version: env!("CARGO_PKG_VERSION"),
-            phase: self.phase,
-            generation: self.generation,
-            uptime_seconds: self.started.elapsed().as_secs(),
-            config: self.loaded.path.display().to_string(),
-            pool: None,
-            programs: serde_json::Value::Array(Vec::new()),
-            beat: None,
-            figures: self.metrics.figures(),
-        };
+        let mut report = self.supervisor_status();
         roles.fill_status(&mut report).await;
         report
     }
