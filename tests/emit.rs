@@ -497,10 +497,11 @@ fn nginx_serves_static_files_proxies_with_forwarded_headers_and_asks_for_the_sta
         ("HTTP_X_FORWARDED_HOST", "localhost"),
         ("HTTP_X_FORWARDED_PORT", &https_port.to_string()),
         ("HTTP_X_REAL_IP", CLIENT),
-        ("HTTP_HOST", "localhost"),
-        // nginx's `Host $host` drops the port, so the pool falls back to the scheme's default.
+        // `Host $http_host` keeps the port the client used, so absolute URLs built from
+        // HTTP_HOST (Django's build_absolute_uri, say) point back at the right port.
+        ("HTTP_HOST", &format!("localhost:{https_port}")),
         ("SERVER_NAME", "localhost"),
-        ("SERVER_PORT", "443"),
+        ("SERVER_PORT", &https_port.to_string()),
     ] {
         assert_environ(&environ_seen, key, expected);
     }
