@@ -926,6 +926,63 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_restart_brings_the_old_config_back() {
+        runtime().block_on(async {
+            let toml = |command: &str| {
+                format!(
+                    "[programs.svc]\ncommand = {command}\nreload = \"restart\"\nready_after = \"0s\"\n"
+                )
+            };
+            let mut programs = start(&toml(r#"["sleep", "300"]"#));
+            let status = wait_for(&programs, "running", |status| {
+                status[0].instances[0].pid.is_some()
+            })
+            .await;
+            let old = status[0].instances[0].pid.unwrap();
+            let (outcome, _) = reload(&mut programs, &toml(r#"["/nonexistent/svc"]"#), 2).await;
+            let error = outcome.unwrap_err();
+            assert!(error.contains("could not start"), "{error}");
+            assert!(error.contains("/nonexistent/svc"), "{error}");
+            assert!(error.contains("old config was started again"), "{error}");
+            assert!(!alive(old), "restart stopped the old process first");
+            let status = wait_for(&programs, "the old config back", |status| {
+                status[0].instances[0].state == InstanceState::Running
+            })
+            .await;
+            let instances = &status[0].instances;
+            assert_eq!(instances.len(), 1, "{instances:#?}");
+            assert_eq!(instances[0].generation, 1);
+            programs.shutdown(StopMode::Fast).await;
+        });
+    }
+
+    #[test]
+    fn rolling_to_fewer_instances_retires_the_extra_ones() {
+        runtime().block_on(async {
+            let toml = |instances: u32| {
+                format!(
+                    "[programs.pool]\ncommand = [\"sleep\", \"300\"]\ninstances = {instances}\nready_after = \"0s\"\n"
+                )
+            };
+            let mut programs = start(&toml(3));
+            let status = wait_for(&programs, "three running", |status| {
+                status[0].state == InstanceState::Running
+            })
+            .await;
+            let old: Vec<u32> = status[0].instances.iter().map(|i| i.pid.unwrap()).collect();
+            let (outcome, lines) = reload(&mut programs, &toml(1), 2).await;
+            outcome.unwrap();
+            let status = programs.status().await;
+            let instances = &status[0].instances;
+            assert_eq!(instances.len(), 1, "{instances:#?}");
+            assert_eq!((instances[0].index, instances[0].generation), (0, 2));
+            assert!(old.iter().all(|pid| !alive(*pid)));
+            assert_eq!(lines.iter().filter(|line| line.contains("new instance")).count(), 1);
+            programs.shutdown(StopMode::Fast).await;
+        });
+    }
+
+    #[test]
     fn reload_starts_added_and_stops_removed_programs() {
         runtime().block_on(async {
             let mut programs = start(
