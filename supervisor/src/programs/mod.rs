@@ -243,7 +243,8 @@ impl Programs {
     }
 
     /// Applies a new config to the running programs (see the module documentation); new
-    /// instances start under `generation`. Returns a one-line summary, or what failed: the
+    /// instances start under `generation`. Returns a one-line summary (empty when there are no
+    /// programs before or after), or what failed: the
     /// program, how its new instance ended and its last output, and which programs were already
     /// reloaded before it (those stay reloaded; the ones after it were not touched).
     ///
