@@ -1,5 +1,6 @@
-//! `emit`, `htpasswd` and `check --live` against the real servers: nginx checks and serves every
-//! emitted variant, redis-server and PostgreSQL start with the emitted files, systemd-analyze
+//! `emit`, `htpasswd` and `check --live` against the real servers: nginx checks every emitted
+//! variant and serves in front of a real `sauna-supervisor run` reading the same sauna.toml,
+//! redis-server and PostgreSQL start with the emitted files, systemd-analyze
 //! verifies the units, and golden files pin the exact output of each target.
 
 use std::os::unix::fs::PermissionsExt as _;
@@ -7,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use crate::util::{Sandbox, binary, free_port, require_tool, wait_until};
+use crate::util::{Running, Sandbox, binary, free_port, python, require_tool, wait_until};
 
 const APT_NGINX: &str = "apt-get install -y nginx";
 const APT_REDIS: &str = "apt-get install -y redis-server";
@@ -92,10 +93,12 @@ fn is_root() -> bool {
 // ---------------------------------------------------------------------------------------------
 // nginx
 
-/// The web part every nginx variant shares; `keys` go into `[deploy]`, `tables` after it.
+/// The web part every nginx variant shares: the pool on `listen` (`"127.0.0.1:PORT"` or
+/// `"unix:PATH"`), the echo app run by the test venv's Python; `keys` go into `[deploy]`,
+/// `tables` after it. The variants that only go through `nginx -t` never start the app.
 fn nginx_config(
     sandbox: &Sandbox,
-    upstream_port: u16,
+    listen: &str,
     http_port: u16,
     keys: &str,
     tables: &str,
@@ -105,10 +108,12 @@ fn nginx_config(
 wsgi = "app:application"
 
 [web]
-listen = ["127.0.0.1:{upstream_port}"]
+listen = ["{listen}"]
 workers = 2
 threads = 2
 max_body = "1MiB"
+timeout = "2s"
+forwarded_allow_ips = ["127.0.0.1"]
 
 [deploy]
 name = "site"
@@ -158,10 +163,11 @@ fn nginx_command(nginx: &Path, sandbox: &Sandbox, main: &Path) -> Command {
     command
 }
 
-/// Emits the site for `config`, checks it with `nginx -t` and returns the main config.
+/// Emits the site for `config`, checks it with `nginx -t` and returns the main config. The
+/// sandbox's `sauna.toml` is the one `sauna-supervisor run` later serves the app with.
 fn emit_and_check_nginx(sandbox: &Sandbox, config: &str, env: &[(&str, &str)]) -> PathBuf {
     let nginx = require_tool("nginx", APT_NGINX);
-    sandbox.write("sauna.toml", config);
+    sandbox.write_config(config);
     std::fs::create_dir_all(sandbox.path("static")).expect("static dir");
     let site = sandbox.write("nginx/site.conf", &ok(sandbox, &["emit", "nginx"], env));
     let main = nginx_main_conf(sandbox, &site);
@@ -227,7 +233,7 @@ fn nginx_accepts_every_emitted_variant() {
     let plain = Sandbox::new();
     let config = nginx_config(
         &plain,
-        free_port(),
+        &format!("127.0.0.1:{}", free_port()),
         free_port(),
         "websocket = [\"/ws/\", \"/live\"]",
         &format!(
@@ -242,7 +248,7 @@ fn nginx_accepts_every_emitted_variant() {
     let (cert, key) = self_signed(&tls);
     let config = nginx_config(
         &tls,
-        free_port(),
+        &format!("127.0.0.1:{}", free_port()),
         free_port(),
         "",
         &format!(
@@ -259,7 +265,7 @@ fn nginx_accepts_every_emitted_variant() {
     staging.write("htpasswd", &htpasswd("reviewer", "s3cret"));
     let config = nginx_config(
         &staging,
-        free_port(),
+        &format!("127.0.0.1:{}", free_port()),
         free_port(),
         "",
         &format!(
@@ -273,7 +279,7 @@ fn nginx_accepts_every_emitted_variant() {
     let hosts = Sandbox::new();
     let config = nginx_config(
         &hosts,
-        8000,
+        "127.0.0.1:8000",
         free_port(),
         "app_hosts = [\"127.0.0.2\", \"127.0.0.3\", \"localhost\"]",
         "",
@@ -285,27 +291,46 @@ fn nginx_accepts_every_emitted_variant() {
     }
 }
 
-/// An upstream that answers every request with a request counter and the headers it received,
-/// as `Name: value` lines; paths under `/cacheable` are marked cacheable for a minute.
-const ECHO_UPSTREAM: &str = r#"
-import http.server, itertools, sys
-counter = itertools.count(1)
-class Echo(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        lines = [f"Request-Number: {next(counter)}"]
-        lines += [f"{k}: {v}" for k, v in self.headers.items()]
-        body = ("\n".join(lines) + "\n").encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        if self.path.startswith("/cacheable"):
-            self.send_header("Cache-Control", "public, max-age=60")
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
-http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Echo).serve_forever()
+/// The WSGI app nginx proxies to through the real pool: it answers every request with the
+/// environ's string values as JSON, plus a fresh `request_id` (so a cached answer shows as a
+/// repeated id). Paths under `/cacheable` are marked cacheable for a minute; `/sleep?S` sleeps.
+const ECHO_APP: &str = r#"
+import json, time, uuid
+
+def application(environ, start_response):
+    path = environ["PATH_INFO"]
+    if path == "/sleep":
+        time.sleep(float(environ["QUERY_STRING"]))
+    body = {key: value for key, value in environ.items() if isinstance(value, str)}
+    body["request_id"] = uuid.uuid4().hex
+    headers = [("Content-Type", "application/json")]
+    if path.startswith("/cacheable"):
+        headers.append(("Cache-Control", "public, max-age=60"))
+    start_response("200 OK", headers)
+    return [json.dumps(body).encode()]
 "#;
+
+/// Writes the echo app into the sandbox and names the test venv's Python in `[app]`, so that
+/// `config` is the one both `emit nginx` and `sauna-supervisor run` read.
+fn with_echo_app(sandbox: &Sandbox, config: &str) -> String {
+    sandbox.write("app.py", ECHO_APP);
+    config.replacen(
+        "[app]\n",
+        &format!("[app]\npython = \"{}\"\n", python().display()),
+        1,
+    )
+}
+
+/// Starts `sauna-supervisor run` with the sandbox's `sauna.toml` and waits for its two workers.
+fn start_app(sandbox: &Sandbox) -> Running {
+    let running = sandbox.start();
+    running.wait_for(Duration::from_secs(30), "two ready web workers", |status| {
+        status["pool"]["workers"]
+            .as_array()
+            .is_some_and(|workers| workers.iter().filter(|w| w["state"] == "ready").count() == 2)
+    });
+    running
+}
 
 fn curl(args: &[&str]) -> String {
     let curl = require_tool("curl", "apt-get install -y curl");
@@ -321,16 +346,21 @@ fn body(response: &str) -> &str {
     response.split_once("\n\n").map_or("", |(_, body)| body)
 }
 
-/// Starts the echo upstream on `port`.
-fn start_upstream(sandbox: &Sandbox, port: u16) -> Daemon {
-    let python = require_tool("python3", "apt-get install -y python3");
-    let script = sandbox.write("upstream.py", ECHO_UPSTREAM);
-    let mut upstream = Daemon::spawn(
-        "python upstream",
-        Command::new(python).arg(&script).arg(port.to_string()),
+/// The environ the echo app answered with, as `key → value`.
+fn environ(response: &str) -> serde_json::Map<String, serde_json::Value> {
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    serde_json::from_str(body(response))
+        .unwrap_or_else(|e| panic!("the echo app's JSON ({e}) in\n{response}"))
+}
+
+/// Asserts `environ[key] == expected`, showing the whole environ when not.
+#[track_caller]
+fn assert_environ(environ: &serde_json::Map<String, serde_json::Value>, key: &str, expected: &str) {
+    assert_eq!(
+        environ.get(key).and_then(|v| v.as_str()),
+        Some(expected),
+        "{key} in {environ:#?}"
     );
-    wait_for_port(port, &mut upstream);
-    upstream
 }
 
 fn wait_for_port(port: u16, daemon: &mut Daemon) {
@@ -344,24 +374,31 @@ fn wait_for_port(port: u16, daemon: &mut Daemon) {
     );
 }
 
+/// curl's client address: not 127.0.0.1, where nginx connects to the pool from, so the app
+/// seeing it as REMOTE_ADDR proves it came through X-Forwarded-For.
+const CLIENT: &str = "127.0.0.2";
+
 #[test]
 fn nginx_serves_static_files_proxies_with_forwarded_headers_and_asks_for_the_staging_password() {
     let nginx = require_tool("nginx", APT_NGINX);
     let sandbox = Sandbox::new();
-    let (upstream_port, http_port) = (free_port(), free_port());
+    let (app_port, http_port) = (free_port(), free_port());
     let (cert, key) = self_signed(&sandbox);
     sandbox.write("htpasswd", &htpasswd("reviewer", "open sesame"));
-    let config = nginx_config(
+    let config = with_echo_app(
         &sandbox,
-        upstream_port,
-        http_port,
-        "websocket = [\"/ws/\"]",
-        &format!(
-            "[deploy.staging]\nhtpasswd = \"{}\"\n[deploy.tls]\ncertificate = \"{}\"\nkey = \"{}\"\nacme_webroot = \"{}\"\n",
-            sandbox.path("htpasswd").display(),
-            cert.display(),
-            key.display(),
-            sandbox.path("acme").display()
+        &nginx_config(
+            &sandbox,
+            &format!("127.0.0.1:{app_port}"),
+            http_port,
+            "websocket = [\"/ws/\"]",
+            &format!(
+                "[deploy.staging]\nhtpasswd = \"{}\"\n[deploy.tls]\ncertificate = \"{}\"\nkey = \"{}\"\nacme_webroot = \"{}\"\n",
+                sandbox.path("htpasswd").display(),
+                cert.display(),
+                key.display(),
+                sandbox.path("acme").display()
+            ),
         ),
     );
     let https_port: u16 = config
@@ -378,7 +415,7 @@ fn nginx_serves_static_files_proxies_with_forwarded_headers_and_asks_for_the_sta
 
     sandbox.write("acme/.well-known/acme-challenge/token-1", "token-1.key\n");
     sandbox.write("static/style.css", &"body { color: black; }\n".repeat(200));
-    let _upstream = start_upstream(&sandbox, upstream_port);
+    let app = start_app(&sandbox);
     let mut server = Daemon::spawn("nginx", &mut nginx_command(&nginx, &sandbox, &main));
     wait_for_port(https_port, &mut server);
 
@@ -398,17 +435,31 @@ fn nginx_serves_static_files_proxies_with_forwarded_headers_and_asks_for_the_sta
     assert_eq!(body(&challenge), "token-1.key\n");
 
     let base = format!("https://localhost:{https_port}");
-    let insecure = ["-k", "--http1.1"];
+    let authorized = |args: &[&str], path: &str| {
+        let url = format!("{base}{path}");
+        let mut all = vec![
+            "-k",
+            "--http1.1",
+            "-4",
+            "--interface",
+            CLIENT,
+            "-u",
+            "reviewer:open sesame",
+        ];
+        all.extend_from_slice(args);
+        all.push(&url);
+        curl(&all)
+    };
     // Staging: no password → 401 with a challenge; a wrong one → 401.
-    let denied = curl(&[insecure[0], insecure[1], &format!("{base}/app")]);
+    let denied = curl(&["-k", "--http1.1", &format!("{base}/app")]);
     assert!(denied.starts_with("HTTP/1.1 401"), "{denied}");
     assert!(
         denied.contains("WWW-Authenticate: Basic realm=\"Staging\""),
         "{denied}"
     );
     let wrong = curl(&[
-        insecure[0],
-        insecure[1],
+        "-k",
+        "--http1.1",
         "-u",
         "reviewer:nope",
         &format!("{base}/app"),
@@ -416,13 +467,7 @@ fn nginx_serves_static_files_proxies_with_forwarded_headers_and_asks_for_the_sta
     assert!(wrong.starts_with("HTTP/1.1 401"), "{wrong}");
 
     // The static file comes from disk with long cache headers, and HSTS.
-    let file = curl(&[
-        insecure[0],
-        insecure[1],
-        "-u",
-        "reviewer:open sesame",
-        &format!("{base}/static/hello.txt"),
-    ]);
+    let file = authorized(&[], "/static/hello.txt");
     assert!(file.starts_with("HTTP/1.1 200"), "{file}");
     assert!(file.ends_with("hello from disk\n"), "{file}");
     assert!(file.contains("Cache-Control: max-age=2592000"), "{file}");
@@ -434,111 +479,172 @@ fn nginx_serves_static_files_proxies_with_forwarded_headers_and_asks_for_the_sta
         !file.contains("Server: nginx/"),
         "server_tokens off: {file}"
     );
+    // A file missing from the static directory is nginx's 404, not a question for the app.
+    let missing = authorized(&[], "/static/missing.txt");
+    assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
 
-    // An app request reaches the upstream with the forwarded headers.
-    let app = curl(&[
-        insecure[0],
-        insecure[1],
-        "-u",
-        "reviewer:open sesame",
-        &format!("{base}/app?x=1"),
-    ]);
-    assert!(app.starts_with("HTTP/1.1 200"), "{app}");
-    for header in [
-        "X-Forwarded-For: 127.0.0.1",
-        "X-Forwarded-Proto: https",
-        "X-Forwarded-Host: localhost",
-        &format!("X-Forwarded-Port: {https_port}"),
-        "X-Real-IP: 127.0.0.1",
-        "Host: localhost",
+    // An app request reaches the pool with the forwarded headers, and since nginx's address is
+    // in forwarded_allow_ips the app sees the client's address and scheme, not nginx's.
+    let environ_seen = environ(&authorized(&[], "/app?x=1"));
+    for (key, expected) in [
+        ("REQUEST_METHOD", "GET"),
+        ("PATH_INFO", "/app"),
+        ("QUERY_STRING", "x=1"),
+        ("REMOTE_ADDR", CLIENT),
+        ("wsgi.url_scheme", "https"),
+        ("HTTP_X_FORWARDED_FOR", CLIENT),
+        ("HTTP_X_FORWARDED_PROTO", "https"),
+        ("HTTP_X_FORWARDED_HOST", "localhost"),
+        ("HTTP_X_FORWARDED_PORT", &https_port.to_string()),
+        ("HTTP_X_REAL_IP", CLIENT),
+        // `Host $http_host` keeps the port the client used, so absolute URLs built from
+        // HTTP_HOST (Django's build_absolute_uri, say) point back at the right port.
+        ("HTTP_HOST", &format!("localhost:{https_port}")),
+        ("SERVER_NAME", "localhost"),
+        ("SERVER_PORT", &https_port.to_string()),
     ] {
-        assert!(
-            app.contains(&format!("\n{header}\n")),
-            "missing {header:?} in\n{app}"
-        );
+        assert_environ(&environ_seen, key, expected);
     }
-
+    // Forwarded from a known proxy, the client's port is unknown rather than nginx's.
+    assert!(
+        !environ_seen.contains_key("REMOTE_PORT"),
+        "{environ_seen:#?}"
+    );
     // Upstream connections are kept alive: no `Connection: close` reaches the app.
-    assert!(!body(&app).contains("Connection:"), "{app}");
+    assert!(
+        !environ_seen.contains_key("HTTP_CONNECTION"),
+        "{environ_seen:#?}"
+    );
+
+    // The same headers sent straight to the pool from an address not in forwarded_allow_ips
+    // are ignored: the app sees the real peer and plain HTTP.
+    let forged = environ(&curl(&[
+        "--interface",
+        CLIENT,
+        "-H",
+        "X-Forwarded-For: 198.51.100.7",
+        "-H",
+        "X-Forwarded-Proto: https",
+        &format!("http://127.0.0.1:{app_port}/direct"),
+    ]));
+    assert_environ(&forged, "REMOTE_ADDR", CLIENT);
+    assert_environ(&forged, "wsgi.url_scheme", "http");
+
     // WebSocket locations pass the handshake headers on.
-    let ws = curl(&[
-        insecure[0],
-        insecure[1],
-        "-u",
-        "reviewer:open sesame",
-        "-H",
-        "Upgrade: websocket",
-        "-H",
-        "Connection: Upgrade",
-        &format!("{base}/ws/chat"),
-    ]);
-    assert!(body(&ws).contains("\nUpgrade: websocket\n"), "{ws}");
-    assert!(body(&ws).contains("\nConnection: upgrade\n"), "{ws}");
+    let ws = environ(&authorized(
+        &["-H", "Upgrade: websocket", "-H", "Connection: Upgrade"],
+        "/ws/chat",
+    ));
+    assert_environ(&ws, "HTTP_UPGRADE", "websocket");
+    assert_environ(&ws, "HTTP_CONNECTION", "upgrade");
     // Text is compressed.
-    let css = curl(&[
-        insecure[0],
-        insecure[1],
-        "-u",
-        "reviewer:open sesame",
-        "-H",
-        "Accept-Encoding: gzip",
-        "-o",
-        "/dev/null",
-        "-D",
-        "-",
-        &format!("{base}/static/style.css"),
-    ]);
+    let css = authorized(
+        &["-H", "Accept-Encoding: gzip", "-o", "/dev/null", "-D", "-"],
+        "/static/style.css",
+    );
     assert!(css.contains("Content-Encoding: gzip"), "{css}");
 
     // A body above [web].max_body is refused by nginx already.
     let big = sandbox.write("big.bin", &"x".repeat(2 << 20));
-    let refused = curl(&[
-        insecure[0],
-        insecure[1],
-        "-u",
-        "reviewer:open sesame",
-        "--data-binary",
-        &format!("@{}", big.display()),
-        &format!("{base}/upload"),
-    ]);
+    let refused = authorized(
+        &["--data-binary", &format!("@{}", big.display())],
+        "/upload",
+    );
     assert!(refused.starts_with("HTTP/1.1 413"), "{refused}");
+
+    // Only the app requests reached the pool: its access log names them and no static path.
+    app.wait_for_log("GET /ws/chat", Duration::from_secs(10));
+    let log = app.log();
+    assert!(log.contains("GET /app"), "{log}");
+    assert!(
+        !log.contains("/static/"),
+        "nginx passed a static path on:\n{log}"
+    );
+    assert!(
+        !log.contains("/upload"),
+        "nginx passed the large body on:\n{log}"
+    );
+    drop(server);
+    let exit = app.stop();
+    assert!(exit.success(), "{exit:?}");
 }
 
 #[test]
-fn nginx_caches_only_what_the_app_marks_cacheable() {
+fn nginx_over_a_unix_socket_caches_only_what_the_app_marks_cacheable_and_lets_the_pool_time_out() {
     let nginx = require_tool("nginx", APT_NGINX);
     let sandbox = Sandbox::new();
-    let (upstream_port, http_port) = (free_port(), free_port());
-    let config = nginx_config(
+    let http_port = free_port();
+    let socket = sandbox.path("run/web.sock");
+    let config = with_echo_app(
         &sandbox,
-        upstream_port,
-        http_port,
-        "",
-        &format!(
-            "[deploy.cache]\npath = \"{}\"\n",
-            sandbox.path("cache").display()
+        &nginx_config(
+            &sandbox,
+            &format!("unix:{}", socket.display()),
+            http_port,
+            "",
+            &format!(
+                "[deploy.cache]\npath = \"{}\"\n",
+                sandbox.path("cache").display()
+            ),
         ),
     );
     let main = emit_and_check_nginx(&sandbox, &config, &[]);
-    let _upstream = start_upstream(&sandbox, upstream_port);
+    let site = std::fs::read_to_string(sandbox.path("nginx/site.conf")).expect("site");
+    assert!(
+        site.contains(&format!("server unix:{} ", socket.display())),
+        "{site}"
+    );
+    sandbox.write("static/hello.txt", "hello from disk\n");
+    let app = start_app(&sandbox);
     let mut server = Daemon::spawn("nginx", &mut nginx_command(&nginx, &sandbox, &main));
     wait_for_port(http_port, &mut server);
-    let number = |path: &str| -> String {
-        let response = curl(&[&format!("http://127.0.0.1:{http_port}{path}")]);
-        body(&response)
-            .lines()
-            .next()
-            .unwrap_or_default()
+    let get = |path: &str| {
+        curl(&[
+            "--interface",
+            CLIENT,
+            &format!("http://127.0.0.1:{http_port}{path}"),
+        ])
+    };
+
+    let file = get("/static/hello.txt");
+    assert!(file.ends_with("\n\nhello from disk\n"), "{file}");
+
+    // A Unix socket is only reachable through the file system, so the pool believes nginx.
+    let seen = environ(&get("/app?y=2"));
+    assert_environ(&seen, "REMOTE_ADDR", CLIENT);
+    assert_environ(&seen, "wsgi.url_scheme", "http");
+    assert_environ(&seen, "HTTP_X_FORWARDED_FOR", CLIENT);
+    assert_environ(&seen, "QUERY_STRING", "y=2");
+    assert_environ(&seen, "SERVER_NAME", "127.0.0.1");
+
+    let id = |path: &str| -> String {
+        environ(&get(path))
+            .get("request_id")
+            .and_then(|id| id.as_str())
+            .expect("request_id")
             .to_owned()
     };
-    let first = number("/cacheable/page");
+    let first = id("/cacheable/page");
     assert_eq!(
-        number("/cacheable/page"),
+        id("/cacheable/page"),
         first,
         "a cacheable page was fetched twice"
     );
-    let private = number("/private");
-    assert_ne!(number("/private"), private, "an unmarked page was cached");
+    let private = id("/private");
+    assert_ne!(id("/private"), private, "an unmarked page was cached");
+
+    // proxy_read_timeout is above [web].timeout: a slow request gets the pool's 504, not nginx's.
+    let slow = get("/sleep?8");
+    assert!(slow.starts_with("HTTP/1.1 504"), "{slow}");
+    assert!(
+        body(&slow).contains("the application did not answer in time"),
+        "{slow}"
+    );
+
+    assert!(!app.log().contains("/static/"), "{}", app.log());
+    drop(server);
+    let exit = app.stop();
+    assert!(exit.success(), "{exit:?}");
 }
 
 // ---------------------------------------------------------------------------------------------

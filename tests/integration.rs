@@ -19,3 +19,5 @@ mod pool;
 mod metrics;
 // reload: rolling web-pool reloads under load — release switches, broken releases rolled back.
 mod reload;
+// reload_programs: `reload` rolls programs new-first, rolls back a dying one, loses no Celery task.
+mod reload_programs;

@@ -218,12 +218,16 @@ impl Roles {
             }
             (None, None) => {}
         }
-        // Interim until the programs' rolling reload lands (issue #4).
-        if !new.config.programs.is_empty() {
-            summary.push(format!(
-                "programs kept as they run (generation {generation} does not roll programs in this build; restart to apply their changes)"
-            ));
-        }
+        let programs = self
+            .programs
+            .reload(&new.config, &base_dir, progress, generation)
+            .await
+            .map_err(|message| RoleReloadError {
+                role: "programs".to_owned(),
+                message,
+                detail: None,
+            })?;
+        summary.push(programs);
         match (self.beat.as_ref(), &new.config.beat) {
             (Some(beat), Some(config)) => {
                 beat.reload(config, &new.config.app, &base_dir)

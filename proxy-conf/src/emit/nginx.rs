@@ -289,7 +289,7 @@ fn proxy_directives(
         out.push_str("        proxy_set_header Connection \"\";\n");
     }
     out.push_str(
-        "        proxy_set_header Host $host;\n        proxy_set_header X-Real-IP $remote_addr;\n        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n        proxy_set_header X-Forwarded-Proto $scheme;\n        proxy_set_header X-Forwarded-Host $host;\n        proxy_set_header X-Forwarded-Port $server_port;\n        proxy_connect_timeout 5s;\n",
+        "        proxy_set_header Host $http_host;\n        proxy_set_header X-Real-IP $remote_addr;\n        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n        proxy_set_header X-Forwarded-Proto $scheme;\n        proxy_set_header X-Forwarded-Host $host;\n        proxy_set_header X-Forwarded-Port $server_port;\n        proxy_connect_timeout 5s;\n",
     );
     if websocket {
         // A WebSocket is idle between messages; the request deadline does not apply to it.
