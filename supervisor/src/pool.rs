@@ -148,6 +148,8 @@ struct ReloadRequest {
 struct Rolled {
     summary: String,
     listen: Vec<String>,
+    /// Accept tasks of removed addresses; their sockets are closed once these end.
+    closing: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// The pool could not be rolled to a new generation; the old one serves (it was never touched, or
@@ -541,6 +543,10 @@ impl PoolHandle {
         let rolled = answer
             .await
             .map_err(|_| PoolReloadError::new("the web pool stopped during the reload"))??;
+        // `reload` returns only once a removed address refuses connections.
+        for task in rolled.closing {
+            let _ = task.await;
+        }
         self.listen = rolled.listen;
         Ok(rolled.summary)
     }
@@ -1597,13 +1603,14 @@ impl Actor {
                     started.elapsed().as_secs_f64(),
                     canary_took.as_secs_f64()
                 );
+                let mut closing = Vec::new();
                 if let Some(front) = self.front.as_mut() {
                     for (configured, listener) in added {
                         summary.push_str(&format!("; listening on {}", listener.address()));
                         front.add(configured, listener);
                     }
                     for configured in &removed {
-                        front.remove(configured);
+                        closing.extend(front.remove(configured));
                         summary.push_str(&format!("; stopped listening on {configured}"));
                     }
                     self.listen = front.addresses();
@@ -1612,6 +1619,7 @@ impl Actor {
                 Ok(Rolled {
                     summary,
                     listen: self.listen.clone(),
+                    closing,
                 })
             }
             Some(error) => {

@@ -263,20 +263,20 @@ impl FrontHandle {
         self.listeners.push(accepting);
     }
 
-    /// Stops accepting on the `[web].listen` entry `configured` and closes its socket (its
-    /// accept task ends by itself); its open connections finish as usual.
-    pub fn remove(&mut self, configured: &str) {
-        if let Some(index) = self
+    /// Stops accepting on the `[web].listen` entry `configured`; its open connections finish as
+    /// usual. The socket is closed when the returned accept task has ended (await it before
+    /// telling anyone the address is gone).
+    pub fn remove(&mut self, configured: &str) -> Option<JoinHandle<()>> {
+        let index = self
             .listeners
             .iter()
-            .position(|listener| listener.configured == configured)
-        {
-            let listener = self.listeners.remove(index);
-            let _ = listener.stop.send(true);
-            if let Some(path) = &listener.unix_path {
-                let _ = std::fs::remove_file(path);
-            }
+            .position(|listener| listener.configured == configured)?;
+        let listener = self.listeners.remove(index);
+        let _ = listener.stop.send(true);
+        if let Some(path) = &listener.unix_path {
+            let _ = std::fs::remove_file(path);
         }
+        Some(listener.task)
     }
 
     /// Stops accepting, lets open connections finish their current request (idle keep-alive
