@@ -2,7 +2,8 @@
 //! threads (keep-alive and fresh connections, GET and POST with bodies): releases switch with no
 //! failed request, a broken, hanging or cold release is refused or rolled back while the old one
 //! keeps answering, a long request survives a reload, concurrent reloads are serialized, `[web]`
-//! changes (workers, listen addresses) apply, and `status --json` shows each worker's generation.
+//! changes (workers, listen addresses) apply, a worker crashing mid-roll is refilled by the roll,
+//! and `status --json` shows each worker's generation.
 //!
 //! Releases are directories `releases/vN` behind a `current` symlink, as deploy tools lay them
 //! out; switching the symlink and running `reload` is a deploy.
@@ -606,6 +607,76 @@ fn a_long_request_survives_and_two_concurrent_reloads_are_serialized() {
     let status = stack.running().status_json();
     let generation = status["pool"]["generation"].as_u64().unwrap_or(0);
     assert!(generation >= 2, "{status}");
+    let mut fresh = None;
+    assert_eq!(
+        exchange(&mut fresh, &stack.address(), false, false),
+        Ok("v2".to_owned())
+    );
+}
+
+/// An old worker killed while the roll is under way: the roll refills its slot from the new
+/// release instead of the crash restart starting an old one beside it, and the reload completes.
+#[test]
+fn an_old_worker_crashing_during_the_roll_is_refilled_by_the_roll() {
+    let stack = Stack::start("workers = 3");
+    let before = stack.running().status_json();
+    let last_old = workers(&before)
+        .iter()
+        .find(|worker| worker["slot"] == 2)
+        .and_then(|worker| worker["pid"].as_u64())
+        .expect("the pid of worker 2");
+    // Each new worker takes half a second to import, so the roll is still at slot 1 when the
+    // old worker of slot 2 dies.
+    stack.release("v2", "time.sleep(0.5)");
+    stack.switch("v2");
+    let mut reload = stack
+        .sandbox
+        .command(&["reload"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start reload");
+    let mut progress = BufReader::new(reload.stderr.take().expect("stderr"));
+    let mut printed = String::new();
+    loop {
+        let mut line = String::new();
+        if progress.read_line(&mut line).expect("read progress") == 0 {
+            break;
+        }
+        printed.push_str(&line);
+        if line.contains("1/3 workers replaced") {
+            let killed = std::process::Command::new("kill")
+                .args(["-KILL", &last_old.to_string()])
+                .status()
+                .expect("run kill");
+            assert!(killed.success());
+        }
+    }
+    let status = reload.wait().expect("reload exits");
+    assert!(status.success(), "{printed}");
+    assert!(printed.contains("3/3 workers replaced"), "{printed}");
+    let after = stack.running().wait_for(
+        Duration::from_secs(20),
+        "three generation-2 workers and nothing else",
+        |status| {
+            let workers = workers(status);
+            workers.len() == 3
+                && workers
+                    .iter()
+                    .all(|worker| worker["state"] == "ready" && worker["generation"] == 2)
+        },
+    );
+    assert_eq!(after["pool"]["workers_wanted"], 3, "{after}");
+    let log = stack.running().log();
+    assert!(log.contains("exited unexpectedly"), "{log}");
+    let old_starts = log
+        .lines()
+        .filter(|line| line.contains("web worker ready") && line.contains("generation=1"))
+        .count();
+    assert_eq!(
+        old_starts, 3,
+        "no old worker was restarted beside the roll:\n{log}"
+    );
     let mut fresh = None;
     assert_eq!(
         exchange(&mut fresh, &stack.address(), false, false),
