@@ -167,10 +167,26 @@ pub fn spawn(spec: ChildSpec) -> Result<Child, SpawnError> {
 
 /// Sends `signal` to the process group led by `pid`; a group that is already gone is not an error.
 pub fn signal_group(pid: u32, signal: Signal) -> nix::Result<()> {
-    let Ok(raw) = i32::try_from(pid) else {
-        return Err(nix::Error::ESRCH);
-    };
-    match killpg(Pid::from_raw(raw), signal) {
+    gone_is_fine(killpg(child_pid(pid)?, signal))
+}
+
+/// Sends `signal` to the one process `pid`; a process that is already gone is not an error.
+pub fn signal_process(pid: u32, signal: Signal) -> nix::Result<()> {
+    gone_is_fine(nix::sys::signal::kill(child_pid(pid)?, signal))
+}
+
+/// `pid` as a child's pid. 0 and 1 are refused: `kill(0)` and `killpg(0)` mean the caller's
+/// own process group — the supervisor itself — and 1 is init; neither is ever our child, so a
+/// pid left at its default must never turn into a signal to ourselves.
+fn child_pid(pid: u32) -> nix::Result<Pid> {
+    match i32::try_from(pid) {
+        Ok(raw) if raw > 1 => Ok(Pid::from_raw(raw)),
+        _ => Err(nix::Error::ESRCH),
+    }
+}
+
+fn gone_is_fine(result: nix::Result<()>) -> nix::Result<()> {
+    match result {
         Err(nix::Error::ESRCH) | Ok(()) => Ok(()),
         Err(other) => Err(other),
     }
@@ -391,6 +407,16 @@ mod tests {
             std::io::Read::read_to_string(&mut &ours, &mut received).unwrap();
             assert_eq!(received, "hi\n");
         });
+    }
+
+    #[test]
+    fn a_default_pid_never_signals_our_own_group_or_init() {
+        // killpg(0)/kill(0) would reach the supervisor itself; SIGCONT keeps the test harmless
+        // even if the guard were missing, so the check is on the refusal.
+        for pid in [0, 1] {
+            assert_eq!(signal_group(pid, Signal::SIGCONT), Err(nix::Error::ESRCH));
+            assert_eq!(signal_process(pid, Signal::SIGCONT), Err(nix::Error::ESRCH));
+        }
     }
 
     #[test]

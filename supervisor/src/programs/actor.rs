@@ -514,7 +514,7 @@ impl ProgramActor {
                 let sent = match mode {
                     StopMode::Graceful => {
                         tracing::info!(program = %label, pid, "program \"{label}\": sending {signal} to pid {pid}");
-                        signal_leader(pid, signal)
+                        child::signal_process(pid, signal)
                     }
                     StopMode::Fast => {
                         tracing::info!(program = %label, pid, "program \"{label}\": sending {signal} to process group {pid}");
@@ -970,17 +970,6 @@ impl ProgramActor {
             })
             .collect();
         ProgramStatus::new(self.launch.name.clone(), instances)
-    }
-}
-
-/// `signal` to one process; one that is already gone is fine.
-fn signal_leader(pid: u32, signal: Signal) -> nix::Result<()> {
-    let Ok(raw) = i32::try_from(pid) else {
-        return Err(nix::Error::ESRCH);
-    };
-    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), signal) {
-        Err(nix::Error::ESRCH) | Ok(()) => Ok(()),
-        Err(other) => Err(other),
     }
 }
 

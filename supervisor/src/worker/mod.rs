@@ -25,7 +25,6 @@ use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use nix::unistd::Pid;
 use proxy_conf::AppConfig;
 use tokio::process::Child;
 use tokio::sync::mpsc;
@@ -419,10 +418,7 @@ async fn start(launch: &Launch, mode: &str, label: &str) -> Result<Started, Star
 
 /// Asks faulthandler for every thread's stack and collects what it writes.
 async fn dump_stack(pid: u32, control: &mut Channel) -> String {
-    let Ok(raw) = i32::try_from(pid) else {
-        return String::new();
-    };
-    if let Err(error) = nix::sys::signal::kill(Pid::from_raw(raw), STACK_SIGNAL) {
+    if let Err(error) = child::signal_process(pid, STACK_SIGNAL) {
         return format!("(no stack: cannot signal the worker: {error})");
     }
     let mut text = Vec::new();
