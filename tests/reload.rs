@@ -683,3 +683,50 @@ fn an_old_worker_crashing_during_the_roll_is_refilled_by_the_roll() {
         Ok("v2".to_owned())
     );
 }
+
+#[test]
+fn run_watch_keeps_the_old_code_serving_through_a_syntax_error() {
+    let sandbox = Sandbox::new();
+    let port = util::free_port();
+    let address = format!("127.0.0.1:{port}");
+    let write_app = |release: &str| {
+        sandbox.write(
+            "app/app.py",
+            &APP.replace("@RELEASE@", release).replace("@EXTRA@", ""),
+        );
+    };
+    write_app("v1");
+    sandbox.write_config(&format!(
+        "[app]\npython = \"{}\"\ndirectory = \"app\"\nwsgi = \"app:application\"\n\n\
+         [web]\nlisten = [\"{address}\"]\nworkers = 2\nreload_timeout = \"10s\"\n",
+        util::python().display()
+    ));
+    let running = sandbox.start_with(|command| {
+        command.arg("--watch");
+    });
+    assert_eq!(
+        exchange(&mut None, &address, false, false),
+        Ok("v1".to_owned())
+    );
+
+    // Gunicorn's --reload dies here; the old workers must keep answering.
+    sandbox.write("app/app.py", "def application(environ, start_response:\n");
+    running.wait_for_log("SyntaxError", Duration::from_secs(20));
+    running.wait_for_log("rolled back", Duration::from_secs(20));
+    for _ in 0..20 {
+        assert_eq!(
+            exchange(&mut None, &address, true, false),
+            Ok("v1".to_owned())
+        );
+    }
+
+    write_app("v2");
+    util::wait_until(
+        Duration::from_secs(20),
+        "the fixed release to serve",
+        || (exchange(&mut None, &address, false, false).ok()? == "v2").then_some(()),
+    );
+    // The rolled-back attempt does not count: the fixed release is generation 2.
+    assert_eq!(running.status_json()["generation"], 2, "{}", running.log());
+    assert!(running.stop().success());
+}
