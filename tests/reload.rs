@@ -727,6 +727,8 @@ fn run_watch_keeps_the_old_code_serving_through_a_syntax_error() {
         || (exchange(&mut None, &address, false, false).ok()? == "v2").then_some(()),
     );
     // The rolled-back attempt does not count: the fixed release is generation 2.
-    assert_eq!(running.status_json()["generation"], 2, "{}", running.log());
+    running.wait_for(Duration::from_secs(20), "generation 2", |status| {
+        status["generation"] == 2 && status["phase"] == "running"
+    });
     assert!(running.stop().success());
 }
