@@ -337,6 +337,46 @@ mod tests {
     }
 
     #[test]
+    fn a_channel_reads_frames_of_changing_sizes_whole() {
+        // Body frames bigger and smaller than the size the boundary-aiming reads guess, so
+        // reads also end inside frames; every payload must still arrive intact and in order.
+        let sizes = [
+            100, 70_000, 70_000, 9_000, 200_000, 65_536, 65_536, 20_000, 0,
+        ];
+        let mut wire = BytesMut::new();
+        for (index, &size) in sizes.iter().enumerate() {
+            let fill = u8::try_from(index).unwrap();
+            put_header(&mut wire, Kind::Body, 0, 0, size);
+            wire.extend_from_slice(&vec![fill; size]);
+        }
+        put_header(&mut wire, Kind::End, 0, 0, 0);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+            ours.set_nonblocking(true).unwrap();
+            let mut channel = Channel::new(UnixStream::from_std(ours).unwrap());
+            let writer = std::thread::spawn(move || {
+                use std::io::Write;
+                // Uneven writes, so frames also straddle what each read sees.
+                for piece in wire.chunks(50_000) {
+                    (&theirs).write_all(piece).unwrap();
+                }
+            });
+            for (index, &size) in sizes.iter().enumerate() {
+                let frame = channel.frame().await.unwrap();
+                assert_eq!((frame.kind, frame.payload.len()), (Kind::Body, size));
+                let fill = u8::try_from(index).unwrap();
+                assert!(frame.payload.iter().all(|&byte| byte == fill));
+            }
+            assert_eq!(channel.frame().await.unwrap().kind, Kind::End);
+            writer.join().unwrap();
+        });
+    }
+
+    #[test]
     fn unknown_kinds_and_huge_lengths_are_protocol_errors() {
         let mut wire = BytesMut::from(&[0u8, 0, 0, 0, 0, 0, 0, 0, 99, 0, 0, 0][..]);
         assert!(matches!(decode(&mut wire), Err(ChannelError::Protocol(_))));
