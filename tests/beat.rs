@@ -14,7 +14,8 @@ use sauna_supervisor::beat::{self, BeatHandle};
 use sauna_supervisor::metrics::Metrics;
 use serde_json::Value;
 
-use crate::util::{Sandbox, free_port, python, repo_root, require_tool};
+use crate::util::redis::RedisServer;
+use crate::util::{Sandbox, python, repo_root};
 
 // ---------------------------------------------------------------------------------------------
 // `beat next` golden files
@@ -352,88 +353,6 @@ every = "10m"
 
 // ---------------------------------------------------------------------------------------------
 // Real Redis and Celery
-
-/// A `redis-server` on a free loopback port, with its data in a temp dir; stopped on drop.
-struct RedisServer {
-    child: Option<Child>,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl RedisServer {
-    fn start(dir: &Path) -> RedisServer {
-        let mut server = RedisServer {
-            child: None,
-            port: free_port(),
-            dir: dir.to_path_buf(),
-        };
-        server.spawn();
-        server
-    }
-
-    fn spawn(&mut self) {
-        let binary = require_tool("redis-server", "apt-get install -y redis-server");
-        std::fs::create_dir_all(&self.dir).expect("redis dir");
-        let child = Command::new(binary)
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
-            .args([
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--daemonize",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server");
-        self.child = Some(child);
-        let client = redis::Client::open(self.url(0)).expect("redis url");
-        crate::util::wait_until(Duration::from_secs(10), "redis-server to answer", || {
-            let mut connection = client.get_connection().ok()?;
-            redis::cmd("PING").query::<String>(&mut connection).ok()
-        });
-    }
-
-    fn url(&self, db: u8) -> String {
-        format!("redis://127.0.0.1:{}/{db}", self.port)
-    }
-
-    fn connection(&self) -> redis::Connection {
-        redis::Client::open(self.url(0))
-            .and_then(|client| client.get_connection())
-            .expect("connect to test redis")
-    }
-
-    /// Stops the server (SIGTERM, data kept in its AOF).
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.child {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 const TASKS_PY: &str = r#"
 import json, os

@@ -17,3 +17,7 @@ mod check;
 mod pool;
 // metrics: the /metrics, /healthz and /readyz endpoint, promtool, Celery queue lengths, emit grafana.
 mod metrics;
+// reload: rolling web-pool reloads under load — release switches, broken releases rolled back.
+mod reload;
+// reload_programs: `reload` rolls programs new-first, rolls back a dying one, loses no Celery task.
+mod reload_programs;

@@ -230,3 +230,29 @@ fn children_do_not_inherit_the_systemd_variables() {
     assert!(!env.contains("WATCHDOG_USEC"), "{env}");
     assert!(running.stop().success());
 }
+
+#[test]
+fn run_watch_reloads_when_an_app_file_changes() {
+    let sandbox = Sandbox::new();
+    sandbox.write("app/tasks.py", "X = 1\n");
+    sandbox.write_config(&format!("[app]\ndirectory = \"app\"\n\n{IDLE_CONFIG}"));
+    let running = sandbox.start_with(|command| {
+        command.arg("--watch");
+    });
+    // Not a .py or .ini file: no reload.
+    sandbox.write("app/notes.txt", "hello\n");
+    sandbox.write("app/tasks.py", "X = 2\n");
+    let status = running.wait_for(Duration::from_secs(10), "generation 2", |status| {
+        status["generation"] == 2
+    });
+    assert_eq!(status["phase"], "running");
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(
+        running.status_json()["generation"],
+        2,
+        "one change, one reload: {}",
+        running.log()
+    );
+    assert!(running.log().contains("--watch"), "{}", running.log());
+    assert!(running.stop().success());
+}

@@ -21,10 +21,11 @@
 //! It deliberately does not reap children: each `Child` is awaited by its owner, and there is no
 //! global `waitpid(-1)`, which would steal exit statuses from `tokio::process`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use nix::sys::resource::{Resource, setrlimit};
 use nix::sys::signal::{Signal, killpg};
@@ -178,14 +179,59 @@ pub fn signal_group(pid: u32, signal: Signal) -> nix::Result<()> {
 /// Forwards the child's stdout and stderr to the log, one event per line, tagged with `label`
 /// (a program or worker name) and the child's pid. Returns when both streams are closed.
 pub fn capture_output(child: &mut Child, label: String) -> tokio::task::JoinHandle<()> {
+    capture_output_with_tail(child, label, None)
+}
+
+/// Like [`capture_output`], and also keeps the last lines in `tail`, so whoever reports the
+/// child's death can quote what it printed last (a reload's rollback message).
+pub fn capture_output_with_tail(
+    child: &mut Child,
+    label: String,
+    tail: Option<OutputTail>,
+) -> tokio::task::JoinHandle<()> {
     let pid = child.id().unwrap_or_default();
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
     tokio::spawn(async move {
-        let out = forward_lines(stdout, label.clone(), pid, "stdout");
-        let err = forward_lines(stderr, label, pid, "stderr");
+        let out = forward_lines(stdout, label.clone(), pid, "stdout", tail.clone());
+        let err = forward_lines(stderr, label, pid, "stderr", tail);
         tokio::join!(out, err);
     })
+}
+
+/// The last few lines a child printed (stdout and stderr interleaved as read). Shared only
+/// between the task that reads the child's pipes and the one that reports its exit.
+#[derive(Debug, Clone)]
+pub struct OutputTail {
+    lines: Arc<Mutex<VecDeque<String>>>,
+    keep: usize,
+}
+
+impl OutputTail {
+    /// A tail that keeps the last `keep` lines.
+    pub fn new(keep: usize) -> OutputTail {
+        OutputTail {
+            lines: Arc::new(Mutex::new(VecDeque::with_capacity(keep))),
+            keep,
+        }
+    }
+
+    fn push(&self, line: &str) {
+        // A poisoned lock only means a reader panicked mid-push; the lines are still usable.
+        let mut lines = self.lines.lock().unwrap_or_else(PoisonError::into_inner);
+        if lines.len() == self.keep {
+            lines.pop_front();
+        }
+        if self.keep > 0 {
+            lines.push_back(line.to_owned());
+        }
+    }
+
+    /// The kept lines, oldest first.
+    pub fn lines(&self) -> Vec<String> {
+        let lines = self.lines.lock().unwrap_or_else(PoisonError::into_inner);
+        lines.iter().cloned().collect()
+    }
 }
 
 async fn forward_lines<R: AsyncRead + Unpin>(
@@ -193,10 +239,17 @@ async fn forward_lines<R: AsyncRead + Unpin>(
     label: String,
     pid: u32,
     stream_name: &'static str,
+    tail: Option<OutputTail>,
 ) {
     let Some(mut stream) = stream else { return };
     let mut pending: Vec<u8> = Vec::with_capacity(4096);
     let mut chunk = vec![0u8; 8192];
+    let emit = |line: &[u8]| {
+        let line = emit_line(&label, pid, stream_name, line);
+        if let Some(tail) = &tail {
+            tail.push(&line);
+        }
+    };
     loop {
         let read = match stream.read(&mut chunk).await {
             Ok(0) | Err(_) => break,
@@ -205,24 +258,26 @@ async fn forward_lines<R: AsyncRead + Unpin>(
         pending.extend_from_slice(&chunk[..read]);
         let mut start = 0;
         while let Some(newline) = pending[start..].iter().position(|&b| b == b'\n') {
-            emit_line(&label, pid, stream_name, &pending[start..start + newline]);
+            emit(&pending[start..start + newline]);
             start += newline + 1;
         }
         pending.drain(..start);
         while pending.len() >= MAX_LINE {
-            emit_line(&label, pid, stream_name, &pending[..MAX_LINE]);
+            emit(&pending[..MAX_LINE]);
             pending.drain(..MAX_LINE);
         }
     }
     if !pending.is_empty() {
-        emit_line(&label, pid, stream_name, &pending);
+        emit(&pending);
     }
 }
 
-fn emit_line(label: &str, pid: u32, stream: &'static str, line: &[u8]) {
+/// Logs one line and returns it as text.
+fn emit_line(label: &str, pid: u32, stream: &'static str, line: &[u8]) -> String {
     let line = String::from_utf8_lossy(line);
     let line = line.strip_suffix('\r').unwrap_or(&line);
     tracing::info!(target: "sauna::output", source = label, pid, stream, "{line}");
+    line.to_owned()
 }
 
 fn apply_identity(

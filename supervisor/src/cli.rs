@@ -237,14 +237,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             command: BeatCommand::Next(args),
         }) => crate::beat::next::next_command(&args),
         Some(Command::Htpasswd { user }) => crate::emit::htpasswd_command(&user),
-        Some(Command::Upgrade { .. }) => not_yet("upgrade", 4),
+        Some(Command::Upgrade { .. }) => {
+            eprintln!(
+                "sauna-supervisor: `upgrade` (handing the listening sockets to a new binary) is not \
+                 available in this build yet (issue #4). To run a new binary now: `systemctl restart` \
+                 the service; a graceful stop lets in-flight requests finish first, but connections \
+                 arriving while it restarts are refused."
+            );
+            Ok(ExitCode::FAILURE)
+        }
     }
-}
-
-/// A command whose feature belongs to an issue not finished yet says so instead of pretending.
-fn not_yet(command: &str, issue: u32) -> anyhow::Result<ExitCode> {
-    eprintln!(
-        "sauna-supervisor: `{command}` is not available in this build yet (tracked in issue #{issue})"
-    );
-    Ok(ExitCode::FAILURE)
 }

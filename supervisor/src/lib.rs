@@ -36,5 +36,6 @@ pub mod roles;
 pub mod signals;
 pub mod status;
 pub mod supervisor;
+pub mod watch;
 pub mod web;
 pub mod worker;

@@ -6,8 +6,17 @@
 //!
 //! Workers are numbered by *slot* (0 … workers-1, the `worker` label of the metrics) and carry the
 //! *generation* they were started under. A slot can briefly hold two workers while one is being
-//! recycled. The dispatcher routes only to the current generation, which is what a rolling reload
-//! switches; reload itself is not implemented here.
+//! recycled or rolled.
+//!
+//! A reload (`PoolHandle::reload`) is a state machine inside the actor, driven by the same worker
+//! events as everything else, so the actor keeps answering `status` and handling crashes while it
+//! runs. First one *canary* worker of the new generation imports the new release and answers
+//! `[web].warmup`; the dispatcher gives it no other request (it routes to the served generation and
+//! older ones). Only then does anything change: the new settings apply, and slot by slot a new
+//! worker starts, becomes ready, takes requests beside the old ones, and the old worker of its slot
+//! drains (`graceful_timeout`) — capacity never drops. A new worker that fails turns the roll
+//! around: the same walk refills every slot from the old generation. Recycling waits while a reload
+//! runs, and a slot that crashes during the roll is refilled by the roll from its target generation.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
@@ -19,10 +28,10 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::dispatch::{Dispatcher, Notice};
-use crate::lifecycle::StopMode;
+use crate::lifecycle::{Progress, StopMode};
 use crate::metrics::Metrics;
 use crate::web::environ::{EnvironConfig, Forwarders};
-use crate::web::{self, Front, FrontConfig, FrontHandle};
+use crate::web::{self, Front, FrontConfig, FrontHandle, WarmUpAnswer};
 use crate::worker::{self, Event, Launch, StartError, WorkerId};
 
 /// How often worker RSS is sampled.
@@ -107,8 +116,12 @@ pub struct WorkerStatus {
 pub struct PoolStatus {
     /// The addresses being served (with real ports).
     pub listen: Vec<String>,
-    /// The generation new requests go to.
+    /// The generation new workers start under (during a roll, the one being rolled to).
     pub generation: u64,
+    /// The step of a reload in progress ("generation 3: canary", "generation 3: 2/4 workers
+    /// replaced", "rolling back to generation 2").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reloading: Option<String>,
     /// Configured number of workers (changed by `scale`).
     pub workers_wanted: usize,
     /// Every worker and waiting slot.
@@ -118,7 +131,184 @@ pub struct PoolStatus {
 enum Command {
     Status(oneshot::Sender<PoolStatus>),
     Scale(i32),
+    Reload(Box<ReloadRequest>),
     Shutdown(StopMode, oneshot::Sender<()>),
+}
+
+struct ReloadRequest {
+    app: AppConfig,
+    web: WebConfig,
+    base_dir: std::path::PathBuf,
+    generation: u64,
+    progress: Progress,
+    reply: oneshot::Sender<Result<Rolled, PoolReloadError>>,
+}
+
+/// A successful roll.
+struct Rolled {
+    summary: String,
+    listen: Vec<String>,
+    /// Accept tasks of removed addresses; their sockets are closed once these end.
+    closing: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// The pool could not be rolled to a new generation; the old one serves (it was never touched, or
+/// it was rolled back). The message is one line; `detail` holds the app's traceback or the
+/// warm-up response.
+#[derive(Debug, Clone)]
+pub struct PoolReloadError {
+    message: String,
+    detail: Option<String>,
+}
+
+impl PoolReloadError {
+    fn new(message: impl Into<String>) -> PoolReloadError {
+        PoolReloadError {
+            message: message.into(),
+            detail: None,
+        }
+    }
+
+    /// The error of a worker of the new generation that never became ready: the traceback goes
+    /// into the detail, the message stays one line.
+    fn start_failed(what: &str, error: &StartError) -> PoolReloadError {
+        match error {
+            StartError::Import(traceback) => PoolReloadError {
+                message: format!("{what}: the app failed to import"),
+                detail: Some(traceback.clone()),
+            },
+            other => PoolReloadError::new(format!("{what}: {other}")),
+        }
+    }
+
+    /// The app's traceback or the warm-up response, when there is one.
+    pub fn detail(&self) -> Option<String> {
+        self.detail.clone()
+    }
+}
+
+impl std::fmt::Display for PoolReloadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for PoolReloadError {}
+
+/// Everything one generation runs with: kept for the old generation during a roll, so that a
+/// rollback refills slots exactly as they were.
+#[derive(Debug, Clone)]
+struct Release {
+    generation: u64,
+    launch: Arc<Launch>,
+    web: WebConfig,
+    front: FrontConfig,
+}
+
+/// Where a reload is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// The canary is importing the new release; nothing else has changed.
+    Canary(WorkerId),
+    /// The canary is ready and answering the warm-up request.
+    WarmUp(WorkerId),
+    /// The new release serves; slots are rolled to it one at a time.
+    Rolling,
+    /// A new worker failed; slots are rolled back to the old release one at a time.
+    RollingBack,
+}
+
+/// A reload in progress.
+struct Rollout {
+    phase: Phase,
+    old: Release,
+    new: Release,
+    /// Listeners bound for the addresses the new config adds; they accept once the roll succeeds
+    /// and are closed if it fails.
+    added: Vec<(String, web::Listener)>,
+    /// Addresses the new config drops; they stop accepting once the roll succeeds.
+    removed: Vec<String>,
+    started: Instant,
+    canary_started: Instant,
+    canary_took: Duration,
+    /// Slots that got a worker of the generation rolled to.
+    replaced: usize,
+    /// The number of workers before the reload (`[web].workers` changed by `TTIN`/`TTOU`): what
+    /// a rollback restores.
+    old_slots: usize,
+    progress: Progress,
+    reply: oneshot::Sender<Result<Rolled, PoolReloadError>>,
+    /// Why the roll is being turned around.
+    failure: Option<PoolReloadError>,
+}
+
+impl Rollout {
+    fn say(&self, line: String) {
+        tracing::info!("reload: {line}");
+        let _ = self.progress.send(line);
+    }
+
+    fn describe(&self) -> String {
+        match self.phase {
+            Phase::Canary(_) => format!("generation {}: canary starting", self.new.generation),
+            Phase::WarmUp(_) => format!("generation {}: canary warming up", self.new.generation),
+            Phase::Rolling => format!(
+                "generation {}: {}/{} workers replaced",
+                self.new.generation,
+                self.replaced,
+                wanted_workers(&self.new.web)
+            ),
+            Phase::RollingBack => format!("rolling back to generation {}", self.old.generation),
+        }
+    }
+}
+
+fn wanted_workers(web: &WebConfig) -> usize {
+    usize::try_from(web.workers).unwrap_or(1).max(1)
+}
+
+/// `queue_size` and `queue_timeout` as the dispatcher takes them (a timeout of 0 = none).
+fn queue_limits(web: &WebConfig) -> (usize, Duration) {
+    let queue_timeout = web.queue_timeout.get();
+    (
+        usize::try_from(web.queue_size).unwrap_or(usize::MAX),
+        if queue_timeout.is_zero() {
+            Duration::from_secs(u64::from(u32::MAX))
+        } else {
+            queue_timeout
+        },
+    )
+}
+
+/// The front's settings from `[web]`, or what is wrong with them.
+fn front_config(web: &WebConfig) -> Result<FrontConfig, String> {
+    let forwarders = Forwarders::parse(&web.forwarded_allow_ips)?;
+    let script_name = web.script_name.trim_end_matches('/').to_owned();
+    if !script_name.is_empty() && !script_name.starts_with('/') {
+        return Err(format!(
+            "[web].script_name \"{}\" must start with \"/\"",
+            web.script_name
+        ));
+    }
+    if web.listen.is_empty() {
+        return Err("[web].listen is empty: give at least one address".to_owned());
+    }
+    let timeout = web.timeout.get();
+    Ok(FrontConfig {
+        max_body: web.max_body.bytes(),
+        body_buffer: web.body_buffer.bytes(),
+        timeout: if timeout.is_zero() {
+            Duration::from_secs(u64::from(u32::MAX))
+        } else {
+            timeout
+        },
+        retry_after: web.queue_timeout.get().as_secs().max(1),
+        access_log: web.access_log,
+        environ: EnvironConfig {
+            script_name,
+            forwarders,
+        },
+    })
 }
 
 /// The pool's entry point.
@@ -221,6 +411,9 @@ struct Actor {
     events: mpsc::UnboundedReceiver<Event>,
     notices: mpsc::UnboundedReceiver<Notice>,
     stack_context: BTreeMap<WorkerId, String>,
+    rollout: Option<Rollout>,
+    warm_ups_tx: mpsc::UnboundedSender<(WorkerId, Result<WarmUpAnswer, String>)>,
+    warm_ups: mpsc::UnboundedReceiver<(WorkerId, Result<WarmUpAnswer, String>)>,
 }
 
 impl Pool {
@@ -238,35 +431,16 @@ impl Pool {
             Launch::new(app, base_dir, threads, web.reload_timeout.get())
                 .map_err(PoolError::Config)?,
         );
-        let forwarders = Forwarders::parse(&web.forwarded_allow_ips).map_err(PoolError::Config)?;
-        let script_name = web.script_name.trim_end_matches('/').to_owned();
-        if !script_name.is_empty() && !script_name.starts_with('/') {
-            return Err(PoolError::Config(format!(
-                "[web].script_name \"{}\" must start with \"/\"",
-                web.script_name
-            )));
-        }
-        if web.listen.is_empty() {
-            return Err(PoolError::Config(
-                "[web].listen is empty: give at least one address".to_owned(),
-            ));
-        }
+        let config = front_config(web).map_err(PoolError::Config)?;
         let listeners = web::bind(&web.listen, web.backlog)?;
         let listen = listeners.iter().map(web::Listener::address).collect();
 
         let (notices_tx, notices) = mpsc::unbounded_channel();
-        let queue_timeout = web.queue_timeout.get();
-        let dispatcher = Dispatcher::new(
-            usize::try_from(web.queue_size).unwrap_or(usize::MAX),
-            if queue_timeout.is_zero() {
-                Duration::from_secs(u64::from(u32::MAX))
-            } else {
-                queue_timeout
-            },
-            Arc::clone(&metrics),
-            notices_tx,
-        );
+        let (queue_size, queue_timeout) = queue_limits(web);
+        let dispatcher =
+            Dispatcher::new(queue_size, queue_timeout, Arc::clone(&metrics), notices_tx);
         let (events_tx, events) = mpsc::unbounded_channel();
+        let (warm_ups_tx, warm_ups) = mpsc::unbounded_channel();
         let mut actor = Actor {
             launch,
             web: web.clone(),
@@ -284,6 +458,9 @@ impl Pool {
             events,
             notices,
             stack_context: BTreeMap::new(),
+            rollout: None,
+            warm_ups_tx,
+            warm_ups,
         };
         dispatcher.set_generation(actor.generation);
         metrics.generation.set(1);
@@ -294,27 +471,11 @@ impl Pool {
         }
         actor.wait_all_ready().await?;
 
-        let timeout = web.timeout.get();
-        let front = Arc::new(Front {
-            config: FrontConfig {
-                max_body: web.max_body.bytes(),
-                body_buffer: web.body_buffer.bytes(),
-                timeout: if timeout.is_zero() {
-                    Duration::from_secs(u64::from(u32::MAX))
-                } else {
-                    timeout
-                },
-                retry_after: queue_timeout.as_secs().max(1),
-                access_log: web.access_log,
-                environ: EnvironConfig {
-                    script_name,
-                    forwarders,
-                },
-            },
-            dispatcher,
-            metrics,
-        });
-        actor.front = Some(web::serve(listeners, front));
+        let front = Arc::new(Front::new(config, dispatcher, metrics));
+        actor.front = Some(web::serve(
+            web.listen.iter().cloned().zip(listeners).collect(),
+            front,
+        ));
         let listen = actor.listen.clone();
         let (commands, receiver) = mpsc::unbounded_channel();
         let task = tokio::spawn(actor.run(receiver));
@@ -339,6 +500,7 @@ impl PoolHandle {
         answer.await.unwrap_or_else(|_| PoolStatus {
             listen: self.listen.clone(),
             generation: 0,
+            reloading: None,
             workers_wanted: 0,
             workers: Vec::new(),
         })
@@ -347,6 +509,46 @@ impl PoolHandle {
     /// Adds (`delta > 0`) or removes workers; the pool never goes below one worker.
     pub fn scale(&self, delta: i32) {
         let _ = self.commands.send(Command::Scale(delta));
+    }
+
+    /// Rolls the pool to `generation`: a canary of the new `[app]`/`[web]` imports the app and
+    /// answers `[web].warmup` within `reload_timeout`, then every slot is replaced one at a time
+    /// with the new worker ready before the old one drains, and listen addresses are added and
+    /// removed. Nothing changes when the canary fails; a later failure rolls back to the old
+    /// generation. Steps go to `progress`; the answer is a one-line summary.
+    pub async fn reload(
+        &mut self,
+        app: &AppConfig,
+        web: &WebConfig,
+        base_dir: &Path,
+        generation: u64,
+        progress: &Progress,
+    ) -> Result<String, PoolReloadError> {
+        let (reply, answer) = oneshot::channel();
+        let request = ReloadRequest {
+            app: app.clone(),
+            web: web.clone(),
+            base_dir: base_dir.to_path_buf(),
+            generation,
+            progress: progress.clone(),
+            reply,
+        };
+        if self
+            .commands
+            .send(Command::Reload(Box::new(request)))
+            .is_err()
+        {
+            return Err(PoolReloadError::new("the web pool is not running"));
+        }
+        let rolled = answer
+            .await
+            .map_err(|_| PoolReloadError::new("the web pool stopped during the reload"))??;
+        // `reload` returns only once a removed address refuses connections.
+        for task in rolled.closing {
+            let _ = task.await;
+        }
+        self.listen = rolled.listen;
+        Ok(rolled.summary)
     }
 
     /// Stops the pool. Graceful: stop accepting, let in-flight requests finish within
@@ -366,15 +568,28 @@ impl Actor {
         slot: usize,
         replaces: Option<(WorkerId, &'static str)>,
     ) -> WorkerId {
+        let launch = Arc::clone(&self.launch);
+        self.spawn_worker_as(slot, replaces, self.generation, launch)
+    }
+
+    /// Starts a worker of `generation` run as `launch` (the canary is of a later generation than
+    /// the pool's).
+    fn spawn_worker_as(
+        &mut self,
+        slot: usize,
+        replaces: Option<(WorkerId, &'static str)>,
+        generation: u64,
+        launch: Arc<Launch>,
+    ) -> WorkerId {
         let id = self.next_id;
         self.next_id += 1;
         let label = format!("web worker {slot}");
-        let commands = worker::spawn(id, label, Arc::clone(&self.launch), self.events_tx.clone());
+        let commands = worker::spawn(id, label, launch, self.events_tx.clone());
         self.workers.insert(
             id,
             Worker {
                 slot,
-                generation: self.generation,
+                generation,
                 pid: None,
                 state: WorkerState::Starting,
                 commands,
@@ -454,7 +669,13 @@ impl Actor {
                 command = commands.recv() => match command {
                     Some(Command::Status(reply)) => { let _ = reply.send(self.status()); }
                     Some(Command::Scale(delta)) => self.scale(delta),
+                    Some(Command::Reload(request)) => self.begin_reload(*request),
                     Some(Command::Shutdown(mode, reply)) => {
+                        if let Some(rollout) = self.rollout.take() {
+                            let _ = rollout.reply.send(Err(PoolReloadError::new(
+                                "the pool is stopping; the reload was abandoned",
+                            )));
+                        }
                         self.shutdown(mode).await;
                         let _ = reply.send(());
                         return;
@@ -464,8 +685,12 @@ impl Actor {
                         return;
                     }
                 },
-                Some(event) = self.events.recv() => self.on_event(event),
+                Some(event) = self.events.recv() => {
+                    self.on_event(event);
+                    self.advance_rollout();
+                }
                 Some(notice) = self.notices.recv() => self.on_notice(notice),
+                Some((id, answer)) = self.warm_ups.recv() => self.on_warm_up(id, answer),
                 _ = rss_tick.tick() => self.sample(),
                 () = restart_timer => self.restart_due(),
             }
@@ -473,7 +698,11 @@ impl Actor {
     }
 
     fn on_ready(&mut self, id: WorkerId, pid: u32, slots: Vec<worker::frame::Channel>) {
-        let limit = request_limit(self.web.max_requests, self.web.max_requests_jitter);
+        let Some(generation) = self.workers.get(&id).map(|worker| worker.generation) else {
+            return;
+        };
+        let web = self.web_of(generation);
+        let limit = request_limit(web.max_requests, web.max_requests_jitter);
         let Some(worker) = self.workers.get_mut(&id) else {
             return;
         };
@@ -492,6 +721,7 @@ impl Actor {
             self.retire(old, Ending::Replaced);
         }
         self.publish_states();
+        self.rollout_worker_ready(id, pid, slot, generation);
     }
 
     /// Stops routing to a worker; it exits by itself once its last request ends.
@@ -521,6 +751,10 @@ impl Actor {
                 let Some(worker) = self.workers.remove(&id) else {
                     return;
                 };
+                if self.rollout_worker_failed(id, &worker, &error) {
+                    self.publish_states();
+                    return;
+                }
                 let text = error.to_string();
                 tracing::error!(worker = worker.slot, "web worker failed to start: {text}");
                 if let Some(slot) = self.slots.get_mut(worker.slot) {
@@ -537,7 +771,9 @@ impl Actor {
                         .worker_restarts_total
                         .with_label_values(&["crash"])
                         .inc();
-                    self.schedule_restart(worker.slot);
+                    if !self.roll_refills() {
+                        self.schedule_restart(worker.slot);
+                    }
                 }
                 self.publish_states();
             }
@@ -563,6 +799,11 @@ impl Actor {
         if self.recycling == Some(id) {
             self.recycling = None;
         }
+        if worker.ending == Ending::Unexpected && self.rollout_worker_exited(id, &worker, how) {
+            self.pump_recycling();
+            self.publish_states();
+            return;
+        }
         match worker.ending {
             Ending::Replaced | Ending::Removed => {
                 tracing::info!(
@@ -572,7 +813,10 @@ impl Actor {
                 );
             }
             Ending::TimedOut | Ending::Broken => {
-                if worker.slot < self.slots.len() && !self.slot_has_successor(worker.slot, id) {
+                if worker.slot < self.slots.len()
+                    && !self.roll_refills()
+                    && !self.slot_has_successor(worker.slot, id)
+                {
                     self.spawn_worker(worker.slot, None);
                 }
             }
@@ -597,7 +841,7 @@ impl Actor {
                     .find(|other| other.replaces.is_some_and(|(old, _)| old == id));
                 if let Some(successor) = successor {
                     successor.replaces = None;
-                } else if worker.slot < self.slots.len() {
+                } else if worker.slot < self.slots.len() && !self.roll_refills() {
                     self.schedule_restart(worker.slot);
                 }
             }
@@ -703,7 +947,8 @@ impl Actor {
     /// Starts the next queued recycle when none is running: the replacement is spawned first and
     /// the old worker retired only once the replacement is ready, so capacity never drops.
     fn pump_recycling(&mut self) {
-        if self.recycling.is_some() {
+        // A reload replaces every worker anyway; recycling meanwhile would fight over slots.
+        if self.recycling.is_some() || self.rollout.is_some() {
             return;
         }
         while let Some((old, reason)) = self.recycle_queue.pop_front() {
@@ -783,6 +1028,12 @@ impl Actor {
     }
 
     fn scale(&mut self, delta: i32) {
+        if self.rollout.is_some() {
+            tracing::warn!(
+                "a reload is rolling the web pool; scaling by {delta} ignored (set [web].workers and reload instead)"
+            );
+            return;
+        }
         if delta > 0 {
             for _ in 0..delta {
                 let slot = self.slots.len();
@@ -866,6 +1117,7 @@ impl Actor {
         PoolStatus {
             listen: self.listen.clone(),
             generation: self.generation,
+            reloading: self.rollout.as_ref().map(Rollout::describe),
             workers_wanted: self.slots.len(),
             workers,
         }
@@ -965,6 +1217,576 @@ impl Actor {
             }
         }
         self.publish_states();
+    }
+}
+
+/// The reload state machine (see the module doc).
+impl Actor {
+    /// True while the roll itself refills slots: crash restarts and timeout replacements leave
+    /// the slot to it, so that the two never start two workers for one slot.
+    fn roll_refills(&self) -> bool {
+        matches!(
+            self.rollout.as_ref().map(|rollout| rollout.phase),
+            Some(Phase::Rolling | Phase::RollingBack)
+        )
+    }
+
+    /// The `[web]` settings workers of `generation` run with.
+    fn web_of(&self, generation: u64) -> &WebConfig {
+        match &self.rollout {
+            Some(rollout) if rollout.new.generation == generation => &rollout.new.web,
+            Some(rollout) if rollout.old.generation == generation => &rollout.old.web,
+            _ => &self.web,
+        }
+    }
+
+    /// Makes `release` the one new workers, new requests' settings and the queue follow.
+    fn apply_release(&mut self, release: &Release) {
+        self.generation = release.generation;
+        self.launch = Arc::clone(&release.launch);
+        self.web = release.web.clone();
+        if let Some(front) = &self.front {
+            front.front().set_config(release.front.clone());
+        }
+        let (queue_size, queue_timeout) = queue_limits(&release.web);
+        self.dispatcher.set_limits(queue_size, queue_timeout);
+    }
+
+    /// Checks the new config, binds the added addresses and starts the canary; nothing else
+    /// changes until the canary is ready and warmed up.
+    fn begin_reload(&mut self, request: ReloadRequest) {
+        let ReloadRequest {
+            app,
+            web,
+            base_dir,
+            generation,
+            progress,
+            reply,
+        } = request;
+        if self.rollout.is_some() {
+            let _ = reply.send(Err(PoolReloadError::new(
+                "a reload of the web pool is already running",
+            )));
+            return;
+        }
+        if generation <= self.generation {
+            let _ = reply.send(Err(PoolReloadError::new(format!(
+                "generation {generation} is not newer than the serving generation {}",
+                self.generation
+            ))));
+            return;
+        }
+        let Some(front) = &self.front else {
+            let _ = reply.send(Err(PoolReloadError::new("the web pool is stopping")));
+            return;
+        };
+        let threads = usize::try_from(web.threads).unwrap_or(1).max(1);
+        let prepared = Launch::new(&app, &base_dir, threads, web.reload_timeout.get())
+            .and_then(|launch| Ok((launch, front_config(&web)?)));
+        let (launch, config) = match prepared {
+            Ok(prepared) => prepared,
+            Err(message) => {
+                let _ = reply.send(Err(PoolReloadError::new(format!(
+                    "the new config cannot run the web pool: {message}; nothing changed"
+                ))));
+                return;
+            }
+        };
+        let serving = front.configured();
+        let adding: Vec<String> = web
+            .listen
+            .iter()
+            .filter(|address| !serving.contains(address))
+            .cloned()
+            .collect();
+        let removed: Vec<String> = serving
+            .iter()
+            .filter(|address| !web.listen.contains(address))
+            .cloned()
+            .collect();
+        let added = match web::bind(&adding, web.backlog) {
+            Ok(listeners) => adding.into_iter().zip(listeners).collect(),
+            Err(error) => {
+                let _ = reply.send(Err(PoolReloadError::new(format!(
+                    "{error}; nothing changed"
+                ))));
+                return;
+            }
+        };
+        let old = Release {
+            generation: self.generation,
+            launch: Arc::clone(&self.launch),
+            web: self.web.clone(),
+            front: (*front.front().config()).clone(),
+        };
+        let new = Release {
+            generation,
+            launch: Arc::new(launch),
+            web,
+            front: config,
+        };
+        let canary = self.spawn_worker_as(0, None, generation, Arc::clone(&new.launch));
+        let now = Instant::now();
+        let rollout = Rollout {
+            phase: Phase::Canary(canary),
+            old,
+            new,
+            added,
+            removed,
+            started: now,
+            canary_started: now,
+            canary_took: Duration::ZERO,
+            replaced: 0,
+            old_slots: self.slots.len(),
+            progress,
+            reply,
+            failure: None,
+        };
+        rollout.say(format!(
+            "generation {} → {generation}: starting a canary worker",
+            rollout.old.generation
+        ));
+        self.rollout = Some(rollout);
+    }
+
+    /// A worker became ready: the canary moves on to its warm-up, a rolled one is counted.
+    fn rollout_worker_ready(&mut self, id: WorkerId, pid: u32, slot: usize, generation: u64) {
+        let Some(rollout) = self.rollout.as_mut() else {
+            return;
+        };
+        match rollout.phase {
+            Phase::Canary(canary) if canary == id => {
+                rollout.canary_took = rollout.canary_started.elapsed();
+                rollout.say(format!(
+                    "generation {} → {}: canary ready (pid {pid}, {:.1} s)",
+                    rollout.old.generation,
+                    rollout.new.generation,
+                    rollout.canary_took.as_secs_f64()
+                ));
+                match rollout.new.web.warmup.clone() {
+                    Some(path) => {
+                        rollout.phase = Phase::WarmUp(id);
+                        let budget = rollout
+                            .new
+                            .web
+                            .reload_timeout
+                            .get()
+                            .saturating_sub(rollout.canary_took)
+                            .max(Duration::from_secs(1));
+                        self.start_warm_up(id, path, budget);
+                    }
+                    None => self.promote(),
+                }
+            }
+            Phase::Rolling if generation == rollout.new.generation => {
+                rollout.replaced += 1;
+                rollout.say(format!(
+                    "{}/{} workers replaced",
+                    rollout.replaced,
+                    wanted_workers(&rollout.new.web)
+                ));
+            }
+            Phase::RollingBack if generation == rollout.old.generation => {
+                rollout.say(format!(
+                    "worker {slot} is back on generation {}",
+                    rollout.old.generation
+                ));
+            }
+            _ => {}
+        }
+    }
+
+    /// Requests `[web].warmup` through the canary in a task of its own; the answer comes back
+    /// through `warm_ups` so the actor keeps serving meanwhile.
+    fn start_warm_up(&mut self, canary: WorkerId, path: String, budget: Duration) {
+        let (Some(front), Some(lease)) = (
+            self.front.as_ref().map(|front| Arc::clone(front.front())),
+            self.dispatcher.acquire_from(canary),
+        ) else {
+            self.fail_rollout(PoolReloadError::new(
+                "the canary has no free request slot for the warm-up",
+            ));
+            return;
+        };
+        let answers = self.warm_ups_tx.clone();
+        tokio::spawn(async move {
+            let answer = tokio::time::timeout(
+                budget + Duration::from_secs(1),
+                web::warm_up(&front, lease, &path, budget),
+            )
+            .await
+            .unwrap_or_else(|_| Err(format!("GET {path} got no answer within {budget:?}")));
+            let _ = answers.send((canary, answer));
+        });
+    }
+
+    fn on_warm_up(&mut self, canary: WorkerId, answer: Result<WarmUpAnswer, String>) {
+        let Some(rollout) = self.rollout.as_ref() else {
+            return;
+        };
+        if rollout.phase != Phase::WarmUp(canary) {
+            return;
+        }
+        let generation = rollout.new.generation;
+        let path = rollout.new.web.warmup.clone().unwrap_or_default();
+        match answer {
+            Ok(answer) if (200..400).contains(&answer.status) => {
+                rollout.say(format!(
+                    "warm-up GET {path} answered {} through the canary",
+                    answer.status
+                ));
+                self.promote();
+            }
+            Ok(answer) => self.fail_rollout(PoolReloadError {
+                message: format!(
+                    "the canary of generation {generation} answered the warm-up GET {path} with {} (2xx or 3xx needed)",
+                    answer.status
+                ),
+                detail: Some(format!(
+                    "warm-up response {}:\n{}",
+                    answer.status, answer.body_head
+                )),
+            }),
+            Err(message) => self.fail_rollout(PoolReloadError::new(format!(
+                "the canary of generation {generation} failed its warm-up: {message}"
+            ))),
+        }
+    }
+
+    /// The canary passed: the new release serves from now on. The canary takes its slot (the old
+    /// worker there drains) and the roll walks the other slots.
+    fn promote(&mut self) {
+        let Some(rollout) = self.rollout.as_mut() else {
+            return;
+        };
+        let (Phase::Canary(canary) | Phase::WarmUp(canary)) = rollout.phase else {
+            return;
+        };
+        rollout.phase = Phase::Rolling;
+        rollout.replaced = 1;
+        rollout.say(format!(
+            "1/{} workers replaced",
+            wanted_workers(&rollout.new.web)
+        ));
+        let new = rollout.new.clone();
+        self.apply_release(&new);
+        self.dispatcher.set_generation(new.generation);
+        let canary_slot = self.workers.get(&canary).map_or(0, |worker| worker.slot);
+        let replaced: Vec<WorkerId> = self
+            .workers
+            .iter()
+            .filter(|(id, worker)| {
+                **id != canary
+                    && worker.slot == canary_slot
+                    && worker.generation != new.generation
+                    && matches!(worker.state, WorkerState::Ready | WorkerState::Starting)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in replaced {
+            self.metrics
+                .worker_restarts_total
+                .with_label_values(&["reload"])
+                .inc();
+            self.retire(id, Ending::Replaced);
+        }
+        // Recycles and crash restarts of the old release in progress give way: the roll
+        // replaces those slots with the new release anyway.
+        let starting_old: Vec<WorkerId> = self
+            .workers
+            .iter()
+            .filter(|(_, worker)| {
+                worker.generation != new.generation && worker.state == WorkerState::Starting
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in starting_old {
+            self.retire(id, Ending::Removed);
+        }
+        self.recycling = None;
+        self.recycle_queue.clear();
+        for slot in &mut self.slots {
+            slot.restart_at = None;
+        }
+        self.publish_states();
+        self.advance_rollout();
+    }
+
+    /// One step of the roll (or the roll back): while no worker of the target generation is
+    /// starting, start one for the first slot that has none ready, replacing the slot's old
+    /// worker once it is ready. When every slot serves the target generation, the leftovers
+    /// (other generations, slots beyond `[web].workers`) drain and the reload ends.
+    fn advance_rollout(&mut self) {
+        let wanted = match self.rollout.as_ref() {
+            Some(rollout) if rollout.phase == Phase::Rolling => wanted_workers(&rollout.new.web),
+            Some(rollout) if rollout.phase == Phase::RollingBack => rollout.old_slots.max(1),
+            _ => return,
+        };
+        let target = self.generation;
+        if self
+            .workers
+            .values()
+            .any(|worker| worker.generation == target && worker.state == WorkerState::Starting)
+        {
+            return;
+        }
+        for slot in 0..wanted {
+            let served = self.workers.values().any(|worker| {
+                worker.slot == slot
+                    && worker.generation == target
+                    && worker.state == WorkerState::Ready
+            });
+            if served {
+                continue;
+            }
+            while self.slots.len() <= slot {
+                self.slots.push(Slot::default());
+            }
+            self.slots[slot].restart_at = None;
+            let old = self
+                .workers
+                .iter()
+                .find(|(_, worker)| {
+                    worker.slot == slot
+                        && worker.generation != target
+                        && worker.state == WorkerState::Ready
+                })
+                .map(|(id, _)| *id);
+            self.spawn_worker(slot, old.map(|id| (id, "reload")));
+            return;
+        }
+        let leftovers: Vec<WorkerId> = self
+            .workers
+            .iter()
+            .filter(|(_, worker)| {
+                matches!(worker.state, WorkerState::Ready | WorkerState::Starting)
+                    && (worker.slot >= wanted || worker.generation != target)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in leftovers {
+            self.metrics
+                .worker_restarts_total
+                .with_label_values(&["reload"])
+                .inc();
+            self.retire(id, Ending::Removed);
+        }
+        self.slots.truncate(wanted);
+        self.finish_rollout();
+    }
+
+    /// The roll (or the roll back) is complete: listeners change on success, and the caller
+    /// gets its answer.
+    fn finish_rollout(&mut self) {
+        let Some(rollout) = self.rollout.take() else {
+            return;
+        };
+        self.dispatcher.set_generation(self.generation);
+        let Rollout {
+            old,
+            new,
+            added,
+            removed,
+            started,
+            canary_took,
+            progress,
+            reply,
+            failure,
+            ..
+        } = rollout;
+        let result = match failure {
+            None => {
+                let mut summary = format!(
+                    "web pool on generation {}: {} workers replaced in {:.1} s (canary {:.1} s)",
+                    new.generation,
+                    wanted_workers(&new.web),
+                    started.elapsed().as_secs_f64(),
+                    canary_took.as_secs_f64()
+                );
+                let mut closing = Vec::new();
+                if let Some(front) = self.front.as_mut() {
+                    for (configured, listener) in added {
+                        summary.push_str(&format!("; listening on {}", listener.address()));
+                        front.add(configured, listener);
+                    }
+                    for configured in &removed {
+                        closing.extend(front.remove(configured));
+                        summary.push_str(&format!("; stopped listening on {configured}"));
+                    }
+                    self.listen = front.addresses();
+                }
+                tracing::info!("reload: {summary}");
+                Ok(Rolled {
+                    summary,
+                    listen: self.listen.clone(),
+                    closing,
+                })
+            }
+            Some(error) => {
+                let line = format!(
+                    "rolled back: every worker is on generation {}",
+                    old.generation
+                );
+                tracing::warn!("reload: {line}");
+                let _ = progress.send(line);
+                Err(error)
+            }
+        };
+        let _ = reply.send(result);
+        self.publish_states();
+        self.pump_recycling();
+    }
+
+    /// Something of the new release failed. Before the switch only the canary goes; after it
+    /// the roll turns around and refills slots from the old release.
+    fn fail_rollout(&mut self, error: PoolReloadError) {
+        let Some(rollout) = self.rollout.as_mut() else {
+            return;
+        };
+        match rollout.phase {
+            Phase::Canary(canary) | Phase::WarmUp(canary) => {
+                if let Some(worker) = self.workers.get_mut(&canary) {
+                    worker.ending = Ending::Removed;
+                    worker.state = WorkerState::Killing;
+                    let _ = worker.commands.send(worker::Command::Kill);
+                }
+                self.dispatcher.remove(canary);
+                let Some(rollout) = self.rollout.take() else {
+                    return;
+                };
+                rollout.say(format!(
+                    "{error}; generation {} keeps serving, nothing changed",
+                    rollout.old.generation
+                ));
+                let _ = rollout.reply.send(Err(error));
+                self.publish_states();
+                self.pump_recycling();
+            }
+            Phase::Rolling => {
+                let old = rollout.old.clone();
+                let new_generation = rollout.new.generation;
+                rollout.say(format!(
+                    "{error}; rolling back to generation {} ({} of {} workers had been replaced)",
+                    old.generation,
+                    rollout.replaced,
+                    wanted_workers(&rollout.new.web)
+                ));
+                rollout.failure = Some(PoolReloadError {
+                    message: format!(
+                        "{}; rolled back to generation {}",
+                        error.message, old.generation
+                    ),
+                    detail: error.detail,
+                });
+                rollout.phase = Phase::RollingBack;
+                self.apply_release(&old);
+                let starting_new: Vec<WorkerId> = self
+                    .workers
+                    .iter()
+                    .filter(|(_, worker)| {
+                        worker.generation == new_generation && worker.state == WorkerState::Starting
+                    })
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in starting_new {
+                    self.retire(id, Ending::Removed);
+                }
+                self.advance_rollout();
+            }
+            Phase::RollingBack => {
+                // The old release does not start any more either (its files changed in place):
+                // stop rolling and leave the empty slots to the crash restarts.
+                let first = rollout.failure.take();
+                let Some(rollout) = self.rollout.take() else {
+                    return;
+                };
+                let message = format!(
+                    "{}; rolling back failed too: {error}",
+                    first
+                        .as_ref()
+                        .map_or("the reload failed", |first| first.message.as_str())
+                );
+                rollout.say(message.clone());
+                let empty: Vec<usize> = (0..self.slots.len())
+                    .filter(|slot| {
+                        !self.workers.values().any(|worker| {
+                            worker.slot == *slot
+                                && matches!(
+                                    worker.state,
+                                    WorkerState::Ready | WorkerState::Starting
+                                )
+                        })
+                    })
+                    .collect();
+                for slot in empty {
+                    self.schedule_restart(slot);
+                }
+                let _ = rollout.reply.send(Err(PoolReloadError {
+                    message,
+                    detail: first.and_then(|first| first.detail).or(error.detail),
+                }));
+                self.publish_states();
+            }
+        }
+    }
+
+    /// A worker that never became ready: true when it was the reload's to handle.
+    fn rollout_worker_failed(&mut self, id: WorkerId, worker: &Worker, error: &StartError) -> bool {
+        let Some(rollout) = self.rollout.as_ref() else {
+            return false;
+        };
+        let what = match rollout.phase {
+            Phase::Canary(canary) if canary == id => {
+                format!("the canary worker of generation {}", worker.generation)
+            }
+            Phase::Rolling | Phase::RollingBack
+                if worker.generation == self.generation && worker.ending == Ending::Unexpected =>
+            {
+                format!(
+                    "web worker {} of generation {}",
+                    worker.slot, worker.generation
+                )
+            }
+            _ => return false,
+        };
+        tracing::error!(worker = worker.slot, "{what} failed to start: {error}");
+        if let Some(slot) = self.slots.get_mut(worker.slot) {
+            slot.last_error = Some(error.to_string());
+        }
+        self.fail_rollout(PoolReloadError::start_failed(&what, error));
+        true
+    }
+
+    /// A ready worker exited unexpectedly: true when it was the reload's to handle (the canary,
+    /// or a worker of the generation being rolled to).
+    fn rollout_worker_exited(&mut self, id: WorkerId, worker: &Worker, how: &str) -> bool {
+        let Some(rollout) = self.rollout.as_ref() else {
+            return false;
+        };
+        let what = match rollout.phase {
+            Phase::Canary(canary) | Phase::WarmUp(canary) if canary == id => {
+                format!("the canary worker of generation {}", worker.generation)
+            }
+            Phase::Rolling if worker.generation == rollout.new.generation => format!(
+                "web worker {} of generation {}",
+                worker.slot, worker.generation
+            ),
+            _ => return false,
+        };
+        let message = format!(
+            "{what} (pid {}) exited unexpectedly: {how}",
+            worker.pid.unwrap_or_default()
+        );
+        tracing::error!(worker = worker.slot, "{message}");
+        self.metrics
+            .worker_restarts_total
+            .with_label_values(&["crash"])
+            .inc();
+        if let Some(slot) = self.slots.get_mut(worker.slot) {
+            slot.last_error = Some(message.clone());
+        }
+        self.fail_rollout(PoolReloadError::new(message));
+        true
     }
 }
 

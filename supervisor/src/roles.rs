@@ -185,13 +185,16 @@ impl Roles {
         let base_dir = new.config_dir();
         let mut summary = Vec::new();
         match (self.pool.as_mut(), &new.config.web) {
-            (Some(_pool), Some(_web)) => {
-                // Interim until the pool's rolling reload lands (issue #4).
-                return Err(RoleReloadError {
-                    role: "web pool".to_owned(),
-                    message: "rolling the web pool is not available in this build yet; restart the service to apply a new release".to_owned(),
-                    detail: None,
-                });
+            (Some(pool), Some(web)) => {
+                let rolled = pool
+                    .reload(&new.config.app, web, &base_dir, generation, progress)
+                    .await
+                    .map_err(|error| RoleReloadError {
+                        role: "web pool".to_owned(),
+                        message: error.to_string(),
+                        detail: error.detail(),
+                    })?;
+                summary.push(rolled);
             }
             (None, Some(web)) => {
                 let pool =
@@ -215,12 +218,16 @@ impl Roles {
             }
             (None, None) => {}
         }
-        // Interim until the programs' rolling reload lands (issue #4).
-        if !new.config.programs.is_empty() {
-            summary.push(format!(
-                "programs kept as they run (generation {generation} does not roll programs in this build; restart to apply their changes)"
-            ));
-        }
+        let programs = self
+            .programs
+            .reload(&new.config, &base_dir, progress, generation)
+            .await
+            .map_err(|message| RoleReloadError {
+                role: "programs".to_owned(),
+                message,
+                detail: None,
+            })?;
+        summary.push(programs);
         match (self.beat.as_ref(), &new.config.beat) {
             (Some(beat), Some(config)) => {
                 beat.reload(config, &new.config.app, &base_dir)

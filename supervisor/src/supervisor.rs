@@ -59,7 +59,7 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let supervisor = Supervisor::start(loaded, notifier, log).await?;
+        let supervisor = Supervisor::start(loaded, notifier, log, args.watch).await?;
         supervisor.run().await
     })
 }
@@ -92,6 +92,8 @@ struct Supervisor {
     queue_sampler: Option<QueueSampler>,
     /// The last `STATUS=` line sent, so that systemd hears only changes.
     status_line: String,
+    /// With `run --watch`: batches of changed app files, each one a reload trigger.
+    app_changes: Option<tokio::sync::mpsc::Receiver<Vec<std::path::PathBuf>>>,
 }
 
 /// Why the main loop ended.
@@ -105,7 +107,12 @@ struct StopRequest {
 
 impl Supervisor {
     /// Binds the control socket, installs the signal handlers and starts every role.
-    async fn start(loaded: Loaded, mut notifier: Notifier, log: LogHandle) -> anyhow::Result<Self> {
+    async fn start(
+        loaded: Loaded,
+        mut notifier: Notifier,
+        log: LogHandle,
+        watch_app: bool,
+    ) -> anyhow::Result<Self> {
         let started = Instant::now();
         // Handlers first, so that a TERM during start-up is not fatal before children exist.
         let signals = Signals::install().context("cannot install signal handlers")?;
@@ -145,6 +152,25 @@ impl Supervisor {
             }
         };
         let queue_sampler = crate::celery_queues::spawn_for(&loaded.config, Arc::clone(&metrics));
+        let app_changes = if watch_app {
+            let directory = loaded.config_dir().join(
+                loaded
+                    .config
+                    .app
+                    .directory
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new(".")),
+            );
+            let changes = crate::watch::spawn(directory.clone())
+                .with_context(|| format!("--watch: cannot watch {}", directory.display()))?;
+            tracing::info!(
+                directory = %directory.display(),
+                "--watch: reloading when .py or .ini files change"
+            );
+            Some(changes)
+        } else {
+            None
+        };
         metrics.generation.set(1);
         let (problems, status_line) = roles.health().await;
         health.send_replace(Health::now(true, problems));
@@ -172,6 +198,7 @@ impl Supervisor {
             metrics_server,
             queue_sampler,
             status_line,
+            app_changes,
         })
     }
 
@@ -197,6 +224,23 @@ impl Supervisor {
                     notify_or_log(self.notifier.watchdog(), "WATCHDOG");
                 }
                 _ = heartbeat.tick() => self.publish_health().await,
+                changes = next_app_change(&mut self.app_changes) => match changes {
+                    Some(paths) => {
+                        let shown: Vec<String> =
+                            paths.iter().take(3).map(|path| path.display().to_string()).collect();
+                        tracing::info!(
+                            changed = paths.len(),
+                            "--watch: {}{}; reloading",
+                            shown.join(", "),
+                            if paths.len() > shown.len() { ", …" } else { "" }
+                        );
+                        self.request_reload(None).await;
+                    }
+                    None => {
+                        tracing::error!("--watch: the file watcher stopped; changes are no longer picked up");
+                        self.app_changes = None;
+                    }
+                },
                 event = next_reload_event(&mut self.reload) => match event {
                     ReloadEvent::Progress(line) => {
                         tracing::info!("reload: {line}");
@@ -496,6 +540,16 @@ impl Supervisor {
             waiter.ok(serde_json::json!({ "stopped": true }));
         }
         self.control.shutdown(CONTROL_FLUSH).await;
+    }
+}
+
+/// The next batch of changed app files; pending without `--watch`, `None` if the watcher died.
+async fn next_app_change(
+    changes: &mut Option<tokio::sync::mpsc::Receiver<Vec<std::path::PathBuf>>>,
+) -> Option<Vec<std::path::PathBuf>> {
+    match changes {
+        Some(changes) => changes.recv().await,
+        None => std::future::pending().await,
     }
 }
 

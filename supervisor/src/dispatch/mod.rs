@@ -4,8 +4,14 @@
 //! nor HTTP (the front does).
 //!
 //! Requests never wait behind a busy worker while another is idle: a slot is taken only when it is
-//! idle, the least-loaded worker of the current generation is preferred (so 2 workers × 8 threads
-//! spread over both GILs), and a returning slot goes straight to the oldest waiting request.
+//! idle, the least-loaded worker is preferred (so 2 workers × 8 threads spread over both GILs), and
+//! a returning slot goes straight to the oldest waiting request.
+//!
+//! Workers of the served generation and older ones still routable take requests: during a rolling
+//! reload old and new workers serve side by side, each old one retired as its replacement is
+//! admitted, so capacity never drops. A worker of a *later* generation (the reload's canary) gets
+//! no request until its generation is served, except the warm-up request sent to it by name
+//! (`acquire_from`).
 //!
 //! This is a lock-protected queue, like `tokio::sync::Semaphore`, not actor state: the hot path
 //! takes the lock twice per request (take a slot, give it back) for a few hundred nanoseconds and
@@ -104,6 +110,8 @@ struct State {
     waiters: VecDeque<oneshot::Sender<Lease>>,
     generation: u64,
     closed: bool,
+    queue_size: usize,
+    queue_timeout: Duration,
 }
 
 /// Per-worker counters for `status`.
@@ -120,8 +128,6 @@ pub struct WorkerLoad {
 /// The dispatcher shared by the front (take/return slots) and the pool (add/retire workers).
 pub struct Dispatcher {
     state: Mutex<State>,
-    queue_size: usize,
-    queue_timeout: Duration,
     metrics: Arc<Metrics>,
     notices: mpsc::UnboundedSender<Notice>,
 }
@@ -184,9 +190,11 @@ impl Dispatcher {
         notices: mpsc::UnboundedSender<Notice>,
     ) -> Arc<Dispatcher> {
         Arc::new(Dispatcher {
-            state: Mutex::new(State::default()),
-            queue_size,
-            queue_timeout,
+            state: Mutex::new(State {
+                queue_size,
+                queue_timeout,
+                ..State::default()
+            }),
             metrics,
             notices,
         })
@@ -202,7 +210,7 @@ impl Dispatcher {
 
     /// Takes an idle slot, waiting in the queue for one if every slot is busy.
     pub async fn acquire(self: &Arc<Self>) -> Result<Lease, Rejected> {
-        let receiver = {
+        let (receiver, queue_timeout) = {
             let mut state = self.lock();
             if state.closed {
                 return Err(Rejected::ShuttingDown);
@@ -210,18 +218,18 @@ impl Dispatcher {
             if let Some(lease) = self.take_idle(&mut state) {
                 return Ok(lease);
             }
-            if state.waiters.len() >= self.queue_size {
+            if state.waiters.len() >= state.queue_size {
                 state.waiters.retain(|waiter| !waiter.is_closed());
-                if state.waiters.len() >= self.queue_size {
+                if state.waiters.len() >= state.queue_size {
                     return Err(Rejected::QueueFull);
                 }
             }
             let (sender, receiver) = oneshot::channel();
             state.waiters.push_back(sender);
-            receiver
+            (receiver, state.queue_timeout)
         };
         self.metrics.http_queue_depth.inc();
-        let waited = tokio::time::timeout(self.queue_timeout, receiver).await;
+        let waited = tokio::time::timeout(queue_timeout, receiver).await;
         self.metrics.http_queue_depth.dec();
         match waited {
             Ok(Ok(lease)) => Ok(lease),
@@ -236,7 +244,7 @@ impl Dispatcher {
             .routes
             .iter_mut()
             .filter(|route| {
-                route.routable && route.generation == generation && !route.free.is_empty()
+                route.routable && route.generation <= generation && !route.free.is_empty()
             })
             .max_by_key(|route| (route.free.len(), std::cmp::Reverse(route.busy)))?;
         let channel = route.free.pop()?;
@@ -341,7 +349,8 @@ impl Dispatcher {
         }
     }
 
-    /// Adds a ready worker; its slots serve waiting requests at once when its generation is current.
+    /// Adds a ready worker; its slots serve waiting requests at once unless its generation is
+    /// later than the served one (a canary).
     pub fn add_worker(
         self: &Arc<Self>,
         worker: WorkerId,
@@ -363,7 +372,7 @@ impl Dispatcher {
             recycle_noted: false,
         });
         let index = state.routes.len() - 1;
-        if generation == state.generation {
+        if generation <= state.generation {
             self.serve_waiters(&mut state, index);
         }
     }
@@ -388,15 +397,44 @@ impl Dispatcher {
         state.routes.retain(|route| route.id != worker);
     }
 
-    /// Makes `generation` the one new requests go to.
+    /// Makes `generation` the latest one served: its workers and older ones still routable take
+    /// requests, later ones do not.
     pub fn set_generation(self: &Arc<Self>, generation: u64) {
         let mut state = self.lock();
         state.generation = generation;
         for index in 0..state.routes.len() {
-            if state.routes[index].generation == generation {
+            if state.routes[index].generation <= generation {
                 self.serve_waiters(&mut state, index);
             }
         }
+    }
+
+    /// Changes `queue_size` and `queue_timeout` (a reload); requests already waiting keep the
+    /// timeout they started with.
+    pub fn set_limits(&self, queue_size: usize, queue_timeout: Duration) {
+        let mut state = self.lock();
+        state.queue_size = queue_size;
+        state.queue_timeout = queue_timeout;
+    }
+
+    /// An idle slot of `worker` whatever its generation, for a request that must reach that worker
+    /// (the canary's warm-up); `None` when it has no idle slot.
+    pub fn acquire_from(self: &Arc<Self>, worker: WorkerId) -> Option<Lease> {
+        let mut state = self.lock();
+        let route = state
+            .routes
+            .iter_mut()
+            .find(|route| route.id == worker && route.routable)?;
+        let channel = route.free.pop()?;
+        route.busy += 1;
+        self.metrics.http_in_flight.inc();
+        Some(Lease {
+            channel: Some(channel),
+            worker: route.id,
+            slot: route.slot,
+            used: false,
+            dispatcher: Arc::clone(self),
+        })
     }
 
     /// Refuses new requests and wakes every waiting one with `ShuttingDown`.
@@ -457,16 +495,16 @@ mod tests {
     }
 
     #[test]
-    fn requests_go_to_the_least_loaded_worker_of_the_current_generation() {
+    fn requests_go_to_the_least_loaded_worker_of_the_served_generation() {
         runtime().block_on(async {
             let (dispatcher, _notices) = dispatcher(4);
             dispatcher.set_generation(1);
             let (a, _keep_a) = channels(2);
             let (b, _keep_b) = channels(2);
-            let (old, _keep_old) = channels(2);
+            let (canary, _keep_canary) = channels(2);
             dispatcher.add_worker(1, 0, 1, a, None);
             dispatcher.add_worker(2, 1, 1, b, None);
-            dispatcher.add_worker(3, 2, 0, old, None);
+            dispatcher.add_worker(3, 2, 2, canary, None);
             let first = dispatcher.acquire().await.unwrap();
             let second = dispatcher.acquire().await.unwrap();
             assert_ne!(
@@ -541,6 +579,35 @@ mod tests {
                 dispatcher.acquire().await.err(),
                 Some(Rejected::QueueTimeout)
             );
+        });
+    }
+
+    #[test]
+    fn a_canary_gets_only_its_warm_up_until_its_generation_is_served_then_both_serve() {
+        runtime().block_on(async {
+            let (dispatcher, _notices) = dispatcher(4);
+            dispatcher.set_generation(1);
+            let (old, _keep_old) = channels(1);
+            let (canary, _keep_canary) = channels(1);
+            dispatcher.add_worker(1, 0, 1, old, None);
+            dispatcher.add_worker(2, 1, 2, canary, None);
+            let first = dispatcher.acquire().await.unwrap();
+            assert_eq!(first.worker(), 1);
+            assert_eq!(
+                dispatcher.acquire().await.err(),
+                Some(Rejected::QueueTimeout),
+                "the canary takes no ordinary request"
+            );
+            let warm_up = dispatcher.acquire_from(2).unwrap();
+            assert_eq!(warm_up.worker(), 2);
+            drop(warm_up);
+            dispatcher.set_generation(2);
+            let second = dispatcher.acquire().await.unwrap();
+            assert_eq!(second.worker(), 2, "old and new serve side by side");
+            drop(first);
+            dispatcher.set_limits(0, Duration::from_millis(10));
+            let _third = dispatcher.acquire().await.unwrap();
+            assert_eq!(dispatcher.acquire().await.err(), Some(Rejected::QueueFull));
         });
     }
 

@@ -7,15 +7,31 @@
 //! and run timers while a process is stopping. What to do after an exit is decided by the pure
 //! machine in `state.rs`; this file carries the decisions out.
 //!
-//! An instance *is* its process group: the stop signal goes to the whole group and SIGKILL
-//! follows after `stop_timeout`. A stop is complete when the group is empty, not when the leader
-//! has exited: a shell wrapper may die at once on TERM while the Celery worker it started is
-//! still finishing its tasks, so the group gets the rest of `stop_timeout` (checked on a short
-//! interval; no kernel event announces the end of a process that is not our child). After an
+//! An instance *is* its process group, but a graceful stop signals the group leader first, and
+//! the rest of the group only once the leader has exited (systemd's `KillMode=mixed`); SIGKILL
+//! of the whole group follows after `stop_timeout`. The leader goes first because Celery's warm
+//! shutdown depends on it: its prefork pool children reset SIGTERM to the default action, so a
+//! TERM to the whole group kills the running tasks (`WorkerLostError`, the tasks are lost),
+//! while a TERM to the main process lets it finish them and stop its children itself. A shell
+//! wrapper should therefore `exec` the worker. A stop is complete when the group is empty, not
+//! when the leader has exited: what is left gets the stop signal and the rest of
+//! `stop_timeout` (checked on a short interval; no kernel event announces the end of a process
+//! that is not our child). After an
 //! exit nobody asked for, what is left of the group is SIGKILLed at once: those members would
 //! otherwise outlive the instance as orphans next to its replacement. A grandchild that leaves
 //! the group (`setsid`, a daemonizing double fork) escapes all of this; under systemd,
 //! `KillMode=control-group` catches it.
+//!
+//! A reload ([`Command::Reload`]) is a [`Rollout`] the actor drives from its own loop: new
+//! instances (*candidates*, each with its own [`Launch`] and generation) run beside the old ones,
+//! and after every event the actor looks whether the rollout can take its next step. `rolling`
+//! starts the candidates first and retires the old instances only once every candidate has
+//! survived `ready_after`, so a Celery queue always has a consumer; `restart` retires first and
+//! starts after. A candidate that exits before that point fails the rollout: the other
+//! candidates are stopped and the old instances, never touched by `rolling`, keep running (after
+//! `restart`, they are started again with the old config). Starts of candidates are not counted in
+//! `sauna_program_restarts_total`: that counter means "came back after an exit or a recycle"
+//! (crash loops, `max_rss`), and a deploy that rolls every program must not look like a crash.
 
 use std::io;
 use std::os::unix::process::ExitStatusExt;
@@ -26,8 +42,8 @@ use std::time::{Duration, Instant, SystemTime};
 use nix::sys::signal::Signal;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::child;
-use crate::lifecycle::StopMode;
+use crate::child::{self, OutputTail};
+use crate::lifecycle::{Progress, StopMode};
 use crate::metrics::Metrics;
 use crate::programs::launch::Launch;
 use crate::programs::procfs;
@@ -36,6 +52,11 @@ use crate::programs::{InstanceStatus, ProgramStatus};
 
 /// How often a stopping group whose leader has exited is checked for remaining members.
 const GROUP_CHECK_INTERVAL: Duration = Duration::from_millis(50);
+/// Lines of output kept per process, quoted when a reload candidate dies.
+const TAIL_LINES: usize = 10;
+/// How long an exit report waits for the last output still in the pipes. Short: a grandchild
+/// that keeps the pipes open must not delay the report.
+const OUTPUT_GRACE: Duration = Duration::from_millis(200);
 
 /// What the facade can ask a program actor.
 #[derive(Debug)]
@@ -44,12 +65,56 @@ pub enum Command {
     Status(oneshot::Sender<ProgramStatus>),
     /// Stop every instance; the answer comes once every process group is gone.
     Shutdown(StopMode, oneshot::Sender<()>),
+    /// Replace the instances with ones started from a new config.
+    Reload(Box<Reload>),
+}
+
+/// A reload of one program, as the facade asks for it.
+#[derive(Debug)]
+pub struct Reload {
+    /// The new config, resolved.
+    pub launch: Launch,
+    /// Rolling (new first) or restart (old first); `none` never reaches the actor.
+    pub policy: proxy_conf::ProgramReload,
+    /// The generation the new instances start under.
+    pub generation: u64,
+    /// Where the steps are reported.
+    pub progress: Progress,
+    /// A one-line summary once the old instances are gone, or what failed.
+    pub reply: oneshot::Sender<Result<String, String>>,
 }
 
 /// A waiter task's report: process `run` has exited.
 struct Exited {
     run: u64,
     status: io::Result<ExitStatus>,
+    /// The last lines the process printed.
+    tail: Vec<String>,
+}
+
+/// Where a rollout is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// `restart`: waiting for the old instances to be gone before the candidates start.
+    Draining,
+    /// Candidates run and must all survive `ready_after`.
+    Starting,
+    /// Every candidate is ready; the old instances were sent the stop signal.
+    Retiring,
+    /// A candidate failed; waiting for the other candidates to be gone.
+    RollingBack,
+}
+
+/// A reload in progress; see the module documentation.
+struct Rollout {
+    launch: Arc<Launch>,
+    policy: proxy_conf::ProgramReload,
+    generation: u64,
+    phase: Phase,
+    /// What the first failing candidate did.
+    failure: Option<String>,
+    progress: Progress,
+    reply: oneshot::Sender<Result<String, String>>,
 }
 
 /// Why an instance is being stopped.
@@ -59,11 +124,19 @@ enum StopReason {
     Shutdown,
     /// Over `max_rss`: started again as soon as the group is gone.
     MaxRss,
+    /// Replaced by a reload, or a candidate of a failed one: stays stopped.
+    Retire,
 }
 
 /// One instance of the program.
 struct Instance {
     index: usize,
+    /// The config this instance runs (and is restarted) with.
+    launch: Arc<Launch>,
+    /// The generation it started under.
+    generation: u64,
+    /// Started by the reload in progress and not yet committed.
+    candidate: bool,
     state: InstanceState,
     /// The process group leader while a process runs.
     pid: Option<u32>,
@@ -88,9 +161,12 @@ struct Instance {
 }
 
 impl Instance {
-    fn new(index: usize) -> Instance {
+    fn new(index: usize, launch: Arc<Launch>, generation: u64) -> Instance {
         Instance {
             index,
+            launch,
+            generation,
+            candidate: false,
             state: InstanceState::Stopped,
             pid: None,
             group: None,
@@ -126,7 +202,11 @@ impl Instance {
 
 /// The actor's state; see the module documentation.
 pub struct ProgramActor {
-    launch: Launch,
+    /// The current config: what new instances of the committed generation run.
+    launch: Arc<Launch>,
+    /// The committed generation.
+    generation: u64,
+    rollout: Option<Rollout>,
     metrics: Arc<Metrics>,
     instances: Vec<Instance>,
     exits_tx: mpsc::UnboundedSender<Exited>,
@@ -138,10 +218,13 @@ pub struct ProgramActor {
 }
 
 impl ProgramActor {
-    /// An actor for `launch` with every instance stopped.
-    pub fn new(launch: Launch, metrics: Arc<Metrics>) -> ProgramActor {
+    /// An actor for `launch` with every instance stopped; they will start under `generation`.
+    pub fn new(launch: Launch, metrics: Arc<Metrics>, generation: u64) -> ProgramActor {
         let (exits_tx, exits_rx) = mpsc::unbounded_channel();
-        let instances = (0..launch.instances as usize).map(Instance::new).collect();
+        let launch = Arc::new(launch);
+        let instances = (0..launch.instances as usize)
+            .map(|index| Instance::new(index, Arc::clone(&launch), generation))
+            .collect();
         let next_rss_sample = (launch.max_rss > 0).then(|| Instant::now() + launch.rss_interval);
         metrics
             .program_up
@@ -153,6 +236,8 @@ impl ProgramActor {
             .inc_by(0);
         ProgramActor {
             launch,
+            generation,
+            rollout: None,
             metrics,
             instances,
             exits_tx,
@@ -198,6 +283,7 @@ impl ProgramActor {
                         self.shutdown_replies.push(reply);
                         self.begin_shutdown(mode);
                     }
+                    Some(Command::Reload(reload)) => self.begin_rollout(*reload),
                     None => {
                         // The facade was dropped without a shutdown: leave nothing running.
                         commands_open = false;
@@ -207,13 +293,15 @@ impl ProgramActor {
                 Some(exited) = self.exits_rx.recv() => self.on_exit(exited),
                 () = timer => self.on_timers(Instant::now()),
             }
+            self.advance_rollout();
         }
     }
 
     /// The log label of the instance in `slot` (a position in `instances`; reload will keep old
     /// and new processes of one index side by side).
     fn label(&self, slot: usize) -> String {
-        self.launch.label(self.instances[slot].index)
+        let instance = &self.instances[slot];
+        instance.launch.label(instance.index)
     }
 
     fn set_state(&mut self, slot: usize, to: InstanceState) {
@@ -225,14 +313,22 @@ impl ProgramActor {
             );
         }
         self.instances[slot].state = to;
-        let all_running = self
-            .instances
-            .iter()
-            .all(|instance| instance.state == InstanceState::Running);
+        self.update_up();
+    }
+
+    /// `sauna_program_up` is 1 while every index of the current config has a running instance,
+    /// old or new: during a rolling reload the queue has a consumer throughout.
+    fn update_up(&self) {
+        let count = self.launch.instances as usize;
+        let all_running = (0..count).all(|index| {
+            self.instances
+                .iter()
+                .any(|instance| instance.index == index && instance.state == InstanceState::Running)
+        });
         self.metrics
             .program_up
             .with_label_values(&[self.launch.name.as_str()])
-            .set(i64::from(all_running && !self.instances.is_empty()));
+            .set(i64::from(all_running && count > 0));
     }
 
     fn start(&mut self, slot: usize) {
@@ -254,7 +350,8 @@ impl ProgramActor {
                 .with_label_values(&[self.launch.name.as_str()])
                 .inc();
         }
-        match child::spawn(self.launch.spec(self.instances[slot].index)) {
+        let launch = Arc::clone(&self.instances[slot].launch);
+        match child::spawn(launch.spec(self.instances[slot].index)) {
             Ok(mut process) => {
                 let pid = process.id().unwrap_or_default();
                 self.runs += 1;
@@ -263,22 +360,30 @@ impl ProgramActor {
                 instance.pid = Some(pid);
                 instance.group = Some(pid);
                 instance.run = run;
-                instance.ready_at = Some(now + self.launch.ready_after);
+                instance.ready_at = Some(now + launch.ready_after);
                 tracing::info!(program = %label, pid, "program \"{label}\": started (pid {pid})");
-                child::capture_output(&mut process, label);
+                let tail = OutputTail::new(TAIL_LINES);
+                let output =
+                    child::capture_output_with_tail(&mut process, label, Some(tail.clone()));
                 let exits = self.exits_tx.clone();
                 tokio::spawn(async move {
                     let status = process.wait().await;
-                    let _ = exits.send(Exited { run, status });
+                    let _ = tokio::time::timeout(OUTPUT_GRACE, output).await;
+                    let tail = tail.lines();
+                    let _ = exits.send(Exited { run, status, tail });
                 });
-                if self.launch.ready_after.is_zero() {
+                if launch.ready_after.is_zero() {
                     self.become_ready(slot);
                 }
             }
             Err(error) => {
                 let description = format!("could not start: {error}");
                 tracing::error!(program = %label, "program \"{label}\": {description}");
-                self.after_unrequested_exit(slot, false, description);
+                if self.on_trial(slot) {
+                    self.candidate_failed(slot, None, &description, &[]);
+                } else {
+                    self.after_unrequested_exit(slot, false, description);
+                }
             }
         }
     }
@@ -298,6 +403,7 @@ impl ProgramActor {
             return;
         };
         let label = self.label(slot);
+        let on_trial = self.on_trial(slot);
         let instance = &mut self.instances[slot];
         let Some(pid) = instance.pid.take() else {
             return;
@@ -309,7 +415,16 @@ impl ProgramActor {
         instance.ready_at = None;
         if instance.state == InstanceState::Stopping {
             tracing::info!(program = %label, pid, "program \"{label}\": leader {description}");
+            if let Some(group) = instance.group.filter(|_| instance.kill_at.is_some()) {
+                // Graceful: the leader is done; what it left behind gets the signal now.
+                let _ = child::signal_group(group, instance.launch.stop_signal);
+            }
             self.check_stopped_group(slot, Instant::now());
+        } else if on_trial {
+            kill_group(&label, pid);
+            instance.group = None;
+            instance.kill_at = None;
+            self.candidate_failed(slot, Some(pid), &description, &exited.tail);
         } else {
             // Members that outlived the leader would become orphans: the instance is the group.
             kill_group(&label, pid);
@@ -349,7 +464,7 @@ impl ProgramActor {
         let started_at = instance.started.map_or(now, |(at, _)| at);
         match instance
             .history
-            .on_exit(&self.launch.rules, success, started_at, now)
+            .on_exit(&instance.launch.rules, success, started_at, now)
         {
             Decision::Restart { delay } => {
                 instance.restart_at = Some(now + delay);
@@ -364,7 +479,7 @@ impl ProgramActor {
                 tracing::info!(
                     program = %label,
                     "program \"{label}\": {description}; not restarted (restart = {})",
-                    restart_word(self.launch.rules.restart)
+                    restart_word(instance.launch.rules.restart)
                 );
                 self.set_state(slot, InstanceState::Exited);
             }
@@ -387,18 +502,27 @@ impl ProgramActor {
             InstanceState::Starting | InstanceState::Running => {
                 let Some(pid) = instance.pid else { return };
                 let signal = match mode {
-                    StopMode::Graceful => self.launch.stop_signal,
+                    StopMode::Graceful => instance.launch.stop_signal,
                     StopMode::Fast => Signal::SIGKILL,
                 };
                 instance.stop_reason = Some(reason);
                 instance.ready_at = None;
                 instance.kill_at = match mode {
-                    StopMode::Graceful => Some(Instant::now() + self.launch.stop_timeout),
+                    StopMode::Graceful => Some(Instant::now() + instance.launch.stop_timeout),
                     StopMode::Fast => None,
                 };
-                tracing::info!(program = %label, pid, "program \"{label}\": sending {signal} to process group {pid}");
-                if let Err(error) = child::signal_group(pid, signal) {
-                    tracing::warn!(program = %label, "program \"{label}\": cannot signal process group {pid}: {error}");
+                let sent = match mode {
+                    StopMode::Graceful => {
+                        tracing::info!(program = %label, pid, "program \"{label}\": sending {signal} to pid {pid}");
+                        signal_leader(pid, signal)
+                    }
+                    StopMode::Fast => {
+                        tracing::info!(program = %label, pid, "program \"{label}\": sending {signal} to process group {pid}");
+                        child::signal_group(pid, signal)
+                    }
+                };
+                if let Err(error) = sent {
+                    tracing::warn!(program = %label, "program \"{label}\": cannot send {signal} to {pid}: {error}");
                 }
                 self.set_state(slot, InstanceState::Stopping);
             }
@@ -424,9 +548,280 @@ impl ProgramActor {
             return;
         }
         self.shutting_down = Some(mode);
+        if let Some(rollout) = self.rollout.take() {
+            let _ = rollout.reply.send(Err(format!(
+                "program \"{}\": the supervisor is stopping; reload abandoned",
+                self.launch.name
+            )));
+        }
         for slot in 0..self.instances.len() {
             self.stop(slot, mode, StopReason::Shutdown);
         }
+    }
+
+    /// Starts a reload: `rolling` spawns the candidates now, `restart` first stops the old
+    /// instances. [`ProgramActor::advance_rollout`] takes it from there.
+    fn begin_rollout(&mut self, reload: Reload) {
+        if self.shutting_down.is_some() {
+            let _ = reload.reply.send(Err(format!(
+                "program \"{}\": the supervisor is stopping; not reloaded",
+                self.launch.name
+            )));
+            return;
+        }
+        if self.rollout.is_some() {
+            // The facade waits for each answer, so this is a bug there; refuse rather than mix
+            // two rollouts' candidates.
+            let _ = reload.reply.send(Err(format!(
+                "program \"{}\": a reload of it is already in progress",
+                self.launch.name
+            )));
+            return;
+        }
+        let restart = reload.policy == proxy_conf::ProgramReload::Restart;
+        self.rollout = Some(Rollout {
+            launch: Arc::new(reload.launch),
+            policy: reload.policy,
+            generation: reload.generation,
+            phase: if restart {
+                Phase::Draining
+            } else {
+                Phase::Starting
+            },
+            failure: None,
+            progress: reload.progress,
+            reply: reload.reply,
+        });
+        if restart {
+            self.say(format!(
+                "program \"{}\": stopping the old instances (reload = \"restart\")",
+                self.launch.name
+            ));
+            for slot in 0..self.instances.len() {
+                self.stop(slot, StopMode::Graceful, StopReason::Retire);
+            }
+        } else {
+            self.start_candidates();
+        }
+    }
+
+    /// True for a candidate whose rollout has not committed yet: its exit fails the rollout
+    /// instead of being restarted.
+    fn on_trial(&self, slot: usize) -> bool {
+        self.instances[slot].candidate
+            && self
+                .rollout
+                .as_ref()
+                .is_some_and(|rollout| rollout.phase == Phase::Starting)
+    }
+
+    /// Spawns one candidate per index of the rollout's config.
+    fn start_candidates(&mut self) {
+        let Some(rollout) = &self.rollout else { return };
+        let launch = Arc::clone(&rollout.launch);
+        let generation = rollout.generation;
+        for index in 0..launch.instances as usize {
+            let mut instance = Instance::new(index, Arc::clone(&launch), generation);
+            instance.candidate = true;
+            self.instances.push(instance);
+            self.start(self.instances.len() - 1);
+        }
+    }
+
+    /// A candidate exited (or could not start) before the rollout committed: the rollout fails.
+    fn candidate_failed(
+        &mut self,
+        slot: usize,
+        pid: Option<u32>,
+        description: &str,
+        tail: &[String],
+    ) {
+        let label = self.label(slot);
+        self.set_state(slot, InstanceState::Exited);
+        let Some(rollout) = self.rollout.as_mut() else {
+            return;
+        };
+        if rollout.failure.is_some() {
+            return;
+        }
+        let pid = pid.map(|pid| format!(" (pid {pid})")).unwrap_or_default();
+        let mut failure = format!(
+            "program \"{label}\": new instance{pid} {description} before it had run for ready_after {}",
+            proxy_conf::Duration(rollout.launch.ready_after)
+        );
+        if !tail.is_empty() {
+            failure.push_str("; its last output:");
+            for line in tail {
+                failure.push_str("\n    ");
+                failure.push_str(line);
+            }
+        }
+        tracing::error!(program = %label, "{failure}");
+        rollout.failure = Some(failure);
+    }
+
+    /// Reports one reload step to the `reload` client and the log.
+    fn say(&self, line: String) {
+        tracing::info!(program = %self.launch.name, "{line}");
+        if let Some(rollout) = &self.rollout {
+            let _ = rollout.progress.send(line);
+        }
+    }
+
+    /// True when no instance selected by `which` has a process left.
+    fn gone(&self, which: impl Fn(&Instance) -> bool) -> bool {
+        self.instances
+            .iter()
+            .filter(|instance| which(instance))
+            .all(|instance| instance.pid.is_none() && instance.group.is_none())
+    }
+
+    /// Takes every step of the rollout that the instances' states allow now.
+    fn advance_rollout(&mut self) {
+        loop {
+            let Some(rollout) = &self.rollout else { return };
+            match rollout.phase {
+                Phase::Draining => {
+                    if !self.gone(|instance| !instance.candidate) {
+                        return;
+                    }
+                    self.instances.clear();
+                    self.set_phase(Phase::Starting);
+                    self.start_candidates();
+                }
+                Phase::Starting => {
+                    if rollout.failure.is_some() {
+                        for slot in 0..self.instances.len() {
+                            if self.instances[slot].candidate {
+                                self.stop(slot, StopMode::Graceful, StopReason::Retire);
+                            }
+                        }
+                        self.set_phase(Phase::RollingBack);
+                        continue;
+                    }
+                    let ready = self
+                        .instances
+                        .iter()
+                        .filter(|instance| instance.candidate)
+                        .all(|instance| instance.state == InstanceState::Running);
+                    if !ready {
+                        return;
+                    }
+                    self.commit();
+                }
+                Phase::Retiring => {
+                    if !self.gone(|instance| !instance.candidate) {
+                        return;
+                    }
+                    self.finish(Ok(()));
+                    return;
+                }
+                Phase::RollingBack => {
+                    if !self.gone(|instance| instance.candidate) {
+                        return;
+                    }
+                    self.finish(Err(()));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn set_phase(&mut self, phase: Phase) {
+        if let Some(rollout) = self.rollout.as_mut() {
+            rollout.phase = phase;
+        }
+    }
+
+    /// Every candidate survived `ready_after`: the new config becomes current and the old
+    /// instances get the stop signal (Celery's warm shutdown finishes the running tasks).
+    fn commit(&mut self) {
+        let Some(rollout) = &self.rollout else { return };
+        self.launch = Arc::clone(&rollout.launch);
+        self.generation = rollout.generation;
+        if self.launch.max_rss > 0 && self.next_rss_sample.is_none() {
+            self.next_rss_sample = Some(Instant::now() + self.launch.rss_interval);
+        }
+        let mut lines = Vec::new();
+        for instance in self.instances.iter().filter(|instance| instance.candidate) {
+            let old: Vec<String> = self
+                .instances
+                .iter()
+                .filter(|old| !old.candidate && old.index == instance.index)
+                .filter_map(|old| old.pid)
+                .map(|pid| format!(" (pid {pid})"))
+                .collect();
+            let new_pid = instance
+                .pid
+                .map(|pid| format!(" (pid {pid})"))
+                .unwrap_or_default();
+            let tail = if old.is_empty() {
+                String::new()
+            } else {
+                format!(", stopping the old one{}", old.concat())
+            };
+            lines.push(format!(
+                "program \"{}\": new instance {} up{new_pid}{tail}",
+                self.launch.name, instance.index
+            ));
+        }
+        for line in lines {
+            self.say(line);
+        }
+        for slot in 0..self.instances.len() {
+            if !self.instances[slot].candidate {
+                self.stop(slot, StopMode::Graceful, StopReason::Retire);
+            }
+        }
+        self.update_up();
+        self.set_phase(Phase::Retiring);
+    }
+
+    /// Ends the rollout: drops the instances that are gone for good and answers the facade.
+    fn finish(&mut self, outcome: Result<(), ()>) {
+        let Some(rollout) = self.rollout.take() else {
+            return;
+        };
+        let name = self.launch.name.clone();
+        let answer = match outcome {
+            Ok(()) => {
+                self.instances.retain(|instance| instance.candidate);
+                for instance in &mut self.instances {
+                    instance.candidate = false;
+                }
+                let count = self.instances.len();
+                let policy = match rollout.policy {
+                    proxy_conf::ProgramReload::Restart => "restarted",
+                    _ => "rolled",
+                };
+                Ok(format!(
+                    "program \"{name}\": {policy} to generation {} ({count} instance{})",
+                    rollout.generation,
+                    if count == 1 { "" } else { "s" }
+                ))
+            }
+            Err(()) => {
+                self.instances.retain(|instance| !instance.candidate);
+                let failure = rollout.failure.unwrap_or_default();
+                let kept = if rollout.policy == proxy_conf::ProgramReload::Restart {
+                    // The old instances were stopped first: bring them back with the old config.
+                    for index in 0..self.launch.instances as usize {
+                        self.instances.push(Instance::new(
+                            index,
+                            Arc::clone(&self.launch),
+                            self.generation,
+                        ));
+                        self.start(self.instances.len() - 1);
+                    }
+                    "the old config was started again"
+                } else {
+                    "the old instances kept running"
+                };
+                Err(format!("{failure}\nprogram \"{name}\" rolled back: {kept}"))
+            }
+        };
+        self.update_up();
+        let _ = rollout.reply.send(answer);
     }
 
     fn all_down(&self) -> bool {
@@ -460,12 +855,13 @@ impl ProgramActor {
             if instance.kill_at.is_some_and(|at| at <= now) {
                 instance.kill_at = None;
                 if let Some(group) = instance.group {
+                    let (timeout, signal) =
+                        (instance.launch.stop_timeout, instance.launch.stop_signal);
                     let label = self.label(slot);
                     tracing::warn!(
                         program = %label,
-                        "program \"{label}\": still running {} after {}; sending SIGKILL to process group {group}",
-                        proxy_conf::Duration(self.launch.stop_timeout),
-                        self.launch.stop_signal
+                        "program \"{label}\": still running {} after {signal}; sending SIGKILL to process group {group}",
+                        proxy_conf::Duration(timeout),
                     );
                     kill_group(&label, group);
                 }
@@ -484,9 +880,12 @@ impl ProgramActor {
     }
 
     fn sample_rss(&mut self) {
-        let limit = self.launch.max_rss;
         for slot in 0..self.instances.len() {
             let instance = &mut self.instances[slot];
+            let limit = instance.launch.max_rss;
+            if limit == 0 {
+                continue;
+            }
             let running = matches!(
                 instance.state,
                 InstanceState::Starting | InstanceState::Running
@@ -501,7 +900,7 @@ impl ProgramActor {
                 continue;
             }
             instance.rss_over += 1;
-            if instance.rss_over >= self.launch.max_rss_samples {
+            if instance.rss_over >= instance.launch.max_rss_samples {
                 let samples = instance.rss_over;
                 let label = self.label(slot);
                 tracing::warn!(
@@ -545,6 +944,7 @@ impl ProgramActor {
                 };
                 InstanceStatus {
                     index: instance.index,
+                    generation: instance.generation,
                     pid: instance.pid,
                     state: instance.state,
                     started_at: instance.started.map(|(_, wall)| to_unix(wall)),
@@ -570,6 +970,17 @@ impl ProgramActor {
             })
             .collect();
         ProgramStatus::new(self.launch.name.clone(), instances)
+    }
+}
+
+/// `signal` to one process; one that is already gone is fine.
+fn signal_leader(pid: u32, signal: Signal) -> nix::Result<()> {
+    let Ok(raw) = i32::try_from(pid) else {
+        return Err(nix::Error::ESRCH);
+    };
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), signal) {
+        Err(nix::Error::ESRCH) | Ok(()) => Ok(()),
+        Err(other) => Err(other),
     }
 }
 

@@ -108,6 +108,30 @@ impl Launch {
         }
     }
 
+    /// What a reload compares to decide whether this program must be replaced: its own keys and
+    /// what it takes from `[app]` (the interpreter, the directory, the environment), with
+    /// symlinks resolved. A release deployed by pointing a `current` symlink at a new directory
+    /// changes no key but does change the resolved working directory (or interpreter path), so
+    /// its programs are replaced too. Reads the filesystem; a path that cannot be resolved
+    /// counts as itself.
+    pub fn fingerprint(&self, config: &ProgramConfig) -> Fingerprint {
+        let command_dir = self
+            .argv
+            .first()
+            .map(Path::new)
+            .filter(|command| command.components().count() > 1)
+            .and_then(Path::parent)
+            .and_then(|dir| std::fs::canonicalize(dir).ok());
+        Fingerprint {
+            config: config.clone(),
+            argv: self.argv.clone(),
+            cwd: self.cwd.clone(),
+            env: self.env.clone(),
+            resolved_cwd: std::fs::canonicalize(&self.cwd).ok(),
+            resolved_command_dir: command_dir,
+        }
+    }
+
     /// The child to spawn for instance `index`.
     pub fn spec(&self, index: usize) -> ChildSpec {
         let mut env = self.env.clone();
@@ -122,6 +146,17 @@ impl Launch {
             pass_fds: Vec::new(),
         }
     }
+}
+
+/// See [`Launch::fingerprint`]: equal fingerprints mean a reload leaves the program alone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fingerprint {
+    config: ProgramConfig,
+    argv: Vec<String>,
+    cwd: PathBuf,
+    env: BTreeMap<String, String>,
+    resolved_cwd: Option<PathBuf>,
+    resolved_command_dir: Option<PathBuf>,
 }
 
 /// A relative interpreter path with a `/` (`venv/bin/python`) is taken from the config file's

@@ -4,28 +4,31 @@
 //! [`state`], the per-program process handling in `actor`, the resolution of config keys in
 //! `launch` and what `/proc` says about processes in [`procfs`].
 //!
-//! Reload is not built yet; it is meant to slot in as one more actor command per program
-//! (start the new instances, wait until they are `running`, then stop the old ones), which is why
-//! each program's processes are owned by its own actor rather than by the facade.
+//! A reload ([`Programs::reload`]) compares each program's [`launch::Fingerprint`] with the new
+//! config's ([`plan`]): added programs start, removed ones stop gracefully, unchanged ones are
+//! left alone and changed ones are handed to their actor, which rolls them per their new
+//! `reload` policy (see `actor`). Programs are reloaded one after the other in name order; the
+//! first failure stops the reload there, and what was already applied stays applied.
 
 mod actor;
 mod launch;
 pub mod procfs;
 pub mod state;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use proxy_conf::Config;
+use proxy_conf::{Config, ProgramReload};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::lifecycle::StopMode;
+use crate::lifecycle::{Progress, StopMode};
 use crate::metrics::Metrics;
-use actor::{Command, ProgramActor};
-use launch::Launch;
+use actor::{Command, ProgramActor, Reload};
+use launch::{Fingerprint, Launch};
 pub use state::InstanceState;
 
 /// The shortest RSS sampling interval, so a `sample_interval = "0s"` cannot spin the actor.
@@ -60,6 +63,14 @@ impl ProgramStatus {
     }
 }
 
+fn policy_word(policy: ProgramReload) -> &'static str {
+    match policy {
+        ProgramReload::Rolling => "rolled",
+        ProgramReload::Restart => "restarted",
+        ProgramReload::None => "kept",
+    }
+}
+
 /// Orders states from least to most healthy for [`ProgramStatus::state`].
 fn health_rank(state: InstanceState) -> u8 {
     match state {
@@ -76,8 +87,12 @@ fn health_rank(state: InstanceState) -> u8 {
 /// The status of one instance of a program.
 #[derive(Debug, Clone, Serialize)]
 pub struct InstanceStatus {
-    /// 0-based index, also in `$SAUNA_INSTANCE` and in log labels (`celery:1`).
+    /// 0-based index, also in `$SAUNA_INSTANCE` and in log labels (`celery:1`). During a
+    /// reload an index can appear twice: the old instance and its replacement.
     pub index: usize,
+    /// The generation (config epoch) the instance started under: 1 at start-up, then the
+    /// generation of the reload that last replaced it.
+    pub generation: u64,
     /// The process group leader, while one runs.
     pub pid: Option<u32>,
     /// Where the instance is in its life.
@@ -104,14 +119,113 @@ pub struct InstanceStatus {
 /// A running program actor as the facade sees it.
 struct ProgramHandle {
     name: String,
+    /// What the running instances were started from.
+    fingerprint: Fingerprint,
     commands: mpsc::Sender<Command>,
     task: JoinHandle<()>,
+}
+
+impl ProgramHandle {
+    /// Starts the actor of one program; its instances spawn now.
+    fn start(
+        launch: Launch,
+        fingerprint: Fingerprint,
+        metrics: &Arc<Metrics>,
+        generation: u64,
+    ) -> ProgramHandle {
+        let name = launch.name.clone();
+        let mut actor = ProgramActor::new(launch, Arc::clone(metrics), generation);
+        actor.start_all();
+        let (commands, receiver) = mpsc::channel(16);
+        let task = tokio::spawn(actor.run(receiver));
+        ProgramHandle {
+            name,
+            fingerprint,
+            commands,
+            task,
+        }
+    }
+
+    /// Stops the program gracefully and waits until its process groups are gone.
+    async fn stop(self, mode: StopMode) {
+        let (reply, answer) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::Shutdown(mode, reply))
+            .await
+            .is_err()
+        {
+            tracing::error!("program \"{}\": its actor is gone", self.name);
+            return;
+        }
+        let _ = answer.await;
+        let _ = self.task.await;
+    }
+}
+
+/// What a reload does with one program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Only in the new config: start it.
+    Added,
+    /// Only in the old config: stop it.
+    Removed,
+    /// Different keys, `[app]` values or resolved paths: replace it per its new `reload`.
+    Changed,
+    /// Identical: leave it alone.
+    Unchanged,
+}
+
+/// Compares the running programs' fingerprints with the new config's, in name order.
+pub fn plan(
+    old: &BTreeMap<String, Fingerprint>,
+    new: &BTreeMap<String, Fingerprint>,
+) -> Vec<(String, Change)> {
+    let mut names: Vec<&String> = old.keys().chain(new.keys()).collect();
+    names.sort();
+    names.dedup();
+    names
+        .into_iter()
+        .map(|name| {
+            let change = match (old.get(name), new.get(name)) {
+                (None, _) => Change::Added,
+                (Some(_), None) => Change::Removed,
+                (Some(old), Some(new)) if old == new => Change::Unchanged,
+                (Some(_), Some(_)) => Change::Changed,
+            };
+            (name.clone(), change)
+        })
+        .collect()
 }
 
 /// Every program of the configuration, each run by its own actor.
 pub struct Programs {
     /// In start (name) order.
     programs: Vec<ProgramHandle>,
+    metrics: Arc<Metrics>,
+}
+
+/// `sauna.toml` given without a directory has an empty parent: the current directory.
+fn base_dir_or_current(base_dir: &Path) -> &Path {
+    if base_dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        base_dir
+    }
+}
+
+/// Every program of `config`, resolved: its launch and fingerprint.
+fn resolve(config: &Config, base_dir: &Path) -> BTreeMap<String, (Launch, Fingerprint)> {
+    let rss_interval = config.metrics.sample_interval.get().max(MIN_RSS_INTERVAL);
+    config
+        .programs
+        .iter()
+        .map(|(name, program)| {
+            let launch = Launch::new(name, program, &config.app, base_dir, rss_interval);
+            let fingerprint = launch.fingerprint(program);
+            (name.clone(), (launch, fingerprint))
+        })
+        .collect()
 }
 
 impl Programs {
@@ -119,31 +233,153 @@ impl Programs {
     /// (the config file's directory). RSS for `max_rss` is sampled every
     /// `[metrics].sample_interval`. Must be called on the tokio runtime that will run the
     /// actors: children are spawned from its threads (see `child` on `PR_SET_PDEATHSIG`).
+    /// Instances start under generation 1.
     pub fn start(config: &Config, base_dir: &Path, metrics: Arc<Metrics>) -> Programs {
-        // `sauna.toml` given without a directory has an empty parent: the current directory.
-        let base_dir = if base_dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            base_dir
-        };
-        let rss_interval = config.metrics.sample_interval.get().max(MIN_RSS_INTERVAL);
-        let programs = config
+        let programs = resolve(config, base_dir_or_current(base_dir))
+            .into_values()
+            .map(|(launch, fingerprint)| ProgramHandle::start(launch, fingerprint, &metrics, 1))
+            .collect();
+        Programs { programs, metrics }
+    }
+
+    /// Applies a new config to the running programs (see the module documentation); new
+    /// instances start under `generation`. Returns a one-line summary (empty when there are no
+    /// programs before or after), or what failed: the
+    /// program, how its new instance ended and its last output, and which programs were already
+    /// reloaded before it (those stay reloaded; the ones after it were not touched).
+    ///
+    /// `rolling` and `restart` programs are replaced by their actor; a changed program with
+    /// `reload = "none"` keeps running with its old config, which it also keeps for later
+    /// restarts after an exit: the next reload still sees it as changed.
+    pub async fn reload(
+        &mut self,
+        config: &Config,
+        base_dir: &Path,
+        progress: &Progress,
+        generation: u64,
+    ) -> Result<String, String> {
+        let mut new = resolve(config, base_dir_or_current(base_dir));
+        let old: BTreeMap<String, Fingerprint> = self
             .programs
             .iter()
-            .map(|(name, program)| {
-                let launch = Launch::new(name, program, &config.app, base_dir, rss_interval);
-                let mut actor = ProgramActor::new(launch, Arc::clone(&metrics));
-                actor.start_all();
-                let (commands, receiver) = mpsc::channel(16);
-                let task = tokio::spawn(actor.run(receiver));
-                ProgramHandle {
-                    name: name.clone(),
-                    commands,
-                    task,
-                }
-            })
+            .map(|program| (program.name.clone(), program.fingerprint.clone()))
             .collect();
-        Programs { programs }
+        let new_fingerprints: BTreeMap<String, Fingerprint> = new
+            .iter()
+            .map(|(name, (_, fingerprint))| (name.clone(), fingerprint.clone()))
+            .collect();
+        let say = |line: String| {
+            tracing::info!("{line}");
+            let _ = progress.send(line);
+        };
+        let mut applied: Vec<String> = Vec::new();
+        let mut kept: Vec<String> = Vec::new();
+        let mut unchanged = 0usize;
+        for (name, change) in plan(&old, &new_fingerprints) {
+            match change {
+                Change::Unchanged => unchanged += 1,
+                Change::Added => {
+                    let Some((launch, fingerprint)) = new.remove(&name) else {
+                        continue;
+                    };
+                    let handle =
+                        ProgramHandle::start(launch, fingerprint, &self.metrics, generation);
+                    let at = self.programs.partition_point(|program| program.name < name);
+                    self.programs.insert(at, handle);
+                    say(format!("program \"{name}\": added, started"));
+                    applied.push(format!("\"{name}\" started"));
+                }
+                Change::Removed => {
+                    let Some(at) = self
+                        .programs
+                        .iter()
+                        .position(|program| program.name == name)
+                    else {
+                        continue;
+                    };
+                    say(format!("program \"{name}\": removed, stopping it"));
+                    self.programs.remove(at).stop(StopMode::Graceful).await;
+                    say(format!("program \"{name}\": stopped"));
+                    applied.push(format!("\"{name}\" stopped"));
+                }
+                Change::Changed => {
+                    let Some((launch, fingerprint)) = new.remove(&name) else {
+                        continue;
+                    };
+                    let Some(handle) = self
+                        .programs
+                        .iter_mut()
+                        .find(|program| program.name == name)
+                    else {
+                        continue;
+                    };
+                    let policy = config
+                        .programs
+                        .get(&name)
+                        .map_or(ProgramReload::Rolling, |program| program.reload);
+                    if policy == ProgramReload::None {
+                        say(format!(
+                            "program \"{name}\": changed, but reload = \"none\": it keeps running with its old config"
+                        ));
+                        kept.push(format!("\"{name}\""));
+                        continue;
+                    }
+                    let (reply, answer) = oneshot::channel();
+                    let reload = Reload {
+                        launch,
+                        policy,
+                        generation,
+                        progress: progress.clone(),
+                        reply,
+                    };
+                    let outcome = match handle
+                        .commands
+                        .send(Command::Reload(Box::new(reload)))
+                        .await
+                    {
+                        Ok(()) => answer.await.unwrap_or_else(|_| {
+                            Err(format!(
+                                "program \"{name}\": its actor ended during the reload"
+                            ))
+                        }),
+                        Err(_) => Err(format!("program \"{name}\": its actor is gone")),
+                    };
+                    match outcome {
+                        Ok(summary) => {
+                            handle.fingerprint = fingerprint;
+                            say(summary);
+                            applied.push(format!("\"{name}\" {}", policy_word(policy)));
+                        }
+                        Err(failure) => {
+                            let before = if applied.is_empty() {
+                                String::new()
+                            } else {
+                                format!(
+                                    "\nalready applied before it, and kept: {}",
+                                    applied.join(", ")
+                                )
+                            };
+                            return Err(format!("{failure}{before}"));
+                        }
+                    }
+                }
+            }
+        }
+        let mut parts = applied;
+        if !kept.is_empty() {
+            parts.push(format!(
+                "{} kept the old config (reload = \"none\")",
+                kept.join(", ")
+            ));
+        }
+        if unchanged > 0 {
+            parts.push(format!("{unchanged} unchanged"));
+        }
+        if parts.is_empty() {
+            // No programs before or after: nothing to say.
+            return Ok(String::new());
+        }
+        Ok(format!("programs: {}", parts.join(", ")))
     }
 
     /// The status of every program, in start order.
@@ -268,8 +504,10 @@ mod tests {
                 Arc::clone(&metrics),
             );
             let up = |name: &str| metrics.program_up.with_label_values(&[name]).get();
-            let status = wait_for(&programs, "both instances", |status| {
+            // Instance 0 counts as running (ready_after 0s) until its exit is seen.
+            let status = wait_for(&programs, "instance 1 up, instance 0 down", |status| {
                 status[0].instances[1].state == InstanceState::Running
+                    && status[0].instances[0].state != InstanceState::Running
             })
             .await;
             let first = status[0].instances[1].pid.unwrap();
@@ -372,9 +610,414 @@ mod tests {
         });
     }
 
+    fn fingerprints(toml: &str, base_dir: &Path) -> BTreeMap<String, Fingerprint> {
+        let config = proxy_conf::load_str(toml, "sauna.toml").unwrap();
+        resolve(&config, base_dir)
+            .into_iter()
+            .map(|(name, (_, fingerprint))| (name, fingerprint))
+            .collect()
+    }
+
+    #[test]
+    fn the_plan_sorts_programs_into_added_removed_changed_unchanged() {
+        let base = Path::new("/tmp");
+        let old = fingerprints(
+            r#"
+            [app]
+            wsgi = "a:app"
+            env = { A = "1" }
+            [programs.same]
+            command = ["sleep", "1"]
+            [programs.gone]
+            command = ["sleep", "1"]
+            [programs.edited]
+            command = ["sleep", "1"]
+            [programs.envy]
+            command = ["sleep", "1"]
+            [programs.py]
+            command = ["python", "-V"]
+            "#,
+            base,
+        );
+        // [app].wsgi matters to no program; [app].env to all of them; [app].python only to
+        // a program whose command is `python`.
+        let new = fingerprints(
+            r#"
+            [app]
+            wsgi = "b:app"
+            env = { A = "1" }
+            python = "/usr/bin/python3"
+            [programs.same]
+            command = ["sleep", "1"]
+            [programs.edited]
+            command = ["sleep", "2"]
+            [programs.envy]
+            command = ["sleep", "1"]
+            env = { B = "2" }
+            [programs.py]
+            command = ["python", "-V"]
+            [programs.fresh]
+            command = ["sleep", "1"]
+            "#,
+            base,
+        );
+        assert_eq!(
+            plan(&old, &new),
+            [
+                ("edited".to_owned(), Change::Changed),
+                ("envy".to_owned(), Change::Changed),
+                ("fresh".to_owned(), Change::Added),
+                ("gone".to_owned(), Change::Removed),
+                ("py".to_owned(), Change::Changed),
+                ("same".to_owned(), Change::Unchanged),
+            ]
+        );
+        // A new `reload` policy alone is a change of the program's keys, too.
+        let policy = fingerprints(
+            "[programs.same]\ncommand = [\"sleep\", \"1\"]\nreload = \"restart\"\n",
+            base,
+        );
+        let plain = fingerprints("[programs.same]\ncommand = [\"sleep\", \"1\"]\n", base);
+        assert_eq!(
+            plan(&plain, &policy),
+            [("same".to_owned(), Change::Changed)]
+        );
+        assert_eq!(
+            plan(&plain, &plain),
+            [("same".to_owned(), Change::Unchanged)]
+        );
+    }
+
+    #[test]
+    fn a_retargeted_current_symlink_changes_the_program() {
+        let dir = tempfile::tempdir().unwrap();
+        for release in ["r1", "r2"] {
+            std::fs::create_dir_all(dir.path().join(release).join("venv/bin")).unwrap();
+        }
+        let current = dir.path().join("current");
+        std::os::unix::fs::symlink("r1", &current).unwrap();
+        let toml = r#"
+            [app]
+            directory = "current"
+            python = "current/venv/bin/python"
+            [programs.worker]
+            command = ["sleep", "1"]
+            [programs.elsewhere]
+            command = ["sleep", "1"]
+            directory = "/"
+            [programs.pinned]
+            command = ["/bin/sleep", "1"]
+            directory = "/"
+            [programs.venv]
+            command = ["python", "-V"]
+            directory = "/"
+            "#;
+        let before = fingerprints(toml, dir.path());
+        assert_eq!(
+            plan(&before, &fingerprints(toml, dir.path()))
+                .iter()
+                .filter(|(_, change)| *change != Change::Unchanged)
+                .count(),
+            0,
+            "same target, nothing to do"
+        );
+        std::fs::remove_file(&current).unwrap();
+        std::os::unix::fs::symlink("r2", &current).unwrap();
+        let after = fingerprints(toml, dir.path());
+        assert_eq!(
+            plan(&before, &after),
+            [
+                ("elsewhere".to_owned(), Change::Unchanged),
+                ("pinned".to_owned(), Change::Unchanged),
+                // Its interpreter lives in the release.
+                ("venv".to_owned(), Change::Changed),
+                // Its working directory is the release.
+                ("worker".to_owned(), Change::Changed),
+            ]
+        );
+    }
+
+    /// A program config whose instance records, in `dir`, when it started and when it got
+    /// SIGTERM (nanoseconds since the epoch), then runs until stopped.
+    fn recording(dir: &Path, name: &str, extra: &str) -> String {
+        let dir = dir.display();
+        format!(
+            r#"
+            [programs.{name}]
+            command = ["sh", "-c", "date +%s%N > {dir}/start-$$; trap 'date +%s%N > {dir}/term-$$; exit 0' TERM; sleep 300 & wait"]
+            ready_after = "600ms"
+            stop_timeout = "5s"
+            {extra}
+            "#
+        )
+    }
+
+    fn recorded(dir: &Path, what: &str, pid: u32) -> u128 {
+        let text = std::fs::read_to_string(dir.join(format!("{what}-{pid}")))
+            .unwrap_or_else(|error| panic!("{what}-{pid}: {error}"));
+        text.trim().parse().unwrap()
+    }
+
+    fn drain(progress: &mut mpsc::UnboundedReceiver<String>) -> Vec<String> {
+        let mut lines = Vec::new();
+        while let Ok(line) = progress.try_recv() {
+            lines.push(line);
+        }
+        lines
+    }
+
+    async fn reload(
+        programs: &mut Programs,
+        toml: &str,
+        generation: u64,
+    ) -> (Result<String, String>, Vec<String>) {
+        let config = proxy_conf::load_str(toml, "sauna.toml").unwrap();
+        let (progress, mut lines) = mpsc::unbounded_channel();
+        let outcome = programs
+            .reload(&config, Path::new("/tmp"), &progress, generation)
+            .await;
+        (outcome, drain(&mut lines))
+    }
+
+    #[test]
+    fn rolling_keeps_the_old_instance_until_the_new_one_survived_ready_after() {
+        runtime().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let old_toml = recording(dir.path(), "celery", "instances = 2");
+            let mut programs = start(&old_toml);
+            let status = wait_for(&programs, "two running instances", |status| {
+                status[0].state == InstanceState::Running
+            })
+            .await;
+            let old: Vec<u32> = status[0].instances.iter().map(|i| i.pid.unwrap()).collect();
+            // Any change of the command is a change; this one also sets an env var.
+            let new_toml = recording(
+                dir.path(),
+                "celery",
+                "instances = 2\nenv = { RELEASE = \"2\" }",
+            );
+            let (outcome, lines) = reload(&mut programs, &new_toml, 2).await;
+            let summary = outcome.unwrap();
+            assert!(summary.contains("\"celery\" rolled"), "{summary}");
+            let status = programs.status().await;
+            let instances = &status[0].instances;
+            assert_eq!(instances.len(), 2, "{instances:#?}");
+            for (index, instance) in instances.iter().enumerate() {
+                let new = instance.pid.unwrap();
+                assert_eq!((instance.index, instance.generation), (index, 2));
+                assert!(!old.contains(&new));
+                assert!(alive(new));
+                assert!(!alive(old[index]));
+                // The old one got TERM only after the new one had run for ready_after (counted
+                // from the spawn, which `started_at` records).
+                let term = recorded(dir.path(), "term", old[index]) as f64 / 1e9;
+                let gap = term - instance.started_at.unwrap();
+                assert!(gap >= 0.6, "old stopped {gap} s after the new start");
+            }
+            assert!(
+                lines.iter().any(|line| line.contains("new instance 1 up")
+                    && line.contains("stopping the old one")),
+                "{lines:#?}"
+            );
+            programs.shutdown(StopMode::Fast).await;
+        });
+    }
+
+    #[test]
+    fn a_new_instance_that_dies_rolls_back_and_the_old_one_is_untouched() {
+        runtime().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let mut programs = start(&format!(
+                "{}{}",
+                recording(dir.path(), "celery", ""),
+                "[programs.beta]\ncommand = [\"sleep\", \"300\"]\nready_after = \"0s\"\n"
+            ));
+            // `beta` sorts first, so it is rolled before celery fails.
+            let status = wait_for(&programs, "running", |status| {
+                status.iter().all(|p| p.state == InstanceState::Running)
+            })
+            .await;
+            let old = status[1].instances[0].pid.unwrap();
+            let toml = r#"
+                [programs.beta]
+                command = ["sleep", "301"]
+                ready_after = "0s"
+                [programs.celery]
+                command = ["sh", "-c", "echo 'ImportError: no module named tasks' >&2; exit 7"]
+                ready_after = "2s"
+                "#;
+            let (outcome, _) = reload(&mut programs, toml, 2).await;
+            let error = outcome.unwrap_err();
+            assert!(error.contains("program \"celery\""), "{error}");
+            assert!(error.contains("exited with status 7"), "{error}");
+            assert!(
+                error.contains("ImportError: no module named tasks"),
+                "{error}"
+            );
+            assert!(error.contains("old instances kept running"), "{error}");
+            assert!(error.contains("\"beta\" rolled"), "{error}");
+            let status = programs.status().await;
+            assert_eq!(status[0].instances[0].generation, 2, "beta stays rolled");
+            let celery = &status[1].instances;
+            assert_eq!(celery.len(), 1, "{celery:#?}");
+            assert_eq!((celery[0].pid, celery[0].generation), (Some(old), 1));
+            assert_eq!(celery[0].state, InstanceState::Running);
+            assert!(
+                !dir.path().join(format!("term-{old}")).exists(),
+                "the old instance never got a signal"
+            );
+            // The next reload still sees the change and tries again.
+            let (outcome, _) = reload(&mut programs, toml, 3).await;
+            assert!(outcome.unwrap_err().contains("exited with status 7"));
+            programs.shutdown(StopMode::Fast).await;
+        });
+    }
+
+    #[test]
+    fn restart_stops_first_and_none_keeps_the_old_config() {
+        runtime().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let toml = |restart_env: &str, none_env: &str| {
+                format!(
+                    "{}{}",
+                    recording(
+                        dir.path(),
+                        "again",
+                        &format!("reload = \"restart\"\nenv = {{ V = \"{restart_env}\" }}")
+                    ),
+                    recording(
+                        dir.path(),
+                        "steady",
+                        &format!("reload = \"none\"\nenv = {{ V = \"{none_env}\" }}")
+                    )
+                )
+            };
+            let mut programs = start(&toml("1", "1"));
+            let status = wait_for(&programs, "running", |status| {
+                status.iter().all(|p| p.state == InstanceState::Running)
+            })
+            .await;
+            let (again, steady) = (
+                status[0].instances[0].pid.unwrap(),
+                status[1].instances[0].pid.unwrap(),
+            );
+            let (outcome, lines) = reload(&mut programs, &toml("2", "2"), 2).await;
+            let summary = outcome.unwrap();
+            assert!(summary.contains("\"again\" restarted"), "{summary}");
+            assert!(
+                summary.contains("\"steady\" kept the old config"),
+                "{summary}"
+            );
+            assert!(
+                lines.iter().any(|line| line.contains("reload = \"none\"")),
+                "{lines:#?}"
+            );
+            let status = programs.status().await;
+            let new = status[0].instances[0].pid.unwrap();
+            assert_ne!(new, again);
+            assert_eq!(status[0].instances[0].generation, 2);
+            assert!(
+                recorded(dir.path(), "start", new) >= recorded(dir.path(), "term", again),
+                "restart: the old one was stopped before the new one started"
+            );
+            assert_eq!(status[1].instances[0].pid, Some(steady));
+            assert_eq!(status[1].instances[0].generation, 1);
+            programs.shutdown(StopMode::Fast).await;
+        });
+    }
+
+    #[test]
+    fn a_failed_restart_brings_the_old_config_back() {
+        runtime().block_on(async {
+            let toml = |command: &str| {
+                format!(
+                    "[programs.svc]\ncommand = {command}\nreload = \"restart\"\nready_after = \"0s\"\n"
+                )
+            };
+            let mut programs = start(&toml(r#"["sleep", "300"]"#));
+            let status = wait_for(&programs, "running", |status| {
+                status[0].instances[0].pid.is_some()
+            })
+            .await;
+            let old = status[0].instances[0].pid.unwrap();
+            let (outcome, _) = reload(&mut programs, &toml(r#"["/nonexistent/svc"]"#), 2).await;
+            let error = outcome.unwrap_err();
+            assert!(error.contains("could not start"), "{error}");
+            assert!(error.contains("/nonexistent/svc"), "{error}");
+            assert!(error.contains("old config was started again"), "{error}");
+            assert!(!alive(old), "restart stopped the old process first");
+            let status = wait_for(&programs, "the old config back", |status| {
+                status[0].instances[0].state == InstanceState::Running
+            })
+            .await;
+            let instances = &status[0].instances;
+            assert_eq!(instances.len(), 1, "{instances:#?}");
+            assert_eq!(instances[0].generation, 1);
+            programs.shutdown(StopMode::Fast).await;
+        });
+    }
+
+    #[test]
+    fn rolling_to_fewer_instances_retires_the_extra_ones() {
+        runtime().block_on(async {
+            let toml = |instances: u32| {
+                format!(
+                    "[programs.pool]\ncommand = [\"sleep\", \"300\"]\ninstances = {instances}\nready_after = \"0s\"\n"
+                )
+            };
+            let mut programs = start(&toml(3));
+            let status = wait_for(&programs, "three running", |status| {
+                status[0].state == InstanceState::Running
+            })
+            .await;
+            let old: Vec<u32> = status[0].instances.iter().map(|i| i.pid.unwrap()).collect();
+            let (outcome, lines) = reload(&mut programs, &toml(1), 2).await;
+            outcome.unwrap();
+            let status = programs.status().await;
+            let instances = &status[0].instances;
+            assert_eq!(instances.len(), 1, "{instances:#?}");
+            assert_eq!((instances[0].index, instances[0].generation), (0, 2));
+            assert!(old.iter().all(|pid| !alive(*pid)));
+            assert_eq!(lines.iter().filter(|line| line.contains("new instance")).count(), 1);
+            programs.shutdown(StopMode::Fast).await;
+        });
+    }
+
+    #[test]
+    fn reload_starts_added_and_stops_removed_programs() {
+        runtime().block_on(async {
+            let mut programs = start(
+                "[programs.old]\ncommand = [\"sleep\", \"300\"]\n[programs.same]\ncommand = [\"sleep\", \"300\"]\n",
+            );
+            let status = wait_for(&programs, "started", |status| {
+                status.iter().all(|p| p.instances[0].pid.is_some())
+            })
+            .await;
+            let (old, same) = (status[0].instances[0].pid.unwrap(), status[1].instances[0].pid.unwrap());
+            let (outcome, _) = reload(
+                &mut programs,
+                "[programs.new]\ncommand = [\"sleep\", \"300\"]\n[programs.same]\ncommand = [\"sleep\", \"300\"]\n",
+                2,
+            )
+            .await;
+            assert_eq!(
+                outcome.unwrap(),
+                "programs: \"new\" started, \"old\" stopped, 1 unchanged"
+            );
+            let status = programs.status().await;
+            let names: Vec<&str> = status.iter().map(|p| p.name.as_str()).collect();
+            assert_eq!(names, ["new", "same"]);
+            assert_eq!(status[0].instances[0].generation, 2);
+            assert_eq!(status[1].instances[0].pid, Some(same));
+            assert!(!alive(old));
+            programs.shutdown(StopMode::Fast).await;
+        });
+    }
+
     fn instance(state: InstanceState) -> InstanceStatus {
         InstanceStatus {
             index: 0,
+            generation: 1,
             pid: None,
             state,
             started_at: None,

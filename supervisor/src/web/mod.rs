@@ -5,6 +5,11 @@
 //! queue is full or too slow), the exchange with the worker (504 on timeout, 502 when the worker
 //! dies), the access log and the request metrics. No HTTP is parsed in Python.
 //!
+//! A reload changes the front in place: the settings are swapped for requests that arrive from
+//! then on, and listening sockets are added or closed one by one, the others untouched (their
+//! queued connections are never reset). The reload's warm-up request (`warm_up`) is built here too,
+//! so it reaches the canary exactly as a client's request would.
+//!
 //! It does not start or stop workers (the pool does) nor choose them (the dispatcher does).
 
 pub mod body;
@@ -15,7 +20,7 @@ use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -153,34 +158,133 @@ pub struct FrontConfig {
 
 /// Everything a request handler needs.
 pub struct Front {
-    /// Settings.
-    pub config: FrontConfig,
+    /// Settings; a reload swaps them, a request keeps the ones it started with.
+    config: RwLock<Arc<FrontConfig>>,
     /// Where requests get their worker slot.
     pub dispatcher: Arc<Dispatcher>,
     /// Shared metrics.
     pub metrics: Arc<Metrics>,
 }
 
+impl std::fmt::Debug for Front {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Front")
+            .field("config", &self.config())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Front {
+    /// A front with `config`.
+    pub fn new(config: FrontConfig, dispatcher: Arc<Dispatcher>, metrics: Arc<Metrics>) -> Front {
+        Front {
+            config: RwLock::new(Arc::new(config)),
+            dispatcher,
+            metrics,
+        }
+    }
+
+    /// The settings new requests use.
+    pub fn config(&self) -> Arc<FrontConfig> {
+        // The lock only guards swapping one Arc for another, which cannot be left half-done.
+        Arc::clone(
+            &self
+                .config
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Replaces the settings for requests that arrive from now on (a reload).
+    pub fn set_config(&self, config: FrontConfig) {
+        *self
+            .config
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(config);
+    }
+}
+
+/// One listening socket being served.
+#[derive(Debug)]
+struct Accepting {
+    /// The address as `[web].listen` spells it (what a reload compares).
+    configured: String,
+    /// The bound address, with the real port.
+    address: String,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+    unix_path: Option<PathBuf>,
+}
+
+impl Accepting {
+    /// Stops accepting on this socket and closes it; connections already open are unaffected.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+        if let Some(path) = &self.unix_path {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// The running front.
 #[derive(Debug)]
 pub struct FrontHandle {
-    stop: watch::Sender<bool>,
-    accepting: Vec<JoinHandle<()>>,
+    front: Arc<Front>,
+    listeners: Vec<Accepting>,
     graceful: Arc<GracefulShutdown>,
-    unix_paths: Vec<PathBuf>,
 }
 
 impl FrontHandle {
+    /// The shared front (settings, dispatcher).
+    pub fn front(&self) -> &Arc<Front> {
+        &self.front
+    }
+
+    /// The served addresses, with real ports, in `[web].listen` order.
+    pub fn addresses(&self) -> Vec<String> {
+        self.listeners
+            .iter()
+            .map(|listener| listener.address.clone())
+            .collect()
+    }
+
+    /// The served addresses as `[web].listen` spells them.
+    pub fn configured(&self) -> Vec<String> {
+        self.listeners
+            .iter()
+            .map(|listener| listener.configured.clone())
+            .collect()
+    }
+
+    /// Starts accepting on `listener`, bound for the `[web].listen` entry `configured`.
+    pub fn add(&mut self, configured: String, listener: Listener) {
+        let accepting = start_accepting(configured, listener, &self.front, &self.graceful);
+        self.listeners.push(accepting);
+    }
+
+    /// Stops accepting on the `[web].listen` entry `configured`; its open connections finish as
+    /// usual. The socket is closed when the returned accept task has ended (await it before
+    /// telling anyone the address is gone).
+    pub fn remove(&mut self, configured: &str) -> Option<JoinHandle<()>> {
+        let index = self
+            .listeners
+            .iter()
+            .position(|listener| listener.configured == configured)?;
+        let listener = self.listeners.remove(index);
+        let _ = listener.stop.send(true);
+        if let Some(path) = &listener.unix_path {
+            let _ = std::fs::remove_file(path);
+        }
+        Some(listener.task)
+    }
+
     /// Stops accepting, lets open connections finish their current request (idle keep-alive
     /// connections close at once) for up to `grace`, then drops the rest. True when every
     /// connection finished in time.
     pub async fn shutdown(self, grace: Duration) -> bool {
-        let _ = self.stop.send(true);
-        for task in self.accepting {
-            let _ = task.await;
-        }
-        for path in &self.unix_paths {
-            let _ = std::fs::remove_file(path);
+        for listener in self.listeners {
+            listener.stop().await;
         }
         match Arc::try_unwrap(self.graceful) {
             Ok(graceful) => tokio::time::timeout(grace, graceful.shutdown())
@@ -191,30 +295,44 @@ impl FrontHandle {
     }
 }
 
-/// Starts accepting on every listener.
-pub fn serve(listeners: Vec<Listener>, front: Arc<Front>) -> FrontHandle {
+fn start_accepting(
+    configured: String,
+    listener: Listener,
+    front: &Arc<Front>,
+    graceful: &Arc<GracefulShutdown>,
+) -> Accepting {
     let (stop, stopped) = watch::channel(false);
+    let unix_path = match &listener {
+        Listener::Unix(_, path) => Some(path.clone()),
+        Listener::Tcp(_) => None,
+    };
+    let address = listener.address();
+    let task = tokio::spawn(accept_loop(
+        listener,
+        Arc::clone(front),
+        Arc::clone(graceful),
+        stopped,
+    ));
+    Accepting {
+        configured,
+        address,
+        stop,
+        task,
+        unix_path,
+    }
+}
+
+/// Starts accepting on every listener; `listeners` pairs each with its `[web].listen` entry.
+pub fn serve(listeners: Vec<(String, Listener)>, front: Arc<Front>) -> FrontHandle {
     let graceful = Arc::new(GracefulShutdown::new());
-    let mut unix_paths = Vec::new();
-    let accepting = listeners
+    let listeners = listeners
         .into_iter()
-        .map(|listener| {
-            if let Listener::Unix(_, path) = &listener {
-                unix_paths.push(path.clone());
-            }
-            tokio::spawn(accept_loop(
-                listener,
-                Arc::clone(&front),
-                Arc::clone(&graceful),
-                stopped.clone(),
-            ))
-        })
+        .map(|(configured, listener)| start_accepting(configured, listener, &front, &graceful))
         .collect();
     FrontHandle {
-        stop,
-        accepting,
+        front,
+        listeners,
         graceful,
-        unix_paths,
     }
 }
 
@@ -324,7 +442,7 @@ async fn handle(
     let accepted = Instant::now();
     let completion = Completion {
         metrics: Arc::clone(&front.metrics),
-        access_log: front.config.access_log,
+        access_log: front.config().access_log,
         method: request.method().as_str().to_owned(),
         path: request
             .uri()
@@ -364,7 +482,7 @@ async fn respond(
     request: Request<Incoming>,
     mut completion: Completion,
 ) -> Response<ResponseBody> {
-    let config = &front.config;
+    let config = front.config();
     let (parts, incoming) = request.into_parts();
     let declared = parts
         .headers
@@ -539,6 +657,90 @@ async fn respond(
     completion.status = response.status().as_u16();
     completion.record(0, true);
     response
+}
+
+/// How a warm-up request was answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WarmUpAnswer {
+    /// The response status.
+    pub status: u16,
+    /// The first bytes of the body (up to `WARM_UP_BODY_HEAD`), lossily decoded.
+    pub body_head: String,
+}
+
+/// How much of a warm-up response body is kept for the operator.
+const WARM_UP_BODY_HEAD: usize = 2048;
+
+/// Sends `GET path` to the worker holding `lease` (a reload's canary) exactly as a client's
+/// request would reach it — same environ, same frames — and collects its status and the head of
+/// its body. Fails with what went wrong when there is no complete answer within `timeout`.
+pub async fn warm_up(
+    front: &Front,
+    lease: crate::dispatch::Lease,
+    path: &str,
+    timeout: Duration,
+) -> Result<WarmUpAnswer, String> {
+    let config = front.config();
+    let request = Request::builder()
+        .method("GET")
+        .uri(path)
+        .header(header::HOST, "localhost")
+        .header(header::USER_AGENT, "sauna-supervisor warm-up")
+        .body(())
+        .map_err(|error| format!("[web].warmup {path:?} is not a request path: {error}"))?;
+    let (parts, ()) = request.into_parts();
+    let mut request_frame = BytesMut::with_capacity(512);
+    request_frame.extend_from_slice(&[0; HEADER_LEN]);
+    let connection = Connection {
+        peer: None,
+        local: None,
+    };
+    environ::write_environ(&mut request_frame, &parts, &connection, 0, &config.environ)
+        .map_err(|error| format!("[web].warmup {path:?}: {error}"))?;
+    let environ_len = u32::try_from(request_frame.len() - HEADER_LEN).unwrap_or(u32::MAX);
+    frame::patch_header(&mut request_frame, 0, Kind::Request, 0, environ_len);
+    let mut exchange = Exchange::new(
+        lease,
+        request_frame,
+        RequestBody::Memory(Bytes::new()),
+        0,
+        timeout,
+        Arc::from(format!("GET {path} (warm-up)")),
+    );
+    let describe = |error: ExchangeError| match error {
+        ExchangeError::Timeout => format!("GET {path} got no answer within {timeout:?}"),
+        other => format!("GET {path} failed: {other}"),
+    };
+    let (head, mut body, mut end) = match exchange.next_event().await.map_err(describe)? {
+        Event::Head { head, chunk, end } => (head, BytesMut::from(&chunk[..]), end),
+        Event::Chunk(_) | Event::End => {
+            return Err(format!(
+                "GET {path}: the worker sent a body before the head"
+            ));
+        }
+    };
+    while !end {
+        match exchange.next_event().await.map_err(describe)? {
+            Event::Chunk(chunk) => {
+                if body.len() < WARM_UP_BODY_HEAD {
+                    body.extend_from_slice(&chunk);
+                }
+            }
+            Event::End => end = true,
+            Event::Head { .. } => {
+                return Err(format!("GET {path}: the worker sent a second head"));
+            }
+        }
+    }
+    let status = build_response(&head, ResponseBody::Full(None))
+        .map_err(|message| format!("GET {path}: invalid response: {message}"))?
+        .status()
+        .as_u16();
+    body.truncate(WARM_UP_BODY_HEAD);
+    Ok(WarmUpAnswer {
+        status,
+        body_head: String::from_utf8_lossy(&body).into_owned(),
+    })
 }
 
 /// Hop-by-hop headers belong to the connection hyper manages, not to the app.

@@ -76,7 +76,12 @@ pub struct Launch {
 }
 
 impl Launch {
-    /// Resolves `[app]` against the directory of the config file.
+    /// Resolves `[app]` against the directory of the config file. Symlinks in the directory and
+    /// in the interpreter's directory are resolved now, once per generation: a release deployed
+    /// as a `current` symlink runs the target it had when this generation was created, so that a
+    /// reload picks up the new target while crash restarts and a rollback of the old generation
+    /// keep running the old one. (The interpreter file itself is not resolved: a venv's `python`
+    /// is a symlink whose own path tells Python where the venv is.)
     pub fn new(
         app: &AppConfig,
         base_dir: &Path,
@@ -87,9 +92,17 @@ impl Launch {
             Some(directory) => base_dir.join(directory),
             None => base_dir.to_path_buf(),
         };
+        // A missing directory stays as written: the worker's start then fails naming it.
+        let directory = std::fs::canonicalize(&directory).unwrap_or(directory);
         // A bare name ("python3") is looked up on PATH; a path is relative to the config file.
         let python = if app.python.contains('/') {
-            base_dir.join(&app.python)
+            let python = base_dir.join(&app.python);
+            match (python.parent(), python.file_name()) {
+                (Some(parent), Some(name)) => {
+                    std::fs::canonicalize(parent).map_or(python.clone(), |parent| parent.join(name))
+                }
+                _ => python,
+            }
         } else {
             PathBuf::from(&app.python)
         };

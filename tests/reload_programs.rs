@@ -1,0 +1,293 @@
+//! `sauna-supervisor reload` and programs, through the real binary: a changed program is rolled
+//! (the old instance gets TERM only after the new one survived `ready_after`), a new instance
+//! that dies at once rolls back and makes `reload` exit 1, and a real Celery worker on a real
+//! Redis is rolled while tasks run without losing or repeating one.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::util::redis::RedisServer;
+use crate::util::{Running, Sandbox, python, wait_until};
+
+/// The instances of program `name` in a `status --json` document.
+fn instances(status: &Value, name: &str) -> Vec<Value> {
+    status["programs"]
+        .as_array()
+        .and_then(|programs| programs.iter().find(|program| program["name"] == name))
+        .and_then(|program| program["instances"].as_array())
+        .cloned()
+        .unwrap_or_else(|| panic!("no program {name:?} in {status}"))
+}
+
+fn pid(instance: &Value) -> u32 {
+    instance["pid"]
+        .as_u64()
+        .and_then(|pid| u32::try_from(pid).ok())
+        .unwrap_or_else(|| panic!("no pid in {instance}"))
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(')')
+                .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// Waits until program `name` has one running instance, and returns its pid.
+fn running_pid(running: &Running, name: &str) -> u32 {
+    let status = running.wait_for(Duration::from_secs(30), "the program running", |status| {
+        instances(status, name)
+            .first()
+            .is_some_and(|instance| instance["state"] == "running")
+    });
+    pid(&instances(&status, name)[0])
+}
+
+/// A program that records, in the sandbox, when it started and when it got SIGTERM
+/// (nanoseconds since the epoch), then runs until stopped.
+fn recording_program(sandbox: &Sandbox, release: &str) -> String {
+    let dir = sandbox.root().display();
+    format!(
+        r#"
+[programs.worker]
+command = ["sh", "-c", "date +%s%N > {dir}/start-$$; trap 'date +%s%N > {dir}/term-$$; exit 0' TERM; sleep 300 & wait"]
+env = {{ RELEASE = "{release}" }}
+ready_after = "1s"
+stop_timeout = "10s"
+"#
+    )
+}
+
+fn recorded(sandbox: &Sandbox, what: &str, pid: u32) -> u128 {
+    std::fs::read_to_string(sandbox.path(&format!("{what}-{pid}")))
+        .unwrap_or_else(|error| panic!("{what}-{pid}: {error}"))
+        .trim()
+        .parse()
+        .expect("nanoseconds")
+}
+
+fn reload(sandbox: &Sandbox) -> (i32, String) {
+    let output = sandbox.run(&["reload"]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn reload_rolls_a_changed_program_new_first() {
+    let sandbox = Sandbox::new();
+    sandbox.write_config(&recording_program(&sandbox, "1"));
+    let running = sandbox.start();
+    let old = running_pid(&running, "worker");
+
+    sandbox.write_config(&recording_program(&sandbox, "2"));
+    let (code, output) = reload(&sandbox);
+    assert_eq!(code, 0, "{output}\nlog:\n{}", running.log());
+    assert!(
+        output.contains(&format!(
+            "program \"worker\": new instance 0 up (pid {}",
+            pid(&instances(&running.status_json(), "worker")[0])
+        )) && output.contains(&format!("stopping the old one (pid {old})")),
+        "{output}"
+    );
+    let status = running.status_json();
+    let new = &instances(&status, "worker");
+    assert_eq!(new.len(), 1, "{status}");
+    assert_eq!(new[0]["generation"], 2, "{status}");
+    let new_pid = pid(&new[0]);
+    assert_ne!(new_pid, old);
+    assert!(alive(new_pid));
+    assert!(!alive(old), "reload returns once the old instance is gone");
+    // TERM reached the old one only after the new one had run for ready_after.
+    let started = new[0]["started_at"].as_f64().expect("started_at");
+    let term = recorded(&sandbox, "term", old) as f64 / 1e9;
+    assert!(
+        term - started >= 1.0,
+        "TERM {:.3} s after the new start",
+        term - started
+    );
+    assert!(running.stop().success());
+}
+
+#[test]
+fn a_new_instance_that_exits_at_once_rolls_back_and_reload_exits_1() {
+    let sandbox = Sandbox::new();
+    sandbox.write_config(&recording_program(&sandbox, "1"));
+    let running = sandbox.start();
+    let old = running_pid(&running, "worker");
+
+    sandbox.write_config(
+        r#"
+[programs.worker]
+command = ["sh", "-c", "echo 'ModuleNotFoundError: No module named myapp' >&2; exit 3"]
+ready_after = "1s"
+"#,
+    );
+    let (code, output) = reload(&sandbox);
+    assert_eq!(code, 1, "{output}");
+    assert!(output.contains("program \"worker\""), "{output}");
+    assert!(output.contains("exited with status 3"), "{output}");
+    assert!(output.contains("No module named myapp"), "{output}");
+    let status = running.status_json();
+    let now = instances(&status, "worker");
+    assert_eq!(now.len(), 1, "the new instance is gone: {status}");
+    assert_eq!(
+        (pid(&now[0]), now[0]["generation"].as_u64()),
+        (old, Some(1))
+    );
+    assert_eq!(now[0]["state"], "running");
+    assert!(alive(old));
+    assert!(
+        !sandbox.path(&format!("term-{old}")).exists(),
+        "the old instance never got a signal"
+    );
+    assert!(running.stop().success());
+}
+
+const TASKS_PY: &str = r#"
+import os, time
+from celery import Celery
+
+app = Celery("tasks", broker=os.environ["BROKER"])
+app.conf.update(
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+    worker_prefetch_multiplier=1,
+)
+
+@app.task(name="tasks.work")
+def work(n):
+    time.sleep(2)
+    with open(os.environ["DONE"], "a") as out:
+        out.write(f"{work.request.id} {os.environ['RELEASE']}\n")
+"#;
+
+/// Sends `count` tasks with ids `t0`, `t1`, … one every `gap` seconds.
+const PRODUCER_PY: &str = r#"
+import sys, time
+import tasks
+count, gap = int(sys.argv[1]), float(sys.argv[2])
+for n in range(count):
+    tasks.work.apply_async(args=[n], task_id=f"t{n}")
+    time.sleep(gap)
+"#;
+
+fn celery_config(sandbox: &Sandbox, redis: &RedisServer, release: &str) -> String {
+    let python = python();
+    format!(
+        r#"
+[app]
+directory = "{dir}"
+python = "{python}"
+env = {{ BROKER = "{broker}", DONE = "{done}", RELEASE = "{release}" }}
+
+[programs.celery]
+command = ["python", "-m", "celery", "-A", "tasks", "worker", "-c", "2", "--without-heartbeat", "--without-gossip", "--without-mingle", "-l", "info"]
+ready_after = "2s"
+stop_timeout = "30s"
+"#,
+        dir = sandbox.root().display(),
+        python = python.display(),
+        broker = redis.url(0),
+        done = sandbox.path("done.txt").display(),
+    )
+}
+
+fn done(path: &Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.split_once(' '))
+        .map(|(id, release)| (id.to_owned(), release.to_owned()))
+        .collect()
+}
+
+/// The producer, killed if the test fails before it is done.
+struct Producer(Child);
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_celery_worker_rolled_while_tasks_run_loses_no_task() {
+    let sandbox = Sandbox::new();
+    let redis = RedisServer::start(&sandbox.path("redis"));
+    sandbox.write("tasks.py", TASKS_PY);
+    sandbox.write("producer.py", PRODUCER_PY);
+    sandbox.write_config(&celery_config(&sandbox, &redis, "1"));
+    let running = sandbox.start();
+    running_pid(&running, "celery");
+    running.wait_for_log("ready.", Duration::from_secs(60));
+
+    const TASKS: usize = 16;
+    let mut producer = Producer(
+        Command::new(python())
+            .args(["producer.py", &TASKS.to_string(), "0.25"])
+            .current_dir(sandbox.root())
+            .env("BROKER", redis.url(0))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start the producer"),
+    );
+    let done_path = sandbox.path("done.txt");
+    // Roll while the old worker is busy: at least one task finished, more queued and running.
+    wait_until(Duration::from_secs(30), "a first task done", || {
+        (!done(&done_path).is_empty()).then_some(())
+    });
+    sandbox.write_config(&celery_config(&sandbox, &redis, "2"));
+    let (code, output) = reload(&sandbox);
+    assert_eq!(code, 0, "{output}\nlog:\n{}", running.log());
+    let status = producer.0.wait().expect("producer");
+    assert!(status.success(), "the producer failed");
+
+    let finished = wait_until(Duration::from_secs(90), "every task done", || {
+        let finished = done(&done_path);
+        (finished.len() >= TASKS).then_some(finished)
+    });
+    // Nothing more arrives: no task ran twice.
+    std::thread::sleep(Duration::from_secs(3));
+    let finished = {
+        let again = done(&done_path);
+        assert_eq!(again.len(), finished.len(), "late duplicates: {again:?}");
+        again
+    };
+    let mut per_id: BTreeMap<String, usize> = BTreeMap::new();
+    for (id, _) in &finished {
+        *per_id.entry(id.clone()).or_default() += 1;
+    }
+    let expected: BTreeMap<String, usize> = (0..TASKS).map(|n| (format!("t{n}"), 1)).collect();
+    assert_eq!(
+        per_id,
+        expected,
+        "every task exactly once\nlog:\n{}",
+        running.log()
+    );
+    let releases: Vec<&str> = finished
+        .iter()
+        .map(|(_, release)| release.as_str())
+        .collect();
+    assert!(
+        releases.contains(&"1") && releases.contains(&"2"),
+        "both the old and the new worker ran tasks: {releases:?}"
+    );
+    assert!(
+        !running.log().contains("WorkerLostError"),
+        "a task was killed mid-run\n{}",
+        running.log()
+    );
+    assert!(running.stop().success());
+}

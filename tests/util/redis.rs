@@ -1,0 +1,94 @@
+//! A real `redis-server` for tests: a free loopback port, data in a temp dir, append-only so a
+//! stop and restart keeps the data (outage tests), stopped on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::{free_port, require_tool};
+
+/// A `redis-server` on a free loopback port, with its data in a temp dir; stopped on drop.
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl RedisServer {
+    /// Starts a server with its data in `dir` and waits until it answers PING.
+    pub fn start(dir: &Path) -> RedisServer {
+        let mut server = RedisServer {
+            child: None,
+            port: free_port(),
+            dir: dir.to_path_buf(),
+        };
+        server.spawn();
+        server
+    }
+
+    /// (Re)starts the process on the same port and directory, e.g. after [`RedisServer::stop`].
+    pub fn spawn(&mut self) {
+        let binary = require_tool("redis-server", "apt-get install -y redis-server");
+        std::fs::create_dir_all(&self.dir).expect("redis dir");
+        let child = Command::new(binary)
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--daemonize",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        self.child = Some(child);
+        let client = ::redis::Client::open(self.url(0)).expect("redis url");
+        super::wait_until(Duration::from_secs(10), "redis-server to answer", || {
+            let mut connection = client.get_connection().ok()?;
+            ::redis::cmd("PING").query::<String>(&mut connection).ok()
+        });
+    }
+
+    /// `redis://127.0.0.1:PORT/DB`.
+    pub fn url(&self, db: u8) -> String {
+        format!("redis://127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// A connection to database 0.
+    pub fn connection(&self) -> ::redis::Connection {
+        ::redis::Client::open(self.url(0))
+            .and_then(|client| client.get_connection())
+            .expect("connect to test redis")
+    }
+
+    /// Stops the server (SIGTERM, data kept in its AOF).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
