@@ -5,6 +5,7 @@
 #
 #   benches/web.sh                 # everything (about 6 minutes)
 #   DURATION=5s benches/web.sh     # shorter runs
+#   SCENARIOS=stream SERVERS="sauna uwsgi" benches/web.sh   # a focused run
 #
 # Needs wrk (apt-get install -y wrk). Peers are pip-installed into benches/.venv.
 # Scenarios (2 workers each):
@@ -95,18 +96,24 @@ results=$work/results
 : >"$results"
 record() { echo "$1|$2|$3" >>"$results"; echo "  $1 $2: $3" >&2; }
 
-servers=(sauna uwsgi granian gunicorn-sync gunicorn-gthread)
+read -r -a servers <<<"${SERVERS:-sauna uwsgi granian gunicorn-sync gunicorn-gthread}"
+scenarios=" ${SCENARIOS:-hello stream mixed} "
 for server in "${servers[@]}"; do
   echo "== $server" >&2
-  start_server "$server" hello 1
-  wrk -t2 -c16 -d2s "$url/" >/dev/null # warm-up
-  record hello-c16 "$server" "$(run_wrk -t2 -c16 -d"$DURATION" "$url/")"
-  record hello-c64 "$server" "$(run_wrk -t2 -c64 -d"$DURATION" "$url/")"
-  stop_server
-  start_server "$server" stream 1
-  record stream-1MiB "$server" "$(run_wrk -t2 -c16 -d"$DURATION" "$url/")"
-  stop_server
-  if [ "$server" != gunicorn-sync ]; then
+  if [[ $scenarios == *" hello "* ]]; then
+    start_server "$server" hello 1
+    wrk -t2 -c16 -d2s "$url/" >/dev/null # warm-up
+    record hello-c16 "$server" "$(run_wrk -t2 -c16 -d"$DURATION" "$url/")"
+    record hello-c64 "$server" "$(run_wrk -t2 -c64 -d"$DURATION" "$url/")"
+    stop_server
+  fi
+  if [[ $scenarios == *" stream "* ]]; then
+    start_server "$server" stream 1
+    wrk -t2 -c16 -d2s "$url/" >/dev/null # warm-up
+    record stream-1MiB "$server" "$(run_wrk -t2 -c16 -d"$DURATION" "$url/")"
+    stop_server
+  fi
+  if [[ $scenarios == *" mixed "* ]] && [ "$server" != gunicorn-sync ]; then
     start_server "$server" mixed 8
     wrk -t1 -c60 -d"$DURATION" -s benches/web_mix.lua "$url/" >/dev/null &
     load=$!

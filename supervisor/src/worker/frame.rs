@@ -21,7 +21,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::AsyncWrite;
 use tokio::net::UnixStream;
 
@@ -149,7 +149,6 @@ pub fn decode(buffer: &mut BytesMut) -> Result<Option<Frame>, ChannelError> {
         return Err(ChannelError::Protocol(format!("frame of {len} bytes")));
     }
     if buffer.len() < HEADER_LEN + len {
-        buffer.reserve(HEADER_LEN + len - buffer.len());
         return Ok(None);
     }
     buffer.advance(HEADER_LEN);
@@ -174,9 +173,13 @@ pub struct Channel {
 
 /// Initial read buffer: a typical response arrives in one `read`.
 const READ_SIZE: usize = 64 * 1024;
-/// Room kept free in the read buffer while streaming, so one `read` takes several 64 KiB body
-/// frames at once (fewer wake-ups per megabyte).
-const STREAM_READ_SIZE: usize = 256 * 1024;
+/// Frames at least this big are read up to a frame boundary (see `Channel::read_size`).
+const BIG_FRAME: usize = 8 * 1024;
+/// Most bytes a streaming `read` asks for. Whole frames up to this size are taken at once (fewer
+/// system calls); it stays below glibc's default mmap threshold (128 KiB) because every such
+/// read reserves a fresh buffer, and a mapped one is page-faulted in and unmapped per read
+/// (measured: 5 % of the supervisor's time at 256 KiB).
+const STREAM_READ_SIZE: usize = 120 * 1024;
 
 impl Channel {
     /// Wraps a connected socket (it must already be non-blocking and registered with tokio).
@@ -217,16 +220,41 @@ impl Channel {
                 return Poll::Ready(Ok(frame));
             }
             ready!(self.stream.poll_read_ready(cx))?;
-            if self.input.capacity() - self.input.len() < READ_SIZE / 4 {
-                self.input.reserve(STREAM_READ_SIZE);
+            let (want, exact) = self.read_size();
+            let free = self.input.capacity() - self.input.len();
+            if free < want && (exact || free < READ_SIZE / 4) {
+                self.input.reserve(want);
             }
-            match self.stream.try_read_buf(&mut self.input) {
+            match self.stream.try_read_buf(&mut (&mut self.input).limit(want)) {
                 Ok(0) => return Poll::Ready(Err(ChannelError::Closed)),
                 Ok(_) => {}
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
                 Err(error) => return Poll::Ready(Err(error.into())),
             }
         }
+    }
+
+    /// How many bytes the next `read` asks for, and whether they must fit in the buffer whole.
+    ///
+    /// Once a big frame (a streamed body chunk) has begun, the read aims at a frame boundary:
+    /// the rest of this frame plus as many more of the same size as fit in `STREAM_READ_SIZE`,
+    /// and the header after them (apps stream fixed-size chunks, so the guess is usually exact). A read ending inside
+    /// a frame leaves that partial frame to be moved into a fresh buffer when the next one is
+    /// reserved (the old one is still shared with chunks hyper has not written yet): a
+    /// `memmove` of up to a whole chunk per read. Ending at the boundary leaves at most a
+    /// header to move, and each payload is handed to hyper where it landed.
+    fn read_size(&self) -> (usize, bool) {
+        if self.input.len() >= HEADER_LEN {
+            let len =
+                u32::from_le_bytes([self.input[0], self.input[1], self.input[2], self.input[3]])
+                    as usize;
+            if len >= BIG_FRAME {
+                let rest = (HEADER_LEN + len).saturating_sub(self.input.len());
+                let more = STREAM_READ_SIZE.saturating_sub(rest + HEADER_LEN) / (len + HEADER_LEN);
+                return (rest + more * (len + HEADER_LEN) + HEADER_LEN, true);
+            }
+        }
+        (READ_SIZE, false)
     }
 
     /// Takes an `End` frame if one has already arrived, without waiting: lets the front answer a
@@ -306,6 +334,46 @@ mod tests {
         put_header(&mut expected, Kind::Request, FLAG_PULL, 3, 7);
         expected.extend_from_slice(b"A\0b\0xyz");
         assert_eq!(built, expected);
+    }
+
+    #[test]
+    fn a_channel_reads_frames_of_changing_sizes_whole() {
+        // Body frames bigger and smaller than the size the boundary-aiming reads guess, so
+        // reads also end inside frames; every payload must still arrive intact and in order.
+        let sizes = [
+            100, 70_000, 70_000, 9_000, 200_000, 65_536, 65_536, 20_000, 0,
+        ];
+        let mut wire = BytesMut::new();
+        for (index, &size) in sizes.iter().enumerate() {
+            let fill = u8::try_from(index).unwrap();
+            put_header(&mut wire, Kind::Body, 0, 0, size);
+            wire.extend_from_slice(&vec![fill; size]);
+        }
+        put_header(&mut wire, Kind::End, 0, 0, 0);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+            ours.set_nonblocking(true).unwrap();
+            let mut channel = Channel::new(UnixStream::from_std(ours).unwrap());
+            let writer = std::thread::spawn(move || {
+                use std::io::Write;
+                // Uneven writes, so frames also straddle what each read sees.
+                for piece in wire.chunks(50_000) {
+                    (&theirs).write_all(piece).unwrap();
+                }
+            });
+            for (index, &size) in sizes.iter().enumerate() {
+                let frame = channel.frame().await.unwrap();
+                assert_eq!((frame.kind, frame.payload.len()), (Kind::Body, size));
+                let fill = u8::try_from(index).unwrap();
+                assert!(frame.payload.iter().all(|&byte| byte == fill));
+            }
+            assert_eq!(channel.frame().await.unwrap().kind, Kind::End);
+            writer.join().unwrap();
+        });
     }
 
     #[test]
