@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,7 @@ use sauna_supervisor::metrics_server::{self, Health, MetricsServer};
 use std::io::{Read as _, Write as _};
 use tokio::sync::watch;
 
+use crate::util::redis::RedisServer;
 use crate::util::{Sandbox, free_port, require_tool, wait_until};
 
 /// Longest wait for something observable.
@@ -324,59 +325,6 @@ async fn healthz_and_readyz_follow_the_main_loop() {
     assert_eq!(http(addr, "GET", "/readyz", None).status, 503);
 }
 
-/// A `redis-server` on a free loopback port in a temp dir, killed when dropped.
-struct RedisServer {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl RedisServer {
-    fn start() -> RedisServer {
-        let binary = require_tool("redis-server", "apt-get install -y redis-server");
-        let dir = tempfile::tempdir().expect("temp dir");
-        let port = free_port();
-        let child = Command::new(binary)
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
-            .args(["--appendonly", "no", "--daemonize", "no"])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server");
-        let server = RedisServer {
-            child,
-            port,
-            _dir: dir,
-        };
-        wait_until(TIMEOUT, "redis-server to answer", || {
-            let client = redis::Client::open(server.url(0)).ok()?;
-            let mut connection = client.get_connection().ok()?;
-            redis::cmd("PING").query::<String>(&mut connection).ok()
-        });
-        server
-    }
-
-    fn url(&self, db: u8) -> String {
-        format!("redis://127.0.0.1:{}/{db}", self.port)
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn queue_length(scrape: &str, queue: &str) -> Option<i64> {
     let prefix = format!("sauna_celery_queue_length{{queue=\"{queue}\"}} ");
     scrape
@@ -387,7 +335,8 @@ fn queue_length(scrape: &str, queue: &str) -> Option<i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn queue_lengths_follow_the_broker() {
-    let mut redis_server = RedisServer::start();
+    let redis_dir = tempfile::tempdir().expect("temp dir");
+    let mut redis_server = RedisServer::start(redis_dir.path());
     let metrics = Arc::new(Metrics::new().expect("families"));
     let (server, _health) = serve(None, Arc::clone(&metrics)).await;
     let addr = server.local_addr();
@@ -431,8 +380,7 @@ async fn queue_lengths_follow_the_broker() {
     });
 
     // The broker goes away: the stale lengths disappear instead of lying.
-    let _ = redis_server.child.kill();
-    let _ = redis_server.child.wait();
+    redis_server.stop();
     wait_until(TIMEOUT, "the queue series to disappear", || {
         queue_length(&scrape(), "hi").is_none().then_some(())
     });
@@ -600,7 +548,8 @@ fn sample(scrape: &str, series: &str) -> Option<f64> {
 
 #[test]
 fn with_every_role_active_every_family_moves_and_promtool_passes() {
-    let redis_server = RedisServer::start();
+    let redis_dir = tempfile::tempdir().expect("temp dir");
+    let redis_server = RedisServer::start(redis_dir.path());
     let sandbox = Sandbox::new();
     sandbox.write("app.py", WSGI_APP);
     sandbox.write("tasks.py", TASKS_PY);
