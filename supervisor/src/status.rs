@@ -158,7 +158,7 @@ fn render_figures(figures: &Value) -> String {
 fn render_pool(pool: &Value) -> String {
     let mut out = String::new();
     for (key, value) in pool.as_object().into_iter().flatten() {
-        if key != "workers" && !value.is_array() && !value.is_object() {
+        if key != "workers" && !value.is_array() && !value.is_object() && !value.is_null() {
             out.push_str(&format!("{key}: {value}  "));
         }
     }

@@ -344,6 +344,8 @@ impl Supervisor {
             }
         };
         let Some(roles) = self.roles.take() else {
+            // Only a failed reload task leaves no roles, and the loop is stopping then.
+            notify_or_log(self.notifier.ready(), "READY");
             return;
         };
         self.status_snapshot = serde_json::to_value(self.status_report_of(&roles).await).ok();
