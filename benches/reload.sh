@@ -17,6 +17,8 @@
 # counts them. Needs wrk (apt-get install -y wrk); peers are pip-installed into $VENV.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=benches/peers.sh
+. benches/peers.sh
 RELOADS=${RELOADS:-10}
 IMPORT_DELAY=${IMPORT_DELAY:-1}
 GAP=${GAP:-$(awk -v d="$IMPORT_DELAY" 'BEGIN {print 2 * d + 2}')}
@@ -25,10 +27,7 @@ VENV=${VENV:-benches/.venv}
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 2; }
 command -v curl >/dev/null || { echo "curl is missing: apt-get install -y curl" >&2; exit 2; }
 
-if [ ! -x "$VENV/bin/granian" ] || [ ! -x "$VENV/bin/uwsgi" ] || [ ! -x "$VENV/bin/gunicorn" ]; then
-  "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check gunicorn uwsgi granian
-fi
+ensure_peers "$VENV"
 venv=$(readlink -f "$VENV")
 if [ -z "${SAUNA_BIN:-}" ]; then
   cargo build --release --bin sauna-supervisor >/dev/null
@@ -91,17 +90,7 @@ TOML
   esac
   pid=$!
   url="http://127.0.0.1:$port"
-  for _ in $(seq 200); do
-    curl -sf -o /dev/null "$url/" && return 0
-    sleep 0.1
-  done
-  echo "$name did not start; its log:" >&2; cat "$work/$name.log" >&2; exit 1
-}
-
-stop_server() {
-  kill -TERM "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-  sleep 0.5
+  wait_until_up 200
 }
 
 reload_server() { # name -> the reload command's exit status (sauna) or "-" (signals)

@@ -17,15 +17,14 @@
 # The supervisor's idle RSS is printed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=benches/peers.sh
+. benches/peers.sh
 DURATION=${DURATION:-10s}
 PYTHON=${PYTHON:-python3}
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 2; }
 
 venv=benches/.venv
-if [ ! -x "$venv/bin/granian" ] || [ ! -x "$venv/bin/uwsgi" ] || [ ! -x "$venv/bin/gunicorn" ]; then
-  "$PYTHON" -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check gunicorn uwsgi granian
-fi
+ensure_peers "$venv"
 cargo build --release --bin sauna-supervisor >/dev/null
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
@@ -68,17 +67,7 @@ TOML
   esac
   pid=$!
   url="http://127.0.0.1:$port"
-  for _ in $(seq 100); do
-    curl -sf -o /dev/null "$url/" && return 0
-    sleep 0.1
-  done
-  echo "$name did not start; its log:" >&2; cat "$work/$name.log" >&2; exit 1
-}
-
-stop_server() {
-  kill -TERM "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-  sleep 0.5
+  wait_until_up 100
 }
 
 # wrk's summary as "req/s p50 p99 MB/s".
