@@ -18,8 +18,7 @@ use tokio::time::Sleep;
 use crate::dispatch::{Lease, Outcome};
 use crate::metrics::Metrics;
 use crate::web::body::RequestBody;
-use crate::web::splice::{self, Room, SPLICE_FROM, Splicer};
-use crate::worker::frame::{self, ChannelError, FLAG_END, Kind, Next};
+use crate::worker::frame::{self, ChannelError, FLAG_END, Kind};
 
 /// Largest body piece sent per `Read`.
 const READ_CHUNK: usize = 256 * 1024;
@@ -134,16 +133,6 @@ impl Exchange {
 
     /// Drives the exchange to its next event.
     pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Result<Event, ExchangeError>> {
-        self.poll_event_with(cx, None)
-    }
-
-    /// Drives the exchange to its next event; with a `splicer`, big `Body` payloads go into the
-    /// connection's pipe and come back as markers (see `web::splice`).
-    fn poll_event_with(
-        &mut self,
-        cx: &mut Context<'_>,
-        splicer: Option<&Splicer>,
-    ) -> Poll<Result<Event, ExchangeError>> {
         if self.deadline.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Err(self.time_out()));
         }
@@ -158,34 +147,7 @@ impl Exchange {
                     Poll::Ready(Ok(())) => {}
                 }
             }
-            let next = match splicer {
-                Some(splicer) => match channel.poll_next(cx, SPLICE_FROM) {
-                    Poll::Ready(Ok(Next::Payload(unread))) => {
-                        // A big body chunk: into the pipe if it has room, else into memory.
-                        match splicer.poll_room(cx, unread) {
-                            Poll::Pending => return Poll::Pending,
-                            Poll::Ready(Room::Splice(pipe, max)) => {
-                                match channel.poll_splice(cx, pipe, max) {
-                                    Poll::Pending => return Poll::Pending,
-                                    Poll::Ready(Ok(0)) => channel.poll_frame(cx),
-                                    Poll::Ready(Ok(moved)) => {
-                                        return Poll::Ready(Ok(Event::Chunk(
-                                            splicer.spliced(moved),
-                                        )));
-                                    }
-                                    Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
-                                }
-                            }
-                            Poll::Ready(Room::Copy) => channel.poll_frame(cx),
-                        }
-                    }
-                    Poll::Ready(Ok(Next::Frame(frame))) => Poll::Ready(Ok(frame)),
-                    Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
-                    Poll::Pending => Poll::Pending,
-                },
-                None => channel.poll_frame(cx),
-            };
-            let frame = match next {
+            let frame = match channel.poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(error)) => return Poll::Ready(Err(self.fail(error))),
                 Poll::Ready(Ok(frame)) => frame,
@@ -280,10 +242,6 @@ impl Exchange {
     /// Waits for the next event.
     pub async fn next_event(&mut self) -> Result<Event, ExchangeError> {
         std::future::poll_fn(|cx| self.poll_event(cx)).await
-    }
-
-    async fn next_event_with(&mut self, splicer: Option<&Splicer>) -> Result<Event, ExchangeError> {
-        std::future::poll_fn(|cx| self.poll_event_with(cx, splicer)).await
     }
 }
 
@@ -425,23 +383,13 @@ pub struct Streaming {
     bytes: u64,
     done: bool,
     completion: Completion,
-    splicer: Option<Splicer>,
 }
 
 impl Streaming {
-    /// A body that starts with `first` and continues with the worker's `Body` frames; with a
-    /// `splicer` (a TCP client), big frames are spliced to the client instead of copied.
-    pub fn new(
-        exchange: Exchange,
-        first: Bytes,
-        completion: Completion,
-        splicer: Option<Splicer>,
-    ) -> Streaming {
+    /// A body that starts with `first` and continues with the worker's `Body` frames.
+    pub fn new(exchange: Exchange, first: Bytes, completion: Completion) -> Streaming {
         let (sender, batches) = mpsc::channel(READ_AHEAD_BATCHES);
-        if let Some(splicer) = &splicer {
-            splicer.begin();
-        }
-        tokio::spawn(pump(exchange, sender, splicer.clone()));
+        tokio::spawn(pump(exchange, sender));
         Streaming {
             batches,
             pending: std::collections::VecDeque::new(),
@@ -449,7 +397,6 @@ impl Streaming {
             bytes: 0,
             done: false,
             completion,
-            splicer,
         }
     }
 }
@@ -474,11 +421,10 @@ fn piece_of(exchange: &mut Exchange, event: Result<Event, ExchangeError>) -> Opt
 
 /// Moves the worker's response into the queue until it ends. When the client goes away the
 /// queue closes, the exchange is dropped and its `Drop` tells the worker to stop.
-async fn pump(mut exchange: Exchange, sender: mpsc::Sender<Vec<Piece>>, splicer: Option<Splicer>) {
-    let splicer = splicer.as_ref();
+async fn pump(mut exchange: Exchange, sender: mpsc::Sender<Vec<Piece>>) {
     loop {
         let event = tokio::select! {
-            event = exchange.next_event_with(splicer) => event,
+            event = exchange.next_event() => event,
             () = sender.closed() => return,
         };
         let Some(piece) = piece_of(&mut exchange, event) else {
@@ -489,18 +435,11 @@ async fn pump(mut exchange: Exchange, sender: mpsc::Sender<Vec<Piece>>, splicer:
         // Take whatever else has already arrived, without waiting.
         while !last && batch.len() < BATCH_CHUNKS {
             let mut idle = Context::from_waker(std::task::Waker::noop());
-            let Poll::Ready(event) = exchange.poll_event_with(&mut idle, splicer) else {
+            let Poll::Ready(event) = exchange.poll_event(&mut idle) else {
                 break;
             };
             if let Some(piece) = piece_of(&mut exchange, event) {
                 last = !matches!(piece, Piece::Data(_));
-                // Pieces spliced one after the other travel as one.
-                if let (Some(Piece::Data(previous)), Piece::Data(next)) = (batch.last_mut(), &piece)
-                    && let Some(merged) = splice::merge(previous, next)
-                {
-                    *previous = merged;
-                    continue;
-                }
                 batch.push(piece);
             }
         }
@@ -526,9 +465,6 @@ async fn pump(mut exchange: Exchange, sender: mpsc::Sender<Vec<Piece>>, splicer:
 
 impl Drop for Streaming {
     fn drop(&mut self) {
-        if let Some(splicer) = &self.splicer {
-            splicer.end();
-        }
         self.completion.record(self.bytes, self.done);
     }
 }

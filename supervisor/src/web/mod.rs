@@ -15,7 +15,6 @@
 pub mod body;
 pub mod environ;
 pub mod exchange;
-pub mod splice;
 
 use std::convert::Infallible;
 use std::io;
@@ -41,7 +40,6 @@ use crate::worker::frame::{self, FLAG_PULL, FLAG_TERMINATED, HEADER_LEN, Kind};
 use body::{BodyError, RequestBody};
 use environ::{Connection, EnvironConfig};
 use exchange::{Completion, Event, Exchange, ExchangeError, ResponseBody, Streaming};
-use splice::{SpliceStream, Splicer};
 
 /// Bodies up to this size travel inside the request frame; larger ones are pulled by the worker.
 const INLINE_BODY: u64 = 256 * 1024;
@@ -371,34 +369,17 @@ async fn accept_loop(
         };
         let connection = Arc::new(connection);
         let front = Arc::clone(&front);
-        // Streamed bodies are spliced to TCP clients (web::splice); Unix clients get copies.
-        let splicer = matches!(io, Stream::Tcp(_)).then(Splicer::default);
-        let service_splicer = splicer.clone();
-        let service = service_fn(move |request| {
-            handle(
-                Arc::clone(&front),
-                Arc::clone(&connection),
-                service_splicer.clone(),
-                request,
-            )
-        });
-        match (io, splicer) {
-            (Stream::Tcp(stream), Some(splicer)) => {
-                let stream = SpliceStream::new(stream, splicer);
+        let service =
+            service_fn(move |request| handle(Arc::clone(&front), Arc::clone(&connection), request));
+        match io {
+            Stream::Tcp(stream) => {
                 let served =
                     graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
                 tokio::spawn(async move {
                     let _ = served.await;
                 });
             }
-            (Stream::Tcp(stream), None) => {
-                let served =
-                    graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
-                tokio::spawn(async move {
-                    let _ = served.await;
-                });
-            }
-            (Stream::Unix(stream), _) => {
+            Stream::Unix(stream) => {
                 let served =
                     graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
                 tokio::spawn(async move {
@@ -456,7 +437,6 @@ fn plain(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
 async fn handle(
     front: Arc<Front>,
     connection: Arc<Connection>,
-    splicer: Option<Splicer>,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let accepted = Instant::now();
@@ -474,7 +454,7 @@ async fn handle(
         queue_wait: None,
         worker: None,
     };
-    Ok(respond(&front, &connection, splicer, request, completion).await)
+    Ok(respond(&front, &connection, request, completion).await)
 }
 
 fn reject(
@@ -499,7 +479,6 @@ fn reject(
 async fn respond(
     front: &Front,
     connection: &Connection,
-    splicer: Option<Splicer>,
     request: Request<Incoming>,
     mut completion: Completion,
 ) -> Response<ResponseBody> {
@@ -627,7 +606,7 @@ async fn respond(
                         completion.record(chunk.len() as u64, true);
                     } else {
                         *response.body_mut() = ResponseBody::Stream(Box::new(Streaming::new(
-                            exchange, chunk, completion, splicer,
+                            exchange, chunk, completion,
                         )));
                     }
                     return response;

@@ -21,10 +21,8 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use std::os::fd::{AsRawFd, RawFd};
-
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncWrite, Interest};
+use tokio::io::AsyncWrite;
 use tokio::net::UnixStream;
 
 /// The protocol version the shim reports in its `Ready` frame; both sides ship in one binary, the
@@ -171,53 +169,6 @@ pub struct Channel {
     stream: UnixStream,
     input: BytesMut,
     output: BytesMut,
-    /// Payload bytes of the current `Body` frame still in the socket, its header already taken
-    /// (`poll_next` left them to be spliced); `input` is empty meanwhile.
-    unread: usize,
-    /// The last `Body` frame was spliced: read only the next header, so that the next payload
-    /// stays in the socket to be spliced too.
-    headers_only: bool,
-}
-
-/// What `Channel::poll_next` found.
-#[derive(Debug)]
-pub enum Next {
-    /// A whole frame (possibly the buffered start of a big `Body` frame's payload).
-    Frame(Frame),
-    /// This many payload bytes of a `Body` frame wait in the socket, for `poll_splice` (or
-    /// `poll_frame`, which then reads them as a `Body` frame).
-    Payload(usize),
-}
-
-/// One splice(2) from a worker socket into a pipe: `Some(0)` at end of stream, `None` when the
-/// pipe is full although bytes wait in the socket, `WouldBlock` when the socket is empty.
-fn splice_in(socket: RawFd, pipe: RawFd, len: usize) -> io::Result<Option<usize>> {
-    // SAFETY: splice between two open descriptors without offsets (both are streams).
-    let moved = unsafe {
-        libc::splice(
-            socket,
-            std::ptr::null_mut(),
-            pipe,
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    if let Ok(moved) = usize::try_from(moved) {
-        return Ok(Some(moved));
-    }
-    let error = io::Error::last_os_error();
-    if error.kind() != io::ErrorKind::WouldBlock {
-        return Err(error);
-    }
-    // EAGAIN comes from an empty socket or a full pipe; tokio must only hear of the first,
-    // or it would wait for socket readiness that never changes.
-    let mut waiting: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int through the pointer.
-    if unsafe { libc::ioctl(socket, libc::FIONREAD, &mut waiting) } == 0 && waiting > 0 {
-        return Ok(None);
-    }
-    Err(error)
 }
 
 /// Initial read buffer: a typical response arrives in one `read`.
@@ -237,8 +188,6 @@ impl Channel {
             stream,
             input: BytesMut::with_capacity(READ_SIZE),
             output: BytesMut::new(),
-            unread: 0,
-            headers_only: false,
         }
     }
 
@@ -266,160 +215,23 @@ impl Channel {
 
     /// Reads the next frame.
     pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<Frame, ChannelError>> {
-        if self.unread > 0 {
-            return self.poll_unread(cx);
-        }
         loop {
             if let Some(frame) = decode(&mut self.input)? {
                 return Poll::Ready(Ok(frame));
             }
-            ready!(self.poll_read(cx))?;
-        }
-    }
-
-    /// Reads the next frame, except that the payload of a `Body` frame of at least `splice_from`
-    /// bytes is left in the socket (`Next::Payload`) as far as it is not buffered already.
-    pub fn poll_next(
-        &mut self,
-        cx: &mut Context<'_>,
-        splice_from: usize,
-    ) -> Poll<Result<Next, ChannelError>> {
-        if self.unread > 0 {
-            return Poll::Ready(Ok(Next::Payload(self.unread)));
-        }
-        loop {
-            if self.input.len() >= HEADER_LEN && self.input[8] == Kind::Body as u8 {
-                let len = self.frame_len();
-                let buffered = self.input.len() - HEADER_LEN;
-                if (splice_from..=MAX_PAYLOAD).contains(&len) && buffered < len {
-                    self.headers_only = true;
-                    self.input.advance(HEADER_LEN);
-                    self.unread = len - buffered;
-                    if buffered == 0 {
-                        return Poll::Ready(Ok(Next::Payload(self.unread)));
-                    }
-                    return Poll::Ready(Ok(Next::Frame(Frame {
-                        kind: Kind::Body,
-                        flags: 0,
-                        arg: 0,
-                        payload: self.input.split().freeze(),
-                    })));
-                }
-            }
-            if let Some(frame) = decode(&mut self.input)? {
-                if frame.kind == Kind::Body {
-                    self.headers_only = frame.payload.len() >= splice_from;
-                }
-                return Poll::Ready(Ok(Next::Frame(frame)));
-            }
-            if self.headers_only && self.input.len() < HEADER_LEN {
-                ready!(self.poll_read_header(cx))?;
-            } else {
-                ready!(self.poll_read(cx))?;
-            }
-        }
-    }
-
-    /// Moves up to `max` of the `Next::Payload` bytes into `pipe` with splice(2), as many as the
-    /// socket holds now (the pipe must have room for `max`). `Ok(0)` means the pipe filled up
-    /// anyway: the caller reads the bytes with `poll_frame` instead.
-    pub fn poll_splice(
-        &mut self,
-        cx: &mut Context<'_>,
-        pipe: RawFd,
-        max: usize,
-    ) -> Poll<Result<usize, ChannelError>> {
-        let socket = self.stream.as_raw_fd();
-        let mut moved = 0;
-        loop {
-            let want = (max - moved).min(self.unread);
-            if want == 0 {
-                return Poll::Ready(Ok(moved));
-            }
-            match self.stream.poll_read_ready(cx) {
-                Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(error)) => return Poll::Ready(Err(error.into())),
-                Poll::Pending if moved > 0 => return Poll::Ready(Ok(moved)),
-                Poll::Pending => return Poll::Pending,
-            }
-            match self
-                .stream
-                .try_io(Interest::READABLE, || splice_in(socket, pipe, want))
-            {
-                Ok(Some(0)) => return Poll::Ready(Err(ChannelError::Closed)),
-                Ok(Some(step)) => {
-                    self.unread -= step;
-                    moved += step;
-                }
-                Ok(None) => return Poll::Ready(Ok(moved)),
-                // The socket is drained for now; what moved so far is handed on.
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock && moved > 0 => {
-                    return Poll::Ready(Ok(moved));
-                }
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-                Err(error) => return Poll::Ready(Err(error.into())),
-            }
-        }
-    }
-
-    /// Reads (part of) the `Next::Payload` bytes as a `Body` frame.
-    fn poll_unread(&mut self, cx: &mut Context<'_>) -> Poll<Result<Frame, ChannelError>> {
-        let want = self.unread.min(STREAM_READ_SIZE);
-        if self.input.capacity() < want {
-            self.input.reserve(want);
-        }
-        loop {
             ready!(self.stream.poll_read_ready(cx))?;
+            let (want, exact) = self.read_size();
+            let free = self.input.capacity() - self.input.len();
+            if free < want && (exact || free < READ_SIZE / 4) {
+                self.input.reserve(want);
+            }
             match self.stream.try_read_buf(&mut (&mut self.input).limit(want)) {
                 Ok(0) => return Poll::Ready(Err(ChannelError::Closed)),
-                Ok(read) => {
-                    self.unread -= read;
-                    return Poll::Ready(Ok(Frame {
-                        kind: Kind::Body,
-                        flags: 0,
-                        arg: 0,
-                        payload: self.input.split().freeze(),
-                    }));
-                }
+                Ok(_) => {}
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
                 Err(error) => return Poll::Ready(Err(error.into())),
             }
         }
-    }
-
-    /// One read into `input`, sized by `read_size`.
-    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ChannelError>> {
-        ready!(self.stream.poll_read_ready(cx))?;
-        let (want, exact) = self.read_size();
-        let free = self.input.capacity() - self.input.len();
-        if free < want && (exact || free < READ_SIZE / 4) {
-            self.input.reserve(want);
-        }
-        self.finish_read(want)
-    }
-
-    /// One read of the rest of a frame header, nothing beyond it.
-    fn poll_read_header(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ChannelError>> {
-        ready!(self.stream.poll_read_ready(cx))?;
-        let want = HEADER_LEN - self.input.len();
-        if self.input.capacity() - self.input.len() < want {
-            self.input.reserve(READ_SIZE);
-        }
-        self.finish_read(want)
-    }
-
-    fn finish_read(&mut self, want: usize) -> Poll<Result<(), ChannelError>> {
-        match self.stream.try_read_buf(&mut (&mut self.input).limit(want)) {
-            Ok(0) => Poll::Ready(Err(ChannelError::Closed)),
-            Ok(_) => Poll::Ready(Ok(())),
-            // Readiness was cleared; the caller polls again and so registers for the next.
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => Poll::Ready(Ok(())),
-            Err(error) => Poll::Ready(Err(error.into())),
-        }
-    }
-
-    fn frame_len(&self) -> usize {
-        u32::from_le_bytes([self.input[0], self.input[1], self.input[2], self.input[3]]) as usize
     }
 
     /// How many bytes the next `read` asks for, and whether they must fit in the buffer whole.
