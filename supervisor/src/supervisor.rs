@@ -49,6 +49,7 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<ExitCode> {
             "cannot start the group reaper ({error}): grandchildren of programs may outlive a crash of the supervisor"
         );
     }
+    crate::worker::frame::tune_allocator();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         // One runtime thread: on a 2-core host the Python workers need the other core, and one
         // thread doing all the front's I/O avoids cross-thread wake-ups. Measured with wrk on

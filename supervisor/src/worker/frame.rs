@@ -171,6 +171,25 @@ pub struct Channel {
     output: BytesMut,
 }
 
+/// Keeps glibc from returning freed heap memory to the kernel unless more than this is free at the
+/// top of a heap. Channel reads allocate a fresh buffer of up to `STREAM_READ_SIZE` while hyper
+/// still holds the previous chunks, and free it once they are written: with glibc's default
+/// (a dynamic threshold that stays at 128 KiB for allocations below the mmap threshold) nearly
+/// every such free trimmed the heap with madvise and the next read page-faulted the memory back
+/// in. Measured on a streamed 1 MiB body: 1.2-1.4x the MB/s with this set.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const TRIM_THRESHOLD: i32 = 4 << 20;
+
+/// Sets the allocator up for the channels' read pattern (see `TRIM_THRESHOLD`). Call once at
+/// startup, before the runtime starts its threads.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes glibc's malloc parameters; called before other threads exist.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+    }
+}
+
 /// Initial read buffer: a typical response arrives in one `read`.
 const READ_SIZE: usize = 64 * 1024;
 /// Frames at least this big are read up to a frame boundary (see `Channel::read_size`).
