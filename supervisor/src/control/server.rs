@@ -54,6 +54,8 @@ pub struct ControlServer {
     /// Device and inode of the socket file we created, so that dropping the server removes our
     /// socket and never a newer supervisor's that replaced it.
     identity: (u64, u64),
+    /// False once the socket was handed to a successor (`upgrade`), which owns the file then.
+    owns_file: bool,
     our_uid: u32,
     requests_in: mpsc::Sender<ControlRequest>,
     requests: mpsc::Receiver<ControlRequest>,
@@ -181,11 +183,59 @@ impl ControlServer {
             listener,
             path: path.to_owned(),
             identity: (metadata.dev(), metadata.ino()),
+            owns_file: true,
             our_uid: nix::unistd::geteuid().as_raw(),
             requests_in,
             requests,
             connections: JoinSet::new(),
         })
+    }
+
+    /// Takes over the control socket inherited from the supervisor this one replaces
+    /// (`upgrade`): the same socket, file and queue of pending connections; nothing is unlinked
+    /// or re-bound. Connections queue until [`ControlServer::accept`] is first awaited. Must be
+    /// called inside a tokio runtime.
+    pub fn adopt(path: &Path, fd: std::os::fd::OwnedFd) -> Result<ControlServer, ControlError> {
+        let io_error = |action| {
+            move |source| ControlError::Io {
+                action,
+                path: path.to_owned(),
+                source,
+            }
+        };
+        let listener = std::os::unix::net::UnixListener::from(fd);
+        listener
+            .set_nonblocking(true)
+            .map_err(io_error("cannot adopt the inherited control socket"))?;
+        let metadata = std::fs::symlink_metadata(path)
+            .map_err(io_error("cannot inspect the inherited control socket"))?;
+        let listener = UnixListener::from_std(listener).map_err(io_error(
+            "cannot register the control socket with the runtime",
+        ))?;
+        let (requests_in, requests) = mpsc::channel(QUEUED_REQUESTS);
+        info!(path = %path.display(), "control socket adopted from the previous supervisor");
+        Ok(ControlServer {
+            listener,
+            path: path.to_owned(),
+            identity: (metadata.dev(), metadata.ino()),
+            owns_file: true,
+            our_uid: nix::unistd::geteuid().as_raw(),
+            requests_in,
+            requests,
+            connections: JoinSet::new(),
+        })
+    }
+
+    /// A duplicate of the listening socket, for a successor started by `upgrade` to inherit.
+    pub fn duplicate_listener(&self) -> io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        self.listener.as_fd().try_clone_to_owned()
+    }
+
+    /// The successor of an upgrade serves this socket now: shutting down or dropping this
+    /// server leaves the socket file in place.
+    pub fn keep_socket_file(&mut self) {
+        self.owns_file = false;
     }
 
     /// The socket's path.
@@ -276,7 +326,8 @@ impl ControlServer {
     }
 
     fn remove_socket_file(&self) {
-        let ours = std::fs::symlink_metadata(&self.path)
+        let ours = self.owns_file
+            && std::fs::symlink_metadata(&self.path)
             .is_ok_and(|metadata| (metadata.dev(), metadata.ino()) == self.identity);
         if ours {
             if let Err(error) = std::fs::remove_file(&self.path) {
