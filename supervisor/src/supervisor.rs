@@ -611,6 +611,7 @@ impl Supervisor {
             _ => {
                 self.predecessor = None;
                 self.notifier.set_muted(false);
+                self.control.set_owns_socket_file(true);
                 if let Some(roles) = &mut self.roles {
                     match roles.start_deferred(&self.loaded, &self.metrics).await {
                         Ok(started) if !started.is_empty() => {
@@ -888,7 +889,7 @@ impl Supervisor {
         if let Some(server) = self.metrics_server.take() {
             server.shutdown().await;
         }
-        self.control.keep_socket_file();
+        self.control.set_owns_socket_file(false);
         if let Some(roles) = self.roles.take() {
             if let Some(waiter) = &waiter {
                 waiter.progress(format!(

@@ -54,7 +54,9 @@ pub struct ControlServer {
     /// Device and inode of the socket file we created, so that dropping the server removes our
     /// socket and never a newer supervisor's that replaced it.
     identity: (u64, u64),
-    /// False once the socket was handed to a successor (`upgrade`), which owns the file then.
+    /// Whether shutting down or dropping removes the socket file: not for a socket adopted in an
+    /// upgrade until the old supervisor has released it (a successor that fails must leave the
+    /// file to the old one), nor once it was handed to a successor.
     owns_file: bool,
     our_uid: u32,
     requests_in: mpsc::Sender<ControlRequest>,
@@ -193,7 +195,8 @@ impl ControlServer {
 
     /// Takes over the control socket inherited from the supervisor this one replaces
     /// (`upgrade`): the same socket, file and queue of pending connections; nothing is unlinked
-    /// or re-bound. Connections queue until [`ControlServer::accept`] is first awaited. Must be
+    /// or re-bound. Connections queue until [`ControlServer::accept`] is first awaited. The file
+    /// is left alone at exit until [`ControlServer::set_owns_socket_file`] claims it. Must be
     /// called inside a tokio runtime.
     pub fn adopt(path: &Path, fd: std::os::fd::OwnedFd) -> Result<ControlServer, ControlError> {
         let io_error = |action| {
@@ -218,7 +221,7 @@ impl ControlServer {
             listener,
             path: path.to_owned(),
             identity: (metadata.dev(), metadata.ino()),
-            owns_file: true,
+            owns_file: false,
             our_uid: nix::unistd::geteuid().as_raw(),
             requests_in,
             requests,
@@ -232,10 +235,10 @@ impl ControlServer {
         self.listener.as_fd().try_clone_to_owned()
     }
 
-    /// The successor of an upgrade serves this socket now: shutting down or dropping this
-    /// server leaves the socket file in place.
-    pub fn keep_socket_file(&mut self) {
-        self.owns_file = false;
+    /// Whether shutting down or dropping this server removes the socket file: `false` once an
+    /// upgrade's successor serves it, `true` in the successor once the old one released it.
+    pub fn set_owns_socket_file(&mut self, owns: bool) {
+        self.owns_file = owns;
     }
 
     /// The socket's path.
