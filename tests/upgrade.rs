@@ -408,9 +408,11 @@ fn sigusr2_upgrades_to_the_same_binary() {
             .and_then(|status| status["pid"].as_u64())
             .filter(|pid| *pid != old)
     });
-    util::wait_until(Duration::from_secs(30), "the old supervisor to exit", || {
-        exited(old).then_some(())
-    });
+    util::wait_until(
+        Duration::from_secs(30),
+        "the old supervisor to exit",
+        || exited(old).then_some(()),
+    );
     let stream = std::net::TcpStream::connect(stack.address()).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))

@@ -370,6 +370,10 @@ mod tests {
         assert_eq!(names, ["NOTIFY_SOCKET=/run/n", "WATCHDOG_USEC=30000000"]);
         let not_ours = Notifier::from_values(os("/run/n"), os("30000000"), os("8"), 7);
         assert_eq!(not_ours.successor_env().len(), 1);
-        assert!(Notifier::from_values(None, None, None, 7).successor_env().is_empty());
+        assert!(
+            Notifier::from_values(None, None, None, 7)
+                .successor_env()
+                .is_empty()
+        );
     }
 }

@@ -115,11 +115,8 @@ pub fn upgrade_command(
 ) -> anyhow::Result<ExitCode> {
     let loaded = crate::config::load(config)?;
     let socket = crate::config::control_socket(&loaded);
-    let binary = match binary {
-        // The supervisor may run in another directory: send an absolute path.
-        Some(path) => Some(std::path::absolute(&path).unwrap_or(path)),
-        None => None,
-    };
+    // The supervisor may run in another directory: send an absolute path.
+    let binary = binary.map(|path| std::path::absolute(&path).unwrap_or(path));
     let request = Request::Upgrade {
         binary,
         timeout_secs: timeout.map(|t| t.get().as_secs().max(1)),

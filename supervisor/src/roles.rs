@@ -123,9 +123,10 @@ impl Roles {
             .map(|name| format!("program \"{name}\" started"))
             .collect();
         if let (None, Some(config)) = (&self.beat, &loaded.config.beat) {
-            let beat = crate::beat::start(config, &loaded.config.app, &base_dir, Arc::clone(metrics))
-                .await
-                .context("cannot start beat")?;
+            let beat =
+                crate::beat::start(config, &loaded.config.app, &base_dir, Arc::clone(metrics))
+                    .await
+                    .context("cannot start beat")?;
             self.beat = Some(beat);
             started.push("beat started".to_owned());
         }

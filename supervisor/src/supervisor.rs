@@ -179,7 +179,10 @@ impl Supervisor {
         // Handlers first, so that a TERM during start-up is not fatal before children exist.
         let signals = Signals::install().context("cannot install signal handlers")?;
         let control_path = crate::config::control_socket(&loaded);
-        let control = match inherited.as_mut().and_then(|inherited| inherited.control.take()) {
+        let control = match inherited
+            .as_mut()
+            .and_then(|inherited| inherited.control.take())
+        {
             Some((path, socket)) if path == control_path => ControlServer::adopt(&path, socket)?,
             // A control socket that moved in the config is closed; the new path is bound.
             _ => ControlServer::bind(&control_path)?,
@@ -365,7 +368,7 @@ impl Supervisor {
                         }
                     }
                     UpgradeEvent::Finished(finished) => {
-                        if let Some(stop) = self.on_upgrade_finished(finished).await {
+                        if let Some(stop) = self.on_upgrade_finished(*finished).await {
                             break stop;
                         }
                     }
@@ -621,7 +624,9 @@ impl Supervisor {
                         Err(error) => tracing::error!("upgrade: {error:#}"),
                     }
                 }
-                tracing::info!("the previous supervisor has handed over; serving the control socket");
+                tracing::info!(
+                    "the previous supervisor has handed over; serving the control socket"
+                );
                 notify_or_log(self.notifier.ready(), "READY");
                 self.status_line.clear();
                 self.publish_health().await;
@@ -632,7 +637,8 @@ impl Supervisor {
     /// Starts a reload now, or queues it behind the one in progress (the client is told).
     async fn request_reload(&mut self, waiter: Option<Responder>) {
         if self.upgrade.is_some() {
-            let message = "an upgrade is in progress; reload the new supervisor once it has finished";
+            let message =
+                "an upgrade is in progress; reload the new supervisor once it has finished";
             tracing::warn!("reload refused: {message}");
             if let Some(waiter) = waiter {
                 waiter.error(ErrorKind::Unavailable, message, None);

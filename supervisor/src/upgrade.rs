@@ -143,7 +143,7 @@ pub enum UpgradeEvent {
     /// A step, for the waiting client and the log.
     Progress(String),
     /// The successor is ready, or it failed and is gone.
-    Finished(Result<Successor, Failure>),
+    Finished(Box<Result<Successor, Failure>>),
 }
 
 /// Why an upgrade failed; the old supervisor keeps running untouched.
@@ -180,7 +180,10 @@ impl Successor {
     /// taken over through end-of-file anyway).
     pub async fn tell(&mut self, message: Message) {
         if let Err(error) = self.writer.write_all(&message.line()).await {
-            tracing::warn!(pid = self.pid, "upgrade: cannot reach the new supervisor: {error}");
+            tracing::warn!(
+                pid = self.pid,
+                "upgrade: cannot reach the new supervisor: {error}"
+            );
         }
     }
 }
@@ -195,8 +198,9 @@ impl UpgradeRun {
         env: &[(&'static str, OsString)],
         timeout: Duration,
     ) -> Result<UpgradeRun, Failure> {
-        let (ours, theirs) = StdUnixStream::pair()
-            .map_err(|error| Failure::new(format!("cannot create the hand-over channel: {error}")))?;
+        let (ours, theirs) = StdUnixStream::pair().map_err(|error| {
+            Failure::new(format!("cannot create the hand-over channel: {error}"))
+        })?;
         let description = Description {
             channel: theirs.as_raw_fd(),
             control: sockets
@@ -236,9 +240,9 @@ impl UpgradeRun {
                 Ok(())
             });
         }
-        let child = command.spawn().map_err(|error| {
-            Failure::new(format!("cannot start {}: {error}", binary.display()))
-        })?;
+        let child = command
+            .spawn()
+            .map_err(|error| Failure::new(format!("cannot start {}: {error}", binary.display())))?;
         // The child has its copies; closing ours makes its exit visible as end-of-file.
         drop(theirs);
         drop(sockets);
@@ -288,9 +292,9 @@ impl UpgradeRun {
         tokio::select! {
             biased;
             Some(line) = self.progress.recv() => UpgradeEvent::Progress(line),
-            finished = &mut self.task => UpgradeEvent::Finished(finished.unwrap_or_else(|error| {
-                Err(Failure::new(format!("the upgrade task failed: {error}")))
-            })),
+            finished = &mut self.task => UpgradeEvent::Finished(Box::new(finished.unwrap_or_else(
+                |error| Err(Failure::new(format!("the upgrade task failed: {error}"))),
+            ))),
         }
     }
 }
@@ -386,8 +390,14 @@ async fn stop(child: &mut Child, pid: u32) {
             nix::sys::signal::Signal::SIGTERM,
         );
     }
-    if tokio::time::timeout(KILL_AFTER, child.wait()).await.is_err() {
-        tracing::warn!(pid, "upgrade: the new supervisor ignored SIGTERM; killing it");
+    if tokio::time::timeout(KILL_AFTER, child.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            pid,
+            "upgrade: the new supervisor ignored SIGTERM; killing it"
+        );
         let _ = child.kill().await;
     }
 }
@@ -483,8 +493,8 @@ impl Inherited {
         let mut inherited = std::mem::take(&mut self.web);
         let listeners = listen
             .iter()
-            .map(|address| {
-                match inherited.iter().position(|(listen, _)| listen == address) {
+            .map(
+                |address| match inherited.iter().position(|(listen, _)| listen == address) {
                     Some(index) => {
                         let (_, fd) = inherited.remove(index);
                         crate::web::Listener::adopt(address, fd).map_err(|source| {
@@ -496,8 +506,8 @@ impl Inherited {
                     }
                     None => crate::web::bind(std::slice::from_ref(address), backlog)
                         .map(|mut bound| bound.remove(0)),
-                }
-            })
+                },
+            )
             .collect();
         for (address, _) in &inherited {
             tracing::info!(

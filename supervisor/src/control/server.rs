@@ -331,7 +331,7 @@ impl ControlServer {
     fn remove_socket_file(&self) {
         let ours = self.owns_file
             && std::fs::symlink_metadata(&self.path)
-            .is_ok_and(|metadata| (metadata.dev(), metadata.ino()) == self.identity);
+                .is_ok_and(|metadata| (metadata.dev(), metadata.ino()) == self.identity);
         if ours {
             if let Err(error) = std::fs::remove_file(&self.path) {
                 warn!(path = %self.path.display(), %error, "cannot remove the control socket");
