@@ -333,8 +333,8 @@ fn upgrade_under_load_hands_every_socket_over_without_a_failed_request() {
     );
 }
 
-/// A successor that cannot start — a binary that exits 1, an invalid sauna.toml, an app whose
-/// import raises — makes `upgrade` exit 1 with the reason, while the running supervisor keeps
+/// A successor that cannot start — a binary that exits 1, one that never gets ready, an invalid
+/// sauna.toml, an app whose import raises — makes `upgrade` exit 1 with the reason, while the running supervisor keeps
 /// serving every request and socket.
 #[test]
 fn a_failing_successor_changes_nothing() {
@@ -348,6 +348,24 @@ fn a_failing_successor_changes_nothing() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("exited before it was ready"), "{stderr}");
     assert!(stderr.contains("keeps serving"), "{stderr}");
+    load.wait_for(50);
+
+    // A binary that never gets ready is stopped at the deadline.
+    let hanging = stack.sandbox.write("hang.sh", "#!/bin/sh\nexec sleep 60\n");
+    std::fs::set_permissions(
+        &hanging,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let output = stack.upgrade(&[
+        "--binary",
+        hanging.to_str().expect("UTF-8 path"),
+        "--timeout",
+        "1s",
+    ]);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("was not ready within 1s"), "{stderr}");
     load.wait_for(50);
 
     // The new process re-reads sauna.toml; the client finds the control socket through a copy.

@@ -526,6 +526,7 @@ impl Supervisor {
                 }
                 run.waiter = waiter;
                 self.upgrade = Some(run);
+                self.phase = Phase::Upgrading;
             }
             Err(failure) => {
                 tracing::error!("upgrade failed, nothing changed: {failure}");
@@ -561,6 +562,7 @@ impl Supervisor {
         finished: Result<Successor, crate::upgrade::Failure>,
     ) -> Option<StopRequest> {
         let run = self.upgrade.take()?;
+        self.phase = Phase::Running;
         match finished {
             Ok(mut successor) => {
                 let (old, new) = (std::process::id(), successor.pid);
