@@ -117,6 +117,19 @@ fn processes_with(marker: &str) -> usize {
         .count()
 }
 
+/// The environment of the process whose command line contains `marker`, one `NAME=value` a line.
+fn environ_with(marker: &str) -> String {
+    let entries = std::fs::read_dir("/proc").expect("read /proc");
+    for entry in entries.flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(marker) {
+            let environ = std::fs::read(entry.path().join("environ")).expect("read environ");
+            return String::from_utf8_lossy(&environ).replace('\0', "\n");
+        }
+    }
+    panic!("no process with {marker} in its command line");
+}
+
 /// True once `pid` has exited (gone, or a zombie its parent has not reaped yet).
 fn exited(pid: u64) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -313,6 +326,11 @@ fn upgrade_under_load_hands_every_socket_over_without_a_failed_request() {
         1,
         "two copies of a reload = \"restart\" program ran at once"
     );
+    // The successor's children see neither the hand-over nor systemd's variables.
+    let environ = environ_with(&stack.marker);
+    for variable in ["SAUNA_UPGRADE_FDS=", "NOTIFY_SOCKET=", "WATCHDOG_"] {
+        assert!(!environ.contains(variable), "{variable} in {environ}");
+    }
 
     let messages = recorder.messages();
     let main_pid = messages
