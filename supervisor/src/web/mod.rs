@@ -490,11 +490,7 @@ fn framing_problem(parts: &hyper::http::request::Parts) -> Option<(StatusCode, &
         .iter()
         .flat_map(|value| value.as_bytes().split(|&byte| byte == b','))
         .map(<[u8]>::trim_ascii)
-        .filter(|coding| !coding.is_empty())
-        .peekable();
-    if codings.peek().is_none() {
-        return None;
-    }
+        .filter(|coding| !coding.is_empty());
     if codings.all(|coding| coding.eq_ignore_ascii_case(b"chunked")) {
         return None;
     }
