@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use hyper::body::Incoming;
-use hyper::http::{HeaderName, HeaderValue, Request, Response, StatusCode, header};
+use hyper::http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -560,6 +560,30 @@ fn reject(
     response
 }
 
+/// Requests the front refuses before reading a body, because passing them on would be unsafe:
+/// `CONNECT` (a 2xx answer would turn the connection into a tunnel nobody serves) and a transfer
+/// coding other than `chunked` (RFC 9112 §6.1: 501, the body cannot be decoded). hyper already
+/// drops `Content-Length` when `Transfer-Encoding` is present, as RFC 9112 §6.3 prescribes.
+fn framing_problem(parts: &hyper::http::request::Parts) -> Option<(StatusCode, &'static str)> {
+    if parts.method == Method::CONNECT {
+        return Some((StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n"));
+    }
+    let mut codings = parts
+        .headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&byte| byte == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|coding| !coding.is_empty());
+    if codings.all(|coding| coding.eq_ignore_ascii_case(b"chunked")) {
+        return None;
+    }
+    Some((
+        StatusCode::NOT_IMPLEMENTED,
+        "Only the chunked transfer coding is supported\n",
+    ))
+}
+
 async fn respond(
     front: &Front,
     connection: &Connection,
@@ -568,6 +592,9 @@ async fn respond(
 ) -> Response<ResponseBody> {
     let config = front.config();
     let (parts, incoming) = request.into_parts();
+    if let Some((status, message)) = framing_problem(&parts) {
+        return reject(front, "bad_request", plain(status, message), completion);
+    }
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
