@@ -41,7 +41,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::process::Child;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -169,10 +169,7 @@ impl Failure {
 pub struct Successor {
     /// Its pid.
     pub pid: u32,
-    /// Kept so the successor is not reported as a stray; never killed from here on.
-    _child: Child,
     writer: OwnedWriteHalf,
-    _reader: BufReader<OwnedReadHalf>,
 }
 
 impl Successor {
@@ -366,12 +363,9 @@ async fn watch(
         )))
     });
     match outcome {
-        Ok(()) => Ok(Successor {
-            pid,
-            _child: child,
-            writer,
-            _reader: reader,
-        }),
+        // The child handle is dropped: it is never killed from here on, and should the successor
+        // exit while we still run, tokio reaps it.
+        Ok(()) => Ok(Successor { pid, writer }),
         Err(failure) => {
             stop(&mut child, pid).await;
             Err(failure)
