@@ -148,6 +148,25 @@ for server in sauna gunicorn uwsgi granian; do
   stop_server
 done
 
+# Upgrading the server binary itself under the same load: sauna-supervisor `upgrade` hands its
+# sockets to a new process (the peers' equivalents — Gunicorn USR2 + TERM of the old master, the
+# uWSGI "zerg dance" — are manual procedures, so they are not scripted here).
+echo "== sauna upgrade" >&2
+write_app ok 1
+start_server sauna
+old_pid=$pid
+wrk -t2 -c16 -d600s --timeout 10s "$url/" >"$work/wrk.out" 2>&1 &
+load=$!
+sleep 1
+upgrade_status=0
+"$sauna" upgrade -c "$work/sauna.toml" >"$work/upgrade.log" 2>&1 || upgrade_status=$?
+sleep 1
+kill -INT "$load"; wait "$load" || true
+read -r upgrade_total upgrade_failed < <(wrk_counts "$work/wrk.out")
+new_pid=$("$sauna" status -c "$work/sauna.toml" --json | "$python_bin" -c 'import json, sys; print(json.load(sys.stdin)["pid"])' || echo "?")
+"$sauna" stop -c "$work/sauna.toml" >/dev/null 2>&1 || true
+wait "$old_pid" 2>/dev/null || true
+
 echo
 printf '%-9s %9s %8s %-14s   %-30s\n' server requests failed "after reloads" "release that fails to import"
 while IFS='|' read -r server total failed final broken_status ok alive statuses code; do
@@ -161,5 +180,7 @@ while IFS='|' read -r server total failed final broken_status ok alive statuses 
   printf '%-9s %9s %8s %-14s   %-30s\n' "$server" "$total" "$failed" "${final:-(no answer)}" "$verdict"
 done <"$results"
 echo
+echo
+echo "sauna upgrade (new binary, pid $old_pid -> $new_pid) under the same load: exit $upgrade_status, $upgrade_total requests, $upgrade_failed failed"
 echo "$RELOADS reloads, app import takes ${IMPORT_DELAY}s, peers get ${GAP}s between reloads; sauna reload exit statuses: $(awk -F'|' '$1=="sauna" {print $8}' "$results")"
 echo "machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -11,8 +11,9 @@
 # Scenarios (2 workers each):
 #   hello    2 workers x 1 thread, keep-alive, wrk -c16 and -c64
 #   stream   1 MiB streamed response, 2 x 1, wrk -c16 (reports MB/s)
-#   mixed    2 workers x 8 threads, 90 % fast / 10 % 50 ms requests at -c64; the fast requests'
-#            latency is measured by a separate 4-connection wrk on / running alongside the mix
+#   mixed    2 workers x 8 threads, 90 % fast / 10 % 50 ms requests from 12 connections (within the
+#            16 slots) and from 60 (saturated); the fast requests' latency is measured by a separate
+#            4-connection wrk on / running alongside the mix
 #            (wrk reports one latency distribution per run, not one per path).
 # The supervisor's idle RSS is printed at the end.
 set -euo pipefail
@@ -104,11 +105,14 @@ for server in "${servers[@]}"; do
   fi
   if [[ $scenarios == *" mixed "* ]] && [ "$server" != gunicorn-sync ]; then
     start_server "$server" mixed 8
-    wrk -t1 -c60 -d"$DURATION" -s benches/web_mix.lua "$url/" >/dev/null &
-    load=$!
-    sleep 1
-    record mixed-fast "$server" "$(run_wrk -t1 -c4 -d"$(( ${DURATION%s} - 2 ))s" "$url/")"
-    wait "$load" || true
+    # 12 + 4 connections fit the 16 slots; 60 + 4 saturate them, so fast requests queue behind slow.
+    for mix in 12 60; do
+      wrk -t1 -c"$mix" -d"$DURATION" -s benches/web_mix.lua "$url/" >/dev/null &
+      load=$!
+      sleep 1
+      record "mixed-fast-c$((mix + 4))" "$server" "$(run_wrk -t1 -c4 -d"$(( ${DURATION%s} - 2 ))s" "$url/")"
+      wait "$load" || true
+    done
     stop_server
   fi
 done

@@ -21,3 +21,5 @@ mod metrics;
 mod reload;
 // reload_programs: `reload` rolls programs new-first, rolls back a dying one, loses no Celery task.
 mod reload_programs;
+// upgrade: `upgrade`/SIGUSR2 hand every socket to a new process under load; failing successors.
+mod upgrade;

@@ -607,6 +607,19 @@ fn responses_keep_wsgi_semantics() {
     assert_eq!(bad.status, 400);
     let nul = get(address, "/a%00b");
     assert_eq!(nul.status, 400);
+    // Framing that is unsafe to pass on: a tunnel nobody serves, a body that cannot be decoded.
+    // The worker still serves afterwards.
+    let connect = exchange(
+        address,
+        b"CONNECT example.org:443 HTTP/1.1\r\nHost: example.org:443\r\n\r\n",
+    );
+    assert_eq!(connect.status, 405);
+    let gzip = exchange(
+        address,
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+    );
+    assert_eq!(gzip.status, 501);
+    assert_eq!(get(address, "/pid").text(), pid);
 }
 
 #[test]

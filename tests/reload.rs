@@ -136,22 +136,22 @@ fn text(output: &Output) -> String {
 
 /// One response as a client saw it.
 #[derive(Debug, Clone)]
-struct Seen {
+pub(crate) struct Seen {
     sent: Instant,
     received: Instant,
     /// The release that answered, or what went wrong.
-    answer: Result<String, String>,
+    pub(crate) answer: Result<String, String>,
 }
 
-/// Client threads sending requests in a loop until stopped.
-struct Load {
+/// Client threads sending requests in a loop until stopped (also used by `upgrade`).
+pub(crate) struct Load {
     stop: Arc<AtomicBool>,
     seen: Arc<Mutex<Vec<Seen>>>,
     threads: Vec<thread::JoinHandle<()>>,
 }
 
 impl Load {
-    fn start(address: &str, clients: usize) -> Load {
+    pub(crate) fn start(address: &str, clients: usize) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let threads = (0..clients)
@@ -187,19 +187,19 @@ impl Load {
         }
     }
 
-    fn count(&self) -> usize {
+    pub(crate) fn count(&self) -> usize {
         self.seen.lock().expect("seen").len()
     }
 
     /// Waits until `more` further responses arrived (the load is really flowing).
-    fn wait_for(&self, more: usize) {
+    pub(crate) fn wait_for(&self, more: usize) {
         let target = self.count() + more;
         util::wait_until(Duration::from_secs(20), "responses under load", || {
             (self.count() >= target).then_some(())
         });
     }
 
-    fn finish(self) -> Vec<Seen> {
+    pub(crate) fn finish(self) -> Vec<Seen> {
         self.stop.store(true, Ordering::Relaxed);
         for thread in self.threads {
             thread.join().expect("client thread");
@@ -210,7 +210,8 @@ impl Load {
     }
 }
 
-/// Sends one request (GET, or POST with `BODY`) and returns the release that answered.
+/// Sends one request (GET, or POST with `BODY`) and returns the release that answered. A
+/// response with `Connection: close` ends the connection, as for any HTTP client.
 fn exchange(
     connection: &mut Option<BufReader<TcpStream>>,
     address: &str,
@@ -245,7 +246,10 @@ fn exchange(
         .write_all(head.as_bytes())
         .and_then(|()| if post { stream.write_all(BODY) } else { Ok(()) })
         .map_err(|error| format!("send: {error}"))?;
-    let (status, body) = read_response(reader)?;
+    let (status, body, close) = read_response_closing(reader)?;
+    if close {
+        *connection = None;
+    }
     if status != 200 {
         return Err(format!("status {status}: {body}"));
     }
@@ -256,7 +260,13 @@ fn exchange(
     }
 }
 
-fn read_response(reader: &mut BufReader<TcpStream>) -> Result<(u16, String), String> {
+pub(crate) fn read_response(reader: &mut BufReader<TcpStream>) -> Result<(u16, String), String> {
+    read_response_closing(reader).map(|(status, body, _)| (status, body))
+}
+
+/// A response's status and body, and whether it carried `Connection: close`.
+fn read_response_closing(reader: &mut BufReader<TcpStream>) -> Result<(u16, String, bool), String> {
+    let mut close = false;
     let mut line = String::new();
     reader
         .read_line(&mut line)
@@ -283,13 +293,17 @@ fn read_response(reader: &mut BufReader<TcpStream>) -> Result<(u16, String), Str
             if name.eq_ignore_ascii_case("content-length") {
                 length = value.trim().parse().map_err(|_| "bad content-length")?;
             }
+            if name.eq_ignore_ascii_case("connection") && value.trim().eq_ignore_ascii_case("close")
+            {
+                close = true;
+            }
         }
     }
     let mut body = vec![0; length];
     reader
         .read_exact(&mut body)
         .map_err(|error| format!("read body: {error}"))?;
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    Ok((status, String::from_utf8_lossy(&body).into_owned(), close))
 }
 
 /// `GET /metrics`.
@@ -307,7 +321,7 @@ fn scrape(stack: &Stack) -> String {
     body
 }
 
-fn failures(seen: &[Seen]) -> Vec<&Seen> {
+pub(crate) fn failures(seen: &[Seen]) -> Vec<&Seen> {
     seen.iter().filter(|seen| seen.answer.is_err()).collect()
 }
 

@@ -140,11 +140,22 @@ pub enum Command {
         /// The user name.
         user: String,
     },
-    /// Replace the running sauna-supervisor binary without refusing a connection.
+    /// Replace the running sauna-supervisor binary without refusing a connection; waits until
+    /// the new process serves and the old one has exited. SIGUSR2 does the same (default binary).
+    ///
+    /// Exit status: 0 done, 1 failed (the old supervisor keeps serving), 2 usage or config error.
     Upgrade {
         /// The configuration file (to find the control socket).
         #[command(flatten)]
         config: ConfigArg,
+        /// The binary to start [default: the running supervisor's own path, as resolved when
+        /// it started, so a binary replaced on disk by a package upgrade is picked up].
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+        /// How long the new process gets to become ready, e.g. "2m" [default: [web].reload_timeout
+        /// plus 30 s].
+        #[arg(long, value_name = "DURATION")]
+        timeout: Option<proxy_conf::Duration>,
     },
 }
 
@@ -237,14 +248,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             command: BeatCommand::Next(args),
         }) => crate::beat::next::next_command(&args),
         Some(Command::Htpasswd { user }) => crate::emit::htpasswd_command(&user),
-        Some(Command::Upgrade { .. }) => {
-            eprintln!(
-                "sauna-supervisor: `upgrade` (handing the listening sockets to a new binary) is not \
-                 available in this build yet (issue #4). To run a new binary now: `systemctl restart` \
-                 the service; a graceful stop lets in-flight requests finish first, but connections \
-                 arriving while it restarts are refused."
-            );
-            Ok(ExitCode::FAILURE)
-        }
+        Some(Command::Upgrade {
+            config,
+            binary,
+            timeout,
+        }) => crate::remote::upgrade_command(&config, binary, timeout),
     }
 }

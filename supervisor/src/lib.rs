@@ -36,6 +36,7 @@ pub mod roles;
 pub mod signals;
 pub mod status;
 pub mod supervisor;
+pub mod upgrade;
 pub mod watch;
 pub mod web;
 pub mod worker;

@@ -13,6 +13,8 @@ pub enum Phase {
     Running,
     /// A reload is rolling a new generation.
     Reloading,
+    /// `upgrade`: a new supervisor process is starting beside this one, which keeps serving.
+    Upgrading,
     /// Stopping: no new work is accepted.
     Stopping,
 }

@@ -118,6 +118,8 @@ pub enum MetricsServerError {
 #[derive(Debug)]
 pub struct MetricsServer {
     local_addr: SocketAddr,
+    /// A duplicate of the listening socket, for a successor started by `upgrade` to inherit.
+    socket: Option<std::os::fd::OwnedFd>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -126,6 +128,16 @@ impl MetricsServer {
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// A duplicate of the listening socket, for a successor started by `upgrade` to inherit.
+    pub fn duplicate_listener(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        match &self.socket {
+            Some(socket) => socket.try_clone(),
+            None => Err(std::io::Error::other(
+                "the metrics socket could not be duplicated when it was bound",
+            )),
+        }
     }
 
     /// Stops accepting, closes open connections and waits for the accept task to end.
@@ -157,13 +169,45 @@ pub async fn start(
     metrics: Arc<Metrics>,
     health: watch::Receiver<Health>,
 ) -> Result<Option<MetricsServer>, MetricsServerError> {
+    start_on(config, config_dir, metrics, health, None).await
+}
+
+/// [`start`] on `inherited` when given: the socket a successor adopted in an upgrade, bound by
+/// the supervisor it replaces for the same `listen`. Both processes answer on it until the old
+/// one hands over.
+pub async fn start_on(
+    config: &MetricsConfig,
+    config_dir: &Path,
+    metrics: Arc<Metrics>,
+    health: watch::Receiver<Health>,
+    inherited: Option<std::net::TcpListener>,
+) -> Result<Option<MetricsServer>, MetricsServerError> {
     if config.listen.trim().is_empty() {
         return Ok(None);
     }
     let token = read_token(config, config_dir)?;
-    serve(&config.listen, token, metrics, health)
+    let listener = match inherited {
+        Some(listener) => {
+            let adopted = listener
+                .set_nonblocking(true)
+                .and_then(|()| TcpListener::from_std(listener));
+            adopted.map_err(|source| MetricsServerError::Bind {
+                listen: config.listen.clone(),
+                source,
+            })?
+        }
+        None => bind(&config.listen).await?,
+    };
+    serve_on(&config.listen, listener, token, metrics, health).map(Some)
+}
+
+async fn bind(listen: &str) -> Result<TcpListener, MetricsServerError> {
+    TcpListener::bind(listen)
         .await
-        .map(Some)
+        .map_err(|source| MetricsServerError::Bind {
+            listen: listen.to_owned(),
+            source,
+        })
 }
 
 /// The bearer token `[metrics]` asks for: the trimmed contents of `token_file`, else of the
@@ -203,12 +247,27 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     health: watch::Receiver<Health>,
 ) -> Result<MetricsServer, MetricsServerError> {
-    let bind_error = |source| MetricsServerError::Bind {
-        listen: listen.to_owned(),
-        source,
-    };
-    let listener = TcpListener::bind(listen).await.map_err(bind_error)?;
-    let local_addr = listener.local_addr().map_err(bind_error)?;
+    let listener = bind(listen).await?;
+    serve_on(listen, listener, token, metrics, health)
+}
+
+fn serve_on(
+    listen: &str,
+    listener: TcpListener,
+    token: Option<String>,
+    metrics: Arc<Metrics>,
+    health: watch::Receiver<Health>,
+) -> Result<MetricsServer, MetricsServerError> {
+    let local_addr = listener
+        .local_addr()
+        .map_err(|source| MetricsServerError::Bind {
+            listen: listen.to_owned(),
+            source,
+        })?;
+    // Only EMFILE can fail this; serving goes on, and an upgrade says why it cannot.
+    let socket = std::os::fd::AsFd::as_fd(&listener)
+        .try_clone_to_owned()
+        .ok();
     let shared = Arc::new(Shared {
         metrics,
         health,
@@ -222,6 +281,7 @@ pub async fn serve(
     tracing::info!(address = %local_addr, "metrics endpoint listening (/metrics, /healthz, /readyz)");
     Ok(MetricsServer {
         local_addr,
+        socket,
         stop: Some(stop),
         task: Some(task),
     })

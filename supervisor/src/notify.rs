@@ -11,7 +11,7 @@
 //!
 //! Without `$NOTIFY_SOCKET` (not started by systemd, or `Type=simple`) every method is a no-op.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::ffi::OsStrExt;
@@ -49,6 +49,12 @@ pub struct Notifier {
     /// The unbound datagram socket every notification is sent from, created on first need.
     socket: Option<UnixDatagram>,
     watchdog: Option<Duration>,
+    /// `$NOTIFY_SOCKET` and `$WATCHDOG_USEC` as systemd gave them (when the watchdog was meant
+    /// for us), handed on to the process that takes over in an upgrade.
+    successor_env: Vec<(&'static str, OsString)>,
+    /// While set, nothing is sent: an upgrade's successor is not the main process yet, and
+    /// systemd (`NotifyAccess=main`) would reject and log every message.
+    muted: bool,
 }
 
 impl Notifier {
@@ -84,11 +90,41 @@ impl Notifier {
         watchdog_pid: Option<&OsStr>,
         our_pid: u32,
     ) -> Notifier {
+        let watchdog = watchdog_interval(watchdog_usec, watchdog_pid, our_pid);
+        let mut successor_env = Vec::new();
+        if let Some(socket) = socket.filter(|socket| !socket.is_empty()) {
+            successor_env.push(("NOTIFY_SOCKET", socket.to_owned()));
+        }
+        if let (Some(usec), Some(_)) = (watchdog_usec, watchdog) {
+            // Without WATCHDOG_PID: the successor's pid is not known before it runs, and
+            // systemd's convention is that an absent WATCHDOG_PID means "for you".
+            successor_env.push(("WATCHDOG_USEC", usec.to_owned()));
+        }
         Notifier {
             target: parse_target(socket),
             socket: None,
-            watchdog: watchdog_interval(watchdog_usec, watchdog_pid, our_pid),
+            watchdog,
+            successor_env,
+            muted: false,
         }
+    }
+
+    /// The systemd variables a successor started by `upgrade` needs to speak to systemd in our
+    /// place once it is the main process: `NOTIFY_SOCKET`, and `WATCHDOG_USEC` when the watchdog
+    /// was ours (never `WATCHDOG_PID`, which names us).
+    pub fn successor_env(&self) -> &[(&'static str, OsString)] {
+        &self.successor_env
+    }
+
+    /// `MAINPID=…` with a `STATUS=`: systemd should track `pid` as the service's main process
+    /// from now on (the successor of an upgrade). Only the current main process may send it.
+    pub fn main_pid(&mut self, pid: u32, status: &str) -> io::Result<()> {
+        self.send(&format!("MAINPID={pid}\nSTATUS={}", one_line(status)))
+    }
+
+    /// Holds (`true`) or releases every notification; see the `muted` field.
+    pub fn set_muted(&mut self, muted: bool) {
+        self.muted = muted;
     }
 
     /// Whether notifications go anywhere (`$NOTIFY_SOCKET` was set).
@@ -118,11 +154,7 @@ impl Notifier {
     /// `STATUS=…`: free-form text shown by `systemctl status`. Line breaks become spaces, since a
     /// newline would start a new assignment.
     pub fn status(&mut self, text: &str) -> io::Result<()> {
-        let line: String = text
-            .chars()
-            .map(|c| if c == '\n' || c == '\r' { ' ' } else { c })
-            .collect();
-        self.send(&format!("STATUS={line}"))
+        self.send(&format!("STATUS={}", one_line(text)))
     }
 
     /// `WATCHDOG=1`: the keep-alive ping; send it every [`Notifier::watchdog_interval`].
@@ -138,6 +170,9 @@ impl Notifier {
 
     /// Sends one datagram.
     fn send(&mut self, payload: &str) -> io::Result<()> {
+        if self.muted {
+            return Ok(());
+        }
         let address = match &self.target {
             Target::None => return Ok(()),
             Target::Unsupported(message) => {
@@ -164,6 +199,13 @@ impl Notifier {
                 )
             })
     }
+}
+
+/// `text` with line breaks made spaces, so it stays one assignment.
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| if c == '\n' || c == '\r' { ' ' } else { c })
+        .collect()
 }
 
 /// Reads `$NOTIFY_SOCKET`.
@@ -247,6 +289,8 @@ mod tests {
         assert_eq!(received(receiver), "WATCHDOG=1");
         notifier.stopping().expect("stopping");
         assert_eq!(received(receiver), "STOPPING=1");
+        notifier.main_pid(4242, "handed\nover").expect("main pid");
+        assert_eq!(received(receiver), "MAINPID=4242\nSTATUS=handed over");
     }
 
     #[test]
@@ -312,5 +356,24 @@ mod tests {
         assert_eq!(watchdog_interval(os("0"), None, 7), None);
         assert_eq!(watchdog_interval(os("soon"), None, 7), None);
         assert_eq!(watchdog_interval(None, os("7"), 7), None);
+    }
+
+    #[test]
+    fn a_successor_gets_the_socket_and_our_watchdog_but_never_our_pid() {
+        let os = |value: &'static str| Some(OsStr::new(value));
+        let ours = Notifier::from_values(os("/run/n"), os("30000000"), os("7"), 7);
+        let names: Vec<_> = ours
+            .successor_env()
+            .iter()
+            .map(|(name, value)| format!("{name}={}", value.to_string_lossy()))
+            .collect();
+        assert_eq!(names, ["NOTIFY_SOCKET=/run/n", "WATCHDOG_USEC=30000000"]);
+        let not_ours = Notifier::from_values(os("/run/n"), os("30000000"), os("8"), 7);
+        assert_eq!(not_ours.successor_env().len(), 1);
+        assert!(
+            Notifier::from_values(None, None, None, 7)
+                .successor_env()
+                .is_empty()
+        );
     }
 }

@@ -133,6 +133,8 @@ enum Command {
     Scale(i32),
     Reload(Box<ReloadRequest>),
     Shutdown(StopMode, oneshot::Sender<()>),
+    DuplicateListeners(oneshot::Sender<std::io::Result<Vec<(String, std::os::fd::OwnedFd)>>>),
+    HandOver(oneshot::Sender<()>),
 }
 
 struct ReloadRequest {
@@ -426,13 +428,29 @@ impl Pool {
         base_dir: &Path,
         metrics: Arc<Metrics>,
     ) -> Result<PoolHandle, PoolError> {
+        Pool::start_on(app, web, base_dir, metrics, None).await
+    }
+
+    /// [`Pool::start`] on `listeners` (one per `[web].listen` entry, in order) when given: the
+    /// sockets a successor adopted in an upgrade. The front accepts on them only once every
+    /// worker is ready, so until then their connections go to the old supervisor.
+    pub async fn start_on(
+        app: &AppConfig,
+        web: &WebConfig,
+        base_dir: &Path,
+        metrics: Arc<Metrics>,
+        listeners: Option<Vec<web::Listener>>,
+    ) -> Result<PoolHandle, PoolError> {
         let threads = usize::try_from(web.threads).unwrap_or(1).max(1);
         let launch = Arc::new(
             Launch::new(app, base_dir, threads, web.reload_timeout.get())
                 .map_err(PoolError::Config)?,
         );
         let config = front_config(web).map_err(PoolError::Config)?;
-        let listeners = web::bind(&web.listen, web.backlog)?;
+        let listeners = match listeners {
+            Some(listeners) => listeners,
+            None => web::bind(&web.listen, web.backlog)?,
+        };
         let listen = listeners.iter().map(web::Listener::address).collect();
 
         let (notices_tx, notices) = mpsc::unbounded_channel();
@@ -560,7 +578,35 @@ impl PoolHandle {
         }
         let _ = self.task.await;
     }
+
+    /// Duplicates of the listening sockets with their `[web].listen` entries, for a successor
+    /// started by `upgrade` to inherit.
+    pub async fn duplicate_listeners(
+        &self,
+    ) -> std::io::Result<Vec<(String, std::os::fd::OwnedFd)>> {
+        let (reply, answer) = oneshot::channel();
+        let _ = self.commands.send(Command::DuplicateListeners(reply));
+        answer
+            .await
+            .unwrap_or_else(|_| Err(std::io::Error::other("the web pool is not running")))
+    }
+
+    /// Stops the pool after an upgrade handed its sockets to a successor: stop accepting (the
+    /// Unix socket files stay, they are the successor's), close each open connection after its
+    /// next response, give clients [`HANDOVER_LINGER`] (at most `graceful_timeout`) to make
+    /// that request, then stop gracefully.
+    pub async fn hand_over(self) {
+        let (reply, done) = oneshot::channel();
+        if self.commands.send(Command::HandOver(reply)).is_ok() {
+            let _ = done.await;
+        }
+        let _ = self.task.await;
+    }
 }
+
+/// How long a handed-over front keeps its open connections for clients to make one more request
+/// (answered with `Connection: close`) before the idle ones are closed.
+const HANDOVER_LINGER: Duration = Duration::from_secs(2);
 
 impl Actor {
     fn spawn_worker(
@@ -677,6 +723,28 @@ impl Actor {
                             )));
                         }
                         self.shutdown(mode).await;
+                        let _ = reply.send(());
+                        return;
+                    }
+                    Some(Command::DuplicateListeners(reply)) => {
+                        let duplicates = match &self.front {
+                            Some(front) => front.duplicate_listeners(),
+                            None => Ok(Vec::new()),
+                        };
+                        let _ = reply.send(duplicates);
+                    }
+                    Some(Command::HandOver(reply)) => {
+                        if let Some(rollout) = self.rollout.take() {
+                            let _ = rollout.reply.send(Err(PoolReloadError::new(
+                                "the pool is handed over; the reload was abandoned",
+                            )));
+                        }
+                        if let Some(front) = &mut self.front {
+                            front
+                                .hand_over(HANDOVER_LINGER.min(self.web.graceful_timeout.get()))
+                                .await;
+                        }
+                        self.shutdown(StopMode::Graceful).await;
                         let _ = reply.send(());
                         return;
                     }

@@ -1,5 +1,5 @@
-//! The commands that talk to a running supervisor over its control socket — `status`, `stop`
-//! and `reload` — and how their answers become output and exit statuses.
+//! The commands that talk to a running supervisor over its control socket — `status`, `stop`,
+//! `reload` and `upgrade` — and how their answers become output and exit statuses.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -102,6 +102,50 @@ pub fn reload_command(
         }
         ResponseBody::Progress { .. } => Err(anyhow::anyhow!(
             "the supervisor ended the reload without a result"
+        )),
+    }
+}
+
+/// `sauna-supervisor upgrade`: asks the running supervisor to start a new binary and hand it
+/// the sockets, prints the progress, and returns once the old process has exited.
+pub fn upgrade_command(
+    config: &ConfigArg,
+    binary: Option<std::path::PathBuf>,
+    timeout: Option<proxy_conf::Duration>,
+) -> anyhow::Result<ExitCode> {
+    let loaded = crate::config::load(config)?;
+    let socket = crate::config::control_socket(&loaded);
+    // The supervisor may run in another directory: send an absolute path.
+    let binary = binary.map(|path| std::path::absolute(&path).unwrap_or(path));
+    let request = Request::Upgrade {
+        binary,
+        timeout_secs: timeout.map(|t| t.get().as_secs().max(1)),
+    };
+    // No per-line timeout: the supervisor enforces the deadline and always answers, and the
+    // drain after it is bounded by the roles' own timeouts.
+    let replies = crate::control::request(&socket, &request, None)?;
+    let response = replies.wait(|line| eprintln!("{line}"))?;
+    match response.body {
+        ResponseBody::Ok { data } => {
+            if let Some(old) = data.get("old_pid").and_then(serde_json::Value::as_u64) {
+                wait_for_exit(u32::try_from(old).unwrap_or_default(), ANSWER_TIMEOUT);
+            }
+            if let Some(summary) = data.get("summary").and_then(|s| s.as_str()) {
+                eprintln!("{summary}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ResponseBody::Error {
+            message, detail, ..
+        } => {
+            eprintln!("sauna-supervisor: upgrade: {message}");
+            if let Some(detail) = detail {
+                eprintln!("{detail}");
+            }
+            Ok(ExitCode::FAILURE)
+        }
+        ResponseBody::Progress { .. } => Err(anyhow::anyhow!(
+            "the supervisor ended the upgrade without a result"
         )),
     }
 }

@@ -26,15 +26,37 @@ pub struct Roles {
 impl Roles {
     /// Starts every configured role, in start order.
     pub async fn start(loaded: &Loaded, metrics: &Arc<Metrics>) -> anyhow::Result<Roles> {
+        Roles::start_with(loaded, metrics, None, false).await
+    }
+
+    /// The start of a successor in an upgrade: the web pool on `listeners` (adopted or bound,
+    /// one per `[web].listen` entry) and only the programs with `reload = "rolling"`; the other
+    /// programs and beat wait for [`Roles::start_deferred`], once the old supervisor has
+    /// stopped its own.
+    pub async fn start_for_upgrade(
+        loaded: &Loaded,
+        metrics: &Arc<Metrics>,
+        listeners: Option<Vec<crate::web::Listener>>,
+    ) -> anyhow::Result<Roles> {
+        Roles::start_with(loaded, metrics, listeners, true).await
+    }
+
+    async fn start_with(
+        loaded: &Loaded,
+        metrics: &Arc<Metrics>,
+        listeners: Option<Vec<crate::web::Listener>>,
+        upgrade: bool,
+    ) -> anyhow::Result<Roles> {
         // The pool first: it binds the listening sockets, and a bind error stops the start.
         let pool = match &loaded.config.web {
             Some(web) => {
                 let pool_dir = loaded.config_dir();
-                let pool = crate::pool::Pool::start(
+                let pool = crate::pool::Pool::start_on(
                     &loaded.config.app,
                     web,
                     &pool_dir,
                     Arc::clone(metrics),
+                    listeners,
                 )
                 .await
                 .context("the web pool did not start")?;
@@ -43,8 +65,10 @@ impl Roles {
             None => None,
         };
         let base_dir = &loaded.config_dir();
-        let programs = Programs::start(&loaded.config, base_dir, Arc::clone(metrics));
+        let programs =
+            Programs::start_rolling_only(&loaded.config, base_dir, Arc::clone(metrics), upgrade);
         let beat = match &loaded.config.beat {
+            Some(_) if upgrade => None,
             Some(config) => {
                 match crate::beat::start(config, &loaded.config.app, base_dir, Arc::clone(metrics))
                     .await
@@ -82,6 +106,55 @@ impl Roles {
             beat.shutdown().await;
         }
         self.programs.shutdown(mode).await;
+    }
+
+    /// After an upgrade's hand-over: starts the programs and beat that [`Roles::start_for_upgrade`]
+    /// left for the old supervisor to stop first. Returns what it started, one line each.
+    pub async fn start_deferred(
+        &mut self,
+        loaded: &Loaded,
+        metrics: &Arc<Metrics>,
+    ) -> anyhow::Result<Vec<String>> {
+        let base_dir = loaded.config_dir();
+        let mut started: Vec<String> = self
+            .programs
+            .start_missing(&loaded.config, &base_dir)
+            .into_iter()
+            .map(|name| format!("program \"{name}\" started"))
+            .collect();
+        if let (None, Some(config)) = (&self.beat, &loaded.config.beat) {
+            let beat =
+                crate::beat::start(config, &loaded.config.app, &base_dir, Arc::clone(metrics))
+                    .await
+                    .context("cannot start beat")?;
+            self.beat = Some(beat);
+            started.push("beat started".to_owned());
+        }
+        Ok(started)
+    }
+
+    /// Duplicates of the web pool's listening sockets with their `[web].listen` entries, for a
+    /// successor started by `upgrade` to inherit.
+    pub async fn duplicate_listeners(
+        &self,
+    ) -> std::io::Result<Vec<(String, std::os::fd::OwnedFd)>> {
+        match &self.pool {
+            Some(pool) => pool.duplicate_listeners().await,
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Stops every role after an upgrade handed the sockets to a successor: the pool drains
+    /// without unlinking its Unix socket files, then beat and the programs stop as in a graceful
+    /// [`Roles::shutdown`].
+    pub async fn hand_over(self) {
+        if let Some(pool) = self.pool {
+            pool.hand_over().await;
+        }
+        if let Some(beat) = self.beat {
+            beat.shutdown().await;
+        }
+        self.programs.shutdown(StopMode::Graceful).await;
     }
 
     /// The roles' part of the status report.

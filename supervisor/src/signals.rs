@@ -8,6 +8,7 @@
 //! | `HUP` | [`SignalEvent::Reload`] |
 //! | `USR1` | [`SignalEvent::ReopenLogs`] |
 //! | `TTIN` / `TTOU` | [`SignalEvent::ScaleWorkers`]`(+1)` / `(-1)` |
+//! | `USR2` | [`SignalEvent::Upgrade`] (like Gunicorn's and nginx's binary upgrade) |
 //!
 //! This module owns only the handlers and the translation; what each event does belongs to the
 //! main loop. The handlers are tokio's (a self-pipe fed by an async-signal-safe handler), so
@@ -39,6 +40,9 @@ pub enum SignalEvent {
     ReopenLogs,
     /// Change the number of web workers by this many (`TTIN` +1, `TTOU` -1).
     ScaleWorkers(i32),
+    /// Hand the listening sockets to a new sauna-supervisor binary (`USR2`, like
+    /// `sauna-supervisor upgrade` with the default binary).
+    Upgrade,
 }
 
 /// The installed handlers; [`Signals::recv`] yields one event per delivered signal.
@@ -50,6 +54,7 @@ pub struct Signals {
     usr1: Signal,
     ttin: Signal,
     ttou: Signal,
+    usr2: Signal,
 }
 
 impl Signals {
@@ -66,6 +71,7 @@ impl Signals {
             usr1: signal(SignalKind::user_defined1())?,
             ttin: signal(SignalKind::from_raw(libc::SIGTTIN))?,
             ttou: signal(SignalKind::from_raw(libc::SIGTTOU))?,
+            usr2: signal(SignalKind::user_defined2())?,
         })
     }
 
@@ -86,6 +92,7 @@ impl Signals {
             Some(()) = self.usr1.recv() => SignalEvent::ReopenLogs,
             Some(()) = self.ttin.recv() => SignalEvent::ScaleWorkers(1),
             Some(()) = self.ttou.recv() => SignalEvent::ScaleWorkers(-1),
+            Some(()) = self.usr2.recv() => SignalEvent::Upgrade,
             else => std::future::pending().await,
         }
     }
@@ -120,6 +127,7 @@ mod tests {
             (Sig::SIGUSR1, SignalEvent::ReopenLogs),
             (Sig::SIGTTIN, SignalEvent::ScaleWorkers(1)),
             (Sig::SIGTTOU, SignalEvent::ScaleWorkers(-1)),
+            (Sig::SIGUSR2, SignalEvent::Upgrade),
         ];
         for (signal, expected) in table {
             assert_eq!(event_for(&mut signals, signal).await, expected, "{signal}");

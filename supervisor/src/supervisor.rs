@@ -7,6 +7,12 @@
 //! stops them: the pool stops accepting and drains, beat releases its lock, then programs stop in
 //! reverse start order. It never sits on the request hot path: the
 //! HTTP front talks to the workers without passing through here.
+//!
+//! It also runs both sides of an upgrade (see `upgrade` for the sequence): as the old process
+//! it spawns the successor, keeps serving while it starts, and hands over once it is ready —
+//! `MAINPID=` to systemd, then the roles stop without unlinking any socket; as the successor
+//! it stays quiet towards systemd and leaves the control socket, the non-rolling programs and
+//! beat alone until the old process has released them.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -29,6 +35,7 @@ use crate::reload::{self, ReloadEvent, ReloadRun};
 use crate::roles::Roles;
 use crate::signals::{SignalEvent, Signals};
 use crate::status::StatusReport;
+use crate::upgrade::{Inherited, Message, Predecessor, Successor, UpgradeEvent, UpgradeRun};
 
 /// How often the loop refreshes the health verdict; `/healthz` calls the loop hung after a few
 /// missed beats.
@@ -39,7 +46,41 @@ const CONTROL_FLUSH: Duration = Duration::from_secs(2);
 
 /// `sauna-supervisor run`: runs the stack until a stop request or signal.
 pub fn run_command(args: &RunArgs) -> anyhow::Result<ExitCode> {
-    let loaded = crate::config::load(&args.config)?;
+    // Resolved now, while it names the file we run: once a package has replaced that file,
+    // /proc/self/exe reads "… (deleted)", whereas this path runs the new file — which is what
+    // `upgrade` wants by default.
+    let own_binary = std::env::current_exe().ok();
+    // SAFETY: nothing has started a thread yet; the runtime is built below.
+    let inherited = unsafe { Inherited::take_from_env() }.map_err(|message| {
+        anyhow::anyhow!("cannot take over from the previous supervisor: {message}")
+    })?;
+    // The successor of an upgrade reports a failure to start on the hand-over channel, so that
+    // `upgrade` can print it; this handle outlives `inherited`, which `start` takes apart.
+    let reporter = match &inherited {
+        Some(inherited) => Some(
+            inherited
+                .channel()
+                .context("cannot use the hand-over channel")?,
+        ),
+        None => None,
+    };
+    let report = |error: &dyn std::fmt::Display| {
+        if let Some(channel) = &reporter {
+            crate::upgrade::tell(
+                channel,
+                &Message::Failed {
+                    message: error.to_string(),
+                },
+            );
+        }
+    };
+    let loaded = match crate::config::load(&args.config) {
+        Ok(loaded) => loaded,
+        Err(error) => {
+            report(&error);
+            return Err(error.into());
+        }
+    };
     // SAFETY: nothing has started a thread yet; the runtime is built below.
     let notifier = unsafe { Notifier::from_env_take() };
     let log = crate::logging::init(&args.log)?;
@@ -60,7 +101,14 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let supervisor = Supervisor::start(loaded, notifier, log, args.watch).await?;
+        let start = Supervisor::start(loaded, notifier, log, args.watch, inherited, own_binary);
+        let supervisor = match start.await {
+            Ok(supervisor) => supervisor,
+            Err(error) => {
+                report(&format_args!("{error:#}"));
+                return Err(error);
+            }
+        };
         supervisor.run().await
     })
 }
@@ -95,6 +143,13 @@ struct Supervisor {
     status_line: String,
     /// With `run --watch`: batches of changed app files, each one a reload trigger.
     app_changes: Option<tokio::sync::mpsc::Receiver<Vec<std::path::PathBuf>>>,
+    /// The binary `upgrade` starts by default: this process's own, as resolved at start-up.
+    own_binary: Option<std::path::PathBuf>,
+    /// The upgrade in progress: a successor is starting.
+    upgrade: Option<UpgradeRun>,
+    /// As an upgrade's successor: the old supervisor, until it has released its roles. The
+    /// control socket is not served meanwhile.
+    predecessor: Option<Predecessor>,
 }
 
 /// Why the main loop ended.
@@ -104,6 +159,9 @@ struct StopRequest {
     waiter: Option<Responder>,
     /// The supervisor stops because it can no longer serve; it exits with status 1.
     failed: bool,
+    /// The supervisor stops because a successor took over (an upgrade), with the `upgrade`
+    /// client waiting for the end, if any.
+    handover: Option<(Successor, Option<Responder>)>,
 }
 
 impl Supervisor {
@@ -113,11 +171,23 @@ impl Supervisor {
         mut notifier: Notifier,
         log: LogHandle,
         watch_app: bool,
+        mut inherited: Option<Inherited>,
+        own_binary: Option<std::path::PathBuf>,
     ) -> anyhow::Result<Self> {
         let started = Instant::now();
+        // A successor speaks to systemd only once the old process has made it the main one.
+        notifier.set_muted(inherited.is_some());
         // Handlers first, so that a TERM during start-up is not fatal before children exist.
         let signals = Signals::install().context("cannot install signal handlers")?;
-        let control = ControlServer::bind(&crate::config::control_socket(&loaded))?;
+        let control_path = crate::config::control_socket(&loaded);
+        let control = match inherited
+            .as_mut()
+            .and_then(|inherited| inherited.control.take())
+        {
+            Some((path, socket)) if path == control_path => ControlServer::adopt(&path, socket)?,
+            // A control socket that moved in the config is closed; the new path is bound.
+            _ => ControlServer::bind(&control_path)?,
+        };
         tracing::info!(
             config = %loaded.path.display(),
             control = %control.path().display(),
@@ -127,12 +197,18 @@ impl Supervisor {
         notify_or_log(notifier.status("starting"), "STATUS");
         let metrics = Arc::new(Metrics::new().context("cannot register metrics")?);
         let (health, health_receiver) = watch::channel(Health::starting());
+        let inherited_metrics = inherited
+            .as_mut()
+            .and_then(|inherited| inherited.metrics.take())
+            .filter(|(listen, _)| *listen == loaded.config.metrics.listen)
+            .map(|(_, socket)| std::net::TcpListener::from(socket));
         // The endpoint comes up before the roles so that probes see "starting", not a refusal.
-        let metrics_server = match crate::metrics_server::start(
+        let metrics_server = match crate::metrics_server::start_on(
             &loaded.config.metrics,
             &loaded.config_dir(),
             Arc::clone(&metrics),
             health_receiver,
+            inherited_metrics,
         )
         .await
         {
@@ -142,7 +218,27 @@ impl Supervisor {
                 return Err(error.into());
             }
         };
-        let roles = match Roles::start(&loaded, &metrics).await {
+        let started_roles = match &mut inherited {
+            None => Roles::start(&loaded, &metrics).await,
+            Some(inherited) => {
+                let listeners = match &loaded.config.web {
+                    Some(web) => inherited
+                        .web_listeners(&web.listen, web.backlog)
+                        .map(Some)
+                        .map_err(anyhow::Error::new),
+                    None => Ok(None),
+                };
+                inherited.tell(&Message::Progress {
+                    message: "sockets adopted; starting the web pool and rolling programs"
+                        .to_owned(),
+                });
+                match listeners {
+                    Ok(listeners) => Roles::start_for_upgrade(&loaded, &metrics, listeners).await,
+                    Err(error) => Err(error),
+                }
+            }
+        };
+        let roles = match started_roles {
             Ok(roles) => roles,
             Err(error) => {
                 if let Some(server) = metrics_server {
@@ -177,10 +273,29 @@ impl Supervisor {
         health.send_replace(Health::now(true, problems));
         notify_or_log(notifier.ready(), "READY");
         notify_or_log(notifier.status(&status_line), "STATUS");
-        tracing::info!(
-            startup_ms = started.elapsed().as_millis() as u64,
-            "every role has started"
-        );
+        let predecessor = match inherited {
+            Some(inherited) => {
+                tracing::info!(
+                    startup_ms = started.elapsed().as_millis() as u64,
+                    "serving beside the old supervisor; waiting for it to hand over"
+                );
+                let predecessor = inherited
+                    .channel()
+                    .and_then(Predecessor::new)
+                    .context("cannot use the hand-over channel")?;
+                inherited.tell(&Message::Ready {
+                    pid: std::process::id(),
+                });
+                Some(predecessor)
+            }
+            None => {
+                tracing::info!(
+                    startup_ms = started.elapsed().as_millis() as u64,
+                    "every role has started"
+                );
+                None
+            }
+        };
         Ok(Supervisor {
             loaded,
             phase: Phase::Running,
@@ -200,6 +315,9 @@ impl Supervisor {
             queue_sampler,
             status_line,
             app_changes,
+            own_binary,
+            upgrade: None,
+            predecessor,
         })
     }
 
@@ -215,7 +333,7 @@ impl Supervisor {
                         break stop;
                     }
                 }
-                request = self.control.accept() => {
+                request = self.control.accept(), if self.predecessor.is_none() => {
                     if let Some(stop) = self.on_request(request).await {
                         break stop;
                     }
@@ -240,6 +358,20 @@ impl Supervisor {
                     None => {
                         tracing::error!("--watch: the file watcher stopped; changes are no longer picked up");
                         self.app_changes = None;
+                    }
+                },
+                message = next_word_of(&mut self.predecessor) => self.on_predecessor(message).await,
+                event = next_upgrade_event(&mut self.upgrade) => match event {
+                    UpgradeEvent::Progress(line) => {
+                        tracing::info!("upgrade: {line}");
+                        if let Some(waiter) = self.upgrade.as_ref().and_then(|run| run.waiter.as_ref()) {
+                            waiter.progress(line);
+                        }
+                    }
+                    UpgradeEvent::Finished(finished) => {
+                        if let Some(stop) = self.on_upgrade_finished(*finished).await {
+                            break stop;
+                        }
                     }
                 },
                 event = next_reload_event(&mut self.reload) => match event {
@@ -274,6 +406,7 @@ impl Supervisor {
                     mode,
                     waiter: None,
                     failed: false,
+                    handover: None,
                 });
             }
             SignalEvent::Reload => {
@@ -285,6 +418,10 @@ impl Supervisor {
                 Err(error) => tracing::error!("cannot reopen the log file: {error}"),
             },
             SignalEvent::ScaleWorkers(delta) => self.scale_workers(delta).await,
+            SignalEvent::Upgrade => {
+                tracing::info!("upgrade requested by SIGUSR2");
+                self.request_upgrade(None, None, None).await;
+            }
         }
         None
     }
@@ -303,18 +440,214 @@ impl Supervisor {
                     mode,
                     waiter: Some(reply),
                     failed: false,
+                    handover: None,
                 });
             }
             Request::Reload { .. } => {
                 tracing::info!("reload requested over the control socket");
                 self.request_reload(Some(reply)).await;
             }
+            Request::Upgrade {
+                binary,
+                timeout_secs,
+            } => {
+                tracing::info!("upgrade requested over the control socket");
+                self.request_upgrade(Some(reply), binary, timeout_secs.map(Duration::from_secs))
+                    .await;
+            }
         }
         None
     }
 
+    /// Starts an upgrade: spawns `binary` (this process's own by default) with every listening
+    /// socket. Refused while a reload or another upgrade runs: the successor must start from
+    /// a settled generation, and only one process can take over.
+    async fn request_upgrade(
+        &mut self,
+        waiter: Option<Responder>,
+        binary: Option<std::path::PathBuf>,
+        timeout: Option<Duration>,
+    ) {
+        let refuse = |waiter: Option<Responder>, message: String| {
+            tracing::warn!("upgrade refused: {message}");
+            if let Some(waiter) = waiter {
+                waiter.error(ErrorKind::Unavailable, message, None);
+            }
+        };
+        if let Some(run) = &self.upgrade {
+            return refuse(
+                waiter,
+                format!(
+                    "an upgrade is already in progress (new supervisor pid {}); wait for it",
+                    run.pid
+                ),
+            );
+        }
+        if self.predecessor.is_some() {
+            return refuse(
+                waiter,
+                "this supervisor is still taking over from the previous one; try again in a moment"
+                    .to_owned(),
+            );
+        }
+        let Some(roles) = self.roles.as_ref().filter(|_| self.reload.is_none()) else {
+            return refuse(
+                waiter,
+                "a reload is in progress; run upgrade again when it has finished".to_owned(),
+            );
+        };
+        let Some(binary) = binary.or_else(|| self.own_binary.clone()) else {
+            return refuse(
+                waiter,
+                "the path of this supervisor's binary is unknown; pass --binary".to_owned(),
+            );
+        };
+        let sockets = match self.upgrade_sockets(roles).await {
+            Ok(sockets) => sockets,
+            Err(error) => {
+                return refuse(waiter, format!("cannot hand over the sockets: {error}"));
+            }
+        };
+        let timeout = timeout.unwrap_or_else(|| upgrade_timeout(&self.loaded));
+        if let Some(waiter) = &waiter {
+            waiter.progress(format!(
+                "starting {} ({} listening socket(s) handed over, ready within {timeout:?})",
+                binary.display(),
+                sockets.web.len()
+                    + usize::from(sockets.metrics.is_some())
+                    + usize::from(sockets.control.is_some())
+            ));
+        }
+        let env = self.notifier.successor_env().to_vec();
+        match UpgradeRun::start(&binary, sockets, &env, timeout) {
+            Ok(mut run) => {
+                tracing::info!(pid = run.pid, binary = %binary.display(), "upgrade: new supervisor started");
+                if let Some(waiter) = &waiter {
+                    waiter.progress(format!("new supervisor started as pid {}", run.pid));
+                }
+                run.waiter = waiter;
+                self.upgrade = Some(run);
+                self.phase = Phase::Upgrading;
+            }
+            Err(failure) => {
+                tracing::error!("upgrade failed, nothing changed: {failure}");
+                if let Some(waiter) = waiter {
+                    waiter.error(ErrorKind::Failed, failure.message, failure.detail);
+                }
+            }
+        }
+    }
+
+    /// Duplicates of every listening socket, for the successor.
+    async fn upgrade_sockets(&self, roles: &Roles) -> std::io::Result<crate::upgrade::Sockets> {
+        let metrics = match &self.metrics_server {
+            Some(server) => Some((
+                self.loaded.config.metrics.listen.clone(),
+                server.duplicate_listener()?,
+            )),
+            None => None,
+        };
+        Ok(crate::upgrade::Sockets {
+            control: Some((
+                self.control.path().to_path_buf(),
+                self.control.duplicate_listener()?,
+            )),
+            metrics,
+            web: roles.duplicate_listeners().await?,
+        })
+    }
+
+    /// The successor is ready (hand over and stop) or gone (say why and carry on).
+    async fn on_upgrade_finished(
+        &mut self,
+        finished: Result<Successor, crate::upgrade::Failure>,
+    ) -> Option<StopRequest> {
+        let run = self.upgrade.take()?;
+        self.phase = Phase::Running;
+        match finished {
+            Ok(mut successor) => {
+                let (old, new) = (std::process::id(), successor.pid);
+                tracing::info!(new, "upgrade: the new supervisor is ready; handing over");
+                notify_or_log(
+                    self.notifier
+                        .main_pid(new, &format!("upgraded: pid {old} hands over to pid {new}")),
+                    "MAINPID",
+                );
+                successor.tell(Message::MainPid).await;
+                if let Some(waiter) = &run.waiter {
+                    waiter.progress(format!(
+                        "new supervisor pid {new} is ready and serving; pid {old} stops accepting and drains"
+                    ));
+                }
+                Some(StopRequest {
+                    mode: StopMode::Graceful,
+                    waiter: None,
+                    failed: false,
+                    handover: Some((successor, run.waiter)),
+                })
+            }
+            Err(failure) => {
+                tracing::error!("upgrade failed, this supervisor keeps serving: {failure}");
+                if let Some(detail) = &failure.detail {
+                    tracing::error!("{detail}");
+                }
+                if let Some(waiter) = run.waiter {
+                    waiter.error(
+                        ErrorKind::Failed,
+                        format!(
+                            "{}; the running supervisor (pid {}) keeps serving",
+                            failure.message,
+                            std::process::id()
+                        ),
+                        failure.detail,
+                    );
+                }
+                None
+            }
+        }
+    }
+
+    /// As an upgrade's successor: the old process made us the main one, or released its roles.
+    async fn on_predecessor(&mut self, message: Message) {
+        match message {
+            Message::MainPid => {
+                tracing::info!("upgrade: systemd now tracks this process as the main one");
+                self.notifier.set_muted(false);
+            }
+            _ => {
+                self.predecessor = None;
+                self.notifier.set_muted(false);
+                self.control.set_owns_socket_file(true);
+                if let Some(roles) = &mut self.roles {
+                    match roles.start_deferred(&self.loaded, &self.metrics).await {
+                        Ok(started) if !started.is_empty() => {
+                            tracing::info!("upgrade: {}", started.join(", "));
+                        }
+                        Ok(_) => {}
+                        Err(error) => tracing::error!("upgrade: {error:#}"),
+                    }
+                }
+                tracing::info!(
+                    "the previous supervisor has handed over; serving the control socket"
+                );
+                notify_or_log(self.notifier.ready(), "READY");
+                self.status_line.clear();
+                self.publish_health().await;
+            }
+        }
+    }
+
     /// Starts a reload now, or queues it behind the one in progress (the client is told).
     async fn request_reload(&mut self, waiter: Option<Responder>) {
+        if self.upgrade.is_some() {
+            let message =
+                "an upgrade is in progress; reload the new supervisor once it has finished";
+            tracing::warn!("reload refused: {message}");
+            if let Some(waiter) = waiter {
+                waiter.error(ErrorKind::Unavailable, message, None);
+            }
+            return;
+        }
         if self.reload.is_some() || self.roles.is_none() {
             if let Some(waiter) = &waiter {
                 waiter.progress("another reload is in progress; this one starts when it ends");
@@ -434,6 +767,7 @@ impl Supervisor {
                     mode: StopMode::Fast,
                     waiter: None,
                     failed: true,
+                    handover: None,
                 });
             }
         }
@@ -512,6 +846,13 @@ impl Supervisor {
 
     async fn shutdown(mut self, stop: StopRequest) {
         self.phase = Phase::Stopping;
+        if let Some((successor, waiter)) = stop.handover {
+            return self.hand_over(successor, waiter).await;
+        }
+        if let Some(run) = self.upgrade.take() {
+            // Stopping while a successor starts: it must not outlive us half-started.
+            run.abandon();
+        }
         notify_or_log(self.notifier.stopping(), "STOPPING");
         self.health.send_replace(Health::now(
             false,
@@ -543,6 +884,72 @@ impl Supervisor {
             waiter.ok(serde_json::json!({ "stopped": true }));
         }
         self.control.shutdown(CONTROL_FLUSH).await;
+    }
+}
+
+impl Supervisor {
+    /// The end of an upgrade: the successor serves every socket already. Stop accepting, drain,
+    /// stop the roles without unlinking any socket file, release the successor and exit.
+    async fn hand_over(mut self, mut successor: Successor, waiter: Option<Responder>) {
+        let began = Instant::now();
+        // systemd tracks the successor now: STOPPING=1 or a status from us would be refused.
+        self.notifier.set_muted(true);
+        drop(self.queue_sampler.take());
+        if let Some(server) = self.metrics_server.take() {
+            server.shutdown().await;
+        }
+        self.control.set_owns_socket_file(false);
+        if let Some(roles) = self.roles.take() {
+            if let Some(waiter) = &waiter {
+                waiter.progress(format!(
+                    "pid {}: draining the web front and stopping workers, programs and beat",
+                    std::process::id()
+                ));
+            }
+            roles.hand_over().await;
+        }
+        successor.tell(Message::Released).await;
+        let (old, new) = (std::process::id(), successor.pid);
+        tracing::info!(
+            new,
+            elapsed_ms = began.elapsed().as_millis() as u64,
+            "upgrade done: every role has stopped; pid {new} serves on"
+        );
+        if let Some(waiter) = waiter {
+            waiter.ok(serde_json::json!({
+                "old_pid": old,
+                "new_pid": new,
+                "summary": format!("sauna-supervisor pid {old} handed over to pid {new}, which serves now"),
+            }));
+        }
+        self.control.shutdown(CONTROL_FLUSH).await;
+    }
+}
+
+/// The default deadline for a successor to become ready: its web pool starts every worker
+/// within `[web].reload_timeout`, plus time for the config, the sockets and the programs.
+fn upgrade_timeout(loaded: &Loaded) -> Duration {
+    let pool = loaded
+        .config
+        .web
+        .as_ref()
+        .map_or(Duration::ZERO, |web| web.reload_timeout.get());
+    pool + Duration::from_secs(30)
+}
+
+/// The old supervisor's next word; pending unless this process is an upgrade's successor.
+async fn next_word_of(predecessor: &mut Option<Predecessor>) -> Message {
+    match predecessor {
+        Some(predecessor) => predecessor.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The upgrade's next event; pending while there is none.
+async fn next_upgrade_event(run: &mut Option<UpgradeRun>) -> UpgradeEvent {
+    match run {
+        Some(run) => run.next_event().await,
+        None => std::future::pending().await,
     }
 }
 

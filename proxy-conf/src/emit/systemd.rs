@@ -90,7 +90,7 @@ pub fn render(config: &Config) -> Result<Output, EmitError> {
     );
 
     out.push_str("[Service]\n");
-    out.push_str("# The supervisor says READY=1 when the pool serves, and pings the watchdog.\nType=notify\nNotifyAccess=main\n");
+    out.push_str("# The supervisor says READY=1 when the pool serves, and pings the watchdog. `sauna-supervisor\n# upgrade` (or SIGUSR2) starts a new binary that takes over the sockets; the old process\n# names it with MAINPID= and exits, so the service never stops.\nType=notify\nNotifyAccess=main\n");
     let config_path = unit.config.display();
     let binary = unit.binary.display();
     let _ = writeln!(

@@ -38,6 +38,18 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout_secs: Option<u64>,
     },
+    /// Start a new sauna-supervisor binary, hand it the listening sockets and exit once it
+    /// serves (`sauna-supervisor upgrade`).
+    Upgrade {
+        /// The binary to start; the supervisor's own executable (as resolved when it started)
+        /// when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        binary: Option<std::path::PathBuf>,
+        /// Give up (and keep the old supervisor) after this many seconds; the supervisor's
+        /// default when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_secs: Option<u64>,
+    },
 }
 
 fn graceful() -> StopMode {
@@ -157,6 +169,14 @@ mod tests {
                 timeout_secs: Some(120),
             },
             Request::Reload { timeout_secs: None },
+            Request::Upgrade {
+                binary: Some("/usr/bin/sauna-supervisor".into()),
+                timeout_secs: Some(60),
+            },
+            Request::Upgrade {
+                binary: None,
+                timeout_secs: None,
+            },
         ];
         for request in requests {
             let line = request_line(&request).expect("serialize");

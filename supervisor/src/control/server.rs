@@ -54,6 +54,10 @@ pub struct ControlServer {
     /// Device and inode of the socket file we created, so that dropping the server removes our
     /// socket and never a newer supervisor's that replaced it.
     identity: (u64, u64),
+    /// Whether shutting down or dropping removes the socket file: not for a socket adopted in an
+    /// upgrade until the old supervisor has released it (a successor that fails must leave the
+    /// file to the old one), nor once it was handed to a successor.
+    owns_file: bool,
     our_uid: u32,
     requests_in: mpsc::Sender<ControlRequest>,
     requests: mpsc::Receiver<ControlRequest>,
@@ -181,11 +185,60 @@ impl ControlServer {
             listener,
             path: path.to_owned(),
             identity: (metadata.dev(), metadata.ino()),
+            owns_file: true,
             our_uid: nix::unistd::geteuid().as_raw(),
             requests_in,
             requests,
             connections: JoinSet::new(),
         })
+    }
+
+    /// Takes over the control socket inherited from the supervisor this one replaces
+    /// (`upgrade`): the same socket, file and queue of pending connections; nothing is unlinked
+    /// or re-bound. Connections queue until [`ControlServer::accept`] is first awaited. The file
+    /// is left alone at exit until [`ControlServer::set_owns_socket_file`] claims it. Must be
+    /// called inside a tokio runtime.
+    pub fn adopt(path: &Path, fd: std::os::fd::OwnedFd) -> Result<ControlServer, ControlError> {
+        let io_error = |action| {
+            move |source| ControlError::Io {
+                action,
+                path: path.to_owned(),
+                source,
+            }
+        };
+        let listener = std::os::unix::net::UnixListener::from(fd);
+        listener
+            .set_nonblocking(true)
+            .map_err(io_error("cannot adopt the inherited control socket"))?;
+        let metadata = std::fs::symlink_metadata(path)
+            .map_err(io_error("cannot inspect the inherited control socket"))?;
+        let listener = UnixListener::from_std(listener).map_err(io_error(
+            "cannot register the control socket with the runtime",
+        ))?;
+        let (requests_in, requests) = mpsc::channel(QUEUED_REQUESTS);
+        info!(path = %path.display(), "control socket adopted from the previous supervisor");
+        Ok(ControlServer {
+            listener,
+            path: path.to_owned(),
+            identity: (metadata.dev(), metadata.ino()),
+            owns_file: false,
+            our_uid: nix::unistd::geteuid().as_raw(),
+            requests_in,
+            requests,
+            connections: JoinSet::new(),
+        })
+    }
+
+    /// A duplicate of the listening socket, for a successor started by `upgrade` to inherit.
+    pub fn duplicate_listener(&self) -> io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        self.listener.as_fd().try_clone_to_owned()
+    }
+
+    /// Whether shutting down or dropping this server removes the socket file: `false` once an
+    /// upgrade's successor serves it, `true` in the successor once the old one released it.
+    pub fn set_owns_socket_file(&mut self, owns: bool) {
+        self.owns_file = owns;
     }
 
     /// The socket's path.
@@ -276,8 +329,9 @@ impl ControlServer {
     }
 
     fn remove_socket_file(&self) {
-        let ours = std::fs::symlink_metadata(&self.path)
-            .is_ok_and(|metadata| (metadata.dev(), metadata.ino()) == self.identity);
+        let ours = self.owns_file
+            && std::fs::symlink_metadata(&self.path)
+                .is_ok_and(|metadata| (metadata.dev(), metadata.ino()) == self.identity);
         if ours {
             if let Err(error) = std::fs::remove_file(&self.path) {
                 warn!(path = %self.path.display(), %error, "cannot remove the control socket");

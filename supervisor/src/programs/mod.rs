@@ -235,11 +235,53 @@ impl Programs {
     /// actors: children are spawned from its threads (see `child` on `PR_SET_PDEATHSIG`).
     /// Instances start under generation 1.
     pub fn start(config: &Config, base_dir: &Path, metrics: Arc<Metrics>) -> Programs {
+        Programs::start_rolling_only(config, base_dir, metrics, false)
+    }
+
+    /// [`Programs::start`], or with `rolling_only` just the programs with `reload = "rolling"`:
+    /// a successor started by `upgrade` runs those beside the old supervisor's copies, and
+    /// starts the others ([`Programs::start_missing`]) only once the old ones have stopped —
+    /// two copies of a `restart` program (a server on a fixed port, say) must never run at once.
+    pub fn start_rolling_only(
+        config: &Config,
+        base_dir: &Path,
+        metrics: Arc<Metrics>,
+        rolling_only: bool,
+    ) -> Programs {
         let programs = resolve(config, base_dir_or_current(base_dir))
-            .into_values()
-            .map(|(launch, fingerprint)| ProgramHandle::start(launch, fingerprint, &metrics, 1))
+            .into_iter()
+            .filter(|(name, _)| {
+                !rolling_only
+                    || config
+                        .programs
+                        .get(name)
+                        .is_some_and(|program| program.reload == ProgramReload::Rolling)
+            })
+            .map(|(_, (launch, fingerprint))| {
+                ProgramHandle::start(launch, fingerprint, &metrics, 1)
+            })
             .collect();
         Programs { programs, metrics }
+    }
+
+    /// Starts every program of `config` that is not running yet, keeping name order; returns
+    /// their names.
+    pub fn start_missing(&mut self, config: &Config, base_dir: &Path) -> Vec<String> {
+        let mut started = Vec::new();
+        for (name, (launch, fingerprint)) in resolve(config, base_dir_or_current(base_dir)) {
+            if self.programs.iter().any(|program| program.name == name) {
+                continue;
+            }
+            let handle = ProgramHandle::start(launch, fingerprint, &self.metrics, 1);
+            let at = self
+                .programs
+                .iter()
+                .position(|program| program.name > name)
+                .unwrap_or(self.programs.len());
+            self.programs.insert(at, handle);
+            started.push(name);
+        }
+        started
     }
 
     /// Applies a new config to the running programs (see the module documentation); new

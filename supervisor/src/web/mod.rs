@@ -10,6 +10,13 @@
 //! queued connections are never reset). The reload's warm-up request (`warm_up`) is built here too,
 //! so it reaches the canary exactly as a client's request would.
 //!
+//! An upgrade (see `upgrade`) hands the listening sockets to a new supervisor process: the
+//! successor adopts them ([`Listener::adopt`]) instead of binding, both processes accept from the
+//! same sockets while the successor starts, and then [`FrontHandle::hand_over`] stops this front
+//! accepting, answers each further request on an open connection with `Connection: close` (so
+//! clients reconnect to the successor between requests instead of racing an idle close), and
+//! keeps the Unix socket files, which the successor owns from then on.
+//!
 //! It does not start or stop workers (the pool does) nor choose them (the dispatcher does).
 
 pub mod body;
@@ -19,13 +26,15 @@ pub mod exchange;
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use hyper::body::Incoming;
-use hyper::http::{HeaderName, HeaderValue, Request, Response, StatusCode, header};
+use hyper::http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -63,6 +72,34 @@ impl Listener {
                 .local_addr()
                 .map_or_else(|_| "?".to_owned(), |address| address.to_string()),
             Listener::Unix(_, path) => format!("unix:{}", path.display()),
+        }
+    }
+
+    /// Takes over a listening socket inherited from the supervisor this one replaces, for the
+    /// `[web].listen` entry `configured`. The socket keeps its address and its queue of pending
+    /// connections; a Unix socket's file is never unlinked or re-bound (the old process still
+    /// accepts on it until the hand-over). Fails when the descriptor is not a listening socket
+    /// of the kind `configured` names.
+    pub fn adopt(configured: &str, fd: OwnedFd) -> io::Result<Listener> {
+        if let Some(path) = configured.strip_prefix("unix:") {
+            let listener = std::os::unix::net::UnixListener::from(fd);
+            listener.local_addr()?;
+            listener.set_nonblocking(true)?;
+            return Ok(Listener::Unix(
+                UnixListener::from_std(listener)?,
+                PathBuf::from(path),
+            ));
+        }
+        let listener = std::net::TcpListener::from(fd);
+        listener.local_addr()?;
+        listener.set_nonblocking(true)?;
+        Ok(Listener::Tcp(TcpListener::from_std(listener)?))
+    }
+
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Listener::Tcp(listener) => listener.as_fd(),
+            Listener::Unix(listener, _) => listener.as_fd(),
         }
     }
 }
@@ -164,6 +201,8 @@ pub struct Front {
     pub dispatcher: Arc<Dispatcher>,
     /// Shared metrics.
     pub metrics: Arc<Metrics>,
+    /// Set by [`FrontHandle::hand_over`]: every response from then on closes its connection.
+    draining: AtomicBool,
 }
 
 impl std::fmt::Debug for Front {
@@ -181,6 +220,7 @@ impl Front {
             config: RwLock::new(Arc::new(config)),
             dispatcher,
             metrics,
+            draining: AtomicBool::new(false),
         }
     }
 
@@ -214,6 +254,9 @@ struct Accepting {
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
     unix_path: Option<PathBuf>,
+    /// A duplicate of the listening socket, for handing it to a successor (`upgrade`); `None`
+    /// when the duplication failed (EMFILE), which only an upgrade notices.
+    socket: Option<OwnedFd>,
 }
 
 impl Accepting {
@@ -279,6 +322,36 @@ impl FrontHandle {
         Some(listener.task)
     }
 
+    /// Duplicates of the listening sockets with their `[web].listen` entries, for a successor
+    /// started by `upgrade` to inherit.
+    pub fn duplicate_listeners(&self) -> io::Result<Vec<(String, OwnedFd)>> {
+        self.listeners
+            .iter()
+            .map(|listener| {
+                let socket = listener.socket.as_ref().ok_or_else(|| {
+                    io::Error::other(format!(
+                        "the socket of {} could not be duplicated when it was bound",
+                        listener.address
+                    ))
+                })?;
+                Ok((listener.configured.clone(), socket.try_clone()?))
+            })
+            .collect()
+    }
+
+    /// The successor of an upgrade serves the same sockets now: stop accepting (keeping the Unix
+    /// socket files, which are the successor's), close each open connection after its next
+    /// response (`Connection: close`), and give clients `linger` to make that request before
+    /// [`FrontHandle::shutdown`] closes the connections still idle.
+    pub async fn hand_over(&mut self, linger: Duration) {
+        self.front.draining.store(true, Ordering::Relaxed);
+        for mut listener in self.listeners.drain(..) {
+            listener.unix_path = None;
+            listener.stop().await;
+        }
+        tokio::time::sleep(linger).await;
+    }
+
     /// Stops accepting, lets open connections finish their current request (idle keep-alive
     /// connections close at once) for up to `grace`, then drops the rest. True when every
     /// connection finished in time.
@@ -307,6 +380,8 @@ fn start_accepting(
         Listener::Tcp(_) => None,
     };
     let address = listener.address();
+    // Only EMFILE can fail this; serving goes on, and an upgrade says why it cannot.
+    let socket = listener.as_fd().try_clone_to_owned().ok();
     let task = tokio::spawn(accept_loop(
         listener,
         Arc::clone(front),
@@ -319,6 +394,7 @@ fn start_accepting(
         stop,
         task,
         unix_path,
+        socket,
     }
 }
 
@@ -454,7 +530,15 @@ async fn handle(
         queue_wait: None,
         worker: None,
     };
-    Ok(respond(&front, &connection, request, completion).await)
+    let mut response = respond(&front, &connection, request, completion).await;
+    if front.draining.load(Ordering::Relaxed) {
+        // Handed over to a successor: the client's next request goes to a fresh connection,
+        // which the successor accepts.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    Ok(response)
 }
 
 fn reject(
@@ -476,6 +560,30 @@ fn reject(
     response
 }
 
+/// Requests the front refuses before reading a body, because passing them on would be unsafe:
+/// `CONNECT` (a 2xx answer would turn the connection into a tunnel nobody serves) and a transfer
+/// coding other than `chunked` (RFC 9112 §6.1: 501, the body cannot be decoded). hyper already
+/// drops `Content-Length` when `Transfer-Encoding` is present, as RFC 9112 §6.3 prescribes.
+fn framing_problem(parts: &hyper::http::request::Parts) -> Option<(StatusCode, &'static str)> {
+    if parts.method == Method::CONNECT {
+        return Some((StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n"));
+    }
+    let mut codings = parts
+        .headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&byte| byte == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|coding| !coding.is_empty());
+    if codings.all(|coding| coding.eq_ignore_ascii_case(b"chunked")) {
+        return None;
+    }
+    Some((
+        StatusCode::NOT_IMPLEMENTED,
+        "Only the chunked transfer coding is supported\n",
+    ))
+}
+
 async fn respond(
     front: &Front,
     connection: &Connection,
@@ -484,6 +592,9 @@ async fn respond(
 ) -> Response<ResponseBody> {
     let config = front.config();
     let (parts, incoming) = request.into_parts();
+    if let Some((status, message)) = framing_problem(&parts) {
+        return reject(front, "bad_request", plain(status, message), completion);
+    }
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)

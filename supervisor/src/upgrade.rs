@@ -1,0 +1,602 @@
+//! Upgrading sauna-supervisor itself without refusing a connection: the running supervisor (the
+//! *old* one) starts a new binary (the *successor*), which inherits every listening socket —
+//! web (TCP and Unix), metrics, control — plus one end of a socketpair, the *hand-over channel*.
+//!
+//! The sequence, with the channel's messages ([`Message`], one JSON object per line):
+//!
+//! 1. The old process spawns the successor with its own arguments (so `run -c …` re-reads the
+//!    config), `$SAUNA_UPGRADE_FDS` describing the inherited descriptors ([`Description`]) and
+//!    systemd's `$NOTIFY_SOCKET`/`$WATCHDOG_USEC`. Only those descriptors lose close-on-exec, in
+//!    the forked child; the successor gets no `PR_SET_PDEATHSIG` and is not reported to the
+//!    group reaper, since it must outlive the old process.
+//! 2. The successor ([`Inherited::take_from_env`] in `run`) adopts the sockets whose address is
+//!    still in its config, closes the others and binds new addresses, starts its web pool and the
+//!    `reload = "rolling"` programs, and serves metrics at once. Its web front accepts only once
+//!    every worker is ready, so until then each connection goes to the old front, which accepts
+//!    from the same sockets. It reports `ready`, or `failed` with the reason (the config's
+//!    diagnostics, an app's traceback) and exits.
+//! 3. On `ready`, the old process tells systemd `MAINPID=<successor>`, says `main_pid` (the
+//!    successor may ping the watchdog from now on), stops accepting, lets its open connections
+//!    make one more request (answered with `Connection: close`), stops its roles without
+//!    unlinking any socket file, says `released` and exits 0.
+//! 4. On `released` — or end-of-file, should the old process die — the successor serves the
+//!    control socket, starts the remaining programs (two copies of a `restart` program, a server
+//!    on a fixed port say, must never run at once) and beat, and sends `READY=1`.
+//!
+//! A successor that exits, fails or misses the deadline before `ready` is stopped (TERM, then
+//! KILL; its own children die with it through their `PR_SET_PDEATHSIG` and its reaper) and the
+//! old process goes on as if nothing happened.
+//!
+//! This module owns the wire format, spawning the successor and watching it until it is ready
+//! ([`UpgradeRun`]), and the successor's side of the inheritance. When to upgrade, and the order
+//! in which roles stop and start, belong to the main loop (`supervisor`).
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::process::Child;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::control::Responder;
+
+/// The environment variable that describes the inherited descriptors to a successor.
+pub const ENV: &str = "SAUNA_UPGRADE_FDS";
+
+/// How long a successor that failed gets between SIGTERM and SIGKILL.
+const KILL_AFTER: Duration = Duration::from_secs(5);
+
+/// Longest line accepted on the channel (a traceback fits comfortably).
+const MAX_LINE: usize = 1024 * 1024;
+
+/// What `$SAUNA_UPGRADE_FDS` holds, as JSON: each inherited descriptor by role and address.
+#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Description {
+    /// The successor's end of the hand-over channel.
+    pub channel: RawFd,
+    /// The control socket: its path and descriptor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<(PathBuf, RawFd)>,
+    /// The metrics endpoint: `[metrics].listen` and the descriptor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<(String, RawFd)>,
+    /// The web front: each `[web].listen` entry and its descriptor.
+    #[serde(default)]
+    pub web: Vec<(String, RawFd)>,
+}
+
+impl Description {
+    fn fds(&self) -> Vec<RawFd> {
+        let mut fds = vec![self.channel];
+        fds.extend(self.control.as_ref().map(|(_, fd)| *fd));
+        fds.extend(self.metrics.as_ref().map(|(_, fd)| *fd));
+        fds.extend(self.web.iter().map(|(_, fd)| *fd));
+        fds
+    }
+}
+
+/// One line on the hand-over channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "msg", rename_all = "snake_case")]
+pub enum Message {
+    /// Successor → old: a step of its start, for the `upgrade` client.
+    Progress {
+        /// One line.
+        message: String,
+    },
+    /// Successor → old: serving; the old process may hand over.
+    Ready {
+        /// The successor's pid.
+        pid: u32,
+    },
+    /// Successor → old: it cannot start, and exits.
+    Failed {
+        /// What failed: the config's diagnostics, an app's traceback.
+        message: String,
+    },
+    /// Old → successor: systemd now tracks the successor as the main process.
+    MainPid,
+    /// Old → successor: the old roles have stopped; start the rest and take the control socket.
+    Released,
+}
+
+impl Message {
+    fn line(&self) -> Vec<u8> {
+        // Serializing a plain enum of strings and integers cannot fail.
+        let mut line = serde_json::to_vec(self).unwrap_or_default();
+        line.push(b'\n');
+        line
+    }
+}
+
+/// Duplicates of the sockets the successor inherits, gathered by the main loop.
+#[derive(Debug, Default)]
+pub struct Sockets {
+    /// The control socket's path and listener.
+    pub control: Option<(PathBuf, OwnedFd)>,
+    /// `[metrics].listen` and its listener.
+    pub metrics: Option<(String, OwnedFd)>,
+    /// Each `[web].listen` entry and its listener.
+    pub web: Vec<(String, OwnedFd)>,
+}
+
+/// An upgrade in progress: the successor is starting.
+pub struct UpgradeRun {
+    task: JoinHandle<Result<Successor, Failure>>,
+    progress: mpsc::UnboundedReceiver<String>,
+    /// The `upgrade` client waiting for the outcome (none for SIGUSR2).
+    pub waiter: Option<Responder>,
+    /// The successor's pid.
+    pub pid: u32,
+}
+
+/// What a run reports to the main loop.
+pub enum UpgradeEvent {
+    /// A step, for the waiting client and the log.
+    Progress(String),
+    /// The successor is ready, or it failed and is gone.
+    Finished(Box<Result<Successor, Failure>>),
+}
+
+/// Why an upgrade failed; the old supervisor keeps running untouched.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Failure {
+    /// One line: what failed.
+    pub message: String,
+    /// More text: the successor's diagnostics or traceback.
+    pub detail: Option<String>,
+}
+
+impl Failure {
+    fn new(message: impl Into<String>) -> Failure {
+        Failure {
+            message: message.into(),
+            detail: None,
+        }
+    }
+}
+
+/// A successor that reported ready.
+pub struct Successor {
+    /// Its pid.
+    pub pid: u32,
+    writer: OwnedWriteHalf,
+}
+
+impl Successor {
+    /// Tells the successor something; a successor that is gone is only logged (it would have
+    /// taken over through end-of-file anyway).
+    pub async fn tell(&mut self, message: Message) {
+        if let Err(error) = self.writer.write_all(&message.line()).await {
+            tracing::warn!(
+                pid = self.pid,
+                "upgrade: cannot reach the new supervisor: {error}"
+            );
+        }
+    }
+}
+
+impl UpgradeRun {
+    /// Spawns `binary` with this process's arguments, handing it `sockets`, `env` (systemd's
+    /// variables) and a hand-over channel, and watches it until it is ready, failed or late
+    /// (`timeout`). The caller sets [`UpgradeRun::waiter`].
+    pub fn start(
+        binary: &Path,
+        sockets: Sockets,
+        env: &[(&'static str, OsString)],
+        timeout: Duration,
+    ) -> Result<UpgradeRun, Failure> {
+        let (ours, theirs) = StdUnixStream::pair().map_err(|error| {
+            Failure::new(format!("cannot create the hand-over channel: {error}"))
+        })?;
+        let description = Description {
+            channel: theirs.as_raw_fd(),
+            control: sockets
+                .control
+                .as_ref()
+                .map(|(path, fd)| (path.clone(), fd.as_raw_fd())),
+            metrics: sockets
+                .metrics
+                .as_ref()
+                .map(|(listen, fd)| (listen.clone(), fd.as_raw_fd())),
+            web: sockets
+                .web
+                .iter()
+                .map(|(listen, fd)| (listen.clone(), fd.as_raw_fd()))
+                .collect(),
+        };
+        let fds = description.fds();
+        let json = serde_json::to_string(&description)
+            .map_err(|error| Failure::new(format!("cannot describe the sockets: {error}")))?;
+        let mut command = tokio::process::Command::new(binary);
+        command
+            .args(std::env::args_os().skip(1))
+            .env(ENV, json)
+            .envs(env.iter().map(|(name, value)| (name, value)))
+            .kill_on_drop(false);
+        // SAFETY: between fork and exec only fcntl(2) runs, which is async-signal-safe; it
+        // touches the child's copies of descriptors this process owns until after the spawn.
+        // Every descriptor is close-on-exec here (Rust and tokio open them so); clearing the flag
+        // in the child alone means no other child spawned meanwhile can inherit them.
+        unsafe {
+            command.pre_exec(move || {
+                for &fd in &fds {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = command
+            .spawn()
+            .map_err(|error| Failure::new(format!("cannot start {}: {error}", binary.display())))?;
+        // The child has its copies; closing ours makes its exit visible as end-of-file.
+        drop(theirs);
+        drop(sockets);
+        let pid = child.id().unwrap_or_default();
+        ours.set_nonblocking(true)
+            .map_err(|error| Failure::new(format!("hand-over channel: {error}")))?;
+        let channel = UnixStream::from_std(ours)
+            .map_err(|error| Failure::new(format!("hand-over channel: {error}")))?;
+        let (progress_sender, progress) = mpsc::unbounded_channel();
+        let binary = binary.to_owned();
+        let task = tokio::spawn(async move {
+            watch(child, pid, channel, &binary, timeout, progress_sender).await
+        });
+        Ok(UpgradeRun {
+            task,
+            progress,
+            waiter: None,
+            pid,
+        })
+    }
+
+    /// The old supervisor stops while the successor is still starting: kill the successor (its
+    /// workers follow through `PR_SET_PDEATHSIG`, its programs' groups through its reaper), so
+    /// that no half-started copy outlives us, and tell the waiting client.
+    pub fn abandon(self) {
+        self.task.abort();
+        if let Ok(raw) = i32::try_from(self.pid) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(raw),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        if let Some(waiter) = self.waiter {
+            waiter.error(
+                crate::control::ErrorKind::Failed,
+                format!(
+                    "the running supervisor is stopping; the new one (pid {}) was killed",
+                    self.pid
+                ),
+                None,
+            );
+        }
+    }
+
+    /// The run's next event, for the main loop's `select!`; progress lines come first.
+    pub async fn next_event(&mut self) -> UpgradeEvent {
+        tokio::select! {
+            biased;
+            Some(line) = self.progress.recv() => UpgradeEvent::Progress(line),
+            finished = &mut self.task => UpgradeEvent::Finished(Box::new(finished.unwrap_or_else(
+                |error| Err(Failure::new(format!("the upgrade task failed: {error}"))),
+            ))),
+        }
+    }
+}
+
+/// Reads the successor's messages until `ready`; on anything else stops it.
+async fn watch(
+    mut child: Child,
+    pid: u32,
+    channel: UnixStream,
+    binary: &Path,
+    timeout: Duration,
+    progress: mpsc::UnboundedSender<String>,
+) -> Result<Successor, Failure> {
+    let (reader, writer) = channel.into_split();
+    let mut reader = BufReader::new(reader);
+    let outcome = tokio::time::timeout(timeout, async {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let read = (&mut reader)
+                .take(MAX_LINE as u64)
+                .read_line(&mut line)
+                .await;
+            match read {
+                Ok(0) | Err(_) => {
+                    // End-of-file: the successor exited (or closed the channel) before ready.
+                    let status = child.wait().await;
+                    return Err(Failure::new(match status {
+                        Ok(status) => format!(
+                            "the new supervisor (pid {pid}, {}) exited before it was ready: {status}",
+                            binary.display()
+                        ),
+                        Err(error) => format!(
+                            "the new supervisor (pid {pid}) closed the hand-over channel: {error}"
+                        ),
+                    }));
+                }
+                Ok(_) => {}
+            }
+            match serde_json::from_str::<Message>(line.trim_end()) {
+                Ok(Message::Progress { message }) => {
+                    let _ = progress.send(format!("new supervisor (pid {pid}): {message}"));
+                }
+                Ok(Message::Ready { .. }) => return Ok(()),
+                Ok(Message::Failed { message }) => {
+                    return Err(Failure {
+                        message: format!("the new supervisor (pid {pid}) cannot start"),
+                        detail: Some(message),
+                    });
+                }
+                Ok(other) => {
+                    tracing::debug!(pid, "upgrade: unexpected message from the new supervisor: {other:?}");
+                }
+                Err(error) => {
+                    return Err(Failure::new(format!(
+                        "the new supervisor (pid {pid}) sent {:?} on the hand-over channel ({error}); \
+                         is {} a sauna-supervisor of a compatible version?",
+                        line.trim_end(),
+                        binary.display()
+                    )));
+                }
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err(Failure::new(format!(
+            "the new supervisor (pid {pid}) was not ready within {timeout:?}"
+        )))
+    });
+    match outcome {
+        // The child handle is dropped: it is never killed from here on, and should the successor
+        // exit while we still run, tokio reaps it.
+        Ok(()) => Ok(Successor { pid, writer }),
+        Err(failure) => {
+            stop(&mut child, pid).await;
+            Err(failure)
+        }
+    }
+}
+
+/// TERM, then KILL after [`KILL_AFTER`]; waits for the exit.
+async fn stop(child: &mut Child, pid: u32) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    if let Ok(raw) = i32::try_from(pid) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(raw),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    if tokio::time::timeout(KILL_AFTER, child.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            pid,
+            "upgrade: the new supervisor ignored SIGTERM; killing it"
+        );
+        let _ = child.kill().await;
+    }
+}
+
+/// The successor's view: what it inherited, and its end of the channel.
+#[derive(Debug)]
+pub struct Inherited {
+    /// The control socket, when the old supervisor had one.
+    pub control: Option<(PathBuf, OwnedFd)>,
+    /// The metrics listener, when there was one.
+    pub metrics: Option<(String, OwnedFd)>,
+    /// The web listeners, by `[web].listen` entry.
+    pub web: Vec<(String, OwnedFd)>,
+    channel: StdUnixStream,
+}
+
+impl Inherited {
+    /// Reads and removes `$SAUNA_UPGRADE_FDS`; `None` for an ordinary start. Every inherited
+    /// descriptor is made close-on-exec again at once, so no worker or program inherits it.
+    ///
+    /// # Safety
+    ///
+    /// Must be called while the process has exactly one thread (see `Notifier::from_env_take`:
+    /// the environment is changed), and at most once (the descriptors are taken over).
+    pub unsafe fn take_from_env() -> Result<Option<Inherited>, String> {
+        let Some(value) = std::env::var_os(ENV) else {
+            return Ok(None);
+        };
+        // SAFETY: single-threaded, as the caller guarantees.
+        unsafe { std::env::remove_var(ENV) };
+        let description: Description = value
+            .to_str()
+            .and_then(|text| serde_json::from_str(text).ok())
+            .ok_or_else(|| {
+                format!(
+                    "${ENV} is not a description of inherited sockets: {}",
+                    value.to_string_lossy()
+                )
+            })?;
+        let take = |fd: RawFd| -> Result<OwnedFd, String> {
+            // SAFETY: fcntl on a number only inspects and flags it; an fd that is not open
+            // fails with EBADF, which is reported instead of adopting a stranger.
+            if fd < 3 || unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } == -1 {
+                return Err(format!(
+                    "${ENV} names descriptor {fd}, which was not inherited"
+                ));
+            }
+            // SAFETY: the descriptor is open (checked above) and nothing else in this process
+            // knows its number: the old supervisor handed it to us alone.
+            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        };
+        let channel = StdUnixStream::from(take(description.channel)?);
+        let control = match description.control {
+            Some((path, fd)) => Some((path, take(fd)?)),
+            None => None,
+        };
+        let metrics = match description.metrics {
+            Some((listen, fd)) => Some((listen, take(fd)?)),
+            None => None,
+        };
+        let web = description
+            .web
+            .into_iter()
+            .map(|(listen, fd)| Ok((listen, take(fd)?)))
+            .collect::<Result<_, String>>()?;
+        Ok(Some(Inherited {
+            control,
+            metrics,
+            web,
+            channel,
+        }))
+    }
+
+    /// Tells the old supervisor something.
+    pub fn tell(&self, message: &Message) {
+        tell(&self.channel, message);
+    }
+
+    /// A second handle on the channel: for the main loop to wait for `released` on, and for
+    /// `run` to report a failure with after this value is gone.
+    pub fn channel(&self) -> std::io::Result<StdUnixStream> {
+        self.channel.try_clone()
+    }
+
+    /// The web listeners for `listen` (one per `[web].listen` entry, in order): the inherited
+    /// one where the address is the same, else a new one bound with `backlog`. Inherited sockets
+    /// whose address left the config are closed.
+    pub fn web_listeners(
+        &mut self,
+        listen: &[String],
+        backlog: u32,
+    ) -> Result<Vec<crate::web::Listener>, crate::web::BindError> {
+        let mut inherited = std::mem::take(&mut self.web);
+        let listeners = listen
+            .iter()
+            .map(
+                |address| match inherited.iter().position(|(listen, _)| listen == address) {
+                    Some(index) => {
+                        let (_, fd) = inherited.remove(index);
+                        crate::web::Listener::adopt(address, fd).map_err(|source| {
+                            crate::web::BindError {
+                                address: address.clone(),
+                                source,
+                            }
+                        })
+                    }
+                    None => crate::web::bind(std::slice::from_ref(address), backlog)
+                        .map(|mut bound| bound.remove(0)),
+                },
+            )
+            .collect();
+        for (address, _) in &inherited {
+            tracing::info!(
+                "upgrade: {address} is no longer in [web].listen; closing the inherited socket"
+            );
+        }
+        listeners
+    }
+}
+
+/// Writes `message` to the old supervisor (a few bytes on a socket; never blocks for long).
+pub fn tell(channel: &StdUnixStream, message: &Message) {
+    if let Err(error) = (&*channel).write_all(&message.line()) {
+        tracing::warn!("upgrade: cannot reach the old supervisor: {error}");
+    }
+}
+
+/// The successor's wait for the old supervisor, in the main loop's `select!`.
+pub struct Predecessor {
+    lines: tokio::io::Lines<BufReader<UnixStream>>,
+}
+
+impl Predecessor {
+    /// Listens on `channel` (from [`Inherited::channel`]).
+    pub fn new(channel: StdUnixStream) -> std::io::Result<Predecessor> {
+        channel.set_nonblocking(true)?;
+        Ok(Predecessor {
+            lines: BufReader::new(UnixStream::from_std(channel)?).lines(),
+        })
+    }
+
+    /// The old supervisor's next word: [`Message::MainPid`] or [`Message::Released`]. End-of-file
+    /// counts as `released`: the old process is gone either way, and its roles with it.
+    /// Cancel-safe.
+    pub async fn next(&mut self) -> Message {
+        loop {
+            match self.lines.next_line().await {
+                Ok(Some(line)) => match serde_json::from_str::<Message>(&line) {
+                    Ok(message @ (Message::MainPid | Message::Released)) => return message,
+                    other => {
+                        tracing::debug!("upgrade: unexpected hand-over line {line:?}: {other:?}");
+                    }
+                },
+                Ok(None) | Err(_) => return Message::Released,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_description_round_trips_and_lists_every_descriptor() {
+        let description = Description {
+            channel: 7,
+            control: Some(("/run/sauna/control.sock".into(), 8)),
+            metrics: Some(("127.0.0.1:9100".to_owned(), 9)),
+            web: vec![
+                ("0.0.0.0:8000".to_owned(), 10),
+                ("unix:/run/app; odd=name.sock".to_owned(), 11),
+            ],
+        };
+        let text = serde_json::to_string(&description).expect("serialize");
+        let back: Description = serde_json::from_str(&text).expect("parse");
+        assert_eq!(back, description);
+        assert_eq!(back.fds(), [7, 8, 9, 10, 11]);
+        let minimal: Description = serde_json::from_str(r#"{"channel":3}"#).expect("parse");
+        assert_eq!(minimal.fds(), [3]);
+    }
+
+    #[test]
+    fn messages_are_one_json_line_each() {
+        let messages = [
+            Message::Progress {
+                message: "web pool ready".to_owned(),
+            },
+            Message::Ready { pid: 42 },
+            Message::Failed {
+                message: "sauna.toml:3:1: bad\nsecond line".to_owned(),
+            },
+            Message::MainPid,
+            Message::Released,
+        ];
+        for message in messages {
+            let line = message.line();
+            assert_eq!(line.iter().filter(|byte| **byte == b'\n').count(), 1);
+            assert_eq!(line.last(), Some(&b'\n'));
+            let back: Message = serde_json::from_slice(&line).expect("parse");
+            assert_eq!(back, message);
+        }
+        assert_eq!(
+            String::from_utf8(Message::Released.line()).expect("UTF-8"),
+            "{\"msg\":\"released\"}\n"
+        );
+    }
+}
