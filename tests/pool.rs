@@ -82,6 +82,12 @@ def _app(environ, start_response):
     if path == "/big":
         start_response("200 OK", text)
         return (b"y" * 65536 for _ in range(16))
+    if path == "/varied":
+        # Bigger than a slot's shared ring (2 MiB) in chunks that do not divide it, each chunk
+        # its own byte, one of them through write().
+        write = start_response("200 OK", text)
+        write(bytes([250]) * 70000)
+        return (bytes([index % 250]) * 70000 for index in range(40))
     if path == "/cookies":
         start_response("200 OK", text + [("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("X-Latin", "caf\xe9")])
         return [b"two cookies"]
@@ -620,6 +626,59 @@ fn responses_keep_wsgi_semantics() {
     );
     assert_eq!(gzip.status, 501);
     assert_eq!(get(address, "/pid").text(), pid);
+}
+
+fn varied_body() -> Vec<u8> {
+    let mut body = vec![250u8; 70000];
+    for index in 0..40u8 {
+        body.extend(std::iter::repeat_n(index % 250, 70000));
+    }
+    body
+}
+
+#[test]
+fn big_streamed_bodies_arrive_intact_through_the_shared_ring() {
+    let sandbox = Sandbox::new();
+    let pool = start_test_app(&sandbox, |_| {});
+    let expected = varied_body();
+    // One connection, several responses: the ring wraps around and is reused across requests.
+    let mut reader = BufReader::new(connect(&pool.address));
+    for _ in 0..4 {
+        reader
+            .get_mut()
+            .write_all(b"GET /varied HTTP/1.1\r\nHost: t\r\n\r\n")
+            .expect("send");
+        let response = read_response(&mut reader, false);
+        assert!(response.complete);
+        assert_eq!(response.body.len(), expected.len());
+        assert!(response.body == expected, "the body arrived altered");
+    }
+    // Two clients at once on the one worker's ring, one after the other.
+    let clients: Vec<_> = (0..2)
+        .map(|_| {
+            let address = pool.address.clone();
+            std::thread::spawn(move || get(&address, "/varied").body)
+        })
+        .collect();
+    for client in clients {
+        assert!(client.join().expect("client") == expected);
+    }
+}
+
+#[test]
+fn a_client_that_does_not_read_does_not_hold_the_only_worker() {
+    let sandbox = Sandbox::new();
+    let pool = start_test_app(&sandbox, |_| {});
+    // 2.8 MB, more than the shared ring holds: the rest must be read ahead by the front.
+    let mut idle = connect(&pool.address);
+    idle.write_all(b"GET /varied HTTP/1.1\r\nHost: t\r\n\r\n")
+        .expect("send");
+    for _ in 0..3 {
+        assert_eq!(get(&pool.address, "/hello").body, b"Hello, World!");
+    }
+    // The idle client still gets its whole body once it reads.
+    let response = read_response(&mut BufReader::new(idle), false);
+    assert!(response.body == varied_body(), "the body arrived altered");
 }
 
 #[test]

@@ -21,13 +21,17 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use std::sync::Arc;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::AsyncWrite;
 use tokio::net::UnixStream;
 
+use crate::worker::ring::Ring;
+
 /// The protocol version the shim reports in its `Ready` frame; both sides ship in one binary, the
 /// check catches a stale shim file or a hand-started worker.
-pub const PROTOCOL: u32 = 1;
+pub const PROTOCOL: u32 = 2;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 12;
 /// Largest payload accepted from a worker; a bigger length means a corrupt channel.
@@ -64,6 +68,9 @@ pub enum Kind {
     Error = 21,
     /// Worker → front: the app wants up to `arg` more body bytes.
     Read = 22,
+    /// Worker → front: more body bytes, in the slot's shared ring (`worker::ring`) at offset
+    /// `arg`; the payload is their length (u32). The channel hands them on as a `Body` frame.
+    Shared = 23,
 }
 
 impl Kind {
@@ -79,6 +86,7 @@ impl Kind {
             20 => Kind::End,
             21 => Kind::Error,
             22 => Kind::Read,
+            23 => Kind::Shared,
             _ => return None,
         })
     }
@@ -169,6 +177,8 @@ pub struct Channel {
     stream: UnixStream,
     input: BytesMut,
     output: BytesMut,
+    /// The slot's shared body ring and the ring position of the next `Shared` chunk.
+    ring: Option<(Arc<Ring>, u64)>,
 }
 
 /// Keeps glibc from returning freed heap memory to the kernel unless more than this is free at the
@@ -207,7 +217,51 @@ impl Channel {
             stream,
             input: BytesMut::with_capacity(READ_SIZE),
             output: BytesMut::new(),
+            ring: None,
         }
+    }
+
+    /// Wraps a request slot's socket whose worker may send body chunks through `ring`.
+    pub fn with_ring(stream: UnixStream, ring: Arc<Ring>) -> Channel {
+        let mut channel = Channel::new(stream);
+        channel.ring = Some((ring, 0));
+        channel
+    }
+
+    /// Turns a `Shared` frame into the `Body` frame it stands for.
+    fn resolve(&mut self, frame: Frame) -> Result<Frame, ChannelError> {
+        if frame.kind != Kind::Shared {
+            return Ok(frame);
+        }
+        let Some((ring, position)) = self.ring.as_mut() else {
+            return Err(ChannelError::Protocol(
+                "a shared chunk without a ring".to_owned(),
+            ));
+        };
+        let len = match frame.payload[..] {
+            [a, b, c, d] => u32::from_le_bytes([a, b, c, d]) as usize,
+            _ => {
+                return Err(ChannelError::Protocol(
+                    "a malformed shared chunk".to_owned(),
+                ));
+            }
+        };
+        let at = frame.arg as usize;
+        // The worker writes the ring in order, so each chunk starts where the last one ended.
+        let expected = usize::try_from(*position % ring.size() as u64).unwrap_or(usize::MAX);
+        if at != expected || len > ring.size() - at {
+            return Err(ChannelError::Protocol(format!(
+                "a shared chunk at {at}+{len}, expected at {expected}"
+            )));
+        }
+        let payload = ring.chunk(at, len, *position);
+        *position += len as u64;
+        Ok(Frame {
+            kind: Kind::Body,
+            flags: 0,
+            arg: 0,
+            payload,
+        })
     }
 
     /// Queues bytes to be written by the next `poll_flush`.
@@ -236,7 +290,7 @@ impl Channel {
     pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<Frame, ChannelError>> {
         loop {
             if let Some(frame) = decode(&mut self.input)? {
-                return Poll::Ready(Ok(frame));
+                return Poll::Ready(self.resolve(frame));
             }
             ready!(self.stream.poll_read_ready(cx))?;
             let (want, exact) = self.read_size();
@@ -392,6 +446,59 @@ mod tests {
             }
             assert_eq!(channel.frame().await.unwrap().kind, Kind::End);
             writer.join().unwrap();
+        });
+    }
+
+    #[test]
+    fn shared_frames_become_body_frames_from_the_ring_in_order() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (ring, fd) = Ring::new(4096).unwrap();
+            // The worker's side: write the bytes through the memfd, then announce them.
+            let file = std::fs::File::from(fd);
+            std::os::unix::fs::FileExt::write_all_at(&file, b"hello world", 64).unwrap();
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+            ours.set_nonblocking(true).unwrap();
+            let mut channel = Channel::with_ring(UnixStream::from_std(ours).unwrap(), ring);
+            let shared = |at: u32, len: u32| {
+                let mut wire = BytesMut::new();
+                put_header(&mut wire, Kind::Shared, 0, at, 4);
+                wire.extend_from_slice(&len.to_le_bytes());
+                wire
+            };
+            use std::io::Write;
+            (&theirs).write_all(&shared(0, 5)).unwrap();
+            (&theirs).write_all(&shared(5, 6)).unwrap();
+            let first = channel.frame().await.unwrap();
+            assert_eq!(
+                (first.kind, &first.payload[..]),
+                (Kind::Body, &b"hello"[..])
+            );
+            let second = channel.frame().await.unwrap();
+            assert_eq!(&second.payload[..], b" world");
+            // Not where the previous chunk ended: a broken worker.
+            (&theirs).write_all(&shared(100, 1)).unwrap();
+            assert!(matches!(
+                channel.frame().await,
+                Err(ChannelError::Protocol(_))
+            ));
+        });
+        // Without a ring, a Shared frame is a protocol error too.
+        runtime.block_on(async {
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+            ours.set_nonblocking(true).unwrap();
+            let mut channel = Channel::new(UnixStream::from_std(ours).unwrap());
+            let mut wire = BytesMut::new();
+            put_header(&mut wire, Kind::Shared, 0, 0, 4);
+            wire.extend_from_slice(&1u32.to_le_bytes());
+            std::io::Write::write_all(&mut &theirs, &wire).unwrap();
+            assert!(matches!(
+                channel.frame().await,
+                Err(ChannelError::Protocol(_))
+            ));
         });
     }
 

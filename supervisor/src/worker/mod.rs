@@ -12,11 +12,14 @@
 //!   registered on SIGUSR2 with this descriptor as its file: a stack dump of a stuck worker is
 //!   written by the C signal handler even while Python code holds the GIL or sleeps in C.
 //! - **4 … 4+threads-1, the request slots**, one socketpair each, one request at a time each.
+//! - **4+threads … 4+2·threads-1, the slots' shared body rings** (`ring`), one memfd each: big
+//!   response chunks are copied there and announced on the slot instead of written into it.
 //!
 //! Readiness is the child's own word over its own channel (started ≠ ready): a worker that is
 //! running but has not imported the app never receives a request.
 
 pub mod frame;
+pub mod ring;
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
@@ -43,6 +46,14 @@ const BOOTSTRAP: &str =
 const FIRST_SLOT_FD: i32 = 4;
 /// Descriptor number of the control channel in the worker.
 const CONTROL_FD: i32 = 3;
+/// Size of each request slot's shared body ring (`ring`): room for 32 chunks of 64 KiB read
+/// ahead of the client before the worker falls back to the socket. Only on x86-64, whose memory
+/// ordering makes the shim's plain loads of the release counter safe.
+const RING_SIZE: usize = if cfg!(target_arch = "x86_64") {
+    2 << 20
+} else {
+    0
+};
 /// Send buffer of a worker's end of a request slot.
 const SLOT_SEND_BUFFER: usize = 1 << 20;
 /// The signal faulthandler dumps the Python stack on (registered by the shim).
@@ -319,6 +330,28 @@ async fn start(launch: &Launch, mode: &str, label: &str) -> Result<Started, Star
         pass_fds.push((OwnedFd::from(theirs), number));
         slots.push(ours);
     }
+    // One ring per slot, passed after the slots; without them (memfd refused) bodies go
+    // through the sockets.
+    let mut rings = Vec::new();
+    if RING_SIZE > 0 {
+        for index in 0..slot_count {
+            match ring::Ring::new(RING_SIZE) {
+                Ok((ring, fd)) => {
+                    let number = FIRST_SLOT_FD
+                        + i32::try_from(slot_count + index).unwrap_or(i32::MAX - FIRST_SLOT_FD);
+                    pass_fds.push((fd, number));
+                    rings.push(ring);
+                }
+                Err(error) => {
+                    tracing::warn!("cannot create a shared body ring, using the sockets: {error}");
+                    pass_fds.truncate(pass_fds.len() - rings.len());
+                    rings.clear();
+                    break;
+                }
+            }
+        }
+    }
+    let ring_size = if rings.is_empty() { 0 } else { RING_SIZE };
     let spec = ChildSpec {
         argv: vec![
             launch.python.display().to_string(),
@@ -329,6 +362,7 @@ async fn start(launch: &Launch, mode: &str, label: &str) -> Result<Started, Star
             launch.kind.to_owned(),
             launch.target.clone(),
             slot_count.max(1).to_string(),
+            ring_size.to_string(),
         ],
         cwd: Some(launch.directory.clone()),
         env: launch.env.clone(),
@@ -404,9 +438,15 @@ async fn start(launch: &Launch, mode: &str, label: &str) -> Result<Started, Star
             return Err(StartError::Protocol(format!("unexpected {other:?} frame")));
         }
     }
+    let mut rings = rings.into_iter();
     let slots = slots
         .into_iter()
-        .map(|stream| tokio_stream(stream).map(Channel::new))
+        .map(|stream| {
+            tokio_stream(stream).map(|stream| match rings.next() {
+                Some(ring) => Channel::with_ring(stream, ring),
+                None => Channel::new(stream),
+            })
+        })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Started {
         child,

@@ -9,13 +9,18 @@ import traceback goes back, then faulthandler writes stack dumps to it on SIGUSR
 the request slots, one per thread. Each slot carries one request at a time, so a thread blocks on
 its own socket and needs no locking, queueing or request ids.
 
-argv: protocol mode(serve|check) kind(wsgi|paste) target threads
+argv: protocol mode(serve|check) kind(wsgi|paste) target threads ring_size
+
+With ring_size > 0, descriptors 4+threads, ... are the slots' shared body rings (memfds, see
+supervisor/src/worker/ring.rs): a big chunk is copied into the ring and announced with a small
+SHARED frame instead of being written to the socket, when the ring has room for it.
 """
 
 import faulthandler
 import importlib
 import io
 import itertools
+import mmap
 import os
 import signal
 import socket
@@ -25,11 +30,11 @@ import threading
 import time
 import traceback
 
-PROTOCOL = 1
+PROTOCOL = 2
 HEADER = struct.Struct("<IIBBH")
 HLEN = HEADER.size
 REQUEST, DATA, ABORT = 1, 2, 3
-READY, FAILED, START, BODY, END, ERROR, READ = 16, 17, 18, 19, 20, 21, 22
+READY, FAILED, START, BODY, END, ERROR, READ, SHARED = 16, 17, 18, 19, 20, 21, 22, 23
 FLAG_PULL = 1
 FLAG_TERMINATED = 2
 FLAG_END = 1
@@ -39,6 +44,9 @@ STACK_SIGNAL = signal.SIGUSR2
 RECV_SIZE = 65536
 READ_SIZE = 65536
 ABORT_CHECK_INTERVAL = 0.05
+RING_HEADER = 64
+SHARE_FROM = 16384
+SHARED_FRAME = struct.Struct("<IIBBHI")
 
 _pack = HEADER.pack
 _unpack = HEADER.unpack_from
@@ -104,8 +112,18 @@ class PullInput(io.RawIOBase):
 class Slot:
     """One request slot: a socket to the front and the state of the request it is serving."""
 
-    def __init__(self, fd, app, base):
+    def __init__(self, fd, app, base, ring_fd=None, ring_size=0):
         self.sock = socket.socket(fileno=fd)
+        self.ring = None
+        if ring_fd is not None:
+            self.ring_map = mmap.mmap(ring_fd, RING_HEADER + ring_size)
+            os.close(ring_fd)
+            view = memoryview(self.ring_map)
+            # The supervisor's release counter: an aligned 4-byte word, read with one load.
+            self.released = view[:4].cast("I")
+            self.ring = view[RING_HEADER:]
+            self.ring_size = ring_size
+            self.written = 0
         self.sock.setblocking(True)
         self.pending = b""
         # One receive buffer per slot: sock.recv(n) would allocate (and for large n mmap and
@@ -121,6 +139,27 @@ class Slot:
 
     def send(self, data):
         self.sock.sendall(data)
+
+    def send_body(self, chunk):
+        """Sends a body chunk: through the shared ring when it is big and fits, else inline."""
+        size = len(chunk)
+        ring = self.ring
+        if ring is not None and size >= SHARE_FROM:
+            ring_size = self.ring_size
+            written = self.written
+            if ((written - self.released[0]) & 0xFFFFFFFF) + size <= ring_size:
+                at = written & (ring_size - 1)
+                first = min(size, ring_size - at)
+                view = memoryview(chunk)
+                ring[at:at + first] = view[:first]
+                frames = SHARED_FRAME.pack(4, at, SHARED, 0, 0, first)
+                if first < size:
+                    ring[:size - first] = view[first:]
+                    frames += SHARED_FRAME.pack(4, 0, SHARED, 0, 0, size - first)
+                self.written = (written + size) & 0xFFFFFFFF
+                self.sock.sendall(frames)
+                return
+        self.sendv([_pack(size, 0, BODY, 0, 0), chunk])
 
     def sendv(self, parts):
         total = sum(map(len, parts))
@@ -242,7 +281,7 @@ class Slot:
                     if self.client_gone():
                         return
                     next_check = clock() + ABORT_CHECK_INTERVAL
-                self.sendv([_pack(len(chunk), 0, BODY, 0, 0), chunk])
+                self.send_body(chunk)
             else:
                 self.write_first(chunk)
         if self.sent:
@@ -324,7 +363,7 @@ class Slot:
         if not data:
             return
         if self.sent:
-            self.sendv([_pack(len(data), 0, BODY, 0, 0), data])
+            self.send_body(data)
         else:
             self.write_first(data)
 
@@ -390,8 +429,9 @@ def load_app(kind, target):
 
 
 def main(argv):
-    protocol, mode, kind, target, threads = argv
+    protocol, mode, kind, target, threads, ring_size = argv
     threads = int(threads)
+    ring_size = int(ring_size)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     if int(protocol) != PROTOCOL:
@@ -416,7 +456,16 @@ def main(argv):
         "wsgi.run_once": False,
         "wsgi.file_wrapper": FileWrapper,
     }
-    slots = [Slot(FIRST_SLOT_FD + index, app, base) for index in range(threads)]
+    slots = [
+        Slot(
+            FIRST_SLOT_FD + index,
+            app,
+            base,
+            FIRST_SLOT_FD + threads + index if ring_size else None,
+            ring_size,
+        )
+        for index in range(threads)
+    ]
     helpers = [threading.Thread(target=slot.serve, name="sauna-slot", daemon=True) for slot in slots[1:]]
     for helper in helpers:
         helper.start()
