@@ -46,14 +46,34 @@ const BOOTSTRAP: &str =
 const FIRST_SLOT_FD: i32 = 4;
 /// Descriptor number of the control channel in the worker.
 const CONTROL_FD: i32 = 3;
-/// Size of each request slot's shared body ring (`ring`): room for 32 chunks of 64 KiB read
-/// ahead of the client before the worker falls back to the socket. Only on x86-64, whose memory
-/// ordering makes the shim's plain loads of the release counter safe.
-const RING_SIZE: usize = if cfg!(target_arch = "x86_64") {
-    2 << 20
+/// Shared body ring (`ring`) per worker, split among its slots: a single-threaded worker's slot
+/// holds 32 chunks of 64 KiB read ahead of the client before the worker falls back to the
+/// socket. Pages are only touched by responses that stream big chunks. Only on x86-64, whose
+/// memory ordering makes the shim's plain loads of the release counter safe.
+const RING_PER_WORKER: usize = if cfg!(target_arch = "x86_64") {
+    4 << 20
 } else {
     0
 };
+/// Largest and smallest ring of one slot.
+const RING_MAX: usize = 2 << 20;
+const RING_MIN: usize = 256 << 10;
+
+/// The ring size of each of `threads` slots (a power of two), 0 for none.
+fn ring_size(threads: usize) -> usize {
+    if RING_PER_WORKER == 0 {
+        return 0;
+    }
+    let share = RING_PER_WORKER / threads.max(1);
+    // The largest power of two not above the share.
+    let size = if share.is_power_of_two() {
+        share
+    } else {
+        share.next_power_of_two() / 2
+    };
+    size.clamp(RING_MIN, RING_MAX)
+}
+
 /// Send buffer of a worker's end of a request slot.
 const SLOT_SEND_BUFFER: usize = 1 << 20;
 /// The signal faulthandler dumps the Python stack on (registered by the shim).
@@ -333,9 +353,10 @@ async fn start(launch: &Launch, mode: &str, label: &str) -> Result<Started, Star
     // One ring per slot, passed after the slots; without them (memfd refused) bodies go
     // through the sockets.
     let mut rings = Vec::new();
-    if RING_SIZE > 0 {
+    let wanted_ring = ring_size(slot_count);
+    if wanted_ring > 0 {
         for index in 0..slot_count {
-            match ring::Ring::new(RING_SIZE) {
+            match ring::Ring::new(wanted_ring) {
                 Ok((ring, fd)) => {
                     let number = FIRST_SLOT_FD
                         + i32::try_from(slot_count + index).unwrap_or(i32::MAX - FIRST_SLOT_FD);
@@ -351,7 +372,7 @@ async fn start(launch: &Launch, mode: &str, label: &str) -> Result<Started, Star
             }
         }
     }
-    let ring_size = if rings.is_empty() { 0 } else { RING_SIZE };
+    let ring_size = if rings.is_empty() { 0 } else { wanted_ring };
     let spec = ChildSpec {
         argv: vec![
             launch.python.display().to_string(),
@@ -515,4 +536,23 @@ pub fn check_import(app: &AppConfig, base_dir: &Path) -> Result<(), ImportCheck>
             Err(other) => Err(ImportCheck::Failed(other.to_string())),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rings_are_split_among_slots_within_bounds() {
+        if RING_PER_WORKER == 0 {
+            assert_eq!(ring_size(1), 0);
+            return;
+        }
+        assert_eq!(ring_size(1), 2 << 20);
+        assert_eq!(ring_size(2), 2 << 20);
+        assert_eq!(ring_size(3), 1 << 20);
+        assert_eq!(ring_size(8), 512 << 10);
+        assert_eq!(ring_size(64), 256 << 10);
+        assert!((1..100).all(|threads| ring_size(threads).is_power_of_two()));
+    }
 }
