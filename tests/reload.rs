@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::util::{self, Running, Sandbox};
+use crate::util::{self, Running, Sandbox, output_text};
 
 /// One release of the test app. `EXTRA` is spliced in at import time (a raise, a hang …).
 const APP: &str = r#"
@@ -123,15 +123,6 @@ impl Drop for Stack {
             let _ = running.stop();
         }
     }
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 /// One response as a client saw it.
@@ -356,8 +347,16 @@ fn ten_reloads_under_load_switch_releases_without_a_failed_request() {
         let started = Instant::now();
         let output = stack.reload();
         let returned = Instant::now();
-        assert!(output.status.success(), "reload {round}: {}", text(&output));
-        assert!(text(&output).contains("canary ready"), "{}", text(&output));
+        assert!(
+            output.status.success(),
+            "reload {round}: {}",
+            output_text(&output)
+        );
+        assert!(
+            output_text(&output).contains("canary ready"),
+            "{}",
+            output_text(&output)
+        );
         windows.push((started, returned, round));
         match round {
             4 => {
@@ -461,11 +460,11 @@ fn broken_releases_are_refused_or_rolled_back_while_the_old_one_serves() {
         stack.address()
     ));
     let output = stack.reload();
-    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert_eq!(output.status.code(), Some(1), "{}", output_text(&output));
     assert!(
-        text(&output).contains(&format!("cannot listen on {taken_address}")),
+        output_text(&output).contains(&format!("cannot listen on {taken_address}")),
         "{}",
-        text(&output)
+        output_text(&output)
     );
     drop(taken);
     stack.configure(&web);
@@ -474,8 +473,8 @@ fn broken_releases_are_refused_or_rolled_back_while_the_old_one_serves() {
     stack.release("raises", "raise RuntimeError('release raises on import')");
     stack.switch("raises");
     let output = stack.reload();
-    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
-    let all = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{}", output_text(&output));
+    let all = output_text(&output);
     assert!(
         all.contains("RuntimeError: release raises on import"),
         "{all}"
@@ -488,11 +487,11 @@ fn broken_releases_are_refused_or_rolled_back_while_the_old_one_serves() {
     stack.configure(&format!("{web}reload_timeout = \"2s\"\n"));
     let started = Instant::now();
     let output = stack.reload();
-    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert_eq!(output.status.code(), Some(1), "{}", output_text(&output));
     assert!(
-        text(&output).contains("did not report ready within"),
+        output_text(&output).contains("did not report ready within"),
         "{}",
-        text(&output)
+        output_text(&output)
     );
     assert!(started.elapsed() < Duration::from_secs(15));
     stack.configure(&web);
@@ -504,8 +503,8 @@ fn broken_releases_are_refused_or_rolled_back_while_the_old_one_serves() {
     );
     stack.switch("cold");
     let output = stack.reload();
-    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
-    let all = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{}", output_text(&output));
+    let all = output_text(&output);
     assert!(
         all.contains("500") && all.contains("warm-up of cold"),
         "{all}"
@@ -522,8 +521,8 @@ fn broken_releases_are_refused_or_rolled_back_while_the_old_one_serves() {
     );
     stack.switch("flaky");
     let output = stack.reload();
-    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
-    let all = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{}", output_text(&output));
+    let all = output_text(&output);
     assert!(all.contains("the second worker of flaky breaks"), "{all}");
     assert!(all.contains("rolled back"), "{all}");
     let after_rollback = Instant::now();
@@ -544,7 +543,7 @@ fn broken_releases_are_refused_or_rolled_back_while_the_old_one_serves() {
     stack.switch("v2");
     let deploying = Instant::now();
     let output = stack.reload();
-    assert!(output.status.success(), "{}", text(&output));
+    assert!(output.status.success(), "{}", output_text(&output));
     let switched = Instant::now();
     load.wait_for(50);
 
@@ -611,8 +610,8 @@ fn a_long_request_survives_and_two_concurrent_reloads_are_serialized() {
             second.join().expect("second reload"),
         )
     });
-    assert!(first.status.success(), "{}", text(&first));
-    assert!(second.status.success(), "{}", text(&second));
+    assert!(first.status.success(), "{}", output_text(&first));
+    assert!(second.status.success(), "{}", output_text(&second));
     assert_eq!(
         slow.join().expect("slow request"),
         Ok((200, "v1 0".to_owned())),

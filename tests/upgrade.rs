@@ -14,7 +14,7 @@ use std::thread;
 use std::time::Duration;
 
 use crate::reload::{Load, failures, read_response};
-use crate::util::{self, Running, Sandbox};
+use crate::util::{self, Running, Sandbox, output_text};
 
 /// Answers `v1 <body length>`, as the reload tests' load generator expects.
 const APP: &str = r#"
@@ -117,6 +117,20 @@ fn processes_with(marker: &str) -> usize {
         .count()
 }
 
+/// Stops the load and fails with examples and the log if any request failed.
+fn assert_no_failed_request(load: Load, stack: &Stack) {
+    let seen = load.finish();
+    let failed = failures(&seen);
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed, e.g. {:?}\nlog:\n{}",
+        failed.len(),
+        seen.len(),
+        &failed[..failed.len().min(5)],
+        stack.running().log()
+    );
+}
+
 /// The environment of the process whose command line contains `marker`, one `NAME=value` a line.
 fn environ_with(marker: &str) -> String {
     let entries = std::fs::read_dir("/proc").expect("read /proc");
@@ -139,15 +153,6 @@ fn exited(pid: u64) -> bool {
             .is_some_and(|rest| rest.trim_start().starts_with('Z')),
         Err(_) => true,
     }
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 /// `GET path` over the web front's Unix socket; the status code.
@@ -290,7 +295,7 @@ fn upgrade_under_load_hands_every_socket_over_without_a_failed_request() {
     assert!(
         output.status.success(),
         "{}\nlog:\n{}",
-        text(&output),
+        output_text(&output),
         stack.running().log()
     );
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -305,16 +310,7 @@ fn upgrade_under_load_hands_every_socket_over_without_a_failed_request() {
     assert_ne!(new, old, "status still answered by the old supervisor");
     assert!(stderr.contains(&format!("to pid {new}")), "{stderr}");
     load.wait_for(100);
-    let seen = load.finish();
-    let failed = failures(&seen);
-    assert!(
-        failed.is_empty(),
-        "{} of {} requests failed, e.g. {:?}\nlog:\n{}",
-        failed.len(),
-        seen.len(),
-        &failed[..failed.len().min(5)],
-        stack.running().log()
-    );
+    assert_no_failed_request(load, &stack);
 
     assert_eq!(get_unix(&stack.sandbox.path("web.sock")), 200);
     assert_eq!(healthz(stack.metrics_port), 200);
@@ -362,7 +358,7 @@ fn a_failing_successor_changes_nothing() {
     load.wait_for(50);
 
     let output = stack.upgrade(&["--binary", "/bin/false"]);
-    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert_eq!(output.status.code(), Some(1), "{}", output_text(&output));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("exited before it was ready"), "{stderr}");
     assert!(stderr.contains("keeps serving"), "{stderr}");
@@ -381,7 +377,7 @@ fn a_failing_successor_changes_nothing() {
         "--timeout",
         "1s",
     ]);
-    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert_eq!(output.status.code(), Some(1), "{}", output_text(&output));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("was not ready within 1s"), "{stderr}");
     load.wait_for(50);
@@ -392,7 +388,7 @@ fn a_failing_successor_changes_nothing() {
     let copy = stack.sandbox.write("good.toml", &good);
     std::fs::write(&config, format!("{good}\n[web.bogus]\n")).expect("break the config");
     let output = stack.upgrade(&["-c", copy.to_str().expect("UTF-8 path")]);
-    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert_eq!(output.status.code(), Some(1), "{}", output_text(&output));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("cannot start"), "{stderr}");
     assert!(stderr.contains("sauna.toml:"), "no diagnostics: {stderr}");
@@ -402,22 +398,13 @@ fn a_failing_successor_changes_nothing() {
     let app = stack.sandbox.path("app.py");
     std::fs::write(&app, format!("raise RuntimeError('broken release')\n{APP}")).expect("break");
     let output = stack.upgrade(&[]);
-    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert_eq!(output.status.code(), Some(1), "{}", output_text(&output));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("RuntimeError: broken release"), "{stderr}");
     std::fs::write(&app, APP).expect("restore the app");
     load.wait_for(50);
 
-    let seen = load.finish();
-    let failed = failures(&seen);
-    assert!(
-        failed.is_empty(),
-        "{} of {} requests failed, e.g. {:?}\nlog:\n{}",
-        failed.len(),
-        seen.len(),
-        &failed[..failed.len().min(5)],
-        stack.running().log()
-    );
+    assert_no_failed_request(load, &stack);
     assert_eq!(stack.supervisor_pid(), old);
     assert_eq!(get_unix(&stack.sandbox.path("web.sock")), 200);
     assert_eq!(healthz(stack.metrics_port), 200);
