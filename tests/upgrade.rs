@@ -2,7 +2,8 @@
 //! (keep-alive and fresh connections, GET and POST with bodies) a new supervisor process takes
 //! over every socket with no failed request, systemd hears `MAINPID=` of the new process, a
 //! `reload = "restart"` program never runs twice, and a successor that cannot start (a binary
-//! that exits, an invalid sauna.toml, an app that fails to import) changes nothing.
+//! that exits, an invalid sauna.toml, an app that fails to import) changes nothing; while the old
+//! process drains a slow request, `status` is already answered by the new one.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixDatagram, UnixStream};
@@ -18,7 +19,11 @@ use crate::util::{self, Running, Sandbox, output_text};
 
 /// Answers `v1 <body length>`, as the reload tests' load generator expects.
 const APP: &str = r#"
+import time
+
 def application(environ, start_response):
+    if environ["PATH_INFO"] == "/slow":
+        time.sleep(4)
     body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [("v1 %d" % len(body)).encode()]
@@ -449,4 +454,52 @@ fn sigusr2_upgrades_to_the_same_binary() {
     util::wait_until(Duration::from_secs(20), "the sleeper restarted", || {
         (stack.sleepers() == 1).then_some(())
     });
+}
+
+#[test]
+fn the_new_process_answers_status_while_the_old_one_drains() {
+    let stack = Stack::start(|_| {});
+    let old = stack.supervisor_pid();
+    // A request that keeps the old process draining for seconds after it has handed over.
+    let stream = std::net::TcpStream::connect(stack.address()).expect("connect");
+    let mut writer = stream.try_clone().expect("clone");
+    writer
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: test\r\n\r\n")
+        .expect("send");
+    util::wait_until(
+        Duration::from_secs(10),
+        "the slow request in a worker",
+        || {
+            (stack.running().status_json()["figures"]["in_flight"].as_u64() == Some(1))
+                .then_some(())
+        },
+    );
+
+    let binary = util::binary();
+    let upgrade = {
+        let mut command =
+            stack
+                .sandbox
+                .command(&["upgrade", "--binary", binary.to_str().expect("UTF-8 path")]);
+        thread::spawn(move || command.output().expect("run upgrade"))
+    };
+    // While the slow request holds the old process, `status` already answers from the new one.
+    let new = util::wait_until(
+        Duration::from_secs(20),
+        "status from the new process",
+        || {
+            let pid = stack.running().try_status()?["pid"].as_u64()?;
+            (pid != old).then_some(pid)
+        },
+    );
+    assert!(
+        !exited(old),
+        "the old process should still be draining the slow request"
+    );
+    let (status, body) =
+        read_response(&mut std::io::BufReader::new(stream)).expect("the slow request's answer");
+    assert_eq!((status, body.as_str()), (200, "v1 0"));
+    let output = upgrade.join().expect("upgrade thread");
+    assert!(output.status.success(), "{}", output_text(&output));
+    assert_eq!(stack.supervisor_pid(), new);
 }

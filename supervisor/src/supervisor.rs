@@ -11,8 +11,8 @@
 //! It also runs both sides of an upgrade (see `upgrade` for the sequence): as the old process
 //! it spawns the successor, keeps serving while it starts, and hands over once it is ready —
 //! `MAINPID=` to systemd, then the roles stop without unlinking any socket; as the successor
-//! it stays quiet towards systemd and leaves the control socket, the non-rolling programs and
-//! beat alone until the old process has released them.
+//! it stays quiet towards systemd and leaves the control socket alone until it is the main
+//! process, and the non-rolling programs and beat until the old process has released them.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -147,9 +147,12 @@ struct Supervisor {
     own_binary: Option<std::path::PathBuf>,
     /// The upgrade in progress: a successor is starting.
     upgrade: Option<UpgradeRun>,
-    /// As an upgrade's successor: the old supervisor, until it has released its roles. The
-    /// control socket is not served meanwhile.
+    /// As an upgrade's successor: the old supervisor, until it has released its roles.
     predecessor: Option<Predecessor>,
+    /// Whether this process answers on the control socket: as an upgrade's successor only once
+    /// the old process has handed the main role over (it stops accepting then), so that a
+    /// `status` during the old one's drain gets an answer instead of waiting for it.
+    serves_control: bool,
 }
 
 /// Why the main loop ended.
@@ -317,6 +320,7 @@ impl Supervisor {
             app_changes,
             own_binary,
             upgrade: None,
+            serves_control: predecessor.is_none(),
             predecessor,
         })
     }
@@ -333,7 +337,7 @@ impl Supervisor {
                         break stop;
                     }
                 }
-                request = self.control.accept(), if self.predecessor.is_none() => {
+                request = self.control.accept(), if self.serves_control => {
                     if let Some(stop) = self.on_request(request).await {
                         break stop;
                     }
@@ -611,12 +615,16 @@ impl Supervisor {
     async fn on_predecessor(&mut self, message: Message) {
         match message {
             Message::MainPid => {
-                tracing::info!("upgrade: systemd now tracks this process as the main one");
+                tracing::info!(
+                    "upgrade: systemd now tracks this process as the main one; serving the control socket"
+                );
                 self.notifier.set_muted(false);
+                self.serves_control = true;
             }
             _ => {
                 self.predecessor = None;
                 self.notifier.set_muted(false);
+                self.serves_control = true;
                 self.control.set_owns_socket_file(true);
                 if let Some(roles) = &mut self.roles {
                     match roles.start_deferred(&self.loaded, &self.metrics).await {
@@ -627,12 +635,13 @@ impl Supervisor {
                         Err(error) => tracing::error!("upgrade: {error:#}"),
                     }
                 }
-                tracing::info!(
-                    "the previous supervisor has handed over; serving the control socket"
-                );
+                tracing::info!("the previous supervisor has handed over every role");
                 notify_or_log(self.notifier.ready(), "READY");
                 self.status_line.clear();
                 self.publish_health().await;
+                if let Some(waiters) = self.queued_reloads.take() {
+                    self.start_reload(waiters).await;
+                }
             }
         }
     }
@@ -646,6 +655,19 @@ impl Supervisor {
             if let Some(waiter) = waiter {
                 waiter.error(ErrorKind::Unavailable, message, None);
             }
+            return;
+        }
+        if self.predecessor.is_some() {
+            // Some programs and beat start only once the old process has released them; a
+            // reload before that would roll a half-started set.
+            if let Some(waiter) = &waiter {
+                waiter.progress(
+                    "this supervisor is still taking over from the previous one; the reload starts once it has",
+                );
+            }
+            self.queued_reloads
+                .get_or_insert_with(Vec::new)
+                .extend(waiter);
             return;
         }
         if self.reload.is_some() || self.roles.is_none() {

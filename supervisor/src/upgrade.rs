@@ -16,12 +16,13 @@
 //!    from the same sockets. It reports `ready`, or `failed` with the reason (the config's
 //!    diagnostics, an app's traceback) and exits.
 //! 3. On `ready`, the old process tells systemd `MAINPID=<successor>`, says `main_pid` (the
-//!    successor may ping the watchdog from now on), stops accepting, lets its open connections
-//!    make one more request (answered with `Connection: close`), stops its roles without
-//!    unlinking any socket file, says `released` and exits 0.
-//! 4. On `released` — or end-of-file, should the old process die — the successor serves the
-//!    control socket, starts the remaining programs (two copies of a `restart` program, a server
-//!    on a fixed port say, must never run at once) and beat, and sends `READY=1`.
+//!    successor pings the watchdog and serves the control socket from now on, a reload waiting
+//!    for step 4), stops accepting, lets its open connections make one more request (answered
+//!    with `Connection: close`), stops its roles without unlinking any socket file, says
+//!    `released` and exits 0.
+//! 4. On `released` — or end-of-file, should the old process die — the successor starts the
+//!    remaining programs (two copies of a `restart` program, a server on a fixed port say, must
+//!    never run at once) and beat, and sends `READY=1`.
 //!
 //! A successor that exits, fails or misses the deadline before `ready` is stopped (TERM, then
 //! KILL; its own children die with it through their `PR_SET_PDEATHSIG` and its reaper) and the
