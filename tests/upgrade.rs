@@ -496,6 +496,14 @@ fn the_new_process_answers_status_while_the_old_one_drains() {
         !exited(old),
         "the old process should still be draining the slow request"
     );
+    // A reload sent now waits for the hand-over (programs and beat start only then), then runs.
+    let reload = stack.sandbox.run(&["reload"]);
+    assert!(reload.status.success(), "{}", output_text(&reload));
+    assert!(
+        String::from_utf8_lossy(&reload.stderr).contains("still taking over"),
+        "{}",
+        output_text(&reload)
+    );
     let (status, body) =
         read_response(&mut std::io::BufReader::new(stream)).expect("the slow request's answer");
     assert_eq!((status, body.as_str()), (200, "v1 0"));
