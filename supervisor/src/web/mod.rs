@@ -54,6 +54,8 @@ use exchange::{Completion, Event, Exchange, ExchangeError, ResponseBody, Streami
 const INLINE_BODY: u64 = 256 * 1024;
 /// A client must send its request head within this time (slowloris protection).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often an upgrade's hand-over checks whether every client connection has left.
+const HAND_OVER_POLL: Duration = Duration::from_millis(20);
 
 /// A bound listening socket.
 #[derive(Debug)]
@@ -342,14 +344,18 @@ impl FrontHandle {
     /// The successor of an upgrade serves the same sockets now: stop accepting (keeping the Unix
     /// socket files, which are the successor's), close each open connection after its next
     /// response (`Connection: close`), and give clients `linger` to make that request before
-    /// [`FrontHandle::shutdown`] closes the connections still idle.
+    /// [`FrontHandle::shutdown`] closes the connections still idle. Returns early once every
+    /// connection has closed.
     pub async fn hand_over(&mut self, linger: Duration) {
         self.front.draining.store(true, Ordering::Relaxed);
         for mut listener in self.listeners.drain(..) {
             listener.unix_path = None;
             listener.stop().await;
         }
-        tokio::time::sleep(linger).await;
+        let deadline = tokio::time::Instant::now() + linger;
+        while self.graceful.count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(HAND_OVER_POLL).await;
+        }
     }
 
     /// Stops accepting, lets open connections finish their current request (idle keep-alive
