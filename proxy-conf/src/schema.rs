@@ -19,7 +19,7 @@ pub struct Config {
     pub app: AppConfig,
     /// The WSGI web pool; absent means no web role.
     pub web: Option<WebConfig>,
-    /// Supervised commands, by name, started in name order.
+    /// Supervised commands, by name, started by ascending `priority`, then in name order.
     #[serde(default)]
     pub programs: BTreeMap<String, ProgramConfig>,
     /// The Celery beat replacement; absent means no beat role.
@@ -211,6 +211,9 @@ pub struct ProgramConfig {
     pub ready_after: Duration,
     /// How `reload` treats this program.
     pub reload: ProgramReload,
+    /// supervisord's `priority`: lower starts earlier and stops later; equal priorities go in
+    /// name order.
+    pub priority: i64,
     /// Resource limits.
     pub rlimits: Rlimits,
 }
@@ -235,6 +238,8 @@ impl Default for ProgramConfig {
             crash_window: Duration::from_secs(60),
             ready_after: Duration::from_secs(3),
             reload: ProgramReload::Rolling,
+            // supervisord's default, so a config ported from it keeps its order.
+            priority: 999,
             rlimits: Rlimits::default(),
         }
     }

@@ -123,7 +123,12 @@ impl Launch {
             .and_then(Path::parent)
             .and_then(|dir| std::fs::canonicalize(dir).ok());
         Fingerprint {
-            config: config.clone(),
+            // `priority` only orders programs among each other: a new one is applied by the
+            // reload (the facade re-sorts) without replacing the running instances.
+            config: ProgramConfig {
+                priority: ProgramConfig::default().priority,
+                ..config.clone()
+            },
             argv: self.argv.clone(),
             cwd: self.cwd.clone(),
             env: self.env.clone(),

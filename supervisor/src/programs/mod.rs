@@ -1,14 +1,16 @@
 //! Programs: the supervised commands of `[programs.NAME]` (Celery workers and the like). This
-//! module is the facade the main loop uses: it starts one actor per program in name order, asks
-//! them for their status, and stops them in reverse order. The restart policy lives in
+//! module is the facade the main loop uses: it starts one actor per program in start order
+//! ([`start_order`]: by `priority`, then name), asks them for their status in that order, and
+//! stops them in reverse order. The restart policy lives in
 //! [`state`], the per-program process handling in `actor`, the resolution of config keys in
 //! `launch` and what `/proc` says about processes in [`procfs`].
 //!
 //! A reload ([`Programs::reload`]) compares each program's [`launch::Fingerprint`] with the new
 //! config's ([`plan`]): added programs start, removed ones stop gracefully, unchanged ones are
 //! left alone and changed ones are handed to their actor, which rolls them per their new
-//! `reload` policy (see `actor`). Programs are reloaded one after the other in name order; the
-//! first failure stops the reload there, and what was already applied stays applied.
+//! `reload` policy (see `actor`). Programs are reloaded one after the other in the new start
+//! order, then the removed ones are stopped in reverse of their start order; the first failure
+//! stops the reload there, and what was already applied stays applied.
 
 mod actor;
 mod launch;
@@ -20,7 +22,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use proxy_conf::{Config, ProgramReload};
+use proxy_conf::{Config, ProgramConfig, ProgramReload};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -116,9 +118,34 @@ pub struct InstanceStatus {
     pub detail: Option<String>,
 }
 
+/// Where a program stands in start order: ascending `priority`, equal priorities by name (as
+/// supervisord orders them). Every order of programs in this module comes from this key.
+fn start_key(priority: i64, name: &str) -> (i64, &str) {
+    (priority, name)
+}
+
+/// The names of `programs` in start order (see [`start_key`]); stops go the reverse way.
+pub fn start_order(programs: &BTreeMap<String, ProgramConfig>) -> Vec<&str> {
+    let mut names: Vec<(&str, i64)> = programs
+        .iter()
+        .map(|(name, program)| (name.as_str(), program.priority))
+        .collect();
+    names.sort_by(|(a, a_priority), (b, b_priority)| {
+        start_key(*a_priority, a).cmp(&start_key(*b_priority, b))
+    });
+    names.into_iter().map(|(name, _)| name).collect()
+}
+
+/// Puts running programs back into start order after one was added or got a new `priority`.
+fn sort_into_start_order(programs: &mut [ProgramHandle]) {
+    programs.sort_by(|a, b| start_key(a.priority, &a.name).cmp(&start_key(b.priority, &b.name)));
+}
+
 /// A running program actor as the facade sees it.
 struct ProgramHandle {
     name: String,
+    /// Its `priority`, from the config last applied (a new one alone restarts nothing).
+    priority: i64,
     /// What the running instances were started from.
     fingerprint: Fingerprint,
     commands: mpsc::Sender<Command>,
@@ -127,12 +154,13 @@ struct ProgramHandle {
 
 impl ProgramHandle {
     /// Starts the actor of one program; its instances spawn now.
-    fn start(
-        launch: Launch,
-        fingerprint: Fingerprint,
-        metrics: &Arc<Metrics>,
-        generation: u64,
-    ) -> ProgramHandle {
+    fn start(resolved: Resolved, metrics: &Arc<Metrics>, generation: u64) -> ProgramHandle {
+        let Resolved {
+            priority,
+            launch,
+            fingerprint,
+            ..
+        } = resolved;
         let name = launch.name.clone();
         let mut actor = ProgramActor::new(launch, Arc::clone(metrics), generation);
         actor.start_all();
@@ -140,6 +168,7 @@ impl ProgramHandle {
         let task = tokio::spawn(actor.run(receiver));
         ProgramHandle {
             name,
+            priority,
             fingerprint,
             commands,
             task,
@@ -176,31 +205,36 @@ pub enum Change {
     Unchanged,
 }
 
-/// Compares the running programs' fingerprints with the new config's, in name order.
-pub fn plan(
-    old: &BTreeMap<String, Fingerprint>,
-    new: &BTreeMap<String, Fingerprint>,
-) -> Vec<(String, Change)> {
-    let mut names: Vec<&String> = old.keys().chain(new.keys()).collect();
-    names.sort();
-    names.dedup();
-    names
-        .into_iter()
-        .map(|name| {
-            let change = match (old.get(name), new.get(name)) {
-                (None, _) => Change::Added,
-                (Some(_), None) => Change::Removed,
-                (Some(old), Some(new)) if old == new => Change::Unchanged,
-                (Some(_), Some(_)) => Change::Changed,
-            };
-            (name.clone(), change)
-        })
-        .collect()
+/// Compares the running programs (`old`, in their start order) with the new config's (`new`, in
+/// its start order): first each program of `new` in that order (added, changed or unchanged),
+/// then the removed ones in reverse `old` order, the way a stop goes. Starting before stopping
+/// keeps a queue consumed when a program is renamed.
+pub fn plan(old: &[(String, Fingerprint)], new: &[(String, Fingerprint)]) -> Vec<(String, Change)> {
+    let find = |programs: &[(String, Fingerprint)], name: &str| {
+        programs
+            .iter()
+            .find(|(other, _)| other == name)
+            .map(|(_, fingerprint)| fingerprint.clone())
+    };
+    let kept = new.iter().map(|(name, fingerprint)| {
+        let change = match find(old, name) {
+            None => Change::Added,
+            Some(old) if old == *fingerprint => Change::Unchanged,
+            Some(_) => Change::Changed,
+        };
+        (name.clone(), change)
+    });
+    let removed = old
+        .iter()
+        .rev()
+        .filter(|(name, _)| find(new, name).is_none())
+        .map(|(name, _)| (name.clone(), Change::Removed));
+    kept.chain(removed).collect()
 }
 
 /// Every program of the configuration, each run by its own actor.
 pub struct Programs {
-    /// In start (name) order.
+    /// In start order ([`start_key`]).
     programs: Vec<ProgramHandle>,
     metrics: Arc<Metrics>,
 }
@@ -214,22 +248,35 @@ fn base_dir_or_current(base_dir: &Path) -> &Path {
     }
 }
 
-/// Every program of `config`, resolved: its launch and fingerprint.
-fn resolve(config: &Config, base_dir: &Path) -> BTreeMap<String, (Launch, Fingerprint)> {
+/// One program of a config, ready to start.
+struct Resolved {
+    name: String,
+    priority: i64,
+    launch: Launch,
+    fingerprint: Fingerprint,
+}
+
+/// Every program of `config`, resolved, in start order.
+fn resolve(config: &Config, base_dir: &Path) -> Vec<Resolved> {
     let rss_interval = config.metrics.sample_interval.get().max(MIN_RSS_INTERVAL);
-    config
-        .programs
-        .iter()
-        .map(|(name, program)| {
+    start_order(&config.programs)
+        .into_iter()
+        .filter_map(|name| {
+            let program = config.programs.get(name)?;
             let launch = Launch::new(name, program, &config.app, base_dir, rss_interval);
             let fingerprint = launch.fingerprint(program);
-            (name.clone(), (launch, fingerprint))
+            Some(Resolved {
+                name: name.to_owned(),
+                priority: program.priority,
+                launch,
+                fingerprint,
+            })
         })
         .collect()
 }
 
 impl Programs {
-    /// Starts every `[programs.NAME]` in name order. Relative paths are taken from `base_dir`
+    /// Starts every `[programs.NAME]` in start order. Relative paths are taken from `base_dir`
     /// (the config file's directory). RSS for `max_rss` is sampled every
     /// `[metrics].sample_interval`. Must be called on the tokio runtime that will run the
     /// actors: children are spawned from its threads (see `child` on `PR_SET_PDEATHSIG`).
@@ -250,38 +297,49 @@ impl Programs {
     ) -> Programs {
         let programs = resolve(config, base_dir_or_current(base_dir))
             .into_iter()
-            .filter(|(name, _)| {
+            .filter(|resolved| {
                 !rolling_only
                     || config
                         .programs
-                        .get(name)
+                        .get(&resolved.name)
                         .is_some_and(|program| program.reload == ProgramReload::Rolling)
             })
-            .map(|(_, (launch, fingerprint))| {
-                ProgramHandle::start(launch, fingerprint, &metrics, 1)
-            })
+            .map(|resolved| ProgramHandle::start(resolved, &metrics, 1))
             .collect();
         Programs { programs, metrics }
     }
 
-    /// Starts every program of `config` that is not running yet, keeping name order; returns
-    /// their names.
+    /// Starts every program of `config` that is not running yet, in start order, and puts it
+    /// in its place among the running ones; returns their names.
     pub fn start_missing(&mut self, config: &Config, base_dir: &Path) -> Vec<String> {
         let mut started = Vec::new();
-        for (name, (launch, fingerprint)) in resolve(config, base_dir_or_current(base_dir)) {
-            if self.programs.iter().any(|program| program.name == name) {
-                continue;
-            }
-            let handle = ProgramHandle::start(launch, fingerprint, &self.metrics, 1);
-            let at = self
+        for resolved in resolve(config, base_dir_or_current(base_dir)) {
+            if self
                 .programs
                 .iter()
-                .position(|program| program.name > name)
-                .unwrap_or(self.programs.len());
-            self.programs.insert(at, handle);
-            started.push(name);
+                .any(|program| program.name == resolved.name)
+            {
+                continue;
+            }
+            started.push(resolved.name.clone());
+            let handle = ProgramHandle::start(resolved, &self.metrics, 1);
+            self.programs.push(handle);
         }
+        sort_into_start_order(&mut self.programs);
         started
+    }
+
+    /// Gives a running program the `priority` of the config being applied and moves it to its
+    /// place in start order.
+    fn set_priority(&mut self, name: &str, priority: i64) {
+        if let Some(program) = self
+            .programs
+            .iter_mut()
+            .find(|program| program.name == name)
+        {
+            program.priority = priority;
+        }
+        sort_into_start_order(&mut self.programs);
     }
 
     /// Applies a new config to the running programs (see the module documentation); new
@@ -300,15 +358,19 @@ impl Programs {
         progress: &Progress,
         generation: u64,
     ) -> Result<String, String> {
-        let mut new = resolve(config, base_dir_or_current(base_dir));
-        let old: BTreeMap<String, Fingerprint> = self
+        let resolved = resolve(config, base_dir_or_current(base_dir));
+        let old: Vec<(String, Fingerprint)> = self
             .programs
             .iter()
             .map(|program| (program.name.clone(), program.fingerprint.clone()))
             .collect();
-        let new_fingerprints: BTreeMap<String, Fingerprint> = new
+        let new_fingerprints: Vec<(String, Fingerprint)> = resolved
             .iter()
-            .map(|(name, (_, fingerprint))| (name.clone(), fingerprint.clone()))
+            .map(|program| (program.name.clone(), program.fingerprint.clone()))
+            .collect();
+        let mut new: BTreeMap<String, Resolved> = resolved
+            .into_iter()
+            .map(|program| (program.name.clone(), program))
             .collect();
         let say = |line: String| {
             tracing::info!("{line}");
@@ -319,15 +381,19 @@ impl Programs {
         let mut unchanged = 0usize;
         for (name, change) in plan(&old, &new_fingerprints) {
             match change {
-                Change::Unchanged => unchanged += 1,
+                Change::Unchanged => {
+                    if let Some(program) = new.get(&name) {
+                        self.set_priority(&name, program.priority);
+                    }
+                    unchanged += 1;
+                }
                 Change::Added => {
-                    let Some((launch, fingerprint)) = new.remove(&name) else {
+                    let Some(program) = new.remove(&name) else {
                         continue;
                     };
-                    let handle =
-                        ProgramHandle::start(launch, fingerprint, &self.metrics, generation);
-                    let at = self.programs.partition_point(|program| program.name < name);
-                    self.programs.insert(at, handle);
+                    let handle = ProgramHandle::start(program, &self.metrics, generation);
+                    self.programs.push(handle);
+                    sort_into_start_order(&mut self.programs);
                     say(format!("program \"{name}\": added, started"));
                     applied.push(format!("\"{name}\" started"));
                 }
@@ -345,7 +411,13 @@ impl Programs {
                     applied.push(format!("\"{name}\" stopped"));
                 }
                 Change::Changed => {
-                    let Some((launch, fingerprint)) = new.remove(&name) else {
+                    let Some(Resolved {
+                        priority,
+                        launch,
+                        fingerprint,
+                        ..
+                    }) = new.remove(&name)
+                    else {
                         continue;
                     };
                     let Some(handle) = self
@@ -360,6 +432,7 @@ impl Programs {
                         .get(&name)
                         .map_or(ProgramReload::Rolling, |program| program.reload);
                     if policy == ProgramReload::None {
+                        self.set_priority(&name, priority);
                         say(format!(
                             "program \"{name}\": changed, but reload = \"none\": it keeps running with its old config"
                         ));
@@ -389,6 +462,7 @@ impl Programs {
                     match outcome {
                         Ok(summary) => {
                             handle.fingerprint = fingerprint;
+                            self.set_priority(&name, priority);
                             say(summary);
                             applied.push(format!("\"{name}\" {}", policy_word(policy)));
                         }
@@ -652,12 +726,93 @@ mod tests {
         });
     }
 
-    fn fingerprints(toml: &str, base_dir: &Path) -> BTreeMap<String, Fingerprint> {
+    fn fingerprints(toml: &str, base_dir: &Path) -> Vec<(String, Fingerprint)> {
         let config = proxy_conf::load_str(toml, "sauna.toml").unwrap();
         resolve(&config, base_dir)
             .into_iter()
-            .map(|(name, (_, fingerprint))| (name, fingerprint))
+            .map(|program| (program.name, program.fingerprint))
             .collect()
+    }
+
+    fn order(toml: &str) -> Vec<String> {
+        let config = proxy_conf::load_str(toml, "sauna.toml").unwrap();
+        start_order(&config.programs)
+            .into_iter()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn programs_start_by_priority_then_name() {
+        assert_eq!(
+            order(
+                r#"
+                [programs.celery]
+                command = ["celery"]
+                [programs.redis]
+                command = ["redis-server"]
+                priority = 10
+                [programs.beta]
+                command = ["x"]
+                priority = 999
+                [programs.alpha]
+                command = ["x"]
+                [programs.first]
+                command = ["x"]
+                priority = -5
+                [programs.last]
+                command = ["x"]
+                priority = 1000
+                "#
+            ),
+            ["first", "redis", "alpha", "beta", "celery", "last"],
+            "lower first; the default is 999; equal priorities in name order"
+        );
+        assert!(order("").is_empty());
+    }
+
+    #[test]
+    fn the_plan_follows_the_new_start_order_and_removes_in_reverse() {
+        let base = Path::new("/tmp");
+        let old = fingerprints(
+            "[programs.a]\ncommand = [\"x\"]\n[programs.b]\ncommand = [\"x\"]\npriority = 1\n[programs.c]\ncommand = [\"x\"]\npriority = 2\n",
+            base,
+        );
+        let new = fingerprints(
+            "[programs.z]\ncommand = [\"x\"]\npriority = 0\n[programs.y]\ncommand = [\"y\"]\n",
+            base,
+        );
+        assert_eq!(
+            plan(&old, &new),
+            [
+                ("z".to_owned(), Change::Added),
+                ("y".to_owned(), Change::Added),
+                // Running in the order b, c, a: stopped a, c, b.
+                ("a".to_owned(), Change::Removed),
+                ("c".to_owned(), Change::Removed),
+                ("b".to_owned(), Change::Removed),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_new_priority_alone_changes_nothing() {
+        let base = Path::new("/tmp");
+        let plain = fingerprints(
+            "[programs.a]\ncommand = [\"x\"]\n[programs.b]\ncommand = [\"x\"]\n",
+            base,
+        );
+        let reordered = fingerprints(
+            "[programs.a]\ncommand = [\"x\"]\n[programs.b]\ncommand = [\"x\"]\npriority = 1\n",
+            base,
+        );
+        assert_eq!(
+            plan(&plain, &reordered),
+            [
+                ("b".to_owned(), Change::Unchanged),
+                ("a".to_owned(), Change::Unchanged),
+            ]
+        );
     }
 
     #[test]
@@ -709,9 +864,10 @@ mod tests {
                 ("edited".to_owned(), Change::Changed),
                 ("envy".to_owned(), Change::Changed),
                 ("fresh".to_owned(), Change::Added),
-                ("gone".to_owned(), Change::Removed),
                 ("py".to_owned(), Change::Changed),
                 ("same".to_owned(), Change::Unchanged),
+                // Removed ones come last, once the new config runs.
+                ("gone".to_owned(), Change::Removed),
             ]
         );
         // A new `reload` policy alone is a change of the program's keys, too.
@@ -1052,6 +1208,33 @@ mod tests {
             assert_eq!(status[0].instances[0].generation, 2);
             assert_eq!(status[1].instances[0].pid, Some(same));
             assert!(!alive(old));
+            programs.shutdown(StopMode::Fast).await;
+        });
+    }
+
+    #[test]
+    fn a_reload_with_new_priorities_reorders_without_restarting() {
+        runtime().block_on(async {
+            let toml = |a: i64, b: i64| {
+                format!(
+                    "[programs.a]\ncommand = [\"sleep\", \"300\"]\nready_after = \"0s\"\npriority = {a}\n[programs.b]\ncommand = [\"sleep\", \"300\"]\nready_after = \"0s\"\npriority = {b}\n"
+                )
+            };
+            let mut programs = start(&toml(1, 2));
+            let status = wait_for(&programs, "started", |status| {
+                status.iter().all(|p| p.instances[0].pid.is_some())
+            })
+            .await;
+            let names: Vec<&str> = status.iter().map(|p| p.name.as_str()).collect();
+            assert_eq!(names, ["a", "b"]);
+            let pids: Vec<Option<u32>> = status.iter().map(|p| p.instances[0].pid).collect();
+            let (outcome, _) = reload(&mut programs, &toml(2, 1), 2).await;
+            assert_eq!(outcome.unwrap(), "programs: 2 unchanged");
+            let status = programs.status().await;
+            let names: Vec<&str> = status.iter().map(|p| p.name.as_str()).collect();
+            assert_eq!(names, ["b", "a"], "status lists the new start order");
+            let now: Vec<Option<u32>> = status.iter().map(|p| p.instances[0].pid).collect();
+            assert_eq!(now, [pids[1], pids[0]], "nothing was restarted");
             programs.shutdown(StopMode::Fast).await;
         });
     }
