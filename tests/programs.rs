@@ -187,6 +187,62 @@ command = ["sleep", "300"]
 }
 
 #[test]
+fn priority_orders_start_status_and_stop_against_name_order() {
+    let sandbox = Sandbox::new();
+    let events = sandbox.path("events");
+    // The script is the program's main process (no wrapper shell), so it gets the stop signal.
+    let script = sandbox.write(
+        "record.sh",
+        "trap 'echo \"stop $1\" >> \"$2\"; exit 0' TERM\necho \"start $1\" >> \"$2\"\nwhile :; do sleep 1 & wait $!; done\n",
+    );
+    let program = |name: &str, priority: i64| {
+        format!(
+            "[programs.{name}]\ncommand = [\"sh\", \"{}\", \"{name}\", \"{}\"]\npriority = {priority}\nready_after = \"0s\"\n",
+            script.display(),
+            events.display()
+        )
+    };
+    // Name order is alpha, zulu; priority order the opposite: zulu is the broker here.
+    sandbox.write_config(&format!("{}{}", program("alpha", 20), program("zulu", 10)));
+    let running = sandbox.start();
+    let status = running.wait_for(Duration::from_secs(10), "both recording", |status| {
+        pid_of(status, "alpha").is_some()
+            && pid_of(status, "zulu").is_some()
+            && std::fs::read_to_string(&events).is_ok_and(|text| text.lines().count() == 2)
+    });
+    let names: Vec<&str> = status["programs"]
+        .as_array()
+        .expect("programs")
+        .iter()
+        .filter_map(|program| program["name"].as_str())
+        .collect();
+    assert_eq!(names, ["zulu", "alpha"], "status lists start order");
+    // Both are spawned within microseconds, so which shell writes first is up to the kernel;
+    // the supervisor's log shows the order it spawned them in.
+    let log = running.log();
+    let position = |needle: &str| {
+        log.find(needle)
+            .unwrap_or_else(|| panic!("{needle:?} not in log:\n{log}"))
+    };
+    assert!(
+        position("program \"zulu\": started") < position("program \"alpha\": started"),
+        "zulu (priority 10) starts first:\n{log}"
+    );
+    assert!(running.stop().success());
+    // A graceful stop waits for each program to exit before it signals the next one.
+    let text = std::fs::read_to_string(&events).expect("read the events file");
+    let stops: Vec<&str> = text
+        .lines()
+        .filter(|line| line.starts_with("stop"))
+        .collect();
+    assert_eq!(
+        stops,
+        ["stop alpha", "stop zulu"],
+        "zulu (priority 10) stops last:\n{text}"
+    );
+}
+
+#[test]
 fn a_stop_lets_group_members_finish_after_their_leader_died() {
     let sandbox = Sandbox::new();
     // The outer shell dies on TERM at once; the worker it started finishes its work first, as

@@ -3,9 +3,9 @@
 //! the watchdog timer in a single `select!`.
 //!
 //! It starts the roles in order (web pool — which binds the listening sockets first — then
-//! programs in start order — by `priority`, then name — then beat), tells systemd `READY=1` once all of them have started, and
-//! stops them: the pool stops accepting and drains, beat releases its lock, then programs stop in
-//! reverse start order. It never sits on the request hot path: the
+//! programs in start order, by `priority` then name, then beat), tells systemd `READY=1` once
+//! all of them have started, and stops them: the pool stops accepting and drains, beat releases
+//! its lock, then programs stop in reverse start order. It never sits on the request hot path: the
 //! HTTP front talks to the workers without passing through here.
 //!
 //! It also runs both sides of an upgrade (see `upgrade` for the sequence): as the old process
