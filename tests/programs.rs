@@ -1,5 +1,6 @@
 //! `[programs.NAME]` through the real binary: restarts, backoff into `fatal`, stopping whole
-//! process groups, orphans after a SIGKILL of the supervisor, rlimits and `max_rss`.
+//! process groups in `priority` order, orphans after a SIGKILL of the supervisor, rlimits and
+//! `max_rss`.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
