@@ -210,16 +210,16 @@ pub enum Change {
 /// then the removed ones in reverse `old` order, the way a stop goes. Starting before stopping
 /// keeps a queue consumed when a program is renamed.
 pub fn plan(old: &[(String, Fingerprint)], new: &[(String, Fingerprint)]) -> Vec<(String, Change)> {
-    let find = |programs: &[(String, Fingerprint)], name: &str| {
+    fn find<'a>(programs: &'a [(String, Fingerprint)], name: &str) -> Option<&'a Fingerprint> {
         programs
             .iter()
             .find(|(other, _)| other == name)
-            .map(|(_, fingerprint)| fingerprint.clone())
-    };
+            .map(|(_, fingerprint)| fingerprint)
+    }
     let kept = new.iter().map(|(name, fingerprint)| {
         let change = match find(old, name) {
             None => Change::Added,
-            Some(old) if old == *fingerprint => Change::Unchanged,
+            Some(old) if old == fingerprint => Change::Unchanged,
             Some(_) => Change::Changed,
         };
         (name.clone(), change)
