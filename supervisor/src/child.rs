@@ -366,14 +366,8 @@ fn move_clear_of(fd: OwnedFd, targets: &[RawFd]) -> Result<OwnedFd, SpawnError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::runtime;
     use std::os::unix::net::UnixStream;
-
-    fn runtime() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-    }
 
     #[test]
     fn child_gets_its_own_group_limits_and_passed_fd() {

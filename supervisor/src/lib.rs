@@ -36,6 +36,8 @@ pub mod roles;
 pub mod signals;
 pub mod status;
 pub mod supervisor;
+#[cfg(test)]
+mod test_support;
 pub mod upgrade;
 pub mod watch;
 pub mod web;

@@ -264,13 +264,7 @@ fn skipped_dir(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn runtime() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-    }
+    use crate::test_support::runtime;
 
     /// Long enough that a second batch would have been reported.
     const QUIET: Duration = Duration::from_millis(900);

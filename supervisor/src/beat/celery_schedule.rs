@@ -296,13 +296,7 @@ pub async fn import(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::{DateTime, Utc};
-
-    fn at(text: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(text)
-            .unwrap()
-            .with_timezone(&Utc)
-    }
+    use crate::test_support::at;
 
     #[test]
     fn celery_crontab_ands_the_day_fields() {

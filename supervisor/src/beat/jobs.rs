@@ -377,12 +377,7 @@ fn publish_gap_end(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn at(text: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(text)
-            .unwrap()
-            .with_timezone(&Utc)
-    }
+    use crate::test_support::at;
 
     fn every(secs: u64) -> Schedule {
         Schedule::every(std::time::Duration::from_secs(secs)).unwrap()

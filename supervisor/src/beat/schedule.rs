@@ -430,12 +430,7 @@ impl CronSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn at(text: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(text)
-            .unwrap()
-            .with_timezone(&Utc)
-    }
+    use crate::test_support::at;
 
     fn fires(expr: &str, tz: &str, after: &str, count: usize) -> Vec<String> {
         let tz = parse_tz(tz).unwrap();

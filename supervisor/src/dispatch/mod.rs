@@ -466,6 +466,7 @@ impl Dispatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::runtime;
 
     fn channels(count: usize) -> (Vec<Channel>, Vec<tokio::net::UnixStream>) {
         let mut ours = Vec::new();
@@ -485,13 +486,6 @@ mod tests {
             Dispatcher::new(queue_size, Duration::from_millis(200), metrics, sender),
             receiver,
         )
-    }
-
-    fn runtime() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
     }
 
     #[test]

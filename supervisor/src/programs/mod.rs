@@ -554,15 +554,9 @@ impl Programs {
 mod tests {
     use super::*;
     use crate::child;
+    use crate::test_support::runtime;
     use std::collections::BTreeSet;
     use std::time::Instant;
-
-    fn runtime() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-    }
 
     fn start(toml: &str) -> Programs {
         start_with_metrics(toml, Arc::new(Metrics::new().unwrap()))
