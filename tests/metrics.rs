@@ -8,9 +8,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sauna_supervisor::celery_queues::{self, SamplerPlan};
 use sauna_supervisor::metrics::Metrics;
-use sauna_supervisor::metrics_server::{self, Health, MetricsServer};
+use sauna_supervisor::metrics::queue_sampler::{self, SamplerPlan};
+use sauna_supervisor::metrics::server::{self, Health, MetricsServer};
 use std::io::{Read as _, Write as _};
 use tokio::sync::watch;
 
@@ -169,7 +169,7 @@ async fn serve(
     metrics: Arc<Metrics>,
 ) -> (MetricsServer, watch::Sender<Health>) {
     let (health, receiver) = watch::channel(Health::starting());
-    let server = metrics_server::serve("127.0.0.1:0", token.map(str::to_owned), metrics, receiver)
+    let server = server::serve("127.0.0.1:0", token.map(str::to_owned), metrics, receiver)
         .await
         .expect("bind the metrics endpoint");
     (server, health)
@@ -232,7 +232,7 @@ async fn with_a_token_a_scrape_without_it_gets_401() {
         ..proxy_conf::MetricsConfig::default()
     };
     let (_health, receiver) = watch::channel(Health::now(true, Vec::new()));
-    let server = metrics_server::start(&config, sandbox.root(), busy_metrics(), receiver)
+    let server = server::start(&config, sandbox.root(), busy_metrics(), receiver)
         .await
         .expect("start the endpoint")
         .expect("listen is set");
@@ -259,7 +259,7 @@ async fn with_a_token_a_scrape_without_it_gets_401() {
     };
     let (_health, receiver) = watch::channel(Health::starting());
     assert!(
-        metrics_server::start(&disabled, sandbox.root(), busy_metrics(), receiver)
+        server::start(&disabled, sandbox.root(), busy_metrics(), receiver)
             .await
             .expect("an empty listen is not an error")
             .is_none()
@@ -271,7 +271,7 @@ async fn a_taken_port_is_reported_with_its_address() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let listen = taken.local_addr().expect("address").to_string();
     let (_health, receiver) = watch::channel(Health::starting());
-    let error = metrics_server::serve(&listen, None, busy_metrics(), receiver)
+    let error = server::serve(&listen, None, busy_metrics(), receiver)
         .await
         .expect_err("the port is taken");
     assert!(error.to_string().contains(&listen), "{error}");
@@ -302,7 +302,7 @@ async fn healthz_and_readyz_follow_the_main_loop() {
 
     // The main loop stops publishing: its last heartbeat ages past the limit.
     let stale = Instant::now()
-        .checked_sub(metrics_server::HEARTBEAT_TIMEOUT + Duration::from_secs(1))
+        .checked_sub(server::HEARTBEAT_TIMEOUT + Duration::from_secs(1))
         .expect("the monotonic clock is older than a few seconds");
     health.send_replace(Health {
         ready: true,
@@ -340,7 +340,7 @@ async fn queue_lengths_follow_the_broker() {
     let metrics = Arc::new(Metrics::new().expect("families"));
     let (server, _health) = serve(None, Arc::clone(&metrics)).await;
     let addr = server.local_addr();
-    let sampler = celery_queues::spawn(
+    let sampler = queue_sampler::spawn(
         SamplerPlan {
             broker: redis_server.url(3),
             queues: vec!["celery".to_owned(), "hi".to_owned()],

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proxy_conf::{AppConfig, ByteSize, WebConfig};
-use sauna_supervisor::lifecycle::StopMode;
 use sauna_supervisor::metrics::Metrics;
-use sauna_supervisor::pool::{Pool, PoolError, PoolHandle, PoolStatus};
+use sauna_supervisor::supervisor::lifecycle::StopMode;
+use sauna_supervisor::web::pool::{Pool, PoolError, PoolHandle, PoolStatus};
 
 use crate::util::{self, Sandbox};
 
@@ -725,13 +725,13 @@ fn import_error_is_reported_with_its_traceback() {
     assert!(text.contains("RuntimeError: settings missing"), "{text}");
     assert!(text.contains("broken.py\", line 4, in helper"), "{text}");
 
-    let checked = sauna_supervisor::pool::check_import(&app, sandbox.root());
+    let checked = sauna_supervisor::web::pool::check_import(&app, sandbox.root());
     assert!(matches!(
         checked,
-        Err(sauna_supervisor::pool::ImportCheck::Failed(traceback)) if traceback.contains("RuntimeError: settings missing")
+        Err(sauna_supervisor::web::pool::ImportCheck::Failed(traceback)) if traceback.contains("RuntimeError: settings missing")
     ));
     sandbox.write("app.py", APP);
-    sauna_supervisor::pool::check_import(
+    sauna_supervisor::web::pool::check_import(
         &app_config(sandbox.root(), "app:application"),
         sandbox.root(),
     )

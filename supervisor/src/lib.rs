@@ -13,32 +13,14 @@
 //! Data flows one way: config → supervisor state (the main loop) → pool, programs, beat → metrics.
 
 pub mod beat;
-pub mod celery_queues;
-pub mod child;
 pub mod cli;
 pub mod config;
 pub mod control;
-pub mod dispatch;
-pub mod emit;
-pub mod grafana;
-pub mod lifecycle;
-pub mod live;
 pub mod logging;
 pub mod metrics;
-pub mod metrics_server;
-pub mod notify;
-pub mod orphans;
-pub mod pool;
+pub mod process;
 pub mod programs;
-pub mod reload;
-pub mod remote;
-pub mod roles;
-pub mod signals;
-pub mod status;
 pub mod supervisor;
 #[cfg(test)]
 mod test_support;
-pub mod upgrade;
-pub mod watch;
 pub mod web;
-pub mod worker;

@@ -25,7 +25,26 @@ use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::{Layer, Registry};
 
-use crate::cli::{LogArgs, LogFormat};
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Readable lines (colours on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line, for journald and log collectors.
+    Json,
+}
+
+/// Where log lines go and what they look like (`--log-format`, `--log-level`, `--log-file`).
+#[derive(Debug, Clone, Default)]
+pub struct LogOptions {
+    /// Log line format.
+    pub log_format: LogFormat,
+    /// Minimum level or a RUST_LOG-style filter; RUST_LOG wins.
+    pub log_level: Option<String>,
+    /// Append log lines to this file instead of stderr; reopened on SIGUSR1.
+    pub log_file: Option<PathBuf>,
+}
 
 /// Permissions of a log file this module creates: the service's user and group may read it.
 const LOG_FILE_MODE: u32 = 0o640;
@@ -48,7 +67,7 @@ impl LogHandle {
 }
 
 /// Installs the process-wide subscriber described by `args`. Call once, early in `main`.
-pub fn init(args: &LogArgs) -> anyhow::Result<LogHandle> {
+pub fn init(args: &LogOptions) -> anyhow::Result<LogHandle> {
     let rust_log = std::env::var("RUST_LOG").ok();
     let (subscriber, handle) = build(args, rust_log.as_deref(), io::stderr().is_terminal())?;
     tracing::subscriber::set_global_default(subscriber)
@@ -58,7 +77,7 @@ pub fn init(args: &LogArgs) -> anyhow::Result<LogHandle> {
 
 /// The subscriber for `args`, given `$RUST_LOG` and whether stderr is a terminal.
 fn build(
-    args: &LogArgs,
+    args: &LogOptions,
     rust_log: Option<&str>,
     stderr_is_terminal: bool,
 ) -> anyhow::Result<(impl Subscriber + Send + Sync + 'static, LogHandle)> {
@@ -184,8 +203,8 @@ impl Write for FileGuard<'_> {
 mod tests {
     use super::*;
 
-    fn file_args(path: &Path, format: LogFormat, level: Option<&str>) -> LogArgs {
-        LogArgs {
+    fn file_args(path: &Path, format: LogFormat, level: Option<&str>) -> LogOptions {
+        LogOptions {
             log_format: format,
             log_level: level.map(str::to_owned),
             log_file: Some(path.to_owned()),

@@ -15,7 +15,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::lifecycle::StopMode;
+use crate::supervisor::lifecycle::StopMode;
 
 /// The version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;

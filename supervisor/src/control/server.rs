@@ -515,7 +515,7 @@ mod tests {
 
     use super::*;
     use crate::control::client::request;
-    use crate::lifecycle::StopMode;
+    use crate::supervisor::lifecycle::StopMode;
 
     const WAIT: Duration = Duration::from_secs(10);
 

@@ -42,13 +42,13 @@ use std::time::{Duration, Instant, SystemTime};
 use nix::sys::signal::Signal;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::child::{self, OutputTail};
-use crate::lifecycle::{Progress, StopMode};
 use crate::metrics::Metrics;
+use crate::process::procfs;
+use crate::process::spawn::{self as child, OutputTail};
 use crate::programs::launch::Launch;
-use crate::programs::procfs;
 use crate::programs::state::{Decision, InstanceState, RestartHistory, can_transition};
 use crate::programs::{InstanceStatus, ProgramStatus};
+use crate::supervisor::lifecycle::{Progress, StopMode};
 
 /// How often a stopping group whose leader has exited is checked for remaining members.
 const GROUP_CHECK_INTERVAL: Duration = Duration::from_millis(50);

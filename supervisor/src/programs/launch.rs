@@ -13,7 +13,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use proxy_conf::{AppConfig, ProgramConfig, Rlimits};
 
-use crate::child::ChildSpec;
+use crate::process::spawn::ChildSpec;
 use crate::programs::state::RestartRules;
 
 /// Environment variable holding the instance index (0-based) of a program instance.

@@ -3,7 +3,7 @@
 //! ([`start_order`]: by `priority`, then name), asks them for their status in that order, and
 //! stops them in reverse order. The restart policy lives in
 //! [`state`], the per-program process handling in `actor`, the resolution of config keys in
-//! `launch` and what `/proc` says about processes in [`procfs`].
+//! `launch`; what `/proc` says about processes is [`crate::process::procfs`]'s.
 //!
 //! A reload ([`Programs::reload`]) compares each program's [`launch::Fingerprint`] with the new
 //! config's ([`plan`]): added programs start, removed ones stop gracefully, unchanged ones are
@@ -14,7 +14,6 @@
 
 mod actor;
 mod launch;
-pub mod procfs;
 pub mod state;
 
 use std::collections::BTreeMap;
@@ -27,8 +26,8 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::lifecycle::{Progress, StopMode};
 use crate::metrics::Metrics;
+use crate::supervisor::lifecycle::{Progress, StopMode};
 use actor::{Command, ProgramActor, Reload};
 use launch::{Fingerprint, Launch};
 pub use state::InstanceState;
@@ -279,7 +278,7 @@ impl Programs {
     /// Starts every `[programs.NAME]` in start order. Relative paths are taken from `base_dir`
     /// (the config file's directory). RSS for `max_rss` is sampled every
     /// `[metrics].sample_interval`. Must be called on the tokio runtime that will run the
-    /// actors: children are spawned from its threads (see `child` on `PR_SET_PDEATHSIG`).
+    /// actors: children are spawned from its threads (see `process::spawn` on `PR_SET_PDEATHSIG`).
     /// Instances start under generation 1.
     pub fn start(config: &Config, base_dir: &Path, metrics: Arc<Metrics>) -> Programs {
         Programs::start_rolling_only(config, base_dir, metrics, false)
@@ -553,7 +552,8 @@ impl Programs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::child;
+    use crate::process::procfs;
+    use crate::process::spawn as child;
     use crate::test_support::runtime;
     use std::collections::BTreeSet;
     use std::time::Instant;

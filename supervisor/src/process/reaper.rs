@@ -1,7 +1,7 @@
 //! The group reaper: a tiny process forked at start-up whose only job is to SIGKILL whatever is
 //! left in the children's process groups once the supervisor is gone — however it went.
 //!
-//! `PR_SET_PDEATHSIG` (see `child`) kills each *direct* child when the supervisor dies, but not a
+//! `PR_SET_PDEATHSIG` (see `spawn`) kills each *direct* child when the supervisor dies, but not a
 //! grandchild: a program started as `sh -c "worker & …"`, or a Celery master whose prefork
 //! children outlive it, would leave orphans re-parented to PID 1 after a `kill -9` of the
 //! supervisor or an OOM kill. Nothing inside a SIGKILLed process can act, so a second process
@@ -28,10 +28,10 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use nix::fcntl::OFlag;
-use nix::sys::signal::{SigHandler, Signal, signal};
+use nix::sys::signal::{SigHandler, Signal, killpg, signal};
 use nix::unistd::{ForkResult, Pid, fork, pipe2, setpgid};
 
-use crate::programs::procfs::read_processes;
+use super::procfs::read_processes;
 
 /// The write end of the pipe to the reaper, set once at start-up.
 static REAPER: OnceLock<File> = OnceLock::new();
@@ -123,7 +123,14 @@ fn kill_groups(groups: &BTreeSet<u32>) {
             return;
         }
         for pgid in alive {
-            let _ = crate::child::signal_group(pgid, Signal::SIGKILL);
+            // Only groups `track` was told about are here: led by a child, so never 0 or 1
+            // (which `killpg` would take as our own group or init's).
+            match i32::try_from(pgid) {
+                Ok(raw) if raw > 1 => {
+                    let _ = killpg(Pid::from_raw(raw), Signal::SIGKILL);
+                }
+                _ => {}
+            }
         }
         std::thread::sleep(Duration::from_millis(20));
     }

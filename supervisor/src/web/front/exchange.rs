@@ -15,10 +15,10 @@ use http_body::{Body, Frame as BodyFrame, SizeHint};
 use tokio::sync::mpsc;
 use tokio::time::Sleep;
 
-use crate::dispatch::{Lease, Outcome};
 use crate::metrics::Metrics;
-use crate::web::body::RequestBody;
-use crate::worker::frame::{self, ChannelError, FLAG_END, Kind};
+use crate::web::dispatch::{Lease, Outcome};
+use crate::web::front::body::RequestBody;
+use crate::web::worker::frame::{self, ChannelError, FLAG_END, Kind};
 
 /// Largest body piece sent per `Read`.
 const READ_CHUNK: usize = 256 * 1024;

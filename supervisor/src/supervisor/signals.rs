@@ -27,7 +27,7 @@ use std::io;
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-use crate::lifecycle::StopMode;
+use crate::supervisor::lifecycle::StopMode;
 
 /// What a received signal asks the supervisor to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::lifecycle::Phase;
+use crate::supervisor::lifecycle::Phase;
 
 /// The whole status of a running supervisor.
 #[derive(Debug, Serialize)]

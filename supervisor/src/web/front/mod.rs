@@ -43,9 +43,9 @@ use tokio::net::{TcpListener, TcpSocket, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::dispatch::Dispatcher;
 use crate::metrics::Metrics;
-use crate::worker::frame::{self, FLAG_PULL, FLAG_TERMINATED, HEADER_LEN, Kind};
+use crate::web::dispatch::Dispatcher;
+use crate::web::worker::frame::{self, FLAG_PULL, FLAG_TERMINATED, HEADER_LEN, Kind};
 use body::{BodyError, RequestBody};
 use environ::{Connection, EnvironConfig};
 use exchange::{Completion, Event, Exchange, ExchangeError, ResponseBody, Streaming};
@@ -793,7 +793,7 @@ const WARM_UP_BODY_HEAD: usize = 2048;
 /// its body. Fails with what went wrong when there is no complete answer within `timeout`.
 pub async fn warm_up(
     front: &Front,
-    lease: crate::dispatch::Lease,
+    lease: crate::web::dispatch::Lease,
     path: &str,
     timeout: Duration,
 ) -> Result<WarmUpAnswer, String> {

@@ -1,13 +1,26 @@
 //! The command line: every command of the user-facing contract, its flags and its exit status.
-//! Each command's work lives in the module that owns the feature; this module only parses,
-//! dispatches and turns errors into `sauna-supervisor: …` lines and exit codes.
+//! This module parses, dispatches and turns errors into `sauna-supervisor: …` lines and exit
+//! codes; each command's front end is a submodule (`check`, with `live` for `check --live`;
+//! `emit`; `beat`; and `remote` for the commands that talk to a running supervisor), which prints
+//! and picks the exit status while the work itself stays in the module that owns the feature. `run` hands over to
+//! [`crate::supervisor::run`]. Nothing outside this module imports it: what the rest needs from
+//! the command line is converted into plain types here ([`RunOptions`], [`LogOptions`]).
+
+pub mod beat;
+pub mod check;
+pub mod emit;
+pub mod live;
+pub mod remote;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use proxy_conf::Loaded;
 
 use crate::config::ConfigError;
+use crate::logging::{LogFormat, LogOptions};
+use crate::supervisor::RunOptions;
 
 /// Exit status for a usage or configuration error.
 pub const EXIT_USAGE: u8 = 2;
@@ -37,14 +50,11 @@ pub struct ConfigArg {
     pub config: Option<PathBuf>,
 }
 
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Readable lines (colours on a terminal).
-    #[default]
-    Text,
-    /// One JSON object per line, for journald and log collectors.
-    Json,
+impl ConfigArg {
+    /// Loads the file this names (see [`crate::config::config_path`]).
+    pub fn load(&self) -> Result<Loaded, ConfigError> {
+        crate::config::load(self.config.as_deref())
+    }
 }
 
 /// Logging options shared by every command that runs for a while.
@@ -61,6 +71,17 @@ pub struct LogArgs {
     pub log_file: Option<PathBuf>,
 }
 
+impl LogArgs {
+    /// The options as the logger takes them.
+    pub fn options(&self) -> LogOptions {
+        LogOptions {
+            log_format: self.log_format,
+            log_level: self.log_level.clone(),
+            log_file: self.log_file.clone(),
+        }
+    }
+}
+
 /// Options of `run`.
 #[derive(Debug, Clone, Args, Default)]
 pub struct RunArgs {
@@ -73,6 +94,17 @@ pub struct RunArgs {
     /// Development mode: reload when the app's .py or .ini files change.
     #[arg(long)]
     pub watch: bool,
+}
+
+impl RunArgs {
+    /// The options as the main loop takes them.
+    pub fn options(&self) -> RunOptions {
+        RunOptions {
+            config: self.config.config.clone(),
+            log: self.log.options(),
+            watch: self.watch,
+        }
+    }
 }
 
 /// The commands.
@@ -226,32 +258,30 @@ pub fn main() -> ExitCode {
 
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        None => crate::supervisor::run_command(&cli.run),
-        Some(Command::Run(args)) => crate::supervisor::run_command(&args),
-        Some(Command::Reload { config, timeout }) => {
-            crate::remote::reload_command(&config, timeout)
-        }
-        Some(Command::Status { config, json }) => crate::remote::status_command(&config, json),
-        Some(Command::Stop { config }) => crate::remote::stop_command(&config),
-        Some(Command::Check { config, live }) => crate::config::check_command(&config, live),
+        None => crate::supervisor::run(&cli.run.options()),
+        Some(Command::Run(args)) => crate::supervisor::run(&args.options()),
+        Some(Command::Reload { config, timeout }) => remote::reload_command(&config, timeout),
+        Some(Command::Status { config, json }) => remote::status_command(&config, json),
+        Some(Command::Stop { config }) => remote::stop_command(&config),
+        Some(Command::Check { config, live }) => check::check_command(&config, live),
         Some(Command::Emit {
             target: EmitTarget::Grafana,
             output,
             ..
-        }) => crate::grafana::emit_command(output.as_deref()),
+        }) => emit::grafana_command(output.as_deref()),
         Some(Command::Emit {
             target,
             config,
             output,
-        }) => crate::emit::emit_command(target, &config, output.as_deref()),
+        }) => emit::emit_command(target, &config, output.as_deref()),
         Some(Command::Beat {
             command: BeatCommand::Next(args),
-        }) => crate::beat::next::next_command(&args),
-        Some(Command::Htpasswd { user }) => crate::emit::htpasswd_command(&user),
+        }) => beat::next_command(&args),
+        Some(Command::Htpasswd { user }) => emit::htpasswd_command(&user),
         Some(Command::Upgrade {
             config,
             binary,
             timeout,
-        }) => crate::remote::upgrade_command(&config, binary, timeout),
+        }) => remote::upgrade_command(&config, binary, timeout),
     }
 }

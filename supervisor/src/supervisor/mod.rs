@@ -13,29 +13,44 @@
 //! `MAINPID=` to systemd, then the roles stop without unlinking any socket; as the successor
 //! it stays quiet towards systemd and leaves the control socket alone until it is the main
 //! process, and the non-rolling programs and beat until the old process has released them.
+//!
+//! The loop's helpers live beside it: the roles it starts and stops (`roles`), the reload and
+//! upgrade sequences (`reload`, `upgrade`), the signals it handles (`signals`), what it tells
+//! systemd (`notify`), the `status` report (`status`), the `--watch` file watcher (`watch`) and
+//! the lifecycle vocabulary shared with the roles (`lifecycle`).
 
+pub mod lifecycle;
+pub mod notify;
+pub mod reload;
+pub mod roles;
+pub mod signals;
+pub mod status;
+pub mod upgrade;
+pub mod watch;
+
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use proxy_conf::Loaded;
-use tokio::sync::watch;
 
-use crate::celery_queues::QueueSampler;
-use crate::cli::RunArgs;
 use crate::control::{ControlRequest, ControlServer, ErrorKind, Request, Responder};
-use crate::lifecycle::{Phase, StopMode};
-use crate::logging::LogHandle;
+use crate::logging::{LogHandle, LogOptions};
 use crate::metrics::Metrics;
-use crate::metrics_server::{Health, MetricsServer};
-use crate::notify::Notifier;
+use crate::metrics::queue_sampler::QueueSampler;
+use crate::metrics::server::{Health, MetricsServer};
+use crate::supervisor::lifecycle::{Phase, StopMode};
+use crate::supervisor::notify::Notifier;
 
-use crate::reload::{self, ReloadEvent, ReloadRun};
-use crate::roles::Roles;
-use crate::signals::{SignalEvent, Signals};
-use crate::status::StatusReport;
-use crate::upgrade::{Inherited, Message, Predecessor, Successor, UpgradeEvent, UpgradeRun};
+use crate::supervisor::reload::{ReloadEvent, ReloadRun};
+use crate::supervisor::roles::Roles;
+use crate::supervisor::signals::{SignalEvent, Signals};
+use crate::supervisor::status::StatusReport;
+use crate::supervisor::upgrade::{
+    Inherited, Message, Predecessor, Successor, UpgradeEvent, UpgradeRun,
+};
 
 /// How often the loop refreshes the health verdict; `/healthz` calls the loop hung after a few
 /// missed beats.
@@ -44,8 +59,19 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 /// How long the last answers on the control socket get to reach their clients at exit.
 const CONTROL_FLUSH: Duration = Duration::from_secs(2);
 
+/// What `sauna-supervisor run` was asked for, as the command line gave it.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// The configuration file given with `-c`; `None` for `$SAUNA_CONFIG`, else `./sauna.toml`.
+    pub config: Option<PathBuf>,
+    /// Where log lines go and what they look like.
+    pub log: LogOptions,
+    /// Development mode: reload when the app's .py or .ini files change.
+    pub watch: bool,
+}
+
 /// `sauna-supervisor run`: runs the stack until a stop request or signal.
-pub fn run_command(args: &RunArgs) -> anyhow::Result<ExitCode> {
+pub fn run(args: &RunOptions) -> anyhow::Result<ExitCode> {
     // Resolved now, while it names the file we run: once a package has replaced that file,
     // /proc/self/exe reads "… (deleted)", whereas this path runs the new file — which is what
     // `upgrade` wants by default.
@@ -66,7 +92,7 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<ExitCode> {
     };
     let report = |error: &dyn std::fmt::Display| {
         if let Some(channel) = &reporter {
-            crate::upgrade::tell(
+            upgrade::tell(
                 channel,
                 &Message::Failed {
                     message: error.to_string(),
@@ -74,7 +100,7 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<ExitCode> {
             );
         }
     };
-    let loaded = match crate::config::load(&args.config) {
+    let loaded = match crate::config::load(args.config.as_deref()) {
         Ok(loaded) => loaded,
         Err(error) => {
             report(&error);
@@ -85,12 +111,12 @@ pub fn run_command(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let notifier = unsafe { Notifier::from_env_take() };
     let log = crate::logging::init(&args.log)?;
     // SAFETY: still single-threaded: the runtime is built below.
-    if let Err(error) = unsafe { crate::orphans::install() } {
+    if let Err(error) = unsafe { crate::process::reaper::install() } {
         tracing::warn!(
             "cannot start the group reaper ({error}): grandchildren of programs may outlive a crash of the supervisor"
         );
     }
-    crate::worker::frame::tune_allocator();
+    crate::web::worker::frame::tune_allocator();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         // One runtime thread: on a 2-core host the Python workers need the other core, and one
         // thread doing all the front's I/O avoids cross-thread wake-ups. Measured with wrk on
@@ -134,7 +160,7 @@ struct Supervisor {
     /// The last full status, served while a reload run owns the roles.
     status_snapshot: Option<serde_json::Value>,
     /// The verdict `/healthz` and `/readyz` serve, refreshed by the loop every second.
-    health: watch::Sender<Health>,
+    health: tokio::sync::watch::Sender<Health>,
     /// The `/metrics` endpoint, unless `[metrics].listen` is empty.
     metrics_server: Option<MetricsServer>,
     /// Samples Celery queue lengths, when there are queues and a broker.
@@ -199,14 +225,14 @@ impl Supervisor {
         );
         notify_or_log(notifier.status("starting"), "STATUS");
         let metrics = Arc::new(Metrics::new().context("cannot register metrics")?);
-        let (health, health_receiver) = watch::channel(Health::starting());
+        let (health, health_receiver) = tokio::sync::watch::channel(Health::starting());
         let inherited_metrics = inherited
             .as_mut()
             .and_then(|inherited| inherited.metrics.take())
             .filter(|(listen, _)| *listen == loaded.config.metrics.listen)
             .map(|(_, socket)| std::net::TcpListener::from(socket));
         // The endpoint comes up before the roles so that probes see "starting", not a refusal.
-        let metrics_server = match crate::metrics_server::start_on(
+        let metrics_server = match crate::metrics::server::start_on(
             &loaded.config.metrics,
             &loaded.config_dir(),
             Arc::clone(&metrics),
@@ -251,7 +277,8 @@ impl Supervisor {
                 return Err(error);
             }
         };
-        let queue_sampler = crate::celery_queues::spawn_for(&loaded.config, Arc::clone(&metrics));
+        let queue_sampler =
+            crate::metrics::queue_sampler::spawn_for(&loaded.config, Arc::clone(&metrics));
         let app_changes = if watch_app {
             let directory = loaded.config_dir().join(
                 loaded
@@ -261,7 +288,7 @@ impl Supervisor {
                     .as_deref()
                     .unwrap_or(std::path::Path::new(".")),
             );
-            let changes = crate::watch::spawn(directory.clone())
+            let changes = watch::spawn(directory.clone())
                 .with_context(|| format!("--watch: cannot watch {}", directory.display()))?;
             tracing::info!(
                 directory = %directory.display(),
@@ -543,7 +570,7 @@ impl Supervisor {
     }
 
     /// Duplicates of every listening socket, for the successor.
-    async fn upgrade_sockets(&self, roles: &Roles) -> std::io::Result<crate::upgrade::Sockets> {
+    async fn upgrade_sockets(&self, roles: &Roles) -> std::io::Result<upgrade::Sockets> {
         let metrics = match &self.metrics_server {
             Some(server) => Some((
                 self.loaded.config.metrics.listen.clone(),
@@ -551,7 +578,7 @@ impl Supervisor {
             )),
             None => None,
         };
-        Ok(crate::upgrade::Sockets {
+        Ok(upgrade::Sockets {
             control: Some((
                 self.control.path().to_path_buf(),
                 self.control.duplicate_listener()?,
@@ -564,7 +591,7 @@ impl Supervisor {
     /// The successor is ready (hand over and stop) or gone (say why and carry on).
     async fn on_upgrade_finished(
         &mut self,
-        finished: Result<Successor, crate::upgrade::Failure>,
+        finished: Result<Successor, upgrade::Failure>,
     ) -> Option<StopRequest> {
         let run = self.upgrade.take()?;
         self.phase = Phase::Running;
@@ -747,7 +774,7 @@ impl Supervisor {
                             .with_label_values(&["success"])
                             .inc();
                         self.queue_sampler = None;
-                        self.queue_sampler = crate::celery_queues::spawn_for(
+                        self.queue_sampler = crate::metrics::queue_sampler::spawn_for(
                             &finished.loaded.config,
                             Arc::clone(&self.metrics),
                         );

@@ -484,7 +484,7 @@ impl Inherited {
         &mut self,
         listen: &[String],
         backlog: u32,
-    ) -> Result<Vec<crate::web::Listener>, crate::web::BindError> {
+    ) -> Result<Vec<crate::web::front::Listener>, crate::web::front::BindError> {
         let mut inherited = std::mem::take(&mut self.web);
         let listeners = listen
             .iter()
@@ -492,14 +492,14 @@ impl Inherited {
                 |address| match inherited.iter().position(|(listen, _)| listen == address) {
                     Some(index) => {
                         let (_, fd) = inherited.remove(index);
-                        crate::web::Listener::adopt(address, fd).map_err(|source| {
-                            crate::web::BindError {
+                        crate::web::front::Listener::adopt(address, fd).map_err(|source| {
+                            crate::web::front::BindError {
                                 address: address.clone(),
                                 source,
                             }
                         })
                     }
-                    None => crate::web::bind(std::slice::from_ref(address), backlog)
+                    None => crate::web::front::bind(std::slice::from_ref(address), backlog)
                         .map(|mut bound| bound.remove(0)),
                 },
             )

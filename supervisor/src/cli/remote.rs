@@ -4,16 +4,16 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use crate::cli::{ConfigArg, EXIT_NOT_RUNNING, EXIT_USAGE};
+use super::{ConfigArg, EXIT_NOT_RUNNING, EXIT_USAGE};
 use crate::control::{ControlError, ErrorKind, Request, ResponseBody};
-use crate::lifecycle::StopMode;
+use crate::supervisor::lifecycle::StopMode;
 
 /// How long `status` and `stop` wait for each answer line.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `sauna-supervisor status [--json]`.
 pub fn status_command(config: &ConfigArg, json: bool) -> anyhow::Result<ExitCode> {
-    let loaded = crate::config::load(config)?;
+    let loaded = config.load()?;
     let socket = crate::config::control_socket(&loaded);
     let response = match crate::control::request(&socket, &Request::Status, Some(ANSWER_TIMEOUT))
         .and_then(|replies| replies.wait(|_| {}))
@@ -30,7 +30,7 @@ pub fn status_command(config: &ConfigArg, json: bool) -> anyhow::Result<ExitCode
             if json {
                 println!("{}", serde_json::to_string_pretty(&data)?);
             } else {
-                print!("{}", crate::status::render_text(&data));
+                print!("{}", crate::supervisor::status::render_text(&data));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -40,7 +40,7 @@ pub fn status_command(config: &ConfigArg, json: bool) -> anyhow::Result<ExitCode
 
 /// `sauna-supervisor stop`: asks for a graceful stop and waits until the process has exited.
 pub fn stop_command(config: &ConfigArg) -> anyhow::Result<ExitCode> {
-    let loaded = crate::config::load(config)?;
+    let loaded = config.load()?;
     let socket = crate::config::control_socket(&loaded);
     let request = Request::Stop {
         mode: StopMode::Graceful,
@@ -72,7 +72,7 @@ pub fn reload_command(
     config: &ConfigArg,
     timeout: Option<proxy_conf::Duration>,
 ) -> anyhow::Result<ExitCode> {
-    let loaded = crate::config::load(config)?;
+    let loaded = config.load()?;
     let socket = crate::config::control_socket(&loaded);
     let request = Request::Reload {
         timeout_secs: timeout.map(|t| t.get().as_secs().max(1)),
@@ -113,7 +113,7 @@ pub fn upgrade_command(
     binary: Option<std::path::PathBuf>,
     timeout: Option<proxy_conf::Duration>,
 ) -> anyhow::Result<ExitCode> {
-    let loaded = crate::config::load(config)?;
+    let loaded = config.load()?;
     let socket = crate::config::control_socket(&loaded);
     // The supervisor may run in another directory: send an absolute path.
     let binary = binary.map(|path| std::path::absolute(&path).unwrap_or(path));

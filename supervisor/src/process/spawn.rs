@@ -6,7 +6,7 @@
 //!   grandchild it forked (Celery's prefork pool) with one `kill(-pgid, sig)`, and a Ctrl-C on the
 //!   supervisor's terminal does not hit the children behind the supervisor's back;
 //! - **`PR_SET_PDEATHSIG(SIGKILL)`**, so a supervisor killed with SIGKILL takes the child along
-//!   (grandchildren are the group reaper's job, see `orphans`; every new group is reported to it). The
+//!   (grandchildren are the group reaper's job, see `reaper`; every new group is reported to it). The
 //!   kernel ties this to the *thread* that forked: children are spawned from runtime worker
 //!   threads, which live as long as the supervisor, never from short-lived blocking threads. The
 //!   supervisor may die between `fork` and `prctl`; the child compares `getppid()` with the pid
@@ -160,7 +160,7 @@ pub fn spawn(spec: ChildSpec) -> Result<Child, SpawnError> {
     // The parent's copies of passed descriptors close here, when `passed` is dropped.
     drop(passed);
     if let Some(pid) = child.id() {
-        crate::orphans::track(pid);
+        super::reaper::track(pid);
     }
     Ok(child)
 }

@@ -1,15 +1,12 @@
-//! `sauna-supervisor emit grafana`: a Grafana dashboard over the families in [`crate::metrics`],
-//! importable as is (Dashboards → New → Import), with the Prometheus data source chosen at
-//! import time (`${DS_PROMETHEUS}`) and an `instance` variable to pick supervisors.
+//! The Grafana dashboard that `sauna-supervisor emit grafana` writes: panels over the families in
+//! [`crate::metrics`], importable as is (Dashboards → New → Import), with the Prometheus data
+//! source chosen at import time (`${DS_PROMETHEUS}`) and an `instance` variable to pick
+//! supervisors.
 //!
 //! It owns the panel layout and the PromQL; the metric names it queries are checked against
 //! what [`crate::metrics::Metrics`] exposes by the tests below. It does not read `sauna.toml`:
 //! every panel groups by label, so one dashboard fits every configuration.
 
-use std::path::Path;
-use std::process::ExitCode;
-
-use anyhow::Context as _;
 use serde_json::{Value, json};
 
 /// The file `emit grafana -o DIR` writes.
@@ -17,26 +14,6 @@ pub const FILE_NAME: &str = "grafana-dashboard.json";
 
 /// The selector every query carries, so the `instance` variable filters all panels.
 const SELECTOR: &str = r#"instance=~"$instance""#;
-
-/// `sauna-supervisor emit grafana [-o DIR]`: prints the dashboard, or writes it into `DIR`.
-pub fn emit_command(output_dir: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let text = dashboard_text();
-    match output_dir {
-        None => print!("{text}"),
-        Some(dir) => {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create the output directory {}", dir.display()))?;
-            let path = dir.join(FILE_NAME);
-            std::fs::write(&path, &text)
-                .with_context(|| format!("cannot write {}", path.display()))?;
-            eprintln!("wrote {}", path.display());
-            eprintln!(
-                "next: in Grafana, Dashboards → New → Import, upload {FILE_NAME} and pick the Prometheus data source that scrapes [metrics].listen"
-            );
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
 
 /// The dashboard as pretty-printed JSON with a final newline.
 pub fn dashboard_text() -> String {

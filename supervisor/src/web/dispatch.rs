@@ -26,8 +26,8 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Metrics;
-use crate::worker::WorkerId;
-use crate::worker::frame::Channel;
+use crate::web::worker::WorkerId;
+use crate::web::worker::frame::Channel;
 
 /// What the dispatcher tells the pool.
 #[derive(Debug)]

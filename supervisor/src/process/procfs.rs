@@ -1,5 +1,6 @@
-//! What `/proc` says about a program instance's processes: the resident memory of its whole
-//! process tree, and whether its process group still has live members.
+//! What `/proc` says about processes: the resident memory of a program instance's whole process
+//! tree, whether its process group still has live members, and the process list the group
+//! reaper scans.
 //!
 //! A Celery worker's memory lives mostly in its prefork children, so the leader's own RSS says
 //! little: the tree is every process descending from the leader (by parent pid) plus every

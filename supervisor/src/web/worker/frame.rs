@@ -27,7 +27,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::AsyncWrite;
 use tokio::net::UnixStream;
 
-use crate::worker::ring::Ring;
+use crate::web::worker::ring::Ring;
 
 /// The protocol version the shim reports in its `Ready` frame; both sides ship in one binary, the
 /// check catches a stale shim file or a hand-started worker.

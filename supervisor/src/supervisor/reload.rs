@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 
 use crate::control::{ErrorKind, Responder};
 use crate::metrics::Metrics;
-use crate::roles::{RoleReloadError, Roles};
+use crate::supervisor::roles::{RoleReloadError, Roles};
 
 /// A reload in progress.
 pub struct ReloadRun {

@@ -1,9 +1,15 @@
-//! Every Prometheus family the supervisor exports, registered once in one registry.
+//! Every Prometheus family the supervisor exports, registered once in one registry; the
+//! submodules serve them (`server`), sample the Celery queues into them (`queue_sampler`) and
+//! chart them (`dashboard`).
 //!
 //! The families are created here and handed to the pool, the programs and beat as an
 //! `Arc<Metrics>`: the prometheus types are atomic counters and gauges, so recording a value is
 //! lock-free and never passes through the main loop. Label values are bounded (status classes,
 //! slots, program and job names from the config), never paths, pids or task ids.
+
+pub mod dashboard;
+pub mod queue_sampler;
+pub mod server;
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,

@@ -1,8 +1,8 @@
 //! One worker process from spawn to exit: the channels it inherits, the ready handshake, the
 //! Python stack dump before a kill, and the report of how it ended. It owns the process, not the
-//! decisions: when to start, recycle or replace a worker is the pool's (`crate::pool`), which
-//! requests it serves is the dispatcher's (`crate::dispatch`), and what goes over a request slot
-//! is the front's (`crate::web`).
+//! decisions: when to start, recycle or replace a worker is the pool's (`crate::web::pool`), which
+//! requests it serves is the dispatcher's (`crate::web::dispatch`), and what goes over a request slot
+//! is the front's (`crate::web::front`).
 //!
 //! Descriptors a worker inherits (see `shim.py`):
 //! - **3, the control channel**, a socketpair. The supervisor writes the shim's source into it
@@ -32,7 +32,7 @@ use proxy_conf::AppConfig;
 use tokio::process::Child;
 use tokio::sync::mpsc;
 
-use crate::child::{self, ChildSpec};
+use crate::process::spawn::{self as child, ChildSpec};
 use frame::{Channel, ChannelError, Kind, PROTOCOL};
 
 /// The shim, compiled into the binary.

@@ -8,15 +8,15 @@ use std::sync::Arc;
 use anyhow::Context;
 use proxy_conf::Loaded;
 
-use crate::lifecycle::{Progress, StopMode};
 use crate::metrics::Metrics;
 use crate::programs::Programs;
-use crate::status::StatusReport;
+use crate::supervisor::lifecycle::{Progress, StopMode};
+use crate::supervisor::status::StatusReport;
 
 /// The roles the config asked for, each behind its actor handle.
 pub struct Roles {
     /// The web pool, when `[web]` is configured.
-    pool: Option<crate::pool::PoolHandle>,
+    pool: Option<crate::web::pool::PoolHandle>,
     /// Every `[programs.NAME]`.
     programs: Programs,
     /// The scheduler, when `[beat]` is configured.
@@ -36,7 +36,7 @@ impl Roles {
     pub async fn start_for_upgrade(
         loaded: &Loaded,
         metrics: &Arc<Metrics>,
-        listeners: Option<Vec<crate::web::Listener>>,
+        listeners: Option<Vec<crate::web::front::Listener>>,
     ) -> anyhow::Result<Roles> {
         Roles::start_with(loaded, metrics, listeners, true).await
     }
@@ -44,14 +44,14 @@ impl Roles {
     async fn start_with(
         loaded: &Loaded,
         metrics: &Arc<Metrics>,
-        listeners: Option<Vec<crate::web::Listener>>,
+        listeners: Option<Vec<crate::web::front::Listener>>,
         upgrade: bool,
     ) -> anyhow::Result<Roles> {
         // The pool first: it binds the listening sockets, and a bind error stops the start.
         let pool = match &loaded.config.web {
             Some(web) => {
                 let pool_dir = loaded.config_dir();
-                let pool = crate::pool::Pool::start_on(
+                let pool = crate::web::pool::Pool::start_on(
                     &loaded.config.app,
                     web,
                     &pool_dir,
@@ -181,7 +181,7 @@ impl Roles {
             let ready = status
                 .workers
                 .iter()
-                .filter(|worker| worker.state == crate::pool::WorkerState::Ready)
+                .filter(|worker| worker.state == crate::web::pool::WorkerState::Ready)
                 .count();
             if ready == 0 {
                 problems.push("web pool: no worker is ready".to_owned());
@@ -270,14 +270,18 @@ impl Roles {
                 summary.push(rolled);
             }
             (None, Some(web)) => {
-                let pool =
-                    crate::pool::Pool::start(&new.config.app, web, &base_dir, Arc::clone(metrics))
-                        .await
-                        .map_err(|error| RoleReloadError {
-                            role: "web pool".to_owned(),
-                            message: format!("the new web pool did not start: {error}"),
-                            detail: None,
-                        })?;
+                let pool = crate::web::pool::Pool::start(
+                    &new.config.app,
+                    web,
+                    &base_dir,
+                    Arc::clone(metrics),
+                )
+                .await
+                .map_err(|error| RoleReloadError {
+                    role: "web pool".to_owned(),
+                    message: format!("the new web pool did not start: {error}"),
+                    detail: None,
+                })?;
                 self.pool = Some(pool);
                 summary.push("web pool started".to_owned());
             }

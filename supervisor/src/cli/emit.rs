@@ -1,6 +1,7 @@
 //! The `emit` and `htpasswd` commands: gather the machine facts and secrets the renderers in
 //! `proxy_conf::emit` need, then print the generated files or write them under `-o DIR` with the
-//! next steps. What the files contain is decided in `proxy-conf`, not here.
+//! next steps. What the files contain is decided in `proxy-conf` (and the Grafana dashboard in
+//! `crate::metrics::dashboard`), not here.
 
 use std::io::{IsTerminal as _, Read as _, Write as _};
 use std::os::unix::fs::OpenOptionsExt as _;
@@ -11,7 +12,8 @@ use anyhow::Context as _;
 use proxy_conf::Config;
 use proxy_conf::emit::{self, EmitError, Machine, Output, Secrets};
 
-use crate::cli::{ConfigArg, EXIT_USAGE, EmitTarget};
+use super::{ConfigArg, EXIT_USAGE, EmitTarget};
+use crate::metrics::dashboard;
 
 /// `sauna-supervisor emit TARGET [-c FILE] [-o DIR]`.
 pub fn emit_command(
@@ -23,7 +25,7 @@ pub fn emit_command(
         eprintln!("sauna-supervisor: `emit all` writes several files: pass -o DIR");
         return Ok(ExitCode::from(EXIT_USAGE));
     }
-    let loaded = crate::config::load(arg)?;
+    let loaded = arg.load()?;
     let config = &loaded.config;
     let rendered = match render(target, config) {
         Ok(rendered) => rendered,
@@ -126,9 +128,9 @@ fn render(target: EmitTarget, config: &Config) -> Result<Rendered, RenderError> 
 /// The Grafana dashboard, as one of `emit all`'s files.
 fn grafana_file() -> emit::File {
     emit::File {
-        path: crate::grafana::FILE_NAME.to_owned(),
+        path: dashboard::FILE_NAME.to_owned(),
         install_to: "Grafana (Dashboards → New → Import)".to_owned(),
-        contents: crate::grafana::dashboard_text(),
+        contents: dashboard::dashboard_text(),
     }
 }
 
@@ -220,6 +222,27 @@ fn print_next_steps(output: &Output, dir: &Path) {
             println!("  {}. {step}", index + 1);
         }
     }
+}
+
+/// `sauna-supervisor emit grafana [-o DIR]`: prints the dashboard, or writes it into `DIR`.
+pub fn grafana_command(output_dir: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let text = dashboard::dashboard_text();
+    match output_dir {
+        None => print!("{text}"),
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create the output directory {}", dir.display()))?;
+            let path = dir.join(dashboard::FILE_NAME);
+            std::fs::write(&path, &text)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            eprintln!("wrote {}", path.display());
+            eprintln!(
+                "next: in Grafana, Dashboards → New → Import, upload {} and pick the Prometheus data source that scrapes [metrics].listen",
+                dashboard::FILE_NAME
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `sauna-supervisor htpasswd USER`: reads the password from stdin, prints `USER:$6$…`.

@@ -1,0 +1,348 @@
+//! The web pool: the set of workers behind the HTTP front and the one actor that decides their
+//! lives. The main loop drives it through a [`PoolHandle`]; requests never pass through it
+//! (front → dispatcher → worker slot). This module holds the public face — starting the pool,
+//! the handle's commands, the errors, and what `[web]` becomes for the front and the dispatcher;
+//! the work is split by job:
+//! - `actor`: the actor's loop — worker events, dispatcher notices, recycling, scaling, stop;
+//! - `rollout`: the reload state machine (canary, warm-up, roll, rollback);
+//! - `slots`: per-slot crash backoff and crash-loop protection, RSS sampling;
+//! - `state`: worker state, what `status` reports, and the `workers` gauge's labels.
+//!
+//! Workers are numbered by *slot* (0 … workers-1, the `worker` label of the metrics) and carry the
+//! *generation* they were started under. A slot can briefly hold two workers while one is being
+//! recycled or rolled.
+
+mod actor;
+mod rollout;
+mod slots;
+mod state;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proxy_conf::{AppConfig, WebConfig};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics::Metrics;
+use crate::supervisor::lifecycle::{Progress, StopMode};
+use crate::web::dispatch::Dispatcher;
+use crate::web::front::environ::{EnvironConfig, Forwarders};
+use crate::web::front::{self, Front, FrontConfig};
+use crate::web::worker::{self, Launch};
+use actor::Actor;
+pub use rollout::PoolReloadError;
+use slots::Slot;
+pub use state::{PoolStatus, WorkerState, WorkerStatus};
+
+/// The pool could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// `[app]`/`[web]` cannot run a pool.
+    #[error("{0}")]
+    Config(String),
+    /// A listen address could not be bound.
+    #[error(transparent)]
+    Bind(#[from] front::BindError),
+    /// The app failed to import; the Python traceback.
+    #[error("worker {slot}: the app failed to import:\n{traceback}")]
+    Import {
+        /// The slot whose worker reported it.
+        slot: usize,
+        /// The Python traceback.
+        traceback: String,
+    },
+    /// A worker failed to start for another reason.
+    #[error("worker {slot}: {message}")]
+    Start {
+        /// The slot.
+        slot: usize,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+enum Command {
+    Status(oneshot::Sender<PoolStatus>),
+    Scale(i32),
+    Reload(Box<ReloadRequest>),
+    Shutdown(StopMode, oneshot::Sender<()>),
+    DuplicateListeners(oneshot::Sender<std::io::Result<Vec<(String, std::os::fd::OwnedFd)>>>),
+    HandOver(oneshot::Sender<()>),
+}
+
+struct ReloadRequest {
+    app: AppConfig,
+    web: WebConfig,
+    base_dir: std::path::PathBuf,
+    generation: u64,
+    progress: Progress,
+    reply: oneshot::Sender<Result<Rolled, PoolReloadError>>,
+}
+
+/// A successful roll.
+struct Rolled {
+    summary: String,
+    listen: Vec<String>,
+    /// Accept tasks of removed addresses; their sockets are closed once these end.
+    closing: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn wanted_workers(web: &WebConfig) -> usize {
+    usize::try_from(web.workers).unwrap_or(1).max(1)
+}
+
+/// `queue_size` and `queue_timeout` as the dispatcher takes them (a timeout of 0 = none).
+fn queue_limits(web: &WebConfig) -> (usize, Duration) {
+    let queue_timeout = web.queue_timeout.get();
+    (
+        usize::try_from(web.queue_size).unwrap_or(usize::MAX),
+        if queue_timeout.is_zero() {
+            Duration::from_secs(u64::from(u32::MAX))
+        } else {
+            queue_timeout
+        },
+    )
+}
+
+/// The front's settings from `[web]`, or what is wrong with them.
+fn front_config(web: &WebConfig) -> Result<FrontConfig, String> {
+    let forwarders = Forwarders::parse(&web.forwarded_allow_ips)?;
+    let script_name = web.script_name.trim_end_matches('/').to_owned();
+    if !script_name.is_empty() && !script_name.starts_with('/') {
+        return Err(format!(
+            "[web].script_name \"{}\" must start with \"/\"",
+            web.script_name
+        ));
+    }
+    if web.listen.is_empty() {
+        return Err("[web].listen is empty: give at least one address".to_owned());
+    }
+    let timeout = web.timeout.get();
+    Ok(FrontConfig {
+        max_body: web.max_body.bytes(),
+        body_buffer: web.body_buffer.bytes(),
+        timeout: if timeout.is_zero() {
+            Duration::from_secs(u64::from(u32::MAX))
+        } else {
+            timeout
+        },
+        retry_after: web.queue_timeout.get().as_secs().max(1),
+        access_log: web.access_log,
+        environ: EnvironConfig {
+            script_name,
+            forwarders,
+        },
+    })
+}
+
+/// The pool's entry point.
+#[derive(Debug)]
+pub struct Pool;
+
+/// The main loop's handle on a running pool.
+#[derive(Debug)]
+pub struct PoolHandle {
+    commands: mpsc::UnboundedSender<Command>,
+    task: tokio::task::JoinHandle<()>,
+    listen: Vec<String>,
+}
+
+impl Pool {
+    /// Binds every listen address, starts the workers and resolves once each reported ready.
+    /// Fails with the address that cannot be bound, or the traceback of a worker whose import
+    /// failed (every started worker is stopped again).
+    pub async fn start(
+        app: &AppConfig,
+        web: &WebConfig,
+        base_dir: &Path,
+        metrics: Arc<Metrics>,
+    ) -> Result<PoolHandle, PoolError> {
+        Pool::start_on(app, web, base_dir, metrics, None).await
+    }
+
+    /// [`Pool::start`] on `listeners` (one per `[web].listen` entry, in order) when given: the
+    /// sockets a successor adopted in an upgrade. The front accepts on them only once every
+    /// worker is ready, so until then their connections go to the old supervisor.
+    pub async fn start_on(
+        app: &AppConfig,
+        web: &WebConfig,
+        base_dir: &Path,
+        metrics: Arc<Metrics>,
+        listeners: Option<Vec<front::Listener>>,
+    ) -> Result<PoolHandle, PoolError> {
+        let threads = usize::try_from(web.threads).unwrap_or(1).max(1);
+        let launch = Arc::new(
+            Launch::new(app, base_dir, threads, web.reload_timeout.get())
+                .map_err(PoolError::Config)?,
+        );
+        let config = front_config(web).map_err(PoolError::Config)?;
+        let listeners = match listeners {
+            Some(listeners) => listeners,
+            None => front::bind(&web.listen, web.backlog)?,
+        };
+        let listen = listeners.iter().map(front::Listener::address).collect();
+
+        let (notices_tx, notices) = mpsc::unbounded_channel();
+        let (queue_size, queue_timeout) = queue_limits(web);
+        let dispatcher =
+            Dispatcher::new(queue_size, queue_timeout, Arc::clone(&metrics), notices_tx);
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let (warm_ups_tx, warm_ups) = mpsc::unbounded_channel();
+        let mut actor = Actor {
+            launch,
+            web: web.clone(),
+            dispatcher: Arc::clone(&dispatcher),
+            metrics: Arc::clone(&metrics),
+            front: None,
+            listen,
+            generation: 1,
+            next_id: 1,
+            workers: BTreeMap::new(),
+            slots: Vec::new(),
+            recycle_queue: VecDeque::new(),
+            recycling: None,
+            events_tx,
+            events,
+            notices,
+            stack_context: BTreeMap::new(),
+            rollout: None,
+            warm_ups_tx,
+            warm_ups,
+        };
+        dispatcher.set_generation(actor.generation);
+        metrics.generation.set(1);
+        let wanted = usize::try_from(web.workers).unwrap_or(1).max(1);
+        for slot in 0..wanted {
+            actor.slots.push(Slot::default());
+            actor.spawn_worker(slot, None);
+        }
+        actor.wait_all_ready().await?;
+
+        let front = Arc::new(Front::new(config, dispatcher, metrics));
+        actor.front = Some(front::serve(
+            web.listen.iter().cloned().zip(listeners).collect(),
+            front,
+        ));
+        let listen = actor.listen.clone();
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let task = tokio::spawn(actor.run(receiver));
+        Ok(PoolHandle {
+            commands,
+            task,
+            listen,
+        })
+    }
+}
+
+impl PoolHandle {
+    /// The addresses being served, with the real port where 0 was configured.
+    pub fn listen_addresses(&self) -> &[String] {
+        &self.listen
+    }
+
+    /// Every worker's pid, generation, state, requests, RSS and last error.
+    pub async fn status(&self) -> PoolStatus {
+        let (reply, answer) = oneshot::channel();
+        let _ = self.commands.send(Command::Status(reply));
+        answer.await.unwrap_or_else(|_| PoolStatus {
+            listen: self.listen.clone(),
+            generation: 0,
+            reloading: None,
+            workers_wanted: 0,
+            workers: Vec::new(),
+        })
+    }
+
+    /// Adds (`delta > 0`) or removes workers; the pool never goes below one worker.
+    pub fn scale(&self, delta: i32) {
+        let _ = self.commands.send(Command::Scale(delta));
+    }
+
+    /// Rolls the pool to `generation`: a canary of the new `[app]`/`[web]` imports the app and
+    /// answers `[web].warmup` within `reload_timeout`, then every slot is replaced one at a time
+    /// with the new worker ready before the old one drains, and listen addresses are added and
+    /// removed. Nothing changes when the canary fails; a later failure rolls back to the old
+    /// generation. Steps go to `progress`; the answer is a one-line summary.
+    pub async fn reload(
+        &mut self,
+        app: &AppConfig,
+        web: &WebConfig,
+        base_dir: &Path,
+        generation: u64,
+        progress: &Progress,
+    ) -> Result<String, PoolReloadError> {
+        let (reply, answer) = oneshot::channel();
+        let request = ReloadRequest {
+            app: app.clone(),
+            web: web.clone(),
+            base_dir: base_dir.to_path_buf(),
+            generation,
+            progress: progress.clone(),
+            reply,
+        };
+        if self
+            .commands
+            .send(Command::Reload(Box::new(request)))
+            .is_err()
+        {
+            return Err(PoolReloadError::new("the web pool is not running"));
+        }
+        let rolled = answer
+            .await
+            .map_err(|_| PoolReloadError::new("the web pool stopped during the reload"))??;
+        // `reload` returns only once a removed address refuses connections.
+        for task in rolled.closing {
+            let _ = task.await;
+        }
+        self.listen = rolled.listen;
+        Ok(rolled.summary)
+    }
+
+    /// Stops the pool. Graceful: stop accepting, let in-flight requests finish within
+    /// `graceful_timeout`, then stop the workers. Fast: kill everything now.
+    pub async fn shutdown(self, mode: StopMode) {
+        let (reply, done) = oneshot::channel();
+        if self.commands.send(Command::Shutdown(mode, reply)).is_ok() {
+            let _ = done.await;
+        }
+        let _ = self.task.await;
+    }
+
+    /// Duplicates of the listening sockets with their `[web].listen` entries, for a successor
+    /// started by `upgrade` to inherit.
+    pub async fn duplicate_listeners(
+        &self,
+    ) -> std::io::Result<Vec<(String, std::os::fd::OwnedFd)>> {
+        let (reply, answer) = oneshot::channel();
+        let _ = self.commands.send(Command::DuplicateListeners(reply));
+        answer
+            .await
+            .unwrap_or_else(|_| Err(std::io::Error::other("the web pool is not running")))
+    }
+
+    /// Stops the pool after an upgrade handed its sockets to a successor: stop accepting (the
+    /// Unix socket files stay, they are the successor's), close each open connection after its
+    /// next response, give clients [`HANDOVER_LINGER`] (at most `graceful_timeout`) to make
+    /// that request, then stop gracefully.
+    pub async fn hand_over(self) {
+        let (reply, done) = oneshot::channel();
+        if self.commands.send(Command::HandOver(reply)).is_ok() {
+            let _ = done.await;
+        }
+        let _ = self.task.await;
+    }
+}
+
+/// How long a handed-over front keeps its open connections for clients to make one more request
+/// (answered with `Connection: close`) before the idle ones are closed.
+const HANDOVER_LINGER: Duration = Duration::from_secs(2);
+
+pub use crate::web::worker::ImportCheck;
+
+/// Imports the app in a throwaway worker for `sauna-supervisor check`: the traceback when the
+/// import fails, `NotRun` when the app cannot be run here at all. Call it outside a tokio runtime.
+pub fn check_import(app: &AppConfig, base_dir: &Path) -> Result<(), ImportCheck> {
+    worker::check_import(app, base_dir)
+}

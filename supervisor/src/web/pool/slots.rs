@@ -1,0 +1,185 @@
+//! Per-slot bookkeeping of the pool actor: restart backoff after a crash (doubling, capped, with
+//! crash-loop protection), the per-worker `max_requests` limit, and RSS sampling for `max_rss`
+//! recycling and for draining workers that overstay `graceful_timeout`.
+
+use std::time::{Duration, Instant};
+
+use super::actor::Actor;
+use super::state::WorkerState;
+use crate::web::worker;
+
+/// How often worker RSS is sampled.
+pub(super) const RSS_INTERVAL: Duration = Duration::from_secs(1);
+/// Consecutive samples over `max_rss` before a worker is recycled (one spike is not a leak).
+const RSS_SAMPLES: u32 = 2;
+/// Crashes further back than this are forgotten.
+const CRASH_WINDOW: Duration = Duration::from_secs(60);
+/// A slot with this many crashes within `CRASH_WINDOW` is in a crash loop.
+pub(super) const CRASH_LOOP: usize = 5;
+/// Longest delay before restarting a crashed slot.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Default)]
+pub(super) struct Slot {
+    pub(super) crashes: Vec<Instant>,
+    pub(super) restart_at: Option<Instant>,
+    pub(super) last_error: Option<String>,
+}
+
+/// Delay before restarting a slot that crashed `recent` times within the crash window: 0.1 s,
+/// doubling, capped at `MAX_BACKOFF`; a crash loop waits the cap.
+fn restart_delay(recent: usize) -> Duration {
+    if recent >= CRASH_LOOP {
+        return MAX_BACKOFF;
+    }
+    let exponent = u32::try_from(recent.saturating_sub(1))
+        .unwrap_or(u32::MAX)
+        .min(16);
+    (Duration::from_millis(100) * 2u32.pow(exponent)).min(MAX_BACKOFF)
+}
+
+/// `max_requests` plus a per-worker random part of the jitter; `None` when recycling by count is off.
+pub(super) fn request_limit(max_requests: u64, jitter: u64) -> Option<u64> {
+    use std::hash::{BuildHasher, Hasher};
+    if max_requests == 0 {
+        return None;
+    }
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    Some(
+        max_requests
+            + if jitter == 0 {
+                0
+            } else {
+                random % (jitter + 1)
+            },
+    )
+}
+
+impl Actor {
+    pub(super) fn schedule_restart(&mut self, slot_index: usize) {
+        let Some(slot) = self.slots.get_mut(slot_index) else {
+            return;
+        };
+        let now = Instant::now();
+        slot.crashes
+            .retain(|at| now.duration_since(*at) < CRASH_WINDOW);
+        slot.crashes.push(now);
+        let delay = restart_delay(slot.crashes.len());
+        if slot.crashes.len() >= CRASH_LOOP {
+            tracing::error!(
+                worker = slot_index,
+                "web worker slot {slot_index} crashed {} times within {:?}; next restart in {delay:?}",
+                slot.crashes.len(),
+                CRASH_WINDOW
+            );
+        }
+        slot.restart_at = Some(now + delay);
+    }
+
+    pub(super) fn restart_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<usize> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, slot)| slot.restart_at.is_some_and(|at| at <= now))
+            .map(|(index, _)| index)
+            .collect();
+        for index in due {
+            self.slots[index].restart_at = None;
+            self.spawn_worker(index, None);
+        }
+    }
+
+    pub(super) fn sample(&mut self) {
+        let max_rss = self.web.max_rss.bytes();
+        let now = Instant::now();
+        let mut over = Vec::new();
+        let mut overdue = Vec::new();
+        for (id, worker) in &mut self.workers {
+            if let Some(deadline) = worker.drain_deadline {
+                if now >= deadline && worker.state == WorkerState::Draining {
+                    overdue.push(*id);
+                }
+            }
+            let Some(pid) = worker.pid else { continue };
+            let Some(rss) = read_rss(pid) else { continue };
+            worker.rss = rss;
+            if worker.state == WorkerState::Ready {
+                self.metrics
+                    .worker_rss_bytes
+                    .with_label_values(&[&worker.slot.to_string()])
+                    .set(i64::try_from(rss).unwrap_or(i64::MAX));
+                if max_rss > 0 && rss > max_rss {
+                    worker.rss_over += 1;
+                    if worker.rss_over == RSS_SAMPLES {
+                        over.push(*id);
+                    }
+                } else {
+                    worker.rss_over = 0;
+                }
+                // A worker that served steadily for the crash window clears its slot's record.
+                if worker
+                    .ready_at
+                    .is_some_and(|at| now.duration_since(at) > CRASH_WINDOW)
+                {
+                    if let Some(slot) = self.slots.get_mut(worker.slot) {
+                        slot.crashes.clear();
+                    }
+                }
+            }
+        }
+        for id in over {
+            if !self.recycle_queue.iter().any(|(queued, _)| *queued == id) {
+                self.recycle_queue.push_back((id, "max_rss"));
+            }
+        }
+        for id in overdue {
+            if let Some(worker) = self.workers.get_mut(&id) {
+                tracing::warn!(
+                    worker = worker.slot,
+                    pid = worker.pid,
+                    "draining web worker did not finish in time; killing it"
+                );
+                worker.state = WorkerState::Killing;
+                let _ = worker.commands.send(worker::Command::Kill);
+            }
+        }
+        self.pump_recycling();
+    }
+}
+
+/// Resident set size of `pid` from /proc/PID/statm (resident pages × page size).
+fn read_rss(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = text.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page_size).unwrap_or(4096))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_delay_doubles_then_caps_and_crash_loops_wait_longest() {
+        assert_eq!(restart_delay(1), Duration::from_millis(100));
+        assert_eq!(restart_delay(2), Duration::from_millis(200));
+        assert_eq!(restart_delay(4), Duration::from_millis(800));
+        assert_eq!(restart_delay(CRASH_LOOP), MAX_BACKOFF);
+        assert_eq!(restart_delay(100), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn request_limit_adds_at_most_the_jitter() {
+        assert_eq!(request_limit(0, 10), None);
+        assert_eq!(request_limit(100, 0), Some(100));
+        for _ in 0..50 {
+            let limit = request_limit(100, 10).unwrap();
+            assert!((100..=110).contains(&limit), "{limit}");
+        }
+    }
+}
