@@ -23,3 +23,5 @@ mod reload;
 mod reload_programs;
 // upgrade: `upgrade`/SIGUSR2 hand every socket to a new process under load; failing successors.
 mod upgrade;
+// wheel: scripts/build-wheel.sh's wheel pip-installed into a fresh venv runs `--version` and `check`.
+mod wheel;
