@@ -1627,6 +1627,148 @@ group = "root"
     );
 }
 
+/// Kills the process whose pid a pidfile names, when the test ends in any way.
+struct PidFileGuard(PathBuf);
+
+impl Drop for PidFileGuard {
+    fn drop(&mut self) {
+        if let Some(pid) = std::fs::read_to_string(&self.0)
+            .ok()
+            .and_then(|text| text.trim().parse::<i32>().ok())
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+#[test]
+fn without_systemd_the_printed_lines_run_the_supervisor_as_its_user_with_the_secrets() {
+    require_tool("start-stop-daemon", "apt-get install -y dpkg");
+    let curl_tool = require_tool("curl", "apt-get install -y curl");
+    assert!(
+        is_root(),
+        "this test runs the printed root lines (start-stop-daemon --chuid) and must run as root (CI does)"
+    );
+    let sandbox = Sandbox::new();
+    std::fs::set_permissions(sandbox.root(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    // A program and the metrics endpoint: what runs as `nobody` needs nothing but the binary
+    // (the test venv's Python may sit where `nobody` cannot reach it).
+    let metrics = free_port();
+    sandbox.write(
+        "sauna.toml",
+        &format!(
+            r#"[programs.idle]
+command = ["sleep", "600"]
+
+[metrics]
+listen = "127.0.0.1:{metrics}"
+token_env = "SHOP_METRICS_TOKEN"
+
+[deploy]
+name = "shop"
+
+[deploy.systemd]
+binary = "{binary}"
+config = "{root}/sauna.toml"
+user = "nobody"
+group = "nogroup"
+"#,
+            root = sandbox.root().display(),
+            binary = binary().display(),
+        ),
+    );
+    let token = "t0ken with spaces";
+    let stdout = ok(
+        &sandbox,
+        &["emit", "all", "-o", "out"],
+        &[("SHOP_METRICS_TOKEN", token)],
+    );
+    let steps = steps_of(&stdout);
+    let fallback: Vec<&str> = steps
+        .lines()
+        .skip_while(|line| !line.starts_with("# Without systemd"))
+        .skip_while(|line| {
+            !line.starts_with("# In step") || !line.contains("the unit shop.service")
+        })
+        .skip(1)
+        .collect();
+    // The printed lines, with /etc/sauna, /run/sauna and /var/log/sauna in the sandbox.
+    let local = |line: &str| {
+        line.replace(
+            "/etc/sauna/shop.env",
+            &sandbox.path("out/shop.env").display().to_string(),
+        )
+        .replace("/run/sauna", &sandbox.path("run").display().to_string())
+        .replace("/var/log/sauna", &sandbox.path("log").display().to_string())
+    };
+    let commands: Vec<String> = fallback
+        .iter()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .map(|line| local(line))
+        .collect();
+    assert_eq!(commands.len(), 2, "{steps}");
+    let stop_note = fallback
+        .iter()
+        .find_map(|line| line.split_once("stop, status and reload need it too: "))
+        .map(|(_, command)| local(command))
+        .unwrap_or_else(|| panic!("no stop command in\n{steps}"));
+    let _guard = PidFileGuard(sandbox.path("run/shop.pid"));
+    for command in &commands {
+        let output = run(Command::new("sh").arg("-c").arg(command));
+        assert_success(&output, command);
+    }
+    // It runs its program, as nobody, with its control socket where the unit would put it.
+    wait_until(Duration::from_secs(30), "the program to run", || {
+        let output = Command::new(binary())
+            .args(["status", "--json", "-c"])
+            .arg(sandbox.path("sauna.toml"))
+            .env("RUNTIME_DIRECTORY", sandbox.path("run"))
+            .output()
+            .ok()?;
+        let status: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+        (status["programs"][0]["instances"][0]["state"] == "running").then_some(())
+    });
+    let pid: u32 = std::fs::read_to_string(sandbox.path("run/shop.pid"))
+        .expect("pidfile")
+        .trim()
+        .parse()
+        .expect("pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    assert!(
+        status.lines().any(|line| line.starts_with("Uid:\t65534\t")),
+        "{status}"
+    );
+    assert!(sandbox.path("run/control.sock").exists());
+    // The token reached it through the secrets file: the metrics want exactly that token.
+    let scrape = |bearer: &str| {
+        run(Command::new(&curl_tool).args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            &format!("Authorization: Bearer {bearer}"),
+            &format!("http://127.0.0.1:{metrics}/metrics"),
+        ]))
+    };
+    assert_eq!(String::from_utf8_lossy(&scrape(token).stdout), "200");
+    assert_eq!(String::from_utf8_lossy(&scrape("guess").stdout), "401");
+    // The printed stop command stops it.
+    let output = run(Command::new("sh").arg("-c").arg(&stop_note));
+    assert_success(&output, &stop_note);
+    wait_until(Duration::from_secs(30), "the supervisor to exit", || {
+        (!Path::new(&format!("/proc/{pid}")).exists()).then_some(())
+    });
+    let log = std::fs::read_to_string(sandbox.path("log/shop.log")).expect("log file");
+    assert!(!log.is_empty(), "nothing in the log file");
+    assert!(!log.contains(token), "the token reached the log:\n{log}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Golden files
 

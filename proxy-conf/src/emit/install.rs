@@ -297,12 +297,15 @@ impl Context<'_> {
                 "id -u {user} >/dev/null 2>&1 || useradd --system --gid {group} --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin {user}"
             )));
         }
-        let mut dirs = BTreeSet::new();
-        for path in [&unit.binary, &unit.config, &super::env::path(&self.deploy)] {
-            if let Some(parent) = path.parent() {
-                dirs.insert(parent.to_owned());
-            }
+        // The directories of what this step installs.
+        let mut installed = vec![super::env::path(&self.deploy)];
+        if self.host.binary != unit.binary {
+            installed.push(unit.binary.clone());
         }
+        if self.host.config != unit.config {
+            installed.push(unit.config.clone());
+        }
+        let dirs: BTreeSet<&Path> = installed.iter().filter_map(|p| p.parent()).collect();
         lines.push(Line::Root(vec![format!(
             "mkdir -p {}",
             dirs.iter()

@@ -493,14 +493,21 @@ mod tests {
              15  main    5432 online postgres /var/lib/postgresql/15/main /var/log/y.log\n\
              15  extra   5434 down   pgadmin  /srv/pg/extra /var/log/z.log\n",
         );
-        assert_eq!(listed.len(), 3, "the header line is not a cluster: {listed:?}");
+        assert_eq!(
+            listed.len(),
+            3,
+            "the header line is not a cluster: {listed:?}"
+        );
         let on = |port| choose(&listed, port).map(|c| (c.version.as_str(), c.name.as_str()));
         assert_eq!(on(5434), Some(("15", "extra")));
         assert_eq!(on(5433), Some(("13", "main")));
         // Nothing on the port: the newest main.
         assert_eq!(on(6000), Some(("15", "main")));
         let extra = choose(&listed, 5434).unwrap();
-        assert_eq!(extra.config_dir(), PathBuf::from("/etc/postgresql/15/extra"));
+        assert_eq!(
+            extra.config_dir(),
+            PathBuf::from("/etc/postgresql/15/extra")
+        );
         assert_eq!(extra.unit(), "postgresql@15-extra");
         assert_eq!(extra.owner, "pgadmin");
         assert_eq!(choose(&[], 5432), None);
