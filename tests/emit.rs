@@ -1303,6 +1303,14 @@ fn emit_all_steps_install_every_file_as_root_and_through_sudo_for_others() {
         Path::new(&etc).join("postgresql.conf").is_file(),
         "pg_lsclusters names {etc}, which has no postgresql.conf"
     );
+    // That version's own pg_config agrees (postgresql-common's /usr/bin/pg_config picks the newest).
+    let pg_config =
+        run(Command::new(format!("/usr/lib/postgresql/{version}/bin/pg_config")).arg("--version"));
+    assert_success(&pg_config, "pg_config --version");
+    assert!(
+        String::from_utf8_lossy(&pg_config.stdout).starts_with(&format!("PostgreSQL {version}.")),
+        "{pg_config:?}"
+    );
     let postgres = step(steps, "PostgreSQL").join("\n");
     for expected in [
         format!(

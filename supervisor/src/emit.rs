@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use proxy_conf::Config;
 use proxy_conf::emit::install::{self, Host};
 use proxy_conf::emit::postgres::{self, Cluster};
 use proxy_conf::emit::{self, EmitError, Install, Machine, Output, Secrets, Service};
+use proxy_conf::{Config, Loaded};
 
 use crate::cli::{ConfigArg, EXIT_USAGE, EmitTarget};
 
@@ -60,7 +60,7 @@ pub fn emit_command(
             write_files(&rendered.output, dir)?;
             print_listing(&rendered.output, dir);
             if target == EmitTarget::All {
-                let host = host(config, &loaded.path, dir, cluster);
+                let host = host(&loaded, dir, cluster);
                 let plan = install::plan(config, &host, &rendered.output.files);
                 println!("\n{}", plan.render(host.is_root));
             } else {
@@ -273,8 +273,13 @@ fn scan_clusters(root: &Path) -> Vec<Cluster> {
 }
 
 /// Who emits and where: the facts the install steps depend on.
-fn host(config: &Config, config_path: &Path, dir: &Path, postgres: Option<Cluster>) -> Host {
-    let unit = config.deploy.clone().unwrap_or_default().systemd;
+fn host(loaded: &Loaded, dir: &Path, postgres: Option<Cluster>) -> Host {
+    let unit = loaded.config.deploy.clone().unwrap_or_default().systemd;
+    let config_path = &loaded.path;
+    // The paths as written: loading resolved them against the file's directory already.
+    let relative_paths = proxy_conf::load_str(&loaded.source, "sauna.toml")
+        .map(|raw| proxy_conf::load::relative_paths(&raw))
+        .unwrap_or_default();
     let running = std::env::current_exe()
         .and_then(std::fs::canonicalize)
         .unwrap_or_else(|_| PathBuf::from("sauna-supervisor"));
@@ -292,6 +297,7 @@ fn host(config: &Config, config_path: &Path, dir: &Path, postgres: Option<Cluste
         config: std::path::absolute(config_path).unwrap_or_else(|_| config_path.to_owned()),
         dir: std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned()),
         postgres,
+        relative_paths,
     }
 }
 
@@ -422,6 +428,7 @@ mod tests {
             config: "/home/deploy/myapp/sauna.toml".into(),
             dir: "/home/deploy/myapp/deploy".into(),
             postgres: Some(cluster),
+            relative_paths: vec![("[programs.celery].directory".into(), "src".into())],
         };
         let text = install::plan(&config, &host, &rendered.output.files).render(is_root);
         assert!(!text.contains("secret of"), "a secret reached the steps");

@@ -38,6 +38,9 @@ pub struct Host {
     pub dir: PathBuf,
     /// The PostgreSQL cluster found on this machine, if any.
     pub postgres: Option<Cluster>,
+    /// The paths `sauna.toml` writes relative to its own directory, with their keys: they mean
+    /// something else once the file is installed elsewhere.
+    pub relative_paths: Vec<(String, PathBuf)>,
 }
 
 /// One line of a step.
@@ -331,16 +334,21 @@ impl Context<'_> {
             )]));
         }
         if self.host.config != unit.config {
-            let mut note =
-                "[deploy.systemd].config: the unit reads sauna.toml from there".to_owned();
-            if self.host.config.parent() != unit.config.parent() {
-                let _ = write!(
-                    note,
-                    "; relative paths in it\nnow resolve against {}",
-                    unit.config.parent().unwrap_or(Path::new("/")).display()
-                );
+            lines.push(Line::Note(
+                "[deploy.systemd].config: the unit reads sauna.toml from there".to_owned(),
+            ));
+            let moved_from = self.host.config.parent().unwrap_or(Path::new("/"));
+            let moved_to = unit.config.parent().unwrap_or(Path::new("/"));
+            if moved_from != moved_to {
+                for (key, path) in &self.host.relative_paths {
+                    lines.push(Line::Note(format!(
+                        "Careful: {key} = {:?} is relative, so it means {} there, not {}:\nwrite it as an absolute path in sauna.toml first.",
+                        path.display(),
+                        moved_to.join(path).display(),
+                        moved_from.join(path).display()
+                    )));
+                }
             }
-            lines.push(Line::Note(note));
             lines.push(Line::Root(vec![format!(
                 "install -m 0644 -o root -g root {} {}",
                 path_arg(&self.host.config),
