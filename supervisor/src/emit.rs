@@ -531,6 +531,54 @@ mod tests {
     }
 
     #[test]
+    fn without_postgresql_here_the_step_installs_it_and_asks_to_emit_again() {
+        let config = proxy_conf::load_str(CONFIG, "sauna.toml").expect("the golden config loads");
+        let machine = Machine {
+            memory: 1 << 30,
+            cpus: 1,
+        };
+        let rendered = render(EmitTarget::All, &config, &machine, None, |name: &str| {
+            Some(format!("secret of {name}"))
+        })
+        .expect("renders without a cluster");
+        let host = Host {
+            is_root: true,
+            systemd: true,
+            binary: "/usr/local/bin/sauna-supervisor".into(),
+            version: "9.9.9".into(),
+            config: "/etc/sauna/sauna.toml".into(),
+            dir: "/root/deploy".into(),
+            postgres: None,
+            relative_paths: Vec::new(),
+        };
+        let text = install::plan(&config, &host, &rendered.output.files).render(true);
+        assert!(
+            text.contains("# 4. PostgreSQL (not installed on this machine)\n"),
+            "{text}"
+        );
+        assert!(text.contains("\napt-get install -y postgresql\n"), "{text}");
+        assert!(
+            text.contains(
+                "`sauna-supervisor emit all -c /etc/sauna/sauna.toml -o /root/deploy` again"
+            ),
+            "{text}"
+        );
+        for file in ["myapp.conf", "myapp-pg_hba.conf", "myapp-init.sql"] {
+            assert!(
+                text.contains(&format!("/root/deploy/postgres/{file}")),
+                "{text}"
+            );
+        }
+        assert!(!text.contains("/etc/postgresql/"), "{text}");
+        // Nothing to install or copy: the binary and the config are where the unit wants them.
+        assert!(text.contains("# /usr/local/bin/sauna-supervisor is this binary already (sauna-supervisor 9.9.9).\n"), "{text}");
+        assert!(
+            !text.contains("/etc/sauna/sauna.toml /etc/sauna/sauna.toml"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn a_missing_secret_is_refused_naming_the_variable() {
         let config = proxy_conf::load_str(CONFIG, "sauna.toml").expect("the golden config loads");
         let machine = Machine {
