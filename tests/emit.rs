@@ -260,6 +260,47 @@ fn nginx_accepts_every_emitted_variant() {
     );
     emit_and_check_nginx(&tls, &config, &[]);
 
+    // Let's Encrypt before the first certificate: nginx refuses the site, so `emit all` adds
+    // the temporary site its steps fetch the certificate through, and nginx accepts that one.
+    let acme = Sandbox::new();
+    let acme_port = free_port();
+    let config = nginx_config(
+        &acme,
+        &format!("127.0.0.1:{}", free_port()),
+        acme_port,
+        "",
+        &format!(
+            "[deploy.tls]\nacme_webroot = \"{}\"\n",
+            acme.path("acme").display()
+        ),
+    );
+    acme.write_config(&config);
+    ok(&acme, &["emit", "all", "-o", "out"], &[]);
+    let nginx = require_tool("nginx", APT_NGINX);
+    let full = nginx_main_conf(&acme, &acme.path("out/nginx/site.conf"));
+    let refused = run(nginx_command(&nginx, &acme, &full).arg("-t"));
+    assert!(
+        !refused.status.success()
+            && String::from_utf8_lossy(&refused.stderr)
+                .contains("/etc/letsencrypt/live/localhost/"),
+        "{refused:?}"
+    );
+    let temporary = nginx_main_conf(&acme, &acme.path("out/nginx/site-acme.conf"));
+    let output = run(nginx_command(&nginx, &acme, &temporary).arg("-t"));
+    assert_success(&output, "nginx -t of the temporary ACME site");
+    // It hands certbot's token out and nothing else.
+    acme.write("acme/.well-known/acme-challenge/token", "token.thumbprint");
+    let mut server = Daemon::spawn("nginx", &mut nginx_command(&nginx, &acme, &temporary));
+    wait_for_port(acme_port, &mut server);
+    let challenge = curl(&[&format!(
+        "http://127.0.0.1:{acme_port}/.well-known/acme-challenge/token"
+    )]);
+    assert!(challenge.starts_with("HTTP/1.1 200"), "{challenge}");
+    assert!(challenge.ends_with("\ntoken.thumbprint"), "{challenge}");
+    let other = curl(&[&format!("http://127.0.0.1:{acme_port}/")]);
+    assert!(other.starts_with("HTTP/1.1 503"), "{other}");
+    drop(server);
+
     // The staging password.
     let staging = Sandbox::new();
     staging.write("htpasswd", &htpasswd("reviewer", "s3cret"));
@@ -1032,7 +1073,7 @@ admin = "{admin}"
         "the app role reached another database: {other:?}"
     );
     assert!(
-        String::from_utf8_lossy(&other.stderr).contains("no pg_hba.conf entry"),
+        String::from_utf8_lossy(&other.stderr).contains("pg_hba.conf rejects connection"),
         "{other:?}"
     );
     let wrong = connect("shop", "guess");
@@ -1108,6 +1149,12 @@ server = "{binary}"
     let unit = std::fs::read_to_string(sandbox.path("out/systemd/shop.service")).expect("unit");
     // The longest stop is celery's 90 s; 15 s of slack on top.
     assert!(unit.contains("TimeoutStopSec=105\n"), "{unit}");
+    // A missing secrets file fails the start instead of being skipped.
+    assert!(
+        unit.contains("\nEnvironmentFile=/etc/sauna/shop.env\n"),
+        "{unit}"
+    );
+    assert!(!unit.contains("EnvironmentFile=-"), "{unit}");
     let units = ["shop.service", "shop-broker-redis.service"]
         .map(|u| sandbox.path(&format!("out/systemd/{u}")));
     let output = run(Command::new(analyze).arg("verify").args(&units));
@@ -1119,60 +1166,624 @@ server = "{binary}"
 }
 
 // ---------------------------------------------------------------------------------------------
-// Golden files
+// Install steps
 
-/// A configuration exercising every target; machine facts are pinned through `[postgres].memory`
-/// and explicit Celery concurrency, so the output does not depend on the machine.
-const GOLDEN_CONFIG: &str = r#"[app]
-directory = "/srv/myapp"
-wsgi = "myapp.wsgi:application"
+/// The steps `emit all -o DIR` prints after the file listing; every line of them is shell.
+fn steps_of(stdout: &str) -> &str {
+    let start = stdout
+        .find("# Next steps")
+        .unwrap_or_else(|| panic!("no steps in\n{stdout}"));
+    &stdout[start..]
+}
 
-[web]
-listen = ["127.0.0.1:8000"]
-workers = 4
-threads = 2
-timeout = "20s"
-max_body = "25MiB"
+/// The lines of the numbered step whose title starts with `title`, without the title.
+fn step<'a>(steps: &'a str, title: &str) -> Vec<&'a str> {
+    let mut lines = steps.lines().skip_while(|line| {
+        !line
+            .split_once(". ")
+            .is_some_and(|(number, rest)| number.starts_with("# ") && rest.starts_with(title))
+    });
+    assert!(lines.next().is_some(), "no step {title:?} in\n{steps}");
+    lines.take_while(|line| !line.is_empty()).collect()
+}
 
-[programs.celery]
-command = ["celery", "-A", "myapp.celery", "worker", "-c", "3"]
-instances = 2
-stop_timeout = "60s"
+/// `sh -n`: the text parses as shell.
+fn assert_shell_syntax(text: &str) {
+    let path = std::env::temp_dir().join(format!("sauna-steps-{}.sh", std::process::id()));
+    std::fs::write(&path, text).expect("write steps");
+    let output = run(Command::new("sh").arg("-n").arg(&path));
+    let _ = std::fs::remove_file(&path);
+    assert_success(&output, "sh -n on the steps");
+}
 
-[beat]
-broker = "redis://127.0.0.1:6379/3"
+/// Every regular file under `dir`, as absolute paths.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(files_under(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files.sort();
+    files
+}
 
-[deploy]
-name = "myapp"
-server_names = ["example.com", "www.example.com"]
-static = { "/static/" = "/srv/myapp/static", "/media" = "/srv/myapp/media" }
-websocket = ["/ws/"]
+/// This machine's PostgreSQL cluster for port 5432 as `pg_lsclusters` reports it:
+/// `(version, name)`, the one on 5432 first, else `main`.
+fn this_machines_cluster() -> (String, String) {
+    let ls = require_tool("pg_lsclusters", "apt-get install -y postgresql-common");
+    let output = run(Command::new(ls).arg("--no-header"));
+    assert_success(&output, "pg_lsclusters");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let clusters: Vec<Vec<String>> = text
+        .lines()
+        .map(|line| line.split_whitespace().map(str::to_owned).collect())
+        .filter(|fields: &Vec<String>| fields.len() >= 3)
+        .collect();
+    let chosen = clusters
+        .iter()
+        .find(|fields| fields[2] == "5432")
+        .or_else(|| clusters.iter().find(|fields| fields[1] == "main"))
+        .unwrap_or_else(|| panic!("no cluster in pg_lsclusters: run `{APT_POSTGRES}`\n{text}"));
+    (chosen[0].clone(), chosen[1].clone())
+}
 
-[deploy.tls]
-acme_webroot = "/var/www/letsencrypt"
+#[test]
+fn emit_all_steps_install_every_file_as_root_and_through_sudo_for_others() {
+    let setpriv = require_tool("setpriv", "apt-get install -y util-linux");
+    assert!(
+        is_root(),
+        "this test compares the steps emitted as root with another user's and must run as root (CI does)"
+    );
+    let sandbox = Sandbox::new();
+    sandbox.write("sauna.toml", GOLDEN_CONFIG);
+    // Values that a careless quoting would change or expand.
+    let redis_password = "r3dis \"pass\" word";
+    let db_password = "it's $HOME `id` \\ done";
+    let secrets = [
+        ("REDIS_PASSWORD", redis_password),
+        ("MYAPP_DB_PASSWORD", db_password),
+    ];
+    let mut command = sandbox.command(&["emit", "all", "-o", "out"]);
+    command.envs(secrets);
+    let output = run(&mut command);
+    assert_success(&output, "emit all");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    );
+    for (_, secret) in secrets {
+        assert!(
+            !stdout.contains(secret) && !stderr.contains(secret),
+            "a secret reached the output:\n{stdout}\n{stderr}"
+        );
+    }
+    let steps = steps_of(&stdout);
 
-[deploy.staging]
-htpasswd = "/etc/nginx/myapp.htpasswd"
+    // Root pastes them as they are; every line is shell.
+    assert!(!steps.contains("sudo"), "{steps}");
+    assert_shell_syntax(steps);
+    // One numbered step after another, from 1.
+    let numbers: Vec<usize> = steps
+        .lines()
+        .filter_map(|line| line.strip_prefix("# ")?.split_once(". ")?.0.parse().ok())
+        .collect();
+    assert_eq!(numbers, (1..=numbers.len()).collect::<Vec<_>>(), "{steps}");
+    assert!(numbers.len() >= 8, "{steps}");
+    // Every file emit wrote is installed (or, the dashboard, named) by a step.
+    let out = sandbox.path("out");
+    let written = files_under(&out);
+    assert_eq!(written.len(), 12, "{written:?}");
+    for file in &written {
+        let path = file.display().to_string();
+        assert!(steps.contains(&path), "no step names {path}:\n{steps}");
+    }
+    // No placeholder: the real version, and this machine's PostgreSQL paths.
+    assert!(!stdout.contains("VERSION"), "{stdout}");
+    assert!(
+        steps.contains(&format!(
+            "# sauna-supervisor {}, the binary that printed these steps",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{steps}"
+    );
+    assert!(
+        steps.contains(&format!(
+            "install -m 0755 -o root -g root {} /usr/local/bin/sauna-supervisor",
+            std::fs::canonicalize(binary()).expect("binary").display()
+        )),
+        "{steps}"
+    );
+    let (version, cluster) = this_machines_cluster();
+    let etc = format!("/etc/postgresql/{version}/{cluster}");
+    assert!(
+        Path::new(&etc).join("postgresql.conf").is_file(),
+        "pg_lsclusters names {etc}, which has no postgresql.conf"
+    );
+    // That version's own pg_config agrees (postgresql-common's /usr/bin/pg_config picks the newest).
+    let pg_config =
+        run(Command::new(format!("/usr/lib/postgresql/{version}/bin/pg_config")).arg("--version"));
+    assert_success(&pg_config, "pg_config --version");
+    assert!(
+        String::from_utf8_lossy(&pg_config.stdout).starts_with(&format!("PostgreSQL {version}.")),
+        "{pg_config:?}"
+    );
+    let postgres = step(steps, "PostgreSQL").join("\n");
+    for expected in [
+        format!(
+            " {}/postgres/myapp.conf {etc}/conf.d/myapp.conf\n",
+            out.display()
+        ),
+        format!(
+            "{etc}/postgresql.conf || echo \"include_dir = 'conf.d'\" >> {etc}/postgresql.conf"
+        ),
+        format!("{etc}/pg_hba.conf.new {etc}/pg_hba.conf && rm {etc}/pg_hba.conf.new"),
+        format!("systemctl restart postgresql@{version}-{cluster}\n"),
+    ] {
+        assert!(
+            postgres.contains(&expected),
+            "{expected:?} not in\n{postgres}"
+        );
+    }
+    // The order that works: secrets before the database, the database before the app.
+    let position = |needle: &str| {
+        steps
+            .find(needle)
+            .unwrap_or_else(|| panic!("{needle:?} not in\n{steps}"))
+    };
+    assert!(position("apt-get install") < position("/etc/sauna/myapp.env"));
+    assert!(position("/etc/sauna/myapp.env") < position("enable --now myapp-broker-redis"));
+    assert!(position("enable --now myapp-broker-redis") < position("-d postgres -f -"));
+    assert!(position("-d postgres -f -") < position("nginx -t"));
+    assert!(position("nginx -t") < position("systemctl enable --now myapp\n"));
+    assert!(position("systemctl enable --now myapp\n") < position("check --live"));
+    assert!(steps.contains("# Without systemd"), "{steps}");
 
-[deploy.cache]
+    // The secrets file: private, exactly the variables the *_env keys name, values intact for
+    // the shell (systemd reads the same double-quoted syntax).
+    let env_file = out.join("myapp.env");
+    let mode = std::fs::metadata(&env_file)
+        .expect("env file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    let text = std::fs::read_to_string(&env_file).expect("env file");
+    let names: Vec<&str> = text
+        .lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .filter_map(|line| line.split_once('=').map(|(name, _)| name))
+        .collect();
+    assert_eq!(names, ["REDIS_PASSWORD", "MYAPP_DB_PASSWORD"], "{text}");
+    let read_back = run(Command::new("sh")
+        .env_clear()
+        .arg("-c")
+        .arg("set -a; . \"$0\"; printf '%s\\n%s' \"$REDIS_PASSWORD\" \"$MYAPP_DB_PASSWORD\"")
+        .arg(&env_file));
+    assert_success(&read_back, "sourcing the env file");
+    assert_eq!(
+        String::from_utf8_lossy(&read_back.stdout),
+        format!("{redis_password}\n{db_password}")
+    );
+    let unit = std::fs::read_to_string(out.join("systemd/myapp.service")).expect("unit");
+    assert!(
+        unit.contains("\nEnvironmentFile=/etc/sauna/myapp.env\n"),
+        "{unit}"
+    );
+    assert!(!unit.contains("EnvironmentFile=-"), "{unit}");
 
-[deploy.systemd]
-user = "myapp"
-group = "myapp"
-writable_paths = ["/srv/myapp/media"]
+    // A secret that is not set: refused, naming it, nothing written.
+    let mut command = sandbox.command(&["emit", "all", "-o", "refused"]);
+    command
+        .env("REDIS_PASSWORD", redis_password)
+        .env_remove("MYAPP_DB_PASSWORD");
+    let refused = run(&mut command);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("[postgres].password_env names MYAPP_DB_PASSWORD, which is not set"),
+        "{stderr}"
+    );
+    assert!(!sandbox.path("refused").exists());
 
-[redis]
-password_env = "REDIS_PASSWORD"
+    // Another user: every root command goes through sudo.
+    std::fs::set_permissions(sandbox.root(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    let theirs = sandbox.path("theirs");
+    std::fs::create_dir(&theirs).expect("mkdir");
+    let chown = run(Command::new("chown").arg("65534:65534").arg(&theirs));
+    assert_success(&chown, "chown");
+    let output = run(Command::new(&setpriv)
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(binary())
+        .args(["emit", "all", "-c"])
+        .arg(sandbox.path("sauna.toml"))
+        .arg("-o")
+        .arg(&theirs)
+        .envs(secrets));
+    assert_success(&output, "emit all as nobody");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let sudo_steps = steps_of(&stdout);
+    assert_shell_syntax(sudo_steps);
+    for expected in [
+        format!(
+            "\nsudo install -m 0600 -o root -g root {}/myapp.env /etc/sauna/myapp.env\n",
+            theirs.display()
+        ),
+        "\nsudo systemctl daemon-reload\nsudo systemctl enable --now myapp\n".to_owned(),
+        "\nsudo sh -c '(set -a && . /etc/sauna/myapp.env && exec runuser -u myapp -- ".to_owned(),
+        "\nsudo nginx -t && sudo systemctl reload-or-restart nginx\n".to_owned(),
+    ] {
+        assert!(
+            sudo_steps.contains(&expected),
+            "{expected:?} not in\n{sudo_steps}"
+        );
+    }
+    for line in sudo_steps.lines() {
+        for command in [
+            "install ",
+            "systemctl ",
+            "runuser ",
+            "nginx ",
+            "apt-get ",
+            "(",
+        ] {
+            assert!(
+                !line.starts_with(command),
+                "{line:?} needs root but does not go through sudo"
+            );
+        }
+    }
+}
 
-[redis.cache]
-url = "redis://127.0.0.1:6380/1"
+#[test]
+fn the_printed_postgres_step_sets_up_a_real_cluster_beside_the_distributions_lines() {
+    let bin = pg_bin();
+    let psql = require_tool("psql", "apt-get install -y postgresql-client");
+    require_tool("runuser", "apt-get install -y util-linux");
+    assert!(
+        is_root(),
+        "this test runs the printed root steps (runuser, install -o postgres) and must run as root (CI does)"
+    );
+    let sandbox = Sandbox::new();
+    std::fs::set_permissions(sandbox.root(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    let port = free_port();
+    sandbox.write(
+        "sauna.toml",
+        &format!(
+            r#"[app]
+wsgi = "app:application"
 
 [postgres]
-database = "myapp"
-user = "myapp"
-password_env = "MYAPP_DB_PASSWORD"
-memory = "8GiB"
-"#;
+database = "shop"
+user = "shop_app"
+password_env = "SHOP_DB_PASSWORD"
+port = {port}
+memory = "256MiB"
+
+[deploy]
+name = "shop"
+
+[deploy.systemd]
+user = "root"
+group = "root"
+"#
+        ),
+    );
+    let password = "correct horse' \"battery\" $x";
+    let stdout = ok(
+        &sandbox,
+        &["emit", "all", "-o", "out"],
+        &[("SHOP_DB_PASSWORD", password)],
+    );
+    let steps = steps_of(&stdout);
+    let (version, cluster) = this_machines_cluster();
+    let etc = format!("/etc/postgresql/{version}/{cluster}");
+
+    // A cluster in the sandbox laid out like Debian's: conf.d/ next to postgresql.conf, and the
+    // distribution's pg_hba.conf (peer on the socket, scram over TCP for everyone).
+    let pg = sandbox.path("pg");
+    let data = pg.join("data");
+    std::fs::create_dir_all(pg.join("sock")).expect("pg dirs");
+    let chown = run(Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(&pg));
+    assert_success(&chown, "chown");
+    let initdb = run(as_pg_user(&bin.join("initdb")).arg("-D").arg(&data).args([
+        "-U",
+        "postgres",
+        "-E",
+        "UTF8",
+        "--no-instructions",
+        "--auth-local=peer",
+        "--auth-host=scram-sha-256",
+    ]));
+    assert_success(&initdb, "initdb");
+    std::fs::create_dir(data.join("conf.d")).expect("conf.d");
+    let original_hba = std::fs::read_to_string(data.join("pg_hba.conf")).expect("pg_hba.conf");
+
+    // The printed lines, with the cluster's directory and the installed files pointed into the
+    // sandbox; systemctl is this test's job (it starts the server itself).
+    let out = sandbox.path("out");
+    let local = |line: &str| {
+        line.replace(&etc, &data.display().to_string())
+            .replace(
+                "/etc/sauna/shop.env",
+                &out.join("shop.env").display().to_string(),
+            )
+            .replace(
+                "/etc/sauna/shop-init.sql",
+                &out.join("postgres/shop-init.sql").display().to_string(),
+            )
+    };
+    let lines: Vec<String> = step(steps, "PostgreSQL")
+        .into_iter()
+        .filter(|line| !line.starts_with('#') && !line.starts_with("systemctl "))
+        .filter(|line| {
+            !(line.starts_with("install ") && line.ends_with("/etc/sauna/shop-init.sql"))
+        })
+        .map(local)
+        .collect();
+    let (psql_lines, setup): (Vec<String>, Vec<String>) =
+        lines.into_iter().partition(|line| line.contains("psql"));
+    assert_eq!(psql_lines.len(), 1, "{steps}");
+    assert!(setup.len() >= 5, "{setup:?}");
+    let sh = |line: &str| {
+        let output = run(Command::new("sh")
+            .arg("-c")
+            .arg(line)
+            .env("PGHOST", pg.join("sock")));
+        assert_success(&output, line);
+    };
+    // Twice: pasting the step again changes nothing.
+    for _ in 0..2 {
+        for line in &setup {
+            sh(line);
+        }
+    }
+    let hba = std::fs::read_to_string(data.join("pg_hba.conf")).expect("pg_hba.conf");
+    assert!(hba.starts_with("# BEGIN sauna-supervisor shop\n"), "{hba}");
+    assert_eq!(
+        hba.matches("# BEGIN sauna-supervisor shop").count(),
+        1,
+        "{hba}"
+    );
+    assert!(
+        hba.ends_with(&original_hba),
+        "the distribution's lines are gone:\n{hba}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(data.join("pg_hba.conf.orig")).expect("orig"),
+        original_hba
+    );
+    let main_conf = std::fs::read_to_string(data.join("postgresql.conf")).expect("conf");
+    assert_eq!(
+        main_conf.matches("\ninclude_dir = 'conf.d'").count(),
+        1,
+        "include_dir added once"
+    );
+
+    let mut server = Daemon::spawn(
+        "postgres",
+        as_pg_user(&bin.join("postgres"))
+            .arg("-D")
+            .arg(&data)
+            .arg("-k")
+            .arg(pg.join("sock")),
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "postgres to accept connections",
+        || {
+            server.assert_running();
+            let ready = Command::new(bin.join("pg_isready"))
+                .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+                .output()
+                .ok()?;
+            ready.status.success().then_some(())
+        },
+    );
+    // The printed psql line creates the role and the database, from the secrets file; again
+    // is harmless.
+    sh(&psql_lines[0]);
+    sh(&psql_lines[0]);
+
+    let connect = |user: &str, pass: &str, db: &str| {
+        run(Command::new(&psql)
+            .env("PGPASSWORD", pass)
+            .env("PGCONNECT_TIMEOUT", "5")
+            .args([
+                &format!("host=127.0.0.1 port={port} user={user} dbname={db}"),
+                "-tAc",
+                "SELECT current_user || ' ' || current_database()",
+            ]))
+    };
+    let app = connect("shop_app", password, "shop");
+    assert_success(&app, "psql as the app role");
+    assert_eq!(String::from_utf8_lossy(&app.stdout).trim(), "shop_app shop");
+    let elsewhere = connect("shop_app", password, "postgres");
+    assert!(
+        String::from_utf8_lossy(&elsewhere.stderr).contains("pg_hba.conf rejects connection"),
+        "the app role reached another database: {elsewhere:?}"
+    );
+    assert!(
+        !connect("shop_app", "guess", "shop").status.success(),
+        "a wrong password was accepted"
+    );
+    // The distribution's lines below still admit everyone else.
+    let admin = |sql: &str| {
+        run(as_pg_user(&psql).arg("-h").arg(pg.join("sock")).args([
+            "-p",
+            &port.to_string(),
+            "-d",
+            "postgres",
+            "-tAc",
+            sql,
+        ]))
+    };
+    assert_success(
+        &admin("CREATE ROLE other LOGIN PASSWORD 'other'"),
+        "create role other",
+    );
+    let other = connect("other", "other", "postgres");
+    assert_success(
+        &other,
+        "another role over TCP through the distribution's line",
+    );
+}
+
+/// Kills the process whose pid a pidfile names, when the test ends in any way.
+struct PidFileGuard(PathBuf);
+
+impl Drop for PidFileGuard {
+    fn drop(&mut self) {
+        if let Some(pid) = std::fs::read_to_string(&self.0)
+            .ok()
+            .and_then(|text| text.trim().parse::<i32>().ok())
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+#[test]
+fn without_systemd_the_printed_lines_run_the_supervisor_as_its_user_with_the_secrets() {
+    require_tool("start-stop-daemon", "apt-get install -y dpkg");
+    let curl_tool = require_tool("curl", "apt-get install -y curl");
+    assert!(
+        is_root(),
+        "this test runs the printed root lines (start-stop-daemon --chuid) and must run as root (CI does)"
+    );
+    let sandbox = Sandbox::new();
+    std::fs::set_permissions(sandbox.root(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    // A program and the metrics endpoint: what runs as `nobody` needs nothing but the binary
+    // (the test venv's Python may sit where `nobody` cannot reach it).
+    let metrics = free_port();
+    sandbox.write(
+        "sauna.toml",
+        &format!(
+            r#"[programs.idle]
+command = ["sleep", "600"]
+
+[metrics]
+listen = "127.0.0.1:{metrics}"
+token_env = "SHOP_METRICS_TOKEN"
+
+[deploy]
+name = "shop"
+
+[deploy.systemd]
+binary = "{binary}"
+config = "{root}/sauna.toml"
+user = "nobody"
+group = "nogroup"
+"#,
+            root = sandbox.root().display(),
+            binary = binary().display(),
+        ),
+    );
+    let token = "t0ken with spaces";
+    let stdout = ok(
+        &sandbox,
+        &["emit", "all", "-o", "out"],
+        &[("SHOP_METRICS_TOKEN", token)],
+    );
+    let steps = steps_of(&stdout);
+    let fallback: Vec<&str> = steps
+        .lines()
+        .skip_while(|line| !line.starts_with("# Without systemd"))
+        .skip_while(|line| {
+            !line.starts_with("# In step") || !line.contains("the unit shop.service")
+        })
+        .skip(1)
+        .collect();
+    // The printed lines, with /etc/sauna, /run/sauna and /var/log/sauna in the sandbox.
+    let local = |line: &str| {
+        line.replace(
+            "/etc/sauna/shop.env",
+            &sandbox.path("out/shop.env").display().to_string(),
+        )
+        .replace("/run/sauna", &sandbox.path("run").display().to_string())
+        .replace("/var/log/sauna", &sandbox.path("log").display().to_string())
+    };
+    let commands: Vec<String> = fallback
+        .iter()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .map(|line| local(line))
+        .collect();
+    assert_eq!(commands.len(), 2, "{steps}");
+    let stop_note = fallback
+        .iter()
+        .find_map(|line| line.split_once("stop, status and reload need it too: "))
+        .map(|(_, command)| local(command))
+        .unwrap_or_else(|| panic!("no stop command in\n{steps}"));
+    let _guard = PidFileGuard(sandbox.path("run/shop.pid"));
+    for command in &commands {
+        let output = run(Command::new("sh").arg("-c").arg(command));
+        assert_success(&output, command);
+    }
+    // It runs its program, as nobody, with its control socket where the unit would put it.
+    wait_until(Duration::from_secs(30), "the program to run", || {
+        let output = Command::new(binary())
+            .args(["status", "--json", "-c"])
+            .arg(sandbox.path("sauna.toml"))
+            .env("RUNTIME_DIRECTORY", sandbox.path("run"))
+            .output()
+            .ok()?;
+        let status: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+        (status["programs"][0]["instances"][0]["state"] == "running").then_some(())
+    });
+    let pid: u32 = std::fs::read_to_string(sandbox.path("run/shop.pid"))
+        .expect("pidfile")
+        .trim()
+        .parse()
+        .expect("pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    assert!(
+        status.lines().any(|line| line.starts_with("Uid:\t65534\t")),
+        "{status}"
+    );
+    assert!(sandbox.path("run/control.sock").exists());
+    // The token reached it through the secrets file: the metrics want exactly that token.
+    let scrape = |bearer: &str| {
+        run(Command::new(&curl_tool).args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            &format!("Authorization: Bearer {bearer}"),
+            &format!("http://127.0.0.1:{metrics}/metrics"),
+        ]))
+    };
+    assert_eq!(String::from_utf8_lossy(&scrape(token).stdout), "200");
+    assert_eq!(String::from_utf8_lossy(&scrape("guess").stdout), "401");
+    // The printed stop command stops it.
+    let output = run(Command::new("sh").arg("-c").arg(&stop_note));
+    assert_success(&output, &stop_note);
+    wait_until(Duration::from_secs(30), "the supervisor to exit", || {
+        (!Path::new(&format!("/proc/{pid}")).exists()).then_some(())
+    });
+    let log = std::fs::read_to_string(sandbox.path("log/shop.log")).expect("log file");
+    assert!(!log.is_empty(), "nothing in the log file");
+    assert!(!log.contains(token), "the token reached the log:\n{log}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Golden files
+
+/// A configuration exercising every target (shared with the install steps' golden test in
+/// supervisor/src/emit.rs); machine facts are pinned through `[postgres].memory`
+/// and explicit Celery concurrency, so the output does not depend on the machine.
+const GOLDEN_CONFIG: &str = include_str!("golden/all.toml");
 
 #[test]
 fn emitted_files_match_the_golden_files() {
@@ -1181,17 +1792,22 @@ fn emitted_files_match_the_golden_files() {
     let listing = ok(
         &sandbox,
         &["emit", "all", "-o", "out"],
-        &[("REDIS_PASSWORD", "golden")],
+        &[
+            ("REDIS_PASSWORD", "golden"),
+            ("MYAPP_DB_PASSWORD", "golden"),
+        ],
     );
-    // `emit all` says where each file goes and what to run next.
+    // `emit all` says where each file goes and prints the steps that put it there.
     for expected in [
         "nginx/myapp.conf",
         "install as /etc/nginx/conf.d/myapp.conf",
         "install as /etc/systemd/system/myapp.service",
-        "Then:",
-        "nginx -t && systemctl reload nginx",
-        "sudo --preserve-env=MYAPP_DB_PASSWORD -u postgres psql",
-        "systemctl enable --now myapp-broker-redis myapp-cache-redis myapp",
+        "install as /etc/sauna/myapp.env",
+        "# Next steps",
+        "nginx -t && systemctl reload-or-restart nginx",
+        "exec runuser -u postgres -- psql -X -v ON_ERROR_STOP=1 -p 5432 -d postgres -f -",
+        "systemctl enable --now myapp-broker-redis myapp-cache-redis",
+        "systemctl enable --now myapp\n",
     ] {
         assert!(
             listing.contains(expected),
@@ -1241,7 +1857,7 @@ fn emitted_files_match_the_golden_files() {
             );
         }
     }
-    assert_eq!(produced.len(), 9, "{produced:?}");
+    assert_eq!(produced.len(), 10, "{produced:?}");
 }
 
 #[test]

@@ -151,6 +151,7 @@ pub fn load_file_with(
 }
 
 /// Joins relative directories and files onto `base`. Never canonicalizes (see [`config_dir`]).
+/// [`relative_paths`] lists the same keys.
 fn resolve_paths(config: &mut Config, base: &Path) {
     let resolve = |path: &mut PathBuf| {
         if path.is_relative() {
@@ -175,6 +176,36 @@ fn resolve_paths(config: &mut Config, base: &Path) {
     if let Some(token_file) = &mut config.metrics.token_file {
         resolve(token_file);
     }
+}
+
+/// The paths [`resolve_paths`] joins onto the config file's directory, each with its key, in a
+/// configuration read with [`load_str`] (which leaves them as written): what changes meaning when
+/// the file is installed elsewhere. Keep in step with [`resolve_paths`].
+pub fn relative_paths(config: &Config) -> Vec<(String, PathBuf)> {
+    let mut found = Vec::new();
+    let mut check = |key: String, path: &Path| {
+        if path.is_relative() {
+            found.push((key, path.to_owned()));
+        }
+    };
+    if let Some(directory) = &config.app.directory {
+        check("[app].directory".to_owned(), directory);
+    }
+    if config.app.python.contains('/') {
+        check("[app].python".to_owned(), Path::new(&config.app.python));
+    }
+    for (name, program) in &config.programs {
+        if let Some(directory) = &program.directory {
+            check(format!("[programs.{name}].directory"), directory);
+        }
+    }
+    if let Some(socket) = &config.control.socket {
+        check("[control].socket".to_owned(), socket);
+    }
+    if let Some(token_file) = &config.metrics.token_file {
+        check("[metrics].token_file".to_owned(), token_file);
+    }
+    found
 }
 
 /// Parses and checks configuration text; `file` names it in diagnostics. Relative paths are
@@ -391,6 +422,27 @@ mod tests {
         let config = load_str("", "sauna.toml").unwrap();
         assert_eq!(config, Config::default());
         assert!(config.web.is_none() && config.beat.is_none() && config.programs.is_empty());
+    }
+
+    #[test]
+    fn relative_paths_are_listed_with_their_keys_and_absolute_ones_are_not() {
+        let config = load_str(
+            "[app]\ndirectory = \"app\"\npython = \"/srv/venv/bin/python\"\n\
+             [programs.worker]\ncommand = [\"sleep\", \"60\"]\ndirectory = \"../jobs\"\n\
+             [metrics]\ntoken_file = \"/etc/sauna/token\"\n",
+            "sauna.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            relative_paths(&config),
+            [
+                ("[app].directory".to_owned(), PathBuf::from("app")),
+                (
+                    "[programs.worker].directory".to_owned(),
+                    PathBuf::from("../jobs")
+                ),
+            ]
+        );
     }
 
     #[test]

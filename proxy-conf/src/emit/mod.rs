@@ -3,15 +3,19 @@
 //! systemd files. Every value that two services must agree on is derived here from the one
 //! configuration — the upstream from `[web].listen`, nginx's timeouts from the pool's, PostgreSQL's
 //! `max_connections` from the pool and the Celery concurrency — so the files cannot drift apart.
+//! [`install`] turns the files into the numbered steps a root shell pastes to put them in place.
 //! Writing files, reading secrets and talking to live servers belong to the caller.
 
+pub mod env;
 pub mod htpasswd;
+pub mod install;
 pub mod nginx;
 pub mod postgres;
 pub mod redis;
 pub mod systemd;
 
 use std::fmt;
+use std::path::PathBuf;
 
 use crate::schema::{Config, ProgramConfig};
 use crate::stack::DeployConfig;
@@ -46,10 +50,83 @@ impl fmt::Debug for Secrets {
 pub struct File {
     /// Path relative to the `-o` directory, e.g. `nginx/sauna.conf`.
     pub path: String,
-    /// Where it is installed on the target machine.
-    pub install_to: String,
+    /// The service whose install step puts it in place.
+    pub service: Service,
+    /// Where and how it is installed on the target machine.
+    pub install: Install,
     /// The contents.
     pub contents: String,
+}
+
+impl File {
+    /// The mode the file gets in the `-o` directory: private unless everyone may read the
+    /// installed copy, so a hash or a secret is never more exposed there than where it goes.
+    pub fn mode_in_dir(&self) -> u32 {
+        match &self.install {
+            Install::Copy { mode, .. } | Install::Prepend { mode, .. } if mode & 0o004 == 0 => {
+                0o600
+            }
+            _ => 0o644,
+        }
+    }
+}
+
+/// The services the install steps set up, in the order they are installed: each step may rely on
+/// the ones before it (the secrets before PostgreSQL's init script, the database before the app).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Service {
+    /// The supervisor's user, binary, `sauna.toml` and secrets file.
+    Base,
+    /// The Redis instances and their units.
+    Redis,
+    /// The PostgreSQL cluster: conf.d, pg_hba.conf and the app's role and database.
+    Postgres,
+    /// The nginx site (and the first certificate).
+    Nginx,
+    /// The supervisor's own unit.
+    Sauna,
+    /// The Grafana dashboard, imported by hand.
+    Grafana,
+}
+
+/// Where a generated file goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Install {
+    /// Copied to `to` with this mode, owner and group.
+    Copy {
+        /// The installed path.
+        to: PathBuf,
+        /// Permission bits.
+        mode: u32,
+        /// Owning user.
+        owner: String,
+        /// Owning group.
+        group: String,
+    },
+    /// Put at the top of an existing file, replacing an earlier copy: the file's first and last
+    /// lines are markers that find it again (`pg_hba.conf`, where the first match decides).
+    Prepend {
+        /// The file it goes into.
+        to: PathBuf,
+        /// Permission bits of the result.
+        mode: u32,
+        /// Owning user of the result.
+        owner: String,
+        /// Owning group of the result.
+        group: String,
+    },
+    /// Not a file on the server: what a person does with it.
+    ByHand(String),
+}
+
+impl fmt::Display for Install {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Install::Copy { to, .. } => write!(f, "install as {}", to.display()),
+            Install::Prepend { to, .. } => write!(f, "insert at the top of {}", to.display()),
+            Install::ByHand(what) => f.write_str(what),
+        }
+    }
 }
 
 /// What a renderer produced.
@@ -59,8 +136,6 @@ pub struct Output {
     pub files: Vec<File>,
     /// Things that are allowed but probably not what the user wants; printed on stderr.
     pub warnings: Vec<String>,
-    /// Commands to run after installing the files, in order.
-    pub next_steps: Vec<String>,
 }
 
 impl Output {
@@ -68,7 +143,16 @@ impl Output {
     pub fn extend(&mut self, other: Output) {
         self.files.extend(other.files);
         self.warnings.extend(other.warnings);
-        self.next_steps.extend(other.next_steps);
+    }
+}
+
+/// A file installed by `install -m MODE -o OWNER -g GROUP`.
+pub(crate) fn copy(to: impl Into<PathBuf>, mode: u32, owner: &str, group: &str) -> Install {
+    Install::Copy {
+        to: to.into(),
+        mode,
+        owner: owner.to_owned(),
+        group: group.to_owned(),
     }
 }
 

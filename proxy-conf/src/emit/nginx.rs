@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use super::{EmitError, File, Output, check_name, deploy, header};
+use super::{EmitError, File, Output, Service, check_name, copy, deploy, header};
 use crate::schema::{Config, WebConfig};
 use crate::stack::DeployConfig;
 use crate::units::Duration;
@@ -172,35 +172,12 @@ pub fn render(config: &Config) -> Result<Output, EmitError> {
     let mut output = Output {
         files: vec![File {
             path: format!("nginx/{}.conf", deploy.name),
-            install_to: format!("/etc/nginx/conf.d/{}.conf", deploy.name),
+            service: Service::Nginx,
+            install: copy(site_path(&deploy), 0o644, "root", "root"),
             contents: out,
         }],
         ..Output::default()
     };
-    output
-        .next_steps
-        .push("nginx -t && systemctl reload nginx".to_owned());
-    if let Some(staging) = &deploy.staging {
-        output.next_steps.push(format!(
-            "sauna-supervisor htpasswd USER >> {}   # staging password, one line per user",
-            staging.htpasswd.display()
-        ));
-    }
-    if let Some(tls) = &deploy.tls
-        && let Some(webroot) = &tls.acme_webroot
-        && tls.certificate.is_none()
-    {
-        output.next_steps.push(format!(
-            "certbot certonly --webroot -w {} {}   # before nginx uses the certificate",
-            webroot.display(),
-            deploy
-                .server_names
-                .iter()
-                .map(|n| format!("-d {n}"))
-                .collect::<Vec<_>>()
-                .join(" ")
-        ));
-    }
     if !deploy.app_hosts.is_empty() {
         output.warnings.push(format!(
             "[deploy].app_hosts: each app host's [web].forwarded_allow_ips must include this nginx host's address, or the X-Forwarded headers are ignored (currently {:?})",
@@ -208,6 +185,82 @@ pub fn render(config: &Config) -> Result<Output, EmitError> {
         ));
     }
     Ok(output)
+}
+
+/// Where the site is installed.
+pub fn site_path(deploy: &DeployConfig) -> PathBuf {
+    PathBuf::from(format!("/etc/nginx/conf.d/{}.conf", deploy.name))
+}
+
+/// Where the temporary ACME-only site is installed while certbot fetches the first certificate.
+pub fn acme_site_path(deploy: &DeployConfig) -> PathBuf {
+    PathBuf::from(format!("/etc/nginx/conf.d/{}-acme.conf", deploy.name))
+}
+
+/// The ACME webroot when the certificate is Let's Encrypt's and so does not exist before the
+/// first `certbot` run: nginx refuses a site whose certificate is missing, so the first
+/// certificate is fetched through a temporary plain-HTTP site that serves only the challenge.
+pub fn first_certificate_webroot(deploy: &DeployConfig) -> Option<&std::path::Path> {
+    let tls = deploy.tls.as_ref()?;
+    if tls.certificate.is_some() {
+        return None;
+    }
+    tls.acme_webroot.as_deref()
+}
+
+/// The Let's Encrypt certificate `[deploy.tls]` defaults to, when it does.
+pub fn acme_certificate(deploy: &DeployConfig) -> Option<PathBuf> {
+    first_certificate_webroot(deploy)?;
+    deploy
+        .server_names
+        .first()
+        .filter(|n| n.as_str() != "_")
+        .map(|n| PathBuf::from(format!("/etc/letsencrypt/live/{n}/fullchain.pem")))
+}
+
+/// The temporary site the install steps fetch the first certificate through, when there is no
+/// certificate before `certbot` runs (see [`first_certificate_webroot`]). Not part of
+/// [`render`], whose one file `emit nginx > site.conf` relies on.
+pub fn first_certificate_site(config: &Config) -> Option<File> {
+    let deploy = deploy(config);
+    let webroot = first_certificate_webroot(&deploy)?;
+    Some(File {
+        path: format!("nginx/{}-acme.conf", deploy.name),
+        service: Service::Nginx,
+        install: copy(acme_site_path(&deploy), 0o644, "root", "root"),
+        contents: acme_site(&deploy, webroot),
+    })
+}
+
+/// The temporary site: the ACME challenge on the HTTP port, 503 for everything else.
+fn acme_site(deploy: &DeployConfig, webroot: &std::path::Path) -> String {
+    let mut out = header("#", "nginx");
+    let _ = writeln!(
+        out,
+        "# Temporary: answers certbot's challenge until the first certificate exists, then the\n\
+         # full site replaces it (nginx refuses a site whose certificate file is missing).\n\
+         server {{\n    listen {port};",
+        port = deploy.http_port
+    );
+    if deploy.ipv6 {
+        let _ = writeln!(out, "    listen [::]:{};", deploy.http_port);
+    }
+    let _ = writeln!(
+        out,
+        "    server_name {};
+    server_tokens off;
+    location ^~ /.well-known/acme-challenge/ {{
+        root {};
+        default_type text/plain;
+    }}
+    location / {{
+        return 503;
+    }}
+}}",
+        deploy.server_names.join(" "),
+        webroot.display()
+    );
+    out
 }
 
 /// The server block's body shared by the plain and the TLS server.

@@ -2,13 +2,99 @@
 //! connections the stack opens, `pg_hba.conf` lines, and an init script that creates the app role
 //! and its database. The init script holds no secret: psql reads the password when it runs, from
 //! the environment variable or file `[postgres]` names (a backtick `\set`), and the statements that
-//! carry it are kept out of the server log.
+//! carry it are kept out of the server log. Where the files go is the cluster's ([`Cluster`], found
+//! by the caller with Debian's `pg_lsclusters`).
 
 use std::fmt::Write as _;
+use std::path::PathBuf;
 
-use super::{Concurrency, EmitError, File, Machine, Output, concurrency, deploy, header};
+use super::{
+    Concurrency, EmitError, File, Install, Machine, Output, Service, concurrency, copy, deploy,
+    header,
+};
 use crate::schema::Config;
 use crate::stack::PostgresConfig;
+
+/// A PostgreSQL cluster of the machine, as Debian's postgresql-common lays it out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    /// The major version, e.g. `15`.
+    pub version: String,
+    /// The cluster name, e.g. `main`.
+    pub name: String,
+    /// The port it is configured with today.
+    pub port: u16,
+    /// The Unix user owning it (and its configuration files).
+    pub owner: String,
+}
+
+impl Cluster {
+    /// `/etc/postgresql/VERSION/NAME`: `postgresql.conf`, `conf.d/` and `pg_hba.conf`.
+    pub fn config_dir(&self) -> PathBuf {
+        PathBuf::from(format!("/etc/postgresql/{}/{}", self.version, self.name))
+    }
+
+    /// The systemd unit of the cluster (`postgresql@15-main`).
+    pub fn unit(&self) -> String {
+        format!("postgresql@{}-{}", self.version, self.name)
+    }
+}
+
+/// The clusters `pg_lsclusters --no-header` lists: `VERSION NAME PORT STATUS OWNER DATADIR LOG`
+/// per line. Lines that do not fit are skipped.
+pub fn parse_lsclusters(text: &str) -> Vec<Cluster> {
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let version = fields.next()?;
+            let name = fields.next()?;
+            let port = fields.next()?.parse().ok()?;
+            let _status = fields.next()?;
+            let owner = fields.next()?;
+            version
+                .chars()
+                .all(|c| c.is_ascii_digit() || c == '.')
+                .then(|| Cluster {
+                    version: version.to_owned(),
+                    name: name.to_owned(),
+                    port,
+                    owner: owner.to_owned(),
+                })
+        })
+        .collect()
+}
+
+/// The cluster the app's database belongs in: the one already on `[postgres].port`, else the
+/// newest `main` (Debian's default), else the newest.
+pub fn choose(clusters: &[Cluster], port: u16) -> Option<&Cluster> {
+    fn newest<'a>(list: impl Iterator<Item = &'a Cluster>) -> Option<&'a Cluster> {
+        let key = |c: &Cluster| -> Vec<u32> {
+            c.version
+                .split('.')
+                .map(|n| n.parse().unwrap_or(0))
+                .collect()
+        };
+        list.max_by(|a, b| key(a).cmp(&key(b)))
+    }
+    newest(clusters.iter().filter(|c| c.port == port))
+        .or_else(|| newest(clusters.iter().filter(|c| c.name == "main")))
+        .or_else(|| newest(clusters.iter()))
+}
+
+/// The first line of the generated `pg_hba.conf` lines; with [`hba_end`] it finds them again.
+pub fn hba_begin(name: &str) -> String {
+    format!("# BEGIN sauna-supervisor {name}")
+}
+
+/// The last line of the generated `pg_hba.conf` lines.
+pub fn hba_end(name: &str) -> String {
+    format!("# END sauna-supervisor {name}")
+}
+
+/// Where the init script is installed (it holds no secret).
+pub fn init_sql_path(name: &str) -> PathBuf {
+    PathBuf::from(format!("/etc/sauna/{name}-init.sql"))
+}
 
 /// PostgreSQL's default `superuser_reserved_connections`: slots ordinary roles can never use.
 pub const SUPERUSER_RESERVED: u32 = 3;
@@ -105,8 +191,13 @@ pub fn budget(config: &Config, cpus: u32) -> Budget {
     }
 }
 
-/// Renders the conf fragment, the hba lines and the init script.
-pub fn render(config: &Config, machine: &Machine) -> Result<Output, EmitError> {
+/// Renders the conf fragment, the hba lines and the init script, installed into `cluster`'s
+/// directory (`None`: no cluster on this machine, so where they go is left to the user).
+pub fn render(
+    config: &Config,
+    machine: &Machine,
+    cluster: Option<&Cluster>,
+) -> Result<Output, EmitError> {
     let Some(pg) = &config.postgres else {
         return Err(EmitError(vec![
             "emit postgres: there is no [postgres] section; add one with database, user and password_env or password_file".to_owned(),
@@ -162,42 +253,53 @@ pub fn render(config: &Config, machine: &Machine) -> Result<Output, EmitError> {
             "[deploy].app_hosts: PostgreSQL listens on localhost only; remote app hosts need listen_addresses and hostssl lines added by hand".to_owned(),
         );
     }
+    let (conf_to, hba_to) = match cluster {
+        Some(cluster) => {
+            let dir = cluster.config_dir();
+            let owner = &cluster.owner;
+            (
+                copy(dir.join(format!("conf.d/{name}.conf")), 0o644, owner, owner),
+                Install::Prepend {
+                    to: dir.join("pg_hba.conf"),
+                    mode: 0o640,
+                    owner: owner.clone(),
+                    group: owner.clone(),
+                },
+            )
+        }
+        None => {
+            let missing =
+                "no PostgreSQL cluster on this machine: install PostgreSQL and emit again";
+            (
+                Install::ByHand(format!("conf.d/ of the cluster ({missing})")),
+                Install::ByHand(format!("top of the cluster's pg_hba.conf ({missing})")),
+            )
+        }
+    };
     output.files.push(File {
         path: format!("postgres/{name}.conf"),
-        install_to: format!("/etc/postgresql/VERSION/main/conf.d/{name}.conf"),
+        service: Service::Postgres,
+        install: conf_to,
         contents: conf(pg, machine, &budget),
     });
     output.files.push(File {
         path: format!("postgres/{name}-pg_hba.conf"),
-        install_to: "/etc/postgresql/VERSION/main/pg_hba.conf".to_owned(),
-        contents: hba(pg),
+        service: Service::Postgres,
+        install: hba_to,
+        contents: hba(pg, &name),
     });
     output.files.push(File {
         path: format!("postgres/{name}-init.sql"),
-        install_to: format!("/etc/sauna/{name}-init.sql"),
+        service: Service::Postgres,
+        install: copy(init_sql_path(&name), 0o644, "root", "root"),
         contents: init_sql(pg, &source),
     });
-    output.next_steps.push(
-        "systemctl restart postgresql   # max_connections and shared_buffers need a restart"
-            .to_owned(),
-    );
-    output.next_steps.push(format!(
-        "{}psql -v ON_ERROR_STOP=1 -f /etc/sauna/{name}-init.sql",
-        run_as_admin(pg, &source)
-    ));
     Ok(output)
 }
 
 enum PasswordSource {
     Env(String),
     File(String),
-}
-
-fn run_as_admin(pg: &PostgresConfig, source: &PasswordSource) -> String {
-    match source {
-        PasswordSource::Env(var) => format!("sudo --preserve-env={var} -u {} ", pg.admin),
-        PasswordSource::File(_) => format!("sudo -u {} ", pg.admin),
-    }
 }
 
 const MIB: u64 = 1 << 20;
@@ -220,7 +322,7 @@ fn conf(pg: &PostgresConfig, machine: &Machine, budget: &Budget) -> String {
     let mut out = header("#", "postgres");
     let _ = writeln!(
         out,
-        "# Include it from postgresql.conf (Debian: /etc/postgresql/VERSION/main/conf.d/).\n\n\
+        "# Read through postgresql.conf's include_dir = 'conf.d' (Debian's default).\n\n\
          listen_addresses = 'localhost'\nport = {}\npassword_encryption = scram-sha-256\n",
         pg.port
     );
@@ -250,20 +352,29 @@ fn conf(pg: &PostgresConfig, machine: &Machine, budget: &Budget) -> String {
     out
 }
 
-fn hba(pg: &PostgresConfig) -> String {
-    let mut out = header("#", "postgres");
+fn hba(pg: &PostgresConfig, name: &str) -> String {
+    // The markers are the first and the last line, so the install step finds and replaces an
+    // earlier copy; the header goes between them.
+    let mut out = hba_begin(name);
+    out.push('\n');
+    out.push_str(&header("#", "postgres"));
     let _ = writeln!(
         out,
-        "# Replaces pg_hba.conf: the admin through the local socket as the same Unix user, the app role\n\
-         # only to its own database, only over loopback, only with a SCRAM password. Nothing else\n\
-         # may connect.\n\
+        "# Goes at the top of pg_hba.conf, above the distribution's lines: the first line matching a\n\
+         # connection decides. The admin through the local socket as the same Unix user; the app role\n\
+         # only to its own database, only over loopback, only with a SCRAM password.\n\
          # TYPE  DATABASE  USER  ADDRESS  METHOD\n\
          local   all   {admin}   peer\n\
          host    {db}   {user}   127.0.0.1/32   scram-sha-256\n\
-         host    {db}   {user}   ::1/128   scram-sha-256",
+         host    {db}   {user}   ::1/128   scram-sha-256\n\
+         # Nothing else for the app role, whatever the lines below would allow.\n\
+         host    all   {user}   all   reject\n\
+         local   all   {user}   reject\n\
+         {end}",
         admin = pg.admin,
         db = pg.database,
-        user = pg.user
+        user = pg.user,
+        end = hba_end(name),
     );
     out
 }
@@ -300,9 +411,9 @@ fn init_sql(pg: &PostgresConfig, source: &PasswordSource) -> String {
     let _ = writeln!(
         out,
         "-- Creates the app role and its database; safe to run again (it resets the password).\n\
-         -- Run it as the admin role; the password is read from the {from} when it runs,\n\
-         -- so this file holds no secret:\n\
-         --   {}psql -v ON_ERROR_STOP=1 -f THIS_FILE\n\
+         -- Run it as the admin role. psql reads the password from the {from}\n\
+         -- when it runs, so this file holds no secret:\n\
+         --   runuser -u {admin} -- psql -X -v ON_ERROR_STOP=1 -d postgres -f - < THIS_FILE\n\
          \\set ON_ERROR_STOP on\n\
          {read}\n\
          SELECT :'app_password' = '' AS app_password_missing \\gset\n\
@@ -324,7 +435,7 @@ fn init_sql(pg: &PostgresConfig, source: &PasswordSource) -> String {
          -- Only the app role (and superusers) may connect to it.\n\
          REVOKE CONNECT, TEMPORARY ON DATABASE {db} FROM PUBLIC;\n\
          GRANT CONNECT, TEMPORARY ON DATABASE {db} TO {role};",
-        run_as_admin(pg, source),
+        admin = pg.admin,
         user = literal(&pg.user),
         dbname = literal(&pg.database),
     );
@@ -372,6 +483,34 @@ mod tests {
             ..DeployConfig::default()
         });
         assert_eq!(super::budget(&config, 5).max_connections(), 53);
+    }
+
+    #[test]
+    fn clusters_come_from_pg_lsclusters_and_the_one_on_the_port_wins() {
+        let listed = parse_lsclusters(
+            "Ver Cluster Port Status Owner Data directory Log file\n\
+             13  main    5433 down   postgres /var/lib/postgresql/13/main /var/log/x.log\n\
+             15  main    5432 online postgres /var/lib/postgresql/15/main /var/log/y.log\n\
+             15  extra   5434 down   pgadmin  /srv/pg/extra /var/log/z.log\n",
+        );
+        assert_eq!(
+            listed.len(),
+            3,
+            "the header line is not a cluster: {listed:?}"
+        );
+        let on = |port| choose(&listed, port).map(|c| (c.version.as_str(), c.name.as_str()));
+        assert_eq!(on(5434), Some(("15", "extra")));
+        assert_eq!(on(5433), Some(("13", "main")));
+        // Nothing on the port: the newest main.
+        assert_eq!(on(6000), Some(("15", "main")));
+        let extra = choose(&listed, 5434).unwrap();
+        assert_eq!(
+            extra.config_dir(),
+            PathBuf::from("/etc/postgresql/15/extra")
+        );
+        assert_eq!(extra.unit(), "postgresql@15-extra");
+        assert_eq!(extra.owner, "pgadmin");
+        assert_eq!(choose(&[], 5432), None);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use super::{EmitError, File, Output, Secrets, check_name, deploy, header};
+use super::{EmitError, File, Output, Secrets, Service, check_name, copy, deploy, header};
 use crate::schema::Config;
 use crate::stack::RedisConfig;
 
@@ -330,19 +330,20 @@ pub fn render(config: &Config, secrets: &Secrets) -> Result<Output, EmitError> {
         ..Output::default()
     };
     for instance in &instances {
+        // Readable by the redis group only: it carries the password's hash.
         output.files.push(File {
             path: format!("redis/{}.conf", instance.name),
-            install_to: format!("/etc/redis/{}.conf", instance.name),
+            service: Service::Redis,
+            install: copy(conf_path(instance), 0o640, "root", &redis.user),
             contents: render_instance(instance, &redis, secrets),
         });
-        output.next_steps.push(format!(
-            "install -m 0640 -g {user} redis/{name}.conf /etc/redis/ && install -d -o {user} -g {user} -m 0750 {}",
-            data_dir(&redis, instance).display(),
-            user = redis.user,
-            name = instance.name
-        ));
     }
     Ok(output)
+}
+
+/// Where an instance's `redis.conf` is installed (its unit reads it from there).
+pub fn conf_path(instance: &Instance) -> PathBuf {
+    PathBuf::from(format!("/etc/redis/{}.conf", instance.name))
 }
 
 /// The data directory of an instance.

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use super::redis::{Endpoint, Instance, data_dir, instances};
-use super::{EmitError, File, Output, check_name, deploy, header};
+use super::{EmitError, File, Output, Service, check_name, copy, deploy, header};
 use crate::schema::Config;
 use crate::units::Duration;
 
@@ -124,7 +124,8 @@ pub fn render(config: &Config) -> Result<Output, EmitError> {
     }
     let _ = writeln!(
         out,
-        "# Secrets named by password_env/token_env, one VAR=value per line, mode 0600.\nEnvironmentFile=-/etc/sauna/{name}.env\nLimitNOFILE={}",
+        "# The secrets named by password_env/token_env (`emit all -o DIR` writes the file, mode 0600).\n# No '-': a missing file fails the start instead of starting without them.\nEnvironmentFile={}\nLimitNOFILE={}",
+        super::env::path(&deploy).display(),
         unit.limit_nofile
     );
     // An app under /home or /root still has to be readable.
@@ -167,7 +168,8 @@ pub fn render(config: &Config) -> Result<Output, EmitError> {
     let mut output = Output::default();
     output.files.push(File {
         path: format!("systemd/{name}.service"),
-        install_to: format!("/etc/systemd/system/{name}.service"),
+        service: Service::Sauna,
+        install: copy(unit_path(name), 0o644, "root", "root"),
         contents: out,
     });
     let redis = config.redis.clone().unwrap_or_default();
@@ -175,7 +177,8 @@ pub fn render(config: &Config) -> Result<Output, EmitError> {
         let unit_name = redis_unit(instance);
         output.files.push(File {
             path: format!("systemd/{unit_name}.service"),
-            install_to: format!("/etc/systemd/system/{unit_name}.service"),
+            service: Service::Redis,
+            install: copy(unit_path(&unit_name), 0o644, "root", "root"),
             contents: redis_unit_file(
                 instance,
                 &redis.server,
@@ -184,13 +187,12 @@ pub fn render(config: &Config) -> Result<Output, EmitError> {
             ),
         });
     }
-    let mut units: Vec<String> = redis_instances.iter().map(redis_unit).collect();
-    units.push(name.clone());
-    output.next_steps.push(format!(
-        "systemctl daemon-reload && systemctl enable --now {}",
-        units.join(" ")
-    ));
     Ok(output)
+}
+
+/// Where a unit is installed.
+pub fn unit_path(unit: &str) -> PathBuf {
+    PathBuf::from(format!("/etc/systemd/system/{unit}.service"))
 }
 
 /// The unit name of a Redis instance.
