@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use proxy_conf::Config;
 use proxy_conf::emit::{self, EmitError, Machine, Output, Secrets};
+use proxy_conf::secrets::Secret;
 
 use super::{ConfigArg, EXIT_USAGE, EmitTarget};
 use crate::metrics::dashboard;
@@ -31,7 +32,7 @@ pub fn emit_command(
         Ok(rendered) => rendered,
         Err(RenderError::Config(EmitError(problems))) => {
             for problem in &problems {
-                eprintln!("{}: {problem}", loaded.path.display());
+                eprintln!("{}", loaded.diagnostic_at(&problem.key, &problem.message));
             }
             eprintln!(
                 "sauna-supervisor: {} problem(s) in {}; nothing written",
@@ -76,7 +77,10 @@ fn render(target: EmitTarget, config: &Config) -> Result<Rendered, RenderError> 
     let machine = machine();
     let secrets = || -> Result<Secrets, RenderError> {
         Ok(Secrets {
-            redis_password: emit::redis::password(config).map_err(RenderError::Secret)?,
+            redis_password: emit::redis::password(config)
+                .map_err(RenderError::Secret)?
+                .map(Secret::new),
+            ..Secrets::default()
         })
     };
     let mut output = Output::default();
