@@ -199,6 +199,7 @@ pub async fn start(
         jobs,
         redis_up: None,
         last_error: None,
+        refused_login: false,
         backoff: BACKOFF_MIN,
         retry_at: None,
         synced: false,
@@ -308,6 +309,8 @@ struct Actor {
     redis_up: Option<bool>,
     /// The error of the current Redis outage, for `status`.
     last_error: Option<String>,
+    /// The current outage is a refused login.
+    refused_login: bool,
     backoff: Duration,
     retry_at: Option<Instant>,
     /// Cursors have been merged with Redis's last published slots since we became publisher.
@@ -444,13 +447,17 @@ impl Actor {
         }
         self.redis_up = Some(true);
         self.last_error = None;
+        self.refused_login = false;
         self.backoff = BACKOFF_MIN;
         self.retry_at = None;
     }
 
     fn redis_failed(&mut self, error: &BrokerError) {
-        if self.redis_up != Some(false) {
-            if error.is_auth_failure() {
+        // One line per outage, and one more if its cause turns into a refused login (or back):
+        // a timeout under load must not hide the wrong password that follows it.
+        let refused = error.is_auth_failure();
+        if self.redis_up != Some(false) || refused != self.refused_login {
+            if refused {
                 tracing::warn!(
                     error = %error,
                     "beat: Redis refused the login; publishing paused, retrying with backoff up to {BACKOFF_MAX:?}"
@@ -463,6 +470,7 @@ impl Actor {
             }
         }
         self.redis_up = Some(false);
+        self.refused_login = refused;
         self.last_error = Some(error.to_string());
         let now = Instant::now();
         let retry_at = now + self.backoff;
@@ -723,6 +731,7 @@ impl Actor {
             );
             self.redis_up = None;
             self.last_error = None;
+            self.refused_login = false;
             self.retry_at = None;
             self.backoff = BACKOFF_MIN;
             self.synced = false;

@@ -303,6 +303,8 @@ async fn run(plan: SamplerPlan, metrics: Arc<Metrics>) {
     let mut connection: Option<MultiplexedConnection> = None;
     let mut link = Link::Starting;
     let mut failures = 0;
+    // Whether the failing samples are refused logins, so a change of cause is logged too.
+    let mut refused = false;
     loop {
         let result = sample(&client, &config, &mut connection, &plan.queues).await;
         let (next, change) = link.after(result.is_ok());
@@ -325,6 +327,7 @@ async fn run(plan: SamplerPlan, metrics: Arc<Metrics>) {
                     Change::Same | Change::Lost => {}
                 }
                 failures = 0;
+                refused = false;
                 plan.interval
             }
             Err(error) => {
@@ -333,8 +336,11 @@ async fn run(plan: SamplerPlan, metrics: Arc<Metrics>) {
                 forget(&metrics, &plan.queues);
                 failures += 1;
                 let delay = retry_delay(failures, plan.interval);
-                // Once per outage, not once per sample: a refused login would repeat forever.
-                if change == Change::Lost {
+                // Once per outage (and per change of its cause), not once per sample: a refused
+                // login would repeat forever.
+                let now_refused = crate::broker::is_auth_failure(&error);
+                if change == Change::Lost || now_refused != refused {
+                    refused = now_refused;
                     let error = crate::broker::describe(&error, sent_password);
                     tracing::warn!(%broker, %error, "cannot read Celery queue lengths; retrying with backoff");
                 } else {
