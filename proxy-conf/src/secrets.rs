@@ -98,8 +98,9 @@ pub fn read(loaded: &Loaded) -> Result<Secrets, Vec<Diagnostic>> {
     read_with(loaded, |name| std::env::var_os(name))
 }
 
-/// [`read`] with the environment given as a lookup function (for tests).
-pub fn read_with(
+/// [`read`] with the environment given as a lookup function, so tests need not change the
+/// process's own.
+fn read_with(
     loaded: &Loaded,
     env: impl Fn(&str) -> Option<OsString>,
 ) -> Result<Secrets, Vec<Diagnostic>> {
