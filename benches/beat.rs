@@ -83,6 +83,7 @@ async fn lag(redis: &Redis) {
     let metrics = Arc::new(Metrics::new().expect("metrics"));
     let handle = sauna_supervisor::beat::start(
         config.beat.as_ref().expect("beat"),
+        None,
         &config.app,
         std::path::Path::new("."),
         metrics,
@@ -138,6 +139,7 @@ async fn idle(redis: &Redis) {
     let metrics = Arc::new(Metrics::new().expect("metrics"));
     let handle = sauna_supervisor::beat::start(
         config.beat.as_ref().expect("beat"),
+        None,
         &config.app,
         std::path::Path::new("."),
         metrics,

@@ -444,6 +444,7 @@ async fn start_beat(config: &proxy_conf::Config, base_dir: &Path) -> BeatHandle 
     let metrics = Arc::new(Metrics::new().expect("metrics"));
     beat::start(
         config.beat.as_ref().expect("[beat]"),
+        None,
         &config.app,
         base_dir,
         metrics,
@@ -631,6 +632,7 @@ async fn priorities_land_on_the_keys_kombu_reads_and_metrics_are_recorded() {
     let metrics = Arc::new(Metrics::new().expect("metrics"));
     let handle = beat::start(
         config.beat.as_ref().expect("beat"),
+        None,
         &config.app,
         sandbox.root(),
         Arc::clone(&metrics),
@@ -700,6 +702,7 @@ async fn reload_switches_schedules_without_doubling_or_losing_a_slot() {
     handle
         .reload(
             after.beat.as_ref().expect("beat"),
+            None,
             &after.app,
             sandbox.root(),
         )
@@ -725,6 +728,7 @@ async fn reload_switches_schedules_without_doubling_or_losing_a_slot() {
     let error = handle
         .reload(
             broken.beat.as_ref().expect("beat"),
+            None,
             &broken.app,
             sandbox.root(),
         )
@@ -761,7 +765,8 @@ async fn the_publish_script_fences_a_paused_leader_and_never_repeats_a_slot() {
     let sandbox = Sandbox::new();
     let redis = RedisServer::start(&sandbox.path("redis"));
     let ttl = Duration::from_secs(5);
-    let broker = |()| Broker::new(&redis.url(0), "fence:", Duration::from_secs(1)).expect("broker");
+    let broker =
+        |()| Broker::new(&redis.url(0), None, "fence:", Duration::from_secs(1)).expect("broker");
     let (mut old, mut new) = (broker(()), broker(()));
     assert_eq!(old.acquire("a:1:old", ttl).await.expect("acquire"), None);
     let refused = new

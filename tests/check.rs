@@ -104,7 +104,13 @@ fn a_missing_file_exits_2_and_says_how_to_pass_one() {
 fn the_reference_example_passes_check() {
     let sandbox = Sandbox::new();
     let example = repo_root().join("examples/sauna.toml");
-    let output = sandbox.run(&["check", "-c", &example.display().to_string()]);
+    // The secrets it names, as systemd's EnvironmentFile= would provide them.
+    let output = sandbox
+        .command(&["check", "-c", &example.display().to_string()])
+        .env("REDIS_PASSWORD", "example")
+        .env("MYAPP_DB_PASSWORD", "example")
+        .output()
+        .expect("run check");
     assert_eq!(
         output.status.code(),
         Some(0),

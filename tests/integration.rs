@@ -21,6 +21,8 @@ mod metrics;
 mod reload;
 // reload_programs: `reload` rolls programs new-first, rolls back a dying one, loses no Celery task.
 mod reload_programs;
+// secrets: passwords named once reach beat, Celery, the sampler and the app; never a log line.
+mod secrets;
 // upgrade: `upgrade`/SIGUSR2 hand every socket to a new process under load; failing successors.
 mod upgrade;
 // wheel: scripts/build-wheel.sh's wheel pip-installed into a fresh venv runs `--version` and `check`.

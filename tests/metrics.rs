@@ -343,6 +343,7 @@ async fn queue_lengths_follow_the_broker() {
     let sampler = queue_sampler::spawn(
         SamplerPlan {
             broker: redis_server.url(3),
+            password: None,
             queues: vec!["celery".to_owned(), "hi".to_owned()],
             interval: Duration::from_millis(100),
         },

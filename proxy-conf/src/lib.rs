@@ -10,6 +10,7 @@ pub mod listen;
 pub mod load;
 mod locate;
 pub mod schema;
+pub mod secrets;
 pub mod stack;
 pub mod units;
 pub mod validate;

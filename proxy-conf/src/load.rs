@@ -29,6 +29,10 @@ pub struct Loaded {
     pub path: PathBuf,
     /// The file's text, to locate keys for later diagnostics.
     pub source: String,
+    /// The secrets the file names, once read and installed by [`crate::secrets::install`] (`run`,
+    /// `reload`, `check`); empty after a plain load, which commands that only talk to the control
+    /// socket use.
+    pub secrets: crate::secrets::Secrets,
 }
 
 impl Loaded {
@@ -141,6 +145,7 @@ pub fn load_file_with(
         config,
         path: path.to_owned(),
         source,
+        secrets: crate::secrets::Secrets::default(),
     };
     diagnostics.extend(extra(&loaded));
     if diagnostics.is_empty() {
@@ -175,6 +180,20 @@ fn resolve_paths(config: &mut Config, base: &Path) {
     }
     if let Some(token_file) = &mut config.metrics.token_file {
         resolve(token_file);
+    }
+    if let Some(file) = config
+        .redis
+        .as_mut()
+        .and_then(|redis| redis.password_file.as_mut())
+    {
+        resolve(file);
+    }
+    if let Some(file) = config
+        .postgres
+        .as_mut()
+        .and_then(|postgres| postgres.password_file.as_mut())
+    {
+        resolve(file);
     }
 }
 
@@ -538,6 +557,7 @@ every = 5
             config: load_str(text, path).unwrap(),
             path: PathBuf::from(path),
             source: text.to_owned(),
+            secrets: crate::secrets::Secrets::default(),
         }
     }
 

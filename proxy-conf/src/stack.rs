@@ -2,7 +2,8 @@
 //! the systemd unit), `[redis]` and `[postgres]` — and the reading of the secrets they name. Only
 //! what `emit` and `check --live` need lives here; how the files are written belongs to
 //! [`crate::emit`]. Secrets are never stored in the file: a key names an environment variable or a
-//! file, and [`read_secret`] fetches the value when a command needs it.
+//! file, and [`crate::secrets`] (or [`read_secret`], for `emit`) fetches the value when a command
+//! needs it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -171,6 +172,9 @@ pub struct RedisConfig {
     pub password_env: Option<String>,
     /// File holding the Redis password.
     pub password_file: Option<PathBuf>,
+    /// Environment variable the supervisor sets, for the web workers and every program, to the
+    /// full broker URL with the password (see `crate::secrets`).
+    pub url_env: Option<String>,
     /// Parent of each instance's data directory (`DIR/NAME-broker`, `DIR/NAME-cache`).
     pub dir: PathBuf,
     /// The `redis-server` binary used by the generated units.
@@ -189,6 +193,7 @@ impl Default for RedisConfig {
             broker: None,
             password_env: None,
             password_file: None,
+            url_env: None,
             dir: PathBuf::from("/var/lib/redis"),
             server: PathBuf::from("/usr/bin/redis-server"),
             user: "redis".to_owned(),
@@ -232,6 +237,9 @@ pub struct PostgresConfig {
     pub password_env: Option<String>,
     /// File holding the app role's password.
     pub password_file: Option<PathBuf>,
+    /// Environment variable the supervisor sets, for the web workers and every program, to
+    /// `postgres://USER:PASSWORD@127.0.0.1:PORT/DATABASE` (see `crate::secrets`).
+    pub url_env: Option<String>,
     /// The server port.
     pub port: u16,
     /// Memory the sizing assumes; default the machine's total memory.
@@ -249,6 +257,7 @@ impl Default for PostgresConfig {
             user: "sauna".to_owned(),
             password_env: None,
             password_file: None,
+            url_env: None,
             port: 5432,
             memory: None,
             extra_connections: 10,
@@ -280,9 +289,10 @@ pub enum SecretError {
     },
 }
 
-/// Reads a secret from the environment variable or the file (the variable wins when both are
-/// named). A trailing newline of the file is not part of the secret. `section` names the table in
-/// messages, e.g. `"[redis]"`.
+/// Reads a secret from the environment variable or the file (validation refuses naming both). The
+/// line end of the file is not part of the secret. `section` names the table in messages, e.g.
+/// `"[redis]"`. `emit` uses it for the one secret it needs; `run`, `reload` and `check` read every
+/// secret at once with [`crate::secrets::read`], whose problems point at `FILE:LINE:COL`.
 pub fn read_secret(
     section: &str,
     env: Option<&str>,
@@ -303,7 +313,7 @@ pub fn read_secret(
             path: path.to_owned(),
             source,
         })?;
-        return Ok(Some(text.trim_end_matches(['\n', '\r']).to_owned()));
+        return Ok(Some(crate::secrets::without_line_end(&text).to_owned()));
     }
     Ok(None)
 }

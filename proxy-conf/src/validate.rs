@@ -12,6 +12,7 @@ use crate::diagnostics::did_you_mean;
 use crate::listen::{Listen, MAX_UNIX_SOCKET_PATH};
 use crate::locate::{KeyIndex, display_path};
 use crate::schema::{BeatConfig, Config, JobConfig, ProgramConfig, WebConfig};
+use crate::secrets::is_env_name;
 
 /// Signals accepted by `stop_signal`, in their canonical spelling (without `SIG`).
 pub const STOP_SIGNALS: [&str; 7] = ["TERM", "INT", "QUIT", "HUP", "USR1", "USR2", "KILL"];
@@ -58,6 +59,7 @@ pub(crate) fn validate(
     }
     checker.metrics(config);
     checker.control(config);
+    checker.services(config);
     checker.findings
 }
 
@@ -494,6 +496,93 @@ impl Checker<'_> {
         }
     }
 
+    /// `[redis]` and `[postgres]`: where their passwords come from, and the variables `url_env`
+    /// asks the supervisor to set. Whether the secrets can be read is `secrets::read`'s concern.
+    fn services(&mut self, config: &Config) {
+        // (section, variable) of each valid `url_env`.
+        let mut url_envs: Vec<(&str, &str)> = Vec::new();
+        if let Some(redis) = &config.redis {
+            self.password_source(
+                "redis",
+                redis.password_env.as_deref(),
+                redis.password_file.is_some(),
+            );
+            if let Some(name) = &redis.url_env {
+                if self.env_name(&["redis", "url_env"], name) {
+                    url_envs.push(("redis", name));
+                }
+                if crate::secrets::broker_url(config).is_none() {
+                    self.report(
+                        &["redis", "url_env"],
+                        "has no broker URL to hand out: set [redis].broker or [beat].broker",
+                    );
+                }
+            }
+        }
+        if let Some(postgres) = &config.postgres {
+            self.password_source(
+                "postgres",
+                postgres.password_env.as_deref(),
+                postgres.password_file.is_some(),
+            );
+            if let Some(name) = &postgres.url_env {
+                if self.env_name(&["postgres", "url_env"], name) {
+                    url_envs.push(("postgres", name));
+                }
+            }
+        }
+        if let [(_, redis), (_, postgres)] = url_envs[..]
+            && redis == postgres
+        {
+            self.report(
+                &["postgres", "url_env"],
+                format!(
+                    "\"{postgres}\" is [redis].url_env already; give each URL its own variable"
+                ),
+            );
+        }
+        // One source of truth: a variable the supervisor sets from [redis]/[postgres] may not
+        // also be written by hand, where a password could drift from the real one.
+        for (section, name) in url_envs {
+            let message = format!(
+                "{name} is set twice: [{section}].url_env already sets it (the URL with the password); remove it here"
+            );
+            if config.app.env.contains_key(name) {
+                self.report_key(&["app", "env", name], &message);
+            }
+            for (program, settings) in &config.programs {
+                if settings.env.contains_key(name) {
+                    self.report_key(&["programs", program, "env", name], &message);
+                }
+            }
+        }
+    }
+
+    /// A section's `password_env` names a variable, and at most one source is given.
+    fn password_source(&mut self, section: &str, variable: Option<&str>, has_file: bool) {
+        if let Some(name) = variable {
+            self.env_name(&[section, "password_env"], name);
+            if has_file {
+                self.report(
+                    &[section, "password_file"],
+                    "set either password_env or password_file, not both",
+                );
+            }
+        }
+    }
+
+    /// Reports `name` unless it can name an environment variable; true when it can.
+    fn env_name(&mut self, path: &[&str], name: &str) -> bool {
+        if is_env_name(name) {
+            return true;
+        }
+        self.report(
+            path,
+            format!("\"{name}\" is not an environment variable name: use letters, digits and \"_\", not starting with a digit, e.g. \"REDIS_PASSWORD\""),
+        );
+        false
+    }
+
     fn control(&mut self, config: &Config) {
         if let Some(socket) = &config.control.socket {
             let length = socket.as_os_str().len();
@@ -795,6 +884,40 @@ mod tests {
                 "5:15: web.script_name: must start with \"/\" and not end with one, e.g. \"/app\", not \"/app/\"",
                 "6:43: web.forwarded_allow_ips[2]: \"10.0.0.0/33\" is not an IP address, a CIDR like \"10.0.0.0/8\", or \"*\"",
             ]
+        );
+    }
+
+    #[test]
+    fn secret_sources_and_url_variables_are_checked() {
+        let text = "[redis]\npassword_env = \"REDIS-PW\"\npassword_file = \"/etc/pw\"\nurl_env = \"BROKER URL\"\n[postgres]\nurl_env = \"DATABASE_URL\"\n";
+        assert_eq!(
+            problems(text),
+            [
+                "2:16: redis.password_env: \"REDIS-PW\" is not an environment variable name: use letters, digits and \"_\", not starting with a digit, e.g. \"REDIS_PASSWORD\"",
+                "3:17: redis.password_file: set either password_env or password_file, not both",
+                "4:11: redis.url_env: \"BROKER URL\" is not an environment variable name: use letters, digits and \"_\", not starting with a digit, e.g. \"REDIS_PASSWORD\"",
+                "4:11: redis.url_env: has no broker URL to hand out: set [redis].broker or [beat].broker",
+            ]
+        );
+        assert!(
+            problems("[beat]\n[redis]\npassword_file = \"pw\"\nurl_env = \"CELERY_BROKER_URL\"\n")
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_url_variable_set_by_hand_too_is_set_twice() {
+        let text = "[app]\nenv = { CELERY_BROKER_URL = \"redis://h/1\" }\n[programs.w]\ncommand = [\"x\"]\nenv = { DATABASE_URL = \"postgres://x\" }\n[beat]\n[redis]\nurl_env = \"CELERY_BROKER_URL\"\n[postgres]\nurl_env = \"DATABASE_URL\"\n";
+        assert_eq!(
+            problems(text),
+            [
+                "2:9: app.env.CELERY_BROKER_URL: CELERY_BROKER_URL is set twice: [redis].url_env already sets it (the URL with the password); remove it here",
+                "5:9: programs.w.env.DATABASE_URL: DATABASE_URL is set twice: [postgres].url_env already sets it (the URL with the password); remove it here",
+            ]
+        );
+        assert_one(
+            "[beat]\n[redis]\nurl_env = \"URL\"\n[postgres]\nurl_env = \"URL\"\n",
+            "5:11: postgres.url_env: \"URL\" is [redis].url_env already; give each URL its own variable",
         );
     }
 

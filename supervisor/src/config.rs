@@ -1,5 +1,6 @@
 //! Finding and loading the configuration file for a command: `-c FILE`, else `$SAUNA_CONFIG`,
-//! else `./sauna.toml`. Parsing and diagnostics belong to `proxy-conf`.
+//! else `./sauna.toml`, with the secrets it names for the commands that use them (`run`, its
+//! reloads, `check`). Parsing, diagnostics and reading the secrets belong to `proxy-conf`.
 
 use std::path::{Path, PathBuf};
 
@@ -41,15 +42,42 @@ pub fn load(explicit: Option<&Path>) -> Result<Loaded, ConfigError> {
 /// Loads the configuration at `path`, with the checks that need the supervisor's own parsers
 /// (cron expressions) reported beside proxy-conf's, in file order.
 pub fn load_path(path: &Path) -> Result<Loaded, ConfigError> {
-    proxy_conf::load_file_with(path, crate::beat::jobs::config_diagnostics).map_err(|error| {
-        match error {
-            LoadError::Io { path, source } => ConfigError::Unreadable {
-                path,
-                error: source,
-            },
-            LoadError::Invalid(diagnostics) => ConfigError::Invalid(diagnostics, path.to_owned()),
+    proxy_conf::load_file_with(path, crate::beat::jobs::config_diagnostics)
+        .map_err(|error| config_error(error, path))
+}
+
+/// Like [`load_path`], and also reads the secrets the file names (`[redis]` and `[postgres]`
+/// `password_env`/`password_file`) from this process's environment and files: a variable that is
+/// not set or a file that cannot be read is one more problem at the key that names it. On success
+/// the secrets are installed (`proxy_conf::secrets::install`): beat, the queue sampler and
+/// `check --live` log in with them, and the `url_env` variables reach every worker and program.
+/// For `run`, each reload and `check`; the commands that only talk to the control socket use
+/// [`load`] and need no secret.
+pub fn load_with_secrets(path: &Path) -> Result<Loaded, ConfigError> {
+    let mut secrets = None;
+    let mut loaded = proxy_conf::load_file_with(path, |loaded| {
+        let mut found = crate::beat::jobs::config_diagnostics(loaded);
+        match proxy_conf::secrets::read(loaded) {
+            Ok(read) => secrets = Some(read),
+            Err(problems) => found.extend(problems),
         }
+        found
     })
+    .map_err(|error| config_error(error, path))?;
+    if let Some(secrets) = secrets {
+        proxy_conf::secrets::install(&mut loaded, secrets);
+    }
+    Ok(loaded)
+}
+
+fn config_error(error: LoadError, path: &Path) -> ConfigError {
+    match error {
+        LoadError::Io { path, source } => ConfigError::Unreadable {
+            path,
+            error: source,
+        },
+        LoadError::Invalid(diagnostics) => ConfigError::Invalid(diagnostics, path.to_owned()),
+    }
 }
 
 /// The control socket of the supervisor configured by `loaded`: `[control].socket`, else

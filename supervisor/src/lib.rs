@@ -13,6 +13,7 @@
 //! Data flows one way: config → supervisor state (the main loop) → pool, programs, beat → metrics.
 
 pub mod beat;
+pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod control;

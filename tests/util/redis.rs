@@ -1,5 +1,5 @@
 //! A real `redis-server` for tests: a free loopback port, data in a temp dir, append-only so a
-//! stop and restart keeps the data (outage tests), stopped on drop.
+//! stop and restart keeps the data (outage tests), optionally with a password, stopped on drop.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -12,15 +12,27 @@ pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
+    password: Option<String>,
 }
 
 impl RedisServer {
     /// Starts a server with its data in `dir` and waits until it answers PING.
     pub fn start(dir: &Path) -> RedisServer {
+        Self::start_with(dir, None)
+    }
+
+    /// Starts a server that requires `password` (`requirepass`), like the one `emit redis`
+    /// generates with `[redis].password_env`.
+    pub fn start_with_password(dir: &Path, password: &str) -> RedisServer {
+        Self::start_with(dir, Some(password.to_owned()))
+    }
+
+    fn start_with(dir: &Path, password: Option<String>) -> RedisServer {
         let mut server = RedisServer {
             child: None,
             port: free_port(),
             dir: dir.to_path_buf(),
+            password,
         };
         server.spawn();
         server
@@ -49,12 +61,17 @@ impl RedisServer {
             ])
             .arg("--dir")
             .arg(&self.dir)
+            .args(
+                self.password
+                    .iter()
+                    .flat_map(|password| ["--requirepass", password.as_str()]),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start redis-server");
         self.child = Some(child);
-        let client = ::redis::Client::open(self.url(0)).expect("redis url");
+        let client = self.client(0);
         super::wait_until(Duration::from_secs(10), "redis-server to answer", || {
             let mut connection = client.get_connection().ok()?;
             ::redis::cmd("PING").query::<String>(&mut connection).ok()
@@ -66,10 +83,26 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/{db}", self.port)
     }
 
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A client for database `db`, logging in with the password if the server has one.
+    pub fn client(&self, db: u8) -> ::redis::Client {
+        use ::redis::IntoConnectionInfo as _;
+        let mut info = self.url(db).into_connection_info().expect("redis url");
+        if let Some(password) = &self.password {
+            let settings = info.redis_settings().clone().set_password(password);
+            info = info.set_redis_settings(settings);
+        }
+        ::redis::Client::open(info).expect("redis client")
+    }
+
     /// A connection to database 0.
     pub fn connection(&self) -> ::redis::Connection {
-        ::redis::Client::open(self.url(0))
-            .and_then(|client| client.get_connection())
+        self.client(0)
+            .get_connection()
             .expect("connect to test redis")
     }
 

@@ -7,7 +7,7 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use super::{EmitError, File, Service, copy, deploy, header};
+use super::{EmitError, File, Problem, Service, copy, deploy, header};
 use crate::schema::Config;
 use crate::stack::DeployConfig;
 
@@ -16,6 +16,8 @@ use crate::stack::DeployConfig;
 pub struct Variable {
     /// The key that names it, e.g. `[redis].password_env`.
     pub key: &'static str,
+    /// The same key as a path (`["redis", "password_env"]`), for diagnostics at its position.
+    pub path: &'static [&'static str],
     /// The environment variable.
     pub name: String,
 }
@@ -27,21 +29,35 @@ pub fn path(deploy: &DeployConfig) -> PathBuf {
 
 /// Every variable a `*_env` key names, in file order, each once.
 pub fn variables(config: &Config) -> Vec<Variable> {
-    let mut named: Vec<(&'static str, Option<&String>)> = Vec::new();
+    type Named<'a> = (&'static str, &'static [&'static str], Option<&'a String>);
+    let mut named: Vec<Named<'_>> = Vec::new();
     if let Some(redis) = &config.redis {
-        named.push(("[redis].password_env", redis.password_env.as_ref()));
+        named.push((
+            "[redis].password_env",
+            &["redis", "password_env"],
+            redis.password_env.as_ref(),
+        ));
     }
     if let Some(postgres) = &config.postgres {
-        named.push(("[postgres].password_env", postgres.password_env.as_ref()));
+        named.push((
+            "[postgres].password_env",
+            &["postgres", "password_env"],
+            postgres.password_env.as_ref(),
+        ));
     }
-    named.push(("[metrics].token_env", config.metrics.token_env.as_ref()));
+    named.push((
+        "[metrics].token_env",
+        &["metrics", "token_env"],
+        config.metrics.token_env.as_ref(),
+    ));
     let mut variables: Vec<Variable> = Vec::new();
-    for (key, name) in named {
+    for (key, path, name) in named {
         if let Some(name) = name
             && !variables.iter().any(|v| &v.name == name)
         {
             variables.push(Variable {
                 key,
+                path,
                 name: name.clone(),
             });
         }
@@ -64,16 +80,22 @@ pub fn render(config: &Config, values: &[(String, String)]) -> Result<File, Emit
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !valid {
-            problems.push(format!(
-                "{} = {:?}: not an environment variable name (letters, digits and '_')",
-                variable.key, variable.name
+            problems.push(Problem::at(
+                variable.path,
+                format!(
+                    "{} = {:?}: not an environment variable name (letters, digits and '_')",
+                    variable.key, variable.name
+                ),
             ));
         } else if !values.iter().any(|(name, _)| *name == variable.name) {
-            problems.push(format!(
-                "{} names {}, which is not set: export it before `emit all`, which writes its value into the secrets file {}",
-                variable.key,
-                variable.name,
-                path(&deploy).display()
+            problems.push(Problem::at(
+                variable.path,
+                format!(
+                    "{} names {}, which is not set: export it before `emit all`, which writes its value into the secrets file {}",
+                    variable.key,
+                    variable.name,
+                    path(&deploy).display()
+                ),
             ));
         }
     }
@@ -155,7 +177,9 @@ mod tests {
         let EmitError(problems) = render(&config(), &[]).unwrap_err();
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(
-            problems[0].starts_with("[redis].password_env names REDIS_PASSWORD, which is not set"),
+            problems[0]
+                .message
+                .starts_with("[redis].password_env names REDIS_PASSWORD, which is not set"),
             "{problems:?}"
         );
     }

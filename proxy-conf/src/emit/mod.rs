@@ -29,21 +29,9 @@ pub struct Machine {
     pub cpus: u32,
 }
 
-/// Secrets read by the caller from the environment variables or files the config names.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Secrets {
-    /// The Redis password; only its SHA-256 ends up in the generated files.
-    pub redis_password: Option<String>,
-}
-
-impl fmt::Debug for Secrets {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Never print a secret, not even in a debug dump.
-        f.debug_struct("Secrets")
-            .field("redis_password", &self.redis_password.as_ref().map(|_| "…"))
-            .finish()
-    }
-}
+/// Secrets read by the caller from the environment variables or files the config names; only
+/// the Redis password's SHA-256 ends up in the generated files.
+pub use crate::secrets::Secrets;
 
 /// One generated file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,10 +144,82 @@ pub(crate) fn copy(to: impl Into<PathBuf>, mode: u32, owner: &str, group: &str) 
     }
 }
 
+/// One reason a configuration cannot be rendered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The key at fault, e.g. `["deploy", "tls"]` (array elements by index), so that `check` and
+    /// `emit` can point at its line and column; a missing section is named by itself.
+    pub key: Vec<String>,
+    /// What is wrong, naming the key, and what to write instead.
+    pub message: String,
+}
+
+impl Problem {
+    /// A problem about the key at `key`.
+    pub(crate) fn at<S: AsRef<str>>(key: &[S], message: impl Into<String>) -> Problem {
+        Problem {
+            key: key.iter().map(|part| part.as_ref().to_owned()).collect(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 /// The configuration cannot be rendered; every problem is listed, each naming its key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}", .0.join("\n"))]
-pub struct EmitError(pub Vec<String>);
+pub struct EmitError(pub Vec<Problem>);
+
+impl fmt::Display for EmitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (index, problem) in self.0.iter().enumerate() {
+            if index > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{problem}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What `emit` would refuse in `config`, for `check`: nginx (with `[web]`) and systemd when the
+/// file has `[deploy]`, redis with `[redis]`, postgres with `[postgres]`. A file without those
+/// sections is not meant for `emit`, so `check` does not hold it to what `emit` needs. Each
+/// problem once, in the order the renderers find them.
+pub fn refusals(config: &Config) -> Vec<Problem> {
+    // The sizing depends on the machine, what is refused does not.
+    let machine = Machine {
+        memory: 1 << 30,
+        cpus: 1,
+    };
+    let mut problems: Vec<Problem> = Vec::new();
+    let mut add = |result: Result<Output, EmitError>| {
+        if let Err(EmitError(found)) = result {
+            for problem in found {
+                if !problems.contains(&problem) {
+                    problems.push(problem);
+                }
+            }
+        }
+    };
+    if config.deploy.is_some() {
+        if config.web.is_some() {
+            add(nginx::render(config));
+        }
+        add(systemd::render(config));
+    }
+    if config.redis.is_some() {
+        add(redis::render(config, &Secrets::default()));
+    }
+    if config.postgres.is_some() {
+        add(postgres::render(config, &machine, None));
+    }
+    problems
+}
 
 /// The header every generated file starts with, in the file's comment syntax.
 pub(crate) fn header(comment: &str, target: &str) -> String {
@@ -175,16 +235,19 @@ pub(crate) fn deploy(config: &Config) -> DeployConfig {
 }
 
 /// Checks that `[deploy].name` can name files, units and nginx zones.
-pub(crate) fn check_name(deploy: &DeployConfig, problems: &mut Vec<String>) {
+pub(crate) fn check_name(deploy: &DeployConfig, problems: &mut Vec<Problem>) {
     let valid = !deploy.name.is_empty()
         && deploy
             .name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
     if !valid {
-        problems.push(format!(
-            "[deploy].name = {:?}: use letters, digits, '_' and '-' only (it names files, units and nginx zones)",
-            deploy.name
+        problems.push(Problem::at(
+            &["deploy", "name"],
+            format!(
+                "[deploy].name = {:?}: use letters, digits, '_' and '-' only (it names files, units and nginx zones)",
+                deploy.name
+            ),
         ));
     }
 }
@@ -249,6 +312,56 @@ mod tests {
             command: command.iter().map(|s| (*s).to_owned()).collect(),
             ..ProgramConfig::default()
         }
+    }
+
+    fn refused(text: &str) -> Vec<(Vec<String>, String)> {
+        let config = crate::load::load_str(text, "sauna.toml").unwrap();
+        refusals(&config)
+            .into_iter()
+            .map(|problem| (problem.key, problem.message))
+            .collect()
+    }
+
+    #[test]
+    fn refusals_name_the_key_at_fault_for_the_sections_present() {
+        let text = r#"[app]
+wsgi = "app:application"
+[web]
+forwarded_allow_ips = ["10.0.0.1"]
+[programs.celery]
+command = ["celery", "worker", "-b", "redis://127.0.0.1:6390/4"]
+[beat]
+broker = "redis://127.0.0.1:6379/3"
+[deploy]
+websocket = ["ws"]
+[deploy.tls]
+[deploy.systemd]
+binary = "bin/sauna"
+[redis]
+[postgres]
+"#;
+        let found = refused(text);
+        let keys: Vec<String> = found.iter().map(|(key, _)| key.join(".")).collect();
+        assert_eq!(
+            keys,
+            [
+                "deploy.tls",
+                "web.forwarded_allow_ips",
+                "deploy.websocket.0",
+                "deploy.systemd.binary",
+                "programs.celery.command.3",
+                "postgres",
+            ],
+            "{found:#?}"
+        );
+        assert!(
+            found[4]
+                .1
+                .contains("every broker URL must name the same server")
+        );
+        // Without [deploy], nginx's and systemd's needs are not the file's business.
+        let plain = "[app]\nwsgi = \"a:b\"\n[web]\nforwarded_allow_ips = [\"10.0.0.1\"]\n";
+        assert!(refused(plain).is_empty());
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use super::{EmitError, File, Output, Service, check_name, copy, deploy, header};
+use super::{EmitError, File, Output, Problem, Service, check_name, copy, deploy, header};
 use crate::schema::{Config, WebConfig};
 use crate::stack::DeployConfig;
 use crate::units::Duration;
@@ -32,26 +32,28 @@ pub fn render(config: &Config) -> Result<Output, EmitError> {
     let mut problems = Vec::new();
     check_name(&deploy, &mut problems);
     let Some(web) = &config.web else {
-        return Err(EmitError(vec![
-            "emit nginx: there is no [web] section, so nothing to proxy to; add [web]".to_owned(),
-        ]));
+        return Err(EmitError(vec![Problem::at(
+            &["web"],
+            "emit nginx: there is no [web] section, so nothing to proxy to; add [web]",
+        )]));
     };
     let servers = upstream_servers(web, &deploy, &mut problems);
     let tls = tls_files(&deploy, &mut problems);
     check_forwarded(web, &deploy, &servers, &mut problems);
     let statics = static_locations(&deploy, &mut problems);
-    for prefix in &deploy.websocket {
+    for (position, prefix) in deploy.websocket.iter().enumerate() {
         if !prefix.starts_with('/') {
-            problems.push(format!(
-                "[deploy].websocket: {prefix:?} must be a URL path starting with '/'"
+            problems.push(Problem::at(
+                &["deploy", "websocket", &position.to_string()],
+                format!("[deploy].websocket: {prefix:?} must be a URL path starting with '/'"),
             ));
         }
     }
     if deploy.server_names.is_empty() {
-        problems.push(
-            "[deploy].server_names is empty: list the site's host names, or \"_\" for any"
-                .to_owned(),
-        );
+        problems.push(Problem::at(
+            &["deploy", "server_names"],
+            "[deploy].server_names is empty: list the site's host names, or \"_\" for any",
+        ));
     }
     if !problems.is_empty() {
         return Err(EmitError(problems));
@@ -367,10 +369,13 @@ fn proxy_directives(
 fn upstream_servers(
     web: &WebConfig,
     deploy: &DeployConfig,
-    problems: &mut Vec<String>,
+    problems: &mut Vec<Problem>,
 ) -> Vec<String> {
     if web.listen.is_empty() {
-        problems.push("[web].listen is empty: nginx has nothing to proxy to".to_owned());
+        problems.push(Problem::at(
+            &["web", "listen"],
+            "[web].listen is empty: nginx has nothing to proxy to",
+        ));
         return Vec::new();
     }
     if deploy.app_hosts.is_empty() {
@@ -389,19 +394,24 @@ fn upstream_servers(
         .filter(|l| !l.starts_with("unix:"))
         .find_map(|l| l.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()))
     else {
-        problems.push(
-            "[deploy].app_hosts needs a TCP address in [web].listen (\"0.0.0.0:8000\"): remote hosts cannot reach a unix socket".to_owned(),
-        );
+        problems.push(Problem::at(
+            &["deploy", "app_hosts"],
+            "[deploy].app_hosts needs a TCP address in [web].listen (\"0.0.0.0:8000\"): remote hosts cannot reach a unix socket",
+        ));
         return Vec::new();
     };
     deploy
         .app_hosts
         .iter()
-        .map(|host| {
+        .enumerate()
+        .map(|(position, host)| {
             let bracketed = host.starts_with('[') && host.ends_with(']');
             if host.is_empty() || host.contains('/') || (host.contains(':') && !bracketed) {
-                problems.push(format!(
-                    "[deploy].app_hosts: {host:?} must be a host name or address without a port (IPv6 in brackets); the port is [web].listen's {port}"
+                problems.push(Problem::at(
+                    &["deploy", "app_hosts", &position.to_string()],
+                    format!(
+                        "[deploy].app_hosts: {host:?} must be a host name or address without a port (IPv6 in brackets); the port is [web].listen's {port}"
+                    ),
                 ));
             }
             format!("{host}:{port}")
@@ -426,7 +436,7 @@ struct Tls {
     hsts: Duration,
 }
 
-fn tls_files(deploy: &DeployConfig, problems: &mut Vec<String>) -> Option<Tls> {
+fn tls_files(deploy: &DeployConfig, problems: &mut Vec<Problem>) -> Option<Tls> {
     let tls = deploy.tls.as_ref()?;
     let live = deploy
         .server_names
@@ -450,9 +460,10 @@ fn tls_files(deploy: &DeployConfig, problems: &mut Vec<String>) -> Option<Tls> {
             hsts: tls.hsts.unwrap_or(Duration::from_secs(365 * 86400)),
         }),
         _ => {
-            problems.push(
-                "[deploy.tls]: set certificate and key, or acme_webroot with a real first entry in [deploy].server_names (Let's Encrypt paths)".to_owned(),
-            );
+            problems.push(Problem::at(
+                &["deploy", "tls"],
+                "[deploy.tls]: set certificate and key, or acme_webroot with a real first entry in [deploy].server_names (Let's Encrypt paths)",
+            ));
             None
         }
     }
@@ -460,19 +471,24 @@ fn tls_files(deploy: &DeployConfig, problems: &mut Vec<String>) -> Option<Tls> {
 
 /// Static mounts as nginx `location`/`alias` pairs, both ending in '/' (nginx maps the rest of
 /// the URL onto the directory literally, so a missing slash on one side breaks every file).
-fn static_locations(deploy: &DeployConfig, problems: &mut Vec<String>) -> Vec<(String, PathBuf)> {
+fn static_locations(deploy: &DeployConfig, problems: &mut Vec<Problem>) -> Vec<(String, PathBuf)> {
     let mut locations = Vec::new();
     for (prefix, dir) in &deploy.static_dirs {
+        let key = ["deploy", "static", prefix.as_str()];
         if !prefix.starts_with('/') {
-            problems.push(format!(
-                "[deploy.static]: {prefix:?} must be a URL path starting with '/'"
+            problems.push(Problem::at(
+                &key,
+                format!("[deploy.static]: {prefix:?} must be a URL path starting with '/'"),
             ));
             continue;
         }
         if !dir.is_absolute() {
-            problems.push(format!(
-                "[deploy.static] {prefix:?}: {} must be an absolute directory",
-                dir.display()
+            problems.push(Problem::at(
+                &key,
+                format!(
+                    "[deploy.static] {prefix:?}: {} must be an absolute directory",
+                    dir.display()
+                ),
             ));
             continue;
         }
@@ -497,7 +513,7 @@ fn check_forwarded(
     web: &WebConfig,
     deploy: &DeployConfig,
     servers: &[String],
-    problems: &mut Vec<String>,
+    problems: &mut Vec<Problem>,
 ) {
     if !deploy.app_hosts.is_empty() {
         return;
@@ -517,9 +533,12 @@ fn check_forwarded(
             .iter()
             .any(|allowed| covers(allowed, ip))
         {
-            problems.push(format!(
-                "[web].forwarded_allow_ips {:?} does not include {ip}, where nginx connects from: add \"{ip}\" or the pool ignores X-Forwarded-For/-Proto",
-                web.forwarded_allow_ips
+            problems.push(Problem::at(
+                &["web", "forwarded_allow_ips"],
+                format!(
+                    "[web].forwarded_allow_ips {:?} does not include {ip}, where nginx connects from: add \"{ip}\" or the pool ignores X-Forwarded-For/-Proto",
+                    web.forwarded_allow_ips
+                ),
             ));
         }
     }

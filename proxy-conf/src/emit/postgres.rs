@@ -9,8 +9,8 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use super::{
-    Concurrency, EmitError, File, Install, Machine, Output, Service, concurrency, copy, deploy,
-    header,
+    Concurrency, EmitError, File, Install, Machine, Output, Problem, Service, concurrency, copy,
+    deploy, header,
 };
 use crate::schema::Config;
 use crate::stack::PostgresConfig;
@@ -199,9 +199,10 @@ pub fn render(
     cluster: Option<&Cluster>,
 ) -> Result<Output, EmitError> {
     let Some(pg) = &config.postgres else {
-        return Err(EmitError(vec![
-            "emit postgres: there is no [postgres] section; add one with database, user and password_env or password_file".to_owned(),
-        ]));
+        return Err(EmitError(vec![Problem::at(
+            &["postgres"],
+            "emit postgres: there is no [postgres] section; add one with database, user and password_env or password_file",
+        )]));
     };
     let mut problems = Vec::new();
     super::check_name(&deploy(config), &mut problems);
@@ -215,30 +216,23 @@ pub fn render(
                 .chars()
                 .any(|c| c.is_control() || c == '"' || c == ' ')
         {
-            problems.push(format!(
-                "[postgres].{key} = {value:?}: use a plain name (no spaces, quotes or control characters)"
+            problems.push(Problem::at(
+                &["postgres", key],
+                format!(
+                    "[postgres].{key} = {value:?}: use a plain name (no spaces, quotes or control characters)"
+                ),
             ));
         }
     }
+    // Loading has checked that password_env names a variable and that at most one is set.
     let source = match (&pg.password_env, &pg.password_file) {
-        (Some(var), _) => {
-            let valid = var
-                .chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-            if !valid {
-                problems.push(format!(
-                    "[postgres].password_env = {var:?}: not an environment variable name"
-                ));
-            }
-            PasswordSource::Env(var.clone())
-        }
+        (Some(var), _) => PasswordSource::Env(var.clone()),
         (None, Some(file)) => PasswordSource::File(file.display().to_string()),
         (None, None) => {
-            problems.push(
-                "[postgres]: set password_env or password_file; the init script reads the app role's password from it".to_owned(),
-            );
+            problems.push(Problem::at(
+                &["postgres"],
+                "[postgres]: set password_env or password_file; the init script reads the app role's password from it",
+            ));
             PasswordSource::Env(String::new())
         }
     };

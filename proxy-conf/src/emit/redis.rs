@@ -9,7 +9,7 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use super::{EmitError, File, Output, Secrets, Service, check_name, copy, deploy, header};
+use super::{EmitError, File, Output, Problem, Secrets, Service, check_name, copy, deploy, header};
 use crate::schema::Config;
 use crate::stack::RedisConfig;
 
@@ -190,24 +190,28 @@ pub fn instances(config: &Config) -> Result<(Vec<Instance>, Vec<String>), EmitEr
     let name = deploy(config).name;
     let mut problems = Vec::new();
     let mut warnings = Vec::new();
-    let mut urls: Vec<(String, RedisUrl)> = Vec::new();
-    for (key, url) in broker_urls(config, &redis) {
-        match parse_url(&url) {
-            Ok(parsed) => urls.push((key, parsed)),
-            Err(why) => problems.push(format!("{key} {why}")),
+    let mut urls: Vec<(BrokerUrl, RedisUrl)> = Vec::new();
+    for found in broker_urls(config, &redis) {
+        match parse_url(&found.url) {
+            Ok(parsed) => urls.push((found, parsed)),
+            Err(why) => problems.push(Problem::at(&found.key, format!("{} {why}", found.label))),
         }
     }
-    let Some((first_key, first)) = urls.first().cloned() else {
-        problems.push(
-            "emit redis: no broker URL: set [beat].broker or [redis].broker (redis://127.0.0.1:6379/3)".to_owned(),
-        );
+    let Some((first_found, first)) = urls.first().cloned() else {
+        problems.push(Problem::at(
+            &["redis"],
+            "emit redis: no broker URL: set [beat].broker or [redis].broker (redis://127.0.0.1:6379/3)",
+        ));
         return Err(EmitError(problems));
     };
-    for (key, url) in &urls[1..] {
+    for (found, url) in &urls[1..] {
         if url.endpoint != first.endpoint {
-            problems.push(format!(
-                "{key} points at {} but {first_key} at {}: every broker URL must name the same server",
-                url.endpoint, first.endpoint
+            problems.push(Problem::at(
+                &found.key,
+                format!(
+                    "{} points at {} but {} at {}: every broker URL must name the same server",
+                    found.label, url.endpoint, first_found.label, first.endpoint
+                ),
             ));
         }
     }
@@ -221,20 +225,26 @@ pub fn instances(config: &Config) -> Result<(Vec<Instance>, Vec<String>), EmitEr
         appendonly: true,
         users: urls
             .iter()
-            .map(|(key, url)| (key.clone(), url.db))
+            .map(|(found, url)| (found.label.clone(), url.db))
             .collect(),
     };
     let mut list = Vec::new();
     if let Some(cache) = &redis.cache {
         if !POLICIES.contains(&cache.policy.as_str()) {
-            problems.push(format!(
-                "[redis.cache].policy {:?}: expected one of {}",
-                cache.policy,
-                POLICIES.join(", ")
+            problems.push(Problem::at(
+                &["redis", "cache", "policy"],
+                format!(
+                    "[redis.cache].policy {:?}: expected one of {}",
+                    cache.policy,
+                    POLICIES.join(", ")
+                ),
             ));
         }
         match parse_url(&cache.url) {
-            Err(why) => problems.push(format!("[redis.cache].url {why}")),
+            Err(why) => problems.push(Problem::at(
+                &["redis", "cache", "url"],
+                format!("[redis.cache].url {why}"),
+            )),
             Ok(url) if url.endpoint == broker.endpoint => {
                 warnings.push(format!(
                     "[redis.cache].url shares the broker's server {}: it keeps noeviction and AOF (an evicting policy would drop Celery queues, and volatile-* would drop beat's leader lock), so a full cache makes writes fail instead of evicting; give the cache its own port to let it evict",
@@ -281,39 +291,99 @@ fn is_loopback(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Every broker URL the configuration mentions, with the key it came from: `[redis].broker`,
-/// `[beat].broker`, `CELERY_BROKER_URL` in `[app].env` and programs' env, and `-b`/`--broker` on
-/// Celery command lines.
-pub fn broker_urls(config: &Config, redis: &RedisConfig) -> Vec<(String, String)> {
+/// A broker URL the configuration mentions, and where.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    /// The key as messages name it, e.g. `[beat].broker`.
+    pub label: String,
+    /// The key's path, e.g. `["beat", "broker"]`, for `FILE:LINE:COL`.
+    pub key: Vec<String>,
+    /// The URL as written (it may hold a password).
+    pub url: String,
+}
+
+impl std::fmt::Debug for BrokerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerUrl")
+            .field("label", &self.label)
+            .field("url", &crate::secrets::redact_url(&self.url))
+            .finish()
+    }
+}
+
+/// Every broker URL the configuration mentions: `[redis].broker`, `[beat].broker`,
+/// `CELERY_BROKER_URL` in `[app].env` and programs' env, and `-b`/`--broker` on Celery command
+/// lines. A `CELERY_BROKER_URL` that `[redis].url_env` sets is the broker URL itself and not
+/// listed again.
+pub fn broker_urls(config: &Config, redis: &RedisConfig) -> Vec<BrokerUrl> {
+    let found = |label: String, key: &[&str], url: &str| BrokerUrl {
+        label,
+        key: key.iter().map(|part| (*part).to_owned()).collect(),
+        url: url.to_owned(),
+    };
+    let env_name = "CELERY_BROKER_URL";
+    let from_env = redis.url_env.as_deref() != Some(env_name);
     let mut urls = Vec::new();
     if let Some(url) = &redis.broker {
-        urls.push(("[redis].broker".to_owned(), url.clone()));
+        urls.push(found(
+            "[redis].broker".to_owned(),
+            &["redis", "broker"],
+            url,
+        ));
     }
     if let Some(beat) = &config.beat {
-        urls.push(("[beat].broker".to_owned(), beat.broker.clone()));
+        urls.push(found(
+            "[beat].broker".to_owned(),
+            &["beat", "broker"],
+            &beat.broker,
+        ));
     }
-    if let Some(url) = config.app.env.get("CELERY_BROKER_URL") {
-        urls.push(("[app].env.CELERY_BROKER_URL".to_owned(), url.clone()));
+    if let Some(url) = config.app.env.get(env_name).filter(|_| from_env) {
+        urls.push(found(
+            format!("[app].env.{env_name}"),
+            &["app", "env", env_name],
+            url,
+        ));
     }
     for (name, program) in &config.programs {
-        if let Some(url) = program.env.get("CELERY_BROKER_URL") {
-            urls.push((
-                format!("[programs.{name}].env.CELERY_BROKER_URL"),
-                url.clone(),
+        if let Some(url) = program.env.get(env_name).filter(|_| from_env) {
+            urls.push(found(
+                format!("[programs.{name}].env.{env_name}"),
+                &["programs", name, "env", env_name],
+                url,
             ));
         }
-        let mut args = program.command.iter();
-        while let Some(arg) = args.next() {
-            let url = match arg.as_str() {
-                "-b" | "--broker" => args.next().cloned(),
-                other => other.strip_prefix("--broker=").map(str::to_owned),
-            };
-            if let Some(url) = url {
-                urls.push((format!("[programs.{name}].command --broker"), url));
-            }
+        for (position, url) in command_brokers(&program.command) {
+            urls.push(found(
+                format!("[programs.{name}].command --broker"),
+                &["programs", name, "command", &position.to_string()],
+                url,
+            ));
         }
     }
     urls
+}
+
+/// `-b URL`, `--broker URL` and `--broker=URL` on a command line, with the index of the
+/// argument that holds the URL.
+fn command_brokers(command: &[String]) -> Vec<(usize, &str)> {
+    let mut found = Vec::new();
+    let mut args = command.iter().enumerate();
+    while let Some((position, arg)) = args.next() {
+        match arg.as_str() {
+            "-b" | "--broker" => {
+                if let Some((position, url)) = args.next() {
+                    found.push((position, url.as_str()));
+                }
+            }
+            other => {
+                if let Some(url) = other.strip_prefix("--broker=") {
+                    found.push((position, url));
+                }
+            }
+        }
+    }
+    found
 }
 
 /// Renders one `redis.conf` per instance and a note on the password.
@@ -408,7 +478,7 @@ fn render_instance(instance: &Instance, redis: &RedisConfig, secrets: &Secrets) 
             out,
             "# The password from {} as an ACL SHA-256 hash: this file holds no plain-text secret.\nuser default on #{} ~* &* +@all",
             secret_source(redis),
-            sha256_hex(password)
+            sha256_hex(password.expose())
         );
     }
     out
@@ -442,9 +512,15 @@ pub fn password(config: &Config) -> Result<Option<String>, crate::stack::SecretE
     )? {
         return Ok(Some(secret));
     }
-    Ok(broker_urls(config, &redis)
+    Ok(url_password(config))
+}
+
+/// The first password written into a broker URL of the configuration, if any.
+pub fn url_password(config: &Config) -> Option<String> {
+    let redis = config.redis.clone().unwrap_or_default();
+    broker_urls(config, &redis)
         .into_iter()
-        .find_map(|(_, url)| parse_url(&url).ok().and_then(|u| u.password)))
+        .find_map(|found| parse_url(&found.url).ok().and_then(|url| url.password))
 }
 
 #[cfg(test)]

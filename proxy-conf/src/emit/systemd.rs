@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use super::redis::{Endpoint, Instance, data_dir, instances};
-use super::{EmitError, File, Output, Service, check_name, copy, deploy, header};
+use super::{EmitError, File, Output, Problem, Service, check_name, copy, deploy, header};
 use crate::schema::Config;
 use crate::units::Duration;
 
@@ -21,9 +21,12 @@ pub fn render(config: &Config) -> Result<Output, EmitError> {
     let unit = &deploy.systemd;
     for (key, path) in [("binary", &unit.binary), ("config", &unit.config)] {
         if !path.is_absolute() {
-            problems.push(format!(
-                "[deploy.systemd].{key} = {}: systemd needs an absolute path",
-                path.display()
+            problems.push(Problem::at(
+                &["deploy", "systemd", key],
+                format!(
+                    "[deploy.systemd].{key} = {}: systemd needs an absolute path",
+                    path.display()
+                ),
             ));
         }
     }

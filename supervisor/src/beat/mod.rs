@@ -15,7 +15,8 @@
 //! the lock (at most one lock TTL before the takeover) were that leader's to publish, not missed
 //! by everyone, so the new leader publishes all of them whatever the policy; the catch-up policy
 //! decides only about slots nobody could publish (no leader at all: a restart, a Redis outage). Redis errors close the connection and are retried with a doubling backoff (100 ms
-//! up to 2 s), with one log line when Redis goes away and one when it is back.
+//! up to 2 s), with one log line when Redis goes away (or refuses the login) and one when it is
+//! back; `status` shows the error meanwhile.
 
 pub mod celery_schedule;
 pub mod jobs;
@@ -30,6 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use proxy_conf::secrets::Secret;
 use proxy_conf::{AppConfig, BeatConfig};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
@@ -92,6 +94,9 @@ pub struct BeatStatus {
     pub broker: String,
     /// Whether the last Redis command succeeded.
     pub redis_up: bool,
+    /// Why Redis is failing, e.g. `Redis at redis://127.0.0.1:6379/3: authentication failed
+    /// (NOAUTH: …)`; `null` while it answers.
+    pub last_error: Option<String>,
     /// Every job, in name order.
     pub jobs: Vec<JobStatus>,
 }
@@ -99,6 +104,8 @@ pub struct BeatStatus {
 /// Everything a (re)configuration of beat resolves to before the actor sees it.
 struct Settings {
     broker_url: String,
+    /// `[redis]`'s password, used when the broker URL has none.
+    password: Option<Secret>,
     key_prefix: String,
     leader_lock: bool,
     lock_ttl: Duration,
@@ -108,6 +115,7 @@ struct Settings {
 impl Settings {
     async fn build(
         config: &BeatConfig,
+        password: Option<&Secret>,
         app: &AppConfig,
         base_dir: &Path,
     ) -> Result<Settings, BeatError> {
@@ -115,6 +123,7 @@ impl Settings {
         jobs.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Settings {
             broker_url: config.broker.clone(),
+            password: password.cloned(),
             key_prefix: config.key_prefix.clone(),
             leader_lock: config.leader_lock,
             lock_ttl: config.lock_ttl.get(),
@@ -124,6 +133,7 @@ impl Settings {
 
     fn same_broker(&self, other: &Settings) -> bool {
         self.broker_url == other.broker_url
+            && self.password == other.password
             && self.key_prefix == other.key_prefix
             && self.leader_lock == other.leader_lock
             && self.lock_ttl == other.lock_ttl
@@ -151,17 +161,20 @@ pub struct BeatHandle {
     task: JoinHandle<()>,
 }
 
-/// Resolves the jobs (importing the Celery app's schedule if configured) and starts the actor.
-/// Redis is not needed to start: an unreachable broker is retried in the background.
+/// Resolves the jobs (importing the Celery app's schedule if configured) and starts the actor,
+/// which logs in with `password` (`[redis]`'s) when the broker URL has none. Redis is not needed
+/// to start: an unreachable broker, or one that refuses the login, is retried in the background.
 pub async fn start(
     config: &BeatConfig,
+    password: Option<&Secret>,
     app: &AppConfig,
     base_dir: &Path,
     metrics: Arc<Metrics>,
 ) -> Result<BeatHandle, BeatError> {
-    let settings = Settings::build(config, app, base_dir).await?;
+    let settings = Settings::build(config, password, app, base_dir).await?;
     let broker = Broker::new(
         &settings.broker_url,
+        settings.password.as_ref(),
         &settings.key_prefix,
         settings.redis_timeout(),
     )?;
@@ -185,6 +198,8 @@ pub async fn start(
         leader,
         jobs,
         redis_up: None,
+        last_error: None,
+        refused_login: false,
         backoff: BACKOFF_MIN,
         retry_at: None,
         synced: false,
@@ -221,10 +236,11 @@ impl BeatHandle {
     pub async fn reload(
         &self,
         config: &BeatConfig,
+        password: Option<&Secret>,
         app: &AppConfig,
         base_dir: &Path,
     ) -> Result<(), BeatError> {
-        let settings = Settings::build(config, app, base_dir).await?;
+        let settings = Settings::build(config, password, app, base_dir).await?;
         let (reply, answer) = oneshot::channel();
         self.commands
             .send(Command::Reload(Box::new(settings), reply))
@@ -291,6 +307,10 @@ struct Actor {
     jobs: Vec<JobState>,
     /// `None` until the first Redis command, so the first outcome is logged either way.
     redis_up: Option<bool>,
+    /// The error of the current Redis outage, for `status`.
+    last_error: Option<String>,
+    /// The current outage is a refused login.
+    refused_login: bool,
     backoff: Duration,
     retry_at: Option<Instant>,
     /// Cursors have been merged with Redis's last published slots since we became publisher.
@@ -371,6 +391,7 @@ impl Actor {
             lock_holder: self.leader.holder(),
             broker: self.broker.url().to_owned(),
             redis_up: self.redis_up.unwrap_or(false),
+            last_error: self.last_error.clone(),
             jobs: self
                 .jobs
                 .iter()
@@ -425,18 +446,32 @@ impl Actor {
             }
         }
         self.redis_up = Some(true);
+        self.last_error = None;
+        self.refused_login = false;
         self.backoff = BACKOFF_MIN;
         self.retry_at = None;
     }
 
     fn redis_failed(&mut self, error: &BrokerError) {
-        if self.redis_up != Some(false) {
-            tracing::warn!(
-                error = %error,
-                "beat: cannot reach Redis; publishing paused, retrying with backoff up to {BACKOFF_MAX:?}"
-            );
+        // One line per outage, and one more if its cause turns into a refused login (or back):
+        // a timeout under load must not hide the wrong password that follows it.
+        let refused = error.is_auth_failure();
+        if self.redis_up != Some(false) || refused != self.refused_login {
+            if refused {
+                tracing::warn!(
+                    error = %error,
+                    "beat: Redis refused the login; publishing paused, retrying with backoff up to {BACKOFF_MAX:?}"
+                );
+            } else {
+                tracing::warn!(
+                    error = %error,
+                    "beat: cannot reach Redis; publishing paused, retrying with backoff up to {BACKOFF_MAX:?}"
+                );
+            }
         }
         self.redis_up = Some(false);
+        self.refused_login = refused;
+        self.last_error = Some(error.to_string());
         let now = Instant::now();
         let retry_at = now + self.backoff;
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
@@ -682,6 +717,7 @@ impl Actor {
         if !self.settings.same_broker(&settings) {
             let broker = Broker::new(
                 &settings.broker_url,
+                settings.password.as_ref(),
                 &settings.key_prefix,
                 settings.redis_timeout(),
             )?;
@@ -694,6 +730,8 @@ impl Actor {
                 Instant::now(),
             );
             self.redis_up = None;
+            self.last_error = None;
+            self.refused_login = false;
             self.retry_at = None;
             self.backoff = BACKOFF_MIN;
             self.synced = false;

@@ -14,18 +14,29 @@
 
 use std::time::Duration;
 
+use proxy_conf::secrets::{Secret, redact_url};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, Script};
 
-/// Redis failed or could not be reached; the actor backs off and retries.
+/// Redis failed, could not be reached or refused the login; the actor backs off and retries.
 #[derive(Debug, thiserror::Error)]
-#[error("Redis at {url}: {source}")]
+#[error("Redis at {url}: {}", crate::broker::describe(.source, *.sent_password))]
 pub struct BrokerError {
     /// The broker URL without its password.
     pub url: String,
+    /// Whether the connection logged in with a password (it tells a wrong password from a
+    /// missing one).
+    pub sent_password: bool,
     /// What Redis or the connection said.
     #[source]
     pub source: redis::RedisError,
+}
+
+impl BrokerError {
+    /// True when Redis refused the login rather than failed.
+    pub fn is_auth_failure(&self) -> bool {
+        crate::broker::is_auth_failure(&self.source)
+    }
 }
 
 /// The outcome of one fenced publish.
@@ -70,20 +81,11 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 ";
 
-/// A broker URL with any password replaced, for logs.
-pub fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
-        }
-        _ => url.to_owned(),
-    }
-}
-
 /// The broker as beat uses it.
 pub struct Broker {
     client: Client,
     url: String,
+    sent_password: bool,
     prefix: String,
     timeout: Duration,
     connection: Option<MultiplexedConnection>,
@@ -93,16 +95,27 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Prepares a broker for `url`; nothing is connected until the first command.
-    /// `timeout` bounds connecting and every reply, so a hung Redis cannot outlive the lease.
-    pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Broker, BrokerError> {
-        let client = Client::open(url).map_err(|source| BrokerError {
-            url: redacted(url),
+    /// Prepares a broker for `url`, logging in with `password` when the URL has none; nothing is
+    /// connected until the first command. `timeout` bounds connecting and every reply, so a hung
+    /// Redis cannot outlive the lease.
+    pub fn new(
+        url: &str,
+        password: Option<&Secret>,
+        prefix: &str,
+        timeout: Duration,
+    ) -> Result<Broker, BrokerError> {
+        let failed = |source| BrokerError {
+            url: redact_url(url),
+            sent_password: password.is_some(),
             source,
-        })?;
+        };
+        let info = crate::broker::connection_info(url, password).map_err(failed)?;
+        let sent_password = crate::broker::sends_password(&info);
+        let client = Client::open(info).map_err(failed)?;
         Ok(Broker {
             client,
-            url: redacted(url),
+            url: redact_url(url),
+            sent_password,
             prefix: prefix.to_owned(),
             timeout,
             connection: None,
@@ -126,6 +139,7 @@ impl Broker {
         self.connection = None;
         BrokerError {
             url: self.url.clone(),
+            sent_password: self.sent_password,
             source,
         }
     }
@@ -267,15 +281,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn redacts_passwords() {
-        assert_eq!(
-            redacted("redis://:secret@host:6379/3"),
-            "redis://***@host:6379/3"
-        );
-        assert_eq!(
-            redacted("redis://127.0.0.1:6379/0"),
-            "redis://127.0.0.1:6379/0"
-        );
+    fn errors_name_the_broker_without_its_password() {
+        let broker = Broker::new(
+            "redis://:inline@127.0.0.1:1/0",
+            None,
+            "p:",
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert_eq!(broker.url(), "redis://:***@127.0.0.1:1/0");
+        let error = Broker::new(
+            "redis://:inline@127.0.0.1:port/0",
+            None,
+            "p:",
+            Duration::from_secs(1),
+        )
+        .err()
+        .unwrap();
+        assert!(!error.to_string().contains("inline"), "{error}");
     }
 
     #[test]

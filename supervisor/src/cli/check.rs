@@ -1,17 +1,33 @@
-//! `sauna-supervisor check`: validates the configuration, imports the app in a throwaway worker,
-//! and with `--live` compares the running Redis and PostgreSQL with the file.
+//! `sauna-supervisor check`: validates the configuration and the secrets it names, reports what
+//! `emit` would refuse, imports the app in a throwaway worker, and with `--live` compares the
+//! running Redis and PostgreSQL with the file.
 
+use std::path::Path;
 use std::process::ExitCode;
+
+use proxy_conf::{Diagnostic, Diagnostics};
 
 use super::{ConfigArg, EXIT_USAGE};
 use crate::config::ConfigError;
 
-/// `sauna-supervisor check`: prints every problem and exits 2, or says the file is valid. With
-/// `--live`, also compares the running Redis and PostgreSQL with the file (`super::live`); every
-/// contradiction is a warning line and makes the exit status 2.
+/// `sauna-supervisor check`: prints every problem and exits 2, or says the file is valid. The
+/// problems include a secret that cannot be read (as `run` would refuse to start) and, once the
+/// file is otherwise valid, everything `emit` would refuse for the sections it has. With
+/// `--live`, also compares the running Redis and PostgreSQL with the file (`super::live`),
+/// logging in with the secrets; every contradiction or refused login is a warning line and makes
+/// the exit status 2.
 pub fn check_command(arg: &ConfigArg, live: bool) -> anyhow::Result<ExitCode> {
-    match arg.load() {
+    let path = crate::config::config_path(arg.config.as_deref());
+    match crate::config::load_with_secrets(&path) {
         Ok(loaded) => {
+            let mut refused: Vec<Diagnostic> = proxy_conf::emit::refusals(&loaded.config)
+                .into_iter()
+                .map(|problem| loaded.diagnostic_at(&problem.key, problem.message))
+                .collect();
+            if !refused.is_empty() {
+                refused.sort_by_key(|diagnostic| (diagnostic.line, diagnostic.column));
+                return Ok(print_problems(&Diagnostics(refused), &loaded.path));
+            }
             if loaded.config.web.is_some() {
                 match crate::web::pool::check_import(&loaded.config.app, &loaded.config_dir()) {
                     Ok(()) => {}
@@ -32,7 +48,11 @@ pub fn check_command(arg: &ConfigArg, live: bool) -> anyhow::Result<ExitCode> {
                 roles_summary(&loaded.config)
             );
             if live {
-                let findings = super::live::check(&loaded.config, super::emit::machine().cpus);
+                let findings = super::live::check(
+                    &loaded.config,
+                    &loaded.secrets,
+                    super::emit::machine().cpus,
+                );
                 for finding in &findings {
                     println!("warning: {finding}");
                 }
@@ -43,17 +63,21 @@ pub fn check_command(arg: &ConfigArg, live: bool) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Err(ConfigError::Invalid(diagnostics, path)) => {
-            println!("{diagnostics}");
-            eprintln!(
-                "sauna-supervisor: {} problem(s) in {}",
-                diagnostics.0.len(),
-                path.display()
-            );
-            Ok(ExitCode::from(EXIT_USAGE))
-        }
+        Err(ConfigError::Invalid(diagnostics, path)) => Ok(print_problems(&diagnostics, &path)),
         Err(other) => Err(other.into()),
     }
+}
+
+/// `check`'s report of problems: one `FILE:LINE:COL: message` per line on stdout, the count on
+/// stderr, exit 2.
+fn print_problems(diagnostics: &Diagnostics, path: &Path) -> ExitCode {
+    println!("{diagnostics}");
+    eprintln!(
+        "sauna-supervisor: {} problem(s) in {}",
+        diagnostics.0.len(),
+        path.display()
+    );
+    ExitCode::from(EXIT_USAGE)
 }
 
 /// `web: 4 workers, 2 programs, beat: 3 jobs` — what `run` would start, for `check`'s success line.

@@ -13,7 +13,8 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use proxy_conf::emit::install::{self, Host};
 use proxy_conf::emit::postgres::{self, Cluster};
-use proxy_conf::emit::{self, EmitError, Install, Machine, Output, Secrets, Service};
+use proxy_conf::emit::{self, EmitError, Install, Machine, Output, Problem, Secrets, Service};
+use proxy_conf::secrets::Secret;
 use proxy_conf::{Config, Loaded};
 
 use super::{ConfigArg, EXIT_USAGE, EmitTarget};
@@ -39,7 +40,7 @@ pub fn emit_command(
         Ok(rendered) => rendered,
         Err(EmitError(problems)) => {
             for problem in &problems {
-                eprintln!("{}: {problem}", loaded.path.display());
+                eprintln!("{}", loaded.diagnostic_at(&problem.key, &problem.message));
             }
             eprintln!(
                 "sauna-supervisor: {} problem(s) in {}; nothing written",
@@ -101,14 +102,23 @@ fn render(
                 Some(value) => Ok(Some(value)),
                 // `all` says so once, for the secrets file.
                 None if target == EmitTarget::All => Ok(None),
-                None => Err(format!(
-                    "[redis].password_env names {var}, which is not set: export it, or use password_file"
-                )),
+                None => Err(Problem {
+                    key: vec!["redis".to_owned(), "password_env".to_owned()],
+                    message: format!(
+                        "[redis].password_env names {var}, which is not set: export it, or use password_file"
+                    ),
+                }),
             },
-            None => emit::redis::password(config).map_err(|error| error.to_string()),
+            None => emit::redis::password(config).map_err(|error| Problem {
+                key: vec!["redis".to_owned(), "password_file".to_owned()],
+                message: error.to_string(),
+            }),
         };
         match password {
-            Ok(redis_password) => Secrets { redis_password },
+            Ok(redis_password) => Secrets {
+                redis_password: redis_password.map(Secret::new),
+                ..Secrets::default()
+            },
             Err(problem) => {
                 problems.push(problem);
                 Secrets::default()
@@ -614,6 +624,7 @@ mod tests {
         };
         assert!(
             problems.iter().any(|p| p
+                .message
                 .starts_with("[postgres].password_env names MYAPP_DB_PASSWORD, which is not set")),
             "{problems:?}"
         );

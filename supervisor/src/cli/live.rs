@@ -1,7 +1,8 @@
 //! `check --live`: connects to the Redis instances and the PostgreSQL database the configuration
 //! describes and reports where the running servers contradict the model `emit` generates from —
 //! an evicting broker, a broker without AOF, too few Redis databases, a `max_connections` below
-//! what the stack opens. Only reads settings; never changes a server.
+//! what the stack opens — and a server that refuses the login with the configured password. Only
+//! reads settings; never changes a server.
 //!
 //! The `redis` crate is used without default features (plain sync connections) and the sync
 //! `postgres` crate: both are the maintained clients of their protocols, and a sync client keeps
@@ -12,18 +13,20 @@ use std::time::Duration;
 use proxy_conf::Config;
 use proxy_conf::emit::postgres::budget;
 use proxy_conf::emit::redis::{Endpoint, Instance, Role, instances};
+use proxy_conf::secrets::{Secret, Secrets};
 
 /// How long to wait for a server before reporting it unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Every contradiction found, one message each, naming the server and what to change.
-pub fn check(config: &Config, cpus: u32) -> Vec<String> {
+/// Every contradiction found, one message each, naming the server and what to change. The
+/// servers are logged in to with `secrets` (read by the caller, as `run` reads them).
+pub fn check(config: &Config, secrets: &Secrets, cpus: u32) -> Vec<String> {
     let mut findings = Vec::new();
     if config.redis.is_some() {
-        check_redis(config, &mut findings);
+        check_redis(config, secrets, &mut findings);
     }
     if config.postgres.is_some() {
-        check_postgres(config, cpus, &mut findings);
+        check_postgres(config, secrets, cpus, &mut findings);
     }
     if config.redis.is_none() && config.postgres.is_none() {
         findings
@@ -32,7 +35,7 @@ pub fn check(config: &Config, cpus: u32) -> Vec<String> {
     findings
 }
 
-fn check_redis(config: &Config, findings: &mut Vec<String>) {
+fn check_redis(config: &Config, secrets: &Secrets, findings: &mut Vec<String>) {
     let list = match instances(config) {
         Ok((list, _)) => list,
         Err(error) => {
@@ -40,16 +43,19 @@ fn check_redis(config: &Config, findings: &mut Vec<String>) {
             return;
         }
     };
-    let password = match proxy_conf::emit::redis::password(config) {
-        Ok(password) => password,
-        Err(error) => {
-            findings.push(error.to_string());
-            return;
-        }
-    };
+    // `[redis]`'s password, else one written into a broker URL (every instance shares it, as
+    // the generated files do).
+    let password = secrets
+        .redis_password
+        .clone()
+        .or_else(|| proxy_conf::emit::redis::url_password(config).map(Secret::new));
     for instance in &list {
         let label = format!("redis {} ({})", instance.name, instance.endpoint);
-        match redis_settings(instance, password.as_deref()) {
+        match redis_settings(instance, password.as_ref()) {
+            Err(error) if crate::broker::is_auth_failure(&error) => findings.push(format!(
+                "{label}: {}",
+                crate::broker::describe(&error, password.is_some())
+            )),
             Err(error) => findings.push(format!("{label}: cannot query it: {error}")),
             Ok(settings) => compare_redis(instance, &settings, &label, findings),
         }
@@ -65,7 +71,7 @@ struct RedisSettings {
 
 fn redis_settings(
     instance: &Instance,
-    password: Option<&str>,
+    password: Option<&Secret>,
 ) -> redis::RedisResult<RedisSettings> {
     use redis::IntoConnectionInfo as _;
     let addr = match &instance.endpoint {
@@ -74,7 +80,7 @@ fn redis_settings(
     };
     let mut settings = redis::RedisConnectionInfo::default();
     if let Some(password) = password {
-        settings = settings.set_password(password);
+        settings = settings.set_password(password.expose());
     }
     let info = addr.into_connection_info()?.set_redis_settings(settings);
     let client = redis::Client::open(info)?;
@@ -138,22 +144,11 @@ fn compare_redis(
     }
 }
 
-fn check_postgres(config: &Config, cpus: u32, findings: &mut Vec<String>) {
+fn check_postgres(config: &Config, secrets: &Secrets, cpus: u32, findings: &mut Vec<String>) {
     let Some(pg) = &config.postgres else {
         return;
     };
     let label = format!("postgres {}@127.0.0.1:{}/{}", pg.user, pg.port, pg.database);
-    let password = match proxy_conf::stack::read_secret(
-        "[postgres]",
-        pg.password_env.as_deref(),
-        pg.password_file.as_deref(),
-    ) {
-        Ok(password) => password,
-        Err(error) => {
-            findings.push(error.to_string());
-            return;
-        }
-    };
     let mut options = postgres::Config::new();
     options
         .host("127.0.0.1")
@@ -162,8 +157,8 @@ fn check_postgres(config: &Config, cpus: u32, findings: &mut Vec<String>) {
         .dbname(&pg.database)
         .connect_timeout(CONNECT_TIMEOUT)
         .application_name("sauna-supervisor check --live");
-    if let Some(password) = &password {
-        options.password(password);
+    if let Some(password) = &secrets.postgres_password {
+        options.password(password.expose());
     }
     let mut client = match options.connect(postgres::NoTls) {
         Ok(client) => client,

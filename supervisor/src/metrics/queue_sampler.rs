@@ -4,7 +4,8 @@
 //! The queues are derived from the configuration alone: those the programs' Celery worker
 //! commands consume (`-Q`/`--queues`, minus `-X`/`--exclude-queues`; `celery` without `-Q`),
 //! those beat jobs publish to, and `[metrics].queues`. The broker is `[metrics].broker`, else
-//! `[beat].broker`, else `[redis].broker`. A queue's length is the sum of LLEN over its kombu keys — the queue name and
+//! `[beat].broker`, else `[redis].broker`, logged in to with `[redis]`'s password when the URL
+//! has none. A queue's length is the sum of LLEN over its kombu keys — the queue name and
 //! its priority keys `<queue>\x06\x16{3,6,9}` (protocols.md §2.1). This module neither publishes
 //! nor consumes messages, and does not know about apps that rename Celery's default queue
 //! (`task_default_queue`): such queues belong in `[metrics].queues`.
@@ -15,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proxy_conf::Config;
+use proxy_conf::secrets::{Secret, redact_url};
 use redis::AsyncConnectionConfig;
 use redis::aio::MultiplexedConnection;
 use tokio::task::JoinHandle;
@@ -56,15 +58,18 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 pub struct SamplerPlan {
     /// Redis URL of the broker.
     pub broker: String,
+    /// The password to log in with when the URL has none (`[redis]`'s).
+    pub password: Option<Secret>,
     /// Queue names, sorted, without duplicates.
     pub queues: Vec<String>,
     /// Time between two samples.
     pub interval: Duration,
 }
 
-/// The queues to sample and the broker to read them from; `None` when there is no queue, or
-/// no broker to read them from (see [`spawn_for`], which says so in the log).
-pub fn plan(config: &Config) -> Option<SamplerPlan> {
+/// The queues to sample and the broker to read them from, with `password` for a broker URL
+/// without one; `None` when there is no queue, or no broker to read them from (see
+/// [`spawn_for`], which says so in the log).
+pub fn plan(config: &Config, password: Option<&Secret>) -> Option<SamplerPlan> {
     let queues = watched_queues(config);
     let broker = config
         .metrics
@@ -77,6 +82,7 @@ pub fn plan(config: &Config) -> Option<SamplerPlan> {
     }
     Some(SamplerPlan {
         broker,
+        password: password.cloned(),
         queues: queues.into_iter().collect(),
         interval: config.metrics.sample_interval.get().max(MIN_INTERVAL),
     })
@@ -220,22 +226,6 @@ impl Link {
     }
 }
 
-/// A Redis URL fit for a log line: the password, if any, replaced by `***`.
-pub fn redacted(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{path}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
-}
-
 /// The running sampler; dropping it stops sampling and removes its queues' series, so a reload
 /// that watches other queues does not leave stale ones behind. Only its own series are touched,
 /// so the old and the new sampler of a reload may overlap.
@@ -261,10 +251,15 @@ fn forget(metrics: &Metrics, queues: &[String]) {
     }
 }
 
-/// Starts sampling what [`plan`] finds in `config`; `None` (with a log line when queues exist
-/// but no broker is known) when there is nothing to sample.
-pub fn spawn_for(config: &Config, metrics: Arc<Metrics>) -> Option<QueueSampler> {
-    match plan(config) {
+/// Starts sampling what [`plan`] finds in `config`, logging in with `password` (`[redis]`'s)
+/// when the broker URL has none; `None` (with a log line when queues exist but no broker is
+/// known) when there is nothing to sample.
+pub fn spawn_for(
+    config: &Config,
+    password: Option<&Secret>,
+    metrics: Arc<Metrics>,
+) -> Option<QueueSampler> {
+    match plan(config, password) {
         Some(plan) => Some(spawn(plan, metrics)),
         None => {
             let queues = watched_queues(config);
@@ -291,20 +286,25 @@ pub fn spawn(plan: SamplerPlan, metrics: Arc<Metrics>) -> QueueSampler {
 }
 
 async fn run(plan: SamplerPlan, metrics: Arc<Metrics>) {
-    let broker = redacted(&plan.broker);
-    let client = match redis::Client::open(plan.broker.as_str()) {
+    let broker = redact_url(&plan.broker);
+    let client = match crate::broker::connection_info(&plan.broker, plan.password.as_ref())
+        .and_then(redis::Client::open)
+    {
         Ok(client) => client,
         Err(error) => {
             tracing::warn!(%broker, %error, "Celery queue lengths are not sampled: the broker URL is invalid");
             return;
         }
     };
+    let sent_password = crate::broker::sends_password(client.get_connection_info());
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(REDIS_TIMEOUT))
         .set_response_timeout(Some(REDIS_TIMEOUT));
     let mut connection: Option<MultiplexedConnection> = None;
     let mut link = Link::Starting;
     let mut failures = 0;
+    // Whether the failing samples are refused logins, so a change of cause is logged too.
+    let mut refused = false;
     loop {
         let result = sample(&client, &config, &mut connection, &plan.queues).await;
         let (next, change) = link.after(result.is_ok());
@@ -327,6 +327,7 @@ async fn run(plan: SamplerPlan, metrics: Arc<Metrics>) {
                     Change::Same | Change::Lost => {}
                 }
                 failures = 0;
+                refused = false;
                 plan.interval
             }
             Err(error) => {
@@ -335,10 +336,16 @@ async fn run(plan: SamplerPlan, metrics: Arc<Metrics>) {
                 forget(&metrics, &plan.queues);
                 failures += 1;
                 let delay = retry_delay(failures, plan.interval);
-                if change == Change::Lost {
+                // Once per outage (and per change of its cause), not once per sample: a refused
+                // login would repeat forever.
+                let now_refused = crate::broker::is_auth_failure(&error);
+                if change == Change::Lost || now_refused != refused {
+                    refused = now_refused;
+                    let error = crate::broker::describe(&error, sent_password);
                     tracing::warn!(%broker, %error, "cannot read Celery queue lengths; retrying with backoff");
+                } else {
+                    tracing::debug!(%broker, ?delay, failures, "Celery queue sample failed again");
                 }
-                tracing::debug!(%broker, %error, ?delay, "Celery queue sample failed");
                 delay
             }
         };
@@ -465,9 +472,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            plan(&config),
+            plan(&config, Some(&Secret::new("pw"))),
             Some(SamplerPlan {
                 broker: "redis://127.0.0.1:6390/3".into(),
+                password: Some(Secret::new("pw")),
                 queues: vec![
                     "celery".into(),
                     "hi".into(),
@@ -488,14 +496,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            plan(&config).map(|plan| plan.broker),
+            plan(&config, None).map(|plan| plan.broker),
             Some("redis://127.0.0.1:1/0".into())
         );
         config.metrics.broker = None;
-        assert_eq!(plan(&config), None);
+        assert_eq!(plan(&config, None), None);
         config.beat = Some(proxy_conf::BeatConfig::default());
         config.metrics.queues.clear();
-        assert_eq!(plan(&config), None, "no queues, nothing to sample");
+        assert_eq!(plan(&config, None), None, "no queues, nothing to sample");
     }
 
     #[test]
@@ -537,20 +545,5 @@ mod tests {
             ]
         );
         assert_eq!(Link::Starting.after(true), (Link::Up, Change::Started));
-    }
-
-    #[test]
-    fn passwords_never_reach_the_log() {
-        assert_eq!(
-            redacted("redis://:s3cret@host:6379/3"),
-            "redis://:***@host:6379/3"
-        );
-        assert_eq!(
-            redacted("redis://user:s3cret@host/0"),
-            "redis://user:***@host/0"
-        );
-        assert_eq!(redacted("redis://host:6379/0"), "redis://host:6379/0");
-        assert_eq!(redacted("redis://user@host/0"), "redis://user@host/0");
-        assert_eq!(redacted("unix:///run/redis.sock"), "unix:///run/redis.sock");
     }
 }

@@ -100,7 +100,10 @@ pub fn run(args: &RunOptions) -> anyhow::Result<ExitCode> {
             );
         }
     };
-    let loaded = match crate::config::load(args.config.as_deref()) {
+    // The secrets the file names are read now: a missing one stops the start here (exit 2), with
+    // the key that names it, instead of beat failing its login forever.
+    let config_path = crate::config::config_path(args.config.as_deref());
+    let loaded = match crate::config::load_with_secrets(&config_path) {
         Ok(loaded) => loaded,
         Err(error) => {
             report(&error);
@@ -277,8 +280,11 @@ impl Supervisor {
                 return Err(error);
             }
         };
-        let queue_sampler =
-            crate::metrics::queue_sampler::spawn_for(&loaded.config, Arc::clone(&metrics));
+        let queue_sampler = crate::metrics::queue_sampler::spawn_for(
+            &loaded.config,
+            loaded.secrets.redis_password.as_ref(),
+            Arc::clone(&metrics),
+        );
         let app_changes = if watch_app {
             let directory = loaded.config_dir().join(
                 loaded
@@ -712,7 +718,7 @@ impl Supervisor {
     /// Re-reads the config; if it loads, hands the roles to a new [`ReloadRun`].
     async fn start_reload(&mut self, waiters: Vec<Responder>) {
         notify_or_log(self.notifier.reloading(), "RELOADING");
-        let loaded = match crate::config::load_path(&self.loaded.path) {
+        let loaded = match crate::config::load_with_secrets(&self.loaded.path) {
             Ok(loaded) => loaded,
             Err(error) => {
                 let diagnostics = error.to_string();
@@ -776,6 +782,7 @@ impl Supervisor {
                         self.queue_sampler = None;
                         self.queue_sampler = crate::metrics::queue_sampler::spawn_for(
                             &finished.loaded.config,
+                            finished.loaded.secrets.redis_password.as_ref(),
                             Arc::clone(&self.metrics),
                         );
                         self.loaded = finished.loaded;

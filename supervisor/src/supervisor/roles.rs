@@ -70,8 +70,15 @@ impl Roles {
         let beat = match &loaded.config.beat {
             Some(_) if upgrade => None,
             Some(config) => {
-                match crate::beat::start(config, &loaded.config.app, base_dir, Arc::clone(metrics))
-                    .await
+                let password = loaded.secrets.redis_password.as_ref();
+                match crate::beat::start(
+                    config,
+                    password,
+                    &loaded.config.app,
+                    base_dir,
+                    Arc::clone(metrics),
+                )
+                .await
                 {
                     Ok(beat) => Some(beat),
                     Err(error) => {
@@ -123,10 +130,16 @@ impl Roles {
             .map(|name| format!("program \"{name}\" started"))
             .collect();
         if let (None, Some(config)) = (&self.beat, &loaded.config.beat) {
-            let beat =
-                crate::beat::start(config, &loaded.config.app, &base_dir, Arc::clone(metrics))
-                    .await
-                    .context("cannot start beat")?;
+            let password = loaded.secrets.redis_password.as_ref();
+            let beat = crate::beat::start(
+                config,
+                password,
+                &loaded.config.app,
+                &base_dir,
+                Arc::clone(metrics),
+            )
+            .await
+            .context("cannot start beat")?;
             self.beat = Some(beat);
             started.push("beat started".to_owned());
         }
@@ -305,9 +318,10 @@ impl Roles {
                 detail: None,
             })?;
         summary.push(programs);
+        let password = new.secrets.redis_password.as_ref();
         match (self.beat.as_ref(), &new.config.beat) {
             (Some(beat), Some(config)) => {
-                beat.reload(config, &new.config.app, &base_dir)
+                beat.reload(config, password, &new.config.app, &base_dir)
                     .await
                     .map_err(|error| RoleReloadError {
                         role: "beat".to_owned(),
@@ -317,14 +331,19 @@ impl Roles {
                 summary.push(format!("beat: {} job(s) scheduled", config.jobs.len()));
             }
             (None, Some(config)) => {
-                let beat =
-                    crate::beat::start(config, &new.config.app, &base_dir, Arc::clone(metrics))
-                        .await
-                        .map_err(|error| RoleReloadError {
-                            role: "beat".to_owned(),
-                            message: format!("beat did not start: {error}"),
-                            detail: None,
-                        })?;
+                let beat = crate::beat::start(
+                    config,
+                    password,
+                    &new.config.app,
+                    &base_dir,
+                    Arc::clone(metrics),
+                )
+                .await
+                .map_err(|error| RoleReloadError {
+                    role: "beat".to_owned(),
+                    message: format!("beat did not start: {error}"),
+                    detail: None,
+                })?;
                 self.beat = Some(beat);
                 summary.push("beat started".to_owned());
             }

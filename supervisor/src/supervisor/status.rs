@@ -103,6 +103,9 @@ pub fn render_text(status: &Value) -> String {
             "leader: {}\n",
             beat.get("leader").map(Value::to_string).unwrap_or_default()
         ));
+        if let Some(error) = beat.get("last_error").and_then(Value::as_str) {
+            out.push_str(&format!("error: {error}\n"));
+        }
         if let Some(jobs) = beat.get("jobs").and_then(Value::as_array) {
             out.push_str(&format!(
                 "{:<24} {:<27} {:<27}\n",
@@ -208,6 +211,20 @@ mod tests {
         assert!(
             text.lines()
                 .any(|line| line.starts_with("celery") && line.contains("42")),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn text_shows_why_beat_cannot_use_redis() {
+        let status = serde_json::json!({
+            "programs": [],
+            "beat": {"leader": false, "redis_up": false, "jobs": [],
+                     "last_error": "Redis at redis://127.0.0.1:6379/0: authentication failed (NOAUTH: …)"}
+        });
+        let text = render_text(&status);
+        assert!(
+            text.contains("\nBEAT\nleader: false\nerror: Redis at redis://127.0.0.1:6379/0: authentication failed"),
             "{text}"
         );
     }
