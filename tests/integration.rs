@@ -19,10 +19,12 @@ mod pool;
 mod metrics;
 // reload: rolling web-pool reloads under load — release switches, broken releases rolled back.
 mod reload;
-// reload_programs: `reload` rolls programs new-first, rolls back a dying one, loses no Celery task.
+// reload_programs: `reload` rolls programs new-first (an in-place deploy too), rolls back a dying one, loses no Celery task.
 mod reload_programs;
 // secrets: passwords named once reach beat, Celery, the sampler and the app; never a log line.
 mod secrets;
+// status: status/stop/reload without a config find the default socket; units, last errors.
+mod status;
 // upgrade: `upgrade`/SIGUSR2 hand every socket to a new process under load; failing successors.
 mod upgrade;
 // wheel: scripts/build-wheel.sh's wheel pip-installed into a fresh venv runs `--version` and `check`.

@@ -1,7 +1,8 @@
 //! `sauna-supervisor reload` and programs, through the real binary: a changed program is rolled
 //! (the old instance gets TERM only after the new one survived `ready_after`), a new instance
 //! that dies at once rolls back and makes `reload` exit 1, and a real Celery worker on a real
-//! Redis is rolled while tasks run without losing or repeating one.
+//! Redis, whose task module is edited in place without touching sauna.toml, is rolled onto the
+//! new code by `reload` while tasks run, without losing or repeating one.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -154,9 +155,14 @@ ready_after = "1s"
     assert!(running.stop().success());
 }
 
-const TASKS_PY: &str = r#"
+/// The task module of the app; `{version}` is what the deploy changes in place.
+fn tasks_py(version: &str) -> String {
+    format!(
+        r#"
 import os, time
 from celery import Celery
+
+VERSION = "{version}"
 
 app = Celery("tasks", broker=os.environ["BROKER"])
 app.conf.update(
@@ -167,29 +173,36 @@ app.conf.update(
 
 @app.task(name="tasks.work")
 def work(n):
-    time.sleep(2)
+    time.sleep(1)
     with open(os.environ["DONE"], "a") as out:
-        out.write(f"{work.request.id} {os.environ['RELEASE']}\n")
-"#;
+        out.write(f"{{work.request.id}} {{VERSION}}\n")
+"#
+    )
+}
 
-/// Sends `count` tasks with ids `t0`, `t1`, … one every `gap` seconds.
+/// Sends `count` tasks with ids `PREFIX0`, `PREFIX1`, … one every `gap` seconds, by name, so it
+/// does not depend on the task module's version.
 const PRODUCER_PY: &str = r#"
-import sys, time
-import tasks
-count, gap = int(sys.argv[1]), float(sys.argv[2])
+import os, sys, time
+from celery import Celery
+app = Celery("producer", broker=os.environ["BROKER"])
+prefix, count, gap = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 for n in range(count):
-    tasks.work.apply_async(args=[n], task_id=f"t{n}")
+    app.send_task("tasks.work", args=[n], task_id=f"{prefix}{n}")
     time.sleep(gap)
 "#;
 
-fn celery_config(sandbox: &Sandbox, redis: &RedisServer, release: &str) -> String {
+/// The same config before and after the deploy: only the code on disk changes.
+fn celery_config(sandbox: &Sandbox, redis: &RedisServer) -> String {
     let python = python();
+    // PYTHONDONTWRITEBYTECODE: a task module rewritten within the same second with the same
+    // size would otherwise be loaded from its stale .pyc (CPython compares mtime and size).
     format!(
         r#"
 [app]
 directory = "{dir}"
 python = "{python}"
-env = {{ BROKER = "{broker}", DONE = "{done}", RELEASE = "{release}" }}
+env = {{ BROKER = "{broker}", DONE = "{done}", PYTHONDONTWRITEBYTECODE = "1" }}
 
 [programs.celery]
 command = ["python", "-m", "celery", "-A", "tasks", "worker", "-c", "2", "--without-heartbeat", "--without-gossip", "--without-mingle", "-l", "info"]
@@ -203,17 +216,37 @@ stop_timeout = "30s"
     )
 }
 
+/// `(task id, version that ran it)` for every finished task.
 fn done(path: &Path) -> Vec<(String, String)> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
         .filter_map(|line| line.split_once(' '))
-        .map(|(id, release)| (id.to_owned(), release.to_owned()))
+        .map(|(id, version)| (id.to_owned(), version.to_owned()))
         .collect()
 }
 
-/// The producer, killed if the test fails before it is done.
+/// A producer, killed if the test fails before it is done.
 struct Producer(Child);
+
+impl Producer {
+    fn start(sandbox: &Sandbox, redis: &RedisServer, prefix: &str, count: usize) -> Producer {
+        Producer(
+            Command::new(python())
+                .args(["producer.py", prefix, &count.to_string(), "0.25"])
+                .current_dir(sandbox.root())
+                .env("BROKER", redis.url(0))
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("start the producer"),
+        )
+    }
+
+    fn finish(mut self) {
+        let status = self.0.wait().expect("producer");
+        assert!(status.success(), "the producer failed");
+    }
+}
 
 impl Drop for Producer {
     fn drop(&mut self) {
@@ -222,42 +255,55 @@ impl Drop for Producer {
     }
 }
 
+/// The issue this guards against: a release deployed in place (new code in the same
+/// directory, sauna.toml untouched) followed by `reload` left the Celery worker on the old
+/// code, because nothing in its config had changed.
 #[test]
-fn a_celery_worker_rolled_while_tasks_run_loses_no_task() {
+fn an_in_place_deploy_rolls_the_celery_worker_onto_the_new_code_without_losing_a_task() {
     let sandbox = Sandbox::new();
     let redis = RedisServer::start(&sandbox.path("redis"));
-    sandbox.write("tasks.py", TASKS_PY);
+    sandbox.write("tasks.py", &tasks_py("1"));
     sandbox.write("producer.py", PRODUCER_PY);
-    sandbox.write_config(&celery_config(&sandbox, &redis, "1"));
+    sandbox.write_config(&celery_config(&sandbox, &redis));
     let running = sandbox.start();
-    running_pid(&running, "celery");
+    let old = running_pid(&running, "celery");
     running.wait_for_log("ready.", Duration::from_secs(60));
 
-    const TASKS: usize = 16;
-    let mut producer = Producer(
-        Command::new(python())
-            .args(["producer.py", &TASKS.to_string(), "0.25"])
-            .current_dir(sandbox.root())
-            .env("BROKER", redis.url(0))
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start the producer"),
-    );
+    // Tasks published right before and during the reload: the old worker is busy with some,
+    // more wait in the queue while the new worker starts and the old one shuts down warm.
+    const BEFORE: usize = 16;
+    let producer = Producer::start(&sandbox, &redis, "t", BEFORE);
     let done_path = sandbox.path("done.txt");
-    // Roll while the old worker is busy: at least one task finished, more queued and running.
-    wait_until(Duration::from_secs(30), "a first task done", || {
+    wait_until(Duration::from_secs(60), "a first task done", || {
         (!done(&done_path).is_empty()).then_some(())
     });
-    sandbox.write_config(&celery_config(&sandbox, &redis, "2"));
+    sandbox.write("tasks.py", &tasks_py("2"));
     let (code, output) = reload(&sandbox);
     assert_eq!(code, 0, "{output}\nlog:\n{}", running.log());
-    let status = producer.0.wait().expect("producer");
-    assert!(status.success(), "the producer failed");
+    assert!(
+        output.contains("programs: \"celery\" rolled"),
+        "reload says what it did with the program: {output}"
+    );
+    assert!(!alive(old), "reload returns once the old worker is gone");
+    producer.finish();
 
-    let finished = wait_until(Duration::from_secs(90), "every task done", || {
+    // Published once the reload is done: only the new code can run them.
+    const AFTER: usize = 4;
+    Producer::start(&sandbox, &redis, "after", AFTER).finish();
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let finished = loop {
         let finished = done(&done_path);
-        (finished.len() >= TASKS).then_some(finished)
-    });
+        if finished.len() >= BEFORE + AFTER {
+            break finished;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not every task was done within 90 s: {finished:?}\nreload said:\n{output}\nlog:\n{}",
+            running.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
     // Nothing more arrives: no task ran twice.
     std::thread::sleep(Duration::from_secs(3));
     let finished = {
@@ -269,25 +315,37 @@ fn a_celery_worker_rolled_while_tasks_run_loses_no_task() {
     for (id, _) in &finished {
         *per_id.entry(id.clone()).or_default() += 1;
     }
-    let expected: BTreeMap<String, usize> = (0..TASKS).map(|n| (format!("t{n}"), 1)).collect();
+    let expected: BTreeMap<String, usize> = (0..BEFORE)
+        .map(|n| (format!("t{n}"), 1))
+        .chain((0..AFTER).map(|n| (format!("after{n}"), 1)))
+        .collect();
     assert_eq!(
         per_id,
         expected,
         "every task exactly once\nlog:\n{}",
         running.log()
     );
-    let releases: Vec<&str> = finished
-        .iter()
-        .map(|(_, release)| release.as_str())
-        .collect();
+    let version_of = |prefix: &str| -> Vec<&str> {
+        finished
+            .iter()
+            .filter(|(id, _)| id.starts_with(prefix))
+            .map(|(_, version)| version.as_str())
+            .collect()
+    };
     assert!(
-        releases.contains(&"1") && releases.contains(&"2"),
-        "both the old and the new worker ran tasks: {releases:?}"
+        version_of("t").contains(&"1"),
+        "the old worker ran tasks until it was replaced: {finished:?}"
+    );
+    assert!(
+        version_of("after").iter().all(|version| *version == "2"),
+        "every task after the reload ran the new code: {finished:?}"
     );
     assert!(
         !running.log().contains("WorkerLostError"),
         "a task was killed mid-run\n{}",
         running.log()
     );
+    let status = running.status_json();
+    assert_eq!(instances(&status, "celery")[0]["generation"], 2, "{status}");
     assert!(running.stop().success());
 }

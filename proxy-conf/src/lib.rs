@@ -17,6 +17,9 @@ pub mod validate;
 
 pub use diagnostics::{Diagnostic, Diagnostics};
 pub use listen::Listen;
-pub use load::{LoadError, Loaded, control_socket, load_file, load_file_with, load_str};
+pub use load::{
+    LoadError, Loaded, SYSTEMD_RUNTIME_DIRECTORY, control_socket, default_control_socket,
+    load_file, load_file_with, load_str,
+};
 pub use schema::*;
 pub use units::{ByteSize, Duration};

@@ -87,13 +87,32 @@ pub fn control_socket(
     if let Some(socket) = &config.control.socket {
         return config_dir.join(socket);
     }
-    let runtime = runtime_directory
-        .and_then(|dirs| std::env::split_paths(dirs).next())
-        .filter(|dir| !dir.as_os_str().is_empty());
-    match runtime {
+    match runtime_dir(runtime_directory) {
         Some(dir) => dir.join("control.sock"),
         None => config_dir.join(".sauna").join("control.sock"),
     }
+}
+
+/// The directory systemd's `RuntimeDirectory=` names in the unit `emit systemd` writes, under
+/// `/run`: the control socket of a supervisor started by that unit is
+/// `/run/sauna/control.sock`.
+pub const SYSTEMD_RUNTIME_DIRECTORY: &str = "sauna";
+
+/// Where `status`, `stop`, `reload` and `upgrade` look for the supervisor when no config file
+/// names its socket: `$RUNTIME_DIRECTORY/control.sock` when the variable is set (the command
+/// runs inside the supervisor's unit, as `ExecReload=` does), else `/run/sauna/control.sock`,
+/// where a supervisor started by the unit `emit systemd` writes has its socket.
+pub fn default_control_socket(runtime_directory: Option<&OsStr>) -> PathBuf {
+    runtime_dir(runtime_directory)
+        .unwrap_or_else(|| Path::new("/run").join(SYSTEMD_RUNTIME_DIRECTORY))
+        .join("control.sock")
+}
+
+/// The first directory of `$RUNTIME_DIRECTORY` (systemd may list several, separated by `:`).
+fn runtime_dir(runtime_directory: Option<&OsStr>) -> Option<PathBuf> {
+    runtime_directory
+        .and_then(|dirs| std::env::split_paths(dirs).next())
+        .filter(|dir| !dir.as_os_str().is_empty())
 }
 
 /// The absolute directory of the config file, without resolving symlinks: a deploy that switches
@@ -595,6 +614,22 @@ every = 5
         assert_eq!(
             control_socket(&config, dir, Some(OsStr::new("/run/sauna"))),
             Path::new("/run/x.sock")
+        );
+    }
+
+    #[test]
+    fn without_a_config_the_control_socket_is_the_runtime_directory_one_else_the_units() {
+        assert_eq!(
+            default_control_socket(None),
+            Path::new("/run/sauna/control.sock")
+        );
+        assert_eq!(
+            default_control_socket(Some(OsStr::new(""))),
+            Path::new("/run/sauna/control.sock")
+        );
+        assert_eq!(
+            default_control_socket(Some(OsStr::new("/run/app:/run/other"))),
+            Path::new("/run/app/control.sock")
         );
     }
 

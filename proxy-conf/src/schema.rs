@@ -151,10 +151,11 @@ pub enum RestartPolicy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ProgramReload {
-    /// Start the new instance, wait for it, then stop the old one.
+    /// On every reload, changed or not: start the new instance, wait for it, then stop the old
+    /// one.
     #[default]
     Rolling,
-    /// Stop, then start.
+    /// When its config changed: stop, then start.
     Restart,
     /// Leave it running.
     None,

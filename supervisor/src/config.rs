@@ -34,6 +34,18 @@ pub fn config_path(explicit: Option<&Path>) -> PathBuf {
     }
 }
 
+/// The file a command that talks to a running supervisor should read: `explicit` (`-c`) or
+/// `$SAUNA_CONFIG`, else `./sauna.toml` when something is there (even a dangling symlink, so
+/// that its error is reported). `None` when there is none: `status`, `stop`, `reload` and
+/// `upgrade` then look for the supervisor on the default control socket
+/// ([`proxy_conf::default_control_socket`]).
+pub fn present_config_path(explicit: Option<&Path>) -> Option<PathBuf> {
+    let path = config_path(explicit);
+    let named =
+        explicit.is_some() || std::env::var_os("SAUNA_CONFIG").is_some_and(|path| !path.is_empty());
+    (named || std::fs::symlink_metadata(&path).is_ok()).then_some(path)
+}
+
 /// Loads the configuration file a command should read (see [`config_path`]).
 pub fn load(explicit: Option<&Path>) -> Result<Loaded, ConfigError> {
     load_path(&config_path(explicit))

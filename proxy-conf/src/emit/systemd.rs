@@ -119,8 +119,10 @@ pub fn render(config: &Config) -> Result<Output, EmitError> {
     }
     let _ = writeln!(
         out,
-        "Restart=on-failure\nRestartSec=2\nUser={}\nGroup={}\n# Holds control.sock; the default [control].socket is $RUNTIME_DIRECTORY/control.sock.\nRuntimeDirectory=sauna\nRuntimeDirectoryMode=0750",
-        unit.user, unit.group
+        "Restart=on-failure\nRestartSec=2\nUser={}\nGroup={}\n# Holds control.sock; the default [control].socket is $RUNTIME_DIRECTORY/control.sock.\nRuntimeDirectory={}\nRuntimeDirectoryMode=0750",
+        unit.user,
+        unit.group,
+        crate::load::SYSTEMD_RUNTIME_DIRECTORY
     );
     if let Some(directory) = &config.app.directory {
         let _ = writeln!(out, "WorkingDirectory={}", directory.display());

@@ -94,9 +94,11 @@ pub struct BeatStatus {
     pub broker: String,
     /// Whether the last Redis command succeeded.
     pub redis_up: bool,
-    /// Why Redis is failing, e.g. `Redis at redis://127.0.0.1:6379/3: authentication failed
-    /// (NOAUTH: …)`; `null` while it answers.
+    /// The last Redis failure, e.g. `cannot reach Redis at redis://127.0.0.1:6379/3: …`
+    /// (password hidden); kept after Redis is back, with its time in `last_error_at`.
     pub last_error: Option<String>,
+    /// Unix time of `last_error`.
+    pub last_error_at: Option<f64>,
     /// Every job, in name order.
     pub jobs: Vec<JobStatus>,
 }
@@ -307,8 +309,8 @@ struct Actor {
     jobs: Vec<JobState>,
     /// `None` until the first Redis command, so the first outcome is logged either way.
     redis_up: Option<bool>,
-    /// The error of the current Redis outage, for `status`.
-    last_error: Option<String>,
+    /// The last Redis failure and when it happened, for `status`.
+    last_error: Option<(String, std::time::SystemTime)>,
     /// The current outage is a refused login.
     refused_login: bool,
     backoff: Duration,
@@ -391,7 +393,11 @@ impl Actor {
             lock_holder: self.leader.holder(),
             broker: self.broker.url().to_owned(),
             redis_up: self.redis_up.unwrap_or(false),
-            last_error: self.last_error.clone(),
+            last_error: self.last_error.as_ref().map(|(error, _)| error.clone()),
+            last_error_at: self.last_error.as_ref().map(|(_, at)| {
+                at.duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |since| since.as_secs_f64())
+            }),
             jobs: self
                 .jobs
                 .iter()
@@ -471,7 +477,7 @@ impl Actor {
         }
         self.redis_up = Some(false);
         self.refused_login = refused;
-        self.last_error = Some(error.to_string());
+        self.last_error = Some((error.to_string(), std::time::SystemTime::now()));
         let now = Instant::now();
         let retry_at = now + self.backoff;
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);

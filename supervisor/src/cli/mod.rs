@@ -30,7 +30,8 @@ pub const EXIT_NOT_RUNNING: u8 = 3;
 /// Runs a Python WSGI pool, Celery workers and a Celery beat replacement from one sauna.toml.
 ///
 /// Without a command, `run` is assumed. The config file is `-c FILE`, else $SAUNA_CONFIG,
-/// else ./sauna.toml.
+/// else ./sauna.toml. Without any, status, stop, reload and upgrade find the supervisor on
+/// $RUNTIME_DIRECTORY/control.sock, else /run/sauna/control.sock.
 #[derive(Debug, Parser)]
 #[command(name = "sauna-supervisor", version, propagate_version = true)]
 pub struct Cli {
@@ -123,7 +124,8 @@ pub enum Command {
         #[arg(long, value_name = "DURATION")]
         timeout: Option<proxy_conf::Duration>,
     },
-    /// Show pools, workers, programs and beat jobs of the running supervisor.
+    /// Show pools, workers, programs and beat jobs of the running supervisor, with the last
+    /// error of each program and of beat.
     ///
     /// Exit status: 0, or 3 when no supervisor is running.
     Status {

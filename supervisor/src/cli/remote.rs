@@ -1,25 +1,130 @@
 //! The commands that talk to a running supervisor over its control socket — `status`, `stop`,
-//! `reload` and `upgrade` — and how their answers become output and exit statuses.
+//! `reload` and `upgrade` — how they find it ([`reach`]), and how its answers become output and
+//! exit statuses.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use super::{ConfigArg, EXIT_NOT_RUNNING, EXIT_USAGE};
-use crate::control::{ControlError, ErrorKind, Request, ResponseBody};
+use crate::control::{ControlError, ErrorKind, Replies, Request, ResponseBody};
 use crate::supervisor::lifecycle::StopMode;
 
 /// How long `status` and `stop` wait for each answer line.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// `sauna-supervisor status [--json]`.
-pub fn status_command(config: &ConfigArg, json: bool) -> anyhow::Result<ExitCode> {
-    let loaded = config.load()?;
+/// What a command found where it looked for the running supervisor.
+enum Reached {
+    /// A supervisor took the request: its response lines.
+    Answer(Replies),
+    /// Nobody answers; the message names every socket tried.
+    NotRunning(String),
+}
+
+/// Sends `request` to the running supervisor, found this way:
+///
+/// - With a config file ([`crate::config::present_config_path`]: `-c FILE`, `$SAUNA_CONFIG` or
+///   `./sauna.toml`), it is loaded (its problems are the command's, exit 2) and its control
+///   socket used. When the file leaves the socket to its default and this shell has no
+///   `$RUNTIME_DIRECTORY`, a supervisor started by systemd (which had one) is not on
+///   `.sauna/control.sock` next to the file but on `/run/sauna/control.sock`: that one is
+///   used when nobody answers on the first, provided it runs this same file — `stop` must
+///   never reach another app's supervisor.
+/// - Without a config file, the default socket ([`proxy_conf::default_control_socket`]):
+///   `$RUNTIME_DIRECTORY/control.sock`, else `/run/sauna/control.sock`.
+fn reach(arg: &ConfigArg, request: &Request, timeout: Option<Duration>) -> anyhow::Result<Reached> {
+    let runtime = std::env::var_os("RUNTIME_DIRECTORY");
+    let runtime = runtime.as_deref().filter(|dirs| !dirs.is_empty());
+    let Some(path) = crate::config::present_config_path(arg.config.as_deref()) else {
+        let socket = proxy_conf::default_control_socket(runtime);
+        return Ok(match send(&socket, request, timeout)? {
+            Reached::NotRunning(message) => Reached::NotRunning(format!(
+                "{message} (the default control socket; no config file names another: no -c \
+                 FILE, no $SAUNA_CONFIG, no ./sauna.toml)"
+            )),
+            answer => answer,
+        });
+    };
+    let loaded = crate::config::load_path(&path)?;
     let socket = crate::config::control_socket(&loaded);
-    let response = match crate::control::request(&socket, &Request::Status, Some(ANSWER_TIMEOUT))
-        .and_then(|replies| replies.wait(|_| {}))
-    {
+    let not_here = match send(&socket, request, timeout)? {
+        Reached::NotRunning(message) => message,
+        answer => return Ok(answer),
+    };
+    if loaded.config.control.socket.is_some() || runtime.is_some() {
+        return Ok(Reached::NotRunning(not_here));
+    }
+    let fallback = proxy_conf::default_control_socket(None);
+    let Some(theirs) = running_config(&fallback)? else {
+        return Ok(Reached::NotRunning(format!(
+            "{not_here}, nor on {}",
+            fallback.display()
+        )));
+    };
+    if !same_file(&theirs, &loaded.path) {
+        return Ok(Reached::NotRunning(format!(
+            "{not_here}; the one on {} runs {}, not {}",
+            fallback.display(),
+            theirs.display(),
+            loaded.path.display()
+        )));
+    }
+    Ok(match send(&fallback, request, timeout)? {
+        Reached::NotRunning(message) => Reached::NotRunning(format!("{not_here}; {message}")),
+        answer => answer,
+    })
+}
+
+/// Sends `request` on `socket`, telling "nobody listens there" apart from other failures.
+fn send(
+    socket: &Path,
+    request: &Request,
+    timeout: Option<Duration>,
+) -> Result<Reached, ControlError> {
+    match crate::control::request(socket, request, timeout) {
+        Ok(replies) => Ok(Reached::Answer(replies)),
+        Err(error @ ControlError::NotRunning { .. }) => Ok(Reached::NotRunning(error.to_string())),
+        Err(error) => Err(error),
+    }
+}
+
+/// The config file of the supervisor on `socket` (absolute, as its status reports it), or
+/// `None` when nobody listens there.
+fn running_config(socket: &Path) -> anyhow::Result<Option<PathBuf>> {
+    let Reached::Answer(replies) = send(socket, &Request::Status, Some(ANSWER_TIMEOUT))? else {
+        return Ok(None);
+    };
+    match replies.wait(|_| {})?.body {
+        ResponseBody::Ok { data } => Ok(data
+            .get("config_path")
+            .or_else(|| data.get("config"))
+            .and_then(serde_json::Value::as_str)
+            .map(PathBuf::from)),
+        body => Err(answer_error(body)),
+    }
+}
+
+/// Whether two names of a config file are the same file (symlinks such as `current` resolved).
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => std::path::absolute(a).ok() == std::path::absolute(b).ok(),
+    }
+}
+
+/// `sauna-supervisor status [--json]`: exit 3 when no supervisor answers.
+pub fn status_command(config: &ConfigArg, json: bool) -> anyhow::Result<ExitCode> {
+    let replies = match reach(config, &Request::Status, Some(ANSWER_TIMEOUT))? {
+        Reached::Answer(replies) => replies,
+        Reached::NotRunning(message) => {
+            eprintln!("sauna-supervisor: {message}");
+            return Ok(ExitCode::from(EXIT_NOT_RUNNING));
+        }
+    };
+    let response = match replies.wait(|_| {}) {
         Ok(response) => response,
-        Err(error @ ControlError::NotRunning { .. }) => {
+        // It stopped between the connect and the answer.
+        Err(error @ ControlError::Closed { .. }) => {
             eprintln!("sauna-supervisor: {error}");
             return Ok(ExitCode::from(EXIT_NOT_RUNNING));
         }
@@ -30,7 +135,10 @@ pub fn status_command(config: &ConfigArg, json: bool) -> anyhow::Result<ExitCode
             if json {
                 println!("{}", serde_json::to_string_pretty(&data)?);
             } else {
-                print!("{}", crate::supervisor::status::render_text(&data));
+                print!(
+                    "{}",
+                    crate::supervisor::status::render_text(&data, now_unix())
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -38,24 +146,27 @@ pub fn status_command(config: &ConfigArg, json: bool) -> anyhow::Result<ExitCode
     }
 }
 
+/// Seconds since the Unix epoch, for "… ago" in `status`.
+fn now_unix() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |since| since.as_secs_f64())
+}
+
 /// `sauna-supervisor stop`: asks for a graceful stop and waits until the process has exited.
 pub fn stop_command(config: &ConfigArg) -> anyhow::Result<ExitCode> {
-    let loaded = config.load()?;
-    let socket = crate::config::control_socket(&loaded);
     let request = Request::Stop {
         mode: StopMode::Graceful,
     };
     // No per-line timeout: a graceful stop takes as long as the roles' own timeouts allow.
-    let response = match crate::control::request(&socket, &request, None)
-        .and_then(|replies| replies.wait(|line| eprintln!("{line}")))
-    {
-        Ok(response) => response,
-        Err(error @ ControlError::NotRunning { .. }) => {
-            eprintln!("sauna-supervisor: {error}; nothing to stop");
+    let replies = match reach(config, &request, None)? {
+        Reached::Answer(replies) => replies,
+        Reached::NotRunning(message) => {
+            eprintln!("sauna-supervisor: {message}; nothing to stop");
             return Ok(ExitCode::SUCCESS);
         }
-        Err(error) => return Err(error.into()),
     };
+    let response = replies.wait(|line| eprintln!("{line}"))?;
     match response.body {
         ResponseBody::Ok { .. } => {
             wait_for_exit(response.pid, ANSWER_TIMEOUT);
@@ -66,18 +177,21 @@ pub fn stop_command(config: &ConfigArg) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// `sauna-supervisor reload`: validates the file locally first (exit 2 with every diagnostic),
-/// then asks the running supervisor to roll and prints its progress until it is done.
+/// `sauna-supervisor reload`: validates the file locally first when there is one (exit 2 with
+/// every diagnostic), then asks the running supervisor to roll and prints its progress until
+/// it is done. Without a config file the supervisor's own check of its file decides (its
+/// diagnostics are printed, exit 2 as well).
 pub fn reload_command(
     config: &ConfigArg,
     timeout: Option<proxy_conf::Duration>,
 ) -> anyhow::Result<ExitCode> {
-    let loaded = config.load()?;
-    let socket = crate::config::control_socket(&loaded);
     let request = Request::Reload {
         timeout_secs: timeout.map(|t| t.get().as_secs().max(1)),
     };
-    let replies = crate::control::request(&socket, &request, timeout.map(|t| t.get()))?;
+    let replies = match reach(config, &request, timeout.map(|t| t.get()))? {
+        Reached::Answer(replies) => replies,
+        Reached::NotRunning(message) => anyhow::bail!("{message}; nothing to reload"),
+    };
     let response = replies.wait(|line| eprintln!("{line}"))?;
     match response.body {
         ResponseBody::Ok { data } => {
@@ -113,8 +227,6 @@ pub fn upgrade_command(
     binary: Option<std::path::PathBuf>,
     timeout: Option<proxy_conf::Duration>,
 ) -> anyhow::Result<ExitCode> {
-    let loaded = config.load()?;
-    let socket = crate::config::control_socket(&loaded);
     // The supervisor may run in another directory: send an absolute path.
     let binary = binary.map(|path| std::path::absolute(&path).unwrap_or(path));
     let request = Request::Upgrade {
@@ -123,7 +235,10 @@ pub fn upgrade_command(
     };
     // No per-line timeout: the supervisor enforces the deadline and always answers, and the
     // drain after it is bounded by the roles' own timeouts.
-    let replies = crate::control::request(&socket, &request, None)?;
+    let replies = match reach(config, &request, None)? {
+        Reached::Answer(replies) => replies,
+        Reached::NotRunning(message) => anyhow::bail!("{message}; nothing to upgrade"),
+    };
     let response = replies.wait(|line| eprintln!("{line}"))?;
     match response.body {
         ResponseBody::Ok { data } => {

@@ -76,12 +76,26 @@ pub struct Reload {
     pub launch: Launch,
     /// Rolling (new first) or restart (old first); `none` never reaches the actor.
     pub policy: proxy_conf::ProgramReload,
+    /// Whether `launch` differs from what the instances run. An unchanged program whose
+    /// instances have all exited for good (`restart = "never"`, or `"on-failure"` after a
+    /// success: a one-shot command) is left as it is instead of being run again.
+    pub changed: bool,
     /// The generation the new instances start under.
     pub generation: u64,
     /// Where the steps are reported.
     pub progress: Progress,
-    /// A one-line summary once the old instances are gone, or what failed.
-    pub reply: oneshot::Sender<Result<String, String>>,
+    /// What was done once the old instances are gone, or what failed.
+    pub reply: oneshot::Sender<Result<Reloaded, String>>,
+}
+
+/// A reload of one program that went through.
+#[derive(Debug)]
+pub struct Reloaded {
+    /// A progress line, e.g. `program "celery": rolled to generation 2 (1 instance)`.
+    pub summary: String,
+    /// What happened, for the reload's summary after the program's name: `rolled`,
+    /// `restarted`, or `left exited (restart = "never")`.
+    pub outcome: String,
 }
 
 /// A waiter task's report: process `run` has exited.
@@ -114,7 +128,7 @@ struct Rollout {
     /// What the first failing candidate did.
     failure: Option<String>,
     progress: Progress,
-    reply: oneshot::Sender<Result<String, String>>,
+    reply: oneshot::Sender<Result<Reloaded, String>>,
 }
 
 /// Why an instance is being stopped.
@@ -157,6 +171,8 @@ struct Instance {
     rss_over: u32,
     last_exit: Option<String>,
     last_exit_at: Option<SystemTime>,
+    /// The last non-empty line printed before that exit.
+    last_output: Option<String>,
     fatal: Option<String>,
 }
 
@@ -183,6 +199,7 @@ impl Instance {
             rss_over: 0,
             last_exit: None,
             last_exit_at: None,
+            last_output: None,
             fatal: None,
         }
     }
@@ -379,6 +396,10 @@ impl ProgramActor {
             Err(error) => {
                 let description = format!("could not start: {error}");
                 tracing::error!(program = %label, "program \"{label}\": {description}");
+                let instance = &mut self.instances[slot];
+                instance.last_exit = Some(description.clone());
+                instance.last_exit_at = Some(SystemTime::now());
+                instance.last_output = None;
                 if self.on_trial(slot) {
                     self.candidate_failed(slot, None, &description, &[]);
                 } else {
@@ -411,6 +432,13 @@ impl ProgramActor {
         let (description, success) = describe(&exited.status);
         instance.last_exit = Some(description.clone());
         instance.last_exit_at = Some(SystemTime::now());
+        instance.last_output = exited
+            .tail
+            .iter()
+            .rev()
+            .map(|line| line.trim())
+            .find(|line| !line.is_empty())
+            .map(str::to_owned);
         instance.rss_bytes = None;
         instance.ready_at = None;
         if instance.state == InstanceState::Stopping {
@@ -578,6 +606,22 @@ impl ProgramActor {
             )));
             return;
         }
+        let finished = !self.instances.is_empty()
+            && self
+                .instances
+                .iter()
+                .all(|instance| instance.state == InstanceState::Exited);
+        if !reload.changed && finished {
+            let restart = restart_word(self.launch.rules.restart);
+            let _ = reload.reply.send(Ok(Reloaded {
+                summary: format!(
+                    "program \"{}\": unchanged and exited for good (restart = \"{restart}\"); not started again",
+                    self.launch.name
+                ),
+                outcome: format!("left exited (restart = \"{restart}\")"),
+            }));
+            return;
+        }
         let restart = reload.policy == proxy_conf::ProgramReload::Restart;
         self.rollout = Some(Rollout {
             launch: Arc::new(reload.launch),
@@ -592,15 +636,22 @@ impl ProgramActor {
             progress: reload.progress,
             reply: reload.reply,
         });
+        let name = &self.launch.name;
         if restart {
             self.say(format!(
-                "program \"{}\": stopping the old instances (reload = \"restart\")",
-                self.launch.name
+                "program \"{name}\": changed; stopping the old instances (reload = \"restart\")"
             ));
             for slot in 0..self.instances.len() {
                 self.stop(slot, StopMode::Graceful, StopReason::Retire);
             }
         } else {
+            self.say(if reload.changed {
+                format!("program \"{name}\": changed; starting the new instances (reload = \"rolling\")")
+            } else {
+                format!(
+                    "program \"{name}\": config unchanged; rolling it onto the code on disk now (reload = \"rolling\")"
+                )
+            });
             self.start_candidates();
         }
     }
@@ -790,15 +841,18 @@ impl ProgramActor {
                     instance.candidate = false;
                 }
                 let count = self.instances.len();
-                let policy = match rollout.policy {
+                let outcome = match rollout.policy {
                     proxy_conf::ProgramReload::Restart => "restarted",
                     _ => "rolled",
                 };
-                Ok(format!(
-                    "program \"{name}\": {policy} to generation {} ({count} instance{})",
-                    rollout.generation,
-                    if count == 1 { "" } else { "s" }
-                ))
+                Ok(Reloaded {
+                    summary: format!(
+                        "program \"{name}\": {outcome} to generation {} ({count} instance{})",
+                        rollout.generation,
+                        if count == 1 { "" } else { "s" }
+                    ),
+                    outcome: outcome.to_owned(),
+                })
             }
             Err(()) => {
                 self.instances.retain(|instance| !instance.candidate);
@@ -955,6 +1009,7 @@ impl ProgramActor {
                     restarts: instance.starts.saturating_sub(1),
                     last_exit: instance.last_exit.clone(),
                     last_exit_at: instance.last_exit_at.map(to_unix),
+                    last_output: instance.last_output.clone(),
                     recent_exits: instance
                         .history
                         .recent_exits()

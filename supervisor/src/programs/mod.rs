@@ -5,12 +5,18 @@
 //! [`state`], the per-program process handling in `actor`, the resolution of config keys in
 //! `launch`; what `/proc` says about processes is [`crate::process::procfs`]'s.
 //!
-//! A reload ([`Programs::reload`]) compares each program's [`launch::Fingerprint`] with the new
-//! config's ([`plan`]): added programs start, removed ones stop gracefully, unchanged ones are
-//! left alone and changed ones are handed to their actor, which rolls them per their new
-//! `reload` policy (see `actor`). Programs are reloaded one after the other in the new start
-//! order, then the removed ones are stopped in reverse of their start order; the first failure
-//! stops the reload there, and what was already applied stays applied.
+//! A reload ([`Programs::reload`]) decides one [`Step`] per program ([`plan`]): added programs
+//! start, removed ones stop gracefully, and the others follow their new `reload` policy.
+//! `rolling` programs are rolled by their actor on *every* reload, whether or not their
+//! [`launch::Fingerprint`] changed: the code a program runs is not in the config, and a release
+//! deployed in place (new files in the same directory) changes nothing a fingerprint sees, yet a
+//! Celery worker must import the new task modules. `restart` and `none` programs are compared by
+//! fingerprint: a changed `restart` program is stopped and started again, a changed `none`
+//! program keeps running its old config, and an unchanged one of either is left running — a
+//! supervised broker or database must not go down on every deploy. Programs are reloaded one
+//! after the other in the new start order, then the removed ones are stopped in reverse of their
+//! start order; the first failure stops the reload there, and what was already applied stays
+//! applied.
 
 mod actor;
 mod launch;
@@ -28,7 +34,7 @@ use tokio::task::JoinHandle;
 
 use crate::metrics::Metrics;
 use crate::supervisor::lifecycle::{Progress, StopMode};
-use actor::{Command, ProgramActor, Reload};
+use actor::{Command, ProgramActor, Reload, Reloaded};
 use launch::{Fingerprint, Launch};
 pub use state::InstanceState;
 
@@ -64,11 +70,12 @@ impl ProgramStatus {
     }
 }
 
-fn policy_word(policy: ProgramReload) -> &'static str {
+/// The `reload` key's value as written in sauna.toml.
+fn policy_name(policy: ProgramReload) -> &'static str {
     match policy {
-        ProgramReload::Rolling => "rolled",
-        ProgramReload::Restart => "restarted",
-        ProgramReload::None => "kept",
+        ProgramReload::Rolling => "rolling",
+        ProgramReload::Restart => "restart",
+        ProgramReload::None => "none",
     }
 }
 
@@ -108,6 +115,9 @@ pub struct InstanceStatus {
     pub last_exit: Option<String>,
     /// Unix time of that exit.
     pub last_exit_at: Option<f64>,
+    /// The last non-empty line the process printed before that exit (stdout or stderr), e.g.
+    /// a Python exception: what `status` shows beside the exit to say why.
+    pub last_output: Option<String>,
     /// Unix times of the unrequested exits inside the crash window, oldest first; the gaps show
     /// the backoff delays.
     pub recent_exits: Vec<f64>,
@@ -193,41 +203,65 @@ impl ProgramHandle {
 
 /// What a reload does with one program.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Change {
+pub enum Step {
     /// Only in the new config: start it.
-    Added,
-    /// Only in the old config: stop it.
-    Removed,
-    /// Different keys, `[app]` values or resolved paths: replace it per its new `reload`.
-    Changed,
-    /// Identical: leave it alone.
-    Unchanged,
+    Start,
+    /// Only in the old config: stop it gracefully.
+    Stop,
+    /// `reload = "rolling"`: new instances first, the old ones get their stop signal once every
+    /// new one has survived `ready_after`. Taken on every reload; `changed` says whether the
+    /// fingerprint differs (only the progress lines tell the two apart).
+    Roll {
+        /// Keys, `[app]` values or resolved paths differ from the running instances'.
+        changed: bool,
+    },
+    /// `reload = "restart"` and changed: stop the old instances, then start the new ones.
+    Restart,
+    /// `reload = "none"` and changed: it keeps running with its old config.
+    KeepOld,
+    /// `reload = "restart"` or `"none"` and unchanged: left running.
+    Leave,
 }
 
-/// Compares the running programs (`old`, in their start order) with the new config's (`new`, in
-/// its start order): first each program of `new` in that order (added, changed or unchanged),
-/// then the removed ones in reverse `old` order, the way a stop goes. Starting before stopping
-/// keeps a queue consumed when a program is renamed.
-pub fn plan(old: &[(String, Fingerprint)], new: &[(String, Fingerprint)]) -> Vec<(String, Change)> {
-    fn find<'a>(programs: &'a [(String, Fingerprint)], name: &str) -> Option<&'a Fingerprint> {
-        programs
-            .iter()
+/// What [`plan`] knows about a program of the new config.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    /// `[programs.NAME]`.
+    pub name: String,
+    /// What its instances would be started from.
+    pub fingerprint: Fingerprint,
+    /// Its `reload` key in the new config.
+    pub policy: ProgramReload,
+}
+
+/// Decides the reload of every program: first each program of `new` (in the new config's start
+/// order) with the step its new `reload` policy and its fingerprint call for (see the module
+/// documentation), then the programs only in `old` (the running ones, in their start order) in
+/// reverse order, the way a stop goes. Starting before stopping keeps a queue consumed when a
+/// program is renamed.
+pub fn plan(old: &[(String, Fingerprint)], new: &[Planned]) -> Vec<(String, Step)> {
+    let find = |name: &str| {
+        old.iter()
             .find(|(other, _)| other == name)
             .map(|(_, fingerprint)| fingerprint)
-    }
-    let kept = new.iter().map(|(name, fingerprint)| {
-        let change = match find(old, name) {
-            None => Change::Added,
-            Some(old) if old == fingerprint => Change::Unchanged,
-            Some(_) => Change::Changed,
+    };
+    let kept = new.iter().map(|program| {
+        let step = match (find(&program.name), program.policy) {
+            (None, _) => Step::Start,
+            (Some(old), ProgramReload::Rolling) => Step::Roll {
+                changed: *old != program.fingerprint,
+            },
+            (Some(old), _) if *old == program.fingerprint => Step::Leave,
+            (Some(_), ProgramReload::Restart) => Step::Restart,
+            (Some(_), ProgramReload::None) => Step::KeepOld,
         };
-        (name.clone(), change)
+        (program.name.clone(), step)
     });
     let removed = old
         .iter()
         .rev()
-        .filter(|(name, _)| find(new, name).is_none())
-        .map(|(name, _)| (name.clone(), Change::Removed));
+        .filter(|(name, _)| !new.iter().any(|program| program.name == *name))
+        .map(|(name, _)| (name.clone(), Step::Stop));
     kept.chain(removed).collect()
 }
 
@@ -251,6 +285,7 @@ fn base_dir_or_current(base_dir: &Path) -> &Path {
 struct Resolved {
     name: String,
     priority: i64,
+    policy: ProgramReload,
     launch: Launch,
     fingerprint: Fingerprint,
 }
@@ -267,6 +302,7 @@ fn resolve(config: &Config, base_dir: &Path) -> Vec<Resolved> {
             Some(Resolved {
                 name: name.to_owned(),
                 priority: program.priority,
+                policy: program.reload,
                 launch,
                 fingerprint,
             })
@@ -296,13 +332,7 @@ impl Programs {
     ) -> Programs {
         let programs = resolve(config, base_dir_or_current(base_dir))
             .into_iter()
-            .filter(|resolved| {
-                !rolling_only
-                    || config
-                        .programs
-                        .get(&resolved.name)
-                        .is_some_and(|program| program.reload == ProgramReload::Rolling)
-            })
+            .filter(|resolved| !rolling_only || resolved.policy == ProgramReload::Rolling)
             .map(|resolved| ProgramHandle::start(resolved, &metrics, 1))
             .collect();
         Programs { programs, metrics }
@@ -342,14 +372,14 @@ impl Programs {
     }
 
     /// Applies a new config to the running programs (see the module documentation); new
-    /// instances start under `generation`. Returns a one-line summary (empty when there are no
-    /// programs before or after), or what failed: the
+    /// instances start under `generation`. Returns a one-line summary naming what happened to
+    /// each program, e.g. `programs: "celery" rolled, "redis" left running (unchanged, reload =
+    /// "restart")` (empty when there are no programs before or after), or what failed: the
     /// program, how its new instance ended and its last output, and which programs were already
     /// reloaded before it (those stay reloaded; the ones after it were not touched).
     ///
-    /// `rolling` and `restart` programs are replaced by their actor; a changed program with
-    /// `reload = "none"` keeps running with its old config, which it also keeps for later
-    /// restarts after an exit: the next reload still sees it as changed.
+    /// A changed program with `reload = "none"` keeps running with its old config, which it
+    /// also keeps for later restarts after an exit: the next reload still sees it as changed.
     pub async fn reload(
         &mut self,
         config: &Config,
@@ -363,9 +393,13 @@ impl Programs {
             .iter()
             .map(|program| (program.name.clone(), program.fingerprint.clone()))
             .collect();
-        let new_fingerprints: Vec<(String, Fingerprint)> = resolved
+        let planned: Vec<Planned> = resolved
             .iter()
-            .map(|program| (program.name.clone(), program.fingerprint.clone()))
+            .map(|program| Planned {
+                name: program.name.clone(),
+                fingerprint: program.fingerprint.clone(),
+                policy: program.policy,
+            })
             .collect();
         let mut new: BTreeMap<String, Resolved> = resolved
             .into_iter()
@@ -375,18 +409,37 @@ impl Programs {
             tracing::info!("{line}");
             let _ = progress.send(line);
         };
+        // What happened to each program, in plan order, for the summary; and the subset that
+        // changed something, which a later failure leaves in place.
+        let mut done: Vec<String> = Vec::new();
         let mut applied: Vec<String> = Vec::new();
-        let mut kept: Vec<String> = Vec::new();
-        let mut unchanged = 0usize;
-        for (name, change) in plan(&old, &new_fingerprints) {
-            match change {
-                Change::Unchanged => {
+        for (name, step) in plan(&old, &planned) {
+            match step {
+                Step::Leave | Step::KeepOld => {
                     if let Some(program) = new.get(&name) {
                         self.set_priority(&name, program.priority);
                     }
-                    unchanged += 1;
+                    let policy = policy_name(
+                        new.get(&name)
+                            .map_or(ProgramReload::Rolling, |program| program.policy),
+                    );
+                    if step == Step::Leave {
+                        say(format!(
+                            "program \"{name}\": unchanged, left running (reload = \"{policy}\")"
+                        ));
+                        done.push(format!(
+                            "\"{name}\" left running (unchanged, reload = \"{policy}\")"
+                        ));
+                    } else {
+                        say(format!(
+                            "program \"{name}\": changed, but reload = \"none\": it keeps running with its old config"
+                        ));
+                        done.push(format!(
+                            "\"{name}\" kept the old config (reload = \"none\")"
+                        ));
+                    }
                 }
-                Change::Added => {
+                Step::Start => {
                     let Some(program) = new.remove(&name) else {
                         continue;
                     };
@@ -395,8 +448,9 @@ impl Programs {
                     sort_into_start_order(&mut self.programs);
                     say(format!("program \"{name}\": added, started"));
                     applied.push(format!("\"{name}\" started"));
+                    done.push(format!("\"{name}\" started"));
                 }
-                Change::Removed => {
+                Step::Stop => {
                     let Some(at) = self
                         .programs
                         .iter()
@@ -408,10 +462,12 @@ impl Programs {
                     self.programs.remove(at).stop(StopMode::Graceful).await;
                     say(format!("program \"{name}\": stopped"));
                     applied.push(format!("\"{name}\" stopped"));
+                    done.push(format!("\"{name}\" stopped"));
                 }
-                Change::Changed => {
+                Step::Roll { .. } | Step::Restart => {
                     let Some(Resolved {
                         priority,
+                        policy,
                         launch,
                         fingerprint,
                         ..
@@ -426,22 +482,12 @@ impl Programs {
                     else {
                         continue;
                     };
-                    let policy = config
-                        .programs
-                        .get(&name)
-                        .map_or(ProgramReload::Rolling, |program| program.reload);
-                    if policy == ProgramReload::None {
-                        self.set_priority(&name, priority);
-                        say(format!(
-                            "program \"{name}\": changed, but reload = \"none\": it keeps running with its old config"
-                        ));
-                        kept.push(format!("\"{name}\""));
-                        continue;
-                    }
+                    let changed = step != Step::Roll { changed: false };
                     let (reply, answer) = oneshot::channel();
                     let reload = Reload {
                         launch,
                         policy,
+                        changed,
                         generation,
                         progress: progress.clone(),
                         reply,
@@ -459,11 +505,12 @@ impl Programs {
                         Err(_) => Err(format!("program \"{name}\": its actor is gone")),
                     };
                     match outcome {
-                        Ok(summary) => {
+                        Ok(Reloaded { summary, outcome }) => {
                             handle.fingerprint = fingerprint;
                             self.set_priority(&name, priority);
                             say(summary);
-                            applied.push(format!("\"{name}\" {}", policy_word(policy)));
+                            applied.push(format!("\"{name}\" {outcome}"));
+                            done.push(format!("\"{name}\" {outcome}"));
                         }
                         Err(failure) => {
                             let before = if applied.is_empty() {
@@ -480,21 +527,11 @@ impl Programs {
                 }
             }
         }
-        let mut parts = applied;
-        if !kept.is_empty() {
-            parts.push(format!(
-                "{} kept the old config (reload = \"none\")",
-                kept.join(", ")
-            ));
-        }
-        if unchanged > 0 {
-            parts.push(format!("{unchanged} unchanged"));
-        }
-        if parts.is_empty() {
+        if done.is_empty() {
             // No programs before or after: nothing to say.
             return Ok(String::new());
         }
-        Ok(format!("programs: {}", parts.join(", ")))
+        Ok(format!("programs: {}", done.join(", ")))
     }
 
     /// The status of every program, in start order.
@@ -720,13 +757,36 @@ mod tests {
         });
     }
 
-    fn fingerprints(toml: &str, base_dir: &Path) -> Vec<(String, Fingerprint)> {
+    /// The programs of `toml` as [`plan`] sees the new config.
+    fn planned(toml: &str, base_dir: &Path) -> Vec<Planned> {
         let config = proxy_conf::load_str(toml, "sauna.toml").unwrap();
         resolve(&config, base_dir)
+            .into_iter()
+            .map(|program| Planned {
+                name: program.name,
+                fingerprint: program.fingerprint,
+                policy: program.policy,
+            })
+            .collect()
+    }
+
+    /// The programs of `toml` as [`plan`] sees the running ones.
+    fn running(toml: &str, base_dir: &Path) -> Vec<(String, Fingerprint)> {
+        planned(toml, base_dir)
             .into_iter()
             .map(|program| (program.name, program.fingerprint))
             .collect()
     }
+
+    fn steps(steps: &[(&str, Step)]) -> Vec<(String, Step)> {
+        steps
+            .iter()
+            .map(|(name, step)| ((*name).to_owned(), *step))
+            .collect()
+    }
+
+    const ROLL: Step = Step::Roll { changed: true };
+    const ROLL_UNCHANGED: Step = Step::Roll { changed: false };
 
     fn order(toml: &str) -> Vec<String> {
         let config = proxy_conf::load_str(toml, "sauna.toml").unwrap();
@@ -768,71 +828,130 @@ mod tests {
     #[test]
     fn the_plan_follows_the_new_start_order_and_removes_in_reverse() {
         let base = Path::new("/tmp");
-        let old = fingerprints(
+        let old = running(
             "[programs.a]\ncommand = [\"x\"]\n[programs.b]\ncommand = [\"x\"]\npriority = 1\n[programs.c]\ncommand = [\"x\"]\npriority = 2\n",
             base,
         );
-        let new = fingerprints(
+        let new = planned(
             "[programs.z]\ncommand = [\"x\"]\npriority = 0\n[programs.y]\ncommand = [\"y\"]\n",
             base,
         );
         assert_eq!(
             plan(&old, &new),
-            [
-                ("z".to_owned(), Change::Added),
-                ("y".to_owned(), Change::Added),
+            steps(&[
+                ("z", Step::Start),
+                ("y", Step::Start),
                 // Running in the order b, c, a: stopped a, c, b.
-                ("a".to_owned(), Change::Removed),
-                ("c".to_owned(), Change::Removed),
-                ("b".to_owned(), Change::Removed),
-            ]
+                ("a", Step::Stop),
+                ("c", Step::Stop),
+                ("b", Step::Stop),
+            ])
         );
     }
 
     #[test]
-    fn a_new_priority_alone_changes_nothing() {
+    fn a_new_priority_alone_changes_no_program() {
         let base = Path::new("/tmp");
-        let plain = fingerprints(
-            "[programs.a]\ncommand = [\"x\"]\n[programs.b]\ncommand = [\"x\"]\n",
-            base,
+        let toml = |priority: i64| {
+            format!(
+                "[programs.a]\ncommand = [\"x\"]\n[programs.b]\ncommand = [\"x\"]\npriority = {priority}\n[programs.c]\ncommand = [\"x\"]\nreload = \"restart\"\npriority = {priority}\n"
+            )
+        };
+        assert_eq!(
+            plan(&running(&toml(999), base), &planned(&toml(1), base)),
+            steps(&[
+                ("b", ROLL_UNCHANGED),
+                ("c", Step::Leave),
+                ("a", ROLL_UNCHANGED),
+            ]),
+            "the new start order, and nothing counts as changed"
         );
-        let reordered = fingerprints(
-            "[programs.a]\ncommand = [\"x\"]\n[programs.b]\ncommand = [\"x\"]\npriority = 1\n",
-            base,
+    }
+
+    #[test]
+    fn rolling_programs_roll_on_every_reload_the_others_only_when_changed() {
+        let base = Path::new("/tmp");
+        let toml = |version: &str| {
+            format!(
+                r#"
+                [programs.celery]
+                command = ["celery", "worker"]
+                env = {{ V = "{version}" }}
+                [programs.worker]
+                command = ["worker"]
+                reload = "rolling"
+                [programs.broker]
+                command = ["redis-server"]
+                reload = "restart"
+                priority = 10
+                [programs.broker-v]
+                command = ["redis-server"]
+                env = {{ V = "{version}" }}
+                reload = "restart"
+                priority = 10
+                [programs.mailer]
+                command = ["mailer"]
+                reload = "none"
+                [programs.mailer-v]
+                command = ["mailer"]
+                env = {{ V = "{version}" }}
+                reload = "none"
+                "#
+            )
+        };
+        // An in-place deploy: nothing in the config changed, the code on disk did.
+        assert_eq!(
+            plan(&running(&toml("1"), base), &planned(&toml("1"), base)),
+            steps(&[
+                ("broker", Step::Leave),
+                ("broker-v", Step::Leave),
+                ("celery", ROLL_UNCHANGED),
+                ("mailer", Step::Leave),
+                ("mailer-v", Step::Leave),
+                ("worker", ROLL_UNCHANGED),
+            ])
         );
         assert_eq!(
-            plan(&plain, &reordered),
-            [
-                ("b".to_owned(), Change::Unchanged),
-                ("a".to_owned(), Change::Unchanged),
-            ]
+            plan(&running(&toml("1"), base), &planned(&toml("2"), base)),
+            steps(&[
+                ("broker", Step::Leave),
+                ("broker-v", Step::Restart),
+                ("celery", ROLL),
+                ("mailer", Step::Leave),
+                ("mailer-v", Step::KeepOld),
+                ("worker", ROLL_UNCHANGED),
+            ])
         );
     }
 
     #[test]
-    fn the_plan_sorts_programs_into_added_removed_changed_unchanged() {
+    fn the_plan_sees_what_changed_in_a_program_and_the_app() {
         let base = Path::new("/tmp");
-        let old = fingerprints(
+        let old = running(
             r#"
             [app]
             wsgi = "a:app"
             env = { A = "1" }
             [programs.same]
             command = ["sleep", "1"]
+            reload = "restart"
             [programs.gone]
             command = ["sleep", "1"]
             [programs.edited]
             command = ["sleep", "1"]
+            reload = "restart"
             [programs.envy]
             command = ["sleep", "1"]
+            reload = "restart"
             [programs.py]
             command = ["python", "-V"]
+            reload = "restart"
             "#,
             base,
         );
         // [app].wsgi matters to no program; [app].env to all of them; [app].python only to
         // a program whose command is `python`.
-        let new = fingerprints(
+        let new = planned(
             r#"
             [app]
             wsgi = "b:app"
@@ -840,13 +959,17 @@ mod tests {
             python = "/usr/bin/python3"
             [programs.same]
             command = ["sleep", "1"]
+            reload = "restart"
             [programs.edited]
             command = ["sleep", "2"]
+            reload = "restart"
             [programs.envy]
             command = ["sleep", "1"]
             env = { B = "2" }
+            reload = "restart"
             [programs.py]
             command = ["python", "-V"]
+            reload = "restart"
             [programs.fresh]
             command = ["sleep", "1"]
             "#,
@@ -854,30 +977,30 @@ mod tests {
         );
         assert_eq!(
             plan(&old, &new),
-            [
-                ("edited".to_owned(), Change::Changed),
-                ("envy".to_owned(), Change::Changed),
-                ("fresh".to_owned(), Change::Added),
-                ("py".to_owned(), Change::Changed),
-                ("same".to_owned(), Change::Unchanged),
+            steps(&[
+                ("edited", Step::Restart),
+                ("envy", Step::Restart),
+                ("fresh", Step::Start),
+                ("py", Step::Restart),
+                ("same", Step::Leave),
                 // Removed ones come last, once the new config runs.
-                ("gone".to_owned(), Change::Removed),
-            ]
+                ("gone", Step::Stop),
+            ])
         );
-        // A new `reload` policy alone is a change of the program's keys, too.
-        let policy = fingerprints(
+        // A new `reload` policy alone is a change of the program's keys, too: the new policy
+        // applies.
+        let plain = running("[programs.same]\ncommand = [\"sleep\", \"1\"]\n", base);
+        let restart = planned(
             "[programs.same]\ncommand = [\"sleep\", \"1\"]\nreload = \"restart\"\n",
             base,
         );
-        let plain = fingerprints("[programs.same]\ncommand = [\"sleep\", \"1\"]\n", base);
-        assert_eq!(
-            plan(&plain, &policy),
-            [("same".to_owned(), Change::Changed)]
+        assert_eq!(plan(&plain, &restart), steps(&[("same", Step::Restart)]));
+        let to_rolling = running(
+            "[programs.same]\ncommand = [\"sleep\", \"1\"]\nreload = \"none\"\n",
+            base,
         );
-        assert_eq!(
-            plan(&plain, &plain),
-            [("same".to_owned(), Change::Unchanged)]
-        );
+        let rolling = planned("[programs.same]\ncommand = [\"sleep\", \"1\"]\n", base);
+        assert_eq!(plan(&to_rolling, &rolling), steps(&[("same", ROLL)]));
     }
 
     #[test]
@@ -894,38 +1017,48 @@ mod tests {
             python = "current/venv/bin/python"
             [programs.worker]
             command = ["sleep", "1"]
+            reload = "restart"
             [programs.elsewhere]
             command = ["sleep", "1"]
             directory = "/"
+            reload = "restart"
             [programs.pinned]
             command = ["/bin/sleep", "1"]
             directory = "/"
+            reload = "restart"
             [programs.venv]
             command = ["python", "-V"]
             directory = "/"
+            reload = "restart"
+            [programs.rolling]
+            command = ["sleep", "1"]
             "#;
-        let before = fingerprints(toml, dir.path());
+        let before = running(toml, dir.path());
         assert_eq!(
-            plan(&before, &fingerprints(toml, dir.path()))
-                .iter()
-                .filter(|(_, change)| *change != Change::Unchanged)
-                .count(),
-            0,
-            "same target, nothing to do"
+            plan(&before, &planned(toml, dir.path())),
+            steps(&[
+                ("elsewhere", Step::Leave),
+                ("pinned", Step::Leave),
+                ("rolling", ROLL_UNCHANGED),
+                ("venv", Step::Leave),
+                ("worker", Step::Leave),
+            ]),
+            "same target: only the rolling program rolls"
         );
         std::fs::remove_file(&current).unwrap();
         std::os::unix::fs::symlink("r2", &current).unwrap();
-        let after = fingerprints(toml, dir.path());
         assert_eq!(
-            plan(&before, &after),
-            [
-                ("elsewhere".to_owned(), Change::Unchanged),
-                ("pinned".to_owned(), Change::Unchanged),
-                // Its interpreter lives in the release.
-                ("venv".to_owned(), Change::Changed),
+            plan(&before, &planned(toml, dir.path())),
+            steps(&[
+                ("elsewhere", Step::Leave),
+                ("pinned", Step::Leave),
                 // Its working directory is the release.
-                ("worker".to_owned(), Change::Changed),
-            ]
+                ("rolling", ROLL),
+                // Its interpreter lives in the release.
+                ("venv", Step::Restart),
+                // Its working directory is the release.
+                ("worker", Step::Restart),
+            ])
         );
     }
 
@@ -1170,7 +1303,7 @@ mod tests {
             assert_eq!(instances.len(), 1, "{instances:#?}");
             assert_eq!((instances[0].index, instances[0].generation), (0, 2));
             assert!(old.iter().all(|pid| !alive(*pid)));
-            assert_eq!(lines.iter().filter(|line| line.contains("new instance")).count(), 1);
+            assert_eq!(lines.iter().filter(|line| line.contains(" up (pid")).count(), 1);
             programs.shutdown(StopMode::Fast).await;
         });
     }
@@ -1178,9 +1311,10 @@ mod tests {
     #[test]
     fn reload_starts_added_and_stops_removed_programs() {
         runtime().block_on(async {
-            let mut programs = start(
-                "[programs.old]\ncommand = [\"sleep\", \"300\"]\n[programs.same]\ncommand = [\"sleep\", \"300\"]\n",
-            );
+            let same_toml = "[programs.same]\ncommand = [\"sleep\", \"300\"]\nreload = \"restart\"\n";
+            let mut programs = start(&format!(
+                "[programs.old]\ncommand = [\"sleep\", \"300\"]\n{same_toml}"
+            ));
             let status = wait_for(&programs, "started", |status| {
                 status.iter().all(|p| p.instances[0].pid.is_some())
             })
@@ -1188,13 +1322,13 @@ mod tests {
             let (old, same) = (status[0].instances[0].pid.unwrap(), status[1].instances[0].pid.unwrap());
             let (outcome, _) = reload(
                 &mut programs,
-                "[programs.new]\ncommand = [\"sleep\", \"300\"]\n[programs.same]\ncommand = [\"sleep\", \"300\"]\n",
+                &format!("[programs.new]\ncommand = [\"sleep\", \"300\"]\n{same_toml}"),
                 2,
             )
             .await;
             assert_eq!(
                 outcome.unwrap(),
-                "programs: \"new\" started, \"old\" stopped, 1 unchanged"
+                "programs: \"new\" started, \"same\" left running (unchanged, reload = \"restart\"), \"old\" stopped"
             );
             let status = programs.status().await;
             let names: Vec<&str> = status.iter().map(|p| p.name.as_str()).collect();
@@ -1211,7 +1345,7 @@ mod tests {
         runtime().block_on(async {
             let toml = |a: i64, b: i64| {
                 format!(
-                    "[programs.a]\ncommand = [\"sleep\", \"300\"]\nready_after = \"0s\"\npriority = {a}\n[programs.b]\ncommand = [\"sleep\", \"300\"]\nready_after = \"0s\"\npriority = {b}\n"
+                    "[programs.a]\ncommand = [\"sleep\", \"300\"]\nready_after = \"0s\"\nreload = \"restart\"\npriority = {a}\n[programs.b]\ncommand = [\"sleep\", \"300\"]\nready_after = \"0s\"\nreload = \"none\"\npriority = {b}\n"
                 )
             };
             let mut programs = start(&toml(1, 2));
@@ -1223,12 +1357,71 @@ mod tests {
             assert_eq!(names, ["a", "b"]);
             let pids: Vec<Option<u32>> = status.iter().map(|p| p.instances[0].pid).collect();
             let (outcome, _) = reload(&mut programs, &toml(2, 1), 2).await;
-            assert_eq!(outcome.unwrap(), "programs: 2 unchanged");
+            assert_eq!(
+                outcome.unwrap(),
+                "programs: \"b\" left running (unchanged, reload = \"none\"), \"a\" left running (unchanged, reload = \"restart\")"
+            );
             let status = programs.status().await;
             let names: Vec<&str> = status.iter().map(|p| p.name.as_str()).collect();
             assert_eq!(names, ["b", "a"], "status lists the new start order");
             let now: Vec<Option<u32>> = status.iter().map(|p| p.instances[0].pid).collect();
             assert_eq!(now, [pids[1], pids[0]], "nothing was restarted");
+            programs.shutdown(StopMode::Fast).await;
+        });
+    }
+
+    #[test]
+    fn an_unchanged_rolling_program_is_rolled_new_first_on_every_reload() {
+        runtime().block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let toml = recording(dir.path(), "celery", "");
+            let mut programs = start(&toml);
+            let status = wait_for(&programs, "running", |status| {
+                status[0].state == InstanceState::Running
+            })
+            .await;
+            let mut old = status[0].instances[0].pid.unwrap();
+            for generation in [2, 3] {
+                let (outcome, lines) = reload(&mut programs, &toml, generation).await;
+                assert_eq!(outcome.unwrap(), "programs: \"celery\" rolled");
+                assert!(
+                    lines
+                        .iter()
+                        .any(|line| line.contains("config unchanged; rolling it")),
+                    "{lines:#?}"
+                );
+                let status = programs.status().await;
+                let instance = &status[0].instances[0];
+                let new = instance.pid.unwrap();
+                assert_ne!(new, old);
+                assert_eq!(instance.generation, generation);
+                assert!(!alive(old));
+                let term = recorded(dir.path(), "term", old) as f64 / 1e9;
+                let gap = term - instance.started_at.unwrap();
+                assert!(gap >= 0.6, "old stopped {gap} s after the new start");
+                old = new;
+            }
+            programs.shutdown(StopMode::Fast).await;
+        });
+    }
+
+    #[test]
+    fn an_unchanged_one_shot_program_that_exited_is_not_run_again() {
+        runtime().block_on(async {
+            let toml = "[programs.once]\ncommand = [\"true\"]\nrestart = \"on-failure\"\nready_after = \"0s\"\n";
+            let mut programs = start(toml);
+            wait_for(&programs, "exited", |status| {
+                status[0].state == InstanceState::Exited
+            })
+            .await;
+            let (outcome, _) = reload(&mut programs, toml, 2).await;
+            assert_eq!(
+                outcome.unwrap(),
+                "programs: \"once\" left exited (restart = \"on-failure\")"
+            );
+            let status = programs.status().await;
+            assert_eq!(status[0].instances[0].generation, 1);
+            assert_eq!(status[0].instances[0].restarts, 0);
             programs.shutdown(StopMode::Fast).await;
         });
     }
@@ -1244,6 +1437,7 @@ mod tests {
             restarts: 0,
             last_exit: None,
             last_exit_at: None,
+            last_output: None,
             recent_exits: Vec::new(),
             rss_bytes: None,
             detail: None,

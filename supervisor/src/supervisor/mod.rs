@@ -887,6 +887,10 @@ impl Supervisor {
             generation: self.generation,
             uptime_seconds: self.started.elapsed().as_secs(),
             config: self.loaded.path.display().to_string(),
+            config_path: std::path::absolute(&self.loaded.path)
+                .unwrap_or_else(|_| self.loaded.path.clone())
+                .display()
+                .to_string(),
             pool: None,
             programs: serde_json::Value::Array(Vec::new()),
             beat: None,
