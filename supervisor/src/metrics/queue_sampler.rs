@@ -6,7 +6,8 @@
 //! those beat jobs publish to, and `[metrics].queues`. The broker is `[metrics].broker`, else
 //! `[beat].broker`, else `[redis].broker`, logged in to with `[redis]`'s password when the URL
 //! has none. A queue's length is the sum of LLEN over its kombu keys — the queue name and
-//! its priority keys `<queue>\x06\x16{3,6,9}` (protocols.md §2.1). This module neither publishes
+//! its priority keys `<queue>\x06\x16{3,6,9}` (kombu's `kombu/transport/redis.py`:
+//! `PRIORITY_STEPS` and the `\x06\x16` separator in `_q_for_pri`). This module neither publishes
 //! nor consumes messages, and does not know about apps that rename Celery's default queue
 //! (`task_default_queue`): such queues belong in `[metrics].queues`.
 
