@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use super::actor::Actor;
 use super::state::WorkerState;
 use crate::process::backoff::{Backoff, CrashWindow};
+use crate::process::procfs;
 use crate::web::worker;
 
 /// How often worker RSS is sampled.
@@ -104,7 +105,7 @@ impl Actor {
                 }
             }
             let Some(pid) = worker.pid else { continue };
-            let Some(rss) = read_rss(pid) else {
+            let Some(rss) = procfs::rss(pid) else {
                 continue;
             };
             worker.rss = rss;
@@ -150,15 +151,6 @@ impl Actor {
         }
         self.pump_recycling();
     }
-}
-
-/// Resident set size of `pid` from /proc/PID/statm (resident pages × page size).
-fn read_rss(pid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    let pages: u64 = text.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf only reads a configuration value.
-    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    Some(pages * u64::try_from(page_size).unwrap_or(4096))
 }
 
 #[cfg(test)]
