@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::rollout::{PoolReloadError, Rollout};
 use super::slots::{CRASH_LOOP, RSS_INTERVAL, Slot, request_limit};
-use super::state::{Ending, Worker, WorkerState, WorkerStatus};
+use super::state::{Ending, RestartReason, Worker, WorkerState, WorkerStatus};
 use super::{Command, HANDOVER_LINGER, PoolError, PoolStatus};
 use crate::metrics::Metrics;
 use crate::supervisor::lifecycle::StopMode;
@@ -32,7 +32,7 @@ pub(super) struct Actor {
     pub(super) next_id: WorkerId,
     pub(super) workers: BTreeMap<WorkerId, Worker>,
     pub(super) slots: Vec<Slot>,
-    pub(super) recycle_queue: VecDeque<(WorkerId, &'static str)>,
+    pub(super) recycle_queue: VecDeque<(WorkerId, RestartReason)>,
     pub(super) recycling: Option<WorkerId>,
     pub(super) events_tx: mpsc::UnboundedSender<Event>,
     pub(super) events: mpsc::UnboundedReceiver<Event>,
@@ -47,7 +47,7 @@ impl Actor {
     pub(super) fn spawn_worker(
         &mut self,
         slot: usize,
-        replaces: Option<(WorkerId, &'static str)>,
+        replaces: Option<(WorkerId, RestartReason)>,
     ) -> WorkerId {
         let launch = Arc::clone(&self.launch);
         self.spawn_worker_as(slot, replaces, self.generation, launch)
@@ -58,7 +58,7 @@ impl Actor {
     pub(super) fn spawn_worker_as(
         &mut self,
         slot: usize,
-        replaces: Option<(WorkerId, &'static str)>,
+        replaces: Option<(WorkerId, RestartReason)>,
         generation: u64,
         launch: Arc<Launch>,
     ) -> WorkerId {
@@ -217,10 +217,7 @@ impl Actor {
         self.dispatcher
             .add_worker(id, slot, generation, slots, limit);
         if let Some((old, reason)) = replaces {
-            self.metrics
-                .worker_restarts_total
-                .with_label_values(&[reason])
-                .inc();
+            reason.count(&self.metrics);
             self.retire(old, Ending::Replaced);
         }
         self.publish_states();
@@ -270,10 +267,7 @@ impl Actor {
                     }
                     self.pump_recycling();
                 } else if worker.ending == Ending::Unexpected {
-                    self.metrics
-                        .worker_restarts_total
-                        .with_label_values(&["crash"])
-                        .inc();
+                    RestartReason::Crash.count(&self.metrics);
                     if !self.roll_refills() {
                         self.schedule_restart(worker.slot);
                     }
@@ -330,10 +324,7 @@ impl Actor {
                     worker.pid.unwrap_or_default()
                 );
                 tracing::error!("{message}");
-                self.metrics
-                    .worker_restarts_total
-                    .with_label_values(&["crash"])
-                    .inc();
+                RestartReason::Crash.count(&self.metrics);
                 if let Some(slot) = self.slots.get_mut(worker.slot) {
                     slot.last_error = Some(message);
                 }
@@ -368,7 +359,8 @@ impl Actor {
     fn on_notice(&mut self, notice: Notice) {
         match notice {
             Notice::RecycleWanted(id) => {
-                self.recycle_queue.push_back((id, "max_requests"));
+                self.recycle_queue
+                    .push_back((id, RestartReason::MaxRequests));
                 self.pump_recycling();
             }
             Notice::TimedOut {
@@ -381,10 +373,7 @@ impl Actor {
                 self.dispatcher.retire(id);
                 worker.state = WorkerState::Killing;
                 worker.ending = Ending::TimedOut;
-                self.metrics
-                    .worker_restarts_total
-                    .with_label_values(&["timeout"])
-                    .inc();
+                RestartReason::Timeout.count(&self.metrics);
                 if let Some(slot) = self.slots.get_mut(worker.slot) {
                     slot.last_error = Some(context.clone());
                 }
@@ -402,10 +391,7 @@ impl Actor {
                 self.dispatcher.remove(id);
                 worker.state = WorkerState::Killing;
                 worker.ending = Ending::Broken;
-                self.metrics
-                    .worker_restarts_total
-                    .with_label_values(&["crash"])
-                    .inc();
+                RestartReason::Crash.count(&self.metrics);
                 let _ = worker.commands.send(worker::Command::Kill);
                 self.publish_states();
             }
@@ -429,7 +415,8 @@ impl Actor {
             tracing::info!(
                 worker = worker.slot,
                 pid = worker.pid,
-                "recycling web worker ({reason})"
+                "recycling web worker ({})",
+                reason.label()
             );
             let slot = worker.slot;
             self.recycling = Some(old);
@@ -449,10 +436,7 @@ impl Actor {
             for _ in 0..delta {
                 let slot = self.slots.len();
                 self.slots.push(Slot::default());
-                self.metrics
-                    .worker_restarts_total
-                    .with_label_values(&["scale"])
-                    .inc();
+                RestartReason::Scale.count(&self.metrics);
                 self.spawn_worker(slot, None);
             }
         } else {
@@ -470,10 +454,7 @@ impl Actor {
                     .map(|(id, _)| *id)
                     .collect();
                 for id in ids {
-                    self.metrics
-                        .worker_restarts_total
-                        .with_label_values(&["scale"])
-                        .inc();
+                    RestartReason::Scale.count(&self.metrics);
                     self.retire(id, Ending::Removed);
                 }
             }

@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 
 use super::actor::Actor;
 use super::slots::Slot;
-use super::state::{Ending, Worker, WorkerState};
+use super::state::{Ending, RestartReason, Worker, WorkerState};
 use super::{ReloadRequest, Rolled, front_config, queue_limits, wanted_workers};
 use crate::supervisor::lifecycle::Progress;
 use crate::web::front::{self, FrontConfig, WarmUpAnswer};
@@ -405,10 +405,7 @@ impl Actor {
             .map(|(id, _)| *id)
             .collect();
         for id in replaced {
-            self.metrics
-                .worker_restarts_total
-                .with_label_values(&["reload"])
-                .inc();
+            RestartReason::Reload.count(&self.metrics);
             self.retire(id, Ending::Replaced);
         }
         // Recycles and crash restarts of the old release in progress give way: the roll
@@ -473,7 +470,7 @@ impl Actor {
                         && worker.state == WorkerState::Ready
                 })
                 .map(|(id, _)| *id);
-            self.spawn_worker(slot, old.map(|id| (id, "reload")));
+            self.spawn_worker(slot, old.map(|id| (id, RestartReason::Reload)));
             return;
         }
         let leftovers: Vec<WorkerId> = self
@@ -486,10 +483,7 @@ impl Actor {
             .map(|(id, _)| *id)
             .collect();
         for id in leftovers {
-            self.metrics
-                .worker_restarts_total
-                .with_label_values(&["reload"])
-                .inc();
+            RestartReason::Reload.count(&self.metrics);
             self.retire(id, Ending::Removed);
         }
         self.slots.truncate(wanted);
@@ -709,10 +703,7 @@ impl Actor {
             worker.pid.unwrap_or_default()
         );
         tracing::error!(worker = worker.slot, "{message}");
-        self.metrics
-            .worker_restarts_total
-            .with_label_values(&["crash"])
-            .inc();
+        RestartReason::Crash.count(&self.metrics);
         if let Some(slot) = self.slots.get_mut(worker.slot) {
             slot.last_error = Some(message.clone());
         }

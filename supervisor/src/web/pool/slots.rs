@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use super::actor::Actor;
-use super::state::WorkerState;
+use super::state::{RestartReason, WorkerState};
 use crate::process::backoff::{Backoff, CrashWindow};
 use crate::process::procfs;
 use crate::web::worker;
@@ -135,7 +135,7 @@ impl Actor {
         }
         for id in over {
             if !self.recycle_queue.iter().any(|(queued, _)| *queued == id) {
-                self.recycle_queue.push_back((id, "max_rss"));
+                self.recycle_queue.push_back((id, RestartReason::MaxRss));
             }
         }
         for id in overdue {

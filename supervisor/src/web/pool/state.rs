@@ -1,6 +1,6 @@
 //! What a worker is in the pool: its state, the actor's record of it, why its process is expected
-//! to end, what `status` reports about workers and the pool, and the labels of the `workers`
-//! gauge.
+//! to end, why workers are replaced, what `status` reports about workers and the pool, and the
+//! labels of the `workers` gauge and of `sauna_worker_restarts_total`.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -9,6 +9,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use super::actor::Actor;
+use crate::metrics::Metrics;
 use crate::web::worker::{self, WorkerId};
 
 /// The state of one worker or worker slot, as `status` shows it.
@@ -67,12 +68,51 @@ pub struct PoolStatus {
     pub workers: Vec<WorkerStatus>,
 }
 
+/// Why a worker was replaced or added: the `reason` label of `sauna_worker_restarts_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartReason {
+    /// It exited unexpectedly, failed to start, or broke its channel.
+    Crash,
+    /// A request passed `[web].timeout`; it was killed.
+    Timeout,
+    /// It served `[web].max_requests` (plus its jitter); recycled.
+    MaxRequests,
+    /// Its memory stayed above `[web].max_rss`; recycled.
+    MaxRss,
+    /// A reload rolled its slot to another generation.
+    Reload,
+    /// `TTIN`/`TTOU` added or removed a worker.
+    Scale,
+}
+
+impl RestartReason {
+    /// The `reason` label of `sauna_worker_restarts_total`, also written in the log.
+    pub fn label(self) -> &'static str {
+        match self {
+            RestartReason::Crash => "crash",
+            RestartReason::Timeout => "timeout",
+            RestartReason::MaxRequests => "max_requests",
+            RestartReason::MaxRss => "max_rss",
+            RestartReason::Reload => "reload",
+            RestartReason::Scale => "scale",
+        }
+    }
+
+    /// Counts one restart for this reason in `sauna_worker_restarts_total`.
+    pub(super) fn count(self, metrics: &Metrics) {
+        metrics
+            .worker_restarts_total
+            .with_label_values(&[self.label()])
+            .inc();
+    }
+}
+
 /// Why a worker's process is expected to end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Ending {
     /// It should not end: an exit is a crash.
     Unexpected,
-    /// Replaced; `reason` is the `worker_restarts_total` label already counted.
+    /// Replaced; the restart was counted when its replacement became ready.
     Replaced,
     /// Killed after a timeout; restart the slot at once.
     TimedOut,
@@ -90,7 +130,7 @@ pub(super) struct Worker {
     pub(super) state: WorkerState,
     pub(super) commands: mpsc::UnboundedSender<worker::Command>,
     /// Replaces this worker once ready.
-    pub(super) replaces: Option<(WorkerId, &'static str)>,
+    pub(super) replaces: Option<(WorkerId, RestartReason)>,
     pub(super) ending: Ending,
     pub(super) rss: u64,
     pub(super) rss_over: u32,
@@ -125,5 +165,29 @@ impl Actor {
         for (state, count) in counts {
             self.metrics.workers.with_label_values(&[state]).set(count);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_reasons_are_the_labels_metrics_registers() {
+        use RestartReason::*;
+        // Metric label values are an interface (dashboards, alerts): they never change.
+        let labels = [Crash, Timeout, MaxRequests, MaxRss, Reload, Scale].map(RestartReason::label);
+        assert_eq!(labels, crate::metrics::WORKER_RESTART_REASONS);
+        assert_eq!(
+            labels,
+            [
+                "crash",
+                "timeout",
+                "max_requests",
+                "max_rss",
+                "reload",
+                "scale"
+            ]
+        );
     }
 }
