@@ -6,7 +6,8 @@
 //! - `actor`: the actor's loop — worker events, dispatcher notices, recycling, scaling, stop;
 //! - `rollout`: the reload state machine (canary, warm-up, roll, rollback);
 //! - `slots`: per-slot crash backoff and crash-loop protection, RSS sampling;
-//! - `state`: worker state, what `status` reports, and the `workers` gauge's labels.
+//! - `state`: the worker states and their legal transitions (one table), restart reasons, what
+//!   `status` reports, and the labels of the `workers` gauge and of the restart counter.
 //!
 //! Workers are numbered by *slot* (0 … workers-1, the `worker` label of the metrics) and carry the
 //! *generation* they were started under. A slot can briefly hold two workers while one is being

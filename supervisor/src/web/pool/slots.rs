@@ -100,7 +100,7 @@ impl Actor {
         let mut overdue = Vec::new();
         for (id, worker) in &mut self.workers {
             if let Some(deadline) = worker.drain_deadline {
-                if now >= deadline && worker.state == WorkerState::Draining {
+                if now >= deadline && worker.state() == WorkerState::Draining {
                     overdue.push(*id);
                 }
             }
@@ -109,7 +109,7 @@ impl Actor {
                 continue;
             };
             worker.rss = rss;
-            if worker.state == WorkerState::Ready {
+            if worker.state() == WorkerState::Ready {
                 self.metrics
                     .worker_rss_bytes
                     .with_label_values(&[&worker.slot.to_string()])
@@ -145,7 +145,7 @@ impl Actor {
                     pid = worker.pid,
                     "draining web worker did not finish in time; killing it"
                 );
-                worker.state = WorkerState::Killing;
+                worker.set_state(WorkerState::Killing);
                 let _ = worker.commands.send(worker::Command::Kill);
             }
         }
