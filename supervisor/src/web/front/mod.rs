@@ -45,7 +45,7 @@ use tokio::task::JoinHandle;
 
 use crate::metrics::Metrics;
 use crate::web::dispatch::Dispatcher;
-use crate::web::worker::frame::{self, FLAG_PULL, FLAG_TERMINATED, HEADER_LEN, Kind};
+use crate::web::worker::frame::RequestFrame;
 use body::{BodyError, RequestBody};
 use environ::{Connection, EnvironConfig};
 use exchange::{Completion, Event, Exchange, ExchangeError, ResponseBody, Streaming};
@@ -647,10 +647,9 @@ async fn respond(
         }
     };
 
-    let mut request_frame = BytesMut::with_capacity(1024);
-    request_frame.extend_from_slice(&[0; HEADER_LEN]);
+    let mut request = RequestFrame::new(1024);
     if let Err(error) = environ::write_environ(
-        &mut request_frame,
+        request.environ(),
         &parts,
         connection,
         body.len(),
@@ -668,22 +667,15 @@ async fn respond(
             completion,
         );
     }
-    let environ_len = u32::try_from(request_frame.len() - HEADER_LEN).unwrap_or(u32::MAX);
-    let (flags, offset) = match &body {
-        RequestBody::Memory(bytes) if body.len() <= INLINE_BODY => {
-            request_frame.extend_from_slice(bytes);
-            (0, body.len())
-        }
-        _ => (FLAG_PULL, 0),
-    };
     // The body is always complete and CONTENT_LENGTH always set, but an app reading a chunked
     // request may rely on `wsgi.input_terminated` (Werkzeug, mod_wsgi and gunicorn's convention).
-    let flags = if parts.headers.contains_key(header::TRANSFER_ENCODING) {
-        flags | FLAG_TERMINATED
-    } else {
-        flags
+    let terminated = parts.headers.contains_key(header::TRANSFER_ENCODING);
+    let (request_frame, offset) = match &body {
+        RequestBody::Memory(bytes) if body.len() <= INLINE_BODY => {
+            (request.inline_body(bytes, terminated), body.len())
+        }
+        _ => (request.pulled_body(terminated), 0),
     };
-    frame::patch_header(&mut request_frame, 0, Kind::Request, flags, environ_len);
 
     let lease = match front.dispatcher.acquire().await {
         Ok(lease) => lease,
@@ -806,16 +798,14 @@ pub async fn warm_up(
         .body(())
         .map_err(|error| format!("[web].warmup {path:?} is not a request path: {error}"))?;
     let (parts, ()) = request.into_parts();
-    let mut request_frame = BytesMut::with_capacity(512);
-    request_frame.extend_from_slice(&[0; HEADER_LEN]);
+    let mut request = RequestFrame::new(512);
     let connection = Connection {
         peer: None,
         local: None,
     };
-    environ::write_environ(&mut request_frame, &parts, &connection, 0, &config.environ)
+    environ::write_environ(request.environ(), &parts, &connection, 0, &config.environ)
         .map_err(|error| format!("[web].warmup {path:?}: {error}"))?;
-    let environ_len = u32::try_from(request_frame.len() - HEADER_LEN).unwrap_or(u32::MAX);
-    frame::patch_header(&mut request_frame, 0, Kind::Request, 0, environ_len);
+    let request_frame = request.inline_body(&[], false);
     let mut exchange = Exchange::new(
         lease,
         request_frame,
