@@ -1,6 +1,6 @@
 //! The wire format between the HTTP front and a worker (protocol version 1), and the buffered,
 //! poll-based reader/writer of one worker channel. It owns the byte layout only: what a request
-//! or a response means is decided by `web::exchange` (Rust side) and `shim.py` (Python side).
+//! or a response means is decided by `front::exchange` (Rust side) and `shim.py` (Python side).
 //!
 //! Every frame is a 12-byte little-endian header followed by `len` payload bytes:
 //!
