@@ -358,6 +358,15 @@ mod tests {
     }
 
     #[test]
+    fn only_an_exit_nobody_asked_for_is_a_crash() {
+        let crashes: Vec<WorkerState> = ALL
+            .into_iter()
+            .filter(|state| state.exit_is_a_crash())
+            .collect();
+        assert_eq!(crashes, [Starting, Ready]);
+    }
+
+    #[test]
     fn status_and_the_gauge_show_the_states_they_always_did() {
         let shown: Vec<String> = ALL
             .iter()
