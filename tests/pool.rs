@@ -1,6 +1,6 @@
 //! The web pool through real CPython workers: WSGI behaviour (every test app is wrapped in
 //! `wsgiref.validate.validator`), timeouts, crashes, recycling, the queue, slow uploads and real
-//! frameworks. Most tests drive `Pool::start` directly (a library API) and talk raw HTTP/1.1 over
+//! frameworks. Most tests drive `pool::start` directly (a library API) and talk raw HTTP/1.1 over
 //! TCP, so that pipelining, chunked bodies and bad requests are visible exactly as sent.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use proxy_conf::{AppConfig, ByteSize, WebConfig};
 use sauna_supervisor::metrics::Metrics;
 use sauna_supervisor::supervisor::lifecycle::StopMode;
-use sauna_supervisor::web::pool::{Pool, PoolError, PoolHandle, PoolStatus};
+use sauna_supervisor::web::pool::{self, PoolError, PoolHandle, PoolStatus};
 
 use crate::util::{self, Sandbox};
 
@@ -241,7 +241,7 @@ fn try_start(
         .try_init();
     let runtime = runtime();
     let metrics = Arc::new(Metrics::new().expect("metrics"));
-    let result = runtime.block_on(Pool::start(app, web, dir, Arc::clone(&metrics)));
+    let result = runtime.block_on(pool::start(app, web, dir, Arc::clone(&metrics)));
     (runtime, result, metrics)
 }
 

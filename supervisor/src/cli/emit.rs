@@ -202,20 +202,7 @@ fn grafana_file() -> emit::File {
 
 /// The machine the files are generated on: total memory and CPUs (Celery's default concurrency).
 pub fn machine() -> Machine {
-    let memory = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find_map(|line| line.strip_prefix("MemTotal:"))
-                .and_then(|rest| {
-                    rest.trim()
-                        .trim_end_matches("kB")
-                        .trim()
-                        .parse::<u64>()
-                        .ok()
-                })
-        })
-        .map_or(1 << 30, |kib| kib * 1024);
+    let memory = crate::process::procfs::mem_total().unwrap_or(1 << 30);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
     Machine { memory, cpus }
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::{ConfigArg, EXIT_NOT_RUNNING, EXIT_USAGE};
 use crate::control::{ControlError, ErrorKind, Replies, Request, ResponseBody};
+use crate::process::procfs;
 use crate::supervisor::lifecycle::StopMode;
 
 /// How long `status` and `stop` wait for each answer line.
@@ -281,18 +282,9 @@ fn answer_error(body: ResponseBody) -> anyhow::Error {
 /// a deploy script can start a new one right after.
 fn wait_for_exit(pid: u32, timeout: Duration) {
     let deadline = Instant::now() + timeout;
-    let proc_path = format!("/proc/{pid}");
-    while std::path::Path::new(&proc_path).exists() && Instant::now() < deadline {
-        // A zombie still has a /proc entry; its parent (not us) reaps it.
-        if let Ok(stat) = std::fs::read_to_string(format!("{proc_path}/stat")) {
-            if stat
-                .rsplit(')')
-                .next()
-                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
-            {
-                return;
-            }
-        }
+    // A zombie still has a /proc entry; its parent (not us) reaps it.
+    while procfs::stat(pid).is_some_and(|process| process.state != 'Z') && Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(20));
     }
 }

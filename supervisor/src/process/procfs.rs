@@ -1,6 +1,7 @@
-//! What `/proc` says about processes: the resident memory of a program instance's whole process
-//! tree, whether its process group still has live members, and the process list the group
-//! reaper scans.
+//! What `/proc` says about processes and the machine: one process's state and resident memory
+//! (a web worker's RSS, whether a stopped supervisor is gone), the resident memory of a program
+//! instance's whole process tree, whether its process group still has live members, the process
+//! list the group reaper scans, and the machine's total memory (`emit`'s sizing).
 //!
 //! A Celery worker's memory lives mostly in its prefork children, so the leader's own RSS says
 //! little: the tree is every process descending from the leader (by parent pid) plus every
@@ -67,6 +68,19 @@ pub fn tree_members(processes: &[ProcStat], root: u32) -> BTreeSet<u32> {
     members
 }
 
+/// What `/proc/PID/stat` says about `pid`, or `None` when there is no such process (or it
+/// vanished while being read). A zombie is still there, with state `Z`.
+pub fn stat(pid: u32) -> Option<ProcStat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&text)
+}
+
+/// Resident memory in bytes of the single process `pid` (not its children), or `None` when it is
+/// gone.
+pub fn rss(pid: u32) -> Option<u64> {
+    stat(pid).map(|process| process.rss_pages.saturating_mul(page_size()))
+}
+
 /// Every process visible in `proc_root` (normally `/proc`); processes that vanish while being
 /// read are skipped.
 pub fn read_processes(proc_root: &Path) -> Vec<ProcStat> {
@@ -109,6 +123,24 @@ pub fn group_alive(pgid: u32) -> bool {
         .any(|process| process.pgrp == pgid && process.state != 'Z')
 }
 
+/// The machine's total memory in bytes, from the `MemTotal:` line of `/proc/meminfo`.
+pub fn mem_total() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_mem_total(&text)
+}
+
+fn parse_mem_total(meminfo: &str) -> Option<u64> {
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib.saturating_mul(1024))
+}
+
 fn page_size() -> u64 {
     // SAFETY: sysconf only reads a constant of the running kernel; it has no preconditions.
     let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
@@ -119,7 +151,7 @@ fn page_size() -> u64 {
 mod tests {
     use super::*;
 
-    fn stat(pid: u32, ppid: u32, pgrp: u32, rss_pages: u64) -> ProcStat {
+    fn sample(pid: u32, ppid: u32, pgrp: u32, rss_pages: u64) -> ProcStat {
         ProcStat {
             pid,
             ppid,
@@ -132,7 +164,7 @@ mod tests {
     #[test]
     fn parses_a_name_with_spaces_and_parentheses() {
         let text = "4242 (celery (worker) x) S 4200 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 3 0 12345 99999 2560 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0\n";
-        assert_eq!(parse_stat(text), Some(stat(4242, 4200, 4242, 2560)));
+        assert_eq!(parse_stat(text), Some(sample(4242, 4200, 4242, 2560)));
         let zombie = text.replace(") S ", ") Z ");
         assert_eq!(parse_stat(&zombie).map(|stat| stat.state), Some('Z'));
         assert_eq!(parse_stat("garbage"), None);
@@ -141,13 +173,13 @@ mod tests {
     #[test]
     fn tree_has_descendants_and_group_members_but_not_strangers() {
         let processes = [
-            stat(1, 0, 1, 1),
-            stat(100, 1, 100, 10),   // the leader
-            stat(101, 100, 100, 20), // prefork child
-            stat(102, 101, 100, 30), // grandchild
-            stat(103, 1, 100, 40),   // orphaned group member, re-parented to init
-            stat(104, 103, 104, 50), // its child in a group of its own
-            stat(200, 1, 200, 60),   // unrelated
+            sample(1, 0, 1, 1),
+            sample(100, 1, 100, 10),   // the leader
+            sample(101, 100, 100, 20), // prefork child
+            sample(102, 101, 100, 30), // grandchild
+            sample(103, 1, 100, 40),   // orphaned group member, re-parented to init
+            sample(104, 103, 104, 50), // its child in a group of its own
+            sample(200, 1, 200, 60),   // unrelated
         ];
         let members: Vec<u32> = tree_members(&processes, 100).into_iter().collect();
         assert_eq!(members, [100, 101, 102, 103, 104]);
@@ -158,7 +190,35 @@ mod tests {
     fn measures_this_test_process() {
         let rss = tree_rss(std::process::id()).expect("this process exists");
         assert!(rss > 1 << 20, "{rss}");
+        // Sampled apart from the tree (and other tests allocate meanwhile): only the order of
+        // magnitude is comparable.
+        let own = super::rss(std::process::id()).expect("this process exists");
+        assert!(own > 1 << 20, "{own}");
+        let me = stat(std::process::id()).expect("this process exists");
+        assert_eq!(me.pid, std::process::id());
+        assert_ne!(me.state, 'Z');
         let own_group = nix::unistd::getpgrp().as_raw().unsigned_abs();
         assert!(group_alive(own_group));
+    }
+
+    #[test]
+    fn a_process_that_is_gone_has_no_stat() {
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
+        let pid = child.id();
+        child.wait().expect("reap true");
+        // Reaped, so the pid is free; reuse within this instant is practically impossible.
+        assert_eq!(stat(pid), None);
+        assert_eq!(rss(pid), None);
+    }
+
+    #[test]
+    fn reads_mem_total_in_bytes() {
+        let meminfo = "MemTotal:        8041232 kB\nMemFree:          123456 kB\n";
+        assert_eq!(parse_mem_total(meminfo), Some(8_041_232 * 1024));
+        assert_eq!(parse_mem_total("MemFree: 1 kB\n"), None);
+        assert_eq!(parse_mem_total("MemTotal: lots\n"), None);
+        assert!(mem_total().is_some_and(|bytes| bytes > 1 << 20));
     }
 }

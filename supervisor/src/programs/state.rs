@@ -1,16 +1,19 @@
 //! The restart policy of one program instance as a pure state machine: the states an instance
-//! can be in, the legal transitions between them (one table, [`ALLOWED_TRANSITIONS`]), the
-//! exponential backoff between restarts and the crash-loop detector that gives up.
+//! can be in, the legal transitions between them (one table, [`ALLOWED_TRANSITIONS`]), and the
+//! decision after an exit — restart after a backoff, stay down, or give up in a crash loop. The
+//! backoff arithmetic and the crash window are [`crate::process::backoff`]'s, shared with the web
+//! pool; the policy (the floor, the keys of `[programs.NAME]`, giving up) is here.
 //!
 //! Nothing here touches a process, a clock or a channel: the actor passes in what happened (an
 //! exit, and the instants it observed) and acts on the [`Decision`] it gets back. That keeps the
 //! arithmetic testable without sleeping, and the actor free of policy.
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use proxy_conf::{ProgramConfig, RestartPolicy};
 use serde::Serialize;
+
+use crate::process::backoff::{Backoff, CrashWindow};
 
 /// The shortest delay before a restart; delays double from here up to `backoff_max`.
 pub const BACKOFF_FLOOR: Duration = Duration::from_secs(1);
@@ -116,20 +119,12 @@ pub enum Decision {
     },
 }
 
-/// The delay before restart number `step` (0-based since the last stable run):
-/// `BACKOFF_FLOOR × 2^step`, capped at `max`. A cap below the floor is used as is, so a test or
-/// an impatient operator can ask for quick restarts.
-pub fn backoff_delay(step: u32, max: Duration) -> Duration {
-    let factor = 1u32.checked_shl(step).unwrap_or(u32::MAX);
-    BACKOFF_FLOOR.saturating_mul(factor).min(max)
-}
-
 /// One instance's memory of its recent exits: the backoff step and the exits inside the crash
 /// window.
 #[derive(Debug, Clone, Default)]
 pub struct RestartHistory {
     step: u32,
-    exits: VecDeque<Instant>,
+    exits: CrashWindow,
 }
 
 impl RestartHistory {
@@ -155,29 +150,26 @@ impl RestartHistory {
         if !wanted {
             return Decision::StayDown;
         }
-        self.exits.push_back(now);
-        while let Some(&oldest) = self.exits.front() {
-            if now.saturating_duration_since(oldest) > rules.crash_window {
-                self.exits.pop_front();
-            } else {
-                break;
-            }
-        }
-        let exits = u32::try_from(self.exits.len()).unwrap_or(u32::MAX);
+        let exits = self.exits.record(now, rules.crash_window);
+        let exits = u32::try_from(exits).unwrap_or(u32::MAX);
         if rules.crash_limit > 0 && exits >= rules.crash_limit {
             return Decision::GiveUp {
                 exits,
                 window: rules.crash_window,
             };
         }
-        let delay = backoff_delay(self.step, rules.backoff_max);
+        let backoff = Backoff {
+            floor: BACKOFF_FLOOR,
+            max: rules.backoff_max,
+        };
+        let delay = backoff.delay(self.step);
         self.step = self.step.saturating_add(1);
         Decision::Restart { delay }
     }
 
     /// The exits inside the current crash window, oldest first.
     pub fn recent_exits(&self) -> impl Iterator<Item = Instant> + '_ {
-        self.exits.iter().copied()
+        self.exits.iter()
     }
 }
 
@@ -282,19 +274,20 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_from_one_second_to_the_cap() {
-        let max = Duration::from_secs(60);
-        let delays: Vec<u64> = (0..8).map(|n| backoff_delay(n, max).as_secs()).collect();
-        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 60, 60]);
-        assert_eq!(backoff_delay(u32::MAX, max), max, "no overflow");
-        assert_eq!(backoff_delay(40, Duration::MAX), BACKOFF_FLOOR * u32::MAX);
-    }
-
-    #[test]
     fn a_cap_below_the_floor_is_used_as_is() {
-        let max = Duration::from_millis(200);
-        assert_eq!(backoff_delay(0, max), max);
-        assert_eq!(backoff_delay(3, max), max);
+        let mut rules = rules(RestartPolicy::Always);
+        rules.backoff_max = Duration::from_millis(200);
+        rules.crash_limit = 0;
+        let mut history = RestartHistory::default();
+        let now = Instant::now();
+        for _ in 0..3 {
+            assert_eq!(
+                history.on_exit(&rules, false, now, now),
+                Decision::Restart {
+                    delay: rules.backoff_max
+                }
+            );
+        }
     }
 
     #[test]

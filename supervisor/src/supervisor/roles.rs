@@ -51,7 +51,7 @@ impl Roles {
         let pool = match &loaded.config.web {
             Some(web) => {
                 let pool_dir = loaded.config_dir();
-                let pool = crate::web::pool::Pool::start_on(
+                let pool = crate::web::pool::start_on(
                     &loaded.config.app,
                     web,
                     &pool_dir,
@@ -283,18 +283,14 @@ impl Roles {
                 summary.push(rolled);
             }
             (None, Some(web)) => {
-                let pool = crate::web::pool::Pool::start(
-                    &new.config.app,
-                    web,
-                    &base_dir,
-                    Arc::clone(metrics),
-                )
-                .await
-                .map_err(|error| RoleReloadError {
-                    role: "web pool".to_owned(),
-                    message: format!("the new web pool did not start: {error}"),
-                    detail: None,
-                })?;
+                let pool =
+                    crate::web::pool::start(&new.config.app, web, &base_dir, Arc::clone(metrics))
+                        .await
+                        .map_err(|error| RoleReloadError {
+                            role: "web pool".to_owned(),
+                            message: format!("the new web pool did not start: {error}"),
+                            detail: None,
+                        })?;
                 self.pool = Some(pool);
                 summary.push("web pool started".to_owned());
             }

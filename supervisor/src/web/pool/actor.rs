@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::rollout::{PoolReloadError, Rollout};
 use super::slots::{CRASH_LOOP, RSS_INTERVAL, Slot, request_limit};
-use super::state::{Ending, Worker, WorkerState, WorkerStatus};
+use super::state::{RestartReason, Worker, WorkerState, WorkerStatus};
 use super::{Command, HANDOVER_LINGER, PoolError, PoolStatus};
 use crate::metrics::Metrics;
 use crate::supervisor::lifecycle::StopMode;
@@ -32,7 +32,7 @@ pub(super) struct Actor {
     pub(super) next_id: WorkerId,
     pub(super) workers: BTreeMap<WorkerId, Worker>,
     pub(super) slots: Vec<Slot>,
-    pub(super) recycle_queue: VecDeque<(WorkerId, &'static str)>,
+    pub(super) recycle_queue: VecDeque<(WorkerId, RestartReason)>,
     pub(super) recycling: Option<WorkerId>,
     pub(super) events_tx: mpsc::UnboundedSender<Event>,
     pub(super) events: mpsc::UnboundedReceiver<Event>,
@@ -47,7 +47,7 @@ impl Actor {
     pub(super) fn spawn_worker(
         &mut self,
         slot: usize,
-        replaces: Option<(WorkerId, &'static str)>,
+        replaces: Option<(WorkerId, RestartReason)>,
     ) -> WorkerId {
         let launch = Arc::clone(&self.launch);
         self.spawn_worker_as(slot, replaces, self.generation, launch)
@@ -58,7 +58,7 @@ impl Actor {
     pub(super) fn spawn_worker_as(
         &mut self,
         slot: usize,
-        replaces: Option<(WorkerId, &'static str)>,
+        replaces: Option<(WorkerId, RestartReason)>,
         generation: u64,
         launch: Arc<Launch>,
     ) -> WorkerId {
@@ -66,24 +66,8 @@ impl Actor {
         self.next_id += 1;
         let label = format!("web worker {slot}");
         let commands = worker::spawn(id, label, launch, self.events_tx.clone());
-        self.workers.insert(
-            id,
-            Worker {
-                slot,
-                generation,
-                pid: None,
-                state: WorkerState::Starting,
-                commands,
-                replaces,
-                ending: Ending::Unexpected,
-                rss: 0,
-                rss_over: 0,
-                served: 0,
-                in_flight: 0,
-                ready_at: None,
-                drain_deadline: None,
-            },
-        );
+        self.workers
+            .insert(id, Worker::starting(slot, generation, commands, replaces));
         self.publish_states();
         id
     }
@@ -93,7 +77,7 @@ impl Actor {
         while self
             .workers
             .values()
-            .any(|worker| worker.state == WorkerState::Starting)
+            .any(|worker| worker.state() == WorkerState::Starting)
         {
             let Some(event) = self.events.recv().await else {
                 return Err(PoolError::Config("the worker tasks stopped".to_owned()));
@@ -210,40 +194,55 @@ impl Actor {
             return;
         };
         worker.pid = Some(pid);
-        worker.state = WorkerState::Ready;
+        if worker.state() != WorkerState::Starting {
+            // Retired or killed while it was importing, and the kill is on its way: it must
+            // neither take requests nor stand in for the worker it was to replace.
+            tracing::debug!(
+                worker = worker.slot,
+                pid,
+                "web worker ready while being killed; ignored"
+            );
+            return;
+        }
+        worker.set_state(WorkerState::Ready);
         worker.ready_at = Some(Instant::now());
         let (slot, generation, replaces) = (worker.slot, worker.generation, worker.replaces.take());
         tracing::info!(worker = slot, pid, generation, "web worker ready");
         self.dispatcher
             .add_worker(id, slot, generation, slots, limit);
         if let Some((old, reason)) = replaces {
-            self.metrics
-                .worker_restarts_total
-                .with_label_values(&[reason])
-                .inc();
-            self.retire(old, Ending::Replaced);
+            reason.count(&self.metrics);
+            self.retire(old);
         }
         self.publish_states();
         self.rollout_worker_ready(id, pid, slot, generation);
     }
 
-    /// Stops routing to a worker; it exits by itself once its last request ends.
-    pub(super) fn retire(&mut self, id: WorkerId, ending: Ending) {
+    /// Takes a worker out of service for good: a ready one stops getting requests and exits by
+    /// itself once its last request ends, a starting one is killed, and the slot of one being
+    /// killed after a timeout is no longer refilled for it.
+    pub(super) fn retire(&mut self, id: WorkerId) {
         let grace = self.web.graceful_timeout.get() + self.web.timeout.get();
-        if let Some(worker) = self.workers.get_mut(&id) {
-            worker.ending = ending;
-            match worker.state {
-                WorkerState::Starting => {
-                    let _ = worker.commands.send(worker::Command::Kill);
-                    worker.state = WorkerState::Killing;
-                }
-                WorkerState::Ready => {
-                    worker.state = WorkerState::Draining;
-                    worker.drain_deadline = Some(Instant::now() + grace);
-                    self.dispatcher.retire(id);
-                }
-                _ => {}
+        let Some(worker) = self.workers.get_mut(&id) else {
+            return;
+        };
+        match worker.state() {
+            WorkerState::Starting => {
+                let _ = worker.commands.send(worker::Command::Kill);
+                worker.set_state(WorkerState::Killing);
             }
+            WorkerState::Ready => {
+                worker.set_state(WorkerState::Draining);
+                worker.drain_deadline = Some(Instant::now() + grace);
+                self.dispatcher.retire(id);
+            }
+            WorkerState::Restarting => {
+                worker.set_state(WorkerState::Killing);
+            }
+            WorkerState::Draining
+            | WorkerState::Killing
+            | WorkerState::Backoff
+            | WorkerState::CrashLoop => {}
         }
     }
 
@@ -269,11 +268,8 @@ impl Actor {
                         self.recycling = None;
                     }
                     self.pump_recycling();
-                } else if worker.ending == Ending::Unexpected {
-                    self.metrics
-                        .worker_restarts_total
-                        .with_label_values(&["crash"])
-                        .inc();
+                } else if worker.state().exit_is_a_crash() {
+                    RestartReason::Crash.count(&self.metrics);
                     if !self.roll_refills() {
                         self.schedule_restart(worker.slot);
                     }
@@ -302,20 +298,23 @@ impl Actor {
         if self.recycling == Some(id) {
             self.recycling = None;
         }
-        if worker.ending == Ending::Unexpected && self.rollout_worker_exited(id, &worker, how) {
+        if worker.state().exit_is_a_crash() && self.rollout_worker_exited(id, &worker, how) {
             self.pump_recycling();
             self.publish_states();
             return;
         }
-        match worker.ending {
-            Ending::Replaced | Ending::Removed => {
+        match worker.state() {
+            WorkerState::Draining
+            | WorkerState::Killing
+            | WorkerState::Backoff
+            | WorkerState::CrashLoop => {
                 tracing::info!(
                     worker = worker.slot,
                     pid = worker.pid,
                     "web worker stopped ({how})"
                 );
             }
-            Ending::TimedOut | Ending::Broken => {
+            WorkerState::Restarting => {
                 if worker.slot < self.slots.len()
                     && !self.roll_refills()
                     && !self.slot_has_successor(worker.slot, id)
@@ -323,17 +322,14 @@ impl Actor {
                     self.spawn_worker(worker.slot, None);
                 }
             }
-            Ending::Unexpected => {
+            WorkerState::Starting | WorkerState::Ready => {
                 let message = format!(
                     "web worker {} (pid {}) exited unexpectedly: {how}",
                     worker.slot,
                     worker.pid.unwrap_or_default()
                 );
                 tracing::error!("{message}");
-                self.metrics
-                    .worker_restarts_total
-                    .with_label_values(&["crash"])
-                    .inc();
+                RestartReason::Crash.count(&self.metrics);
                 if let Some(slot) = self.slots.get_mut(worker.slot) {
                     slot.last_error = Some(message);
                 }
@@ -361,14 +357,15 @@ impl Actor {
         self.workers.iter().any(|(id, worker)| {
             *id != except
                 && worker.slot == slot
-                && matches!(worker.state, WorkerState::Starting | WorkerState::Ready)
+                && matches!(worker.state(), WorkerState::Starting | WorkerState::Ready)
         })
     }
 
     fn on_notice(&mut self, notice: Notice) {
         match notice {
             Notice::RecycleWanted(id) => {
-                self.recycle_queue.push_back((id, "max_requests"));
+                self.recycle_queue
+                    .push_back((id, RestartReason::MaxRequests));
                 self.pump_recycling();
             }
             Notice::TimedOut {
@@ -379,12 +376,11 @@ impl Actor {
                     return;
                 };
                 self.dispatcher.retire(id);
-                worker.state = WorkerState::Killing;
-                worker.ending = Ending::TimedOut;
-                self.metrics
-                    .worker_restarts_total
-                    .with_label_values(&["timeout"])
-                    .inc();
+                // One already being killed for good stays so: its slot is not refilled for it.
+                if worker.state() != WorkerState::Killing {
+                    worker.set_state(WorkerState::Restarting);
+                }
+                RestartReason::Timeout.count(&self.metrics);
                 if let Some(slot) = self.slots.get_mut(worker.slot) {
                     slot.last_error = Some(context.clone());
                 }
@@ -400,12 +396,10 @@ impl Actor {
                 };
                 tracing::error!(worker = worker.slot, "web worker replaced: {reason}");
                 self.dispatcher.remove(id);
-                worker.state = WorkerState::Killing;
-                worker.ending = Ending::Broken;
-                self.metrics
-                    .worker_restarts_total
-                    .with_label_values(&["crash"])
-                    .inc();
+                if worker.state() != WorkerState::Killing {
+                    worker.set_state(WorkerState::Restarting);
+                }
+                RestartReason::Crash.count(&self.metrics);
                 let _ = worker.commands.send(worker::Command::Kill);
                 self.publish_states();
             }
@@ -423,13 +417,14 @@ impl Actor {
             let Some(worker) = self.workers.get(&old) else {
                 continue;
             };
-            if worker.state != WorkerState::Ready || worker.slot >= self.slots.len() {
+            if worker.state() != WorkerState::Ready || worker.slot >= self.slots.len() {
                 continue;
             }
             tracing::info!(
                 worker = worker.slot,
                 pid = worker.pid,
-                "recycling web worker ({reason})"
+                "recycling web worker ({})",
+                reason.label()
             );
             let slot = worker.slot;
             self.recycling = Some(old);
@@ -449,10 +444,7 @@ impl Actor {
             for _ in 0..delta {
                 let slot = self.slots.len();
                 self.slots.push(Slot::default());
-                self.metrics
-                    .worker_restarts_total
-                    .with_label_values(&["scale"])
-                    .inc();
+                RestartReason::Scale.count(&self.metrics);
                 self.spawn_worker(slot, None);
             }
         } else {
@@ -470,11 +462,8 @@ impl Actor {
                     .map(|(id, _)| *id)
                     .collect();
                 for id in ids {
-                    self.metrics
-                        .worker_restarts_total
-                        .with_label_values(&["scale"])
-                        .inc();
-                    self.retire(id, Ending::Removed);
+                    RestartReason::Scale.count(&self.metrics);
+                    self.retire(id);
                 }
             }
         }
@@ -496,7 +485,7 @@ impl Actor {
                 slot: worker.slot,
                 pid: worker.pid,
                 generation: worker.generation,
-                state: worker.state,
+                state: worker.state(),
                 requests: worker.served,
                 in_flight: worker.in_flight,
                 rss_bytes: worker.rss,
@@ -558,11 +547,10 @@ impl Actor {
         let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
         for id in ids {
             match mode {
-                StopMode::Graceful => self.retire(id, Ending::Removed),
+                StopMode::Graceful => self.retire(id),
                 StopMode::Fast => {
                     if let Some(worker) = self.workers.get_mut(&id) {
-                        worker.ending = Ending::Removed;
-                        worker.state = WorkerState::Killing;
+                        worker.set_state(WorkerState::Killing);
                         let _ = worker.commands.send(worker::Command::Kill);
                     }
                 }

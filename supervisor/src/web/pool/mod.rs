@@ -6,7 +6,8 @@
 //! - `actor`: the actor's loop — worker events, dispatcher notices, recycling, scaling, stop;
 //! - `rollout`: the reload state machine (canary, warm-up, roll, rollback);
 //! - `slots`: per-slot crash backoff and crash-loop protection, RSS sampling;
-//! - `state`: worker state, what `status` reports, and the `workers` gauge's labels.
+//! - `state`: the worker states and their legal transitions (one table), restart reasons, what
+//!   `status` reports, and the labels of the `workers` gauge and of the restart counter.
 //!
 //! Workers are numbered by *slot* (0 … workers-1, the `worker` label of the metrics) and carry the
 //! *generation* they were started under. A slot can briefly hold two workers while one is being
@@ -137,10 +138,6 @@ fn front_config(web: &WebConfig) -> Result<FrontConfig, String> {
     })
 }
 
-/// The pool's entry point.
-#[derive(Debug)]
-pub struct Pool;
-
 /// The main loop's handle on a running pool.
 #[derive(Debug)]
 pub struct PoolHandle {
@@ -149,91 +146,87 @@ pub struct PoolHandle {
     listen: Vec<String>,
 }
 
-impl Pool {
-    /// Binds every listen address, starts the workers and resolves once each reported ready.
-    /// Fails with the address that cannot be bound, or the traceback of a worker whose import
-    /// failed (every started worker is stopped again).
-    pub async fn start(
-        app: &AppConfig,
-        web: &WebConfig,
-        base_dir: &Path,
-        metrics: Arc<Metrics>,
-    ) -> Result<PoolHandle, PoolError> {
-        Pool::start_on(app, web, base_dir, metrics, None).await
+/// Binds every listen address, starts the workers and resolves once each reported ready. Fails
+/// with the address that cannot be bound, or the traceback of a worker whose import failed (every
+/// started worker is stopped again).
+pub async fn start(
+    app: &AppConfig,
+    web: &WebConfig,
+    base_dir: &Path,
+    metrics: Arc<Metrics>,
+) -> Result<PoolHandle, PoolError> {
+    start_on(app, web, base_dir, metrics, None).await
+}
+
+/// [`start`] on `listeners` (one per `[web].listen` entry, in order) when given: the sockets a
+/// successor adopted in an upgrade. The front accepts on them only once every worker is ready,
+/// so until then their connections go to the old supervisor.
+pub async fn start_on(
+    app: &AppConfig,
+    web: &WebConfig,
+    base_dir: &Path,
+    metrics: Arc<Metrics>,
+    listeners: Option<Vec<front::Listener>>,
+) -> Result<PoolHandle, PoolError> {
+    let threads = usize::try_from(web.threads).unwrap_or(1).max(1);
+    let launch = Arc::new(
+        Launch::new(app, base_dir, threads, web.reload_timeout.get()).map_err(PoolError::Config)?,
+    );
+    let config = front_config(web).map_err(PoolError::Config)?;
+    let listeners = match listeners {
+        Some(listeners) => listeners,
+        None => front::bind(&web.listen, web.backlog)?,
+    };
+    let listen = listeners.iter().map(front::Listener::address).collect();
+
+    let (notices_tx, notices) = mpsc::unbounded_channel();
+    let (queue_size, queue_timeout) = queue_limits(web);
+    let dispatcher = Dispatcher::new(queue_size, queue_timeout, Arc::clone(&metrics), notices_tx);
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let (warm_ups_tx, warm_ups) = mpsc::unbounded_channel();
+    let mut actor = Actor {
+        launch,
+        web: web.clone(),
+        dispatcher: Arc::clone(&dispatcher),
+        metrics: Arc::clone(&metrics),
+        front: None,
+        listen,
+        generation: 1,
+        next_id: 1,
+        workers: BTreeMap::new(),
+        slots: Vec::new(),
+        recycle_queue: VecDeque::new(),
+        recycling: None,
+        events_tx,
+        events,
+        notices,
+        stack_context: BTreeMap::new(),
+        rollout: None,
+        warm_ups_tx,
+        warm_ups,
+    };
+    dispatcher.set_generation(actor.generation);
+    metrics.generation.set(1);
+    let wanted = usize::try_from(web.workers).unwrap_or(1).max(1);
+    for slot in 0..wanted {
+        actor.slots.push(Slot::default());
+        actor.spawn_worker(slot, None);
     }
+    actor.wait_all_ready().await?;
 
-    /// [`Pool::start`] on `listeners` (one per `[web].listen` entry, in order) when given: the
-    /// sockets a successor adopted in an upgrade. The front accepts on them only once every
-    /// worker is ready, so until then their connections go to the old supervisor.
-    pub async fn start_on(
-        app: &AppConfig,
-        web: &WebConfig,
-        base_dir: &Path,
-        metrics: Arc<Metrics>,
-        listeners: Option<Vec<front::Listener>>,
-    ) -> Result<PoolHandle, PoolError> {
-        let threads = usize::try_from(web.threads).unwrap_or(1).max(1);
-        let launch = Arc::new(
-            Launch::new(app, base_dir, threads, web.reload_timeout.get())
-                .map_err(PoolError::Config)?,
-        );
-        let config = front_config(web).map_err(PoolError::Config)?;
-        let listeners = match listeners {
-            Some(listeners) => listeners,
-            None => front::bind(&web.listen, web.backlog)?,
-        };
-        let listen = listeners.iter().map(front::Listener::address).collect();
-
-        let (notices_tx, notices) = mpsc::unbounded_channel();
-        let (queue_size, queue_timeout) = queue_limits(web);
-        let dispatcher =
-            Dispatcher::new(queue_size, queue_timeout, Arc::clone(&metrics), notices_tx);
-        let (events_tx, events) = mpsc::unbounded_channel();
-        let (warm_ups_tx, warm_ups) = mpsc::unbounded_channel();
-        let mut actor = Actor {
-            launch,
-            web: web.clone(),
-            dispatcher: Arc::clone(&dispatcher),
-            metrics: Arc::clone(&metrics),
-            front: None,
-            listen,
-            generation: 1,
-            next_id: 1,
-            workers: BTreeMap::new(),
-            slots: Vec::new(),
-            recycle_queue: VecDeque::new(),
-            recycling: None,
-            events_tx,
-            events,
-            notices,
-            stack_context: BTreeMap::new(),
-            rollout: None,
-            warm_ups_tx,
-            warm_ups,
-        };
-        dispatcher.set_generation(actor.generation);
-        metrics.generation.set(1);
-        let wanted = usize::try_from(web.workers).unwrap_or(1).max(1);
-        for slot in 0..wanted {
-            actor.slots.push(Slot::default());
-            actor.spawn_worker(slot, None);
-        }
-        actor.wait_all_ready().await?;
-
-        let front = Arc::new(Front::new(config, dispatcher, metrics));
-        actor.front = Some(front::serve(
-            web.listen.iter().cloned().zip(listeners).collect(),
-            front,
-        ));
-        let listen = actor.listen.clone();
-        let (commands, receiver) = mpsc::unbounded_channel();
-        let task = tokio::spawn(actor.run(receiver));
-        Ok(PoolHandle {
-            commands,
-            task,
-            listen,
-        })
-    }
+    let front = Arc::new(Front::new(config, dispatcher, metrics));
+    actor.front = Some(front::serve(
+        web.listen.iter().cloned().zip(listeners).collect(),
+        front,
+    ));
+    let listen = actor.listen.clone();
+    let (commands, receiver) = mpsc::unbounded_channel();
+    let task = tokio::spawn(actor.run(receiver));
+    Ok(PoolHandle {
+        commands,
+        task,
+        listen,
+    })
 }
 
 impl PoolHandle {

@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 
 use super::actor::Actor;
 use super::slots::Slot;
-use super::state::{Ending, Worker, WorkerState};
+use super::state::{RestartReason, Worker, WorkerState};
 use super::{ReloadRequest, Rolled, front_config, queue_limits, wanted_workers};
 use crate::supervisor::lifecycle::Progress;
 use crate::web::front::{self, FrontConfig, WarmUpAnswer};
@@ -400,16 +400,13 @@ impl Actor {
                 **id != canary
                     && worker.slot == canary_slot
                     && worker.generation != new.generation
-                    && matches!(worker.state, WorkerState::Ready | WorkerState::Starting)
+                    && matches!(worker.state(), WorkerState::Ready | WorkerState::Starting)
             })
             .map(|(id, _)| *id)
             .collect();
         for id in replaced {
-            self.metrics
-                .worker_restarts_total
-                .with_label_values(&["reload"])
-                .inc();
-            self.retire(id, Ending::Replaced);
+            RestartReason::Reload.count(&self.metrics);
+            self.retire(id);
         }
         // Recycles and crash restarts of the old release in progress give way: the roll
         // replaces those slots with the new release anyway.
@@ -417,12 +414,12 @@ impl Actor {
             .workers
             .iter()
             .filter(|(_, worker)| {
-                worker.generation != new.generation && worker.state == WorkerState::Starting
+                worker.generation != new.generation && worker.state() == WorkerState::Starting
             })
             .map(|(id, _)| *id)
             .collect();
         for id in starting_old {
-            self.retire(id, Ending::Removed);
+            self.retire(id);
         }
         self.recycling = None;
         self.recycle_queue.clear();
@@ -447,7 +444,7 @@ impl Actor {
         if self
             .workers
             .values()
-            .any(|worker| worker.generation == target && worker.state == WorkerState::Starting)
+            .any(|worker| worker.generation == target && worker.state() == WorkerState::Starting)
         {
             return;
         }
@@ -455,7 +452,7 @@ impl Actor {
             let served = self.workers.values().any(|worker| {
                 worker.slot == slot
                     && worker.generation == target
-                    && worker.state == WorkerState::Ready
+                    && worker.state() == WorkerState::Ready
             });
             if served {
                 continue;
@@ -470,27 +467,24 @@ impl Actor {
                 .find(|(_, worker)| {
                     worker.slot == slot
                         && worker.generation != target
-                        && worker.state == WorkerState::Ready
+                        && worker.state() == WorkerState::Ready
                 })
                 .map(|(id, _)| *id);
-            self.spawn_worker(slot, old.map(|id| (id, "reload")));
+            self.spawn_worker(slot, old.map(|id| (id, RestartReason::Reload)));
             return;
         }
         let leftovers: Vec<WorkerId> = self
             .workers
             .iter()
             .filter(|(_, worker)| {
-                matches!(worker.state, WorkerState::Ready | WorkerState::Starting)
+                matches!(worker.state(), WorkerState::Ready | WorkerState::Starting)
                     && (worker.slot >= wanted || worker.generation != target)
             })
             .map(|(id, _)| *id)
             .collect();
         for id in leftovers {
-            self.metrics
-                .worker_restarts_total
-                .with_label_values(&["reload"])
-                .inc();
-            self.retire(id, Ending::Removed);
+            RestartReason::Reload.count(&self.metrics);
+            self.retire(id);
         }
         self.slots.truncate(wanted);
         self.finish_rollout();
@@ -567,8 +561,7 @@ impl Actor {
         match rollout.phase {
             Phase::Canary(canary) | Phase::WarmUp(canary) => {
                 if let Some(worker) = self.workers.get_mut(&canary) {
-                    worker.ending = Ending::Removed;
-                    worker.state = WorkerState::Killing;
+                    worker.set_state(WorkerState::Killing);
                     let _ = worker.commands.send(worker::Command::Kill);
                 }
                 self.dispatcher.remove(canary);
@@ -605,12 +598,13 @@ impl Actor {
                     .workers
                     .iter()
                     .filter(|(_, worker)| {
-                        worker.generation == new_generation && worker.state == WorkerState::Starting
+                        worker.generation == new_generation
+                            && worker.state() == WorkerState::Starting
                     })
                     .map(|(id, _)| *id)
                     .collect();
                 for id in starting_new {
-                    self.retire(id, Ending::Removed);
+                    self.retire(id);
                 }
                 self.advance_rollout();
             }
@@ -633,7 +627,7 @@ impl Actor {
                         !self.workers.values().any(|worker| {
                             worker.slot == *slot
                                 && matches!(
-                                    worker.state,
+                                    worker.state(),
                                     WorkerState::Ready | WorkerState::Starting
                                 )
                         })
@@ -666,7 +660,7 @@ impl Actor {
                 format!("the canary worker of generation {}", worker.generation)
             }
             Phase::Rolling | Phase::RollingBack
-                if worker.generation == self.generation && worker.ending == Ending::Unexpected =>
+                if worker.generation == self.generation && worker.state().exit_is_a_crash() =>
             {
                 format!(
                     "web worker {} of generation {}",
@@ -709,10 +703,7 @@ impl Actor {
             worker.pid.unwrap_or_default()
         );
         tracing::error!(worker = worker.slot, "{message}");
-        self.metrics
-            .worker_restarts_total
-            .with_label_values(&["crash"])
-            .inc();
+        RestartReason::Crash.count(&self.metrics);
         if let Some(slot) = self.slots.get_mut(worker.slot) {
             slot.last_error = Some(message.clone());
         }

@@ -1,11 +1,14 @@
-//! Per-slot bookkeeping of the pool actor: restart backoff after a crash (doubling, capped, with
-//! crash-loop protection), the per-worker `max_requests` limit, and RSS sampling for `max_rss`
-//! recycling and for draining workers that overstay `graceful_timeout`.
+//! Per-slot bookkeeping of the pool actor: the restart policy after a crash (0.1 s doubling to
+//! 30 s, and crash-loop protection, on the shared [`crate::process::backoff`] arithmetic), the
+//! per-worker `max_requests` limit, and RSS sampling for `max_rss` recycling and for draining
+//! workers that overstay `graceful_timeout`.
 
 use std::time::{Duration, Instant};
 
 use super::actor::Actor;
-use super::state::WorkerState;
+use super::state::{RestartReason, WorkerState};
+use crate::process::backoff::{Backoff, CrashWindow};
+use crate::process::procfs;
 use crate::web::worker;
 
 /// How often worker RSS is sampled.
@@ -16,26 +19,27 @@ const RSS_SAMPLES: u32 = 2;
 const CRASH_WINDOW: Duration = Duration::from_secs(60);
 /// A slot with this many crashes within `CRASH_WINDOW` is in a crash loop.
 pub(super) const CRASH_LOOP: usize = 5;
-/// Longest delay before restarting a crashed slot.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Delays before restarting a crashed slot: short at first (a one-off crash costs little
+/// capacity), at most 30 s.
+const BACKOFF: Backoff = Backoff {
+    floor: Duration::from_millis(100),
+    max: Duration::from_secs(30),
+};
 
 #[derive(Debug, Default)]
 pub(super) struct Slot {
-    pub(super) crashes: Vec<Instant>,
+    pub(super) crashes: CrashWindow,
     pub(super) restart_at: Option<Instant>,
     pub(super) last_error: Option<String>,
 }
 
 /// Delay before restarting a slot that crashed `recent` times within the crash window: 0.1 s,
-/// doubling, capped at `MAX_BACKOFF`; a crash loop waits the cap.
+/// doubling, capped at 30 s; a crash loop waits the cap.
 fn restart_delay(recent: usize) -> Duration {
     if recent >= CRASH_LOOP {
-        return MAX_BACKOFF;
+        return BACKOFF.max;
     }
-    let exponent = u32::try_from(recent.saturating_sub(1))
-        .unwrap_or(u32::MAX)
-        .min(16);
-    (Duration::from_millis(100) * 2u32.pow(exponent)).min(MAX_BACKOFF)
+    BACKOFF.delay(u32::try_from(recent.saturating_sub(1)).unwrap_or(u32::MAX))
 }
 
 /// `max_requests` plus a per-worker random part of the jitter; `None` when recycling by count is off.
@@ -63,16 +67,12 @@ impl Actor {
             return;
         };
         let now = Instant::now();
-        slot.crashes
-            .retain(|at| now.duration_since(*at) < CRASH_WINDOW);
-        slot.crashes.push(now);
-        let delay = restart_delay(slot.crashes.len());
-        if slot.crashes.len() >= CRASH_LOOP {
+        let recent = slot.crashes.record(now, CRASH_WINDOW);
+        let delay = restart_delay(recent);
+        if recent >= CRASH_LOOP {
             tracing::error!(
                 worker = slot_index,
-                "web worker slot {slot_index} crashed {} times within {:?}; next restart in {delay:?}",
-                slot.crashes.len(),
-                CRASH_WINDOW
+                "web worker slot {slot_index} crashed {recent} times within {CRASH_WINDOW:?}; next restart in {delay:?}"
             );
         }
         slot.restart_at = Some(now + delay);
@@ -100,14 +100,16 @@ impl Actor {
         let mut overdue = Vec::new();
         for (id, worker) in &mut self.workers {
             if let Some(deadline) = worker.drain_deadline {
-                if now >= deadline && worker.state == WorkerState::Draining {
+                if now >= deadline && worker.state() == WorkerState::Draining {
                     overdue.push(*id);
                 }
             }
             let Some(pid) = worker.pid else { continue };
-            let Some(rss) = read_rss(pid) else { continue };
+            let Some(rss) = procfs::rss(pid) else {
+                continue;
+            };
             worker.rss = rss;
-            if worker.state == WorkerState::Ready {
+            if worker.state() == WorkerState::Ready {
                 self.metrics
                     .worker_rss_bytes
                     .with_label_values(&[&worker.slot.to_string()])
@@ -133,7 +135,7 @@ impl Actor {
         }
         for id in over {
             if !self.recycle_queue.iter().any(|(queued, _)| *queued == id) {
-                self.recycle_queue.push_back((id, "max_rss"));
+                self.recycle_queue.push_back((id, RestartReason::MaxRss));
             }
         }
         for id in overdue {
@@ -143,21 +145,12 @@ impl Actor {
                     pid = worker.pid,
                     "draining web worker did not finish in time; killing it"
                 );
-                worker.state = WorkerState::Killing;
+                worker.set_state(WorkerState::Killing);
                 let _ = worker.commands.send(worker::Command::Kill);
             }
         }
         self.pump_recycling();
     }
-}
-
-/// Resident set size of `pid` from /proc/PID/statm (resident pages × page size).
-fn read_rss(pid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    let pages: u64 = text.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf only reads a configuration value.
-    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    Some(pages * u64::try_from(page_size).unwrap_or(4096))
 }
 
 #[cfg(test)]
@@ -169,8 +162,8 @@ mod tests {
         assert_eq!(restart_delay(1), Duration::from_millis(100));
         assert_eq!(restart_delay(2), Duration::from_millis(200));
         assert_eq!(restart_delay(4), Duration::from_millis(800));
-        assert_eq!(restart_delay(CRASH_LOOP), MAX_BACKOFF);
-        assert_eq!(restart_delay(100), MAX_BACKOFF);
+        assert_eq!(restart_delay(CRASH_LOOP), Duration::from_secs(30));
+        assert_eq!(restart_delay(100), Duration::from_secs(30));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The wire format between the HTTP front and a worker (protocol version 1), and the buffered,
 //! poll-based reader/writer of one worker channel. It owns the byte layout only: what a request
-//! or a response means is decided by `web::exchange` (Rust side) and `shim.py` (Python side).
+//! or a response means is decided by `front::exchange` (Rust side) and `shim.py` (Python side).
 //!
 //! Every frame is a 12-byte little-endian header followed by `len` payload bytes:
 //!
@@ -115,12 +115,64 @@ pub fn put_header(out: &mut BytesMut, kind: Kind, flags: u8, arg: u32, len: usiz
     out.extend_from_slice(&[kind as u8, flags, 0, 0]);
 }
 
-/// Writes the header of a frame whose payload was appended after a `HEADER_LEN` placeholder
-/// starting at `start` (used to build a request in place without copying the environ).
-pub fn patch_header(out: &mut [u8], start: usize, kind: Kind, flags: u8, arg: u32) {
-    let len = out.len() - start - HEADER_LEN;
+/// A `Request` frame built in place: a header placeholder, the environ block written straight
+/// after it (no copy), then the inline body bytes; [`RequestFrame::inline_body`] or
+/// [`RequestFrame::pulled_body`] fills the header in. Every request a worker gets — a client's,
+/// a reload's warm-up — is built here.
+#[derive(Debug)]
+pub struct RequestFrame {
+    bytes: BytesMut,
+}
+
+impl RequestFrame {
+    /// Starts a request frame with room for about `capacity` bytes of environ and body.
+    pub fn new(capacity: usize) -> RequestFrame {
+        let mut bytes = BytesMut::with_capacity(HEADER_LEN + capacity);
+        bytes.extend_from_slice(&[0; HEADER_LEN]);
+        RequestFrame { bytes }
+    }
+
+    /// Where the environ block (`key\0value\0…`) is written.
+    pub fn environ(&mut self) -> &mut BytesMut {
+        &mut self.bytes
+    }
+
+    /// Ends the environ and appends the whole body: the worker reads nothing more. `terminated`:
+    /// the client sent the body chunked ([`FLAG_TERMINATED`]).
+    pub fn inline_body(mut self, body: &[u8], terminated: bool) -> BytesMut {
+        let environ_len = self.environ_len();
+        self.bytes.extend_from_slice(body);
+        self.finish(0, terminated, environ_len)
+    }
+
+    /// Ends the environ with no body bytes inline: the worker pulls the body with `Read` frames
+    /// ([`FLAG_PULL`]). `terminated` as for [`RequestFrame::inline_body`].
+    pub fn pulled_body(self, terminated: bool) -> BytesMut {
+        let environ_len = self.environ_len();
+        self.finish(FLAG_PULL, terminated, environ_len)
+    }
+
+    fn environ_len(&self) -> u32 {
+        u32::try_from(self.bytes.len() - HEADER_LEN).unwrap_or(u32::MAX)
+    }
+
+    fn finish(mut self, flags: u8, terminated: bool, environ_len: u32) -> BytesMut {
+        let flags = if terminated {
+            flags | FLAG_TERMINATED
+        } else {
+            flags
+        };
+        patch_header(&mut self.bytes, Kind::Request, flags, environ_len);
+        self.bytes
+    }
+}
+
+/// Writes the header of a frame whose payload was appended after a `HEADER_LEN` placeholder at
+/// the start of `out`.
+fn patch_header(out: &mut [u8], kind: Kind, flags: u8, arg: u32) {
+    let len = out.len() - HEADER_LEN;
     let len = u32::try_from(len).unwrap_or(u32::MAX);
-    let header = &mut out[start..start + HEADER_LEN];
+    let header = &mut out[..HEADER_LEN];
     header[0..4].copy_from_slice(&len.to_le_bytes());
     header[4..8].copy_from_slice(&arg.to_le_bytes());
     header[8..12].copy_from_slice(&[kind as u8, flags, 0, 0]);
@@ -402,11 +454,36 @@ mod tests {
         let mut built = BytesMut::new();
         built.extend_from_slice(&[0; HEADER_LEN]);
         built.extend_from_slice(b"A\0b\0xyz");
-        patch_header(&mut built, 0, Kind::Request, FLAG_PULL, 3);
+        patch_header(&mut built, Kind::Request, FLAG_PULL, 3);
         let mut expected = BytesMut::new();
         put_header(&mut expected, Kind::Request, FLAG_PULL, 3, 7);
         expected.extend_from_slice(b"A\0b\0xyz");
         assert_eq!(built, expected);
+    }
+
+    #[test]
+    fn request_frames_carry_the_environ_length_the_body_and_the_flags() {
+        let mut request = RequestFrame::new(64);
+        request
+            .environ()
+            .extend_from_slice(b"REQUEST_METHOD\0POST\0");
+        let mut wire = request.inline_body(b"a=1", false);
+        let frame = decode(&mut wire).unwrap().unwrap();
+        assert_eq!((frame.kind, frame.flags, frame.arg), (Kind::Request, 0, 20));
+        assert_eq!(&frame.payload[..], b"REQUEST_METHOD\0POST\0a=1");
+        assert!(wire.is_empty());
+
+        let mut request = RequestFrame::new(64);
+        request.environ().extend_from_slice(b"A\0b\0");
+        let mut wire = request.pulled_body(true);
+        let frame = decode(&mut wire).unwrap().unwrap();
+        assert_eq!(frame.flags, FLAG_PULL | FLAG_TERMINATED);
+        assert_eq!((frame.arg, &frame.payload[..]), (4, &b"A\0b\0"[..]));
+
+        let mut wire = RequestFrame::new(0).inline_body(b"", true);
+        let frame = decode(&mut wire).unwrap().unwrap();
+        assert_eq!((frame.flags, frame.arg), (FLAG_TERMINATED, 0));
+        assert!(frame.payload.is_empty());
     }
 
     #[test]

@@ -1,0 +1,361 @@
+//! One request from its head to its response: refusing what is unsafe to pass on (`CONNECT`,
+//! unknown transfer codings, bodies over `max_body`), receiving the body, building the request
+//! frame with the environ, waiting for a worker slot (503 with `Retry-After` when the queue is
+//! full or too slow), and turning the worker's answer into the response (502 when the worker
+//! dies or answers nonsense, 504 on timeout), with the access log and request metrics recorded
+//! on completion.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
+
+use super::Front;
+use super::body::{self, BodyError, RequestBody};
+use super::environ::{self, Connection};
+use super::exchange::{Completion, Event, Exchange, ExchangeError, ResponseBody, Streaming};
+use crate::web::worker::frame::RequestFrame;
+
+/// Bodies up to this size travel inside the request frame; larger ones are pulled by the worker.
+const INLINE_BODY: u64 = 256 * 1024;
+
+fn plain(status: StatusCode, text: &'static str) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody::Full(Some(Bytes::from_static(
+        text.as_bytes(),
+    ))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+pub(super) async fn handle(
+    front: Arc<Front>,
+    connection: Arc<Connection>,
+    request: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let accepted = Instant::now();
+    let completion = Completion {
+        metrics: Arc::clone(&front.metrics),
+        access_log: front.config().access_log,
+        method: request.method().as_str().to_owned(),
+        path: request
+            .uri()
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_owned(),
+        status: 0,
+        accepted,
+        queue_wait: None,
+        worker: None,
+    };
+    let mut response = respond(&front, &connection, request, completion).await;
+    if front.draining.load(Ordering::Relaxed) {
+        // Handed over to a successor: the client's next request goes to a fresh connection,
+        // which the successor accepts.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    Ok(response)
+}
+
+fn reject(
+    front: &Front,
+    reason: &str,
+    mut response: Response<ResponseBody>,
+    mut completion: Completion,
+) -> Response<ResponseBody> {
+    front
+        .metrics
+        .http_rejected_total
+        .with_label_values(&[reason])
+        .inc();
+    completion.status = response.status().as_u16();
+    completion.record(0, true);
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// Requests the front refuses before reading a body, because passing them on would be unsafe:
+/// `CONNECT` (a 2xx answer would turn the connection into a tunnel nobody serves) and a transfer
+/// coding other than `chunked` (RFC 9112 §6.1: 501, the body cannot be decoded). hyper already
+/// drops `Content-Length` when `Transfer-Encoding` is present, as RFC 9112 §6.3 prescribes.
+fn framing_problem(parts: &hyper::http::request::Parts) -> Option<(StatusCode, &'static str)> {
+    if parts.method == Method::CONNECT {
+        return Some((StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n"));
+    }
+    let mut codings = parts
+        .headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&byte| byte == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|coding| !coding.is_empty());
+    if codings.all(|coding| coding.eq_ignore_ascii_case(b"chunked")) {
+        return None;
+    }
+    Some((
+        StatusCode::NOT_IMPLEMENTED,
+        "Only the chunked transfer coding is supported\n",
+    ))
+}
+
+async fn respond(
+    front: &Front,
+    connection: &Connection,
+    request: Request<Incoming>,
+    mut completion: Completion,
+) -> Response<ResponseBody> {
+    let config = front.config();
+    let (parts, incoming) = request.into_parts();
+    if let Some((status, message)) = framing_problem(&parts) {
+        return reject(front, "bad_request", plain(status, message), completion);
+    }
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if config.max_body > 0 && declared.is_some_and(|length| length > config.max_body) {
+        return reject(
+            front,
+            "body_too_large",
+            plain(StatusCode::PAYLOAD_TOO_LARGE, "Request body too large\n"),
+            completion,
+        );
+    }
+    let body = match body::receive(incoming, config.max_body, config.body_buffer).await {
+        Ok(body) => body,
+        Err(BodyError::TooLarge(_)) => {
+            return reject(
+                front,
+                "body_too_large",
+                plain(StatusCode::PAYLOAD_TOO_LARGE, "Request body too large\n"),
+                completion,
+            );
+        }
+        Err(BodyError::Client(error)) => {
+            tracing::debug!("client sent a broken body or left: {error}");
+            return reject(
+                front,
+                "bad_request",
+                plain(StatusCode::BAD_REQUEST, "Bad request body\n"),
+                completion,
+            );
+        }
+        Err(BodyError::Spill(error)) => {
+            tracing::error!("{error}");
+            return reject(
+                front,
+                "body_buffer",
+                plain(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "Cannot buffer the request body\n",
+                ),
+                completion,
+            );
+        }
+    };
+
+    let mut request = RequestFrame::new(1024);
+    if let Err(error) = environ::write_environ(
+        request.environ(),
+        &parts,
+        connection,
+        body.len(),
+        &config.environ,
+    ) {
+        tracing::debug!(
+            "refusing {} {}: {error}",
+            completion.method,
+            completion.path
+        );
+        return reject(
+            front,
+            "bad_request",
+            plain(StatusCode::BAD_REQUEST, "Bad request path\n"),
+            completion,
+        );
+    }
+    // The body is always complete and CONTENT_LENGTH always set, but an app reading a chunked
+    // request may rely on `wsgi.input_terminated` (Werkzeug, mod_wsgi and gunicorn's convention).
+    let terminated = parts.headers.contains_key(header::TRANSFER_ENCODING);
+    let (request_frame, offset) = match &body {
+        RequestBody::Memory(bytes) if body.len() <= INLINE_BODY => {
+            (request.inline_body(bytes, terminated), body.len())
+        }
+        _ => (request.pulled_body(terminated), 0),
+    };
+
+    let lease = match front.dispatcher.acquire().await {
+        Ok(lease) => lease,
+        Err(rejected) => {
+            let mut response = plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Service temporarily overloaded, retry later\n",
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(config.retry_after));
+            return reject(front, rejected.label(), response, completion);
+        }
+    };
+    let queue_wait = completion.accepted.elapsed();
+    front
+        .metrics
+        .http_queue_wait_seconds
+        .observe(queue_wait.as_secs_f64());
+    completion.queue_wait = Some(queue_wait);
+    completion.worker = Some(lease.slot());
+    let context: Arc<str> = Arc::from(format!("{} {}", completion.method, completion.path));
+    let mut exchange = Exchange::new(lease, request_frame, body, offset, config.timeout, context);
+
+    let failure = match exchange.next_event().await {
+        Ok(Event::Head { head, chunk, end }) => {
+            let end = end || exchange.try_finish();
+            let body = if end {
+                ResponseBody::Full(Some(chunk.clone()))
+            } else {
+                ResponseBody::Full(None)
+            };
+            match build_response(&head, body) {
+                Ok(mut response) => {
+                    completion.status = response.status().as_u16();
+                    if end {
+                        completion.record(chunk.len() as u64, true);
+                    } else {
+                        *response.body_mut() = ResponseBody::Stream(Box::new(Streaming::new(
+                            exchange, chunk, completion,
+                        )));
+                    }
+                    return response;
+                }
+                Err(message) => {
+                    tracing::error!(
+                        "the application sent an invalid response to {} {}: {message}",
+                        completion.method,
+                        completion.path
+                    );
+                    (
+                        StatusCode::BAD_GATEWAY,
+                        "Bad Gateway: the application sent an invalid response\n",
+                    )
+                }
+            }
+        }
+        Ok(Event::Chunk(_) | Event::End) => {
+            tracing::error!("worker sent a body before the response head");
+            (StatusCode::BAD_GATEWAY, "Bad Gateway\n")
+        }
+        Err(ExchangeError::Timeout) => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "Gateway Timeout: the application did not answer in time\n",
+        ),
+        Err(ExchangeError::WorkerGone) => {
+            tracing::error!(
+                "worker {} died while serving {} {}",
+                completion.worker.unwrap_or_default(),
+                completion.method,
+                completion.path
+            );
+            (
+                StatusCode::BAD_GATEWAY,
+                "Bad Gateway: the application worker died\n",
+            )
+        }
+        Err(error @ (ExchangeError::Protocol(_) | ExchangeError::AppFailed)) => {
+            tracing::error!(
+                "serving {} {} failed: {error}",
+                completion.method,
+                completion.path
+            );
+            (StatusCode::BAD_GATEWAY, "Bad Gateway\n")
+        }
+    };
+    let response = plain(failure.0, failure.1);
+    completion.status = response.status().as_u16();
+    completion.record(0, true);
+    response
+}
+
+/// Hop-by-hop headers belong to the connection hyper manages, not to the app.
+fn is_hop_by_hop(name: &[u8]) -> bool {
+    [
+        &b"connection"[..],
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"upgrade",
+        b"te",
+        b"trailer",
+    ]
+    .iter()
+    .any(|hop| name.eq_ignore_ascii_case(hop))
+}
+
+/// Builds the response from the worker's `status\0name\0value…` head.
+pub(super) fn build_response(
+    head: &[u8],
+    body: ResponseBody,
+) -> Result<Response<ResponseBody>, String> {
+    let mut fields = head.split(|byte| *byte == 0);
+    let status_line = fields.next().unwrap_or_default();
+    let code = status_line
+        .get(..3)
+        .and_then(|digits| std::str::from_utf8(digits).ok())
+        .and_then(|digits| digits.parse::<u16>().ok())
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .ok_or_else(|| format!("invalid status {:?}", String::from_utf8_lossy(status_line)))?;
+    let mut response = Response::new(body);
+    *response.status_mut() = code;
+    let reason = status_line.get(4..).unwrap_or_default();
+    if !reason.is_empty() && code.canonical_reason().map(str::as_bytes) != Some(reason) {
+        if let Ok(reason) = hyper::ext::ReasonPhrase::try_from(reason.to_vec()) {
+            response.extensions_mut().insert(reason);
+        }
+    }
+    let headers = response.headers_mut();
+    while let Some(name) = fields.next() {
+        let value = fields.next().ok_or("a header without a value")?;
+        if is_hop_by_hop(name) {
+            continue;
+        }
+        let name = HeaderName::from_bytes(name)
+            .map_err(|_| format!("invalid header name {:?}", String::from_utf8_lossy(name)))?;
+        let value = HeaderValue::from_bytes(value)
+            .map_err(|_| format!("invalid value of header {name}"))?;
+        headers.append(name, value);
+    }
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_heads_become_responses() {
+        let head = b"201 Made It\0Content-Type\0text/plain\0Set-Cookie\0a=1\0Set-Cookie\0b=2\0Transfer-Encoding\0chunked";
+        let response = build_response(head, ResponseBody::Full(None)).unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+        assert_eq!(response.headers().get_all("set-cookie").iter().count(), 2);
+        assert!(response.headers().get("transfer-encoding").is_none());
+        let reason = response
+            .extensions()
+            .get::<hyper::ext::ReasonPhrase>()
+            .unwrap();
+        assert_eq!(reason.as_bytes(), b"Made It");
+        assert!(build_response(b"2x0 OK", ResponseBody::Full(None)).is_err());
+        assert!(build_response(b"200 OK\0X-Odd", ResponseBody::Full(None)).is_err());
+        assert!(build_response(b"200 OK\0Bad Name\0v", ResponseBody::Full(None)).is_err());
+    }
+}
