@@ -3,27 +3,20 @@
 //! `crate::beat::next`'s; this module reads the flags and the config.
 
 use std::path::Path;
-use std::process::ExitCode;
 
 use chrono::{DateTime, Utc};
 
-use super::{BeatNextArgs, EXIT_USAGE};
+use super::{BeatNextArgs, CommandError};
 use crate::beat::jobs::build_jobs;
 use crate::beat::next::{fire_times, jobs_fire_times};
 use crate::beat::schedule::{Schedule, parse_tz};
 
-/// Runs `beat next`; invalid expressions, zones or instants exit 2 with the reason.
-pub fn next_command(args: &BeatNextArgs) -> anyhow::Result<ExitCode> {
-    match run(args) {
-        Ok(text) => {
-            print!("{text}");
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(message) => {
-            eprintln!("sauna-supervisor: beat next: {message}");
-            Ok(ExitCode::from(EXIT_USAGE))
-        }
-    }
+/// Runs `beat next`; invalid expressions, zones or instants are a [`CommandError::Usage`] with
+/// the reason (exit 2).
+pub fn next_command(args: &BeatNextArgs) -> Result<(), CommandError> {
+    let text = run(args).map_err(|message| CommandError::Usage(format!("beat next: {message}")))?;
+    print!("{text}");
+    Ok(())
 }
 
 fn run(args: &BeatNextArgs) -> Result<String, String> {

@@ -3,20 +3,19 @@
 //! running Redis and PostgreSQL with the file.
 
 use std::path::Path;
-use std::process::ExitCode;
 
 use proxy_conf::{Diagnostic, Diagnostics};
 
-use super::{ConfigArg, EXIT_USAGE};
+use super::{CommandError, ConfigArg};
 use crate::config::ConfigError;
 
-/// `sauna-supervisor check`: prints every problem and exits 2, or says the file is valid. The
-/// problems include a secret that cannot be read (as `run` would refuse to start) and, once the
-/// file is otherwise valid, everything `emit` would refuse for the sections it has. With
-/// `--live`, also compares the running Redis and PostgreSQL with the file (`super::live`),
-/// logging in with the secrets; every contradiction or refused login is a warning line and makes
-/// the exit status 2.
-pub fn check_command(arg: &ConfigArg, live: bool) -> anyhow::Result<ExitCode> {
+/// `sauna-supervisor check`: prints every problem and fails (exit 2), or says the file is
+/// valid. The problems include a secret that cannot be read (as `run` would refuse to start)
+/// and, once the file is otherwise valid, everything `emit` would refuse for the sections it
+/// has. With `--live`, also compares the running Redis and PostgreSQL with the file
+/// (`super::live`), logging in with the secrets; every contradiction or refused login is a
+/// warning line and makes the exit status 2 ([`CommandError::LiveMismatch`]).
+pub fn check_command(arg: &ConfigArg, live: bool) -> Result<(), CommandError> {
     let path = crate::config::config_path(arg.config.as_deref());
     match crate::config::load_with_secrets(&path) {
         Ok(loaded) => {
@@ -26,18 +25,17 @@ pub fn check_command(arg: &ConfigArg, live: bool) -> anyhow::Result<ExitCode> {
                 .collect();
             if !refused.is_empty() {
                 refused.sort_by_key(|diagnostic| (diagnostic.line, diagnostic.column));
-                return Ok(print_problems(&Diagnostics(refused), &loaded.path));
+                return Err(print_problems(&Diagnostics(refused), &loaded.path));
             }
             if loaded.config.web.is_some() {
                 match crate::web::pool::check_import(&loaded.config.app, &loaded.config_dir()) {
                     Ok(()) => {}
                     Err(crate::web::pool::ImportCheck::Failed(traceback)) => {
                         println!("{traceback}");
-                        eprintln!(
-                            "sauna-supervisor: the app in {} does not import",
+                        return Err(CommandError::Rejected(format!(
+                            "the app in {} does not import",
                             loaded.path.display()
-                        );
-                        return Ok(ExitCode::from(EXIT_USAGE));
+                        )));
                     }
                     Err(not_run) => eprintln!("warning: {not_run}"),
                 }
@@ -57,27 +55,26 @@ pub fn check_command(arg: &ConfigArg, live: bool) -> anyhow::Result<ExitCode> {
                     println!("warning: {finding}");
                 }
                 if !findings.is_empty() {
-                    return Ok(ExitCode::from(EXIT_USAGE));
+                    return Err(CommandError::LiveMismatch);
                 }
                 println!("live servers agree with {}", loaded.path.display());
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(())
         }
-        Err(ConfigError::Invalid(diagnostics, path)) => Ok(print_problems(&diagnostics, &path)),
+        Err(ConfigError::Invalid(diagnostics, path)) => Err(print_problems(&diagnostics, &path)),
         Err(other) => Err(other.into()),
     }
 }
 
-/// `check`'s report of problems: one `FILE:LINE:COL: message` per line on stdout, the count on
-/// stderr, exit 2.
-fn print_problems(diagnostics: &Diagnostics, path: &Path) -> ExitCode {
+/// `check`'s report of problems: one `FILE:LINE:COL: message` per line on stdout; the count is
+/// the error's message, for stderr (exit 2).
+fn print_problems(diagnostics: &Diagnostics, path: &Path) -> CommandError {
     println!("{diagnostics}");
-    eprintln!(
-        "sauna-supervisor: {} problem(s) in {}",
+    CommandError::Rejected(format!(
+        "{} problem(s) in {}",
         diagnostics.0.len(),
         path.display()
-    );
-    ExitCode::from(EXIT_USAGE)
+    ))
 }
 
 /// `web: 4 workers, 2 programs, beat: 3 jobs` — what `run` would start, for `check`'s success line.

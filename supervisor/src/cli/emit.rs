@@ -8,7 +8,6 @@
 use std::io::{IsTerminal as _, Read as _, Write as _};
 use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
 use anyhow::Context as _;
 use proxy_conf::emit::install::{self, Host};
@@ -17,7 +16,7 @@ use proxy_conf::emit::{self, EmitError, Install, Machine, Output, Problem, Secre
 use proxy_conf::secrets::Secret;
 use proxy_conf::{Config, Loaded};
 
-use super::{ConfigArg, EXIT_USAGE, EmitTarget};
+use super::{CommandError, ConfigArg, EmitTarget};
 use crate::metrics::dashboard;
 
 /// `sauna-supervisor emit TARGET [-c FILE] [-o DIR]`.
@@ -25,10 +24,11 @@ pub fn emit_command(
     target: EmitTarget,
     arg: &ConfigArg,
     output_dir: Option<&Path>,
-) -> anyhow::Result<ExitCode> {
+) -> Result<(), CommandError> {
     if target == EmitTarget::All && output_dir.is_none() {
-        eprintln!("sauna-supervisor: `emit all` writes several files: pass -o DIR");
-        return Ok(ExitCode::from(EXIT_USAGE));
+        return Err(CommandError::Usage(
+            "`emit all` writes several files: pass -o DIR".to_owned(),
+        ));
     }
     let loaded = arg.load()?;
     let config = &loaded.config;
@@ -42,12 +42,11 @@ pub fn emit_command(
             for problem in &problems {
                 eprintln!("{}", loaded.diagnostic_at(&problem.key, &problem.message));
             }
-            eprintln!(
-                "sauna-supervisor: {} problem(s) in {}; nothing written",
+            return Err(CommandError::Rejected(format!(
+                "{} problem(s) in {}; nothing written",
                 problems.len(),
                 loaded.path.display()
-            );
-            return Ok(ExitCode::from(EXIT_USAGE));
+            )));
         }
     };
     for warning in &rendered.output.warnings {
@@ -70,7 +69,7 @@ pub fn emit_command(
             }
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 /// What rendering produced, and the targets `all` left out because their section is absent.
@@ -360,7 +359,7 @@ fn print_listing(output: &Output, dir: &Path) {
 }
 
 /// `sauna-supervisor emit grafana [-o DIR]`: prints the dashboard, or writes it into `DIR`.
-pub fn grafana_command(output_dir: Option<&Path>) -> anyhow::Result<ExitCode> {
+pub fn grafana_command(output_dir: Option<&Path>) -> Result<(), CommandError> {
     let text = dashboard::dashboard_text();
     match output_dir {
         None => print!("{text}"),
@@ -377,11 +376,11 @@ pub fn grafana_command(output_dir: Option<&Path>) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 /// `sauna-supervisor htpasswd USER`: reads the password from stdin, prints `USER:$6$…`.
-pub fn htpasswd_command(user: &str) -> anyhow::Result<ExitCode> {
+pub fn htpasswd_command(user: &str) -> Result<(), CommandError> {
     let stdin = std::io::stdin();
     if stdin.is_terminal() {
         eprint!("Password for {user} (echoed; pipe it in to avoid that): ");
@@ -399,16 +398,10 @@ pub fn htpasswd_command(user: &str) -> anyhow::Result<ExitCode> {
     }
     let password = password.strip_suffix('\n').unwrap_or(&password);
     let password = password.strip_suffix('\r').unwrap_or(password);
-    match emit::htpasswd::entry(user, password) {
-        Ok(line) => {
-            println!("{line}");
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(error) => {
-            eprintln!("sauna-supervisor: htpasswd: {error}");
-            Ok(ExitCode::from(EXIT_USAGE))
-        }
-    }
+    let line = emit::htpasswd::entry(user, password)
+        .map_err(|error| CommandError::Usage(format!("htpasswd: {error}")))?;
+    println!("{line}");
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,14 +1,16 @@
 //! The command line: every command of the user-facing contract, its flags and its exit status.
-//! This module parses, dispatches and turns errors into `sauna-supervisor: …` lines and exit
-//! codes; each command's front end is a submodule (`check`, with `live` for `check --live`;
-//! `emit`; `beat`; and `remote` for the commands that talk to a running supervisor), which prints
-//! and picks the exit status while the work itself stays in the module that owns the feature. `run` hands over to
+//! This module parses and dispatches; each command's front end is a submodule (`check`, with
+//! `live` for `check --live`; `emit`; `beat`; and `remote` for the commands that talk to a
+//! running supervisor), which prints what it found and returns a [`CommandError`] when it failed,
+//! while the work itself stays in the module that owns the feature. [`error`] turns that error
+//! into the `sauna-supervisor: …` line and the exit status, in one place. `run` hands over to
 //! [`crate::supervisor::run`]. Nothing outside this module imports it: what the rest needs from
 //! the command line is converted into plain types here ([`RunOptions`], [`LogOptions`]).
 
 pub mod beat;
 pub mod check;
 pub mod emit;
+pub mod error;
 pub mod live;
 pub mod remote;
 
@@ -21,11 +23,7 @@ use proxy_conf::Loaded;
 use crate::config::ConfigError;
 use crate::logging::{LogFormat, LogOptions};
 use crate::supervisor::RunOptions;
-
-/// Exit status for a usage or configuration error.
-pub const EXIT_USAGE: u8 = 2;
-/// Exit status of `status` when no supervisor answers.
-pub const EXIT_NOT_RUNNING: u8 = 3;
+pub use error::CommandError;
 
 /// Runs a Python WSGI pool, Celery workers and a Celery beat replacement from one sauna.toml.
 ///
@@ -242,26 +240,25 @@ pub struct BeatNextArgs {
     pub count: usize,
 }
 
-/// Parses the command line, runs the command and maps the outcome to an exit status.
+/// Parses the command line, runs the command and maps the outcome to an exit status: the only
+/// place the process's exit status comes from ([`CommandError::exit_code`]).
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match dispatch(cli) {
-        Ok(code) => code,
+    match Cli::try_parse()
+        .map_err(CommandError::from)
+        .and_then(dispatch)
+    {
+        Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("sauna-supervisor: {error:#}");
-            if error.downcast_ref::<ConfigError>().is_some() {
-                ExitCode::from(EXIT_USAGE)
-            } else {
-                ExitCode::FAILURE
-            }
+            error.report();
+            ExitCode::from(error.exit_code())
         }
     }
 }
 
-fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+fn dispatch(cli: Cli) -> Result<(), CommandError> {
     match cli.command {
-        None => crate::supervisor::run(&cli.run.options()),
-        Some(Command::Run(args)) => crate::supervisor::run(&args.options()),
+        None => Ok(crate::supervisor::run(&cli.run.options())?),
+        Some(Command::Run(args)) => Ok(crate::supervisor::run(&args.options())?),
         Some(Command::Reload { config, timeout }) => remote::reload_command(&config, timeout),
         Some(Command::Status { config, json }) => remote::status_command(&config, json),
         Some(Command::Stop { config }) => remote::stop_command(&config),

@@ -1,13 +1,12 @@
 //! The commands that talk to a running supervisor over its control socket — `status`, `stop`,
-//! `reload` and `upgrade` — how they find it ([`reach`]), and how its answers become output and
-//! exit statuses.
+//! `reload` and `upgrade` — how they find it (`reach`), and how its answers become output and
+//! [`CommandError`]s.
 
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use super::{ConfigArg, EXIT_NOT_RUNNING, EXIT_USAGE};
-use crate::control::{ControlError, ErrorKind, Replies, Request, ResponseBody};
+use super::{CommandError, ConfigArg};
+use crate::control::{ControlError, Replies, Request, ResponseBody};
 use crate::process::procfs;
 use crate::supervisor::lifecycle::StopMode;
 
@@ -33,7 +32,11 @@ enum Reached {
 ///   never reach another app's supervisor.
 /// - Without a config file, the default socket ([`proxy_conf::default_control_socket`]):
 ///   `$RUNTIME_DIRECTORY/control.sock`, else `/run/sauna/control.sock`.
-fn reach(arg: &ConfigArg, request: &Request, timeout: Option<Duration>) -> anyhow::Result<Reached> {
+fn reach(
+    arg: &ConfigArg,
+    request: &Request,
+    timeout: Option<Duration>,
+) -> Result<Reached, CommandError> {
     let runtime = std::env::var_os("RUNTIME_DIRECTORY");
     let runtime = runtime.as_deref().filter(|dirs| !dirs.is_empty());
     let Some(path) = crate::config::present_config_path(arg.config.as_deref()) else {
@@ -91,7 +94,7 @@ fn send(
 
 /// The config file of the supervisor on `socket` (absolute, as its status reports it), or
 /// `None` when nobody listens there.
-fn running_config(socket: &Path) -> anyhow::Result<Option<PathBuf>> {
+fn running_config(socket: &Path) -> Result<Option<PathBuf>, CommandError> {
     let Reached::Answer(replies) = send(socket, &Request::Status, Some(ANSWER_TIMEOUT))? else {
         return Ok(None);
     };
@@ -101,7 +104,7 @@ fn running_config(socket: &Path) -> anyhow::Result<Option<PathBuf>> {
             .or_else(|| data.get("config"))
             .and_then(serde_json::Value::as_str)
             .map(PathBuf::from)),
-        body => Err(answer_error(body)),
+        body => Err(answer_error(body).into()),
     }
 }
 
@@ -113,37 +116,34 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// `sauna-supervisor status [--json]`: exit 3 when no supervisor answers.
-pub fn status_command(config: &ConfigArg, json: bool) -> anyhow::Result<ExitCode> {
+/// `sauna-supervisor status [--json]`: [`CommandError::NotRunning`] when no supervisor answers.
+pub fn status_command(config: &ConfigArg, json: bool) -> Result<(), CommandError> {
     let replies = match reach(config, &Request::Status, Some(ANSWER_TIMEOUT))? {
         Reached::Answer(replies) => replies,
-        Reached::NotRunning(message) => {
-            eprintln!("sauna-supervisor: {message}");
-            return Ok(ExitCode::from(EXIT_NOT_RUNNING));
-        }
+        Reached::NotRunning(message) => return Err(CommandError::NotRunning(message)),
     };
     let response = match replies.wait(|_| {}) {
         Ok(response) => response,
         // It stopped between the connect and the answer.
         Err(error @ ControlError::Closed { .. }) => {
-            eprintln!("sauna-supervisor: {error}");
-            return Ok(ExitCode::from(EXIT_NOT_RUNNING));
+            return Err(CommandError::NotRunning(error.to_string()));
         }
         Err(error) => return Err(error.into()),
     };
     match response.body {
         ResponseBody::Ok { data } => {
             if json {
-                println!("{}", serde_json::to_string_pretty(&data)?);
+                let text = serde_json::to_string_pretty(&data).map_err(anyhow::Error::from)?;
+                println!("{text}");
             } else {
                 print!(
                     "{}",
                     crate::supervisor::status::render_text(&data, now_unix())
                 );
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(())
         }
-        body => Err(answer_error(body)),
+        body => Err(answer_error(body).into()),
     }
 }
 
@@ -155,7 +155,7 @@ fn now_unix() -> f64 {
 }
 
 /// `sauna-supervisor stop`: asks for a graceful stop and waits until the process has exited.
-pub fn stop_command(config: &ConfigArg) -> anyhow::Result<ExitCode> {
+pub fn stop_command(config: &ConfigArg) -> Result<(), CommandError> {
     let request = Request::Stop {
         mode: StopMode::Graceful,
     };
@@ -164,7 +164,7 @@ pub fn stop_command(config: &ConfigArg) -> anyhow::Result<ExitCode> {
         Reached::Answer(replies) => replies,
         Reached::NotRunning(message) => {
             eprintln!("sauna-supervisor: {message}; nothing to stop");
-            return Ok(ExitCode::SUCCESS);
+            return Ok(());
         }
     };
     let response = replies.wait(|line| eprintln!("{line}"))?;
@@ -172,26 +172,28 @@ pub fn stop_command(config: &ConfigArg) -> anyhow::Result<ExitCode> {
         ResponseBody::Ok { .. } => {
             wait_for_exit(response.pid, ANSWER_TIMEOUT);
             eprintln!("sauna-supervisor (pid {}) stopped", response.pid);
-            Ok(ExitCode::SUCCESS)
+            Ok(())
         }
-        body => Err(answer_error(body)),
+        body => Err(answer_error(body).into()),
     }
 }
 
 /// `sauna-supervisor reload`: validates the file locally first when there is one (exit 2 with
 /// every diagnostic), then asks the running supervisor to roll and prints its progress until
 /// it is done. Without a config file the supervisor's own check of its file decides (its
-/// diagnostics are printed, exit 2 as well).
+/// diagnostics come back in [`CommandError::Reload`], exit 2 as well).
 pub fn reload_command(
     config: &ConfigArg,
     timeout: Option<proxy_conf::Duration>,
-) -> anyhow::Result<ExitCode> {
+) -> Result<(), CommandError> {
     let request = Request::Reload {
         timeout_secs: timeout.map(|t| t.get().as_secs().max(1)),
     };
     let replies = match reach(config, &request, timeout.map(|t| t.get()))? {
         Reached::Answer(replies) => replies,
-        Reached::NotRunning(message) => anyhow::bail!("{message}; nothing to reload"),
+        Reached::NotRunning(message) => {
+            return Err(anyhow::anyhow!("{message}; nothing to reload").into());
+        }
     };
     let response = replies.wait(|line| eprintln!("{line}"))?;
     match response.body {
@@ -199,25 +201,20 @@ pub fn reload_command(
             if let Some(summary) = data.get("summary").and_then(|s| s.as_str()) {
                 eprintln!("{summary}");
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(())
         }
         ResponseBody::Error {
             error,
             message,
             detail,
-        } => {
-            eprintln!("sauna-supervisor: reload: {message}");
-            if let Some(detail) = detail {
-                eprintln!("{detail}");
-            }
-            Ok(match error {
-                ErrorKind::Config | ErrorKind::BadRequest => ExitCode::from(EXIT_USAGE),
-                _ => ExitCode::FAILURE,
-            })
+        } => Err(CommandError::Reload {
+            kind: error,
+            message,
+            detail,
+        }),
+        ResponseBody::Progress { .. } => {
+            Err(anyhow::anyhow!("the supervisor ended the reload without a result").into())
         }
-        ResponseBody::Progress { .. } => Err(anyhow::anyhow!(
-            "the supervisor ended the reload without a result"
-        )),
     }
 }
 
@@ -227,7 +224,7 @@ pub fn upgrade_command(
     config: &ConfigArg,
     binary: Option<std::path::PathBuf>,
     timeout: Option<proxy_conf::Duration>,
-) -> anyhow::Result<ExitCode> {
+) -> Result<(), CommandError> {
     // The supervisor may run in another directory: send an absolute path.
     let binary = binary.map(|path| std::path::absolute(&path).unwrap_or(path));
     let request = Request::Upgrade {
@@ -238,7 +235,9 @@ pub fn upgrade_command(
     // drain after it is bounded by the roles' own timeouts.
     let replies = match reach(config, &request, None)? {
         Reached::Answer(replies) => replies,
-        Reached::NotRunning(message) => anyhow::bail!("{message}; nothing to upgrade"),
+        Reached::NotRunning(message) => {
+            return Err(anyhow::anyhow!("{message}; nothing to upgrade").into());
+        }
     };
     let response = replies.wait(|line| eprintln!("{line}"))?;
     match response.body {
@@ -249,20 +248,14 @@ pub fn upgrade_command(
             if let Some(summary) = data.get("summary").and_then(|s| s.as_str()) {
                 eprintln!("{summary}");
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(())
         }
         ResponseBody::Error {
             message, detail, ..
-        } => {
-            eprintln!("sauna-supervisor: upgrade: {message}");
-            if let Some(detail) = detail {
-                eprintln!("{detail}");
-            }
-            Ok(ExitCode::FAILURE)
+        } => Err(CommandError::Upgrade { message, detail }),
+        ResponseBody::Progress { .. } => {
+            Err(anyhow::anyhow!("the supervisor ended the upgrade without a result").into())
         }
-        ResponseBody::Progress { .. } => Err(anyhow::anyhow!(
-            "the supervisor ended the upgrade without a result"
-        )),
     }
 }
 

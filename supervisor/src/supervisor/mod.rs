@@ -29,13 +29,13 @@ pub mod upgrade;
 pub mod watch;
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use proxy_conf::Loaded;
 
+use crate::config::ConfigError;
 use crate::control::{ControlRequest, ControlServer, ErrorKind, Request, Responder};
 use crate::logging::{LogHandle, LogOptions};
 use crate::metrics::Metrics;
@@ -70,8 +70,25 @@ pub struct RunOptions {
     pub watch: bool,
 }
 
+/// Why `run` ended other than by a requested stop; the command line picks the exit status.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The config file cannot be read, has problems, or names a secret that cannot be read;
+    /// nothing was started.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The supervisor stopped because it could no longer serve (a reload task failed, leaving
+    /// no roles); the reason was logged when it happened.
+    #[error("the supervisor stopped because it could no longer serve")]
+    Stopped,
+    /// It could not start (the runtime, the control socket, a role) or take over from the
+    /// supervisor it replaces.
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
 /// `sauna-supervisor run`: runs the stack until a stop request or signal.
-pub fn run(args: &RunOptions) -> anyhow::Result<ExitCode> {
+pub fn run(args: &RunOptions) -> Result<(), RunError> {
     // Resolved now, while it names the file we run: once a package has replaced that file,
     // /proc/self/exe reads "… (deleted)", whereas this path runs the new file — which is what
     // `upgrade` wants by default.
@@ -135,7 +152,7 @@ pub fn run(args: &RunOptions) -> anyhow::Result<ExitCode> {
             Ok(supervisor) => supervisor,
             Err(error) => {
                 report(&format_args!("{error:#}"));
-                return Err(error);
+                return Err(error.into());
             }
         };
         supervisor.run().await
@@ -359,7 +376,7 @@ impl Supervisor {
     }
 
     /// The loop itself; returns when a stop was requested and every role has stopped.
-    async fn run(mut self) -> anyhow::Result<ExitCode> {
+    async fn run(mut self) -> Result<(), RunError> {
         let mut watchdog = self.notifier.watchdog_interval().map(tokio::time::interval);
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -428,11 +445,11 @@ impl Supervisor {
         };
         let failed = stop.failed;
         self.shutdown(stop).await;
-        Ok(if failed {
-            ExitCode::FAILURE
+        if failed {
+            Err(RunError::Stopped)
         } else {
-            ExitCode::SUCCESS
-        })
+            Ok(())
+        }
     }
 
     async fn on_signal(&mut self, event: SignalEvent) -> Option<StopRequest> {
