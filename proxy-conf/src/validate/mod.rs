@@ -1,31 +1,28 @@
-//! Checks that look at more than one value's type: zero workers, a `[web]` without an app, listen
-//! addresses that clash, a job without a schedule, an unknown stop signal or time zone. Each
-//! finding is pinned to the key or value at fault (or to its table's header when the culprit is a
-//! missing key). What a single value's type is belongs to `de`; cron syntax and whether the app
-//! imports are checked by the supervisor, which reports through `Loaded::diagnostic_at`.
+//! Judging a raw `sauna.toml` and turning it into the typed [`Config`] the runtime reads, in one
+//! pass: every check of a value or of several values together lives here, and each value that
+//! passes comes out as its type (`Listen`, `Tz`, `Cron`, `NonZeroUsize`…). Each finding is pinned
+//! to the key or value at fault (or to its table's header when the culprit is a missing key). A
+//! value that fails is reported and replaced by a harmless stand-in, so that the rest can still
+//! be judged; `load` never hands out a config that had findings. What a single value's TOML type
+//! is belongs to `de`; whether the app imports, or the secrets can be read, is found out later.
+//!
+//! The sections with many rules have their own file: `web`, `programs`, `beat`.
 
-use std::collections::BTreeSet;
+mod beat;
+mod programs;
+mod web;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::ops::Range;
-use std::str::FromStr;
 
-use crate::diagnostics::did_you_mean;
+use crate::config::{AppConfig, AppTarget, Config, MetricsConfig};
 use crate::listen::{Listen, MAX_UNIX_SOCKET_PATH};
 use crate::locate::{KeyIndex, display_path};
-use crate::schema::{BeatConfig, Config, JobConfig, ProgramConfig, WebConfig};
+use crate::schema::{ControlConfig, RawApp, RawConfig, RawMetrics};
 use crate::secrets::is_env_name;
 
-/// Signals accepted by `stop_signal`, in their canonical spelling (without `SIG`).
-pub const STOP_SIGNALS: [&str; 7] = ["TERM", "INT", "QUIT", "HUP", "USR1", "USR2", "KILL"];
-
-/// The canonical name of a `stop_signal` value: `"sigterm"`, `"SIGTERM"` and `"TERM"` are all
-/// `"TERM"`. `None` for a signal that cannot stop a program.
-pub fn stop_signal_name(text: &str) -> Option<&'static str> {
-    let upper = text.trim().to_ascii_uppercase();
-    let bare = upper.strip_prefix("SIG").unwrap_or(&upper);
-    STOP_SIGNALS.iter().copied().find(|name| *name == bare)
-}
-
-/// One cross-field problem and where it is.
+/// One problem and where it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Finding {
     /// Byte range of the offending value, key or table header.
@@ -34,42 +31,70 @@ pub(crate) struct Finding {
     pub message: String,
 }
 
-/// Runs every check. `broken` holds key paths whose value already failed to load: a check about
-/// a table with such a key stays silent, since the user's real mistake is already reported and a
-/// second message about the defaulted value would only mislead.
+/// Runs every check on `raw` and builds the typed configuration. `broken` holds key paths whose
+/// value already failed to load: a check about a table with such a key stays silent, since the
+/// user's real mistake is already reported and a second message about the defaulted value would
+/// only mislead.
 pub(crate) fn validate(
-    config: &Config,
+    raw: &RawConfig,
     index: &KeyIndex,
     broken: &BTreeSet<Vec<String>>,
-) -> Vec<Finding> {
+) -> (Config, Vec<Finding>) {
     let mut checker = Checker {
         index,
         broken,
         findings: Vec::new(),
     };
-    checker.app(config);
-    if let Some(web) = &config.web {
-        checker.web(config, web);
-    }
-    for (name, program) in &config.programs {
-        checker.program(name, program);
-    }
-    if let Some(beat) = &config.beat {
-        checker.beat(beat);
-    }
-    checker.metrics(config);
-    checker.control(config);
-    checker.services(config);
-    checker.findings
+    let app = checker.app(&raw.app);
+    let metrics = checker.metrics(&raw.metrics);
+    let web = raw
+        .web
+        .as_ref()
+        .map(|web| checker.web(web, &app, (&raw.metrics.listen, metrics.listen)));
+    let programs = raw
+        .programs
+        .iter()
+        .map(|(name, program)| (name.clone(), checker.program(name, program)))
+        .collect();
+    let beat = raw.beat.as_ref().map(|beat| checker.beat(beat));
+    checker.control(&raw.control);
+    let config = Config {
+        app,
+        web,
+        programs,
+        beat,
+        metrics,
+        control: raw.control.clone(),
+        deploy: raw.deploy.clone(),
+        redis: raw.redis.clone(),
+        postgres: raw.postgres.clone(),
+    };
+    checker.services(&config);
+    (config, checker.findings)
 }
 
-struct Checker<'a> {
+/// Collects findings while the typed values are built.
+pub(crate) struct Checker<'a> {
     index: &'a KeyIndex,
     broken: &'a BTreeSet<Vec<String>>,
     findings: Vec<Finding>,
 }
 
 impl Checker<'_> {
+    /// The typed value `build` makes from a raw default: the `Default` of the typed structs, so
+    /// that every default is written once, in `schema`. The defaults are valid (the config tests
+    /// check them), and there is no file to point into, so findings are dropped.
+    pub(crate) fn defaults<T>(build: impl FnOnce(&mut Checker<'_>) -> T) -> T {
+        let index = KeyIndex::default();
+        let broken = BTreeSet::new();
+        let mut checker = Checker {
+            index: &index,
+            broken: &broken,
+            findings: Vec::new(),
+        };
+        build(&mut checker)
+    }
+
     /// Reports `message` at the value of `path` (or its table's header if the key is absent).
     fn report(&mut self, path: &[&str], message: impl std::fmt::Display) {
         self.findings.push(Finding {
@@ -108,8 +133,28 @@ impl Checker<'_> {
             .any(|path| path.len() >= prefix.len() && path.iter().zip(prefix).all(|(a, b)| a == b))
     }
 
-    fn app(&mut self, config: &Config) {
-        let app = &config.app;
+    /// A count of at least 1; zero is reported with `why` (and read as 1).
+    fn count(&mut self, path: &[&str], value: u32, why: &str) -> NonZeroUsize {
+        match usize::try_from(value).ok().and_then(NonZeroUsize::new) {
+            Some(count) => count,
+            None => {
+                self.report(path, why);
+                NonZeroUsize::MIN
+            }
+        }
+    }
+
+    /// [`Checker::count`] for a count kept as `u32`.
+    fn count_u32(&mut self, path: &[&str], value: u32, why: &str) -> NonZeroU32 {
+        NonZeroU32::new(value).unwrap_or_else(|| {
+            self.report(path, why);
+            NonZeroU32::MIN
+        })
+    }
+
+    /// `[app]`. The application is taken as written even when its syntax is reported, so that
+    /// `[web]` does not also say it is missing.
+    pub(crate) fn app(&mut self, app: &RawApp) -> AppConfig {
         if app.python.trim().is_empty() {
             self.report(
                 &["app", "python"],
@@ -150,9 +195,20 @@ impl Checker<'_> {
             }
         }
         self.env(&["app", "env"], &app.env);
+        let target = match (&app.wsgi, &app.paste) {
+            (Some(wsgi), _) => Some(AppTarget::Wsgi(wsgi.clone())),
+            (None, Some(paste)) => Some(AppTarget::Paste(paste.clone())),
+            (None, None) => None,
+        };
+        AppConfig {
+            directory: app.directory.clone(),
+            python: app.python.clone(),
+            target,
+            env: app.env.clone(),
+        }
     }
 
-    fn env(&mut self, path: &[&str], env: &std::collections::BTreeMap<String, String>) {
+    fn env(&mut self, path: &[&str], env: &BTreeMap<String, String>) {
         for (key, value) in env {
             let mut entry = path.to_vec();
             entry.push(key);
@@ -170,299 +226,29 @@ impl Checker<'_> {
         }
     }
 
-    fn web(&mut self, config: &Config, web: &WebConfig) {
-        let app = &config.app;
-        if app.wsgi.is_none() && app.paste.is_none() && !self.broken_under(&["app"]) {
-            self.report(
-                &["web"],
-                "the web pool needs an application: set [app].wsgi = \"module:callable\" or [app].paste = \"production.ini\"",
-            );
-        }
-        if web.workers == 0 {
-            self.report(
-                &["web", "workers"],
-                "must be at least 1; remove [web] to run without a web pool",
-            );
-        }
-        if web.threads == 0 {
-            self.report(
-                &["web", "threads"],
-                "must be at least 1 (1 = one request at a time per worker)",
-            );
-        }
-        if web.max_requests_jitter > 0 && web.max_requests == 0 {
-            self.report(
-                &["web", "max_requests_jitter"],
-                "has no effect without max_requests; set max_requests too, or remove it",
-            );
-        }
-        if web.queue_size == 0 {
-            self.report(
-                &["web", "queue_size"],
-                "must be at least 1: requests wait here for a free worker",
-            );
-        }
-        if web.listen.is_empty() && !self.broken_under(&["web", "listen"]) {
-            self.report(
-                &["web", "listen"],
-                "needs at least one address, e.g. [\"127.0.0.1:8000\"]",
-            );
-        }
-        if let Some(warmup) = &web.warmup {
-            if !warmup.starts_with('/') {
-                self.report(
-                    &["web", "warmup"],
-                    format!(
-                        "must be a path starting with \"/\", e.g. \"/health\", not \"{warmup}\""
-                    ),
-                );
-            }
-        }
-        let script_name = &web.script_name;
-        if !script_name.is_empty() && (!script_name.starts_with('/') || script_name.ends_with('/'))
-        {
-            self.report(
-                &["web", "script_name"],
-                format!("must start with \"/\" and not end with one, e.g. \"/app\", not \"{script_name}\""),
-            );
-        }
-        for (position, peer) in web.forwarded_allow_ips.iter().enumerate() {
-            if !is_ip_or_cidr(peer) {
-                self.report_element(
-                    &["web", "forwarded_allow_ips"],
-                    position,
-                    format!(
-                        "\"{peer}\" is not an IP address, a CIDR like \"10.0.0.0/8\", or \"*\""
-                    ),
-                );
-            }
-        }
-        self.listen_addresses(config, web);
-    }
-
-    /// Syntax of every `[web].listen` entry, duplicates among them, and a clash with `[metrics]`.
-    fn listen_addresses(&mut self, config: &Config, web: &WebConfig) {
-        let mut seen: Vec<(Listen, usize)> = Vec::new();
-        let path = ["web", "listen"];
-        for (position, text) in web.listen.iter().enumerate() {
-            match text.parse::<Listen>() {
-                Err(error) => self.report_element(&path, position, error),
-                Ok(address) => {
-                    if let Some((_, first)) = seen
-                        .iter()
-                        .find(|(other, _)| other.conflicts_with(&address))
-                    {
-                        self.report_element(
-                            &path,
-                            position,
-                            format!("\"{text}\" clashes with \"{}\" listed before it; each address can be bound once", web.listen[*first]),
-                        );
-                    } else {
-                        seen.push((address, position));
-                    }
+    /// `[metrics]`; `listen = ""` turns the endpoint off.
+    pub(crate) fn metrics(&mut self, metrics: &RawMetrics) -> MetricsConfig {
+        let listen = if metrics.listen.is_empty() {
+            None
+        } else {
+            match metrics.listen.parse::<Listen>() {
+                Ok(Listen::Tcp(address)) => Some(address),
+                Ok(Listen::Unix(_)) => {
+                    self.report(
+                        &["metrics", "listen"],
+                        "Prometheus scrapes over TCP: expected \"host:port\", e.g. \"127.0.0.1:9808\" (or \"\" to turn the endpoint off)",
+                    );
+                    None
+                }
+                Err(error) => {
+                    self.report(
+                        &["metrics", "listen"],
+                        format!("{error} (or \"\" to turn the endpoint off)"),
+                    );
+                    None
                 }
             }
-        }
-        if let Ok(metrics) = config.metrics.listen.parse::<Listen>() {
-            if let Some((_, first)) = seen
-                .iter()
-                .find(|(other, _)| other.conflicts_with(&metrics))
-            {
-                let listed = &web.listen[*first];
-                self.report(
-                    &["metrics", "listen"],
-                    format!("\"{}\" clashes with [web].listen \"{listed}\"; give the metrics endpoint its own port", config.metrics.listen),
-                );
-            }
-        }
-    }
-
-    fn program(&mut self, name: &str, program: &ProgramConfig) {
-        let base = ["programs", name];
-        if name.trim().is_empty() {
-            self.report_key(&base, "a program needs a name, e.g. [programs.celery]");
-        }
-        let at = |key: &'static str| [base[0], base[1], key];
-        if program.command.is_empty() {
-            if !self.broken_under(&base) {
-                self.report(
-                    &at("command"),
-                    "a program needs a command, e.g. command = [\"celery\", \"-A\", \"myapp\", \"worker\"]",
-                );
-            }
-        } else if program.command[0].trim().is_empty() {
-            self.report_element(&at("command"), 0, "the program to run must not be empty");
-        }
-        if program.instances == 0 {
-            self.report(
-                &at("instances"),
-                "must be at least 1; remove the program to not run it",
-            );
-        }
-        if stop_signal_name(&program.stop_signal).is_none() {
-            let suggestion = did_you_mean(&program.stop_signal.to_ascii_uppercase(), STOP_SIGNALS)
-                .map(|s| format!(" (did you mean \"{s}\"?)"))
-                .unwrap_or_default();
-            self.report(
-                &at("stop_signal"),
-                format!(
-                    "unknown signal \"{}\"{suggestion}; expected one of: {}",
-                    program.stop_signal,
-                    STOP_SIGNALS.join(", ")
-                ),
-            );
-        }
-        if program.max_rss_samples == 0 {
-            self.report(&at("max_rss_samples"), "must be at least 1");
-        }
-        if program.crash_limit == 0 {
-            self.report(
-                &at("crash_limit"),
-                "must be at least 1 (exits within crash_window before the program is given up)",
-            );
-        }
-        if program.crash_window.is_zero() {
-            self.report(&at("crash_window"), "must be longer than 0s");
-        }
-        if program.backoff_max.get() < std::time::Duration::from_secs(1) {
-            self.report(
-                &at("backoff_max"),
-                "must be at least \"1s\", the first restart delay",
-            );
-        }
-        for (key, value) in [("user", &program.user), ("group", &program.group)] {
-            if value.as_ref().is_some_and(|v| v.trim().is_empty()) {
-                self.report(
-                    &at(key),
-                    "must not be empty; remove it to keep the supervisor's",
-                );
-            }
-        }
-        if program
-            .directory
-            .as_ref()
-            .is_some_and(|d| d.as_os_str().is_empty())
-        {
-            self.report(
-                &at("directory"),
-                "must not be empty; remove it to use [app].directory",
-            );
-        }
-        if program.rlimits.nofile == Some(0) {
-            self.report(
-                &["programs", name, "rlimits", "nofile"],
-                "must be at least 1: the program could not open any file",
-            );
-        }
-        self.env(&at("env"), &program.env);
-    }
-
-    fn beat(&mut self, beat: &BeatConfig) {
-        let broker = beat.broker.as_str();
-        let schemes = ["redis://", "rediss://", "unix://", "redis+unix://"];
-        if !schemes.iter().any(|scheme| broker.starts_with(scheme)) {
-            self.report(
-                &["beat", "broker"],
-                format!("\"{broker}\" is not a Redis URL: beat publishes to Redis; expected \"redis://HOST:PORT/DB\", \"rediss://…\" or \"unix:///path/to/redis.sock\""),
-            );
-        }
-        self.timezone(&["beat", "timezone"], &beat.timezone);
-        if beat.leader_lock && beat.lock_ttl.get() < std::time::Duration::from_secs(1) {
-            self.report(
-                &["beat", "lock_ttl"],
-                "must be at least \"1s\"; it is renewed at a third of its length",
-            );
-        }
-        if let Some(celery_app) = &beat.celery_app {
-            let valid = if celery_app.contains(':') {
-                check_python_target(celery_app).is_ok()
-            } else {
-                is_dotted_name(celery_app)
-            };
-            if !valid {
-                self.report(
-                    &["beat", "celery_app"],
-                    format!("\"{celery_app}\" is not a Celery app; expected \"module:app\" or \"module\", e.g. \"myapp.celery:app\""),
-                );
-            }
-        }
-        for (name, job) in &beat.jobs {
-            self.job(name, job);
-        }
-    }
-
-    fn job(&mut self, name: &str, job: &JobConfig) {
-        let base = ["beat", "jobs", name];
-        let at = |key: &'static str| [base[0], base[1], base[2], key];
-        let broken = self.broken_under(&base);
-        if job.task.trim().is_empty() && !broken {
-            self.report(
-                &at("task"),
-                "a job needs the Celery task to send, e.g. task = \"myapp.tasks.cleanup\"",
-            );
-        }
-        match (&job.cron, &job.every) {
-            (None, None) if !broken => self.report(
-                &base,
-                "a job needs a schedule: cron = \"*/5 * * * *\" or every = \"30s\"",
-            ),
-            (Some(_), Some(_)) => {
-                self.report(&at("every"), "set either cron or every, not both");
-            }
-            (_, Some(every)) if every.is_zero() => {
-                self.report(&at("every"), "must be longer than 0s");
-            }
-            _ => {}
-        }
-        if let Some(priority) = job.priority {
-            if priority > 9 {
-                self.report(
-                    &at("priority"),
-                    format!(
-                        "{priority} is out of range; expected 0 to 9 (0 is the highest under Redis)"
-                    ),
-                );
-            }
-        }
-        if job.expires.is_some_and(|expires| expires.is_zero()) {
-            self.report(
-                &at("expires"),
-                "\"0s\" would expire every task at once; remove it for tasks that never expire",
-            );
-        }
-        if job.queue.trim().is_empty() {
-            self.report(&at("queue"), "must not be empty; the default is \"celery\"");
-        }
-        if let Some(timezone) = &job.timezone {
-            self.timezone(&at("timezone"), timezone);
-        }
-    }
-
-    fn timezone(&mut self, path: &[&str], name: &str) {
-        if chrono_tz::Tz::from_str(name).is_ok() {
-            return;
-        }
-        let suggestion = did_you_mean(name, chrono_tz::TZ_VARIANTS.iter().map(|tz| tz.name()))
-            .map(|s| format!(" (did you mean \"{s}\"?)"))
-            .unwrap_or_default();
-        self.report(
-            path,
-            format!("unknown time zone \"{name}\"{suggestion}; expected an IANA name such as \"UTC\" or \"Europe/Helsinki\""),
-        );
-    }
-
-    fn metrics(&mut self, config: &Config) {
-        let metrics = &config.metrics;
-        if !metrics.listen.is_empty() {
-            match metrics.listen.parse::<Listen>() {
-                Ok(Listen::Unix(_)) => self.report(
-                    &["metrics", "listen"],
-                    "Prometheus scrapes over TCP: expected \"host:port\", e.g. \"127.0.0.1:9808\" (or \"\" to turn the endpoint off)",
-                ),
-                Ok(Listen::Tcp { .. }) => {}
-                Err(error) => self.report(&["metrics", "listen"], format!("{error} (or \"\" to turn the endpoint off)")),
-            }
-        }
+        };
         if metrics.token_file.is_some() && metrics.token_env.is_some() {
             self.report(
                 &["metrics", "token_env"],
@@ -493,6 +279,14 @@ impl Checker<'_> {
                     "a queue name must not be empty",
                 );
             }
+        }
+        MetricsConfig {
+            listen,
+            token_file: metrics.token_file.clone(),
+            token_env: metrics.token_env.clone(),
+            queues: metrics.queues.clone(),
+            sample_interval: metrics.sample_interval,
+            broker: metrics.broker.clone(),
         }
     }
 
@@ -583,8 +377,8 @@ impl Checker<'_> {
         false
     }
 
-    fn control(&mut self, config: &Config) {
-        if let Some(socket) = &config.control.socket {
+    fn control(&mut self, control: &ControlConfig) {
+        if let Some(socket) = &control.socket {
             let length = socket.as_os_str().len();
             if length == 0 {
                 self.report(
@@ -626,29 +420,12 @@ fn is_dotted_name(text: &str) -> bool {
     })
 }
 
-/// `"*"`, an IP address, or an IP network in CIDR form.
-fn is_ip_or_cidr(text: &str) -> bool {
-    if text == "*" {
-        return true;
-    }
-    let (address, prefix) = match text.split_once('/') {
-        Some((address, prefix)) => (address, Some(prefix)),
-        None => (text, None),
-    };
-    let Ok(ip) = address.parse::<std::net::IpAddr>() else {
-        return false;
-    };
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    prefix.is_none_or(|prefix| prefix.parse::<u8>().is_ok_and(|bits| bits <= max))
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::load::load_str;
 
     /// `LINE:COL: message` of every problem in `text`.
-    fn problems(text: &str) -> Vec<String> {
+    pub(super) fn problems(text: &str) -> Vec<String> {
         match load_str(text, "sauna.toml") {
             Ok(_) => Vec::new(),
             Err(diagnostics) => diagnostics
@@ -659,48 +436,11 @@ mod tests {
         }
     }
 
-    fn assert_one(text: &str, expected: &str) {
+    pub(super) fn assert_one(text: &str, expected: &str) {
         assert_eq!(problems(text), [expected], "in:\n{text}");
     }
 
-    const APP: &str = "[app]\nwsgi = \"myapp.wsgi:application\"\n";
-
-    #[test]
-    fn zero_workers_and_threads_are_refused() {
-        let text = format!("{APP}[web]\nworkers = 0\nthreads = 0\n");
-        assert_eq!(
-            problems(&text),
-            [
-                "4:11: web.workers: must be at least 1; remove [web] to run without a web pool",
-                "5:11: web.threads: must be at least 1 (1 = one request at a time per worker)",
-            ]
-        );
-    }
-
-    #[test]
-    fn web_needs_exactly_one_application() {
-        assert_one(
-            "[web]\nworkers = 2\n",
-            "1:1: web: the web pool needs an application: set [app].wsgi = \"module:callable\" or [app].paste = \"production.ini\"",
-        );
-        assert_one(
-            "[app]\nwsgi = \"a:b\"\npaste = \"x.ini\"\n",
-            "3:9: app.paste: set either wsgi or paste, not both: paste loads the app from an ini file, wsgi names it directly",
-        );
-        assert!(problems("[app]\npaste = \"production.ini#main\"\n[web]\n").is_empty());
-        assert_one(
-            "[app]\npaste = \"x.ini#\"\n",
-            "2:9: app.paste: \"x.ini#\" is not a PasteDeploy file; expected \"production.ini\" or \"production.ini#main\"",
-        );
-    }
-
-    #[test]
-    fn a_mistyped_wsgi_is_not_also_reported_as_missing() {
-        assert_eq!(
-            problems("[app]\nwsgi = 5\n[web]\n"),
-            ["2:8: app.wsgi: expected a string, found the integer 5"]
-        );
-    }
+    pub(super) const APP: &str = "[app]\nwsgi = \"myapp.wsgi:application\"\n";
 
     #[test]
     fn wsgi_must_be_module_colon_callable() {
@@ -716,29 +456,16 @@ mod tests {
     }
 
     #[test]
-    fn listen_addresses_are_parsed_and_must_not_clash() {
-        let text = format!(
-            "{APP}[web]\nlisten = [\"127.0.0.1:8000\", \"unix:/run/a.sock\", \"0.0.0.0:8000\", \"8001\", \"unix:/run/a.sock\"]\n[metrics]\nlisten = \"127.0.0.1:8000\"\n"
-        );
-        assert_eq!(
-            problems(&text),
-            [
-                "4:49: web.listen[2]: \"0.0.0.0:8000\" clashes with \"127.0.0.1:8000\" listed before it; each address can be bound once",
-                "4:65: web.listen[3]: invalid listen address \"8001\": the port is missing; expected \"host:port\", \"[v6]:port\" or \"unix:/absolute/path\"",
-                "4:73: web.listen[4]: \"unix:/run/a.sock\" clashes with \"unix:/run/a.sock\" listed before it; each address can be bound once",
-                "6:10: metrics.listen: \"127.0.0.1:8000\" clashes with [web].listen \"127.0.0.1:8000\"; give the metrics endpoint its own port",
-            ]
-        );
-        assert_one(
-            &format!("{APP}[web]\nlisten = []\n"),
-            "4:10: web.listen: needs at least one address, e.g. [\"127.0.0.1:8000\"]",
-        );
-        assert!(problems(&format!("{APP}[web]\nlisten = [\"[::1]:8000\"]\n")).is_empty());
-    }
-
-    #[test]
     fn the_metrics_endpoint_is_tcp_or_off() {
         assert!(problems("[metrics]\nlisten = \"\"\n").is_empty());
+        let off = load_str("[metrics]\nlisten = \"\"\n", "sauna.toml").unwrap();
+        assert_eq!(off.metrics.listen, None);
+        let on = load_str("[metrics]\nlisten = \"[::1]:9100\"\n", "sauna.toml").unwrap();
+        assert_eq!(on.metrics.listen, Some("[::1]:9100".parse().unwrap()));
+        assert_one(
+            "[metrics]\nlisten = \"localhost:9808\"\n",
+            "2:10: metrics.listen: invalid listen address \"localhost:9808\": \"localhost\" is not an IP address (the socket is bound without DNS; write \"127.0.0.1\" for localhost); expected \"host:port\", \"[v6]:port\" or \"unix:/absolute/path\" (or \"\" to turn the endpoint off)",
+        );
         assert_one(
             "[metrics]\nlisten = \"unix:/run/m.sock\"\n",
             "2:10: metrics.listen: Prometheus scrapes over TCP: expected \"host:port\", e.g. \"127.0.0.1:9808\" (or \"\" to turn the endpoint off)",
@@ -746,144 +473,6 @@ mod tests {
         assert_one(
             "[metrics]\ntoken_file = \"t\"\ntoken_env = \"T\"\n",
             "3:13: metrics.token_env: set either token_file or token_env, not both",
-        );
-    }
-
-    #[test]
-    fn jitter_needs_max_requests_and_the_queue_needs_room() {
-        let text = format!("{APP}[web]\nmax_requests_jitter = 50\nqueue_size = 0\n");
-        assert_eq!(
-            problems(&text),
-            [
-                "4:23: web.max_requests_jitter: has no effect without max_requests; set max_requests too, or remove it",
-                "5:14: web.queue_size: must be at least 1: requests wait here for a free worker",
-            ]
-        );
-        assert!(
-            problems(&format!(
-                "{APP}[web]\nmax_requests = 1000\nmax_requests_jitter = 50\n"
-            ))
-            .is_empty()
-        );
-    }
-
-    #[test]
-    fn a_program_needs_a_command() {
-        assert_one(
-            "[programs.worker]\ninstances = 2\n",
-            "1:1: programs.worker.command: a program needs a command, e.g. command = [\"celery\", \"-A\", \"myapp\", \"worker\"]",
-        );
-        assert_one(
-            "[programs.worker]\ncommand = []\n",
-            "2:11: programs.worker.command: a program needs a command, e.g. command = [\"celery\", \"-A\", \"myapp\", \"worker\"]",
-        );
-        assert_one(
-            "[programs.worker]\ncommand = [\"\", \"x\"]\n",
-            "2:12: programs.worker.command[0]: the program to run must not be empty",
-        );
-    }
-
-    #[test]
-    fn program_counts_and_signals_are_checked() {
-        let text = "[programs.w]\ncommand = [\"x\"]\ninstances = 0\nstop_signal = \"TREM\"\nbackoff_max = \"500ms\"\n";
-        assert_eq!(
-            problems(text),
-            [
-                "3:13: programs.w.instances: must be at least 1; remove the program to not run it",
-                "4:15: programs.w.stop_signal: unknown signal \"TREM\" (did you mean \"TERM\"?); expected one of: TERM, INT, QUIT, HUP, USR1, USR2, KILL",
-                "5:15: programs.w.backoff_max: must be at least \"1s\", the first restart delay",
-            ]
-        );
-        assert!(
-            problems("[programs.w]\ncommand = [\"x\"]\nstop_signal = \"sigquit\"\n").is_empty()
-        );
-    }
-
-    #[test]
-    fn stop_signals_are_named_canonically() {
-        assert_eq!(stop_signal_name("SIGTERM"), Some("TERM"));
-        assert_eq!(stop_signal_name("int"), Some("INT"));
-        assert_eq!(stop_signal_name("usr2"), Some("USR2"));
-        assert_eq!(stop_signal_name("SIGSEGV"), None);
-        assert_eq!(stop_signal_name("15"), None);
-    }
-
-    #[test]
-    fn environment_names_must_be_usable() {
-        assert_one(
-            "[app]\nenv = { \"A=B\" = \"1\" }\n",
-            "2:9: app.env.\"A=B\": an environment variable name must not be empty or contain \"=\"",
-        );
-    }
-
-    #[test]
-    fn a_job_needs_a_task_and_exactly_one_schedule() {
-        assert_eq!(
-            problems("[beat.jobs.j]\nqueue = \"q\"\n"),
-            [
-                "1:1: beat.jobs.j.task: a job needs the Celery task to send, e.g. task = \"myapp.tasks.cleanup\"",
-                "1:1: beat.jobs.j: a job needs a schedule: cron = \"*/5 * * * *\" or every = \"30s\"",
-            ]
-        );
-        assert_one(
-            "[beat.jobs.j]\ntask = \"t\"\ncron = \"* * * * *\"\nevery = \"1m\"\n",
-            "4:9: beat.jobs.j.every: set either cron or every, not both",
-        );
-        assert_one(
-            "[beat.jobs.j]\ntask = \"t\"\nevery = \"0s\"\n",
-            "3:9: beat.jobs.j.every: must be longer than 0s",
-        );
-    }
-
-    #[test]
-    fn a_misspelt_schedule_key_is_reported_once() {
-        let found = problems("[beat.jobs.j]\ntask = \"t\"\ncorn = \"* * * * *\"\n");
-        assert_eq!(found.len(), 1, "{found:?}");
-        assert!(
-            found[0]
-                .starts_with("3:1: unknown key \"corn\" in [beat.jobs.j]; did you mean \"cron\"?")
-        );
-    }
-
-    #[test]
-    fn job_priority_expiry_and_time_zones_are_checked() {
-        let text = "[beat]\ntimezone = \"Europe/Helsnki\"\n[beat.jobs.j]\ntask = \"t\"\nevery = \"1m\"\npriority = 10\nexpires = \"0s\"\ntimezone = \"Mars/Olympus\"\n";
-        assert_eq!(
-            problems(text),
-            [
-                "2:12: beat.timezone: unknown time zone \"Europe/Helsnki\" (did you mean \"Europe/Helsinki\"?); expected an IANA name such as \"UTC\" or \"Europe/Helsinki\"",
-                "6:12: beat.jobs.j.priority: 10 is out of range; expected 0 to 9 (0 is the highest under Redis)",
-                "7:11: beat.jobs.j.expires: \"0s\" would expire every task at once; remove it for tasks that never expire",
-                "8:12: beat.jobs.j.timezone: unknown time zone \"Mars/Olympus\"; expected an IANA name such as \"UTC\" or \"Europe/Helsinki\"",
-            ]
-        );
-        assert!(problems("[beat]\ntimezone = \"America/New_York\"\n").is_empty());
-    }
-
-    #[test]
-    fn beat_publishes_to_redis_only() {
-        assert_one(
-            "[beat]\nbroker = \"amqp://guest@localhost//\"\n",
-            "2:10: beat.broker: \"amqp://guest@localhost//\" is not a Redis URL: beat publishes to Redis; expected \"redis://HOST:PORT/DB\", \"rediss://…\" or \"unix:///path/to/redis.sock\"",
-        );
-        assert!(
-            problems("[beat]\nbroker = \"rediss://h:6380/1\"\ncelery_app = \"proj.celery:app\"\n")
-                .is_empty()
-        );
-    }
-
-    #[test]
-    fn web_paths_and_trusted_peers_are_checked() {
-        let text = format!(
-            "{APP}[web]\nwarmup = \"health\"\nscript_name = \"/app/\"\nforwarded_allow_ips = [\"10.0.0.0/8\", \"*\", \"10.0.0.0/33\"]\n"
-        );
-        assert_eq!(
-            problems(&text),
-            [
-                "4:10: web.warmup: must be a path starting with \"/\", e.g. \"/health\", not \"health\"",
-                "5:15: web.script_name: must start with \"/\" and not end with one, e.g. \"/app\", not \"/app/\"",
-                "6:43: web.forwarded_allow_ips[2]: \"10.0.0.0/33\" is not an IP address, a CIDR like \"10.0.0.0/8\", or \"*\"",
-            ]
         );
     }
 

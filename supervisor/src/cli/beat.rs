@@ -6,11 +6,12 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use chrono::{DateTime, Utc};
+use proxy_conf::parse_time_zone;
 
 use super::{BeatNextArgs, EXIT_USAGE};
 use crate::beat::jobs::build_jobs;
 use crate::beat::next::{fire_times, jobs_fire_times};
-use crate::beat::schedule::{Schedule, parse_tz};
+use crate::beat::schedule::Schedule;
 
 /// Runs `beat next`; invalid expressions, zones or instants exit 2 with the reason.
 pub fn next_command(args: &BeatNextArgs) -> anyhow::Result<ExitCode> {
@@ -36,7 +37,7 @@ fn run(args: &BeatNextArgs) -> Result<String, String> {
         None => Utc::now(),
     };
     let tz = match &args.timezone {
-        Some(name) => Some(parse_tz(name).map_err(|error| format!("--timezone: {error}"))?),
+        Some(name) => Some(parse_time_zone(name).map_err(|error| format!("--timezone: {error}"))?),
         None => None,
     };
     if let Some(expr) = &args.cron {

@@ -239,7 +239,7 @@ impl ProgramActor {
     pub fn new(launch: Launch, metrics: Arc<Metrics>, generation: u64) -> ProgramActor {
         let (exits_tx, exits_rx) = mpsc::unbounded_channel();
         let launch = Arc::new(launch);
-        let instances = (0..launch.instances as usize)
+        let instances = (0..launch.instances.get())
             .map(|index| Instance::new(index, Arc::clone(&launch), generation))
             .collect();
         let next_rss_sample = (launch.max_rss > 0).then(|| Instant::now() + launch.rss_interval);
@@ -336,7 +336,7 @@ impl ProgramActor {
     /// `sauna_program_up` is 1 while every index of the current config has a running instance,
     /// old or new: during a rolling reload the queue has a consumer throughout.
     fn update_up(&self) {
-        let count = self.launch.instances as usize;
+        let count = self.launch.instances.get();
         let all_running = (0..count).all(|index| {
             self.instances
                 .iter()
@@ -671,7 +671,7 @@ impl ProgramActor {
         let Some(rollout) = &self.rollout else { return };
         let launch = Arc::clone(&rollout.launch);
         let generation = rollout.generation;
-        for index in 0..launch.instances as usize {
+        for index in 0..launch.instances.get() {
             let mut instance = Instance::new(index, Arc::clone(&launch), generation);
             instance.candidate = true;
             self.instances.push(instance);
@@ -859,7 +859,7 @@ impl ProgramActor {
                 let failure = rollout.failure.unwrap_or_default();
                 let kept = if rollout.policy == proxy_conf::ProgramReload::Restart {
                     // The old instances were stopped first: bring them back with the old config.
-                    for index in 0..self.launch.instances as usize {
+                    for index in 0..self.launch.instances.get() {
                         self.instances.push(Instance::new(
                             index,
                             Arc::clone(&self.launch),
@@ -954,7 +954,7 @@ impl ProgramActor {
                 continue;
             }
             instance.rss_over += 1;
-            if instance.rss_over >= instance.launch.max_rss_samples {
+            if instance.rss_over >= instance.launch.max_rss_samples.get() {
                 let samples = instance.rss_over;
                 let label = self.label(slot);
                 tracing::warn!(

@@ -7,6 +7,7 @@
 //! arithmetic testable without sleeping, and the actor free of policy.
 
 use std::collections::VecDeque;
+use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
 use proxy_conf::{ProgramConfig, RestartPolicy};
@@ -79,8 +80,8 @@ pub struct RestartRules {
     pub backoff_max: Duration,
     /// Uptime after which the backoff and the crash counter start over.
     pub stable_after: Duration,
-    /// Exits within `crash_window` that make the instance fatal; 0 never gives up.
-    pub crash_limit: u32,
+    /// Exits within `crash_window` that make the instance fatal.
+    pub crash_limit: NonZeroU32,
     /// Window over which exits are counted.
     pub crash_window: Duration,
 }
@@ -164,7 +165,7 @@ impl RestartHistory {
             }
         }
         let exits = u32::try_from(self.exits.len()).unwrap_or(u32::MAX);
-        if rules.crash_limit > 0 && exits >= rules.crash_limit {
+        if exits >= rules.crash_limit.get() {
             return Decision::GiveUp {
                 exits,
                 window: rules.crash_window,
@@ -191,7 +192,7 @@ mod tests {
             restart,
             backoff_max: Duration::from_secs(60),
             stable_after: Duration::from_secs(30),
-            crash_limit: 5,
+            crash_limit: 5.try_into().unwrap(),
             crash_window: Duration::from_secs(60),
         }
     }
@@ -345,7 +346,7 @@ mod tests {
     #[test]
     fn exits_older_than_the_window_are_forgotten() {
         let mut rules = rules(RestartPolicy::Always);
-        rules.crash_limit = 3;
+        rules.crash_limit = 3.try_into().unwrap();
         rules.crash_window = Duration::from_secs(10);
         rules.stable_after = Duration::from_secs(3600);
         let mut history = RestartHistory::default();
@@ -361,20 +362,6 @@ mod tests {
             matches!(decision, Decision::GiveUp { exits: 3, .. }),
             "{decision:?}"
         );
-    }
-
-    #[test]
-    fn crash_limit_zero_never_gives_up() {
-        let mut rules = rules(RestartPolicy::Always);
-        rules.crash_limit = 0;
-        let mut history = RestartHistory::default();
-        let now = Instant::now();
-        for _ in 0..100 {
-            assert!(matches!(
-                history.on_exit(&rules, false, now, now),
-                Decision::Restart { .. }
-            ));
-        }
     }
 
     #[test]

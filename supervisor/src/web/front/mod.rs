@@ -25,9 +25,8 @@ pub mod exchange;
 
 use std::convert::Infallible;
 use std::io;
-use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -39,6 +38,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use proxy_conf::Listen;
 use tokio::net::{TcpListener, TcpSocket, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -82,20 +82,24 @@ impl Listener {
     /// connections; a Unix socket's file is never unlinked or re-bound (the old process still
     /// accepts on it until the hand-over). Fails when the descriptor is not a listening socket
     /// of the kind `configured` names.
-    pub fn adopt(configured: &str, fd: OwnedFd) -> io::Result<Listener> {
-        if let Some(path) = configured.strip_prefix("unix:") {
-            let listener = std::os::unix::net::UnixListener::from(fd);
-            listener.local_addr()?;
-            listener.set_nonblocking(true)?;
-            return Ok(Listener::Unix(
-                UnixListener::from_std(listener)?,
-                PathBuf::from(path),
-            ));
+    pub fn adopt(configured: &Listen, fd: OwnedFd) -> io::Result<Listener> {
+        match configured {
+            Listen::Unix(path) => {
+                let listener = std::os::unix::net::UnixListener::from(fd);
+                listener.local_addr()?;
+                listener.set_nonblocking(true)?;
+                Ok(Listener::Unix(
+                    UnixListener::from_std(listener)?,
+                    path.clone(),
+                ))
+            }
+            Listen::Tcp(_) => {
+                let listener = std::net::TcpListener::from(fd);
+                listener.local_addr()?;
+                listener.set_nonblocking(true)?;
+                Ok(Listener::Tcp(TcpListener::from_std(listener)?))
+            }
         }
-        let listener = std::net::TcpListener::from(fd);
-        listener.local_addr()?;
-        listener.set_nonblocking(true)?;
-        Ok(Listener::Tcp(TcpListener::from_std(listener)?))
     }
 
     fn as_fd(&self) -> BorrowedFd<'_> {
@@ -111,14 +115,14 @@ impl Listener {
 #[error("cannot listen on {address}: {source}")]
 pub struct BindError {
     /// The address from `[web].listen`.
-    pub address: String,
+    pub address: Listen,
     /// The OS error.
     #[source]
     pub source: io::Error,
 }
 
 /// Binds every address, or fails naming the first that cannot be bound.
-pub fn bind(addresses: &[String], backlog: u32) -> Result<Vec<Listener>, BindError> {
+pub fn bind(addresses: &[Listen], backlog: u32) -> Result<Vec<Listener>, BindError> {
     addresses
         .iter()
         .map(|address| {
@@ -130,52 +134,54 @@ pub fn bind(addresses: &[String], backlog: u32) -> Result<Vec<Listener>, BindErr
         .collect()
 }
 
-fn bind_one(address: &str, backlog: u32) -> io::Result<Listener> {
-    if let Some(path) = address.strip_prefix("unix:") {
-        let path = PathBuf::from(path);
-        if let Ok(metadata) = std::fs::symlink_metadata(&path) {
-            use std::os::unix::fs::FileTypeExt;
-            // A socket file left by a previous run is replaced; a live socket is not stolen and
-            // a path that is not a socket is never deleted.
-            if !metadata.file_type().is_socket() {
-                return Err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    "the path exists and is not a socket",
-                ));
-            }
-            if std::os::unix::net::UnixStream::connect(&path).is_ok() {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    "another process is listening on it",
-                ));
-            }
-            std::fs::remove_file(&path)?;
+fn bind_one(address: &Listen, backlog: u32) -> io::Result<Listener> {
+    match address {
+        Listen::Unix(path) => bind_unix(path, backlog),
+        Listen::Tcp(address) => {
+            let socket = if address.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            socket.set_reuseaddr(true)?;
+            socket.set_nodelay(true)?;
+            socket.bind(*address)?;
+            Ok(Listener::Tcp(socket.listen(backlog)?))
         }
-        let listener = std::os::unix::net::UnixListener::bind(&path)?;
-        // std binds with a backlog of 128; listen(2) again to apply the configured one.
-        let raw = std::os::fd::AsRawFd::as_raw_fd(&listener);
-        // SAFETY: `raw` is the descriptor of the listener we own; listen(2) only changes its backlog.
-        if unsafe { libc::listen(raw, i32::try_from(backlog).unwrap_or(i32::MAX)) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        listener.set_nonblocking(true)?;
-        return Ok(Listener::Unix(UnixListener::from_std(listener)?, path));
     }
-    let address: SocketAddr = address.parse().map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "expected \"host:port\" (an IP address and a port) or \"unix:/path\"",
-        )
-    })?;
-    let socket = if address.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_nodelay(true)?;
-    socket.bind(address)?;
-    Ok(Listener::Tcp(socket.listen(backlog)?))
+}
+
+fn bind_unix(path: &Path, backlog: u32) -> io::Result<Listener> {
+    if let Ok(metadata) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        // A socket file left by a previous run is replaced; a live socket is not stolen and
+        // a path that is not a socket is never deleted.
+        if !metadata.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the path exists and is not a socket",
+            ));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "another process is listening on it",
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    // std binds with a backlog of 128; listen(2) again to apply the configured one.
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&listener);
+    // SAFETY: `raw` is the descriptor of the listener we own; listen(2) only changes its backlog.
+    if unsafe { libc::listen(raw, i32::try_from(backlog).unwrap_or(i32::MAX)) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    listener.set_nonblocking(true)?;
+    Ok(Listener::Unix(
+        UnixListener::from_std(listener)?,
+        path.to_path_buf(),
+    ))
 }
 
 /// Settings of the front, from `[web]`.
@@ -249,8 +255,8 @@ impl Front {
 /// One listening socket being served.
 #[derive(Debug)]
 struct Accepting {
-    /// The address as `[web].listen` spells it (what a reload compares).
-    configured: String,
+    /// The `[web].listen` entry it was bound for (what a reload compares).
+    configured: Listen,
     /// The bound address, with the real port.
     address: String,
     stop: watch::Sender<bool>,
@@ -294,8 +300,8 @@ impl FrontHandle {
             .collect()
     }
 
-    /// The served addresses as `[web].listen` spells them.
-    pub fn configured(&self) -> Vec<String> {
+    /// The `[web].listen` entries being served.
+    pub fn configured(&self) -> Vec<Listen> {
         self.listeners
             .iter()
             .map(|listener| listener.configured.clone())
@@ -303,7 +309,7 @@ impl FrontHandle {
     }
 
     /// Starts accepting on `listener`, bound for the `[web].listen` entry `configured`.
-    pub fn add(&mut self, configured: String, listener: Listener) {
+    pub fn add(&mut self, configured: Listen, listener: Listener) {
         let accepting = start_accepting(configured, listener, &self.front, &self.graceful);
         self.listeners.push(accepting);
     }
@@ -311,11 +317,11 @@ impl FrontHandle {
     /// Stops accepting on the `[web].listen` entry `configured`; its open connections finish as
     /// usual. The socket is closed when the returned accept task has ended (await it before
     /// telling anyone the address is gone).
-    pub fn remove(&mut self, configured: &str) -> Option<JoinHandle<()>> {
+    pub fn remove(&mut self, configured: &Listen) -> Option<JoinHandle<()>> {
         let index = self
             .listeners
             .iter()
-            .position(|listener| listener.configured == configured)?;
+            .position(|listener| listener.configured == *configured)?;
         let listener = self.listeners.remove(index);
         let _ = listener.stop.send(true);
         if let Some(path) = &listener.unix_path {
@@ -326,7 +332,7 @@ impl FrontHandle {
 
     /// Duplicates of the listening sockets with their `[web].listen` entries, for a successor
     /// started by `upgrade` to inherit.
-    pub fn duplicate_listeners(&self) -> io::Result<Vec<(String, OwnedFd)>> {
+    pub fn duplicate_listeners(&self) -> io::Result<Vec<(Listen, OwnedFd)>> {
         self.listeners
             .iter()
             .map(|listener| {
@@ -375,7 +381,7 @@ impl FrontHandle {
 }
 
 fn start_accepting(
-    configured: String,
+    configured: Listen,
     listener: Listener,
     front: &Arc<Front>,
     graceful: &Arc<GracefulShutdown>,
@@ -405,7 +411,7 @@ fn start_accepting(
 }
 
 /// Starts accepting on every listener; `listeners` pairs each with its `[web].listen` entry.
-pub fn serve(listeners: Vec<(String, Listener)>, front: Arc<Front>) -> FrontHandle {
+pub fn serve(listeners: Vec<(Listen, Listener)>, front: Arc<Front>) -> FrontHandle {
     let graceful = Arc::new(GracefulShutdown::new());
     let listeners = listeners
         .into_iter()
