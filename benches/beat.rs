@@ -79,7 +79,7 @@ async fn lag(redis: &Redis) {
             "[beat.jobs.j{index}]\ntask = \"t\"\nevery = \"1s\"\nqueue = \"lag\"\nexpires = \"1h\"\n"
         ));
     }
-    let config: proxy_conf::Config = toml::from_str(&text).expect("config");
+    let config = proxy_conf::load_str(&text, "sauna.toml").expect("config");
     let metrics = Arc::new(Metrics::new().expect("metrics"));
     let handle = sauna_supervisor::beat::start(
         config.beat.as_ref().expect("beat"),
@@ -135,7 +135,7 @@ async fn idle(redis: &Redis) {
             index % 60
         ));
     }
-    let config: proxy_conf::Config = toml::from_str(&text).expect("config");
+    let config = proxy_conf::load_str(&text, "sauna.toml").expect("config");
     let metrics = Arc::new(Metrics::new().expect("metrics"));
     let handle = sauna_supervisor::beat::start(
         config.beat.as_ref().expect("beat"),

@@ -437,7 +437,8 @@ impl Drop for CeleryWorker {
 }
 
 fn beat_config(text: &str) -> proxy_conf::Config {
-    toml::from_str(text).unwrap_or_else(|error| panic!("test config: {error}\n{text}"))
+    proxy_conf::load_str(text, "sauna.toml")
+        .unwrap_or_else(|error| panic!("test config: {error}\n{text}"))
 }
 
 async fn start_beat(config: &proxy_conf::Config, base_dir: &Path) -> BeatHandle {
@@ -721,9 +722,24 @@ async fn reload_switches_schedules_without_doubling_or_losing_a_slot() {
         },
     )
     .await;
-    // A broken config is refused and the running schedule kept.
-    let broken = beat_config(&text(
-        "[beat.jobs.a]\ntask = \"t\"\ncron = \"0 0 30 2 *\"\n",
+    // A config whose mistake only shows when beat applies it (a Celery app that does not
+    // import) is refused and the running schedule kept. Mistakes in the file itself never
+    // get this far: the file does not load.
+    let impossible = proxy_conf::load_str(
+        &text("[beat.jobs.a]\ntask = \"t\"\ncron = \"0 0 30 2 *\"\n"),
+        "sauna.toml",
+    )
+    .expect_err("impossible cron refused when the file loads");
+    assert!(
+        impossible.to_string().contains("beat.jobs.a.cron"),
+        "{impossible}"
+    );
+    let broken = beat_config(&format!(
+        "[app]\npython = \"{}\"\n{}",
+        crate::util::python().display(),
+        text(
+            "celery_app = \"no_such_module_for_sauna:app\"\n[beat.jobs.a]\ntask = \"t\"\nevery = \"1s\"\nqueue = \"qa\"\n"
+        )
     ));
     let error = handle
         .reload(
@@ -733,8 +749,11 @@ async fn reload_switches_schedules_without_doubling_or_losing_a_slot() {
             sandbox.root(),
         )
         .await
-        .expect_err("impossible cron refused");
-    assert!(error.to_string().contains("beat.jobs.a.cron"), "{error}");
+        .expect_err("an app that does not import is refused");
+    assert!(
+        error.to_string().contains("no_such_module_for_sauna"),
+        "{error}"
+    );
     let status = handle.status().await.expect("status");
     let names: Vec<&str> = status.jobs.iter().map(|job| job.name.as_str()).collect();
     assert_eq!(names, ["a", "new"]);

@@ -169,7 +169,8 @@ async fn serve(
     metrics: Arc<Metrics>,
 ) -> (MetricsServer, watch::Sender<Health>) {
     let (health, receiver) = watch::channel(Health::starting());
-    let server = server::serve("127.0.0.1:0", token.map(str::to_owned), metrics, receiver)
+    let any_port = "127.0.0.1:0".parse().expect("an address");
+    let server = server::serve(any_port, token.map(str::to_owned), metrics, receiver)
         .await
         .expect("bind the metrics endpoint");
     (server, health)
@@ -227,7 +228,7 @@ async fn with_a_token_a_scrape_without_it_gets_401() {
     let sandbox = Sandbox::new();
     sandbox.write("secrets/metrics-token", "t0ken-from-file\n");
     let config = proxy_conf::MetricsConfig {
-        listen: "127.0.0.1:0".to_owned(),
+        listen: Some("127.0.0.1:0".parse().expect("an address")),
         token_file: Some(PathBuf::from("secrets/metrics-token")),
         ..proxy_conf::MetricsConfig::default()
     };
@@ -254,7 +255,7 @@ async fn with_a_token_a_scrape_without_it_gets_401() {
     assert!(allowed.body.contains("sauna_generation 2"));
 
     let disabled = proxy_conf::MetricsConfig {
-        listen: String::new(),
+        listen: None,
         ..proxy_conf::MetricsConfig::default()
     };
     let (_health, receiver) = watch::channel(Health::starting());
@@ -269,12 +270,12 @@ async fn with_a_token_a_scrape_without_it_gets_401() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn a_taken_port_is_reported_with_its_address() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let listen = taken.local_addr().expect("address").to_string();
+    let listen = taken.local_addr().expect("address");
     let (_health, receiver) = watch::channel(Health::starting());
-    let error = server::serve(&listen, None, busy_metrics(), receiver)
+    let error = server::serve(listen, None, busy_metrics(), receiver)
         .await
         .expect_err("the port is taken");
-    assert!(error.to_string().contains(&listen), "{error}");
+    assert!(error.to_string().contains(&listen.to_string()), "{error}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]

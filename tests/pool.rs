@@ -5,11 +5,12 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::num::NonZeroUsize;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use proxy_conf::{AppConfig, ByteSize, WebConfig};
+use proxy_conf::{AppConfig, AppTarget, ByteSize, Listen, WebConfig};
 use sauna_supervisor::metrics::Metrics;
 use sauna_supervisor::supervisor::lifecycle::StopMode;
 use sauna_supervisor::web::pool::{self, PoolError, PoolHandle, PoolStatus};
@@ -210,15 +211,25 @@ fn app_config(dir: &Path, wsgi: &str) -> AppConfig {
     AppConfig {
         directory: Some(dir.to_path_buf()),
         python: util::python().display().to_string(),
-        wsgi: Some(wsgi.to_owned()),
+        target: Some(AppTarget::Wsgi(wsgi.to_owned())),
         ..AppConfig::default()
     }
 }
 
+/// A `[web].listen` entry, as proxy-conf reads it.
+fn listen(text: &str) -> Listen {
+    text.parse().expect("a listen address")
+}
+
+/// A count for `[web]`, as proxy-conf reads it.
+fn count(n: usize) -> NonZeroUsize {
+    NonZeroUsize::new(n).expect("a non-zero count")
+}
+
 fn web_config(adjust: impl FnOnce(&mut WebConfig)) -> WebConfig {
     let mut web = WebConfig {
-        listen: vec!["127.0.0.1:0".to_owned()],
-        workers: 1,
+        listen: vec![listen("127.0.0.1:0")],
+        workers: NonZeroUsize::MIN,
         access_log: false,
         ..WebConfig::default()
     };
@@ -742,7 +753,7 @@ fn import_error_is_reported_with_its_traceback() {
 fn timeout_answers_504_logs_the_stack_and_replaces_the_worker() {
     let sandbox = Sandbox::new();
     let pool = start_test_app(&sandbox, |web| {
-        web.workers = 2;
+        web.workers = count(2);
         web.timeout = proxy_conf::Duration::from_millis(1000);
     });
     let before = pool.ready_pids();
@@ -845,7 +856,7 @@ fn recycles_by_memory_after_the_request() {
 fn a_full_queue_answers_503_with_retry_after() {
     let sandbox = Sandbox::new();
     let pool = start_test_app(&sandbox, |web| {
-        web.queue_size = 1;
+        web.queue_size = count(1);
         web.queue_timeout = proxy_conf::Duration::from_secs(5);
     });
     let address = pool.address.clone();
@@ -918,7 +929,7 @@ fn bodies_over_max_body_get_413() {
 #[test]
 fn threads_serve_concurrent_requests_in_one_worker() {
     let sandbox = Sandbox::new();
-    let pool = start_test_app(&sandbox, |web| web.threads = 4);
+    let pool = start_test_app(&sandbox, |web| web.threads = count(4));
     let started = Instant::now();
     let sleepers: Vec<_> = (0..4)
         .map(|_| {
@@ -979,7 +990,7 @@ fn unix_socket_listener_serves_requests() {
     let sandbox = Sandbox::new();
     let socket = sandbox.path("web.sock");
     let pool = start_test_app(&sandbox, |web| {
-        web.listen = vec![format!("unix:{}", socket.display())]
+        web.listen = vec![Listen::Unix(socket.clone())]
     });
     let mut stream = std::os::unix::net::UnixStream::connect(&socket).expect("connect unix");
     stream
@@ -999,7 +1010,7 @@ fn bind_errors_name_the_address() {
     sandbox.write("app.py", APP);
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let address = taken.local_addr().expect("addr").to_string();
-    let web = web_config(|web| web.listen = vec![address.clone()]);
+    let web = web_config(|web| web.listen = vec![listen(&address)]);
     let (_runtime, result, _) = try_start(
         &app_config(sandbox.root(), "app:application"),
         &web,
@@ -1010,7 +1021,7 @@ fn bind_errors_name_the_address() {
 
     // A unix path holding something else than a socket is refused, never deleted.
     let precious = sandbox.write("precious.txt", "keep me");
-    let web = web_config(|web| web.listen = vec![format!("unix:{}", precious.display())]);
+    let web = web_config(|web| web.listen = vec![Listen::Unix(precious.clone())]);
     let (_runtime, result, _) = try_start(
         &app_config(sandbox.root(), "app:application"),
         &web,
@@ -1245,8 +1256,7 @@ fn pyramid_through_pastedeploy_serves_pages_forms_and_uploads() {
     sandbox.write("pyramid_app.py", PYRAMID_APP);
     sandbox.write("production.ini", PYRAMID_INI);
     let app = AppConfig {
-        wsgi: None,
-        paste: Some("production.ini#main".to_owned()),
+        target: Some(AppTarget::Paste("production.ini#main".to_owned())),
         ..app_config(sandbox.root(), "unused")
     };
     check_framework(app, sandbox.root(), "Pyramid home");
@@ -1256,7 +1266,7 @@ fn pyramid_through_pastedeploy_serves_pages_forms_and_uploads() {
 fn a_recycled_threaded_worker_finishes_every_request_before_it_exits() {
     let sandbox = Sandbox::new();
     let pool = start_test_app(&sandbox, |web| {
-        web.threads = 2;
+        web.threads = count(2);
         web.max_requests = 2;
     });
     assert_eq!(get(&pool.address, "/hello").status, 200);

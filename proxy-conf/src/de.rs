@@ -502,7 +502,7 @@ impl<'de> MapAccess<'de> for MapDe<'_, '_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schema::Config;
+    use crate::schema::RawConfig as Config;
 
     fn problems(text: &str) -> Vec<String> {
         let (root, errors) = DeTable::parse_recoverable(text);

@@ -1,9 +1,10 @@
-//! The syntax of a listen address in `sauna.toml`: `"host:port"`, `"[v6]:port"` or
-//! `"unix:/absolute/path"`. Parsing only: binding the socket belongs to the HTTP front and the
-//! metrics server.
+//! A listen address of `sauna.toml`: `"ip:port"`, `"[v6]:port"` or `"unix:/absolute/path"`, parsed
+//! once at load into a [`Listen`] that the web front binds, the upgrade hands over and `emit
+//! nginx` proxies to. Host names are refused: the socket is bound without DNS, so a name would
+//! only fail later, at bind. Binding belongs to the HTTP front and the metrics server.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
 
@@ -13,13 +14,8 @@ pub const MAX_UNIX_SOCKET_PATH: usize = 107;
 /// A parsed listen address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Listen {
-    /// A TCP address; `host` is an IP literal (without brackets) or a host name.
-    Tcp {
-        /// IP or host name.
-        host: String,
-        /// Port; 0 lets the kernel choose.
-        port: u16,
-    },
+    /// A TCP address; port 0 lets the kernel choose.
+    Tcp(SocketAddr),
     /// A Unix stream socket at an absolute path.
     Unix(PathBuf),
 }
@@ -30,24 +26,24 @@ impl Listen {
     pub fn conflicts_with(&self, other: &Listen) -> bool {
         match (self, other) {
             (Listen::Unix(a), Listen::Unix(b)) => a == b,
-            (Listen::Tcp { host: a, port: p }, Listen::Tcp { host: b, port: q }) => {
-                // Port 0 asks the kernel for a fresh port each time: never a clash.
-                p == q && *p != 0 && (a.eq_ignore_ascii_case(b) || is_wildcard(a) || is_wildcard(b))
-            }
+            (Listen::Tcp(a), Listen::Tcp(b)) => tcp_conflict(*a, *b),
             _ => false,
         }
     }
 }
 
-fn is_wildcard(host: &str) -> bool {
-    host.parse::<IpAddr>().is_ok_and(|ip| ip.is_unspecified())
+/// See [`Listen::conflicts_with`]; port 0 asks the kernel for a fresh port each time, so it
+/// never clashes.
+pub(crate) fn tcp_conflict(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 impl fmt::Display for Listen {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Listen::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
-            Listen::Tcp { host, port } => write!(f, "{host}:{port}"),
+            Listen::Tcp(address) => write!(f, "{address}"),
             Listen::Unix(path) => write!(f, "unix:{}", path.display()),
         }
     }
@@ -79,14 +75,14 @@ impl FromStr for Listen {
             }
             return Ok(Listen::Unix(PathBuf::from(path)));
         }
-        let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+        let (ip, port) = if let Some(rest) = text.strip_prefix('[') {
             let Some((v6, port)) = rest.split_once("]:") else {
                 return fail("an IPv6 address in brackets must be followed by \":port\"");
             };
-            if v6.parse::<Ipv6Addr>().is_err() {
-                return fail(&format!("\"{v6}\" is not an IPv6 address"));
+            match v6.parse::<std::net::Ipv6Addr>() {
+                Ok(ip) => (IpAddr::V6(ip), port),
+                Err(_) => return fail(&format!("\"{v6}\" is not an IPv6 address")),
             }
-            (v6, port)
         } else {
             let Some((host, port)) = text.rsplit_once(':') else {
                 return fail("the port is missing");
@@ -97,19 +93,17 @@ impl FromStr for Listen {
             if host.is_empty() {
                 return fail("the host is missing; write \"0.0.0.0:PORT\" for every interface");
             }
-            let valid_name = host.split('.').all(|label| {
-                !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-            });
-            if !valid_name {
-                return fail(&format!("\"{host}\" is not an IP address or host name"));
+            match host.parse::<std::net::Ipv4Addr>() {
+                Ok(ip) => (IpAddr::V4(ip), port),
+                Err(_) => {
+                    return fail(&format!(
+                        "\"{host}\" is not an IP address (the socket is bound without DNS; write \"127.0.0.1\" for localhost)"
+                    ));
+                }
             }
-            (host, port)
         };
         match port.parse::<u16>() {
-            Ok(port) => Ok(Listen::Tcp {
-                host: host.to_owned(),
-                port,
-            }),
+            Ok(port) => Ok(Listen::Tcp(SocketAddr::new(ip, port))),
             Err(_) => fail(&format!("\"{port}\" is not a port number from 0 to 65535")),
         }
     }
@@ -119,23 +113,20 @@ impl FromStr for Listen {
 mod tests {
     use super::*;
 
-    fn tcp(host: &str, port: u16) -> Listen {
-        Listen::Tcp {
-            host: host.to_owned(),
-            port,
-        }
+    fn tcp(ip: &str, port: u16) -> Listen {
+        Listen::Tcp(SocketAddr::new(ip.parse().unwrap(), port))
     }
 
     #[test]
     fn the_three_forms_parse() {
         assert_eq!("127.0.0.1:8000".parse(), Ok(tcp("127.0.0.1", 8000)));
-        assert_eq!("localhost:80".parse(), Ok(tcp("localhost", 80)));
         assert_eq!("[::1]:8000".parse(), Ok(tcp("::1", 8000)));
         assert_eq!(
             "unix:/run/app.sock".parse(),
             Ok(Listen::Unix(PathBuf::from("/run/app.sock")))
         );
         assert_eq!(tcp("::1", 8000).to_string(), "[::1]:8000");
+        assert_eq!(tcp("0.0.0.0", 80).to_string(), "0.0.0.0:80");
     }
 
     #[test]
@@ -148,7 +139,9 @@ mod tests {
         assert!(error("127.0.0.1:99999").contains("not a port number"));
         assert!(error("unix:run/app.sock").contains("must be absolute"));
         assert!(error(&format!("unix:/{}", "x".repeat(120))).contains("at most 107 bytes"));
-        assert!(error("my host:80").contains("not an IP address or host name"));
+        assert!(error("my host:80").contains("\"my host\" is not an IP address"));
+        assert!(error("localhost:80").contains("write \"127.0.0.1\" for localhost"));
+        assert!(error("[fe80::zz]:80").contains("not an IPv6 address"));
     }
 
     #[test]

@@ -1,9 +1,10 @@
-//! Reading `sauna.toml` into a [`Config`] with every problem reported at once, in file order, as
-//! `FILE:LINE:COL: message`: syntax errors from the parser, then type and unknown-key problems
-//! (`de`), then cross-field checks (`validate`). Also what the rest of the program needs to know
-//! about where the file is: relative paths resolved against its directory, the default control
-//! socket next to it, and [`Loaded::diagnostic_at`] for problems found later (cron syntax, app
-//! import) that must still point at a line and column.
+//! Reading `sauna.toml` into a typed [`Config`] with every problem reported at once, in file
+//! order, as `FILE:LINE:COL: message`: syntax errors from the parser, then type and unknown-key
+//! problems (`de`), then the checks of the values themselves, which also build the typed
+//! configuration (`validate`). Also what the rest of the program needs to know about where the
+//! file is: relative paths resolved against its directory, the default control socket next to
+//! it, and [`Loaded::diagnostic_at`] for problems found later (a secret that cannot be read, an
+//! app that does not import) that must still point at a line and column.
 
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
@@ -13,10 +14,11 @@ use std::path::{Path, PathBuf};
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
+use crate::config::Config;
 use crate::de::deserialize_collecting;
 use crate::diagnostics::{Diagnostic, Diagnostics, line_column};
 use crate::locate::KeyIndex;
-use crate::schema::Config;
+use crate::schema::RawConfig;
 use crate::validate::validate;
 
 /// A configuration together with where it came from.
@@ -145,10 +147,10 @@ pub fn load_file(path: &Path) -> Result<Loaded, LoadError> {
     load_file_with(path, |_| Vec::new())
 }
 
-/// Like [`load_file`], and also runs `extra` checks that live outside this crate (cron syntax,
-/// the app import), so that their problems are reported together with the file's own, in file
+/// Like [`load_file`], and also runs `extra` checks that need more than the file (reading the
+/// secrets it names), so that their problems are reported together with the file's own, in file
 /// order. `extra` also runs when the file has other problems: it then sees the configuration
-/// built from every value that loaded (defaults in place of the broken ones), so it should only
+/// built from every value that passed (stand-ins in place of the broken ones), so it should only
 /// judge values that are present. Build its diagnostics with [`Loaded::diagnostic_at`].
 pub fn load_file_with(
     path: &Path,
@@ -263,7 +265,7 @@ fn analyse(text: &str, file: &str) -> (Config, Vec<Diagnostic>) {
     let (root, syntax_errors) = DeTable::parse_recoverable(text);
     let mut found: Vec<(Range<usize>, String)> = syntax_problems(text, &root, &syntax_errors);
 
-    let (config, problems) = deserialize_collecting::<Config>(&root);
+    let (raw, problems) = deserialize_collecting::<RawConfig>(&root);
     // After a syntax error the parser's recovery may have cut a value short or swallowed the
     // lines after it: stay quiet about what sits there, the syntax error is the news. A broken
     // `[table` header sends the keys under it to the wrong table, up to the next header.
@@ -301,16 +303,17 @@ fn analyse(text: &str, file: &str) -> (Config, Vec<Diagnostic>) {
         .map(|problem| (problem.span.clone().unwrap_or(0..0), problem.message()))
         .filter(|(span, _)| !damaged(span))
         .collect();
-    // Cross-field checks on a tree the parser had to repair would report keys as missing that
-    // are only unreadable, so they wait until the syntax is right.
+    // Checks on a tree the parser had to repair would report keys as missing that are only
+    // unreadable, so they wait until the syntax is right; the typed configuration is built
+    // either way, for `load_file_with`'s extra checks.
+    let broken: BTreeSet<Vec<String>> = problems
+        .iter()
+        .filter_map(|problem| problem.path.clone())
+        .collect();
+    let (config, findings) = validate(&raw, &KeyIndex::new(&root), &broken);
     if syntax_errors.is_empty() {
-        let broken: BTreeSet<Vec<String>> = problems
-            .iter()
-            .filter_map(|problem| problem.path.clone())
-            .collect();
-        let index = KeyIndex::new(&root);
         schema.extend(
-            validate(&config, &index, &broken)
+            findings
                 .into_iter()
                 .map(|finding| (finding.span, finding.message)),
         );
@@ -497,7 +500,7 @@ mod tests {
     #[test]
     fn a_file_with_only_beat_is_valid() {
         let config = load_str("[beat]\n", "sauna.toml").unwrap();
-        assert_eq!(config.beat.unwrap().timezone, "UTC");
+        assert_eq!(config.beat.unwrap().timezone, crate::Tz::UTC);
     }
 
     #[test]
@@ -583,11 +586,11 @@ every = 5
     #[test]
     fn later_checks_point_at_the_value_or_the_table_header() {
         let loaded = loaded(
-            "# ☕\n[beat.jobs.nightly]\ntask = \"t\"\ncron = \"61 * * * *\"\n",
+            "# ☕\n[beat.jobs.nightly]\ntask = \"t\"\ncron = \"1 * * * *\"\n",
             "deploy/sauna.toml",
         );
-        let at_value = loaded.diagnostic_at(&["beat", "jobs", "nightly", "cron"], "bad minute");
-        assert_eq!(at_value.to_string(), "deploy/sauna.toml:4:8: bad minute");
+        let at_value = loaded.diagnostic_at(&["beat", "jobs", "nightly", "cron"], "too often");
+        assert_eq!(at_value.to_string(), "deploy/sauna.toml:4:8: too often");
         let at_header =
             loaded.diagnostic_at(&["beat", "jobs", "nightly", "queue"], "no such queue");
         assert_eq!(
@@ -673,7 +676,7 @@ every = 5
         let file = temp.join("sauna.toml");
         std::fs::write(
             &file,
-            "[web]\nworkers = 0\n[beat.jobs.a]\ntask = \"t\"\ncron = \"61 * * * *\"\n[metrics]\nlisten = 5\n",
+            "[web]\nworkers = 0\n[beat.jobs.a]\ntask = \"t\"\ncron = \"0 * * * *\"\n[metrics]\nlisten = 5\n",
         )
         .unwrap();
         let error = load_file_with(&file, |loaded| {
@@ -681,15 +684,15 @@ every = 5
                 loaded.config.beat.is_some(),
                 "extra checks see the partial config"
             );
-            vec![loaded.diagnostic_at(&["beat", "jobs", "a", "cron"], "minute 61 is out of range")]
+            vec![loaded.diagnostic_at(&["beat", "jobs", "a", "task"], "no such Celery task")]
         })
         .unwrap_err();
         let LoadError::Invalid(diagnostics) = error else {
             panic!("expected diagnostics");
         };
         let lines: Vec<(usize, usize)> = diagnostics.0.iter().map(|d| (d.line, d.column)).collect();
-        assert_eq!(lines, [(1, 1), (2, 11), (5, 8), (7, 10)], "{diagnostics}");
-        assert_eq!(diagnostics.0[2].message, "minute 61 is out of range");
+        assert_eq!(lines, [(1, 1), (2, 11), (4, 8), (7, 10)], "{diagnostics}");
+        assert_eq!(diagnostics.0[2].message, "no such Celery task");
         let ok = load_file_with(&file, |_| Vec::new());
         assert!(ok.is_err(), "the file's own problems remain");
         std::fs::remove_dir_all(&temp).unwrap();

@@ -1,6 +1,6 @@
 //! Where each key of a `sauna.toml` sits in its text, so that a problem found after parsing (a
-//! cross-field check here, a cron expression or an app import in the supervisor) can still be
-//! reported at `FILE:LINE:COL`. Key paths are written the TOML way: `beat.jobs."nightly.report"`.
+//! check in `validate`, a secret that cannot be read, an emit refusal) can still be reported at
+//! `FILE:LINE:COL`. Key paths are written the TOML way: `beat.jobs."nightly.report"`.
 //! Array elements are addressed by their index (`["web", "listen", "1"]`).
 
 use std::collections::BTreeMap;

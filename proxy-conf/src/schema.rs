@@ -1,7 +1,13 @@
-//! The `sauna.toml` schema: one struct per section, with the defaults users of uWSGI, Gunicorn and
-//! Celery expect. Every section is optional so that a file with only `[programs.x]` or only `[beat]`
-//! is a valid configuration. Unknown keys are refused (`deny_unknown_fields`) so a typo never
-//! silently falls back to a default. Checks that span several keys live in `validate`, not here.
+//! The `sauna.toml` schema as serde reads it: one raw struct per section, keys and value types
+//! exactly as written in the file, with the defaults users of uWSGI, Gunicorn and Celery expect.
+//! Every section is optional so that a file with only `[programs.x]` or only `[beat]` is a valid
+//! configuration. Unknown keys are refused (`deny_unknown_fields`) so a typo never silently falls
+//! back to a default.
+//!
+//! The raw structs never leave the crate: `validate` checks them and turns them into the typed
+//! [`crate::config::RawConfig`] the runtime reads (listen addresses, time zones, cron expressions,
+//! counts that cannot be zero). The small value types both share — restart and reload policies,
+//! `catch_up`, rlimits, `[control]` — are defined here and used by both.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -11,22 +17,22 @@ use serde::{Deserialize, Serialize};
 use crate::units::{ByteSize, Duration};
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Config {
+pub(crate) struct RawConfig {
     /// The Python application shared by the web pool and, by default, by programs.
     #[serde(default)]
-    pub app: AppConfig,
+    pub app: RawApp,
     /// The WSGI web pool; absent means no web role.
-    pub web: Option<WebConfig>,
+    pub web: Option<RawWeb>,
     /// Supervised commands, by name, started by ascending `priority`, then in name order.
     #[serde(default)]
-    pub programs: BTreeMap<String, ProgramConfig>,
+    pub programs: BTreeMap<String, RawProgram>,
     /// The Celery beat replacement; absent means no beat role.
-    pub beat: Option<BeatConfig>,
+    pub beat: Option<RawBeat>,
     /// The Prometheus endpoint; absent means the default loopback listener.
     #[serde(default)]
-    pub metrics: MetricsConfig,
+    pub metrics: RawMetrics,
     /// The control socket used by `status`, `stop` and `reload`.
     #[serde(default)]
     pub control: ControlConfig,
@@ -39,9 +45,9 @@ pub struct Config {
 }
 
 /// `[app]`: where the Python application lives and how to run it.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct AppConfig {
+pub(crate) struct RawApp {
     /// Working directory, first on `sys.path`. Relative paths are resolved against the config file.
     pub directory: Option<PathBuf>,
     /// The interpreter for workers and the default for programs; a relative path (one with a
@@ -55,9 +61,9 @@ pub struct AppConfig {
     pub env: BTreeMap<String, String>,
 }
 
-impl Default for AppConfig {
+impl Default for RawApp {
     fn default() -> Self {
-        AppConfig {
+        RawApp {
             directory: None,
             python: "python3".to_owned(),
             wsgi: None,
@@ -68,9 +74,9 @@ impl Default for AppConfig {
 }
 
 /// `[web]`: the HTTP front and its pool of Python workers.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct WebConfig {
+pub(crate) struct RawWeb {
     /// `"host:port"` or `"unix:/path"` addresses to listen on.
     pub listen: Vec<String>,
     /// Number of worker processes.
@@ -109,9 +115,9 @@ pub struct WebConfig {
     pub backlog: u32,
 }
 
-impl Default for WebConfig {
+impl Default for RawWeb {
     fn default() -> Self {
-        WebConfig {
+        RawWeb {
             listen: vec!["127.0.0.1:8000".to_owned()],
             workers: 2,
             threads: 1,
@@ -175,9 +181,9 @@ pub struct Rlimits {
 }
 
 /// `[programs.NAME]`: a supervised command such as a Celery worker.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct ProgramConfig {
+pub(crate) struct RawProgram {
     /// argv; the first element is looked up on `PATH`. `"python"` means `[app].python`.
     pub command: Vec<String>,
     /// Number of identical instances.
@@ -219,9 +225,9 @@ pub struct ProgramConfig {
     pub rlimits: Rlimits,
 }
 
-impl Default for ProgramConfig {
+impl Default for RawProgram {
     fn default() -> Self {
-        ProgramConfig {
+        RawProgram {
             command: Vec::new(),
             instances: 1,
             directory: None,
@@ -260,9 +266,9 @@ pub enum CatchUp {
 }
 
 /// `[beat]`: the scheduler that publishes Celery tasks.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct BeatConfig {
+pub(crate) struct RawBeat {
     /// The Redis broker URL the Celery workers consume from.
     pub broker: String,
     /// Default IANA time zone of cron jobs.
@@ -277,12 +283,12 @@ pub struct BeatConfig {
     /// `module:app` of a Celery app whose `beat_schedule` is imported.
     pub celery_app: Option<String>,
     /// Jobs by name.
-    pub jobs: BTreeMap<String, JobConfig>,
+    pub jobs: BTreeMap<String, RawJob>,
 }
 
-impl Default for BeatConfig {
+impl Default for RawBeat {
     fn default() -> Self {
-        BeatConfig {
+        RawBeat {
             broker: "redis://127.0.0.1:6379/0".to_owned(),
             timezone: "UTC".to_owned(),
             leader_lock: true,
@@ -295,9 +301,9 @@ impl Default for BeatConfig {
 }
 
 /// `[beat.jobs.NAME]`: one schedule entry.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct JobConfig {
+pub(crate) struct RawJob {
     /// Registered Celery task name.
     pub task: String,
     /// A 5-field crontab expression or an `@daily`-style shortcut.
@@ -322,9 +328,9 @@ pub struct JobConfig {
     pub catch_up_window: Option<Duration>,
 }
 
-impl Default for JobConfig {
+impl Default for RawJob {
     fn default() -> Self {
-        JobConfig {
+        RawJob {
             task: String::new(),
             cron: None,
             every: None,
@@ -341,9 +347,9 @@ impl Default for JobConfig {
 }
 
 /// `[metrics]`: the Prometheus endpoint.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct MetricsConfig {
+pub(crate) struct RawMetrics {
     /// `host:port`, loopback by default; an empty string disables the endpoint.
     pub listen: String,
     /// File holding the bearer token scrapes must present.
@@ -359,9 +365,9 @@ pub struct MetricsConfig {
     pub broker: Option<String>,
 }
 
-impl Default for MetricsConfig {
+impl Default for RawMetrics {
     fn default() -> Self {
-        MetricsConfig {
+        RawMetrics {
             listen: "127.0.0.1:9808".to_owned(),
             token_file: None,
             token_env: None,
@@ -460,7 +466,7 @@ mod tests {
     #[test]
     fn every_key_is_documented_in_the_reference_example() {
         let example = include_str!("../../examples/sauna.toml");
-        for section in fields::<Config>() {
+        for section in fields::<RawConfig>() {
             let header = format!("[{section}");
             assert!(
                 example.contains(&header),
@@ -468,13 +474,13 @@ mod tests {
             );
         }
         let keyed = [
-            ("[app]", fields::<AppConfig>()),
-            ("[web]", fields::<WebConfig>()),
-            ("[programs.NAME]", fields::<ProgramConfig>()),
+            ("[app]", fields::<RawApp>()),
+            ("[web]", fields::<RawWeb>()),
+            ("[programs.NAME]", fields::<RawProgram>()),
             ("[programs.NAME.rlimits]", fields::<Rlimits>()),
-            ("[beat]", fields::<BeatConfig>()),
-            ("[beat.jobs.NAME]", fields::<JobConfig>()),
-            ("[metrics]", fields::<MetricsConfig>()),
+            ("[beat]", fields::<RawBeat>()),
+            ("[beat.jobs.NAME]", fields::<RawJob>()),
+            ("[metrics]", fields::<RawMetrics>()),
             ("[control]", fields::<ControlConfig>()),
             ("[deploy]", fields::<crate::stack::DeployConfig>()),
             ("[deploy.tls]", fields::<crate::stack::TlsConfig>()),

@@ -15,9 +15,9 @@ use std::path::Path;
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
+use crate::config::Config;
 use crate::diagnostics::Diagnostic;
 use crate::load::Loaded;
-use crate::schema::Config;
 use crate::stack::PostgresConfig;
 
 /// A password, or a URL that holds one. Its `Debug` and `Display` print `***`.

@@ -51,11 +51,10 @@ pub fn load(explicit: Option<&Path>) -> Result<Loaded, ConfigError> {
     load_path(&config_path(explicit))
 }
 
-/// Loads the configuration at `path`, with the checks that need the supervisor's own parsers
-/// (cron expressions) reported beside proxy-conf's, in file order.
+/// Loads the configuration at `path`: every value checked and typed by proxy-conf, each problem
+/// reported at its `FILE:LINE:COL`.
 pub fn load_path(path: &Path) -> Result<Loaded, ConfigError> {
-    proxy_conf::load_file_with(path, crate::beat::jobs::config_diagnostics)
-        .map_err(|error| config_error(error, path))
+    proxy_conf::load_file(path).map_err(|error| config_error(error, path))
 }
 
 /// Like [`load_path`], and also reads the secrets the file names (`[redis]` and `[postgres]`
@@ -68,12 +67,11 @@ pub fn load_path(path: &Path) -> Result<Loaded, ConfigError> {
 pub fn load_with_secrets(path: &Path) -> Result<Loaded, ConfigError> {
     let mut secrets = None;
     let mut loaded = proxy_conf::load_file_with(path, |loaded| {
-        let mut found = crate::beat::jobs::config_diagnostics(loaded);
         match proxy_conf::secrets::read(loaded) {
             Ok(read) => secrets = Some(read),
-            Err(problems) => found.extend(problems),
+            Err(problems) => return problems,
         }
-        found
+        Vec::new()
     })
     .map_err(|error| config_error(error, path))?;
     if let Some(secrets) = secrets {

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use super::{EmitError, File, Problem, Service, copy, deploy, header};
-use crate::schema::Config;
+use crate::config::Config;
 use crate::stack::DeployConfig;
 
 /// A variable the secrets file carries.
@@ -145,7 +145,7 @@ fn quote(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schema::MetricsConfig;
+    use crate::config::MetricsConfig;
     use crate::stack::{PostgresConfig, RedisConfig};
 
     fn config() -> Config {

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use super::postgres::Cluster;
 use super::redis::{Endpoint, instances};
 use super::{File, Install, Service, deploy, nginx, postgres, systemd};
-use crate::schema::Config;
+use crate::config::Config;
 use crate::stack::DeployConfig;
 
 /// What the steps depend on about the machine and the emitting process.
@@ -800,11 +800,9 @@ impl Context<'_> {
 
     fn grafana(&self) -> Step {
         let mut lines = Vec::new();
-        let listen = &self.config.metrics.listen;
-        let scraped = if listen.is_empty() {
-            "[metrics].listen is empty, so set it first".to_owned()
-        } else {
-            format!("http://{listen}/metrics")
+        let scraped = match &self.config.metrics.listen {
+            None => "[metrics].listen is empty, so set it first".to_owned(),
+            Some(listen) => format!("http://{listen}/metrics"),
         };
         for file in self.of(Service::Grafana) {
             lines.push(Line::Note(format!(

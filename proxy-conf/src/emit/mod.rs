@@ -17,7 +17,7 @@ pub mod systemd;
 use std::fmt;
 use std::path::PathBuf;
 
-use crate::schema::{Config, ProgramConfig};
+use crate::config::{Config, ProgramConfig};
 use crate::stack::DeployConfig;
 
 /// Facts about the machine the files are generated for; passed in so output is deterministic.

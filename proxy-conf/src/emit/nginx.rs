@@ -5,11 +5,12 @@
 //! pid, temp paths) is the distribution's and is not generated.
 
 use std::fmt::Write as _;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 
 use super::{EmitError, File, Output, Problem, Service, check_name, copy, deploy, header};
-use crate::schema::{Config, WebConfig};
+use crate::config::{Config, WebConfig};
+use crate::listen::Listen;
 use crate::stack::DeployConfig;
 use crate::units::Duration;
 
@@ -39,7 +40,7 @@ pub fn render(config: &Config) -> Result<Output, EmitError> {
     };
     let servers = upstream_servers(web, &deploy, &mut problems);
     let tls = tls_files(&deploy, &mut problems);
-    check_forwarded(web, &deploy, &servers, &mut problems);
+    check_forwarded(web, &deploy, &mut problems);
     let statics = static_locations(&deploy, &mut problems);
     for (position, prefix) in deploy.websocket.iter().enumerate() {
         if !prefix.starts_with('/') {
@@ -76,7 +77,7 @@ pub fn render(config: &Config) -> Result<Output, EmitError> {
         let _ = writeln!(out, "    server {server} max_fails=0;");
     }
     // Idle connections kept open per nginx worker: enough for every request slot of one host.
-    let keepalive = (web.workers * web.threads).max(2);
+    let keepalive = web.workers.saturating_mul(web.threads).get().max(2);
     let _ = writeln!(
         out,
         "    # Idle connections kept per nginx worker: [web].workers × threads = {keepalive}.\n    keepalive {keepalive};\n}}\n"
@@ -183,7 +184,7 @@ pub fn render(config: &Config) -> Result<Output, EmitError> {
     if !deploy.app_hosts.is_empty() {
         output.warnings.push(format!(
             "[deploy].app_hosts: each app host's [web].forwarded_allow_ips must include this nginx host's address, or the X-Forwarded headers are ignored (currently {:?})",
-            web.forwarded_allow_ips
+            web.forwarded_allow_ips.entries()
         ));
     }
     Ok(output)
@@ -371,29 +372,20 @@ fn upstream_servers(
     deploy: &DeployConfig,
     problems: &mut Vec<Problem>,
 ) -> Vec<String> {
-    if web.listen.is_empty() {
-        problems.push(Problem::at(
-            &["web", "listen"],
-            "[web].listen is empty: nginx has nothing to proxy to",
-        ));
-        return Vec::new();
-    }
     if deploy.app_hosts.is_empty() {
         return web
             .listen
             .iter()
-            .map(|listen| match listen.strip_prefix("unix:") {
-                Some(path) => format!("unix:{path}"),
-                None => connect_address(listen),
+            .map(|listen| match listen {
+                Listen::Unix(_) => listen.to_string(),
+                Listen::Tcp(address) => connect_address(*address).to_string(),
             })
             .collect();
     }
-    let Some(port) = web
-        .listen
-        .iter()
-        .filter(|l| !l.starts_with("unix:"))
-        .find_map(|l| l.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()))
-    else {
+    let Some(port) = web.listen.iter().find_map(|listen| match listen {
+        Listen::Tcp(address) => Some(address.port()),
+        Listen::Unix(_) => None,
+    }) else {
         problems.push(Problem::at(
             &["deploy", "app_hosts"],
             "[deploy].app_hosts needs a TCP address in [web].listen (\"0.0.0.0:8000\"): remote hosts cannot reach a unix socket",
@@ -420,12 +412,13 @@ fn upstream_servers(
 }
 
 /// The address nginx connects to for a listen address: wildcards become loopback.
-fn connect_address(listen: &str) -> String {
-    match listen.rsplit_once(':') {
-        Some(("0.0.0.0" | "", port)) => format!("127.0.0.1:{port}"),
-        Some(("[::]", port)) => format!("[::1]:{port}"),
-        _ => listen.to_owned(),
-    }
+fn connect_address(listen: SocketAddr) -> SocketAddr {
+    let ip = match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    SocketAddr::new(ip, listen.port())
 }
 
 /// Certificate, key, ACME webroot and HSTS of the TLS server.
@@ -509,65 +502,24 @@ fn with_slash(text: &str) -> String {
 
 /// nginx's proxied requests come from loopback when the upstream is local; the pool only believes
 /// X-Forwarded-* from addresses in `[web].forwarded_allow_ips`, so that list must cover it.
-fn check_forwarded(
-    web: &WebConfig,
-    deploy: &DeployConfig,
-    servers: &[String],
-    problems: &mut Vec<Problem>,
-) {
+fn check_forwarded(web: &WebConfig, deploy: &DeployConfig, problems: &mut Vec<Problem>) {
     if !deploy.app_hosts.is_empty() {
         return;
     }
-    for server in servers {
-        let Some((host, _)) = server.rsplit_once(':') else {
+    for listen in &web.listen {
+        let Listen::Tcp(address) = listen else {
             continue;
         };
-        let Ok(ip) = host.trim_matches(['[', ']']).parse::<IpAddr>() else {
-            continue;
-        };
-        if !ip.is_loopback() {
-            continue;
-        }
-        if !web
-            .forwarded_allow_ips
-            .iter()
-            .any(|allowed| covers(allowed, ip))
-        {
+        let ip = connect_address(*address).ip();
+        if ip.is_loopback() && !web.forwarded_allow_ips.trusts(ip) {
             problems.push(Problem::at(
                 &["web", "forwarded_allow_ips"],
                 format!(
                     "[web].forwarded_allow_ips {:?} does not include {ip}, where nginx connects from: add \"{ip}\" or the pool ignores X-Forwarded-For/-Proto",
-                    web.forwarded_allow_ips
+                    web.forwarded_allow_ips.entries()
                 ),
             ));
         }
-    }
-}
-
-/// Whether an entry of `forwarded_allow_ips` (`"*"`, an address or a CIDR) covers `ip`.
-pub fn covers(allowed: &str, ip: IpAddr) -> bool {
-    if allowed == "*" {
-        return true;
-    }
-    let (net, bits) = match allowed.split_once('/') {
-        Some((net, bits)) => (net, bits.parse::<u32>().ok()),
-        None => (allowed, None),
-    };
-    let Ok(net) = net.parse::<IpAddr>() else {
-        return false;
-    };
-    match (net, ip) {
-        (IpAddr::V4(net), IpAddr::V4(ip)) => {
-            let bits = bits.unwrap_or(32).min(32);
-            let mask = u32::MAX.checked_shl(32 - bits).unwrap_or(0);
-            u32::from(net) & mask == u32::from(ip) & mask
-        }
-        (IpAddr::V6(net), IpAddr::V6(ip)) => {
-            let bits = bits.unwrap_or(128).min(128);
-            let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
-            u128::from(net) & mask == u128::from(ip) & mask
-        }
-        _ => false,
     }
 }
 
@@ -576,24 +528,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn forwarded_allow_ips_entries_cover_addresses_and_networks() {
-        let v4: IpAddr = "127.0.0.1".parse().unwrap();
-        let v6: IpAddr = "::1".parse().unwrap();
-        assert!(covers("*", v4));
-        assert!(covers("127.0.0.1", v4));
-        assert!(covers("127.0.0.0/8", v4));
-        assert!(covers("0.0.0.0/0", v4));
-        assert!(!covers("10.0.0.0/8", v4));
-        assert!(!covers("127.0.0.1", v6));
-        assert!(covers("::1", v6));
-        assert!(covers("::/0", v6));
-        assert!(!covers("not an address", v4));
-    }
-
-    #[test]
     fn wildcard_listen_addresses_are_reached_through_loopback() {
-        assert_eq!(connect_address("0.0.0.0:8000"), "127.0.0.1:8000");
-        assert_eq!(connect_address("[::]:8000"), "[::1]:8000");
-        assert_eq!(connect_address("10.1.2.3:8000"), "10.1.2.3:8000");
+        let connect = |text: &str| connect_address(text.parse().unwrap()).to_string();
+        assert_eq!(connect("0.0.0.0:8000"), "127.0.0.1:8000");
+        assert_eq!(connect("[::]:8000"), "[::1]:8000");
+        assert_eq!(connect("10.1.2.3:8000"), "10.1.2.3:8000");
     }
 }

@@ -6,13 +6,14 @@
 //! by the caller with Debian's `pg_lsclusters`).
 
 use std::fmt::Write as _;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 
 use super::{
     Concurrency, EmitError, File, Install, Machine, Output, Problem, Service, concurrency, copy,
     deploy, header,
 };
-use crate::schema::Config;
+use crate::config::Config;
 use crate::stack::PostgresConfig;
 
 /// A PostgreSQL cluster of the machine, as Debian's postgresql-common lays it out.
@@ -150,13 +151,18 @@ impl Budget {
     }
 }
 
+/// A process or thread count as the budget adds it up (counts are read as `u32` from the file).
+fn count(n: NonZeroUsize) -> u32 {
+    u32::try_from(n.get()).unwrap_or(u32::MAX)
+}
+
 /// What the web pool, the programs and beat may hold open at once.
 pub fn budget(config: &Config, cpus: u32) -> Budget {
     let mut per_host = Vec::new();
     if let Some(web) = &config.web {
         per_host.push((
             format!("web: {} workers × {} threads", web.workers, web.threads),
-            web.workers * web.threads,
+            count(web.workers).saturating_mul(count(web.threads)),
         ));
     }
     for (name, program) in &config.programs {
@@ -166,11 +172,11 @@ pub fn budget(config: &Config, cpus: u32) -> Budget {
                     "programs.{name}: Celery concurrency {n} × {} instances",
                     program.instances
                 ),
-                n * program.instances,
+                n.saturating_mul(count(program.instances)),
             )),
             Concurrency::Plain => per_host.push((
                 format!("programs.{name}: {} instances", program.instances),
-                program.instances,
+                count(program.instances),
             )),
         }
     }
@@ -439,15 +445,15 @@ fn init_sql(pg: &PostgresConfig, source: &PasswordSource) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schema::{BeatConfig, ProgramConfig, WebConfig};
+    use crate::config::{BeatConfig, ProgramConfig, WebConfig};
     use crate::stack::DeployConfig;
 
     #[test]
     fn max_connections_adds_every_holder_and_the_reserved_slots() {
         let mut config = Config {
             web: Some(WebConfig {
-                workers: 4,
-                threads: 2,
+                workers: 4.try_into().unwrap(),
+                threads: 2.try_into().unwrap(),
                 ..WebConfig::default()
             }),
             beat: Some(BeatConfig::default()),
@@ -457,7 +463,7 @@ mod tests {
             "celery".into(),
             ProgramConfig {
                 command: vec!["celery".into(), "worker".into(), "-c".into(), "3".into()],
-                instances: 2,
+                instances: 2.try_into().unwrap(),
                 ..ProgramConfig::default()
             },
         );

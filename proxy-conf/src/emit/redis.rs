@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use super::{EmitError, File, Output, Problem, Secrets, Service, check_name, copy, deploy, header};
-use crate::schema::Config;
+use crate::config::Config;
 use crate::stack::RedisConfig;
 
 /// Where a Redis server listens.

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use super::redis::{Endpoint, Instance, data_dir, instances};
 use super::{EmitError, File, Output, Problem, Service, check_name, copy, deploy, header};
-use crate::schema::Config;
+use crate::config::Config;
 use crate::units::Duration;
 
 /// Slack added to the longest stop/reload time so systemd never kills a stop that is on schedule.

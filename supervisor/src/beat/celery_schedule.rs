@@ -12,12 +12,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use chrono_tz::Tz;
-use proxy_conf::{AppConfig, CatchUp};
+use proxy_conf::{AppConfig, CatchUp, CronSpec, DayRule, parse_time_zone};
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::jobs::Job;
-use super::schedule::{CronSpec, DayRule, Schedule, parse_tz};
+use super::schedule::Schedule;
 
 /// Longest the import may take (an app that connects to a database at import time may hang).
 const IMPORT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -223,7 +223,9 @@ fn jobs_from_dump(stdout: &str, default_tz: Tz) -> Result<Vec<Job>, String> {
         .or_else(|_| serde_json::from_str(stdout.trim_end().lines().last().unwrap_or_default()))
         .map_err(|error| format!("could not read the schedule dump ({error}): {stdout}"))?;
     let tz = match &dump.timezone {
-        Some(name) => parse_tz(name).map_err(|error| format!("the app's timezone: {error}"))?,
+        Some(name) => {
+            parse_time_zone(name).map_err(|error| format!("the app's timezone: {error}"))?
+        }
         None => default_tz,
     };
     let mut jobs = Vec::new();

@@ -1,6 +1,6 @@
-//! The job table beat runs: `[beat.jobs.NAME]` entries and imported Celery `beat_schedule`
-//! entries resolved into [`Job`]s, their validation (with the key path of each problem, for
-//! `check`), and the pure catch-up decision — which due slots to publish after a wake-up, a
+//! The job table beat runs: `[beat.jobs.NAME]` entries (checked and parsed when the file loaded)
+//! and imported Celery `beat_schedule` entries resolved into [`Job`]s, and the pure catch-up
+//! decision — which due slots to publish after a wake-up, a
 //! restart or an outage. It does not talk to Redis or keep time; the actor does.
 //!
 //! A *slot* is one scheduled instant of a job. Slots up to a job's *cursor* are handled. At a
@@ -23,12 +23,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use chrono::{DateTime, Utc};
-use proxy_conf::{AppConfig, BeatConfig, CatchUp};
+use proxy_conf::{AppConfig, BeatConfig, CatchUp, JobConfig};
 use serde_json::Value;
 
 use super::celery_schedule::{self, ImportError};
 use super::message::toml_to_json;
-use super::schedule::{Schedule, parse_tz};
+use super::schedule::Schedule;
 
 /// A slot this recent counts as on time rather than missed.
 pub const ON_TIME: chrono::Duration = chrono::Duration::seconds(1);
@@ -63,138 +63,20 @@ pub struct Job {
 /// A problem with the beat configuration: the key path it concerns and what is wrong.
 pub type Problem = (Vec<String>, String);
 
-/// The checks of `[beat.jobs.NAME]` that `proxy-conf` cannot make: each `cron` expression's
-/// syntax and whether it can ever fire. Every problem comes with its key path (e.g.
-/// `["beat", "jobs", "cleanup", "cron"]`) for [`proxy_conf::Loaded::diagnostic_at`]. Nothing runs
-/// (the Celery app is imported only by `start`, `reload` and `beat next`).
-pub fn validate_jobs(config: &BeatConfig) -> Vec<Problem> {
-    config
-        .jobs
-        .iter()
-        .filter_map(|(name, job)| {
-            let expr = job.cron.as_ref()?;
-            let error = Schedule::cron(expr, chrono_tz::UTC).err()?;
-            let path = ["beat", "jobs", name.as_str(), "cron"];
-            Some((
-                path.iter().map(|part| (*part).to_owned()).collect(),
-                error.0,
-            ))
-        })
-        .collect()
-}
-
-/// [`validate_jobs`] as diagnostics pointing into the file, for
-/// [`proxy_conf::load::load_file_with`], so `check` reports cron problems as `FILE:LINE:COL`.
-pub fn config_diagnostics(loaded: &proxy_conf::Loaded) -> Vec<proxy_conf::Diagnostic> {
-    let Some(beat) = &loaded.config.beat else {
-        return Vec::new();
-    };
-    validate_jobs(beat)
-        .into_iter()
-        .map(|(path, message)| loaded.diagnostic_at(&path, message))
-        .collect()
-}
-
-/// Resolves `[beat.jobs.NAME]` into jobs, collecting every problem (the structural ones are
-/// also checked by `proxy-conf` when the file loads; they are repeated here because `start`
-/// and `reload` take a `BeatConfig` that need not come from a checked file).
-fn resolve_config_jobs(config: &BeatConfig, problems: &mut Vec<Problem>) -> Vec<Job> {
-    let path = |parts: &[&str]| parts.iter().map(|part| (*part).to_owned()).collect();
-    let default_tz = match parse_tz(&config.timezone) {
-        Ok(tz) => Some(tz),
-        Err(error) => {
-            problems.push((path(&["beat", "timezone"]), error.0));
-            None
-        }
-    };
-    if let Err(error) = redis::Client::open(config.broker.as_str()) {
-        problems.push((
-            path(&["beat", "broker"]),
-            format!("invalid Redis URL: {error} (expected redis://host:port/db)"),
-        ));
+/// A `[beat.jobs.NAME]` entry as beat runs it.
+fn config_job(name: &str, job: &JobConfig) -> Job {
+    Job {
+        name: name.to_owned(),
+        task: job.task.clone(),
+        schedule: Schedule::of_job(job),
+        args: Value::Array(job.args.iter().map(toml_to_json).collect()),
+        kwargs: toml_to_json(&toml::Value::Table(job.kwargs.clone())),
+        queue: job.queue.clone(),
+        priority: job.priority,
+        expires: job.expires.map(|expires| expires.get()),
+        catch_up: job.catch_up,
+        catch_up_window: job.catch_up_window.map(|window| window.get()),
     }
-    if config.leader_lock && config.lock_ttl.get() < std::time::Duration::from_secs(1) {
-        problems.push((
-            path(&["beat", "lock_ttl"]),
-            "must be at least \"1s\"; it is renewed at a third of its length".to_owned(),
-        ));
-    }
-    let mut jobs = Vec::new();
-    for (name, job) in &config.jobs {
-        let at = |key: &str| path(&["beat", "jobs", name, key]);
-        let before = problems.len();
-        if job.task.trim().is_empty() {
-            problems.push((
-                at("task"),
-                "a job needs `task`, the Celery task name".to_owned(),
-            ));
-        }
-        let tz = match &job.timezone {
-            Some(name) => match parse_tz(name) {
-                Ok(tz) => Some(tz),
-                Err(error) => {
-                    problems.push((at("timezone"), error.0));
-                    None
-                }
-            },
-            None => default_tz,
-        };
-        let schedule = match (&job.cron, job.every) {
-            (Some(_), Some(_)) => {
-                problems.push((
-                    at("every"),
-                    "set either `cron` or `every`, not both".to_owned(),
-                ));
-                None
-            }
-            (None, None) => {
-                problems.push((
-                    path(&["beat", "jobs", name]),
-                    "a job needs `cron` (e.g. \"*/5 * * * *\") or `every` (e.g. \"30s\")"
-                        .to_owned(),
-                ));
-                None
-            }
-            (Some(expr), None) => match Schedule::cron(expr, tz.unwrap_or(chrono_tz::UTC)) {
-                Ok(schedule) => Some(schedule),
-                Err(error) => {
-                    problems.push((at("cron"), error.0));
-                    None
-                }
-            },
-            (None, Some(every)) => match Schedule::every(every.get()) {
-                Ok(schedule) => Some(schedule),
-                Err(error) => {
-                    problems.push((at("every"), error.0));
-                    None
-                }
-            },
-        };
-        if job.priority.is_some_and(|priority| priority > 9) {
-            problems.push((
-                at("priority"),
-                "priority must be 0..=9 (0 is the highest under Redis)".to_owned(),
-            ));
-        }
-        if job.queue.is_empty() {
-            problems.push((at("queue"), "queue must not be empty".to_owned()));
-        }
-        if let (Some(schedule), true) = (schedule, problems.len() == before) {
-            jobs.push(Job {
-                name: name.clone(),
-                task: job.task.clone(),
-                schedule,
-                args: Value::Array(job.args.iter().map(toml_to_json).collect()),
-                kwargs: toml_to_json(&toml::Value::Table(job.kwargs.clone())),
-                queue: job.queue.clone(),
-                priority: job.priority,
-                expires: job.expires.map(|expires| expires.get()),
-                catch_up: job.catch_up,
-                catch_up_window: job.catch_up_window.map(|window| window.get()),
-            });
-        }
-    }
-    jobs
 }
 
 /// Why the job table could not be built.
@@ -215,14 +97,14 @@ pub async fn build_jobs(
     app: &AppConfig,
     base_dir: &Path,
 ) -> Result<Vec<Job>, JobsError> {
-    let mut problems = Vec::new();
-    let mut jobs = resolve_config_jobs(config, &mut problems);
-    if !problems.is_empty() {
-        return Err(JobsError::Invalid(problems));
-    }
+    let mut jobs: Vec<Job> = config
+        .jobs
+        .iter()
+        .map(|(name, job)| config_job(name, job))
+        .collect();
     if let Some(spec) = &config.celery_app {
-        let default_tz = parse_tz(&config.timezone).unwrap_or(chrono_tz::UTC);
-        let imported = celery_schedule::import(spec, app, base_dir, default_tz).await?;
+        let imported = celery_schedule::import(spec, app, base_dir, config.timezone).await?;
+        let mut problems = Vec::new();
         let names: BTreeMap<&str, ()> = jobs.iter().map(|job| (job.name.as_str(), ())).collect();
         for job in &imported {
             if names.contains_key(job.name.as_str()) {
@@ -543,53 +425,21 @@ mod tests {
     }
 
     #[test]
-    fn validation_names_each_key() {
-        let config: proxy_conf::Config = toml::from_str(
-            r#"
-            [beat]
-            timezone = "Mars/Olympus"
-            [beat.jobs.a]
-            task = "t"
-            cron = "0 0 30 2 *"
-            [beat.jobs.b]
-            task = "t"
-            [beat.jobs.c]
-            cron = "* * * * *"
-            every = "1s"
-            priority = 12
-            [beat.jobs.d]
-            task = "t"
-            cron = "61 * * * *"
-            "#,
+    fn a_configured_job_keeps_what_the_file_says() {
+        let config = proxy_conf::load_str(
+            "[beat]\ntimezone = \"Europe/Helsinki\"\n[beat.jobs.a]\ntask = \"t\"\ncron = \"30 3 * * *\"\nargs = [1]\nkwargs = { k = \"v\" }\nexpires = \"1m\"\n",
+            "sauna.toml",
         )
         .unwrap();
-        let beat = config.beat.as_ref().unwrap();
-        let cron_only: Vec<String> = validate_jobs(beat)
-            .iter()
-            .map(|(path, message)| format!("{}: {message}", path.join(".")))
-            .collect();
+        let beat = config.beat.unwrap();
+        let job = config_job("a", &beat.jobs["a"]);
         assert_eq!(
-            cron_only,
-            [
-                "beat.jobs.a.cron: cron expression \"0 0 30 2 *\" can never fire (no month has such a day)",
-                "beat.jobs.d.cron: minute field \"61\": 61 is outside 0-59",
-            ]
+            job.schedule.to_string(),
+            "cron \"30 3 * * *\" (Europe/Helsinki)"
         );
-        let mut problems = Vec::new();
-        let jobs = resolve_config_jobs(beat, &mut problems);
-        assert!(jobs.is_empty());
-        let paths: Vec<String> = problems.iter().map(|(path, _)| path.join(".")).collect();
-        assert_eq!(
-            paths,
-            [
-                "beat.timezone",
-                "beat.jobs.a.cron",
-                "beat.jobs.b",
-                "beat.jobs.c.task",
-                "beat.jobs.c.every",
-                "beat.jobs.c.priority",
-                "beat.jobs.d.cron"
-            ]
-        );
+        assert_eq!(job.args, serde_json::json!([1]));
+        assert_eq!(job.kwargs, serde_json::json!({"k": "v"}));
+        assert_eq!(job.queue, "celery");
+        assert_eq!(job.expires, Some(std::time::Duration::from_secs(60)));
     }
 }

@@ -39,7 +39,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
-pub use jobs::{Job, JobsError, Problem, validate_jobs};
+pub use jobs::{Job, JobsError, Problem};
 use leader::{Leader, Lease};
 use message::TaskMessage;
 use publisher::{Broker, BrokerError, Published};

@@ -5,11 +5,12 @@
 use std::path::Path;
 
 use chrono::{DateTime, Utc};
+use proxy_conf::parse_time_zone;
 
 use super::{BeatNextArgs, CommandError};
 use crate::beat::jobs::build_jobs;
 use crate::beat::next::{fire_times, jobs_fire_times};
-use crate::beat::schedule::{Schedule, parse_tz};
+use crate::beat::schedule::Schedule;
 
 /// Runs `beat next`; invalid expressions, zones or instants are a [`CommandError::Usage`] with
 /// the reason (exit 2).
@@ -29,7 +30,7 @@ fn run(args: &BeatNextArgs) -> Result<String, String> {
         None => Utc::now(),
     };
     let tz = match &args.timezone {
-        Some(name) => Some(parse_tz(name).map_err(|error| format!("--timezone: {error}"))?),
+        Some(name) => Some(parse_time_zone(name).map_err(|error| format!("--timezone: {error}"))?),
         None => None,
     };
     if let Some(expr) = &args.cron {

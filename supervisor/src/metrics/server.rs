@@ -82,11 +82,11 @@ impl Health {
 pub enum MetricsServerError {
     /// The listening socket could not be bound.
     #[error(
-        "metrics endpoint: cannot listen on {listen:?}: {source} (set [metrics].listen to a free host:port, or \"\" to disable the endpoint)"
+        "metrics endpoint: cannot listen on \"{listen}\": {source} (set [metrics].listen to a free host:port, or \"\" to disable the endpoint)"
     )]
     Bind {
-        /// `[metrics].listen` as written.
-        listen: String,
+        /// `[metrics].listen`.
+        listen: SocketAddr,
         /// The OS error.
         source: io::Error,
     },
@@ -161,7 +161,7 @@ impl Drop for MetricsServer {
     }
 }
 
-/// Starts the endpoint described by `[metrics]`, or returns `None` when `listen` is empty.
+/// Starts the endpoint described by `[metrics]`, or returns `None` when it is off (`listen = ""`).
 /// A relative `token_file` is taken relative to `config_dir` (the config file's directory).
 pub async fn start(
     config: &MetricsConfig,
@@ -182,32 +182,26 @@ pub async fn start_on(
     health: watch::Receiver<Health>,
     inherited: Option<std::net::TcpListener>,
 ) -> Result<Option<MetricsServer>, MetricsServerError> {
-    if config.listen.trim().is_empty() {
+    let Some(listen) = config.listen else {
         return Ok(None);
-    }
+    };
     let token = read_token(config, config_dir)?;
     let listener = match inherited {
         Some(listener) => {
             let adopted = listener
                 .set_nonblocking(true)
                 .and_then(|()| TcpListener::from_std(listener));
-            adopted.map_err(|source| MetricsServerError::Bind {
-                listen: config.listen.clone(),
-                source,
-            })?
+            adopted.map_err(|source| MetricsServerError::Bind { listen, source })?
         }
-        None => bind(&config.listen).await?,
+        None => bind(listen).await?,
     };
-    serve_on(&config.listen, listener, token, metrics, health).map(Some)
+    serve_on(listen, listener, token, metrics, health).map(Some)
 }
 
-async fn bind(listen: &str) -> Result<TcpListener, MetricsServerError> {
+async fn bind(listen: SocketAddr) -> Result<TcpListener, MetricsServerError> {
     TcpListener::bind(listen)
         .await
-        .map_err(|source| MetricsServerError::Bind {
-            listen: listen.to_owned(),
-            source,
-        })
+        .map_err(|source| MetricsServerError::Bind { listen, source })
 }
 
 /// The bearer token `[metrics]` asks for: the trimmed contents of `token_file`, else of the
@@ -238,11 +232,10 @@ pub fn read_token(
     Ok(Some(token.to_owned()))
 }
 
-/// Binds `listen` (`host:port`; names are resolved) and serves until the returned
-/// [`MetricsServer`] is shut down or dropped. With `token`, every request must carry
-/// `Authorization: Bearer <token>`.
+/// Binds `listen` and serves until the returned [`MetricsServer`] is shut down or dropped.
+/// With `token`, every request must carry `Authorization: Bearer <token>`.
 pub async fn serve(
-    listen: &str,
+    listen: SocketAddr,
     token: Option<String>,
     metrics: Arc<Metrics>,
     health: watch::Receiver<Health>,
@@ -252,7 +245,7 @@ pub async fn serve(
 }
 
 fn serve_on(
-    listen: &str,
+    listen: SocketAddr,
     listener: TcpListener,
     token: Option<String>,
     metrics: Arc<Metrics>,
@@ -260,10 +253,7 @@ fn serve_on(
 ) -> Result<MetricsServer, MetricsServerError> {
     let local_addr = listener
         .local_addr()
-        .map_err(|source| MetricsServerError::Bind {
-            listen: listen.to_owned(),
-            source,
-        })?;
+        .map_err(|source| MetricsServerError::Bind { listen, source })?;
     // Only EMFILE can fail this; serving goes on, and an upgrade says why it cannot.
     let socket = std::os::fd::AsFd::as_fd(&listener)
         .try_clone_to_owned()

@@ -61,7 +61,7 @@ impl ProgramActor {
     pub fn new(launch: Launch, metrics: Arc<Metrics>, generation: u64) -> ProgramActor {
         let (exits_tx, exits_rx) = mpsc::unbounded_channel();
         let launch = Arc::new(launch);
-        let instances = (0..launch.instances as usize)
+        let instances = (0..launch.instances.get())
             .map(|index| Instance::new(index, Arc::clone(&launch), generation))
             .collect();
         let next_rss_sample = (launch.max_rss > 0).then(|| Instant::now() + launch.rss_interval);
@@ -158,7 +158,7 @@ impl ProgramActor {
     /// `sauna_program_up` is 1 while every index of the current config has a running instance,
     /// old or new: during a rolling reload the queue has a consumer throughout.
     fn update_up(&self) {
-        let count = self.launch.instances as usize;
+        let count = self.launch.instances.get();
         let all_running = (0..count).all(|index| {
             self.instances
                 .iter()

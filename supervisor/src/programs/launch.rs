@@ -6,12 +6,12 @@
 //! the actor.
 
 use std::collections::BTreeMap;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use proxy_conf::{AppConfig, ProgramConfig, Rlimits};
+use proxy_conf::{AppConfig, ProgramConfig, Rlimits, StopSignal};
 
 use crate::process::spawn::ChildSpec;
 use crate::programs::state::RestartRules;
@@ -27,7 +27,7 @@ pub struct Launch {
     /// The program's name (`[programs.NAME]`).
     pub name: String,
     /// Number of instances.
-    pub instances: u32,
+    pub instances: NonZeroUsize,
     argv: Vec<String>,
     cwd: PathBuf,
     env: BTreeMap<String, String>,
@@ -43,7 +43,7 @@ pub struct Launch {
     /// RSS limit of an instance's tree in bytes; 0 = off.
     pub max_rss: u64,
     /// Consecutive samples over `max_rss` before a restart.
-    pub max_rss_samples: u32,
+    pub max_rss_samples: NonZeroU32,
     /// How often RSS is sampled.
     pub rss_interval: Duration,
     /// What happens after an exit.
@@ -52,8 +52,7 @@ pub struct Launch {
 
 impl Launch {
     /// Resolves `program` against `app`; relative paths are taken from `base_dir` (the config
-    /// file's directory). An unknown `stop_signal` falls back to SIGTERM with an error logged
-    /// (`check` refuses it before it gets here).
+    /// file's directory).
     pub fn new(
         name: &str,
         program: &ProgramConfig,
@@ -75,10 +74,6 @@ impl Launch {
         let mut env = app.env.clone();
         env.extend(program.env.clone());
         env.insert(PROGRAM_ENV.to_owned(), name.to_owned());
-        let stop_signal = parse_signal(&program.stop_signal).unwrap_or_else(|error| {
-            tracing::error!("program \"{name}\": {error}; using TERM");
-            Signal::SIGTERM
-        });
         Launch {
             name: name.to_owned(),
             instances: program.instances,
@@ -88,11 +83,11 @@ impl Launch {
             user: program.user.clone(),
             group: program.group.clone(),
             rlimits: program.rlimits.clone(),
-            stop_signal,
+            stop_signal: signal(program.stop_signal),
             stop_timeout: program.stop_timeout.get(),
             ready_after: program.ready_after.get(),
             max_rss: program.max_rss.bytes(),
-            max_rss_samples: program.max_rss_samples.max(1),
+            max_rss_samples: program.max_rss_samples,
             rss_interval,
             rules: RestartRules::from(program),
         }
@@ -101,7 +96,7 @@ impl Launch {
     /// The name used in log lines and log labels: `celery`, or `celery:1` when the program has
     /// several instances.
     pub fn label(&self, index: usize) -> String {
-        if self.instances > 1 {
+        if self.instances.get() > 1 {
             format!("{}:{index}", self.name)
         } else {
             self.name.clone()
@@ -175,17 +170,17 @@ fn resolve_command(command: &str, base_dir: &Path) -> String {
     }
 }
 
-/// Parses a signal name as written in `stop_signal`: `"TERM"`, `"SIGTERM"` or `"term"`.
-pub fn parse_signal(name: &str) -> Result<Signal, String> {
-    let upper = name.trim().to_ascii_uppercase();
-    let full = if upper.starts_with("SIG") {
-        upper
-    } else {
-        format!("SIG{upper}")
-    };
-    Signal::from_str(&full).map_err(|_| {
-        format!("unknown stop_signal \"{name}\": use a signal name such as \"TERM\", \"INT\", \"QUIT\" or \"HUP\"")
-    })
+/// The OS signal a `stop_signal` names.
+pub fn signal(stop: StopSignal) -> Signal {
+    match stop {
+        StopSignal::Term => Signal::SIGTERM,
+        StopSignal::Int => Signal::SIGINT,
+        StopSignal::Quit => Signal::SIGQUIT,
+        StopSignal::Hup => Signal::SIGHUP,
+        StopSignal::Usr1 => Signal::SIGUSR1,
+        StopSignal::Usr2 => Signal::SIGUSR2,
+        StopSignal::Kill => Signal::SIGKILL,
+    }
 }
 
 #[cfg(test)]
@@ -205,9 +200,9 @@ mod tests {
         };
         let program = ProgramConfig {
             command: vec!["python".into(), "-m".into(), "celery".into()],
-            instances: 2,
+            instances: 2.try_into().unwrap(),
             env: BTreeMap::from([("B".to_owned(), "program".to_owned())]),
-            stop_signal: "int".to_owned(),
+            stop_signal: StopSignal::Int,
             ..ProgramConfig::default()
         };
         let launch = Launch::new(
@@ -247,10 +242,9 @@ mod tests {
     }
 
     #[test]
-    fn signal_names() {
-        assert_eq!(parse_signal("TERM"), Ok(Signal::SIGTERM));
-        assert_eq!(parse_signal("SIGQUIT"), Ok(Signal::SIGQUIT));
-        let error = parse_signal("TERMINATE").unwrap_err();
-        assert!(error.contains("\"TERMINATE\""), "{error}");
+    fn every_stop_signal_is_the_os_signal_of_its_name() {
+        for stop in StopSignal::ALL {
+            assert_eq!(signal(stop).as_str(), format!("SIG{stop}"));
+        }
     }
 }

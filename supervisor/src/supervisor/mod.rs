@@ -249,7 +249,7 @@ impl Supervisor {
         let inherited_metrics = inherited
             .as_mut()
             .and_then(|inherited| inherited.metrics.take())
-            .filter(|(listen, _)| *listen == loaded.config.metrics.listen)
+            .filter(|(listen, _)| Some(*listen) == loaded.config.metrics.listen)
             .map(|(_, socket)| std::net::TcpListener::from(socket));
         // The endpoint comes up before the roles so that probes see "starting", not a refusal.
         let metrics_server = match crate::metrics::server::start_on(
@@ -594,12 +594,9 @@ impl Supervisor {
 
     /// Duplicates of every listening socket, for the successor.
     async fn upgrade_sockets(&self, roles: &Roles) -> std::io::Result<upgrade::Sockets> {
-        let metrics = match &self.metrics_server {
-            Some(server) => Some((
-                self.loaded.config.metrics.listen.clone(),
-                server.duplicate_listener()?,
-            )),
-            None => None,
+        let metrics = match (&self.metrics_server, self.loaded.config.metrics.listen) {
+            (Some(server), Some(listen)) => Some((listen, server.duplicate_listener()?)),
+            _ => None,
         };
         Ok(upgrade::Sockets {
             control: Some((

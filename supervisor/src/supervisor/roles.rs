@@ -150,7 +150,7 @@ impl Roles {
     /// successor started by `upgrade` to inherit.
     pub async fn duplicate_listeners(
         &self,
-    ) -> std::io::Result<Vec<(String, std::os::fd::OwnedFd)>> {
+    ) -> std::io::Result<Vec<(proxy_conf::Listen, std::os::fd::OwnedFd)>> {
         match &self.pool {
             Some(pool) => pool.duplicate_listeners().await,
             None => Ok(Vec::new()),

@@ -536,7 +536,7 @@ mod tests {
         });
         let text = render_text(&status, NOW);
         assert!(
-            text.contains("\nlast error: Redis at redis://127.0.0.1:6379/0: authentication failed"),
+            text.contains("\nBEAT · standby · Redis down · -\nlast error: Redis at redis://127.0.0.1:6379/0: authentication failed"),
             "{text}"
         );
     }

@@ -34,11 +34,13 @@
 
 use std::ffi::OsString;
 use std::io::Write;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use proxy_conf::Listen;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
@@ -59,6 +61,9 @@ const KILL_AFTER: Duration = Duration::from_secs(5);
 const MAX_LINE: usize = 1024 * 1024;
 
 /// What `$SAUNA_UPGRADE_FDS` holds, as JSON: each inherited descriptor by role and address.
+/// Addresses travel as text (`"0.0.0.0:8000"`, `"unix:/run/app.sock"`), as every version of
+/// the binary writes and reads them; the successor parses them back into addresses to compare
+/// with its own config.
 #[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Description {
     /// The successor's end of the hand-over channel.
@@ -124,9 +129,9 @@ pub struct Sockets {
     /// The control socket's path and listener.
     pub control: Option<(PathBuf, OwnedFd)>,
     /// `[metrics].listen` and its listener.
-    pub metrics: Option<(String, OwnedFd)>,
+    pub metrics: Option<(SocketAddr, OwnedFd)>,
     /// Each `[web].listen` entry and its listener.
-    pub web: Vec<(String, OwnedFd)>,
+    pub web: Vec<(Listen, OwnedFd)>,
 }
 
 /// An upgrade in progress: the successor is starting.
@@ -208,11 +213,11 @@ impl UpgradeRun {
             metrics: sockets
                 .metrics
                 .as_ref()
-                .map(|(listen, fd)| (listen.clone(), fd.as_raw_fd())),
+                .map(|(listen, fd)| (listen.to_string(), fd.as_raw_fd())),
             web: sockets
                 .web
                 .iter()
-                .map(|(listen, fd)| (listen.clone(), fd.as_raw_fd()))
+                .map(|(listen, fd)| (listen.to_string(), fd.as_raw_fd()))
                 .collect(),
         };
         let fds = description.fds();
@@ -403,9 +408,9 @@ pub struct Inherited {
     /// The control socket, when the old supervisor had one.
     pub control: Option<(PathBuf, OwnedFd)>,
     /// The metrics listener, when there was one.
-    pub metrics: Option<(String, OwnedFd)>,
+    pub metrics: Option<(SocketAddr, OwnedFd)>,
     /// The web listeners, by `[web].listen` entry.
-    pub web: Vec<(String, OwnedFd)>,
+    pub web: Vec<(Listen, OwnedFd)>,
     channel: StdUnixStream,
 }
 
@@ -449,15 +454,25 @@ impl Inherited {
             Some((path, fd)) => Some((path, take(fd)?)),
             None => None,
         };
+        // An address this version cannot read is no address of its config: its socket is
+        // taken (so that it is closed) and dropped.
         let metrics = match description.metrics {
-            Some((listen, fd)) => Some((listen, take(fd)?)),
+            Some((listen, fd)) => {
+                let fd = take(fd)?;
+                listen
+                    .parse::<SocketAddr>()
+                    .ok()
+                    .map(|address| (address, fd))
+            }
             None => None,
         };
-        let web = description
-            .web
-            .into_iter()
-            .map(|(listen, fd)| Ok((listen, take(fd)?)))
-            .collect::<Result<_, String>>()?;
+        let mut web = Vec::new();
+        for (listen, fd) in description.web {
+            let fd = take(fd)?;
+            if let Ok(address) = listen.parse::<Listen>() {
+                web.push((address, fd));
+            }
+        }
         Ok(Some(Inherited {
             control,
             metrics,
@@ -482,7 +497,7 @@ impl Inherited {
     /// whose address left the config are closed.
     pub fn web_listeners(
         &mut self,
-        listen: &[String],
+        listen: &[Listen],
         backlog: u32,
     ) -> Result<Vec<crate::web::front::Listener>, crate::web::front::BindError> {
         let mut inherited = std::mem::take(&mut self.web);

@@ -394,7 +394,7 @@ impl ProgramActor {
                 continue;
             }
             instance.rss_over += 1;
-            if instance.rss_over >= instance.launch.max_rss_samples {
+            if instance.rss_over >= instance.launch.max_rss_samples.get() {
                 let samples = instance.rss_over;
                 let label = self.label(slot);
                 tracing::warn!(

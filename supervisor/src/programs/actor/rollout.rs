@@ -160,7 +160,7 @@ impl ProgramActor {
         let Some(rollout) = &self.rollout else { return };
         let launch = Arc::clone(&rollout.launch);
         let generation = rollout.generation;
-        for index in 0..launch.instances as usize {
+        for index in 0..launch.instances.get() {
             let mut instance = Instance::new(index, Arc::clone(&launch), generation);
             instance.candidate = true;
             self.instances.push(instance);
@@ -348,7 +348,7 @@ impl ProgramActor {
                 let failure = rollout.failure.unwrap_or_default();
                 let kept = if rollout.policy == proxy_conf::ProgramReload::Restart {
                     // The old instances were stopped first: bring them back with the old config.
-                    for index in 0..self.launch.instances as usize {
+                    for index in 0..self.launch.instances.get() {
                         self.instances.push(Instance::new(
                             index,
                             Arc::clone(&self.launch),

@@ -14,6 +14,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use proxy_conf::Listen;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -31,7 +32,7 @@ const HAND_OVER_POLL: Duration = Duration::from_millis(20);
 #[derive(Debug)]
 struct Accepting {
     /// The address as `[web].listen` spells it (what a reload compares).
-    configured: String,
+    configured: Listen,
     /// The bound address, with the real port.
     address: String,
     stop: watch::Sender<bool>,
@@ -76,7 +77,7 @@ impl FrontHandle {
     }
 
     /// The served addresses as `[web].listen` spells them.
-    pub fn configured(&self) -> Vec<String> {
+    pub fn configured(&self) -> Vec<Listen> {
         self.listeners
             .iter()
             .map(|listener| listener.configured.clone())
@@ -84,7 +85,7 @@ impl FrontHandle {
     }
 
     /// Starts accepting on `listener`, bound for the `[web].listen` entry `configured`.
-    pub fn add(&mut self, configured: String, listener: Listener) {
+    pub fn add(&mut self, configured: Listen, listener: Listener) {
         let accepting = start_accepting(configured, listener, &self.front, &self.graceful);
         self.listeners.push(accepting);
     }
@@ -92,11 +93,11 @@ impl FrontHandle {
     /// Stops accepting on the `[web].listen` entry `configured`; its open connections finish as
     /// usual. The socket is closed when the returned accept task has ended (await it before
     /// telling anyone the address is gone).
-    pub fn remove(&mut self, configured: &str) -> Option<JoinHandle<()>> {
+    pub fn remove(&mut self, configured: &Listen) -> Option<JoinHandle<()>> {
         let index = self
             .listeners
             .iter()
-            .position(|listener| listener.configured == configured)?;
+            .position(|listener| listener.configured == *configured)?;
         let listener = self.listeners.remove(index);
         let _ = listener.stop.send(true);
         if let Some(path) = &listener.unix_path {
@@ -107,7 +108,7 @@ impl FrontHandle {
 
     /// Duplicates of the listening sockets with their `[web].listen` entries, for a successor
     /// started by `upgrade` to inherit.
-    pub fn duplicate_listeners(&self) -> io::Result<Vec<(String, OwnedFd)>> {
+    pub fn duplicate_listeners(&self) -> io::Result<Vec<(Listen, OwnedFd)>> {
         self.listeners
             .iter()
             .map(|listener| {
@@ -156,7 +157,7 @@ impl FrontHandle {
 }
 
 fn start_accepting(
-    configured: String,
+    configured: Listen,
     listener: Listener,
     front: &Arc<Front>,
     graceful: &Arc<GracefulShutdown>,
@@ -186,7 +187,7 @@ fn start_accepting(
 }
 
 /// Starts accepting on every listener; `listeners` pairs each with its `[web].listen` entry.
-pub fn serve(listeners: Vec<(String, Listener)>, front: Arc<Front>) -> FrontHandle {
+pub fn serve(listeners: Vec<(Listen, Listener)>, front: Arc<Front>) -> FrontHandle {
     let graceful = Arc::new(GracefulShutdown::new());
     let listeners = listeners
         .into_iter()

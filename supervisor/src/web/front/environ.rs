@@ -9,6 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use bytes::BytesMut;
 use hyper::http::request::Parts;
 use hyper::http::{HeaderMap, Version};
+use proxy_conf::Forwarders;
 
 /// The connection a request arrived on.
 #[derive(Debug, Clone)]
@@ -19,79 +20,12 @@ pub struct Connection {
     pub local: Option<SocketAddr>,
 }
 
-/// Proxies whose `X-Forwarded-For`/`-Proto` are believed.
-#[derive(Debug, Clone, Default)]
-pub struct Forwarders {
-    any: bool,
-    networks: Vec<(IpAddr, u8)>,
-}
-
-impl Forwarders {
-    /// Parses `forwarded_allow_ips`: IPs, CIDRs, or `"*"`.
-    pub fn parse(entries: &[String]) -> Result<Forwarders, String> {
-        let mut forwarders = Forwarders::default();
-        for entry in entries {
-            let entry = entry.trim();
-            if entry == "*" {
-                forwarders.any = true;
-                continue;
-            }
-            let (address, prefix) = match entry.split_once('/') {
-                Some((address, prefix)) => (address, Some(prefix)),
-                None => (entry, None),
-            };
-            let invalid = || {
-                format!("forwarded_allow_ips: \"{entry}\" is not an IP address, a CIDR or \"*\"")
-            };
-            let ip: IpAddr = address.parse().map_err(|_| invalid())?;
-            let max = if ip.is_ipv4() { 32 } else { 128 };
-            let prefix = match prefix {
-                Some(prefix) => prefix
-                    .parse::<u8>()
-                    .ok()
-                    .filter(|p| *p <= max)
-                    .ok_or_else(invalid)?,
-                None => max,
-            };
-            forwarders.networks.push((ip, prefix));
-        }
-        Ok(forwarders)
-    }
-
-    /// True when `ip` is an allowed proxy.
-    pub fn trusts(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        };
-        self.any
-            || self
-                .networks
-                .iter()
-                .any(|(network, prefix)| in_network(ip, *network, *prefix))
-    }
-}
-
-fn in_network(ip: IpAddr, network: IpAddr, prefix: u8) -> bool {
-    match (ip, network) {
-        (IpAddr::V4(ip), IpAddr::V4(network)) => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-            u32::from(ip) & mask == u32::from(network) & mask
-        }
-        (IpAddr::V6(ip), IpAddr::V6(network)) => {
-            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
-            u128::from(ip) & mask == u128::from(network) & mask
-        }
-        _ => false,
-    }
-}
-
 /// Settings that shape every environ.
 #[derive(Debug, Clone, Default)]
 pub struct EnvironConfig {
     /// The mount prefix (`SCRIPT_NAME`), without a trailing `/`.
     pub script_name: String,
-    /// Trusted proxies.
+    /// Trusted proxies, `[web].forwarded_allow_ips`.
     pub forwarders: Forwarders,
 }
 
@@ -408,7 +342,7 @@ mod tests {
         assert_eq!(get(&untrusted, "wsgi.url_scheme"), Some("http"));
 
         let config = EnvironConfig {
-            forwarders: Forwarders::parse(&["10.0.0.0/8".to_owned()]).unwrap(),
+            forwarders: Forwarders(vec!["10.0.0.0/8".parse().unwrap()]),
             ..EnvironConfig::default()
         };
         let trusted = environ(request(), &tcp(), &config);
@@ -431,23 +365,6 @@ mod tests {
         assert_eq!(result, Err(BadRequest::NulInPath));
         assert_eq!(percent_decode(b"/100%/%zz%4"), b"/100%/%zz%4");
         assert_eq!(percent_decode(b"%41%42"), b"AB");
-    }
-
-    #[test]
-    fn allow_list_parses_cidrs_and_rejects_garbage() {
-        let forwarders =
-            Forwarders::parse(&["127.0.0.1".to_owned(), "fd00::/8".to_owned()]).unwrap();
-        assert!(forwarders.trusts("127.0.0.1".parse().unwrap()));
-        assert!(forwarders.trusts("::ffff:127.0.0.1".parse().unwrap()));
-        assert!(forwarders.trusts("fd12::1".parse().unwrap()));
-        assert!(!forwarders.trusts("127.0.0.2".parse().unwrap()));
-        assert!(
-            Forwarders::parse(&["*".to_owned()])
-                .unwrap()
-                .trusts("8.8.8.8".parse().unwrap())
-        );
-        assert!(Forwarders::parse(&["10.0.0.0/33".to_owned()]).is_err());
-        assert!(Forwarders::parse(&["nope".to_owned()]).is_err());
     }
 
     #[test]

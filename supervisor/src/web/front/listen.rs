@@ -4,10 +4,10 @@
 //! `accept`'s.
 
 use std::io;
-use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use proxy_conf::Listen;
 use tokio::net::{TcpListener, TcpSocket, UnixListener};
 
 /// A bound listening socket.
@@ -35,20 +35,24 @@ impl Listener {
     /// connections; a Unix socket's file is never unlinked or re-bound (the old process still
     /// accepts on it until the hand-over). Fails when the descriptor is not a listening socket
     /// of the kind `configured` names.
-    pub fn adopt(configured: &str, fd: OwnedFd) -> io::Result<Listener> {
-        if let Some(path) = configured.strip_prefix("unix:") {
-            let listener = std::os::unix::net::UnixListener::from(fd);
-            listener.local_addr()?;
-            listener.set_nonblocking(true)?;
-            return Ok(Listener::Unix(
-                UnixListener::from_std(listener)?,
-                PathBuf::from(path),
-            ));
+    pub fn adopt(configured: &Listen, fd: OwnedFd) -> io::Result<Listener> {
+        match configured {
+            Listen::Unix(path) => {
+                let listener = std::os::unix::net::UnixListener::from(fd);
+                listener.local_addr()?;
+                listener.set_nonblocking(true)?;
+                Ok(Listener::Unix(
+                    UnixListener::from_std(listener)?,
+                    path.clone(),
+                ))
+            }
+            Listen::Tcp(_) => {
+                let listener = std::net::TcpListener::from(fd);
+                listener.local_addr()?;
+                listener.set_nonblocking(true)?;
+                Ok(Listener::Tcp(TcpListener::from_std(listener)?))
+            }
         }
-        let listener = std::net::TcpListener::from(fd);
-        listener.local_addr()?;
-        listener.set_nonblocking(true)?;
-        Ok(Listener::Tcp(TcpListener::from_std(listener)?))
     }
 
     pub(super) fn as_fd(&self) -> BorrowedFd<'_> {
@@ -64,14 +68,14 @@ impl Listener {
 #[error("cannot listen on {address}: {source}")]
 pub struct BindError {
     /// The address from `[web].listen`.
-    pub address: String,
+    pub address: Listen,
     /// The OS error.
     #[source]
     pub source: io::Error,
 }
 
 /// Binds every address, or fails naming the first that cannot be bound.
-pub fn bind(addresses: &[String], backlog: u32) -> Result<Vec<Listener>, BindError> {
+pub fn bind(addresses: &[Listen], backlog: u32) -> Result<Vec<Listener>, BindError> {
     addresses
         .iter()
         .map(|address| {
@@ -83,50 +87,52 @@ pub fn bind(addresses: &[String], backlog: u32) -> Result<Vec<Listener>, BindErr
         .collect()
 }
 
-fn bind_one(address: &str, backlog: u32) -> io::Result<Listener> {
-    if let Some(path) = address.strip_prefix("unix:") {
-        let path = PathBuf::from(path);
-        if let Ok(metadata) = std::fs::symlink_metadata(&path) {
-            use std::os::unix::fs::FileTypeExt;
-            // A socket file left by a previous run is replaced; a live socket is not stolen and
-            // a path that is not a socket is never deleted.
-            if !metadata.file_type().is_socket() {
-                return Err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    "the path exists and is not a socket",
-                ));
-            }
-            if std::os::unix::net::UnixStream::connect(&path).is_ok() {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    "another process is listening on it",
-                ));
-            }
-            std::fs::remove_file(&path)?;
+fn bind_one(address: &Listen, backlog: u32) -> io::Result<Listener> {
+    match address {
+        Listen::Unix(path) => bind_unix(path, backlog),
+        Listen::Tcp(address) => {
+            let socket = if address.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            socket.set_reuseaddr(true)?;
+            socket.set_nodelay(true)?;
+            socket.bind(*address)?;
+            Ok(Listener::Tcp(socket.listen(backlog)?))
         }
-        let listener = std::os::unix::net::UnixListener::bind(&path)?;
-        // std binds with a backlog of 128; listen(2) again to apply the configured one.
-        let raw = std::os::fd::AsRawFd::as_raw_fd(&listener);
-        // SAFETY: `raw` is the descriptor of the listener we own; listen(2) only changes its backlog.
-        if unsafe { libc::listen(raw, i32::try_from(backlog).unwrap_or(i32::MAX)) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        listener.set_nonblocking(true)?;
-        return Ok(Listener::Unix(UnixListener::from_std(listener)?, path));
     }
-    let address: SocketAddr = address.parse().map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "expected \"host:port\" (an IP address and a port) or \"unix:/path\"",
-        )
-    })?;
-    let socket = if address.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_nodelay(true)?;
-    socket.bind(address)?;
-    Ok(Listener::Tcp(socket.listen(backlog)?))
+}
+
+fn bind_unix(path: &Path, backlog: u32) -> io::Result<Listener> {
+    if let Ok(metadata) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        // A socket file left by a previous run is replaced; a live socket is not stolen and
+        // a path that is not a socket is never deleted.
+        if !metadata.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the path exists and is not a socket",
+            ));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "another process is listening on it",
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    // std binds with a backlog of 128; listen(2) again to apply the configured one.
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&listener);
+    // SAFETY: `raw` is the descriptor of the listener we own; listen(2) only changes its backlog.
+    if unsafe { libc::listen(raw, i32::try_from(backlog).unwrap_or(i32::MAX)) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    listener.set_nonblocking(true)?;
+    Ok(Listener::Unix(
+        UnixListener::from_std(listener)?,
+        path.to_path_buf(),
+    ))
 }

@@ -23,13 +23,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use proxy_conf::{AppConfig, WebConfig};
+use proxy_conf::{AppConfig, Listen, WebConfig};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Metrics;
 use crate::supervisor::lifecycle::{Progress, StopMode};
 use crate::web::dispatch::Dispatcher;
-use crate::web::front::environ::{EnvironConfig, Forwarders};
+use crate::web::front::environ::EnvironConfig;
 use crate::web::front::{self, Front, FrontConfig};
 use crate::web::worker::{self, Launch};
 use actor::Actor;
@@ -69,7 +69,7 @@ enum Command {
     Scale(i32),
     Reload(Box<ReloadRequest>),
     Shutdown(StopMode, oneshot::Sender<()>),
-    DuplicateListeners(oneshot::Sender<std::io::Result<Vec<(String, std::os::fd::OwnedFd)>>>),
+    DuplicateListeners(oneshot::Sender<std::io::Result<Vec<(Listen, std::os::fd::OwnedFd)>>>),
     HandOver(oneshot::Sender<()>),
 }
 
@@ -90,15 +90,11 @@ struct Rolled {
     closing: Vec<tokio::task::JoinHandle<()>>,
 }
 
-fn wanted_workers(web: &WebConfig) -> usize {
-    usize::try_from(web.workers).unwrap_or(1).max(1)
-}
-
 /// `queue_size` and `queue_timeout` as the dispatcher takes them (a timeout of 0 = none).
 fn queue_limits(web: &WebConfig) -> (usize, Duration) {
     let queue_timeout = web.queue_timeout.get();
     (
-        usize::try_from(web.queue_size).unwrap_or(usize::MAX),
+        web.queue_size.get(),
         if queue_timeout.is_zero() {
             Duration::from_secs(u64::from(u32::MAX))
         } else {
@@ -107,21 +103,10 @@ fn queue_limits(web: &WebConfig) -> (usize, Duration) {
     )
 }
 
-/// The front's settings from `[web]`, or what is wrong with them.
-fn front_config(web: &WebConfig) -> Result<FrontConfig, String> {
-    let forwarders = Forwarders::parse(&web.forwarded_allow_ips)?;
-    let script_name = web.script_name.trim_end_matches('/').to_owned();
-    if !script_name.is_empty() && !script_name.starts_with('/') {
-        return Err(format!(
-            "[web].script_name \"{}\" must start with \"/\"",
-            web.script_name
-        ));
-    }
-    if web.listen.is_empty() {
-        return Err("[web].listen is empty: give at least one address".to_owned());
-    }
+/// The front's settings from `[web]`.
+fn front_config(web: &WebConfig) -> FrontConfig {
     let timeout = web.timeout.get();
-    Ok(FrontConfig {
+    FrontConfig {
         max_body: web.max_body.bytes(),
         body_buffer: web.body_buffer.bytes(),
         timeout: if timeout.is_zero() {
@@ -132,10 +117,10 @@ fn front_config(web: &WebConfig) -> Result<FrontConfig, String> {
         retry_after: web.queue_timeout.get().as_secs().max(1),
         access_log: web.access_log,
         environ: EnvironConfig {
-            script_name,
-            forwarders,
+            script_name: web.script_name.clone(),
+            forwarders: web.forwarded_allow_ips.clone(),
         },
-    })
+    }
 }
 
 /// The main loop's handle on a running pool.
@@ -168,11 +153,11 @@ pub async fn start_on(
     metrics: Arc<Metrics>,
     listeners: Option<Vec<front::Listener>>,
 ) -> Result<PoolHandle, PoolError> {
-    let threads = usize::try_from(web.threads).unwrap_or(1).max(1);
     let launch = Arc::new(
-        Launch::new(app, base_dir, threads, web.reload_timeout.get()).map_err(PoolError::Config)?,
+        Launch::new(app, base_dir, web.threads, web.reload_timeout.get())
+            .map_err(PoolError::Config)?,
     );
-    let config = front_config(web).map_err(PoolError::Config)?;
+    let config = front_config(web);
     let listeners = match listeners {
         Some(listeners) => listeners,
         None => front::bind(&web.listen, web.backlog)?,
@@ -207,8 +192,7 @@ pub async fn start_on(
     };
     dispatcher.set_generation(actor.generation);
     metrics.generation.set(1);
-    let wanted = usize::try_from(web.workers).unwrap_or(1).max(1);
-    for slot in 0..wanted {
+    for slot in 0..web.workers.get() {
         actor.slots.push(Slot::default());
         actor.spawn_worker(slot, None);
     }
@@ -307,7 +291,7 @@ impl PoolHandle {
     /// started by `upgrade` to inherit.
     pub async fn duplicate_listeners(
         &self,
-    ) -> std::io::Result<Vec<(String, std::os::fd::OwnedFd)>> {
+    ) -> std::io::Result<Vec<(Listen, std::os::fd::OwnedFd)>> {
         let (reply, answer) = oneshot::channel();
         let _ = self.commands.send(Command::DuplicateListeners(reply));
         answer

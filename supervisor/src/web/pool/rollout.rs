@@ -13,13 +13,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use proxy_conf::WebConfig;
+use proxy_conf::{Listen, WebConfig};
 use tokio::sync::oneshot;
 
 use super::actor::Actor;
 use super::slots::Slot;
 use super::state::{RestartReason, Worker, WorkerState};
-use super::{ReloadRequest, Rolled, front_config, queue_limits, wanted_workers};
+use super::{ReloadRequest, Rolled, front_config, queue_limits};
 use crate::supervisor::lifecycle::Progress;
 use crate::web::front::{self, FrontConfig, WarmUpAnswer};
 use crate::web::worker::{self, Launch, StartError, WorkerId};
@@ -97,9 +97,9 @@ pub(super) struct Rollout {
     new: Release,
     /// Listeners bound for the addresses the new config adds; they accept once the roll succeeds
     /// and are closed if it fails.
-    added: Vec<(String, front::Listener)>,
+    added: Vec<(Listen, front::Listener)>,
     /// Addresses the new config drops; they stop accepting once the roll succeeds.
-    removed: Vec<String>,
+    removed: Vec<Listen>,
     started: Instant,
     canary_started: Instant,
     canary_took: Duration,
@@ -128,7 +128,7 @@ impl Rollout {
                 "generation {}: {}/{} workers replaced",
                 self.new.generation,
                 self.replaced,
-                wanted_workers(&self.new.web)
+                self.new.web.workers.get()
             ),
             Phase::RollingBack => format!("rolling back to generation {}", self.old.generation),
         }
@@ -195,11 +195,9 @@ impl Actor {
             let _ = reply.send(Err(PoolReloadError::new("the web pool is stopping")));
             return;
         };
-        let threads = usize::try_from(web.threads).unwrap_or(1).max(1);
-        let prepared = Launch::new(&app, &base_dir, threads, web.reload_timeout.get())
-            .and_then(|launch| Ok((launch, front_config(&web)?)));
+        let prepared = Launch::new(&app, &base_dir, web.threads, web.reload_timeout.get());
         let (launch, config) = match prepared {
-            Ok(prepared) => prepared,
+            Ok(launch) => (launch, front_config(&web)),
             Err(message) => {
                 let _ = reply.send(Err(PoolReloadError::new(format!(
                     "the new config cannot run the web pool: {message}; nothing changed"
@@ -208,13 +206,13 @@ impl Actor {
             }
         };
         let serving = front.configured();
-        let adding: Vec<String> = web
+        let adding: Vec<Listen> = web
             .listen
             .iter()
             .filter(|address| !serving.contains(address))
             .cloned()
             .collect();
-        let removed: Vec<String> = serving
+        let removed: Vec<Listen> = serving
             .iter()
             .filter(|address| !web.listen.contains(address))
             .cloned()
@@ -304,7 +302,7 @@ impl Actor {
                 rollout.say(format!(
                     "{}/{} workers replaced",
                     rollout.replaced,
-                    wanted_workers(&rollout.new.web)
+                    rollout.new.web.workers.get()
                 ));
             }
             Phase::RollingBack if generation == rollout.old.generation => {
@@ -387,7 +385,7 @@ impl Actor {
         rollout.replaced = 1;
         rollout.say(format!(
             "1/{} workers replaced",
-            wanted_workers(&rollout.new.web)
+            rollout.new.web.workers.get()
         ));
         let new = rollout.new.clone();
         self.apply_release(&new);
@@ -436,7 +434,7 @@ impl Actor {
     /// (other generations, slots beyond `[web].workers`) drain and the reload ends.
     pub(super) fn advance_rollout(&mut self) {
         let wanted = match self.rollout.as_ref() {
-            Some(rollout) if rollout.phase == Phase::Rolling => wanted_workers(&rollout.new.web),
+            Some(rollout) if rollout.phase == Phase::Rolling => rollout.new.web.workers.get(),
             Some(rollout) if rollout.phase == Phase::RollingBack => rollout.old_slots.max(1),
             _ => return,
         };
@@ -514,7 +512,7 @@ impl Actor {
                 let mut summary = format!(
                     "web pool on generation {}: {} workers replaced in {:.1} s (canary {:.1} s)",
                     new.generation,
-                    wanted_workers(&new.web),
+                    new.web.workers.get(),
                     started.elapsed().as_secs_f64(),
                     canary_took.as_secs_f64()
                 );
@@ -583,7 +581,7 @@ impl Actor {
                     "{error}; rolling back to generation {} ({} of {} workers had been replaced)",
                     old.generation,
                     rollout.replaced,
-                    wanted_workers(&rollout.new.web)
+                    rollout.new.web.workers.get()
                 ));
                 rollout.failure = Some(PoolReloadError {
                     message: format!(

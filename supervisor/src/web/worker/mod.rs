@@ -22,6 +22,7 @@ pub mod frame;
 pub mod ring;
 
 use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -115,7 +116,7 @@ impl Launch {
     pub fn new(
         app: &AppConfig,
         base_dir: &Path,
-        threads: usize,
+        threads: NonZeroUsize,
         start_timeout: Duration,
     ) -> Result<Launch, String> {
         let directory = match &app.directory {
@@ -136,18 +137,14 @@ impl Launch {
         } else {
             PathBuf::from(&app.python)
         };
-        let (kind, target) = match (&app.wsgi, &app.paste) {
-            (Some(wsgi), None) => ("wsgi", wsgi.clone()),
-            (None, Some(paste)) => ("paste", paste.clone()),
-            (Some(_), Some(_)) => {
-                return Err("[app] sets both `wsgi` and `paste`; keep one".to_owned());
-            }
-            (None, None) => {
-                return Err(
-                    "[app] needs `wsgi = \"module:callable\"` or `paste = \"file.ini\"` to run a web pool".to_owned(),
-                );
-            }
+        // proxy-conf guarantees a target whenever [web] is set; an `AppConfig` built by hand
+        // may still lack one.
+        let Some(target) = &app.target else {
+            return Err(
+                "[app] needs `wsgi = \"module:callable\"` or `paste = \"file.ini\"` to run a web pool".to_owned(),
+            );
         };
+        let (kind, target) = (target.kind(), target.value().to_owned());
         let mut env = app.env.clone();
         env.entry("PYTHONUNBUFFERED".to_owned())
             .or_insert_with(|| "1".to_owned());
@@ -157,7 +154,7 @@ impl Launch {
             env,
             kind,
             target,
-            threads: threads.max(1),
+            threads: threads.get(),
             start_timeout,
         })
     }
@@ -513,8 +510,8 @@ pub enum ImportCheck {
 /// Imports the app in a throwaway worker (`sauna-supervisor check`). Must be called outside any
 /// tokio runtime (it runs its own, small one).
 pub fn check_import(app: &AppConfig, base_dir: &Path) -> Result<(), ImportCheck> {
-    let launch =
-        Launch::new(app, base_dir, 1, Duration::from_secs(120)).map_err(ImportCheck::NotRun)?;
+    let launch = Launch::new(app, base_dir, NonZeroUsize::MIN, Duration::from_secs(120))
+        .map_err(ImportCheck::NotRun)?;
     if !launch.directory.is_dir() {
         return Err(ImportCheck::NotRun(format!(
             "[app].directory {} does not exist",
