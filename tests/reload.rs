@@ -3,7 +3,7 @@
 //! failed request, a broken, hanging or cold release is refused or rolled back while the old one
 //! keeps answering, a long request survives a reload, concurrent reloads are serialized, `[web]`
 //! changes (workers, listen addresses) apply, a worker crashing mid-roll is refilled by the roll,
-//! and `status --json` shows each worker's generation.
+//! and `status --json` shows each worker's generation, also while the roll runs.
 //!
 //! Releases are directories `releases/vN` behind a `current` symlink, as deploy tools lay them
 //! out; switching the symlink and running `reload` is a deploy.
@@ -694,6 +694,55 @@ fn an_old_worker_crashing_during_the_roll_is_refilled_by_the_roll() {
     assert_eq!(
         exchange(&mut fresh, &stack.address(), false, false),
         Ok("v2".to_owned())
+    );
+}
+
+/// `status` while a reload runs asks the pool as it is: the new generation's workers show up
+/// beside the old ones as the roll goes, not a picture taken when the reload began.
+#[test]
+fn status_during_a_reload_shows_the_workers_of_both_generations() {
+    let stack = Stack::start("");
+    // Each new worker takes a second to import, so the roll is long enough to be watched.
+    stack.release("v2", "time.sleep(1)");
+    stack.switch("v2");
+    let reload = stack
+        .sandbox
+        .command(&["reload"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start reload");
+    let during = stack.running().wait_for(
+        Duration::from_secs(20),
+        "a generation-2 worker beside ready generation-1 ones while reloading",
+        |status| {
+            let workers = workers(status);
+            status["phase"] == "reloading"
+                && workers.iter().any(|worker| worker["generation"] == 2)
+                && workers
+                    .iter()
+                    .any(|worker| worker["generation"] == 1 && worker["state"] == "ready")
+        },
+    );
+    assert_eq!(during["generation"], 1, "not serving yet: {during}");
+    assert!(during["pool"]["reloading"].is_string(), "{during}");
+    let output = reload.wait_with_output().expect("reload exits");
+    assert!(output.status.success(), "{}", output_text(&output));
+    let after = stack.running().status_json();
+    assert_eq!(
+        (after["phase"].as_str(), after["generation"].as_u64()),
+        (Some("running"), Some(2)),
+        "{after}"
+    );
+    // The last old worker may still be draining when `reload` returns; then it is gone.
+    stack.running().wait_for(
+        Duration::from_secs(20),
+        "only generation-2 workers",
+        |status| {
+            workers(status)
+                .iter()
+                .all(|worker| worker["generation"] == 2 && worker["state"] == "ready")
+        },
     );
 }
 

@@ -1,6 +1,7 @@
 //! Beat: the native replacement for `celery beat`. One actor (a tokio task) owns the job table,
 //! the Redis connection and the leader lease; the main loop talks to it through a
-//! [`BeatHandle`] (status, reload, shutdown). It never polls: it sleeps until the earliest of the
+//! [`BeatHandle`] (status, reload, shutdown), or a [`BeatView`] (status only, cheap to clone).
+//! It never polls: it sleeps until the earliest of the
 //! next due slot, the next lock renewal/attempt and the next Redis retry, and wakes early on a
 //! command.
 //!
@@ -163,6 +164,25 @@ pub struct BeatHandle {
     task: JoinHandle<()>,
 }
 
+/// A cheap clone of the beat actor's command channel that can only ask for the status: the main
+/// loop keeps one while a reload run owns the [`BeatHandle`], so `status` stays live.
+#[derive(Debug, Clone)]
+pub struct BeatView {
+    commands: mpsc::Sender<Command>,
+}
+
+impl BeatView {
+    /// The current state of every job and of the lease.
+    pub async fn status(&self) -> Result<BeatStatus, BeatError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Status(reply))
+            .await
+            .map_err(|_| BeatError::Stopped)?;
+        answer.await.map_err(|_| BeatError::Stopped)
+    }
+}
+
 /// Resolves the jobs (importing the Celery app's schedule if configured) and starts the actor,
 /// which logs in with `password` (`[redis]`'s) when the broker URL has none. Redis is not needed
 /// to start: an unreachable broker, or one that refuses the login, is retried in the background.
@@ -224,12 +244,14 @@ pub async fn start(
 impl BeatHandle {
     /// The current state of every job and of the lease.
     pub async fn status(&self) -> Result<BeatStatus, BeatError> {
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(Command::Status(reply))
-            .await
-            .map_err(|_| BeatError::Stopped)?;
-        answer.await.map_err(|_| BeatError::Stopped)
+        self.view().status().await
+    }
+
+    /// A handle that can ask the status from anywhere, for as long as the actor runs.
+    pub fn view(&self) -> BeatView {
+        BeatView {
+            commands: self.commands.clone(),
+        }
     }
 
     /// Applies a new `[beat]` (re-importing the Celery app's schedule): jobs whose schedule did

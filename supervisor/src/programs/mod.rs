@@ -1,7 +1,8 @@
 //! Programs: the supervised commands of `[programs.NAME]` (Celery workers and the like). This
 //! module is the facade the main loop uses: it starts one actor per program in start order
-//! ([`start_order`]: by `priority`, then name), asks them for their status in that order, and
-//! stops them in reverse order.
+//! ([`start_order`]: by `priority`, then name), asks them for their status in that order (also
+//! through a [`ProgramsView`], which follows the programs from wherever the facade is, a reload
+//! included), and stops them in reverse order.
 //!
 //! The rest of the role, by job: `resolve` turns a config into the programs to run, in start
 //! order (the keys of one program are resolved by `launch`); `plan` decides what a reload
@@ -21,7 +22,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use proxy_conf::{Config, ProgramReload};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::metrics::Metrics;
@@ -33,11 +34,6 @@ pub use resolve::start_order;
 use resolve::{Resolved, base_dir_or_current, resolve, start_key};
 pub use state::InstanceState;
 pub use status::{InstanceStatus, ProgramStatus};
-
-/// Puts running programs back into start order after one was added or got a new `priority`.
-fn sort_into_start_order(programs: &mut [ProgramHandle]) {
-    programs.sort_by(|a, b| start_key(a.priority, &a.name).cmp(&start_key(b.priority, &b.name)));
-}
 
 /// A running program actor as the facade sees it.
 struct ProgramHandle {
@@ -73,6 +69,14 @@ impl ProgramHandle {
         }
     }
 
+    /// What the [`ProgramsView`] holds of it.
+    fn view(&self) -> ProgramView {
+        ProgramView {
+            name: self.name.clone(),
+            commands: self.commands.clone(),
+        }
+    }
+
     /// Stops the program gracefully and waits until its process groups are gone.
     async fn stop(self, mode: StopMode) {
         let (reply, answer) = oneshot::channel();
@@ -95,6 +99,42 @@ pub struct Programs {
     /// In start order ([`start_key`]).
     programs: Vec<ProgramHandle>,
     metrics: Arc<Metrics>,
+    /// The programs as [`ProgramsView`]s see them, republished whenever one starts, stops or
+    /// moves in start order.
+    views: watch::Sender<Vec<ProgramView>>,
+}
+
+/// One program actor's command channel, cloned: enough to ask for its status.
+#[derive(Debug, Clone)]
+struct ProgramView {
+    name: String,
+    commands: mpsc::Sender<Command>,
+}
+
+/// The running programs, for asking their status from anywhere: cheap to clone, and it follows
+/// [`Programs`] as programs start and stop, also while a reload is applying a new config. The main
+/// loop keeps one so that `status` during a reload reports the actors as they are.
+#[derive(Debug, Clone)]
+pub struct ProgramsView(watch::Receiver<Vec<ProgramView>>);
+
+impl ProgramsView {
+    /// The status of every program, in start order.
+    pub async fn status(&self) -> Vec<ProgramStatus> {
+        // Cloned out: the watch's lock must not be held across the awaits below.
+        let programs = self.0.borrow().clone();
+        let mut statuses = Vec::with_capacity(programs.len());
+        for program in &programs {
+            let (reply, answer) = oneshot::channel();
+            if program.commands.send(Command::Status(reply)).await.is_err() {
+                tracing::error!("program \"{}\": its actor is gone", program.name);
+                continue;
+            }
+            if let Ok(status) = answer.await {
+                statuses.push(status);
+            }
+        }
+        statuses
+    }
 }
 
 impl Programs {
@@ -121,8 +161,33 @@ impl Programs {
             .into_iter()
             .filter(|resolved| !rolling_only || resolved.policy == ProgramReload::Rolling)
             .map(|resolved| ProgramHandle::start(resolved, &metrics, 1))
-            .collect();
-        Programs { programs, metrics }
+            .collect::<Vec<_>>();
+        let views = watch::Sender::new(programs.iter().map(ProgramHandle::view).collect());
+        Programs {
+            programs,
+            metrics,
+            views,
+        }
+    }
+
+    /// A view that follows these programs, for asking their status while something else holds
+    /// them.
+    pub fn view(&self) -> ProgramsView {
+        ProgramsView(self.views.subscribe())
+    }
+
+    /// Puts the programs back into start order after one was added or got a new `priority`,
+    /// and tells the views.
+    fn reorder(&mut self) {
+        self.programs
+            .sort_by(|a, b| start_key(a.priority, &a.name).cmp(&start_key(b.priority, &b.name)));
+        self.publish();
+    }
+
+    /// Tells the views which programs run now.
+    fn publish(&self) {
+        self.views
+            .send_replace(self.programs.iter().map(ProgramHandle::view).collect());
     }
 
     /// Starts every program of `config` that is not running yet, in start order, and puts it
@@ -141,7 +206,7 @@ impl Programs {
             let handle = ProgramHandle::start(resolved, &self.metrics, 1);
             self.programs.push(handle);
         }
-        sort_into_start_order(&mut self.programs);
+        self.reorder();
         started
     }
 
@@ -155,23 +220,12 @@ impl Programs {
         {
             program.priority = priority;
         }
-        sort_into_start_order(&mut self.programs);
+        self.reorder();
     }
 
     /// The status of every program, in start order.
     pub async fn status(&self) -> Vec<ProgramStatus> {
-        let mut statuses = Vec::with_capacity(self.programs.len());
-        for program in &self.programs {
-            let (reply, answer) = oneshot::channel();
-            if program.commands.send(Command::Status(reply)).await.is_err() {
-                tracing::error!("program \"{}\": its actor is gone", program.name);
-                continue;
-            }
-            if let Ok(status) = answer.await {
-                statuses.push(status);
-            }
-        }
-        statuses
+        self.view().status().await
     }
 
     /// True when some program gave up after a crash loop; `/healthz` reports unhealthy then.

@@ -15,7 +15,7 @@ use super::actor::{Command, Reload, Reloaded};
 use super::launch::Fingerprint;
 use super::plan::{Planned, Step, plan};
 use super::resolve::{Resolved, base_dir_or_current, resolve};
-use super::{ProgramHandle, Programs, sort_into_start_order};
+use super::{ProgramHandle, Programs};
 use crate::supervisor::lifecycle::{Progress, StopMode};
 
 /// The `reload` key's value as written in sauna.toml.
@@ -102,7 +102,7 @@ impl Programs {
                     };
                     let handle = ProgramHandle::start(program, &self.metrics, generation);
                     self.programs.push(handle);
-                    sort_into_start_order(&mut self.programs);
+                    self.reorder();
                     say(format!("program \"{name}\": added, started"));
                     applied.push(format!("\"{name}\" started"));
                     done.push(format!("\"{name}\" started"));
@@ -117,6 +117,9 @@ impl Programs {
                     };
                     say(format!("program \"{name}\": removed, stopping it"));
                     self.programs.remove(at).stop(StopMode::Graceful).await;
+                    // Only now: the views see the program stopping, as its actor answers
+                    // until its processes are gone.
+                    self.publish();
                     say(format!("program \"{name}\": stopped"));
                     applied.push(format!("\"{name}\" stopped"));
                     done.push(format!("\"{name}\" stopped"));
@@ -561,6 +564,29 @@ mod tests {
             let status = programs.status().await;
             assert_eq!(status[0].instances[0].generation, 1);
             assert_eq!(status[0].instances[0].restarts, 0);
+            programs.shutdown(StopMode::Fast).await;
+        });
+    }
+
+    #[test]
+    fn a_view_taken_before_a_reload_follows_programs_added_removed_and_reordered() {
+        runtime().block_on(async {
+            let sleeper = |name: &str, priority: i64| {
+                format!(
+                    "[programs.{name}]\ncommand = [\"sleep\", \"300\"]\nready_after = \"0s\"\npriority = {priority}\n"
+                )
+            };
+            let mut programs = start(&format!("{}{}", sleeper("alpha", 0), sleeper("beta", 1)));
+            let view = programs.view();
+            let names = |status: Vec<crate::programs::ProgramStatus>| -> Vec<String> {
+                status.into_iter().map(|program| program.name).collect()
+            };
+            assert_eq!(names(view.status().await), ["alpha", "beta"]);
+            // beta now starts first, gamma is new, alpha is removed.
+            let toml = format!("{}{}", sleeper("beta", -1), sleeper("gamma", 0));
+            let (outcome, _) = reload(&mut programs, &toml, 2).await;
+            outcome.unwrap();
+            assert_eq!(names(view.status().await), ["beta", "gamma"]);
             programs.shutdown(StopMode::Fast).await;
         });
     }

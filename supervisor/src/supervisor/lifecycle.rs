@@ -3,20 +3,20 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Where the supervisor is in its life; reported by `status` and to systemd.
+/// What the supervisor is doing while it serves, as `status` reports it; derived from the main
+/// loop's state. There is no phase for starting or stopping: the control socket answers only
+/// between the two, and `/readyz` already says "not ready" before the first generation serves
+/// and once the stop has begun.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
-    /// Binding sockets and starting roles; `READY=1` not sent yet.
-    Starting,
-    /// Every role has started.
+    /// Every role has started and nothing is in progress (also for an upgrade's successor
+    /// that is still taking over from the old process).
     Running,
     /// A reload is rolling a new generation.
     Reloading,
     /// `upgrade`: a new supervisor process is starting beside this one, which keeps serving.
     Upgrading,
-    /// Stopping: no new work is accepted.
-    Stopping,
 }
 
 /// How a role should stop.

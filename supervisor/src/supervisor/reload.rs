@@ -2,11 +2,13 @@
 //! own, and telling everyone who asked how it went.
 //!
 //! The main loop starts a [`ReloadRun`] and hands it the roles; while the run owns them the loop
-//! keeps answering `status` (from a snapshot), pinging the watchdog and forwarding progress lines
-//! to every waiting `reload` client. Reloads are serialized: a request that arrives during a run
-//! waits for it, and all requests that queued up meanwhile share the next run, which reads the
-//! config as it is then. A config that does not load changes nothing and never starts a run.
+//! keeps answering `status` (asking the live actors through its `RolesView`), pinging the
+//! watchdog and forwarding progress lines to every waiting `reload` client. Reloads are
+//! serialized: a request that arrives during a run waits for it, and all requests that queued up
+//! meanwhile share the next run, which reads the config as it is then (`activity` decides
+//! that). A config that does not load changes nothing and never starts a run.
 
+use std::ops::ControlFlow::{Break, Continue};
 use std::sync::Arc;
 
 use proxy_conf::Loaded;
@@ -15,7 +17,9 @@ use tokio::task::JoinHandle;
 
 use crate::control::{ErrorKind, Responder};
 use crate::metrics::Metrics;
+use crate::supervisor::activity::{Activity, Queued};
 use crate::supervisor::roles::{RoleReloadError, Roles};
+use crate::supervisor::{Next, StopRequest, Supervisor, notify_or_log};
 
 /// A reload in progress.
 pub struct ReloadRun {
@@ -118,5 +122,116 @@ pub fn answer(
                 error.detail.clone(),
             ),
         }
+    }
+}
+
+/// The main loop's side of a reload.
+impl Supervisor {
+    /// Re-reads the config; if it loads, hands the roles to a new [`ReloadRun`]. If not, nothing
+    /// changes and the clients are told why.
+    pub(super) async fn start_reload(&mut self, roles: Roles, waiters: Vec<Responder>) -> Activity {
+        notify_or_log(self.notifier.reloading(), "RELOADING");
+        let loaded = match crate::config::load_with_secrets(&self.loaded.path) {
+            Ok(loaded) => loaded,
+            Err(error) => {
+                let diagnostics = error.to_string();
+                tracing::error!("reload refused, nothing changed:\n{diagnostics}");
+                refuse_config(waiters, &diagnostics);
+                self.metrics
+                    .reloads_total
+                    .with_label_values(&["config_error"])
+                    .inc();
+                notify_or_log(self.notifier.ready(), "READY");
+                return Activity::Idle { roles };
+            }
+        };
+        let generation = self.generation + 1;
+        for waiter in &waiters {
+            waiter.progress(format!(
+                "generation {} → {generation}: config re-read, rolling",
+                self.generation
+            ));
+        }
+        tracing::info!(from = self.generation, to = generation, "reload: rolling");
+        let run = ReloadRun::start(
+            roles,
+            loaded,
+            generation,
+            Arc::clone(&self.metrics),
+            waiters,
+        );
+        Activity::Reloading { run, queued: None }
+    }
+
+    /// Takes the roles back from a finished run, answers its clients and starts the queued
+    /// reloads' run. A run whose task failed took the roles with it: the supervisor stops.
+    pub(super) async fn on_reload_finished(
+        &mut self,
+        run: ReloadRun,
+        queued: Queued,
+        finished: Result<Finished, tokio::task::JoinError>,
+    ) -> Next {
+        let finished = match finished {
+            Ok(finished) => finished,
+            Err(error) => {
+                // The run panicked: its roles were dropped with it (their children killed on
+                // drop), so nothing is served any more. Stop, and let systemd's Restart= act.
+                tracing::error!("reload task failed: {error}; stopping");
+                for waiter in run.waiters {
+                    waiter.error(
+                        ErrorKind::Failed,
+                        format!("the reload task failed: {error}"),
+                        None,
+                    );
+                }
+                self.metrics
+                    .reloads_total
+                    .with_label_values(&["failed"])
+                    .inc();
+                return Break(StopRequest::Failed);
+            }
+        };
+        match &finished.outcome {
+            Ok(lines) => {
+                tracing::info!(
+                    generation = run.generation,
+                    "reload done: {}",
+                    lines.join("; ")
+                );
+                self.generation = run.generation;
+                self.metrics.generation.set(run.generation as i64);
+                self.metrics
+                    .reloads_total
+                    .with_label_values(&["success"])
+                    .inc();
+                self.queue_sampler = None;
+                self.queue_sampler = crate::metrics::queue_sampler::spawn_for(
+                    &finished.loaded.config,
+                    finished.loaded.secrets.redis_password.as_ref(),
+                    Arc::clone(&self.metrics),
+                );
+                self.loaded = finished.loaded;
+            }
+            Err(error) => {
+                tracing::error!(
+                    "reload rolled back, generation {} kept: {error}",
+                    self.generation
+                );
+                if let Some(detail) = &error.detail {
+                    tracing::error!("{detail}");
+                }
+                self.metrics
+                    .reloads_total
+                    .with_label_values(&["rolled_back"])
+                    .inc();
+            }
+        }
+        answer(run.waiters, run.generation, &finished.outcome);
+        notify_or_log(self.notifier.ready(), "READY");
+        let roles = finished.roles;
+        Continue(match queued {
+            Some(waiters) => self.start_reload(roles, waiters).await,
+            None => Activity::Idle { roles },
+        })
     }
 }

@@ -1,7 +1,8 @@
 //! The roles the configuration asks for — the web pool, the programs, beat — held together as
-//! one value the main loop owns: starting them in order, stopping them in the safe order, asking
-//! each for its status and health, and rolling each to a new generation on reload. What a role
-//! does inside belongs to its own module; this one only sequences them.
+//! one value the main loop owns: starting them in order, stopping them in the safe order, and
+//! rolling each to a new generation on reload. Asking them for status and health goes through the
+//! [`RolesView`] they publish, which the loop keeps while a reload run owns the roles. What a
+//! role does inside belongs to its own module; this one only sequences them.
 
 use std::sync::Arc;
 
@@ -11,7 +12,7 @@ use proxy_conf::Loaded;
 use crate::metrics::Metrics;
 use crate::programs::Programs;
 use crate::supervisor::lifecycle::{Progress, StopMode};
-use crate::supervisor::status::StatusReport;
+use crate::supervisor::view::RolesView;
 
 /// The roles the config asked for, each behind its actor handle.
 pub struct Roles {
@@ -21,6 +22,9 @@ pub struct Roles {
     programs: Programs,
     /// The scheduler, when `[beat]` is configured.
     beat: Option<crate::beat::BeatHandle>,
+    /// What [`Roles::view`]'s receivers see; republished whenever the pool or beat comes or
+    /// goes (the programs' view follows them by itself).
+    views: tokio::sync::watch::Sender<RolesView>,
 }
 
 impl Roles {
@@ -92,11 +96,28 @@ impl Roles {
             }
             None => None,
         };
+        let view = RolesView::of(pool.as_ref(), &programs, beat.as_ref());
         Ok(Roles {
             pool,
             programs,
             beat,
+            views: tokio::sync::watch::Sender::new(view),
         })
+    }
+
+    /// The roles as they are now and as they will be: status and health can be asked through it
+    /// whoever holds the roles, a reload run included.
+    pub fn view(&self) -> tokio::sync::watch::Receiver<RolesView> {
+        self.views.subscribe()
+    }
+
+    /// Tells the views that the pool or beat came or went.
+    fn publish(&self) {
+        self.views.send_replace(RolesView::of(
+            self.pool.as_ref(),
+            &self.programs,
+            self.beat.as_ref(),
+        ));
     }
 
     /// Stops every role: the pool stops accepting and drains first, then beat, then programs in
@@ -141,6 +162,7 @@ impl Roles {
             .await
             .context("cannot start beat")?;
             self.beat = Some(beat);
+            self.publish();
             started.push("beat started".to_owned());
         }
         Ok(started)
@@ -168,80 +190,6 @@ impl Roles {
             beat.shutdown().await;
         }
         self.programs.shutdown(StopMode::Graceful).await;
-    }
-
-    /// The roles' part of the status report.
-    pub async fn fill_status(&self, report: &mut StatusReport) {
-        if let Some(pool) = &self.pool {
-            report.pool = serde_json::to_value(pool.status().await).ok();
-        }
-        report.programs = serde_json::to_value(self.programs.status().await).unwrap_or_default();
-        if let Some(beat) = &self.beat {
-            report.beat = match beat.status().await {
-                Ok(status) => serde_json::to_value(status).ok(),
-                Err(error) => Some(serde_json::json!({ "error": error.to_string() })),
-            };
-        }
-    }
-
-    /// Whether every role is within its policy (problems for `/healthz`), and a one-line
-    /// summary for systemd's `STATUS=`.
-    pub async fn health(&self) -> (Vec<String>, String) {
-        let mut problems = Vec::new();
-        let mut parts = Vec::new();
-        if let Some(pool) = &self.pool {
-            let status = pool.status().await;
-            let ready = status
-                .workers
-                .iter()
-                .filter(|worker| worker.state == crate::web::pool::WorkerState::Ready)
-                .count();
-            if ready == 0 {
-                problems.push("web pool: no worker is ready".to_owned());
-            }
-            parts.push(format!(
-                "web {ready}/{} workers ready (generation {})",
-                status.workers_wanted, status.generation
-            ));
-        }
-        let programs = self.programs.status().await;
-        if !programs.is_empty() {
-            let mut up = 0;
-            for program in &programs {
-                if program.fatal {
-                    problems.push(format!(
-                        "program \"{}\" is fatal: {}",
-                        program.name,
-                        program
-                            .instances
-                            .iter()
-                            .find_map(|instance| instance.detail.clone())
-                            .unwrap_or_else(|| "gave up after a crash loop".to_owned())
-                    ));
-                } else if program
-                    .instances
-                    .iter()
-                    .all(|instance| instance.pid.is_some())
-                {
-                    up += 1;
-                }
-            }
-            parts.push(format!("programs {up}/{} up", programs.len()));
-        }
-        if let Some(beat) = &self.beat {
-            match beat.status().await {
-                Ok(status) => parts.push(format!(
-                    "beat {} ({} jobs)",
-                    if status.leader { "leader" } else { "standby" },
-                    status.jobs.len()
-                )),
-                Err(error) => problems.push(format!("beat: {error}")),
-            }
-        }
-        if parts.is_empty() {
-            parts.push("running, nothing configured".to_owned());
-        }
-        (problems, parts.join(" · "))
     }
 }
 
@@ -281,6 +229,8 @@ impl Roles {
                         detail: error.detail(),
                     })?;
                 summary.push(rolled);
+                // The fallback status of a gone actor names the addresses served now.
+                self.publish();
             }
             (None, Some(web)) => {
                 let pool =
@@ -292,10 +242,13 @@ impl Roles {
                             detail: None,
                         })?;
                 self.pool = Some(pool);
+                self.publish();
                 summary.push("web pool started".to_owned());
             }
             (Some(_), None) => {
                 if let Some(pool) = self.pool.take() {
+                    // Before the drain: the actor answers no status while it drains.
+                    self.publish();
                     let _ =
                         progress.send("web pool removed from the config: draining it".to_owned());
                     pool.shutdown(StopMode::Graceful).await;
@@ -341,10 +294,13 @@ impl Roles {
                     detail: None,
                 })?;
                 self.beat = Some(beat);
+                self.publish();
                 summary.push("beat started".to_owned());
             }
             (Some(_), None) => {
                 if let Some(beat) = self.beat.take() {
+                    // Before the stop: the actor answers no status while it releases its lock.
+                    self.publish();
                     beat.shutdown().await;
                 }
                 summary.push("beat stopped".to_owned());

@@ -1,6 +1,7 @@
 //! The web pool: the set of workers behind the HTTP front and the one actor that decides their
-//! lives. The main loop drives it through a [`PoolHandle`]; requests never pass through it
-//! (front → dispatcher → worker slot). This module holds the public face — starting the pool,
+//! lives. The main loop drives it through a [`PoolHandle`] and asks its status through a
+//! [`PoolView`], a cheap clone that stays with the loop while a reload holds the handle;
+//! requests never pass through it (front → dispatcher → worker slot). This module holds the public face — starting the pool,
 //! the handle's commands, the errors, and what `[web]` becomes for the front and the dispatcher;
 //! the work is split by job:
 //! - `actor`: the actor's loop — worker events, dispatcher notices, recycling, scaling, stop;
@@ -131,6 +132,31 @@ pub struct PoolHandle {
     listen: Vec<String>,
 }
 
+/// A cheap clone of the pool actor's command channel that can only ask for the status: the main
+/// loop keeps one while a reload run owns the [`PoolHandle`], so `status` stays live.
+#[derive(Debug, Clone)]
+pub struct PoolView {
+    commands: mpsc::UnboundedSender<Command>,
+    /// The addresses served when the view was taken, reported should the actor be gone.
+    listen: Vec<String>,
+}
+
+impl PoolView {
+    /// Every worker's pid, generation, state, requests, RSS and last error, as the actor knows
+    /// them now (old and new generations side by side during a reload).
+    pub async fn status(&self) -> PoolStatus {
+        let (reply, answer) = oneshot::channel();
+        let _ = self.commands.send(Command::Status(reply));
+        answer.await.unwrap_or_else(|_| PoolStatus {
+            listen: self.listen.clone(),
+            generation: 0,
+            reloading: None,
+            workers_wanted: 0,
+            workers: Vec::new(),
+        })
+    }
+}
+
 /// Binds every listen address, starts the workers and resolves once each reported ready. Fails
 /// with the address that cannot be bound, or the traceback of a worker whose import failed (every
 /// started worker is stopped again).
@@ -221,15 +247,15 @@ impl PoolHandle {
 
     /// Every worker's pid, generation, state, requests, RSS and last error.
     pub async fn status(&self) -> PoolStatus {
-        let (reply, answer) = oneshot::channel();
-        let _ = self.commands.send(Command::Status(reply));
-        answer.await.unwrap_or_else(|_| PoolStatus {
+        self.view().status().await
+    }
+
+    /// A handle that can ask the status from anywhere, for as long as the actor runs.
+    pub fn view(&self) -> PoolView {
+        PoolView {
+            commands: self.commands.clone(),
             listen: self.listen.clone(),
-            generation: 0,
-            reloading: None,
-            workers_wanted: 0,
-            workers: Vec::new(),
-        })
+        }
     }
 
     /// Adds (`delta > 0`) or removes workers; the pool never goes below one worker.

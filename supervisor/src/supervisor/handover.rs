@@ -1,0 +1,239 @@
+//! The main loop's side of an upgrade, on both ends (the sequence is described in `upgrade`).
+//!
+//! As the old process: when an upgrade may start (`activity` decides), gathering the sockets the
+//! successor inherits, and once it is ready, `MAINPID=` to systemd and the hand-over — the roles
+//! stop without unlinking any socket file, then `released`. As the successor: taking the
+//! control socket once it is the main process, and starting the roles the old process ran
+//! alone once it has released them.
+//!
+//! Spawning and watching the successor, the wire format and the inheritance belong to
+//! `upgrade`.
+
+use std::ops::ControlFlow::{Break, Continue};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use proxy_conf::Loaded;
+
+use super::activity::{Activity, Queued, UpgradeAdmission};
+use super::roles::Roles;
+use super::upgrade::{self, Message, Successor, UpgradeRun};
+use super::{CONTROL_FLUSH, Next, StopRequest, Supervisor, notify_or_log};
+use crate::control::{ErrorKind, Responder};
+
+impl Supervisor {
+    /// Starts an upgrade: spawns `binary` (this process's own by default) with every listening
+    /// socket. Refused unless the loop is idle: the successor must start from a settled
+    /// generation, and only one process can take over.
+    pub(super) async fn request_upgrade(
+        &mut self,
+        activity: Activity,
+        waiter: Option<Responder>,
+        binary: Option<PathBuf>,
+        timeout: Option<Duration>,
+    ) -> Activity {
+        let refuse = |waiter: Option<Responder>, message: String| {
+            tracing::warn!("upgrade refused: {message}");
+            if let Some(waiter) = waiter {
+                waiter.error(ErrorKind::Unavailable, message, None);
+            }
+        };
+        let roles = match activity.ask_upgrade() {
+            UpgradeAdmission::Start(roles) => roles,
+            UpgradeAdmission::Refused(activity, message) => {
+                refuse(waiter, message);
+                return activity;
+            }
+        };
+        let Some(binary) = binary.or_else(|| self.own_binary.clone()) else {
+            refuse(
+                waiter,
+                "the path of this supervisor's binary is unknown; pass --binary".to_owned(),
+            );
+            return Activity::Idle { roles };
+        };
+        let sockets = match self.upgrade_sockets(&roles).await {
+            Ok(sockets) => sockets,
+            Err(error) => {
+                refuse(waiter, format!("cannot hand over the sockets: {error}"));
+                return Activity::Idle { roles };
+            }
+        };
+        let timeout = timeout.unwrap_or_else(|| upgrade_timeout(&self.loaded));
+        if let Some(waiter) = &waiter {
+            waiter.progress(format!(
+                "starting {} ({} listening socket(s) handed over, ready within {timeout:?})",
+                binary.display(),
+                sockets.web.len()
+                    + usize::from(sockets.metrics.is_some())
+                    + usize::from(sockets.control.is_some())
+            ));
+        }
+        let env = self.notifier.successor_env().to_vec();
+        match UpgradeRun::start(&binary, sockets, &env, timeout) {
+            Ok(mut run) => {
+                tracing::info!(pid = run.pid, binary = %binary.display(), "upgrade: new supervisor started");
+                if let Some(waiter) = &waiter {
+                    waiter.progress(format!("new supervisor started as pid {}", run.pid));
+                }
+                run.waiter = waiter;
+                Activity::Upgrading { roles, run }
+            }
+            Err(failure) => {
+                tracing::error!("upgrade failed, nothing changed: {failure}");
+                if let Some(waiter) = waiter {
+                    waiter.error(ErrorKind::Failed, failure.message, failure.detail);
+                }
+                Activity::Idle { roles }
+            }
+        }
+    }
+
+    /// Duplicates of every listening socket, for the successor.
+    async fn upgrade_sockets(&self, roles: &Roles) -> std::io::Result<upgrade::Sockets> {
+        let metrics = match (&self.metrics_server, self.loaded.config.metrics.listen) {
+            (Some(server), Some(listen)) => Some((listen, server.duplicate_listener()?)),
+            _ => None,
+        };
+        Ok(upgrade::Sockets {
+            control: Some((
+                self.control.path().to_path_buf(),
+                self.control.duplicate_listener()?,
+            )),
+            metrics,
+            web: roles.duplicate_listeners().await?,
+        })
+    }
+
+    /// The successor is ready (hand over and stop) or gone (say why and carry on).
+    pub(super) async fn on_upgrade_finished(
+        &mut self,
+        roles: Roles,
+        run: UpgradeRun,
+        finished: Result<Successor, upgrade::Failure>,
+    ) -> Next {
+        match finished {
+            Ok(mut successor) => {
+                let (old, new) = (std::process::id(), successor.pid);
+                tracing::info!(new, "upgrade: the new supervisor is ready; handing over");
+                notify_or_log(
+                    self.notifier
+                        .main_pid(new, &format!("upgraded: pid {old} hands over to pid {new}")),
+                    "MAINPID",
+                );
+                successor.tell(Message::MainPid).await;
+                if let Some(waiter) = &run.waiter {
+                    waiter.progress(format!(
+                        "new supervisor pid {new} is ready and serving; pid {old} stops accepting and drains"
+                    ));
+                }
+                Break(StopRequest::HandOver {
+                    roles,
+                    successor,
+                    waiter: run.waiter,
+                })
+            }
+            Err(failure) => {
+                tracing::error!("upgrade failed, this supervisor keeps serving: {failure}");
+                if let Some(detail) = &failure.detail {
+                    tracing::error!("{detail}");
+                }
+                if let Some(waiter) = run.waiter {
+                    waiter.error(
+                        ErrorKind::Failed,
+                        format!(
+                            "{}; the running supervisor (pid {}) keeps serving",
+                            failure.message,
+                            std::process::id()
+                        ),
+                        failure.detail,
+                    );
+                }
+                Continue(Activity::Idle { roles })
+            }
+        }
+    }
+
+    /// As an upgrade's successor: the old process made us the main one. The loop serves the
+    /// control socket from now on.
+    pub(super) fn on_main_pid(&mut self) {
+        tracing::info!(
+            "upgrade: systemd now tracks this process as the main one; serving the control socket"
+        );
+        self.notifier.set_muted(false);
+    }
+
+    /// As an upgrade's successor: the old process has released its roles. Start the ones it
+    /// ran alone, own the control socket's file, tell systemd `READY=1`, and start the reloads
+    /// asked for meanwhile.
+    pub(super) async fn on_released(&mut self, mut roles: Roles, queued: Queued) -> Activity {
+        self.notifier.set_muted(false);
+        self.control.set_owns_socket_file(true);
+        match roles.start_deferred(&self.loaded, &self.metrics).await {
+            Ok(started) if !started.is_empty() => {
+                tracing::info!("upgrade: {}", started.join(", "));
+            }
+            Ok(_) => {}
+            Err(error) => tracing::error!("upgrade: {error:#}"),
+        }
+        tracing::info!("the previous supervisor has handed over every role");
+        notify_or_log(self.notifier.ready(), "READY");
+        self.status_line.clear();
+        self.publish_health().await;
+        match queued {
+            Some(waiters) => self.start_reload(roles, waiters).await,
+            None => Activity::Idle { roles },
+        }
+    }
+
+    /// The end of an upgrade: the successor serves every socket already. Stop accepting, drain,
+    /// stop the roles without unlinking any socket file, release the successor and exit.
+    pub(super) async fn hand_over(
+        mut self,
+        roles: Roles,
+        mut successor: Successor,
+        waiter: Option<Responder>,
+    ) {
+        let began = Instant::now();
+        // systemd tracks the successor now: STOPPING=1 or a status from us would be refused.
+        self.notifier.set_muted(true);
+        drop(self.queue_sampler.take());
+        if let Some(server) = self.metrics_server.take() {
+            server.shutdown().await;
+        }
+        self.control.set_owns_socket_file(false);
+        if let Some(waiter) = &waiter {
+            waiter.progress(format!(
+                "pid {}: draining the web front and stopping workers, programs and beat",
+                std::process::id()
+            ));
+        }
+        roles.hand_over().await;
+        successor.tell(Message::Released).await;
+        let (old, new) = (std::process::id(), successor.pid);
+        tracing::info!(
+            new,
+            elapsed_ms = began.elapsed().as_millis() as u64,
+            "upgrade done: every role has stopped; pid {new} serves on"
+        );
+        if let Some(waiter) = waiter {
+            waiter.ok(serde_json::json!({
+                "old_pid": old,
+                "new_pid": new,
+                "summary": format!("sauna-supervisor pid {old} handed over to pid {new}, which serves now"),
+            }));
+        }
+        self.control.shutdown(CONTROL_FLUSH).await;
+    }
+}
+
+/// The default deadline for a successor to become ready: its web pool starts every worker
+/// within `[web].reload_timeout`, plus time for the config, the sockets and the programs.
+fn upgrade_timeout(loaded: &Loaded) -> Duration {
+    let pool = loaded
+        .config
+        .web
+        .as_ref()
+        .map_or(Duration::ZERO, |web| web.reload_timeout.get());
+    pool + Duration::from_secs(30)
+}
