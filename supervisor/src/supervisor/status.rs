@@ -534,9 +534,9 @@ mod tests {
             "beat": {"leader": false, "redis_up": false, "jobs": [],
                      "last_error": "Redis at redis://127.0.0.1:6379/0: authentication failed (NOAUTH: …)"}
         });
-        let text = render_text(&status);
+        let text = render_text(&status, NOW);
         assert!(
-            text.contains("\nBEAT\nleader: false\nerror: Redis at redis://127.0.0.1:6379/0: authentication failed"),
+            text.contains("\nlast error: Redis at redis://127.0.0.1:6379/0: authentication failed"),
             "{text}"
         );
     }
