@@ -432,7 +432,7 @@ mod tests {
             "beat": {
                 "leader": false, "lock_holder": null, "broker": "redis://127.0.0.1:6379/3",
                 "redis_up": false,
-                "last_error": "cannot reach Redis at redis://127.0.0.1:6379/3: Connection refused (os error 111)",
+                "last_error": "Redis at redis://127.0.0.1:6379/3: Connection refused (os error 111)",
                 "last_error_at": NOW - 5.0,
                 "jobs": [{"name": "cleanup", "task": "app.cleanup", "schedule": "every 30s",
                           "next_run": "2027-01-15T08:00:25+00:00", "last_run": null, "published": 0}]
@@ -501,7 +501,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("last error (5s ago): cannot reach Redis at redis://127.0.0.1:6379/3: Connection refused (os error 111)\n"),
+            text.contains("last error (5s ago): Redis at redis://127.0.0.1:6379/3: Connection refused (os error 111)\n"),
             "{text}"
         );
         let job = line_of(&text, "cleanup");
