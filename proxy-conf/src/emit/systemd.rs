@@ -225,30 +225,39 @@ fn start_bounds(config: &Config) -> StartBounds {
     });
     let start = Duration(start_hooks.get() + ready.get());
     let reload = Duration(reload_hooks.get() + ready.get() + drain.get());
-    let mut explained = Vec::new();
-    if !hooks.before_start.is_empty() {
-        explained.push(format!(
-            "The start runs [hooks].before_start ({} × hook_timeout {timeout}) before READY=1: {start}.",
-            hooks.before_start.len()
-        ));
-    }
-    let mut terms = Vec::new();
-    if !hooks.before_reload.is_empty() {
-        terms.push(format!(
-            "[hooks].before_reload {} × hook_timeout {timeout}",
-            hooks.before_reload.len()
-        ));
-    }
-    if config.web.is_some() {
-        terms.push("[web].reload_timeout + graceful_timeout".to_owned());
-    }
-    if !terms.is_empty() {
-        explained.push(format!(
-            "A reload waits up to {} = {reload}; systemd bounds",
-            terms.join(" + ")
-        ));
-        explained.push("ExecReload by TimeoutStartSec.".to_owned());
-    }
+    let pool = if config.web.is_some() {
+        " + [web].reload_timeout"
+    } else {
+        ""
+    };
+    let explained = if hooks.before_start.is_empty() && hooks.before_reload.is_empty() {
+        vec![
+            format!(
+                "A reload waits up to [web].reload_timeout + graceful_timeout = {reload}; systemd bounds"
+            ),
+            "ExecReload by TimeoutStartSec.".to_owned(),
+        ]
+    } else {
+        let count =
+            |commands: &[Vec<String>]| format!("{} × hook_timeout {timeout}", commands.len());
+        vec![
+            "systemd bounds the start (until READY=1) and ExecReload by TimeoutStartSec:"
+                .to_owned(),
+            format!(
+                "- start: [hooks].before_start {}{pool} = {start}",
+                count(&hooks.before_start)
+            ),
+            format!(
+                "- reload: [hooks].before_reload {}{pool}{} = {reload}",
+                count(&hooks.before_reload),
+                if config.web.is_some() {
+                    " + graceful_timeout"
+                } else {
+                    ""
+                }
+            ),
+        ]
+    };
     StartBounds {
         start,
         reload,
@@ -331,7 +340,7 @@ mod tests {
         let (seconds, comments) = start_timeout(&text);
         assert_eq!(seconds, 600 + 90 + 15);
         assert!(
-            comments.contains("[hooks].before_reload 2 × hook_timeout 5m + [web].reload_timeout + graceful_timeout = 690s"),
+            comments.contains("- reload: [hooks].before_reload 2 × hook_timeout 5m + [web].reload_timeout + graceful_timeout = 690s"),
             "{comments}"
         );
         // A long migration before the first start outgrows the reload: READY=1 comes after it.
@@ -341,7 +350,9 @@ mod tests {
         let (seconds, comments) = start_timeout(&text);
         assert_eq!(seconds, 1800 + 60 + 15);
         assert!(
-            comments.contains("[hooks].before_start (1 × hook_timeout 30m) before READY=1: 31m"),
+            comments.contains(
+                "- start: [hooks].before_start 1 × hook_timeout 30m + [web].reload_timeout = 31m"
+            ),
             "{comments}"
         );
     }

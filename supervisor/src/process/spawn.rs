@@ -205,12 +205,27 @@ pub fn capture_output_with_tail(
     label: String,
     tail: Option<OutputTail>,
 ) -> tokio::task::JoinHandle<()> {
+    capture_output_each(child, label, move |line| {
+        if let Some(tail) = &tail {
+            tail.push(line);
+        }
+    })
+}
+
+/// Like [`capture_output`], and also hands every line to `on_line` as soon as it is read (a
+/// deploy hook streams its output to the `reload` client while it runs).
+pub fn capture_output_each(
+    child: &mut Child,
+    label: String,
+    on_line: impl Fn(&str) + Send + Sync + 'static,
+) -> tokio::task::JoinHandle<()> {
     let pid = child.id().unwrap_or_default();
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
+    let on_line: Arc<dyn Fn(&str) + Send + Sync> = Arc::new(on_line);
     tokio::spawn(async move {
-        let out = forward_lines(stdout, label.clone(), pid, "stdout", tail.clone());
-        let err = forward_lines(stderr, label, pid, "stderr", tail);
+        let out = forward_lines(stdout, label.clone(), pid, "stdout", Arc::clone(&on_line));
+        let err = forward_lines(stderr, label, pid, "stderr", on_line);
         tokio::join!(out, err);
     })
 }
@@ -255,17 +270,12 @@ async fn forward_lines<R: AsyncRead + Unpin>(
     label: String,
     pid: u32,
     stream_name: &'static str,
-    tail: Option<OutputTail>,
+    on_line: Arc<dyn Fn(&str) + Send + Sync>,
 ) {
     let Some(mut stream) = stream else { return };
     let mut pending: Vec<u8> = Vec::with_capacity(4096);
     let mut chunk = vec![0u8; 8192];
-    let emit = |line: &[u8]| {
-        let line = emit_line(&label, pid, stream_name, line);
-        if let Some(tail) = &tail {
-            tail.push(&line);
-        }
-    };
+    let emit = |line: &[u8]| on_line(&emit_line(&label, pid, stream_name, line));
     loop {
         let read = match stream.read(&mut chunk).await {
             Ok(0) | Err(_) => break,
