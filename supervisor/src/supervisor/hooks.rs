@@ -11,8 +11,8 @@
 //! the supervisor is asked to stop, its whole process group is ended (`process::group`: TERM,
 //! then KILL after [`GRACE`]), and so is whatever a command that exited left in its group — a
 //! hook is a step, not a service, and a background process would also hold its output pipe open.
-//! The hook inherits no socket of the supervisor (everything is opened close-on-exec) and reads
-//! `/dev/null`.
+//! The hook inherits no socket of the supervisor (everything is opened close-on-exec), reads
+//! `/dev/null`, and writes stdout and stderr into one pipe, so its lines keep their order.
 //!
 //! When a hook list runs is decided elsewhere: `before_reload` by the reload run (after the
 //! config is re-read, before the canary), `before_start` by the main loop's start-up, before any
@@ -124,6 +124,9 @@ impl HookPlan {
             argv,
             cwd: Some(self.directory.clone()),
             env: self.env.clone(),
+            // One pipe, as in a terminal: the error line stays after what led to it, in the
+            // tail too.
+            merge_stderr: true,
             ..ChildSpec::default()
         }
     }
