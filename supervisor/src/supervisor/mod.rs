@@ -2,11 +2,12 @@
 //! loaded config and the handles of the roles) and reacts to signals, control-socket requests and
 //! the watchdog timer in a single `select!`.
 //!
-//! It starts the roles in order (web pool — which binds the listening sockets first — then
-//! programs in start order, by `priority` then name, then beat), tells systemd `READY=1` once
-//! all of them have started, and stops them: the pool stops accepting and drains, beat releases
-//! its lock, then programs stop in reverse start order. It never sits on the request hot path: the
-//! HTTP front talks to the workers without passing through here.
+//! It runs `[hooks].before_start` (not as an upgrade's successor), then starts the roles in order
+//! (web pool — which binds the listening sockets first — then programs in start order, by
+//! `priority` then name, then beat), tells systemd `READY=1` once all of them have started, and
+//! stops them: the pool stops accepting and drains, beat releases its lock, then programs stop in
+//! reverse start order. It never sits on the request hot path: the HTTP front talks to the workers
+//! without passing through here.
 //!
 //! It also runs both sides of an upgrade (see `upgrade` for the sequence): as the old process
 //! it spawns the successor, keeps serving while it starts, and hands over once it is ready —
@@ -15,9 +16,9 @@
 //! process, and the non-rolling programs and beat until the old process has released them.
 //!
 //! The loop's helpers live beside it: the roles it starts and stops (`roles`), the reload and
-//! upgrade sequences (`reload`, `upgrade`), the signals it handles (`signals`), what it tells
-//! systemd (`notify`), the `status` report (`status`), the `--watch` file watcher (`watch`) and
-//! the lifecycle vocabulary shared with the roles (`lifecycle`).
+//! upgrade sequences (`reload`, `upgrade`), the deploy hooks (`hooks`), the signals it handles
+//! (`signals`), what it tells systemd (`notify`), the `status` report (`status`), the `--watch`
+//! file watcher (`watch`) and the lifecycle vocabulary shared with the roles (`lifecycle`).
 
 pub mod hooks;
 pub mod lifecycle;
