@@ -5,8 +5,8 @@
 //! secrets, streaming its output to the `reload` client and the log; `upgrade` runs no hook. A
 //! failing or hanging hook refuses the reload with its last lines while the old workers and
 //! programs keep running (`sauna_reloads_total{outcome="hook_failed"}`), a hanging one is killed
-//! with the children of its process group, and a failing `before_start` stops `run` with exit 1
-//! leaving nothing behind.
+//! with the children of its process group, a `stop` ends a running hook instead of waiting for
+//! it, and a failing `before_start` stops `run` with exit 1 leaving nothing behind.
 
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
@@ -625,4 +625,43 @@ fn while_before_start_runs_status_answers_reload_waits_and_stop_ends_it() {
     assert!(!alive(hook_pid), "the hook outlived the stop");
     assert!(stack.imports().is_empty());
     assert!(!stack.sandbox.path("sidecar.log").exists());
+}
+
+#[test]
+fn a_stop_during_before_reload_ends_the_hook_instead_of_waiting_for_it() {
+    let stack = Stack::new(r#"before_reload = [["sh", "-c", "echo $$ > hook.pid; sleep 600"]]"#);
+    let mut running = stack.start();
+    let workers = ready_workers(&running, 2);
+    let reload = {
+        let mut command: Command = stack.sandbox.command(&["reload"]);
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        command.spawn().expect("spawn reload")
+    };
+    let hook_pid: u64 = wait_until(Duration::from_secs(20), "hook.pid", || {
+        std::fs::read_to_string(stack.sandbox.path("current/hook.pid"))
+            .ok()
+            .and_then(|pid| pid.trim().parse().ok())
+    });
+    let began = Instant::now();
+    let stop = stack.sandbox.run(&["stop"]);
+    assert!(stop.status.success(), "{}", output_text(&stop));
+    let exit = running.wait_exit(Duration::from_secs(30));
+    assert_eq!(exit.code(), Some(0), "{}", running.log());
+    // TERM ends `sh` and its sleep at once; nothing waited for hook_timeout (10 minutes).
+    assert!(
+        began.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        began.elapsed()
+    );
+    assert!(!alive(hook_pid), "the hook outlived the supervisor");
+    for pid in workers {
+        assert!(!alive(pid), "worker {pid} outlived the supervisor");
+    }
+    let output = reload.wait_with_output().expect("reload's output");
+    assert_eq!(output.status.code(), Some(1), "{}", output_text(&output));
+    assert!(
+        text(&output).contains("was stopped: the supervisor is stopping"),
+        "{}",
+        output_text(&output)
+    );
 }

@@ -286,6 +286,15 @@ async fn run_one(
         plan.len()
     ));
     let started = Instant::now();
+    // Otherwise the spawn fails with a bare "No such file or directory" that seems to be about
+    // the command.
+    if !plan.directory.is_dir() {
+        let missing = format!(
+            "[app].directory {} does not exist",
+            plan.directory.display()
+        );
+        return Err(failure(Ended::Spawn(missing), VecDeque::new()));
+    }
     let mut process = child::spawn(plan.spec(argv))
         .map_err(|error| failure(Ended::Spawn(error.to_string()), VecDeque::new()))?;
     let pid = process.id().unwrap_or_default();
@@ -666,6 +675,20 @@ mod tests {
             assert!(
                 failure.to_string().contains("/nonexistent/manage.py"),
                 "{failure}"
+            );
+        });
+    }
+
+    #[test]
+    fn a_missing_app_directory_is_named() {
+        runtime().block_on(async {
+            let mut plan = plan(&[&["true"]], Duration::from_secs(5));
+            plan.directory = PathBuf::from("/nonexistent/releases/v9");
+            let (reporter, _watch) = channel();
+            let failure = run(&plan, &reporter).await.unwrap_err();
+            assert_eq!(
+                failure.to_string(),
+                "[hooks].before_reload[0] `true` could not start: [app].directory /nonexistent/releases/v9 does not exist"
             );
         });
     }
