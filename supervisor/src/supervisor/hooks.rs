@@ -259,6 +259,16 @@ impl Reporter {
 /// Runs `plan`'s commands in order until one fails; see the module comment for how each runs.
 pub async fn run(plan: &HookPlan, reporter: &Reporter) -> Result<(), HookFailure> {
     for (index, argv) in plan.commands.iter().enumerate() {
+        // A stop that came while the previous command finished: the next one does not start.
+        if *reporter.stop.borrow() {
+            return Err(HookFailure {
+                hook: plan.hook.key(),
+                index,
+                command: shown(argv),
+                why: Ended::Stopped,
+                tail: Vec::new(),
+            });
+        }
         run_one(plan, index, argv, reporter).await?;
     }
     Ok(())
@@ -307,9 +317,10 @@ async fn run_one(
         started_at: unix_now(),
     }));
     let (line_in, mut lines) = mpsc::unbounded_channel::<String>();
-    let capture = child::capture_output_each(&mut process, format!("hook {name}"), move |line| {
-        let _ = line_in.send(line.to_owned());
-    });
+    let mut capture =
+        child::capture_output_each(&mut process, format!("hook {name}"), move |line| {
+            let _ = line_in.send(line.to_owned());
+        });
     let mut tail = VecDeque::with_capacity(TAIL_LINES);
     let pass_on = |line: String, tail: &mut VecDeque<String>| {
         let _ = reporter.lines.send(format!("{name} | {line}"));
@@ -329,7 +340,7 @@ async fn run_one(
             () = stopped(&mut stop) => break Outcome::Stopped,
         }
     };
-    // `None` once the group was ended: the failure is the timeout or the stop, not the status.
+    // `Err` once the group was ended: the failure is the timeout or the stop, not the status.
     let status = match outcome {
         Outcome::Exited(status) => {
             if group::clear(pid, GRACE).await {
@@ -358,7 +369,8 @@ async fn run_one(
             Err(ended)
         }
     };
-    if tokio::time::timeout(DRAIN, capture).await.is_err() {
+    if tokio::time::timeout(DRAIN, &mut capture).await.is_err() {
+        capture.abort();
         tracing::warn!(
             "[hooks].{name}: its output is still open after it exited (a process that left its group?); no longer reading it"
         );
