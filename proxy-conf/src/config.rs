@@ -51,6 +51,8 @@ pub struct Config {
     pub redis: Option<RedisConfig>,
     /// `[postgres]`: the PostgreSQL database (`emit postgres`, `check --live`).
     pub postgres: Option<PostgresConfig>,
+    /// `[hooks]`: deploy steps run before the roles start and before each reload's canary.
+    pub hooks: HooksConfig,
 }
 
 /// `[app]`: where the Python application lives and how to run it.
@@ -279,6 +281,27 @@ pub struct MetricsConfig {
 impl Default for MetricsConfig {
     fn default() -> Self {
         Checker::defaults(|checker| checker.metrics(&Default::default()))
+    }
+}
+
+/// `[hooks]`: commands a deploy needs run with the new release before it serves — migrations,
+/// `collectstatic` — the way a Capistrano or Ansible deploy runs them before the restart.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HooksConfig {
+    /// `before_start`: run once by `run`, in order, before any role starts; a failure stops the
+    /// start. Every command has a non-empty first word; `"python"` means `[app].python`.
+    pub before_start: Vec<Vec<String>>,
+    /// `before_reload`: run by each `reload`, in order, after the config is re-read and before
+    /// the canary; a failure refuses the reload with nothing changed. Commands as above.
+    pub before_reload: Vec<Vec<String>>,
+    /// `hook_timeout`: longest time one command may run before its process group is killed;
+    /// never zero.
+    pub hook_timeout: Duration,
+}
+
+impl Default for HooksConfig {
+    fn default() -> Self {
+        Checker::defaults(|checker| checker.hooks(&Default::default()))
     }
 }
 

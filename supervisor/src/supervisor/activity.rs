@@ -15,6 +15,7 @@
 //! spawning the successor, answering clients) belongs to `reload` and `handover`.
 
 use crate::control::{ErrorKind, Responder};
+use crate::supervisor::hooks::HookStatus;
 use crate::supervisor::lifecycle::Phase;
 use crate::supervisor::reload::{self, ReloadRun};
 use crate::supervisor::roles::Roles;
@@ -80,6 +81,14 @@ pub enum UpgradeAdmission {
 }
 
 impl Activity {
+    /// The `before_reload` command a reload runs now, if any.
+    pub fn hook_status(&self) -> Option<HookStatus> {
+        match self {
+            Activity::Reloading { run, .. } => run.hook_status(),
+            _ => None,
+        }
+    }
+
     /// The phase `status` reports.
     pub fn phase(&self) -> Phase {
         match self {
@@ -201,6 +210,9 @@ impl Activity {
                 Some(roles)
             }
             Activity::Reloading { mut run, .. } => {
+                // A hook still running is ended instead: it could hold the stop for
+                // hook_timeout.
+                run.stop_hooks();
                 tracing::info!("waiting for the reload in progress before stopping");
                 let finished = run.finished().await.ok()?;
                 reload::answer(run.waiters, run.generation, &finished.outcome);

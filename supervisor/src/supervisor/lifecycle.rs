@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
+    /// `[hooks].before_start` runs: no role has started, `READY=1` is not sent yet, and the
+    /// control socket answers `status` and `stop` only.
+    Starting,
     /// Every role has started and nothing is in progress (also for an upgrade's successor
     /// that is still taking over from the old process).
     Running,

@@ -3,11 +3,12 @@
 //! one [`Trigger`] at a time: a signal, a control-socket request, `--watch`, the timers, or an
 //! event of what is in progress.
 //!
-//! It starts the roles in order (web pool — which binds the listening sockets first — then
-//! programs in start order, by `priority` then name, then beat), tells systemd `READY=1` once
-//! all of them have started, and stops them: the pool stops accepting and drains, beat releases
-//! its lock, then programs stop in reverse start order. It never sits on the request hot path: the
-//! HTTP front talks to the workers without passing through here.
+//! It runs `[hooks].before_start` (not as an upgrade's successor), then starts the roles in order
+//! (web pool — which binds the listening sockets first — then programs in start order, by
+//! `priority` then name, then beat), tells systemd `READY=1` once all of them have started, and
+//! stops them: the pool stops accepting and drains, beat releases its lock, then programs stop in
+//! reverse start order. It never sits on the request hot path: the HTTP front talks to the workers
+//! without passing through here.
 //!
 //! It also runs both sides of an upgrade (see `upgrade` for the sequence): as the old process
 //! it spawns the successor, keeps serving while it starts, and hands over once it is ready —
@@ -18,12 +19,13 @@
 //! This file holds the loop and the handling of each trigger; its helpers live beside it, by
 //! job: bringing it up (`start`), its state (`activity`), what wakes it (`trigger`, `signals`,
 //! `watch`), the roles it starts and stops (`roles`) and asks for status and health (`view`),
-//! the reload and upgrade sequences (`reload`; `upgrade` for the mechanism and `handover` for
-//! the loop's side), what it tells systemd (`notify`), the `status` report (`status`) and the
+//! the deploy hooks (`hooks`), the reload and upgrade sequences (`reload`; `upgrade` for the
+//! mechanism and `handover` for the loop's side), what it tells systemd (`notify`), the `status` report (`status`) and the
 //! lifecycle vocabulary shared with the roles (`lifecycle`).
 
 pub mod activity;
 mod handover;
+pub mod hooks;
 pub mod lifecycle;
 pub mod notify;
 pub mod reload;
@@ -51,7 +53,7 @@ use crate::metrics::Metrics;
 use crate::metrics::queue_sampler::QueueSampler;
 use crate::metrics::server::{Health, MetricsServer};
 use crate::supervisor::activity::{Activity, ReloadAdmission};
-use crate::supervisor::lifecycle::{Phase, StopMode};
+use crate::supervisor::lifecycle::StopMode;
 use crate::supervisor::notify::Notifier;
 use crate::supervisor::reload::ReloadEvent;
 use crate::supervisor::roles::Roles;
@@ -156,6 +158,10 @@ pub fn run(args: &RunOptions) -> Result<(), RunError> {
         let (supervisor, activity) = match start.await {
             Ok(started) => started,
             Err(error) => {
+                if let Some(hooks::BeforeStartError::Stopped) = error.downcast_ref() {
+                    tracing::info!("{error}");
+                    return Ok(());
+                }
                 report(&format_args!("{error:#}"));
                 return Err(error.into());
             }
@@ -363,7 +369,7 @@ impl Supervisor {
         let ControlRequest { request, reply } = request;
         match request {
             Request::Status => {
-                match serde_json::to_value(self.status_report(activity.phase()).await) {
+                match serde_json::to_value(self.status_report(&activity).await) {
                     Ok(data) => reply.ok(data),
                     Err(error) => reply.error(ErrorKind::Failed, error.to_string(), None),
                 }
@@ -417,23 +423,15 @@ impl Supervisor {
     }
 
     /// The status document, from the live roles whoever holds them.
-    async fn status_report(&self, phase: Phase) -> StatusReport {
-        let mut report = StatusReport {
-            pid: std::process::id(),
-            version: env!("CARGO_PKG_VERSION"),
-            phase,
-            generation: self.generation,
-            uptime_seconds: self.started.elapsed().as_secs(),
-            config: self.loaded.path.display().to_string(),
-            config_path: std::path::absolute(&self.loaded.path)
-                .unwrap_or_else(|_| self.loaded.path.clone())
-                .display()
-                .to_string(),
-            pool: None,
-            programs: serde_json::Value::Array(Vec::new()),
-            beat: None,
-            figures: self.metrics.figures(),
-        };
+    async fn status_report(&self, activity: &Activity) -> StatusReport {
+        let mut report = StatusReport::of_supervisor(
+            activity.phase(),
+            self.generation,
+            self.started,
+            &self.loaded,
+            &self.metrics,
+        );
+        report.hook = activity.hook_status();
         let roles = self.roles.borrow().clone();
         roles.fill_status(&mut report).await;
         report

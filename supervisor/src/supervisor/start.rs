@@ -1,6 +1,7 @@
 //! Bringing the supervisor up: the signal handlers first, then the control socket (bound, or
 //! adopted from the old process in an upgrade), the metrics endpoint — so that probes see
-//! "starting" rather than a refusal — and the roles in start order; then `READY=1`, or, as an
+//! "starting" rather than a refusal — `[hooks].before_start` (not in an upgrade), and the roles
+//! in start order; then `READY=1`, or, as an
 //! upgrade's successor, `ready` on the hand-over channel and a wait for the old process.
 //!
 //! What it hands the loop is the [`Supervisor`] and its first [`Activity`]: `Idle`, or
@@ -13,12 +14,15 @@ use anyhow::Context;
 use proxy_conf::Loaded;
 
 use super::activity::Activity;
+use super::hooks;
+use super::lifecycle::Phase;
 use super::notify::Notifier;
 use super::roles::Roles;
 use super::signals::Signals;
+use super::status::StatusReport;
 use super::trigger::Triggers;
 use super::upgrade::{Inherited, Message, Predecessor};
-use super::{Supervisor, notify_or_log, watch};
+use super::{CONTROL_FLUSH, Supervisor, notify_or_log, watch};
 use crate::control::ControlServer;
 use crate::logging::LogHandle;
 use crate::metrics::Metrics;
@@ -38,9 +42,9 @@ impl Supervisor {
         // A successor speaks to systemd only once the old process has made it the main one.
         notifier.set_muted(inherited.is_some());
         // Handlers first, so that a TERM during start-up is not fatal before children exist.
-        let signals = Signals::install().context("cannot install signal handlers")?;
+        let mut signals = Signals::install().context("cannot install signal handlers")?;
         let control_path = crate::config::control_socket(&loaded);
-        let control = match inherited
+        let mut control = match inherited
             .as_mut()
             .and_then(|inherited| inherited.control.take())
         {
@@ -78,6 +82,24 @@ impl Supervisor {
                 return Err(error.into());
             }
         };
+        // Migrations and the like, before any role: `upgrade` runs none (same release).
+        if inherited.is_none() && !loaded.config.hooks.before_start.is_empty() {
+            notify_or_log(notifier.status("running [hooks].before_start"), "STATUS");
+            let status = |hook| {
+                let mut report =
+                    StatusReport::of_supervisor(Phase::Starting, 1, started, &loaded, &metrics);
+                report.hook = hook;
+                serde_json::to_value(report).unwrap_or_default()
+            };
+            let hooks = hooks::before_start(&loaded, &mut signals, &mut control, &log, status);
+            if let Err(error) = hooks.await {
+                if let Some(server) = metrics_server {
+                    server.shutdown().await;
+                }
+                control.shutdown(CONTROL_FLUSH).await;
+                return Err(error.into());
+            }
+        }
         let started_roles = match &mut inherited {
             None => Roles::start(&loaded, &metrics).await,
             Some(inherited) => {
