@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use crate::util::postgres::{self, Cluster, give_to_pg_user, os_user};
 use crate::util::{
-    Daemon, Running, Sandbox, assert_success, binary, free_port, is_root, nginx, python,
-    require_tool, run, wait_until,
+    Daemon, Running, Sandbox, assert_success, binary, body, curl, free_port, is_root, nginx,
+    python, require_tool, run, wait_until,
 };
 
 const APT_REDIS: &str = "apt-get install -y redis-server";
@@ -286,20 +286,6 @@ fn start_app(sandbox: &Sandbox) -> Running {
             .is_some_and(|workers| workers.iter().filter(|w| w["state"] == "ready").count() == 2)
     });
     running
-}
-
-fn curl(args: &[&str]) -> String {
-    let curl = require_tool("curl", "apt-get install -y curl");
-    let output = run(Command::new(curl)
-        .args(["-sS", "--max-time", "10", "-i"])
-        .args(args));
-    assert_success(&output, &format!("curl {args:?}"));
-    String::from_utf8_lossy(&output.stdout).replace("\r\n", "\n")
-}
-
-/// The body of a `curl -i` response.
-fn body(response: &str) -> &str {
-    response.split_once("\n\n").map_or("", |(_, body)| body)
 }
 
 /// The environ the echo app answered with, as `key → value`.

@@ -450,6 +450,22 @@ impl Drop for Daemon {
     }
 }
 
+/// `curl -sS -i` with `args` (10 s at most), failing the test when curl fails; the response's
+/// head and body with `\n` line ends.
+pub fn curl(args: &[&str]) -> String {
+    let curl = require_tool("curl", "apt-get install -y curl");
+    let output = run(Command::new(curl)
+        .args(["-sS", "--max-time", "10", "-i"])
+        .args(args));
+    assert_success(&output, &format!("curl {args:?}"));
+    String::from_utf8_lossy(&output.stdout).replace("\r\n", "\n")
+}
+
+/// The body of a [`curl`] response.
+pub fn body(response: &str) -> &str {
+    response.split_once("\n\n").map_or("", |(_, body)| body)
+}
+
 /// A finished command's exit status, stdout and stderr, for assertion messages.
 pub fn output_text(output: &Output) -> String {
     format!(
