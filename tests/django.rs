@@ -32,6 +32,10 @@ const DB_PASSWORD: &str = "3f9c1e0b7d5a4c2e8f6b1a0d9c7e5b3a";
 const REDIS_PASSWORD: &str = "b41d07c9e2f85a3d6c0e9b7a1f4d2c8e";
 const ADMIN_PASSWORD: &str = "a long admin password";
 
+/// The site's name, as the README's example.com: nginx's server_name, Django's ALLOWED_HOSTS
+/// and every request's Host. Only the reload's warm-up request comes as `Host: localhost`.
+const HOST: &str = "mysite.test";
+
 /// What release 1's and release 2's home page say.
 const RELEASE_1: &str = "Hello from release 1";
 const RELEASE_2: &str = "Hello from release 2, deployed in place";
@@ -82,7 +86,7 @@ fn config(sandbox: &Sandbox, web: u16, http: u16, redis: u16, pg: u16) -> String
 directory = "{root}/app"
 python = "{python}"
 wsgi = "mysite.wsgi:application"
-env = {{ DJANGO_SETTINGS_MODULE = "mysite.settings", DJANGO_SECRET_KEY_FILE = "{root}/mysite-django.key", DJANGO_ALLOWED_HOSTS = "localhost,127.0.0.1", STATIC_ROOT = "{root}/static" }}
+env = {{ DJANGO_SETTINGS_MODULE = "mysite.settings", DJANGO_SECRET_KEY_FILE = "{root}/mysite-django.key", DJANGO_ALLOWED_HOSTS = "{HOST},localhost", STATIC_ROOT = "{root}/static" }}
 
 [web]
 listen = ["127.0.0.1:{web}"]
@@ -117,7 +121,7 @@ admin = "{admin}"
 
 [deploy]
 name = "mysite"
-server_names = ["localhost"]
+server_names = ["{HOST}"]
 http_port = {http}
 ipv6 = false
 access_log = "{root}/logs/nginx-access.log"
@@ -273,9 +277,17 @@ fn reload(sandbox: &Sandbox) -> (Option<i32>, String) {
     )
 }
 
+/// `curl` through nginx with the site's Host.
+fn site(args: &[&str]) -> String {
+    let host = format!("Host: {HOST}");
+    let mut all = vec!["-H", host.as_str()];
+    all.extend_from_slice(args);
+    curl(&all)
+}
+
 /// The home page through nginx: (status line code, body).
 fn home(http_port: u16) -> (u16, String) {
-    let response = curl(&[&format!("http://127.0.0.1:{http_port}/")]);
+    let response = site(&[&format!("http://127.0.0.1:{http_port}/")]);
     let code = response
         .split_whitespace()
         .nth(1)
@@ -354,7 +366,7 @@ fn get_home(
     };
     reader
         .get_mut()
-        .write_all(format!("GET / HTTP/1.1\r\nHost: localhost\r\n{close}\r\n").as_bytes())
+        .write_all(format!("GET / HTTP/1.1\r\nHost: {HOST}\r\n{close}\r\n").as_bytes())
         .map_err(|error| format!("send: {error}"))?;
     let (status, body, close) = read_response_closing(reader)?;
     // nginx ends a kept-alive connection after keepalive_requests (1000) with `Connection: close`.
@@ -446,10 +458,10 @@ fn a_django_site_deploys_from_scratch_and_a_release_rolls_in_place_with_its_migr
 
     // Pages through nginx from the pool, static files from disk.
     assert_eq!(home(http_port), (200, RELEASE_1.to_owned()));
-    let css = curl(&[&format!("{base}/static/pages/site.css")]);
+    let css = site(&[&format!("{base}/static/pages/site.css")]);
     assert!(css.starts_with("HTTP/1.1 200"), "{css}");
     assert!(body(&css).contains("font-family"), "{css}");
-    let admin_css = curl(&[&format!("{base}/static/admin/css/base.css")]);
+    let admin_css = site(&[&format!("{base}/static/admin/css/base.css")]);
     assert!(admin_css.starts_with("HTTP/1.1 200"), "{admin_css}");
     assert!(admin_css.contains("Cache-Control: max-age="), "{admin_css}");
 
@@ -457,7 +469,7 @@ fn a_django_site_deploys_from_scratch_and_a_release_rolls_in_place_with_its_migr
     let jar = sandbox.path("cookies.txt");
     let jar = jar.to_str().expect("UTF-8 path");
     let login_url = format!("{base}/admin/login/?next=/admin/");
-    let form = curl(&["-c", jar, &login_url]);
+    let form = site(&["-c", jar, &login_url]);
     assert!(form.starts_with("HTTP/1.1 200"), "{form}");
     let token = form_value(body(&form), "csrfmiddlewaretoken")
         .unwrap_or_else(|| panic!("no CSRF token in the login form:\n{form}"))
@@ -466,9 +478,9 @@ fn a_django_site_deploys_from_scratch_and_a_release_rolls_in_place_with_its_migr
         "username=admin&password={}&next=/admin/",
         ADMIN_PASSWORD.replace(' ', "+")
     );
-    let forged = curl(&["-b", jar, "--data", &credentials, &login_url]);
+    let forged = site(&["-b", jar, "--data", &credentials, &login_url]);
     assert!(forged.starts_with("HTTP/1.1 403"), "{forged}");
-    let login = curl(&[
+    let login = site(&[
         "-b",
         jar,
         "-c",
@@ -482,7 +494,7 @@ fn a_django_site_deploys_from_scratch_and_a_release_rolls_in_place_with_its_migr
         login.to_ascii_lowercase().contains("\nlocation: /admin/\n"),
         "{login}"
     );
-    let admin = curl(&["-b", jar, &format!("{base}/admin/")]);
+    let admin = site(&["-b", jar, &format!("{base}/admin/")]);
     assert!(admin.starts_with("HTTP/1.1 200"), "{admin}");
     assert!(body(&admin).contains("Site administration"), "{admin}");
     assert!(body(&admin).contains("Ticks"), "{admin}");
