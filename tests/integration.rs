@@ -23,6 +23,8 @@ mod metrics;
 mod reload;
 // reload_programs: `reload` rolls programs new-first (an in-place deploy too), rolls back a dying one, loses no Celery task.
 mod reload_programs;
+// hooks: [hooks] before_start/before_reload run in the release with the app's python and env; failures refuse.
+mod hooks;
 // secrets: passwords named once reach beat, Celery, the sampler and the app; never a log line.
 mod secrets;
 // status: status/stop/reload without a config find the default socket; units, last errors.

@@ -334,7 +334,8 @@ fn a_refused_login_says_authentication_failed_in_check_the_log_and_status() {
     assert_eq!(sampler_lines.len(), 1, "{log}");
     let status_text = text(&sandbox.run(&["status"]).stdout);
     assert!(
-        status_text.contains("error: Redis at redis://127.0.0.1:")
+        status_text.contains("last error (")
+            && status_text.contains("Redis at redis://127.0.0.1:")
             && status_text.contains("authentication failed"),
         "{status_text}"
     );

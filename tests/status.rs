@@ -165,7 +165,8 @@ fn status_without_a_config_finds_the_supervisor_through_the_runtime_directory() 
     assert!(
         text.contains("Redis down")
             && text.contains("last error (")
-            && text.contains("cannot reach Redis at redis://127.0.0.1:"),
+            && text.contains("Redis at redis://127.0.0.1:")
+            && text.contains("Connection refused"),
         "beat's last error:\n{text}"
     );
 

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use crate::units::{ByteSize, Duration};
@@ -36,6 +37,9 @@ pub struct Config {
     pub redis: Option<crate::stack::RedisConfig>,
     /// The PostgreSQL database (`emit postgres`, `check --live`); absent means none is managed.
     pub postgres: Option<crate::stack::PostgresConfig>,
+    /// Deploy hooks (migrations, collectstatic) run before the roles start and before a reload.
+    #[serde(default)]
+    pub hooks: HooksConfig,
 }
 
 /// `[app]`: where the Python application lives and how to run it.
@@ -132,6 +136,106 @@ impl Default for WebConfig {
             backlog: 2048,
         }
     }
+}
+
+/// `[hooks]`: commands a deploy needs run with the new release before it serves — migrations,
+/// `collectstatic` — the way a Capistrano or Ansible deploy runs them before the restart.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HooksConfig {
+    /// Run once by `run`, in order, before any role starts; a failure stops the start.
+    #[serde(deserialize_with = "hook_commands")]
+    pub before_start: Vec<Vec<String>>,
+    /// Run by each `reload`, in order, after the config is re-read and before the canary; a
+    /// failure refuses the reload with nothing changed.
+    #[serde(deserialize_with = "hook_commands")]
+    pub before_reload: Vec<Vec<String>>,
+    /// Longest time one hook command may run before its process group is killed.
+    pub hook_timeout: Duration,
+}
+
+impl Default for HooksConfig {
+    fn default() -> Self {
+        HooksConfig {
+            before_start: Vec::new(),
+            before_reload: Vec::new(),
+            hook_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// A list of commands, each an argv array. Written flat (`["python", "manage.py", "migrate"]`)
+/// or as one string, which is the common slip, it is refused with the nested form to write.
+fn hook_commands<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Vec<String>>, D::Error> {
+    /// One element of the list: a command, or a word that should have been inside one.
+    enum Element {
+        Command(Vec<String>),
+        Word(String),
+    }
+
+    impl<'de> Deserialize<'de> for Element {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Element, D::Error> {
+            struct ElementVisitor;
+            impl<'de> Visitor<'de> for ElementVisitor {
+                type Value = Element;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("a command as an array of strings, e.g. [\"python\", \"manage.py\", \"migrate\"]")
+                }
+                fn visit_str<E: de::Error>(self, word: &str) -> Result<Element, E> {
+                    Ok(Element::Word(word.to_owned()))
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Element, A::Error> {
+                    let mut argv = Vec::new();
+                    while let Some(word) = seq.next_element::<String>()? {
+                        argv.push(word);
+                    }
+                    Ok(Element::Command(argv))
+                }
+            }
+            deserializer.deserialize_any(ElementVisitor)
+        }
+    }
+
+    struct CommandsVisitor;
+    impl<'de> Visitor<'de> for CommandsVisitor {
+        type Value = Vec<Vec<String>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a list of commands, each an array of strings, e.g. [[\"python\", \"manage.py\", \"migrate\"]]")
+        }
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<Self::Value, E> {
+            let words: Vec<&str> = text.split_whitespace().collect();
+            Err(E::custom(format!(
+                "expected a list of commands, found the string \"{text}\"; write [{}]",
+                nested(&words)
+            )))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut commands = Vec::new();
+            let mut words = Vec::new();
+            while let Some(element) = seq.next_element::<Element>()? {
+                match element {
+                    Element::Command(argv) => commands.push(argv),
+                    Element::Word(word) => words.push(word),
+                }
+            }
+            if words.is_empty() {
+                return Ok(commands);
+            }
+            let words: Vec<&str> = words.iter().map(String::as_str).collect();
+            Err(de::Error::custom(format!(
+                "each command is an array of its own inside the list: write [{}]",
+                nested(&words)
+            )))
+        }
+    }
+
+    /// `["a", "b"]`, for the messages above.
+    fn nested(words: &[&str]) -> String {
+        let quoted: Vec<String> = words.iter().map(|word| format!("\"{word}\"")).collect();
+        format!("[{}]", quoted.join(", "))
+    }
+
+    deserializer.deserialize_any(CommandsVisitor)
 }
 
 /// When a program that exited is started again.
@@ -484,6 +588,7 @@ mod tests {
             ("[redis]", fields::<crate::stack::RedisConfig>()),
             ("[redis.cache]", fields::<crate::stack::RedisCacheConfig>()),
             ("[postgres]", fields::<crate::stack::PostgresConfig>()),
+            ("[hooks]", fields::<HooksConfig>()),
         ];
         for (section, keys) in keyed {
             assert!(!keys.is_empty(), "no fields found for {section}");

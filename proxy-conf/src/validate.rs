@@ -60,6 +60,7 @@ pub(crate) fn validate(
     checker.metrics(config);
     checker.control(config);
     checker.services(config);
+    checker.hooks(config);
     checker.findings
 }
 
@@ -583,6 +584,37 @@ impl Checker<'_> {
         false
     }
 
+    /// `[hooks]`: every command has something to run, and the timeout can be met.
+    fn hooks(&mut self, config: &Config) {
+        let hooks = &config.hooks;
+        for (key, commands) in [
+            ("before_start", &hooks.before_start),
+            ("before_reload", &hooks.before_reload),
+        ] {
+            for (position, argv) in commands.iter().enumerate() {
+                match argv.first() {
+                    None => self.report_element(
+                        &["hooks", key],
+                        position,
+                        "an empty command runs nothing; write its argv, e.g. [\"python\", \"manage.py\", \"migrate\", \"--noinput\"], or remove it",
+                    ),
+                    Some(program) if program.trim().is_empty() => self.report_element(
+                        &["hooks", key],
+                        position,
+                        "the program to run must not be empty",
+                    ),
+                    Some(_) => {}
+                }
+            }
+        }
+        if hooks.hook_timeout.is_zero() {
+            self.report(
+                &["hooks", "hook_timeout"],
+                "must be longer than 0s: it bounds each hook command, e.g. \"10m\"",
+            );
+        }
+    }
+
     fn control(&mut self, config: &Config) {
         if let Some(socket) = &config.control.socket {
             let length = socket.as_os_str().len();
@@ -918,6 +950,66 @@ mod tests {
         assert_one(
             "[beat]\n[redis]\nurl_env = \"URL\"\n[postgres]\nurl_env = \"URL\"\n",
             "5:11: postgres.url_env: \"URL\" is [redis].url_env already; give each URL its own variable",
+        );
+    }
+
+    #[test]
+    fn hooks_are_lists_of_commands() {
+        let text = "[hooks]\nbefore_start = [[\"python\", \"manage.py\", \"migrate\"]]\nbefore_reload = [[\"python\", \"manage.py\", \"migrate\", \"--noinput\"], [\"python\", \"manage.py\", \"collectstatic\", \"--noinput\"]]\nhook_timeout = \"90s\"\n";
+        let config = load_str(text, "sauna.toml").unwrap();
+        assert_eq!(
+            config.hooks.before_start,
+            [["python", "manage.py", "migrate"]]
+        );
+        assert_eq!(config.hooks.before_reload.len(), 2);
+        assert_eq!(config.hooks.before_reload[1][2], "collectstatic");
+        assert_eq!(config.hooks.hook_timeout.get().as_secs(), 90);
+        let defaults = load_str("", "sauna.toml").unwrap().hooks;
+        assert!(defaults.before_start.is_empty() && defaults.before_reload.is_empty());
+        assert_eq!(defaults.hook_timeout.get().as_secs(), 600);
+        assert!(problems("[hooks]\nbefore_reload = []\n").is_empty());
+    }
+
+    #[test]
+    fn empty_hook_commands_and_a_zero_timeout_are_refused() {
+        assert_eq!(
+            problems(
+                "[hooks]\nbefore_start = [[\"true\"], []]\nbefore_reload = [[\"\", \"x\"]]\nhook_timeout = \"0s\"\n"
+            ),
+            [
+                "2:27: hooks.before_start[1]: an empty command runs nothing; write its argv, e.g. [\"python\", \"manage.py\", \"migrate\", \"--noinput\"], or remove it",
+                "3:18: hooks.before_reload[0]: the program to run must not be empty",
+                "4:16: hooks.hook_timeout: must be longer than 0s: it bounds each hook command, e.g. \"10m\"",
+            ]
+        );
+    }
+
+    #[test]
+    fn hook_types_are_checked_where_they_are_written() {
+        assert_eq!(
+            problems(
+                "[hooks]\nbefore_reload = [\"python\", \"manage.py\", \"migrate\"]\nbefore_start = \"python manage.py migrate\"\nhook_timeout = 600\n"
+            ),
+            [
+                "2:17: hooks.before_reload: each command is an array of its own inside the list: write [[\"python\", \"manage.py\", \"migrate\"]]",
+                "3:16: hooks.before_start: expected a list of commands, found the string \"python manage.py migrate\"; write [[\"python\", \"manage.py\", \"migrate\"]]",
+                "4:16: hooks.hook_timeout: a bare number is ambiguous here: write a unit, e.g. \"600s\"",
+            ]
+        );
+        assert_eq!(
+            problems(
+                "[hooks]\nbefore_reload = [[\"python\", 5]]\nhook_timeout = \"ten minutes\"\n"
+            ),
+            [
+                "2:29: hooks.before_reload: expected a string, found the integer 5",
+                "3:16: hooks.hook_timeout: invalid duration \"ten minutes\": expected a number with a unit, like \"500ms\", \"30s\", \"5m\", \"1h30m\" or \"1d\"",
+            ]
+        );
+        let unknown = problems("[hooks]\nbefore_deploy = [[\"true\"]]\n");
+        assert_eq!(unknown.len(), 1, "{unknown:?}");
+        assert!(
+            unknown[0].starts_with("2:1: unknown key \"before_deploy\" in [hooks]"),
+            "{unknown:?}"
         );
     }
 

@@ -62,12 +62,15 @@ pub fn render(config: &Config) -> Result<Output, EmitError> {
         .cloned()
         .unwrap_or_else(|| ("nothing to drain".to_owned(), Duration::default()));
     let stop = Duration(longest_stop.get() + SLACK.get());
-    // `reload` waits for the new generation to be ready and the old one to drain; systemd bounds
-    // ExecReload= by TimeoutStartSec=, like the start itself.
-    let reload = config.web.as_ref().map_or(Duration::default(), |web| {
-        Duration(web.reload_timeout.get() + web.graceful_timeout.get())
-    });
-    let start = Duration(reload.get().max(longest_stop.get()) + SLACK.get());
+    let start_bounds = start_bounds(config);
+    let start = Duration(
+        start_bounds
+            .start
+            .get()
+            .max(start_bounds.reload.get())
+            .max(longest_stop.get())
+            + SLACK.get(),
+    );
 
     let mut out = header("#", "systemd");
     let _ = writeln!(
@@ -109,11 +112,10 @@ pub fn render(config: &Config) -> Result<Output, EmitError> {
         "# {stop_key} {longest_stop} + {SLACK}\nTimeoutStopSec={}",
         stop.get().as_secs()
     );
-    let _ = writeln!(
-        out,
-        "# A reload waits up to [web].reload_timeout + graceful_timeout = {reload}; systemd bounds\n# ExecReload by TimeoutStartSec.\nTimeoutStartSec={}",
-        start.get().as_secs()
-    );
+    for line in &start_bounds.explained {
+        let _ = writeln!(out, "# {line}");
+    }
+    let _ = writeln!(out, "TimeoutStartSec={}", start.get().as_secs());
     if !unit.watchdog.is_zero() {
         let _ = writeln!(out, "WatchdogSec={}", unit.watchdog.get().as_secs().max(1));
     }
@@ -195,6 +197,74 @@ pub fn render(config: &Config) -> Result<Output, EmitError> {
     Ok(output)
 }
 
+/// How long the two things systemd bounds by `TimeoutStartSec=` may take, with the comment lines
+/// that say why.
+struct StartBounds {
+    /// `run` until `READY=1`: the `before_start` hooks, then the web pool's first workers.
+    start: Duration,
+    /// `ExecReload=`: the `before_reload` hooks, the new generation getting ready and the old
+    /// one draining.
+    reload: Duration,
+    explained: Vec<String>,
+}
+
+/// See [`StartBounds`]. Each hook command may run for up to `[hooks].hook_timeout`; without hooks
+/// the comment reads as it always did.
+fn start_bounds(config: &Config) -> StartBounds {
+    let hooks = &config.hooks;
+    let timeout = hooks.hook_timeout;
+    let hooks_for = |commands: &[Vec<String>]| -> Duration {
+        Duration(timeout.get() * u32::try_from(commands.len()).unwrap_or(u32::MAX))
+    };
+    let (start_hooks, reload_hooks) = (
+        hooks_for(&hooks.before_start),
+        hooks_for(&hooks.before_reload),
+    );
+    let (ready, drain) = config.web.as_ref().map_or_else(Default::default, |web| {
+        (web.reload_timeout, web.graceful_timeout)
+    });
+    let start = Duration(start_hooks.get() + ready.get());
+    let reload = Duration(reload_hooks.get() + ready.get() + drain.get());
+    let pool = if config.web.is_some() {
+        " + [web].reload_timeout"
+    } else {
+        ""
+    };
+    let explained = if hooks.before_start.is_empty() && hooks.before_reload.is_empty() {
+        vec![
+            format!(
+                "A reload waits up to [web].reload_timeout + graceful_timeout = {reload}; systemd bounds"
+            ),
+            "ExecReload by TimeoutStartSec.".to_owned(),
+        ]
+    } else {
+        let count =
+            |commands: &[Vec<String>]| format!("{} × hook_timeout {timeout}", commands.len());
+        vec![
+            "systemd bounds the start (until READY=1) and ExecReload by TimeoutStartSec:"
+                .to_owned(),
+            format!(
+                "- start: [hooks].before_start {}{pool} = {start}",
+                count(&hooks.before_start)
+            ),
+            format!(
+                "- reload: [hooks].before_reload {}{pool}{} = {reload}",
+                count(&hooks.before_reload),
+                if config.web.is_some() {
+                    " + graceful_timeout"
+                } else {
+                    ""
+                }
+            ),
+        ]
+    };
+    StartBounds {
+        start,
+        reload,
+        explained,
+    }
+}
+
 /// Where a unit is installed.
 pub fn unit_path(unit: &str) -> PathBuf {
     PathBuf::from(format!("/etc/systemd/system/{unit}.service"))
@@ -222,4 +292,76 @@ fn redis_unit_file(instance: &Instance, server: &Path, user: &str, dir: &Path) -
     }
     out.push_str("\n[Install]\nWantedBy=multi-user.target\n");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::load_str;
+
+    /// The `TimeoutStartSec=` line and the comment lines just above it.
+    fn start_timeout(text: &str) -> (u64, String) {
+        let config = load_str(text, "sauna.toml").unwrap();
+        let unit = &render(&config).unwrap().files[0].contents;
+        let lines: Vec<&str> = unit.lines().collect();
+        let at = lines
+            .iter()
+            .position(|line| line.starts_with("TimeoutStartSec="))
+            .unwrap();
+        let seconds = lines[at]["TimeoutStartSec=".len()..].parse().unwrap();
+        let first = lines[..at]
+            .iter()
+            .rposition(|line| !line.starts_with('#'))
+            .map_or(0, |before| before + 1);
+        let comments = lines[first..at].join("\n");
+        (seconds, comments)
+    }
+
+    const WEB: &str =
+        "[app]\nwsgi = \"a:b\"\n[web]\nreload_timeout = \"60s\"\ngraceful_timeout = \"30s\"\n";
+
+    #[test]
+    fn without_hooks_the_reload_bounds_the_start() {
+        let (seconds, comments) = start_timeout(WEB);
+        assert_eq!(seconds, 60 + 30 + 15);
+        assert!(
+            comments.contains("[web].reload_timeout + graceful_timeout = 90s"),
+            "{comments}"
+        );
+        assert!(!comments.contains("hooks"), "{comments}");
+    }
+
+    #[test]
+    fn every_hook_command_gets_its_timeout_at_start_and_on_reload() {
+        // Two reload hooks of 5 minutes each, on top of the pool's 90 s.
+        let text = format!(
+            "{WEB}[hooks]\nbefore_reload = [[\"python\", \"manage.py\", \"migrate\"], [\"python\", \"manage.py\", \"collectstatic\"]]\nhook_timeout = \"5m\"\n"
+        );
+        let (seconds, comments) = start_timeout(&text);
+        assert_eq!(seconds, 600 + 90 + 15);
+        assert!(
+            comments.contains("- reload: [hooks].before_reload 2 × hook_timeout 5m + [web].reload_timeout + graceful_timeout = 690s"),
+            "{comments}"
+        );
+        // A long migration before the first start outgrows the reload: READY=1 comes after it.
+        let text = format!(
+            "{WEB}[hooks]\nbefore_start = [[\"python\", \"manage.py\", \"migrate\"]]\nhook_timeout = \"30m\"\n"
+        );
+        let (seconds, comments) = start_timeout(&text);
+        assert_eq!(seconds, 1800 + 60 + 15);
+        assert!(
+            comments.contains(
+                "- start: [hooks].before_start 1 × hook_timeout 30m + [web].reload_timeout = 31m"
+            ),
+            "{comments}"
+        );
+    }
+
+    #[test]
+    fn hooks_without_a_web_pool_are_bounded_too() {
+        let (seconds, _) = start_timeout(
+            "[programs.w]\ncommand = [\"x\"]\nstop_timeout = \"20s\"\n[hooks]\nbefore_start = [[\"true\"]]\nhook_timeout = \"2m\"\n",
+        );
+        assert_eq!(seconds, 120 + 15);
+    }
 }

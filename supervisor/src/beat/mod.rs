@@ -94,7 +94,7 @@ pub struct BeatStatus {
     pub broker: String,
     /// Whether the last Redis command succeeded.
     pub redis_up: bool,
-    /// The last Redis failure, e.g. `cannot reach Redis at redis://127.0.0.1:6379/3: …`
+    /// The last Redis failure, e.g. `Redis at redis://127.0.0.1:6379/3: Connection refused (os error 111)`
     /// (password hidden); kept after Redis is back, with its time in `last_error_at`.
     pub last_error: Option<String>,
     /// Unix time of `last_error`.

@@ -41,8 +41,15 @@ pub const REJECT_REASONS: [&str; 3] = ["queue_full", "queue_timeout", "shutting_
 
 /// The `outcome` label values of `sauna_reloads_total`: the new generation serves; a role
 /// failed and was rolled back (the old generation serves); the new config did not load
-/// (nothing changed); the reload itself broke.
-pub const RELOAD_OUTCOMES: [&str; 4] = ["success", "rolled_back", "config_error", "failed"];
+/// (nothing changed); a `[hooks].before_reload` command failed or timed out (nothing changed);
+/// the reload itself broke.
+pub const RELOAD_OUTCOMES: [&str; 5] = [
+    "success",
+    "rolled_back",
+    "config_error",
+    "hook_failed",
+    "failed",
+];
 
 /// Buckets for beat publish lag, from 1 ms to 60 s.
 const LAG_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0, 60.0];

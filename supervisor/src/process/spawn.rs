@@ -65,6 +65,10 @@ pub struct ChildSpec {
     pub rlimits: Rlimits,
     /// Descriptors the child inherits: `(our fd, the number it gets in the child)`.
     pub pass_fds: Vec<(OwnedFd, RawFd)>,
+    /// stderr goes into stdout's pipe, as `2>&1` does, so that the two stay in the order they
+    /// were written (a failing deploy hook's error after the output that led to it, instead of
+    /// wherever two separate readers happen to see it); the child's `stderr` is then `None`.
+    pub merge_stderr: bool,
 }
 
 /// Why a child could not be started.
@@ -85,6 +89,9 @@ pub enum SpawnError {
     /// Preparing a passed descriptor failed.
     #[error("cannot prepare an inherited descriptor: {0}")]
     PassFd(#[source] nix::Error),
+    /// The pipe for the child's output could not be made.
+    #[error("cannot create the output pipe: {0}")]
+    Pipe(#[source] std::io::Error),
     /// `fork`/`exec` failed, e.g. the command does not exist.
     #[error("cannot start `{command}`: {source}")]
     Exec {
@@ -103,8 +110,6 @@ pub fn spawn(spec: ChildSpec) -> Result<Child, SpawnError> {
         .args(args)
         .envs(&spec.env)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
     for name in SUPERVISOR_ONLY_ENV {
@@ -113,6 +118,20 @@ pub fn spawn(spec: ChildSpec) -> Result<Child, SpawnError> {
     if let Some(cwd) = &spec.cwd {
         command.current_dir(cwd);
     }
+    // Both ends close-on-exec; the child gets the write end as fds 1 and 2 only. `command` holds our copies of it until this function returns, after
+    // which the reader sees end-of-file once the child's side is closed.
+    let merged_output = if spec.merge_stderr {
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|errno| SpawnError::Pipe(errno.into()))?;
+        let write_again = write.try_clone().map_err(SpawnError::Pipe)?;
+        command
+            .stdout(Stdio::from(write))
+            .stderr(Stdio::from(write_again));
+        Some(read)
+    } else {
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        None
+    };
     apply_identity(&mut command, spec.user.as_deref(), spec.group.as_deref())?;
 
     let limits = rlimit_table(&spec.rlimits);
@@ -153,10 +172,15 @@ pub fn spawn(spec: ChildSpec) -> Result<Child, SpawnError> {
             Ok(())
         });
     }
-    let child = command.spawn().map_err(|source| SpawnError::Exec {
+    let mut child = command.spawn().map_err(|source| SpawnError::Exec {
         command: program.clone(),
         source,
     })?;
+    if let Some(read) = merged_output {
+        let stdout = std::process::ChildStdout::from(read);
+        child.stdout =
+            Some(tokio::process::ChildStdout::from_std(stdout).map_err(SpawnError::Pipe)?);
+    }
     // The parent's copies of passed descriptors close here, when `passed` is dropped.
     drop(passed);
     if let Some(pid) = child.id() {
@@ -205,12 +229,27 @@ pub fn capture_output_with_tail(
     label: String,
     tail: Option<OutputTail>,
 ) -> tokio::task::JoinHandle<()> {
+    capture_output_each(child, label, move |line| {
+        if let Some(tail) = &tail {
+            tail.push(line);
+        }
+    })
+}
+
+/// Like [`capture_output`], and also hands every line to `on_line` as soon as it is read (a
+/// deploy hook streams its output to the `reload` client while it runs).
+pub fn capture_output_each(
+    child: &mut Child,
+    label: String,
+    on_line: impl Fn(&str) + Send + Sync + 'static,
+) -> tokio::task::JoinHandle<()> {
     let pid = child.id().unwrap_or_default();
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
+    let on_line: Arc<dyn Fn(&str) + Send + Sync> = Arc::new(on_line);
     tokio::spawn(async move {
-        let out = forward_lines(stdout, label.clone(), pid, "stdout", tail.clone());
-        let err = forward_lines(stderr, label, pid, "stderr", tail);
+        let out = forward_lines(stdout, label.clone(), pid, "stdout", Arc::clone(&on_line));
+        let err = forward_lines(stderr, label, pid, "stderr", on_line);
         tokio::join!(out, err);
     })
 }
@@ -255,17 +294,12 @@ async fn forward_lines<R: AsyncRead + Unpin>(
     label: String,
     pid: u32,
     stream_name: &'static str,
-    tail: Option<OutputTail>,
+    on_line: Arc<dyn Fn(&str) + Send + Sync>,
 ) {
     let Some(mut stream) = stream else { return };
     let mut pending: Vec<u8> = Vec::with_capacity(4096);
     let mut chunk = vec![0u8; 8192];
-    let emit = |line: &[u8]| {
-        let line = emit_line(&label, pid, stream_name, line);
-        if let Some(tail) = &tail {
-            tail.push(&line);
-        }
-    };
+    let emit = |line: &[u8]| on_line(&emit_line(&label, pid, stream_name, line));
     loop {
         let read = match stream.read(&mut chunk).await {
             Ok(0) | Err(_) => break,
@@ -401,6 +435,25 @@ mod tests {
             std::io::Read::read_to_string(&mut &ours, &mut received).unwrap();
             assert_eq!(received, "hi\n");
         });
+    }
+
+    #[test]
+    fn merged_output_keeps_the_order_it_was_written_in() {
+        let text = runtime().block_on(async {
+            let child = spawn(ChildSpec {
+                argv: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "for i in 1 2 3; do echo out $i; echo err $i >&2; done".into(),
+                ],
+                merge_stderr: true,
+                ..ChildSpec::default()
+            })
+            .unwrap();
+            assert!(child.stderr.is_none());
+            String::from_utf8(child.wait_with_output().await.unwrap().stdout).unwrap()
+        });
+        assert_eq!(text, "out 1\nerr 1\nout 2\nerr 2\nout 3\nerr 3\n");
     }
 
     #[test]

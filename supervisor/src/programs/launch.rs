@@ -149,6 +149,7 @@ impl Launch {
             group: self.group.clone(),
             rlimits: self.rlimits.clone(),
             pass_fds: Vec::new(),
+            merge_stderr: false,
         }
     }
 }

@@ -2,11 +2,12 @@
 //! loaded config and the handles of the roles) and reacts to signals, control-socket requests and
 //! the watchdog timer in a single `select!`.
 //!
-//! It starts the roles in order (web pool — which binds the listening sockets first — then
-//! programs in start order, by `priority` then name, then beat), tells systemd `READY=1` once
-//! all of them have started, and stops them: the pool stops accepting and drains, beat releases
-//! its lock, then programs stop in reverse start order. It never sits on the request hot path: the
-//! HTTP front talks to the workers without passing through here.
+//! It runs `[hooks].before_start` (not as an upgrade's successor), then starts the roles in order
+//! (web pool — which binds the listening sockets first — then programs in start order, by
+//! `priority` then name, then beat), tells systemd `READY=1` once all of them have started, and
+//! stops them: the pool stops accepting and drains, beat releases its lock, then programs stop in
+//! reverse start order. It never sits on the request hot path: the HTTP front talks to the workers
+//! without passing through here.
 //!
 //! It also runs both sides of an upgrade (see `upgrade` for the sequence): as the old process
 //! it spawns the successor, keeps serving while it starts, and hands over once it is ready —
@@ -15,10 +16,11 @@
 //! process, and the non-rolling programs and beat until the old process has released them.
 //!
 //! The loop's helpers live beside it: the roles it starts and stops (`roles`), the reload and
-//! upgrade sequences (`reload`, `upgrade`), the signals it handles (`signals`), what it tells
-//! systemd (`notify`), the `status` report (`status`), the `--watch` file watcher (`watch`) and
-//! the lifecycle vocabulary shared with the roles (`lifecycle`).
+//! upgrade sequences (`reload`, `upgrade`), the deploy hooks (`hooks`), the signals it handles
+//! (`signals`), what it tells systemd (`notify`), the `status` report (`status`), the `--watch`
+//! file watcher (`watch`) and the lifecycle vocabulary shared with the roles (`lifecycle`).
 
+pub mod hooks;
 pub mod lifecycle;
 pub mod notify;
 pub mod reload;
@@ -134,6 +136,10 @@ pub fn run(args: &RunOptions) -> anyhow::Result<ExitCode> {
         let supervisor = match start.await {
             Ok(supervisor) => supervisor,
             Err(error) => {
+                if let Some(hooks::BeforeStartError::Stopped) = error.downcast_ref() {
+                    tracing::info!("{error}");
+                    return Ok(ExitCode::SUCCESS);
+                }
                 report(&format_args!("{error:#}"));
                 return Err(error);
             }
@@ -210,9 +216,9 @@ impl Supervisor {
         // A successor speaks to systemd only once the old process has made it the main one.
         notifier.set_muted(inherited.is_some());
         // Handlers first, so that a TERM during start-up is not fatal before children exist.
-        let signals = Signals::install().context("cannot install signal handlers")?;
+        let mut signals = Signals::install().context("cannot install signal handlers")?;
         let control_path = crate::config::control_socket(&loaded);
-        let control = match inherited
+        let mut control = match inherited
             .as_mut()
             .and_then(|inherited| inherited.control.take())
         {
@@ -250,6 +256,24 @@ impl Supervisor {
                 return Err(error.into());
             }
         };
+        // Migrations and the like, before any role: `upgrade` runs none (same release).
+        if inherited.is_none() && !loaded.config.hooks.before_start.is_empty() {
+            notify_or_log(notifier.status("running [hooks].before_start"), "STATUS");
+            let status = |hook| {
+                let mut report =
+                    StatusReport::of_supervisor(Phase::Starting, 1, started, &loaded, &metrics);
+                report.hook = hook;
+                serde_json::to_value(report).unwrap_or_default()
+            };
+            let hooks = hooks::before_start(&loaded, &mut signals, &mut control, &log, status);
+            if let Err(error) = hooks.await {
+                if let Some(server) = metrics_server {
+                    server.shutdown().await;
+                }
+                control.shutdown(CONTROL_FLUSH).await;
+                return Err(error.into());
+            }
+        }
         let started_roles = match &mut inherited {
             None => Roles::start(&loaded, &metrics).await,
             Some(inherited) => {
@@ -789,15 +813,16 @@ impl Supervisor {
                     }
                     Err(error) => {
                         tracing::error!(
-                            "reload rolled back, generation {} kept: {error}",
+                            "reload {}, generation {} kept: {error}",
+                            error.verdict(),
                             self.generation
                         );
-                        if let Some(detail) = &error.detail {
+                        if let Some(detail) = error.detail() {
                             tracing::error!("{detail}");
                         }
                         self.metrics
                             .reloads_total
-                            .with_label_values(&["rolled_back"])
+                            .with_label_values(&[error.outcome()])
                             .inc();
                     }
                 }
@@ -871,6 +896,9 @@ impl Supervisor {
             (None, Some(snapshot)) => {
                 let mut snapshot = snapshot.clone();
                 snapshot["phase"] = serde_json::to_value(self.phase)?;
+                if let Some(hook) = self.reload.as_ref().and_then(ReloadRun::hook_status) {
+                    snapshot["hook"] = serde_json::to_value(hook)?;
+                }
                 snapshot["uptime_seconds"] = self.started.elapsed().as_secs().into();
                 Ok(snapshot)
             }
@@ -880,22 +908,13 @@ impl Supervisor {
 
     /// The supervisor's own part of the status, before the roles fill in theirs.
     fn supervisor_status(&self) -> StatusReport {
-        StatusReport {
-            pid: std::process::id(),
-            version: env!("CARGO_PKG_VERSION"),
-            phase: self.phase,
-            generation: self.generation,
-            uptime_seconds: self.started.elapsed().as_secs(),
-            config: self.loaded.path.display().to_string(),
-            config_path: std::path::absolute(&self.loaded.path)
-                .unwrap_or_else(|_| self.loaded.path.clone())
-                .display()
-                .to_string(),
-            pool: None,
-            programs: serde_json::Value::Array(Vec::new()),
-            beat: None,
-            figures: self.metrics.figures(),
-        }
+        StatusReport::of_supervisor(
+            self.phase,
+            self.generation,
+            self.started,
+            &self.loaded,
+            &self.metrics,
+        )
     }
 
     async fn status_report_of(&self, roles: &Roles) -> StatusReport {
@@ -923,6 +942,8 @@ impl Supervisor {
         if let Some(mut run) = self.reload.take() {
             // A stop during a reload waits for the run: it is bounded by the roles' own
             // timeouts, and stopping half-rolled roles would leave orphans of either generation.
+            // A hook still running is ended instead: it could hold the stop for hook_timeout.
+            run.stop_hooks();
             tracing::info!("waiting for the reload in progress before stopping");
             if let Ok(finished) = run.finished().await {
                 reload::answer(run.waiters, run.generation, &finished.outcome);

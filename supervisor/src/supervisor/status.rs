@@ -5,6 +5,7 @@
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::supervisor::hooks::HookStatus;
 use crate::supervisor::lifecycle::Phase;
 
 /// The whole status of a running supervisor.
@@ -33,6 +34,39 @@ pub struct StatusReport {
     pub beat: Option<Value>,
     /// Live request, rejection, restart and reload counts (the metrics' own values).
     pub figures: Value,
+    /// The `[hooks]` command running now (`before_start` while starting, `before_reload` while
+    /// a reload has not touched any role yet); absent when none runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hook: Option<HookStatus>,
+}
+
+impl StatusReport {
+    /// The supervisor's own part of the report, before the roles fill in theirs.
+    pub fn of_supervisor(
+        phase: Phase,
+        generation: u64,
+        started: std::time::Instant,
+        loaded: &proxy_conf::Loaded,
+        metrics: &crate::metrics::Metrics,
+    ) -> StatusReport {
+        StatusReport {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION"),
+            phase,
+            generation,
+            uptime_seconds: started.elapsed().as_secs(),
+            config: loaded.path.display().to_string(),
+            config_path: std::path::absolute(&loaded.path)
+                .unwrap_or_else(|_| loaded.path.clone())
+                .display()
+                .to_string(),
+            pool: None,
+            programs: Value::Array(Vec::new()),
+            beat: None,
+            figures: metrics.figures(),
+            hook: None,
+        }
+    }
 }
 
 /// Renders a `status --json` document as the tables `status` prints, for people: every figure
@@ -57,6 +91,9 @@ pub fn render_text(status: &Value, now: f64) -> String {
     );
     out.push_str(&header.join(" · "));
     out.push('\n');
+    if let Some(hook) = status.get("hook").filter(|hook| !hook.is_null()) {
+        out.push_str(&render_hook(hook, now));
+    }
     if let Some(pool) = status.get("pool").filter(|pool| !pool.is_null()) {
         out.push('\n');
         out.push_str(&render_pool(pool));
@@ -75,6 +112,26 @@ pub fn render_text(status: &Value, now: f64) -> String {
         out.push_str(&render_beat(beat, now));
     }
     out
+}
+
+/// `hook before_reload[0] (1/2): python manage.py migrate --noinput · pid 4242 · running 12s`.
+fn render_hook(hook: &Value, now: f64) -> String {
+    let position = |key: &str| hook.get(key).and_then(Value::as_u64);
+    let of = match (position("index"), position("commands")) {
+        (Some(index), Some(count)) => format!(" ({}/{count})", index + 1),
+        _ => String::new(),
+    };
+    let running = hook
+        .get("started_at")
+        .and_then(Value::as_f64)
+        .map_or_else(|| "-".to_owned(), |at| span(now - at));
+    format!(
+        "hook {}[{}]{of}: {} · pid {} · running {running}\n",
+        text(hook, "hook"),
+        text(hook, "index"),
+        text(hook, "command"),
+        text(hook, "pid"),
+    )
 }
 
 /// A scalar field as text; `-` when absent or null.
@@ -432,7 +489,7 @@ mod tests {
             "beat": {
                 "leader": false, "lock_holder": null, "broker": "redis://127.0.0.1:6379/3",
                 "redis_up": false,
-                "last_error": "cannot reach Redis at redis://127.0.0.1:6379/3: Connection refused (os error 111)",
+                "last_error": "Redis at redis://127.0.0.1:6379/3: Connection refused (os error 111)",
                 "last_error_at": NOW - 5.0,
                 "jobs": [{"name": "cleanup", "task": "app.cleanup", "schedule": "every 30s",
                           "next_run": "2027-01-15T08:00:25+00:00", "last_run": null, "published": 0}]
@@ -501,7 +558,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("last error (5s ago): cannot reach Redis at redis://127.0.0.1:6379/3: Connection refused (os error 111)\n"),
+            text.contains("last error (5s ago): Redis at redis://127.0.0.1:6379/3: Connection refused (os error 111)\n"),
             "{text}"
         );
         let job = line_of(&text, "cleanup");
@@ -516,6 +573,21 @@ mod tests {
         assert_eq!(span(192.0), "3m12s");
         assert_eq!(span(3725.0), "1h2m");
         assert_eq!(span(90_061.0), "1d1h");
+    }
+
+    #[test]
+    fn a_running_hook_is_shown_under_the_header() {
+        let status = serde_json::json!({
+            "pid": 7, "phase": "reloading", "generation": 3,
+            "hook": {"hook": "before_reload", "index": 0, "commands": 2,
+                     "command": "python manage.py migrate --noinput", "pid": 4242,
+                     "started_at": NOW - 12.0}
+        });
+        let text = render_text(&status, NOW);
+        assert!(
+            text.contains("\nhook before_reload[0] (1/2): python manage.py migrate --noinput · pid 4242 · running 12s\n"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -534,9 +606,9 @@ mod tests {
             "beat": {"leader": false, "redis_up": false, "jobs": [],
                      "last_error": "Redis at redis://127.0.0.1:6379/0: authentication failed (NOAUTH: …)"}
         });
-        let text = render_text(&status);
+        let text = render_text(&status, NOW);
         assert!(
-            text.contains("\nBEAT\nleader: false\nerror: Redis at redis://127.0.0.1:6379/0: authentication failed"),
+            text.contains("\nlast error: Redis at redis://127.0.0.1:6379/0: authentication failed"),
             "{text}"
         );
     }

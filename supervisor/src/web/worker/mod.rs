@@ -118,24 +118,8 @@ impl Launch {
         threads: usize,
         start_timeout: Duration,
     ) -> Result<Launch, String> {
-        let directory = match &app.directory {
-            Some(directory) => base_dir.join(directory),
-            None => base_dir.to_path_buf(),
-        };
-        // A missing directory stays as written: the worker's start then fails naming it.
-        let directory = std::fs::canonicalize(&directory).unwrap_or(directory);
-        // A bare name ("python3") is looked up on PATH; a path is relative to the config file.
-        let python = if app.python.contains('/') {
-            let python = base_dir.join(&app.python);
-            match (python.parent(), python.file_name()) {
-                (Some(parent), Some(name)) => {
-                    std::fs::canonicalize(parent).map_or(python.clone(), |parent| parent.join(name))
-                }
-                _ => python,
-            }
-        } else {
-            PathBuf::from(&app.python)
-        };
+        let directory = app_directory(app, base_dir);
+        let python = app_python(app, base_dir);
         let (kind, target) = match (&app.wsgi, &app.paste) {
             (Some(wsgi), None) => ("wsgi", wsgi.clone()),
             (None, Some(paste)) => ("paste", paste.clone()),
@@ -148,19 +132,53 @@ impl Launch {
                 );
             }
         };
-        let mut env = app.env.clone();
-        env.entry("PYTHONUNBUFFERED".to_owned())
-            .or_insert_with(|| "1".to_owned());
         Ok(Launch {
             python,
             directory,
-            env,
+            env: app_env(app),
             kind,
             target,
             threads: threads.max(1),
             start_timeout,
         })
     }
+}
+
+/// `[app].directory` (else `base_dir`, the config file's directory) with its symlinks resolved
+/// now; see [`Launch::new`]. A missing directory stays as written, so that what starts there
+/// fails naming it.
+pub fn app_directory(app: &AppConfig, base_dir: &Path) -> PathBuf {
+    let directory = match &app.directory {
+        Some(directory) => base_dir.join(directory),
+        None => base_dir.to_path_buf(),
+    };
+    std::fs::canonicalize(&directory).unwrap_or(directory)
+}
+
+/// `[app].python` as the workers run it: a bare name (`python3`) is looked up on `PATH`; a path
+/// is taken from `base_dir` with the symlinks in its directory resolved now, but not the file
+/// itself (see [`Launch::new`]).
+pub fn app_python(app: &AppConfig, base_dir: &Path) -> PathBuf {
+    if !app.python.contains('/') {
+        return PathBuf::from(&app.python);
+    }
+    let python = base_dir.join(&app.python);
+    match (python.parent(), python.file_name()) {
+        (Some(parent), Some(name)) => {
+            std::fs::canonicalize(parent).map_or(python.clone(), |parent| parent.join(name))
+        }
+        _ => python,
+    }
+}
+
+/// The environment a worker gets on top of the supervisor's: `[app].env` (with the `url_env`
+/// secrets installed into it) and `PYTHONUNBUFFERED=1` unless the app sets it, so that what the
+/// app prints reaches the log at once.
+pub fn app_env(app: &AppConfig) -> BTreeMap<String, String> {
+    let mut env = app.env.clone();
+    env.entry("PYTHONUNBUFFERED".to_owned())
+        .or_insert_with(|| "1".to_owned());
+    env
 }
 
 /// Why a worker never became ready.
