@@ -1,12 +1,14 @@
 //! The README's "Deploy a Django app", followed with a real project. `tests/django_project`
 //! (`django-admin startproject mysite`, the admin, a `pages` app with a model, a Celery app) is
 //! release 1 in a sandbox; PostgreSQL and nginx run with the files `emit all` writes, Redis wants
-//! a password, and sauna.toml names each secret once. Pages and static files come through nginx,
-//! an admin logs in with a CSRF-protected POST, beat's job makes Celery write a row to
+//! a password, and sauna.toml names each secret once. `run` migrates and collects the static
+//! files (`[hooks].before_start`) before anything serves; pages and static files come through
+//! nginx, an admin logs in with a CSRF-protected POST, beat's job makes Celery write a row to
 //! PostgreSQL. Then release 2 (`tests/django_releases/2`: a migration, a changed task, a changed
-//! view) is copied over release 1 in place and `reload` rolls it under load: no request fails,
-//! the migration ran, the pages and the Celery worker run the new code. Release 3's migration
-//! fails on the data: `reload` exits 1 with the error and release 2 keeps serving.
+//! view) is copied over release 1 in place and `reload` rolls it under load: its migration runs
+//! (`before_reload`), no request fails, the pages and the Celery worker run the new code.
+//! Release 3's migration fails on the data: `reload` exits 1 with the error and release 2 keeps
+//! serving, web and Celery alike.
 
 use std::io::{BufReader, Write as _};
 use std::net::TcpStream;
@@ -79,8 +81,18 @@ fn require_python_packages() {
     );
 }
 
+/// The free ports one run uses.
+struct Ports {
+    /// `[web].listen`, where nginx proxies to.
+    web: u16,
+    /// nginx's `[deploy].http_port`.
+    http: u16,
+    postgres: u16,
+    metrics: u16,
+}
+
 /// sauna.toml as the README writes it, with this sandbox's paths and free ports.
-fn config(sandbox: &Sandbox, web: u16, http: u16, redis: u16, pg: u16) -> String {
+fn config(sandbox: &Sandbox, ports: &Ports, redis: u16) -> String {
     format!(
         r#"[app]
 directory = "{root}/app"
@@ -105,6 +117,15 @@ broker = "redis://127.0.0.1:{redis}/0"
 task = "pages.record_tick"
 every = "1s"
 args = ["beat"]
+
+[hooks]
+before_start = [["python", "manage.py", "migrate", "--noinput"],
+                ["python", "manage.py", "collectstatic", "--noinput"]]
+before_reload = [["python", "manage.py", "migrate", "--noinput"],
+                 ["python", "manage.py", "collectstatic", "--noinput"]]
+
+[metrics]
+listen = "127.0.0.1:{metrics}"
 
 [redis]
 password_env = "MYSITE_REDIS_PASSWORD"
@@ -133,12 +154,16 @@ error_log = "{root}/logs/nginx-error.log"
         root = sandbox.root().display(),
         python = python().display(),
         admin = postgres::os_user(),
+        web = ports.web,
+        http = ports.http,
+        pg = ports.postgres,
+        metrics = ports.metrics,
     )
 }
 
 /// `python manage.py ARGS` in the release directory, the way the README runs one by hand: the
-/// secrets file sourced, DATABASE_URL written out from the database password, and the
-/// variables of `[app].env` that the command needs.
+/// secrets file sourced, DATABASE_URL written out from the database password, and the secret
+/// key's file.
 fn manage(sandbox: &Sandbox, pg_port: u16, args: &[&str], env: &[(&str, &str)]) -> Output {
     run(Command::new(python())
         .arg("manage.py")
@@ -150,7 +175,6 @@ fn manage(sandbox: &Sandbox, pg_port: u16, args: &[&str], env: &[(&str, &str)]) 
             format!("postgres://mysite:{DB_PASSWORD}@127.0.0.1:{pg_port}/mysite"),
         )
         .env("DJANGO_SECRET_KEY_FILE", sandbox.path("mysite-django.key"))
-        .env("STATIC_ROOT", sandbox.path("static"))
         .envs(env.iter().copied())
         .stdin(Stdio::null()))
 }
@@ -385,78 +409,10 @@ fn form_value<'a>(html: &'a str, name: &str) -> Option<&'a str> {
     html[start..].split('"').next()
 }
 
-#[test]
-fn a_django_site_deploys_from_scratch_and_a_release_rolls_in_place_with_its_migration() {
-    require_python_packages();
-    let sandbox = Sandbox::new();
-    // PostgreSQL runs as its own user when the tests run as root: it must reach its directory.
-    std::fs::set_permissions(sandbox.root(), std::fs::Permissions::from_mode(0o755))
-        .expect("chmod");
-    let (web_port, http_port, pg_port) = (free_port(), free_port(), free_port());
-
-    // Release 1, the secret key, Redis with its password, and sauna.toml.
-    copy_tree(&fixture("django_project"), &sandbox.path("app"));
-    sandbox.write(
-        "mysite-django.key",
-        "a test key that is long enough to be one\n",
-    );
-    let redis = RedisServer::start_with_password(&sandbox.path("redis"), REDIS_PASSWORD);
-    sandbox.write_config(&config(
-        &sandbox,
-        web_port,
-        http_port,
-        redis.port(),
-        pg_port,
-    ));
-
-    // `emit all` writes every file; PostgreSQL gets its role and database from them.
-    let mut emit = sandbox.command(&["emit", "all", "-o", "out"]);
-    emit.envs(SECRETS);
-    let emitted = run(&mut emit);
-    assert_success(&emitted, "emit all");
-    let _postgres = start_postgres(&sandbox, pg_port);
-
-    // Until deploy hooks run them: the schema and the static files by hand.
-    for command in [
-        &["migrate", "--noinput"][..],
-        &["collectstatic", "--noinput"][..],
-    ] {
-        assert_success(
-            &manage(&sandbox, pg_port, command, &[]),
-            &format!("manage.py {command:?}"),
-        );
-    }
-
-    let running = sandbox.start_with(|command| {
-        command.envs(SECRETS);
-    });
-    // An admin, created once by hand as the README says.
-    let createsuperuser = manage(
-        &sandbox,
-        pg_port,
-        &["createsuperuser", "--noinput"],
-        &[
-            ("DJANGO_SUPERUSER_USERNAME", "admin"),
-            ("DJANGO_SUPERUSER_EMAIL", "admin@example.com"),
-            ("DJANGO_SUPERUSER_PASSWORD", ADMIN_PASSWORD),
-        ],
-    );
-    assert_success(&createsuperuser, "manage.py createsuperuser");
-    running.wait_for(
-        Duration::from_secs(60),
-        "two ready web workers and a running Celery worker",
-        |status| {
-            let ready = status["pool"]["workers"].as_array().is_some_and(|workers| {
-                workers.iter().filter(|w| w["state"] == "ready").count() == 2
-            });
-            let celery = status["programs"][0]["instances"][0]["state"] == "running";
-            ready && celery
-        },
-    );
-    let _nginx = nginx::serve(&sandbox, &sandbox.path("out/nginx/mysite.conf"), http_port);
+/// Pages and static files through nginx, and the admin's login: a POST without the CSRF token is
+/// refused, with it the admin logs in and sees the site administration.
+fn check_pages_static_files_and_the_admin(sandbox: &Sandbox, http_port: u16) {
     let base = format!("http://127.0.0.1:{http_port}");
-
-    // Pages through nginx from the pool, static files from disk.
     assert_eq!(home(http_port), (200, RELEASE_1.to_owned()));
     let css = site(&[&format!("{base}/static/pages/site.css")]);
     assert!(css.starts_with("HTTP/1.1 200"), "{css}");
@@ -465,7 +421,6 @@ fn a_django_site_deploys_from_scratch_and_a_release_rolls_in_place_with_its_migr
     assert!(admin_css.starts_with("HTTP/1.1 200"), "{admin_css}");
     assert!(admin_css.contains("Cache-Control: max-age="), "{admin_css}");
 
-    // The admin: a login POST without the CSRF token is refused, with it the admin logs in.
     let jar = sandbox.path("cookies.txt");
     let jar = jar.to_str().expect("UTF-8 path");
     let login_url = format!("{base}/admin/login/?next=/admin/");
@@ -498,10 +453,86 @@ fn a_django_site_deploys_from_scratch_and_a_release_rolls_in_place_with_its_migr
     assert!(admin.starts_with("HTTP/1.1 200"), "{admin}");
     assert!(body(&admin).contains("Site administration"), "{admin}");
     assert!(body(&admin).contains("Ticks"), "{admin}");
+}
+
+/// A sample of `/metrics`.
+fn metric(port: u16, series: &str) -> Option<f64> {
+    curl(&[&format!("http://127.0.0.1:{port}/metrics")])
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+}
+
+#[test]
+fn a_django_site_deploys_from_scratch_and_a_release_rolls_in_place_with_its_migration() {
+    require_python_packages();
+    let sandbox = Sandbox::new();
+    // PostgreSQL runs as its own user when the tests run as root: it must reach its directory.
+    std::fs::set_permissions(sandbox.root(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    let ports = Ports {
+        web: free_port(),
+        http: free_port(),
+        postgres: free_port(),
+        metrics: free_port(),
+    };
+
+    // Release 1, the secret key, Redis with its password, and sauna.toml.
+    copy_tree(&fixture("django_project"), &sandbox.path("app"));
+    sandbox.write(
+        "mysite-django.key",
+        "a test key that is long enough to be one\n",
+    );
+    let redis = RedisServer::start_with_password(&sandbox.path("redis"), REDIS_PASSWORD);
+    sandbox.write_config(&config(&sandbox, &ports, redis.port()));
+
+    // `emit all` writes every file; PostgreSQL gets its role and database from them.
+    let mut emit = sandbox.command(&["emit", "all", "-o", "out"]);
+    emit.envs(SECRETS);
+    let emitted = run(&mut emit);
+    assert_success(&emitted, "emit all");
+    let _postgres = start_postgres(&sandbox, ports.postgres);
+
+    // `run` migrates and collects the static files (before_start) before anything serves.
+    let running = sandbox.start_with(|command| {
+        command.envs(SECRETS);
+    });
+    running.wait_for(
+        Duration::from_secs(60),
+        "two ready web workers and a running Celery worker",
+        |status| {
+            let ready = status["pool"]["workers"].as_array().is_some_and(|workers| {
+                workers.iter().filter(|w| w["state"] == "ready").count() == 2
+            });
+            let celery = status["programs"][0]["instances"][0]["state"] == "running";
+            ready && celery
+        },
+    );
+    let log = running.log();
+    assert!(
+        log.contains("Applying pages.0001_initial... OK") && log.contains("static files copied"),
+        "before_start did not migrate and collect the static files:\n{log}"
+    );
+    let mut db = database(ports.postgres);
+    assert_eq!(migrations(&mut db), ["0001_initial"]);
+
+    // An admin, created once by hand as the README says.
+    let createsuperuser = manage(
+        &sandbox,
+        ports.postgres,
+        &["createsuperuser", "--noinput"],
+        &[
+            ("DJANGO_SUPERUSER_USERNAME", "admin"),
+            ("DJANGO_SUPERUSER_EMAIL", "admin@example.com"),
+            ("DJANGO_SUPERUSER_PASSWORD", ADMIN_PASSWORD),
+        ],
+    );
+    assert_success(&createsuperuser, "manage.py createsuperuser");
+
+    let _nginx = nginx::serve(&sandbox, &sandbox.path("out/nginx/mysite.conf"), ports.http);
+    check_pages_static_files_and_the_admin(&sandbox, ports.http);
 
     // Beat publishes the job every second; Celery, given the broker URL with the password by
     // [redis].url_env, writes a row to PostgreSQL, given DATABASE_URL by [postgres].url_env.
-    let mut db = database(pg_port);
     wait_for_tick(&mut db, 0, &running, "from beat", |(_, source, _)| {
         source == "beat"
     });
@@ -511,17 +542,18 @@ fn a_django_site_deploys_from_scratch_and_a_release_rolls_in_place_with_its_migr
         running.log()
     );
 
-    // Release 2, copied over release 1 in place, while clients keep asking for the home page.
-    let load = Load::start(http_port);
+    // Release 2, copied over release 1 in place, while clients keep asking for the home page;
+    // `reload` runs its migration (before_reload), then rolls the workers and Celery.
+    let load = Load::start(ports.http);
     thread::sleep(Duration::from_millis(500));
     copy_tree(&fixture("django_releases/2"), &sandbox.path("app"));
-    assert_success(
-        &manage(&sandbox, pg_port, &["migrate", "--noinput"], &[]),
-        "manage.py migrate (release 2)",
-    );
     let (code, said) = reload(&sandbox);
     let reloaded = Instant::now();
     assert_eq!(code, Some(0), "{said}\nlog:\n{}", running.log());
+    assert!(
+        said.contains("Applying pages.0002_tick_release... OK"),
+        "reload shows the migration's output: {said}"
+    );
     assert!(said.contains("\"celery\" rolled"), "{said}");
     let last_before = ticks(&mut db, 0).last().map_or(0, |tick| tick.0);
     thread::sleep(Duration::from_millis(500));
@@ -552,7 +584,7 @@ fn a_django_site_deploys_from_scratch_and_a_release_rolls_in_place_with_its_migr
             "release 1 answered after the reload"
         );
     }
-    assert_eq!(home(http_port), (200, RELEASE_2.to_owned()));
+    assert_eq!(home(ports.http), (200, RELEASE_2.to_owned()));
     assert_eq!(migrations(&mut db), ["0001_initial", "0002_tick_release"]);
     // Every row written since the reload returned comes from release 2's task.
     let tick = wait_for_tick(&mut db, last_before, &running, "after the reload", |_| true);
@@ -562,6 +594,51 @@ fn a_django_site_deploys_from_scratch_and_a_release_rolls_in_place_with_its_migr
             .iter()
             .all(|(_, _, release)| *release == Some(2)),
         "Celery ran release 1's task after the reload: {after_reload:?} (first {tick:?})"
+    );
+
+    // Release 3's migration fails on the rows already there: the reload is refused with the
+    // error, and release 2 keeps serving — the web workers and Celery, whose release 3 task
+    // would write release 3.
+    copy_tree(&fixture("django_releases/3"), &sandbox.path("app"));
+    let (code, said) = reload(&sandbox);
+    assert_eq!(code, Some(1), "{said}\nlog:\n{}", running.log());
+    // The summary at the end names the command and ends with the migration's error.
+    let summary = said
+        .split_once("refused by [hooks].before_reload")
+        .map(|(_, summary)| summary)
+        .unwrap_or_else(|| panic!("reload does not say the hook refused it: {said}"));
+    assert!(
+        summary.contains("`python manage.py migrate --noinput` exited with status 1")
+            && summary.contains(
+                "IntegrityError: check constraint \"tick_release_gte_3\" of relation \"pages_tick\" is violated by some row"
+            ),
+        "reload shows the failed migration's error: {said}"
+    );
+    let last_before = ticks(&mut db, 0).last().map_or(0, |tick| tick.0);
+    assert_eq!(home(ports.http), (200, RELEASE_2.to_owned()));
+    assert_eq!(migrations(&mut db), ["0001_initial", "0002_tick_release"]);
+    assert_eq!(
+        metric(
+            ports.metrics,
+            "sauna_reloads_total{outcome=\"hook_failed\"}"
+        ),
+        Some(1.0)
+    );
+    let status = running.status_json();
+    assert_eq!(status["generation"], 2, "{status}");
+    let second = wait_for_tick(
+        &mut db,
+        last_before,
+        &running,
+        "after the refusal",
+        |tick| tick.0 > last_before + 1,
+    );
+    let after_refusal = ticks(&mut db, last_before);
+    assert!(
+        after_refusal
+            .iter()
+            .all(|(_, _, release)| *release == Some(2)),
+        "Celery left release 2 after the refused reload: {after_refusal:?} (up to {second:?})"
     );
 
     assert!(running.stop().success());
