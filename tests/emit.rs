@@ -5,14 +5,16 @@
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::util::{Running, Sandbox, binary, free_port, python, require_tool, wait_until};
+use crate::util::postgres::{self, Cluster, give_to_pg_user, os_user};
+use crate::util::{
+    Daemon, Running, Sandbox, assert_success, binary, body, curl, free_port, is_root, nginx,
+    python, require_tool, run, wait_until,
+};
 
-const APT_NGINX: &str = "apt-get install -y nginx";
 const APT_REDIS: &str = "apt-get install -y redis-server";
-const APT_POSTGRES: &str = "apt-get install -y postgresql";
 
 /// Runs the binary in the sandbox and insists on success.
 fn ok(sandbox: &Sandbox, args: &[&str], env: &[(&str, &str)]) -> String {
@@ -29,65 +31,6 @@ fn ok(sandbox: &Sandbox, args: &[&str], env: &[(&str, &str)]) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8(output.stdout).expect("UTF-8 output")
-}
-
-fn run(command: &mut Command) -> Output {
-    command
-        .output()
-        .unwrap_or_else(|e| panic!("run {command:?}: {e}"))
-}
-
-fn assert_success(output: &Output, what: &str) {
-    assert!(
-        output.status.success(),
-        "{what} failed ({}):\nstdout:\n{}\nstderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-/// A server process started by a test: TERM on drop, then KILL if it lingers.
-struct Daemon {
-    name: &'static str,
-    child: Child,
-}
-
-impl Daemon {
-    fn spawn(name: &'static str, command: &mut Command) -> Daemon {
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {name}: {e}"));
-        Daemon { name, child }
-    }
-
-    fn assert_running(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!("{} exited early with {status}", self.name);
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        for _ in 0..200 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -135,43 +78,15 @@ error_log = "{root}/logs/error.log"
     )
 }
 
-/// Wraps the emitted site in a minimal main config whose every path is inside the sandbox, so
-/// nginx runs unprivileged-friendly: one process, no daemon, temp files and pid in the prefix.
-fn nginx_main_conf(sandbox: &Sandbox, site: &Path) -> PathBuf {
-    std::fs::create_dir_all(sandbox.path("nginx/tmp")).expect("nginx temp dir");
-    std::fs::create_dir_all(sandbox.path("logs")).expect("log dir");
-    sandbox.write(
-        "nginx/nginx.conf",
-        &format!(
-            "daemon off;\nmaster_process off;\npid {root}/nginx/nginx.pid;\nerror_log {root}/logs/main-error.log;\n\
-             events {{ worker_connections 64; }}\n\
-             http {{\n    access_log off;\n    client_body_temp_path {root}/nginx/tmp/body;\n    proxy_temp_path {root}/nginx/tmp/proxy;\n    fastcgi_temp_path {root}/nginx/tmp/fastcgi;\n    uwsgi_temp_path {root}/nginx/tmp/uwsgi;\n    scgi_temp_path {root}/nginx/tmp/scgi;\n    include {site};\n}}\n",
-            root = sandbox.root().display(),
-            site = site.display()
-        ),
-    )
-}
-
-fn nginx_command(nginx: &Path, sandbox: &Sandbox, main: &Path) -> Command {
-    let mut command = Command::new(nginx);
-    command
-        .arg("-p")
-        .arg(sandbox.path("nginx"))
-        .arg("-c")
-        .arg(main)
-        .args(["-e", "stderr"]);
-    command
-}
-
 /// Emits the site for `config`, checks it with `nginx -t` and returns the main config. The
 /// sandbox's `sauna.toml` is the one `sauna-supervisor run` later serves the app with.
 fn emit_and_check_nginx(sandbox: &Sandbox, config: &str, env: &[(&str, &str)]) -> PathBuf {
-    let nginx = require_tool("nginx", APT_NGINX);
+    let nginx = nginx::binary();
     sandbox.write_config(config);
     std::fs::create_dir_all(sandbox.path("static")).expect("static dir");
     let site = sandbox.write("nginx/site.conf", &ok(sandbox, &["emit", "nginx"], env));
-    let main = nginx_main_conf(sandbox, &site);
-    let output = run(nginx_command(&nginx, sandbox, &main).arg("-t"));
+    let main = nginx::main_conf(sandbox, &site);
+    let output = run(nginx::command(&nginx, sandbox, &main).arg("-t"));
     assert_success(
         &output,
         &format!(
@@ -276,22 +191,22 @@ fn nginx_accepts_every_emitted_variant() {
     );
     acme.write_config(&config);
     ok(&acme, &["emit", "all", "-o", "out"], &[]);
-    let nginx = require_tool("nginx", APT_NGINX);
-    let full = nginx_main_conf(&acme, &acme.path("out/nginx/site.conf"));
-    let refused = run(nginx_command(&nginx, &acme, &full).arg("-t"));
+    let nginx = nginx::binary();
+    let full = nginx::main_conf(&acme, &acme.path("out/nginx/site.conf"));
+    let refused = run(nginx::command(&nginx, &acme, &full).arg("-t"));
     assert!(
         !refused.status.success()
             && String::from_utf8_lossy(&refused.stderr)
                 .contains("/etc/letsencrypt/live/localhost/"),
         "{refused:?}"
     );
-    let temporary = nginx_main_conf(&acme, &acme.path("out/nginx/site-acme.conf"));
-    let output = run(nginx_command(&nginx, &acme, &temporary).arg("-t"));
+    let temporary = nginx::main_conf(&acme, &acme.path("out/nginx/site-acme.conf"));
+    let output = run(nginx::command(&nginx, &acme, &temporary).arg("-t"));
     assert_success(&output, "nginx -t of the temporary ACME site");
     // It hands certbot's token out and nothing else.
     acme.write("acme/.well-known/acme-challenge/token", "token.thumbprint");
-    let mut server = Daemon::spawn("nginx", &mut nginx_command(&nginx, &acme, &temporary));
-    wait_for_port(acme_port, &mut server);
+    let mut server = Daemon::spawn("nginx", &mut nginx::command(&nginx, &acme, &temporary));
+    server.wait_for_port(acme_port);
     let challenge = curl(&[&format!(
         "http://127.0.0.1:{acme_port}/.well-known/acme-challenge/token"
     )]);
@@ -373,20 +288,6 @@ fn start_app(sandbox: &Sandbox) -> Running {
     running
 }
 
-fn curl(args: &[&str]) -> String {
-    let curl = require_tool("curl", "apt-get install -y curl");
-    let output = run(Command::new(curl)
-        .args(["-sS", "--max-time", "10", "-i"])
-        .args(args));
-    assert_success(&output, &format!("curl {args:?}"));
-    String::from_utf8_lossy(&output.stdout).replace("\r\n", "\n")
-}
-
-/// The body of a `curl -i` response.
-fn body(response: &str) -> &str {
-    response.split_once("\n\n").map_or("", |(_, body)| body)
-}
-
 /// The environ the echo app answered with, as `key → value`.
 fn environ(response: &str) -> serde_json::Map<String, serde_json::Value> {
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
@@ -404,24 +305,13 @@ fn assert_environ(environ: &serde_json::Map<String, serde_json::Value>, key: &st
     );
 }
 
-fn wait_for_port(port: u16, daemon: &mut Daemon) {
-    wait_until(
-        Duration::from_secs(20),
-        &format!("{} on port {port}", daemon.name),
-        || {
-            daemon.assert_running();
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-        },
-    );
-}
-
 /// curl's client address: not 127.0.0.1, where nginx connects to the pool from, so the app
 /// seeing it as REMOTE_ADDR proves it came through X-Forwarded-For.
 const CLIENT: &str = "127.0.0.2";
 
 #[test]
 fn nginx_serves_static_files_proxies_with_forwarded_headers_and_asks_for_the_staging_password() {
-    let nginx = require_tool("nginx", APT_NGINX);
+    let nginx = nginx::binary();
     let sandbox = Sandbox::new();
     let (app_port, http_port) = (free_port(), free_port());
     let (cert, key) = self_signed(&sandbox);
@@ -457,8 +347,8 @@ fn nginx_serves_static_files_proxies_with_forwarded_headers_and_asks_for_the_sta
     sandbox.write("acme/.well-known/acme-challenge/token-1", "token-1.key\n");
     sandbox.write("static/style.css", &"body { color: black; }\n".repeat(200));
     let app = start_app(&sandbox);
-    let mut server = Daemon::spawn("nginx", &mut nginx_command(&nginx, &sandbox, &main));
-    wait_for_port(https_port, &mut server);
+    let mut server = Daemon::spawn("nginx", &mut nginx::command(&nginx, &sandbox, &main));
+    server.wait_for_port(https_port);
 
     // Plain HTTP redirects to HTTPS on its port.
     let redirect = curl(&[&format!("http://localhost:{http_port}/app?x=1")]);
@@ -612,7 +502,7 @@ fn nginx_serves_static_files_proxies_with_forwarded_headers_and_asks_for_the_sta
 
 #[test]
 fn nginx_over_a_unix_socket_caches_only_what_the_app_marks_cacheable_and_lets_the_pool_time_out() {
-    let nginx = require_tool("nginx", APT_NGINX);
+    let nginx = nginx::binary();
     let sandbox = Sandbox::new();
     let http_port = free_port();
     let socket = sandbox.path("run/web.sock");
@@ -637,8 +527,8 @@ fn nginx_over_a_unix_socket_caches_only_what_the_app_marks_cacheable_and_lets_th
     );
     sandbox.write("static/hello.txt", "hello from disk\n");
     let app = start_app(&sandbox);
-    let mut server = Daemon::spawn("nginx", &mut nginx_command(&nginx, &sandbox, &main));
-    wait_for_port(http_port, &mut server);
+    let mut server = Daemon::spawn("nginx", &mut nginx::command(&nginx, &sandbox, &main));
+    server.wait_for_port(http_port);
     let get = |path: &str| {
         curl(&[
             "--interface",
@@ -863,53 +753,9 @@ fn redis_serves_the_broker_on_a_unix_socket() {
 // ---------------------------------------------------------------------------------------------
 // PostgreSQL
 
-/// The newest installed PostgreSQL server binaries.
-fn pg_bin() -> PathBuf {
-    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|entries| entries.flatten().map(|e| e.path().join("bin")).collect())
-        .unwrap_or_default();
-    versions.retain(|bin| bin.join("initdb").is_file());
-    versions.sort();
-    versions.pop().unwrap_or_else(|| {
-        panic!("no PostgreSQL server under /usr/lib/postgresql: run `{APT_POSTGRES}`")
-    })
-}
-
-/// PostgreSQL refuses to run as root: as root, commands run as the `postgres` user.
-fn as_pg_user(program: &Path) -> Command {
-    if is_root() {
-        let setpriv = require_tool("setpriv", "apt-get install -y util-linux");
-        let mut command = Command::new(setpriv);
-        command
-            .args([
-                "--reuid=postgres",
-                "--regid=postgres",
-                "--init-groups",
-                "--",
-            ])
-            .arg(program);
-        command
-    } else {
-        Command::new(program)
-    }
-}
-
-fn os_user() -> String {
-    if is_root() {
-        "postgres".to_owned()
-    } else {
-        nix::unistd::User::from_uid(nix::unistd::geteuid())
-            .ok()
-            .flatten()
-            .map(|u| u.name)
-            .expect("the current user has a name")
-    }
-}
-
 #[test]
 fn postgres_runs_with_the_emitted_files_and_only_the_app_reaches_its_database() {
-    let bin = pg_bin();
-    let psql = require_tool("psql", "apt-get install -y postgresql-client");
+    let psql = postgres::psql();
     let sandbox = Sandbox::new();
     let port = free_port();
     let admin = os_user();
@@ -959,24 +805,8 @@ admin = "{admin}"
             .arg(sandbox.path("out")));
         assert_success(&chown, "chown");
     }
-    let pg = sandbox.path("pg");
-    std::fs::create_dir_all(pg.join("sock")).expect("pg dirs");
-    if is_root() {
-        let chown = run(Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(&pg));
-        assert_success(&chown, "chown");
-    }
-    let data = pg.join("data");
-    let initdb = run(as_pg_user(&bin.join("initdb")).arg("-D").arg(&data).args([
-        "-U",
-        &admin,
-        "-E",
-        "UTF8",
-        "--no-instructions",
-        "--auth=peer",
-    ]));
-    assert_success(&initdb, "initdb");
+    let cluster = Cluster::init(&sandbox.path("pg"), &["-U", &admin, "--auth=peer"]);
+    let data = cluster.data();
     for (from, to) in [
         ("sauna.conf", "sauna.conf"),
         ("sauna-pg_hba.conf", "pg_hba.conf"),
@@ -988,65 +818,29 @@ admin = "{admin}"
         std::fs::read_to_string(data.join("postgresql.conf")).expect("postgresql.conf");
     main_conf.push_str("\ninclude 'sauna.conf'\n");
     std::fs::write(data.join("postgresql.conf"), main_conf).expect("append include");
-    if is_root() {
-        let chown = run(Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(&data));
-        assert_success(&chown, "chown");
-    }
-
-    let mut server = Daemon::spawn(
-        "postgres",
-        as_pg_user(&bin.join("postgres"))
-            .arg("-D")
-            .arg(&data)
-            .arg("-k")
-            .arg(pg.join("sock")),
-    );
-    wait_until(
-        Duration::from_secs(30),
-        "postgres to accept connections",
-        || {
-            server.assert_running();
-            let ready = Command::new(bin.join("pg_isready"))
-                .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-                .output()
-                .ok()?;
-            ready.status.success().then_some(())
-        },
-    );
+    give_to_pg_user(&data);
+    let _server = cluster.start(port);
 
     // The admin runs the init script through the socket (peer); the password comes from the env.
     let password = "correct horse battery";
-    let init = run(as_pg_user(&psql)
+    let init = run(cluster
+        .admin_psql(port)
         .env("SHOP_DB_PASSWORD", password)
-        .arg("-h")
-        .arg(pg.join("sock"))
-        .args([
-            "-p",
-            &port.to_string(),
-            "-d",
-            "postgres",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-f",
-        ])
+        .args(["-v", "ON_ERROR_STOP=1", "-f"])
         .arg(sandbox.path("out/postgres/sauna-init.sql")));
     assert_success(&init, "psql -f sauna-init.sql");
     // Running it again is harmless.
-    let again = run(as_pg_user(&psql)
+    let again = run(cluster
+        .admin_psql(port)
         .env("SHOP_DB_PASSWORD", password)
-        .arg("-h")
-        .arg(pg.join("sock"))
-        .args(["-p", &port.to_string(), "-d", "postgres", "-f"])
+        .arg("-f")
         .arg(sandbox.path("out/postgres/sauna-init.sql")));
     assert_success(&again, "psql -f sauna-init.sql (again)");
     // Without the password it refuses to run.
-    let missing = run(as_pg_user(&psql)
+    let missing = run(cluster
+        .admin_psql(port)
         .env_remove("SHOP_DB_PASSWORD")
-        .arg("-h")
-        .arg(pg.join("sock"))
-        .args(["-p", &port.to_string(), "-d", "postgres", "-f"])
+        .arg("-f")
         .arg(sandbox.path("out/postgres/sauna-init.sql")));
     assert!(!missing.status.success(), "{missing:?}");
     assert!(
@@ -1227,7 +1021,12 @@ fn this_machines_cluster() -> (String, String) {
         .iter()
         .find(|fields| fields[2] == "5432")
         .or_else(|| clusters.iter().find(|fields| fields[1] == "main"))
-        .unwrap_or_else(|| panic!("no cluster in pg_lsclusters: run `{APT_POSTGRES}`\n{text}"));
+        .unwrap_or_else(|| {
+            panic!(
+                "no cluster in pg_lsclusters: run `{}`\n{text}",
+                postgres::APT
+            )
+        });
     (chosen[0].clone(), chosen[1].clone())
 }
 
@@ -1440,8 +1239,7 @@ fn emit_all_steps_install_every_file_as_root_and_through_sudo_for_others() {
 
 #[test]
 fn the_printed_postgres_step_sets_up_a_real_cluster_beside_the_distributions_lines() {
-    let bin = pg_bin();
-    let psql = require_tool("psql", "apt-get install -y postgresql-client");
+    let psql = postgres::psql();
     require_tool("runuser", "apt-get install -y util-linux");
     assert!(
         is_root(),
@@ -1485,23 +1283,16 @@ group = "root"
 
     // A cluster in the sandbox laid out like Debian's: conf.d/ next to postgresql.conf, and the
     // distribution's pg_hba.conf (peer on the socket, scram over TCP for everyone).
-    let pg = sandbox.path("pg");
-    let data = pg.join("data");
-    std::fs::create_dir_all(pg.join("sock")).expect("pg dirs");
-    let chown = run(Command::new("chown")
-        .args(["-R", "postgres:postgres"])
-        .arg(&pg));
-    assert_success(&chown, "chown");
-    let initdb = run(as_pg_user(&bin.join("initdb")).arg("-D").arg(&data).args([
-        "-U",
-        "postgres",
-        "-E",
-        "UTF8",
-        "--no-instructions",
-        "--auth-local=peer",
-        "--auth-host=scram-sha-256",
-    ]));
-    assert_success(&initdb, "initdb");
+    let pg = Cluster::init(
+        &sandbox.path("pg"),
+        &[
+            "-U",
+            "postgres",
+            "--auth-local=peer",
+            "--auth-host=scram-sha-256",
+        ],
+    );
+    let data = pg.data();
     std::fs::create_dir(data.join("conf.d")).expect("conf.d");
     let original_hba = std::fs::read_to_string(data.join("pg_hba.conf")).expect("pg_hba.conf");
 
@@ -1535,7 +1326,7 @@ group = "root"
         let output = run(Command::new("sh")
             .arg("-c")
             .arg(line)
-            .env("PGHOST", pg.join("sock")));
+            .env("PGHOST", pg.socket_dir()));
         assert_success(&output, line);
     };
     // Twice: pasting the step again changes nothing.
@@ -1566,26 +1357,7 @@ group = "root"
         "include_dir added once"
     );
 
-    let mut server = Daemon::spawn(
-        "postgres",
-        as_pg_user(&bin.join("postgres"))
-            .arg("-D")
-            .arg(&data)
-            .arg("-k")
-            .arg(pg.join("sock")),
-    );
-    wait_until(
-        Duration::from_secs(30),
-        "postgres to accept connections",
-        || {
-            server.assert_running();
-            let ready = Command::new(bin.join("pg_isready"))
-                .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-                .output()
-                .ok()?;
-            ready.status.success().then_some(())
-        },
-    );
+    let _server = pg.start(port);
     // The printed psql line creates the role and the database, from the secrets file; again
     // is harmless.
     sh(&psql_lines[0]);
@@ -1614,16 +1386,7 @@ group = "root"
         "a wrong password was accepted"
     );
     // The distribution's lines below still admit everyone else.
-    let admin = |sql: &str| {
-        run(as_pg_user(&psql).arg("-h").arg(pg.join("sock")).args([
-            "-p",
-            &port.to_string(),
-            "-d",
-            "postgres",
-            "-tAc",
-            sql,
-        ]))
-    };
+    let admin = |sql: &str| run(pg.admin_psql(port).args(["-tAc", sql]));
     assert_success(
         &admin("CREATE ROLE other LOGIN PASSWORD 'other'"),
         "create role other",

@@ -5,6 +5,8 @@
 mod util;
 // lifecycle: one instance per socket, stale sockets, socket permissions, signals, sd_notify.
 mod lifecycle;
+// django: the README's "Deploy a Django app" walkthrough with a real project, PostgreSQL and nginx.
+mod django;
 // emit: generated nginx/redis/postgres/systemd files checked and run by the real servers.
 mod emit;
 // programs: restarts, backoff into fatal, group stops, orphans, rlimits, identity, max_rss.

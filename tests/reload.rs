@@ -256,7 +256,9 @@ pub(crate) fn read_response(reader: &mut BufReader<TcpStream>) -> Result<(u16, S
 }
 
 /// A response's status and body, and whether it carried `Connection: close`.
-fn read_response_closing(reader: &mut BufReader<TcpStream>) -> Result<(u16, String, bool), String> {
+pub(crate) fn read_response_closing(
+    reader: &mut BufReader<TcpStream>,
+) -> Result<(u16, String, bool), String> {
     let mut close = false;
     let mut line = String::new();
     reader

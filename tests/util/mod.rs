@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub mod nginx;
+pub mod postgres;
 pub mod redis;
 
 /// The binary under test.
@@ -362,6 +364,106 @@ impl Drop for Running {
             let _ = child.wait();
         }
     }
+}
+
+/// Runs `command` to completion (failing the test when it cannot start) and returns its output.
+pub fn run(command: &mut Command) -> Output {
+    command
+        .output()
+        .unwrap_or_else(|e| panic!("run {command:?}: {e}"))
+}
+
+/// Fails the test with the output when `output` is not a success.
+#[track_caller]
+pub fn assert_success(output: &Output, what: &str) {
+    assert!(
+        output.status.success(),
+        "{what} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Whether the tests run as root (CI does): servers that refuse root (PostgreSQL) then run as
+/// their own user.
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// A server process started by a test (nginx, PostgreSQL, redis-server with an emitted file):
+/// TERM on drop, then KILL if it lingers.
+pub struct Daemon {
+    name: &'static str,
+    child: Child,
+}
+
+impl Daemon {
+    /// Starts `command` with its output discarded.
+    pub fn spawn(name: &'static str, command: &mut Command) -> Daemon {
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        Daemon { name, child }
+    }
+
+    /// The name it was started under.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Fails the test when the process has exited.
+    pub fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("{} exited early with {status}", self.name);
+        }
+    }
+
+    /// Waits until `port` on 127.0.0.1 accepts connections, failing as soon as the process exits.
+    pub fn wait_for_port(&mut self, port: u16) {
+        wait_until(
+            Duration::from_secs(20),
+            &format!("{} on port {port}", self.name),
+            || {
+                self.assert_running();
+                std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+            },
+        );
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        for _ in 0..200 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(25));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `curl -sS -i` with `args` (10 s at most), failing the test when curl fails; the response's
+/// head and body with `\n` line ends.
+pub fn curl(args: &[&str]) -> String {
+    let curl = require_tool("curl", "apt-get install -y curl");
+    let output = run(Command::new(curl)
+        .args(["-sS", "--max-time", "10", "-i"])
+        .args(args));
+    assert_success(&output, &format!("curl {args:?}"));
+    String::from_utf8_lossy(&output.stdout).replace("\r\n", "\n")
+}
+
+/// The body of a [`curl`] response.
+pub fn body(response: &str) -> &str {
+    response.split_once("\n\n").map_or("", |(_, body)| body)
 }
 
 /// A finished command's exit status, stdout and stderr, for assertion messages.

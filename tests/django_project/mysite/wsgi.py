@@ -1,0 +1,9 @@
+"""The WSGI callable sauna-supervisor's web workers import: [app] wsgi = "mysite.wsgi:application"."""
+
+import os
+
+from django.core.wsgi import get_wsgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.settings")
+
+application = get_wsgi_application()

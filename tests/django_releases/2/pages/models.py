@@ -1,0 +1,12 @@
+from django.db import models
+
+
+class Tick(models.Model):
+    """One run of the record_tick Celery task: proof that beat, Redis and Celery work."""
+
+    source = models.CharField(max_length=40)
+    created = models.DateTimeField(auto_now_add=True)
+    # Release 2. A default kept by the database (db_default), not only by Django: until the reload
+    # has rolled them, release 1's Celery workers and web workers still insert rows without this
+    # column, after the migration has already added it.
+    release = models.IntegerField(db_default=1)
