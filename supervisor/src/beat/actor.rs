@@ -1,0 +1,587 @@
+//! Beat's actor: the one task that owns the job table (each job's cursor, next slot and last
+//! run), the Redis connection with its backoff and the leader lease. It sleeps until the earliest
+//! of the next due slot, the next lock renewal/attempt and the next Redis retry, and wakes early
+//! on a command from the [`BeatHandle`](super::BeatHandle). The rules it follows (cursors,
+//! take-over, catch-up) are described in the module above.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::jobs;
+use super::leader::{Leader, Lease};
+use super::message::TaskMessage;
+use super::publisher::{Broker, BrokerError, Published};
+use super::{
+    BACKOFF_MAX, BACKOFF_MIN, BeatError, BeatStatus, Command, Job, JobStatus, Schedule, Settings,
+};
+use crate::metrics::Metrics;
+
+struct JobState {
+    job: Job,
+    cursor: DateTime<Utc>,
+    next: Option<DateTime<Utc>>,
+    last_run: Option<DateTime<Utc>>,
+    last_task_id: Option<String>,
+    published: u64,
+    /// The value last written to the next-run gauge (`None`: never written).
+    shown_next: Option<Option<DateTime<Utc>>>,
+}
+
+impl JobState {
+    fn new(job: Job, cursor: DateTime<Utc>) -> JobState {
+        let next = job.schedule.next_after(cursor);
+        JobState {
+            job,
+            cursor,
+            next,
+            last_run: None,
+            last_task_id: None,
+            published: 0,
+            shown_next: None,
+        }
+    }
+
+    /// Marks every slot up to `cursor` handled and recomputes the next one from the cursor.
+    fn advance(&mut self, cursor: DateTime<Utc>) {
+        self.cursor = self.cursor.max(cursor);
+        self.next = self.job.schedule.next_after(self.cursor);
+    }
+
+    fn show(&self, time: DateTime<Utc>) -> String {
+        match &self.job.schedule {
+            Schedule::Cron { tz, .. } => time
+                .with_timezone(tz)
+                .to_rfc3339_opts(SecondsFormat::AutoSi, false),
+            Schedule::Every { .. } => time.to_rfc3339_opts(SecondsFormat::AutoSi, false),
+        }
+    }
+}
+
+pub(super) struct Actor {
+    settings: Settings,
+    broker: Broker,
+    leader: Leader,
+    jobs: Vec<JobState>,
+    /// `None` until the first Redis command, so the first outcome is logged either way.
+    redis_up: Option<bool>,
+    /// The last Redis failure and when it happened, for `status`.
+    last_error: Option<(String, std::time::SystemTime)>,
+    /// The current outage is a refused login.
+    refused_login: bool,
+    backoff: Duration,
+    retry_at: Option<Instant>,
+    /// Cursors have been merged with Redis's last published slots since we became publisher.
+    synced: bool,
+    /// Another supervisor held the lock while we stood by: our next acquisition is a takeover.
+    saw_other_leader: bool,
+    /// After a takeover: slots due since this instant were the previous leader's (see the module
+    /// doc) and are published whatever the catch-up policy; cleared after one publishing pass.
+    handover_since: Option<DateTime<Utc>>,
+    origin: String,
+    metrics: Arc<Metrics>,
+}
+
+fn instant_of(time: DateTime<Utc>) -> Instant {
+    let wait = (time - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+    Instant::now() + wait
+}
+
+impl Actor {
+    /// The actor for `settings`, every job's cursor at now; nothing is sent to Redis yet.
+    pub(super) fn new(
+        settings: Settings,
+        broker: Broker,
+        leader: Leader,
+        origin: String,
+        metrics: Arc<Metrics>,
+    ) -> Actor {
+        let wall = Utc::now();
+        let jobs = settings
+            .jobs
+            .iter()
+            .map(|job| JobState::new(job.clone(), wall))
+            .collect();
+        Actor {
+            settings,
+            broker,
+            leader,
+            jobs,
+            redis_up: None,
+            last_error: None,
+            refused_login: false,
+            backoff: BACKOFF_MIN,
+            retry_at: None,
+            synced: false,
+            saw_other_leader: false,
+            handover_since: None,
+            origin,
+            metrics,
+        }
+    }
+
+    pub(super) async fn run(mut self, mut inbox: mpsc::Receiver<Command>) {
+        loop {
+            let wake = self.next_wake();
+            let sleep = async {
+                match wake {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                command = inbox.recv() => match command {
+                    Some(Command::Status(reply)) => {
+                        let _ = reply.send(self.status());
+                    }
+                    Some(Command::Reload(settings, reply)) => {
+                        let outcome = self.reload(*settings).await;
+                        let _ = reply.send(outcome);
+                    }
+                    Some(Command::Shutdown(reply)) => {
+                        self.shutdown().await;
+                        let _ = reply.send(());
+                        return;
+                    }
+                    None => {
+                        self.shutdown().await;
+                        return;
+                    }
+                },
+                () = sleep => self.tick().await,
+            }
+        }
+    }
+
+    fn next_wake(&self) -> Option<Instant> {
+        if let Some(retry_at) = self.retry_at {
+            return Some(retry_at);
+        }
+        let now = Instant::now();
+        let lock = self.leader.next_action();
+        let publish = if self.leader.may_publish(now) {
+            if !self.synced {
+                Some(now)
+            } else {
+                self.jobs
+                    .iter()
+                    .filter_map(|job| job.next)
+                    .min()
+                    .map(instant_of)
+            }
+        } else {
+            None
+        };
+        [lock, publish].into_iter().flatten().min()
+    }
+
+    fn status(&self) -> BeatStatus {
+        BeatStatus {
+            leader: self.leader.is_leader(),
+            lock_holder: self.leader.holder(),
+            broker: self.broker.url().to_owned(),
+            redis_up: self.redis_up.unwrap_or(false),
+            last_error: self.last_error.as_ref().map(|(error, _)| error.clone()),
+            last_error_at: self.last_error.as_ref().map(|(_, at)| {
+                at.duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |since| since.as_secs_f64())
+            }),
+            jobs: self
+                .jobs
+                .iter()
+                .map(|state| JobStatus {
+                    name: state.job.name.clone(),
+                    task: state.job.task.clone(),
+                    schedule: state.job.schedule.to_string(),
+                    next_run: state.next.map(|time| state.show(time)),
+                    last_run: state.last_run.map(|time| state.show(time)),
+                    last_task_id: state.last_task_id.clone(),
+                    published: state.published,
+                })
+                .collect(),
+        }
+    }
+
+    /// Sets the next-run gauge of every job whose next run changed since it was last set.
+    pub(super) fn update_next_metrics(&mut self) {
+        for state in &mut self.jobs {
+            if state.shown_next == Some(state.next) {
+                continue;
+            }
+            if state.shown_next.is_none() {
+                // A new job's counters start at 0, so both families show before its first
+                // publish or error and `rate()` sees the first increment.
+                let name = [state.job.name.as_str()];
+                self.metrics.beat_published_total.with_label_values(&name);
+                self.metrics.beat_errors_total.with_label_values(&name);
+            }
+            state.shown_next = Some(state.next);
+            let gauge = self
+                .metrics
+                .beat_next_run_timestamp_seconds
+                .with_label_values(&[&state.job.name]);
+            gauge.set(state.next.map(|time| time.timestamp()).unwrap_or(0));
+        }
+    }
+
+    fn set_leader_metric(&self) {
+        self.metrics.beat_leader.set(i64::from(matches!(
+            self.leader.lease(),
+            Lease::Leader { .. }
+        )));
+    }
+
+    fn redis_ok(&mut self) {
+        if self.redis_up != Some(true) {
+            if self.redis_up == Some(false) {
+                tracing::info!(broker = self.broker.url(), "beat: Redis is reachable again");
+            } else {
+                tracing::info!(broker = self.broker.url(), "beat: connected to Redis");
+            }
+        }
+        self.redis_up = Some(true);
+        self.last_error = None;
+        self.refused_login = false;
+        self.backoff = BACKOFF_MIN;
+        self.retry_at = None;
+    }
+
+    fn redis_failed(&mut self, error: &BrokerError) {
+        // One line per outage, and one more if its cause turns into a refused login (or back):
+        // a timeout under load must not hide the wrong password that follows it.
+        let refused = error.is_auth_failure();
+        if self.redis_up != Some(false) || refused != self.refused_login {
+            if refused {
+                tracing::warn!(
+                    error = %error,
+                    "beat: Redis refused the login; publishing paused, retrying with backoff up to {BACKOFF_MAX:?}"
+                );
+            } else {
+                tracing::warn!(
+                    error = %error,
+                    "beat: cannot reach Redis; publishing paused, retrying with backoff up to {BACKOFF_MAX:?}"
+                );
+            }
+        }
+        self.redis_up = Some(false);
+        self.refused_login = refused;
+        self.last_error = Some((error.to_string(), std::time::SystemTime::now()));
+        let now = Instant::now();
+        let retry_at = now + self.backoff;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        self.retry_at = Some(retry_at);
+        self.synced = false;
+        if self.leader.unreachable(now, retry_at) {
+            tracing::warn!(
+                "beat: leader lease ran out while Redis was unreachable; no longer publishing"
+            );
+            self.set_leader_metric();
+        }
+    }
+
+    /// One wake-up: lock work, then every due job.
+    async fn tick(&mut self) {
+        let now = Instant::now();
+        if self.retry_at.is_some_and(|at| now < at) {
+            return;
+        }
+        self.retry_at = None;
+        if self.leader.expire(now) {
+            tracing::warn!("beat: could not renew the leader lock in time; no longer publishing");
+            self.set_leader_metric();
+        }
+        if self.leader.due(now) {
+            let sent = Instant::now();
+            let ttl = self.leader.ttl();
+            let token = self.leader.token().to_owned();
+            if matches!(self.leader.lease(), Lease::Leader { .. }) {
+                match self.broker.renew(&token, ttl).await {
+                    Ok(true) => {
+                        self.redis_ok();
+                        self.leader.held(sent);
+                    }
+                    Ok(false) => {
+                        self.redis_ok();
+                        tracing::warn!(
+                            "beat: the leader lock was taken over; no longer publishing"
+                        );
+                        self.leader.resign(Instant::now());
+                        self.set_leader_metric();
+                    }
+                    Err(error) => return self.redis_failed(&error),
+                }
+            } else {
+                match self.broker.acquire(&token, ttl).await {
+                    Ok(None) => {
+                        self.redis_ok();
+                        if self.leader.held(sent) {
+                            if std::mem::take(&mut self.saw_other_leader) {
+                                let ttl = chrono::Duration::from_std(ttl)
+                                    .unwrap_or(chrono::Duration::MAX);
+                                self.handover_since = Utc::now().checked_sub_signed(ttl);
+                            }
+                            tracing::info!(
+                                holder = self.leader.holder().unwrap_or_default(),
+                                "beat: acquired the leader lock; publishing"
+                            );
+                            self.synced = false;
+                            self.set_leader_metric();
+                        }
+                    }
+                    Ok(Some(holder)) => {
+                        self.redis_ok();
+                        let first = self.leader.holder().is_none();
+                        self.saw_other_leader = true;
+                        let name = holder.name.clone();
+                        self.leader.refused(Instant::now(), holder);
+                        if first {
+                            tracing::info!(
+                                holder = name.unwrap_or_default(),
+                                "beat: another supervisor holds the leader lock; standing by"
+                            );
+                        }
+                    }
+                    Err(error) => return self.redis_failed(&error),
+                }
+            }
+        }
+        if !self.leader.may_publish(Instant::now()) {
+            // A standby only shows when jobs would run next; its cursors stay where they were
+            // so that, on taking over, sync_cursors and the catch-up policy see every slot.
+            let now = Utc::now();
+            for state in &mut self.jobs {
+                if state.next.is_some_and(|next| next <= now) {
+                    state.next = state.job.schedule.next_after(now);
+                }
+            }
+            self.update_next_metrics();
+            return;
+        }
+        if !self.synced {
+            if let Err(error) = self.sync_cursors().await {
+                return self.redis_failed(&error);
+            }
+            self.redis_ok();
+        }
+        if let Err(error) = self.publish_due().await {
+            self.redis_failed(&error);
+        }
+        self.update_next_metrics();
+    }
+
+    /// Merges each job's cursor with the last slot any supervisor published for it.
+    async fn sync_cursors(&mut self) -> Result<(), BrokerError> {
+        let names: Vec<&str> = self
+            .jobs
+            .iter()
+            .map(|state| state.job.name.as_str())
+            .collect();
+        let slots = self.broker.last_slots(&names).await?;
+        for (state, slot) in self.jobs.iter_mut().zip(slots) {
+            let slot = slot.and_then(DateTime::from_timestamp_millis);
+            state.advance(slot.unwrap_or(state.cursor));
+        }
+        self.synced = true;
+        Ok(())
+    }
+
+    async fn publish_due(&mut self) -> Result<(), BrokerError> {
+        let now = Utc::now();
+        for index in 0..self.jobs.len() {
+            if self.jobs[index].next.is_none_or(|next| next > now) {
+                continue;
+            }
+            let state = &self.jobs[index];
+            let plan = jobs::plan_due(
+                &state.job.schedule,
+                state.job.catch_up,
+                state.job.catch_up_window,
+                state.cursor,
+                self.handover_since,
+                now,
+            );
+            if let Some((first, last)) = plan.skipped {
+                tracing::warn!(
+                    job = %state.job.name,
+                    first = %state.show(first),
+                    last = %state.show(last),
+                    catch_up = ?state.job.catch_up,
+                    "beat: missed slot(s) not published (nobody could publish then; see catch_up and catch_up_window)"
+                );
+            }
+            for slot in plan.publish {
+                if !self.leader.may_publish(Instant::now()) {
+                    return Ok(());
+                }
+                match self.publish_one(index, slot).await? {
+                    Published::Sent | Published::AlreadySent => {}
+                    Published::NotLeader => {
+                        tracing::warn!(
+                            "beat: publish refused because the leader lock is no longer ours; standing by"
+                        );
+                        self.leader.resign(Instant::now());
+                        self.set_leader_metric();
+                        self.synced = false;
+                        return Ok(());
+                    }
+                }
+            }
+            self.jobs[index].advance(now);
+        }
+        self.handover_since = None;
+        Ok(())
+    }
+
+    async fn publish_one(
+        &mut self,
+        index: usize,
+        slot: DateTime<Utc>,
+    ) -> Result<Published, BrokerError> {
+        let state = &self.jobs[index];
+        let job = &state.job;
+        let task_id = uuid::Uuid::new_v4().to_string();
+        let delivery_tag = uuid::Uuid::new_v4().to_string();
+        let published_at = Utc::now();
+        let message = TaskMessage {
+            task: &job.task,
+            id: &task_id,
+            delivery_tag: &delivery_tag,
+            args: &job.args,
+            kwargs: &job.kwargs,
+            queue: &job.queue,
+            priority: job.priority,
+            expires: job
+                .expires
+                .and_then(|expires| chrono::Duration::from_std(expires).ok())
+                .map(|expires| published_at + expires),
+            origin: &self.origin,
+            slot: Some((&job.name, slot)),
+        };
+        let outcome = self
+            .broker
+            .publish(
+                self.leader.fence(),
+                &job.name,
+                slot.timestamp_millis(),
+                &message.queue_key(),
+                &message.envelope(),
+            )
+            .await;
+        let lag = (Utc::now() - slot).to_std().unwrap_or(Duration::ZERO);
+        match &outcome {
+            Ok(Published::Sent) => {
+                self.metrics
+                    .beat_published_total
+                    .with_label_values(&[&job.name])
+                    .inc();
+                self.metrics.beat_lag_seconds.observe(lag.as_secs_f64());
+                tracing::info!(
+                    job = %job.name,
+                    task = %job.task,
+                    task_id = %task_id,
+                    slot = %state.show(slot),
+                    lag_ms = lag.as_millis() as u64,
+                    "beat: published"
+                );
+                let state = &mut self.jobs[index];
+                state.last_run = Some(slot);
+                state.last_task_id = Some(task_id);
+                state.published += 1;
+            }
+            Ok(Published::AlreadySent) => {
+                tracing::debug!(job = %job.name, slot = %state.show(slot), "beat: slot already published by another supervisor");
+            }
+            Ok(Published::NotLeader) => {}
+            Err(error) => {
+                self.metrics
+                    .beat_errors_total
+                    .with_label_values(&[&job.name])
+                    .inc();
+                tracing::debug!(job = %job.name, error = %error, "beat: publish failed; the slot stays due");
+            }
+        }
+        outcome
+    }
+
+    async fn reload(&mut self, settings: Settings) -> Result<(), BeatError> {
+        // Publish what is due under the old schedule first, so the switch loses no slot.
+        if self.retry_at.is_none() {
+            self.tick().await;
+        }
+        if !self.settings.same_broker(&settings) {
+            let broker = Broker::new(
+                &settings.broker_url,
+                settings.password.as_ref(),
+                &settings.key_prefix,
+                settings.redis_timeout(),
+            )?;
+            self.release().await;
+            self.broker = broker;
+            self.leader = Leader::new(
+                settings.leader_lock,
+                settings.lock_ttl,
+                self.leader.token().to_owned(),
+                Instant::now(),
+            );
+            self.redis_up = None;
+            self.last_error = None;
+            self.refused_login = false;
+            self.retry_at = None;
+            self.backoff = BACKOFF_MIN;
+            self.synced = false;
+            self.set_leader_metric();
+        }
+        let now = Utc::now();
+        let mut old: Vec<JobState> = std::mem::take(&mut self.jobs);
+        let mut jobs = Vec::with_capacity(settings.jobs.len());
+        for job in &settings.jobs {
+            let state = match old.iter().position(|state| state.job.name == job.name) {
+                Some(position) => {
+                    let mut state = old.swap_remove(position);
+                    let changed = state.job.schedule != job.schedule;
+                    state.job = job.clone();
+                    if changed {
+                        state.advance(now);
+                    }
+                    state
+                }
+                None => JobState::new(job.clone(), now),
+            };
+            jobs.push(state);
+        }
+        for removed in old {
+            let _ = self
+                .metrics
+                .beat_next_run_timestamp_seconds
+                .remove_label_values(&[&removed.job.name]);
+        }
+        self.jobs = jobs;
+        self.settings = settings;
+        self.update_next_metrics();
+        tracing::info!(jobs = self.jobs.len(), "beat: schedule reloaded");
+        Ok(())
+    }
+
+    async fn release(&mut self) {
+        if matches!(self.leader.lease(), Lease::Leader { .. }) {
+            let token = self.leader.token().to_owned();
+            match self.broker.release(&token).await {
+                Ok(()) => tracing::info!("beat: released the leader lock"),
+                Err(error) => {
+                    tracing::warn!(error = %error, "beat: could not release the leader lock; it expires by itself")
+                }
+            }
+        }
+        self.leader.resign(Instant::now());
+        self.set_leader_metric();
+    }
+
+    async fn shutdown(&mut self) {
+        self.release().await;
+        self.metrics.beat_leader.set(0);
+        tracing::info!("beat: stopped");
+    }
+}
