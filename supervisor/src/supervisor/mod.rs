@@ -37,6 +37,7 @@ use proxy_conf::Loaded;
 
 use crate::config::ConfigError;
 use crate::control::{ControlRequest, ControlServer, ErrorKind, Request, Responder};
+use crate::listeners::FdTable;
 use crate::logging::{LogHandle, LogOptions};
 use crate::metrics::Metrics;
 use crate::metrics::queue_sampler::QueueSampler;
@@ -229,14 +230,9 @@ impl Supervisor {
         // Handlers first, so that a TERM during start-up is not fatal before children exist.
         let signals = Signals::install().context("cannot install signal handlers")?;
         let control_path = crate::config::control_socket(&loaded);
-        let control = match inherited
-            .as_mut()
-            .and_then(|inherited| inherited.control.take())
-        {
-            Some((path, socket)) if path == control_path => ControlServer::adopt(&path, socket)?,
-            // A control socket that moved in the config is closed; the new path is bound.
-            _ => ControlServer::bind(&control_path)?,
-        };
+        // A control socket that moved in the config is closed; the new path is bound.
+        let control =
+            ControlServer::open(&control_path, inherited.as_mut().map(Inherited::sockets))?;
         tracing::info!(
             config = %loaded.path.display(),
             control = %control.path().display(),
@@ -246,18 +242,13 @@ impl Supervisor {
         notify_or_log(notifier.status("starting"), "STATUS");
         let metrics = Arc::new(Metrics::new().context("cannot register metrics")?);
         let (health, health_receiver) = tokio::sync::watch::channel(Health::starting());
-        let inherited_metrics = inherited
-            .as_mut()
-            .and_then(|inherited| inherited.metrics.take())
-            .filter(|(listen, _)| Some(*listen) == loaded.config.metrics.listen)
-            .map(|(_, socket)| std::net::TcpListener::from(socket));
         // The endpoint comes up before the roles so that probes see "starting", not a refusal.
         let metrics_server = match crate::metrics::server::start_on(
             &loaded.config.metrics,
             &loaded.config_dir(),
             Arc::clone(&metrics),
             health_receiver,
-            inherited_metrics,
+            inherited.as_mut().map(Inherited::sockets),
         )
         .await
         {
@@ -567,9 +558,7 @@ impl Supervisor {
             waiter.progress(format!(
                 "starting {} ({} listening socket(s) handed over, ready within {timeout:?})",
                 binary.display(),
-                sockets.web.len()
-                    + usize::from(sockets.metrics.is_some())
-                    + usize::from(sockets.control.is_some())
+                sockets.len()
             ));
         }
         let env = self.notifier.successor_env().to_vec();
@@ -593,19 +582,14 @@ impl Supervisor {
     }
 
     /// Duplicates of every listening socket, for the successor.
-    async fn upgrade_sockets(&self, roles: &Roles) -> std::io::Result<upgrade::Sockets> {
-        let metrics = match (&self.metrics_server, self.loaded.config.metrics.listen) {
-            (Some(server), Some(listen)) => Some((listen, server.duplicate_listener()?)),
-            _ => None,
-        };
-        Ok(upgrade::Sockets {
-            control: Some((
-                self.control.path().to_path_buf(),
-                self.control.duplicate_listener()?,
-            )),
-            metrics,
-            web: roles.duplicate_listeners().await?,
-        })
+    async fn upgrade_sockets(&self, roles: &Roles) -> std::io::Result<FdTable> {
+        let mut sockets = FdTable::default();
+        self.control.duplicate_into(&mut sockets)?;
+        if let Some(server) = &self.metrics_server {
+            server.duplicate_into(&mut sockets)?;
+        }
+        roles.duplicate_into(&mut sockets).await?;
+        Ok(sockets)
     }
 
     /// The successor is ready (hand over and stop) or gone (say why and carry on).
