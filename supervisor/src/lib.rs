@@ -17,6 +17,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod listeners;
 pub mod logging;
 pub mod metrics;
 pub mod process;

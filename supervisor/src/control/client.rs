@@ -142,7 +142,7 @@ impl Iterator for Replies {
 ///
 /// The connect is non-blocking so that a supervisor whose listen queue is full cannot hang the
 /// caller (a blocking Unix connect would wait for room); the stream is blocking afterwards.
-pub(super) fn connect(path: &Path) -> Result<UnixStream, ControlError> {
+fn connect(path: &Path) -> Result<UnixStream, ControlError> {
     let address = socket_address(path)?;
     let io_error = |action, errno: Errno| ControlError::Io {
         action,
@@ -196,7 +196,7 @@ pub(super) fn connect(path: &Path) -> Result<UnixStream, ControlError> {
 }
 
 /// The socket address of `path`, or why it cannot be one.
-pub(super) fn socket_address(path: &Path) -> Result<UnixAddr, ControlError> {
+fn socket_address(path: &Path) -> Result<UnixAddr, ControlError> {
     if path.as_os_str().len() > MAX_SOCKET_PATH {
         return Err(ControlError::PathTooLong {
             path: path.to_owned(),

@@ -4,9 +4,9 @@
 //! supervisor's own user; one JSON request line per connection, answered by one or more JSON
 //! lines ([`protocol`]).
 //!
-//! [`server`] owns the listening side: binding (refusing when another supervisor answers on the
-//! path, replacing a socket left by a crash), admitting connections and handing requests to the
-//! main loop as [`ControlRequest`]s. [`client`] is the blocking side the CLI uses. What a request
+//! [`server`] owns the listening side: binding it through `listeners` (refusing when another
+//! supervisor answers on the path, replacing a socket left by a crash), admitting connections and
+//! handing requests to the main loop as [`ControlRequest`]s. [`client`] is the blocking side the CLI uses. What a request
 //! does — building the status, stopping, reloading — belongs to the main loop, not here.
 
 use std::io;

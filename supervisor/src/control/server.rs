@@ -22,12 +22,15 @@ use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
 use super::protocol::{ErrorKind, ResponseBody};
+use crate::listeners::AcceptBackoff;
 pub use connection::{ControlRequest, Responder};
 use connection::{MAX_REQUEST_BYTES, REQUEST_TIMEOUT, serve, write_line};
 
 /// The bound control socket.
 pub struct ControlServer {
     listener: UnixListener,
+    /// The accept loop's pause when the process is out of descriptors.
+    backoff: AcceptBackoff,
     path: PathBuf,
     /// Device and inode of the socket file we created, so that dropping the server removes our
     /// socket and never a newer supervisor's that replaced it.
@@ -53,15 +56,7 @@ impl ControlServer {
                 // Never `None`: `self.requests_in` keeps the channel open.
                 Some(request) = self.requests.recv() => return request,
                 Some(_) = self.connections.join_next(), if !self.connections.is_empty() => {}
-                accepted = self.listener.accept() => match accepted {
-                    Ok((stream, _)) => self.admit(stream),
-                    Err(error) => {
-                        // EMFILE and friends: the listener stays readable, so pause instead of
-                        // spinning until a descriptor is free.
-                        warn!(path = %self.path.display(), %error, "control socket: accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                },
+                (stream, _) = self.backoff.accept(|| self.listener.accept()) => self.admit(stream),
             }
         }
     }
@@ -134,11 +129,9 @@ fn pid_text(credentials: &UCred) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::io::{self, Write};
     use std::os::unix::fs::PermissionsExt;
     use std::path::Path;
     use std::process::Output;
-    use std::sync::{Arc, Mutex};
 
     use serde_json::json;
     use tokio::time::timeout;
@@ -268,31 +261,10 @@ print("answer:", s.makefile().readline().strip())
         assert_eq!(stdout.trim(), "connect failed: Permission denied");
     }
 
-    /// Collects formatted log lines for one test.
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.lock().expect("lock").extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[tokio::test]
     async fn another_user_is_refused_by_peer_credentials_and_logged() {
-        let logs = Captured::default();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer({
-                let logs = logs.clone();
-                move || logs.clone()
-            })
-            .with_ansi(false)
-            .finish();
-        let _guard = tracing::subscriber::set_default(subscriber);
+        let logs = crate::test_support::Captured::default();
+        let _guard = tracing::subscriber::set_default(logs.subscriber());
 
         let (dir, path) = socket_path();
         let mut server = ControlServer::bind(&path).expect("bind");
@@ -312,7 +284,7 @@ print("answer:", s.makefile().readline().strip())
                 if message.contains("uid 65534")),
             "{answer:?}"
         );
-        let logs = String::from_utf8(logs.0.lock().expect("lock").clone()).expect("UTF-8");
+        let logs = logs.text();
         assert!(
             logs.contains("refused a connection from uid 65534 (pid "),
             "{logs}"

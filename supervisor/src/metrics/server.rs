@@ -2,15 +2,17 @@
 //! 0.0.4 of every family in [`Metrics`]), `GET /healthz` and `GET /readyz`, on `[metrics].listen`,
 //! optionally behind a bearer token.
 //!
-//! It owns the listening socket, the connections and the [`Health`] snapshot protocol between the
-//! main loop and the probes. It deliberately does not decide what is healthy: the main loop knows
-//! each role's policy and publishes its verdict as a [`Health`] on a `watch` channel; this module
-//! only adds the one check the main loop cannot make about itself — that it is still publishing.
+//! It owns the endpoint's listening socket (bound or adopted through `listeners`), the
+//! connections and the [`Health`] snapshot protocol between the main loop and the probes. It
+//! deliberately does not decide what is healthy: the main loop knows each role's policy and
+//! publishes its verdict as a [`Health`] on a `watch` channel; this module only adds the one check
+//! the main loop cannot make about itself — that it is still publishing.
 //! Nothing here touches supervisor state, so a scrape never waits on the main loop.
 
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,11 +24,12 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use proxy_conf::MetricsConfig;
+use proxy_conf::{Listen, MetricsConfig};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
+use crate::listeners::{self, AcceptBackoff, FdTable, Role, SocketError};
 use crate::metrics::Metrics;
 
 /// A heartbeat older than this makes `/healthz` report the main loop as hung. The main loop
@@ -39,6 +42,10 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Connections served at once; more are closed on accept. Scrapers and probes need a handful.
 const MAX_CONNECTIONS: usize = 64;
+
+/// Connections the kernel queues before they are accepted (what the standard library's
+/// `TcpListener::bind`, which the endpoint used before `listeners`, asks for).
+const BACKLOG: u32 = 128;
 
 /// The exposition format 0.0.4, with the charset made explicit.
 const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -82,13 +89,13 @@ impl Health {
 pub enum MetricsServerError {
     /// The listening socket could not be bound.
     #[error(
-        "metrics endpoint: cannot listen on \"{listen}\": {source} (set [metrics].listen to a free host:port, or \"\" to disable the endpoint)"
+        "metrics endpoint: cannot listen on \"{listen}\": {error} (set [metrics].listen to a free host:port, or \"\" to disable the endpoint)"
     )]
     Bind {
         /// `[metrics].listen`.
         listen: SocketAddr,
-        /// The OS error.
-        source: io::Error,
+        /// Why.
+        error: SocketError,
     },
     /// `[metrics].token_file` could not be read.
     #[error("metrics endpoint: cannot read the bearer token file {path}: {source}")]
@@ -117,9 +124,12 @@ pub enum MetricsServerError {
 /// The running endpoint. Dropping it stops accepting and closes open connections.
 #[derive(Debug)]
 pub struct MetricsServer {
+    /// `[metrics].listen` as configured (port 0 stays 0): the key of the socket in an upgrade's
+    /// fd table.
+    listen: SocketAddr,
     local_addr: SocketAddr,
     /// A duplicate of the listening socket, for a successor started by `upgrade` to inherit.
-    socket: Option<std::os::fd::OwnedFd>,
+    socket: Option<OwnedFd>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -130,14 +140,19 @@ impl MetricsServer {
         self.local_addr
     }
 
-    /// A duplicate of the listening socket, for a successor started by `upgrade` to inherit.
-    pub fn duplicate_listener(&self) -> std::io::Result<std::os::fd::OwnedFd> {
-        match &self.socket {
-            Some(socket) => socket.try_clone(),
-            None => Err(std::io::Error::other(
-                "the metrics socket could not be duplicated when it was bound",
-            )),
-        }
+    /// Adds a duplicate of the listening socket to `table`, for a successor started by
+    /// `upgrade` to inherit.
+    pub fn duplicate_into(&self, table: &mut FdTable) -> io::Result<()> {
+        let socket = match &self.socket {
+            Some(socket) => socket.try_clone()?,
+            None => {
+                return Err(io::Error::other(
+                    "the metrics socket could not be duplicated when it was bound",
+                ));
+            }
+        };
+        table.insert(Role::Metrics, Listen::Tcp(self.listen), socket);
+        Ok(())
     }
 
     /// Stops accepting, closes open connections and waits for the accept task to end.
@@ -172,36 +187,32 @@ pub async fn start(
     start_on(config, config_dir, metrics, health, None).await
 }
 
-/// [`start`] on `inherited` when given: the socket a successor adopted in an upgrade, bound by
-/// the supervisor it replaces for the same `listen`. Both processes answer on it until the old
-/// one hands over.
+/// [`start`] on the socket `inherited` holds for the same `listen`, when it does: the socket a
+/// successor adopts in an upgrade, bound by the supervisor it replaces. Both processes answer on
+/// it until the old one hands over.
 pub async fn start_on(
     config: &MetricsConfig,
     config_dir: &Path,
     metrics: Arc<Metrics>,
     health: watch::Receiver<Health>,
-    inherited: Option<std::net::TcpListener>,
+    inherited: Option<&mut FdTable>,
 ) -> Result<Option<MetricsServer>, MetricsServerError> {
     let Some(listen) = config.listen else {
         return Ok(None);
     };
     let token = read_token(config, config_dir)?;
-    let listener = match inherited {
-        Some(listener) => {
-            let adopted = listener
-                .set_nonblocking(true)
-                .and_then(|()| TcpListener::from_std(listener));
-            adopted.map_err(|source| MetricsServerError::Bind { listen, source })?
-        }
-        None => bind(listen).await?,
-    };
+    let listener =
+        match inherited.and_then(|table| table.take(Role::Metrics, &Listen::Tcp(listen))) {
+            Some(fd) => listeners::adopt_tcp(fd)
+                .map_err(|error| MetricsServerError::Bind { listen, error })?,
+            None => bind(listen)?,
+        };
     serve_on(listen, listener, token, metrics, health).map(Some)
 }
 
-async fn bind(listen: SocketAddr) -> Result<TcpListener, MetricsServerError> {
-    TcpListener::bind(listen)
-        .await
-        .map_err(|source| MetricsServerError::Bind { listen, source })
+fn bind(listen: SocketAddr) -> Result<TcpListener, MetricsServerError> {
+    listeners::bind_tcp(listen, &listeners::Options::new(Role::Metrics, BACKLOG))
+        .map_err(|error| MetricsServerError::Bind { listen, error })
 }
 
 /// The bearer token `[metrics]` asks for: the trimmed contents of `token_file`, else of the
@@ -240,7 +251,7 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     health: watch::Receiver<Health>,
 ) -> Result<MetricsServer, MetricsServerError> {
-    let listener = bind(listen).await?;
+    let listener = bind(listen)?;
     serve_on(listen, listener, token, metrics, health)
 }
 
@@ -253,11 +264,15 @@ fn serve_on(
 ) -> Result<MetricsServer, MetricsServerError> {
     let local_addr = listener
         .local_addr()
-        .map_err(|source| MetricsServerError::Bind { listen, source })?;
+        .map_err(|error| MetricsServerError::Bind {
+            listen,
+            error: SocketError::Os {
+                step: listeners::Step::Bind,
+                error,
+            },
+        })?;
     // Only EMFILE can fail this; serving goes on, and an upgrade says why it cannot.
-    let socket = std::os::fd::AsFd::as_fd(&listener)
-        .try_clone_to_owned()
-        .ok();
+    let socket = listener.as_fd().try_clone_to_owned().ok();
     let shared = Arc::new(Shared {
         metrics,
         health,
@@ -267,9 +282,10 @@ fn serve_on(
         tracing::warn!(address = %local_addr, "metrics endpoint reachable beyond this host without a token; set [metrics].token_file or token_env");
     }
     let (stop, stopped) = oneshot::channel();
-    let task = tokio::spawn(accept_loop(listener, shared, stopped));
+    let task = tokio::spawn(accept_loop(listener, local_addr, shared, stopped));
     tracing::info!(address = %local_addr, "metrics endpoint listening (/metrics, /healthz, /readyz)");
     Ok(MetricsServer {
+        listen,
         local_addr,
         socket,
         stop: Some(stop),
@@ -284,34 +300,25 @@ struct Shared {
     token: Option<Vec<u8>>,
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: oneshot::Receiver<()>) {
+async fn accept_loop(
+    listener: TcpListener,
+    address: SocketAddr,
+    shared: Arc<Shared>,
+    mut stop: oneshot::Receiver<()>,
+) {
     // Owned here so that ending the loop aborts every open connection with it.
     let mut connections = JoinSet::new();
-    let mut accept_failing = false;
+    let mut backoff = AcceptBackoff::new(format!("metrics endpoint on {address}"));
     loop {
         tokio::select! {
             _ = &mut stop => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
-                    if accept_failing {
-                        accept_failing = false;
-                        tracing::info!("metrics endpoint accepts connections again");
-                    }
-                    if connections.len() >= MAX_CONNECTIONS {
-                        tracing::debug!("metrics endpoint: {MAX_CONNECTIONS} connections open; closing a new one");
-                        continue;
-                    }
-                    connections.spawn(serve_connection(stream, Arc::clone(&shared)));
+            (stream, _peer) = backoff.accept(|| listener.accept()) => {
+                if connections.len() >= MAX_CONNECTIONS {
+                    tracing::debug!("metrics endpoint: {MAX_CONNECTIONS} connections open; closing a new one");
+                    continue;
                 }
-                Err(error) => {
-                    // EMFILE and friends: log once, then retry without spinning.
-                    if !accept_failing {
-                        accept_failing = true;
-                        tracing::warn!(%error, "metrics endpoint cannot accept connections; retrying");
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                connections.spawn(serve_connection(stream, Arc::clone(&shared)));
             }
         }
     }

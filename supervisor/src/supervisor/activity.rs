@@ -237,9 +237,10 @@ mod tests {
     use proxy_conf::Loaded;
 
     use super::*;
+    use crate::listeners::FdTable;
     use crate::metrics::Metrics;
     use crate::supervisor::reload::ReloadEvent;
-    use crate::supervisor::upgrade::{Message, Sockets, UpgradeEvent};
+    use crate::supervisor::upgrade::{Message, UpgradeEvent};
     use crate::test_support::runtime;
 
     /// A config with no role at all: its roles start and stop at once.
@@ -274,7 +275,7 @@ mod tests {
     async fn upgrading() -> Activity {
         let run = UpgradeRun::start(
             Path::new("true"),
-            Sockets::default(),
+            FdTable::default(),
             &[],
             Duration::from_secs(10),
         )

@@ -20,6 +20,7 @@ use super::roles::Roles;
 use super::upgrade::{self, Message, Successor, UpgradeRun};
 use super::{CONTROL_FLUSH, Next, StopRequest, Supervisor, notify_or_log};
 use crate::control::{ErrorKind, Responder};
+use crate::listeners::FdTable;
 
 impl Supervisor {
     /// Starts an upgrade: spawns `binary` (this process's own by default) with every listening
@@ -64,9 +65,7 @@ impl Supervisor {
             waiter.progress(format!(
                 "starting {} ({} listening socket(s) handed over, ready within {timeout:?})",
                 binary.display(),
-                sockets.web.len()
-                    + usize::from(sockets.metrics.is_some())
-                    + usize::from(sockets.control.is_some())
+                sockets.len()
             ));
         }
         let env = self.notifier.successor_env().to_vec();
@@ -90,19 +89,14 @@ impl Supervisor {
     }
 
     /// Duplicates of every listening socket, for the successor.
-    async fn upgrade_sockets(&self, roles: &Roles) -> std::io::Result<upgrade::Sockets> {
-        let metrics = match (&self.metrics_server, self.loaded.config.metrics.listen) {
-            (Some(server), Some(listen)) => Some((listen, server.duplicate_listener()?)),
-            _ => None,
-        };
-        Ok(upgrade::Sockets {
-            control: Some((
-                self.control.path().to_path_buf(),
-                self.control.duplicate_listener()?,
-            )),
-            metrics,
-            web: roles.duplicate_listeners().await?,
-        })
+    async fn upgrade_sockets(&self, roles: &Roles) -> std::io::Result<FdTable> {
+        let mut sockets = FdTable::default();
+        self.control.duplicate_into(&mut sockets)?;
+        if let Some(server) = &self.metrics_server {
+            server.duplicate_into(&mut sockets)?;
+        }
+        roles.duplicate_into(&mut sockets).await?;
+        Ok(sockets)
     }
 
     /// The successor is ready (hand over and stop) or gone (say why and carry on).

@@ -40,7 +40,7 @@ impl Roles {
     pub async fn start_for_upgrade(
         loaded: &Loaded,
         metrics: &Arc<Metrics>,
-        listeners: Option<Vec<crate::web::front::Listener>>,
+        listeners: Option<Vec<crate::listeners::Listener>>,
     ) -> anyhow::Result<Roles> {
         Roles::start_with(loaded, metrics, listeners, true).await
     }
@@ -48,7 +48,7 @@ impl Roles {
     async fn start_with(
         loaded: &Loaded,
         metrics: &Arc<Metrics>,
-        listeners: Option<Vec<crate::web::front::Listener>>,
+        listeners: Option<Vec<crate::listeners::Listener>>,
         upgrade: bool,
     ) -> anyhow::Result<Roles> {
         // The pool first: it binds the listening sockets, and a bind error stops the start.
@@ -168,14 +168,15 @@ impl Roles {
         Ok(started)
     }
 
-    /// Duplicates of the web pool's listening sockets with their `[web].listen` entries, for a
-    /// successor started by `upgrade` to inherit.
-    pub async fn duplicate_listeners(
+    /// Adds a duplicate of each of the web pool's listening sockets to `table`, for a successor
+    /// started by `upgrade` to inherit.
+    pub async fn duplicate_into(
         &self,
-    ) -> std::io::Result<Vec<(proxy_conf::Listen, std::os::fd::OwnedFd)>> {
+        table: &mut crate::listeners::FdTable,
+    ) -> std::io::Result<()> {
         match &self.pool {
-            Some(pool) => pool.duplicate_listeners().await,
-            None => Ok(Vec::new()),
+            Some(pool) => pool.duplicate_into(table).await,
+            None => Ok(()),
         }
     }
 

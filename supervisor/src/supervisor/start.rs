@@ -44,14 +44,9 @@ impl Supervisor {
         // Handlers first, so that a TERM during start-up is not fatal before children exist.
         let mut signals = Signals::install().context("cannot install signal handlers")?;
         let control_path = crate::config::control_socket(&loaded);
-        let mut control = match inherited
-            .as_mut()
-            .and_then(|inherited| inherited.control.take())
-        {
-            Some((path, socket)) if path == control_path => ControlServer::adopt(&path, socket)?,
-            // A control socket that moved in the config is closed; the new path is bound.
-            _ => ControlServer::bind(&control_path)?,
-        };
+        // A control socket that moved in the config is closed; the new path is bound.
+        let mut control =
+            ControlServer::open(&control_path, inherited.as_mut().map(Inherited::sockets))?;
         tracing::info!(
             config = %loaded.path.display(),
             control = %control.path().display(),
@@ -61,18 +56,13 @@ impl Supervisor {
         notify_or_log(notifier.status("starting"), "STATUS");
         let metrics = Arc::new(Metrics::new().context("cannot register metrics")?);
         let (health, health_receiver) = tokio::sync::watch::channel(Health::starting());
-        let inherited_metrics = inherited
-            .as_mut()
-            .and_then(|inherited| inherited.metrics.take())
-            .filter(|(listen, _)| Some(*listen) == loaded.config.metrics.listen)
-            .map(|(_, socket)| std::net::TcpListener::from(socket));
         // The endpoint comes up before the roles so that probes see "starting", not a refusal.
         let metrics_server = match crate::metrics::server::start_on(
             &loaded.config.metrics,
             &loaded.config_dir(),
             Arc::clone(&metrics),
             health_receiver,
-            inherited_metrics,
+            inherited.as_mut().map(Inherited::sockets),
         )
         .await
         {

@@ -5,10 +5,11 @@
 //! The sequence, with the channel's messages ([`Message`], one JSON object per line):
 //!
 //! 1. The old process spawns the successor with its own arguments (so `run -c …` re-reads the
-//!    config), `$SAUNA_UPGRADE_FDS` describing the inherited descriptors ([`Description`]) and
-//!    systemd's `$NOTIFY_SOCKET`/`$WATCHDOG_USEC`. Only those descriptors lose close-on-exec, in
-//!    the forked child; the successor gets no `PR_SET_PDEATHSIG` and is not reported to the
-//!    group reaper, since it must outlive the old process.
+//!    config), `$SAUNA_UPGRADE_FDS` describing the inherited descriptors ([`Description`]: the
+//!    channel and the rows of the `listeners` fd table) and systemd's `$NOTIFY_SOCKET` and
+//!    `$WATCHDOG_USEC`. Only those descriptors lose close-on-exec, in the forked child; the
+//!    successor gets no `PR_SET_PDEATHSIG` and is not reported to the group reaper, since it must
+//!    outlive the old process.
 //! 2. The successor ([`Inherited::take_from_env`] in `run`) adopts the sockets whose address is
 //!    still in its config, closes the others and binds new addresses, starts its web pool and the
 //!    `reload = "rolling"` programs, and serves metrics at once. Its web front accepts only once
@@ -29,15 +30,15 @@
 //! old process goes on as if nothing happened.
 //!
 //! This module owns the wire format, spawning the successor and watching it until it is ready
-//! ([`UpgradeRun`]), and the successor's side of the inheritance. When to upgrade, and the order
-//! in which roles stop and start, belong to the main loop (`supervisor`).
+//! ([`UpgradeRun`]), and the successor's side of the inheritance. The table of sockets handed
+//! over, and binding or adopting them, are `listeners`'. When to upgrade, and the order in which
+//! roles stop and start, belong to the main loop (`supervisor`).
 
 use std::ffi::OsString;
 use std::io::Write;
-use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use proxy_conf::Listen;
@@ -50,6 +51,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::control::Responder;
+use crate::listeners::{self, BindError, FdTable, Listener, Role, Row};
 
 /// The environment variable that describes the inherited descriptors to a successor.
 pub const ENV: &str = "SAUNA_UPGRADE_FDS";
@@ -60,31 +62,23 @@ const KILL_AFTER: Duration = Duration::from_secs(5);
 /// Longest line accepted on the channel (a traceback fits comfortably).
 const MAX_LINE: usize = 1024 * 1024;
 
-/// What `$SAUNA_UPGRADE_FDS` holds, as JSON: each inherited descriptor by role and address.
-/// Addresses travel as text (`"0.0.0.0:8000"`, `"unix:/run/app.sock"`), as every version of
-/// the binary writes and reads them; the successor parses them back into addresses to compare
-/// with its own config.
+/// What `$SAUNA_UPGRADE_FDS` holds, as JSON: the channel's descriptor and the listening sockets'
+/// fd table, one [`Row`] per socket by role and address. Both sides are the same binary's
+/// version, or at least agree on this format: a successor that cannot read it fails to start
+/// and the old supervisor goes on.
 #[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Description {
     /// The successor's end of the hand-over channel.
     pub channel: RawFd,
-    /// The control socket: its path and descriptor.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub control: Option<(PathBuf, RawFd)>,
-    /// The metrics endpoint: `[metrics].listen` and the descriptor.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub metrics: Option<(String, RawFd)>,
-    /// The web front: each `[web].listen` entry and its descriptor.
+    /// Every inherited listening socket.
     #[serde(default)]
-    pub web: Vec<(String, RawFd)>,
+    pub sockets: Vec<Row>,
 }
 
 impl Description {
     fn fds(&self) -> Vec<RawFd> {
         let mut fds = vec![self.channel];
-        fds.extend(self.control.as_ref().map(|(_, fd)| *fd));
-        fds.extend(self.metrics.as_ref().map(|(_, fd)| *fd));
-        fds.extend(self.web.iter().map(|(_, fd)| *fd));
+        fds.extend(self.sockets.iter().map(|row| row.fd));
         fds
     }
 }
@@ -121,17 +115,6 @@ impl Message {
         line.push(b'\n');
         line
     }
-}
-
-/// Duplicates of the sockets the successor inherits, gathered by the main loop.
-#[derive(Debug, Default)]
-pub struct Sockets {
-    /// The control socket's path and listener.
-    pub control: Option<(PathBuf, OwnedFd)>,
-    /// `[metrics].listen` and its listener.
-    pub metrics: Option<(SocketAddr, OwnedFd)>,
-    /// Each `[web].listen` entry and its listener.
-    pub web: Vec<(Listen, OwnedFd)>,
 }
 
 /// An upgrade in progress: the successor is starting.
@@ -192,12 +175,13 @@ impl Successor {
 }
 
 impl UpgradeRun {
-    /// Spawns `binary` with this process's arguments, handing it `sockets`, `env` (systemd's
-    /// variables) and a hand-over channel, and watches it until it is ready, failed or late
-    /// (`timeout`). The caller sets [`UpgradeRun::waiter`].
+    /// Spawns `binary` with this process's arguments, handing it the listening sockets of
+    /// `sockets` (duplicates gathered by the main loop), `env` (systemd's variables) and a
+    /// hand-over channel, and watches it until it is ready, failed or late (`timeout`). The
+    /// caller sets [`UpgradeRun::waiter`].
     pub fn start(
         binary: &Path,
-        sockets: Sockets,
+        sockets: FdTable,
         env: &[(&'static str, OsString)],
         timeout: Duration,
     ) -> Result<UpgradeRun, Failure> {
@@ -206,19 +190,7 @@ impl UpgradeRun {
         })?;
         let description = Description {
             channel: theirs.as_raw_fd(),
-            control: sockets
-                .control
-                .as_ref()
-                .map(|(path, fd)| (path.clone(), fd.as_raw_fd())),
-            metrics: sockets
-                .metrics
-                .as_ref()
-                .map(|(listen, fd)| (listen.to_string(), fd.as_raw_fd())),
-            web: sockets
-                .web
-                .iter()
-                .map(|(listen, fd)| (listen.to_string(), fd.as_raw_fd()))
-                .collect(),
+            sockets: sockets.rows(),
         };
         let fds = description.fds();
         let json = serde_json::to_string(&description)
@@ -405,12 +377,8 @@ async fn stop(child: &mut Child, pid: u32) {
 /// The successor's view: what it inherited, and its end of the channel.
 #[derive(Debug)]
 pub struct Inherited {
-    /// The control socket, when the old supervisor had one.
-    pub control: Option<(PathBuf, OwnedFd)>,
-    /// The metrics listener, when there was one.
-    pub metrics: Option<(SocketAddr, OwnedFd)>,
-    /// The web listeners, by `[web].listen` entry.
-    pub web: Vec<(Listen, OwnedFd)>,
+    /// The old supervisor's listening sockets, by role and address; each role takes its own.
+    sockets: FdTable,
     channel: StdUnixStream,
 }
 
@@ -437,48 +405,35 @@ impl Inherited {
                     value.to_string_lossy()
                 )
             })?;
-        let take = |fd: RawFd| -> Result<OwnedFd, String> {
-            // SAFETY: fcntl on a number only inspects and flags it; an fd that is not open
-            // fails with EBADF, which is reported instead of adopting a stranger.
-            if fd < 3 || unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } == -1 {
-                return Err(format!(
-                    "${ENV} names descriptor {fd}, which was not inherited"
-                ));
-            }
-            // SAFETY: the descriptor is open (checked above) and nothing else in this process
-            // knows its number: the old supervisor handed it to us alone.
-            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-        };
-        let channel = StdUnixStream::from(take(description.channel)?);
-        let control = match description.control {
-            Some((path, fd)) => Some((path, take(fd)?)),
-            None => None,
-        };
-        // An address this version cannot read is no address of its config: its socket is
-        // taken (so that it is closed) and dropped.
-        let metrics = match description.metrics {
-            Some((listen, fd)) => {
-                let fd = take(fd)?;
-                listen
-                    .parse::<SocketAddr>()
-                    .ok()
-                    .map(|address| (address, fd))
-            }
-            None => None,
-        };
-        let mut web = Vec::new();
-        for (listen, fd) in description.web {
-            let fd = take(fd)?;
-            if let Ok(address) = listen.parse::<Listen>() {
-                web.push((address, fd));
-            }
+        let fds = description.fds();
+        if let Some(fd) = fds
+            .iter()
+            .enumerate()
+            .find_map(|(index, fd)| fds[..index].contains(fd).then_some(*fd))
+        {
+            return Err(format!("${ENV} names descriptor {fd} twice"));
         }
+        let not_inherited = |error: listeners::ClaimError| {
+            format!(
+                "${ENV} names descriptor {}, which was not inherited",
+                error.fd
+            )
+        };
+        // SAFETY: the old supervisor handed these descriptors to this process alone, each is
+        // named once (checked above), and this function runs at most once.
+        let channel =
+            unsafe { listeners::claim_inherited(description.channel) }.map_err(not_inherited)?;
+        // SAFETY: as above.
+        let sockets = unsafe { FdTable::from_rows(description.sockets) }.map_err(not_inherited)?;
         Ok(Some(Inherited {
-            control,
-            metrics,
-            web,
-            channel,
+            sockets,
+            channel: StdUnixStream::from(channel),
         }))
+    }
+
+    /// The inherited listening sockets, for each role to take its own from.
+    pub fn sockets(&mut self) -> &mut FdTable {
+        &mut self.sockets
     }
 
     /// Tells the old supervisor something.
@@ -499,27 +454,11 @@ impl Inherited {
         &mut self,
         listen: &[Listen],
         backlog: u32,
-    ) -> Result<Vec<crate::web::front::Listener>, crate::web::front::BindError> {
-        let mut inherited = std::mem::take(&mut self.web);
-        let listeners = listen
-            .iter()
-            .map(
-                |address| match inherited.iter().position(|(listen, _)| listen == address) {
-                    Some(index) => {
-                        let (_, fd) = inherited.remove(index);
-                        crate::web::front::Listener::adopt(address, fd).map_err(|source| {
-                            crate::web::front::BindError {
-                                address: address.clone(),
-                                source,
-                            }
-                        })
-                    }
-                    None => crate::web::front::bind(std::slice::from_ref(address), backlog)
-                        .map(|mut bound| bound.remove(0)),
-                },
-            )
-            .collect();
-        for (address, _) in &inherited {
+    ) -> Result<Vec<Listener>, BindError> {
+        let listeners = self
+            .sockets
+            .open_all(listen, &listeners::Options::new(Role::Web, backlog));
+        for (address, _) in self.sockets.take_role(Role::Web) {
             tracing::info!(
                 "upgrade: {address} is no longer in [web].listen; closing the inherited socket"
             );
@@ -575,11 +514,27 @@ mod tests {
     fn the_description_round_trips_and_lists_every_descriptor() {
         let description = Description {
             channel: 7,
-            control: Some(("/run/sauna/control.sock".into(), 8)),
-            metrics: Some(("127.0.0.1:9100".to_owned(), 9)),
-            web: vec![
-                ("0.0.0.0:8000".to_owned(), 10),
-                ("unix:/run/app; odd=name.sock".to_owned(), 11),
+            sockets: vec![
+                Row {
+                    role: Role::Control,
+                    address: Listen::Unix("/run/sauna/control.sock".into()),
+                    fd: 8,
+                },
+                Row {
+                    role: Role::Metrics,
+                    address: Listen::Tcp("127.0.0.1:9100".parse().expect("address")),
+                    fd: 9,
+                },
+                Row {
+                    role: Role::Web,
+                    address: Listen::Tcp("0.0.0.0:8000".parse().expect("address")),
+                    fd: 10,
+                },
+                Row {
+                    role: Role::Web,
+                    address: Listen::Unix("/run/app; odd=name.sock".into()),
+                    fd: 11,
+                },
             ],
         };
         let text = serde_json::to_string(&description).expect("serialize");

@@ -1,19 +1,15 @@
-//! The control socket file: binding it safely ([`ControlServer::bind`]: mode 0600 before the file
-//! exists, a 0700 directory, refusing when another supervisor answers on the path and replacing a
-//! socket left by a crash), adopting the one inherited in an `upgrade` ([`ControlServer::adopt`]),
-//! and removing ours, and only ours, at exit.
+//! The control socket file: binding it safely ([`ControlServer::bind`], through `listeners`:
+//! mode 0600 before the file exists, a 0700 directory, refusing when another supervisor answers
+//! on the path and replacing a socket left by a crash), adopting the one inherited in an
+//! `upgrade` ([`ControlServer::adopt`]), lending it to the next upgrade, and removing ours, and
+//! only ours, at exit.
 
 use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use nix::errno::Errno;
-use nix::sys::socket::{
-    AddressFamily, Backlog, SockFlag, SockType, bind as bind_fd, getsockopt, listen, socket,
-    sockopt::PeerCredentials,
-};
-use nix::sys::stat::{Mode, fchmod};
+use proxy_conf::Listen;
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -21,17 +17,33 @@ use tracing::{info, warn};
 
 use super::ControlServer;
 use crate::control::ControlError;
-use crate::control::client::{connect, socket_address};
+use crate::listeners::{self, AcceptBackoff, FdTable, Role, SocketError, Step};
 
 /// Mode of the socket file.
 const SOCKET_MODE: u32 = 0o600;
 /// Mode of a socket directory this module creates.
 const DIRECTORY_MODE: u32 = 0o700;
+/// Connections the kernel queues before they are accepted; a handful of CLI clients at most.
+const BACKLOG: u32 = 64;
 
 /// Requests read but not yet taken by [`ControlServer::accept`].
 const QUEUED_REQUESTS: usize = 64;
 
 impl ControlServer {
+    /// The control socket at `path`: the one inherited in an upgrade when `inherited` holds it
+    /// ([`ControlServer::adopt`]), else a new one ([`ControlServer::bind`]). An inherited control
+    /// socket at another path stays in the table (and is closed with it).
+    pub fn open(
+        path: &Path,
+        inherited: Option<&mut FdTable>,
+    ) -> Result<ControlServer, ControlError> {
+        let address = Listen::Unix(path.to_owned());
+        match inherited.and_then(|table| table.take(Role::Control, &address)) {
+            Some(fd) => ControlServer::adopt(path, fd),
+            None => ControlServer::bind(path),
+        }
+    }
+
     /// Binds the control socket at `path`, mode 0600, creating its directory (0700) if missing.
     ///
     /// If a socket already exists there: when a process answers on it, this fails with
@@ -39,79 +51,20 @@ impl ControlServer {
     /// and left it), it is removed and replaced, and that is logged. Anything else at the path is
     /// left alone ([`ControlError::NotASocket`]). Must be called inside a tokio runtime.
     pub fn bind(path: &Path) -> Result<ControlServer, ControlError> {
-        let io_error = |action| {
-            move |source| ControlError::Io {
-                action,
-                path: path.to_owned(),
-                source,
-            }
+        let options = listeners::Options {
+            mode: Some(SOCKET_MODE),
+            directory_mode: Some(DIRECTORY_MODE),
+            ..listeners::Options::new(Role::Control, BACKLOG)
         };
-        let address = socket_address(path)?;
-        if let Some(parent) = path
-            .parent()
-            .filter(|parent| !parent.as_os_str().is_empty())
-        {
-            if !parent.exists() {
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(DIRECTORY_MODE)
-                    .create(parent)
-                    .map_err(|source| ControlError::Io {
-                        action: "cannot create the control socket's directory",
-                        path: parent.to_owned(),
-                        source,
-                    })?;
-            }
-        }
-        remove_stale(path)?;
-
-        let fd = socket(
-            AddressFamily::Unix,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-            None,
-        )
-        .map_err(|errno| io_error("cannot create the control socket")(errno.into()))?;
-        // Linux creates the socket file with the socket inode's mode (less the umask), so setting
-        // it before `bind` means the file is never, even for an instant, open to other users.
-        // Changing the umask instead would race with every other thread creating files.
-        fchmod(&fd, Mode::from_bits_truncate(SOCKET_MODE))
-            .map_err(|errno| io_error("cannot set the mode of the control socket")(errno.into()))?;
-        match bind_fd(fd.as_raw_fd(), &address) {
-            Ok(()) => {}
-            // Another supervisor bound it between our check and our bind.
-            Err(Errno::EADDRINUSE) => {
-                return Err(ControlError::AlreadyRunning {
-                    path: path.to_owned(),
-                    pid: listening_pid(path),
-                });
-            }
-            Err(errno) => return Err(io_error("cannot bind the control socket")(errno.into())),
-        }
-        let metadata = std::fs::symlink_metadata(path)
-            .map_err(io_error("cannot inspect the new control socket"))?;
-        if metadata.mode() & 0o077 != 0 {
-            // Only reachable on a kernel that ignores the mode set above; tighten it at once.
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
-                .map_err(io_error("cannot restrict the mode of the control socket"))?;
-        }
-        listen(&fd, Backlog::new(64).unwrap_or(Backlog::MAXCONN))
-            .map_err(|errno| io_error("cannot listen on the control socket")(errno.into()))?;
-        let listener = UnixListener::from_std(std::os::unix::net::UnixListener::from(fd)).map_err(
-            io_error("cannot register the control socket with the runtime"),
-        )?;
-        let (requests_in, requests) = mpsc::channel(QUEUED_REQUESTS);
-        info!(path = %path.display(), "control socket listening");
-        Ok(ControlServer {
-            listener,
+        let listener =
+            listeners::bind_unix(path, &options).map_err(|error| control_error(path, error))?;
+        let metadata = std::fs::symlink_metadata(path).map_err(|source| ControlError::Io {
+            action: "cannot inspect the new control socket",
             path: path.to_owned(),
-            identity: (metadata.dev(), metadata.ino()),
-            owns_file: true,
-            our_uid: nix::unistd::geteuid().as_raw(),
-            requests_in,
-            requests,
-            connections: JoinSet::new(),
-        })
+            source,
+        })?;
+        info!(path = %path.display(), "control socket listening");
+        Ok(ControlServer::serving(listener, path, &metadata, true))
     }
 
     /// Takes over the control socket inherited from the supervisor this one replaces
@@ -119,41 +72,43 @@ impl ControlServer {
     /// or re-bound. Connections queue until [`ControlServer::accept`] is first awaited. The file
     /// is left alone at exit until [`ControlServer::set_owns_socket_file`] claims it. Must be
     /// called inside a tokio runtime.
-    pub fn adopt(path: &Path, fd: std::os::fd::OwnedFd) -> Result<ControlServer, ControlError> {
-        let io_error = |action| {
-            move |source| ControlError::Io {
-                action,
-                path: path.to_owned(),
-                source,
-            }
-        };
-        let listener = std::os::unix::net::UnixListener::from(fd);
-        listener
-            .set_nonblocking(true)
-            .map_err(io_error("cannot adopt the inherited control socket"))?;
-        let metadata = std::fs::symlink_metadata(path)
-            .map_err(io_error("cannot inspect the inherited control socket"))?;
-        let listener = UnixListener::from_std(listener).map_err(io_error(
-            "cannot register the control socket with the runtime",
-        ))?;
-        let (requests_in, requests) = mpsc::channel(QUEUED_REQUESTS);
-        info!(path = %path.display(), "control socket adopted from the previous supervisor");
-        Ok(ControlServer {
-            listener,
+    pub fn adopt(path: &Path, fd: OwnedFd) -> Result<ControlServer, ControlError> {
+        let listener = listeners::adopt_unix(fd).map_err(|error| control_error(path, error))?;
+        let metadata = std::fs::symlink_metadata(path).map_err(|source| ControlError::Io {
+            action: "cannot inspect the inherited control socket",
             path: path.to_owned(),
-            identity: (metadata.dev(), metadata.ino()),
-            owns_file: false,
+            source,
+        })?;
+        info!(path = %path.display(), "control socket adopted from the previous supervisor");
+        Ok(ControlServer::serving(listener, path, &metadata, false))
+    }
+
+    fn serving(
+        listener: UnixListener,
+        path: &Path,
+        file: &std::fs::Metadata,
+        owns_file: bool,
+    ) -> ControlServer {
+        let (requests_in, requests) = mpsc::channel(QUEUED_REQUESTS);
+        ControlServer {
+            listener,
+            backoff: AcceptBackoff::new(format!("control socket {}", path.display())),
+            path: path.to_owned(),
+            identity: (file.dev(), file.ino()),
+            owns_file,
             our_uid: nix::unistd::geteuid().as_raw(),
             requests_in,
             requests,
             connections: JoinSet::new(),
-        })
+        }
     }
 
-    /// A duplicate of the listening socket, for a successor started by `upgrade` to inherit.
-    pub fn duplicate_listener(&self) -> io::Result<std::os::fd::OwnedFd> {
-        use std::os::fd::AsFd;
-        self.listener.as_fd().try_clone_to_owned()
+    /// Adds a duplicate of the listening socket to `table`, for a successor started by
+    /// `upgrade` to inherit.
+    pub fn duplicate_into(&self, table: &mut FdTable) -> io::Result<()> {
+        let fd = self.listener.as_fd().try_clone_to_owned()?;
+        table.insert(Role::Control, Listen::Unix(self.path.clone()), fd);
+        Ok(())
     }
 
     /// Whether shutting down or dropping this server removes the socket file: `false` once an
@@ -187,72 +142,42 @@ impl Drop for ControlServer {
     }
 }
 
-/// Removes a socket nobody listens on; refuses when someone does or the path is not a socket.
-fn remove_stale(path: &Path) -> Result<(), ControlError> {
-    let metadata = match std::fs::symlink_metadata(path) {
-        Ok(metadata) => metadata,
-        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => {
-            return Err(ControlError::Io {
-                action: "cannot inspect",
-                path: path.to_owned(),
-                source,
-            });
-        }
-    };
-    if !metadata.file_type().is_socket() {
-        return Err(ControlError::NotASocket {
-            path: path.to_owned(),
-        });
+/// The control socket's words for why `listeners` could not bind or adopt it.
+fn control_error(path: &Path, error: SocketError) -> ControlError {
+    let path = path.to_owned();
+    match error {
+        SocketError::NotASocket => ControlError::NotASocket { path },
+        SocketError::InUse { pid } => ControlError::AlreadyRunning { path, pid },
+        SocketError::PathTooLong { .. } => ControlError::PathTooLong { path },
+        SocketError::Directory { path, error } => ControlError::Io {
+            action: "cannot create the control socket's directory",
+            path,
+            source: error,
+        },
+        SocketError::Os { step, error } => ControlError::Io {
+            action: match step {
+                Step::Inspect => "cannot inspect",
+                Step::Probe => "cannot connect to the control socket",
+                Step::RemoveStale => "cannot remove the stale control socket",
+                Step::Address => "invalid control socket path",
+                Step::Create => "cannot create the control socket",
+                Step::SetMode => "cannot set the mode of the control socket",
+                Step::Bind => "cannot bind the control socket",
+                Step::InspectNew => "cannot inspect the new control socket",
+                Step::RestrictMode => "cannot restrict the mode of the control socket",
+                Step::Listen => "cannot listen on the control socket",
+                Step::Register => "cannot register the control socket with the runtime",
+                Step::Adopt => "cannot adopt the inherited control socket",
+            },
+            path,
+            source: error,
+        },
     }
-    match connect(path) {
-        Ok(stream) => Err(ControlError::AlreadyRunning {
-            path: path.to_owned(),
-            pid: getsockopt(&stream, PeerCredentials)
-                .ok()
-                .map(|credentials| credentials.pid()),
-        }),
-        Err(ControlError::NotRunning { stale: true, .. }) => {
-            match std::fs::remove_file(path) {
-                Ok(()) => {}
-                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-                Err(source) => {
-                    return Err(ControlError::Io {
-                        action: "cannot remove the stale control socket",
-                        path: path.to_owned(),
-                        source,
-                    });
-                }
-            }
-            info!(
-                path = %path.display(),
-                "removed a stale control socket left by a supervisor that did not stop cleanly"
-            );
-            Ok(())
-        }
-        // Removed by someone else since we looked.
-        Err(ControlError::NotRunning { stale: false, .. }) => Ok(()),
-        // A live listener whose queue is full is still a live supervisor.
-        Err(ControlError::Io { source, .. }) if source.raw_os_error() == Some(libc::EAGAIN) => {
-            Err(ControlError::AlreadyRunning {
-                path: path.to_owned(),
-                pid: None,
-            })
-        }
-        Err(error) => Err(error),
-    }
-}
-
-/// The pid of whoever listens on `path`, if it answers.
-fn listening_pid(path: &Path) -> Option<i32> {
-    let stream = connect(path).ok()?;
-    getsockopt(&stream, PeerCredentials)
-        .ok()
-        .map(|credentials| credentials.pid())
 }
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
     use std::path::PathBuf;
 
     use serde_json::json;

@@ -1,10 +1,11 @@
-//! The running front: one accept loop per listening socket, one hyper HTTP/1.1 connection task
-//! per client (keep-alive, pipelining, the slowloris head timeout), and the [`FrontHandle`] the
-//! pool holds — adding and removing sockets on a reload, duplicating them for an upgrade, the
-//! hand-over to a successor and the graceful shutdown. What a request gets is `respond`'s.
+//! The running front: one accept loop per listening socket (`listeners`' loop, which rides out a
+//! shortage of descriptors), one hyper HTTP/1.1 connection task per client (keep-alive,
+//! pipelining, the slowloris head timeout), and the [`FrontHandle`] the pool holds — adding and
+//! removing sockets on a reload, duplicating them into an upgrade's fd table, the hand-over to a
+//! successor and the graceful shutdown. What a request gets is `respond`'s.
 
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -20,8 +21,8 @@ use tokio::task::JoinHandle;
 
 use super::Front;
 use super::environ::Connection;
-use super::listen::Listener;
 use super::respond::handle;
+use crate::listeners::{AcceptBackoff, FdTable, Listener, Role};
 
 /// A client must send its request head within this time (slowloris protection).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -106,21 +107,19 @@ impl FrontHandle {
         Some(listener.task)
     }
 
-    /// Duplicates of the listening sockets with their `[web].listen` entries, for a successor
-    /// started by `upgrade` to inherit.
-    pub fn duplicate_listeners(&self) -> io::Result<Vec<(Listen, OwnedFd)>> {
-        self.listeners
-            .iter()
-            .map(|listener| {
-                let socket = listener.socket.as_ref().ok_or_else(|| {
-                    io::Error::other(format!(
-                        "the socket of {} could not be duplicated when it was bound",
-                        listener.address
-                    ))
-                })?;
-                Ok((listener.configured.clone(), socket.try_clone()?))
-            })
-            .collect()
+    /// Adds a duplicate of each listening socket to `table`, by its `[web].listen` entry, for a
+    /// successor started by `upgrade` to inherit.
+    pub fn duplicate_into(&self, table: &mut FdTable) -> io::Result<()> {
+        for listener in &self.listeners {
+            let socket = listener.socket.as_ref().ok_or_else(|| {
+                io::Error::other(format!(
+                    "the socket of {} could not be duplicated when it was bound",
+                    listener.address
+                ))
+            })?;
+            table.insert(Role::Web, listener.configured.clone(), socket.try_clone()?);
+        }
+        Ok(())
     }
 
     /// The successor of an upgrade serves the same sockets now: stop accepting (keeping the Unix
@@ -206,6 +205,7 @@ async fn accept_loop(
     graceful: Arc<GracefulShutdown>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut backoff = AcceptBackoff::new(format!("web front on {}", listener.address()));
     let mut builder = http1::Builder::new();
     builder
         .keep_alive(true)
@@ -215,21 +215,9 @@ async fn accept_loop(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
     loop {
-        let accepted = tokio::select! {
-            accepted = accept(&listener) => accepted,
+        let (io, connection) = tokio::select! {
+            accepted = backoff.accept(|| accept(&listener)) => accepted,
             _ = stop.changed() => return,
-        };
-        let (io, connection) = match accepted {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                // EMFILE and friends: back off instead of spinning on a full descriptor table.
-                tracing::error!(
-                    "accepting a connection on {} failed: {error}",
-                    listener.address()
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
         };
         let connection = Arc::new(connection);
         let front = Arc::clone(&front);

@@ -1,9 +1,10 @@
-//! The HTTP/1.1 front of the web pool: the listening sockets (TCP and Unix, one socket per
-//! `[web].listen` address, owned by the supervisor so that a worker restart never resets a queued
-//! connection), one hyper connection task per client, and the handling of one request from
-//! accept to response: body buffering (413), environ, dispatch (503 with `Retry-After` when the
-//! queue is full or too slow), the exchange with the worker (504 on timeout, 502 when the worker
-//! dies), the access log and the request metrics. No HTTP is parsed in Python.
+//! The HTTP/1.1 front of the web pool: serving the listening sockets (TCP and Unix, one socket
+//! per `[web].listen` address, bound by `listeners` and owned by the supervisor so that a worker
+//! restart never resets a queued connection), one hyper connection task per client, and the
+//! handling of one request from accept to response: body buffering (413), environ, dispatch (503
+//! with `Retry-After` when the queue is full or too slow), the exchange with the worker (504 on
+//! timeout, 502 when the worker dies), the access log and the request metrics. No HTTP is parsed
+//! in Python.
 //!
 //! A reload changes the front in place: the settings are swapped for requests that arrive from
 //! then on, and listening sockets are added or closed one by one, the others untouched (their
@@ -11,7 +12,7 @@
 //! so it reaches the canary exactly as a client's request would.
 //!
 //! An upgrade (see `upgrade`) hands the listening sockets to a new supervisor process: the
-//! successor adopts them ([`Listener::adopt`]) instead of binding, both processes accept from the
+//! successor adopts them (`listeners::adopt`) instead of binding, both processes accept from the
 //! same sockets while the successor starts, and then [`FrontHandle::hand_over`] stops this front
 //! accepting, answers each further request on an open connection with `Connection: close` (so
 //! clients reconnect to the successor between requests instead of racing an idle close), and
@@ -19,7 +20,6 @@
 //!
 //! It does not start or stop workers (the pool does) nor choose them (the dispatcher does). This
 //! module holds the front's settings and shared state ([`Front`]); the work is split by job:
-//! - `listen`: binding and adopting the listening sockets;
 //! - `accept`: the accept loops, one hyper connection task per client, the running front's
 //!   handle (add/remove sockets, hand-over, shutdown);
 //! - `respond`: one request from its head to the response (refusals, body, frame, dispatch,
@@ -32,7 +32,6 @@ mod accept;
 pub mod body;
 pub mod environ;
 pub mod exchange;
-mod listen;
 mod respond;
 mod warm_up;
 
@@ -44,7 +43,6 @@ use crate::metrics::Metrics;
 use crate::web::dispatch::Dispatcher;
 pub use accept::{FrontHandle, serve};
 use environ::EnvironConfig;
-pub use listen::{BindError, Listener, bind};
 pub use warm_up::{WarmUpAnswer, warm_up};
 
 /// Settings of the front, from `[web]`.

@@ -146,10 +146,12 @@ impl Actor {
                         return;
                     }
                     Some(Command::DuplicateListeners(reply)) => {
-                        let duplicates = match &self.front {
-                            Some(front) => front.duplicate_listeners(),
-                            None => Ok(Vec::new()),
+                        let mut duplicates = crate::listeners::FdTable::default();
+                        let duplicated = match &self.front {
+                            Some(front) => front.duplicate_into(&mut duplicates),
+                            None => Ok(()),
                         };
+                        let duplicates = duplicated.map(|()| duplicates);
                         let _ = reply.send(duplicates);
                     }
                     Some(Command::HandOver(reply)) => {

@@ -24,9 +24,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use proxy_conf::{AppConfig, Listen, WebConfig};
+use proxy_conf::{AppConfig, WebConfig};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::listeners::{self, FdTable, Listener, Role};
 use crate::metrics::Metrics;
 use crate::supervisor::lifecycle::{Progress, StopMode};
 use crate::web::dispatch::Dispatcher;
@@ -46,7 +47,7 @@ pub enum PoolError {
     Config(String),
     /// A listen address could not be bound.
     #[error(transparent)]
-    Bind(#[from] front::BindError),
+    Bind(#[from] listeners::BindError),
     /// The app failed to import; the Python traceback.
     #[error("worker {slot}: the app failed to import:\n{traceback}")]
     Import {
@@ -70,7 +71,7 @@ enum Command {
     Scale(i32),
     Reload(Box<ReloadRequest>),
     Shutdown(StopMode, oneshot::Sender<()>),
-    DuplicateListeners(oneshot::Sender<std::io::Result<Vec<(Listen, std::os::fd::OwnedFd)>>>),
+    DuplicateListeners(oneshot::Sender<std::io::Result<FdTable>>),
     HandOver(oneshot::Sender<()>),
 }
 
@@ -102,6 +103,11 @@ fn queue_limits(web: &WebConfig) -> (usize, Duration) {
             queue_timeout
         },
     )
+}
+
+/// How the front's sockets are bound, from `[web]`.
+fn bind_options(web: &WebConfig) -> listeners::Options {
+    listeners::Options::new(Role::Web, web.backlog)
 }
 
 /// The front's settings from `[web]`.
@@ -177,7 +183,7 @@ pub async fn start_on(
     web: &WebConfig,
     base_dir: &Path,
     metrics: Arc<Metrics>,
-    listeners: Option<Vec<front::Listener>>,
+    listeners: Option<Vec<Listener>>,
 ) -> Result<PoolHandle, PoolError> {
     let launch = Arc::new(
         Launch::new(app, base_dir, web.threads, web.reload_timeout.get())
@@ -186,9 +192,9 @@ pub async fn start_on(
     let config = front_config(web);
     let listeners = match listeners {
         Some(listeners) => listeners,
-        None => front::bind(&web.listen, web.backlog)?,
+        None => listeners::bind_all(&web.listen, &bind_options(web))?,
     };
-    let listen = listeners.iter().map(front::Listener::address).collect();
+    let listen = listeners.iter().map(Listener::address).collect();
 
     let (notices_tx, notices) = mpsc::unbounded_channel();
     let (queue_size, queue_timeout) = queue_limits(web);
@@ -313,16 +319,16 @@ impl PoolHandle {
         let _ = self.task.await;
     }
 
-    /// Duplicates of the listening sockets with their `[web].listen` entries, for a successor
-    /// started by `upgrade` to inherit.
-    pub async fn duplicate_listeners(
-        &self,
-    ) -> std::io::Result<Vec<(Listen, std::os::fd::OwnedFd)>> {
+    /// Adds a duplicate of each listening socket to `table`, by its `[web].listen` entry, for a
+    /// successor started by `upgrade` to inherit.
+    pub async fn duplicate_into(&self, table: &mut FdTable) -> std::io::Result<()> {
         let (reply, answer) = oneshot::channel();
         let _ = self.commands.send(Command::DuplicateListeners(reply));
-        answer
+        let duplicates = answer
             .await
-            .unwrap_or_else(|_| Err(std::io::Error::other("the web pool is not running")))
+            .unwrap_or_else(|_| Err(std::io::Error::other("the web pool is not running")))?;
+        table.append(duplicates);
+        Ok(())
     }
 
     /// Stops the pool after an upgrade handed its sockets to a successor: stop accepting (the

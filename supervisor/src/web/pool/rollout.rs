@@ -19,7 +19,8 @@ use tokio::sync::oneshot;
 use super::actor::Actor;
 use super::slots::Slot;
 use super::state::{RestartReason, Worker, WorkerState};
-use super::{ReloadRequest, Rolled, front_config, queue_limits};
+use super::{ReloadRequest, Rolled, bind_options, front_config, queue_limits};
+use crate::listeners::{self, Listener};
 use crate::supervisor::lifecycle::Progress;
 use crate::web::front::{self, FrontConfig, WarmUpAnswer};
 use crate::web::worker::{self, Launch, StartError, WorkerId};
@@ -97,7 +98,7 @@ pub(super) struct Rollout {
     new: Release,
     /// Listeners bound for the addresses the new config adds; they accept once the roll succeeds
     /// and are closed if it fails.
-    added: Vec<(Listen, front::Listener)>,
+    added: Vec<(Listen, Listener)>,
     /// Addresses the new config drops; they stop accepting once the roll succeeds.
     removed: Vec<Listen>,
     started: Instant,
@@ -217,7 +218,7 @@ impl Actor {
             .filter(|address| !web.listen.contains(address))
             .cloned()
             .collect();
-        let added = match front::bind(&adding, web.backlog) {
+        let added = match listeners::bind_all(&adding, &bind_options(&web)) {
             Ok(listeners) => adding.into_iter().zip(listeners).collect(),
             Err(error) => {
                 let _ = reply.send(Err(PoolReloadError::new(format!(
