@@ -333,7 +333,7 @@ impl PoolHandle {
 
     /// Stops the pool after an upgrade handed its sockets to a successor: stop accepting (the
     /// Unix socket files stay, they are the successor's), close each open connection after its
-    /// next response, give clients [`HANDOVER_LINGER`] (at most `graceful_timeout`) to make
+    /// next response, give clients `HANDOVER_LINGER` (at most `graceful_timeout`) to make
     /// that request, then stop gracefully.
     pub async fn hand_over(self) {
         let (reply, done) = oneshot::channel();
