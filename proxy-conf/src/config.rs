@@ -1,7 +1,8 @@
 //! The configuration the runtime reads: every value of `sauna.toml` already checked and turned
 //! into what it stands for — listen addresses as [`Listen`], time zones as [`Tz`], cron
 //! expressions as parsed [`Cron`] specs, trusted proxies as [`Forwarders`], stop signals as
-//! [`StopSignal`], counts that cannot be zero as `NonZero*`, durations as [`Duration`]. Nothing
+//! [`StopSignal`], the reload's warm-up as a [`WarmUp`] with its host chosen, counts that cannot
+//! be zero as `NonZero*`, durations as [`Duration`]. Nothing
 //! downstream parses a string from the file again, and nothing re-checks what the types already
 //! guarantee.
 //!
