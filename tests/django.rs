@@ -35,7 +35,8 @@ const REDIS_PASSWORD: &str = "b41d07c9e2f85a3d6c0e9b7a1f4d2c8e";
 const ADMIN_PASSWORD: &str = "a long admin password";
 
 /// The site's name, as the README's example.com: nginx's server_name, Django's ALLOWED_HOSTS
-/// and every request's Host. Only the reload's warm-up request comes as `Host: localhost`.
+/// (and nothing else there) and every request's Host — the reload's warm-up included, which
+/// takes it from `[deploy].server_names`.
 const HOST: &str = "mysite.test";
 
 /// What release 1's and release 2's home page say.
@@ -98,7 +99,7 @@ fn config(sandbox: &Sandbox, ports: &Ports, redis: u16) -> String {
 directory = "{root}/app"
 python = "{python}"
 wsgi = "mysite.wsgi:application"
-env = {{ DJANGO_SETTINGS_MODULE = "mysite.settings", DJANGO_SECRET_KEY_FILE = "{root}/mysite-django.key", DJANGO_ALLOWED_HOSTS = "{HOST},localhost", STATIC_ROOT = "{root}/static" }}
+env = {{ DJANGO_SETTINGS_MODULE = "mysite.settings", DJANGO_SECRET_KEY_FILE = "{root}/mysite-django.key", DJANGO_ALLOWED_HOSTS = "{HOST}", STATIC_ROOT = "{root}/static" }}
 
 [web]
 listen = ["127.0.0.1:{web}"]
@@ -555,6 +556,11 @@ fn a_django_site_deploys_from_scratch_and_a_release_rolls_in_place_with_its_migr
         "reload shows the migration's output: {said}"
     );
     assert!(said.contains("\"celery\" rolled"), "{said}");
+    // ALLOWED_HOSTS has only the site's name: the warm-up passed Django's host check with it.
+    assert!(
+        said.contains(&format!("warm-up GET http://{HOST}/ answered 200")),
+        "{said}"
+    );
     let last_before = ticks(&mut db, 0).last().map_or(0, |tick| tick.0);
     thread::sleep(Duration::from_millis(500));
     let seen = load.finish();

@@ -3,7 +3,8 @@
 //! failed request, a broken, hanging or cold release is refused or rolled back while the old one
 //! keeps answering, a long request survives a reload, concurrent reloads are serialized, `[web]`
 //! changes (workers, listen addresses) apply, a worker crashing mid-roll is refilled by the roll,
-//! and `status --json` shows each worker's generation, also while the roll runs.
+//! `status --json` shows each worker's generation, also while the roll runs, and the warm-up
+//! names the site's host (`[deploy].server_names` or its own URL) to an app that checks it.
 //!
 //! Releases are directories `releases/vN` behind a `current` symlink, as deploy tools lay them
 //! out; switching the symlink and running `reload` is a deploy.
@@ -75,6 +76,11 @@ impl Stack {
     /// Writes `[app]`/`[web]` with `web` added to `[web]` (2 workers and a 10 s
     /// `reload_timeout` unless it sets them).
     fn configure(&self, web: &str) {
+        self.configure_with(web, "");
+    }
+
+    /// [`Stack::configure`], with `sections` (whole tables, e.g. `[deploy]`) appended.
+    fn configure_with(&self, web: &str, sections: &str) {
         let mut web = web.to_owned();
         if !web.contains("workers =") {
             web.push_str("\nworkers = 2");
@@ -85,7 +91,7 @@ impl Stack {
         self.sandbox.write_config(&format!(
             "[app]\npython = \"{}\"\ndirectory = \"current\"\nwsgi = \"app:application\"\n\n\
              [web]\nthreads = 2\ngraceful_timeout = \"10s\"\n{web}\n\n\
-             [metrics]\nlisten = \"127.0.0.1:{}\"\n",
+             [metrics]\nlisten = \"127.0.0.1:{}\"\n\n{sections}",
             util::python().display(),
             self.metrics_port
         ));
@@ -575,6 +581,85 @@ fn broken_releases_are_refused_or_rolled_back_while_the_old_one_serves() {
             assert!(release == "v1" || release == "flaky", "{release}");
         }
     }
+}
+
+/// A release that answers 400 to any `Host` but its own, as Django does for a host missing from
+/// `ALLOWED_HOSTS`, and writes down how each warm-up reached it: "HOST SCHEME PORT QUERY".
+const HOST_CHECKING_APP: &str = r#"
+SITE = "site.test"
+SEEN = @SEEN@
+
+def application(environ, start_response):
+    host = environ.get("HTTP_HOST", "")
+    if host.rsplit(":", 1)[0] != SITE:
+        start_response("400 Bad Request", [("Content-Type", "text/plain")])
+        return [("DisallowedHost: %r is not %s" % (host, SITE)).encode()]
+    if environ["PATH_INFO"] == "/warmup":
+        with open(SEEN, "a") as seen:
+            seen.write("%s %s %s %s\n" % (host, environ["wsgi.url_scheme"],
+                                         environ["SERVER_PORT"], environ["QUERY_STRING"] or "-"))
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"hello from " + SITE.encode()]
+"#;
+
+/// The warm-up names the site, so a release that checks its host passes it: without a host
+/// name in `[deploy].server_names` (only nginx's catch-all, wildcards and a regex) the warm-up
+/// asks for `localhost` and the reload is refused with the app's 400; with `site.test` listed
+/// after them the same release rolls out. An absolute `https://` URL names its own host and
+/// port, ahead of `[deploy]`, and reaches the app as a request nginx forwarded over TLS.
+#[test]
+fn the_warm_up_names_the_site_so_an_app_checking_its_host_rolls_out() {
+    let stack = Stack::start("");
+    let seen = stack.sandbox.path("warm-ups.txt");
+    stack.sandbox.write(
+        "releases/strict/app.py",
+        &HOST_CHECKING_APP.replace("@SEEN@", &format!("{:?}", seen.display().to_string())),
+    );
+    stack.switch("strict");
+    let web = format!("listen = [\"{}\"]\nwarmup = \"/warmup\"\n", stack.address());
+    let many_hosts = r#""_", "*.site.test", ".site.test", '~^www\.site\.test$'"#;
+
+    stack.configure_with(&web, &format!("[deploy]\nserver_names = [{many_hosts}]\n"));
+    let output = stack.reload();
+    let said = output_text(&output);
+    assert_eq!(output.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("warm-up GET http://localhost/warmup with 400")
+            && said.contains("DisallowedHost: 'localhost' is not site.test"),
+        "{said}"
+    );
+
+    stack.configure_with(
+        &web,
+        &format!("[deploy]\nserver_names = [{many_hosts}, \"site.test\", \"www.site.test\"]\n"),
+    );
+    let output = stack.reload();
+    let said = output_text(&output);
+    assert!(output.status.success(), "{said}");
+    assert!(
+        said.contains("warm-up GET http://site.test/warmup answered 200"),
+        "{said}"
+    );
+    let lines = std::fs::read_to_string(&seen).unwrap_or_default();
+    assert_eq!(lines, "site.test http 80 -\n");
+
+    let web = format!(
+        "listen = [\"{}\"]\nwarmup = \"https://site.test:8443/warmup?deep=1\"\n",
+        stack.address()
+    );
+    stack.configure_with(&web, "[deploy]\nserver_names = [\"other.test\"]\n");
+    let output = stack.reload();
+    let said = output_text(&output);
+    assert!(output.status.success(), "{said}");
+    assert!(
+        said.contains("warm-up GET https://site.test:8443/warmup?deep=1 answered 200"),
+        "{said}"
+    );
+    let lines = std::fs::read_to_string(&seen).unwrap_or_default();
+    assert_eq!(
+        lines,
+        "site.test http 80 -\nsite.test:8443 https 8443 deep=1\n"
+    );
 }
 
 /// A 5 s request in flight when two reloads are asked at once: both reloads succeed one after

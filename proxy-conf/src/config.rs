@@ -1,7 +1,8 @@
 //! The configuration the runtime reads: every value of `sauna.toml` already checked and turned
 //! into what it stands for — listen addresses as [`Listen`], time zones as [`Tz`], cron
 //! expressions as parsed [`Cron`] specs, trusted proxies as [`Forwarders`], stop signals as
-//! [`StopSignal`], counts that cannot be zero as `NonZero*`, durations as [`Duration`]. Nothing
+//! [`StopSignal`], the reload's warm-up as a [`WarmUp`] with its host chosen, counts that cannot
+//! be zero as `NonZero*`, durations as [`Duration`]. Nothing
 //! downstream parses a string from the file again, and nothing re-checks what the types already
 //! guarantee.
 //!
@@ -28,6 +29,7 @@ use crate::signal::StopSignal;
 use crate::stack::{DeployConfig, PostgresConfig, RedisConfig};
 use crate::units::{ByteSize, Duration};
 use crate::validate::Checker;
+use crate::warm_up::WarmUp;
 
 /// The whole configuration.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -131,8 +133,9 @@ pub struct WebConfig {
     pub graceful_timeout: Duration,
     /// `reload_timeout`: longest time a new generation may take to become ready.
     pub reload_timeout: Duration,
-    /// `warmup`: a path (starting with `/`) requested through the canary during `reload`.
-    pub warmup: Option<String>,
+    /// `warmup`: the request sent through the canary during `reload`, with the `Host` it
+    /// names already chosen (the URL's, else `[deploy].server_names`', else `localhost`).
+    pub warmup: Option<WarmUp>,
     /// `script_name`: mount prefix given to the app as `SCRIPT_NAME`; empty, or starting with
     /// `/` and not ending with one.
     pub script_name: String,
@@ -146,7 +149,7 @@ pub struct WebConfig {
 
 impl Default for WebConfig {
     fn default() -> Self {
-        Checker::defaults(|checker| checker.web_values(&Default::default()))
+        Checker::defaults(|checker| checker.web_values(&Default::default(), &[]))
     }
 }
 

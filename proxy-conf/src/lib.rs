@@ -23,6 +23,7 @@ pub mod signal;
 pub mod stack;
 pub mod units;
 mod validate;
+pub mod warm_up;
 
 pub use config::{
     AppConfig, AppTarget, BeatConfig, Config, JobConfig, JobSchedule, MetricsConfig, ProgramConfig,
@@ -39,3 +40,4 @@ pub use load::{
 pub use schema::{CatchUp, ControlConfig, ProgramReload, RestartPolicy, Rlimits};
 pub use signal::StopSignal;
 pub use units::{ByteSize, Duration};
+pub use warm_up::WarmUp;

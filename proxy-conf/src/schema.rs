@@ -107,7 +107,8 @@ pub(crate) struct RawWeb {
     pub graceful_timeout: Duration,
     /// Longest time a new generation may take to become ready during `reload`.
     pub reload_timeout: Duration,
-    /// A path requested through the canary worker during `reload`; it must answer 2xx/3xx.
+    /// A path, or an absolute http(s) URL naming the host, requested through the canary worker
+    /// during `reload`; it must answer 2xx/3xx.
     pub warmup: Option<String>,
     /// Mount prefix given to the app as `SCRIPT_NAME`.
     pub script_name: String,

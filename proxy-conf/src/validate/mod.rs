@@ -47,10 +47,18 @@ pub(crate) fn validate(
     };
     let app = checker.app(&raw.app);
     let metrics = checker.metrics(&raw.metrics);
-    let web = raw
-        .web
+    let server_names = raw
+        .deploy
         .as_ref()
-        .map(|web| checker.web(web, &app, (&raw.metrics.listen, metrics.listen)));
+        .map_or(&[][..], |deploy| &deploy.server_names[..]);
+    let web = raw.web.as_ref().map(|web| {
+        checker.web(
+            web,
+            &app,
+            (&raw.metrics.listen, metrics.listen),
+            server_names,
+        )
+    });
     let programs = raw
         .programs
         .iter()

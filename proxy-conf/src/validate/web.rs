@@ -1,6 +1,7 @@
 //! `[web]` judged and typed: counts that cannot be zero, listen addresses parsed and checked for
-//! clashes (among themselves and with `[metrics].listen`), the warm-up path, the mount prefix
-//! and the trusted proxies. Whether an address can really be bound is the front's to find out.
+//! clashes (among themselves and with `[metrics].listen`), the warm-up request (with the host
+//! `[deploy].server_names` gives it), the mount prefix and the trusted proxies. Whether an
+//! address can really be bound is the front's to find out.
 
 use std::net::SocketAddr;
 
@@ -9,15 +10,18 @@ use crate::config::{AppConfig, WebConfig};
 use crate::forwarded::{Forwarders, TrustedPeer};
 use crate::listen::Listen;
 use crate::schema::RawWeb;
+use crate::warm_up::WarmUp;
 
 impl Checker<'_> {
     /// `[web]` with the checks that need other sections: an application to serve, and a metrics
     /// endpoint (`metrics`, as written and as parsed) that is not on one of its addresses.
+    /// `server_names` (`[deploy].server_names`) name the host of a warm-up given as a path.
     pub(crate) fn web(
         &mut self,
         web: &RawWeb,
         app: &AppConfig,
         metrics: (&str, Option<SocketAddr>),
+        server_names: &[String],
     ) -> WebConfig {
         if app.target.is_none() && !self.broken_under(&["app"]) {
             self.report(
@@ -25,7 +29,7 @@ impl Checker<'_> {
                 "the web pool needs an application: set [app].wsgi = \"module:callable\" or [app].paste = \"production.ini\"",
             );
         }
-        let typed = self.web_values(web);
+        let typed = self.web_values(web, server_names);
         if let (written, Some(address)) = metrics {
             let endpoint = Listen::Tcp(address);
             if let Some(listed) = typed
@@ -42,8 +46,8 @@ impl Checker<'_> {
         typed
     }
 
-    /// `[web]`'s own keys.
-    pub(crate) fn web_values(&mut self, web: &RawWeb) -> WebConfig {
+    /// `[web]`'s own keys, and `server_names` for the warm-up's host.
+    pub(crate) fn web_values(&mut self, web: &RawWeb, server_names: &[String]) -> WebConfig {
         let workers = self.count(
             &["web", "workers"],
             web.workers,
@@ -71,16 +75,11 @@ impl Checker<'_> {
                 "needs at least one address, e.g. [\"127.0.0.1:8000\"]",
             );
         }
-        if let Some(warmup) = &web.warmup {
-            if !warmup.starts_with('/') {
-                self.report(
-                    &["web", "warmup"],
-                    format!(
-                        "must be a path starting with \"/\", e.g. \"/health\", not \"{warmup}\""
-                    ),
-                );
-            }
-        }
+        let warmup = web.warmup.as_ref().and_then(|written| {
+            WarmUp::resolve(written, server_names)
+                .map_err(|error| self.report(&["web", "warmup"], error))
+                .ok()
+        });
         let script_name = &web.script_name;
         if !script_name.is_empty() && (!script_name.starts_with('/') || script_name.ends_with('/'))
         {
@@ -112,7 +111,7 @@ impl Checker<'_> {
             body_buffer: web.body_buffer,
             graceful_timeout: web.graceful_timeout,
             reload_timeout: web.reload_timeout,
-            warmup: web.warmup.clone(),
+            warmup,
             script_name: web.script_name.clone(),
             forwarded_allow_ips: Forwarders(forwarders),
             access_log: web.access_log,
@@ -271,10 +270,78 @@ mod tests {
         assert_eq!(
             problems(&text),
             [
-                "4:10: web.warmup: must be a path starting with \"/\", e.g. \"/health\", not \"health\"",
+                "4:10: web.warmup: must be a path starting with \"/\" or an http:// or https:// URL, e.g. \"/health\" or \"https://example.com/health\", not \"health\"",
                 "5:15: web.script_name: must start with \"/\" and not end with one, e.g. \"/app\", not \"/app/\"",
                 "6:43: web.forwarded_allow_ips[2]: \"10.0.0.0/33\" is not an IP address, a CIDR like \"10.0.0.0/8\", or \"*\"",
             ]
+        );
+    }
+
+    /// `[web].warmup` as loaded, with `deploy` (a `[deploy]` table's body) after `[web]`.
+    fn warm_up(warmup: &str, deploy: Option<&str>) -> Option<crate::WarmUp> {
+        let deploy = deploy.map_or(String::new(), |body| format!("[deploy]\n{body}\n"));
+        let text = format!("{APP}[web]\nwarmup = \"{warmup}\"\n{deploy}");
+        let config =
+            load_str(&text, "sauna.toml").unwrap_or_else(|problems| panic!("{text}\n{problems:?}"));
+        config.web.and_then(|web| web.warmup)
+    }
+
+    fn expected(host: &str, path: &str, https: bool) -> Option<crate::WarmUp> {
+        Some(crate::WarmUp {
+            host: host.to_owned(),
+            path: path.to_owned(),
+            https,
+        })
+    }
+
+    #[test]
+    fn the_warm_up_host_is_the_first_real_server_name_else_localhost() {
+        assert_eq!(
+            warm_up("/health", None),
+            expected("localhost", "/health", false)
+        );
+        assert_eq!(
+            warm_up("/health", Some("name = \"site\"")),
+            expected("localhost", "/health", false),
+            "[deploy] without server_names means \"_\""
+        );
+        assert_eq!(
+            warm_up(
+                "/health",
+                Some(
+                    "server_names = [\"_\", \"*.example.com\", \".example.org\", \"~^www\\\\d+\\\\.example\\\\.net$\", \"example.com\", \"www.example.com\"]"
+                )
+            ),
+            expected("example.com", "/health", false)
+        );
+        assert_eq!(
+            warm_up("/health", Some("server_names = [\"_\", \"*.example.com\"]")),
+            expected("localhost", "/health", false)
+        );
+    }
+
+    #[test]
+    fn an_absolute_warm_up_url_names_its_own_host_and_scheme() {
+        let deploy = Some("server_names = [\"example.com\"]");
+        assert_eq!(
+            warm_up("http://internal.example/ping", deploy),
+            expected("internal.example", "/ping", false)
+        );
+        assert_eq!(
+            warm_up("https://example.com/health?db=1", None),
+            expected("example.com", "/health?db=1", true)
+        );
+    }
+
+    #[test]
+    fn a_bad_warm_up_url_is_reported_where_it_is_written() {
+        assert_one(
+            &format!("{APP}[web]\nworkers = 2\nwarmup   =   \"https://*.example.com/health\"\n"),
+            "5:14: web.warmup: invalid warm-up URL \"https://*.example.com/health\": \"*.example.com\" is not a host name or IP address (nginx's \"_\", wildcards and regular expressions name no single host); expected a path like \"/health\" or a URL like \"https://example.com/health\"",
+        );
+        assert_one(
+            &format!("{APP}[web]\nwarmup = \"/my health\"\n"),
+            "4:10: web.warmup: invalid warm-up URL \"/my health\": ' ' cannot be sent as it is in a request path; percent-encode it (a space is %20); expected a path like \"/health\" or a URL like \"https://example.com/health\"",
         );
     }
 }

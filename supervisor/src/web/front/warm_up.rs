@@ -1,15 +1,19 @@
 //! The reload's warm-up request: `GET [web].warmup` sent through the canary exactly as a client's
-//! request would reach it, and what it answered.
+//! request would reach it through nginx, and what it answered. The request names the site's host
+//! (`proxy_conf::WarmUp`, resolved at load), since applications refuse hosts they do not serve;
+//! an `https://` warm-up carries `X-Forwarded-Proto: https` as nginx's TLS server sends it. It has
+//! no peer address, like a request on a Unix socket, so the environ believes that header.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use hyper::http::{Request, header};
+use proxy_conf::WarmUp;
 
 use super::Front;
 use super::body::RequestBody;
-use super::environ::{self, Connection};
+use super::environ::{self, Connection, EnvironConfig};
 use super::exchange::{Event, Exchange, ExchangeError, ResponseBody};
 use super::respond::build_response;
 use crate::web::worker::frame::RequestFrame;
@@ -26,31 +30,47 @@ pub struct WarmUpAnswer {
 /// How much of a warm-up response body is kept for the operator.
 const WARM_UP_BODY_HEAD: usize = 2048;
 
-/// Sends `GET path` to the worker holding `lease` (a reload's canary) exactly as a client's
-/// request would reach it — same environ, same frames — and collects its status and the head of
-/// its body. Fails with what went wrong when there is no complete answer within `timeout`.
-pub async fn warm_up(
-    front: &Front,
-    lease: crate::web::dispatch::Lease,
-    path: &str,
-    timeout: Duration,
-) -> Result<WarmUpAnswer, String> {
-    let config = front.config();
-    let request = Request::builder()
+/// Writes the environ of `warm_up` into `out`: the request nginx would forward for a client
+/// asking for it (`Host`, and `X-Forwarded-Proto: https` for an `https://` warm-up), arriving
+/// without a peer address as on a Unix socket, so the proxy's header is believed.
+fn write_environ(
+    out: &mut BytesMut,
+    warm_up: &WarmUp,
+    config: &EnvironConfig,
+) -> Result<(), String> {
+    let mut request = Request::builder()
         .method("GET")
-        .uri(path)
-        .header(header::HOST, "localhost")
-        .header(header::USER_AGENT, "sauna-supervisor warm-up")
+        .uri(warm_up.path.as_str())
+        .header(header::HOST, warm_up.host.as_str())
+        .header(header::USER_AGENT, "sauna-supervisor warm-up");
+    if warm_up.https {
+        request = request.header("x-forwarded-proto", "https");
+    }
+    // proxy-conf admits only targets and hosts that parse; this is the error path if one did not.
+    let (parts, ()) = request
         .body(())
-        .map_err(|error| format!("[web].warmup {path:?} is not a request path: {error}"))?;
-    let (parts, ()) = request.into_parts();
-    let mut request = RequestFrame::new(512);
+        .map_err(|error| format!("[web].warmup {warm_up}: {error}"))?
+        .into_parts();
     let connection = Connection {
         peer: None,
         local: None,
     };
-    environ::write_environ(request.environ(), &parts, &connection, 0, &config.environ)
-        .map_err(|error| format!("[web].warmup {path:?}: {error}"))?;
+    environ::write_environ(out, &parts, &connection, 0, config)
+        .map_err(|error| format!("[web].warmup {warm_up}: {error}"))
+}
+
+/// Sends `GET` of `warm_up` to the worker holding `lease` (a reload's canary) exactly as a
+/// client's request would reach it — same environ, same frames — and collects its status and
+/// the head of its body. Fails with what went wrong when there is no complete answer within
+/// `timeout`.
+pub async fn warm_up(
+    front: &Front,
+    lease: crate::web::dispatch::Lease,
+    warm_up: &WarmUp,
+    timeout: Duration,
+) -> Result<WarmUpAnswer, String> {
+    let mut request = RequestFrame::new(512);
+    write_environ(request.environ(), warm_up, &front.config().environ)?;
     let request_frame = request.inline_body(&[], false);
     let mut exchange = Exchange::new(
         lease,
@@ -58,17 +78,17 @@ pub async fn warm_up(
         RequestBody::Memory(Bytes::new()),
         0,
         timeout,
-        Arc::from(format!("GET {path} (warm-up)")),
+        Arc::from(format!("GET {warm_up} (warm-up)")),
     );
     let describe = |error: ExchangeError| match error {
-        ExchangeError::Timeout => format!("GET {path} got no answer within {timeout:?}"),
-        other => format!("GET {path} failed: {other}"),
+        ExchangeError::Timeout => format!("GET {warm_up} got no answer within {timeout:?}"),
+        other => format!("GET {warm_up} failed: {other}"),
     };
     let (head, mut body, mut end) = match exchange.next_event().await.map_err(describe)? {
         Event::Head { head, chunk, end } => (head, BytesMut::from(&chunk[..]), end),
         Event::Chunk(_) | Event::End => {
             return Err(format!(
-                "GET {path}: the worker sent a body before the head"
+                "GET {warm_up}: the worker sent a body before the head"
             ));
         }
     };
@@ -81,12 +101,12 @@ pub async fn warm_up(
             }
             Event::End => end = true,
             Event::Head { .. } => {
-                return Err(format!("GET {path}: the worker sent a second head"));
+                return Err(format!("GET {warm_up}: the worker sent a second head"));
             }
         }
     }
     let status = build_response(&head, ResponseBody::Full(None))
-        .map_err(|message| format!("GET {path}: invalid response: {message}"))?
+        .map_err(|message| format!("GET {warm_up}: invalid response: {message}"))?
         .status()
         .as_u16();
     body.truncate(WARM_UP_BODY_HEAD);
@@ -94,4 +114,63 @@ pub async fn warm_up(
         status,
         body_head: String::from_utf8_lossy(&body).into_owned(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The environ of `warm_up` as (key, value) pairs.
+    fn environ(warm_up: &WarmUp) -> Vec<(String, String)> {
+        let mut out = BytesMut::new();
+        write_environ(&mut out, warm_up, &EnvironConfig::default()).unwrap();
+        let text: String = out.iter().map(|b| char::from(*b)).collect();
+        let items: Vec<&str> = text.split('\0').collect();
+        items
+            .chunks_exact(2)
+            .map(|pair| (pair[0].to_owned(), pair[1].to_owned()))
+            .collect()
+    }
+
+    fn get<'a>(environ: &'a [(String, String)], key: &str) -> Option<&'a str> {
+        environ
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn the_warm_up_names_its_host() {
+        let env = environ(&WarmUp {
+            host: "example.com".to_owned(),
+            path: "/health?deep=1".to_owned(),
+            https: false,
+        });
+        assert_eq!(get(&env, "HTTP_HOST"), Some("example.com"));
+        assert_eq!(get(&env, "SERVER_NAME"), Some("example.com"));
+        assert_eq!(get(&env, "SERVER_PORT"), Some("80"));
+        assert_eq!(get(&env, "PATH_INFO"), Some("/health"));
+        assert_eq!(get(&env, "QUERY_STRING"), Some("deep=1"));
+        assert_eq!(get(&env, "wsgi.url_scheme"), Some("http"));
+        assert_eq!(get(&env, "HTTP_X_FORWARDED_PROTO"), None);
+    }
+
+    #[test]
+    fn an_https_warm_up_comes_as_forwarded_by_a_tls_proxy() {
+        let env = environ(&WarmUp {
+            host: "example.com".to_owned(),
+            path: "/health".to_owned(),
+            https: true,
+        });
+        assert_eq!(get(&env, "wsgi.url_scheme"), Some("https"));
+        assert_eq!(get(&env, "HTTP_X_FORWARDED_PROTO"), Some("https"));
+        assert_eq!(get(&env, "SERVER_PORT"), Some("443"));
+        let with_port = environ(&WarmUp {
+            host: "example.com:8443".to_owned(),
+            path: "/".to_owned(),
+            https: true,
+        });
+        assert_eq!(get(&with_port, "SERVER_NAME"), Some("example.com"));
+        assert_eq!(get(&with_port, "SERVER_PORT"), Some("8443"));
+    }
 }

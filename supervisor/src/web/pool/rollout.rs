@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use proxy_conf::{Listen, WebConfig};
+use proxy_conf::{Listen, WarmUp, WebConfig};
 use tokio::sync::oneshot;
 
 use super::actor::Actor;
@@ -284,7 +284,7 @@ impl Actor {
                     rollout.canary_took.as_secs_f64()
                 ));
                 match rollout.new.web.warmup.clone() {
-                    Some(path) => {
+                    Some(warm_up) => {
                         rollout.phase = Phase::WarmUp(id);
                         let budget = rollout
                             .new
@@ -293,7 +293,7 @@ impl Actor {
                             .get()
                             .saturating_sub(rollout.canary_took)
                             .max(Duration::from_secs(1));
-                        self.start_warm_up(id, path, budget);
+                        self.start_warm_up(id, warm_up, budget);
                     }
                     None => self.promote(),
                 }
@@ -318,7 +318,7 @@ impl Actor {
 
     /// Requests `[web].warmup` through the canary in a task of its own; the answer comes back
     /// through `warm_ups` so the actor keeps serving meanwhile.
-    fn start_warm_up(&mut self, canary: WorkerId, path: String, budget: Duration) {
+    fn start_warm_up(&mut self, canary: WorkerId, warm_up: WarmUp, budget: Duration) {
         let (Some(front), Some(lease)) = (
             self.front.as_ref().map(|front| Arc::clone(front.front())),
             self.dispatcher.acquire_from(canary),
@@ -332,10 +332,10 @@ impl Actor {
         tokio::spawn(async move {
             let answer = tokio::time::timeout(
                 budget + Duration::from_secs(1),
-                front::warm_up(&front, lease, &path, budget),
+                front::warm_up(&front, lease, &warm_up, budget),
             )
             .await
-            .unwrap_or_else(|_| Err(format!("GET {path} got no answer within {budget:?}")));
+            .unwrap_or_else(|_| Err(format!("GET {warm_up} got no answer within {budget:?}")));
             let _ = answers.send((canary, answer));
         });
     }
@@ -348,18 +348,25 @@ impl Actor {
             return;
         }
         let generation = rollout.new.generation;
-        let path = rollout.new.web.warmup.clone().unwrap_or_default();
+        // The URL, host included: a refusal is often the app's host check.
+        let warm_up = rollout
+            .new
+            .web
+            .warmup
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default();
         match answer {
             Ok(answer) if (200..400).contains(&answer.status) => {
                 rollout.say(format!(
-                    "warm-up GET {path} answered {} through the canary",
+                    "warm-up GET {warm_up} answered {} through the canary",
                     answer.status
                 ));
                 self.promote();
             }
             Ok(answer) => self.fail_rollout(PoolReloadError {
                 message: format!(
-                    "the canary of generation {generation} answered the warm-up GET {path} with {} (2xx or 3xx needed)",
+                    "the canary of generation {generation} answered the warm-up GET {warm_up} with {} (2xx or 3xx needed)",
                     answer.status
                 ),
                 detail: Some(format!(
