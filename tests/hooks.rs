@@ -8,14 +8,12 @@
 //! with the children of its process group, a `stop` ends a running hook instead of waiting for
 //! it, and a failing `before_start` stops `run` with exit 1 leaving nothing behind.
 
-use std::io::{Read as _, Write as _};
-use std::net::TcpStream;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::util::{self, Running, Sandbox, output_text, python, wait_until};
+use crate::util::{self, Running, Sandbox, alive, http_get, output_text, python, wait_until};
 
 /// Written into each release: records what a hook sees, one JSON line per run, then prints.
 const HOOK_PY: &str = r#"
@@ -224,23 +222,6 @@ fn text(output: &Output) -> String {
     )
 }
 
-/// The body of a 200 answer to `GET path`, or `None`.
-fn http_get(address: (&str, u16), path: &str) -> Option<String> {
-    let mut stream = TcpStream::connect(address).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
-}
-
 fn sample(scrape: &str, series: &str) -> Option<f64> {
     scrape
         .lines()
@@ -272,16 +253,6 @@ fn sidecar_pid(running: &Running) -> u64 {
     status["programs"][0]["instances"][0]["pid"]
         .as_u64()
         .expect("sidecar pid")
-}
-
-fn alive(pid: u64) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            stat.rsplit_once(')')
-                .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
 }
 
 /// Stops whichever supervisor serves the sandbox's control socket (after an upgrade the

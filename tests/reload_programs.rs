@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::util::redis::RedisServer;
-use crate::util::{Running, Sandbox, python, wait_until};
+use crate::util::{Running, Sandbox, alive, python, wait_until};
 
 /// The instances of program `name` in a `status --json` document.
 fn instances(status: &Value, name: &str) -> Vec<Value> {
@@ -29,16 +29,6 @@ fn pid(instance: &Value) -> u32 {
         .as_u64()
         .and_then(|pid| u32::try_from(pid).ok())
         .unwrap_or_else(|| panic!("no pid in {instance}"))
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            stat.rsplit_once(')')
-                .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
 }
 
 /// Waits until program `name` has one running instance, and returns its pid.

@@ -7,15 +7,13 @@
 //! at the key that names it.
 
 use std::collections::BTreeMap;
-use std::io::{Read as _, Write as _};
-use std::net::TcpStream;
 use std::process::Output;
 use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::util::redis::RedisServer;
-use crate::util::{Sandbox, free_port, output_text, python, wait_until};
+use crate::util::{Sandbox, free_port, http_get, output_text, python, wait_until};
 
 /// A password with every character a URL must escape, so the percent-encoding is exercised by
 /// kombu, redis-py and redis-rs decoding it.
@@ -57,23 +55,6 @@ def application(environ, start_response):
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// A plain HTTP/1.1 GET, returning the body of a 200.
-fn http_get(address: &str, path: &str) -> Option<String> {
-    let mut stream = TcpStream::connect(address).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
 }
 
 /// Every process below `root` (children, grandchildren, …), from /proc.
@@ -212,7 +193,7 @@ url_env = "DATABASE_URL"
     assert_eq!(program_env["CELERY_BROKER_URL"], expected_broker.as_str());
     assert_eq!(program_env["DATABASE_URL"], expected_database.as_str());
     let web_env = wait_until(Duration::from_secs(20), "the web worker's answer", || {
-        http_get(&format!("127.0.0.1:{web_port}"), "/")
+        http_get(format!("127.0.0.1:{web_port}"), "/")
     });
     assert_eq!(web_env, format!("{expected_broker}\n{expected_database}"));
 
@@ -226,7 +207,7 @@ url_env = "DATABASE_URL"
         Duration::from_secs(20),
         "the parked message to be counted",
         || {
-            let body = http_get(&format!("127.0.0.1:{metrics_port}"), "/metrics")?;
+            let body = http_get(format!("127.0.0.1:{metrics_port}"), "/metrics")?;
             (sample(&body, "sauna_celery_queue_length{queue=\"parked\"}") == Some(1.0))
                 .then_some(body)
         },

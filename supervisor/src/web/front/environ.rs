@@ -247,7 +247,7 @@ fn split_host(host: &[u8]) -> (&[u8], Option<&[u8]>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use hyper::http::Request;
 
@@ -259,16 +259,24 @@ mod tests {
         let (parts, ()) = request.into_parts();
         let mut out = BytesMut::new();
         write_environ(&mut out, &parts, connection, 5, config).unwrap();
-        let text: String = out.iter().map(|b| char::from(*b)).collect();
+        pairs(&out)
+    }
+
+    /// An environ block (`key\0value\0…`) as (key, value) pairs; bytes read as Latin-1.
+    pub(in crate::web::front) fn pairs(block: &[u8]) -> Vec<(String, String)> {
+        let text: String = block.iter().map(|b| char::from(*b)).collect();
         let items: Vec<&str> = text.split('\0').collect();
         items
-            .chunks(2)
-            .filter(|pair| pair.len() == 2)
+            .chunks_exact(2)
             .map(|pair| (pair[0].to_owned(), pair[1].to_owned()))
             .collect()
     }
 
-    fn get<'a>(environ: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    /// The value of `key` in `environ`.
+    pub(in crate::web::front) fn get<'a>(
+        environ: &'a [(String, String)],
+        key: &str,
+    ) -> Option<&'a str> {
         environ
             .iter()
             .find(|(k, _)| k == key)

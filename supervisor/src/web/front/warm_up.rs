@@ -119,24 +119,13 @@ pub async fn warm_up(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::web::front::environ::tests::{get, pairs};
 
     /// The environ of `warm_up` as (key, value) pairs.
     fn environ(warm_up: &WarmUp) -> Vec<(String, String)> {
         let mut out = BytesMut::new();
         write_environ(&mut out, warm_up, &EnvironConfig::default()).unwrap();
-        let text: String = out.iter().map(|b| char::from(*b)).collect();
-        let items: Vec<&str> = text.split('\0').collect();
-        items
-            .chunks_exact(2)
-            .map(|pair| (pair[0].to_owned(), pair[1].to_owned()))
-            .collect()
-    }
-
-    fn get<'a>(environ: &'a [(String, String)], key: &str) -> Option<&'a str> {
-        environ
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+        pairs(&out)
     }
 
     #[test]
