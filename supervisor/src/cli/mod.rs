@@ -110,10 +110,14 @@ impl RunArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the stack in the foreground (systemd ExecStart); exits 0 after a clean stop.
+    ///
+    /// `[hooks].before_start` runs first; if it fails, nothing starts and the exit status is 1.
     Run(RunArgs),
     /// Ask the running supervisor to reload its config and roll every role; waits until done.
     ///
-    /// Exit status: 0 done, 1 rolled back or failed, 2 usage or config error.
+    /// Runs `[hooks].before_reload` first, then rolls the web pool, the programs and beat.
+    /// Exit status: 0 done, 1 a hook failed or the roll was rolled back (the old generation
+    /// keeps serving), 2 usage or config error.
     Reload {
         /// The configuration file.
         #[command(flatten)]
