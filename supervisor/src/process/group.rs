@@ -24,8 +24,13 @@ use super::spawn::signal_group;
 /// How often a group is checked for members while it is given time to exit.
 const CHECK_INTERVAL: Duration = Duration::from_millis(50);
 
+/// How long members are given to die after KILL. KILL cannot be caught, but a member is only
+/// gone once the kernel has run its exit; callers (and `upgrade`, which checks that no member
+/// still holds a socket) expect an empty group when these functions return.
+const KILL_SETTLE: Duration = Duration::from_secs(2);
+
 /// Ends the group `child` leads (`pgid`, its pid at spawn): TERM to every member, KILL to what is
-/// left after `grace`. Returns the leader's exit status.
+/// left after `grace`. Returns the leader's exit status once the group is empty.
 pub async fn terminate(
     child: &mut Child,
     pgid: u32,
@@ -36,7 +41,7 @@ pub async fn terminate(
     let status = tokio::time::timeout_at(deadline, child.wait()).await;
     let emptied = status.is_ok() && wait_until_empty(pgid, deadline).await;
     if !emptied {
-        signal(pgid, Signal::SIGKILL);
+        kill(pgid).await;
     }
     match status {
         Ok(status) => status,
@@ -45,16 +50,24 @@ pub async fn terminate(
 }
 
 /// After the leader of group `pgid` has exited: ends whatever is left in the group the same way
-/// (TERM, then KILL after `grace`). Returns whether anything was left.
+/// (TERM, then KILL after `grace`), returning once it is empty. Returns whether anything was left.
 pub async fn clear(pgid: u32, grace: Duration) -> bool {
     if !procfs::group_alive(pgid) {
         return false;
     }
     signal(pgid, Signal::SIGTERM);
     if !wait_until_empty(pgid, Instant::now() + grace).await {
-        signal(pgid, Signal::SIGKILL);
+        kill(pgid).await;
     }
     true
+}
+
+/// KILL to every member of `pgid`, then waits (bounded) until the kernel has ended them.
+async fn kill(pgid: u32) {
+    signal(pgid, Signal::SIGKILL);
+    if !wait_until_empty(pgid, Instant::now() + KILL_SETTLE).await {
+        tracing::warn!("process group {pgid} still has members {KILL_SETTLE:?} after KILL");
+    }
 }
 
 /// Waits until group `pgid` has no live member or `deadline` passes; true when it is empty.
