@@ -147,10 +147,20 @@ fn executable(sandbox: &Sandbox, name: &str, script: &str) -> String {
     path.to_str().expect("UTF-8 path").to_owned()
 }
 
-/// Sends a slow request (4 s in the worker) and waits until a worker has it: the supervisor
-/// that accepted it drains for seconds once it hands over.
+/// The app of the mid-hand-over tests: `/slow` takes 12 s, so that the old process is still
+/// draining it when the test has seen the new one answer `status`, however slowly that one
+/// started on a loaded machine.
+fn slower_app() -> String {
+    APP.replace("time.sleep(4)", "time.sleep(12)")
+}
+
+/// Sends a slow request and waits until a worker has it: the supervisor that accepted it
+/// drains for seconds once it hands over.
 fn slow_request(stack: &Stack) -> TcpStream {
     let stream = TcpStream::connect(stack.address()).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
     (&stream)
         .write_all(b"GET /slow HTTP/1.1\r\nHost: test\r\n\r\n")
         .expect("send");
@@ -300,7 +310,7 @@ fn a_slow_wrapper_without_exec_never_takes_over_late() {
 /// released, so the old process starts its roles again on the sockets it kept and serves on.
 #[test]
 fn a_successor_killed_mid_hand_over_leaves_the_old_one_serving() {
-    let stack = Stack::start(|_| {});
+    let stack = Stack::start_with(&slower_app(), "", |_| {});
     let old = stack.supervisor_pid();
     let sleepers = SleeperWatch::start(&stack.marker);
     let slow = slow_request(&stack);
@@ -343,7 +353,7 @@ fn a_successor_killed_mid_hand_over_leaves_the_old_one_serving() {
 /// cleanly instead of being held by an orphan.
 #[test]
 fn an_old_supervisor_killed_mid_hand_over_leaves_nobody_serving() {
-    let mut stack = Stack::start(|_| {});
+    let mut stack = Stack::start_with(&slower_app(), "", |_| {});
     let old = stack.supervisor_pid();
     let sleepers = SleeperWatch::start(&stack.marker);
     let _slow = slow_request(&stack);

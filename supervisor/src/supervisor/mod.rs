@@ -484,12 +484,17 @@ impl Supervisor {
         ));
         let began = Instant::now();
         drop(self.queue_sampler.take());
+        // A successor not yet released leaves the Unix socket files alone: the old process
+        // still serves on them.
+        let released = !matches!(activity, Some(Activity::TakingOver { .. }));
         let roles = match activity {
             Some(activity) => activity.into_roles().await,
             None => None,
         };
-        if let Some(roles) = roles {
-            roles.shutdown(mode).await;
+        match roles {
+            Some(roles) if released => roles.shutdown(mode).await,
+            Some(roles) => roles.hand_over().await,
+            None => {}
         }
         // Last, so that the final scrape can still see the roles stopping.
         if let Some(server) = self.metrics_server.take() {
