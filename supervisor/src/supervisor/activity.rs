@@ -206,7 +206,7 @@ impl Activity {
         match self {
             Activity::Idle { roles } | Activity::TakingOver { roles, .. } => Some(roles),
             Activity::Upgrading { roles, run } => {
-                run.abandon();
+                run.abandon().await;
                 Some(roles)
             }
             Activity::Reloading { mut run, .. } => {

@@ -120,6 +120,7 @@ impl Supervisor {
                         .main_pid(new, &format!("upgraded: pid {old} hands over to pid {new}")),
                     "MAINPID",
                 );
+                // Unreachable, it is noticed at the end of the hand-over.
                 successor.tell(Message::MainPid).await;
                 if let Some(waiter) = &run.waiter {
                     waiter.progress(format!(
@@ -222,9 +223,10 @@ impl Supervisor {
         }
         roles.hand_over().await;
         let (old, new) = (std::process::id(), successor.pid);
-        if successor.is_gone() {
+        // Gone, or the word cannot reach it: it never took over.
+        if successor.is_gone() || !successor.tell(Message::Released).await {
             return match spare {
-                Some(spare) => self.take_back(spare, new, waiter).await,
+                Some(spare) => self.take_back(spare, successor, waiter).await,
                 None => {
                     let message = format!(
                         "the new supervisor (pid {new}) died during the hand-over, and pid {old} \
@@ -239,7 +241,6 @@ impl Supervisor {
                 }
             };
         }
-        successor.tell(Message::Released).await;
         drop(spare);
         tracing::info!(
             new,
@@ -264,15 +265,19 @@ impl Supervisor {
     async fn take_back(
         mut self,
         mut spare: FdTable,
-        new: u32,
+        successor: Successor,
         waiter: Option<Responder>,
     ) -> ControlFlow<Result<(), RunError>, (Self, Activity)> {
-        let old = std::process::id();
+        let (old, new) = (std::process::id(), successor.pid);
         tracing::error!(
             new,
             "upgrade: the new supervisor (pid {new}) is gone before it was released; pid {old} \
              starts its roles again"
         );
+        if let Some(left) = successor.end().await {
+            tracing::warn!("upgrade: {left}");
+        }
+        drop(successor);
         self.notifier.set_muted(false);
         notify_or_log(
             self.notifier.main_pid(

@@ -151,8 +151,10 @@ pub struct UpgradeRun {
     progress: mpsc::UnboundedReceiver<String>,
     /// The `upgrade` client waiting for the outcome (none for SIGUSR2).
     pub waiter: Option<Responder>,
-    /// The successor's pid.
+    /// The successor's pid (the leader of its process group).
     pub pid: u32,
+    /// The inodes of the sockets handed over.
+    inodes: BTreeSet<u64>,
 }
 
 /// What a run reports to the main loop.
@@ -186,6 +188,10 @@ impl Failure {
 pub struct Successor {
     /// The pid of the process that said `ready` (a wrapper script's child, say).
     pub pid: u32,
+    /// The leader of its process group: the child the old process started.
+    leader: u32,
+    /// The inodes of the sockets handed over.
+    inodes: BTreeSet<u64>,
     writer: OwnedWriteHalf,
     /// Read only to notice end-of-file.
     reader: OwnedReadHalf,
@@ -210,14 +216,25 @@ impl Successor {
         exited || closed
     }
 
-    /// Tells the successor something; a successor that is gone is only logged (it would have
-    /// taken over through end-of-file anyway).
-    pub async fn tell(&mut self, message: Message) {
-        if let Err(error) = self.writer.write_all(&message.line()).await {
-            tracing::warn!(
-                pid = self.pid,
-                "upgrade: cannot reach the new supervisor: {error}"
-            );
+    /// After it died mid-hand-over: ends what is left of its group (a wrapper script still
+    /// holding the sockets, say) and anything else holding a socket handed over to it. Returns
+    /// what could not be ended.
+    pub async fn end(&self) -> Option<String> {
+        group::clear(self.leader, STOP_GRACE).await;
+        end_holders(&self.inodes).await
+    }
+
+    /// Tells the successor something; false (and logged) when it cannot be reached.
+    pub async fn tell(&mut self, message: Message) -> bool {
+        match self.writer.write_all(&message.line()).await {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(
+                    pid = self.pid,
+                    "upgrade: cannot reach the new supervisor: {error}"
+                );
+                false
+            }
         }
     }
 }
@@ -287,7 +304,11 @@ impl UpgradeRun {
             .map_err(|error| Failure::new(format!("hand-over channel: {error}")))?;
         let (progress_sender, progress) = mpsc::unbounded_channel();
         let binary = binary.to_owned();
-        let watched = Watched { child, pid, inodes };
+        let watched = Watched {
+            child,
+            pid,
+            inodes: inodes.clone(),
+        };
         let task = tokio::spawn(async move {
             watch(watched, channel, &binary, timeout, progress_sender).await
         });
@@ -296,19 +317,19 @@ impl UpgradeRun {
             progress,
             waiter: None,
             pid,
+            inodes,
         })
     }
 
     /// The old supervisor stops while the successor is still starting: kill the successor's
-    /// whole group (its workers follow through `PR_SET_PDEATHSIG`, its programs' groups through
-    /// its reaper), so that no half-started copy outlives us, and tell the waiting client.
-    pub fn abandon(self) {
+    /// whole group at once (its workers follow through `PR_SET_PDEATHSIG`, its programs' groups
+    /// through its reaper) and whatever else holds a socket handed over to it, so that no
+    /// half-started copy outlives us or keeps a port bound, and tell the waiting client.
+    pub async fn abandon(self) {
         self.task.abort();
-        if let Err(error) = spawn::signal_group(self.pid, nix::sys::signal::Signal::SIGKILL) {
-            tracing::warn!(
-                pid = self.pid,
-                "upgrade: cannot kill the new supervisor: {error}"
-            );
+        group::clear(self.pid, Duration::ZERO).await;
+        if let Some(left) = end_holders(&self.inodes).await {
+            tracing::warn!(pid = self.pid, "upgrade: {left}");
         }
         if let Some(waiter) = self.waiter {
             waiter.error(
@@ -414,6 +435,8 @@ async fn watch(
         // exit while we still run, tokio reaps it.
         Ok(ready) => Ok(Successor {
             pid: own_pid(ready, pid),
+            leader: pid,
+            inodes: watched.inodes,
             writer,
             reader: reader.into_inner(),
         }),
@@ -450,8 +473,15 @@ async fn stop(watched: &mut Watched) -> Option<String> {
         ),
         Err(error) => tracing::warn!(pid, "upgrade: cannot wait for the new supervisor: {error}"),
     }
+    end_holders(&watched.inodes).await
+}
+
+/// Kills every process but this one that holds one of the sockets `inodes` (handed over to a
+/// successor that is gone: whatever holds one now escaped its group) and waits until they are
+/// gone. Returns what is left after [`HOLDERS_SETTLE`], for the failure message.
+async fn end_holders(inodes: &BTreeSet<u64>) -> Option<String> {
     let me = std::process::id();
-    let holders = procfs::socket_holders(&watched.inodes, me);
+    let holders = procfs::socket_holders(inodes, me);
     if holders.is_empty() {
         return None;
     }
@@ -465,7 +495,7 @@ async fn stop(watched: &mut Watched) -> Option<String> {
     }
     let deadline = tokio::time::Instant::now() + HOLDERS_SETTLE;
     loop {
-        let left = procfs::socket_holders(&watched.inodes, me);
+        let left = procfs::socket_holders(inodes, me);
         if left.is_empty() {
             return None;
         }
