@@ -645,6 +645,57 @@ impl Predecessor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::runtime;
+
+    /// Runs `script` as a successor that never gets ready, handing it one listening socket;
+    /// returns the failure and the socket's inode once the run has ended.
+    fn failed_successor(script: &str) -> (Failure, u64, std::net::TcpListener) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("successor.sh");
+        std::fs::write(&path, script).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let inode = procfs::socket_inode(&listener).unwrap();
+        let mut sockets = FdTable::default();
+        sockets.insert(
+            Role::Web,
+            Listen::Tcp(listener.local_addr().unwrap()),
+            std::os::fd::OwnedFd::from(listener.try_clone().unwrap()),
+        );
+        let failure = runtime().block_on(async {
+            let mut run =
+                UpgradeRun::start(&path, sockets, &[], Duration::from_millis(500)).unwrap();
+            loop {
+                match run.next_event().await {
+                    UpgradeEvent::Progress(_) => {}
+                    UpgradeEvent::Finished(finished) => match *finished {
+                        Ok(_) => panic!("the script said ready"),
+                        Err(failure) => break failure,
+                    },
+                }
+            }
+        });
+        (failure, inode, listener)
+    }
+
+    #[test]
+    fn a_late_successor_goes_with_its_whole_group_and_every_copy_of_the_sockets() {
+        // A wrapper without `exec`, its foreground child and a background one that leaves the
+        // group (as a daemonizing script would): all hold the inherited socket.
+        let (failure, inode, _listener) =
+            failed_successor("#!/bin/sh\nsetsid sleep 60 &\nsleep 60\n");
+        assert!(
+            failure.message.contains("was not ready within"),
+            "{failure}"
+        );
+        assert!(
+            !failure.message.contains("still hold"),
+            "every holder was ended: {failure}"
+        );
+        let holders = procfs::socket_holders(&BTreeSet::from([inode]), std::process::id());
+        assert!(holders.is_empty(), "{holders:?}");
+    }
 
     #[test]
     fn the_description_round_trips_and_lists_every_descriptor() {
