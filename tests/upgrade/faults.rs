@@ -119,6 +119,22 @@ fn supervisors(stack: &Stack) -> Vec<u32> {
         .collect()
 }
 
+/// Connecting to the web front's Unix socket fails cleanly: refused, or no file at all — never
+/// a connection that nobody answers.
+fn assert_unix_refused(path: &std::path::Path) {
+    match UnixStream::connect(path) {
+        Ok(_) => panic!("something still listens on {}", path.display()),
+        Err(error) => assert!(
+            matches!(
+                error.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+            ),
+            "{}: {error}",
+            path.display()
+        ),
+    }
+}
+
 /// A process that is not the test's child, killed when the test ends however it ends.
 struct Stray(u32);
 
@@ -248,6 +264,7 @@ fn a_hanging_wrapper_without_exec_leaves_no_socket_behind() {
     let refused = TcpStream::connect(stack.address()).expect_err("nothing may listen");
     assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
     assert!(port_holders(stack.metrics_port).is_empty());
+    assert_unix_refused(&stack.sandbox.path("web.sock"));
     let again = stack.sandbox.start();
     assert_eq!(healthz(stack.metrics_port), 200);
     stack.running = Some(again);
@@ -389,6 +406,7 @@ fn an_old_supervisor_killed_mid_hand_over_leaves_nobody_serving() {
         std::io::ErrorKind::ConnectionRefused,
         "{log}"
     );
+    assert_unix_refused(&stack.sandbox.path("web.sock"));
     util::wait_until(Duration::from_secs(10), "no sleeper left", || {
         (stack.sleepers() == 0).then_some(())
     });
