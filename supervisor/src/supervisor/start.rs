@@ -1,8 +1,9 @@
-//! Bringing the supervisor up: the signal handlers first, then the control socket (bound, or
-//! adopted from the old process in an upgrade), the metrics endpoint — so that probes see
-//! "starting" rather than a refusal — `[hooks].before_start` (not in an upgrade), and the roles
-//! in start order; then `READY=1`, or, as an
-//! upgrade's successor, `ready` on the hand-over channel and a wait for the old process.
+//! Bringing the supervisor up: the signal handlers first (an upgrade's successor installs them
+//! only once its roles have started, so that until then a TERM from the old process ends it at
+//! once), then the control socket (bound, or adopted from the old process in an upgrade), the
+//! metrics endpoint — so that probes see "starting" rather than a refusal — `[hooks].before_start`
+//! (not in an upgrade), and the roles in start order; then `READY=1`, or, as an upgrade's
+//! successor, `ready` on the hand-over channel and a wait for the old process.
 //!
 //! What it hands the loop is the [`Supervisor`] and its first [`Activity`]: `Idle`, or
 //! `TakingOver` for a successor. A failure stops whatever had started and says what failed.
