@@ -233,6 +233,9 @@ impl Supervisor {
                          has no sockets left to serve on"
                     );
                     tracing::error!("upgrade: {message}");
+                    if let Some(left) = successor.end().await {
+                        tracing::warn!("upgrade: {left}");
+                    }
                     if let Some(waiter) = waiter {
                         waiter.error(ErrorKind::Failed, message.clone(), None);
                     }
