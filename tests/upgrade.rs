@@ -17,6 +17,9 @@ use std::time::Duration;
 use crate::reload::{Load, failures, read_response};
 use crate::util::{self, Running, Sandbox, output_text};
 
+// faults: successors that hang, start late, die mid-hand-over, or outlive a killed old process.
+mod faults;
+
 /// Answers `v1 <body length>`, as the reload tests' load generator expects.
 const APP: &str = r#"
 import time
@@ -42,11 +45,21 @@ struct Stack {
 
 impl Stack {
     fn start(adjust: impl FnOnce(&mut std::process::Command)) -> Stack {
+        Stack::start_with(APP, "", adjust)
+    }
+
+    /// A stack serving `app` (which must answer as [`APP`] does), with `extra` appended to
+    /// sauna.toml.
+    fn start_with(
+        app: &str,
+        extra: &str,
+        adjust: impl FnOnce(&mut std::process::Command),
+    ) -> Stack {
         let sandbox = Sandbox::new();
         let port = util::free_port();
         let metrics_port = util::free_port();
         let marker = format!("sauna-upgrade-sleeper-{}", sandbox.root().display());
-        sandbox.write("app.py", APP);
+        sandbox.write("app.py", app);
         let python = util::python();
         sandbox.write_config(&format!(
             "[app]\npython = \"{python}\"\ndirectory = \".\"\nwsgi = \"app:application\"\n\n\
@@ -54,7 +67,7 @@ impl Stack {
              reload_timeout = \"10s\"\ngraceful_timeout = \"10s\"\n\n\
              [programs.sleeper]\ncommand = [\"{python}\", \"-c\", \"import time; time.sleep(3600)\", \"{marker}\"]\n\
              reload = \"restart\"\n\n\
-             [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
+             [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n{extra}",
             python = python.display(),
             unix = sandbox.path("web.sock").display(),
         ));

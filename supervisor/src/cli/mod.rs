@@ -179,6 +179,13 @@ pub enum Command {
     /// Replace the running sauna-supervisor binary without refusing a connection; waits until
     /// the new process serves and the old one has exited. SIGUSR2 does the same (default binary).
     ///
+    /// The new process runs in its own process group. If it fails or is not ready within
+    /// --timeout, the whole group (a wrapper script and the binary it runs, too) gets TERM, then
+    /// KILL after 3 s, and the command answers only once no process but the old supervisor holds
+    /// a socket it handed over. The new process takes over only when the old one releases it; a
+    /// hand-over channel closed without that makes it stop and exit non-zero. If it dies before
+    /// it is released, the old supervisor starts its roles again and serves on.
+    ///
     /// Exit status: 0 done, 1 failed (the old supervisor keeps serving), 2 usage or config error.
     Upgrade {
         /// The configuration file (to find the control socket).

@@ -1,5 +1,6 @@
 //! Ending a child's whole process group, for children that must leave nothing behind: a deploy
-//! hook that timed out, or one that exited and left a background process in its group.
+//! hook that timed out, or one that exited and left a background process in its group, and an
+//! upgrade's successor that failed (a wrapper script and the supervisor it runs without `exec`).
 //!
 //! Every child leads its own group (`spawn`), so the group is the child plus everything it
 //! forked that did not move away with `setsid`. A shell running `sleep 60 &` keeps that sleep in

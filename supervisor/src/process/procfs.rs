@@ -1,7 +1,9 @@
 //! What `/proc` says about processes and the machine: one process's state and resident memory
 //! (a web worker's RSS, whether a stopped supervisor is gone), the resident memory of a program
 //! instance's whole process tree, whether its process group still has live members, the process
-//! list the group reaper scans, and the machine's total memory (`emit`'s sizing).
+//! list the group reaper scans, which processes hold given sockets open (an upgrade checks that
+//! a stopped successor left no copy of a listening socket behind), and the machine's total
+//! memory (`emit`'s sizing).
 //!
 //! A Celery worker's memory lives mostly in its prefork children, so the leader's own RSS says
 //! little: the tree is every process descending from the leader (by parent pid) plus every
@@ -123,6 +125,46 @@ pub fn group_alive(pgid: u32) -> bool {
         .any(|process| process.pgrp == pgid && process.state != 'Z')
 }
 
+/// The inode that names socket `fd` in `/proc/PID/fd` (`socket:[INODE]`).
+pub fn socket_inode(fd: &impl std::os::fd::AsFd) -> std::io::Result<u64> {
+    let stat = nix::sys::stat::fstat(fd.as_fd())?;
+    Ok(stat.st_ino)
+}
+
+/// The live processes other than `except` that have one of the sockets `inodes` open, each with
+/// the inodes it holds. A process that vanishes while being read is skipped: it holds nothing.
+pub fn socket_holders(inodes: &BTreeSet<u64>, except: u32) -> Vec<(u32, BTreeSet<u64>)> {
+    read_processes(Path::new("/proc"))
+        .into_iter()
+        .filter(|process| process.pid != except && process.state != 'Z')
+        .filter_map(|process| {
+            let held = sockets_of(process.pid, inodes);
+            (!held.is_empty()).then_some((process.pid, held))
+        })
+        .collect()
+}
+
+/// Which of `inodes` process `pid` has open.
+pub fn sockets_of(pid: u32, inodes: &BTreeSet<u64>) -> BTreeSet<u64> {
+    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return BTreeSet::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| std::fs::read_link(entry.path()).ok())
+        .filter_map(|target| parse_socket_link(target.to_str()?))
+        .filter(|inode| inodes.contains(inode))
+        .collect()
+}
+
+fn parse_socket_link(target: &str) -> Option<u64> {
+    target
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
 /// The machine's total memory in bytes, from the `MemTotal:` line of `/proc/meminfo`.
 pub fn mem_total() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -211,6 +253,39 @@ mod tests {
         // Reaped, so the pid is free; reuse within this instant is practically impossible.
         assert_eq!(stat(pid), None);
         assert_eq!(rss(pid), None);
+    }
+
+    #[test]
+    fn finds_who_holds_a_socket() {
+        use std::os::fd::AsRawFd;
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let inode = socket_inode(&theirs).expect("fstat");
+        assert_ne!(inode, socket_inode(&ours).expect("fstat"));
+        assert_eq!(parse_socket_link(&format!("socket:[{inode}]")), Some(inode));
+        assert_eq!(parse_socket_link("pipe:[12]"), None);
+        let inodes = BTreeSet::from([inode]);
+        let me = std::process::id();
+        assert_eq!(sockets_of(me, &inodes), inodes);
+        assert!(socket_holders(&inodes, me).is_empty(), "only this process");
+        // A child that inherits the descriptor is found; once it is gone, nobody is.
+        let fd = theirs.as_raw_fd();
+        let mut command = std::process::Command::new("sleep");
+        command.arg("30");
+        // SAFETY: fcntl only clears the flag on the child's copy, between fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().expect("spawn sleep");
+        let holders = socket_holders(&inodes, me);
+        assert_eq!(holders, [(child.id(), inodes.clone())]);
+        child.kill().expect("kill");
+        child.wait().expect("reap");
+        assert!(socket_holders(&inodes, me).is_empty());
     }
 
     #[test]

@@ -18,11 +18,16 @@
 //! The pipe's write end is close-on-exec, so children never hold it open (which would hide the
 //! supervisor's death), and the reaper sits in its own process group ignoring terminal and stop
 //! signals, so a Ctrl-C aimed at the supervisor does not take the reaper with it.
+//!
+//! The reaper is forked, not executed, so close-on-exec does not apply to it: it would keep a
+//! copy of every descriptor the supervisor had at that instant — in an upgrade's successor, the
+//! inherited listening sockets, control socket and hand-over channel, which would stay bound
+//! for as long as the reaper lives. It closes everything but its pipe and stdio first thing.
 
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -74,6 +79,7 @@ pub fn track(pgid: u32) {
 }
 
 fn reaper_main(pipe: OwnedFd) -> ! {
+    close_all_but(pipe.as_raw_fd());
     let _ = setpgid(Pid::from_raw(0), Pid::from_raw(0));
     for ignored in [
         Signal::SIGINT,
@@ -103,6 +109,23 @@ fn reaper_main(pipe: OwnedFd) -> ! {
     // SAFETY: _exit ends this process without running the parent's atexit handlers or
     // flushing its copied stdio buffers, which belong to the supervisor.
     unsafe { libc::_exit(0) }
+}
+
+/// Closes every descriptor above stdio except `keep`.
+fn close_all_but(keep: RawFd) {
+    let open: Vec<RawFd> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(entries) => entries
+            .flatten()
+            .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+            .collect(),
+        Err(_) => return,
+    };
+    // The directory's own descriptor is in the list but already closed: EBADF, harmless.
+    for fd in open.into_iter().filter(|fd| *fd > 2 && *fd != keep) {
+        // SAFETY: this forked process never returns to the code that owned these descriptors
+        // (`reaper_main` ends in `_exit`), so closing them under that code cannot double-close.
+        unsafe { libc::close(fd) };
+    }
 }
 
 fn prune_empty(groups: &mut BTreeSet<u32>) {

@@ -16,7 +16,9 @@
 //!   standard library (which also drops supplementary groups); `$NOTIFY_SOCKET` and the watchdog
 //!   variables are removed so a child cannot speak to systemd for us; only stdin (null),
 //!   stdout/stderr (pipes) and explicitly passed fds are inherited (Rust opens everything else
-//!   close-on-exec).
+//!   close-on-exec, and an upgrade's successor sets the flag again on the sockets and channel it
+//!   inherited as soon as it adopts them, so no worker, program or hook gets a listening socket,
+//!   the control socket or the hand-over channel).
 //!
 //! It deliberately does not reap children: each `Child` is awaited by its owner, and there is no
 //! global `waitpid(-1)`, which would steal exit statuses from `tokio::process`.

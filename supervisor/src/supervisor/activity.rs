@@ -206,7 +206,7 @@ impl Activity {
         match self {
             Activity::Idle { roles } | Activity::TakingOver { roles, .. } => Some(roles),
             Activity::Upgrading { roles, run } => {
-                run.abandon();
+                run.abandon().await;
                 Some(roles)
             }
             Activity::Reloading { mut run, .. } => {
@@ -240,7 +240,7 @@ mod tests {
     use crate::listeners::FdTable;
     use crate::metrics::Metrics;
     use crate::supervisor::reload::ReloadEvent;
-    use crate::supervisor::upgrade::{Message, UpgradeEvent};
+    use crate::supervisor::upgrade::{UpgradeEvent, Word};
     use crate::test_support::runtime;
 
     /// A config with no role at all: its roles start and stop at once.
@@ -408,13 +408,24 @@ mod tests {
             std::io::Write::write_all(&mut &old, b"{\"msg\":\"main_pid\"}\n").unwrap();
             assert!(matches!(
                 next(&mut taking_over).await,
-                Some(Trigger::Predecessor(Message::MainPid))
+                Some(Trigger::Predecessor(Word::MainPid))
             ));
-            // The old process gone without a word counts as released.
-            drop(old);
+            std::io::Write::write_all(&mut &old, b"{\"msg\":\"released\"}\n").unwrap();
             assert!(matches!(
                 next(&mut taking_over).await,
-                Some(Trigger::Predecessor(Message::Released))
+                Some(Trigger::Predecessor(Word::Released))
+            ));
+            // The old process gone without `released` is never a go.
+            let (mut abandoned, old) = self::taking_over().await;
+            std::io::Write::write_all(&mut &old, b"{\"msg\":\"main_pid\"}\n").unwrap();
+            drop(old);
+            assert!(matches!(
+                next(&mut abandoned).await,
+                Some(Trigger::Predecessor(Word::MainPid))
+            ));
+            assert!(matches!(
+                next(&mut abandoned).await,
+                Some(Trigger::Predecessor(Word::Gone))
             ));
         });
     }

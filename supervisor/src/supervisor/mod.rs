@@ -52,7 +52,7 @@ use crate::logging::{LogHandle, LogOptions};
 use crate::metrics::Metrics;
 use crate::metrics::queue_sampler::QueueSampler;
 use crate::metrics::server::{Health, MetricsServer};
-use crate::supervisor::activity::{Activity, ReloadAdmission};
+use crate::supervisor::activity::{Activity, Queued, ReloadAdmission};
 use crate::supervisor::lifecycle::StopMode;
 use crate::supervisor::notify::Notifier;
 use crate::supervisor::reload::ReloadEvent;
@@ -60,7 +60,7 @@ use crate::supervisor::roles::Roles;
 use crate::supervisor::signals::SignalEvent;
 use crate::supervisor::status::StatusReport;
 use crate::supervisor::trigger::{Trigger, Triggers};
-use crate::supervisor::upgrade::{Inherited, Message, Successor, UpgradeEvent};
+use crate::supervisor::upgrade::{Inherited, Message, Successor, UpgradeEvent, Word};
 use crate::supervisor::view::RolesView;
 
 /// How long the last answers on the control socket get to reach their clients at exit.
@@ -212,6 +212,14 @@ enum StopRequest {
     /// The supervisor can no longer serve (a reload task failed, taking the roles with it);
     /// it exits with status 1.
     Failed,
+    /// As an upgrade's successor: the old supervisor closed the hand-over channel without
+    /// releasing its roles. The roles stop without unlinking any socket file and the process
+    /// exits non-zero.
+    Aborted {
+        roles: Roles,
+        /// Reloads asked for meanwhile; they are refused.
+        queued: Queued,
+    },
     /// A successor took over in an upgrade: the roles stop without unlinking any socket.
     HandOver {
         roles: Roles,
@@ -228,18 +236,37 @@ impl Supervisor {
     /// The loop itself: wait for a trigger, handle it, again; returns once a stop was requested
     /// and every role has stopped.
     async fn run(mut self, mut activity: Activity) -> Result<(), RunError> {
-        let stop = loop {
-            let serves_control = activity.serves_control();
-            let trigger = self
-                .triggers
-                .next(&mut self.control, serves_control, activity.next_event())
-                .await;
-            match self.handle(activity, trigger).await {
-                Continue(next) => activity = next,
-                Break(stop) => break stop,
+        loop {
+            let stop = loop {
+                let serves_control = activity.serves_control();
+                let trigger = self
+                    .triggers
+                    .next(&mut self.control, serves_control, activity.next_event())
+                    .await;
+                match self.handle(activity, trigger).await {
+                    Continue(next) => activity = next,
+                    Break(stop) => break stop,
+                }
+            };
+            match stop {
+                StopRequest::HandOver {
+                    roles,
+                    successor,
+                    waiter,
+                } => match self.hand_over(roles, successor, waiter).await {
+                    // The successor died before it was released: this process serves on.
+                    Continue((supervisor, taken_back)) => {
+                        self = supervisor;
+                        activity = taken_back;
+                    }
+                    Break(result) => return result,
+                },
+                StopRequest::Aborted { roles, queued } => {
+                    return Err(self.abort_take_over(roles, queued).await);
+                }
+                stop => return self.shutdown(stop).await,
             }
-        };
-        self.shutdown(stop).await
+        }
     }
 
     /// One trigger, in the state it arrived in. The events of what is in progress come from
@@ -313,7 +340,7 @@ impl Supervisor {
                 },
                 Trigger::Predecessor(message),
             ) => match message {
-                Message::MainPid => {
+                Word::MainPid => {
                     self.on_main_pid();
                     Continue(Activity::TakingOver {
                         roles,
@@ -322,7 +349,8 @@ impl Supervisor {
                         serves_control: true,
                     })
                 }
-                _ => Continue(self.on_released(roles, queued).await),
+                Word::Released => Continue(self.on_released(roles, queued).await),
+                Word::Gone => Break(StopRequest::Aborted { roles, queued }),
             },
             // A state's event meeting another state cannot happen (see above); nothing to do.
             (activity, Trigger::Reload(_) | Trigger::Upgrade(_) | Trigger::Predecessor(_)) => {
@@ -439,14 +467,8 @@ impl Supervisor {
 
     async fn shutdown(mut self, stop: StopRequest) -> Result<(), RunError> {
         let (activity, mode, waiter) = match stop {
-            StopRequest::HandOver {
-                roles,
-                successor,
-                waiter,
-            } => {
-                self.hand_over(roles, successor, waiter).await;
-                return Ok(());
-            }
+            // `run` ends these itself.
+            StopRequest::HandOver { .. } | StopRequest::Aborted { .. } => return Ok(()),
             StopRequest::Requested {
                 activity,
                 mode,
@@ -462,12 +484,17 @@ impl Supervisor {
         ));
         let began = Instant::now();
         drop(self.queue_sampler.take());
+        // A successor not yet released leaves the Unix socket files alone: the old process
+        // still serves on them.
+        let released = !matches!(activity, Some(Activity::TakingOver { .. }));
         let roles = match activity {
             Some(activity) => activity.into_roles().await,
             None => None,
         };
-        if let Some(roles) = roles {
-            roles.shutdown(mode).await;
+        match roles {
+            Some(roles) if released => roles.shutdown(mode).await,
+            Some(roles) => roles.hand_over().await,
+            None => {}
         }
         // Last, so that the final scrape can still see the roles stopping.
         if let Some(server) = self.metrics_server.take() {

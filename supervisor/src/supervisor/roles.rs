@@ -33,6 +33,17 @@ impl Roles {
         Roles::start_with(loaded, metrics, None, false).await
     }
 
+    /// Starts every configured role, the web pool on `listeners` (one per `[web].listen` entry)
+    /// instead of binding: an old supervisor whose successor died mid-upgrade serves again on
+    /// the sockets it kept.
+    pub async fn start_on(
+        loaded: &Loaded,
+        metrics: &Arc<Metrics>,
+        listeners: Option<Vec<crate::listeners::Listener>>,
+    ) -> anyhow::Result<Roles> {
+        Roles::start_with(loaded, metrics, listeners, false).await
+    }
+
     /// The start of a successor in an upgrade: the web pool on `listeners` (adopted or bound,
     /// one per `[web].listen` entry) and only the programs with `reload = "rolling"`; the other
     /// programs and beat wait for [`Roles::start_deferred`], once the old supervisor has

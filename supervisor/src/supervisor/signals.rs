@@ -61,7 +61,8 @@ impl Signals {
     /// Installs handlers for every signal in the table above.
     ///
     /// Must be called inside a tokio runtime (the handlers feed its driver). Call it early, before
-    /// any child is spawned and before `READY=1`, so that no signal meets the default action.
+    /// any child is spawned and before `READY=1`, so that no signal meets the default action —
+    /// except in an upgrade's successor, which wants exactly that until it is ready (`start`).
     pub fn install() -> io::Result<Signals> {
         Ok(Signals {
             term: signal(SignalKind::terminate())?,

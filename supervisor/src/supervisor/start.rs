@@ -1,8 +1,9 @@
-//! Bringing the supervisor up: the signal handlers first, then the control socket (bound, or
-//! adopted from the old process in an upgrade), the metrics endpoint — so that probes see
-//! "starting" rather than a refusal — `[hooks].before_start` (not in an upgrade), and the roles
-//! in start order; then `READY=1`, or, as an
-//! upgrade's successor, `ready` on the hand-over channel and a wait for the old process.
+//! Bringing the supervisor up: the signal handlers first (an upgrade's successor installs them
+//! only once its roles have started, so that until then a TERM from the old process ends it at
+//! once), then the control socket (bound, or adopted from the old process in an upgrade), the
+//! metrics endpoint — so that probes see "starting" rather than a refusal — `[hooks].before_start`
+//! (not in an upgrade), and the roles in start order; then `READY=1`, or, as an upgrade's
+//! successor, `ready` on the hand-over channel and a wait for the old process.
 //!
 //! What it hands the loop is the [`Supervisor`] and its first [`Activity`]: `Idle`, or
 //! `TakingOver` for a successor. A failure stops whatever had started and says what failed.
@@ -41,8 +42,14 @@ impl Supervisor {
         let started = Instant::now();
         // A successor speaks to systemd only once the old process has made it the main one.
         notifier.set_muted(inherited.is_some());
-        // Handlers first, so that a TERM during start-up is not fatal before children exist.
-        let mut signals = Signals::install().context("cannot install signal handlers")?;
+        // Handlers first, so that a TERM during start-up is not fatal before children exist. Not
+        // for an upgrade's successor: until it is ready, a TERM (the old process giving up on
+        // it) must end it at once, before its front accepts a connection it would then drop;
+        // its children follow through PR_SET_PDEATHSIG and the reaper.
+        let mut early_signals = match inherited {
+            None => Some(Signals::install().context("cannot install signal handlers")?),
+            Some(_) => None,
+        };
         let control_path = crate::config::control_socket(&loaded);
         // A control socket that moved in the config is closed; the new path is bound.
         let mut control =
@@ -73,7 +80,9 @@ impl Supervisor {
             }
         };
         // Migrations and the like, before any role: `upgrade` runs none (same release).
-        if inherited.is_none() && !loaded.config.hooks.before_start.is_empty() {
+        if let (None, Some(signals)) = (&inherited, &mut early_signals)
+            && !loaded.config.hooks.before_start.is_empty()
+        {
             notify_or_log(notifier.status("running [hooks].before_start"), "STATUS");
             let status = |hook| {
                 let mut report =
@@ -81,7 +90,7 @@ impl Supervisor {
                 report.hook = hook;
                 serde_json::to_value(report).unwrap_or_default()
             };
-            let hooks = hooks::before_start(&loaded, &mut signals, &mut control, &log, status);
+            let hooks = hooks::before_start(&loaded, signals, &mut control, &log, status);
             if let Err(error) = hooks.await {
                 if let Some(server) = metrics_server {
                     server.shutdown().await;
@@ -143,6 +152,11 @@ impl Supervisor {
             Some(changes)
         } else {
             None
+        };
+        // A successor's handlers, now that it is about to say ready.
+        let signals = match early_signals {
+            Some(signals) => signals,
+            None => Signals::install().context("cannot install signal handlers")?,
         };
         metrics.generation.set(1);
         let view = roles.view();

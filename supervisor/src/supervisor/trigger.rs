@@ -15,7 +15,7 @@ use tokio::time::{Interval, MissedTickBehavior};
 use crate::control::{ControlRequest, ControlServer};
 use crate::supervisor::reload::ReloadEvent;
 use crate::supervisor::signals::{SignalEvent, Signals};
-use crate::supervisor::upgrade::{Message, UpgradeEvent};
+use crate::supervisor::upgrade::{UpgradeEvent, Word};
 
 /// How often the loop refreshes the health verdict; `/healthz` calls the loop hung after a few
 /// missed beats.
@@ -32,7 +32,7 @@ pub enum Trigger {
     /// `--watch`: the file watcher stopped; changes are no longer picked up.
     WatcherStopped,
     /// As an upgrade's successor: the old supervisor's word.
-    Predecessor(Message),
+    Predecessor(Word),
     /// The upgrade in progress: a step of the successor's start, or its end.
     Upgrade(UpgradeEvent),
     /// The reload in progress: a step, or its end.

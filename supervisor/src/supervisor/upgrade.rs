@@ -7,33 +7,44 @@
 //! 1. The old process spawns the successor with its own arguments (so `run -c …` re-reads the
 //!    config), `$SAUNA_UPGRADE_FDS` describing the inherited descriptors ([`Description`]: the
 //!    channel and the rows of the `listeners` fd table) and systemd's `$NOTIFY_SOCKET` and
-//!    `$WATCHDOG_USEC`. Only those descriptors lose close-on-exec, in the forked child; the
-//!    successor gets no `PR_SET_PDEATHSIG` and is not reported to the group reaper, since it must
-//!    outlive the old process.
+//!    `$WATCHDOG_USEC`. Only those descriptors lose close-on-exec, in the forked child. The
+//!    successor leads a process group of its own, so that everything it forks without moving
+//!    away — a wrapper script that runs the real binary without `exec`, and that binary — can
+//!    be stopped as a whole; it gets no `PR_SET_PDEATHSIG` and is not reported to the group
+//!    reaper, since it must outlive the old process.
 //! 2. The successor ([`Inherited::take_from_env`] in `run`) adopts the sockets whose address is
 //!    still in its config, closes the others and binds new addresses, starts its web pool and the
 //!    `reload = "rolling"` programs, and serves metrics at once. Its web front accepts only once
 //!    every worker is ready, so until then each connection goes to the old front, which accepts
-//!    from the same sockets. It reports `ready`, or `failed` with the reason (the config's
-//!    diagnostics, an app's traceback) and exits.
+//!    from the same sockets. It reports `ready` (with its own pid, which a wrapper script's is
+//!    not), or `failed` with the reason (the config's diagnostics, an app's traceback) and exits.
+//!    Until it is ready it has no signal handlers, so a TERM ends it at once.
 //! 3. On `ready`, the old process tells systemd `MAINPID=<successor>`, says `main_pid` (the
 //!    successor pings the watchdog and serves the control socket from now on, a reload waiting
 //!    for step 4), stops accepting, lets its open connections make one more request (answered
 //!    with `Connection: close`), stops its roles without unlinking any socket file, says
 //!    `released` and exits 0.
-//! 4. On `released` — or end-of-file, should the old process die — the successor starts the
-//!    remaining programs (two copies of a `restart` program, a server on a fixed port say, must
-//!    never run at once) and beat, and sends `READY=1`.
+//! 4. On `released`, and only then, the successor starts the remaining programs (two copies of
+//!    a `restart` program, a server on a fixed port say, must never run at once) and beat, and
+//!    sends `READY=1`. End-of-file without `released` means the old process gave up on it (a
+//!    missed deadline) or died mid-hand-over: the successor cannot know which, so it stops its
+//!    roles without unlinking any socket file and exits non-zero ([`Word::Gone`]). Two
+//!    supervisors serving one port is worse than none: under systemd the service restarts.
 //!
-//! A successor that exits, fails or misses the deadline before `ready` is stopped (TERM, then
-//! KILL; its own children die with it through their `PR_SET_PDEATHSIG` and its reaper) and the
-//! old process goes on as if nothing happened.
+//! A successor that exits, fails or misses the deadline before `ready` is stopped as a whole
+//! group (TERM, then KILL after [`STOP_GRACE`]; its own children die with it through their
+//! `PR_SET_PDEATHSIG` and its reaper), and before `upgrade` answers the old process checks that
+//! no process but itself still holds one of the sockets it handed over, killing any that does.
+//! The old process then goes on as if nothing happened. A successor that dies after `ready` but
+//! before `released` is noticed at the end of the hand-over ([`Successor::is_gone`]); the old
+//! process then starts its roles again on its own copies of the sockets (`handover`).
 //!
 //! This module owns the wire format, spawning the successor and watching it until it is ready
 //! ([`UpgradeRun`]), and the successor's side of the inheritance. The table of sockets handed
 //! over, and binding or adopting them, are `listeners`'. When to upgrade, and the order in which
 //! roles stop and start, belong to the main loop (`supervisor`).
 
+use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
@@ -45,19 +56,24 @@ use proxy_conf::Listen;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::process::Child;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::control::Responder;
 use crate::listeners::{self, BindError, FdTable, Listener, Role, Row};
+use crate::process::{group, procfs, spawn};
 
 /// The environment variable that describes the inherited descriptors to a successor.
 pub const ENV: &str = "SAUNA_UPGRADE_FDS";
 
-/// How long a successor that failed gets between SIGTERM and SIGKILL.
-const KILL_AFTER: Duration = Duration::from_secs(5);
+/// How long a successor that failed gets between SIGTERM and SIGKILL. Short: it serves nothing
+/// the old process does not serve too, and has no handler for TERM until it is ready.
+pub const STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// How long processes found still holding a handed-over socket get to die after SIGKILL.
+const HOLDERS_SETTLE: Duration = Duration::from_secs(2);
 
 /// Longest line accepted on the channel (a traceback fits comfortably).
 const MAX_LINE: usize = 1024 * 1024;
@@ -108,6 +124,18 @@ pub enum Message {
     Released,
 }
 
+/// What the successor hears from the old supervisor while it takes over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Word {
+    /// [`Message::MainPid`]: serve the control socket.
+    MainPid,
+    /// [`Message::Released`]: the old roles have stopped; take over.
+    Released,
+    /// The channel closed without `released`: the old process gave up on this one or died
+    /// mid-hand-over. Abort.
+    Gone,
+}
+
 impl Message {
     fn line(&self) -> Vec<u8> {
         // Serializing a plain enum of strings and integers cannot fail.
@@ -123,8 +151,10 @@ pub struct UpgradeRun {
     progress: mpsc::UnboundedReceiver<String>,
     /// The `upgrade` client waiting for the outcome (none for SIGUSR2).
     pub waiter: Option<Responder>,
-    /// The successor's pid.
+    /// The successor's pid (the leader of its process group).
     pub pid: u32,
+    /// The inodes of the sockets handed over.
+    inodes: BTreeSet<u64>,
 }
 
 /// What a run reports to the main loop.
@@ -156,20 +186,55 @@ impl Failure {
 
 /// A successor that reported ready.
 pub struct Successor {
-    /// Its pid.
+    /// The pid of the process that said `ready` (a wrapper script's child, say).
     pub pid: u32,
+    /// The leader of its process group: the child the old process started.
+    leader: u32,
+    /// The inodes of the sockets handed over.
+    inodes: BTreeSet<u64>,
     writer: OwnedWriteHalf,
+    /// Read only to notice end-of-file.
+    reader: OwnedReadHalf,
 }
 
 impl Successor {
-    /// Tells the successor something; a successor that is gone is only logged (it would have
-    /// taken over through end-of-file anyway).
-    pub async fn tell(&mut self, message: Message) {
-        if let Err(error) = self.writer.write_all(&message.line()).await {
-            tracing::warn!(
-                pid = self.pid,
-                "upgrade: cannot reach the new supervisor: {error}"
-            );
+    /// Whether the successor is gone: its process has exited, or its end of the channel is
+    /// closed. A wrapper script can keep the channel open after the real successor died, so
+    /// the process is checked too.
+    pub fn is_gone(&self) -> bool {
+        let exited = procfs::stat(self.pid).is_none_or(|process| process.state == 'Z');
+        let mut byte = [0u8; 64];
+        let closed = loop {
+            match self.reader.try_read(&mut byte) {
+                Ok(0) => break true,
+                // A stray line after `ready` is ignored, as during the start.
+                Ok(_) => continue,
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break false,
+                Err(_) => break true,
+            }
+        };
+        exited || closed
+    }
+
+    /// After it died mid-hand-over: ends what is left of its group (a wrapper script still
+    /// holding the sockets, say) and anything else holding a socket handed over to it. Returns
+    /// what could not be ended.
+    pub async fn end(&self) -> Option<String> {
+        group::clear(self.leader, STOP_GRACE).await;
+        end_holders(&self.inodes).await
+    }
+
+    /// Tells the successor something; false (and logged) when it cannot be reached.
+    pub async fn tell(&mut self, message: Message) -> bool {
+        match self.writer.write_all(&message.line()).await {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(
+                    pid = self.pid,
+                    "upgrade: cannot reach the new supervisor: {error}"
+                );
+                false
+            }
         }
     }
 }
@@ -193,6 +258,15 @@ impl UpgradeRun {
             sockets: sockets.rows(),
         };
         let fds = description.fds();
+        let inodes = fds
+            .iter()
+            .map(|&fd| {
+                // SAFETY: every number is open for as long as `theirs` and `sockets` live, which
+                // is past this statement.
+                procfs::socket_inode(&unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })
+            })
+            .collect::<std::io::Result<BTreeSet<u64>>>()
+            .map_err(|error| Failure::new(format!("cannot identify the sockets: {error}")))?;
         let json = serde_json::to_string(&description)
             .map_err(|error| Failure::new(format!("cannot describe the sockets: {error}")))?;
         let mut command = tokio::process::Command::new(binary);
@@ -200,6 +274,8 @@ impl UpgradeRun {
             .args(std::env::args_os().skip(1))
             .env(ENV, json)
             .envs(env.iter().map(|(name, value)| (name, value)))
+            // Its own group: on failure it is stopped with everything it forked.
+            .process_group(0)
             .kill_on_drop(false);
         // SAFETY: between fork and exec only fcntl(2) runs, which is async-signal-safe; it
         // touches the child's copies of descriptors this process owns until after the spawn.
@@ -228,27 +304,32 @@ impl UpgradeRun {
             .map_err(|error| Failure::new(format!("hand-over channel: {error}")))?;
         let (progress_sender, progress) = mpsc::unbounded_channel();
         let binary = binary.to_owned();
+        let watched = Watched {
+            child,
+            pid,
+            inodes: inodes.clone(),
+        };
         let task = tokio::spawn(async move {
-            watch(child, pid, channel, &binary, timeout, progress_sender).await
+            watch(watched, channel, &binary, timeout, progress_sender).await
         });
         Ok(UpgradeRun {
             task,
             progress,
             waiter: None,
             pid,
+            inodes,
         })
     }
 
-    /// The old supervisor stops while the successor is still starting: kill the successor (its
-    /// workers follow through `PR_SET_PDEATHSIG`, its programs' groups through its reaper), so
-    /// that no half-started copy outlives us, and tell the waiting client.
-    pub fn abandon(self) {
+    /// The old supervisor stops while the successor is still starting: kill the successor's
+    /// whole group at once (its workers follow through `PR_SET_PDEATHSIG`, its programs' groups
+    /// through its reaper) and whatever else holds a socket handed over to it, so that no
+    /// half-started copy outlives us or keeps a port bound, and tell the waiting client.
+    pub async fn abandon(self) {
         self.task.abort();
-        if let Ok(raw) = i32::try_from(self.pid) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(raw),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+        group::clear(self.pid, Duration::ZERO).await;
+        if let Some(left) = end_holders(&self.inodes).await {
+            tracing::warn!(pid = self.pid, "upgrade: {left}");
         }
         if let Some(waiter) = self.waiter {
             waiter.error(
@@ -274,17 +355,26 @@ impl UpgradeRun {
     }
 }
 
+/// The successor as the old process started it: the child (a wrapper script, perhaps), which
+/// leads the successor's process group, and the inodes of every socket handed over.
+struct Watched {
+    child: Child,
+    pid: u32,
+    inodes: BTreeSet<u64>,
+}
+
 /// Reads the successor's messages until `ready`; on anything else stops it.
 async fn watch(
-    mut child: Child,
-    pid: u32,
+    mut watched: Watched,
     channel: UnixStream,
     binary: &Path,
     timeout: Duration,
     progress: mpsc::UnboundedSender<String>,
 ) -> Result<Successor, Failure> {
+    let pid = watched.pid;
     let (reader, writer) = channel.into_split();
     let mut reader = BufReader::new(reader);
+    let child = &mut watched.child;
     let outcome = tokio::time::timeout(timeout, async {
         let mut line = String::new();
         loop {
@@ -313,7 +403,7 @@ async fn watch(
                 Ok(Message::Progress { message }) => {
                     let _ = progress.send(format!("new supervisor (pid {pid}): {message}"));
                 }
-                Ok(Message::Ready { .. }) => return Ok(()),
+                Ok(Message::Ready { pid: ready }) => return Ok(ready),
                 Ok(Message::Failed { message }) => {
                     return Err(Failure {
                         message: format!("the new supervisor (pid {pid}) cannot start"),
@@ -343,34 +433,80 @@ async fn watch(
     match outcome {
         // The child handle is dropped: it is never killed from here on, and should the successor
         // exit while we still run, tokio reaps it.
-        Ok(()) => Ok(Successor { pid, writer }),
-        Err(failure) => {
-            stop(&mut child, pid).await;
+        Ok(ready) => Ok(Successor {
+            pid: own_pid(ready, pid),
+            leader: pid,
+            inodes: watched.inodes,
+            writer,
+            reader: reader.into_inner(),
+        }),
+        Err(mut failure) => {
+            // Our end of the channel closes first: a successor that gets ready meanwhile reads
+            // end-of-file without `released`, and aborts instead of taking over.
+            drop((reader, writer));
+            if let Some(left) = stop(&mut watched).await {
+                failure.message.push_str(&format!("; {left}"));
+            }
             Err(failure)
         }
     }
 }
 
-/// TERM, then KILL after [`KILL_AFTER`]; waits for the exit.
-async fn stop(child: &mut Child, pid: u32) {
-    if let Ok(Some(_)) = child.try_wait() {
-        return;
+/// The pid the successor reported in `ready`, if it is in the group we started (a wrapper
+/// script's child); else the child we started.
+fn own_pid(reported: u32, leader: u32) -> u32 {
+    match procfs::stat(reported) {
+        Some(process) if process.pgrp == leader && process.state != 'Z' => reported,
+        _ => leader,
     }
-    if let Ok(raw) = i32::try_from(pid) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(raw),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-    }
-    if tokio::time::timeout(KILL_AFTER, child.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
+}
+
+/// Ends the successor's whole group — TERM, then KILL after [`STOP_GRACE`] — and then whatever
+/// else still holds a socket handed over to it (something that left the group). Returns what
+/// could not be ended, for the failure message; `None` when nothing of the successor is left.
+async fn stop(watched: &mut Watched) -> Option<String> {
+    let pid = watched.pid;
+    match group::terminate(&mut watched.child, pid, STOP_GRACE).await {
+        Ok(status) => tracing::info!(
             pid,
-            "upgrade: the new supervisor ignored SIGTERM; killing it"
+            "upgrade: the new supervisor's group has ended ({status})"
+        ),
+        Err(error) => tracing::warn!(pid, "upgrade: cannot wait for the new supervisor: {error}"),
+    }
+    end_holders(&watched.inodes).await
+}
+
+/// Kills every process but this one that holds one of the sockets `inodes` (handed over to a
+/// successor that is gone: whatever holds one now escaped its group) and waits until they are
+/// gone. Returns what is left after [`HOLDERS_SETTLE`], for the failure message.
+async fn end_holders(inodes: &BTreeSet<u64>) -> Option<String> {
+    let me = std::process::id();
+    let holders = procfs::socket_holders(inodes, me);
+    if holders.is_empty() {
+        return None;
+    }
+    for (holder, _) in &holders {
+        tracing::warn!(
+            pid = holder,
+            "upgrade: a process outside the new supervisor's group still holds a socket handed \
+             over to it; killing it"
         );
-        let _ = child.kill().await;
+        let _ = spawn::signal_process(*holder, nix::sys::signal::Signal::SIGKILL);
+    }
+    let deadline = tokio::time::Instant::now() + HOLDERS_SETTLE;
+    loop {
+        let left = procfs::socket_holders(inodes, me);
+        if left.is_empty() {
+            return None;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let pids: Vec<String> = left.iter().map(|(pid, _)| pid.to_string()).collect();
+            return Some(format!(
+                "pid(s) {} still hold a socket handed over to it",
+                pids.join(", ")
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -488,19 +624,19 @@ impl Predecessor {
         })
     }
 
-    /// The old supervisor's next word: [`Message::MainPid`] or [`Message::Released`]. End-of-file
-    /// counts as `released`: the old process is gone either way, and its roles with it.
-    /// Cancel-safe.
-    pub async fn next(&mut self) -> Message {
+    /// The old supervisor's next word. End-of-file (or a broken channel) without `released` is
+    /// [`Word::Gone`]: never a go, since the old process may still serve. Cancel-safe.
+    pub async fn next(&mut self) -> Word {
         loop {
             match self.lines.next_line().await {
                 Ok(Some(line)) => match serde_json::from_str::<Message>(&line) {
-                    Ok(message @ (Message::MainPid | Message::Released)) => return message,
+                    Ok(Message::MainPid) => return Word::MainPid,
+                    Ok(Message::Released) => return Word::Released,
                     other => {
                         tracing::debug!("upgrade: unexpected hand-over line {line:?}: {other:?}");
                     }
                 },
-                Ok(None) | Err(_) => return Message::Released,
+                Ok(None) | Err(_) => return Word::Gone,
             }
         }
     }
@@ -509,6 +645,57 @@ impl Predecessor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::runtime;
+
+    /// Runs `script` as a successor that never gets ready, handing it one listening socket;
+    /// returns the failure and the socket's inode once the run has ended.
+    fn failed_successor(script: &str) -> (Failure, u64, std::net::TcpListener) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("successor.sh");
+        std::fs::write(&path, script).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let inode = procfs::socket_inode(&listener).unwrap();
+        let mut sockets = FdTable::default();
+        sockets.insert(
+            Role::Web,
+            Listen::Tcp(listener.local_addr().unwrap()),
+            std::os::fd::OwnedFd::from(listener.try_clone().unwrap()),
+        );
+        let failure = runtime().block_on(async {
+            let mut run =
+                UpgradeRun::start(&path, sockets, &[], Duration::from_millis(500)).unwrap();
+            loop {
+                match run.next_event().await {
+                    UpgradeEvent::Progress(_) => {}
+                    UpgradeEvent::Finished(finished) => match *finished {
+                        Ok(_) => panic!("the script said ready"),
+                        Err(failure) => break failure,
+                    },
+                }
+            }
+        });
+        (failure, inode, listener)
+    }
+
+    #[test]
+    fn a_late_successor_goes_with_its_whole_group_and_every_copy_of_the_sockets() {
+        // A wrapper without `exec`, its foreground child and a background one that leaves the
+        // group (as a daemonizing script would): all hold the inherited socket.
+        let (failure, inode, _listener) =
+            failed_successor("#!/bin/sh\nsetsid sleep 60 &\nsleep 60\n");
+        assert!(
+            failure.message.contains("was not ready within"),
+            "{failure}"
+        );
+        assert!(
+            !failure.message.contains("still hold"),
+            "every holder was ended: {failure}"
+        );
+        let holders = procfs::socket_holders(&BTreeSet::from([inode]), std::process::id());
+        assert!(holders.is_empty(), "{holders:?}");
+    }
 
     #[test]
     fn the_description_round_trips_and_lists_every_descriptor() {
