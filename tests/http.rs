@@ -211,6 +211,20 @@ fn max_header_size_is_configurable() {
 }
 
 #[test]
+fn a_max_header_size_past_hypers_default_buffer_is_honoured() {
+    let front = Front::start("max_header_size = \"1MiB\"");
+    let answer = front.send(
+        format!(
+            "GET /big HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+            "a".repeat(600 * 1024)
+        )
+        .as_bytes(),
+    );
+    assert_eq!(status(&answer), 200, "{}", &answer[..answer.len().min(200)]);
+    assert_eq!(front.seen()[0]["header"], 600 * 1024);
+}
+
+#[test]
 fn a_last_chunk_with_whitespace_after_its_size_is_refused_with_400() {
     let front = Front::start("");
     let pid = front.worker_pid();
@@ -253,7 +267,11 @@ fn a_last_chunk_with_whitespace_after_its_size_is_refused_with_400() {
     );
     // Whitespace before an extension is allowed (BWS), and extensions and trailers pass.
     let answer = front.send(
-        format!("{HEAD}5 ;name=value\r\nhello\r\n0\t;last\r\nX-Trailer: 1\r\n\r\n").as_bytes(),
+        format!(
+            "{}\r\nConnection: close\r\n\r\n5 ;name=value\r\nhello\r\n0\t;last\r\nX-Trailer: 1\r\n\r\n",
+            HEAD.trim_end_matches("\r\n")
+        )
+        .as_bytes(),
     );
     assert_eq!(status(&answer), 200, "{answer}");
     assert!(body(&answer).ends_with("body=hello"), "{answer}");

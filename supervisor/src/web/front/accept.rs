@@ -29,6 +29,8 @@ use crate::listeners::{AcceptBackoff, FdTable, Listener, Role};
 
 /// A client must send its request head within this time (slowloris protection).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// hyper's default read buffer limit (8 KiB + 100 × 4 KiB), kept unless a bigger head is allowed.
+const HYPER_BUFFER: usize = 8192 + 4096 * 100;
 /// How often an upgrade's hand-over checks whether every client connection has left.
 const HAND_OVER_POLL: Duration = Duration::from_millis(20);
 
@@ -224,7 +226,10 @@ async fn accept_loop(
         // A reload's new limit applies from the next connection on.
         let max_header_size = front.config().max_header_size;
         let mut builder = base.clone();
-        builder.max_header_size(max_header_size);
+        builder
+            .max_header_size(max_header_size)
+            // hyper's read buffer must be able to hold the largest head allowed.
+            .max_buf_size(HYPER_BUFFER.max(max_header_size.saturating_add(8192)));
         let peer = connection.peer;
         let connection = Arc::new(connection);
         let front = Arc::clone(&front);

@@ -1,6 +1,7 @@
 //! One request's conversation with the worker slot it was dispatched to: send the request frame,
 //! answer the worker's body reads from the buffered body, and turn its response frames into a
-//! hyper response whose body is streamed as the worker produces it. It enforces the request's
+//! hyper response whose body is streamed as the worker produces it (checked against the app's
+//! `Content-Length`: a mismatch is logged as the app's error). It enforces the request's
 //! deadline, and when the client leaves early it tells the worker (`Abort`) and drains the slot in
 //! the background so the slot is reused only once the worker is done. It owns no socket: the
 //! slot comes from the dispatcher as a `Lease` and goes back to it.

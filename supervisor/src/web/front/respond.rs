@@ -1,9 +1,10 @@
 //! One request from its head to its response: refusing what is unsafe to pass on (`CONNECT`,
-//! unknown transfer codings, bodies over `max_body`), receiving the body, building the request
-//! frame with the environ, waiting for a worker slot (503 with `Retry-After` when the queue is
-//! full or too slow), and turning the worker's answer into the response (502 when the worker
-//! dies or answers nonsense, 504 on timeout), with the access log and request metrics recorded
-//! on completion.
+//! a repeated or malformed `Host`, unknown transfer codings, bodies over `max_body`), receiving
+//! the body, building the request frame with the environ, waiting for a worker slot (503 with
+//! `Retry-After` when the queue is full or too slow), and turning the worker's answer into the
+//! response (502 when the worker dies or answers nonsense — a complete body that contradicts the
+//! app's own `Content-Length` included —, 504 on timeout), with the access log and request
+//! metrics recorded on completion.
 
 use std::convert::Infallible;
 use std::sync::Arc;
