@@ -22,6 +22,13 @@ def application(environ, start_response):
         seen.write(json.dumps({"path": path, "host": environ.get("HTTP_HOST"),
                                "body": body.decode("latin-1"),
                                "header": len(environ.get("HTTP_X_BIG", ""))}) + "\n")
+    if path == "/forever":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        def forever():
+            while True:
+                yield b"tick\n"
+                time.sleep(0.01)
+        return forever()
     if path == "/short":
         start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "100")])
         return [b"hello"]
@@ -360,4 +367,36 @@ fn a_worker_killed_while_serving_is_logged_as_died_not_as_a_channel_failure() {
         front.log()
     );
     assert!(front.seen().is_empty());
+
+    // Killed while streaming a response: the client's body is cut, and the log says the same.
+    let replacement =
+        front
+            .running
+            .wait_for(Duration::from_secs(30), "a replacement worker", |status| {
+                status["pool"]["workers"][0]["state"] == "ready"
+                    && status["pool"]["workers"][0]["pid"] != pid
+            })["pool"]["workers"][0]["pid"]
+            .as_u64()
+            .unwrap();
+    let mut stream = TcpStream::connect(front.address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    stream
+        .write_all(b"GET /forever HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut first = [0; 256];
+    let read = stream.read(&mut first).unwrap();
+    assert!(
+        String::from_utf8_lossy(&first[..read]).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&first[..read])
+    );
+    util::run(std::process::Command::new("kill").args(["-KILL", &replacement.to_string()]));
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    front.running.wait_for_log(
+        "worker 0 died while serving GET /forever",
+        Duration::from_secs(10),
+    );
 }
