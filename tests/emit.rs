@@ -483,6 +483,20 @@ fn nginx_serves_static_files_proxies_with_forwarded_headers_and_asks_for_the_sta
     );
     assert!(refused.starts_with("HTTP/1.1 413"), "{refused}");
 
+    // A header line far past nginx's default 8 KiB buffer but within [web].max_header_size
+    // reaches the app, as it would straight at the pool; a head far past it stops at nginx.
+    let big_header = format!("X-Big: {}", "b".repeat(40 << 10));
+    let passed = authorized(&["-H", &big_header], "/big-header");
+    assert!(passed.starts_with("HTTP/1.1 200"), "{passed}");
+    // (From a file: one argument cannot be this long.)
+    let huge_header = sandbox.write(
+        "huge-header.txt",
+        &format!("X-Big: {}\n", "h".repeat(200 << 10)),
+    );
+    let huge_header = format!("@{}", huge_header.display());
+    let stopped = authorized(&["-H", &huge_header], "/huge-header");
+    assert!(stopped.starts_with("HTTP/1.1 400"), "{stopped}");
+
     // Only the app requests reached the pool: its access log names them and no static path.
     app.wait_for_log("GET /ws/chat", Duration::from_secs(10));
     let log = app.log();
@@ -494,6 +508,11 @@ fn nginx_serves_static_files_proxies_with_forwarded_headers_and_asks_for_the_sta
     assert!(
         !log.contains("/upload"),
         "nginx passed the large body on:\n{log}"
+    );
+    assert!(log.contains("GET /big-header"), "{log}");
+    assert!(
+        !log.contains("/huge-header"),
+        "nginx passed the huge head on:\n{log}"
     );
     drop(server);
     let exit = app.stop();

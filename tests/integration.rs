@@ -17,6 +17,8 @@ mod beat;
 mod check;
 // pool: the WSGI pool through real CPython workers (front, dispatch, lifecycle, frameworks).
 mod pool;
+// http: RFC 9112 edges through the real binary — Host, head size (431), chunk lines, short bodies.
+mod http;
 // metrics: the /metrics, /healthz and /readyz endpoint, promtool, Celery queue lengths, emit grafana.
 mod metrics;
 // reload: rolling web-pool reloads under load — release switches, broken releases rolled back.

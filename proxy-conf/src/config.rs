@@ -104,6 +104,13 @@ impl AppTarget {
     }
 }
 
+/// Smallest `[web].max_header_size`: below it a browser's ordinary head with a few cookies and a
+/// long URL is refused (gunicorn's per-field limit and nginx's per-line buffer are 8 KiB too).
+pub const MIN_HEADER_SIZE: u64 = 8 << 10;
+/// Largest `[web].max_header_size`: every open connection may hold this much while its head
+/// arrives, so it stays far below what a crowd of slow clients could turn into memory pressure.
+pub const MAX_HEADER_SIZE: u64 = 1 << 20;
+
 /// `[web]`: the HTTP front and its pool of Python workers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WebConfig {
@@ -129,6 +136,10 @@ pub struct WebConfig {
     pub max_body: ByteSize,
     /// `body_buffer`: bodies larger than this are buffered in a temporary file.
     pub body_buffer: ByteSize,
+    /// `max_header_size`: largest request head, request line and header fields together → 431
+    /// beyond; between [`MIN_HEADER_SIZE`](crate::MIN_HEADER_SIZE) and
+    /// [`MAX_HEADER_SIZE`](crate::MAX_HEADER_SIZE).
+    pub max_header_size: ByteSize,
     /// `graceful_timeout`: time old workers get to finish in-flight requests.
     pub graceful_timeout: Duration,
     /// `reload_timeout`: longest time a new generation may take to become ready.

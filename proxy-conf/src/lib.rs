@@ -26,8 +26,8 @@ mod validate;
 pub mod warm_up;
 
 pub use config::{
-    AppConfig, AppTarget, BeatConfig, Config, JobConfig, JobSchedule, MetricsConfig, ProgramConfig,
-    Tz, WebConfig, parse_time_zone,
+    AppConfig, AppTarget, BeatConfig, Config, JobConfig, JobSchedule, MAX_HEADER_SIZE,
+    MIN_HEADER_SIZE, MetricsConfig, ProgramConfig, Tz, WebConfig, parse_time_zone,
 };
 pub use cron::{Cron, CronSpec, DayRule};
 pub use diagnostics::{Diagnostic, Diagnostics};

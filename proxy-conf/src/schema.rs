@@ -103,6 +103,8 @@ pub(crate) struct RawWeb {
     pub max_body: ByteSize,
     /// Bodies larger than this are buffered in a temporary file instead of memory.
     pub body_buffer: ByteSize,
+    /// Largest request head (request line and header fields) → 431 beyond.
+    pub max_header_size: ByteSize,
     /// Time old workers get to finish in-flight requests on reload and stop.
     pub graceful_timeout: Duration,
     /// Longest time a new generation may take to become ready during `reload`.
@@ -134,6 +136,7 @@ impl Default for RawWeb {
             queue_timeout: Duration::from_secs(10),
             max_body: ByteSize(100 << 20),
             body_buffer: ByteSize(1 << 20),
+            max_header_size: ByteSize(64 << 10),
             graceful_timeout: Duration::from_secs(30),
             reload_timeout: Duration::from_secs(60),
             warmup: None,

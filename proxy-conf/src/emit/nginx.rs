@@ -290,9 +290,10 @@ fn server_body(
     );
     let _ = writeln!(
         out,
-        "    # = [web].max_body: the pool answers 413 beyond it too.\n    client_max_body_size {};\n    # = [web].body_buffer: larger bodies are buffered in a temporary file.\n    client_body_buffer_size {};\n",
+        "    # = [web].max_body: the pool answers 413 beyond it too.\n    client_max_body_size {};\n    # = [web].body_buffer: larger bodies are buffered in a temporary file.\n    client_body_buffer_size {};\n    # = [web].max_header_size: a request line or header field up to it passes, a head much\n    # bigger gets 400 here; the pool answers 431 to a head over it.\n    large_client_header_buffers 1 {};\n",
         web.max_body.bytes(),
-        web.body_buffer.bytes().max(1024)
+        web.body_buffer.bytes().max(1024),
+        web.max_header_size.bytes()
     );
     let _ = writeln!(
         out,

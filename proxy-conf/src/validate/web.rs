@@ -1,15 +1,17 @@
 //! `[web]` judged and typed: counts that cannot be zero, listen addresses parsed and checked for
-//! clashes (among themselves and with `[metrics].listen`), the warm-up request (with the host
+//! clashes (among themselves and with `[metrics].listen`), the request head's size limit, the
+//! warm-up request (with the host
 //! `[deploy].server_names` gives it), the mount prefix and the trusted proxies. Whether an
 //! address can really be bound is the front's to find out.
 
 use std::net::SocketAddr;
 
 use super::Checker;
-use crate::config::{AppConfig, WebConfig};
+use crate::config::{AppConfig, MAX_HEADER_SIZE, MIN_HEADER_SIZE, WebConfig};
 use crate::forwarded::{Forwarders, TrustedPeer};
 use crate::listen::Listen;
 use crate::schema::RawWeb;
+use crate::units::ByteSize;
 use crate::warm_up::WarmUp;
 
 impl Checker<'_> {
@@ -88,6 +90,7 @@ impl Checker<'_> {
                 format!("must start with \"/\" and not end with one, e.g. \"/app\", not \"{script_name}\""),
             );
         }
+        let max_header_size = self.header_size(web.max_header_size);
         let mut forwarders = Vec::new();
         for (position, peer) in web.forwarded_allow_ips.iter().enumerate() {
             match peer.parse::<TrustedPeer>() {
@@ -109,6 +112,7 @@ impl Checker<'_> {
             queue_timeout: web.queue_timeout,
             max_body: web.max_body,
             body_buffer: web.body_buffer,
+            max_header_size,
             graceful_timeout: web.graceful_timeout,
             reload_timeout: web.reload_timeout,
             warmup,
@@ -117,6 +121,24 @@ impl Checker<'_> {
             access_log: web.access_log,
             backlog: web.backlog,
         }
+    }
+
+    /// `max_header_size` within its bounds; a value outside is reported and read as the nearest
+    /// bound, so a front is never built with a limit hyper refuses.
+    fn header_size(&mut self, written: ByteSize) -> ByteSize {
+        let bytes = written.bytes();
+        if (MIN_HEADER_SIZE..=MAX_HEADER_SIZE).contains(&bytes) {
+            return written;
+        }
+        self.report(
+            &["web", "max_header_size"],
+            format!(
+                "must be between \"{}KiB\" and \"{}MiB\" (the whole request head: request line and header fields), not {bytes} bytes",
+                MIN_HEADER_SIZE >> 10,
+                MAX_HEADER_SIZE >> 20
+            ),
+        );
+        ByteSize(bytes.clamp(MIN_HEADER_SIZE, MAX_HEADER_SIZE))
     }
 
     /// Every `[web].listen` entry parsed, each reported at its position when it does not parse
@@ -275,6 +297,30 @@ mod tests {
                 "6:43: web.forwarded_allow_ips[2]: \"10.0.0.0/33\" is not an IP address, a CIDR like \"10.0.0.0/8\", or \"*\"",
             ]
         );
+    }
+
+    #[test]
+    fn the_header_size_limit_is_bounded_and_typed() {
+        assert_one(
+            &format!("{APP}[web]\nmax_header_size = \"4KiB\"\n"),
+            "4:19: web.max_header_size: must be between \"8KiB\" and \"1MiB\" (the whole request head: request line and header fields), not 4096 bytes",
+        );
+        assert_one(
+            &format!("{APP}[web]\nmax_header_size = \"2MiB\"\n"),
+            "4:19: web.max_header_size: must be between \"8KiB\" and \"1MiB\" (the whole request head: request line and header fields), not 2097152 bytes",
+        );
+        assert_one(
+            &format!("{APP}[web]\nmax_header_size = \"big\"\n"),
+            "4:19: web.max_header_size: invalid size \"big\": expected a number with an optional unit, like \"512MiB\", \"1GiB\", \"100MB\" or \"0\"",
+        );
+        let config = load_str(
+            &format!("{APP}[web]\nmax_header_size = \"16KiB\"\n"),
+            "sauna.toml",
+        )
+        .unwrap();
+        assert_eq!(config.web.unwrap().max_header_size.bytes(), 16 << 10);
+        let config = load_str(&format!("{APP}[web]\n"), "sauna.toml").unwrap();
+        assert_eq!(config.web.unwrap().max_header_size.bytes(), 64 << 10);
     }
 
     /// `[web].warmup` as loaded, with `deploy` (a `[deploy]` table's body) after `[web]`.

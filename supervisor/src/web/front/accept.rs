@@ -1,10 +1,12 @@
 //! The running front: one accept loop per listening socket (`listeners`' loop, which rides out a
 //! shortage of descriptors), one hyper HTTP/1.1 connection task per client (keep-alive,
-//! pipelining, the slowloris head timeout), and the [`FrontHandle`] the pool holds — adding and
+//! pipelining, the slowloris head timeout, the head size limit with its 431, the read-side
+//! framing check of `framing`), and the [`FrontHandle`] the pool holds — adding and
 //! removing sockets on a reload, duplicating them into an upgrade's fd table, the hand-over to a
 //! successor and the graceful shutdown. What a request gets is `respond`'s.
 
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,11 +23,14 @@ use tokio::task::JoinHandle;
 
 use super::Front;
 use super::environ::Connection;
+use super::framing::Strict;
 use super::respond::handle;
 use crate::listeners::{AcceptBackoff, FdTable, Listener, Role};
 
 /// A client must send its request head within this time (slowloris protection).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// hyper's default read buffer limit (8 KiB + 100 × 4 KiB), kept unless a bigger head is allowed.
+const HYPER_BUFFER: usize = 8192 + 4096 * 100;
 /// How often an upgrade's hand-over checks whether every client connection has left.
 const HAND_OVER_POLL: Duration = Duration::from_millis(20);
 
@@ -206,9 +211,8 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = AcceptBackoff::new(format!("web front on {}", listener.address()));
-    let mut builder = http1::Builder::new();
-    builder
-        .keep_alive(true)
+    let mut base = http1::Builder::new();
+    base.keep_alive(true)
         // pipeline_flush(true) loses hyper's automatic 400 on a malformed request (the
         // connection closes before the buffered error is written), so it stays off.
         .pipeline_flush(false)
@@ -219,26 +223,50 @@ async fn accept_loop(
             accepted = backoff.accept(|| accept(&listener)) => accepted,
             _ = stop.changed() => return,
         };
+        // A reload's new limit applies from the next connection on.
+        let max_header_size = front.config().max_header_size;
+        let mut builder = base.clone();
+        builder
+            .max_header_size(max_header_size)
+            // hyper's read buffer must be able to hold the largest head allowed.
+            .max_buf_size(HYPER_BUFFER.max(max_header_size.saturating_add(8192)));
+        let peer = connection.peer;
         let connection = Arc::new(connection);
         let front = Arc::clone(&front);
         let service =
             service_fn(move |request| handle(Arc::clone(&front), Arc::clone(&connection), request));
         match io {
             Stream::Tcp(stream) => {
-                let served =
-                    graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
-                tokio::spawn(async move {
-                    let _ = served.await;
-                });
+                let stream = TokioIo::new(Strict::new(stream, max_header_size));
+                let served = graceful.watch(builder.serve_connection(stream, service));
+                tokio::spawn(async move { closed(served.await, peer, max_header_size) });
             }
             Stream::Unix(stream) => {
-                let served =
-                    graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
-                tokio::spawn(async move {
-                    let _ = served.await;
-                });
+                let stream = TokioIo::new(Strict::new(stream, max_header_size));
+                let served = graceful.watch(builder.serve_connection(stream, service));
+                tokio::spawn(async move { closed(served.await, peer, max_header_size) });
             }
         }
+    }
+}
+
+/// How a client connection ended. hyper answers a request head over `max_header_size` with 431
+/// and closes the connection without calling the service, so this is the one place that sees
+/// it: one line per connection, no worker involved.
+fn closed(result: Result<(), hyper::Error>, peer: Option<SocketAddr>, max_header_size: usize) {
+    let Err(error) = result else {
+        return;
+    };
+    let client = peer.map_or_else(
+        || "a Unix socket client".to_owned(),
+        |peer| peer.to_string(),
+    );
+    if error.is_parse_too_large() {
+        tracing::warn!(
+            "431: the request head from {client} is larger than [web].max_header_size ({max_header_size} bytes) or has too many header fields; connection closed"
+        );
+    } else {
+        tracing::debug!("connection from {client} ended: {error}");
     }
 }
 

@@ -1,10 +1,12 @@
 //! One request's conversation with the worker slot it was dispatched to: send the request frame,
 //! answer the worker's body reads from the buffered body, and turn its response frames into a
-//! hyper response whose body is streamed as the worker produces it. It enforces the request's
+//! hyper response whose body is streamed as the worker produces it (checked against the app's
+//! `Content-Length`: a mismatch is logged as the app's error). It enforces the request's
 //! deadline, and when the client leaves early it tells the worker (`Abort`) and drains the slot in
 //! the background so the slot is reused only once the worker is done. It owns no socket: the
 //! slot comes from the dispatcher as a `Lease` and goes back to it.
 
+use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -57,11 +59,16 @@ pub enum ExchangeError {
     /// The app raised after the headers were sent.
     #[error("the application failed after sending the response headers")]
     AppFailed,
+    /// The app's body is not as long as its `Content-Length` said.
+    #[error("the application's body does not match its Content-Length")]
+    LengthMismatch,
 }
 
 /// The request's conversation with its slot.
 pub struct Exchange {
     lease: Option<Lease>,
+    /// The worker's number, for log lines.
+    worker: usize,
     body: RequestBody,
     offset: u64,
     deadline: Pin<Box<Sleep>>,
@@ -98,6 +105,7 @@ impl Exchange {
             }
         }
         Exchange {
+            worker: lease.slot(),
             lease: Some(lease),
             body,
             offset,
@@ -117,6 +125,19 @@ impl Exchange {
     fn fail(&mut self, error: ChannelError) -> ExchangeError {
         match error {
             ChannelError::Closed => {
+                self.finish(Outcome::Gone);
+                ExchangeError::WorkerGone
+            }
+            // A worker killed with bytes of ours still unread resets the channel instead of
+            // closing it: the same death, not a channel fault.
+            ChannelError::Io(error)
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::BrokenPipe
+                        | io::ErrorKind::ConnectionAborted
+                ) =>
+            {
                 self.finish(Outcome::Gone);
                 ExchangeError::WorkerGone
             }
@@ -262,6 +283,7 @@ impl Drop for Exchange {
             frame::put_header(channel.queue(), Kind::Abort, 0, 0, 0);
         }
         let mut drain = Exchange {
+            worker: self.worker,
             lease: Some(lease),
             body: RequestBody::Memory(Bytes::new()),
             offset: 0,
@@ -299,6 +321,16 @@ pub struct Completion {
 }
 
 impl Completion {
+    /// Logs a response whose body length differs from the app's `Content-Length`: an
+    /// application error (a WSGI app computing its own length wrong), not the client's fault.
+    pub fn log_length_mismatch(&self, declared: u64, sent: u64) {
+        tracing::error!(
+            "application error: the response to {} {} declared Content-Length: {declared} but the app sent {sent} body bytes",
+            self.method,
+            self.path,
+        );
+    }
+
     /// Records the end of the response after `bytes` body bytes.
     pub fn record(&self, bytes: u64, completed: bool) {
         let duration = self.accepted.elapsed();
@@ -383,11 +415,19 @@ pub struct Streaming {
     bytes: u64,
     done: bool,
     completion: Completion,
+    /// The app's `Content-Length`, which the body must match.
+    declared: Option<u64>,
 }
 
 impl Streaming {
-    /// A body that starts with `first` and continues with the worker's `Body` frames.
-    pub fn new(exchange: Exchange, first: Bytes, completion: Completion) -> Streaming {
+    /// A body that starts with `first` and continues with the worker's `Body` frames; `declared`
+    /// is the length the app's `Content-Length` promised, if the body must have it.
+    pub fn new(
+        exchange: Exchange,
+        first: Bytes,
+        completion: Completion,
+        declared: Option<u64>,
+    ) -> Streaming {
         let (sender, batches) = mpsc::channel(READ_AHEAD_BATCHES);
         tokio::spawn(pump(exchange, sender));
         Streaming {
@@ -397,6 +437,26 @@ impl Streaming {
             bytes: 0,
             done: false,
             completion,
+            declared,
+        }
+    }
+
+    /// Counts `chunk` as sent; `false` (logged) when it runs past the declared length.
+    fn count(&mut self, chunk: &Bytes) -> bool {
+        self.bytes += chunk.len() as u64;
+        match self.declared {
+            Some(declared) if self.bytes > declared => {
+                self.completion.log_length_mismatch(declared, self.bytes);
+                false
+            }
+            _ => true,
+        }
+    }
+
+    /// The body has ended: logs it when it is shorter than the declared length.
+    fn check_complete(&self) {
+        if let Some(declared) = self.declared.filter(|&declared| self.bytes < declared) {
+            self.completion.log_length_mismatch(declared, self.bytes);
         }
     }
 }
@@ -411,6 +471,14 @@ fn piece_of(exchange: &mut Exchange, event: Result<Event, ExchangeError>) -> Opt
             let error = ExchangeError::Protocol("a second response head".to_owned());
             exchange.finish(Outcome::Broken(error.to_string()));
             Piece::Failed(error)
+        }
+        Err(ExchangeError::WorkerGone) => {
+            tracing::error!(
+                "worker {} died while serving {}; the response was cut off",
+                exchange.worker,
+                exchange.context
+            );
+            Piece::Failed(ExchangeError::WorkerGone)
         }
         Err(error) => {
             tracing::warn!("response to {} aborted: {error}", exchange.context);
@@ -483,7 +551,10 @@ impl Body for ResponseBody {
             }
             ResponseBody::Stream(stream) => {
                 if let Some(first) = stream.first.take() {
-                    stream.bytes += first.len() as u64;
+                    if !stream.count(&first) {
+                        stream.done = true;
+                        return Poll::Ready(Some(Err(ExchangeError::LengthMismatch)));
+                    }
                     return Poll::Ready(Some(Ok(BodyFrame::data(first))));
                 }
                 if stream.done {
@@ -502,11 +573,18 @@ impl Body for ResponseBody {
                 match stream.pending.pop_front() {
                     None => Poll::Pending,
                     Some(Piece::Data(chunk)) => {
-                        stream.bytes += chunk.len() as u64;
-                        Poll::Ready(Some(Ok(BodyFrame::data(chunk))))
+                        if stream.count(&chunk) {
+                            Poll::Ready(Some(Ok(BodyFrame::data(chunk))))
+                        } else {
+                            stream.done = true;
+                            Poll::Ready(Some(Err(ExchangeError::LengthMismatch)))
+                        }
                     }
                     Some(Piece::End) => {
                         stream.done = true;
+                        // A short body is only logged: hyper sends what there is and closes
+                        // the connection, the one way to tell the client it is incomplete.
+                        stream.check_complete();
                         Poll::Ready(None)
                     }
                     Some(Piece::Failed(error)) => {

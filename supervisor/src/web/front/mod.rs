@@ -26,12 +26,14 @@
 //!   the worker's answer);
 //! - `warm_up`: the reload's warm-up request through the canary;
 //! - `body`, `environ`, `exchange`: the request body, the WSGI environ, the frame exchange with
-//!   a worker slot.
+//!   a worker slot;
+//! - `framing`: the read-side check of chunk size lines that hyper is too lenient about.
 
 mod accept;
 pub mod body;
 pub mod environ;
 pub mod exchange;
+pub mod framing;
 mod respond;
 mod warm_up;
 
@@ -52,6 +54,8 @@ pub struct FrontConfig {
     pub max_body: u64,
     /// Bodies above this are buffered in a temporary file.
     pub body_buffer: u64,
+    /// 431 when a request head (request line and header fields) grows past this many bytes.
+    pub max_header_size: usize,
     /// Per-request deadline once a worker has it.
     pub timeout: Duration,
     /// `Retry-After` seconds sent with 503.

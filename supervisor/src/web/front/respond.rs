@@ -1,9 +1,10 @@
 //! One request from its head to its response: refusing what is unsafe to pass on (`CONNECT`,
-//! unknown transfer codings, bodies over `max_body`), receiving the body, building the request
-//! frame with the environ, waiting for a worker slot (503 with `Retry-After` when the queue is
-//! full or too slow), and turning the worker's answer into the response (502 when the worker
-//! dies or answers nonsense, 504 on timeout), with the access log and request metrics recorded
-//! on completion.
+//! a repeated or malformed `Host`, unknown transfer codings, bodies over `max_body`), receiving
+//! the body, building the request frame with the environ, waiting for a worker slot (503 with
+//! `Retry-After` when the queue is full or too slow), and turning the worker's answer into the
+//! response (502 when the worker dies or answers nonsense — a complete body that contradicts the
+//! app's own `Content-Length` included —, 504 on timeout), with the access log and request
+//! metrics recorded on completion.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -86,12 +87,22 @@ fn reject(
 }
 
 /// Requests the front refuses before reading a body, because passing them on would be unsafe:
-/// `CONNECT` (a 2xx answer would turn the connection into a tunnel nobody serves) and a transfer
+/// `CONNECT` (a 2xx answer would turn the connection into a tunnel nobody serves), a `Host` that
+/// is repeated or not one `host[:port]` (RFC 9112 §3.2: 400; hyper would join two into
+/// `a, b` and an app building links from it could be made to point anywhere), and a transfer
 /// coding other than `chunked` (RFC 9112 §6.1: 501, the body cannot be decoded). hyper already
 /// drops `Content-Length` when `Transfer-Encoding` is present, as RFC 9112 §6.3 prescribes.
 fn framing_problem(parts: &hyper::http::request::Parts) -> Option<(StatusCode, &'static str)> {
     if parts.method == Method::CONNECT {
         return Some((StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n"));
+    }
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    if let (Some(host), None) = (hosts.next(), hosts.next()) {
+        if !is_host(host.as_bytes()) {
+            return Some((StatusCode::BAD_REQUEST, "Invalid Host header\n"));
+        }
+    } else if parts.headers.contains_key(header::HOST) {
+        return Some((StatusCode::BAD_REQUEST, "More than one Host header\n"));
     }
     let mut codings = parts
         .headers
@@ -107,6 +118,57 @@ fn framing_problem(parts: &hyper::http::request::Parts) -> Option<(StatusCode, &
         StatusCode::NOT_IMPLEMENTED,
         "Only the chunked transfer coding is supported\n",
     ))
+}
+
+/// Whether `value` is one `uri-host [ ":" port ]` (RFC 9110 §7.2), or empty (allowed when the
+/// request target has no authority). A comma is refused although RFC 3986 allows it in a name:
+/// it is how two `Host` values look once joined.
+fn is_host(value: &[u8]) -> bool {
+    let (host, port) = match value.strip_prefix(b"[") {
+        Some(literal) => match literal.iter().position(|&byte| byte == b']') {
+            Some(end) => {
+                let address = &literal[..end];
+                let valid = !address.is_empty()
+                    && address
+                        .iter()
+                        .all(|&byte| byte.is_ascii_hexdigit() || matches!(byte, b':' | b'.'));
+                if !valid {
+                    return false;
+                }
+                (&b""[..], &literal[end + 1..])
+            }
+            None => return false,
+        },
+        None => match value.iter().rposition(|&byte| byte == b':') {
+            Some(colon) => (&value[..colon], &value[colon..]),
+            None => (value, &b""[..]),
+        },
+    };
+    let name = host.iter().all(|&byte| {
+        byte.is_ascii_alphanumeric()
+            || matches!(
+                byte,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b';'
+                    | b'='
+            )
+    });
+    let port = match port.strip_prefix(b":") {
+        Some(digits) => digits.iter().all(u8::is_ascii_digit),
+        None => port.is_empty(),
+    };
+    name && port
 }
 
 async fn respond(
@@ -222,22 +284,40 @@ async fn respond(
     let failure = match exchange.next_event().await {
         Ok(Event::Head { head, chunk, end }) => {
             let end = end || exchange.try_finish();
-            let body = if end {
-                ResponseBody::Full(Some(chunk.clone()))
-            } else {
-                ResponseBody::Full(None)
-            };
-            match build_response(&head, body) {
+            match build_response(&head, ResponseBody::Full(None)) {
                 Ok(mut response) => {
                     completion.status = response.status().as_u16();
+                    let bodiless = is_bodiless(response.status(), &parts.method);
+                    let declared = if bodiless {
+                        None
+                    } else {
+                        declared_length(&response)
+                    };
                     if end {
-                        completion.record(chunk.len() as u64, true);
+                        // A response that cannot have a body gets none from here: the app's
+                        // `Content-Length` (of the GET, for a HEAD) goes out as it is.
+                        if !bodiless {
+                            *response.body_mut() = ResponseBody::Full(Some(chunk.clone()));
+                        }
+                        let sent = chunk.len() as u64;
+                        if let Some(declared) = declared.filter(|&declared| declared != sent) {
+                            // Known before a byte is sent: the client gets a clean 502 instead
+                            // of a body that ends early or runs on.
+                            completion.log_length_mismatch(declared, sent);
+                            (
+                                StatusCode::BAD_GATEWAY,
+                                "Bad Gateway: the application sent an invalid response\n",
+                            )
+                        } else {
+                            completion.record(sent, true);
+                            return response;
+                        }
                     } else {
                         *response.body_mut() = ResponseBody::Stream(Box::new(Streaming::new(
-                            exchange, chunk, completion,
+                            exchange, chunk, completion, declared,
                         )));
+                        return response;
                     }
-                    return response;
                 }
                 Err(message) => {
                     tracing::error!(
@@ -272,7 +352,11 @@ async fn respond(
                 "Bad Gateway: the application worker died\n",
             )
         }
-        Err(error @ (ExchangeError::Protocol(_) | ExchangeError::AppFailed)) => {
+        Err(
+            error @ (ExchangeError::Protocol(_)
+            | ExchangeError::AppFailed
+            | ExchangeError::LengthMismatch),
+        ) => {
             tracing::error!(
                 "serving {} {} failed: {error}",
                 completion.method,
@@ -285,6 +369,27 @@ async fn respond(
     completion.status = response.status().as_u16();
     completion.record(0, true);
     response
+}
+
+/// Whether a response has no body whatever its headers say (RFC 9110 §6.4.1): one to `HEAD`,
+/// 1xx, 204 and 304.
+fn is_bodiless(status: StatusCode, method: &Method) -> bool {
+    method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+}
+
+/// The body length the app's `Content-Length` promises (RFC 9110 §8.6).
+fn declared_length(response: &Response<ResponseBody>) -> Option<u64> {
+    response
+        .headers()
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Hop-by-hop headers belong to the connection hyper manages, not to the app.
@@ -341,6 +446,34 @@ pub(super) fn build_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_host_is_one_name_or_address_with_an_optional_port() {
+        for valid in [
+            &b""[..],
+            b"localhost",
+            b"example.com:8000",
+            b"127.0.0.1:80",
+            b"[::1]:8000",
+            b"[2001:db8::1]",
+            b"my_host.internal",
+            b"xn--caf-dma.example",
+        ] {
+            assert!(is_host(valid), "{:?}", String::from_utf8_lossy(valid));
+        }
+        for invalid in [
+            &b"localhost, evil.example.com"[..],
+            b"a,b",
+            b"evil.example.com/path",
+            b"user@example.com",
+            b"example.com:80x",
+            b"[::1",
+            b"[evil.example.com]",
+            b"a b",
+        ] {
+            assert!(!is_host(invalid), "{:?}", String::from_utf8_lossy(invalid));
+        }
+    }
 
     #[test]
     fn worker_heads_become_responses() {

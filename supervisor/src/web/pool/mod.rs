@@ -116,6 +116,7 @@ fn front_config(web: &WebConfig) -> FrontConfig {
     FrontConfig {
         max_body: web.max_body.bytes(),
         body_buffer: web.body_buffer.bytes(),
+        max_header_size: usize::try_from(web.max_header_size.bytes()).unwrap_or(usize::MAX),
         timeout: if timeout.is_zero() {
             Duration::from_secs(u64::from(u32::MAX))
         } else {
