@@ -31,5 +31,7 @@ mod secrets;
 mod status;
 // upgrade: `upgrade`/SIGUSR2 hand every socket to a new process under load; failing successors.
 mod upgrade;
+// fuzz_frame: property tests of the worker frame decoder and the shared ring's offsets.
+mod fuzz_frame;
 // wheel: scripts/build-wheel.sh's wheel pip-installed into a fresh venv runs `--version` and `check`.
 mod wheel;
