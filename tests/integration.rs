@@ -33,5 +33,7 @@ mod status;
 mod upgrade;
 // fuzz_frame: property tests of the worker frame decoder and the shared ring's offsets.
 mod fuzz_frame;
+// fuzz_http: generated raw HTTP/1.1 against the real front: a status line or a close, no hang, no worker replaced.
+mod fuzz_http;
 // wheel: scripts/build-wheel.sh's wheel pip-installed into a fresh venv runs `--version` and `check`.
 mod wheel;
