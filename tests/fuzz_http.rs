@@ -505,8 +505,14 @@ fn first_status(answer: &[u8]) -> Result<u16, String> {
         return Err(format!("status {code} out of range"));
     }
     // The head up to its blank line, if it arrived whole, is `name: value` lines.
-    if let Some(head_end) = answer.windows(4).position(|quad| quad == b"\r\n\r\n") {
-        for header in answer[line_end + 2..head_end].split(|&byte| byte == b'\n') {
+    // (A status line alone, as `100 Continue` is sent, has none.)
+    let head = &answer[line_end..];
+    if let Some(head_end) = head.windows(4).position(|quad| quad == b"\r\n\r\n") {
+        let headers = head.get(2..head_end).unwrap_or_default();
+        for header in headers
+            .split(|&byte| byte == b'\n')
+            .filter(|line| !line.is_empty())
+        {
             let header = header.strip_suffix(b"\r").unwrap_or(header);
             let colon = header.iter().position(|&byte| byte == b':');
             if !colon.is_some_and(|colon| colon > 0) {

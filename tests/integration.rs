@@ -37,5 +37,7 @@ mod fuzz_config;
 mod fuzz_frame;
 // fuzz_http: generated raw HTTP/1.1 against the real front: a status line or a close, no hang, no worker replaced.
 mod fuzz_http;
+// fuzz_shim: the real shim.py reads generated frames under random read sizes and echoes them intact.
+mod fuzz_shim;
 // wheel: scripts/build-wheel.sh's wheel pip-installed into a fresh venv runs `--version` and `check`.
 mod wheel;
