@@ -22,7 +22,7 @@ seconds() { # 90, 90s, 30m, 8h -> seconds
   esac
 }
 total=$(seconds "$duration")
-export SAUNA_TEST_PYTHON=${SAUNA_TEST_PYTHON:-$PWD/.venv/bin/python}
+export SAUNA_TEST_PYTHON=${SAUNA_TEST_PYTHON:-$PWD/.venv/bin/python} RUST_BACKTRACE=0
 [ -x "$SAUNA_TEST_PYTHON" ] || { echo "no Python at $SAUNA_TEST_PYTHON: run scripts/setup.sh or set SAUNA_TEST_PYTHON" >&2; exit 2; }
 cargo test --test integration --no-run
 logs=$(mktemp -d)
@@ -35,14 +35,16 @@ while (( SECONDS < deadline )); do
     echo "round $round: $(grep -h '^test result' "$log" | tail -1) ($((SECONDS - started))s)"
     rm -f "$log"
     continue
+  else
+    status=$?
   fi
-  status=$?
   echo "round $round FAILED (exit $status after $((SECONDS - started))s); full output: $log"
   if [ "$status" -eq 137 ]; then
     echo "the round did not finish ${grace}s after the deadline: a hang (see the log for the test still running)"
   fi
-  grep -h -A40 -E '^thread .* panicked at|minimal failing input' "$log" | head -200 || true
-  grep -h -E '^failures:|^    fuzz_' "$log" || true
+  # proptest's verdict: the failure and the minimal input it shrank to.
+  awk '/Test failed:/ {show = 1} show {print} /^\tsuccesses:|^supervisor log/ {show = 0}' "$log" | head -300
+  grep -h -E '^    fuzz_' "$log" | sort -u || true
   exit 1
 done
 echo "no failure in $round rounds"

@@ -475,9 +475,8 @@ fn exchange(address: &str, wire: &[u8]) -> Result<Vec<u8>, String> {
                 String::from_utf8_lossy(&answer)
             ));
         }
-        match read(&mut stream, left) {
-            Some(0) => return Ok(answer),
-            Some(_) | None => {}
+        if read(&mut stream, left) == Some(0) {
+            return Ok(answer);
         }
     }
 }
@@ -514,8 +513,7 @@ fn first_status(answer: &[u8]) -> Result<u16, String> {
             .filter(|line| !line.is_empty())
         {
             let header = header.strip_suffix(b"\r").unwrap_or(header);
-            let colon = header.iter().position(|&byte| byte == b':');
-            if !colon.is_some_and(|colon| colon > 0) {
+            if header.iter().position(|&byte| byte == b':').unwrap_or(0) == 0 {
                 return Err(format!(
                     "a malformed response header {:?}",
                     String::from_utf8_lossy(header)
