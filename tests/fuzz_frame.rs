@@ -195,6 +195,68 @@ proptest! {
     }
 }
 
+/// Frames as a worker streams them: small ones and body chunks past the size at which the
+/// channel starts aiming its reads at frame boundaries (8 KiB), up to beyond one read (120 KiB).
+fn streamed_frames() -> impl Strategy<Value = Vec<Frame>> {
+    let big = (
+        prop::sample::select(&KINDS[..]),
+        8_000usize..150_000,
+        any::<u8>(),
+    )
+        .prop_map(|(kind, len, fill)| Frame {
+            kind,
+            flags: 0,
+            arg: 0,
+            payload: Bytes::from(vec![fill; len]),
+        });
+    // A `Shared` frame means something else on a slot without a ring: a protocol error.
+    let frame = prop_oneof![2 => any_frame(), 1 => big].prop_map(|mut frame| {
+        if frame.kind == Kind::Shared {
+            frame.kind = Kind::Body;
+        }
+        frame
+    });
+    prop::collection::vec(frame, 0..10)
+}
+
+proptest! {
+    #![proptest_config(fuzz::config(48))]
+
+    /// The channel's reads (sized to end at frame boundaries once a big frame has begun) give
+    /// back every frame whole, whatever pieces the worker's writes arrive in.
+    #[test]
+    fn a_channel_reads_every_frame_whole_whatever_the_write_sizes(
+        frames in streamed_frames(),
+        raw_cuts in prop::collection::vec(any::<usize>(), 0..16),
+    ) {
+        let wire = encode(&frames);
+        let cuts = cuts(wire.len(), &raw_cuts);
+        let runtime = runtime();
+        let (ours, theirs) = StdUnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let mut channel = {
+            let _context = runtime.enter();
+            Channel::new(UnixStream::from_std(ours).unwrap())
+        };
+        let writer = std::thread::spawn(move || {
+            let mut start = 0;
+            for end in cuts {
+                std::io::Write::write_all(&mut &theirs, &wire[start..end]).unwrap();
+                start = end;
+            }
+        });
+        let received = runtime.block_on(async {
+            let mut received = Vec::new();
+            for _ in 0..frames.len() {
+                received.push(channel.frame().await.unwrap());
+            }
+            received
+        });
+        writer.join().unwrap();
+        prop_assert_eq!(received, frames);
+    }
+}
+
 /// Where a worker says a shared chunk starts, relative to where the supervisor expects it.
 #[derive(Debug, Clone)]
 enum At {

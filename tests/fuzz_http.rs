@@ -187,6 +187,10 @@ enum HeadEdit {
     Remove(usize),
     /// A bare LF instead of CRLF after header `index`.
     BareLf(usize),
+    /// Adds a header whose value is this many KiB long (past any head size limit at the top).
+    Long(usize),
+    /// Adds this many small headers (past any header count limit at the top).
+    Many(usize),
 }
 
 #[derive(Debug, Clone)]
@@ -285,6 +289,12 @@ impl HttpRequest {
                     let count = line_ends.len();
                     line_ends[index % count] = b"\n";
                 }
+                HeadEdit::Long(kib) => headers.push((b"X-Long".to_vec(), vec![b'v'; kib * 1024])),
+                HeadEdit::Many(count) => {
+                    headers.extend(
+                        (0..*count).map(|n| (format!("X-{n}").into_bytes(), b"v".to_vec())),
+                    );
+                }
             }
         }
         let mut out = Vec::new();
@@ -335,6 +345,8 @@ fn head_edit() -> impl Strategy<Value = HeadEdit> {
             .prop_map(|(index, in_name, at, odd)| HeadEdit::Sprinkle { index, in_name, at, odd }),
         1 => any::<usize>().prop_map(HeadEdit::Remove),
         1 => any::<usize>().prop_map(HeadEdit::BareLf),
+        1 => prop_oneof![1usize..64, 64usize..600].prop_map(HeadEdit::Long),
+        1 => (1usize..300).prop_map(HeadEdit::Many),
     ]
 }
 
