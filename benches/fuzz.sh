@@ -7,13 +7,13 @@
 #
 #   benches/fuzz.sh                      # an hour, every fuzz_ test
 #   DURATION=10m benches/fuzz.sh fuzz_http
-#   CASES=20000 DURATION=8h benches/fuzz.sh fuzz_frame
+#   CASES=20000 DURATION=8h benches/fuzz.sh fuzz_frame fuzz_config
 #
-# The argument filters test names as `cargo test` does (default: fuzz_). Needs the venv
+# The arguments filter test names as `cargo test` does (default: fuzz_). Needs the venv
 # scripts/setup.sh makes (or SAUNA_TEST_PYTHON). A failure's full output stays in the printed log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-filter=${1:-fuzz_}
+filters=("${@:-fuzz_}")
 duration=${DURATION:-1h} cases=${CASES:-3000} grace=${GRACE:-600}
 seconds() { # 90, 90s, 30m, 8h -> seconds
   case $1 in
@@ -27,11 +27,11 @@ export SAUNA_TEST_PYTHON=${SAUNA_TEST_PYTHON:-$PWD/.venv/bin/python} RUST_BACKTR
 cargo test --test integration --no-run
 logs=$(mktemp -d)
 deadline=$((SECONDS + total)) round=0
-echo "fuzzing '$filter' for ${total}s, $cases cases per test and round; logs in $logs"
+echo "fuzzing ${filters[*]} for ${total}s, $cases cases per test and round; logs in $logs"
 while (( SECONDS < deadline )); do
   round=$((round + 1)) log="$logs/round-$round.log" started=$SECONDS
   if PROPTEST_CASES=$cases timeout --signal=KILL $((deadline - SECONDS + grace)) \
-      cargo test -q --test integration "$filter" >"$log" 2>&1; then
+      cargo test -q --test integration -- "${filters[@]}" >"$log" 2>&1; then
     echo "round $round: $(grep -h '^test result' "$log" | tail -1) ($((SECONDS - started))s)"
     rm -f "$log"
     continue
