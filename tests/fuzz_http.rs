@@ -49,7 +49,7 @@ const QUIET: Duration = Duration::from_millis(40);
 /// After the client half-closed, the server must close within this: longer is a hang.
 const CLOSE_WAIT: Duration = Duration::from_secs(10);
 /// A valid request after each case must be answered within this.
-const PROBE_WAIT: Duration = Duration::from_secs(5);
+const PROBE_WAIT: Duration = Duration::from_secs(10);
 
 const METHODS: &[&[u8]] = &[
     b"GET", b"POST", b"PUT", b"HEAD", b"OPTIONS", b"DELETE", b"PATCH", b"CONNECT", b"TRACE",
