@@ -33,5 +33,13 @@ mod secrets;
 mod status;
 // upgrade: `upgrade`/SIGUSR2 hand every socket to a new process under load; failing successors.
 mod upgrade;
+// fuzz_config: mutated sauna.toml files load or name every problem at FILE:LINE:COL, never panic.
+mod fuzz_config;
+// fuzz_frame: property tests of the worker frame decoder and the shared ring's offsets.
+mod fuzz_frame;
+// fuzz_http: generated raw HTTP/1.1 against the real front: a status line or a close, no hang, no worker replaced.
+mod fuzz_http;
+// fuzz_shim: the real shim.py reads generated frames under random read sizes and echoes them intact.
+mod fuzz_shim;
 // wheel: scripts/build-wheel.sh's wheel pip-installed into a fresh venv runs `--version` and `check`.
 mod wheel;

@@ -156,10 +156,12 @@ pub fn load_file_with(
     path: &Path,
     extra: impl FnOnce(&Loaded) -> Vec<Diagnostic>,
 ) -> Result<Loaded, LoadError> {
-    let source = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+    let bytes = std::fs::read(path).map_err(|source| LoadError::Io {
         path: path.to_owned(),
         source,
     })?;
+    let source = String::from_utf8(bytes)
+        .map_err(|error| LoadError::Invalid(Diagnostics(vec![not_utf8(path, &error)])))?;
     let (mut config, mut diagnostics) = analyse(&source, &path.display().to_string());
     resolve_paths(&mut config, &config_dir(path));
     let loaded = Loaded {
@@ -174,6 +176,26 @@ pub fn load_file_with(
     }
     diagnostics.sort_by_key(|diagnostic| (diagnostic.line, diagnostic.column));
     Err(LoadError::Invalid(Diagnostics(diagnostics)))
+}
+
+/// A file that is not UTF-8 (saved as Latin-1, a stray byte): the first bad byte's place, like
+/// any other problem, rather than the OS's "stream did not contain valid UTF-8" with no place.
+fn not_utf8(path: &Path, error: &std::string::FromUtf8Error) -> Diagnostic {
+    let bytes = error.as_bytes();
+    let at = error.utf8_error().valid_up_to();
+    // Everything before the bad byte is valid text: the line and column are counted in it.
+    let before = std::str::from_utf8(&bytes[..at]).unwrap_or_default();
+    let (line, column) = line_column(before, at);
+    let byte = bytes.get(at).copied().unwrap_or_default();
+    Diagnostic {
+        file: path.display().to_string(),
+        line,
+        column,
+        message: format!(
+            "byte 0x{byte:02X} is not UTF-8; TOML files are UTF-8 text (convert the file, e.g. \
+             with `iconv -f latin1 -t utf-8`)"
+        ),
+    }
 }
 
 /// Joins relative directories and files onto `base`. Never canonicalizes (see [`config_dir`]).
@@ -456,6 +478,17 @@ mod tests {
             .err()
             .map(|diagnostics| diagnostics.0.iter().map(ToString::to_string).collect())
             .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_byte_that_is_not_utf8_is_reported_at_its_line_and_column() {
+        let error = String::from_utf8(b"[app]\nwsgi = \"caf\xe9:app\"\n".to_vec()).unwrap_err();
+        let diagnostic = not_utf8(Path::new("/etc/sauna.toml"), &error);
+        let shown = diagnostic.to_string();
+        assert!(
+            shown.starts_with("/etc/sauna.toml:2:12: byte 0xE9 is not UTF-8"),
+            "{shown}"
+        );
     }
 
     #[test]

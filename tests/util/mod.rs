@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub mod fuzz;
 pub mod nginx;
 pub mod postgres;
 pub mod redis;

@@ -110,6 +110,12 @@ impl Ring {
     }
 
     fn release(&self, position: u64, len: u64) {
+        // An empty chunk (only a broken worker announces one) frees nothing, and it shares its
+        // position with the next chunk: recorded, it could overwrite that chunk's entry and stop
+        // the counter there for good.
+        if len == 0 {
+            return;
+        }
         let mut release = self
             .release
             .lock()
@@ -173,6 +179,18 @@ mod tests {
         let second = ring.chunk(100, 50, 100);
         drop(second);
         assert_eq!(ring.released().load(Ordering::Acquire), 0);
+        drop(first);
+        assert_eq!(ring.released().load(Ordering::Acquire), 150);
+    }
+
+    #[test]
+    fn an_empty_chunk_does_not_hide_the_chunk_at_its_position() {
+        let (ring, _fd) = Ring::new(4096).unwrap();
+        let first = ring.chunk(0, 100, 0);
+        let empty = ring.chunk(100, 0, 100);
+        let second = ring.chunk(100, 50, 100);
+        drop(second);
+        drop(empty);
         drop(first);
         assert_eq!(ring.released().load(Ordering::Acquire), 150);
     }

@@ -1,0 +1,218 @@
+//! Property tests of the Python side of the worker frame protocol, with the real `shim.py` in a
+//! real CPython: its frame reader (`Slot.recv_frame`), fed generated frames through a real socket
+//! while its reads are cut at random sizes (seeded by the case, so a failure replays), echoes
+//! each frame back with the shim's own header packing, and the supervisor's decoder must get
+//! every frame back unchanged; and its body writer (`Slot.send_body`) streams generated chunks
+//! through a slot's shared ring (`Shared` frames, split at the ring's end, socket fallback when
+//! full) while the supervisor's channel holds and drops them in any order, and every chunk
+//! must arrive intact. Case counts: `util::fuzz::config`; long runs: `benches/fuzz.sh`.
+
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use proptest::prelude::*;
+use sauna_supervisor::web::worker::frame::{self, Channel, Frame, Kind};
+use sauna_supervisor::web::worker::ring::Ring;
+
+use crate::fuzz_frame::{any_frame, encode};
+use crate::util::{self, fuzz};
+
+/// Loads the shim without running it (everything but its last line, `sys.exit(main(...))`),
+/// then serves frames on descriptor 0: each read asks for at most a random 1–64 bytes, each
+/// frame read goes back as it was, until the other end shuts its side.
+const HARNESS: &str = r#"
+import random, socket, sys
+path, seed = sys.argv[1], int(sys.argv[2])
+source = open(path, encoding="utf-8").read()
+last = "sys.exit(main(sys.argv[1:]))"
+if source.rstrip().splitlines()[-1] != last:
+    sys.exit("the shim no longer ends with %r; update tests/fuzz_shim.rs" % last)
+shim = {"__name__": "sauna_shim"}
+exec(compile(source[:source.rindex(last)], path, "exec"), shim)
+rng = random.Random(seed)
+
+class ShortReads(socket.socket):
+    def recv_into(self, buffer, nbytes=0, flags=0):
+        return super().recv_into(buffer, min(nbytes or len(buffer), rng.randint(1, 64)), flags)
+
+slot = shim["Slot"](0, None, {})
+slot.sock = ShortReads(fileno=slot.sock.detach())
+slot.sock.setblocking(True)
+try:
+    while True:
+        kind, flags, arg, payload = slot.recv_frame()
+        slot.sendv([shim["_pack"](len(payload), arg, kind, flags, 0), payload])
+except EOFError:
+    pass
+"#;
+
+/// The shim's body writer on a slot with a ring (descriptor 1, the memfd, `RING_SIZE` bytes):
+/// each `Data` frame's payload goes back through `send_body`, followed by an `End` frame.
+const RING_HARNESS: &str = r#"
+import socket, sys
+path, ring_size = sys.argv[1], int(sys.argv[2])
+source = open(path, encoding="utf-8").read()
+last = "sys.exit(main(sys.argv[1:]))"
+if source.rstrip().splitlines()[-1] != last:
+    sys.exit("the shim no longer ends with %r; update tests/fuzz_shim.rs" % last)
+shim = {"__name__": "sauna_shim"}
+exec(compile(source[:source.rindex(last)], path, "exec"), shim)
+slot = shim["Slot"](0, None, {}, 1, ring_size)
+end = shim["_pack"](0, 0, shim["END"], 0, 0)
+try:
+    while True:
+        kind, flags, arg, payload = slot.recv_frame()
+        if payload:
+            slot.send_body(payload)
+        slot.send(end)
+except EOFError:
+    pass
+"#;
+
+/// The Python the harnesses run, started with the slot socket as descriptor 0.
+fn shim_python(
+    harness: &str,
+    slot: OwnedFd,
+    args: &[String],
+    stdout: Stdio,
+) -> std::process::Child {
+    let shim = util::repo_root().join("supervisor/src/web/worker/shim.py");
+    Command::new(util::python())
+        .arg("-c")
+        .arg(harness)
+        .arg(&shim)
+        .args(args)
+        .stdin(Stdio::from(slot))
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn frames() -> impl Strategy<Value = Vec<Frame>> {
+    // Mostly small frames, and now and then one bigger than the shim's 64 KiB receive buffer.
+    let big = (65_000usize..140_000, any::<u8>()).prop_map(|(len, fill)| Frame {
+        kind: frame::Kind::Data,
+        flags: 0,
+        arg: 0,
+        payload: Bytes::from(vec![fill; len]),
+    });
+    prop::collection::vec(prop_oneof![12 => any_frame(), 1 => big], 0..12)
+}
+
+proptest! {
+    #![proptest_config(fuzz::config(24))]
+
+    #[test]
+    fn the_shim_reads_every_frame_whatever_its_read_sizes(frames in frames(), seed in any::<u64>()) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let mut python = shim_python(HARNESS, OwnedFd::from(theirs), &[seed.to_string()], Stdio::null());
+        let wire = encode(&frames);
+        let mut writer = ours.try_clone().unwrap();
+        let sending = std::thread::spawn(move || {
+            let result = writer.write_all(&wire);
+            let _ = writer.shutdown(std::net::Shutdown::Write);
+            result
+        });
+        ours.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut echoed = Vec::new();
+        let read = (&ours).read_to_end(&mut echoed);
+        if read.is_err() {
+            let _ = python.kill();
+        }
+        let status = python.wait().unwrap();
+        let mut stderr = String::new();
+        if let Some(mut pipe) = python.stderr.take() {
+            let _ = pipe.read_to_string(&mut stderr);
+        }
+        prop_assert!(read.is_ok(), "the shim did not answer and close within 10 s: {read:?}\n{stderr}");
+        prop_assert!(sending.join().unwrap().is_ok(), "the shim stopped reading\n{stderr}");
+        prop_assert!(status.success(), "the shim failed: {status}\n{stderr}");
+        let mut buffer = BytesMut::from(&echoed[..]);
+        let mut back = Vec::new();
+        while let Some(frame) = frame::decode(&mut buffer).unwrap() {
+            back.push(frame);
+        }
+        prop_assert!(buffer.is_empty(), "{} bytes after the last whole frame", buffer.len());
+        prop_assert_eq!(back, frames, "stderr:\n{}", stderr);
+    }
+}
+
+/// Size of the ring in the ring test: the shim's sharing threshold is 16 KiB, so chunks from
+/// 16 KiB up to this go through the ring while it has room, bigger ones through the socket.
+const RING_SIZE: usize = 64 * 1024;
+
+proptest! {
+    #![proptest_config(fuzz::config(16))]
+
+    #[test]
+    fn the_shim_streams_chunks_through_the_ring_intact(
+        chunks in prop::collection::vec((prop_oneof![1 => 1usize..16_384, 3 => 16_384usize..90_000], any::<u8>()), 1..16),
+        keep in 0usize..4,
+        order in prop::collection::vec(any::<usize>(), 1..6),
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _context = runtime.enter();
+        let (ring, memfd) = Ring::new(RING_SIZE).unwrap();
+        let counter = std::fs::File::from(memfd.try_clone().unwrap());
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let mut python = shim_python(RING_HARNESS, OwnedFd::from(theirs), &[RING_SIZE.to_string()], Stdio::from(memfd));
+        let mut channel = Channel::with_ring(tokio::net::UnixStream::from_std(ours).unwrap(), ring);
+        let outcome: Result<(), String> = runtime.block_on(async {
+            let mut held: Vec<Bytes> = Vec::new();
+            for (index, (len, fill)) in chunks.iter().enumerate() {
+                let data = vec![*fill; *len];
+                frame::put_header(channel.queue(), Kind::Data, 0, 0, data.len());
+                channel.queue().extend_from_slice(&data);
+                let flushed = tokio::time::timeout(Duration::from_secs(10), std::future::poll_fn(|cx| channel.poll_flush(cx))).await;
+                if !matches!(flushed, Ok(Ok(()))) {
+                    return Err(format!("chunk {index}: writing to the shim failed: {flushed:?}"));
+                }
+                let mut received = Vec::new();
+                loop {
+                    let frame = match tokio::time::timeout(Duration::from_secs(10), channel.frame()).await {
+                        Ok(Ok(frame)) => frame,
+                        other => return Err(format!("chunk {index}: no answer from the shim: {other:?}")),
+                    };
+                    match frame.kind {
+                        Kind::Body => {
+                            received.extend_from_slice(&frame.payload);
+                            held.push(frame.payload);
+                        }
+                        Kind::End => break,
+                        other => return Err(format!("chunk {index}: a {other:?} frame")),
+                    }
+                }
+                if received != data {
+                    return Err(format!("chunk {index} of {len} bytes came back as {} bytes, not the same", received.len()));
+                }
+                // The client is slow: the last few chunks stay with hyper, the others go, in
+                // any order.
+                while held.len() > keep {
+                    let pick = order[held.len() % order.len()] % held.len();
+                    drop(held.swap_remove(pick));
+                }
+            }
+            Ok(())
+        });
+        drop(channel);
+        let status = python.wait().unwrap();
+        let mut stderr = String::new();
+        if let Some(mut pipe) = python.stderr.take() {
+            let _ = pipe.read_to_string(&mut stderr);
+        }
+        prop_assert!(outcome.is_ok(), "{}\nshim stderr:\n{}", outcome.unwrap_err(), stderr);
+        prop_assert!(status.success(), "the shim failed: {status}\n{stderr}");
+        // The first chunk that fits went through the ring (it starts empty), and was released.
+        if chunks.iter().any(|(len, _)| (16_384..=RING_SIZE).contains(len)) {
+            let mut word = [0u8; 4];
+            std::os::unix::fs::FileExt::read_exact_at(&counter, &mut word, 0).unwrap();
+            prop_assert!(u32::from_ne_bytes(word) > 0, "the ring was never used");
+        }
+    }
+}
