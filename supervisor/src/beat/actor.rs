@@ -76,11 +76,6 @@ pub(super) struct Actor {
     retry_at: Option<Instant>,
     /// Cursors have been merged with Redis's last published slots since we became publisher.
     synced: bool,
-    /// Another supervisor held the lock while we stood by: our next acquisition is a takeover.
-    saw_other_leader: bool,
-    /// After a takeover: slots due since this instant were the previous leader's (see the module
-    /// doc) and are published whatever the catch-up policy; cleared after one publishing pass.
-    handover_since: Option<DateTime<Utc>>,
     origin: String,
     metrics: Arc<Metrics>,
 }
@@ -116,8 +111,6 @@ impl Actor {
             backoff: BACKOFF_MIN,
             retry_at: None,
             synced: false,
-            saw_other_leader: false,
-            handover_since: None,
             origin,
             metrics,
         }
@@ -318,11 +311,6 @@ impl Actor {
                     Ok(None) => {
                         self.redis_ok();
                         if self.leader.held(sent) {
-                            if std::mem::take(&mut self.saw_other_leader) {
-                                let ttl = chrono::Duration::from_std(ttl)
-                                    .unwrap_or(chrono::Duration::MAX);
-                                self.handover_since = Utc::now().checked_sub_signed(ttl);
-                            }
                             tracing::info!(
                                 holder = self.leader.holder().unwrap_or_default(),
                                 "beat: acquired the leader lock; publishing"
@@ -334,7 +322,6 @@ impl Actor {
                     Ok(Some(holder)) => {
                         self.redis_ok();
                         let first = self.leader.holder().is_none();
-                        self.saw_other_leader = true;
                         let name = holder.name.clone();
                         self.leader.refused(Instant::now(), holder);
                         if first {
@@ -400,7 +387,6 @@ impl Actor {
                 state.job.catch_up,
                 state.job.catch_up_window,
                 state.cursor,
-                self.handover_since,
                 now,
             );
             if let Some((first, last)) = plan.skipped {
@@ -431,7 +417,6 @@ impl Actor {
             }
             self.jobs[index].advance(now);
         }
-        self.handover_since = None;
         Ok(())
     }
 
