@@ -17,6 +17,9 @@ use serde_json::Value;
 use crate::util::redis::RedisServer;
 use crate::util::{Sandbox, python, repo_root};
 
+// partition: three supervisors and Redis in network namespaces, the leader's link cut.
+mod partition;
+
 // ---------------------------------------------------------------------------------------------
 // `beat next` golden files
 
@@ -473,6 +476,8 @@ async fn wait_async<T>(timeout: Duration, what: &str, mut probe: impl FnMut() ->
 #[derive(Debug, Clone)]
 struct Queued {
     job: String,
+    /// `pid@host` of the supervisor that published it.
+    origin: String,
     slot: DateTime<Utc>,
     published: Option<DateTime<Utc>>,
 }
@@ -502,6 +507,7 @@ fn queued(redis: &RedisServer, key: &str) -> Vec<Queued> {
                     .as_str()
                     .unwrap_or_default()
                     .to_owned(),
+                origin: headers["origin"].as_str().unwrap_or_default().to_owned(),
                 slot: time(&headers["sauna_beat_slot"]).expect("slot header"),
                 published: time(&headers["expires"])
                     .map(|expires| expires - chrono::Duration::hours(1)),
