@@ -367,7 +367,14 @@ app.conf.update(broker_connection_retry_on_startup=True, worker_hijack_root_logg
 @app.task(name="tasks.record")
 def record(*args, **kwargs):
     with open(os.environ["RECORD"], "a") as out:
-        out.write(json.dumps({"args": args, "kwargs": kwargs, "id": record.request.id}) + "\n")
+        out.write(json.dumps({
+            "args": args,
+            "kwargs": kwargs,
+            "id": record.request.id,
+            # The headers beat adds and Celery's own origin, as the worker saw them.
+            "slot": getattr(record.request, "sauna_beat_slot", None),
+            "origin": record.request.origin,
+        }) + "\n")
 "#;
 
 /// A Celery worker (solo pool) consuming `celery` and `hi`, recording every task it runs.

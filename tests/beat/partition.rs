@@ -1,16 +1,16 @@
 //! Beat across a network partition, not just a kill: three supervisors in three network
 //! namespaces and Redis in a fourth (`util::netns`), the leader's link cut for 15 s and then
-//! restored. Judged by what landed in Redis (and what Redis was sent, through `MONITOR`): every
-//! slot exactly once under `catch_up = "all"`, a publish the cut-off leader sent into the dead
-//! link reaches Redis after the restore and is refused by the lock fence, and failover takes at
-//! most `lock_ttl` + 1 s.
+//! restored. Judged by what a real Celery worker ran, what landed in Redis and what Redis was
+//! sent (`MONITOR`): every slot run exactly once under `catch_up = "all"`, a publish the cut-off
+//! leader sent into the dead link reaches Redis after the restore and is refused by the lock
+//! fence, and failover takes at most `lock_ttl` + 1 s.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
-use super::{assert_consecutive, queued};
+use super::{CeleryWorker, assert_consecutive, queued};
 use crate::util::netns::{HUB_ADDRESS, Star};
 use crate::util::redis::RedisServer;
 use crate::util::{Running, Sandbox, wait_until};
@@ -150,15 +150,21 @@ fn a_cut_off_leader_loses_no_slot_lands_nothing_and_fails_over_within_the_ttl() 
     let star = Star::new(3);
     let sandbox = Sandbox::new();
     let redis = RedisServer::start_in_namespace(&sandbox.path("redis"), star.hub(), HUB_ADDRESS);
-    // `tick` is the exactly-once job. `rare` makes the fence matter: its slot right after the cut
-    // is skipped by the successor and the next one comes after the restore, so when the cut-off
-    // leader's stale publish of it arrives, only the lock token check can refuse it.
+    // The worker reaches Redis through its Unix socket: no traffic outside the namespaces.
+    let worker = CeleryWorker::start(
+        &sandbox,
+        &format!("redis+socket://{}?virtual_host=0", redis.socket().display()),
+    );
+    // `tick` is the exactly-once job, run by the worker. `rare` (queue left unconsumed) makes the
+    // fence matter: its slot right after the cut is skipped by the successor and the next one
+    // comes after the restore, so when the cut-off leader's stale publish of it arrives, only the
+    // lock token check can refuse it.
     let supervisors: Vec<(Sandbox, Running)> = (0..3)
         .map(|index| {
             let dir = Sandbox::new();
             dir.write_config(&format!(
                 "[beat]\nbroker = \"{}\"\nlock_ttl = \"{}s\"\n\
-                 [beat.jobs.tick]\ntask = \"t\"\nevery = \"1s\"\nqueue = \"ticks\"\nexpires = \"1h\"\ncatch_up = \"all\"\n\
+                 [beat.jobs.tick]\ntask = \"tasks.record\"\nevery = \"1s\"\nexpires = \"1h\"\ncatch_up = \"all\"\n\
                  [beat.jobs.rare]\ntask = \"t\"\nevery = \"{}s\"\nqueue = \"rare\"\nexpires = \"1h\"\ncatch_up = \"skip\"\n\
                  [metrics]\nlisten = \"\"\n",
                 redis.url(0),
@@ -169,8 +175,19 @@ fn a_cut_off_leader_loses_no_slot_lands_nothing_and_fails_over_within_the_ttl() 
             (dir, running)
         })
         .collect();
-    wait_until(Duration::from_secs(20), "3 published slots", || {
-        (queued(&redis, "ticks").len() >= 3).then_some(())
+    let run = || -> Vec<(DateTime<Utc>, String)> {
+        worker
+            .records()
+            .iter()
+            .filter_map(|record| {
+                let slot = DateTime::parse_from_rfc3339(record["slot"].as_str()?).ok()?;
+                let origin = record["origin"].as_str()?.to_owned();
+                Some((slot.with_timezone(&Utc), origin))
+            })
+            .collect()
+    };
+    wait_until(Duration::from_secs(30), "the worker to run 3 slots", || {
+        (run().len() >= 3).then_some(())
     });
     let commands = monitor(&redis);
     let (leader, token, cut_at, cut_wall, stale_slot_ms) =
@@ -233,36 +250,55 @@ fn a_cut_off_leader_loses_no_slot_lands_nothing_and_fails_over_within_the_ttl() 
         "the cut-off supervisor to reconnect and stand by",
         |status| status["beat"]["redis_up"] == true && status["beat"]["leader"] == false,
     );
-    wait_until(Duration::from_secs(15), "3 slots after the restore", || {
-        (queued(&redis, "ticks")
-            .iter()
-            .filter(|message| message.slot > restored)
-            .count()
-            >= 3)
-            .then_some(())
-    });
+    wait_until(
+        Duration::from_secs(30),
+        "the worker to run 3 slots after the restore",
+        || (run().iter().filter(|(slot, _)| *slot > restored).count() >= 3).then_some(()),
+    );
     let leader_pid = supervisors[leader].1.pid();
     for (_, running) in supervisors {
         assert!(running.stop().success());
     }
 
-    let messages = queued(&redis, "ticks");
-    let slots: Vec<_> = messages.iter().map(|message| message.slot).collect();
-    assert_consecutive(&slots, chrono::Duration::seconds(1), "across the partition");
+    // Every slot up to the last one published (beat's mark in Redis) has run.
+    let last_published: i64 = redis::cmd("HGET")
+        .arg("sauna:beat:last")
+        .arg("tick")
+        .query(&mut redis.connection())
+        .expect("the last published slot of tick");
+    let ran = wait_until(
+        Duration::from_secs(30),
+        "the worker to run every published slot",
+        || {
+            let ran = run();
+            ran.iter()
+                .any(|(slot, _)| slot.timestamp_millis() == last_published)
+                .then_some(ran)
+        },
+    );
+    let slots: Vec<_> = ran.iter().map(|(slot, _)| *slot).collect();
+    assert_consecutive(
+        &slots,
+        chrono::Duration::seconds(1),
+        "run across the partition",
+    );
     assert!(
         slots.first().is_some_and(|first| *first < cut_wall)
             && slots.last().is_some_and(|last| *last > restored),
-        "the slots span the cut: {slots:?}"
+        "the slots run span the cut: {slots:?}"
     );
     let from_leader = format!("{leader_pid}@");
-    let landed: Vec<_> = queued(&redis, "rare")
+    let late_ticks: Vec<_> = ran
+        .iter()
+        .filter(|(slot, origin)| origin.starts_with(&from_leader) && *slot > cut_wall)
+        .collect();
+    let late_rare: Vec<_> = queued(&redis, "rare")
         .into_iter()
-        .chain(messages)
         .filter(|message| message.origin.starts_with(&from_leader) && message.slot > cut_wall)
         .collect();
     assert!(
-        landed.is_empty(),
+        late_ticks.is_empty() && late_rare.is_empty(),
         "the cut-off leader's stale publish reached Redis after supervisor {successor} took \
-         the lock, and landed:\n{stale:.400}\n{landed:?}"
+         the lock, and landed:\n{stale:.400}\n{late_ticks:?}\n{late_rare:?}"
     );
 }

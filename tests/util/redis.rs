@@ -58,7 +58,8 @@ impl RedisServer {
         server
     }
 
-    fn socket(&self) -> PathBuf {
+    /// The Unix socket of a server inside a namespace.
+    pub fn socket(&self) -> PathBuf {
         self.dir.join("redis.sock")
     }
 
