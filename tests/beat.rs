@@ -1149,15 +1149,9 @@ fn is_leader(running: &crate::util::Running) -> bool {
 /// old leader lives, the missed slots follow each job's policy alone: `skip` publishes none of
 /// them, `once` one, `all` each exactly once — judged by what landed in Redis.
 fn broker_outage_across_supervisors_follows_each_catch_up_policy(stop_leader: bool) {
-    const QUEUES: [&str; 3] = ["q-skip", "q-once", "q-all"];
     let sandbox = Sandbox::new();
     let mut redis = RedisServer::start(&sandbox.path("redis"));
-    let mut jobs = String::new();
-    for policy in ["skip", "once", "all"] {
-        jobs.push_str(&format!(
-            "[beat.jobs.{policy}]\ntask = \"t\"\nevery = \"1s\"\nqueue = \"q-{policy}\"\nexpires = \"1h\"\ncatch_up = \"{policy}\"\n"
-        ));
-    }
+    let jobs = policy_jobs();
     let mut supervisors: Vec<_> = (0..3)
         .map(|_| {
             let dir = Sandbox::new();
@@ -1214,7 +1208,27 @@ fn broker_outage_across_supervisors_follows_each_catch_up_policy(stop_leader: bo
         assert!(running.stop().success());
     }
 
-    let [skip, once, all] = QUEUES.map(|key| queued(&redis, key));
+    assert_each_policy(&redis, down, up, 12);
+}
+
+/// One job per catch-up policy, every second, on queues `q-skip`, `q-once`, `q-all`.
+const QUEUES: [&str; 3] = ["q-skip", "q-once", "q-all"];
+
+fn policy_jobs() -> String {
+    ["skip", "once", "all"]
+        .map(|policy| {
+            format!(
+                "[beat.jobs.{policy}]\ntask = \"t\"\nevery = \"1s\"\nqueue = \"q-{policy}\"\nexpires = \"1h\"\ncatch_up = \"{policy}\"\n"
+            )
+        })
+        .concat()
+}
+
+/// What [`policy_jobs`] must have published around a gap from `down` to `up` in which nobody
+/// could publish (at least `missed` slots): `skip` none of the missed slots, `once` at most one,
+/// `all` each exactly once; no slot twice.
+fn assert_each_policy(redis: &RedisServer, down: DateTime<Utc>, up: DateTime<Utc>, missed: usize) {
+    let [skip, once, all] = QUEUES.map(|key| queued(redis, key));
     for (policy, messages) in [("skip", &skip), ("once", &once), ("all", &all)] {
         let slots: Vec<_> = messages.iter().map(|m| m.slot).collect();
         assert!(
@@ -1229,18 +1243,63 @@ fn broker_outage_across_supervisors_follows_each_catch_up_policy(stop_leader: bo
     );
     assert!(
         in_span(&skip, down, up) <= 1,
-        "skip: slots of the outage published: {skip:?}"
+        "skip: slots of the gap published: {skip:?}"
     );
     assert!(
         late(&once) <= 1 && in_span(&once, down, up) <= 1,
-        "once: more than one run for the outage: {once:?}"
+        "once: more than one run for the gap: {once:?}"
     );
     let slots: Vec<_> = all.iter().map(|m| m.slot).collect();
     assert_consecutive(&slots, chrono::Duration::seconds(1), "catch_up = all");
     assert!(
-        in_span(&all, down, up) >= 12,
-        "all: every slot of the outage published: {slots:?}"
+        in_span(&all, down, up) >= missed,
+        "all: every slot of the gap published: {slots:?}"
     );
+}
+
+#[test]
+fn a_restart_of_every_supervisor_follows_each_catch_up_policy() {
+    // Two supervisors stopped for a deploy and started again: the slots in between were missed
+    // by everyone, and the new processes continue from the last slots in Redis.
+    let sandbox = Sandbox::new();
+    let redis = RedisServer::start(&sandbox.path("redis"));
+    let config = format!(
+        "[beat]\nbroker = \"{}\"\nlock_ttl = \"2s\"\n{}",
+        redis.url(0),
+        policy_jobs()
+    );
+    let dirs: Vec<Sandbox> = (0..2).map(|_| Sandbox::new()).collect();
+    for dir in &dirs {
+        dir.write_config(&config);
+    }
+    let first: Vec<_> = dirs.iter().map(Sandbox::start).collect();
+    crate::util::wait_until(Duration::from_secs(15), "2 slots of each job", || {
+        QUEUES
+            .iter()
+            .all(|key| queued(&redis, key).len() >= 2)
+            .then_some(())
+    });
+    for running in first {
+        assert!(running.stop().success());
+    }
+    let down = Utc::now();
+    std::thread::sleep(Duration::from_secs(6));
+    let second: Vec<_> = dirs.iter().map(Sandbox::start).collect();
+    let up = Utc::now();
+    crate::util::wait_until(Duration::from_secs(20), "publishing to resume", || {
+        QUEUES
+            .iter()
+            .all(|key| {
+                queued(&redis, key)
+                    .iter()
+                    .any(|message| message.slot > up + chrono::Duration::seconds(2))
+            })
+            .then_some(())
+    });
+    for running in second {
+        assert!(running.stop().success());
+    }
+    assert_each_policy(&redis, down, up, 5);
 }
 
 #[test]

@@ -29,6 +29,9 @@ struct JobState {
     published: u64,
     /// The value last written to the next-run gauge (`None`: never written).
     shown_next: Option<Option<DateTime<Utc>>>,
+    /// When a reload put the job's current schedule in force: Redis's mark of an older schedule
+    /// never moves the cursor behind it. `None` for the jobs this supervisor started with.
+    since: Option<DateTime<Utc>>,
 }
 
 impl JobState {
@@ -42,7 +45,15 @@ impl JobState {
             last_task_id: None,
             published: 0,
             shown_next: None,
+            since: None,
         }
+    }
+
+    /// Continues from `mark`, the last slot any supervisor published for the job, so every
+    /// supervisor sees the same missed slots after it whenever it started (bounded by `since`).
+    fn resume(&mut self, mark: DateTime<Utc>) {
+        self.cursor = self.since.map_or(mark, |since| mark.max(since));
+        self.next = self.job.schedule.next_after(self.cursor);
     }
 
     /// Marks every slot up to `cursor` handled and recomputes the next one from the cursor.
@@ -359,7 +370,8 @@ impl Actor {
         self.update_next_metrics();
     }
 
-    /// Merges each job's cursor with the last slot any supervisor published for it.
+    /// Moves each job's cursor to the last slot any supervisor published for it, when Redis has
+    /// one (else the cursor stays: a new job starts from when this supervisor first had it).
     async fn sync_cursors(&mut self) -> Result<(), BrokerError> {
         let names: Vec<&str> = self
             .jobs
@@ -368,8 +380,9 @@ impl Actor {
             .collect();
         let slots = self.broker.last_slots(&names).await?;
         for (state, slot) in self.jobs.iter_mut().zip(slots) {
-            let slot = slot.and_then(DateTime::from_timestamp_millis);
-            state.advance(slot.unwrap_or(state.cursor));
+            if let Some(mark) = slot.and_then(DateTime::from_timestamp_millis) {
+                state.resume(mark);
+            }
         }
         self.synced = true;
         Ok(())
@@ -530,10 +543,14 @@ impl Actor {
                     state.job = job.clone();
                     if changed {
                         state.advance(now);
+                        state.since = Some(now);
                     }
                     state
                 }
-                None => JobState::new(job.clone(), now),
+                None => JobState {
+                    since: Some(now),
+                    ..JobState::new(job.clone(), now)
+                },
             };
             jobs.push(state);
         }
