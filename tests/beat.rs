@@ -1,8 +1,9 @@
 //! Beat: `beat next` golden files, and the beat actor against a real `redis-server` on a free
 //! port and a real Celery worker from the test venv — messages executed with the right
 //! arguments, expired ones discarded, priority keys, an imported Celery `beat_schedule`, several
-//! publishers on one Redis (every slot exactly once), leader takeover, and a Redis outage under
-//! each catch-up policy.
+//! publishers on one Redis (every slot exactly once), leader takeover, a Redis outage (with the
+//! leader stopped or alive) and a restart of every supervisor under each catch-up policy, and a
+//! network partition (`partition`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
