@@ -1,8 +1,9 @@
 //! Beat: `beat next` golden files, and the beat actor against a real `redis-server` on a free
 //! port and a real Celery worker from the test venv — messages executed with the right
 //! arguments, expired ones discarded, priority keys, an imported Celery `beat_schedule`, several
-//! publishers on one Redis (every slot exactly once), leader takeover, and a Redis outage under
-//! each catch-up policy.
+//! publishers on one Redis (every slot exactly once), leader takeover, a Redis outage (with the
+//! leader stopped or alive) and a restart of every supervisor under each catch-up policy, and a
+//! network partition (`partition`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -16,6 +17,9 @@ use serde_json::Value;
 
 use crate::util::redis::RedisServer;
 use crate::util::{Sandbox, python, repo_root};
+
+// partition: three supervisors and Redis in network namespaces, the leader's link cut.
+mod partition;
 
 // ---------------------------------------------------------------------------------------------
 // `beat next` golden files
@@ -364,7 +368,14 @@ app.conf.update(broker_connection_retry_on_startup=True, worker_hijack_root_logg
 @app.task(name="tasks.record")
 def record(*args, **kwargs):
     with open(os.environ["RECORD"], "a") as out:
-        out.write(json.dumps({"args": args, "kwargs": kwargs, "id": record.request.id}) + "\n")
+        out.write(json.dumps({
+            "args": args,
+            "kwargs": kwargs,
+            "id": record.request.id,
+            # The headers beat adds and Celery's own origin, as the worker saw them.
+            "slot": getattr(record.request, "sauna_beat_slot", None),
+            "origin": record.request.origin,
+        }) + "\n")
 "#;
 
 /// A Celery worker (solo pool) consuming `celery` and `hi`, recording every task it runs.
@@ -473,6 +484,8 @@ async fn wait_async<T>(timeout: Duration, what: &str, mut probe: impl FnMut() ->
 #[derive(Debug, Clone)]
 struct Queued {
     job: String,
+    /// `pid@host` of the supervisor that published it.
+    origin: String,
     slot: DateTime<Utc>,
     published: Option<DateTime<Utc>>,
 }
@@ -502,12 +515,33 @@ fn queued(redis: &RedisServer, key: &str) -> Vec<Queued> {
                     .as_str()
                     .unwrap_or_default()
                     .to_owned(),
+                origin: headers["origin"].as_str().unwrap_or_default().to_owned(),
                 slot: time(&headers["sauna_beat_slot"]).expect("slot header"),
                 published: time(&headers["expires"])
                     .map(|expires| expires - chrono::Duration::hours(1)),
             }
         })
         .collect()
+}
+
+/// How many of `messages` are for slots strictly between `from` and `to`.
+fn in_span(messages: &[Queued], from: DateTime<Utc>, to: DateTime<Utc>) -> usize {
+    messages
+        .iter()
+        .filter(|m| m.slot > from && m.slot < to)
+        .count()
+}
+
+/// How many of `messages` were published more than 1.5 s after their slot: catch-up publishes,
+/// never on-time ones (on time is at most 1 s late).
+fn late(messages: &[Queued]) -> usize {
+    messages
+        .iter()
+        .filter(|m| {
+            m.published
+                .is_some_and(|published| published - m.slot > chrono::Duration::milliseconds(1500))
+        })
+        .count()
 }
 
 /// Panics unless `slots` are strictly increasing by exactly `step`.
@@ -1009,22 +1043,7 @@ fn redis_outage_follows_each_catch_up_policy() {
         log.contains("missed slot(s) not published"),
         "skipped slots are reported:\n{log}"
     );
-    let in_outage = |messages: &[Queued]| {
-        messages
-            .iter()
-            .filter(|m| m.slot > down && m.slot < up)
-            .count()
-    };
-    let late = |messages: &[Queued]| {
-        messages
-            .iter()
-            .filter(|m| {
-                m.published.is_some_and(|published| {
-                    published - m.slot > chrono::Duration::milliseconds(1500)
-                })
-            })
-            .count()
-    };
+    let in_outage = |messages: &[Queued]| in_span(messages, down, up);
     let all = queued(&redis, "q-all");
     let slots: Vec<_> = all.iter().map(|m| m.slot).collect();
     assert_consecutive(&slots, chrono::Duration::seconds(1), "catch_up = all");
@@ -1125,17 +1144,186 @@ fn is_leader(running: &crate::util::Running) -> bool {
         .is_some_and(|status| status["beat"]["leader"] == true)
 }
 
+/// Issue 15's scenario: three supervisors, `lock_ttl = "10s"`, one job per catch-up policy; Redis
+/// goes away for 13 s and, when `stop_leader`, the leader is stopped (SIGTERM, so it cannot
+/// release the lock) meanwhile. Whichever supervisor publishes afterwards, and whether or not the
+/// old leader lives, the missed slots follow each job's policy alone: `skip` publishes none of
+/// them, `once` one, `all` each exactly once — judged by what landed in Redis.
+fn broker_outage_across_supervisors_follows_each_catch_up_policy(stop_leader: bool) {
+    let sandbox = Sandbox::new();
+    let mut redis = RedisServer::start(&sandbox.path("redis"));
+    let jobs = policy_jobs();
+    let mut supervisors: Vec<_> = (0..3)
+        .map(|_| {
+            let dir = Sandbox::new();
+            dir.write_config(&format!(
+                "[beat]\nbroker = \"{}\"\nlock_ttl = \"10s\"\n{jobs}",
+                redis.url(0)
+            ));
+            let running = dir.start();
+            (dir, running)
+        })
+        .collect();
+    let leader = crate::util::wait_until(Duration::from_secs(20), "one leader", || {
+        let leaders: Vec<usize> = (0..supervisors.len())
+            .filter(|index| is_leader(&supervisors[*index].1))
+            .collect();
+        (leaders.len() == 1).then(|| leaders[0])
+    });
+    crate::util::wait_until(Duration::from_secs(15), "2 slots of each job", || {
+        QUEUES
+            .iter()
+            .all(|key| queued(&redis, key).len() >= 2)
+            .then_some(())
+    });
+
+    redis.stop();
+    let down = Utc::now();
+    supervisors[leader]
+        .1
+        .wait_for(Duration::from_secs(10), "the leader to notice", |status| {
+            status["beat"]["redis_up"] == false
+        });
+    if stop_leader {
+        let (_dir, mut stopped) = supervisors.remove(leader);
+        stopped.signal("TERM");
+        assert!(stopped.wait_exit(Duration::from_secs(30)).success());
+    }
+    // The outage of the report: 13 s, longer than the lock TTL.
+    let outage = Duration::from_secs(13);
+    let elapsed = (Utc::now() - down).to_std().unwrap_or_default();
+    std::thread::sleep(outage.saturating_sub(elapsed));
+    redis.spawn();
+    let up = Utc::now();
+    crate::util::wait_until(Duration::from_secs(20), "publishing to resume", || {
+        QUEUES
+            .iter()
+            .all(|key| {
+                queued(&redis, key)
+                    .iter()
+                    .any(|message| message.slot > up + chrono::Duration::seconds(2))
+            })
+            .then_some(())
+    });
+    for (_, running) in supervisors {
+        assert!(running.stop().success());
+    }
+
+    assert_each_policy(&redis, down, up, 12);
+}
+
+/// One job per catch-up policy, every second, on queues `q-skip`, `q-once`, `q-all`.
+const QUEUES: [&str; 3] = ["q-skip", "q-once", "q-all"];
+
+fn policy_jobs() -> String {
+    ["skip", "once", "all"]
+        .map(|policy| {
+            format!(
+                "[beat.jobs.{policy}]\ntask = \"t\"\nevery = \"1s\"\nqueue = \"q-{policy}\"\nexpires = \"1h\"\ncatch_up = \"{policy}\"\n"
+            )
+        })
+        .concat()
+}
+
+/// What [`policy_jobs`] must have published around a gap from `down` to `up` in which nobody
+/// could publish (at least `missed` slots): `skip` none of the missed slots, `once` at most one,
+/// `all` each exactly once; no slot twice.
+fn assert_each_policy(redis: &RedisServer, down: DateTime<Utc>, up: DateTime<Utc>, missed: usize) {
+    let [skip, once, all] = QUEUES.map(|key| queued(redis, key));
+    for (policy, messages) in [("skip", &skip), ("once", &once), ("all", &all)] {
+        let slots: Vec<_> = messages.iter().map(|m| m.slot).collect();
+        assert!(
+            slots.windows(2).all(|pair| pair[1] > pair[0]),
+            "{policy}: no slot twice: {slots:?}"
+        );
+    }
+    assert_eq!(
+        late(&skip),
+        0,
+        "skip: a missed slot was published: {skip:?}"
+    );
+    assert!(
+        in_span(&skip, down, up) <= 1,
+        "skip: slots of the gap published: {skip:?}"
+    );
+    assert!(
+        late(&once) <= 1 && in_span(&once, down, up) <= 1,
+        "once: more than one run for the gap: {once:?}"
+    );
+    let slots: Vec<_> = all.iter().map(|m| m.slot).collect();
+    assert_consecutive(&slots, chrono::Duration::seconds(1), "catch_up = all");
+    assert!(
+        in_span(&all, down, up) >= missed,
+        "all: every slot of the gap published: {slots:?}"
+    );
+}
+
+#[test]
+fn a_restart_of_every_supervisor_follows_each_catch_up_policy() {
+    // Two supervisors stopped for a deploy and started again: the slots in between were missed
+    // by everyone, and the new processes continue from the last slots in Redis.
+    let sandbox = Sandbox::new();
+    let redis = RedisServer::start(&sandbox.path("redis"));
+    let config = format!(
+        "[beat]\nbroker = \"{}\"\nlock_ttl = \"2s\"\n{}",
+        redis.url(0),
+        policy_jobs()
+    );
+    let dirs: Vec<Sandbox> = (0..2).map(|_| Sandbox::new()).collect();
+    for dir in &dirs {
+        dir.write_config(&config);
+    }
+    let first: Vec<_> = dirs.iter().map(Sandbox::start).collect();
+    crate::util::wait_until(Duration::from_secs(15), "2 slots of each job", || {
+        QUEUES
+            .iter()
+            .all(|key| queued(&redis, key).len() >= 2)
+            .then_some(())
+    });
+    for running in first {
+        assert!(running.stop().success());
+    }
+    let down = Utc::now();
+    std::thread::sleep(Duration::from_secs(6));
+    let second: Vec<_> = dirs.iter().map(Sandbox::start).collect();
+    let up = Utc::now();
+    crate::util::wait_until(Duration::from_secs(20), "publishing to resume", || {
+        QUEUES
+            .iter()
+            .all(|key| {
+                queued(&redis, key)
+                    .iter()
+                    .any(|message| message.slot > up + chrono::Duration::seconds(2))
+            })
+            .then_some(())
+    });
+    for running in second {
+        assert!(running.stop().success());
+    }
+    assert_each_policy(&redis, down, up, 5);
+}
+
+#[test]
+fn broker_outage_and_a_stopped_leader_follow_each_catch_up_policy() {
+    broker_outage_across_supervisors_follows_each_catch_up_policy(true);
+}
+
+#[test]
+fn broker_outage_with_the_leader_alive_follows_each_catch_up_policy() {
+    broker_outage_across_supervisors_follows_each_catch_up_policy(false);
+}
+
 #[test]
 fn three_supervisor_processes_publish_every_slot_once_and_survive_kill_9_of_the_leader() {
     let sandbox = Sandbox::new();
     let redis = RedisServer::start(&sandbox.path("redis"));
     let mut supervisors = start_supervisors(
-        &redis, 3,
-        // A TTL of 4 s leaves at least two 1 s slots to the dead leader, so the default policy
-        // alone ("once") would lose one.
+        &redis,
+        3,
+        // A TTL of 4 s leaves at least two 1 s slots missed while the dead leader's lock lived.
         "4s",
-        // The default catch-up policy: a takeover must lose no slot without help from "all".
-        "",
+        // Missed slots follow the policy alone: under "all" each is published, exactly once.
+        "catch_up = \"all\"\n",
     );
     let leader = crate::util::wait_until(Duration::from_secs(10), "one leader", || {
         let leaders: Vec<usize> = (0..supervisors.len())

@@ -11,7 +11,7 @@ mod django;
 mod emit;
 // programs: restarts, backoff into fatal, group stops, orphans, rlimits, identity, max_rss.
 mod programs;
-// beat: `beat next` golden files; beat with real Redis and Celery, leader takeover, outages.
+// beat: `beat next` golden files; beat with real Redis and Celery, leader takeover, outages, partitions.
 mod beat;
 // check: every config problem at once as FILE:LINE:COL (golden output), exit status.
 mod check;

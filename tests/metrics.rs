@@ -736,3 +736,48 @@ listen = "{addr}"
         String::from_utf8_lossy(&reload.stderr)
     );
 }
+
+/// How many LLEN commands `redis` has answered (the sampler's only command).
+fn llen_calls(redis: &RedisServer) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut redis.connection())
+        .expect("INFO commandstats");
+    info.lines()
+        .find_map(|line| line.strip_prefix("cmdstat_llen:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|calls| calls.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn with_the_endpoint_off_celery_queues_are_not_sampled() {
+    // Two supervisors watching a queue on their own Redis, sampling every 100 ms: one serves
+    // metrics (the control: it samples and logs the outage), the other has `listen = ""`.
+    let start = |listen: String| {
+        let sandbox = Sandbox::new();
+        let redis = RedisServer::start(&sandbox.path("redis"));
+        sandbox.write_config(&format!(
+            "[metrics]\nlisten = \"{listen}\"\nqueues = [\"reports\"]\nbroker = \"{}\"\nsample_interval = \"100ms\"\n",
+            redis.url(0)
+        ));
+        let running = sandbox.start();
+        (sandbox, redis, running)
+    };
+    let (_on_dir, mut on_redis, on) = start(format!("127.0.0.1:{}", free_port()));
+    let (_off_dir, mut off_redis, off) = start(String::new());
+    wait_until(TIMEOUT, "the control to sample 10 times", || {
+        (llen_calls(&on_redis) >= 10).then_some(())
+    });
+    assert_eq!(llen_calls(&off_redis), 0, "metrics off: Redis was sampled");
+    on_redis.stop();
+    off_redis.stop();
+    on.wait_for_log("cannot read Celery queue lengths", TIMEOUT);
+    let log = off.log();
+    assert!(
+        !log.contains("Celery queue") && !log.contains("Celery broker"),
+        "metrics off: no sampling, no retries to log:\n{log}"
+    );
+    assert!(on.stop().success());
+    assert!(off.stop().success());
+}

@@ -261,7 +261,8 @@ pub struct JobConfig {
     pub timezone: Tz,
     /// `catch_up`: missed-slot policy.
     pub catch_up: CatchUp,
-    /// `catch_up_window`: how far back missed slots are considered; `None` = one period.
+    /// `catch_up_window`: how far back missed slots are considered; `None`: no limit (`once`
+    /// publishes the latest missed slot, `all` every one, at most the newest 1000).
     pub catch_up_window: Option<Duration>,
 }
 

@@ -432,7 +432,7 @@ pub(crate) struct RawJob {
     pub timezone: Option<String>,
     /// Missed-slot policy.
     pub catch_up: CatchUp,
-    /// How far back missed slots are considered; defaults to one period.
+    /// How far back missed slots are considered; no limit by default.
     pub catch_up_window: Option<Duration>,
 }
 

@@ -1,5 +1,7 @@
 //! A real `redis-server` for tests: a free loopback port, data in a temp dir, append-only so a
 //! stop and restart keeps the data (outage tests), optionally with a password, stopped on drop.
+//! It can also run inside a network namespace (partition tests), listening on that namespace's
+//! address for the supervisors and on a Unix socket in its directory for the test itself.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -13,6 +15,8 @@ pub struct RedisServer {
     port: u16,
     dir: PathBuf,
     password: Option<String>,
+    /// (namespace, address) when it runs inside a network namespace.
+    inside: Option<(String, String)>,
 }
 
 impl RedisServer {
@@ -33,21 +37,53 @@ impl RedisServer {
             port: free_port(),
             dir: dir.to_path_buf(),
             password,
+            inside: None,
         };
         server.spawn();
         server
+    }
+
+    /// Starts a server inside network namespace `namespace`, on `address` port 6379 (the
+    /// namespace is its own), with its data and a Unix socket for [`RedisServer::client`] in
+    /// `dir`. Protected mode is off: only the namespaces of the test can reach it.
+    pub fn start_in_namespace(dir: &Path, namespace: &str, address: &str) -> RedisServer {
+        let mut server = RedisServer {
+            child: None,
+            port: 6379,
+            dir: dir.to_path_buf(),
+            password: None,
+            inside: Some((namespace.to_owned(), address.to_owned())),
+        };
+        server.spawn();
+        server
+    }
+
+    /// The Unix socket of a server inside a namespace.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("redis.sock")
     }
 
     /// (Re)starts the process on the same port and directory, e.g. after [`RedisServer::stop`].
     pub fn spawn(&mut self) {
         let binary = require_tool("redis-server", "apt-get install -y redis-server");
         std::fs::create_dir_all(&self.dir).expect("redis dir");
-        let child = Command::new(binary)
+        let (mut command, bind) = match &self.inside {
+            Some((namespace, address)) => {
+                let mut command = super::netns::Star::exec(namespace, binary);
+                command
+                    .args(["--protected-mode", "no", "--unixsocketperm", "700"])
+                    .arg("--unixsocket")
+                    .arg(self.socket());
+                (command, address.as_str())
+            }
+            None => (Command::new(binary), "127.0.0.1"),
+        };
+        let child = command
             .args([
                 "--port",
                 &self.port.to_string(),
                 "--bind",
-                "127.0.0.1",
+                bind,
                 "--save",
                 "",
             ])
@@ -78,9 +114,13 @@ impl RedisServer {
         });
     }
 
-    /// `redis://127.0.0.1:PORT/DB`.
+    /// `redis://127.0.0.1:PORT/DB` (inside a namespace: its address instead of 127.0.0.1).
     pub fn url(&self, db: u8) -> String {
-        format!("redis://127.0.0.1:{}/{db}", self.port)
+        let host = self
+            .inside
+            .as_ref()
+            .map_or("127.0.0.1", |(_, address)| address.as_str());
+        format!("redis://{host}:{}/{db}", self.port)
     }
 
     /// The port it listens on.
@@ -91,7 +131,11 @@ impl RedisServer {
     /// A client for database `db`, logging in with the password if the server has one.
     pub fn client(&self, db: u8) -> ::redis::Client {
         use ::redis::IntoConnectionInfo as _;
-        let mut info = self.url(db).into_connection_info().expect("redis url");
+        let url = match self.inside {
+            Some(_) => format!("redis+unix://{}?db={db}", self.socket().display()),
+            None => self.url(db),
+        };
+        let mut info = url.into_connection_info().expect("redis url");
         if let Some(password) = &self.password {
             let settings = info.redis_settings().clone().set_password(password);
             info = info.set_redis_settings(settings);

@@ -29,6 +29,9 @@ struct JobState {
     published: u64,
     /// The value last written to the next-run gauge (`None`: never written).
     shown_next: Option<Option<DateTime<Utc>>>,
+    /// When a reload put the job's current schedule in force: Redis's mark of an older schedule
+    /// never moves the cursor behind it. `None` for the jobs this supervisor started with.
+    since: Option<DateTime<Utc>>,
 }
 
 impl JobState {
@@ -42,7 +45,15 @@ impl JobState {
             last_task_id: None,
             published: 0,
             shown_next: None,
+            since: None,
         }
+    }
+
+    /// Continues from `mark`, the last slot any supervisor published for the job, so every
+    /// supervisor sees the same missed slots after it whenever it started (bounded by `since`).
+    fn resume(&mut self, mark: DateTime<Utc>) {
+        self.cursor = self.since.map_or(mark, |since| mark.max(since));
+        self.next = self.job.schedule.next_after(self.cursor);
     }
 
     /// Marks every slot up to `cursor` handled and recomputes the next one from the cursor.
@@ -76,11 +87,6 @@ pub(super) struct Actor {
     retry_at: Option<Instant>,
     /// Cursors have been merged with Redis's last published slots since we became publisher.
     synced: bool,
-    /// Another supervisor held the lock while we stood by: our next acquisition is a takeover.
-    saw_other_leader: bool,
-    /// After a takeover: slots due since this instant were the previous leader's (see the module
-    /// doc) and are published whatever the catch-up policy; cleared after one publishing pass.
-    handover_since: Option<DateTime<Utc>>,
     origin: String,
     metrics: Arc<Metrics>,
 }
@@ -116,8 +122,6 @@ impl Actor {
             backoff: BACKOFF_MIN,
             retry_at: None,
             synced: false,
-            saw_other_leader: false,
-            handover_since: None,
             origin,
             metrics,
         }
@@ -318,11 +322,6 @@ impl Actor {
                     Ok(None) => {
                         self.redis_ok();
                         if self.leader.held(sent) {
-                            if std::mem::take(&mut self.saw_other_leader) {
-                                let ttl = chrono::Duration::from_std(ttl)
-                                    .unwrap_or(chrono::Duration::MAX);
-                                self.handover_since = Utc::now().checked_sub_signed(ttl);
-                            }
                             tracing::info!(
                                 holder = self.leader.holder().unwrap_or_default(),
                                 "beat: acquired the leader lock; publishing"
@@ -334,7 +333,6 @@ impl Actor {
                     Ok(Some(holder)) => {
                         self.redis_ok();
                         let first = self.leader.holder().is_none();
-                        self.saw_other_leader = true;
                         let name = holder.name.clone();
                         self.leader.refused(Instant::now(), holder);
                         if first {
@@ -372,7 +370,8 @@ impl Actor {
         self.update_next_metrics();
     }
 
-    /// Merges each job's cursor with the last slot any supervisor published for it.
+    /// Moves each job's cursor to the last slot any supervisor published for it, when Redis has
+    /// one (else the cursor stays: a new job starts from when this supervisor first had it).
     async fn sync_cursors(&mut self) -> Result<(), BrokerError> {
         let names: Vec<&str> = self
             .jobs
@@ -381,8 +380,9 @@ impl Actor {
             .collect();
         let slots = self.broker.last_slots(&names).await?;
         for (state, slot) in self.jobs.iter_mut().zip(slots) {
-            let slot = slot.and_then(DateTime::from_timestamp_millis);
-            state.advance(slot.unwrap_or(state.cursor));
+            if let Some(mark) = slot.and_then(DateTime::from_timestamp_millis) {
+                state.resume(mark);
+            }
         }
         self.synced = true;
         Ok(())
@@ -400,7 +400,6 @@ impl Actor {
                 state.job.catch_up,
                 state.job.catch_up_window,
                 state.cursor,
-                self.handover_since,
                 now,
             );
             if let Some((first, last)) = plan.skipped {
@@ -431,7 +430,6 @@ impl Actor {
             }
             self.jobs[index].advance(now);
         }
-        self.handover_since = None;
         Ok(())
     }
 
@@ -545,10 +543,14 @@ impl Actor {
                     state.job = job.clone();
                     if changed {
                         state.advance(now);
+                        state.since = Some(now);
                     }
                     state
                 }
-                None => JobState::new(job.clone(), now),
+                None => JobState {
+                    since: Some(now),
+                    ..JobState::new(job.clone(), now)
+                },
             };
             jobs.push(state);
         }

@@ -9,13 +9,13 @@
 //! *missed*, and the job's `catch_up` policy decides:
 //! - `skip`: publish only an on-time slot;
 //! - `once` (default): publish the on-time slot, or else the latest missed one if it lies within
-//!   `catch_up_window` (default: one period, i.e. always the latest);
-//! - `all`: publish every missed slot within `catch_up_window` (without a window: the latest
-//!   only), oldest first, at most [`MAX_CATCH_UP`].
+//!   `catch_up_window` (no window: always the latest);
+//! - `all`: publish every missed slot (within `catch_up_window` when one is set), oldest first,
+//!   at most the newest [`MAX_CATCH_UP`].
 //!
-//! Slots due at or after a *handover* instant (given after a takeover from a leader that died
-//! holding the lock) were that leader's to publish and are all published, oldest first, whatever
-//! the policy: a takeover loses no slot.
+//! The policy alone decides, whatever the cause of the miss (a Redis outage, a leader that died
+//! holding the lock, a partition) and whichever supervisor publishes after it: the cursor comes
+//! from the last slot published to Redis, so every leader sees the same missed slots.
 //!
 //! Every slot not published is reported, so loss is never silent.
 
@@ -165,14 +165,12 @@ pub fn latest_slot(
     }
 }
 
-/// Decides which due slots in `(cursor, now]` to publish under `policy`, publishing every slot
-/// from `handover_since` on as well (see the module doc).
+/// Decides which due slots in `(cursor, now]` to publish under `policy` (see the module doc).
 pub fn plan_due(
     schedule: &Schedule,
     policy: CatchUp,
     window: Option<std::time::Duration>,
     cursor: DateTime<Utc>,
-    handover_since: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
 ) -> DuePlan {
     let Some(latest) = latest_slot(schedule, cursor, now) else {
@@ -190,28 +188,24 @@ pub fn plan_due(
             Some(window) if now - latest > window => Vec::new(),
             _ => vec![latest],
         },
-        CatchUp::All => match window {
-            None => vec![latest],
-            Some(window) => {
-                let mut slots = std::collections::VecDeque::new();
-                let mut slot = schedule
-                    .next_after((now - window).max(cursor) - chrono::Duration::milliseconds(1));
-                while let Some(current) = slot.filter(|slot| *slot <= now) {
-                    if current > cursor && now - current <= window {
-                        slots.push_back(current);
-                        if slots.len() > MAX_CATCH_UP {
-                            slots.pop_front();
-                        }
+        CatchUp::All => {
+            let from = match window {
+                Some(window) => (now - window).max(cursor),
+                None => cursor,
+            };
+            let mut slots = std::collections::VecDeque::new();
+            let mut slot = schedule.next_after(from - chrono::Duration::milliseconds(1));
+            while let Some(current) = slot.filter(|slot| *slot <= now) {
+                if current > cursor {
+                    slots.push_back(current);
+                    if slots.len() > MAX_CATCH_UP {
+                        slots.pop_front();
                     }
-                    slot = schedule.next_after(current);
                 }
-                slots.into_iter().collect()
+                slot = schedule.next_after(current);
             }
-        },
-    };
-    let publish = match handover_since {
-        Some(since) => with_handover_slots(schedule, publish, cursor.max(since), now),
-        None => publish,
+            slots.into_iter().collect()
+        }
     };
     let skipped = match publish.first() {
         None => Some((first_due, latest)),
@@ -222,24 +216,6 @@ pub fn plan_due(
         Some(_) => None,
     };
     DuePlan { publish, skipped }
-}
-
-/// `publish` plus every slot in `[from, now]` (after the cursor), oldest first, at most
-/// [`MAX_CATCH_UP`] of the newest.
-fn with_handover_slots(
-    schedule: &Schedule,
-    publish: Vec<DateTime<Utc>>,
-    from: DateTime<Utc>,
-    now: DateTime<Utc>,
-) -> Vec<DateTime<Utc>> {
-    let mut slots: std::collections::BTreeSet<DateTime<Utc>> = publish.into_iter().collect();
-    let mut slot = schedule.next_after(from - chrono::Duration::milliseconds(1));
-    while let Some(current) = slot.filter(|slot| *slot <= now) {
-        slots.insert(current);
-        slot = schedule.next_after(current);
-    }
-    let excess = slots.len().saturating_sub(MAX_CATCH_UP);
-    slots.into_iter().skip(excess).collect()
 }
 
 /// The last slot before `until`, starting from `from` (which is before it).
@@ -273,7 +249,6 @@ mod tests {
                 policy,
                 None,
                 at("2026-01-01T00:00:00Z"),
-                None,
                 at("2026-01-01T00:00:10.020Z"),
             );
             assert_eq!(plan.publish, [at("2026-01-01T00:00:10Z")], "{policy:?}");
@@ -282,41 +257,33 @@ mod tests {
     }
 
     #[test]
-    fn a_takeover_publishes_every_slot_the_dead_leader_held_whatever_the_policy() {
-        // The old leader published 00:00:10 and died; the lock expired 20 s later and we took
-        // over at 00:00:35.5, so 00:00:20 and 00:00:30 were its slots, not missed ones.
-        let (cursor, now) = (at("2026-01-01T00:00:10Z"), at("2026-01-01T00:00:35.5Z"));
-        let handover = Some(at("2026-01-01T00:00:15.5Z"));
-        for policy in [CatchUp::Skip, CatchUp::Once, CatchUp::All] {
-            let plan = plan_due(&every(10), policy, None, cursor, handover, now);
-            assert_eq!(
-                plan.publish,
-                [at("2026-01-01T00:00:20Z"), at("2026-01-01T00:00:30Z")],
-                "{policy:?}"
-            );
-            assert_eq!(plan.skipped, None, "{policy:?}");
-        }
-        // Slots older than the handover still follow the policy.
-        let early = (at("2026-01-01T00:00:00Z"), Some(at("2026-01-01T00:00:25Z")));
-        let skip = plan_due(&every(10), CatchUp::Skip, None, early.0, early.1, now);
-        assert_eq!(skip.publish, [at("2026-01-01T00:00:30Z")]);
+    fn all_without_a_window_publishes_every_missed_slot() {
+        // Whoever publishes after a gap (a Redis outage, a leader that died holding the lock)
+        // continues from the last slot in Redis: 20, 30, 40 were missed by everyone.
+        let (cursor, now) = (at("2026-01-01T00:00:10Z"), at("2026-01-01T00:00:45.5Z"));
+        let all = plan_due(&every(10), CatchUp::All, None, cursor, now);
         assert_eq!(
-            skip.skipped,
-            Some((at("2026-01-01T00:00:10Z"), at("2026-01-01T00:00:20Z")))
+            all.publish,
+            [
+                at("2026-01-01T00:00:20Z"),
+                at("2026-01-01T00:00:30Z"),
+                at("2026-01-01T00:00:40Z")
+            ]
         );
+        assert_eq!(all.skipped, None);
     }
 
     #[test]
     fn outage_under_each_policy() {
         // Cursor at 00:00:00, back at 00:00:35.5: slots 10, 20, 30 missed (none on time).
         let (cursor, now) = (at("2026-01-01T00:00:00Z"), at("2026-01-01T00:00:35.5Z"));
-        let skip = plan_due(&every(10), CatchUp::Skip, None, cursor, None, now);
+        let skip = plan_due(&every(10), CatchUp::Skip, None, cursor, now);
         assert!(skip.publish.is_empty());
         assert_eq!(
             skip.skipped,
             Some((at("2026-01-01T00:00:10Z"), at("2026-01-01T00:00:30Z")))
         );
-        let once = plan_due(&every(10), CatchUp::Once, None, cursor, None, now);
+        let once = plan_due(&every(10), CatchUp::Once, None, cursor, now);
         assert_eq!(once.publish, [at("2026-01-01T00:00:30Z")]);
         assert_eq!(
             once.skipped,
@@ -327,7 +294,6 @@ mod tests {
             CatchUp::Once,
             Some(std::time::Duration::from_secs(5)),
             cursor,
-            None,
             now,
         );
         assert!(once_narrow.publish.is_empty());
@@ -336,7 +302,6 @@ mod tests {
             CatchUp::All,
             Some(std::time::Duration::from_secs(60)),
             cursor,
-            None,
             now,
         );
         assert_eq!(
@@ -353,7 +318,6 @@ mod tests {
             CatchUp::All,
             Some(std::time::Duration::from_secs(20)),
             cursor,
-            None,
             now,
         );
         assert_eq!(
@@ -373,7 +337,6 @@ mod tests {
             CatchUp::Once,
             None,
             at("2026-01-01T00:00:00Z"),
-            None,
             at("2026-01-01T00:00:40.1Z"),
         );
         assert_eq!(plan.publish, [at("2026-01-01T00:00:40Z")]);
@@ -383,7 +346,6 @@ mod tests {
             CatchUp::Skip,
             None,
             at("2026-01-01T00:00:00Z"),
-            None,
             at("2026-01-01T00:00:40.1Z"),
         );
         assert_eq!(skip.publish, [at("2026-01-01T00:00:40Z")]);
@@ -396,7 +358,6 @@ mod tests {
             CatchUp::All,
             Some(std::time::Duration::from_secs(3600)),
             at("2026-01-01T00:00:00Z"),
-            None,
             at("2026-01-01T01:00:00.9Z"),
         );
         assert_eq!(plan.publish.len(), MAX_CATCH_UP);

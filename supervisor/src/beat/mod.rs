@@ -12,11 +12,14 @@
 //! (lease timing). Beat does not start Celery workers (programs do).
 //!
 //! Per job the actor keeps a *cursor*: every slot up to it is handled. When it becomes leader it
-//! reads each job's last published slot from Redis and continues from there, so a new leader picks
-//! up exactly where the old one stopped. Slots that fell due while a now-dead leader still held
-//! the lock (at most one lock TTL before the takeover) were that leader's to publish, not missed
-//! by everyone, so the new leader publishes all of them whatever the policy; the catch-up policy
-//! decides only about slots nobody could publish (no leader at all: a restart, a Redis outage).
+//! reads each job's last published slot from Redis and continues from there, whenever it started,
+//! so a new leader picks up exactly where the old one stopped (a job Redis has no slot for starts
+//! from when the supervisor got it; a reload that changes a schedule, from the reload). Slots that
+//! fell due while nobody published (a Redis outage, a partition, a leader that died holding the
+//! lock until it expired, every supervisor stopped) are *missed*, and
+//! the job's `catch_up` policy alone decides about them, whichever supervisor publishes next and
+//! whether or not the old leader is still alive: `skip` publishes none, `once` one, `all` each
+//! of them exactly once (the publish script refuses a slot not newer than the last one in Redis).
 //! Redis errors close the connection and are retried with a doubling backoff (100 ms up to 2 s),
 //! with one log line when Redis goes away (or refuses the login) and one when it is back;
 //! `status` shows the error meanwhile.

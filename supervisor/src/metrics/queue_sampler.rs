@@ -68,9 +68,11 @@ pub struct SamplerPlan {
 }
 
 /// The queues to sample and the broker to read them from, with `password` for a broker URL
-/// without one; `None` when there is no queue, or no broker to read them from (see
-/// [`spawn_for`], which says so in the log).
+/// without one; `None` when the metrics endpoint is off (`[metrics] listen = ""`: nobody could
+/// read the lengths, so Redis is not asked), when there is no queue, or no broker to read them
+/// from (see [`spawn_for`], which says so in the log).
 pub fn plan(config: &Config, password: Option<&Secret>) -> Option<SamplerPlan> {
+    config.metrics.listen?;
     let queues = watched_queues(config);
     let broker = config
         .metrics
@@ -264,7 +266,7 @@ pub fn spawn_for(
         Some(plan) => Some(spawn(plan, metrics)),
         None => {
             let queues = watched_queues(config);
-            if !queues.is_empty() {
+            if config.metrics.listen.is_some() && !queues.is_empty() {
                 tracing::info!(
                     ?queues,
                     "Celery queue lengths are not sampled: no broker (set [metrics].broker, [beat].broker or [redis].broker)"
@@ -505,6 +507,16 @@ mod tests {
         config.beat = Some(proxy_conf::BeatConfig::default());
         config.metrics.queues.clear();
         assert_eq!(plan(&config, None), None, "no queues, nothing to sample");
+    }
+
+    #[test]
+    fn nothing_is_sampled_when_the_endpoint_is_off() {
+        let config = proxy_conf::load_str(
+            "[metrics]\nlisten = \"\"\nqueues = [\"a\"]\nbroker = \"redis://127.0.0.1:1/0\"\n",
+            "sauna.toml",
+        )
+        .unwrap();
+        assert_eq!(plan(&config, None), None);
     }
 
     #[test]
