@@ -105,6 +105,17 @@ fn queue_limits(web: &WebConfig) -> (usize, Duration) {
     )
 }
 
+/// How one generation runs its workers: `[app]`, and `[web]`'s threads, start timeout and
+/// preload (one template per generation, see `worker::template`).
+fn launch_for(app: &AppConfig, web: &WebConfig, base_dir: &Path) -> Result<Launch, String> {
+    let launch = Launch::new(app, base_dir, web.threads, web.reload_timeout.get())?;
+    Ok(if web.preload {
+        launch.preloaded(web.post_fork.clone())
+    } else {
+        launch
+    })
+}
+
 /// How the front's sockets are bound, from `[web]`.
 fn bind_options(web: &WebConfig) -> listeners::Options {
     listeners::Options::new(Role::Web, web.backlog)
@@ -185,10 +196,7 @@ pub async fn start_on(
     metrics: Arc<Metrics>,
     listeners: Option<Vec<Listener>>,
 ) -> Result<PoolHandle, PoolError> {
-    let launch = Arc::new(
-        Launch::new(app, base_dir, web.threads, web.reload_timeout.get())
-            .map_err(PoolError::Config)?,
-    );
+    let launch = Arc::new(launch_for(app, web, base_dir).map_err(PoolError::Config)?);
     let config = front_config(web);
     let listeners = match listeners {
         Some(listeners) => listeners,

@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use super::actor::Actor;
 use super::slots::Slot;
 use super::state::{RestartReason, Worker, WorkerState};
-use super::{ReloadRequest, Rolled, bind_options, front_config, queue_limits};
+use super::{ReloadRequest, Rolled, bind_options, front_config, launch_for, queue_limits};
 use crate::listeners::{self, Listener};
 use crate::supervisor::lifecycle::Progress;
 use crate::web::front::{self, FrontConfig, WarmUpAnswer};
@@ -196,7 +196,7 @@ impl Actor {
             let _ = reply.send(Err(PoolReloadError::new("the web pool is stopping")));
             return;
         };
-        let prepared = Launch::new(&app, &base_dir, web.threads, web.reload_timeout.get());
+        let prepared = launch_for(&app, &web, &base_dir);
         let (launch, config) = match prepared {
             Ok(launch) => (launch, front_config(&web)),
             Err(message) => {
