@@ -507,7 +507,13 @@ async fn start_with(
         mode.arg().to_owned(),
         launch.kind.to_owned(),
         launch.target.clone(),
-        slot_count.max(1).to_string(),
+        // A template reserves the descriptor numbers of this many slots for its workers.
+        if mode == Mode::Template {
+            launch.threads
+        } else {
+            slot_count.max(1)
+        }
+        .to_string(),
         ring_size.to_string(),
     ];
     argv.extend(post_fork.map(str::to_owned));

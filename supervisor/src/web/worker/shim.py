@@ -607,6 +607,20 @@ def fcntl_dup(fd, floor):
     return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor)
 
 
+def reserve_worker_descriptors(threads):
+    """Holds the numbers a forked worker's slots and rings will take (after 4, the template's
+    request socket) with /dev/null, so that files the app opens at import get other numbers and
+    are not overwritten in the worker."""
+    placeholder = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    for number in range(TEMPLATE_FD + 1, FIRST_SLOT_FD + 2 * threads):
+        try:
+            os.fstat(number)
+        except OSError:
+            os.dup2(placeholder, number, inheritable=False)
+    if placeholder >= FIRST_SLOT_FD + 2 * threads:
+        os.close(placeholder)
+
+
 def thread_report():
     """Threads running after the import, which a fork does not carry into the workers."""
     names = [thread.name for thread in threading.enumerate() if thread is not threading.main_thread()]
@@ -630,6 +644,7 @@ def main(argv):
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     if mode == "template":
+        reserve_worker_descriptors(threads)
         # No collection while importing leaves no freed holes in pages the workers will share;
         # the workers collect again (gc.enable in the child).
         gc.disable()
