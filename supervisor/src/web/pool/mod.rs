@@ -37,7 +37,7 @@ use crate::web::worker::{self, Launch};
 use actor::Actor;
 pub use rollout::PoolReloadError;
 use slots::Slot;
-pub use state::{PoolStatus, WorkerState, WorkerStatus};
+pub use state::{PoolStatus, TemplateStatus, WorkerState, WorkerStatus};
 
 /// The pool could not start.
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +170,7 @@ impl PoolView {
             reloading: None,
             workers_wanted: 0,
             workers: Vec::new(),
+            templates: Vec::new(),
         })
     }
 }

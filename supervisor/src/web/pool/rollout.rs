@@ -121,6 +121,14 @@ impl Rollout {
         let _ = self.progress.send(line);
     }
 
+    /// The launches of both generations of the roll, old first.
+    pub(super) fn launches(&self) -> [(u64, Arc<Launch>); 2] {
+        [
+            (self.old.generation, Arc::clone(&self.old.launch)),
+            (self.new.generation, Arc::clone(&self.new.launch)),
+        ]
+    }
+
     pub(super) fn describe(&self) -> String {
         match self.phase {
             Phase::Canary(_) => format!("generation {}: canary starting", self.new.generation),

@@ -1,6 +1,7 @@
 //! Per-slot bookkeeping of the pool actor: the restart policy after a crash (0.1 s doubling to
 //! 30 s, and crash-loop protection, on the shared [`crate::process::backoff`] arithmetic), the
-//! per-worker `max_requests` limit, and RSS sampling for `max_rss` recycling and for draining
+//! per-worker `max_requests` limit, and RSS (and PSS, for `status` and metrics) sampling for
+//! `max_rss` recycling and for draining
 //! workers that overstay `graceful_timeout`.
 
 use std::time::{Duration, Instant};
@@ -115,11 +116,17 @@ impl Actor {
                 continue;
             };
             worker.rss = rss;
+            worker.pss = procfs::pss(pid).unwrap_or(0);
             if worker.state() == WorkerState::Ready {
+                let slot = worker.slot.to_string();
                 self.metrics
                     .worker_rss_bytes
-                    .with_label_values(&[&worker.slot.to_string()])
+                    .with_label_values(&[&slot])
                     .set(i64::try_from(rss).unwrap_or(i64::MAX));
+                self.metrics
+                    .worker_pss_bytes
+                    .with_label_values(&[&slot])
+                    .set(i64::try_from(worker.pss).unwrap_or(i64::MAX));
                 if max_rss > 0 && rss > max_rss {
                     worker.rss_over += 1;
                     if worker.rss_over == RSS_SAMPLES {
@@ -139,6 +146,18 @@ impl Actor {
                 }
             }
         }
+        let template = self.launch.template_pid();
+        let template_memory = |read: fn(u32) -> Option<u64>| {
+            template
+                .and_then(read)
+                .map_or(0, |bytes| i64::try_from(bytes).unwrap_or(i64::MAX))
+        };
+        self.metrics
+            .template_rss_bytes
+            .set(template_memory(procfs::rss));
+        self.metrics
+            .template_pss_bytes
+            .set(template_memory(procfs::pss));
         for id in over {
             if !self.recycle_queue.iter().any(|(queued, _)| *queued == id) {
                 self.recycle_queue.push_back((id, RestartReason::MaxRss));

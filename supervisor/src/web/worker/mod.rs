@@ -157,6 +157,11 @@ impl Launch {
         self
     }
 
+    /// The pid of this generation's running template (`[web] preload`).
+    pub fn template_pid(&self) -> Option<u32> {
+        self.template.as_ref().and_then(|template| template.pid())
+    }
+
     /// True when workers are forked from a template (`[web] preload`).
     pub fn preloads(&self) -> bool {
         self.template.is_some()

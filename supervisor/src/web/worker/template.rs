@@ -25,6 +25,7 @@ use std::collections::HashMap;
 use std::io::IoSlice;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -49,6 +50,8 @@ const FORK_ANSWER: Duration = Duration::from_secs(10);
 pub struct Template {
     post_fork: Option<String>,
     state: Mutex<State>,
+    /// The running template's pid for `status`, 0 while none runs.
+    pid: Arc<AtomicU32>,
 }
 
 impl std::fmt::Debug for Template {
@@ -69,6 +72,7 @@ struct State {
 /// A template process that imported the app.
 struct Running {
     pid: u32,
+    shown: Arc<AtomicU32>,
     requests: Arc<AsyncFd<OwnedFd>>,
     answers: mpsc::UnboundedReceiver<Answer>,
     /// Reads the template's messages and owns its process; finished once the template is gone.
@@ -82,6 +86,7 @@ impl Drop for Running {
             tracing::warn!(pid = self.pid, "cannot kill the web template: {error}");
         }
         self.reader.abort();
+        self.shown.store(0, Ordering::Relaxed);
     }
 }
 
@@ -117,7 +122,13 @@ impl Template {
         Template {
             post_fork,
             state: Mutex::new(State::default()),
+            pid: Arc::new(AtomicU32::new(0)),
         }
+    }
+
+    /// The pid of the running template, if one runs.
+    pub fn pid(&self) -> Option<u32> {
+        Some(self.pid.load(Ordering::Relaxed)).filter(|pid| *pid != 0)
     }
 
     /// Forks one worker of this generation (starting the template first if it is not running)
@@ -246,14 +257,17 @@ impl Template {
         warn_about_threads(pid, &ready);
         tracing::info!(pid, "web template imported the app; workers are forked from it");
         let (answers_tx, answers) = mpsc::unbounded_channel();
+        self.pid.store(pid, Ordering::Relaxed);
         let reader = tokio::spawn(read_template(
             process,
             pid,
             Arc::clone(&requests),
             answers_tx,
+            Arc::clone(&self.pid),
         ));
         Ok(Running {
             pid,
+            shown: Arc::clone(&self.pid),
             requests,
             answers,
             reader,
@@ -321,6 +335,17 @@ async fn read_template(
     pid: u32,
     requests: Arc<AsyncFd<OwnedFd>>,
     answers: mpsc::UnboundedSender<Answer>,
+    shown: Arc<AtomicU32>,
+) {
+    read_messages(&mut process, pid, &requests, &answers).await;
+    let _ = shown.compare_exchange(pid, 0, Ordering::Relaxed, Ordering::Relaxed);
+}
+
+async fn read_messages(
+    process: &mut Child,
+    pid: u32,
+    requests: &AsyncFd<OwnedFd>,
+    answers: &mpsc::UnboundedSender<Answer>,
 ) {
     let mut exits: HashMap<u32, oneshot::Sender<String>> = HashMap::new();
     let mut buffer = [0u8; 512];
