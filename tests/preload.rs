@@ -181,9 +181,52 @@ fn workers_are_forks_of_one_template_with_their_own_random_seeds() {
             Some(template.to_string().as_str())
         );
     }
-    // The template is a process of its own: status lists the workers, the template stays out of
-    // the slots.
+    // The template is a process of its own: status lists it apart from the slots, with its
+    // memory; every worker shows RSS and PSS, and PSS is below RSS (pages shared with the
+    // template count as their share).
     assert!(!pids.contains(&template));
+    let status = running.wait_for(Duration::from_secs(10), "sampled PSS", |status| {
+        status["pool"]["workers"]
+            .as_array()
+            .is_some_and(|workers| workers.iter().all(|worker| worker["pss_bytes"].as_u64().unwrap_or(0) > 0))
+    });
+    for worker in status["pool"]["workers"].as_array().into_iter().flatten() {
+        let rss = worker["rss_bytes"].as_u64().unwrap_or(0);
+        let pss = worker["pss_bytes"].as_u64().unwrap_or(0);
+        assert!(pss > 0 && pss < rss, "{worker}");
+    }
+    let templates = &status["pool"]["templates"];
+    assert_eq!(templates[0]["pid"].as_u64(), Some(u64::from(template)), "{status}");
+    assert!(templates[0]["pss_bytes"].as_u64().unwrap_or(0) > 0, "{status}");
+    let text = util::output_text(&sandbox.run(&["status"]));
+    assert!(text.contains(&format!("template of generation 1 · pid {template} · RSS ")), "{text}");
+    let config = std::fs::read_to_string(sandbox.path("sauna.toml")).unwrap_or_default();
+    let metrics_address = config
+        .split("[metrics]")
+        .nth(1)
+        .and_then(|section| section.split('"').nth(1))
+        .unwrap_or_default()
+        .to_owned();
+    let metrics = util::wait_until(Duration::from_secs(10), "PSS metrics", || {
+        let mut stream = std::net::TcpStream::connect(&metrics_address).ok()?;
+        std::io::Write::write_all(
+            &mut stream,
+            b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
+        )
+        .ok()?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).ok()?;
+        (text.contains("sauna_worker_pss_bytes{worker=\"2\"}")
+            && text.contains("sauna_template_pss_bytes"))
+        .then_some(text)
+    });
+    let template_pss = metrics
+        .lines()
+        .find(|line| line.starts_with("sauna_template_pss_bytes "))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|value| value.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(template_pss > 0.0, "{metrics}");
 }
 
 #[test]
