@@ -602,3 +602,46 @@ fn kill_9_of_the_supervisor_leaves_no_process_behind() {
         pids.iter().all(|pid| !alive(pid)).then_some(())
     });
 }
+
+#[test]
+fn an_upgrade_hands_over_to_a_new_template_and_the_old_one_goes() {
+    /// A successor supervisor is not the test's child: stop whoever serves when the test ends.
+    struct StopOnDrop<'a>(&'a Sandbox);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.run(&["stop"]);
+        }
+    }
+    let sandbox = Sandbox::new();
+    let port = util::free_port();
+    plain_app(&sandbox, "");
+    configure(&sandbox, port, "wsgi = \"app:application\"", "workers = 2");
+    let running = sandbox.start();
+    let _stop = StopOnDrop(&sandbox);
+    let old_workers = wait_ready(&running, 2);
+    let old_template = assert_forked_from_one_template(&sandbox, &old_workers);
+    let old = running.pid();
+    running.signal("USR2");
+    util::wait_until(Duration::from_secs(30), "a new supervisor", || {
+        running
+            .try_status()
+            .and_then(|status| status["pid"].as_u64())
+            .filter(|pid| *pid != u64::from(old))
+    });
+    let mut old_processes: Vec<u32> = old_workers.iter().map(|(_, pid)| *pid).collect();
+    old_processes.extend([old, old_template]);
+    util::wait_until(Duration::from_secs(30), "the old supervisor, template and workers to go", || {
+        old_processes.iter().all(|pid| !alive(pid)).then_some(())
+    });
+    let new_workers = wait_ready(&running, 2);
+    let templates: BTreeSet<u32> = new_workers
+        .iter()
+        .map(|(_, pid)| parent_of(*pid).unwrap_or_default())
+        .collect();
+    assert_eq!(templates.len(), 1, "{new_workers:?}");
+    let new_template = templates.into_iter().next().unwrap_or_default();
+    assert!(cmdline(new_template).contains(" template "));
+    assert_ne!(new_template, old_template);
+    assert_eq!(imports(&sandbox), [old_template, new_template]);
+    assert!(http_get(("127.0.0.1", port), "/").is_some());
+}
