@@ -39,6 +39,7 @@ port=18700
 
 # The project: startproject + admin (in INSTALLED_APPS by default), migrated, any Host allowed;
 # wsgi.py records every import.
+mkdir "$work/project"
 "$venv/bin/django-admin" startproject mysite "$work/project"
 cat >> "$work/project/mysite/settings.py" <<'PY'
 ALLOWED_HOSTS = ["*"]
@@ -211,7 +212,7 @@ for preload in false true; do
   done
   : > "$work/imports.log"
   started=$(date +%s.%N)
-  "$sauna" reload -c "$work/sauna.toml" >/dev/null
+  "$sauna" reload -c "$work/sauna.toml" >/dev/null 2>&1
   finished=$(date +%s.%N)
   printf '%-18s %10.2f %10s\n' "preload=$preload" "$(echo "$finished - $started" | bc)" "$(wc -l < "$work/imports.log")"
   stop_server

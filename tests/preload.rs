@@ -109,14 +109,22 @@ fn assert_forked_from_one_template(sandbox: &Sandbox, workers: &[(u64, u32)]) ->
         .iter()
         .map(|(_, pid)| parent_of(*pid).unwrap_or_default())
         .collect();
-    assert_eq!(parents.len(), 1, "workers {workers:?} have parents {parents:?}");
+    assert_eq!(
+        parents.len(),
+        1,
+        "workers {workers:?} have parents {parents:?}"
+    );
     let template = parents.into_iter().next().unwrap_or_default();
     assert!(
         cmdline(template).contains(" template "),
         "the workers' parent is not a template: {}",
         cmdline(template)
     );
-    assert_eq!(imports(sandbox), [template], "only the template imports the app");
+    assert_eq!(
+        imports(sandbox),
+        [template],
+        "only the template imports the app"
+    );
     template
 }
 
@@ -130,7 +138,10 @@ fn answers_from_each(port: u16, pids: &[u32]) -> Vec<String> {
             .iter()
             .map(|_| thread::spawn(move || http_get(("127.0.0.1", port), "/?hold")))
             .collect();
-        for body in requests.into_iter().filter_map(|request| request.join().ok().flatten()) {
+        for body in requests
+            .into_iter()
+            .filter_map(|request| request.join().ok().flatten())
+        {
             let pid: u32 = body
                 .split_whitespace()
                 .next()
@@ -186,9 +197,11 @@ fn workers_are_forks_of_one_template_with_their_own_random_seeds() {
     // template count as their share).
     assert!(!pids.contains(&template));
     let status = running.wait_for(Duration::from_secs(10), "sampled PSS", |status| {
-        status["pool"]["workers"]
-            .as_array()
-            .is_some_and(|workers| workers.iter().all(|worker| worker["pss_bytes"].as_u64().unwrap_or(0) > 0))
+        status["pool"]["workers"].as_array().is_some_and(|workers| {
+            workers
+                .iter()
+                .all(|worker| worker["pss_bytes"].as_u64().unwrap_or(0) > 0)
+        })
     });
     for worker in status["pool"]["workers"].as_array().into_iter().flatten() {
         let rss = worker["rss_bytes"].as_u64().unwrap_or(0);
@@ -196,10 +209,20 @@ fn workers_are_forks_of_one_template_with_their_own_random_seeds() {
         assert!(pss > 0 && pss < rss, "{worker}");
     }
     let templates = &status["pool"]["templates"];
-    assert_eq!(templates[0]["pid"].as_u64(), Some(u64::from(template)), "{status}");
-    assert!(templates[0]["pss_bytes"].as_u64().unwrap_or(0) > 0, "{status}");
+    assert_eq!(
+        templates[0]["pid"].as_u64(),
+        Some(u64::from(template)),
+        "{status}"
+    );
+    assert!(
+        templates[0]["pss_bytes"].as_u64().unwrap_or(0) > 0,
+        "{status}"
+    );
     let text = util::output_text(&sandbox.run(&["status"]));
-    assert!(text.contains(&format!("template of generation 1 · pid {template} · RSS ")), "{text}");
+    assert!(
+        text.contains(&format!("template of generation 1 · pid {template} · RSS ")),
+        "{text}"
+    );
     let config = std::fs::read_to_string(sandbox.path("sauna.toml")).unwrap_or_default();
     let metrics_address = config
         .split("[metrics]")
@@ -286,7 +309,12 @@ application = get_wsgi_application()
 "#
         ),
     );
-    configure(&sandbox, port, "wsgi = \"djapp:application\"", "workers = 2");
+    configure(
+        &sandbox,
+        port,
+        "wsgi = \"djapp:application\"",
+        "workers = 2",
+    );
     let running = sandbox.start();
     let workers = wait_ready(&running, 2);
     assert_forked_from_one_template(&sandbox, &workers);
@@ -391,7 +419,10 @@ fn a_failing_post_fork_keeps_the_worker_from_serving() {
 fn an_import_error_fails_the_start_with_its_traceback() {
     let sandbox = Sandbox::new();
     let port = util::free_port();
-    plain_app(&sandbox, "raise ImportError('no module named settings_prod')");
+    plain_app(
+        &sandbox,
+        "raise ImportError('no module named settings_prod')",
+    );
     configure(&sandbox, port, "wsgi = \"app:application\"", "workers = 3");
     let output = sandbox.run(&["run"]);
     let text = output_text(&output);
@@ -441,14 +472,21 @@ fn a_crashed_worker_is_forked_again_far_faster_than_an_import() {
         .map(|(_, pid)| pid)
         .unwrap_or_default();
     assert_eq!(parent_of(replacement), Some(template));
-    assert_eq!(imports(&sandbox), [template], "the replacement did not import");
+    assert_eq!(
+        imports(&sandbox),
+        [template],
+        "the replacement did not import"
+    );
     let log = running.log();
     let (crashed_at, at) = log_time(&log, "exited unexpectedly", before)
         .unwrap_or_else(|| panic!("no crash logged:\n{log}"));
     let (ready_at, _) = log_time(&log, &format!("pid={replacement}"), at)
         .unwrap_or_else(|| panic!("no replacement logged:\n{log}"));
     let took = ready_at - crashed_at;
-    eprintln!("crash to ready: {:.1} ms (seen by status after {waited:?})", took * 1000.0);
+    eprintln!(
+        "crash to ready: {:.1} ms (seen by status after {waited:?})",
+        took * 1000.0
+    );
     assert!(
         took < 0.5 && waited < Duration::from_secs(2),
         "replacement took {took:.3} s from the crash (status saw it after {waited:?}); an import takes 2 s"
@@ -589,7 +627,10 @@ fn a_reload_imports_the_new_release_once_and_a_broken_one_rolls_back() {
 fn kill_9_of_the_supervisor_leaves_no_process_behind() {
     let sandbox = Sandbox::new();
     let port = util::free_port();
-    plain_app(&sandbox, "import threading\nthreading.Thread(target=time.sleep, args=(3600,), daemon=True).start()");
+    plain_app(
+        &sandbox,
+        "import threading\nthreading.Thread(target=time.sleep, args=(3600,), daemon=True).start()",
+    );
     configure(&sandbox, port, "wsgi = \"app:application\"", "workers = 3");
     let mut running = sandbox.start();
     let workers = wait_ready(&running, 3);
@@ -598,9 +639,11 @@ fn kill_9_of_the_supervisor_leaves_no_process_behind() {
     pids.push(template);
     running.signal("KILL");
     running.wait_exit(Duration::from_secs(10));
-    util::wait_until(Duration::from_secs(10), "every app process to be gone", || {
-        pids.iter().all(|pid| !alive(pid)).then_some(())
-    });
+    util::wait_until(
+        Duration::from_secs(10),
+        "every app process to be gone",
+        || pids.iter().all(|pid| !alive(pid)).then_some(()),
+    );
 }
 
 #[test]
@@ -630,9 +673,11 @@ fn an_upgrade_hands_over_to_a_new_template_and_the_old_one_goes() {
     });
     let mut old_processes: Vec<u32> = old_workers.iter().map(|(_, pid)| *pid).collect();
     old_processes.extend([old, old_template]);
-    util::wait_until(Duration::from_secs(30), "the old supervisor, template and workers to go", || {
-        old_processes.iter().all(|pid| !alive(pid)).then_some(())
-    });
+    util::wait_until(
+        Duration::from_secs(30),
+        "the old supervisor, template and workers to go",
+        || old_processes.iter().all(|pid| !alive(pid)).then_some(()),
+    );
     let new_workers = wait_ready(&running, 2);
     let templates: BTreeSet<u32> = new_workers
         .iter()

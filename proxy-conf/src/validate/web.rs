@@ -262,7 +262,9 @@ mod tests {
     #[test]
     fn post_fork_names_a_callable_and_needs_preload() {
         assert_eq!(
-            problems(&format!("{APP}[web]\npreload = true\npost_fork = \"hooks.reopen\"\n")),
+            problems(&format!(
+                "{APP}[web]\npreload = true\npost_fork = \"hooks.reopen\"\n"
+            )),
             [
                 "5:13: web.post_fork: \"hooks.reopen\" has no \":\" between module and callable; expected \"module:callable\", e.g. \"myapp.hooks:post_fork\"",
             ]

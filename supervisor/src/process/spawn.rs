@@ -267,7 +267,13 @@ pub fn capture_pipes(
     let stderr = Receiver::from_owned_fd(stderr)?;
     let on_line: Arc<dyn Fn(&str) + Send + Sync> = Arc::new(|_: &str| {});
     Ok(tokio::spawn(async move {
-        let out = forward_lines(Some(stdout), label.clone(), pid, "stdout", Arc::clone(&on_line));
+        let out = forward_lines(
+            Some(stdout),
+            label.clone(),
+            pid,
+            "stdout",
+            Arc::clone(&on_line),
+        );
         let err = forward_lines(Some(stderr), label, pid, "stderr", on_line);
         tokio::join!(out, err);
     }))

@@ -445,8 +445,7 @@ impl Channels {
                 match ring::Ring::new(wanted_ring) {
                     Ok((ring, fd)) => {
                         let number = FIRST_SLOT_FD
-                            + i32::try_from(slot_count + index)
-                                .unwrap_or(i32::MAX - FIRST_SLOT_FD);
+                            + i32::try_from(slot_count + index).unwrap_or(i32::MAX - FIRST_SLOT_FD);
                         theirs.push((fd, number));
                         rings.push(ring);
                     }

@@ -82,10 +82,11 @@ struct Running {
 impl Drop for Running {
     fn drop(&mut self) {
         // The generation is over: the template goes, and any worker still forked from it with it.
+        // The reader stops first, so that this exit is not reported as an unexpected one.
+        self.reader.abort();
         if let Err(error) = child::signal_group(self.pid, Signal::SIGKILL) {
             tracing::warn!(pid = self.pid, "cannot kill the web template: {error}");
         }
-        self.reader.abort();
         self.shown.store(0, Ordering::Relaxed);
     }
 }
@@ -158,7 +159,9 @@ impl Template {
             }
         }
         let Some(running) = state.running.as_mut() else {
-            return Err(StartError::Spawn("the web template is not running".to_owned()));
+            return Err(StartError::Spawn(
+                "the web template is not running".to_owned(),
+            ));
         };
         let Channels {
             control,
@@ -255,7 +258,10 @@ impl Template {
             ));
         };
         warn_about_threads(pid, &ready);
-        tracing::info!(pid, "web template imported the app; workers are forked from it");
+        tracing::info!(
+            pid,
+            "web template imported the app; workers are forked from it"
+        );
         let (answers_tx, answers) = mpsc::unbounded_channel();
         self.pid.store(pid, Ordering::Relaxed);
         let reader = tokio::spawn(read_template(
