@@ -691,3 +691,65 @@ fn an_upgrade_hands_over_to_a_new_template_and_the_old_one_goes() {
     assert_eq!(imports(&sandbox), [old_template, new_template]);
     assert!(http_get(("127.0.0.1", port), "/").is_some());
 }
+
+#[test]
+fn a_reload_turns_preload_on_and_off() {
+    let sandbox = Sandbox::new();
+    let port = util::free_port();
+    plain_app(&sandbox, "");
+    let config = |preload: bool| {
+        sandbox.write_config(&format!(
+            "[app]\npython = \"{}\"\nwsgi = \"app:application\"\n\n[web]\nlisten = [\"127.0.0.1:{port}\"]\nworkers = 2\naccess_log = false\ngraceful_timeout = \"5s\"\npreload = {preload}\n\n[control]\nsocket = \"{}\"\n",
+            util::python().display(),
+            sandbox.control_socket().display(),
+        ));
+    };
+    config(false);
+    let running = sandbox.start();
+    let spawned = wait_ready(&running, 2);
+    let supervisor = running.pid();
+    assert!(
+        spawned
+            .iter()
+            .all(|(_, pid)| parent_of(*pid) == Some(supervisor))
+    );
+    assert_eq!(imports(&sandbox).len(), 2, "each spawned worker imports");
+
+    config(true);
+    let reload = sandbox.run(&["reload"]);
+    assert!(reload.status.success(), "{}", output_text(&reload));
+    let forked = running.wait_for(Duration::from_secs(20), "generation 2 ready", |status| {
+        let workers = ready_workers(status);
+        workers.len() == 2
+            && workers
+                .iter()
+                .all(|(_, pid)| parent_of(*pid) != Some(supervisor))
+    });
+    let forked = ready_workers(&forked);
+    let template = parent_of(forked[0].1).unwrap_or_default();
+    assert!(
+        forked
+            .iter()
+            .all(|(_, pid)| parent_of(*pid) == Some(template))
+    );
+    assert_eq!(parent_of(template), Some(supervisor));
+    assert_eq!(
+        imports(&sandbox).len(),
+        3,
+        "one more import: the template's"
+    );
+
+    config(false);
+    let reload = sandbox.run(&["reload"]);
+    assert!(reload.status.success(), "{}", output_text(&reload));
+    running.wait_for(Duration::from_secs(20), "generation 3 spawned", |status| {
+        let workers = ready_workers(status);
+        workers.len() == 2
+            && workers
+                .iter()
+                .all(|(_, pid)| parent_of(*pid) == Some(supervisor))
+    });
+    util::wait_until(Duration::from_secs(15), "the template to go", || {
+        (!alive(template)).then_some(())
+    });
+}

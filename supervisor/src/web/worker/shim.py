@@ -500,10 +500,22 @@ class Template:
         self.wake_read, self.wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def run(self):
+        try:
+            return self.serve_requests()
+        except ConnectionError:
+            # The supervisor let go of this generation while we answered it.
+            return 0
+
+    def serve_requests(self):
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         signal.set_wakeup_fd(self.wake_write)
+        # poll, not select: the app may have opened more than FD_SETSIZE files at import.
+        poller = select.poll()
+        poller.register(self.requests, select.POLLIN)
+        poller.register(self.wake_read, select.POLLIN)
+        requests_fd = self.requests.fileno()
         while True:
-            readable, _, _ = select.select([self.requests, self.wake_read], [], [])
+            readable = {fd for fd, _events in poller.poll()}
             if self.wake_read in readable:
                 try:
                     while os.read(self.wake_read, 512):
@@ -511,11 +523,8 @@ class Template:
                 except BlockingIOError:
                     pass
                 self.reap()
-            if self.requests in readable:
-                try:
-                    message, fds, _flags, _address = socket.recv_fds(self.requests, 256, 1024)
-                except ConnectionError:
-                    return 0
+            if requests_fd in readable:
+                message, fds, _flags, _address = socket.recv_fds(self.requests, 256, 1024)
                 if not message:
                     # The supervisor let go of this generation: its workers die with us.
                     return 0
