@@ -752,4 +752,42 @@ fn a_reload_turns_preload_on_and_off() {
     util::wait_until(Duration::from_secs(15), "the template to go", || {
         (!alive(template)).then_some(())
     });
+    // The end of a generation is no crash of its template.
+    let log = running.log();
+    assert!(!log.contains("the web template exited"), "{log}");
+}
+
+#[test]
+fn a_killed_template_takes_its_workers_and_a_new_one_is_imported() {
+    let sandbox = Sandbox::new();
+    let port = util::free_port();
+    plain_app(&sandbox, "");
+    configure(&sandbox, port, "wsgi = \"app:application\"", "workers = 2");
+    let running = sandbox.start();
+    let workers = wait_ready(&running, 2);
+    let template = assert_forked_from_one_template(&sandbox, &workers);
+    util::run(std::process::Command::new("kill").args(["-9", &template.to_string()]));
+    util::wait_until(
+        Duration::from_secs(10),
+        "the workers to die with it",
+        || workers.iter().all(|(_, pid)| !alive(pid)).then_some(()),
+    );
+    let status = running.wait_for(Duration::from_secs(20), "two new workers", |status| {
+        let now = ready_workers(status);
+        now.len() == 2 && now.iter().all(|worker| !workers.contains(worker))
+    });
+    let replacements = ready_workers(&status);
+    let parents: BTreeSet<u32> = replacements
+        .iter()
+        .map(|(_, pid)| parent_of(*pid).unwrap_or_default())
+        .collect();
+    assert_eq!(parents.len(), 1, "{replacements:?}");
+    let new_template = parents.into_iter().next().unwrap_or_default();
+    assert_ne!(new_template, template);
+    assert_eq!(imports(&sandbox), [template, new_template]);
+    running.wait_for_log(
+        "the web template exited (signal 9 (SIGKILL))",
+        Duration::from_secs(5),
+    );
+    assert!(http_get(("127.0.0.1", port), "/").is_some());
 }

@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::io::IoSlice;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -45,6 +45,8 @@ const TEMPLATE_FD: i32 = 4;
 /// Longest wait for the template to answer a fork request (it forks at once; this only catches
 /// a template that hangs).
 const FORK_ANSWER: Duration = Duration::from_secs(10);
+/// Longest wait for a template whose socket closed to exit by itself.
+const TEMPLATE_EXIT: Duration = Duration::from_secs(5);
 
 /// The template of one generation; started by the first worker that needs it.
 pub struct Template {
@@ -73,6 +75,8 @@ struct State {
 struct Running {
     pid: u32,
     shown: Arc<AtomicU32>,
+    /// Set when the generation is over, so that the reader does not report the kill as a crash.
+    retired: Arc<AtomicBool>,
     requests: Arc<AsyncFd<OwnedFd>>,
     answers: mpsc::UnboundedReceiver<Answer>,
     /// Reads the template's messages and owns its process; finished once the template is gone.
@@ -81,13 +85,20 @@ struct Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        // The generation is over: the template goes, and any worker still forked from it with it.
-        // The reader stops first, so that this exit is not reported as an unexpected one.
-        self.reader.abort();
+        // The template goes (the generation is over, or it stopped answering), and any worker
+        // still forked from it with it. The reader ends once the process has.
         if let Err(error) = child::signal_group(self.pid, Signal::SIGKILL) {
             tracing::warn!(pid = self.pid, "cannot kill the web template: {error}");
         }
         self.shown.store(0, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Template {
+    fn drop(&mut self) {
+        if let Some(running) = &self.state.get_mut().running {
+            running.retired.store(true, Ordering::Relaxed);
+        }
     }
 }
 
@@ -133,10 +144,56 @@ impl Template {
     }
 
     /// Forks one worker of this generation (starting the template first if it is not running)
-    /// and waits for its `Ready`.
+    /// and waits for its `Ready`. A template found dead on the way is replaced once.
     pub(super) async fn fork(&self, launch: &Launch, label: &str) -> Result<Started, StartError> {
         let arrived = Instant::now();
         let mut state = self.state.lock().await;
+        let mut replaced = false;
+        let (pid, exit, ends) = loop {
+            let running = self.running(&mut state, launch, arrived).await?;
+            match ask_for_worker(running, launch).await {
+                Ok(forked) => break forked,
+                Err(Refusal::Gone(error)) => {
+                    state.running = None;
+                    if replaced {
+                        return Err(error);
+                    }
+                    replaced = true;
+                }
+                Err(Refusal::Failed(error)) => return Err(error),
+            }
+        };
+        drop(state);
+        crate::process::reaper::track(pid);
+        let WorkerEnds {
+            control,
+            slots,
+            rings,
+            stdout,
+            stderr,
+        } = ends;
+        if let Err(error) = child::capture_pipes(stdout, stderr, label.to_owned(), pid) {
+            tracing::warn!(pid, "cannot read the output of a forked worker: {error}");
+        }
+        let pending = Pending {
+            process: Process::Forked(Forked { exit, ended: None }),
+            pid,
+            control: super::frame::Channel::new(super::tokio_stream(control)?),
+            slots,
+            rings,
+        };
+        pending.handshake(Mode::Serve, launch.start_timeout).await
+    }
+
+    /// The running template, started now if there is none. A start that failed while this
+    /// caller (arrived at `arrived`) waited for the lock is its failure too: one import error,
+    /// not one import per waiting worker.
+    async fn running<'a>(
+        &self,
+        state: &'a mut State,
+        launch: &Launch,
+        arrived: Instant,
+    ) -> Result<&'a mut Running, StartError> {
         if state
             .running
             .as_ref()
@@ -158,64 +215,10 @@ impl Template {
                 }
             }
         }
-        let Some(running) = state.running.as_mut() else {
-            return Err(StartError::Spawn(
-                "the web template is not running".to_owned(),
-            ));
-        };
-        let Channels {
-            control,
-            slots,
-            rings,
-            ring_size,
-            theirs,
-        } = Channels::new(launch.threads)?;
-        let (stdout, stdout_theirs) = output_pipe()?;
-        let (stderr, stderr_theirs) = output_pipe()?;
-        let mut fds: Vec<RawFd> = theirs.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
-        fds.extend([stdout_theirs.as_raw_fd(), stderr_theirs.as_raw_fd()]);
-        let request = format!("{} {ring_size}", launch.threads);
-        send_request(&running.requests, request.as_bytes(), &fds)
-            .await
-            .map_err(|error| {
-                StartError::Spawn(format!("cannot ask the web template for a worker: {error}"))
-            })?;
-        // Our copies of the worker's ends close now; the template holds its own until it forked.
-        drop((theirs, stdout_theirs, stderr_theirs));
-        let answer = tokio::time::timeout(FORK_ANSWER, running.answers.recv()).await;
-        let (pid, exit) = match answer {
-            Ok(Some(Answer::Forked(pid, exit))) => (pid, exit),
-            Ok(Some(Answer::Refused(why))) => {
-                return Err(StartError::Spawn(format!(
-                    "the web template could not fork: {why}"
-                )));
-            }
-            Ok(None) => {
-                return Err(StartError::Spawn(
-                    "the web template died before it forked the worker".to_owned(),
-                ));
-            }
-            Err(_) => {
-                // A template that does not answer cannot be trusted with the next request.
-                state.running = None;
-                return Err(StartError::Spawn(format!(
-                    "the web template did not fork within {FORK_ANSWER:?}"
-                )));
-            }
-        };
-        drop(state);
-        crate::process::reaper::track(pid);
-        if let Err(error) = child::capture_pipes(stdout, stderr, label.to_owned(), pid) {
-            tracing::warn!(pid, "cannot read the output of a forked worker: {error}");
-        }
-        let pending = Pending {
-            process: Process::Forked(Forked { exit, ended: None }),
-            pid,
-            control: super::frame::Channel::new(super::tokio_stream(control)?),
-            slots,
-            rings,
-        };
-        pending.handshake(Mode::Serve, launch.start_timeout).await
+        state
+            .running
+            .as_mut()
+            .ok_or_else(|| StartError::Spawn("the web template is not running".to_owned()))
     }
 
     /// Spawns the template and waits until it imported the app.
@@ -264,21 +267,96 @@ impl Template {
         );
         let (answers_tx, answers) = mpsc::unbounded_channel();
         self.pid.store(pid, Ordering::Relaxed);
+        let retired = Arc::new(AtomicBool::new(false));
         let reader = tokio::spawn(read_template(
             process,
             pid,
             Arc::clone(&requests),
             answers_tx,
             Arc::clone(&self.pid),
+            Arc::clone(&retired),
         ));
         Ok(Running {
             pid,
             shown: Arc::clone(&self.pid),
+            retired,
             requests,
             answers,
             reader,
         })
     }
+}
+
+/// Our ends of a forked worker's descriptors.
+struct WorkerEnds {
+    control: std::os::unix::net::UnixStream,
+    slots: Vec<std::os::unix::net::UnixStream>,
+    rings: Vec<Arc<super::ring::Ring>>,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+}
+
+/// Why a template did not fork a worker.
+enum Refusal {
+    /// The template is gone or hangs: a new one may do.
+    Gone(StartError),
+    /// Anything else.
+    Failed(StartError),
+}
+
+/// Makes a worker's descriptors, passes them to the template and waits for the pid.
+async fn ask_for_worker(
+    running: &mut Running,
+    launch: &Launch,
+) -> Result<(u32, oneshot::Receiver<String>, WorkerEnds), Refusal> {
+    let Channels {
+        control,
+        slots,
+        rings,
+        ring_size,
+        theirs,
+    } = Channels::new(launch.threads).map_err(Refusal::Failed)?;
+    let (stdout, stdout_theirs) = output_pipe().map_err(Refusal::Failed)?;
+    let (stderr, stderr_theirs) = output_pipe().map_err(Refusal::Failed)?;
+    let mut fds: Vec<RawFd> = theirs.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
+    fds.extend([stdout_theirs.as_raw_fd(), stderr_theirs.as_raw_fd()]);
+    let request = format!("{} {ring_size}", launch.threads);
+    send_request(&running.requests, request.as_bytes(), &fds)
+        .await
+        .map_err(|error| {
+            Refusal::Gone(StartError::Spawn(format!(
+                "cannot ask the web template for a worker: {error}"
+            )))
+        })?;
+    // Our copies of the worker's ends close now; the template holds its own until it forked.
+    drop((theirs, stdout_theirs, stderr_theirs));
+    let (pid, exit) = match tokio::time::timeout(FORK_ANSWER, running.answers.recv()).await {
+        Ok(Some(Answer::Forked(pid, exit))) => (pid, exit),
+        Ok(Some(Answer::Refused(why))) => {
+            return Err(Refusal::Failed(StartError::Spawn(format!(
+                "the web template could not fork: {why}"
+            ))));
+        }
+        Ok(None) => {
+            return Err(Refusal::Gone(StartError::Spawn(
+                "the web template died before it forked the worker".to_owned(),
+            )));
+        }
+        // A template that does not answer cannot be trusted with the next request.
+        Err(_) => {
+            return Err(Refusal::Gone(StartError::Spawn(format!(
+                "the web template did not fork within {FORK_ANSWER:?}"
+            ))));
+        }
+    };
+    let ends = WorkerEnds {
+        control,
+        slots,
+        rings,
+        stdout,
+        stderr,
+    };
+    Ok((pid, exit, ends))
 }
 
 /// The template's `Ready` carries `pid\0protocol\0python\0threads\0names`: threads running
@@ -342,35 +420,48 @@ async fn read_template(
     requests: Arc<AsyncFd<OwnedFd>>,
     answers: mpsc::UnboundedSender<Answer>,
     shown: Arc<AtomicU32>,
+    retired: Arc<AtomicBool>,
 ) {
-    read_messages(&mut process, pid, &requests, &answers).await;
+    let exited = match read_messages(&mut process, pid, &requests, &answers).await {
+        Some(status) => status,
+        // Its socket closed first; the process follows at once, or is made to.
+        None => match tokio::time::timeout(TEMPLATE_EXIT, process.wait()).await {
+            Ok(status) => status,
+            Err(_) => {
+                let _ = child::signal_group(pid, Signal::SIGKILL);
+                process.wait().await
+            }
+        },
+    };
+    if !retired.load(Ordering::Relaxed) {
+        tracing::error!(
+            pid,
+            "the web template exited ({}); the workers forked from it went with it, and the next worker of its generation imports the app in a new template",
+            super::describe_exit(exited)
+        );
+    }
     let _ = shown.compare_exchange(pid, 0, Ordering::Relaxed, Ordering::Relaxed);
 }
 
+/// Hands the template's messages on until its socket ends (`None`) or its process does (how).
+/// Returning drops the exit senders of the workers still listed: they died with the template.
 async fn read_messages(
     process: &mut Child,
     pid: u32,
     requests: &AsyncFd<OwnedFd>,
     answers: &mpsc::UnboundedSender<Answer>,
-) {
+) -> Option<std::io::Result<std::process::ExitStatus>> {
     let mut exits: HashMap<u32, oneshot::Sender<String>> = HashMap::new();
     let mut buffer = [0u8; 512];
     loop {
         let message = tokio::select! {
-            status = process.wait() => {
-                tracing::error!(
-                    pid,
-                    "the web template exited ({}); the workers forked from it went with it",
-                    super::describe_exit(status)
-                );
-                return;
-            }
+            status = process.wait() => return Some(status),
             message = requests.async_io(Interest::READABLE, |socket| {
                 recv(socket.as_raw_fd(), &mut buffer, MsgFlags::empty()).map_err(std::io::Error::from)
             }) => message,
         };
         let text = match message {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => return None,
             Ok(size) => String::from_utf8_lossy(&buffer[..size]).into_owned(),
         };
         match parse_message(&text) {
