@@ -377,7 +377,9 @@ fn a_thread_started_at_import_is_warned_about_and_post_fork_reopens_a_socket() {
         &sandbox,
         port,
         "wsgi = \"app:application\"",
-        "workers = 2\npost_fork = \"hooks:reopen\"",
+        // Three slots and three rings per worker: descriptor numbers the socket opened at
+        // import must not take.
+        "workers = 2\nthreads = 3\npost_fork = \"hooks:reopen\"",
     );
     let running = sandbox.start();
     let workers = wait_ready(&running, 2);
@@ -393,6 +395,13 @@ fn a_thread_started_at_import_is_warned_about_and_post_fork_reopens_a_socket() {
     util::wait_until(Duration::from_secs(10), "three connections", || {
         (accepted.lock().expect("lock").len() == 3).then_some(())
     });
+    let concurrent: Vec<_> = (0..6)
+        .map(|_| thread::spawn(move || http_get(("127.0.0.1", port), "/?hold")))
+        .collect();
+    for request in concurrent {
+        assert!(request.join().ok().flatten().is_some(), "every slot answers");
+    }
+    assert_eq!(wait_ready(&running, 2), workers, "no worker broke");
 }
 
 #[test]
