@@ -541,7 +541,7 @@ fn a_timeout_logs_the_python_stack_of_a_forked_worker() {
 }
 
 #[test]
-fn recycling_forks_from_the_template() {
+fn recycling_and_scaling_fork_from_the_template() {
     let sandbox = Sandbox::new();
     let port = util::free_port();
     plain_app(&sandbox, "");
@@ -563,6 +563,14 @@ fn recycling_forks_from_the_template() {
     assert!(pids.len() >= 2, "no worker was recycled: {pids:?}");
     let now = wait_ready(&running, 1);
     assert_eq!(parent_of(now[0].1), Some(template));
+    assert_eq!(imports(&sandbox), [template]);
+    // SIGTTIN adds a worker: a fork too.
+    running.signal("TTIN");
+    let scaled = wait_ready(&running, 2);
+    assert!(
+        scaled.iter().all(|(_, pid)| parent_of(*pid) == Some(template)),
+        "{scaled:?}"
+    );
     assert_eq!(imports(&sandbox), [template]);
 }
 
