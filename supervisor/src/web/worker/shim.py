@@ -16,7 +16,11 @@ never serves: descriptor 4 is then a SOCK_SEQPACKET socket on which the supervis
 workers. Each request is "threads ring_size" with the new worker's descriptors attached
 (SCM_RIGHTS: control, slots, rings, stdout, stderr); the template forks, the child puts them on
 3, 4, ... (and 1, 2) and serves exactly like a spawned worker. The template answers "F pid" (or
-"E why"), and "X pid code" when a worker it forked has exited (waitstatus_to_exitcode).
+"E why"), and "X pid code" when a worker it forked has exited (waitstatus_to_exitcode). Its
+`threads` argument is the workers' slot count: it holds their descriptor numbers with /dev/null
+during the import, so the app's own files land elsewhere. The child leads its own process group,
+dies with the template (PR_SET_PDEATHSIG), re-enables the gc the template froze, reseeds random
+and calls post_fork (module:callable) before it reports ready.
 
 With ring_size > 0, descriptors 4+threads, ... are the slots' shared body rings (memfds, see
 supervisor/src/worker/ring.rs): a big chunk is copied into the ring and announced with a small
