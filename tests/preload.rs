@@ -399,7 +399,10 @@ fn a_thread_started_at_import_is_warned_about_and_post_fork_reopens_a_socket() {
         .map(|_| thread::spawn(move || http_get(("127.0.0.1", port), "/?hold")))
         .collect();
     for request in concurrent {
-        assert!(request.join().ok().flatten().is_some(), "every slot answers");
+        assert!(
+            request.join().ok().flatten().is_some(),
+            "every slot answers"
+        );
     }
     assert_eq!(wait_ready(&running, 2), workers, "no worker broke");
 }
@@ -568,7 +571,9 @@ fn recycling_and_scaling_fork_from_the_template() {
     running.signal("TTIN");
     let scaled = wait_ready(&running, 2);
     assert!(
-        scaled.iter().all(|(_, pid)| parent_of(*pid) == Some(template)),
+        scaled
+            .iter()
+            .all(|(_, pid)| parent_of(*pid) == Some(template)),
         "{scaled:?}"
     );
     assert_eq!(imports(&sandbox), [template]);
