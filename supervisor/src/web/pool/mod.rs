@@ -364,3 +364,14 @@ pub use crate::web::worker::ImportCheck;
 pub fn check_import(app: &AppConfig, base_dir: &Path) -> Result<(), ImportCheck> {
     worker::check_import(app, base_dir)
 }
+
+/// [`check_import`] as `[web]` runs the app: with `preload`, the `post_fork` hook is imported
+/// too, so a misspelt hook fails `check` instead of every forked worker.
+pub fn check_web_import(
+    app: &AppConfig,
+    web: &WebConfig,
+    base_dir: &Path,
+) -> Result<(), ImportCheck> {
+    let post_fork = web.post_fork.as_deref().filter(|_| web.preload);
+    worker::check_import_with(app, base_dir, post_fork)
+}

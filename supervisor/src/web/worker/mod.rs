@@ -679,6 +679,16 @@ pub enum ImportCheck {
 /// Imports the app in a throwaway worker (`sauna-supervisor check`). Must be called outside any
 /// tokio runtime (it runs its own, small one).
 pub fn check_import(app: &AppConfig, base_dir: &Path) -> Result<(), ImportCheck> {
+    check_import_with(app, base_dir, None)
+}
+
+/// [`check_import`], and with `post_fork` (`[web] preload`) also imports the hook and checks
+/// that it names a callable, as a template does before it forks.
+pub fn check_import_with(
+    app: &AppConfig,
+    base_dir: &Path,
+    post_fork: Option<&str>,
+) -> Result<(), ImportCheck> {
     let launch = Launch::new(app, base_dir, NonZeroUsize::MIN, Duration::from_secs(120))
         .map_err(ImportCheck::NotRun)?;
     if !launch.directory.is_dir() {
@@ -692,7 +702,7 @@ pub fn check_import(app: &AppConfig, base_dir: &Path) -> Result<(), ImportCheck>
         .build()
         .map_err(|error| ImportCheck::NotRun(format!("cannot start a runtime: {error}")))?;
     runtime.block_on(async {
-        match start(&launch, Mode::Check, "check").await {
+        match start_with(&launch, Mode::Check, "check", Vec::new(), post_fork).await {
             Ok(mut started) => {
                 let _ = started.process.wait().await;
                 Ok(())
