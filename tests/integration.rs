@@ -25,6 +25,8 @@ mod metrics;
 mod reload;
 // reload_programs: `reload` rolls programs new-first (an in-place deploy too), rolls back a dying one, loses no Celery task.
 mod reload_programs;
+// preload: [web] preload — workers forked from one template per generation (Flask, Django, Pyramid).
+mod preload;
 // hooks: [hooks] before_start/before_reload run in the release with the app's python and env; failures refuse.
 mod hooks;
 // secrets: passwords named once reach beat, Celery, the sampler and the app; never a log line.

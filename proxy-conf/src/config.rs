@@ -156,6 +156,12 @@ pub struct WebConfig {
     pub access_log: bool,
     /// `backlog`: kernel accept backlog of each listening socket.
     pub backlog: u32,
+    /// `preload`: one template process per generation imports the app, `gc.freeze()`s it and
+    /// forks the workers, which share its memory copy-on-write.
+    pub preload: bool,
+    /// `post_fork`: `module:callable` called in each worker forked from the template (with
+    /// `preload`), before it serves, to reopen what must not be shared across processes.
+    pub post_fork: Option<String>,
 }
 
 impl Default for WebConfig {

@@ -120,6 +120,10 @@ pub(crate) struct RawWeb {
     pub access_log: bool,
     /// Kernel accept backlog of each listening socket.
     pub backlog: u32,
+    /// Import the app once per generation in a template process and fork the workers from it.
+    pub preload: bool,
+    /// `module:callable` run in each worker forked from the template, before its first request.
+    pub post_fork: Option<String>,
 }
 
 impl Default for RawWeb {
@@ -144,6 +148,8 @@ impl Default for RawWeb {
             forwarded_allow_ips: vec!["127.0.0.1".to_owned(), "::1".to_owned()],
             access_log: true,
             backlog: 2048,
+            preload: false,
+            post_fork: None,
         }
     }
 }

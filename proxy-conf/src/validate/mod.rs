@@ -441,7 +441,7 @@ impl Checker<'_> {
 }
 
 /// Checks `module.path:callable.path`, the form Gunicorn and uWSGI take.
-fn check_python_target(text: &str) -> Result<(), &'static str> {
+pub(super) fn check_python_target(text: &str) -> Result<(), &'static str> {
     let Some((module, callable)) = text.split_once(':') else {
         return Err("has no \":\" between module and callable");
     };

@@ -90,6 +90,19 @@ impl Checker<'_> {
                 format!("must start with \"/\" and not end with one, e.g. \"/app\", not \"{script_name}\""),
             );
         }
+        if let Some(post_fork) = &web.post_fork {
+            if let Err(why) = super::check_python_target(post_fork) {
+                self.report(
+                    &["web", "post_fork"],
+                    format!("\"{post_fork}\" {why}; expected \"module:callable\", e.g. \"myapp.hooks:post_fork\""),
+                );
+            } else if !web.preload {
+                self.report(
+                    &["web", "post_fork"],
+                    "has no effect without preload = true: only workers forked from a preloaded template run it",
+                );
+            }
+        }
         let max_header_size = self.header_size(web.max_header_size);
         let mut forwarders = Vec::new();
         for (position, peer) in web.forwarded_allow_ips.iter().enumerate() {
@@ -120,6 +133,8 @@ impl Checker<'_> {
             forwarded_allow_ips: Forwarders(forwarders),
             access_log: web.access_log,
             backlog: web.backlog,
+            preload: web.preload,
+            post_fork: web.post_fork.clone(),
         }
     }
 
@@ -264,6 +279,29 @@ mod tests {
             config.app.target,
             Some(crate::AppTarget::Wsgi("myapp.wsgi:application".to_owned()))
         );
+    }
+
+    #[test]
+    fn post_fork_names_a_callable_and_needs_preload() {
+        assert_eq!(
+            problems(&format!(
+                "{APP}[web]\npreload = true\npost_fork = \"hooks.reopen\"\n"
+            )),
+            [
+                "5:13: web.post_fork: \"hooks.reopen\" has no \":\" between module and callable; expected \"module:callable\", e.g. \"myapp.hooks:post_fork\"",
+            ]
+        );
+        assert_eq!(
+            problems(&format!("{APP}[web]\npost_fork = \"hooks:reopen\"\n")),
+            [
+                "4:13: web.post_fork: has no effect without preload = true: only workers forked from a preloaded template run it",
+            ]
+        );
+        let text = format!("{APP}[web]\npreload = true\npost_fork = \"hooks:reopen\"\n");
+        assert!(problems(&text).is_empty());
+        let web = load_str(&text, "sauna.toml").unwrap().web.unwrap();
+        assert!(web.preload);
+        assert_eq!(web.post_fork.as_deref(), Some("hooks:reopen"));
     }
 
     #[test]

@@ -27,8 +27,12 @@ pub fn check_command(arg: &ConfigArg, live: bool) -> Result<(), CommandError> {
                 refused.sort_by_key(|diagnostic| (diagnostic.line, diagnostic.column));
                 return Err(print_problems(&Diagnostics(refused), &loaded.path));
             }
-            if loaded.config.web.is_some() {
-                match crate::web::pool::check_import(&loaded.config.app, &loaded.config_dir()) {
+            if let Some(web) = &loaded.config.web {
+                match crate::web::pool::check_web_import(
+                    &loaded.config.app,
+                    web,
+                    &loaded.config_dir(),
+                ) {
                     Ok(()) => {}
                     Err(crate::web::pool::ImportCheck::Failed(traceback)) => {
                         println!("{traceback}");

@@ -118,13 +118,21 @@ pub fn dashboard() -> Value {
             )],
         ),
         (
-            "Memory (RSS)",
-            "Resident memory of each worker slot, and of the supervisor itself.",
+            "Memory (RSS, PSS)",
+            "Resident memory of each worker slot, and of the supervisor itself; with preload, the PSS (shared pages counted as their share) of each worker and of the template.",
             "bytes",
             vec![
                 query(
                     format!("max by (instance, worker) (sauna_worker_rss_bytes{{{SELECTOR}}})"),
                     "worker {{worker}} ({{instance}})",
+                ),
+                query(
+                    format!("max by (instance, worker) (sauna_worker_pss_bytes{{{SELECTOR}}})"),
+                    "worker {{worker}} PSS ({{instance}})",
+                ),
+                query(
+                    format!("sauna_template_pss_bytes{{{SELECTOR}}}"),
+                    "template PSS ({{instance}})",
                 ),
                 query(
                     format!("process_resident_memory_bytes{{{SELECTOR}}}"),
@@ -366,6 +374,7 @@ mod tests {
         let metrics = Metrics::new().unwrap();
         metrics.workers.with_label_values(&["idle"]).set(1);
         metrics.worker_rss_bytes.with_label_values(&["0"]).set(1);
+        metrics.worker_pss_bytes.with_label_values(&["0"]).set(1);
         metrics.program_up.with_label_values(&["celery"]).set(1);
         metrics
             .program_restarts_total

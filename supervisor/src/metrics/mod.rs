@@ -73,6 +73,12 @@ pub struct Metrics {
     pub workers: IntGaugeVec,
     /// RSS of each worker, labelled by slot number (never by pid, which changes on recycle).
     pub worker_rss_bytes: IntGaugeVec,
+    /// PSS of each worker (shared pages divided among their sharers), labelled like the RSS.
+    pub worker_pss_bytes: IntGaugeVec,
+    /// RSS of the serving generation's template (`[web] preload`; 0 without).
+    pub template_rss_bytes: IntGauge,
+    /// PSS of the serving generation's template.
+    pub template_pss_bytes: IntGauge,
     /// Worker replacements by reason.
     pub worker_restarts_total: IntCounterVec,
     /// 1 while a program has all its instances running.
@@ -169,6 +175,19 @@ impl Metrics {
                 "sauna_worker_rss_bytes",
                 "Resident memory of the web worker in each slot.",
                 &["worker"],
+            )?,
+            worker_pss_bytes: gauge_vec(
+                "sauna_worker_pss_bytes",
+                "Proportional set size of the web worker in each slot: pages shared with other processes (a preloaded template, its other workers) count as their share.",
+                &["worker"],
+            )?,
+            template_rss_bytes: gauge(
+                "sauna_template_rss_bytes",
+                "Resident memory of the preloaded template of the serving generation ([web] preload).",
+            )?,
+            template_pss_bytes: gauge(
+                "sauna_template_pss_bytes",
+                "Proportional set size of the preloaded template of the serving generation ([web] preload).",
             )?,
             worker_restarts_total: counter(
                 "sauna_worker_restarts_total",

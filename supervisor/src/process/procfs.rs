@@ -1,5 +1,5 @@
 //! What `/proc` says about processes and the machine: one process's state and resident memory
-//! (a web worker's RSS, whether a stopped supervisor is gone), the resident memory of a program
+//! (a web worker's RSS and PSS, whether a stopped supervisor is gone), the resident memory of a program
 //! instance's whole process tree, whether its process group still has live members, the process
 //! list the group reaper scans, which processes hold given sockets open (an upgrade checks that
 //! a stopped successor left no copy of a listening socket behind), and the machine's total
@@ -81,6 +81,22 @@ pub fn stat(pid: u32) -> Option<ProcStat> {
 /// gone.
 pub fn rss(pid: u32) -> Option<u64> {
     stat(pid).map(|process| process.rss_pages.saturating_mul(page_size()))
+}
+
+/// Proportional set size in bytes of `pid` (`Pss:` of `/proc/PID/smaps_rollup`): each shared
+/// page counted as its share among the processes mapping it, so the PSS of workers forked from
+/// one template add up to what they really cost, where their RSS counts the shared pages in
+/// every one of them. `None` when the process is gone or the kernel has no `smaps_rollup`.
+pub fn pss(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    parse_pss(&text)
+}
+
+/// The `Pss:` line of an `smaps_rollup` text, in bytes.
+fn parse_pss(text: &str) -> Option<u64> {
+    let line = text.lines().find(|line| line.starts_with("Pss:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib.saturating_mul(1024))
 }
 
 /// Every process visible in `proc_root` (normally `/proc`); processes that vanish while being
@@ -192,6 +208,16 @@ fn page_size() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pss_is_read_from_smaps_rollup() {
+        let text = "55d0c0000000-7ffd00000000 ---p 00000000 00:00 0   [rollup]\nRss:               24576 kB\nPss:                9217 kB\nPss_Dirty:          4000 kB\n";
+        assert_eq!(parse_pss(text), Some(9217 * 1024));
+        assert_eq!(parse_pss("Rss: 1 kB\n"), None);
+        let own = pss(std::process::id()).expect("our own smaps_rollup");
+        let rss = rss(std::process::id()).expect("our own stat");
+        assert!(own > 0 && own <= rss + 4096, "pss {own} rss {rss}");
+    }
 
     fn sample(pid: u32, ppid: u32, pgrp: u32, rss_pages: u64) -> ProcStat {
         ProcStat {

@@ -256,6 +256,31 @@ pub fn capture_output_each(
     })
 }
 
+/// Like [`capture_output`] for a process this supervisor did not spawn itself (a worker forked
+/// by a preloaded template): `stdout` and `stderr` are the read ends of the pipes made for it.
+pub fn capture_pipes(
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    label: String,
+    pid: u32,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    use tokio::net::unix::pipe::Receiver;
+    let stdout = Receiver::from_owned_fd(stdout)?;
+    let stderr = Receiver::from_owned_fd(stderr)?;
+    let on_line: Arc<dyn Fn(&str) + Send + Sync> = Arc::new(|_: &str| {});
+    Ok(tokio::spawn(async move {
+        let out = forward_lines(
+            Some(stdout),
+            label.clone(),
+            pid,
+            "stdout",
+            Arc::clone(&on_line),
+        );
+        let err = forward_lines(Some(stderr), label, pid, "stderr", on_line);
+        tokio::join!(out, err);
+    }))
+}
+
 /// The last few lines a child printed (stdout and stderr interleaved as read). Shared only
 /// between the task that reads the child's pipes and the one that reports its exit.
 #[derive(Debug, Clone)]

@@ -275,6 +275,7 @@ fn render_pool(pool: &Value) -> String {
             "REQUESTS",
             "IN FLIGHT",
             "RSS",
+            "PSS",
             "LAST ERROR",
         ]
         .map(str::to_owned)
@@ -294,6 +295,7 @@ fn render_pool(pool: &Value) -> String {
             text(worker, "requests"),
             text(worker, "in_flight"),
             mebibytes(worker.get("rss_bytes")),
+            mebibytes(worker.get("pss_bytes")),
             worker
                 .get("last_error")
                 .and_then(Value::as_str)
@@ -301,6 +303,20 @@ fn render_pool(pool: &Value) -> String {
         ]);
     }
     out.push_str(&table(&rows));
+    for template in pool
+        .get("templates")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        out.push_str(&format!(
+            "template of generation {} · pid {} · RSS {} · PSS {}\n",
+            text(template, "generation"),
+            text(template, "pid"),
+            mebibytes(template.get("rss_bytes")),
+            mebibytes(template.get("pss_bytes")),
+        ));
+    }
     out
 }
 
@@ -466,7 +482,9 @@ mod tests {
                 "listen": ["127.0.0.1:8000"], "generation": 2, "workers_wanted": 1,
                 "workers": [{"slot": 0, "pid": 41, "generation": 2, "state": "ready",
                              "requests": 7, "in_flight": 0, "rss_bytes": 12_897_485,
-                             "last_error": "Traceback (most recent call last):\n  File \"x\"\nZeroDivisionError: division by zero\n"}]
+                             "pss_bytes": 4_404_019,
+                             "last_error": "Traceback (most recent call last):\n  File \"x\"\nZeroDivisionError: division by zero\n"}],
+                "templates": [{"generation": 2, "pid": 40, "rss_bytes": 31_457_280, "pss_bytes": 9_437_184}]
             },
             "figures": {"requests": {"2xx": 7}, "in_flight": 0, "queue_depth": 0},
             "programs": [
@@ -515,7 +533,11 @@ mod tests {
             "{text}"
         );
         let worker = line_of(&text, "0 ");
-        assert!(worker.contains("12.3 MiB"), "{worker}");
+        assert!(worker.contains("12.3 MiB  4.2 MiB"), "{worker}");
+        assert!(
+            text.contains("template of generation 2 · pid 40 · RSS 30.0 MiB · PSS 9.0 MiB\n"),
+            "{text}"
+        );
         assert!(
             worker.ends_with("ZeroDivisionError: division by zero"),
             "{worker}"

@@ -13,9 +13,10 @@ use tokio::sync::mpsc;
 
 use super::rollout::{PoolReloadError, Rollout};
 use super::slots::{CRASH_LOOP, RSS_INTERVAL, Slot, request_limit};
-use super::state::{RestartReason, Worker, WorkerState, WorkerStatus};
+use super::state::{RestartReason, TemplateStatus, Worker, WorkerState, WorkerStatus};
 use super::{Command, HANDOVER_LINGER, PoolError, PoolStatus};
 use crate::metrics::Metrics;
+use crate::process::procfs;
 use crate::supervisor::lifecycle::StopMode;
 use crate::web::dispatch::{Dispatcher, Notice};
 use crate::web::front::{FrontHandle, WarmUpAnswer};
@@ -351,6 +352,10 @@ impl Actor {
             .worker_rss_bytes
             .with_label_values(&[&worker.slot.to_string()])
             .set(0);
+        self.metrics
+            .worker_pss_bytes
+            .with_label_values(&[&worker.slot.to_string()])
+            .set(0);
         self.pump_recycling();
         self.publish_states();
     }
@@ -491,6 +496,7 @@ impl Actor {
                 requests: worker.served,
                 in_flight: worker.in_flight,
                 rss_bytes: worker.rss,
+                pss_bytes: worker.pss,
                 last_error: self
                     .slots
                     .get(worker.slot)
@@ -511,6 +517,7 @@ impl Actor {
                     requests: 0,
                     in_flight: 0,
                     rss_bytes: 0,
+                    pss_bytes: 0,
                     last_error: slot.last_error.clone(),
                 });
             }
@@ -522,7 +529,30 @@ impl Actor {
             reloading: self.rollout.as_ref().map(Rollout::describe),
             workers_wanted: self.slots.len(),
             workers,
+            templates: self.templates(),
         }
+    }
+
+    /// The running templates (`[web] preload`) of the generations the pool knows: the serving
+    /// one and, during a reload, the other one of the roll.
+    fn templates(&self) -> Vec<TemplateStatus> {
+        let mut launches = vec![(self.generation, Arc::clone(&self.launch))];
+        launches.extend(self.rollout.iter().flat_map(Rollout::launches));
+        let mut templates: Vec<TemplateStatus> = launches
+            .into_iter()
+            .filter_map(|(generation, launch)| {
+                let pid = launch.template_pid()?;
+                Some(TemplateStatus {
+                    generation,
+                    pid,
+                    rss_bytes: procfs::rss(pid).unwrap_or(0),
+                    pss_bytes: procfs::pss(pid).unwrap_or(0),
+                })
+            })
+            .collect();
+        templates.sort_by_key(|template| template.generation);
+        templates.dedup_by_key(|template| template.pid);
+        templates
     }
 
     async fn shutdown(&mut self, mode: StopMode) {

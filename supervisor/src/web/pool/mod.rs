@@ -37,7 +37,7 @@ use crate::web::worker::{self, Launch};
 use actor::Actor;
 pub use rollout::PoolReloadError;
 use slots::Slot;
-pub use state::{PoolStatus, WorkerState, WorkerStatus};
+pub use state::{PoolStatus, TemplateStatus, WorkerState, WorkerStatus};
 
 /// The pool could not start.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +105,17 @@ fn queue_limits(web: &WebConfig) -> (usize, Duration) {
     )
 }
 
+/// How one generation runs its workers: `[app]`, and `[web]`'s threads, start timeout and
+/// preload (one template per generation, see `worker::template`).
+fn launch_for(app: &AppConfig, web: &WebConfig, base_dir: &Path) -> Result<Launch, String> {
+    let launch = Launch::new(app, base_dir, web.threads, web.reload_timeout.get())?;
+    Ok(if web.preload {
+        launch.preloaded(web.post_fork.clone())
+    } else {
+        launch
+    })
+}
+
 /// How the front's sockets are bound, from `[web]`.
 fn bind_options(web: &WebConfig) -> listeners::Options {
     listeners::Options::new(Role::Web, web.backlog)
@@ -160,6 +171,7 @@ impl PoolView {
             reloading: None,
             workers_wanted: 0,
             workers: Vec::new(),
+            templates: Vec::new(),
         })
     }
 }
@@ -186,10 +198,7 @@ pub async fn start_on(
     metrics: Arc<Metrics>,
     listeners: Option<Vec<Listener>>,
 ) -> Result<PoolHandle, PoolError> {
-    let launch = Arc::new(
-        Launch::new(app, base_dir, web.threads, web.reload_timeout.get())
-            .map_err(PoolError::Config)?,
-    );
+    let launch = Arc::new(launch_for(app, web, base_dir).map_err(PoolError::Config)?);
     let config = front_config(web);
     let listeners = match listeners {
         Some(listeners) => listeners,
@@ -355,4 +364,15 @@ pub use crate::web::worker::ImportCheck;
 /// import fails, `NotRun` when the app cannot be run here at all. Call it outside a tokio runtime.
 pub fn check_import(app: &AppConfig, base_dir: &Path) -> Result<(), ImportCheck> {
     worker::check_import(app, base_dir)
+}
+
+/// [`check_import`] as `[web]` runs the app: with `preload`, the `post_fork` hook is imported
+/// too, so a misspelt hook fails `check` instead of every forked worker.
+pub fn check_web_import(
+    app: &AppConfig,
+    web: &WebConfig,
+    base_dir: &Path,
+) -> Result<(), ImportCheck> {
+    let post_fork = web.post_fork.as_deref().filter(|_| web.preload);
+    worker::check_import_with(app, base_dir, post_fork)
 }

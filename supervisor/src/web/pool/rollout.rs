@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use super::actor::Actor;
 use super::slots::Slot;
 use super::state::{RestartReason, Worker, WorkerState};
-use super::{ReloadRequest, Rolled, bind_options, front_config, queue_limits};
+use super::{ReloadRequest, Rolled, bind_options, front_config, launch_for, queue_limits};
 use crate::listeners::{self, Listener};
 use crate::supervisor::lifecycle::Progress;
 use crate::web::front::{self, FrontConfig, WarmUpAnswer};
@@ -121,6 +121,14 @@ impl Rollout {
         let _ = self.progress.send(line);
     }
 
+    /// The launches of both generations of the roll, old first.
+    pub(super) fn launches(&self) -> [(u64, Arc<Launch>); 2] {
+        [
+            (self.old.generation, Arc::clone(&self.old.launch)),
+            (self.new.generation, Arc::clone(&self.new.launch)),
+        ]
+    }
+
     pub(super) fn describe(&self) -> String {
         match self.phase {
             Phase::Canary(_) => format!("generation {}: canary starting", self.new.generation),
@@ -196,7 +204,7 @@ impl Actor {
             let _ = reply.send(Err(PoolReloadError::new("the web pool is stopping")));
             return;
         };
-        let prepared = Launch::new(&app, &base_dir, web.threads, web.reload_timeout.get());
+        let prepared = launch_for(&app, &web, &base_dir);
         let (launch, config) = match prepared {
             Ok(launch) => (launch, front_config(&web)),
             Err(message) => {

@@ -1,6 +1,7 @@
 //! Per-slot bookkeeping of the pool actor: the restart policy after a crash (0.1 s doubling to
 //! 30 s, and crash-loop protection, on the shared [`crate::process::backoff`] arithmetic), the
-//! per-worker `max_requests` limit, and RSS sampling for `max_rss` recycling and for draining
+//! per-worker `max_requests` limit, and RSS (and PSS, for `status` and metrics) sampling for
+//! `max_rss` recycling and for draining
 //! workers that overstay `graceful_timeout`.
 
 use std::time::{Duration, Instant};
@@ -34,10 +35,15 @@ pub(super) struct Slot {
 }
 
 /// Delay before restarting a slot that crashed `recent` times within the crash window: 0.1 s,
-/// doubling, capped at 30 s; a crash loop waits the cap.
-fn restart_delay(recent: usize) -> Duration {
+/// doubling, capped at 30 s; a crash loop waits the cap. With `preload` the first crash is
+/// replaced at once: the replacement is a fork of the imported app (milliseconds, no import
+/// competing with the serving workers for CPU), and a second crash backs off as usual.
+fn restart_delay(recent: usize, preload: bool) -> Duration {
     if recent >= CRASH_LOOP {
         return BACKOFF.max;
+    }
+    if preload && recent <= 1 {
+        return Duration::ZERO;
     }
     BACKOFF.delay(u32::try_from(recent.saturating_sub(1)).unwrap_or(u32::MAX))
 }
@@ -63,12 +69,13 @@ pub(super) fn request_limit(max_requests: u64, jitter: u64) -> Option<u64> {
 
 impl Actor {
     pub(super) fn schedule_restart(&mut self, slot_index: usize) {
+        let preload = self.launch.preloads();
         let Some(slot) = self.slots.get_mut(slot_index) else {
             return;
         };
         let now = Instant::now();
         let recent = slot.crashes.record(now, CRASH_WINDOW);
-        let delay = restart_delay(recent);
+        let delay = restart_delay(recent, preload);
         if recent >= CRASH_LOOP {
             tracing::error!(
                 worker = slot_index,
@@ -109,11 +116,17 @@ impl Actor {
                 continue;
             };
             worker.rss = rss;
+            worker.pss = procfs::pss(pid).unwrap_or(0);
             if worker.state() == WorkerState::Ready {
+                let slot = worker.slot.to_string();
                 self.metrics
                     .worker_rss_bytes
-                    .with_label_values(&[&worker.slot.to_string()])
+                    .with_label_values(&[&slot])
                     .set(i64::try_from(rss).unwrap_or(i64::MAX));
+                self.metrics
+                    .worker_pss_bytes
+                    .with_label_values(&[&slot])
+                    .set(i64::try_from(worker.pss).unwrap_or(i64::MAX));
                 if max_rss > 0 && rss > max_rss {
                     worker.rss_over += 1;
                     if worker.rss_over == RSS_SAMPLES {
@@ -133,6 +146,18 @@ impl Actor {
                 }
             }
         }
+        let template = self.launch.template_pid();
+        let template_memory = |read: fn(u32) -> Option<u64>| {
+            template
+                .and_then(read)
+                .map_or(0, |bytes| i64::try_from(bytes).unwrap_or(i64::MAX))
+        };
+        self.metrics
+            .template_rss_bytes
+            .set(template_memory(procfs::rss));
+        self.metrics
+            .template_pss_bytes
+            .set(template_memory(procfs::pss));
         for id in over {
             if !self.recycle_queue.iter().any(|(queued, _)| *queued == id) {
                 self.recycle_queue.push_back((id, RestartReason::MaxRss));
@@ -159,11 +184,18 @@ mod tests {
 
     #[test]
     fn restart_delay_doubles_then_caps_and_crash_loops_wait_longest() {
-        assert_eq!(restart_delay(1), Duration::from_millis(100));
-        assert_eq!(restart_delay(2), Duration::from_millis(200));
-        assert_eq!(restart_delay(4), Duration::from_millis(800));
-        assert_eq!(restart_delay(CRASH_LOOP), Duration::from_secs(30));
-        assert_eq!(restart_delay(100), Duration::from_secs(30));
+        assert_eq!(restart_delay(1, false), Duration::from_millis(100));
+        assert_eq!(restart_delay(2, false), Duration::from_millis(200));
+        assert_eq!(restart_delay(4, false), Duration::from_millis(800));
+        assert_eq!(restart_delay(CRASH_LOOP, false), Duration::from_secs(30));
+        assert_eq!(restart_delay(100, false), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn with_preload_a_first_crash_is_forked_again_at_once_and_later_ones_back_off() {
+        assert_eq!(restart_delay(1, true), Duration::ZERO);
+        assert_eq!(restart_delay(2, true), Duration::from_millis(200));
+        assert_eq!(restart_delay(CRASH_LOOP, true), Duration::from_secs(30));
     }
 
     #[test]

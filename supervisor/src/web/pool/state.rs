@@ -107,8 +107,10 @@ pub struct WorkerStatus {
     pub requests: u64,
     /// Requests in progress.
     pub in_flight: usize,
-    /// Last sampled resident memory.
+    /// Last sampled resident memory (with `preload`, pages shared with the template included).
     pub rss_bytes: u64,
+    /// Last sampled proportional set size: shared pages divided among the processes sharing them.
+    pub pss_bytes: u64,
     /// The slot's last error: an import traceback, a crash, a timeout with the Python stack.
     pub last_error: Option<String>,
 }
@@ -128,6 +130,22 @@ pub struct PoolStatus {
     pub workers_wanted: usize,
     /// Every worker and waiting slot.
     pub workers: Vec<WorkerStatus>,
+    /// With `[web] preload`: the running template of each generation (two during a reload).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub templates: Vec<TemplateStatus>,
+}
+
+/// What `status` reports about a generation's template (`[web] preload`).
+#[derive(Debug, Clone, Serialize)]
+pub struct TemplateStatus {
+    /// The generation it forks workers for.
+    pub generation: u64,
+    /// Its process id.
+    pub pid: u32,
+    /// Resident memory.
+    pub rss_bytes: u64,
+    /// Proportional set size (its share of the pages its workers still share with it).
+    pub pss_bytes: u64,
 }
 
 /// Why a worker was replaced or added: the `reason` label of `sauna_worker_restarts_total`.
@@ -181,6 +199,7 @@ pub(super) struct Worker {
     /// Replaces this worker once ready.
     pub(super) replaces: Option<(WorkerId, RestartReason)>,
     pub(super) rss: u64,
+    pub(super) pss: u64,
     pub(super) rss_over: u32,
     pub(super) served: u64,
     pub(super) in_flight: usize,
@@ -204,6 +223,7 @@ impl Worker {
             commands,
             replaces,
             rss: 0,
+            pss: 0,
             rss_over: 0,
             served: 0,
             in_flight: 0,

@@ -17,15 +17,21 @@
 //!
 //! Readiness is the child's own word over its own channel (started ≠ ready): a worker that is
 //! running but has not imported the app never receives a request.
+//!
+//! With `[web] preload` a worker is not spawned but forked by its generation's template
+//! (`template`), with the same descriptors on the same numbers, so everything after the fork —
+//! the handshake, requests, stack dumps, kills — is the same as for a spawned worker.
 
 pub mod frame;
 pub mod ring;
+mod template;
 
 use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -104,6 +110,9 @@ pub struct Launch {
     pub threads: usize,
     /// Longest time from spawn to `Ready`.
     pub start_timeout: Duration,
+    /// With `[web] preload`: the generation's template, which imports the app once and forks
+    /// every worker of the generation. It dies with the last `Launch` of its generation.
+    pub template: Option<Arc<template::Template>>,
 }
 
 impl Launch {
@@ -137,7 +146,25 @@ impl Launch {
             target,
             threads: threads.get(),
             start_timeout,
+            template: None,
         })
+    }
+
+    /// This launch with `[web] preload`: workers are forked from one template per generation,
+    /// each calling `post_fork` (`module:callable`) first when given.
+    pub fn preloaded(mut self, post_fork: Option<String>) -> Launch {
+        self.template = Some(Arc::new(template::Template::new(post_fork)));
+        self
+    }
+
+    /// The pid of this generation's running template (`[web] preload`).
+    pub fn template_pid(&self) -> Option<u32> {
+        self.template.as_ref().and_then(|template| template.pid())
+    }
+
+    /// True when workers are forked from a template (`[web] preload`).
+    pub fn preloads(&self) -> bool {
+        self.template.is_some()
     }
 }
 
@@ -250,7 +277,7 @@ pub enum Command {
 pub fn spawn(
     id: WorkerId,
     label: String,
-    launch: std::sync::Arc<Launch>,
+    launch: Arc<Launch>,
     events: mpsc::UnboundedSender<Event>,
 ) -> mpsc::UnboundedSender<Command> {
     let (commands, receiver) = mpsc::unbounded_channel();
@@ -261,11 +288,15 @@ pub fn spawn(
 async fn run(
     id: WorkerId,
     label: String,
-    launch: std::sync::Arc<Launch>,
+    launch: Arc<Launch>,
     events: mpsc::UnboundedSender<Event>,
     mut commands: mpsc::UnboundedReceiver<Command>,
 ) {
-    let mut started = match start(&launch, "serve", &label).await {
+    let outcome = match &launch.template {
+        Some(template) => template.fork(&launch, &label).await,
+        None => start(&launch, Mode::Serve, &label).await,
+    };
+    let mut started = match outcome {
         Ok(started) => started,
         Err(error) => {
             let _ = events.send(Event::Failed { id, error });
@@ -277,8 +308,7 @@ async fn run(
     let _ = events.send(Event::Ready { id, pid, slots });
     loop {
         tokio::select! {
-            status = started.child.wait() => {
-                let how = describe_exit(status);
+            how = started.process.wait() => {
                 let _ = events.send(Event::Exited { id, how });
                 return;
             }
@@ -316,12 +346,51 @@ fn describe_exit(status: std::io::Result<ExitStatus>) -> String {
     }
 }
 
+/// A worker's process: spawned by the supervisor, or forked by a template (`[web] preload`).
+enum Process {
+    Spawned(Child),
+    Forked(template::Forked),
+}
+
+impl Process {
+    /// Waits for the process to end; how it ended.
+    async fn wait(&mut self) -> String {
+        match self {
+            Process::Spawned(child) => describe_exit(child.wait().await),
+            Process::Forked(forked) => forked.wait().await,
+        }
+    }
+}
+
 /// A worker process that reported ready.
 struct Started {
-    child: Child,
+    process: Process,
     pid: u32,
     control: Channel,
     slots: Vec<Channel>,
+    /// The `Ready` frame's payload: `pid\0protocol\0python[\0…]`.
+    ready: String,
+}
+
+/// What the shim is run for (its `mode` argument).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Import the app and serve requests.
+    Serve,
+    /// Import the app, report, exit (`sauna-supervisor check`).
+    Check,
+    /// Import the app once for a generation and fork its workers (`template`).
+    Template,
+}
+
+impl Mode {
+    fn arg(self) -> &'static str {
+        match self {
+            Mode::Serve => "serve",
+            Mode::Check => "check",
+            Mode::Template => "template",
+        }
+    }
 }
 
 fn tokio_stream(
@@ -333,163 +402,245 @@ fn tokio_stream(
         .map_err(|error| StartError::Spawn(format!("cannot set up a worker channel: {error}")))
 }
 
-/// Spawns the shim and waits for its `Ready` (mode `serve`) or its exit after the import (`check`).
-async fn start(launch: &Launch, mode: &str, label: &str) -> Result<Started, StartError> {
-    use std::io::Write;
-    use std::os::unix::net::UnixStream;
-    let channel_error = |error: std::io::Error| {
-        StartError::Spawn(format!("cannot create a worker channel: {error}"))
-    };
+fn channel_error(error: std::io::Error) -> StartError {
+    StartError::Spawn(format!("cannot create a worker channel: {error}"))
+}
 
-    let (mut control_ours, control_theirs) = UnixStream::pair().map_err(channel_error)?;
-    // The shim's source fits in the socket buffer, so this never blocks.
-    control_ours
-        .write_all(SHIM.as_bytes())
-        .map_err(channel_error)?;
-    control_ours
-        .shutdown(std::net::Shutdown::Write)
-        .map_err(channel_error)?;
-    let mut pass_fds: Vec<(OwnedFd, i32)> = vec![(OwnedFd::from(control_theirs), CONTROL_FD)];
-    let mut slots = Vec::new();
-    let slot_count = if mode == "check" { 0 } else { launch.threads };
-    for index in 0..slot_count {
-        let (ours, theirs) = UnixStream::pair().map_err(channel_error)?;
-        // A deeper send buffer lets a streaming response run ahead of the front by several
-        // chunks instead of blocking the worker on every one (the kernel caps it at wmem_max).
-        let _ = nix::sys::socket::setsockopt(
-            &theirs,
-            nix::sys::socket::sockopt::SndBuf,
-            &SLOT_SEND_BUFFER,
-        );
-        let number = FIRST_SLOT_FD + i32::try_from(index).unwrap_or(i32::MAX - FIRST_SLOT_FD);
-        pass_fds.push((OwnedFd::from(theirs), number));
-        slots.push(ours);
-    }
-    // One ring per slot, passed after the slots; without them (memfd refused) bodies go
-    // through the sockets.
-    let mut rings = Vec::new();
-    let wanted_ring = ring_size(slot_count);
-    if wanted_ring > 0 {
+/// The descriptors of one worker before it runs: our ends, and theirs by the number they get.
+struct Channels {
+    control: std::os::unix::net::UnixStream,
+    slots: Vec<std::os::unix::net::UnixStream>,
+    rings: Vec<Arc<ring::Ring>>,
+    ring_size: usize,
+    /// `(their end, its number in the worker)`: control, slots, then rings.
+    theirs: Vec<(OwnedFd, i32)>,
+}
+
+impl Channels {
+    /// The control channel, `slot_count` request slots and their rings.
+    fn new(slot_count: usize) -> Result<Channels, StartError> {
+        use std::os::unix::net::UnixStream;
+        let (control, control_theirs) = UnixStream::pair().map_err(channel_error)?;
+        let mut theirs: Vec<(OwnedFd, i32)> = vec![(OwnedFd::from(control_theirs), CONTROL_FD)];
+        let mut slots = Vec::new();
         for index in 0..slot_count {
-            match ring::Ring::new(wanted_ring) {
-                Ok((ring, fd)) => {
-                    let number = FIRST_SLOT_FD
-                        + i32::try_from(slot_count + index).unwrap_or(i32::MAX - FIRST_SLOT_FD);
-                    pass_fds.push((fd, number));
-                    rings.push(ring);
-                }
-                Err(error) => {
-                    tracing::warn!("cannot create a shared body ring, using the sockets: {error}");
-                    pass_fds.truncate(pass_fds.len() - rings.len());
-                    rings.clear();
-                    break;
+            let (ours, slot_theirs) = UnixStream::pair().map_err(channel_error)?;
+            // A deeper send buffer lets a streaming response run ahead of the front by several
+            // chunks instead of blocking the worker on every one (the kernel caps it at wmem_max).
+            let _ = nix::sys::socket::setsockopt(
+                &slot_theirs,
+                nix::sys::socket::sockopt::SndBuf,
+                &SLOT_SEND_BUFFER,
+            );
+            let number = FIRST_SLOT_FD + i32::try_from(index).unwrap_or(i32::MAX - FIRST_SLOT_FD);
+            theirs.push((OwnedFd::from(slot_theirs), number));
+            slots.push(ours);
+        }
+        // One ring per slot, passed after the slots; without them (memfd refused) bodies go
+        // through the sockets.
+        let mut rings = Vec::new();
+        let wanted_ring = ring_size(slot_count);
+        if wanted_ring > 0 {
+            for index in 0..slot_count {
+                match ring::Ring::new(wanted_ring) {
+                    Ok((ring, fd)) => {
+                        let number = FIRST_SLOT_FD
+                            + i32::try_from(slot_count + index).unwrap_or(i32::MAX - FIRST_SLOT_FD);
+                        theirs.push((fd, number));
+                        rings.push(ring);
+                    }
+                    Err(error) => {
+                        tracing::warn!(
+                            "cannot create a shared body ring, using the sockets: {error}"
+                        );
+                        theirs.truncate(theirs.len() - rings.len());
+                        rings.clear();
+                        break;
+                    }
                 }
             }
         }
+        let ring_size = if rings.is_empty() { 0 } else { wanted_ring };
+        Ok(Channels {
+            control,
+            slots,
+            rings,
+            ring_size,
+            theirs,
+        })
     }
-    let ring_size = if rings.is_empty() { 0 } else { wanted_ring };
+}
+
+/// Spawns the shim and waits for its `Ready` (modes `serve` and `template`) or its exit after
+/// the import (`check`). A template also gets `extra` descriptors and `post_fork` as argument.
+async fn start(launch: &Launch, mode: Mode, label: &str) -> Result<Started, StartError> {
+    start_with(launch, mode, label, Vec::new(), None).await
+}
+
+async fn start_with(
+    launch: &Launch,
+    mode: Mode,
+    label: &str,
+    extra: Vec<(OwnedFd, i32)>,
+    post_fork: Option<&str>,
+) -> Result<Started, StartError> {
+    use std::io::Write;
+    let slot_count = if mode == Mode::Serve {
+        launch.threads
+    } else {
+        0
+    };
+    let Channels {
+        mut control,
+        slots,
+        rings,
+        ring_size,
+        mut theirs,
+    } = Channels::new(slot_count)?;
+    // The shim's source fits in the socket buffer, so this never blocks.
+    control.write_all(SHIM.as_bytes()).map_err(channel_error)?;
+    control
+        .shutdown(std::net::Shutdown::Write)
+        .map_err(channel_error)?;
+    theirs.extend(extra);
+    let mut argv = vec![
+        launch.python.display().to_string(),
+        "-c".to_owned(),
+        BOOTSTRAP.to_owned(),
+        PROTOCOL.to_string(),
+        mode.arg().to_owned(),
+        launch.kind.to_owned(),
+        launch.target.clone(),
+        // A template reserves the descriptor numbers of this many slots for its workers.
+        if mode == Mode::Template {
+            launch.threads
+        } else {
+            slot_count.max(1)
+        }
+        .to_string(),
+        ring_size.to_string(),
+    ];
+    argv.extend(post_fork.map(str::to_owned));
     let spec = ChildSpec {
-        argv: vec![
-            launch.python.display().to_string(),
-            "-c".to_owned(),
-            BOOTSTRAP.to_owned(),
-            PROTOCOL.to_string(),
-            mode.to_owned(),
-            launch.kind.to_owned(),
-            launch.target.clone(),
-            slot_count.max(1).to_string(),
-            ring_size.to_string(),
-        ],
+        argv,
         cwd: Some(launch.directory.clone()),
         env: launch.env.clone(),
-        pass_fds,
+        pass_fds: theirs,
         ..ChildSpec::default()
     };
     let mut child = child::spawn(spec).map_err(|error| StartError::Spawn(error.to_string()))?;
     child::capture_output(&mut child, label.to_owned());
     let pid = child.id().unwrap_or_default();
-    let mut control = Channel::new(tokio_stream(control_ours)?);
-    let deadline = Instant::now() + launch.start_timeout;
+    let pending = Pending {
+        process: Process::Spawned(child),
+        pid,
+        control: Channel::new(tokio_stream(control)?),
+        slots,
+        rings,
+    };
+    pending.handshake(mode, launch.start_timeout).await
+}
 
-    enum First {
-        Frame(Result<Result<frame::Frame, ChannelError>, tokio::time::error::Elapsed>),
-        Exit(std::io::Result<ExitStatus>),
-    }
-    let first = tokio::select! {
-        frame = tokio::time::timeout_at(deadline.into(), control.frame()) => First::Frame(frame),
-        status = child.wait() => First::Exit(status),
-    };
-    let outcome = match first {
-        First::Frame(frame) => frame,
-        First::Exit(status) => {
-            // The process ended first; its Ready or Failed frame may still be in the channel.
-            return match control.frame().await {
-                Ok(frame) if frame.kind == Kind::Failed => Err(StartError::Import(
-                    String::from_utf8_lossy(&frame.payload).into_owned(),
-                )),
-                Ok(frame) if frame.kind == Kind::Ready && mode == "check" => Ok(Started {
-                    child,
-                    pid,
-                    control,
-                    slots: Vec::new(),
-                }),
-                _ => Err(StartError::Exited(describe_exit(status))),
-            };
+/// A worker process that runs but has not reported ready yet.
+struct Pending {
+    process: Process,
+    pid: u32,
+    control: Channel,
+    slots: Vec<std::os::unix::net::UnixStream>,
+    rings: Vec<Arc<ring::Ring>>,
+}
+
+impl Pending {
+    /// Waits for the `Ready` frame (or, in `check` mode, the exit after it) within `timeout`.
+    async fn handshake(self, mode: Mode, timeout: Duration) -> Result<Started, StartError> {
+        let Pending {
+            mut process,
+            pid,
+            mut control,
+            slots,
+            rings,
+        } = self;
+        let deadline = Instant::now() + timeout;
+
+        enum First {
+            Frame(Result<Result<frame::Frame, ChannelError>, tokio::time::error::Elapsed>),
+            Exit(String),
         }
-    };
-    let frame = match outcome {
-        Err(_elapsed) => {
-            signal_group(pid, Signal::SIGKILL);
-            return Err(StartError::Timeout(launch.start_timeout));
-        }
-        Ok(Err(ChannelError::Closed)) => {
-            let status = child.wait().await;
-            return Err(StartError::Exited(describe_exit(status)));
-        }
-        Ok(Err(error)) => {
-            signal_group(pid, Signal::SIGKILL);
-            return Err(StartError::Protocol(error.to_string()));
-        }
-        Ok(Ok(frame)) => frame,
-    };
-    match frame.kind {
-        Kind::Ready => {
-            let text = String::from_utf8_lossy(&frame.payload);
-            let protocol = text.split('\0').nth(1).unwrap_or("");
-            if protocol != PROTOCOL.to_string() {
+        let first = tokio::select! {
+            frame = tokio::time::timeout_at(deadline.into(), control.frame()) => First::Frame(frame),
+            how = process.wait() => First::Exit(how),
+        };
+        let outcome = match first {
+            First::Frame(frame) => frame,
+            First::Exit(how) => {
+                // The process ended first; its Ready or Failed frame may still be in the channel.
+                return match control.frame().await {
+                    Ok(frame) if frame.kind == Kind::Failed => Err(StartError::Import(
+                        String::from_utf8_lossy(&frame.payload).into_owned(),
+                    )),
+                    Ok(frame) if frame.kind == Kind::Ready && mode == Mode::Check => Ok(Started {
+                        process,
+                        pid,
+                        control,
+                        slots: Vec::new(),
+                        ready: String::from_utf8_lossy(&frame.payload).into_owned(),
+                    }),
+                    _ => Err(StartError::Exited(how)),
+                };
+            }
+        };
+        let frame = match outcome {
+            Err(_elapsed) => {
                 signal_group(pid, Signal::SIGKILL);
-                return Err(StartError::Protocol(format!(
-                    "shim speaks protocol {protocol:?}, expected {PROTOCOL}"
-                )));
+                return Err(StartError::Timeout(timeout));
+            }
+            Ok(Err(ChannelError::Closed)) => {
+                return Err(StartError::Exited(process.wait().await));
+            }
+            Ok(Err(error)) => {
+                signal_group(pid, Signal::SIGKILL);
+                return Err(StartError::Protocol(error.to_string()));
+            }
+            Ok(Ok(frame)) => frame,
+        };
+        let ready = String::from_utf8_lossy(&frame.payload).into_owned();
+        match frame.kind {
+            Kind::Ready => {
+                let protocol = ready.split('\0').nth(1).unwrap_or("");
+                if protocol != PROTOCOL.to_string() {
+                    signal_group(pid, Signal::SIGKILL);
+                    return Err(StartError::Protocol(format!(
+                        "shim speaks protocol {protocol:?}, expected {PROTOCOL}"
+                    )));
+                }
+            }
+            Kind::Failed => {
+                let _ = process.wait().await;
+                return Err(StartError::Import(ready));
+            }
+            other => {
+                signal_group(pid, Signal::SIGKILL);
+                return Err(StartError::Protocol(format!("unexpected {other:?} frame")));
             }
         }
-        Kind::Failed => {
-            let _ = child.wait().await;
-            return Err(StartError::Import(
-                String::from_utf8_lossy(&frame.payload).into_owned(),
-            ));
-        }
-        other => {
-            signal_group(pid, Signal::SIGKILL);
-            return Err(StartError::Protocol(format!("unexpected {other:?} frame")));
-        }
-    }
-    let mut rings = rings.into_iter();
-    let slots = slots
-        .into_iter()
-        .map(|stream| {
-            tokio_stream(stream).map(|stream| match rings.next() {
-                Some(ring) => Channel::with_ring(stream, ring),
-                None => Channel::new(stream),
+        let mut rings = rings.into_iter();
+        let slots = slots
+            .into_iter()
+            .map(|stream| {
+                tokio_stream(stream).map(|stream| match rings.next() {
+                    Some(ring) => Channel::with_ring(stream, ring),
+                    None => Channel::new(stream),
+                })
             })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Started {
+            process,
+            pid,
+            control,
+            slots,
+            ready,
         })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Started {
-        child,
-        pid,
-        control,
-        slots,
-    })
+    }
 }
 
 /// Asks faulthandler for every thread's stack and collects what it writes.
@@ -528,6 +679,16 @@ pub enum ImportCheck {
 /// Imports the app in a throwaway worker (`sauna-supervisor check`). Must be called outside any
 /// tokio runtime (it runs its own, small one).
 pub fn check_import(app: &AppConfig, base_dir: &Path) -> Result<(), ImportCheck> {
+    check_import_with(app, base_dir, None)
+}
+
+/// [`check_import`], and with `post_fork` (`[web] preload`) also imports the hook and checks
+/// that it names a callable, as a template does before it forks.
+pub fn check_import_with(
+    app: &AppConfig,
+    base_dir: &Path,
+    post_fork: Option<&str>,
+) -> Result<(), ImportCheck> {
     let launch = Launch::new(app, base_dir, NonZeroUsize::MIN, Duration::from_secs(120))
         .map_err(ImportCheck::NotRun)?;
     if !launch.directory.is_dir() {
@@ -541,9 +702,9 @@ pub fn check_import(app: &AppConfig, base_dir: &Path) -> Result<(), ImportCheck>
         .build()
         .map_err(|error| ImportCheck::NotRun(format!("cannot start a runtime: {error}")))?;
     runtime.block_on(async {
-        match start(&launch, "check", "check").await {
+        match start_with(&launch, Mode::Check, "check", Vec::new(), post_fork).await {
             Ok(mut started) => {
-                let _ = started.child.wait().await;
+                let _ = started.process.wait().await;
                 Ok(())
             }
             Err(StartError::Import(traceback)) => Err(ImportCheck::Failed(traceback)),

@@ -9,7 +9,18 @@ import traceback goes back, then faulthandler writes stack dumps to it on SIGUSR
 the request slots, one per thread. Each slot carries one request at a time, so a thread blocks on
 its own socket and needs no locking, queueing or request ids.
 
-argv: protocol mode(serve|check) kind(wsgi|paste) target threads ring_size
+argv: protocol mode(serve|check|template) kind(wsgi|paste) target threads ring_size [post_fork]
+
+With mode "template" ([web] preload) this process imports the app once for a whole generation and
+never serves: descriptor 4 is then a SOCK_SEQPACKET socket on which the supervisor asks for
+workers. Each request is "threads ring_size" with the new worker's descriptors attached
+(SCM_RIGHTS: control, slots, rings, stdout, stderr); the template forks, the child puts them on
+3, 4, ... (and 1, 2) and serves exactly like a spawned worker. The template answers "F pid" (or
+"E why"), and "X pid code" when a worker it forked has exited (waitstatus_to_exitcode). Its
+`threads` argument is the workers' slot count: it holds their descriptor numbers with /dev/null
+during the import, so the app's own files land elsewhere. The child leads its own process group,
+dies with the template (PR_SET_PDEATHSIG), re-enables the gc the template froze, reseeds random
+and calls post_fork (module:callable) before it reports ready.
 
 With ring_size > 0, descriptors 4+threads, ... are the slots' shared body rings (memfds, see
 supervisor/src/worker/ring.rs): a big chunk is copied into the ring and announced with a small
@@ -17,11 +28,14 @@ SHARED frame instead of being written to the socket, when the ring has room for 
 """
 
 import faulthandler
+import gc
 import importlib
 import io
 import itertools
 import mmap
 import os
+import random
+import select
 import signal
 import socket
 import struct
@@ -40,6 +54,8 @@ FLAG_TERMINATED = 2
 FLAG_END = 1
 CONTROL_FD = 3
 FIRST_SLOT_FD = 4
+TEMPLATE_FD = 4
+PR_SET_PDEATHSIG = 1
 STACK_SIGNAL = signal.SIGUSR2
 RECV_SIZE = 65536
 READ_SIZE = 65536
@@ -428,25 +444,20 @@ def load_app(kind, target):
     return app
 
 
-def main(argv):
-    protocol, mode, kind, target, threads, ring_size = argv
-    threads = int(threads)
-    ring_size = int(ring_size)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    if int(protocol) != PROTOCOL:
-        report(FAILED, ("shim speaks protocol %d, supervisor %s" % (PROTOCOL, protocol)).encode())
-        return 1
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        app = load_app(kind, target)
-    except BaseException:  # noqa: BLE001 - SystemExit and SyntaxError at import are failures too
-        report(FAILED, traceback.format_exc().encode("utf-8", "replace"))
-        return 1
+def resolve_callable(target):
+    """`module:callable` imported and looked up (the post_fork hook)."""
+    module_name, _, attribute = target.partition(":")
+    found = importlib.import_module(module_name)
+    for part in attribute.split("."):
+        found = getattr(found, part)
+    if not callable(found):
+        raise TypeError("%s is not callable (got %r)" % (target, type(found).__name__))
+    return found
+
+
+def serve(app, threads, ring_size):
+    """Reports ready and serves the request slots until the supervisor closes them all."""
     report(READY, ("%d\0%d\0%s" % (os.getpid(), PROTOCOL, sys.version.split()[0])).encode())
-    if mode == "check":
-        return 0
     faulthandler.register(STACK_SIGNAL, file=CONTROL_FD, all_threads=True)
     base = {
         "wsgi.version": (1, 0),
@@ -475,6 +486,199 @@ def main(argv):
     for helper in helpers:
         helper.join()
     return 0
+
+
+class Template:
+    """The preloaded process of one generation: forks workers on request and reports their exits."""
+
+    def __init__(self, app, hook):
+        import ctypes
+
+        self.app = app
+        self.hook = hook
+        self.pid = os.getpid()
+        # Loaded here, before any fork, so that a child sets its parent-death signal without
+        # importing anything.
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.requests = socket.socket(fileno=TEMPLATE_FD)
+        self.wake_read, self.wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def run(self):
+        try:
+            return self.serve_requests()
+        except ConnectionError:
+            # The supervisor let go of this generation while we answered it.
+            return 0
+
+    def serve_requests(self):
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        signal.set_wakeup_fd(self.wake_write)
+        # poll, not select: the app may have opened more than FD_SETSIZE files at import.
+        poller = select.poll()
+        poller.register(self.requests, select.POLLIN)
+        poller.register(self.wake_read, select.POLLIN)
+        requests_fd = self.requests.fileno()
+        while True:
+            readable = {fd for fd, _events in poller.poll()}
+            if self.wake_read in readable:
+                try:
+                    while os.read(self.wake_read, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+                self.reap()
+            if requests_fd in readable:
+                message, fds, _flags, _address = socket.recv_fds(self.requests, 256, 1024)
+                if not message:
+                    # The supervisor let go of this generation: its workers die with us.
+                    return 0
+                self.fork(message, fds)
+
+    def reap(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.requests.send(b"X %d %d" % (pid, os.waitstatus_to_exitcode(status)))
+
+    def fork(self, message, fds):
+        try:
+            threads, ring_size = (int(field) for field in message.split())
+        except ValueError:
+            for fd in fds:
+                os.close(fd)
+            self.requests.send(b"E malformed fork request %r" % message[:64])
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            pid = os.fork()
+        except OSError as error:
+            for fd in fds:
+                os.close(fd)
+            self.requests.send(b"E " + str(error).encode("utf-8", "replace"))
+            return
+        if pid == 0:
+            code = 1
+            try:
+                code = self.become_worker(fds, threads, ring_size)
+            except BaseException:  # noqa: BLE001 - a child must never return into the template loop
+                try:
+                    report(FAILED, traceback.format_exc().encode("utf-8", "replace"))
+                except OSError:
+                    traceback.print_exc()
+            finally:
+                os._exit(code)
+        # Set on both sides of the fork, so the group exists before the supervisor hears the pid.
+        try:
+            os.setpgid(pid, pid)
+        except OSError:
+            pass
+        for fd in fds:
+            os.close(fd)
+        self.requests.send(b"F %d" % pid)
+
+    def become_worker(self, fds, threads, ring_size):
+        """In the child: own process group, death with the template, the worker's descriptors."""
+        try:
+            os.setpgid(0, 0)
+        except OSError:
+            pass
+        if self.libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != self.pid:
+            os._exit(1)
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        self.requests.close()
+        os.close(self.wake_read)
+        os.close(self.wake_write)
+        *channels, out, err = fds
+        # First above every target number, so that no dup2 below overwrites a received one.
+        floor = CONTROL_FD + len(channels) + 1
+        high = [fcntl_dup(fd, floor) for fd in fds]
+        for fd in fds:
+            os.close(fd)
+        *channels, out, err = high
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+        for number, fd in enumerate(channels, CONTROL_FD):
+            os.dup2(fd, number)
+        for fd in high:
+            os.close(fd)
+        gc.enable()
+        random.seed()
+        if self.hook is not None:
+            self.hook()
+        return serve(self.app, threads, ring_size)
+
+
+def fcntl_dup(fd, floor):
+    import fcntl
+
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor)
+
+
+def reserve_worker_descriptors(threads):
+    """Holds the numbers a forked worker's slots and rings will take (after 4, the template's
+    request socket) with /dev/null, so that files the app opens at import get other numbers and
+    are not overwritten in the worker."""
+    placeholder = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    for number in range(TEMPLATE_FD + 1, FIRST_SLOT_FD + 2 * threads):
+        try:
+            os.fstat(number)
+        except OSError:
+            os.dup2(placeholder, number, inheritable=False)
+    if placeholder >= FIRST_SLOT_FD + 2 * threads:
+        os.close(placeholder)
+
+
+def thread_report():
+    """Threads running after the import, which a fork does not carry into the workers."""
+    names = [thread.name for thread in threading.enumerate() if thread is not threading.main_thread()]
+    try:
+        count = len(os.listdir("/proc/self/task")) - 1
+    except OSError:
+        count = len(names)
+    return "%d\0%s" % (max(count, len(names)), ",".join(names))
+
+
+def main(argv):
+    protocol, mode, kind, target, threads, ring_size = argv[:6]
+    post_fork = argv[6] if len(argv) > 6 else ""
+    threads = int(threads)
+    ring_size = int(ring_size)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    if int(protocol) != PROTOCOL:
+        report(FAILED, ("shim speaks protocol %d, supervisor %s" % (PROTOCOL, protocol)).encode())
+        return 1
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    if mode == "template":
+        reserve_worker_descriptors(threads)
+        # No collection while importing leaves no freed holes in pages the workers will share;
+        # the workers collect again (gc.enable in the child).
+        gc.disable()
+    try:
+        app = load_app(kind, target)
+        hook = resolve_callable(post_fork) if post_fork else None
+    except BaseException:  # noqa: BLE001 - SystemExit and SyntaxError at import are failures too
+        report(FAILED, traceback.format_exc().encode("utf-8", "replace"))
+        return 1
+    if mode == "check":
+        report(READY, ("%d\0%d\0%s" % (os.getpid(), PROTOCOL, sys.version.split()[0])).encode())
+        return 0
+    if mode == "template":
+        # Everything imported so far moves to the permanent generation: no collection in a
+        # worker writes to the pages holding it, so they stay shared.
+        gc.freeze()
+        template = Template(app, hook)
+        info = "%d\0%d\0%s\0%s" % (os.getpid(), PROTOCOL, sys.version.split()[0], thread_report())
+        report(READY, info.encode("utf-8", "replace"))
+        return template.run()
+    return serve(app, threads, ring_size)
 
 
 sys.exit(main(sys.argv[1:]))
