@@ -7,21 +7,25 @@
 //! logrotate has renamed the file, lines go on reaching the renamed file until the reopen, and
 //! the new file at the configured path from then on, with nothing lost in between.
 //!
+//! Access-log lines go through a bounded buffer written by a thread of its own ([`batch`]); the
+//! supervisor calls [`LogHandle::flush`] before it exits so that none is lost on a clean stop.
+//!
 //! This module does not decide what is logged. Programs' output is turned into events by the
 //! module that captures it; secrets (broker passwords, `[app].env` values) must never be passed
 //! to an event in the first place, since no filter here could recognise them.
 
+mod batch;
+
 use std::fs::{File, OpenOptions};
-use std::io::{self, IsTerminal, Write};
+use std::io::{self, IsTerminal};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use anyhow::Context;
 use tracing::Subscriber;
 use tracing_subscriber::filter::EnvFilter;
-use tracing_subscriber::fmt::MakeWriter;
-use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::{Layer, Registry};
 
@@ -46,16 +50,38 @@ pub struct LogOptions {
     pub log_file: Option<PathBuf>,
 }
 
+pub use batch::ACCESS_TARGET;
+
+/// Access-log lines dropped in this process because the output could not keep up.
+static ACCESS_LINES_DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// Access-log lines dropped so far because the log output could not keep up with the requests
+/// (`sauna_access_log_dropped_total`).
+pub fn access_lines_dropped() -> u64 {
+    ACCESS_LINES_DROPPED.load(Ordering::Relaxed)
+}
+
 /// Permissions of a log file this module creates: the service's user and group may read it.
 const LOG_FILE_MODE: u32 = 0o640;
 
-/// Reopens the log file; cheap to clone. Without `--log-file` reopening does nothing.
+/// Reopens the log file and flushes buffered access lines; cheap to clone. Without `--log-file`
+/// reopening does nothing.
 #[derive(Debug, Clone, Default)]
 pub struct LogHandle {
     file: Option<Arc<LogFile>>,
+    /// `None` only for a handle made without a logger (tests).
+    writer: Option<batch::Batched>,
 }
 
 impl LogHandle {
+    /// Writes every buffered access line now. Call before the process exits: the writer thread
+    /// does not outlive `main`.
+    pub fn flush(&self) {
+        if let Some(writer) = &self.writer {
+            writer.flush();
+        }
+    }
+
     /// Opens `--log-file` again by name and sends every later line there. On failure the old file
     /// keeps receiving lines and the error names the path.
     pub fn reopen(&self) -> io::Result<()> {
@@ -82,19 +108,17 @@ fn build(
     stderr_is_terminal: bool,
 ) -> anyhow::Result<(impl Subscriber + Send + Sync + 'static, LogHandle)> {
     let filter = filter(args.log_level.as_deref(), rust_log)?;
-    let (writer, handle, ansi) = match &args.log_file {
+    let (output, file, ansi) = match &args.log_file {
         Some(path) => {
             let file = Arc::new(LogFile::open(path)?);
-            let handle = LogHandle {
-                file: Some(Arc::clone(&file)),
-            };
-            (BoxMakeWriter::new(FileWriter(file)), handle, false)
+            (batch::Output::File(Arc::clone(&file)), Some(file), false)
         }
-        None => (
-            BoxMakeWriter::new(io::stderr),
-            LogHandle::default(),
-            stderr_is_terminal,
-        ),
+        None => (batch::Output::Stderr, None, stderr_is_terminal),
+    };
+    let writer = batch::Batched::new(output, &ACCESS_LINES_DROPPED);
+    let handle = LogHandle {
+        file,
+        writer: Some(writer.clone()),
     };
     let layer: Box<dyn Layer<Registry> + Send + Sync> = match args.log_format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
@@ -133,8 +157,8 @@ fn filter(log_level: Option<&str>, rust_log: Option<&str>) -> anyhow::Result<Env
 #[derive(Debug)]
 struct LogFile {
     path: PathBuf,
-    /// Writers hold the read side while writing one event; a reopen takes the write side only to
-    /// swap the handle, so no event is split between two files.
+    /// The writer holds the read side while writing one event or batch; a reopen takes the write
+    /// side only to swap the handle, so no line is split between two files.
     file: RwLock<File>,
 }
 
@@ -171,32 +195,6 @@ fn open_append(path: &Path) -> io::Result<File> {
         .create(true)
         .mode(LOG_FILE_MODE)
         .open(path)
-}
-
-/// Hands the current log file to the formatter, one event at a time.
-struct FileWriter(Arc<LogFile>);
-
-impl<'a> MakeWriter<'a> for FileWriter {
-    type Writer = FileGuard<'a>;
-
-    fn make_writer(&'a self) -> FileGuard<'a> {
-        FileGuard(self.0.file.read().unwrap_or_else(PoisonError::into_inner))
-    }
-}
-
-/// The log file, held for the duration of one event.
-struct FileGuard<'a>(RwLockReadGuard<'a, File>);
-
-impl Write for FileGuard<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        // `&File` is `Write`: appends from several threads need no exclusive access, and
-        // O_APPEND makes each write land at the end even if logrotate's copytruncate was used.
-        (&*self.0).write(buf)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        (&*self.0).flush()
-    }
 }
 
 #[cfg(test)]
@@ -320,6 +318,30 @@ mod tests {
             .err()
             .expect("no such directory");
         assert!(format!("{error:#}").contains("missing-dir"), "{error:#}");
+    }
+
+    #[test]
+    fn access_events_keep_their_format_and_order_through_the_buffer() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("sauna.log");
+        let (subscriber, handle) =
+            build(&file_args(&path, LogFormat::Json, None), None, false).expect("build");
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(target: ACCESS_TARGET, status = 200, "GET / 200");
+            tracing::warn!("after the request");
+            tracing::info!(target: ACCESS_TARGET, status = 404, "GET /missing 404");
+        });
+        handle.flush();
+        let text = read(&path);
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("each line is JSON"))
+            .collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(lines[0]["target"], ACCESS_TARGET);
+        assert_eq!(lines[0]["status"], 200);
+        assert_eq!(lines[1]["message"], "after the request");
+        assert_eq!(lines[2]["message"], "GET /missing 404");
     }
 
     #[test]

@@ -318,7 +318,7 @@ impl Completion {
             .observe(duration.as_secs_f64());
         if self.access_log {
             tracing::info!(
-                target: "sauna::access",
+                target: crate::logging::ACCESS_TARGET,
                 method = %self.method,
                 path = %self.path,
                 status = self.status,
