@@ -85,6 +85,8 @@ impl LogHandle {
     /// Opens `--log-file` again by name and sends every later line there. On failure the old file
     /// keeps receiving lines and the error names the path.
     pub fn reopen(&self) -> io::Result<()> {
+        // Lines logged before the reopen belong in the file that was current then.
+        self.flush();
         match &self.file {
             Some(file) => file.reopen(),
             None => Ok(()),

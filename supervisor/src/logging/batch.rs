@@ -53,7 +53,8 @@ impl Output {
         match self {
             Output::Stderr => io::stderr().lock().write_all(bytes),
             // `&File` is `Write`; the read side of the lock keeps a reopen from swapping the
-            // file in the middle of a batch.
+            // file in the middle of a batch, and O_APPEND makes each write land at the end even
+            // if logrotate's copytruncate was used.
             Output::File(file) => {
                 (&*file.file.read().unwrap_or_else(PoisonError::into_inner)).write_all(bytes)
             }
