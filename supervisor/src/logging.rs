@@ -7,8 +7,9 @@
 //! logrotate has renamed the file, lines go on reaching the renamed file until the reopen, and
 //! the new file at the configured path from then on, with nothing lost in between.
 //!
-//! Access-log lines go through a bounded buffer written by a thread of its own ([`batch`]); the
-//! supervisor calls [`LogHandle::flush`] before it exits so that none is lost on a clean stop.
+//! Access-log entries ([`log_access`]) are formatted and written by a thread of their own, in
+//! batches, through a bounded queue ([`batch`]); the supervisor calls [`LogHandle::flush`] before
+//! it exits so that none is lost on a clean stop.
 //!
 //! This module does not decide what is logged. Programs' output is turned into events by the
 //! module that captures it; secrets (broker passwords, `[app].env` values) must never be passed
@@ -21,7 +22,7 @@ use std::io::{self, IsTerminal};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 use anyhow::Context;
 use tracing::Subscriber;
@@ -50,7 +51,20 @@ pub struct LogOptions {
     pub log_file: Option<PathBuf>,
 }
 
-pub use batch::ACCESS_TARGET;
+pub use batch::{ACCESS_TARGET, AccessRecord};
+
+/// The process-wide logger's writer, once [`init`] has installed it.
+static WRITER: OnceLock<batch::Batched> = OnceLock::new();
+
+/// Logs one finished request in the access log, unless the log filter leaves `sauna::access`
+/// out. The entry is formatted and written by the log's writer thread; without the
+/// process-wide logger (a library user's own subscriber) it is an ordinary event.
+pub fn log_access(record: AccessRecord) {
+    match WRITER.get() {
+        Some(writer) => writer.enqueue(record),
+        None => record.emit(),
+    }
+}
 
 /// Access-log lines dropped in this process because the output could not keep up.
 static ACCESS_LINES_DROPPED: AtomicU64 = AtomicU64::new(0);
@@ -100,6 +114,10 @@ pub fn init(args: &LogOptions) -> anyhow::Result<LogHandle> {
     let (subscriber, handle) = build(args, rust_log.as_deref(), io::stderr().is_terminal())?;
     tracing::subscriber::set_global_default(subscriber)
         .context("cannot install the logger: one is already installed")?;
+    if let Some(writer) = &handle.writer {
+        // Cannot be set already: `set_global_default` succeeds once per process.
+        let _ = WRITER.set(writer.clone());
+    }
     Ok(handle)
 }
 
@@ -117,7 +135,37 @@ fn build(
         }
         None => (batch::Output::Stderr, None, stderr_is_terminal),
     };
-    let writer = batch::Batched::new(output, &ACCESS_LINES_DROPPED);
+    let formatter = match args.log_format {
+        LogFormat::Text => tracing::Dispatch::new(
+            Registry::default().with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(ansi)
+                    .with_timer(batch::RecordedTime)
+                    .with_writer(batch::FormattedBuffer),
+            ),
+        ),
+        LogFormat::Json => tracing::Dispatch::new(
+            Registry::default().with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_ansi(false)
+                    .with_timer(batch::RecordedTime)
+                    .with_writer(batch::FormattedBuffer),
+            ),
+        ),
+    };
+    // Decided once, with the same directives as the filter below, so that the front does not
+    // ask the subscriber for every request. (A per-layer filter asked through `enabled!` would
+    // be left expecting the event that the front never sends it.)
+    let access_enabled = {
+        let probe = Registry::default().with(self::filter(args.log_level.as_deref(), rust_log)?);
+        tracing::subscriber::with_default(
+            probe,
+            || tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO),
+        )
+    };
+    let writer = batch::Batched::new(output, formatter, access_enabled, &ACCESS_LINES_DROPPED);
     let handle = LogHandle {
         file,
         writer: Some(writer.clone()),
@@ -322,28 +370,108 @@ mod tests {
         assert!(format!("{error:#}").contains("missing-dir"), "{error:#}");
     }
 
-    #[test]
-    fn access_events_keep_their_format_and_order_through_the_buffer() {
+    fn record(path: &str, status: u16) -> AccessRecord {
+        AccessRecord {
+            // 2023-11-14T22:13:20.123456Z
+            at: std::time::UNIX_EPOCH + std::time::Duration::from_micros(1_700_000_000_123_456),
+            method: "GET".to_owned(),
+            path: path.to_owned(),
+            status,
+            bytes: 13,
+            duration: std::time::Duration::from_micros(1500),
+            queue_wait: None,
+            worker: Some(1),
+            completed: true,
+        }
+    }
+
+    /// The same entries through the queue and as plain events; returns both logs.
+    fn queued_and_direct(format: LogFormat) -> (String, String) {
         let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("sauna.log");
+        let queued = dir.path().join("queued.log");
+        let direct = dir.path().join("direct.log");
         let (subscriber, handle) =
-            build(&file_args(&path, LogFormat::Json, None), None, false).expect("build");
+            build(&file_args(&queued, format, None), None, false).expect("build");
+        let writer = handle.writer.clone().expect("a writer");
         tracing::subscriber::with_default(subscriber, || {
-            tracing::info!(target: ACCESS_TARGET, status = 200, "GET / 200");
-            tracing::warn!("after the request");
-            tracing::info!(target: ACCESS_TARGET, status = 404, "GET /missing 404");
+            writer.enqueue(record("/a?x=1", 200));
+            tracing::warn!("between");
+            writer.enqueue(record("/b", 404));
         });
         handle.flush();
-        let text = read(&path);
-        let lines: Vec<serde_json::Value> = text
-            .lines()
-            .map(|line| serde_json::from_str(line).expect("each line is JSON"))
-            .collect();
-        assert_eq!(lines.len(), 3, "{text}");
-        assert_eq!(lines[0]["target"], ACCESS_TARGET);
-        assert_eq!(lines[0]["status"], 200);
-        assert_eq!(lines[1]["message"], "after the request");
-        assert_eq!(lines[2]["message"], "GET /missing 404");
+        let (subscriber, _handle) =
+            build(&file_args(&direct, format, None), None, false).expect("build");
+        tracing::subscriber::with_default(subscriber, || {
+            record("/a?x=1", 200).emit();
+            tracing::warn!("between");
+            record("/b", 404).emit();
+        });
+        (read(&queued), read(&direct))
+    }
+
+    #[test]
+    fn queued_text_entries_read_like_plain_events_in_order() {
+        let (queued, direct) = queued_and_direct(LogFormat::Text);
+        let queued: Vec<&str> = queued.lines().collect();
+        let direct: Vec<&str> = direct.lines().collect();
+        assert_eq!(queued.len(), 3, "{queued:?}");
+        assert_eq!(direct.len(), 3, "{direct:?}");
+        for (queued, direct) in queued.iter().zip(&direct) {
+            // Everything but the timestamp: the queued entry has the response's.
+            let (_, queued_rest) = queued.split_once(' ').expect("a timestamp");
+            let (direct_time, direct_rest) = direct.split_once(' ').expect("a timestamp");
+            assert_eq!(queued_rest, direct_rest);
+            assert_eq!(
+                queued.find(' '),
+                Some(direct_time.len()),
+                "{queued} / {direct}"
+            );
+        }
+        assert!(
+            queued[0]
+                .starts_with("2023-11-14T22:13:20.123456Z  INFO sauna::access: GET /a?x=1 200"),
+            "{}",
+            queued[0]
+        );
+        assert!(queued[1].contains("between"), "{}", queued[1]);
+        assert!(queued[2].contains("GET /b 404"), "{}", queued[2]);
+    }
+
+    #[test]
+    fn queued_json_entries_read_like_plain_events_in_order() {
+        let (queued, direct) = queued_and_direct(LogFormat::Json);
+        let parse = |text: &str| -> Vec<serde_json::Value> {
+            text.lines()
+                .map(|line| serde_json::from_str(line).expect("each line is JSON"))
+                .collect()
+        };
+        let (mut queued, mut direct) = (parse(&queued), parse(&direct));
+        assert_eq!(queued.len(), 3);
+        assert_eq!(queued[0]["timestamp"], "2023-11-14T22:13:20.123456Z");
+        assert_eq!(queued[0]["target"], ACCESS_TARGET);
+        assert_eq!(queued[0]["path"], "/a?x=1");
+        assert_eq!(queued[0]["duration_ms"], 1.5);
+        assert_eq!(queued[0]["worker"], 1);
+        assert_eq!(queued[2]["message"], "GET /b 404");
+        for line in queued.iter_mut().chain(direct.iter_mut()) {
+            line.as_object_mut().expect("an object").remove("timestamp");
+        }
+        assert_eq!(queued, direct);
+    }
+
+    #[test]
+    fn a_filter_without_the_access_target_drops_entries_before_the_queue() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("sauna.log");
+        let args = file_args(&path, LogFormat::Text, Some("warn"));
+        let (_subscriber, handle) = build(&args, None, false).expect("build");
+        handle
+            .writer
+            .clone()
+            .expect("a writer")
+            .enqueue(record("/", 200));
+        handle.flush();
+        assert_eq!(read(&path), "");
     }
 
     #[test]
