@@ -2,9 +2,9 @@
 //! logs them (the front's only thread): it hands their fields ([`AccessRecord`]) to a bounded
 //! queue, and a dedicated thread formats them — with the same `tracing` formatter and options
 //! as every other line, so the format is the one a plain event would have — and writes many
-//! lines per `write(2)`. Every other line is formatted and written at once by the thread that
-//! logs it, after whatever access entries are still queued, so lines keep the order they were
-//! logged in.
+//! lines per `write(2)`. Every other line is formatted by the thread that logs it and written at
+//! once — or, when access entries are queued, queued behind them for the writer thread, woken
+//! at once — so lines keep the order they were logged in.
 //!
 //! When the queue is full (the output is slower than the traffic: a stalled pipe, a slow disk)
 //! the entry is dropped and counted (`sauna_access_log_dropped_total`, and a warning). nginx and
