@@ -7,6 +7,8 @@
 #   git worktree add /tmp/old REV && (cd /tmp/old && cargo build --release)
 #   cargo build --release
 #   benches/compare-builds.sh /tmp/old/target/release/sauna-supervisor target/release/sauna-supervisor
+#   ACCESS_LOG=json benches/compare-builds.sh OLD NEW   # both with the access log on (text or json),
+#                                                       # written to a file
 #
 # Needs wrk, curl and bc (apt-get install -y wrk curl bc) and the venv scripts/setup.sh makes.
 set -euo pipefail
@@ -16,6 +18,12 @@ for tool in wrk curl bc; do
   command -v $tool >/dev/null || { echo "$tool is missing: apt-get install -y $tool" >&2; exit 2; }
 done
 old=$(readlink -f "$1") new=$(readlink -f "$2") rounds=${ROUNDS:-5} dur=${DURATION:-5s}
+access_log=false log_format=text
+case ${ACCESS_LOG:-} in
+  "") ;;
+  text | json) access_log=true log_format=$ACCESS_LOG ;;
+  *) echo "ACCESS_LOG must be text or json" >&2; exit 2 ;;
+esac
 py=$(readlink -f "${PYTHON:-.venv/bin/python}")
 work=$(mktemp -d); cp benches/web_apps.py "$work/apps.py"
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
@@ -32,18 +40,19 @@ wsgi = "apps:hello"
 listen = ["127.0.0.1:$port"]
 workers = 2
 threads = 1
-access_log = false
+access_log = $access_log
 [metrics]
 listen = ""
 [control]
 socket = "$work/$port/control.sock"
 TOML
-  "$bin" run -c "$work/$port/sauna.toml" > "$work/$port/log" 2>&1 &
+  "$bin" run -c "$work/$port/sauna.toml" --log-format "$log_format" > "$work/$port/log" 2>&1 &
   local pid=$!
   for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/" >/dev/null 2>&1 && break; sleep 0.1; done
   wrk -t2 -c"$c" -d2s "http://127.0.0.1:$port/" >/dev/null 2>&1
   local rps; rps=$(wrk -t2 -c"$c" -d"$dur" "http://127.0.0.1:$port/" | awk '/Requests\/sec/ {print $2}')
   kill -TERM $pid; wait $pid 2>/dev/null || true
+  rm -f "$work/$port/log" # with the access log on, tens of MB per run
   echo "$rps"
 }
 echo "load: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -25,3 +25,38 @@ stop_server() {
   wait "$pid" 2>/dev/null || true
   sleep 0.5
 }
+
+# Clock ticks (see `getconf CLK_TCK`) of CPU time used so far by process $1 and all its
+# descendants, counting children they have already reaped (cutime/cstime); the difference over a
+# run is the whole server's CPU time, however it spreads work over processes and threads.
+tree_cpu_ticks() {
+  "${PYTHON:-python3}" - "$1" <<'PY'
+import os, sys
+
+root = int(sys.argv[1])
+parent, ticks = {}, {}
+for entry in os.listdir("/proc"):
+    if not entry.isdigit():
+        continue
+    try:
+        with open(f"/proc/{entry}/stat") as stat:
+            text = stat.read()
+    except OSError:  # exited meanwhile
+        continue
+    # The command name may hold spaces and parentheses: fields start after the last ")".
+    fields = text[text.rindex(")") + 2:].split()
+    pid = int(entry)
+    parent[pid] = int(fields[1])  # ppid (field 4)
+    ticks[pid] = sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
+children = {}
+for pid, ppid in parent.items():
+    children.setdefault(ppid, []).append(pid)
+total, todo = 0, [root]
+while todo:
+    pid = todo.pop()
+    if pid in ticks:
+        total += ticks[pid]
+        todo += children.get(pid, [])
+print(total)
+PY
+}

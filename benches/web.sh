@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # Side-by-side load benchmark of sauna-supervisor against Gunicorn (sync and gthread), uWSGI
 # (--http-socket) and Granian (WSGI), same apps (benches/web_apps.py), same number of workers, load
-# from wrk on loopback, one server after another. Prints req/s, p50, p99 and sauna's ratio.
+# from wrk on loopback, one server after another. Prints req/s, p50, p99, the CPU time each
+# server's whole process tree spent per request (µs, from /proc: every process and thread, children
+# it reaped included) and sauna's ratio; with ROUNDS > 1 the servers take turns round after round
+# and the table shows medians.
 #
-#   benches/web.sh                 # everything (about 6 minutes)
+#   benches/web.sh                 # everything (about 7 minutes)
 #   DURATION=5s benches/web.sh     # shorter runs
 #   SCENARIOS=stream SERVERS="sauna uwsgi" benches/web.sh   # a focused run
+#   ROUNDS=3 DURATION=5s SCENARIOS=hello SERVERS="sauna sauna-log-text sauna-log-json granian" \
+#     benches/web.sh               # interleaved rounds, medians: what the access log costs
 #
 # Needs wrk (apt-get install -y wrk). Peers are pip-installed into benches/.venv.
+# Servers: sauna (access_log = false), sauna-log-text and sauna-log-json (access_log = true, the
+# log in text or --log-format json, written to a file; hello only), uwsgi, granian, gunicorn-sync,
+# gunicorn-gthread.
 # Scenarios (2 workers each):
 #   hello    2 workers x 1 thread, keep-alive, wrk -c16 and -c64
 #   stream   1 MiB streamed response, 2 x 1, wrk -c16 (reports MB/s)
@@ -21,6 +29,7 @@ cd "$(dirname "$0")/.."
 # shellcheck source=benches/peers.sh
 . benches/peers.sh
 DURATION=${DURATION:-10s}
+ROUNDS=${ROUNDS:-1}
 PYTHON=${PYTHON:-python3}
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 2; }
 
@@ -37,7 +46,12 @@ start_server() { # name app threads -> sets $pid and $url
   local name=$1 app=$2 threads=$3
   port=$((port + 1))
   case $name in
-    sauna)
+    sauna | sauna-log-text | sauna-log-json)
+      local access_log=false format=text
+      case $name in
+        sauna-log-text) access_log=true ;;
+        sauna-log-json) access_log=true format=json ;;
+      esac
       cat > "$work/sauna.toml" <<TOML
 [app]
 directory = "$work"
@@ -47,13 +61,13 @@ wsgi = "apps:$app"
 listen = ["127.0.0.1:$port"]
 workers = 2
 threads = $threads
-access_log = false
+access_log = $access_log
 [metrics]
 listen = "127.0.0.1:$((port + 1000))"
 [control]
 socket = "$work/control.sock"
 TOML
-      target/release/sauna-supervisor run -c "$work/sauna.toml" >"$work/$name.log" 2>&1 &
+      target/release/sauna-supervisor run -c "$work/sauna.toml" --log-format "$format" >"$work/$name.log" 2>&1 &
       ;;
     gunicorn-sync)
       "$venv/bin/gunicorn" --chdir "$work" -w 2 -b "127.0.0.1:$port" "apps:$app" >"$work/$name.log" 2>&1 & ;;
@@ -71,25 +85,33 @@ TOML
   wait_until_up 100
 }
 
-# wrk's summary as "req/s p50 p99 MB/s".
+clock_ticks=$(getconf CLK_TCK)
+
+# wrk's summary as "req/s p50 p99 MB/s CPU-µs-per-request", the last one for the server $pid.
 run_wrk() {
-  local out
+  local out before after
+  before=$(tree_cpu_ticks "$pid")
   out=$(wrk --latency "$@")
-  awk '
+  after=$(tree_cpu_ticks "$pid")
+  awk -v ticks=$((after - before)) -v hz="$clock_ticks" '
+    / requests in / {requests=$1}
     /Requests\/sec/ {rps=$2}
     /Transfer\/sec/ {t=$2; if (t ~ /GB/) {sub("GB","",t); t*=1024} else if (t ~ /MB/) {sub("MB","",t)} else if (t ~ /KB/) {sub("KB","",t); t/=1024}; mbs=t}
     $1=="50%" {p50=$2} $1=="99%" {p99=$2}
-    END {printf "%s %s %s %s\n", rps, p50, p99, mbs}' <<<"$out"
+    END {cpu = requests > 0 ? sprintf("%.1f", ticks * 1e6 / hz / requests) : "-"
+         printf "%s %s %s %s %s\n", rps, p50, p99, mbs, cpu}' <<<"$out"
 }
 
 results=$work/results
 : >"$results"
 record() { echo "$1|$2|$3" >>"$results"; echo "  $1 $2: $3" >&2; }
 
-read -r -a servers <<<"${SERVERS:-sauna uwsgi granian gunicorn-sync gunicorn-gthread}"
+read -r -a servers <<<"${SERVERS:-sauna sauna-log-text sauna-log-json uwsgi granian gunicorn-sync gunicorn-gthread}"
 scenarios=" ${SCENARIOS:-hello stream mixed} "
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+for round in $(seq "$ROUNDS"); do
 for server in "${servers[@]}"; do
-  echo "== $server" >&2
+  echo "== round $round: $server" >&2
   if [[ $scenarios == *" hello "* ]]; then
     start_server "$server" hello 1
     wrk -t2 -c16 -d2s "$url/" >/dev/null # warm-up
@@ -97,6 +119,8 @@ for server in "${servers[@]}"; do
     record hello-c64 "$server" "$(run_wrk -t2 -c64 -d"$DURATION" "$url/")"
     stop_server
   fi
+  # The access-log variants differ from sauna per request only: hello world shows it best.
+  [[ $server == sauna-log-* ]] && continue
   if [[ $scenarios == *" stream "* ]]; then
     start_server "$server" stream 1
     wrk -t2 -c16 -d2s "$url/" >/dev/null # warm-up
@@ -110,12 +134,16 @@ for server in "${servers[@]}"; do
       wrk -t1 -c"$mix" -d"$DURATION" -s benches/web_mix.lua "$url/" >/dev/null &
       load=$!
       sleep 1
-      record "mixed-fast-c$((mix + 4))" "$server" "$(run_wrk -t1 -c4 -d"$(( ${DURATION%s} - 2 ))s" "$url/")"
+      # The server's CPU also goes to the mix, whose requests wrk does not count here: no µs/req.
+      read -r rps p50 p99 mbs _ <<<"$(run_wrk -t1 -c4 -d"$(( ${DURATION%s} - 2 ))s" "$url/")"
+      record "mixed-fast-c$((mix + 4))" "$server" "$rps $p50 $p99 $mbs -"
       wait "$load" || true
     done
     stop_server
   fi
 done
+done
+echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 
 sauna_idle_rss() {
   start_server sauna hello 1
@@ -126,13 +154,55 @@ sauna_idle_rss() {
 idle=$(sauna_idle_rss)
 
 echo
-printf '%-12s %-17s %10s %9s %9s %9s %8s\n' scenario server req/s p50 p99 MB/s "sauna÷"
-while IFS='|' read -r scenario server values; do
-  read -r rps p50 p99 mbs <<<"$values"
-  base=$(awk -F'|' -v s="$scenario" '$1==s && $2=="sauna" {split($3,a," "); print a[1]}' "$results")
-  ratio=$(awk -v a="$base" -v b="$rps" 'BEGIN {if (b > 0) printf "%.2f", a / b; else print "-"}')
-  printf '%-12s %-17s %10s %9s %9s %9s %8s\n' "$scenario" "$server" "$rps" "$p50" "$p99" "$mbs" "$ratio"
-done < <(sort -t'|' -k1,1 -s "$results")
+[ "$ROUNDS" -gt 1 ] && echo "medians of $ROUNDS interleaved rounds"
+# Medians per scenario and server (wrk's latencies keep their units: "612.00us", "1.20ms"), then
+# sauna's ratio and, for the access-log variants, what the log costs against sauna without it.
+"$PYTHON" - "$results" <<'PY'
+import statistics, sys
+
+def seconds(text):
+    for unit, scale in (("us", 1e-6), ("ms", 1e-3), ("s", 1.0)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * scale
+    raise ValueError(text)
+
+def median(values):
+    known = [float(value) for value in values if value not in ("", "-")]
+    return f"{statistics.median(known):.1f}" if known else "-"
+
+def median_latency(values):
+    ordered = sorted(values, key=seconds)
+    return ordered[(len(ordered) - 1) // 2]
+
+rows = {}
+for line in open(sys.argv[1]):
+    scenario, server, values = line.rstrip("\n").split("|")
+    rows.setdefault((scenario, server), []).append(values.split())
+table = {}
+for key, runs in rows.items():
+    columns = list(zip(*runs))
+    table[key] = {
+        "rps": float(median(columns[0])),
+        "p50": median_latency(columns[1]),
+        "p99": median_latency(columns[2]),
+        "mbs": median(columns[3]),
+        "cpu": median(columns[4]),
+    }
+print(f"{'scenario':<12} {'server':<17} {'req/s':>10} {'p50':>9} {'p99':>9} {'MB/s':>9} {'CPU µs/req':>11} {'sauna÷':>7}")
+for scenario, server in sorted(table, key=lambda key: key[0]):
+    row = table[(scenario, server)]
+    base = table.get((scenario, "sauna"))
+    ratio = f"{base['rps'] / row['rps']:.2f}" if base and row["rps"] > 0 else "-"
+    print(f"{scenario:<12} {server:<17} {row['rps']:>10.0f} {row['p50']:>9} {row['p99']:>9} "
+          f"{row['mbs']:>9} {row['cpu']:>11} {ratio:>7}")
+costs = [
+    f"{server[len('sauna-log-'):]} {scenario} {100 * (1 - row['rps'] / table[(scenario, 'sauna')]['rps']):+.1f} %"
+    for (scenario, server), row in sorted(table.items())
+    if server.startswith("sauna-log-") and (scenario, "sauna") in table
+]
+if costs:
+    print("\naccess log cost in req/s against sauna without it (target <= 5 %): " + ", ".join(costs))
+PY
 echo
 echo "sauna-supervisor idle RSS (supervisor process only): $idle"
 echo "machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"

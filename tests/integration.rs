@@ -15,6 +15,8 @@ mod programs;
 mod beat;
 // check: every config problem at once as FILE:LINE:COL (golden output), exit status.
 mod check;
+// access_log: every access line, text and JSON, written before a clean stop ends the process.
+mod access_log;
 // pool: the WSGI pool through real CPython workers (front, dispatch, lifecycle, frameworks).
 mod pool;
 // http: RFC 9112 edges through the real binary — Host, head size (431), chunk lines, short bodies.

@@ -7,21 +7,26 @@
 //! logrotate has renamed the file, lines go on reaching the renamed file until the reopen, and
 //! the new file at the configured path from then on, with nothing lost in between.
 //!
+//! Access-log entries ([`log_access`]) are formatted and written by a thread of their own, in
+//! batches, through a bounded queue ([`batch`]); the supervisor calls [`LogHandle::flush`] before
+//! it exits so that none is lost on a clean stop.
+//!
 //! This module does not decide what is logged. Programs' output is turned into events by the
 //! module that captures it; secrets (broker passwords, `[app].env` values) must never be passed
 //! to an event in the first place, since no filter here could recognise them.
 
+mod batch;
+
 use std::fs::{File, OpenOptions};
-use std::io::{self, IsTerminal, Write};
+use std::io::{self, IsTerminal};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 use anyhow::Context;
 use tracing::Subscriber;
 use tracing_subscriber::filter::EnvFilter;
-use tracing_subscriber::fmt::MakeWriter;
-use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::{Layer, Registry};
 
@@ -46,19 +51,56 @@ pub struct LogOptions {
     pub log_file: Option<PathBuf>,
 }
 
+pub use batch::{ACCESS_TARGET, AccessRecord};
+
+/// The process-wide logger's writer, once [`init`] has installed it.
+static WRITER: OnceLock<batch::Batched> = OnceLock::new();
+
+/// Logs one finished request in the access log, unless the log filter leaves `sauna::access`
+/// out. The entry is formatted and written by the log's writer thread; without the
+/// process-wide logger (a library user's own subscriber) it is an ordinary event.
+pub fn log_access(record: AccessRecord) {
+    match WRITER.get() {
+        Some(writer) => writer.enqueue(record),
+        None => record.emit(),
+    }
+}
+
+/// Access-log lines dropped in this process because the output could not keep up.
+static ACCESS_LINES_DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// Access-log lines dropped so far because the log output could not keep up with the requests
+/// (`sauna_access_log_dropped_total`).
+pub fn access_lines_dropped() -> u64 {
+    ACCESS_LINES_DROPPED.load(Ordering::Relaxed)
+}
+
 /// Permissions of a log file this module creates: the service's user and group may read it.
 const LOG_FILE_MODE: u32 = 0o640;
 
-/// Reopens the log file; cheap to clone. Without `--log-file` reopening does nothing.
+/// Reopens the log file and flushes buffered access lines; cheap to clone. Without `--log-file`
+/// reopening does nothing.
 #[derive(Debug, Clone, Default)]
 pub struct LogHandle {
     file: Option<Arc<LogFile>>,
+    /// `None` only for a handle made without a logger (tests).
+    writer: Option<batch::Batched>,
 }
 
 impl LogHandle {
+    /// Writes every buffered access line now. Call before the process exits: the writer thread
+    /// does not outlive `main`.
+    pub fn flush(&self) {
+        if let Some(writer) = &self.writer {
+            writer.flush();
+        }
+    }
+
     /// Opens `--log-file` again by name and sends every later line there. On failure the old file
     /// keeps receiving lines and the error names the path.
     pub fn reopen(&self) -> io::Result<()> {
+        // Lines logged before the reopen belong in the file that was current then.
+        self.flush();
         match &self.file {
             Some(file) => file.reopen(),
             None => Ok(()),
@@ -72,6 +114,10 @@ pub fn init(args: &LogOptions) -> anyhow::Result<LogHandle> {
     let (subscriber, handle) = build(args, rust_log.as_deref(), io::stderr().is_terminal())?;
     tracing::subscriber::set_global_default(subscriber)
         .context("cannot install the logger: one is already installed")?;
+    if let Some(writer) = &handle.writer {
+        // Cannot be set already: `set_global_default` succeeds once per process.
+        let _ = WRITER.set(writer.clone());
+    }
     Ok(handle)
 }
 
@@ -82,19 +128,47 @@ fn build(
     stderr_is_terminal: bool,
 ) -> anyhow::Result<(impl Subscriber + Send + Sync + 'static, LogHandle)> {
     let filter = filter(args.log_level.as_deref(), rust_log)?;
-    let (writer, handle, ansi) = match &args.log_file {
+    let (output, file, ansi) = match &args.log_file {
         Some(path) => {
             let file = Arc::new(LogFile::open(path)?);
-            let handle = LogHandle {
-                file: Some(Arc::clone(&file)),
-            };
-            (BoxMakeWriter::new(FileWriter(file)), handle, false)
+            (batch::Output::File(Arc::clone(&file)), Some(file), false)
         }
-        None => (
-            BoxMakeWriter::new(io::stderr),
-            LogHandle::default(),
-            stderr_is_terminal,
+        None => (batch::Output::Stderr, None, stderr_is_terminal),
+    };
+    let formatter = match args.log_format {
+        LogFormat::Text => tracing::Dispatch::new(
+            Registry::default().with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(ansi)
+                    .with_timer(batch::RecordedTime)
+                    .with_writer(batch::FormattedBuffer),
+            ),
         ),
+        LogFormat::Json => tracing::Dispatch::new(
+            Registry::default().with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_ansi(false)
+                    .with_timer(batch::RecordedTime)
+                    .with_writer(batch::FormattedBuffer),
+            ),
+        ),
+    };
+    // Decided once, with the same directives as the filter below, so that the front does not
+    // ask the subscriber for every request. (A per-layer filter asked through `enabled!` would
+    // be left expecting the event that the front never sends it.)
+    let access_enabled = {
+        let probe = Registry::default().with(self::filter(args.log_level.as_deref(), rust_log)?);
+        tracing::subscriber::with_default(
+            probe,
+            || tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO),
+        )
+    };
+    let writer = batch::Batched::new(output, formatter, access_enabled, &ACCESS_LINES_DROPPED);
+    let handle = LogHandle {
+        file,
+        writer: Some(writer.clone()),
     };
     let layer: Box<dyn Layer<Registry> + Send + Sync> = match args.log_format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
@@ -133,8 +207,8 @@ fn filter(log_level: Option<&str>, rust_log: Option<&str>) -> anyhow::Result<Env
 #[derive(Debug)]
 struct LogFile {
     path: PathBuf,
-    /// Writers hold the read side while writing one event; a reopen takes the write side only to
-    /// swap the handle, so no event is split between two files.
+    /// The writer holds the read side while writing one event or batch; a reopen takes the write
+    /// side only to swap the handle, so no line is split between two files.
     file: RwLock<File>,
 }
 
@@ -171,32 +245,6 @@ fn open_append(path: &Path) -> io::Result<File> {
         .create(true)
         .mode(LOG_FILE_MODE)
         .open(path)
-}
-
-/// Hands the current log file to the formatter, one event at a time.
-struct FileWriter(Arc<LogFile>);
-
-impl<'a> MakeWriter<'a> for FileWriter {
-    type Writer = FileGuard<'a>;
-
-    fn make_writer(&'a self) -> FileGuard<'a> {
-        FileGuard(self.0.file.read().unwrap_or_else(PoisonError::into_inner))
-    }
-}
-
-/// The log file, held for the duration of one event.
-struct FileGuard<'a>(RwLockReadGuard<'a, File>);
-
-impl Write for FileGuard<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        // `&File` is `Write`: appends from several threads need no exclusive access, and
-        // O_APPEND makes each write land at the end even if logrotate's copytruncate was used.
-        (&*self.0).write(buf)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        (&*self.0).flush()
-    }
 }
 
 #[cfg(test)]
@@ -320,6 +368,110 @@ mod tests {
             .err()
             .expect("no such directory");
         assert!(format!("{error:#}").contains("missing-dir"), "{error:#}");
+    }
+
+    fn record(path: &str, status: u16) -> AccessRecord {
+        AccessRecord {
+            // 2023-11-14T22:13:20.123456Z
+            at: std::time::UNIX_EPOCH + std::time::Duration::from_micros(1_700_000_000_123_456),
+            method: "GET".to_owned(),
+            path: path.to_owned(),
+            status,
+            bytes: 13,
+            duration: std::time::Duration::from_micros(1500),
+            queue_wait: None,
+            worker: Some(1),
+            completed: true,
+        }
+    }
+
+    /// The same entries through the queue and as plain events; returns both logs.
+    fn queued_and_direct(format: LogFormat) -> (String, String) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let queued = dir.path().join("queued.log");
+        let direct = dir.path().join("direct.log");
+        let (subscriber, handle) =
+            build(&file_args(&queued, format, None), None, false).expect("build");
+        let writer = handle.writer.clone().expect("a writer");
+        tracing::subscriber::with_default(subscriber, || {
+            writer.enqueue(record("/a?x=1", 200));
+            tracing::warn!("between");
+            writer.enqueue(record("/b", 404));
+        });
+        handle.flush();
+        let (subscriber, _handle) =
+            build(&file_args(&direct, format, None), None, false).expect("build");
+        tracing::subscriber::with_default(subscriber, || {
+            record("/a?x=1", 200).emit();
+            tracing::warn!("between");
+            record("/b", 404).emit();
+        });
+        (read(&queued), read(&direct))
+    }
+
+    #[test]
+    fn queued_text_entries_read_like_plain_events_in_order() {
+        let (queued, direct) = queued_and_direct(LogFormat::Text);
+        let queued: Vec<&str> = queued.lines().collect();
+        let direct: Vec<&str> = direct.lines().collect();
+        assert_eq!(queued.len(), 3, "{queued:?}");
+        assert_eq!(direct.len(), 3, "{direct:?}");
+        for (queued, direct) in queued.iter().zip(&direct) {
+            // Everything but the timestamp: the queued entry has the response's.
+            let (_, queued_rest) = queued.split_once(' ').expect("a timestamp");
+            let (direct_time, direct_rest) = direct.split_once(' ').expect("a timestamp");
+            assert_eq!(queued_rest, direct_rest);
+            assert_eq!(
+                queued.find(' '),
+                Some(direct_time.len()),
+                "{queued} / {direct}"
+            );
+        }
+        assert!(
+            queued[0]
+                .starts_with("2023-11-14T22:13:20.123456Z  INFO sauna::access: GET /a?x=1 200"),
+            "{}",
+            queued[0]
+        );
+        assert!(queued[1].contains("between"), "{}", queued[1]);
+        assert!(queued[2].contains("GET /b 404"), "{}", queued[2]);
+    }
+
+    #[test]
+    fn queued_json_entries_read_like_plain_events_in_order() {
+        let (queued, direct) = queued_and_direct(LogFormat::Json);
+        let parse = |text: &str| -> Vec<serde_json::Value> {
+            text.lines()
+                .map(|line| serde_json::from_str(line).expect("each line is JSON"))
+                .collect()
+        };
+        let (mut queued, mut direct) = (parse(&queued), parse(&direct));
+        assert_eq!(queued.len(), 3);
+        assert_eq!(queued[0]["timestamp"], "2023-11-14T22:13:20.123456Z");
+        assert_eq!(queued[0]["target"], ACCESS_TARGET);
+        assert_eq!(queued[0]["path"], "/a?x=1");
+        assert_eq!(queued[0]["duration_ms"], 1.5);
+        assert_eq!(queued[0]["worker"], 1);
+        assert_eq!(queued[2]["message"], "GET /b 404");
+        for line in queued.iter_mut().chain(direct.iter_mut()) {
+            line.as_object_mut().expect("an object").remove("timestamp");
+        }
+        assert_eq!(queued, direct);
+    }
+
+    #[test]
+    fn a_filter_without_the_access_target_drops_entries_before_the_queue() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("sauna.log");
+        let args = file_args(&path, LogFormat::Text, Some("warn"));
+        let (_subscriber, handle) = build(&args, None, false).expect("build");
+        handle
+            .writer
+            .clone()
+            .expect("a writer")
+            .enqueue(record("/", 200));
+        handle.flush();
+        assert_eq!(read(&path), "");
     }
 
     #[test]

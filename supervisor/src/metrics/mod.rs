@@ -11,9 +11,11 @@ pub mod dashboard;
 pub mod queue_sampler;
 pub mod server;
 
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Buckets for web latencies and queue waits, from 5 ms to 30 s: fine steps where typical
@@ -140,6 +142,7 @@ impl Metrics {
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
+        registry.register(Box::new(AccessLinesDropped::new()?))?;
 
         let metrics = Metrics {
             http_requests_total: counter(
@@ -289,6 +292,45 @@ impl Metrics {
     }
 }
 
+/// `sauna_access_log_dropped_total`, read at scrape time from the logger, which counts the
+/// lines itself because it exists before any registry does.
+struct AccessLinesDropped {
+    counter: IntCounter,
+    /// Serialises catching up, so that two scrapes at once do not both add the difference.
+    catch_up: std::sync::Mutex<()>,
+}
+
+impl AccessLinesDropped {
+    fn new() -> Result<Self, prometheus::Error> {
+        Ok(AccessLinesDropped {
+            counter: IntCounter::new(
+                "sauna_access_log_dropped_total",
+                "Access log lines dropped because the log output could not keep up.",
+            )?,
+            catch_up: std::sync::Mutex::new(()),
+        })
+    }
+}
+
+impl Collector for AccessLinesDropped {
+    fn desc(&self) -> Vec<&Desc> {
+        self.counter.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let _serial = self
+            .catch_up
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let total = crate::logging::access_lines_dropped();
+        let shown = self.counter.get();
+        if total > shown {
+            self.counter.inc_by(total - shown);
+        }
+        self.counter.collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,6 +351,7 @@ mod tests {
             "sauna_reloads_total",
             "sauna_generation",
             "sauna_build_info",
+            "sauna_access_log_dropped_total",
             "process_resident_memory_bytes",
             "process_open_fds",
             "process_cpu_seconds_total",

@@ -137,6 +137,9 @@ pub fn run(args: &RunOptions) -> Result<(), RunError> {
     // SAFETY: nothing has started a thread yet; the runtime is built below.
     let notifier = unsafe { Notifier::from_env_take() };
     let log = crate::logging::init(&args.log)?;
+    // Declared before the runtime so that it drops after it: whatever the requests still open
+    // when the runtime stops log on their way out is written too, on every way out of here.
+    let _flush = FlushOnExit(log.clone());
     // SAFETY: still single-threaded: the runtime is built below.
     if let Err(error) = unsafe { crate::process::reaper::install() } {
         tracing::warn!(
@@ -168,6 +171,16 @@ pub fn run(args: &RunOptions) -> Result<(), RunError> {
         };
         supervisor.run(activity).await
     })
+}
+
+/// Writes the buffered access-log lines when dropped: the log's writer thread does not outlive
+/// the process, so a clean stop (signal, `stop`, hand-over to an upgrade) ends through here.
+struct FlushOnExit(LogHandle);
+
+impl Drop for FlushOnExit {
+    fn drop(&mut self) {
+        self.0.flush();
+    }
 }
 
 /// What the main loop owns for as long as it runs; what it has in progress, and the roles, are

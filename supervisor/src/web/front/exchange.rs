@@ -349,21 +349,17 @@ impl Completion {
             .http_request_duration_seconds
             .observe(duration.as_secs_f64());
         if self.access_log {
-            tracing::info!(
-                target: "sauna::access",
-                method = %self.method,
-                path = %self.path,
-                status = self.status,
+            crate::logging::log_access(crate::logging::AccessRecord {
+                at: std::time::SystemTime::now(),
+                method: self.method.clone(),
+                path: self.path.clone(),
+                status: self.status,
                 bytes,
-                duration_ms = duration.as_secs_f64() * 1000.0,
-                queue_ms = self.queue_wait.map_or(0.0, |wait| wait.as_secs_f64() * 1000.0),
-                worker = self.worker.map_or(-1, |slot| slot as i64),
+                duration,
+                queue_wait: self.queue_wait,
+                worker: self.worker,
                 completed,
-                "{} {} {}",
-                self.method,
-                self.path,
-                self.status
-            );
+            });
         }
     }
 }
