@@ -4,6 +4,8 @@
 //! on a command from the [`BeatHandle`](super::BeatHandle). The rules it follows (cursors,
 //! take-over, catch-up) are described in the module above.
 
+mod runtime;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +31,10 @@ struct JobState {
     published: u64,
     /// The value last written to the next-run gauge (`None`: never written).
     shown_next: Option<Option<DateTime<Utc>>>,
+    /// Stored in Redis (`beat::runtime`) rather than in sauna.toml.
+    runtime: bool,
+    /// A runtime job paused after its first publish.
+    one_off: bool,
 }
 
 impl JobState {
@@ -42,6 +48,26 @@ impl JobState {
             last_task_id: None,
             published: 0,
             shown_next: None,
+            runtime: false,
+            one_off: false,
+        }
+    }
+
+    fn runtime(job: super::runtime::RuntimeJob, cursor: DateTime<Utc>) -> JobState {
+        JobState {
+            runtime: true,
+            one_off: job.one_off,
+            ..JobState::new(job.job, cursor)
+        }
+    }
+
+    /// The `job` label of its metrics: runtime jobs share one, so that thousands of them do
+    /// not become thousands of series.
+    fn metric_label(&self) -> &str {
+        if self.runtime {
+            "(runtime)"
+        } else {
+            &self.job.name
         }
     }
 
@@ -81,6 +107,8 @@ pub(super) struct Actor {
     /// After a takeover: slots due since this instant were the previous leader's (see the module
     /// doc) and are published whatever the catch-up policy; cleared after one publishing pass.
     handover_since: Option<DateTime<Utc>>,
+    /// Runtime jobs: the change-stream position and the name index.
+    runtime: runtime::Follower,
     origin: String,
     metrics: Arc<Metrics>,
 }
@@ -118,6 +146,7 @@ impl Actor {
             synced: false,
             saw_other_leader: false,
             handover_since: None,
+            runtime: runtime::Follower::new(),
             origin,
             metrics,
         }
@@ -171,6 +200,9 @@ impl Actor {
                     .filter_map(|job| job.next)
                     .min()
                     .map(instant_of)
+                    .into_iter()
+                    .chain([self.runtime.next_poll])
+                    .min()
             }
         } else {
             None
@@ -189,9 +221,12 @@ impl Actor {
                 at.duration_since(std::time::UNIX_EPOCH)
                     .map_or(0.0, |since| since.as_secs_f64())
             }),
+            runtime_jobs: self.runtime.count(),
+            runtime_invalid: self.runtime.invalid.clone(),
             jobs: self
                 .jobs
                 .iter()
+                .filter(|state| !state.runtime)
                 .map(|state| JobStatus {
                     name: state.job.name.clone(),
                     task: state.job.task.clone(),
@@ -208,7 +243,7 @@ impl Actor {
     /// Sets the next-run gauge of every job whose next run changed since it was last set.
     pub(super) fn update_next_metrics(&mut self) {
         for state in &mut self.jobs {
-            if state.shown_next == Some(state.next) {
+            if state.runtime || state.shown_next == Some(state.next) {
                 continue;
             }
             if state.shown_next.is_none() {
@@ -361,12 +396,22 @@ impl Actor {
             return;
         }
         if !self.synced {
+            self.runtime.reset();
+            if let Err(error) = self.load_runtime().await {
+                return self.redis_failed(&error);
+            }
             if let Err(error) = self.sync_cursors().await {
                 return self.redis_failed(&error);
             }
             self.redis_ok();
         }
+        if let Err(error) = self.poll_runtime().await {
+            return self.redis_failed(&error);
+        }
         if let Err(error) = self.publish_due().await {
+            self.redis_failed(&error);
+        }
+        if let Err(error) = self.finish_one_offs().await {
             self.redis_failed(&error);
         }
         self.update_next_metrics();
@@ -475,7 +520,7 @@ impl Actor {
             Ok(Published::Sent) => {
                 self.metrics
                     .beat_published_total
-                    .with_label_values(&[&job.name])
+                    .with_label_values(&[state.metric_label()])
                     .inc();
                 self.metrics.beat_lag_seconds.observe(lag.as_secs_f64());
                 tracing::info!(
@@ -498,7 +543,7 @@ impl Actor {
             Err(error) => {
                 self.metrics
                     .beat_errors_total
-                    .with_label_values(&[&job.name])
+                    .with_label_values(&[state.metric_label()])
                     .inc();
                 tracing::debug!(job = %job.name, error = %error, "beat: publish failed; the slot stays due");
             }
@@ -536,7 +581,10 @@ impl Actor {
         }
         let now = Utc::now();
         let mut old: Vec<JobState> = std::mem::take(&mut self.jobs);
-        let mut jobs = Vec::with_capacity(settings.jobs.len());
+        let (runtime_jobs, toml_jobs): (Vec<JobState>, Vec<JobState>) =
+            old.into_iter().partition(|state| state.runtime);
+        old = toml_jobs;
+        let mut jobs = Vec::with_capacity(settings.jobs.len() + runtime_jobs.len());
         for job in &settings.jobs {
             let state = match old.iter().position(|state| state.job.name == job.name) {
                 Some(position) => {
@@ -558,8 +606,14 @@ impl Actor {
                 .beat_next_run_timestamp_seconds
                 .remove_label_values(&[&removed.job.name]);
         }
+        // Runtime jobs go back after the TOML ones and are re-read at the next publishing
+        // wake-up, keeping their cursors (a new TOML job may now shadow one, or a new default
+        // zone apply).
+        jobs.extend(runtime_jobs);
         self.jobs = jobs;
         self.settings = settings;
+        self.runtime.toml_changed();
+        self.synced = false;
         self.update_next_metrics();
         tracing::info!(jobs = self.jobs.len(), "beat: schedule reloaded");
         Ok(())

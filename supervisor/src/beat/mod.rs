@@ -17,17 +17,21 @@
 //! the lock (at most one lock TTL before the takeover) were that leader's to publish, not missed
 //! by everyone, so the new leader publishes all of them whatever the policy; the catch-up policy
 //! decides only about slots nobody could publish (no leader at all: a restart, a Redis outage).
+//! Runtime jobs (`runtime`) are stored in Redis by `beat add`, `beat import` or application code
+//! and loaded by the leader beside these; they follow the same rules.
 //! Redis errors close the connection and are retried with a doubling backoff (100 ms up to 2 s),
 //! with one log line when Redis goes away (or refuses the login) and one when it is back;
 //! `status` shows the error meanwhile.
 
 mod actor;
 pub mod celery_schedule;
+pub mod django_import;
 pub mod jobs;
 pub mod leader;
 pub mod message;
 pub mod next;
 pub mod publisher;
+pub mod runtime;
 pub mod schedule;
 
 use std::path::Path;
@@ -102,8 +106,12 @@ pub struct BeatStatus {
     pub last_error: Option<String>,
     /// Unix time of `last_error`.
     pub last_error_at: Option<f64>,
-    /// Every job, in name order.
+    /// Every `sauna.toml` (and `celery_app`) job, in name order.
     pub jobs: Vec<JobStatus>,
+    /// Runtime jobs this leader runs (`beat list` shows them; 0 on a standby).
+    pub runtime_jobs: usize,
+    /// Stored runtime jobs the leader refuses, name → reason.
+    pub runtime_invalid: std::collections::BTreeMap<String, String>,
 }
 
 /// Everything a (re)configuration of beat resolves to before the actor sees it.
@@ -114,6 +122,8 @@ struct Settings {
     key_prefix: String,
     leader_lock: bool,
     lock_ttl: Duration,
+    /// `[beat].timezone`: the zone of runtime cron jobs that name none.
+    timezone: chrono_tz::Tz,
     jobs: Vec<Job>,
 }
 
@@ -132,6 +142,7 @@ impl Settings {
             key_prefix: config.key_prefix.clone(),
             leader_lock: config.leader_lock,
             lock_ttl: config.lock_ttl.get(),
+            timezone: config.timezone,
             jobs,
         })
     }

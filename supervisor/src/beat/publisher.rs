@@ -134,7 +134,18 @@ impl Broker {
         format!("{}{name}", self.prefix)
     }
 
-    fn fail(&mut self, source: redis::RedisError) -> BrokerError {
+    /// Runtime jobs' reads and writes on this broker's connection.
+    pub(super) async fn store(&mut self) -> Result<super::runtime::Store, BrokerError> {
+        let connection = self.connection().await?;
+        Ok(super::runtime::Store::on(
+            connection,
+            &self.url,
+            self.sent_password,
+            &self.prefix,
+        ))
+    }
+
+    pub(super) fn fail(&mut self, source: redis::RedisError) -> BrokerError {
         // Drop the connection on any error so the next command reconnects from scratch.
         self.connection = None;
         BrokerError {
