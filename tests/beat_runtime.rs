@@ -1,0 +1,388 @@
+//! Runtime jobs (issue 16): jobs stored in Redis by `beat add`/`remove`/`pause`/`resume`, by
+//! python/sauna_beat.py and by `beat import --django-celery-beat`, run by the real supervisor's
+//! leader from their next slot without a reload and executed by a real Celery worker. Invalid
+//! jobs and sauna.toml names are refused before anything is stored; a change a second before a
+//! minute boundary applies to that boundary's slot, once.
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use base64::Engine as _;
+use chrono::{DateTime, Timelike as _, Utc};
+use serde_json::{Value, json};
+
+use crate::beat::CeleryWorker;
+use crate::util::redis::RedisServer;
+use crate::util::{Sandbox, output_text, python, repo_root, wait_until};
+
+/// A message in a queue list: its job, slot and arguments.
+#[derive(Debug, Clone)]
+struct Message {
+    job: String,
+    slot: DateTime<Utc>,
+    args: Value,
+    kwargs: Value,
+}
+
+/// Every message in queue list `key`, oldest first.
+fn messages(redis: &RedisServer, key: &str) -> Vec<Message> {
+    let mut connection = redis.connection();
+    let mut raw: Vec<String> = redis::cmd("LRANGE")
+        .arg(key)
+        .arg(0)
+        .arg(-1)
+        .query(&mut connection)
+        .expect("LRANGE");
+    raw.reverse();
+    raw.iter()
+        .map(|text| {
+            let message: Value = serde_json::from_str(text).expect("queued JSON");
+            let body = base64::engine::general_purpose::STANDARD
+                .decode(message["body"].as_str().expect("body"))
+                .expect("base64 body");
+            let body: Value = serde_json::from_slice(&body).expect("body JSON");
+            let headers = &message["headers"];
+            Message {
+                job: headers["sauna_beat_job"].as_str().unwrap_or_default().to_owned(),
+                slot: DateTime::parse_from_rfc3339(headers["sauna_beat_slot"].as_str().expect("slot"))
+                    .expect("rfc3339")
+                    .with_timezone(&Utc),
+                args: body[0].clone(),
+                kwargs: body[1].clone(),
+            }
+        })
+        .collect()
+}
+
+fn config(redis: &RedisServer, extra: &str) -> String {
+    format!(
+        "[beat]\nbroker = \"{}\"\nlock_ttl = \"2s\"\n[beat.jobs.nightly]\ntask = \"tasks.record\"\ncron = \"0 3 * * *\"\n{extra}",
+        redis.url(0)
+    )
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn assert_ok(output: &Output, what: &str) {
+    assert!(output.status.success(), "{what}: {}", output_text(output));
+}
+
+/// `beat list --json` as a name → entry map.
+fn list(sandbox: &Sandbox) -> serde_json::Map<String, Value> {
+    let output = sandbox.run(&["beat", "list", "--json"]);
+    assert_ok(&output, "beat list --json");
+    let entries: Vec<Value> = serde_json::from_str(&stdout(&output)).expect("list JSON");
+    entries
+        .into_iter()
+        .map(|entry| (entry["name"].as_str().unwrap_or_default().to_owned(), entry))
+        .collect()
+}
+
+fn records_with(worker: &CeleryWorker, args: &Value) -> usize {
+    worker.records().iter().filter(|r| &r["args"] == args).count()
+}
+
+/// Runs python/sauna_beat.py code against `redis` (`beat` is a `sauna_beat.Beat`).
+fn python_helper(redis: &RedisServer, code: &str) -> Output {
+    let script = format!(
+        "import redis, sauna_beat\nbeat = sauna_beat.Beat(redis.Redis.from_url({:?}))\n{code}",
+        redis.url(0)
+    );
+    Command::new(python())
+        .args(["-c", &script])
+        .env("PYTHONPATH", repo_root().join("python"))
+        .output()
+        .expect("run python")
+}
+
+fn stored_names(redis: &RedisServer) -> Vec<String> {
+    let mut connection = redis.connection();
+    let mut names: Vec<String> = redis::cmd("HKEYS")
+        .arg("sauna:beat:jobs")
+        .query(&mut connection)
+        .expect("HKEYS");
+    names.sort();
+    names
+}
+
+#[test]
+fn cli_jobs_run_on_a_real_worker_and_follow_add_pause_resume_remove() {
+    let sandbox = Sandbox::new();
+    let redis = RedisServer::start(&sandbox.path("redis"));
+    let worker = CeleryWorker::start(&sandbox, &redis.url(0));
+    sandbox.write_config(&config(&redis, ""));
+    let running = sandbox.start();
+    // Added while the supervisor runs: no reload.
+    let add = sandbox.run(&[
+        "beat", "add", "tenant-7", "--task", "tasks.record", "--every", "1s",
+        "--args", "[\"tenant\", 7]", "--kwargs", "{\"report\": \"daily\"}", "--queue", "hi",
+        "--priority", "5", "--expires", "1h",
+    ]);
+    assert_ok(&add, "beat add");
+    assert!(stdout(&add).contains("added runtime job \"tenant-7\""), "{}", stdout(&add));
+    let args = json!(["tenant", 7]);
+    wait_until(Duration::from_secs(20), "the worker to run tenant-7", || {
+        worker
+            .records()
+            .iter()
+            .any(|r| r["args"] == args && r["kwargs"] == json!({"report": "daily"}))
+            .then_some(())
+    });
+    let entry = &list(&sandbox)["tenant-7"];
+    assert_eq!(entry["source"], "runtime");
+    assert_eq!(entry["state"], "active");
+    assert_eq!(entry["schedule"], "every 1s");
+    assert!(entry["next_run"].is_string() && entry["last_run"].is_string(), "{entry}");
+    assert_eq!(list(&sandbox)["nightly"]["source"], "toml");
+    let status = running.status_json();
+    assert_eq!(status["beat"]["runtime_jobs"], 1, "{status}");
+
+    // Paused: nothing more runs; resumed: it runs again.
+    assert_ok(&sandbox.run(&["beat", "pause", "tenant-7"]), "beat pause");
+    std::thread::sleep(Duration::from_millis(1500));
+    let paused_at = records_with(&worker, &args);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(records_with(&worker, &args), paused_at, "a paused job ran");
+    let entry = &list(&sandbox)["tenant-7"];
+    assert_eq!(entry["state"], "paused");
+    assert!(entry["next_run"].is_null());
+    assert_ok(&sandbox.run(&["beat", "resume", "tenant-7"]), "beat resume");
+    wait_until(Duration::from_secs(10), "tenant-7 to run after resume", || {
+        (records_with(&worker, &args) > paused_at + 1).then_some(())
+    });
+
+    // Replaced in place (same name): the new arguments from the next slot on.
+    let replace = sandbox.run(&[
+        "beat", "add", "tenant-7", "--task", "tasks.record", "--every", "1s", "--args", "[\"v2\"]",
+    ]);
+    assert!(stdout(&replace).contains("replaced"), "{}", output_text(&replace));
+    wait_until(Duration::from_secs(10), "the replaced job to run", || {
+        (records_with(&worker, &json!(["v2"])) > 0).then_some(())
+    });
+
+    // Removed: it stops, and it is gone from the list.
+    assert_ok(&sandbox.run(&["beat", "remove", "tenant-7"]), "beat remove");
+    std::thread::sleep(Duration::from_millis(1500));
+    let removed_at = records_with(&worker, &json!(["v2"]));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(records_with(&worker, &json!(["v2"])), removed_at, "a removed job ran");
+    assert!(!list(&sandbox).contains_key("tenant-7"));
+    let again = sandbox.run(&["beat", "remove", "tenant-7"]);
+    assert_eq!(again.status.code(), Some(1), "{}", output_text(&again));
+    assert!(stderr(&again).contains("no runtime job named \"tenant-7\""));
+    let table = stdout(&sandbox.run(&["beat", "list"]));
+    assert!(table.starts_with("NAME") && table.contains("nightly"), "{table}");
+
+    // A one-off job publishes once and pauses itself.
+    assert_ok(
+        &sandbox.run(&[
+            "beat", "add", "once", "--task", "tasks.record", "--every", "1s", "--args", "[\"once\"]",
+            "--one-off",
+        ]),
+        "beat add --one-off",
+    );
+    wait_until(Duration::from_secs(10), "the one-off job to pause", || {
+        (list(&sandbox)["once"]["state"] == "paused").then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    wait_until(Duration::from_secs(10), "the one-off task to run", || {
+        (records_with(&worker, &json!(["once"])) == 1).then_some(())
+    });
+    assert!(running.stop().success());
+}
+
+#[test]
+fn invalid_jobs_and_toml_names_are_refused_and_never_stored() {
+    let sandbox = Sandbox::new();
+    let redis = RedisServer::start(&sandbox.path("redis"));
+    sandbox.write_config(&config(&redis, ""));
+    let refused: [(&[&str], &str); 8] = [
+        (&["--cron", "0 0 30 2 *"], "can never fire"),
+        (&["--cron", "* * *"], "expected 5"),
+        (&["--every", "0s"], "longer than 0s"),
+        (&["--every", "1m", "--timezone", "Mars/Base"], "unknown time zone"),
+        (&["--every", "1m", "--args", "{\"a\": 1}"], "args: must be a JSON array"),
+        (&["--every", "1m", "--kwargs", "not json"], "not JSON"),
+        (&["--every", "1m", "--priority", "12"], "priority: 12 is out of range"),
+        (&["--every", "1m", "--catch-up", "sometimes"], "catch_up: \"sometimes\""),
+    ];
+    for (args, needle) in refused {
+        let mut full = vec!["beat", "add", "bad", "--task", "tasks.record"];
+        full.extend_from_slice(args);
+        let output = sandbox.run(&full);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {}", output_text(&output));
+        assert!(stderr(&output).contains(needle), "{args:?}: {}", stderr(&output));
+    }
+    let toml = sandbox.run(&["beat", "add", "nightly", "--task", "t", "--every", "1m"]);
+    assert_eq!(toml.status.code(), Some(2), "{}", output_text(&toml));
+    assert!(stderr(&toml).contains("defined in sauna.toml"), "{}", stderr(&toml));
+    // The Python helper refuses the same, before writing.
+    let python = python_helper(
+        &redis,
+        "for bad in [dict(cron='0 0 30 2 *'), dict(every='soon'), dict(every=60, timezone='Mars/Base'),\n\
+         \x20           dict(every=60, args={'a': 1}), dict(every=60, priority=12), dict()]:\n\
+         \x20   try:\n\
+         \x20       beat.add('bad', task='tasks.record', **bad)\n\
+         \x20       print('stored', bad)\n\
+         \x20   except sauna_beat.InvalidJob as error:\n\
+         \x20       print('refused:', error)\n",
+    );
+    let text = stdout(&python);
+    assert!(python.status.success(), "{}", output_text(&python));
+    assert!(!text.contains("stored"), "{text}");
+    assert_eq!(text.matches("refused:").count(), 6, "{text}");
+    assert!(stored_names(&redis).is_empty(), "{:?}", stored_names(&redis));
+
+    // Once a leader has run, the helper refuses sauna.toml's names too.
+    let running = sandbox.start();
+    wait_until(Duration::from_secs(10), "the leader to publish the TOML names", || {
+        let mut connection = redis.connection();
+        let member: bool = redis::cmd("SISMEMBER")
+            .arg("sauna:beat:static")
+            .arg("nightly")
+            .query(&mut connection)
+            .ok()?;
+        member.then_some(())
+    });
+    let python = python_helper(
+        &redis,
+        "try:\n    beat.add('nightly', task='t', every=60)\nexcept sauna_beat.TomlJobName as error:\n    print('refused:', error)\n",
+    );
+    assert!(stdout(&python).contains("refused:"), "{}", output_text(&python));
+    assert!(stored_names(&redis).is_empty());
+
+    // A document written past the checks is skipped by the leader and shown as invalid.
+    let mut connection = redis.connection();
+    let _: () = redis::pipe()
+        .cmd("HSET").arg("sauna:beat:jobs").arg("forged").arg("{\"task\":\"t\",\"every\":\"soon\"}")
+        .cmd("XADD").arg("sauna:beat:changes").arg("*").arg("name").arg("forged")
+        .query(&mut connection)
+        .expect("forge");
+    let status = running.wait_for(Duration::from_secs(10), "the forged job refused", |status| {
+        status["beat"]["runtime_invalid"]["forged"].is_string()
+    });
+    assert_eq!(status["beat"]["runtime_jobs"], 0);
+    let entry = &list(&sandbox)["forged"];
+    assert_eq!(entry["state"], "invalid");
+    assert!(entry["error"].as_str().unwrap_or_default().contains("every: invalid duration"), "{entry}");
+    assert!(running.log().contains("runtime job refused"));
+    assert!(running.stop().success());
+}
+
+#[test]
+fn python_helper_jobs_run_on_a_real_worker_and_change_without_a_reload() {
+    let sandbox = Sandbox::new();
+    let redis = RedisServer::start(&sandbox.path("redis"));
+    let worker = CeleryWorker::start(&sandbox, &redis.url(0));
+    sandbox.write_config(&config(&redis, ""));
+    let running = sandbox.start();
+    let add = python_helper(
+        &redis,
+        "print(beat.add('py-job', task='tasks.record', every=1, args=['py', 1], kwargs={'k': [1, 2]}, queue='hi', priority=0))",
+    );
+    assert_eq!(stdout(&add).trim(), "True", "{}", output_text(&add));
+    wait_until(Duration::from_secs(20), "the worker to run py-job", || {
+        worker
+            .records()
+            .iter()
+            .any(|r| r["args"] == json!(["py", 1]) && r["kwargs"] == json!({"k": [1, 2]}))
+            .then_some(())
+    });
+    let change = python_helper(
+        &redis,
+        "print(beat.add('py-job', task='tasks.record', cron='* * * * *', args=['changed']))\nprint(beat.get('py-job'))",
+    );
+    assert!(stdout(&change).starts_with("False"), "{}", output_text(&change));
+    let entry = &list(&sandbox)["py-job"];
+    assert_eq!(entry["schedule"], "cron \"* * * * *\" (UTC)");
+    std::thread::sleep(Duration::from_secs(2));
+    let before = records_with(&worker, &json!(["py", 1]));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(records_with(&worker, &json!(["py", 1])), before, "the old schedule still runs");
+    let remove = python_helper(&redis, "beat.remove('py-job')\nprint(beat.names())");
+    assert_eq!(stdout(&remove).trim(), "[]", "{}", output_text(&remove));
+    running.wait_for(Duration::from_secs(5), "the job gone from the leader", |status| {
+        status["beat"]["runtime_jobs"] == 0
+    });
+    assert!(running.stop().success());
+}
+
+/// Sleeps until the wall clock is `second`.`millis` into a minute that leaves at least that much.
+fn wait_for_second(second: u32, millis: u32) -> DateTime<Utc> {
+    loop {
+        let now = Utc::now();
+        let into = now.second() * 1000 + now.nanosecond() / 1_000_000;
+        let target = second * 1000 + millis;
+        if into <= target {
+            std::thread::sleep(Duration::from_millis(u64::from(target - into)));
+            return Utc::now();
+        }
+        std::thread::sleep(Duration::from_millis(u64::from(60_000 - into)));
+    }
+}
+
+#[test]
+fn changes_just_before_a_minute_boundary_apply_to_its_slot_exactly_once() {
+    let sandbox = Sandbox::new();
+    let redis = RedisServer::start(&sandbox.path("redis"));
+    sandbox.write_config(&config(&redis, ""));
+    let running = sandbox.start();
+    let add = |name: &str, cron: &str, args: &str| {
+        sandbox.run(&[
+            "beat", "add", name, "--task", "tasks.record", "--cron", cron, "--queue", "edge",
+            "--args", args,
+        ])
+    };
+    assert_ok(&add("args-change", "* * * * *", "[\"old\"]"), "add args-change");
+    assert_ok(&add("schedule-change", "0 0 1 1 *", "[\"yearly\"]"), "add schedule-change");
+    assert_ok(&add("going", "* * * * *", "[\"going\"]"), "add going");
+    // Let the leader load them, then change everything in the last 1.5 s of a minute.
+    running.wait_for(Duration::from_secs(10), "3 runtime jobs", |status| {
+        status["beat"]["runtime_jobs"] == 3
+    });
+    wait_for_second(58, 500);
+    assert_ok(&add("args-change", "* * * * *", "[\"new\"]"), "change args");
+    assert_ok(&add("schedule-change", "* * * * *", "[\"every-minute\"]"), "change schedule");
+    assert_ok(&sandbox.run(&["beat", "remove", "going"]), "remove going");
+    let late = wait_for_second(59, 600);
+    let python = python_helper(
+        &redis,
+        "beat.add('late-add', task='tasks.record', cron='* * * * *', queue='edge', args=['late'])",
+    );
+    assert_ok(&python, "python add");
+    let boundary = (late + chrono::Duration::seconds(1))
+        .with_second(0)
+        .and_then(|time| time.with_nanosecond(0))
+        .expect("boundary");
+    assert!(Utc::now() < boundary, "the changes were slower than the minute; rerun on a less loaded machine");
+    wait_until(Duration::from_secs(10), "the boundary's slots", || {
+        (messages(&redis, "edge").iter().filter(|m| m.slot == boundary).count() >= 3).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let at_boundary: Vec<Message> = messages(&redis, "edge")
+        .into_iter()
+        .filter(|m| m.slot == boundary)
+        .collect();
+    let of = |job: &str| -> Vec<&Message> { at_boundary.iter().filter(|m| m.job == job).collect() };
+    assert_eq!(of("args-change").len(), 1, "{at_boundary:?}");
+    assert_eq!(of("args-change")[0].args, json!(["new"]));
+    assert_eq!(of("schedule-change").len(), 1, "{at_boundary:?}");
+    assert_eq!(of("schedule-change")[0].args, json!(["every-minute"]));
+    assert_eq!(of("late-add").len(), 1, "{at_boundary:?}");
+    assert_eq!(of("late-add")[0].kwargs, json!({}));
+    assert!(of("going").is_empty(), "a removed job published: {at_boundary:?}");
+    // Nothing doubled anywhere in the queue.
+    let all = messages(&redis, "edge");
+    let mut keys: Vec<(String, DateTime<Utc>)> = all.iter().map(|m| (m.job.clone(), m.slot)).collect();
+    keys.sort();
+    let count = keys.len();
+    keys.dedup();
+    assert_eq!(keys.len(), count, "a slot was published twice: {all:?}");
+    assert!(running.stop().success());
+}
