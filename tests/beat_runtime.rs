@@ -386,3 +386,125 @@ fn changes_just_before_a_minute_boundary_apply_to_its_slot_exactly_once() {
     assert_eq!(keys.len(), count, "a slot was published twice: {all:?}");
     assert!(running.stop().success());
 }
+
+/// A Django settings module with django_celery_beat on the PostgreSQL database `url`.
+const DJANGO_SETTINGS: &str = r#"
+import os
+SECRET_KEY = "test"
+USE_TZ = True
+TIME_ZONE = "UTC"
+INSTALLED_APPS = ["django_celery_beat"]
+DATABASES = {"default": {"ENGINE": "django.db.backends.postgresql", "HOST": "127.0.0.1",
+    "PORT": os.environ["PGPORT"], "NAME": "dj", "USER": os.environ["PGUSER"]}}
+"#;
+
+/// Rows made through django_celery_beat's own models: what an app's admin would have saved.
+const DJANGO_ROWS: &str = r#"
+import datetime, json
+import django
+django.setup()
+from django.utils import timezone
+from django_celery_beat.models import (ClockedSchedule, CrontabSchedule, IntervalSchedule,
+    PeriodicTask, SolarSchedule)
+every_second = IntervalSchedule.objects.create(every=1, period=IntervalSchedule.SECONDS)
+PeriodicTask.objects.create(name="interval-job", task="tasks.record", interval=every_second,
+    args=json.dumps(["from-django", 1]), kwargs=json.dumps({"tenant": 9}), queue="hi",
+    expire_seconds=3600)
+PeriodicTask.objects.create(name="one-off-job", task="tasks.record", interval=every_second,
+    args=json.dumps(["one-off"]), one_off=True)
+weekdays = CrontabSchedule.objects.create(minute="0,30", hour="8", day_of_week="1-5",
+    day_of_month="*", month_of_year="*", timezone="Europe/Helsinki")
+PeriodicTask.objects.create(name="crontab-job", task="tasks.record", crontab=weekdays)
+PeriodicTask.objects.create(name="disabled-job", task="tasks.record", interval=every_second,
+    enabled=False)
+sunset = SolarSchedule.objects.create(event="sunset", latitude=60.17, longitude=24.94)
+PeriodicTask.objects.create(name="solar-job", task="tasks.record", solar=sunset)
+clocked = ClockedSchedule.objects.create(clocked_time=timezone.now() + datetime.timedelta(days=1))
+PeriodicTask.objects.create(name="clocked-job", task="tasks.record", clocked=clocked, one_off=True)
+print("rows", PeriodicTask.objects.count())
+"#;
+
+#[test]
+fn django_celery_beat_rows_are_imported_and_run_by_a_real_worker() {
+    use crate::util::postgres::{Cluster, give_to_pg_user, os_user};
+    let sandbox = Sandbox::new();
+    if crate::util::is_root() {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(sandbox.root(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+    }
+    let port = crate::util::free_port();
+    let admin = os_user();
+    let cluster = Cluster::init(
+        &sandbox.path("pg"),
+        &["-U", &admin, "--auth-local=peer", "--auth-host=trust"],
+    );
+    let conf = cluster.data().join("postgresql.conf");
+    let mut text = std::fs::read_to_string(&conf).expect("postgresql.conf");
+    text.push_str(&format!("\nport = {port}\nlisten_addresses = '127.0.0.1'\n"));
+    std::fs::write(&conf, text).expect("postgresql.conf");
+    give_to_pg_user(&cluster.data());
+    let _server = cluster.start(port);
+    let created = crate::util::run(cluster.admin_psql(port).args(["-c", "CREATE DATABASE dj"]));
+    crate::util::assert_success(&created, "CREATE DATABASE");
+
+    sandbox.write("djsettings.py", DJANGO_SETTINGS);
+    let django = |args: &[&str]| {
+        crate::util::run(
+            Command::new(python())
+                .args(args)
+                .current_dir(sandbox.root())
+                .env("DJANGO_SETTINGS_MODULE", "djsettings")
+                .env("PYTHONPATH", sandbox.root())
+                .env("PGPORT", port.to_string())
+                .env("PGUSER", &admin),
+        )
+    };
+    let migrate = django(&["-m", "django", "migrate", "--noinput"]);
+    assert!(
+        migrate.status.success(),
+        "django_celery_beat's migrations (pip install -r tests/requirements.txt): {}",
+        output_text(&migrate)
+    );
+    let rows = django(&["-c", DJANGO_ROWS]);
+    assert!(rows.status.success(), "{}", output_text(&rows));
+
+    let redis = RedisServer::start(&sandbox.path("redis"));
+    let worker = CeleryWorker::start(&sandbox, &redis.url(0));
+    sandbox.write_config(&config(&redis, ""));
+    let url = format!("postgres://{admin}@127.0.0.1:{port}/dj");
+    let dry = sandbox.run(&["beat", "import", "--django-celery-beat", &url, "--dry-run"]);
+    assert!(stdout(&dry).contains("would import \"interval-job\""), "{}", output_text(&dry));
+    assert!(stored_names(&redis).is_empty(), "a dry run wrote");
+
+    let import = sandbox.run(&["beat", "import", "--django-celery-beat", &url]);
+    let out = stdout(&import);
+    // Solar and clocked rows cannot be expressed: reported, not guessed, and the exit status says so.
+    assert_eq!(import.status.code(), Some(1), "{}", output_text(&import));
+    assert!(out.contains("not imported \"solar-job\": solar schedule (sunset)"), "{out}");
+    assert!(out.contains("not imported \"clocked-job\": clocked schedule"), "{out}");
+    assert!(out.contains("3 of 5 enabled periodic task(s) imported, 2 not"), "{out}");
+    assert!(!out.contains("disabled-job"), "{out}");
+    assert_eq!(stored_names(&redis), ["crontab-job", "interval-job", "one-off-job"]);
+    let listed = list(&sandbox);
+    assert_eq!(
+        listed["crontab-job"]["schedule"],
+        "cron \"0,30 8 * * 1-5\" (Europe/Helsinki)"
+    );
+    let next = listed["crontab-job"]["next_run"].as_str().expect("next run").to_owned();
+    assert!(next.contains("T08:00:00") || next.contains("T08:30:00"), "{next}");
+
+    let running = sandbox.start();
+    wait_until(Duration::from_secs(20), "the imported jobs to run", || {
+        let records = worker.records();
+        let interval = records
+            .iter()
+            .any(|r| r["args"] == json!(["from-django", 1]) && r["kwargs"] == json!({"tenant": 9}));
+        let once = records.iter().any(|r| r["args"] == json!(["one-off"]));
+        (interval && once).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(records_with(&worker, &json!(["one-off"])), 1, "a one-off job ran twice");
+    assert_eq!(list(&sandbox)["one-off-job"]["state"], "paused");
+    assert!(running.stop().success());
+}

@@ -80,7 +80,18 @@ pub fn read(url: &str) -> Result<Vec<Row>, ReadError> {
         url: proxy_conf::secrets::redact_url(url),
         message,
     };
-    let mut client = postgres::Client::connect(url, postgres::NoTls)
+    let mut config: postgres::Config = url
+        .parse()
+        .map_err(|error| failed(format!("not a PostgreSQL URL: {error}")))?;
+    // As libpq does: a password missing from the URL comes from $PGPASSWORD, so it need not
+    // be on the command line.
+    if config.get_password().is_none() {
+        if let Ok(password) = std::env::var("PGPASSWORD") {
+            config.password(password);
+        }
+    }
+    let mut client = config
+        .connect(postgres::NoTls)
         .map_err(|error| failed(format!("cannot connect: {error}")))?;
     let rows = client.query(QUERY, &[]).map_err(|error| {
         let hint = if error.code() == Some(&postgres::error::SqlState::UNDEFINED_TABLE) {
