@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use super::jobs;
 use super::leader::{Leader, Lease};
 use super::message::TaskMessage;
-use super::publisher::{Broker, BrokerError, Published};
+use super::publisher::{Broker, BrokerError, Outgoing, Published};
 use super::{
     BACKOFF_MAX, BACKOFF_MIN, BeatError, BeatStatus, Command, Job, JobStatus, Schedule, Settings,
 };
@@ -112,6 +112,9 @@ pub(super) struct Actor {
     origin: String,
     metrics: Arc<Metrics>,
 }
+
+/// Slots published per pipeline.
+const PUBLISH_BATCH: usize = 500;
 
 fn instant_of(time: DateTime<Utc>) -> Instant {
     let wait = (time - Utc::now()).to_std().unwrap_or(Duration::ZERO);
@@ -435,6 +438,10 @@ impl Actor {
 
     async fn publish_due(&mut self) -> Result<(), BrokerError> {
         let now = Utc::now();
+        // Plan every due job first, then publish the slots in pipelined batches: thousands of
+        // jobs due at one minute boundary cost a few round trips, not one each.
+        let mut slots: Vec<(usize, DateTime<Utc>)> = Vec::new();
+        let mut planned: Vec<usize> = Vec::new();
         for index in 0..self.jobs.len() {
             if self.jobs[index].next.is_none_or(|next| next > now) {
                 continue;
@@ -457,98 +464,129 @@ impl Actor {
                     "beat: missed slot(s) not published (nobody could publish then; see catch_up and catch_up_window)"
                 );
             }
-            for slot in plan.publish {
-                if !self.leader.may_publish(Instant::now()) {
-                    return Ok(());
-                }
-                match self.publish_one(index, slot).await? {
-                    Published::Sent | Published::AlreadySent => {}
-                    Published::NotLeader => {
-                        tracing::warn!(
-                            "beat: publish refused because the leader lock is no longer ours; standing by"
-                        );
-                        self.leader.resign(Instant::now());
-                        self.set_leader_metric();
-                        self.synced = false;
-                        return Ok(());
-                    }
-                }
+            slots.extend(plan.publish.into_iter().map(|slot| (index, slot)));
+            planned.push(index);
+        }
+        let mut runtime_sent = 0usize;
+        for batch in slots.chunks(PUBLISH_BATCH) {
+            if !self.leader.may_publish(Instant::now()) {
+                return Ok(());
             }
+            let Some(sent) = self.publish_batch(batch).await? else {
+                tracing::warn!(
+                    "beat: publish refused because the leader lock is no longer ours; standing by"
+                );
+                self.leader.resign(Instant::now());
+                self.set_leader_metric();
+                self.synced = false;
+                return Ok(());
+            };
+            runtime_sent += sent;
+        }
+        if runtime_sent > 0 {
+            tracing::info!(
+                count = runtime_sent,
+                lag_ms = (Utc::now() - now).num_milliseconds().max(0),
+                "beat: published runtime job tasks"
+            );
+        }
+        for index in planned {
             self.jobs[index].advance(now);
         }
         self.handover_since = None;
         Ok(())
     }
 
-    async fn publish_one(
+    /// Publishes `batch` (job index, slot) in one pipeline; the number of runtime jobs' tasks
+    /// sent, or `None` when the lock turned out not to be ours (nothing more was pushed).
+    async fn publish_batch(
         &mut self,
-        index: usize,
-        slot: DateTime<Utc>,
-    ) -> Result<Published, BrokerError> {
-        let state = &self.jobs[index];
-        let job = &state.job;
-        let task_id = uuid::Uuid::new_v4().to_string();
-        let delivery_tag = uuid::Uuid::new_v4().to_string();
+        batch: &[(usize, DateTime<Utc>)],
+    ) -> Result<Option<usize>, BrokerError> {
         let published_at = Utc::now();
-        let message = TaskMessage {
-            task: &job.task,
-            id: &task_id,
-            delivery_tag: &delivery_tag,
-            args: &job.args,
-            kwargs: &job.kwargs,
-            queue: &job.queue,
-            priority: job.priority,
-            expires: job
-                .expires
-                .and_then(|expires| chrono::Duration::from_std(expires).ok())
-                .map(|expires| published_at + expires),
-            origin: &self.origin,
-            slot: Some((&job.name, slot)),
-        };
+        let mut ids = Vec::with_capacity(batch.len());
+        let mut outgoing = Vec::with_capacity(batch.len());
+        for &(index, slot) in batch {
+            let job = &self.jobs[index].job;
+            let task_id = uuid::Uuid::new_v4().to_string();
+            let delivery_tag = uuid::Uuid::new_v4().to_string();
+            let message = TaskMessage {
+                task: &job.task,
+                id: &task_id,
+                delivery_tag: &delivery_tag,
+                args: &job.args,
+                kwargs: &job.kwargs,
+                queue: &job.queue,
+                priority: job.priority,
+                expires: job
+                    .expires
+                    .and_then(|expires| chrono::Duration::from_std(expires).ok())
+                    .map(|expires| published_at + expires),
+                origin: &self.origin,
+                slot: Some((&job.name, slot)),
+            };
+            outgoing.push(Outgoing {
+                job: job.name.clone(),
+                slot_ms: slot.timestamp_millis(),
+                queue_key: message.queue_key(),
+                message: message.envelope(),
+            });
+            ids.push(task_id);
+        }
         let outcome = self
             .broker
-            .publish(
-                self.leader.fence(),
-                &job.name,
-                slot.timestamp_millis(),
-                &message.queue_key(),
-                &message.envelope(),
-            )
+            .publish_many(self.leader.fence(), &outgoing)
             .await;
-        let lag = (Utc::now() - slot).to_std().unwrap_or(Duration::ZERO);
-        match &outcome {
-            Ok(Published::Sent) => {
-                self.metrics
-                    .beat_published_total
-                    .with_label_values(&[state.metric_label()])
-                    .inc();
-                self.metrics.beat_lag_seconds.observe(lag.as_secs_f64());
-                tracing::info!(
-                    job = %job.name,
-                    task = %job.task,
-                    task_id = %task_id,
-                    slot = %state.show(slot),
-                    lag_ms = lag.as_millis() as u64,
-                    "beat: published"
-                );
-                let state = &mut self.jobs[index];
-                state.last_run = Some(slot);
-                state.last_task_id = Some(task_id);
-                state.published += 1;
-            }
-            Ok(Published::AlreadySent) => {
-                tracing::debug!(job = %job.name, slot = %state.show(slot), "beat: slot already published by another supervisor");
-            }
-            Ok(Published::NotLeader) => {}
+        let outcomes = match outcome {
+            Ok(outcomes) => outcomes,
             Err(error) => {
-                self.metrics
-                    .beat_errors_total
-                    .with_label_values(&[state.metric_label()])
-                    .inc();
-                tracing::debug!(job = %job.name, error = %error, "beat: publish failed; the slot stays due");
+                for &(index, _) in batch {
+                    self.metrics
+                        .beat_errors_total
+                        .with_label_values(&[self.jobs[index].metric_label()])
+                        .inc();
+                }
+                tracing::debug!(error = %error, "beat: publish failed; the slots stay due");
+                return Err(error);
+            }
+        };
+        let lag_base = Utc::now();
+        let mut runtime_sent = 0;
+        for ((&(index, slot), task_id), outcome) in batch.iter().zip(ids).zip(outcomes) {
+            let state = &self.jobs[index];
+            match outcome {
+                Published::Sent => {
+                    let lag = (lag_base - slot).to_std().unwrap_or(Duration::ZERO);
+                    self.metrics
+                        .beat_published_total
+                        .with_label_values(&[state.metric_label()])
+                        .inc();
+                    self.metrics.beat_lag_seconds.observe(lag.as_secs_f64());
+                    if state.runtime {
+                        runtime_sent += 1;
+                        tracing::debug!(job = %state.job.name, task = %state.job.task, task_id = %task_id, slot = %state.show(slot), lag_ms = lag.as_millis() as u64, "beat: published");
+                    } else {
+                        tracing::info!(
+                            job = %state.job.name,
+                            task = %state.job.task,
+                            task_id = %task_id,
+                            slot = %state.show(slot),
+                            lag_ms = lag.as_millis() as u64,
+                            "beat: published"
+                        );
+                    }
+                    let state = &mut self.jobs[index];
+                    state.last_run = Some(slot);
+                    state.last_task_id = Some(task_id);
+                    state.published += 1;
+                }
+                Published::AlreadySent => {
+                    tracing::debug!(job = %state.job.name, slot = %state.show(slot), "beat: slot already published by another supervisor");
+                }
+                Published::NotLeader => return Ok(None),
             }
         }
-        outcome
+        Ok(Some(runtime_sent))
     }
 
     async fn reload(&mut self, settings: Settings) -> Result<(), BeatError> {

@@ -249,6 +249,46 @@ impl Broker {
         result.map_err(|error| self.fail(error))
     }
 
+    /// Publishes every message of `batch` in one pipeline, each through the fenced script,
+    /// in order; one outcome per message. The script is loaded in the same pipeline, so a Redis
+    /// that restarted (and lost its script cache) is no error.
+    pub async fn publish_many(
+        &mut self,
+        token: Option<&str>,
+        batch: &[Outgoing],
+    ) -> Result<Vec<Published>, BrokerError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut connection = self.connection().await?;
+        let (lock, last) = (self.key("lock"), self.key("last"));
+        let hash = self.publish.get_hash().to_owned();
+        let mut pipe = redis::pipe();
+        pipe.cmd("SCRIPT").arg("LOAD").arg(PUBLISH_LUA).ignore();
+        for outgoing in batch {
+            pipe.cmd("EVALSHA")
+                .arg(&hash)
+                .arg(3)
+                .arg(&lock)
+                .arg(&last)
+                .arg(&outgoing.queue_key)
+                .arg(token.unwrap_or(""))
+                .arg(&outgoing.job)
+                .arg(outgoing.slot_ms)
+                .arg(&outgoing.message);
+        }
+        let result: Result<Vec<i64>, _> = pipe.query_async(&mut connection).await;
+        Ok(result
+            .map_err(|error| self.fail(error))?
+            .into_iter()
+            .map(|outcome| match outcome {
+                1 => Published::Sent,
+                0 => Published::AlreadySent,
+                _ => Published::NotLeader,
+            })
+            .collect())
+    }
+
     /// Pushes `message` to `queue_key` for `job`'s `slot_ms`, atomically fenced by `token`
     /// (`None` when the lock is off: the slot check alone keeps publishers from doubling).
     pub async fn publish(
@@ -277,6 +317,19 @@ impl Broker {
             _ => Ok(Published::NotLeader),
         }
     }
+}
+
+/// One message of a pipelined publish.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The job it is for.
+    pub job: String,
+    /// Its slot, Unix ms.
+    pub slot_ms: i64,
+    /// The queue list it goes to.
+    pub queue_key: String,
+    /// The envelope.
+    pub message: String,
 }
 
 /// `host:pid` from a lock token `host:pid:uuid`.
