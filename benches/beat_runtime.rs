@@ -87,7 +87,7 @@ fn put_all(connection: &mut redis::Connection, jobs: &[(String, JobDoc)]) {
             pipe.cmd("EVALSHA")
                 .arg(&hash)
                 .arg(5)
-                .arg([
+                .arg(&[
                     "sauna:beat:jobs",
                     "sauna:beat:since",
                     "sauna:beat:changes",
@@ -158,7 +158,7 @@ struct Published {
 
 /// Every message in the bench queue, emptied.
 fn drain(connection: &mut redis::Connection) -> Vec<Published> {
-    let (raw, ()): (Vec<String>, ()) = redis::pipe()
+    let (raw,): (Vec<String>,) = redis::pipe()
         .atomic()
         .cmd("LRANGE")
         .arg("bench")

@@ -1,8 +1,9 @@
 //! Beat: the native replacement for `celery beat`. One actor (a tokio task) owns the job table,
 //! the Redis connection and the leader lease; the main loop talks to it through a
 //! [`BeatHandle`] (status, reload, shutdown), or a [`BeatView`] (status only, cheap to clone).
-//! It never polls: it sleeps until the earliest of the next due slot, the next lock
-//! renewal/attempt and the next Redis retry, and wakes early on a command.
+//! It sleeps until the earliest of the next due slot, the next lock renewal/attempt, the next
+//! Redis retry and, while publishing, the next read of the runtime jobs' change stream (every
+//! 0.5 s, one cheap command), and wakes early on a command.
 //!
 //! What each part owns: this module the handle, the settings a (re)configuration resolves to and
 //! the status types; `actor` (the task, its job table and its Redis/lease state), `schedule`

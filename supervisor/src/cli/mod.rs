@@ -269,6 +269,7 @@ pub enum BeatCommand {
 
 /// Options of `beat add`.
 #[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("schedule").required(true).args(["cron", "every"])))]
 pub struct BeatAddArgs {
     /// The job name.
     pub name: String,
@@ -279,7 +280,7 @@ pub struct BeatAddArgs {
     #[arg(long, value_name = "TASK")]
     pub task: String,
     /// A 5-field crontab expression or @hourly/@daily/@weekly/@monthly/@yearly.
-    #[arg(long, value_name = "EXPR", required_unless_present = "every", conflicts_with = "every")]
+    #[arg(long, value_name = "EXPR")]
     pub cron: Option<String>,
     /// An interval such as "30s" or "5m", aligned to the Unix epoch.
     #[arg(long, value_name = "DURATION")]

@@ -224,7 +224,9 @@ impl Actor {
             }
             return;
         }
-        if self.jobs.iter().any(|state| !state.runtime && state.job.name == name) {
+        // The TOML jobs come first in the table, the runtime ones after them.
+        let toml = self.jobs.len() - self.runtime.index.len();
+        if self.jobs[..toml].iter().any(|state| state.job.name == name) {
             self.refuse(name, "a sauna.toml job has this name; the runtime job is ignored".to_owned());
             return;
         }
@@ -254,7 +256,13 @@ impl Actor {
             }
             None => {
                 let cursor = since.max(from_ms(stored.last).unwrap_or(since));
-                JobState::runtime(runtime, cursor)
+                let mut state = JobState::runtime(runtime, cursor);
+                // A one-off job published after its definition was stored has run (its leader
+                // stopped before pausing it): it is paused now rather than run again.
+                if state.one_off && stored.last.zip(stored.since).is_some_and(|(last, since)| last >= since) {
+                    state.published = 1;
+                }
+                state
             }
         };
         self.runtime.index.insert(name, self.jobs.len());
