@@ -35,6 +35,8 @@ struct JobState {
     runtime: bool,
     /// A runtime job paused after its first publish.
     one_off: bool,
+    /// A runtime job's arguments, as text (`job.args`/`kwargs` are then `null`).
+    packed: Option<super::runtime::Packed>,
 }
 
 impl JobState {
@@ -50,14 +52,18 @@ impl JobState {
             shown_next: None,
             runtime: false,
             one_off: false,
+            packed: None,
         }
     }
 
     fn runtime(job: super::runtime::RuntimeJob, cursor: DateTime<Utc>) -> JobState {
+        let mut inner = job.job;
+        let packed = super::runtime::Packed::take(&mut inner);
         JobState {
             runtime: true,
             one_off: job.one_off,
-            ..JobState::new(job.job, cursor)
+            packed: Some(packed),
+            ..JobState::new(inner, cursor)
         }
     }
 
@@ -109,6 +115,9 @@ pub(super) struct Actor {
     handover_since: Option<DateTime<Utc>>,
     /// Runtime jobs: the change-stream position and the name index.
     runtime: runtime::Follower,
+    /// The earliest `next` of any job, once computed (`None`: a job changed since); with
+    /// 100 000 jobs, scanning them at every wake-up would be most of the idle cost.
+    earliest: Option<Option<DateTime<Utc>>>,
     origin: String,
     metrics: Arc<Metrics>,
 }
@@ -150,6 +159,7 @@ impl Actor {
             saw_other_leader: false,
             handover_since: None,
             runtime: runtime::Follower::new(),
+            earliest: None,
             origin,
             metrics,
         }
@@ -157,7 +167,8 @@ impl Actor {
 
     pub(super) async fn run(mut self, mut inbox: mpsc::Receiver<Command>) {
         loop {
-            let wake = self.next_wake();
+            let earliest = self.earliest_next();
+            let wake = self.next_wake(earliest);
             let sleep = async {
                 match wake {
                     Some(at) => tokio::time::sleep_until(at).await,
@@ -188,7 +199,17 @@ impl Actor {
         }
     }
 
-    fn next_wake(&self) -> Option<Instant> {
+    /// The earliest next slot of any job, cached until a job changes.
+    fn earliest_next(&mut self) -> Option<DateTime<Utc>> {
+        if let Some(earliest) = self.earliest {
+            return earliest;
+        }
+        let earliest = self.jobs.iter().filter_map(|job| job.next).min();
+        self.earliest = Some(earliest);
+        earliest
+    }
+
+    fn next_wake(&self, earliest: Option<DateTime<Utc>>) -> Option<Instant> {
         if let Some(retry_at) = self.retry_at {
             return Some(retry_at);
         }
@@ -198,10 +219,7 @@ impl Actor {
             if !self.synced {
                 Some(now)
             } else {
-                self.jobs
-                    .iter()
-                    .filter_map(|job| job.next)
-                    .min()
+                earliest
                     .map(instant_of)
                     .into_iter()
                     .chain([self.runtime.next_poll])
@@ -245,7 +263,9 @@ impl Actor {
 
     /// Sets the next-run gauge of every job whose next run changed since it was last set.
     pub(super) fn update_next_metrics(&mut self) {
-        for state in &mut self.jobs {
+        // Runtime jobs come after the TOML ones and have no series of their own.
+        let toml = self.jobs.len() - self.runtime.count();
+        for state in &mut self.jobs[..toml] {
             if state.runtime || state.shown_next == Some(state.next) {
                 continue;
             }
@@ -390,10 +410,13 @@ impl Actor {
             // A standby only shows when jobs would run next; its cursors stay where they were
             // so that, on taking over, sync_cursors and the catch-up policy see every slot.
             let now = Utc::now();
-            for state in &mut self.jobs {
-                if state.next.is_some_and(|next| next <= now) {
-                    state.next = state.job.schedule.next_after(now);
+            if self.earliest_next().is_some_and(|earliest| earliest <= now) {
+                for state in &mut self.jobs {
+                    if state.next.is_some_and(|next| next <= now) {
+                        state.next = state.job.schedule.next_after(now);
+                    }
                 }
+                self.earliest = None;
             }
             self.update_next_metrics();
             return;
@@ -432,12 +455,17 @@ impl Actor {
             let slot = slot.and_then(DateTime::from_timestamp_millis);
             state.advance(slot.unwrap_or(state.cursor));
         }
+        self.earliest = None;
         self.synced = true;
         Ok(())
     }
 
     async fn publish_due(&mut self) -> Result<(), BrokerError> {
         let now = Utc::now();
+        if self.earliest_next().is_none_or(|earliest| earliest > now) {
+            self.handover_since = None;
+            return Ok(());
+        }
         // Plan every due job first, then publish the slots in pipelined batches: thousands of
         // jobs due at one minute boundary cost a few round trips, not one each.
         let mut slots: Vec<(usize, DateTime<Utc>)> = Vec::new();
@@ -493,6 +521,7 @@ impl Actor {
         for index in planned {
             self.jobs[index].advance(now);
         }
+        self.earliest = None;
         self.handover_since = None;
         Ok(())
     }
@@ -507,15 +536,21 @@ impl Actor {
         let mut ids = Vec::with_capacity(batch.len());
         let mut outgoing = Vec::with_capacity(batch.len());
         for &(index, slot) in batch {
-            let job = &self.jobs[index].job;
+            let state = &self.jobs[index];
+            let job = &state.job;
+            let unpacked = state.packed.as_ref().map(super::runtime::Packed::unpack);
+            let (args, kwargs) = match &unpacked {
+                Some((args, kwargs)) => (args, kwargs),
+                None => (&job.args, &job.kwargs),
+            };
             let task_id = uuid::Uuid::new_v4().to_string();
             let delivery_tag = uuid::Uuid::new_v4().to_string();
             let message = TaskMessage {
                 task: &job.task,
                 id: &task_id,
                 delivery_tag: &delivery_tag,
-                args: &job.args,
-                kwargs: &job.kwargs,
+                args,
+                kwargs,
                 queue: &job.queue,
                 priority: job.priority,
                 expires: job
@@ -649,6 +684,7 @@ impl Actor {
         // zone apply).
         jobs.extend(runtime_jobs);
         self.jobs = jobs;
+        self.earliest = None;
         self.settings = settings;
         self.runtime.toml_changed();
         self.synced = false;

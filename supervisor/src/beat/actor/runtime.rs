@@ -18,12 +18,14 @@ use tokio::time::Instant;
 
 use super::{Actor, JobState};
 use crate::beat::publisher::BrokerError;
-use crate::beat::runtime::{JobDoc, Store, StoreError, StoredJob};
+use crate::beat::runtime::{JobDoc, Packed, Store, StoreError, StoredJob};
 
 /// Longest time between two reads of the change stream while publishing.
 pub(super) const POLL: Duration = Duration::from_millis(500);
 /// Change entries read per round trip.
 const CHANGE_BATCH: usize = 10_000;
+/// Jobs read per round trip when loading them all.
+const LOAD_BATCH: usize = 2_000;
 
 /// What the leader knows about the runtime jobs beyond their table entries.
 pub(super) struct Follower {
@@ -109,13 +111,8 @@ impl Actor {
             return Ok(());
         }
         // The position is read before the jobs: a write in between is applied twice, never lost.
-        let (position, stored) = match async {
-            let position = store.newest_change().await?;
-            Ok::<_, StoreError>((position, store.all().await?))
-        }
-        .await
-        {
-            Ok(loaded) => loaded,
+        let position = match store.newest_change().await {
+            Ok(position) => position,
             Err(error) => return Err(self.store_failed(error)),
         };
         let mut kept: HashMap<String, JobState> = HashMap::new();
@@ -125,10 +122,26 @@ impl Actor {
         }
         self.runtime.index.clear();
         self.runtime.invalid.clear();
-        for job in stored {
-            let previous = kept.remove(&job.name);
-            self.apply(job.name.clone(), Some(job), previous);
+        self.earliest = None;
+        // In steps, so that memory for the documents in flight stays small.
+        let mut cursor = 0;
+        loop {
+            let (next, stored) = match store.scan(cursor, LOAD_BATCH).await {
+                Ok(step) => step,
+                Err(error) => return Err(self.store_failed(error)),
+            };
+            for job in stored {
+                let previous = kept
+                    .remove(&job.name)
+                    .or_else(|| self.take_runtime(&job.name));
+                self.apply(job.name.clone(), Some(job), previous);
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
         }
+        self.jobs.shrink_to_fit();
         tracing::info!(
             jobs = self.runtime.count(),
             invalid = self.runtime.invalid.len(),
@@ -202,6 +215,7 @@ impl Actor {
     /// Takes `name`'s state out of the table.
     fn take_runtime(&mut self, name: &str) -> Option<JobState> {
         let position = self.runtime.index.remove(name)?;
+        self.earliest = None;
         let state = self.jobs.swap_remove(position);
         if let Some(moved) = self.jobs.get(position) {
             self.runtime.index.insert(moved.job.name.clone(), position);
@@ -240,7 +254,9 @@ impl Actor {
         let since = from_ms(stored.since).unwrap_or(now);
         let state = match previous {
             Some(mut state) if state.job.schedule == runtime.job.schedule => {
-                state.job = runtime.job;
+                let mut job = runtime.job;
+                state.packed = Some(Packed::take(&mut job));
+                state.job = job;
                 state.one_off = runtime.one_off;
                 state
             }
@@ -267,6 +283,7 @@ impl Actor {
         };
         self.runtime.index.insert(name, self.jobs.len());
         self.jobs.push(state);
+        self.earliest = None;
     }
 
     fn refuse(&mut self, name: String, reason: String) {
