@@ -336,6 +336,13 @@ fn main() {
         .expect("beat list");
     let table_took = table_started.elapsed();
     drop(supervisor);
+    // What the leader said about each pass, for reading the numbers above.
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    for line in log_text.lines().filter(|line| {
+        line.contains("WARN") || line.contains("runtime job tasks") || line.contains("loaded") || line.contains("lock")
+    }) {
+        println!("log: {line}");
+    }
 
     let mut out = std::io::stdout().lock();
     let _ = writeln!(

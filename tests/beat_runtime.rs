@@ -522,3 +522,46 @@ fn django_celery_beat_rows_are_imported_and_run_by_a_real_worker() {
     assert_eq!(list(&sandbox)["one-off-job"]["state"], "paused");
     assert!(running.stop().success());
 }
+
+#[tokio::test]
+async fn the_batch_publish_is_fenced_and_never_repeats_a_slot() {
+    use sauna_supervisor::beat::publisher::{Broker, Outgoing, Published};
+    let sandbox = Sandbox::new();
+    let redis = RedisServer::start(&sandbox.path("redis"));
+    let ttl = Duration::from_secs(5);
+    let mut old = Broker::new(&redis.url(0), None, "fence:", Duration::from_secs(1)).expect("broker");
+    let mut new = Broker::new(&redis.url(0), None, "fence:", Duration::from_secs(1)).expect("broker");
+    assert_eq!(old.acquire("a:1:old", ttl).await.expect("acquire"), None);
+    let batch = |slots: &[i64]| -> Vec<Outgoing> {
+        slots
+            .iter()
+            .enumerate()
+            .map(|(index, slot)| Outgoing {
+                job: format!("job{}", index % 2),
+                slot_ms: *slot,
+                queue_key: if index % 2 == 0 { "even" } else { "odd" }.to_owned(),
+                message: format!("{{\"slot\": {slot}}}"),
+            })
+            .collect()
+    };
+    async fn send(broker: &mut Broker, token: Option<&str>, batch: Vec<Outgoing>) -> Vec<Published> {
+        let task = broker.start_publish(token, batch).await.expect("start");
+        broker.finish_publish(task.await).expect("finish")
+    }
+    use Published::{AlreadySent, NotLeader, Sent};
+    // job0 gets 1000 and 2000, job1 1000 and then an older slot, refused.
+    assert_eq!(send(&mut old, Some("a:1:old"), batch(&[1000, 1000, 2000, 500])).await, [Sent, Sent, Sent, AlreadySent]);
+    // Another token: nothing is pushed, every message says why.
+    assert_eq!(send(&mut new, Some("b:2:new"), batch(&[3000, 3000])).await, [NotLeader, NotLeader]);
+    // The same and older slots are never pushed again, by anyone.
+    assert_eq!(send(&mut old, Some("a:1:old"), batch(&[1000, 1000])).await, [AlreadySent, AlreadySent]);
+    assert_eq!(send(&mut new, None, batch(&[3000, 500])).await, [Sent, AlreadySent]);
+    let mut connection = redis.connection();
+    let (even, odd): (Vec<String>, Vec<String>) = redis::pipe()
+        .cmd("LRANGE").arg("even").arg(0).arg(-1)
+        .cmd("LRANGE").arg("odd").arg(0).arg(-1)
+        .query(&mut connection)
+        .expect("LRANGE");
+    assert_eq!(even, ["{\"slot\": 3000}", "{\"slot\": 2000}", "{\"slot\": 1000}"]);
+    assert_eq!(odd, ["{\"slot\": 1000}"]);
+}

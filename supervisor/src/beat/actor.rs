@@ -123,7 +123,7 @@ pub(super) struct Actor {
 }
 
 /// Slots published per pipeline.
-const PUBLISH_BATCH: usize = 500;
+const PUBLISH_BATCH: usize = 250;
 
 fn instant_of(time: DateTime<Utc>) -> Instant {
     let wait = (time - Utc::now()).to_std().unwrap_or(Duration::ZERO);
@@ -495,21 +495,45 @@ impl Actor {
             slots.extend(plan.publish.into_iter().map(|slot| (index, slot)));
             planned.push(index);
         }
-        let mut runtime_sent = 0usize;
+        // Each batch goes out on a task of its own while the next one is prepared, so Redis
+        // works through one while this builds the next; the outcomes are read in order after.
+        let mut pending = Vec::new();
+        // The lease ran out before every batch went out: the rest stays due.
+        let mut lease_ended = false;
+        // The script found the lock no longer ours.
+        let mut refused = false;
         for batch in slots.chunks(PUBLISH_BATCH) {
             if !self.leader.may_publish(Instant::now()) {
-                return Ok(());
+                lease_ended = true;
+                break;
             }
-            let Some(sent) = self.publish_batch(batch).await? else {
-                tracing::warn!(
-                    "beat: publish refused because the leader lock is no longer ours; standing by"
-                );
-                self.leader.resign(Instant::now());
-                self.set_leader_metric();
-                self.synced = false;
-                return Ok(());
+            let (ids, outgoing) = self.prepare_batch(batch);
+            let handle = self
+                .broker
+                .start_publish(self.leader.fence(), outgoing)
+                .await?;
+            pending.push((batch, ids, handle));
+            tokio::task::yield_now().await;
+        }
+        let mut runtime_sent = 0usize;
+        for (batch, ids, handle) in pending {
+            let outcomes = match self.broker.finish_publish(handle.await) {
+                Ok(outcomes) => outcomes,
+                Err(error) => {
+                    for &(index, _) in batch {
+                        self.metrics
+                            .beat_errors_total
+                            .with_label_values(&[self.jobs[index].metric_label()])
+                            .inc();
+                    }
+                    tracing::debug!(error = %error, "beat: publish failed; the slots stay due");
+                    return Err(error);
+                }
             };
-            runtime_sent += sent;
+            match self.record_batch(batch, ids, outcomes) {
+                Some(sent) => runtime_sent += sent,
+                None => refused = true,
+            }
         }
         if runtime_sent > 0 {
             tracing::info!(
@@ -517,6 +541,18 @@ impl Actor {
                 lag_ms = (Utc::now() - now).num_milliseconds().max(0),
                 "beat: published runtime job tasks"
             );
+        }
+        if refused {
+            tracing::warn!(
+                "beat: publish refused because the leader lock is no longer ours; standing by"
+            );
+            self.leader.resign(Instant::now());
+            self.set_leader_metric();
+            self.synced = false;
+            return Ok(());
+        }
+        if lease_ended {
+            return Ok(());
         }
         for index in planned {
             self.jobs[index].advance(now);
@@ -526,12 +562,8 @@ impl Actor {
         Ok(())
     }
 
-    /// Publishes `batch` (job index, slot) in one pipeline; the number of runtime jobs' tasks
-    /// sent, or `None` when the lock turned out not to be ours (nothing more was pushed).
-    async fn publish_batch(
-        &mut self,
-        batch: &[(usize, DateTime<Utc>)],
-    ) -> Result<Option<usize>, BrokerError> {
+    /// The task ids and messages of `batch` (job index, slot).
+    fn prepare_batch(&self, batch: &[(usize, DateTime<Utc>)]) -> (Vec<String>, Vec<Outgoing>) {
         let published_at = Utc::now();
         let mut ids = Vec::with_capacity(batch.len());
         let mut outgoing = Vec::with_capacity(batch.len());
@@ -568,23 +600,17 @@ impl Actor {
             });
             ids.push(task_id);
         }
-        let outcome = self
-            .broker
-            .publish_many(self.leader.fence(), &outgoing)
-            .await;
-        let outcomes = match outcome {
-            Ok(outcomes) => outcomes,
-            Err(error) => {
-                for &(index, _) in batch {
-                    self.metrics
-                        .beat_errors_total
-                        .with_label_values(&[self.jobs[index].metric_label()])
-                        .inc();
-                }
-                tracing::debug!(error = %error, "beat: publish failed; the slots stay due");
-                return Err(error);
-            }
-        };
+        (ids, outgoing)
+    }
+
+    /// Records what happened to `batch`: the number of runtime jobs' tasks sent, or `None` when
+    /// the lock turned out not to be ours (the script pushed nothing from then on).
+    fn record_batch(
+        &mut self,
+        batch: &[(usize, DateTime<Utc>)],
+        ids: Vec<String>,
+        outcomes: Vec<Published>,
+    ) -> Option<usize> {
         let lag_base = Utc::now();
         let mut runtime_sent = 0;
         for ((&(index, slot), task_id), outcome) in batch.iter().zip(ids).zip(outcomes) {
@@ -618,10 +644,10 @@ impl Actor {
                 Published::AlreadySent => {
                     tracing::debug!(job = %state.job.name, slot = %state.show(slot), "beat: slot already published by another supervisor");
                 }
-                Published::NotLeader => return Ok(None),
+                Published::NotLeader => return None,
             }
         }
-        Ok(Some(runtime_sent))
+        Some(runtime_sent)
     }
 
     async fn reload(&mut self, settings: Settings) -> Result<(), BeatError> {
