@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use super::jobs;
 use super::leader::{Leader, Lease};
 use super::message::TaskMessage;
-use super::publisher::{Broker, BrokerError, Outgoing, Published};
+use super::publisher::{Broker, BrokerError, Outgoing, PublishTask, Published};
 use super::{
     BACKOFF_MAX, BACKOFF_MIN, BeatError, BeatStatus, Command, Job, JobStatus, Schedule, Settings,
 };
@@ -466,10 +466,16 @@ impl Actor {
             self.handover_since = None;
             return Ok(());
         }
-        // Plan every due job first, then publish the slots in pipelined batches: thousands of
-        // jobs due at one minute boundary cost a few round trips, not one each.
+        // Publish in batches, each sent as soon as it is full and while the next is planned
+        // and prepared: thousands of jobs due at one minute boundary cost a few round trips,
+        // and the first batch leaves before the last job is planned.
         let mut slots: Vec<(usize, DateTime<Utc>)> = Vec::new();
         let mut planned: Vec<usize> = Vec::new();
+        let mut pending = Vec::new();
+        // The lease ran out before every batch went out: the rest stays due.
+        let mut lease_ended = false;
+        // The script found the lock no longer ours.
+        let mut refused = false;
         for index in 0..self.jobs.len() {
             if self.jobs[index].next.is_none_or(|next| next > now) {
                 continue;
@@ -494,33 +500,25 @@ impl Actor {
             }
             slots.extend(plan.publish.into_iter().map(|slot| (index, slot)));
             planned.push(index);
-        }
-        // Each batch goes out on a task of its own while the next one is prepared, so Redis
-        // works through one while this builds the next; the outcomes are read in order after.
-        let mut pending = Vec::new();
-        // The lease ran out before every batch went out: the rest stays due.
-        let mut lease_ended = false;
-        // The script found the lock no longer ours.
-        let mut refused = false;
-        for batch in slots.chunks(PUBLISH_BATCH) {
-            if !self.leader.may_publish(Instant::now()) {
-                lease_ended = true;
-                break;
+            // Cut only between jobs: the batches run on tasks of their own, so only within one
+            // batch is their order certain, and a job's slots must go out oldest first.
+            if slots.len() >= PUBLISH_BATCH {
+                let batch = std::mem::take(&mut slots);
+                if !self.send_batch(batch, &mut pending).await? {
+                    lease_ended = true;
+                    break;
+                }
             }
-            let (ids, outgoing) = self.prepare_batch(batch);
-            let handle = self
-                .broker
-                .start_publish(self.leader.fence(), outgoing)
-                .await?;
-            pending.push((batch, ids, handle));
-            tokio::task::yield_now().await;
+        }
+        if !lease_ended && !slots.is_empty() && !self.send_batch(slots, &mut pending).await? {
+            lease_ended = true;
         }
         let mut runtime_sent = 0usize;
         for (batch, ids, handle) in pending {
             let outcomes = match self.broker.finish_publish(handle.await) {
                 Ok(outcomes) => outcomes,
                 Err(error) => {
-                    for &(index, _) in batch {
+                    for &(index, _) in &batch {
                         self.metrics
                             .beat_errors_total
                             .with_label_values(&[self.jobs[index].metric_label()])
@@ -530,7 +528,7 @@ impl Actor {
                     return Err(error);
                 }
             };
-            match self.record_batch(batch, ids, outcomes) {
+            match self.record_batch(&batch, ids, outcomes) {
                 Some(sent) => runtime_sent += sent,
                 None => refused = true,
             }
@@ -560,6 +558,27 @@ impl Actor {
         self.earliest = None;
         self.handover_since = None;
         Ok(())
+    }
+
+    /// Prepares `batch` (job index, slot) and starts sending it on a task of its own, so Redis
+    /// works through it while the caller goes on; false (nothing sent) when the lease ran out.
+    async fn send_batch(
+        &mut self,
+        batch: Vec<(usize, DateTime<Utc>)>,
+        pending: &mut Vec<(Vec<(usize, DateTime<Utc>)>, Vec<String>, PublishTask)>,
+    ) -> Result<bool, BrokerError> {
+        if !self.leader.may_publish(Instant::now()) {
+            return Ok(false);
+        }
+        let (ids, outgoing) = self.prepare_batch(&batch);
+        let task = self
+            .broker
+            .start_publish(self.leader.fence(), outgoing)
+            .await?;
+        pending.push((batch, ids, task));
+        // Lets the connection's task write the batch out now.
+        tokio::task::yield_now().await;
+        Ok(true)
     }
 
     /// The task ids and messages of `batch` (job index, slot).
@@ -635,6 +654,9 @@ impl Actor {
                             lag_ms = lag.as_millis() as u64,
                             "beat: published"
                         );
+                    }
+                    if state.one_off {
+                        self.runtime.one_offs_done.push(state.job.name.clone());
                     }
                     let state = &mut self.jobs[index];
                     state.last_run = Some(slot);

@@ -39,6 +39,8 @@ pub(super) struct Follower {
     pub(super) invalid: BTreeMap<String, String>,
     /// The `sauna.toml` job names have been written for writers to refuse.
     static_written: bool,
+    /// One-off jobs that have published and are to be paused.
+    pub(super) one_offs_done: Vec<String>,
 }
 
 impl Follower {
@@ -49,6 +51,7 @@ impl Follower {
             index: HashMap::new(),
             invalid: BTreeMap::new(),
             static_written: false,
+            one_offs_done: Vec::new(),
         }
     }
 
@@ -191,23 +194,18 @@ impl Actor {
 
     /// Pauses every one-off job that has published, so it runs once.
     pub(super) async fn finish_one_offs(&mut self) -> Result<(), BrokerError> {
-        let done: Vec<String> = self
-            .jobs
-            .iter()
-            .filter(|state| state.one_off && state.published > 0)
-            .map(|state| state.job.name.clone())
-            .collect();
-        if done.is_empty() {
+        if self.runtime.one_offs_done.is_empty() {
             return Ok(());
         }
         let mut store = self.store().await?;
-        for name in done {
+        while let Some(name) = self.runtime.one_offs_done.last().cloned() {
             match store.set_paused(&name, true).await {
                 Ok(_) | Err(StoreError::NoSuchJob(_)) => {}
                 Err(error) => return Err(self.store_failed(error)),
             }
             tracing::info!(job = %name, "beat: one-off job published; paused");
             self.take_runtime(&name);
+            self.runtime.one_offs_done.pop();
         }
         Ok(())
     }
@@ -272,11 +270,16 @@ impl Actor {
             }
             None => {
                 let cursor = since.max(from_ms(stored.last).unwrap_or(since));
-                let mut state = JobState::runtime(runtime, cursor);
+                let state = JobState::runtime(runtime, cursor);
                 // A one-off job published after its definition was stored has run (its leader
                 // stopped before pausing it): it is paused now rather than run again.
-                if state.one_off && stored.last.zip(stored.since).is_some_and(|(last, since)| last >= since) {
-                    state.published = 1;
+                if state.one_off
+                    && stored
+                        .last
+                        .zip(stored.since)
+                        .is_some_and(|(last, since)| last >= since)
+                {
+                    self.runtime.one_offs_done.push(name.clone());
                 }
                 state
             }
