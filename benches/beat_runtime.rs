@@ -46,7 +46,14 @@ fn free_port() -> u16 {
 fn start_redis(dir: &Path) -> (Guard, u16) {
     let port = free_port();
     let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
         .arg("--dir")
         .arg(dir)
         .stdout(Stdio::null())
@@ -108,7 +115,12 @@ fn jobs() -> Vec<(String, JobDoc)> {
     for index in 0..JOBS_EVERY_MINUTE {
         jobs.push((
             format!("minutely-{index:05}"),
-            doc("reports.minutely", Some("* * * * *".to_owned()), None, serde_json::json!([index])),
+            doc(
+                "reports.minutely",
+                Some("* * * * *".to_owned()),
+                None,
+                serde_json::json!([index]),
+            ),
         ));
     }
     for index in 0..JOBS_DAILY {
@@ -116,14 +128,24 @@ fn jobs() -> Vec<(String, JobDoc)> {
         let cron = format!("{} {} * * *", minute_of_day % 60, minute_of_day / 60);
         jobs.push((
             format!("daily-{index:05}"),
-            doc("reports.daily", Some(cron), None, serde_json::json!([index])),
+            doc(
+                "reports.daily",
+                Some(cron),
+                None,
+                serde_json::json!([index]),
+            ),
         ));
     }
     for index in 0..JOBS_INTERVAL {
         let minutes = 2 + index % 119;
         jobs.push((
             format!("interval-{index:05}"),
-            doc("feeds.poll", None, Some(format!("{minutes}m")), serde_json::json!([index])),
+            doc(
+                "feeds.poll",
+                None,
+                Some(format!("{minutes}m")),
+                serde_json::json!([index]),
+            ),
         ));
     }
     jobs
@@ -132,8 +154,14 @@ fn jobs() -> Vec<(String, JobDoc)> {
 /// utime + stime of `pid`, in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/PID/stat");
-    let fields: Vec<&str> = stat.rsplit_once(')').expect("stat").1.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("stat")
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 =
+        fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
         .flatten()
@@ -145,7 +173,14 @@ fn status_kib(pid: u32, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .expect("/proc/PID/status")
         .lines()
-        .find_map(|line| line.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse().ok())
+        .find_map(|line| {
+            line.strip_prefix(key)?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
         .unwrap_or(0)
 }
 
@@ -208,7 +243,10 @@ fn sleep_until(at: DateTime<Utc>) {
 }
 
 fn next_boundary(after: DateTime<Utc>) -> DateTime<Utc> {
-    let minute = after.with_second(0).and_then(|t| t.with_nanosecond(0)).expect("minute");
+    let minute = after
+        .with_second(0)
+        .and_then(|t| t.with_nanosecond(0))
+        .expect("minute");
     minute + chrono::Duration::minutes(1)
 }
 
@@ -256,7 +294,10 @@ fn main() {
         .unwrap_or_default()
         .contains("runtime jobs loaded")
     {
-        assert!(started.elapsed() < Duration::from_secs(120), "runtime jobs never loaded");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "runtime jobs never loaded"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let load = started.elapsed();
@@ -310,7 +351,9 @@ fn main() {
     let missing = JOBS_EVERY_MINUTE - per_job.len();
     let new_args = after_change
         .iter()
-        .filter(|p| changed_names.contains(p.job.as_str()) && p.args == serde_json::json!(["changed"]))
+        .filter(|p| {
+            changed_names.contains(p.job.as_str()) && p.args == serde_json::json!(["changed"])
+        })
         .count();
     let mut change_lags: Vec<f64> = after_change.iter().map(|p| p.lag_ms).collect();
     change_lags.sort_by(f64::total_cmp);
@@ -324,7 +367,11 @@ fn main() {
         .output()
         .expect("beat list");
     let list_took = list_started.elapsed();
-    assert!(list.status.success(), "beat list: {}", String::from_utf8_lossy(&list.stderr));
+    assert!(
+        list.status.success(),
+        "beat list: {}",
+        String::from_utf8_lossy(&list.stderr)
+    );
     let listed = serde_json::from_slice::<Vec<serde_json::Value>>(&list.stdout)
         .map(|entries| entries.len())
         .unwrap_or(0);
@@ -339,7 +386,10 @@ fn main() {
     // What the leader said about each pass, for reading the numbers above.
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
     for line in log_text.lines().filter(|line| {
-        line.contains("WARN") || line.contains("runtime job tasks") || line.contains("loaded") || line.contains("lock")
+        line.contains("WARN")
+            || line.contains("runtime job tasks")
+            || line.contains("loaded")
+            || line.contains("lock")
     }) {
         println!("log: {line}");
     }
@@ -383,15 +433,14 @@ fn main() {
             "0 missed, 0 doubled",
             "#35: a change near a minute boundary skips tasks",
         ),
-        (
-            "leader idle CPU",
-            format!("{idle_cpu:.2} %"),
-            "< 2 %",
-            "—",
-        ),
+        ("leader idle CPU", format!("{idle_cpu:.2} %"), "< 2 %", "—"),
         (
             "supervisor RSS (peak)",
-            format!("{:.1} MiB ({:.1} MiB)", rss as f64 / 1024.0, peak as f64 / 1024.0),
+            format!(
+                "{:.1} MiB ({:.1} MiB)",
+                rss as f64 / 1024.0,
+                peak as f64 / 1024.0
+            ),
             "< 100 MiB",
             "—",
         ),
@@ -407,7 +456,11 @@ fn main() {
             "—",
         ),
     ];
-    let _ = writeln!(out, "{:<38} {:<60} {:<22} django-celery-beat", "measure", "sauna-supervisor", "target");
+    let _ = writeln!(
+        out,
+        "{:<38} {:<60} {:<22} django-celery-beat",
+        "measure", "sauna-supervisor", "target"
+    );
     for (measure, ours, target, theirs) in rows {
         let _ = writeln!(out, "{measure:<38} {ours:<60} {target:<22} {theirs}");
     }

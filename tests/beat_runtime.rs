@@ -43,10 +43,15 @@ fn messages(redis: &RedisServer, key: &str) -> Vec<Message> {
             let body: Value = serde_json::from_slice(&body).expect("body JSON");
             let headers = &message["headers"];
             Message {
-                job: headers["sauna_beat_job"].as_str().unwrap_or_default().to_owned(),
-                slot: DateTime::parse_from_rfc3339(headers["sauna_beat_slot"].as_str().expect("slot"))
-                    .expect("rfc3339")
-                    .with_timezone(&Utc),
+                job: headers["sauna_beat_job"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                slot: DateTime::parse_from_rfc3339(
+                    headers["sauna_beat_slot"].as_str().expect("slot"),
+                )
+                .expect("rfc3339")
+                .with_timezone(&Utc),
                 args: body[0].clone(),
                 kwargs: body[1].clone(),
             }
@@ -85,7 +90,11 @@ fn list(sandbox: &Sandbox) -> serde_json::Map<String, Value> {
 }
 
 fn records_with(worker: &CeleryWorker, args: &Value) -> usize {
-    worker.records().iter().filter(|r| &r["args"] == args).count()
+    worker
+        .records()
+        .iter()
+        .filter(|r| &r["args"] == args)
+        .count()
 }
 
 /// Runs python/sauna_beat.py code against `redis` (`beat` is a `sauna_beat.Beat`).
@@ -120,25 +129,50 @@ fn cli_jobs_run_on_a_real_worker_and_follow_add_pause_resume_remove() {
     let running = sandbox.start();
     // Added while the supervisor runs: no reload.
     let add = sandbox.run(&[
-        "beat", "add", "tenant-7", "--task", "tasks.record", "--every", "1s",
-        "--args", "[\"tenant\", 7]", "--kwargs", "{\"report\": \"daily\"}", "--queue", "hi",
-        "--priority", "5", "--expires", "1h",
+        "beat",
+        "add",
+        "tenant-7",
+        "--task",
+        "tasks.record",
+        "--every",
+        "1s",
+        "--args",
+        "[\"tenant\", 7]",
+        "--kwargs",
+        "{\"report\": \"daily\"}",
+        "--queue",
+        "hi",
+        "--priority",
+        "5",
+        "--expires",
+        "1h",
     ]);
     assert_ok(&add, "beat add");
-    assert!(stdout(&add).contains("added runtime job \"tenant-7\""), "{}", stdout(&add));
+    assert!(
+        stdout(&add).contains("added runtime job \"tenant-7\""),
+        "{}",
+        stdout(&add)
+    );
     let args = json!(["tenant", 7]);
-    wait_until(Duration::from_secs(20), "the worker to run tenant-7", || {
-        worker
-            .records()
-            .iter()
-            .any(|r| r["args"] == args && r["kwargs"] == json!({"report": "daily"}))
-            .then_some(())
-    });
+    wait_until(
+        Duration::from_secs(20),
+        "the worker to run tenant-7",
+        || {
+            worker
+                .records()
+                .iter()
+                .any(|r| r["args"] == args && r["kwargs"] == json!({"report": "daily"}))
+                .then_some(())
+        },
+    );
     let entry = &list(&sandbox)["tenant-7"];
     assert_eq!(entry["source"], "runtime");
     assert_eq!(entry["state"], "active");
     assert_eq!(entry["schedule"], "every 1s");
-    assert!(entry["next_run"].is_string() && entry["last_run"].is_string(), "{entry}");
+    assert!(
+        entry["next_run"].is_string() && entry["last_run"].is_string(),
+        "{entry}"
+    );
     assert_eq!(list(&sandbox)["nightly"]["source"], "toml");
     let status = running.status_json();
     assert_eq!(status["beat"]["runtime_jobs"], 1, "{status}");
@@ -153,15 +187,29 @@ fn cli_jobs_run_on_a_real_worker_and_follow_add_pause_resume_remove() {
     assert_eq!(entry["state"], "paused");
     assert!(entry["next_run"].is_null());
     assert_ok(&sandbox.run(&["beat", "resume", "tenant-7"]), "beat resume");
-    wait_until(Duration::from_secs(10), "tenant-7 to run after resume", || {
-        (records_with(&worker, &args) > paused_at + 1).then_some(())
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "tenant-7 to run after resume",
+        || (records_with(&worker, &args) > paused_at + 1).then_some(()),
+    );
 
     // Replaced in place (same name): the new arguments from the next slot on.
     let replace = sandbox.run(&[
-        "beat", "add", "tenant-7", "--task", "tasks.record", "--every", "1s", "--args", "[\"v2\"]",
+        "beat",
+        "add",
+        "tenant-7",
+        "--task",
+        "tasks.record",
+        "--every",
+        "1s",
+        "--args",
+        "[\"v2\"]",
     ]);
-    assert!(stdout(&replace).contains("replaced"), "{}", output_text(&replace));
+    assert!(
+        stdout(&replace).contains("replaced"),
+        "{}",
+        output_text(&replace)
+    );
     wait_until(Duration::from_secs(10), "the replaced job to run", || {
         (records_with(&worker, &json!(["v2"])) > 0).then_some(())
     });
@@ -171,18 +219,33 @@ fn cli_jobs_run_on_a_real_worker_and_follow_add_pause_resume_remove() {
     std::thread::sleep(Duration::from_millis(1500));
     let removed_at = records_with(&worker, &json!(["v2"]));
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(records_with(&worker, &json!(["v2"])), removed_at, "a removed job ran");
+    assert_eq!(
+        records_with(&worker, &json!(["v2"])),
+        removed_at,
+        "a removed job ran"
+    );
     assert!(!list(&sandbox).contains_key("tenant-7"));
     let again = sandbox.run(&["beat", "remove", "tenant-7"]);
     assert_eq!(again.status.code(), Some(1), "{}", output_text(&again));
     assert!(stderr(&again).contains("no runtime job named \"tenant-7\""));
     let table = stdout(&sandbox.run(&["beat", "list"]));
-    assert!(table.starts_with("NAME") && table.contains("nightly"), "{table}");
+    assert!(
+        table.starts_with("NAME") && table.contains("nightly"),
+        "{table}"
+    );
 
     // A one-off job publishes once and pauses itself.
     assert_ok(
         &sandbox.run(&[
-            "beat", "add", "once", "--task", "tasks.record", "--every", "1s", "--args", "[\"once\"]",
+            "beat",
+            "add",
+            "once",
+            "--task",
+            "tasks.record",
+            "--every",
+            "1s",
+            "--args",
+            "[\"once\"]",
             "--one-off",
         ]),
         "beat add --one-off",
@@ -206,22 +269,47 @@ fn invalid_jobs_and_toml_names_are_refused_and_never_stored() {
         (&["--cron", "0 0 30 2 *"], "can never fire"),
         (&["--cron", "* * *"], "expected 5"),
         (&["--every", "0s"], "longer than 0s"),
-        (&["--every", "1m", "--timezone", "Mars/Base"], "unknown time zone"),
-        (&["--every", "1m", "--args", "{\"a\": 1}"], "args: must be a JSON array"),
+        (
+            &["--every", "1m", "--timezone", "Mars/Base"],
+            "unknown time zone",
+        ),
+        (
+            &["--every", "1m", "--args", "{\"a\": 1}"],
+            "args: must be a JSON array",
+        ),
         (&["--every", "1m", "--kwargs", "not json"], "not JSON"),
-        (&["--every", "1m", "--priority", "12"], "priority: 12 is out of range"),
-        (&["--every", "1m", "--catch-up", "sometimes"], "catch_up: \"sometimes\""),
+        (
+            &["--every", "1m", "--priority", "12"],
+            "priority: 12 is out of range",
+        ),
+        (
+            &["--every", "1m", "--catch-up", "sometimes"],
+            "catch_up: \"sometimes\"",
+        ),
     ];
     for (args, needle) in refused {
         let mut full = vec!["beat", "add", "bad", "--task", "tasks.record"];
         full.extend_from_slice(args);
         let output = sandbox.run(&full);
-        assert_eq!(output.status.code(), Some(2), "{args:?}: {}", output_text(&output));
-        assert!(stderr(&output).contains(needle), "{args:?}: {}", stderr(&output));
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            output_text(&output)
+        );
+        assert!(
+            stderr(&output).contains(needle),
+            "{args:?}: {}",
+            stderr(&output)
+        );
     }
     let toml = sandbox.run(&["beat", "add", "nightly", "--task", "t", "--every", "1m"]);
     assert_eq!(toml.status.code(), Some(2), "{}", output_text(&toml));
-    assert!(stderr(&toml).contains("defined in sauna.toml"), "{}", stderr(&toml));
+    assert!(
+        stderr(&toml).contains("defined in sauna.toml"),
+        "{}",
+        stderr(&toml)
+    );
     // The Python helper refuses the same, before writing.
     let python = python_helper(
         &redis,
@@ -237,40 +325,67 @@ fn invalid_jobs_and_toml_names_are_refused_and_never_stored() {
     assert!(python.status.success(), "{}", output_text(&python));
     assert!(!text.contains("stored"), "{text}");
     assert_eq!(text.matches("refused:").count(), 6, "{text}");
-    assert!(stored_names(&redis).is_empty(), "{:?}", stored_names(&redis));
+    assert!(
+        stored_names(&redis).is_empty(),
+        "{:?}",
+        stored_names(&redis)
+    );
 
     // Once a leader has run, the helper refuses sauna.toml's names too.
     let running = sandbox.start();
-    wait_until(Duration::from_secs(10), "the leader to publish the TOML names", || {
-        let mut connection = redis.connection();
-        let member: bool = redis::cmd("SISMEMBER")
-            .arg("sauna:beat:static")
-            .arg("nightly")
-            .query(&mut connection)
-            .ok()?;
-        member.then_some(())
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "the leader to publish the TOML names",
+        || {
+            let mut connection = redis.connection();
+            let member: bool = redis::cmd("SISMEMBER")
+                .arg("sauna:beat:static")
+                .arg("nightly")
+                .query(&mut connection)
+                .ok()?;
+            member.then_some(())
+        },
+    );
     let python = python_helper(
         &redis,
         "try:\n    beat.add('nightly', task='t', every=60)\nexcept sauna_beat.TomlJobName as error:\n    print('refused:', error)\n",
     );
-    assert!(stdout(&python).contains("refused:"), "{}", output_text(&python));
+    assert!(
+        stdout(&python).contains("refused:"),
+        "{}",
+        output_text(&python)
+    );
     assert!(stored_names(&redis).is_empty());
 
     // A document written past the checks is skipped by the leader and shown as invalid.
     let mut connection = redis.connection();
     let _: () = redis::pipe()
-        .cmd("HSET").arg("sauna:beat:jobs").arg("forged").arg("{\"task\":\"t\",\"every\":\"soon\"}")
-        .cmd("XADD").arg("sauna:beat:changes").arg("*").arg("name").arg("forged")
+        .cmd("HSET")
+        .arg("sauna:beat:jobs")
+        .arg("forged")
+        .arg("{\"task\":\"t\",\"every\":\"soon\"}")
+        .cmd("XADD")
+        .arg("sauna:beat:changes")
+        .arg("*")
+        .arg("name")
+        .arg("forged")
         .query(&mut connection)
         .expect("forge");
-    let status = running.wait_for(Duration::from_secs(10), "the forged job refused", |status| {
-        status["beat"]["runtime_invalid"]["forged"].is_string()
-    });
+    let status = running.wait_for(
+        Duration::from_secs(10),
+        "the forged job refused",
+        |status| status["beat"]["runtime_invalid"]["forged"].is_string(),
+    );
     assert_eq!(status["beat"]["runtime_jobs"], 0);
     let entry = &list(&sandbox)["forged"];
     assert_eq!(entry["state"], "invalid");
-    assert!(entry["error"].as_str().unwrap_or_default().contains("every: invalid duration"), "{entry}");
+    assert!(
+        entry["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("every: invalid duration"),
+        "{entry}"
+    );
     assert!(running.log().contains("runtime job refused"));
     assert!(running.stop().success());
 }
@@ -298,18 +413,28 @@ fn python_helper_jobs_run_on_a_real_worker_and_change_without_a_reload() {
         &redis,
         "print(beat.add('py-job', task='tasks.record', cron='* * * * *', args=['changed']))\nprint(beat.get('py-job'))",
     );
-    assert!(stdout(&change).starts_with("False"), "{}", output_text(&change));
+    assert!(
+        stdout(&change).starts_with("False"),
+        "{}",
+        output_text(&change)
+    );
     let entry = &list(&sandbox)["py-job"];
     assert_eq!(entry["schedule"], "cron \"* * * * *\" (UTC)");
     std::thread::sleep(Duration::from_secs(2));
     let before = records_with(&worker, &json!(["py", 1]));
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(records_with(&worker, &json!(["py", 1])), before, "the old schedule still runs");
+    assert_eq!(
+        records_with(&worker, &json!(["py", 1])),
+        before,
+        "the old schedule still runs"
+    );
     let remove = python_helper(&redis, "beat.remove('py-job')\nprint(beat.names())");
     assert_eq!(stdout(&remove).trim(), "[]", "{}", output_text(&remove));
-    running.wait_for(Duration::from_secs(5), "the job gone from the leader", |status| {
-        status["beat"]["runtime_jobs"] == 0
-    });
+    running.wait_for(
+        Duration::from_secs(5),
+        "the job gone from the leader",
+        |status| status["beat"]["runtime_jobs"] == 0,
+    );
     assert!(running.stop().success());
 }
 
@@ -335,12 +460,27 @@ fn changes_just_before_a_minute_boundary_apply_to_its_slot_exactly_once() {
     let running = sandbox.start();
     let add = |name: &str, cron: &str, args: &str| {
         sandbox.run(&[
-            "beat", "add", name, "--task", "tasks.record", "--cron", cron, "--queue", "edge",
-            "--args", args,
+            "beat",
+            "add",
+            name,
+            "--task",
+            "tasks.record",
+            "--cron",
+            cron,
+            "--queue",
+            "edge",
+            "--args",
+            args,
         ])
     };
-    assert_ok(&add("args-change", "* * * * *", "[\"old\"]"), "add args-change");
-    assert_ok(&add("schedule-change", "0 0 1 1 *", "[\"yearly\"]"), "add schedule-change");
+    assert_ok(
+        &add("args-change", "* * * * *", "[\"old\"]"),
+        "add args-change",
+    );
+    assert_ok(
+        &add("schedule-change", "0 0 1 1 *", "[\"yearly\"]"),
+        "add schedule-change",
+    );
     assert_ok(&add("going", "* * * * *", "[\"going\"]"), "add going");
     // Let the leader load them, then change everything in the last 1.5 s of a minute.
     running.wait_for(Duration::from_secs(10), "3 runtime jobs", |status| {
@@ -348,7 +488,10 @@ fn changes_just_before_a_minute_boundary_apply_to_its_slot_exactly_once() {
     });
     let early = wait_for_second(57, 500);
     assert_ok(&add("args-change", "* * * * *", "[\"new\"]"), "change args");
-    assert_ok(&add("schedule-change", "* * * * *", "[\"every-minute\"]"), "change schedule");
+    assert_ok(
+        &add("schedule-change", "* * * * *", "[\"every-minute\"]"),
+        "change schedule",
+    );
     assert_ok(&sandbox.run(&["beat", "remove", "going"]), "remove going");
     wait_for_second(58, 800);
     let python = python_helper(
@@ -376,7 +519,12 @@ fn changes_just_before_a_minute_boundary_apply_to_its_slot_exactly_once() {
         );
     }
     wait_until(Duration::from_secs(10), "the boundary's slots", || {
-        (messages(&redis, "edge").iter().filter(|m| m.slot == boundary).count() >= 3).then_some(())
+        (messages(&redis, "edge")
+            .iter()
+            .filter(|m| m.slot == boundary)
+            .count()
+            >= 3)
+            .then_some(())
     });
     std::thread::sleep(Duration::from_secs(2));
     let at_boundary: Vec<Message> = messages(&redis, "edge")
@@ -390,10 +538,14 @@ fn changes_just_before_a_minute_boundary_apply_to_its_slot_exactly_once() {
     assert_eq!(of("schedule-change")[0].args, json!(["every-minute"]));
     assert_eq!(of("late-add").len(), 1, "{at_boundary:?}");
     assert_eq!(of("late-add")[0].kwargs, json!({}));
-    assert!(of("going").is_empty(), "a removed job published: {at_boundary:?}");
+    assert!(
+        of("going").is_empty(),
+        "a removed job published: {at_boundary:?}"
+    );
     // Nothing doubled anywhere in the queue.
     let all = messages(&redis, "edge");
-    let mut keys: Vec<(String, DateTime<Utc>)> = all.iter().map(|m| (m.job.clone(), m.slot)).collect();
+    let mut keys: Vec<(String, DateTime<Utc>)> =
+        all.iter().map(|m| (m.job.clone(), m.slot)).collect();
     keys.sort();
     let count = keys.len();
     keys.dedup();
@@ -455,7 +607,9 @@ fn django_celery_beat_rows_are_imported_and_run_by_a_real_worker() {
     );
     let conf = cluster.data().join("postgresql.conf");
     let mut text = std::fs::read_to_string(&conf).expect("postgresql.conf");
-    text.push_str(&format!("\nport = {port}\nlisten_addresses = '127.0.0.1'\n"));
+    text.push_str(&format!(
+        "\nport = {port}\nlisten_addresses = '127.0.0.1'\n"
+    ));
     std::fs::write(&conf, text).expect("postgresql.conf");
     give_to_pg_user(&cluster.data());
     let _server = cluster.start(port);
@@ -488,25 +642,47 @@ fn django_celery_beat_rows_are_imported_and_run_by_a_real_worker() {
     sandbox.write_config(&config(&redis, ""));
     let url = format!("postgres://{admin}@127.0.0.1:{port}/dj");
     let dry = sandbox.run(&["beat", "import", "--django-celery-beat", &url, "--dry-run"]);
-    assert!(stdout(&dry).contains("would import \"interval-job\""), "{}", output_text(&dry));
+    assert!(
+        stdout(&dry).contains("would import \"interval-job\""),
+        "{}",
+        output_text(&dry)
+    );
     assert!(stored_names(&redis).is_empty(), "a dry run wrote");
 
     let import = sandbox.run(&["beat", "import", "--django-celery-beat", &url]);
     let out = stdout(&import);
     // Solar and clocked rows cannot be expressed: reported, not guessed, and the exit status says so.
     assert_eq!(import.status.code(), Some(1), "{}", output_text(&import));
-    assert!(out.contains("not imported \"solar-job\": solar schedule (sunset)"), "{out}");
-    assert!(out.contains("not imported \"clocked-job\": clocked schedule"), "{out}");
-    assert!(out.contains("3 of 5 enabled periodic task(s) imported, 2 not"), "{out}");
+    assert!(
+        out.contains("not imported \"solar-job\": solar schedule (sunset)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("not imported \"clocked-job\": clocked schedule"),
+        "{out}"
+    );
+    assert!(
+        out.contains("3 of 5 enabled periodic task(s) imported, 2 not"),
+        "{out}"
+    );
     assert!(!out.contains("disabled-job"), "{out}");
-    assert_eq!(stored_names(&redis), ["crontab-job", "interval-job", "one-off-job"]);
+    assert_eq!(
+        stored_names(&redis),
+        ["crontab-job", "interval-job", "one-off-job"]
+    );
     let listed = list(&sandbox);
     assert_eq!(
         listed["crontab-job"]["schedule"],
         "cron \"0,30 8 * * 1-5\" (Europe/Helsinki)"
     );
-    let next = listed["crontab-job"]["next_run"].as_str().expect("next run").to_owned();
-    assert!(next.contains("T08:00:00") || next.contains("T08:30:00"), "{next}");
+    let next = listed["crontab-job"]["next_run"]
+        .as_str()
+        .expect("next run")
+        .to_owned();
+    assert!(
+        next.contains("T08:00:00") || next.contains("T08:30:00"),
+        "{next}"
+    );
 
     let running = sandbox.start();
     wait_until(Duration::from_secs(20), "the imported jobs to run", || {
@@ -518,7 +694,11 @@ fn django_celery_beat_rows_are_imported_and_run_by_a_real_worker() {
         (interval && once).then_some(())
     });
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(records_with(&worker, &json!(["one-off"])), 1, "a one-off job ran twice");
+    assert_eq!(
+        records_with(&worker, &json!(["one-off"])),
+        1,
+        "a one-off job ran twice"
+    );
     assert_eq!(list(&sandbox)["one-off-job"]["state"], "paused");
     assert!(running.stop().success());
 }
@@ -529,8 +709,10 @@ async fn the_batch_publish_is_fenced_and_never_repeats_a_slot() {
     let sandbox = Sandbox::new();
     let redis = RedisServer::start(&sandbox.path("redis"));
     let ttl = Duration::from_secs(5);
-    let mut old = Broker::new(&redis.url(0), None, "fence:", Duration::from_secs(1)).expect("broker");
-    let mut new = Broker::new(&redis.url(0), None, "fence:", Duration::from_secs(1)).expect("broker");
+    let mut old =
+        Broker::new(&redis.url(0), None, "fence:", Duration::from_secs(1)).expect("broker");
+    let mut new =
+        Broker::new(&redis.url(0), None, "fence:", Duration::from_secs(1)).expect("broker");
     assert_eq!(old.acquire("a:1:old", ttl).await.expect("acquire"), None);
     let batch = |slots: &[i64]| -> Vec<Outgoing> {
         slots
@@ -544,24 +726,49 @@ async fn the_batch_publish_is_fenced_and_never_repeats_a_slot() {
             })
             .collect()
     };
-    async fn send(broker: &mut Broker, token: Option<&str>, batch: Vec<Outgoing>) -> Vec<Published> {
+    async fn send(
+        broker: &mut Broker,
+        token: Option<&str>,
+        batch: Vec<Outgoing>,
+    ) -> Vec<Published> {
         let task = broker.start_publish(token, batch).await.expect("start");
         broker.finish_publish(task.await).expect("finish")
     }
     use Published::{AlreadySent, NotLeader, Sent};
     // job0 gets 1000 and 2000, job1 1000 and then an older slot, refused.
-    assert_eq!(send(&mut old, Some("a:1:old"), batch(&[1000, 1000, 2000, 500])).await, [Sent, Sent, Sent, AlreadySent]);
+    assert_eq!(
+        send(&mut old, Some("a:1:old"), batch(&[1000, 1000, 2000, 500])).await,
+        [Sent, Sent, Sent, AlreadySent]
+    );
     // Another token: nothing is pushed, every message says why.
-    assert_eq!(send(&mut new, Some("b:2:new"), batch(&[3000, 3000])).await, [NotLeader, NotLeader]);
+    assert_eq!(
+        send(&mut new, Some("b:2:new"), batch(&[3000, 3000])).await,
+        [NotLeader, NotLeader]
+    );
     // The same and older slots are never pushed again, by anyone.
-    assert_eq!(send(&mut old, Some("a:1:old"), batch(&[1000, 1000])).await, [AlreadySent, AlreadySent]);
-    assert_eq!(send(&mut new, None, batch(&[3000, 500])).await, [Sent, AlreadySent]);
+    assert_eq!(
+        send(&mut old, Some("a:1:old"), batch(&[1000, 1000])).await,
+        [AlreadySent, AlreadySent]
+    );
+    assert_eq!(
+        send(&mut new, None, batch(&[3000, 500])).await,
+        [Sent, AlreadySent]
+    );
     let mut connection = redis.connection();
     let (even, odd): (Vec<String>, Vec<String>) = redis::pipe()
-        .cmd("LRANGE").arg("even").arg(0).arg(-1)
-        .cmd("LRANGE").arg("odd").arg(0).arg(-1)
+        .cmd("LRANGE")
+        .arg("even")
+        .arg(0)
+        .arg(-1)
+        .cmd("LRANGE")
+        .arg("odd")
+        .arg(0)
+        .arg(-1)
         .query(&mut connection)
         .expect("LRANGE");
-    assert_eq!(even, ["{\"slot\": 3000}", "{\"slot\": 2000}", "{\"slot\": 1000}"]);
+    assert_eq!(
+        even,
+        ["{\"slot\": 3000}", "{\"slot\": 2000}", "{\"slot\": 1000}"]
+    );
     assert_eq!(odd, ["{\"slot\": 1000}"]);
 }

@@ -122,6 +122,9 @@ pub(super) struct Actor {
     metrics: Arc<Metrics>,
 }
 
+/// A batch on its way: its (job index, slot) pairs, their task ids, the task sending it.
+type Pending = (Vec<(usize, DateTime<Utc>)>, Vec<String>, PublishTask);
+
 /// Slots published per pipeline.
 const PUBLISH_BATCH: usize = 250;
 
@@ -565,7 +568,7 @@ impl Actor {
     async fn send_batch(
         &mut self,
         batch: Vec<(usize, DateTime<Utc>)>,
-        pending: &mut Vec<(Vec<(usize, DateTime<Utc>)>, Vec<String>, PublishTask)>,
+        pending: &mut Vec<Pending>,
     ) -> Result<bool, BrokerError> {
         if !self.leader.may_publish(Instant::now()) {
             return Ok(false);

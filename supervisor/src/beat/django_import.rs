@@ -103,7 +103,8 @@ pub fn read(url: &str) -> Result<Vec<Row>, ReadError> {
     })?;
     rows.iter()
         .map(|row| {
-            let text = |index: usize| -> Result<Option<String>, postgres::Error> { row.try_get(index) };
+            let text =
+                |index: usize| -> Result<Option<String>, postgres::Error> { row.try_get(index) };
             let get = || -> Result<Row, postgres::Error> {
                 let interval = match (row.try_get::<_, Option<i64>>(13)?, text(14)?) {
                     (Some(every), Some(period)) => Some((every, period)),
@@ -146,7 +147,10 @@ pub fn read(url: &str) -> Result<Vec<Row>, ReadError> {
 }
 
 fn blank(value: &Option<String>) -> Option<&str> {
-    value.as_deref().map(str::trim).filter(|text| !text.is_empty())
+    value
+        .as_deref()
+        .map(str::trim)
+        .filter(|text| !text.is_empty())
 }
 
 fn json_field(what: &str, text: &str, empty: Value) -> Result<Value, String> {
@@ -207,7 +211,11 @@ impl Row {
             (Some([minute, hour, dom, month, dow, tz]), _) => {
                 let field = |text: &str| {
                     let text = text.replace(' ', "");
-                    if text.is_empty() { "*".to_owned() } else { text }
+                    if text.is_empty() {
+                        "*".to_owned()
+                    } else {
+                        text
+                    }
                 };
                 let expr = [minute, hour, dom, month, dow]
                     .map(|text| field(text))
@@ -282,7 +290,14 @@ mod tests {
         assert!(!doc.celery_crontab);
         let cron = Row {
             interval: None,
-            crontab: Some(["0,30".into(), "8".into(), "*".into(), "*".into(), "1-5".into(), "Europe/Helsinki".into()]),
+            crontab: Some([
+                "0,30".into(),
+                "8".into(),
+                "*".into(),
+                "*".into(),
+                "1-5".into(),
+                "Europe/Helsinki".into(),
+            ]),
             queue: Some("hi".into()),
             routing_key: Some("hi".into()),
             exchange: Some("hi".into()),
@@ -304,14 +319,64 @@ mod tests {
     #[test]
     fn what_cannot_be_expressed_is_said() {
         let cases = [
-            (Row { interval: None, solar: Some("sunset".into()), ..row() }, "solar schedule (sunset)"),
-            (Row { interval: None, clocked: Some("2030-01-01".into()), ..row() }, "clocked schedule"),
-            (Row { expires_at: Some("2030-01-01".into()), ..row() }, "absolute expiry"),
-            (Row { starts_later: Some("2030-01-01".into()), ..row() }, "start_time"),
-            (Row { headers: "{\"x\": 1}".into(), ..row() }, "headers"),
-            (Row { exchange: Some("fanout".into()), ..row() }, "exchange \"fanout\""),
-            (Row { interval: Some((5, "microseconds".into())), ..row() }, "finer than"),
-            (Row { args: "nope".into(), ..row() }, "args \"nope\" is not JSON"),
+            (
+                Row {
+                    interval: None,
+                    solar: Some("sunset".into()),
+                    ..row()
+                },
+                "solar schedule (sunset)",
+            ),
+            (
+                Row {
+                    interval: None,
+                    clocked: Some("2030-01-01".into()),
+                    ..row()
+                },
+                "clocked schedule",
+            ),
+            (
+                Row {
+                    expires_at: Some("2030-01-01".into()),
+                    ..row()
+                },
+                "absolute expiry",
+            ),
+            (
+                Row {
+                    starts_later: Some("2030-01-01".into()),
+                    ..row()
+                },
+                "start_time",
+            ),
+            (
+                Row {
+                    headers: "{\"x\": 1}".into(),
+                    ..row()
+                },
+                "headers",
+            ),
+            (
+                Row {
+                    exchange: Some("fanout".into()),
+                    ..row()
+                },
+                "exchange \"fanout\"",
+            ),
+            (
+                Row {
+                    interval: Some((5, "microseconds".into())),
+                    ..row()
+                },
+                "finer than",
+            ),
+            (
+                Row {
+                    args: "nope".into(),
+                    ..row()
+                },
+                "args \"nope\" is not JSON",
+            ),
         ];
         for (row, expected) in cases {
             let error = row.into_document().unwrap_err();

@@ -291,7 +291,10 @@ impl Broker {
         let mut connection = self.connection().await?;
         let (lock, last) = (self.key("lock"), self.key("last"));
         let mut pipe = redis::pipe();
-        pipe.cmd("SCRIPT").arg("LOAD").arg(PUBLISH_MANY_LUA).ignore();
+        pipe.cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(PUBLISH_MANY_LUA)
+            .ignore();
         let call = pipe
             .cmd("EVALSHA")
             .arg(self.publish_many.get_hash())

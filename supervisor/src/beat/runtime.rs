@@ -108,7 +108,11 @@ pub struct Packed {
 impl Packed {
     /// Moves `job`'s arguments out into text (leaving `null` behind).
     pub fn take(job: &mut Job) -> Packed {
-        let text = |value: Value| serde_json::to_string(&value).unwrap_or_default().into_boxed_str();
+        let text = |value: Value| {
+            serde_json::to_string(&value)
+                .unwrap_or_default()
+                .into_boxed_str()
+        };
         Packed {
             args: text(std::mem::take(&mut job.args)),
             kwargs: text(std::mem::take(&mut job.kwargs)),
@@ -136,9 +140,7 @@ pub fn check_name(name: &str) -> Result<(), String> {
         ));
     }
     if name.chars().any(char::is_control) {
-        return Err(format!(
-            "job name {name:?} contains a control character"
-        ));
+        return Err(format!("job name {name:?} contains a control character"));
     }
     Ok(())
 }
@@ -158,7 +160,10 @@ impl JobDoc {
             problems.push(problem);
         }
         if self.task.trim().is_empty() {
-            problems.push("task: a job needs the Celery task to send, e.g. \"myapp.tasks.cleanup\"".to_owned());
+            problems.push(
+                "task: a job needs the Celery task to send, e.g. \"myapp.tasks.cleanup\""
+                    .to_owned(),
+            );
         }
         let tz = match &self.timezone {
             Some(zone) => parse_time_zone(zone)
@@ -168,7 +173,10 @@ impl JobDoc {
         };
         let schedule = match (&self.cron, &self.every) {
             (None, None) => {
-                problems.push("a job needs a schedule: cron (e.g. \"*/5 * * * *\") or every (e.g. \"30s\")".to_owned());
+                problems.push(
+                    "a job needs a schedule: cron (e.g. \"*/5 * * * *\") or every (e.g. \"30s\")"
+                        .to_owned(),
+                );
                 None
             }
             (Some(_), Some(_)) => {
@@ -359,7 +367,9 @@ pub enum StoreError {
         source: redis::RedisError,
     },
     /// The name belongs to a `sauna.toml` job.
-    #[error("job \"{0}\" is defined in sauna.toml (or the Celery app's beat_schedule); a runtime job cannot replace it; rename it or edit the file")]
+    #[error(
+        "job \"{0}\" is defined in sauna.toml (or the Celery app's beat_schedule); a runtime job cannot replace it; rename it or edit the file"
+    )]
     TomlJob(String),
     /// No runtime job has this name.
     #[error("no runtime job named \"{0}\"")]
@@ -388,6 +398,25 @@ pub struct Store {
     sent_password: bool,
     prefix: String,
 }
+
+/// Stream entries as Redis returns them: (id, [field, value, …]).
+type StreamEntries = Vec<(String, Vec<String>)>;
+/// Per name: document, since, paused, last slot.
+type JobColumns = (
+    Vec<Option<String>>,
+    Vec<Option<i64>>,
+    Vec<bool>,
+    Vec<Option<i64>>,
+);
+/// Per name: since, paused, last slot.
+type MetaColumns = (Vec<Option<i64>>, Vec<bool>, Vec<Option<i64>>);
+/// Every document, since, paused name and last slot.
+type AllColumns = (
+    BTreeMap<String, String>,
+    BTreeMap<String, i64>,
+    Vec<String>,
+    BTreeMap<String, i64>,
+);
 
 /// The last job-document writes as stream entries: (entry id, job name).
 pub type Changes = Vec<(String, String)>;
@@ -424,7 +453,12 @@ impl Store {
     }
 
     /// A store on an open connection (the leader's).
-    pub fn on(connection: MultiplexedConnection, url: &str, sent_password: bool, prefix: &str) -> Store {
+    pub fn on(
+        connection: MultiplexedConnection,
+        url: &str,
+        sent_password: bool,
+        prefix: &str,
+    ) -> Store {
         Store {
             connection,
             url: url.to_owned(),
@@ -550,22 +584,21 @@ impl Store {
         count: usize,
     ) -> Result<(Changes, bool), StoreError> {
         let key = self.key("changes");
-        let result: Result<(Vec<(String, Vec<String>)>, Vec<(String, Vec<String>)>), _> =
-            redis::pipe()
-                .cmd("XRANGE")
-                .arg(&key)
-                .arg("-")
-                .arg("+")
-                .arg("COUNT")
-                .arg(1)
-                .cmd("XRANGE")
-                .arg(&key)
-                .arg(format!("({after}"))
-                .arg("+")
-                .arg("COUNT")
-                .arg(count)
-                .query_async(&mut self.connection)
-                .await;
+        let result: Result<(StreamEntries, StreamEntries), _> = redis::pipe()
+            .cmd("XRANGE")
+            .arg(&key)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1)
+            .cmd("XRANGE")
+            .arg(&key)
+            .arg(format!("({after}"))
+            .arg("+")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut self.connection)
+            .await;
         let (first, entries) = result.map_err(|error| self.fail(error))?;
         let trimmed = after != "0-0"
             && first
@@ -585,26 +618,28 @@ impl Store {
     }
 
     /// The stored state of `names`, in order (`None`: no such job).
-    pub async fn get_many(&mut self, names: &[String]) -> Result<Vec<Option<StoredJob>>, StoreError> {
+    pub async fn get_many(
+        &mut self,
+        names: &[String],
+    ) -> Result<Vec<Option<StoredJob>>, StoreError> {
         if names.is_empty() {
             return Ok(Vec::new());
         }
-        let result: Result<(Vec<Option<String>>, Vec<Option<i64>>, Vec<bool>, Vec<Option<i64>>), _> =
-            redis::pipe()
-                .cmd("HMGET")
-                .arg(self.key("jobs"))
-                .arg(names)
-                .cmd("HMGET")
-                .arg(self.key("since"))
-                .arg(names)
-                .cmd("SMISMEMBER")
-                .arg(self.key("paused"))
-                .arg(names)
-                .cmd("HMGET")
-                .arg(self.key("last"))
-                .arg(names)
-                .query_async(&mut self.connection)
-                .await;
+        let result: Result<JobColumns, _> = redis::pipe()
+            .cmd("HMGET")
+            .arg(self.key("jobs"))
+            .arg(names)
+            .cmd("HMGET")
+            .arg(self.key("since"))
+            .arg(names)
+            .cmd("SMISMEMBER")
+            .arg(self.key("paused"))
+            .arg(names)
+            .cmd("HMGET")
+            .arg(self.key("last"))
+            .arg(names)
+            .query_async(&mut self.connection)
+            .await;
         let (documents, since, paused, last) = result.map_err(|error| self.fail(error))?;
         Ok(names
             .iter()
@@ -661,7 +696,7 @@ impl Store {
         if names.is_empty() {
             return Ok((next, Vec::new()));
         }
-        let result: Result<(Vec<Option<i64>>, Vec<bool>, Vec<Option<i64>>), _> = redis::pipe()
+        let result: Result<MetaColumns, _> = redis::pipe()
             .cmd("HMGET")
             .arg(self.key("since"))
             .arg(&names)
@@ -691,18 +726,17 @@ impl Store {
 
     /// Every runtime job, in name order.
     pub async fn all(&mut self) -> Result<Vec<StoredJob>, StoreError> {
-        let result: Result<(BTreeMap<String, String>, BTreeMap<String, i64>, Vec<String>, BTreeMap<String, i64>), _> =
-            redis::pipe()
-                .cmd("HGETALL")
-                .arg(self.key("jobs"))
-                .cmd("HGETALL")
-                .arg(self.key("since"))
-                .cmd("SMEMBERS")
-                .arg(self.key("paused"))
-                .cmd("HGETALL")
-                .arg(self.key("last"))
-                .query_async(&mut self.connection)
-                .await;
+        let result: Result<AllColumns, _> = redis::pipe()
+            .cmd("HGETALL")
+            .arg(self.key("jobs"))
+            .cmd("HGETALL")
+            .arg(self.key("since"))
+            .cmd("SMEMBERS")
+            .arg(self.key("paused"))
+            .cmd("HGETALL")
+            .arg(self.key("last"))
+            .query_async(&mut self.connection)
+            .await;
         let (documents, since, paused, last) = result.map_err(|error| self.fail(error))?;
         let paused: std::collections::HashSet<String> = paused.into_iter().collect();
         Ok(documents
@@ -737,7 +771,10 @@ mod tests {
         let job = doc(r#"{"task":"t.x","cron":"30 3 * * *","timezone":"Europe/Helsinki","args":[1],"kwargs":{"k":"v"},"queue":"hi","priority":3,"expires":"1m","catch_up":"all","catch_up_window":"1h"}"#)
             .validate("nightly", chrono_tz::UTC)
             .unwrap();
-        assert_eq!(job.job.schedule.to_string(), "cron \"30 3 * * *\" (Europe/Helsinki)");
+        assert_eq!(
+            job.job.schedule.to_string(),
+            "cron \"30 3 * * *\" (Europe/Helsinki)"
+        );
         assert_eq!(job.job.args, serde_json::json!([1]));
         assert_eq!(job.job.queue, "hi");
         assert_eq!(job.job.priority, Some(3));
@@ -756,16 +793,49 @@ mod tests {
         let error = doc(r#"{"task":"","cron":"0 0 30 2 *","timezone":"Mars/Base","args":{"a":1},"priority":12,"expires":"0s","catch_up":"sometimes"}"#)
             .validate("bad", chrono_tz::UTC)
             .unwrap_err();
-        for expected in ["task:", "timezone: unknown time zone", "args: must be a JSON array", "priority: 12", "expires:", "catch_up: \"sometimes\""] {
+        for expected in [
+            "task:",
+            "timezone: unknown time zone",
+            "args: must be a JSON array",
+            "priority: 12",
+            "expires:",
+            "catch_up: \"sometimes\"",
+        ] {
             assert!(error.contains(expected), "{expected} in {error}");
         }
-        let error = doc(r#"{"task":"t","cron":"0 0 30 2 *"}"#).validate("x", chrono_tz::UTC).unwrap_err();
+        let error = doc(r#"{"task":"t","cron":"0 0 30 2 *"}"#)
+            .validate("x", chrono_tz::UTC)
+            .unwrap_err();
         assert!(error.contains("can never fire"), "{error}");
-        assert!(doc(r#"{"task":"t"}"#).validate("x", chrono_tz::UTC).unwrap_err().contains("needs a schedule"));
-        assert!(doc(r#"{"task":"t","every":"1m","cron":"* * * * *"}"#).validate("x", chrono_tz::UTC).unwrap_err().contains("not both"));
-        assert!(doc(r#"{"task":"t","every":"soon"}"#).validate("x", chrono_tz::UTC).unwrap_err().contains("every: invalid duration"));
-        assert!(doc(r#"{"task":"t","every":"1m"}"#).validate("a\nb", chrono_tz::UTC).unwrap_err().contains("control character"));
-        assert!(JobDoc::parse(r#"{"task":"t","every":"1m","bogus":1}"#).unwrap_err().contains("unknown field"));
+        assert!(
+            doc(r#"{"task":"t"}"#)
+                .validate("x", chrono_tz::UTC)
+                .unwrap_err()
+                .contains("needs a schedule")
+        );
+        assert!(
+            doc(r#"{"task":"t","every":"1m","cron":"* * * * *"}"#)
+                .validate("x", chrono_tz::UTC)
+                .unwrap_err()
+                .contains("not both")
+        );
+        assert!(
+            doc(r#"{"task":"t","every":"soon"}"#)
+                .validate("x", chrono_tz::UTC)
+                .unwrap_err()
+                .contains("every: invalid duration")
+        );
+        assert!(
+            doc(r#"{"task":"t","every":"1m"}"#)
+                .validate("a\nb", chrono_tz::UTC)
+                .unwrap_err()
+                .contains("control character")
+        );
+        assert!(
+            JobDoc::parse(r#"{"task":"t","every":"1m","bogus":1}"#)
+                .unwrap_err()
+                .contains("unknown field")
+        );
     }
 
     #[test]
@@ -774,7 +844,10 @@ mod tests {
             .validate("c", chrono_tz::UTC)
             .unwrap();
         // 2026-06-01 is the first Monday that is also the 1st.
-        let next = job.job.schedule.next_after(crate::test_support::at("2026-01-01T00:00:00Z"));
+        let next = job
+            .job
+            .schedule
+            .next_after(crate::test_support::at("2026-01-01T00:00:00Z"));
         assert_eq!(next, Some(crate::test_support::at("2026-06-01T00:00:00Z")));
     }
 

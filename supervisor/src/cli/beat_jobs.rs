@@ -90,7 +90,9 @@ fn document(args: &BeatAddArgs) -> Result<JobDoc, CommandError> {
 /// app's jobs, which the write script refuses).
 fn refuse_toml_name(beat: &BeatConfig, name: &str) -> Result<(), CommandError> {
     if beat.jobs.contains_key(name) {
-        return Err(CommandError::Usage(StoreError::TomlJob(name.to_owned()).to_string()));
+        return Err(CommandError::Usage(
+            StoreError::TomlJob(name.to_owned()).to_string(),
+        ));
     }
     Ok(())
 }
@@ -193,7 +195,8 @@ pub fn list_command(config: &ConfigArg, json: bool) -> Result<(), CommandError> 
         });
     }
     for job in stored {
-        let judged = JobDoc::parse(&job.document).and_then(|doc| doc.validate(&job.name, beat.timezone));
+        let judged =
+            JobDoc::parse(&job.document).and_then(|doc| doc.validate(&job.name, beat.timezone));
         let judged = match judged {
             Ok(_) if beat.jobs.contains_key(&job.name) => {
                 Err("a sauna.toml job has this name; the runtime job is ignored".to_owned())
@@ -235,8 +238,7 @@ pub fn list_command(config: &ConfigArg, json: bool) -> Result<(), CommandError> 
     }
     listed.sort_by(|a, b| a.name.cmp(&b.name).then(a.source.cmp(b.source)));
     let text = if json {
-        serde_json::to_string_pretty(&listed)
-            .map_err(|error| CommandError::Other(error.into()))?
+        serde_json::to_string_pretty(&listed).map_err(|error| CommandError::Other(error.into()))?
             + "\n"
     } else {
         table(&listed)
@@ -267,7 +269,9 @@ fn table(listed: &[Listed]) -> String {
             ]
         })
         .collect();
-    let header = ["NAME", "SOURCE", "STATE", "SCHEDULE", "TASK", "NEXT", "LAST"];
+    let header = [
+        "NAME", "SOURCE", "STATE", "SCHEDULE", "TASK", "NEXT", "LAST",
+    ];
     let mut widths = header.map(str::len);
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
@@ -309,10 +313,9 @@ pub fn import_command(args: &BeatImportArgs) -> Result<(), CommandError> {
             .into_document()
             .and_then(|doc| doc.validate(&name, beat.timezone).map(|_| doc))
         {
-            Ok(_) if beat.jobs.contains_key(&name) => refused.push((
-                name,
-                "a sauna.toml job has this name".to_owned(),
-            )),
+            Ok(_) if beat.jobs.contains_key(&name) => {
+                refused.push((name, "a sauna.toml job has this name".to_owned()))
+            }
             Ok(doc) => accepted.push((name, doc)),
             Err(reason) => refused.push((name, reason)),
         }
@@ -332,7 +335,11 @@ pub fn import_command(args: &BeatImportArgs) -> Result<(), CommandError> {
             Ok::<_, CommandError>(())
         })?;
     }
-    let verb = if args.dry_run { "would import" } else { "imported" };
+    let verb = if args.dry_run {
+        "would import"
+    } else {
+        "imported"
+    };
     for (name, doc) in &accepted {
         let schedule = doc
             .cron

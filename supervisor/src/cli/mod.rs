@@ -226,7 +226,7 @@ pub enum BeatCommand {
     /// The job is checked with the rules of [beat.jobs.NAME] and refused, never stored, when
     /// invalid (exit 2); a sauna.toml job's name is refused too. Talks to the broker of
     /// [beat] directly: no supervisor needs to run here.
-    Add(BeatAddArgs),
+    Add(Box<BeatAddArgs>),
     /// Remove a runtime job; exit 1 when there is none of that name.
     Remove {
         /// The job name.
@@ -389,12 +389,8 @@ fn dispatch(cli: Cli) -> Result<(), CommandError> {
             BeatCommand::Next(args) => beat::next_command(&args),
             BeatCommand::Add(args) => beat_jobs::add_command(&args),
             BeatCommand::Remove { name, config } => beat_jobs::remove_command(&config, &name),
-            BeatCommand::Pause { name, config } => {
-                beat_jobs::pause_command(&config, &name, true)
-            }
-            BeatCommand::Resume { name, config } => {
-                beat_jobs::pause_command(&config, &name, false)
-            }
+            BeatCommand::Pause { name, config } => beat_jobs::pause_command(&config, &name, true),
+            BeatCommand::Resume { name, config } => beat_jobs::pause_command(&config, &name, false),
             BeatCommand::List { config, json } => beat_jobs::list_command(&config, json),
             BeatCommand::Import(args) => beat_jobs::import_command(&args),
         },

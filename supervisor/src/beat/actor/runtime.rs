@@ -168,7 +168,9 @@ impl Actor {
                 Err(error) => return Err(self.store_failed(error)),
             };
             if trimmed {
-                tracing::warn!("beat: runtime job changes were trimmed before this leader read them; reloading every runtime job");
+                tracing::warn!(
+                    "beat: runtime job changes were trimmed before this leader read them; reloading every runtime job"
+                );
                 self.runtime.last_id = None;
                 self.load_runtime().await?;
                 return self.sync_cursors().await;
@@ -239,7 +241,10 @@ impl Actor {
         // The TOML jobs come first in the table, the runtime ones after them.
         let toml = self.jobs.len() - self.runtime.index.len();
         if self.jobs[..toml].iter().any(|state| state.job.name == name) {
-            self.refuse(name, "a sauna.toml job has this name; the runtime job is ignored".to_owned());
+            self.refuse(
+                name,
+                "a sauna.toml job has this name; the runtime job is ignored".to_owned(),
+            );
             return;
         }
         let judged = JobDoc::parse(&stored.document)
