@@ -379,14 +379,14 @@ def record(*args, **kwargs):
 "#;
 
 /// A Celery worker (solo pool) consuming `celery` and `hi`, recording every task it runs.
-struct CeleryWorker {
+pub(crate) struct CeleryWorker {
     child: Child,
     record: PathBuf,
     log: PathBuf,
 }
 
 impl CeleryWorker {
-    fn start(sandbox: &Sandbox, broker: &str) -> CeleryWorker {
+    pub(crate) fn start(sandbox: &Sandbox, broker: &str) -> CeleryWorker {
         sandbox.write("tasks.py", TASKS_PY);
         let record = sandbox.path("record.jsonl");
         let log = sandbox.path("worker.log");
@@ -431,7 +431,7 @@ impl CeleryWorker {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn records(&self) -> Vec<Value> {
+    pub(crate) fn records(&self) -> Vec<Value> {
         std::fs::read_to_string(&self.record)
             .unwrap_or_default()
             .lines()
@@ -1071,7 +1071,7 @@ fn redis_outage_follows_each_catch_up_policy() {
 // ---------------------------------------------------------------------------------------------
 // Through the real binary
 
-fn job_status<'a>(status: &'a Value, job: &str) -> Option<&'a Value> {
+pub(crate) fn job_status<'a>(status: &'a Value, job: &str) -> Option<&'a Value> {
     status["beat"]["jobs"]
         .as_array()?
         .iter()

@@ -13,6 +13,8 @@ mod emit;
 mod programs;
 // beat: `beat next` golden files; beat with real Redis and Celery, leader takeover, outages, partitions.
 mod beat;
+// beat_runtime: runtime jobs in Redis — CLI, Python helper, django-celery-beat import, minute-boundary changes.
+mod beat_runtime;
 // check: every config problem at once as FILE:LINE:COL (golden output), exit status.
 mod check;
 // access_log: every access line, text and JSON, written before a clean stop ends the process.

@@ -4,6 +4,8 @@
 //! on a command from the [`BeatHandle`](super::BeatHandle). The rules it follows (cursors,
 //! take-over, catch-up) are described in the module above.
 
+mod runtime;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +16,7 @@ use tokio::time::Instant;
 use super::jobs;
 use super::leader::{Leader, Lease};
 use super::message::TaskMessage;
-use super::publisher::{Broker, BrokerError, Published};
+use super::publisher::{Broker, BrokerError, Outgoing, PublishTask, Published};
 use super::{
     BACKOFF_MAX, BACKOFF_MIN, BeatError, BeatStatus, Command, Job, JobStatus, Schedule, Settings,
 };
@@ -32,6 +34,12 @@ struct JobState {
     /// When a reload put the job's current schedule in force: Redis's mark of an older schedule
     /// never moves the cursor behind it. `None` for the jobs this supervisor started with.
     since: Option<DateTime<Utc>>,
+    /// Stored in Redis (`beat::runtime`) rather than in sauna.toml.
+    runtime: bool,
+    /// A runtime job paused after its first publish.
+    one_off: bool,
+    /// A runtime job's arguments, as text (`job.args`/`kwargs` are then `null`).
+    packed: Option<super::runtime::Packed>,
 }
 
 impl JobState {
@@ -46,6 +54,31 @@ impl JobState {
             published: 0,
             shown_next: None,
             since: None,
+            runtime: false,
+            one_off: false,
+            packed: None,
+        }
+    }
+
+    fn runtime(job: super::runtime::RuntimeJob, cursor: DateTime<Utc>) -> JobState {
+        let mut inner = job.job;
+        let packed = super::runtime::Packed::take(&mut inner);
+        JobState {
+            since: Some(cursor),
+            runtime: true,
+            one_off: job.one_off,
+            packed: Some(packed),
+            ..JobState::new(inner, cursor)
+        }
+    }
+
+    /// The `job` label of its metrics: runtime jobs share one, so that thousands of them do
+    /// not become thousands of series.
+    fn metric_label(&self) -> &str {
+        if self.runtime {
+            "(runtime)"
+        } else {
+            &self.job.name
         }
     }
 
@@ -87,9 +120,20 @@ pub(super) struct Actor {
     retry_at: Option<Instant>,
     /// Cursors have been merged with Redis's last published slots since we became publisher.
     synced: bool,
+    /// Runtime jobs: the change-stream position and the name index.
+    runtime: runtime::Follower,
+    /// The earliest `next` of any job, once computed (`None`: a job changed since); with
+    /// 100 000 jobs, scanning them at every wake-up would be most of the idle cost.
+    earliest: Option<Option<DateTime<Utc>>>,
     origin: String,
     metrics: Arc<Metrics>,
 }
+
+/// A batch on its way: its (job index, slot) pairs, their task ids, the task sending it.
+type Pending = (Vec<(usize, DateTime<Utc>)>, Vec<String>, PublishTask);
+
+/// Slots published per pipeline.
+const PUBLISH_BATCH: usize = 250;
 
 fn instant_of(time: DateTime<Utc>) -> Instant {
     let wait = (time - Utc::now()).to_std().unwrap_or(Duration::ZERO);
@@ -122,6 +166,8 @@ impl Actor {
             backoff: BACKOFF_MIN,
             retry_at: None,
             synced: false,
+            runtime: runtime::Follower::new(),
+            earliest: None,
             origin,
             metrics,
         }
@@ -129,7 +175,8 @@ impl Actor {
 
     pub(super) async fn run(mut self, mut inbox: mpsc::Receiver<Command>) {
         loop {
-            let wake = self.next_wake();
+            let earliest = self.earliest_next();
+            let wake = self.next_wake(earliest);
             let sleep = async {
                 match wake {
                     Some(at) => tokio::time::sleep_until(at).await,
@@ -160,7 +207,17 @@ impl Actor {
         }
     }
 
-    fn next_wake(&self) -> Option<Instant> {
+    /// The earliest next slot of any job, cached until a job changes.
+    fn earliest_next(&mut self) -> Option<DateTime<Utc>> {
+        if let Some(earliest) = self.earliest {
+            return earliest;
+        }
+        let earliest = self.jobs.iter().filter_map(|job| job.next).min();
+        self.earliest = Some(earliest);
+        earliest
+    }
+
+    fn next_wake(&self, earliest: Option<DateTime<Utc>>) -> Option<Instant> {
         if let Some(retry_at) = self.retry_at {
             return Some(retry_at);
         }
@@ -170,11 +227,11 @@ impl Actor {
             if !self.synced {
                 Some(now)
             } else {
-                self.jobs
-                    .iter()
-                    .filter_map(|job| job.next)
-                    .min()
+                earliest
                     .map(instant_of)
+                    .into_iter()
+                    .chain([self.runtime.next_poll])
+                    .min()
             }
         } else {
             None
@@ -193,8 +250,11 @@ impl Actor {
                 at.duration_since(std::time::UNIX_EPOCH)
                     .map_or(0.0, |since| since.as_secs_f64())
             }),
-            jobs: self
-                .jobs
+            runtime_jobs: self.runtime.count(),
+            runtime_invalid: self.runtime.invalid.clone(),
+            // The TOML jobs are the table's head; the health line asks every second, and
+            // walking 100 000 runtime jobs for it was most of an idle leader's CPU.
+            jobs: self.jobs[..self.jobs.len() - self.runtime.count()]
                 .iter()
                 .map(|state| JobStatus {
                     name: state.job.name.clone(),
@@ -211,8 +271,10 @@ impl Actor {
 
     /// Sets the next-run gauge of every job whose next run changed since it was last set.
     pub(super) fn update_next_metrics(&mut self) {
-        for state in &mut self.jobs {
-            if state.shown_next == Some(state.next) {
+        // Runtime jobs come after the TOML ones and have no series of their own.
+        let toml = self.jobs.len() - self.runtime.count();
+        for state in &mut self.jobs[..toml] {
+            if state.runtime || state.shown_next == Some(state.next) {
                 continue;
             }
             if state.shown_next.is_none() {
@@ -350,21 +412,34 @@ impl Actor {
             // A standby only shows when jobs would run next; its cursors stay where they were
             // so that, on taking over, sync_cursors and the catch-up policy see every slot.
             let now = Utc::now();
-            for state in &mut self.jobs {
-                if state.next.is_some_and(|next| next <= now) {
-                    state.next = state.job.schedule.next_after(now);
+            if self.earliest_next().is_some_and(|earliest| earliest <= now) {
+                for state in &mut self.jobs {
+                    if state.next.is_some_and(|next| next <= now) {
+                        state.next = state.job.schedule.next_after(now);
+                    }
                 }
+                self.earliest = None;
             }
             self.update_next_metrics();
             return;
         }
         if !self.synced {
+            self.runtime.reset();
+            if let Err(error) = self.load_runtime().await {
+                return self.redis_failed(&error);
+            }
             if let Err(error) = self.sync_cursors().await {
                 return self.redis_failed(&error);
             }
             self.redis_ok();
         }
+        if let Err(error) = self.poll_runtime().await {
+            return self.redis_failed(&error);
+        }
         if let Err(error) = self.publish_due().await {
+            self.redis_failed(&error);
+        }
+        if let Err(error) = self.finish_one_offs().await {
             self.redis_failed(&error);
         }
         self.update_next_metrics();
@@ -384,12 +459,26 @@ impl Actor {
                 state.resume(mark);
             }
         }
+        self.earliest = None;
         self.synced = true;
         Ok(())
     }
 
     async fn publish_due(&mut self) -> Result<(), BrokerError> {
         let now = Utc::now();
+        if self.earliest_next().is_none_or(|earliest| earliest > now) {
+            return Ok(());
+        }
+        // Publish in batches, each sent as soon as it is full and while the next is planned
+        // and prepared: thousands of jobs due at one minute boundary cost a few round trips,
+        // and the first batch leaves before the last job is planned.
+        let mut slots: Vec<(usize, DateTime<Utc>)> = Vec::new();
+        let mut planned: Vec<usize> = Vec::new();
+        let mut pending = Vec::new();
+        // The lease ran out before every batch went out: the rest stays due.
+        let mut lease_ended = false;
+        // The script found the lock no longer ours.
+        let mut refused = false;
         for index in 0..self.jobs.len() {
             if self.jobs[index].next.is_none_or(|next| next > now) {
                 continue;
@@ -411,97 +500,177 @@ impl Actor {
                     "beat: missed slot(s) not published (nobody could publish then; see catch_up and catch_up_window)"
                 );
             }
-            for slot in plan.publish {
-                if !self.leader.may_publish(Instant::now()) {
-                    return Ok(());
-                }
-                match self.publish_one(index, slot).await? {
-                    Published::Sent | Published::AlreadySent => {}
-                    Published::NotLeader => {
-                        tracing::warn!(
-                            "beat: publish refused because the leader lock is no longer ours; standing by"
-                        );
-                        self.leader.resign(Instant::now());
-                        self.set_leader_metric();
-                        self.synced = false;
-                        return Ok(());
-                    }
+            slots.extend(plan.publish.into_iter().map(|slot| (index, slot)));
+            planned.push(index);
+            // Cut only between jobs: the batches run on tasks of their own, so only within one
+            // batch is their order certain, and a job's slots must go out oldest first.
+            if slots.len() >= PUBLISH_BATCH {
+                let batch = std::mem::take(&mut slots);
+                if !self.send_batch(batch, &mut pending).await? {
+                    lease_ended = true;
+                    break;
                 }
             }
+        }
+        if !lease_ended && !slots.is_empty() && !self.send_batch(slots, &mut pending).await? {
+            lease_ended = true;
+        }
+        let mut runtime_sent = 0usize;
+        for (batch, ids, handle) in pending {
+            let outcomes = match self.broker.finish_publish(handle.await) {
+                Ok(outcomes) => outcomes,
+                Err(error) => {
+                    for &(index, _) in &batch {
+                        self.metrics
+                            .beat_errors_total
+                            .with_label_values(&[self.jobs[index].metric_label()])
+                            .inc();
+                    }
+                    tracing::debug!(error = %error, "beat: publish failed; the slots stay due");
+                    return Err(error);
+                }
+            };
+            match self.record_batch(&batch, ids, outcomes) {
+                Some(sent) => runtime_sent += sent,
+                None => refused = true,
+            }
+        }
+        if runtime_sent > 0 {
+            tracing::info!(
+                count = runtime_sent,
+                lag_ms = (Utc::now() - now).num_milliseconds().max(0),
+                "beat: published runtime job tasks"
+            );
+        }
+        if refused {
+            tracing::warn!(
+                "beat: publish refused because the leader lock is no longer ours; standing by"
+            );
+            self.leader.resign(Instant::now());
+            self.set_leader_metric();
+            self.synced = false;
+            return Ok(());
+        }
+        if lease_ended {
+            return Ok(());
+        }
+        for index in planned {
             self.jobs[index].advance(now);
         }
+        self.earliest = None;
         Ok(())
     }
 
-    async fn publish_one(
+    /// Prepares `batch` (job index, slot) and starts sending it on a task of its own, so Redis
+    /// works through it while the caller goes on; false (nothing sent) when the lease ran out.
+    async fn send_batch(
         &mut self,
-        index: usize,
-        slot: DateTime<Utc>,
-    ) -> Result<Published, BrokerError> {
-        let state = &self.jobs[index];
-        let job = &state.job;
-        let task_id = uuid::Uuid::new_v4().to_string();
-        let delivery_tag = uuid::Uuid::new_v4().to_string();
-        let published_at = Utc::now();
-        let message = TaskMessage {
-            task: &job.task,
-            id: &task_id,
-            delivery_tag: &delivery_tag,
-            args: &job.args,
-            kwargs: &job.kwargs,
-            queue: &job.queue,
-            priority: job.priority,
-            expires: job
-                .expires
-                .and_then(|expires| chrono::Duration::from_std(expires).ok())
-                .map(|expires| published_at + expires),
-            origin: &self.origin,
-            slot: Some((&job.name, slot)),
-        };
-        let outcome = self
+        batch: Vec<(usize, DateTime<Utc>)>,
+        pending: &mut Vec<Pending>,
+    ) -> Result<bool, BrokerError> {
+        if !self.leader.may_publish(Instant::now()) {
+            return Ok(false);
+        }
+        let (ids, outgoing) = self.prepare_batch(&batch);
+        let task = self
             .broker
-            .publish(
-                self.leader.fence(),
-                &job.name,
-                slot.timestamp_millis(),
-                &message.queue_key(),
-                &message.envelope(),
-            )
-            .await;
-        let lag = (Utc::now() - slot).to_std().unwrap_or(Duration::ZERO);
-        match &outcome {
-            Ok(Published::Sent) => {
-                self.metrics
-                    .beat_published_total
-                    .with_label_values(&[&job.name])
-                    .inc();
-                self.metrics.beat_lag_seconds.observe(lag.as_secs_f64());
-                tracing::info!(
-                    job = %job.name,
-                    task = %job.task,
-                    task_id = %task_id,
-                    slot = %state.show(slot),
-                    lag_ms = lag.as_millis() as u64,
-                    "beat: published"
-                );
-                let state = &mut self.jobs[index];
-                state.last_run = Some(slot);
-                state.last_task_id = Some(task_id);
-                state.published += 1;
-            }
-            Ok(Published::AlreadySent) => {
-                tracing::debug!(job = %job.name, slot = %state.show(slot), "beat: slot already published by another supervisor");
-            }
-            Ok(Published::NotLeader) => {}
-            Err(error) => {
-                self.metrics
-                    .beat_errors_total
-                    .with_label_values(&[&job.name])
-                    .inc();
-                tracing::debug!(job = %job.name, error = %error, "beat: publish failed; the slot stays due");
+            .start_publish(self.leader.fence(), outgoing)
+            .await?;
+        pending.push((batch, ids, task));
+        // Lets the connection's task write the batch out now.
+        tokio::task::yield_now().await;
+        Ok(true)
+    }
+
+    /// The task ids and messages of `batch` (job index, slot).
+    fn prepare_batch(&self, batch: &[(usize, DateTime<Utc>)]) -> (Vec<String>, Vec<Outgoing>) {
+        let published_at = Utc::now();
+        let mut ids = Vec::with_capacity(batch.len());
+        let mut outgoing = Vec::with_capacity(batch.len());
+        for &(index, slot) in batch {
+            let state = &self.jobs[index];
+            let job = &state.job;
+            let unpacked = state.packed.as_ref().map(super::runtime::Packed::unpack);
+            let (args, kwargs) = match &unpacked {
+                Some((args, kwargs)) => (args, kwargs),
+                None => (&job.args, &job.kwargs),
+            };
+            let task_id = uuid::Uuid::new_v4().to_string();
+            let delivery_tag = uuid::Uuid::new_v4().to_string();
+            let message = TaskMessage {
+                task: &job.task,
+                id: &task_id,
+                delivery_tag: &delivery_tag,
+                args,
+                kwargs,
+                queue: &job.queue,
+                priority: job.priority,
+                expires: job
+                    .expires
+                    .and_then(|expires| chrono::Duration::from_std(expires).ok())
+                    .map(|expires| published_at + expires),
+                origin: &self.origin,
+                slot: Some((&job.name, slot)),
+            };
+            outgoing.push(Outgoing {
+                job: job.name.clone(),
+                slot_ms: slot.timestamp_millis(),
+                queue_key: message.queue_key(),
+                message: message.envelope(),
+            });
+            ids.push(task_id);
+        }
+        (ids, outgoing)
+    }
+
+    /// Records what happened to `batch`: the number of runtime jobs' tasks sent, or `None` when
+    /// the lock turned out not to be ours (the script pushed nothing from then on).
+    fn record_batch(
+        &mut self,
+        batch: &[(usize, DateTime<Utc>)],
+        ids: Vec<String>,
+        outcomes: Vec<Published>,
+    ) -> Option<usize> {
+        let lag_base = Utc::now();
+        let mut runtime_sent = 0;
+        for ((&(index, slot), task_id), outcome) in batch.iter().zip(ids).zip(outcomes) {
+            let state = &self.jobs[index];
+            match outcome {
+                Published::Sent => {
+                    let lag = (lag_base - slot).to_std().unwrap_or(Duration::ZERO);
+                    self.metrics
+                        .beat_published_total
+                        .with_label_values(&[state.metric_label()])
+                        .inc();
+                    self.metrics.beat_lag_seconds.observe(lag.as_secs_f64());
+                    if state.runtime {
+                        runtime_sent += 1;
+                        tracing::debug!(job = %state.job.name, task = %state.job.task, task_id = %task_id, slot = %state.show(slot), lag_ms = lag.as_millis() as u64, "beat: published");
+                    } else {
+                        tracing::info!(
+                            job = %state.job.name,
+                            task = %state.job.task,
+                            task_id = %task_id,
+                            slot = %state.show(slot),
+                            lag_ms = lag.as_millis() as u64,
+                            "beat: published"
+                        );
+                    }
+                    if state.one_off {
+                        self.runtime.one_offs_done.push(state.job.name.clone());
+                    }
+                    let state = &mut self.jobs[index];
+                    state.last_run = Some(slot);
+                    state.last_task_id = Some(task_id);
+                    state.published += 1;
+                }
+                Published::AlreadySent => {
+                    tracing::debug!(job = %state.job.name, slot = %state.show(slot), "beat: slot already published by another supervisor");
+                }
+                Published::NotLeader => return None,
             }
         }
-        outcome
+        Some(runtime_sent)
     }
 
     async fn reload(&mut self, settings: Settings) -> Result<(), BeatError> {
@@ -534,7 +703,10 @@ impl Actor {
         }
         let now = Utc::now();
         let mut old: Vec<JobState> = std::mem::take(&mut self.jobs);
-        let mut jobs = Vec::with_capacity(settings.jobs.len());
+        let (runtime_jobs, toml_jobs): (Vec<JobState>, Vec<JobState>) =
+            old.into_iter().partition(|state| state.runtime);
+        old = toml_jobs;
+        let mut jobs = Vec::with_capacity(settings.jobs.len() + runtime_jobs.len());
         for job in &settings.jobs {
             let state = match old.iter().position(|state| state.job.name == job.name) {
                 Some(position) => {
@@ -560,8 +732,15 @@ impl Actor {
                 .beat_next_run_timestamp_seconds
                 .remove_label_values(&[&removed.job.name]);
         }
+        // Runtime jobs go back after the TOML ones and are re-read at the next publishing
+        // wake-up, keeping their cursors (a new TOML job may now shadow one, or a new default
+        // zone apply).
+        jobs.extend(runtime_jobs);
         self.jobs = jobs;
+        self.earliest = None;
         self.settings = settings;
+        self.runtime.toml_changed();
+        self.synced = false;
         self.update_next_metrics();
         tracing::info!(jobs = self.jobs.len(), "beat: schedule reloaded");
         Ok(())

@@ -64,7 +64,7 @@ pub struct Job {
 pub type Problem = (Vec<String>, String);
 
 /// A `[beat.jobs.NAME]` entry as beat runs it.
-fn config_job(name: &str, job: &JobConfig) -> Job {
+pub fn config_job(name: &str, job: &JobConfig) -> Job {
     Job {
         name: name.to_owned(),
         task: job.task.clone(),

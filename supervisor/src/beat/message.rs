@@ -14,7 +14,8 @@
 
 use base64::Engine;
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 
 /// kombu's separator between a queue name and its priority step.
 const PRIORITY_SEP: &str = "\x06\x16";
@@ -65,60 +66,130 @@ impl TaskMessage<'_> {
         }
     }
 
-    /// The JSON text pushed to the queue list.
+    /// The JSON text pushed to the queue list (keys in sorted order, as kombu's own JSON has
+    /// them once it went through a dict). Typed structs rather than a `json!` tree: beat builds
+    /// thousands of these at a minute boundary, and the tree cost a few microseconds each.
     pub fn envelope(&self) -> String {
-        let body = json!([
-            self.args,
-            self.kwargs,
-            {"callbacks": null, "errbacks": null, "chain": null, "chord": null}
-        ]);
-        let body = base64::engine::general_purpose::STANDARD.encode(body.to_string());
-        let expires = self
-            .expires
-            .map(|time| time.to_rfc3339_opts(SecondsFormat::Micros, false));
-        let mut envelope = json!({
-            "body": body,
-            "content-encoding": "utf-8",
-            "content-type": "application/json",
-            "headers": {
-                "lang": "py",
-                "task": self.task,
-                "id": self.id,
-                "shadow": null,
-                "eta": null,
-                "expires": expires,
-                "group": null,
-                "group_index": null,
-                "retries": 0,
-                "timelimit": [null, null],
-                "root_id": self.id,
-                "parent_id": null,
-                "argsrepr": args_repr(self.args),
-                "kwargsrepr": python_repr(self.kwargs),
-                "origin": self.origin,
-                "ignore_result": null,
-                "replaced_task_nesting": 0,
-                "stamped_headers": null,
-                "stamps": {},
+        let body = (self.args, self.kwargs, Embed::default());
+        let body = base64::engine::general_purpose::STANDARD
+            .encode(serde_json::to_string(&body).unwrap_or_default());
+        let envelope = Envelope {
+            body,
+            content_encoding: "utf-8",
+            content_type: "application/json",
+            headers: Headers {
+                argsrepr: args_repr(self.args),
+                eta: None,
+                expires: self
+                    .expires
+                    .map(|time| time.to_rfc3339_opts(SecondsFormat::Micros, false)),
+                group: None,
+                group_index: None,
+                id: self.id,
+                ignore_result: None,
+                kwargsrepr: python_repr(self.kwargs),
+                lang: "py",
+                origin: self.origin,
+                parent_id: None,
+                replaced_task_nesting: 0,
+                retries: 0,
+                root_id: self.id,
+                sauna_beat_job: self.slot.map(|(job, _)| job),
+                sauna_beat_slot: self
+                    .slot
+                    .map(|(_, slot)| slot.to_rfc3339_opts(SecondsFormat::Millis, false)),
+                shadow: None,
+                stamped_headers: None,
+                stamps: Empty {},
+                task: self.task,
+                timelimit: (None, None),
             },
-            "properties": {
-                "correlation_id": self.id,
-                "reply_to": "",
-                "delivery_mode": 2,
-                "delivery_info": {"exchange": "", "routing_key": self.queue},
-                "priority": self.priority.unwrap_or(0).min(9),
-                "body_encoding": "base64",
-                "delivery_tag": self.delivery_tag,
+            properties: Properties {
+                body_encoding: "base64",
+                correlation_id: self.id,
+                delivery_info: DeliveryInfo {
+                    exchange: "",
+                    routing_key: self.queue,
+                },
+                delivery_mode: 2,
+                delivery_tag: self.delivery_tag,
+                priority: self.priority.unwrap_or(0).min(9),
+                reply_to: "",
             },
-        });
-        if let Some((job, slot)) = self.slot {
-            envelope["headers"]["sauna_beat_job"] = json!(job);
-            envelope["headers"]["sauna_beat_slot"] =
-                json!(slot.to_rfc3339_opts(SecondsFormat::Millis, false));
-        }
-        envelope.to_string()
+        };
+        serde_json::to_string(&envelope).unwrap_or_default()
     }
 }
+
+// The envelope's shape; fields in sorted order, so the text is what a sorted JSON tree gives.
+
+#[derive(Serialize)]
+struct Envelope<'a> {
+    body: String,
+    #[serde(rename = "content-encoding")]
+    content_encoding: &'static str,
+    #[serde(rename = "content-type")]
+    content_type: &'static str,
+    headers: Headers<'a>,
+    properties: Properties<'a>,
+}
+
+#[derive(Serialize)]
+struct Headers<'a> {
+    argsrepr: String,
+    eta: Option<()>,
+    expires: Option<String>,
+    group: Option<()>,
+    group_index: Option<()>,
+    id: &'a str,
+    ignore_result: Option<()>,
+    kwargsrepr: String,
+    lang: &'static str,
+    origin: &'a str,
+    parent_id: Option<()>,
+    replaced_task_nesting: u8,
+    retries: u8,
+    root_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sauna_beat_job: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sauna_beat_slot: Option<String>,
+    shadow: Option<()>,
+    stamped_headers: Option<()>,
+    stamps: Empty,
+    task: &'a str,
+    timelimit: (Option<()>, Option<()>),
+}
+
+#[derive(Serialize)]
+struct Properties<'a> {
+    body_encoding: &'static str,
+    correlation_id: &'a str,
+    delivery_info: DeliveryInfo<'a>,
+    delivery_mode: u8,
+    delivery_tag: &'a str,
+    priority: u8,
+    reply_to: &'static str,
+}
+
+#[derive(Serialize)]
+struct DeliveryInfo<'a> {
+    exchange: &'static str,
+    routing_key: &'a str,
+}
+
+/// The body's third element: no callbacks, errbacks, chain or chord.
+#[derive(Serialize, Default)]
+struct Embed {
+    callbacks: Option<()>,
+    chain: Option<()>,
+    chord: Option<()>,
+    errbacks: Option<()>,
+}
+
+/// `{}`.
+#[derive(Serialize)]
+struct Empty {}
 
 /// Positional arguments as Python shows a tuple, e.g. `(1, 'x')`, for `argsrepr`.
 fn args_repr(args: &Value) -> String {
@@ -203,6 +274,7 @@ pub fn toml_to_json(value: &toml::Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn message<'a>(args: &'a Value, kwargs: &'a Value, priority: Option<u8>) -> TaskMessage<'a> {
         TaskMessage {

@@ -1,8 +1,9 @@
 //! Beat: the native replacement for `celery beat`. One actor (a tokio task) owns the job table,
 //! the Redis connection and the leader lease; the main loop talks to it through a
 //! [`BeatHandle`] (status, reload, shutdown), or a [`BeatView`] (status only, cheap to clone).
-//! It never polls: it sleeps until the earliest of the next due slot, the next lock
-//! renewal/attempt and the next Redis retry, and wakes early on a command.
+//! It sleeps until the earliest of the next due slot, the next lock renewal/attempt, the next
+//! Redis retry and, while publishing, the next read of the runtime jobs' change stream (every
+//! 0.5 s, one cheap command), and wakes early on a command.
 //!
 //! What each part owns: this module the handle, the settings a (re)configuration resolves to and
 //! the status types; `actor` (the task, its job table and its Redis/lease state), `schedule`
@@ -20,17 +21,21 @@
 //! the job's `catch_up` policy alone decides about them, whichever supervisor publishes next and
 //! whether or not the old leader is still alive: `skip` publishes none, `once` one, `all` each
 //! of them exactly once (the publish script refuses a slot not newer than the last one in Redis).
+//! Runtime jobs (`runtime`) are stored in Redis by `beat add`, `beat import` or application code
+//! and loaded by the leader beside these; they follow the same rules.
 //! Redis errors close the connection and are retried with a doubling backoff (100 ms up to 2 s),
 //! with one log line when Redis goes away (or refuses the login) and one when it is back;
 //! `status` shows the error meanwhile.
 
 mod actor;
 pub mod celery_schedule;
+pub mod django_import;
 pub mod jobs;
 pub mod leader;
 pub mod message;
 pub mod next;
 pub mod publisher;
+pub mod runtime;
 pub mod schedule;
 
 use std::path::Path;
@@ -105,8 +110,12 @@ pub struct BeatStatus {
     pub last_error: Option<String>,
     /// Unix time of `last_error`.
     pub last_error_at: Option<f64>,
-    /// Every job, in name order.
+    /// Every `sauna.toml` (and `celery_app`) job, in name order.
     pub jobs: Vec<JobStatus>,
+    /// Runtime jobs this leader runs (`beat list` shows them; 0 on a standby).
+    pub runtime_jobs: usize,
+    /// Stored runtime jobs the leader refuses, name → reason.
+    pub runtime_invalid: std::collections::BTreeMap<String, String>,
 }
 
 /// Everything a (re)configuration of beat resolves to before the actor sees it.
@@ -117,6 +126,8 @@ struct Settings {
     key_prefix: String,
     leader_lock: bool,
     lock_ttl: Duration,
+    /// `[beat].timezone`: the zone of runtime cron jobs that name none.
+    timezone: chrono_tz::Tz,
     jobs: Vec<Job>,
 }
 
@@ -135,6 +146,7 @@ impl Settings {
             key_prefix: config.key_prefix.clone(),
             leader_lock: config.leader_lock,
             lock_ttl: config.lock_ttl.get(),
+            timezone: config.timezone,
             jobs,
         })
     }

@@ -11,6 +11,10 @@
 //! published slot, then LPUSHes the message and records the slot. A leader paused past its TTL
 //! wakes up to a refused script instead of a duplicate, and a new leader continues exactly after
 //! the last slot the old one published.
+//!
+//! The actor publishes what is due in batches: one call of the same checks over a batch (one lock
+//! check, then per message the slot check, `LPUSH` and `HSET`), each batch sent while the next is
+//! prepared, so thousands of jobs due at one minute boundary cost a few round trips.
 
 use std::time::Duration;
 
@@ -69,6 +73,30 @@ redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 return 1
 ";
 
+const PUBLISH_MANY_LUA: &str = r"
+-- The publish script over a batch, in order, under one lock check.
+-- KEYS: lock, last-slot hash, one queue list per message. ARGV: token ('' = unfenced), then
+-- job, slot ms, message per message. Returns 1 (sent), 0 (already sent) or -1 (not leader) each.
+local count = #KEYS - 2
+local out = {}
+if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  for i = 1, count do out[i] = -1 end
+  return out
+end
+for i = 1, count do
+  local job, slot = ARGV[i * 3 - 1], ARGV[i * 3]
+  local last = redis.call('HGET', KEYS[2], job)
+  if last and tonumber(last) >= tonumber(slot) then
+    out[i] = 0
+  else
+    redis.call('LPUSH', KEYS[i + 2], ARGV[i * 3 + 1])
+    redis.call('HSET', KEYS[2], job, slot)
+    out[i] = 1
+  end
+end
+return out
+";
+
 const RENEW_LUA: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -90,6 +118,7 @@ pub struct Broker {
     timeout: Duration,
     connection: Option<MultiplexedConnection>,
     publish: Script,
+    publish_many: Script,
     renew: Script,
     release: Script,
 }
@@ -120,6 +149,7 @@ impl Broker {
             timeout,
             connection: None,
             publish: Script::new(PUBLISH_LUA),
+            publish_many: Script::new(PUBLISH_MANY_LUA),
             renew: Script::new(RENEW_LUA),
             release: Script::new(RELEASE_LUA),
         })
@@ -134,7 +164,18 @@ impl Broker {
         format!("{}{name}", self.prefix)
     }
 
-    fn fail(&mut self, source: redis::RedisError) -> BrokerError {
+    /// Runtime jobs' reads and writes on this broker's connection.
+    pub(super) async fn store(&mut self) -> Result<super::runtime::Store, BrokerError> {
+        let connection = self.connection().await?;
+        Ok(super::runtime::Store::on(
+            connection,
+            &self.url,
+            self.sent_password,
+            &self.prefix,
+        ))
+    }
+
+    pub(super) fn fail(&mut self, source: redis::RedisError) -> BrokerError {
         // Drop the connection on any error so the next command reconnects from scratch.
         self.connection = None;
         BrokerError {
@@ -238,6 +279,66 @@ impl Broker {
         result.map_err(|error| self.fail(error))
     }
 
+    /// Starts publishing every message of `batch` in one call of the fenced batch script, in
+    /// order, on a task of its own (so the caller can prepare the next batch while
+    /// Redis works); [`Broker::finish_publish`] reads the outcome. The script is loaded in the
+    /// same pipeline, so a Redis that restarted (and lost its script cache) is no error.
+    pub async fn start_publish(
+        &mut self,
+        token: Option<&str>,
+        batch: Vec<Outgoing>,
+    ) -> Result<PublishTask, BrokerError> {
+        let mut connection = self.connection().await?;
+        let (lock, last) = (self.key("lock"), self.key("last"));
+        let mut pipe = redis::pipe();
+        pipe.cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(PUBLISH_MANY_LUA)
+            .ignore();
+        let call = pipe
+            .cmd("EVALSHA")
+            .arg(self.publish_many.get_hash())
+            .arg(batch.len() + 2)
+            .arg(&lock)
+            .arg(&last);
+        for outgoing in &batch {
+            call.arg(&outgoing.queue_key);
+        }
+        call.arg(token.unwrap_or(""));
+        for outgoing in &batch {
+            call.arg(&outgoing.job)
+                .arg(outgoing.slot_ms)
+                .arg(&outgoing.message);
+        }
+        Ok(tokio::spawn(async move {
+            let (outcomes,): (Vec<i64>,) = pipe.query_async(&mut connection).await?;
+            Ok(outcomes)
+        }))
+    }
+
+    /// One outcome per message of a batch [`Broker::start_publish`] sent.
+    pub fn finish_publish(
+        &mut self,
+        joined: Result<redis::RedisResult<Vec<i64>>, tokio::task::JoinError>,
+    ) -> Result<Vec<Published>, BrokerError> {
+        let result = joined.unwrap_or_else(|error| {
+            Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "publish task",
+                error.to_string(),
+            )))
+        });
+        Ok(result
+            .map_err(|error| self.fail(error))?
+            .into_iter()
+            .map(|outcome| match outcome {
+                1 => Published::Sent,
+                0 => Published::AlreadySent,
+                _ => Published::NotLeader,
+            })
+            .collect())
+    }
+
     /// Pushes `message` to `queue_key` for `job`'s `slot_ms`, atomically fenced by `token`
     /// (`None` when the lock is off: the slot check alone keeps publishers from doubling).
     pub async fn publish(
@@ -266,6 +367,22 @@ impl Broker {
             _ => Ok(Published::NotLeader),
         }
     }
+}
+
+/// A batch on its way to Redis (see [`Broker::start_publish`]).
+pub type PublishTask = tokio::task::JoinHandle<redis::RedisResult<Vec<i64>>>;
+
+/// One message of a pipelined publish.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The job it is for.
+    pub job: String,
+    /// Its slot, Unix ms.
+    pub slot_ms: i64,
+    /// The queue list it goes to.
+    pub queue_key: String,
+    /// The envelope.
+    pub message: String,
 }
 
 /// `host:pid` from a lock token `host:pid:uuid`.

@@ -8,6 +8,7 @@
 //! the command line is converted into plain types here ([`RunOptions`], [`LogOptions`]).
 
 pub mod beat;
+pub mod beat_jobs;
 pub mod check;
 pub mod emit;
 pub mod error;
@@ -226,6 +227,113 @@ pub enum BeatCommand {
     ///
     /// With -c and neither --cron nor --every: each configured job.
     Next(BeatNextArgs),
+    /// Add a runtime job (stored in Redis, run by the leader from its next slot, no reload), or
+    /// replace the runtime job of that name.
+    ///
+    /// The job is checked with the rules of [beat.jobs.NAME] and refused, never stored, when
+    /// invalid (exit 2); a sauna.toml job's name is refused too. Talks to the broker of
+    /// [beat] directly: no supervisor needs to run here.
+    Add(Box<BeatAddArgs>),
+    /// Remove a runtime job; exit 1 when there is none of that name.
+    Remove {
+        /// The job name.
+        name: String,
+        /// The configuration file.
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Pause a runtime job: it publishes nothing until resumed.
+    Pause {
+        /// The job name.
+        name: String,
+        /// The configuration file.
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Resume a paused runtime job from its next slot (slots while paused are not caught up).
+    Resume {
+        /// The job name.
+        name: String,
+        /// The configuration file.
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// List every job (sauna.toml's and runtime ones) with its state and next and last run.
+    List {
+        /// The configuration file.
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Import django-celery-beat's enabled periodic tasks as runtime jobs.
+    ///
+    /// Crontab and interval schedules (and one-off tasks) are imported; solar and clocked
+    /// schedules and options a runtime job cannot honour are listed as not imported (exit 1).
+    Import(BeatImportArgs),
+}
+
+/// Options of `beat add`.
+#[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("schedule").required(true).args(["cron", "every"])))]
+pub struct BeatAddArgs {
+    /// The job name.
+    pub name: String,
+    /// The configuration file.
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Registered Celery task name.
+    #[arg(long, value_name = "TASK")]
+    pub task: String,
+    /// A 5-field crontab expression or @hourly/@daily/@weekly/@monthly/@yearly.
+    #[arg(long, value_name = "EXPR")]
+    pub cron: Option<String>,
+    /// An interval such as "30s" or "5m", aligned to the Unix epoch.
+    #[arg(long, value_name = "DURATION")]
+    pub every: Option<String>,
+    /// IANA time zone of --cron [default: [beat].timezone of the leader].
+    #[arg(long, value_name = "TZ")]
+    pub timezone: Option<String>,
+    /// Positional arguments, a JSON array, e.g. '[1, "x"]'.
+    #[arg(long, value_name = "JSON")]
+    pub args: Option<String>,
+    /// Keyword arguments, a JSON object, e.g. '{"tenant": 7}'.
+    #[arg(long, value_name = "JSON")]
+    pub kwargs: Option<String>,
+    /// Queue [default: celery].
+    #[arg(long, value_name = "QUEUE")]
+    pub queue: Option<String>,
+    /// Priority 0..9 (0 is the highest under Redis).
+    #[arg(long, value_name = "N")]
+    pub priority: Option<i64>,
+    /// Workers discard the task when they start it later than this after publishing, e.g. "10m".
+    #[arg(long, value_name = "DURATION")]
+    pub expires: Option<String>,
+    /// Missed-slot policy: skip, once (default) or all.
+    #[arg(long, value_name = "POLICY")]
+    pub catch_up: Option<String>,
+    /// How old a missed slot may be and still be published [default: one period].
+    #[arg(long, value_name = "DURATION")]
+    pub catch_up_window: Option<String>,
+    /// Publish one slot, then pause the job.
+    #[arg(long)]
+    pub one_off: bool,
+}
+
+/// Options of `beat import`.
+#[derive(Debug, Clone, Args)]
+pub struct BeatImportArgs {
+    /// The configuration file.
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// The Django database holding django-celery-beat's tables, e.g.
+    /// postgres://app@localhost/app (a password in the URL or $PGPASSWORD).
+    #[arg(long, value_name = "POSTGRES_URL")]
+    pub django_celery_beat: String,
+    /// Print what would be imported without writing anything.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// Options of `beat next`.
@@ -284,9 +392,15 @@ fn dispatch(cli: Cli) -> Result<(), CommandError> {
             config,
             output,
         }) => emit::emit_command(target, &config, output.as_deref()),
-        Some(Command::Beat {
-            command: BeatCommand::Next(args),
-        }) => beat::next_command(&args),
+        Some(Command::Beat { command }) => match command {
+            BeatCommand::Next(args) => beat::next_command(&args),
+            BeatCommand::Add(args) => beat_jobs::add_command(&args),
+            BeatCommand::Remove { name, config } => beat_jobs::remove_command(&config, &name),
+            BeatCommand::Pause { name, config } => beat_jobs::pause_command(&config, &name, true),
+            BeatCommand::Resume { name, config } => beat_jobs::pause_command(&config, &name, false),
+            BeatCommand::List { config, json } => beat_jobs::list_command(&config, json),
+            BeatCommand::Import(args) => beat_jobs::import_command(&args),
+        },
         Some(Command::Htpasswd { user }) => emit::htpasswd_command(&user),
         Some(Command::Upgrade {
             config,

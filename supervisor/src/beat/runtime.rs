@@ -1,0 +1,865 @@
+//! Runtime jobs: beat jobs kept in Redis beside the `sauna.toml` ones, so they can be added,
+//! changed, paused and removed while supervisors run (`beat add` and friends, `beat import`, or
+//! `python/sauna_beat.py` from application code on any host). This module owns their Redis
+//! layout, the job document and its validation (the same rules as `[beat.jobs.NAME]`), and the
+//! write scripts. Following the change stream while leading is the actor's (`actor/runtime.rs`).
+//!
+//! Keys, under `[beat].key_prefix` (default `sauna:beat:`):
+//! - `<prefix>jobs`: hash, job name → JSON job document (see [`JobDoc`]);
+//! - `<prefix>since`: hash, job name → Unix ms (Redis's clock) of its last write or resume: slots
+//!   after it are the current definition's to publish;
+//! - `<prefix>paused`: set of paused job names;
+//! - `<prefix>changes`: stream, one entry `name NAME` per write, trimmed to about
+//!   [`CHANGES_MAXLEN`] entries; the leader reads it after the last id it applied, so a change
+//!   costs one lookup however many jobs there are;
+//! - `<prefix>static`: set of the `sauna.toml` (and `celery_app`) job names, written by the
+//!   leader; the write script refuses those names;
+//! - `<prefix>last`: hash, job name → last published slot (shared with TOML jobs, see
+//!   `publisher`).
+//!
+//! Every write goes through one Lua script, so the document, its `since`, the stream entry and
+//! the name check change together or not at all. Writers validate before writing; the leader
+//! validates again what it reads and skips (logging once) a document it refuses, because anything
+//! with Redis access can write the hash.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono_tz::Tz;
+use proxy_conf::secrets::{Secret, redact_url};
+use proxy_conf::{CatchUp, DayRule, parse_time_zone};
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, Script};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::jobs::Job;
+use super::schedule::Schedule;
+
+/// About this many change entries are kept; a leader that fell further behind reloads everything.
+pub const CHANGES_MAXLEN: u64 = 100_000;
+/// Longest job name accepted (it is a Redis hash field and a log field).
+pub const MAX_NAME_LEN: usize = 200;
+
+/// One runtime job as stored: the keys of `[beat.jobs.NAME]`, durations written as in
+/// `sauna.toml` (`"30s"`), plus `one_off` and `celery_crontab`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobDoc {
+    /// Registered Celery task name.
+    pub task: String,
+    /// A 5-field crontab expression (or `@daily`…), exclusive with `every`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<String>,
+    /// An interval such as `"30s"`, epoch-aligned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every: Option<String>,
+    /// IANA zone of `cron`; `[beat].timezone` of the leader when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    /// Positional arguments, a JSON array.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Value>,
+    /// Keyword arguments, a JSON object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kwargs: Option<Value>,
+    /// Queue; `celery` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    /// Priority 0..=9.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i64>,
+    /// Relative expiry, e.g. `"10m"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<String>,
+    /// `skip`, `once` (default) or `all`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catch_up: Option<String>,
+    /// How old a missed slot may be and still be published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catch_up_window: Option<String>,
+    /// Publish one slot, then pause the job (django-celery-beat's `one_off`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub one_off: bool,
+    /// Read `cron` with Celery's crontab rule (every field must match, day-of-month AND
+    /// day-of-week) instead of Vixie's (either day field), as `beat import` does.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub celery_crontab: bool,
+}
+
+/// A runtime job as beat runs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuntimeJob {
+    /// The job itself, as a TOML job would be.
+    pub job: Job,
+    /// Pause after the first publish.
+    pub one_off: bool,
+}
+
+/// A job's `args` and `kwargs` kept as compact JSON text while the leader holds it: a parsed
+/// one-key object costs some 700 bytes (a B-tree node), its text a few dozen, and 100 000 jobs
+/// are held at once. They are parsed again for each publish (about a microsecond).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Packed {
+    args: Box<str>,
+    kwargs: Box<str>,
+}
+
+impl Packed {
+    /// Moves `job`'s arguments out into text (leaving `null` behind).
+    pub fn take(job: &mut Job) -> Packed {
+        let text = |value: Value| {
+            serde_json::to_string(&value)
+                .unwrap_or_default()
+                .into_boxed_str()
+        };
+        Packed {
+            args: text(std::mem::take(&mut job.args)),
+            kwargs: text(std::mem::take(&mut job.kwargs)),
+        }
+    }
+
+    /// The arguments again (the text was written by `take`, so it parses).
+    pub fn unpack(&self) -> (Value, Value) {
+        (
+            serde_json::from_str(&self.args).unwrap_or(Value::Null),
+            serde_json::from_str(&self.kwargs).unwrap_or(Value::Null),
+        )
+    }
+}
+
+/// Checks a job name: what `beat add` and the leader accept.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.trim().is_empty() {
+        return Err("a job name must not be empty".to_owned());
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(format!(
+            "job name is {} bytes long; at most {MAX_NAME_LEN}",
+            name.len()
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(format!("job name {name:?} contains a control character"));
+    }
+    Ok(())
+}
+
+fn duration(key: &str, text: &str) -> Result<Duration, String> {
+    text.parse::<proxy_conf::Duration>()
+        .map(proxy_conf::Duration::get)
+        .map_err(|error| format!("{key}: {error}"))
+}
+
+impl JobDoc {
+    /// The job this document stands for, judged by the rules of `[beat.jobs.NAME]`; every
+    /// problem is listed, `; `-separated.
+    pub fn validate(&self, name: &str, default_tz: Tz) -> Result<RuntimeJob, String> {
+        let mut problems = Vec::new();
+        if let Err(problem) = check_name(name) {
+            problems.push(problem);
+        }
+        if self.task.trim().is_empty() {
+            problems.push(
+                "task: a job needs the Celery task to send, e.g. \"myapp.tasks.cleanup\""
+                    .to_owned(),
+            );
+        }
+        let tz = match &self.timezone {
+            Some(zone) => parse_time_zone(zone)
+                .map_err(|error| problems.push(format!("timezone: {error}")))
+                .ok(),
+            None => Some(default_tz),
+        };
+        let schedule = match (&self.cron, &self.every) {
+            (None, None) => {
+                problems.push(
+                    "a job needs a schedule: cron (e.g. \"*/5 * * * *\") or every (e.g. \"30s\")"
+                        .to_owned(),
+                );
+                None
+            }
+            (Some(_), Some(_)) => {
+                problems.push("set either cron or every, not both".to_owned());
+                None
+            }
+            (None, Some(every)) => match duration("every", every) {
+                Ok(interval) if interval.is_zero() => {
+                    problems.push("every: must be longer than 0s".to_owned());
+                    None
+                }
+                Ok(interval) => Schedule::every(interval)
+                    .map_err(|error| problems.push(format!("every: {error}")))
+                    .ok(),
+                Err(problem) => {
+                    problems.push(problem);
+                    None
+                }
+            },
+            (Some(expr), None) => match expr.parse::<proxy_conf::Cron>() {
+                Ok(cron) => tz.map(|tz| {
+                    let mut spec = cron.spec;
+                    if self.celery_crontab {
+                        spec.day_rule = DayRule::All;
+                    }
+                    Schedule::Cron {
+                        spec,
+                        tz,
+                        text: cron.text,
+                    }
+                }),
+                Err(error) => {
+                    problems.push(format!("cron: {error}"));
+                    None
+                }
+            },
+        };
+        let args = match &self.args {
+            None => Value::Array(Vec::new()),
+            Some(args @ Value::Array(_)) => args.clone(),
+            Some(other) => {
+                problems.push(format!("args: must be a JSON array, not {other}"));
+                Value::Null
+            }
+        };
+        let kwargs = match &self.kwargs {
+            None => Value::Object(serde_json::Map::new()),
+            Some(kwargs @ Value::Object(_)) => kwargs.clone(),
+            Some(other) => {
+                problems.push(format!("kwargs: must be a JSON object, not {other}"));
+                Value::Null
+            }
+        };
+        let queue = self.queue.clone().unwrap_or_else(|| "celery".to_owned());
+        if queue.trim().is_empty() {
+            problems.push("queue: must not be empty; the default is \"celery\"".to_owned());
+        }
+        let priority = match self.priority {
+            None => None,
+            Some(priority @ 0..=9) => Some(priority as u8),
+            Some(priority) => {
+                problems.push(format!(
+                    "priority: {priority} is out of range; expected 0 to 9 (0 is the highest under Redis)"
+                ));
+                None
+            }
+        };
+        let expires = match &self.expires {
+            None => None,
+            Some(text) => match duration("expires", text) {
+                Ok(expires) if expires.is_zero() => {
+                    problems.push("expires: \"0s\" would expire every task at once; leave it out for tasks that never expire".to_owned());
+                    None
+                }
+                Ok(expires) => Some(expires),
+                Err(problem) => {
+                    problems.push(problem);
+                    None
+                }
+            },
+        };
+        let catch_up = match self.catch_up.as_deref() {
+            None | Some("once") => CatchUp::Once,
+            Some("skip") => CatchUp::Skip,
+            Some("all") => CatchUp::All,
+            Some(other) => {
+                problems.push(format!(
+                    "catch_up: \"{other}\" is not a policy; expected \"skip\", \"once\" or \"all\""
+                ));
+                CatchUp::Once
+            }
+        };
+        let catch_up_window = match &self.catch_up_window {
+            None => None,
+            Some(text) => duration("catch_up_window", text)
+                .map_err(|problem| problems.push(problem))
+                .ok(),
+        };
+        match schedule {
+            Some(schedule) if problems.is_empty() => Ok(RuntimeJob {
+                job: Job {
+                    name: name.to_owned(),
+                    task: self.task.clone(),
+                    schedule,
+                    args,
+                    kwargs,
+                    queue,
+                    priority,
+                    expires,
+                    catch_up,
+                    catch_up_window,
+                },
+                one_off: self.one_off,
+            }),
+            _ => Err(problems.join("; ")),
+        }
+    }
+
+    /// Reads a stored document; the error says why it is not one.
+    pub fn parse(text: &str) -> Result<JobDoc, String> {
+        serde_json::from_str(text).map_err(|error| format!("not a job document: {error}"))
+    }
+
+    /// The document as stored (compact JSON).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// The Lua script every add or change runs. KEYS: jobs, since, changes, static, paused.
+/// ARGV: name, document, stream length. Returns 1 when the job is new, 0 when replaced.
+pub const PUT_LUA: &str = r#"
+if redis.call('SISMEMBER', KEYS[4], ARGV[1]) == 1 then
+  return redis.error_reply('TOMLJOB job "' .. ARGV[1] .. '" is defined in sauna.toml; a runtime job cannot replace it')
+end
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local created = redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], ms)
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'name', ARGV[1])
+return created
+"#;
+
+/// Removes a job. KEYS: jobs, since, changes, paused, last. ARGV: name, stream length.
+/// Returns 1 when removed, 0 when there was no such job.
+pub const REMOVE_LUA: &str = r"
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('SREM', KEYS[4], ARGV[1])
+redis.call('HDEL', KEYS[5], ARGV[1])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', 'name', ARGV[1])
+return 1
+";
+
+/// Pauses (ARGV[3] = '1') or resumes ('0') a job; a resumed job's slots start after the resume.
+/// KEYS: jobs, since, changes, paused. ARGV: name, stream length, pause.
+/// Returns 1 when changed, 0 when it already was in that state, -1 when there is no such job.
+pub const PAUSE_LUA: &str = r"
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return -1 end
+local changed
+if ARGV[3] == '1' then
+  changed = redis.call('SADD', KEYS[4], ARGV[1])
+else
+  changed = redis.call('SREM', KEYS[4], ARGV[1])
+  if changed == 1 then
+    local now = redis.call('TIME')
+    redis.call('HSET', KEYS[2], ARGV[1], tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000))
+  end
+end
+if changed == 1 then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', 'name', ARGV[1])
+end
+return changed
+";
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Redis failed or could not be reached.
+    #[error("Redis at {url}: {}", crate::broker::describe(.source, *.sent_password))]
+    Redis {
+        /// The broker URL without its password.
+        url: String,
+        /// Whether a password was sent.
+        sent_password: bool,
+        /// What Redis said.
+        #[source]
+        source: redis::RedisError,
+    },
+    /// The name belongs to a `sauna.toml` job.
+    #[error(
+        "job \"{0}\" is defined in sauna.toml (or the Celery app's beat_schedule); a runtime job cannot replace it; rename it or edit the file"
+    )]
+    TomlJob(String),
+    /// No runtime job has this name.
+    #[error("no runtime job named \"{0}\"")]
+    NoSuchJob(String),
+}
+
+/// One runtime job as `beat list` shows it.
+#[derive(Debug, Clone)]
+pub struct StoredJob {
+    /// Its name.
+    pub name: String,
+    /// The raw document.
+    pub document: String,
+    /// Unix ms of its last write or resume.
+    pub since: Option<i64>,
+    /// Paused.
+    pub paused: bool,
+    /// Its last published slot (Unix ms).
+    pub last: Option<i64>,
+}
+
+/// What the Redis side of runtime jobs looks like to a writer or a reader.
+pub struct Store {
+    connection: MultiplexedConnection,
+    url: String,
+    sent_password: bool,
+    prefix: String,
+}
+
+/// Stream entries as Redis returns them: (id, [field, value, …]).
+type StreamEntries = Vec<(String, Vec<String>)>;
+/// Per name: document, since, paused, last slot.
+type JobColumns = (
+    Vec<Option<String>>,
+    Vec<Option<i64>>,
+    Vec<bool>,
+    Vec<Option<i64>>,
+);
+/// Per name: since, paused, last slot.
+type MetaColumns = (Vec<Option<i64>>, Vec<bool>, Vec<Option<i64>>);
+/// Every document, since, paused name and last slot.
+type AllColumns = (
+    BTreeMap<String, String>,
+    BTreeMap<String, i64>,
+    Vec<String>,
+    BTreeMap<String, i64>,
+);
+
+/// The last job-document writes as stream entries: (entry id, job name).
+pub type Changes = Vec<(String, String)>;
+
+impl Store {
+    /// Connects to the broker at `url` (logging in with `password` when the URL has none).
+    pub async fn connect(
+        url: &str,
+        password: Option<&Secret>,
+        prefix: &str,
+        timeout: Duration,
+    ) -> Result<Store, StoreError> {
+        let failed = |source| StoreError::Redis {
+            url: redact_url(url),
+            sent_password: password.is_some(),
+            source,
+        };
+        let info = crate::broker::connection_info(url, password).map_err(failed)?;
+        let sent_password = crate::broker::sends_password(&info);
+        let client = Client::open(info).map_err(failed)?;
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout));
+        let connection = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(failed)?;
+        Ok(Store {
+            connection,
+            url: redact_url(url),
+            sent_password,
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    /// A store on an open connection (the leader's).
+    pub fn on(
+        connection: MultiplexedConnection,
+        url: &str,
+        sent_password: bool,
+        prefix: &str,
+    ) -> Store {
+        Store {
+            connection,
+            url: url.to_owned(),
+            sent_password,
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    fn fail(&self, source: redis::RedisError) -> StoreError {
+        StoreError::Redis {
+            url: self.url.clone(),
+            sent_password: self.sent_password,
+            source,
+        }
+    }
+
+    /// Stores `doc` under `name` (validated by the caller); true when the job is new.
+    pub async fn put(&mut self, name: &str, doc: &JobDoc) -> Result<bool, StoreError> {
+        let result: Result<i64, _> = Script::new(PUT_LUA)
+            .key(self.key("jobs"))
+            .key(self.key("since"))
+            .key(self.key("changes"))
+            .key(self.key("static"))
+            .key(self.key("paused"))
+            .arg(name)
+            .arg(doc.to_json())
+            .arg(CHANGES_MAXLEN)
+            .invoke_async(&mut self.connection)
+            .await;
+        match result {
+            Ok(created) => Ok(created == 1),
+            Err(error) if error.code() == Some("TOMLJOB") => {
+                Err(StoreError::TomlJob(name.to_owned()))
+            }
+            Err(error) => Err(self.fail(error)),
+        }
+    }
+
+    /// Removes `name`; [`StoreError::NoSuchJob`] when there is none.
+    pub async fn remove(&mut self, name: &str) -> Result<(), StoreError> {
+        let result: Result<i64, _> = Script::new(REMOVE_LUA)
+            .key(self.key("jobs"))
+            .key(self.key("since"))
+            .key(self.key("changes"))
+            .key(self.key("paused"))
+            .key(self.key("last"))
+            .arg(name)
+            .arg(CHANGES_MAXLEN)
+            .invoke_async(&mut self.connection)
+            .await;
+        match result.map_err(|error| self.fail(error))? {
+            1 => Ok(()),
+            _ => Err(StoreError::NoSuchJob(name.to_owned())),
+        }
+    }
+
+    /// Pauses or resumes `name`; false when it already was in that state.
+    pub async fn set_paused(&mut self, name: &str, paused: bool) -> Result<bool, StoreError> {
+        let result: Result<i64, _> = Script::new(PAUSE_LUA)
+            .key(self.key("jobs"))
+            .key(self.key("since"))
+            .key(self.key("changes"))
+            .key(self.key("paused"))
+            .arg(name)
+            .arg(CHANGES_MAXLEN)
+            .arg(if paused { "1" } else { "0" })
+            .invoke_async(&mut self.connection)
+            .await;
+        match result.map_err(|error| self.fail(error))? {
+            -1 => Err(StoreError::NoSuchJob(name.to_owned())),
+            changed => Ok(changed == 1),
+        }
+    }
+
+    /// Names of the `sauna.toml` jobs, as the leader last wrote them.
+    pub async fn static_names(&mut self) -> Result<Vec<String>, StoreError> {
+        let result: Result<Vec<String>, _> = redis::cmd("SMEMBERS")
+            .arg(self.key("static"))
+            .query_async(&mut self.connection)
+            .await;
+        result.map_err(|error| self.fail(error))
+    }
+
+    /// Replaces the set of `sauna.toml` job names writers must refuse.
+    pub async fn set_static_names(&mut self, names: &[&str]) -> Result<(), StoreError> {
+        let key = self.key("static");
+        let mut pipe = redis::pipe();
+        pipe.atomic().del(&key).ignore();
+        if !names.is_empty() {
+            pipe.cmd("SADD").arg(&key).arg(names).ignore();
+        }
+        let result: Result<(), _> = pipe.query_async(&mut self.connection).await;
+        result.map_err(|error| self.fail(error))
+    }
+
+    /// The id of the newest change entry (`0-0` when there is none): reading from it on sees
+    /// every later write.
+    pub async fn newest_change(&mut self) -> Result<String, StoreError> {
+        let result: Result<Vec<(String, Vec<String>)>, _> = redis::cmd("XREVRANGE")
+            .arg(self.key("changes"))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut self.connection)
+            .await;
+        let entries = result.map_err(|error| self.fail(error))?;
+        Ok(entries
+            .into_iter()
+            .next()
+            .map_or_else(|| "0-0".to_owned(), |(id, _)| id))
+    }
+
+    /// Up to `count` changes after `after`, and whether the stream was trimmed past `after`
+    /// (then changes were lost and the caller must reload everything).
+    pub async fn changes_after(
+        &mut self,
+        after: &str,
+        count: usize,
+    ) -> Result<(Changes, bool), StoreError> {
+        let key = self.key("changes");
+        let result: Result<(StreamEntries, StreamEntries), _> = redis::pipe()
+            .cmd("XRANGE")
+            .arg(&key)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1)
+            .cmd("XRANGE")
+            .arg(&key)
+            .arg(format!("({after}"))
+            .arg("+")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut self.connection)
+            .await;
+        let (first, entries) = result.map_err(|error| self.fail(error))?;
+        let trimmed = after != "0-0"
+            && first
+                .first()
+                .is_some_and(|(id, _)| stream_id(id) > stream_id(after));
+        let changes = entries
+            .into_iter()
+            .filter_map(|(id, fields)| {
+                let name = fields
+                    .chunks(2)
+                    .find(|pair| pair[0] == "name")
+                    .and_then(|pair| pair.get(1).cloned())?;
+                Some((id, name))
+            })
+            .collect();
+        Ok((changes, trimmed))
+    }
+
+    /// The stored state of `names`, in order (`None`: no such job).
+    pub async fn get_many(
+        &mut self,
+        names: &[String],
+    ) -> Result<Vec<Option<StoredJob>>, StoreError> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let result: Result<JobColumns, _> = redis::pipe()
+            .cmd("HMGET")
+            .arg(self.key("jobs"))
+            .arg(names)
+            .cmd("HMGET")
+            .arg(self.key("since"))
+            .arg(names)
+            .cmd("SMISMEMBER")
+            .arg(self.key("paused"))
+            .arg(names)
+            .cmd("HMGET")
+            .arg(self.key("last"))
+            .arg(names)
+            .query_async(&mut self.connection)
+            .await;
+        let (documents, since, paused, last) = result.map_err(|error| self.fail(error))?;
+        Ok(names
+            .iter()
+            .enumerate()
+            .map(|(index, name)| {
+                let document = documents.get(index).cloned().flatten()?;
+                Some(StoredJob {
+                    name: name.clone(),
+                    document,
+                    since: since.get(index).copied().flatten(),
+                    paused: paused.get(index).copied().unwrap_or(false),
+                    last: last.get(index).copied().flatten(),
+                })
+            })
+            .collect())
+    }
+
+    /// The last published slot (Unix ms) of each of `names`, in order.
+    pub async fn last_slots(&mut self, names: &[String]) -> Result<Vec<Option<i64>>, StoreError> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let result: Result<Vec<Option<i64>>, _> = redis::cmd("HMGET")
+            .arg(self.key("last"))
+            .arg(names)
+            .query_async(&mut self.connection)
+            .await;
+        result.map_err(|error| self.fail(error))
+    }
+
+    /// One step of a full scan of the runtime jobs (`HSCAN` from `cursor`, about `count` of them),
+    /// with the next cursor (0 when done). A job may come twice; one present throughout comes
+    /// at least once.
+    pub async fn scan(
+        &mut self,
+        cursor: u64,
+        count: usize,
+    ) -> Result<(u64, Vec<StoredJob>), StoreError> {
+        let result: Result<(u64, Vec<String>), _> = redis::cmd("HSCAN")
+            .arg(self.key("jobs"))
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut self.connection)
+            .await;
+        let (next, flat) = result.map_err(|error| self.fail(error))?;
+        let mut names = Vec::with_capacity(flat.len() / 2);
+        let mut documents = Vec::with_capacity(flat.len() / 2);
+        let mut pairs = flat.into_iter();
+        while let (Some(name), Some(document)) = (pairs.next(), pairs.next()) {
+            names.push(name);
+            documents.push(document);
+        }
+        if names.is_empty() {
+            return Ok((next, Vec::new()));
+        }
+        let result: Result<MetaColumns, _> = redis::pipe()
+            .cmd("HMGET")
+            .arg(self.key("since"))
+            .arg(&names)
+            .cmd("SMISMEMBER")
+            .arg(self.key("paused"))
+            .arg(&names)
+            .cmd("HMGET")
+            .arg(self.key("last"))
+            .arg(&names)
+            .query_async(&mut self.connection)
+            .await;
+        let (since, paused, last) = result.map_err(|error| self.fail(error))?;
+        let jobs = names
+            .into_iter()
+            .zip(documents)
+            .enumerate()
+            .map(|(index, (name, document))| StoredJob {
+                name,
+                document,
+                since: since.get(index).copied().flatten(),
+                paused: paused.get(index).copied().unwrap_or(false),
+                last: last.get(index).copied().flatten(),
+            })
+            .collect();
+        Ok((next, jobs))
+    }
+
+    /// Every runtime job, in name order.
+    pub async fn all(&mut self) -> Result<Vec<StoredJob>, StoreError> {
+        let result: Result<AllColumns, _> = redis::pipe()
+            .cmd("HGETALL")
+            .arg(self.key("jobs"))
+            .cmd("HGETALL")
+            .arg(self.key("since"))
+            .cmd("SMEMBERS")
+            .arg(self.key("paused"))
+            .cmd("HGETALL")
+            .arg(self.key("last"))
+            .query_async(&mut self.connection)
+            .await;
+        let (documents, since, paused, last) = result.map_err(|error| self.fail(error))?;
+        let paused: std::collections::HashSet<String> = paused.into_iter().collect();
+        Ok(documents
+            .into_iter()
+            .map(|(name, document)| StoredJob {
+                since: since.get(&name).copied(),
+                paused: paused.contains(&name),
+                last: last.get(&name).copied(),
+                document,
+                name,
+            })
+            .collect())
+    }
+}
+
+/// A stream id `ms-seq` as a comparable pair (malformed parts count as 0).
+fn stream_id(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(json: &str) -> JobDoc {
+        JobDoc::parse(json).unwrap()
+    }
+
+    #[test]
+    fn a_valid_document_becomes_the_job_a_toml_entry_would() {
+        let job = doc(r#"{"task":"t.x","cron":"30 3 * * *","timezone":"Europe/Helsinki","args":[1],"kwargs":{"k":"v"},"queue":"hi","priority":3,"expires":"1m","catch_up":"all","catch_up_window":"1h"}"#)
+            .validate("nightly", chrono_tz::UTC)
+            .unwrap();
+        assert_eq!(
+            job.job.schedule.to_string(),
+            "cron \"30 3 * * *\" (Europe/Helsinki)"
+        );
+        assert_eq!(job.job.args, serde_json::json!([1]));
+        assert_eq!(job.job.queue, "hi");
+        assert_eq!(job.job.priority, Some(3));
+        assert_eq!(job.job.expires, Some(Duration::from_secs(60)));
+        assert_eq!(job.job.catch_up, CatchUp::All);
+        assert_eq!(job.job.catch_up_window, Some(Duration::from_secs(3600)));
+        let every = doc(r#"{"task":"t","every":"30s"}"#)
+            .validate("e", chrono_tz::UTC)
+            .unwrap();
+        assert_eq!(every.job.queue, "celery");
+        assert_eq!(every.job.kwargs, serde_json::json!({}));
+    }
+
+    #[test]
+    fn every_problem_is_named() {
+        let error = doc(r#"{"task":"","cron":"0 0 30 2 *","timezone":"Mars/Base","args":{"a":1},"priority":12,"expires":"0s","catch_up":"sometimes"}"#)
+            .validate("bad", chrono_tz::UTC)
+            .unwrap_err();
+        for expected in [
+            "task:",
+            "timezone: unknown time zone",
+            "args: must be a JSON array",
+            "priority: 12",
+            "expires:",
+            "catch_up: \"sometimes\"",
+        ] {
+            assert!(error.contains(expected), "{expected} in {error}");
+        }
+        let error = doc(r#"{"task":"t","cron":"0 0 30 2 *"}"#)
+            .validate("x", chrono_tz::UTC)
+            .unwrap_err();
+        assert!(error.contains("can never fire"), "{error}");
+        assert!(
+            doc(r#"{"task":"t"}"#)
+                .validate("x", chrono_tz::UTC)
+                .unwrap_err()
+                .contains("needs a schedule")
+        );
+        assert!(
+            doc(r#"{"task":"t","every":"1m","cron":"* * * * *"}"#)
+                .validate("x", chrono_tz::UTC)
+                .unwrap_err()
+                .contains("not both")
+        );
+        assert!(
+            doc(r#"{"task":"t","every":"soon"}"#)
+                .validate("x", chrono_tz::UTC)
+                .unwrap_err()
+                .contains("every: invalid duration")
+        );
+        assert!(
+            doc(r#"{"task":"t","every":"1m"}"#)
+                .validate("a\nb", chrono_tz::UTC)
+                .unwrap_err()
+                .contains("control character")
+        );
+        assert!(
+            JobDoc::parse(r#"{"task":"t","every":"1m","bogus":1}"#)
+                .unwrap_err()
+                .contains("unknown field")
+        );
+    }
+
+    #[test]
+    fn celery_crontab_ands_the_day_fields() {
+        let job = doc(r#"{"task":"t","cron":"0 0 1 * mon","celery_crontab":true}"#)
+            .validate("c", chrono_tz::UTC)
+            .unwrap();
+        // 2026-06-01 is the first Monday that is also the 1st.
+        let next = job
+            .job
+            .schedule
+            .next_after(crate::test_support::at("2026-01-01T00:00:00Z"));
+        assert_eq!(next, Some(crate::test_support::at("2026-06-01T00:00:00Z")));
+    }
+
+    #[test]
+    fn documents_round_trip_without_noise() {
+        let text = r#"{"task":"t","every":"30s"}"#;
+        assert_eq!(doc(text).to_json(), text);
+    }
+
+    #[test]
+    fn stream_ids_compare_numerically() {
+        assert!(stream_id("1700000000000-10") > stream_id("1700000000000-9"));
+        assert!(stream_id("1700000000001-0") > stream_id("1700000000000-99"));
+    }
+}
