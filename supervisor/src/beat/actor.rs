@@ -433,10 +433,23 @@ impl Actor {
             }
             self.redis_ok();
         }
+        // sauna.toml's jobs go out before the change stream is read: no runtime change can alter
+        // them, so they do not wait a round trip for it, and a fenced publish of theirs never
+        // depends on the stream read succeeding first.
+        let toml = self.jobs.len() - self.runtime.count();
+        if let Err(error) = self.publish_due(toml).await {
+            self.redis_failed(&error);
+            self.update_next_metrics();
+            return;
+        }
+        if !self.leader.may_publish(Instant::now()) {
+            self.update_next_metrics();
+            return;
+        }
         if let Err(error) = self.poll_runtime().await {
             return self.redis_failed(&error);
         }
-        if let Err(error) = self.publish_due().await {
+        if let Err(error) = self.publish_due(self.jobs.len()).await {
             self.redis_failed(&error);
         }
         if let Err(error) = self.finish_one_offs().await {
@@ -464,7 +477,8 @@ impl Actor {
         Ok(())
     }
 
-    async fn publish_due(&mut self) -> Result<(), BrokerError> {
+    /// Publishes what is due among the first `count` jobs (the TOML ones come first).
+    async fn publish_due(&mut self, count: usize) -> Result<(), BrokerError> {
         let now = Utc::now();
         if self.earliest_next().is_none_or(|earliest| earliest > now) {
             return Ok(());
@@ -479,7 +493,7 @@ impl Actor {
         let mut lease_ended = false;
         // The script found the lock no longer ours.
         let mut refused = false;
-        for index in 0..self.jobs.len() {
+        for index in 0..count.min(self.jobs.len()) {
             if self.jobs[index].next.is_none_or(|next| next > now) {
                 continue;
             }
@@ -526,7 +540,18 @@ impl Actor {
                             .with_label_values(&[self.jobs[index].metric_label()])
                             .inc();
                     }
-                    tracing::debug!(error = %error, "beat: publish failed; the slots stay due");
+                    if tracing::enabled!(tracing::Level::DEBUG) {
+                        let mut names: Vec<&str> = batch
+                            .iter()
+                            .map(|&(index, _)| self.jobs[index].job.name.as_str())
+                            .collect();
+                        names.dedup();
+                        tracing::debug!(
+                            jobs = %names.join(","),
+                            error = %error,
+                            "beat: publish failed; the slots stay due"
+                        );
+                    }
                     return Err(error);
                 }
             };
