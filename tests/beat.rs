@@ -618,13 +618,12 @@ args = ["pri"]
 
     // A message whose `expires` is in the past is discarded by the worker, not run.
     let args = serde_json::json!(["expired"]);
-    let kwargs = serde_json::json!({});
+    let arguments = beat::message::Arguments::new(&args, &serde_json::json!({}));
     let message = beat::message::TaskMessage {
         task: "tasks.record",
         id: "00000000-0000-4000-8000-00000000dead",
         delivery_tag: "00000000-0000-4000-8000-00000000beef",
-        args: &args,
-        kwargs: &kwargs,
+        arguments: &arguments,
         queue: "celery",
         priority: None,
         expires: Some(Utc::now() - chrono::Duration::seconds(10)),

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use super::jobs;
 use super::leader::{Leader, Lease};
-use super::message::TaskMessage;
+use super::message::{Arguments, TaskMessage};
 use super::publisher::{Broker, BrokerError, Outgoing, PublishTask, Published};
 use super::{
     BACKOFF_MAX, BACKOFF_MIN, BeatError, BeatStatus, Command, Job, JobStatus, Schedule, Settings,
@@ -38,13 +38,14 @@ struct JobState {
     runtime: bool,
     /// A runtime job paused after its first publish.
     one_off: bool,
-    /// A runtime job's arguments, as text (`job.args`/`kwargs` are then `null`).
-    packed: Option<super::runtime::Packed>,
+    /// The job's arguments as its messages carry them (`job.args`/`kwargs` are then `null`).
+    arguments: Arguments,
 }
 
 impl JobState {
-    fn new(job: Job, cursor: DateTime<Utc>) -> JobState {
+    fn new(mut job: Job, cursor: DateTime<Utc>) -> JobState {
         let next = job.schedule.next_after(cursor);
+        let arguments = take_arguments(&mut job);
         JobState {
             job,
             cursor,
@@ -56,20 +57,23 @@ impl JobState {
             since: None,
             runtime: false,
             one_off: false,
-            packed: None,
+            arguments,
         }
     }
 
     fn runtime(job: super::runtime::RuntimeJob, cursor: DateTime<Utc>) -> JobState {
-        let mut inner = job.job;
-        let packed = super::runtime::Packed::take(&mut inner);
         JobState {
             since: Some(cursor),
             runtime: true,
             one_off: job.one_off,
-            packed: Some(packed),
-            ..JobState::new(inner, cursor)
+            ..JobState::new(job.job, cursor)
         }
+    }
+
+    /// Puts `job` (same name) in place of the job, its arguments prepared again.
+    fn replace_job(&mut self, mut job: Job) {
+        self.arguments = take_arguments(&mut job);
+        self.job = job;
     }
 
     /// The `job` label of its metrics: runtime jobs share one, so that thousands of them do
@@ -127,6 +131,14 @@ pub(super) struct Actor {
     earliest: Option<Option<DateTime<Utc>>>,
     origin: String,
     metrics: Arc<Metrics>,
+}
+
+/// Moves `job`'s arguments out into their message forms (leaving `null` behind).
+fn take_arguments(job: &mut Job) -> Arguments {
+    Arguments::new(
+        &std::mem::take(&mut job.args),
+        &std::mem::take(&mut job.kwargs),
+    )
 }
 
 /// A batch on its way: its (job index, slot) pairs, their task ids, the task sending it.
@@ -615,19 +627,13 @@ impl Actor {
         for &(index, slot) in batch {
             let state = &self.jobs[index];
             let job = &state.job;
-            let unpacked = state.packed.as_ref().map(super::runtime::Packed::unpack);
-            let (args, kwargs) = match &unpacked {
-                Some((args, kwargs)) => (args, kwargs),
-                None => (&job.args, &job.kwargs),
-            };
             let task_id = uuid::Uuid::new_v4().to_string();
             let delivery_tag = uuid::Uuid::new_v4().to_string();
             let message = TaskMessage {
                 task: &job.task,
                 id: &task_id,
                 delivery_tag: &delivery_tag,
-                args,
-                kwargs,
+                arguments: &state.arguments,
                 queue: &job.queue,
                 priority: job.priority,
                 expires: job
@@ -737,7 +743,7 @@ impl Actor {
                 Some(position) => {
                     let mut state = old.swap_remove(position);
                     let changed = state.job.schedule != job.schedule;
-                    state.job = job.clone();
+                    state.replace_job(job.clone());
                     if changed {
                         state.advance(now);
                         state.since = Some(now);

@@ -96,38 +96,6 @@ pub struct RuntimeJob {
     pub one_off: bool,
 }
 
-/// A job's `args` and `kwargs` kept as compact JSON text while the leader holds it: a parsed
-/// one-key object costs some 700 bytes (a B-tree node), its text a few dozen, and 100 000 jobs
-/// are held at once. They are parsed again for each publish (about a microsecond).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Packed {
-    args: Box<str>,
-    kwargs: Box<str>,
-}
-
-impl Packed {
-    /// Moves `job`'s arguments out into text (leaving `null` behind).
-    pub fn take(job: &mut Job) -> Packed {
-        let text = |value: Value| {
-            serde_json::to_string(&value)
-                .unwrap_or_default()
-                .into_boxed_str()
-        };
-        Packed {
-            args: text(std::mem::take(&mut job.args)),
-            kwargs: text(std::mem::take(&mut job.kwargs)),
-        }
-    }
-
-    /// The arguments again (the text was written by `take`, so it parses).
-    pub fn unpack(&self) -> (Value, Value) {
-        (
-            serde_json::from_str(&self.args).unwrap_or(Value::Null),
-            serde_json::from_str(&self.kwargs).unwrap_or(Value::Null),
-        )
-    }
-}
-
 /// Checks a job name: what `beat add` and the leader accept.
 pub fn check_name(name: &str) -> Result<(), String> {
     if name.trim().is_empty() {

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use super::{Actor, JobState};
 use crate::beat::publisher::BrokerError;
-use crate::beat::runtime::{JobDoc, Packed, Store, StoreError, StoredJob};
+use crate::beat::runtime::{JobDoc, Store, StoreError, StoredJob};
 
 /// Longest time between two reads of the change stream while publishing.
 pub(super) const POLL: Duration = Duration::from_millis(500);
@@ -257,9 +257,7 @@ impl Actor {
         let since = from_ms(stored.since).unwrap_or(now);
         let state = match previous {
             Some(mut state) if state.job.schedule == runtime.job.schedule => {
-                let mut job = runtime.job;
-                state.packed = Some(Packed::take(&mut job));
-                state.job = job;
+                state.replace_job(runtime.job);
                 state.one_off = runtime.one_off;
                 state
             }
