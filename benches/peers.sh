@@ -1,12 +1,19 @@
 # Shared by benches/web.sh and benches/reload.sh (sourced, not run): the peers' venv, waiting for
 # a server to answer, and stopping it. Callers set $pid, $url, $work and $name as they go.
 
-# Installs Gunicorn, uWSGI and Granian into the venv $1 unless they are there already.
+# The peers and the Django the `django` scenario runs on, pinned so that figures from different
+# days compare like with like (Django as in the project's test venv). Change a pin here and the
+# next run reinstalls.
+PEER_PACKAGES="gunicorn==27.0.1 uwsgi==2.0.31 granian==2.8.9 django==5.2.19"
+
+# Installs $PEER_PACKAGES into the venv $1 unless that exact list is installed there already.
 ensure_peers() {
   local venv=$1
-  if [ ! -x "$venv/bin/granian" ] || [ ! -x "$venv/bin/uwsgi" ] || [ ! -x "$venv/bin/gunicorn" ]; then
-    "${PYTHON:-python3}" -m venv "$venv"
-    "$venv/bin/pip" install -q --disable-pip-version-check gunicorn uwsgi granian
+  if [ "$(cat "$venv/peers.txt" 2>/dev/null)" != "$PEER_PACKAGES" ]; then
+    [ -x "$venv/bin/pip" ] || "${PYTHON:-python3}" -m venv "$venv"
+    # shellcheck disable=SC2086 # one word per package
+    "$venv/bin/pip" install -q --disable-pip-version-check $PEER_PACKAGES
+    echo "$PEER_PACKAGES" >"$venv/peers.txt"
   fi
 }
 
