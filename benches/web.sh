@@ -58,7 +58,9 @@ start_server() { # name app threads workers -> sets $pid and $url
   if [ "$app" = django ]; then
     dir=$work/django_app module=benchsite.wsgi callable=application
   fi
-  port=$((port + 1))
+  port=$(free_port $((port + 1)))
+  local metrics_port
+  metrics_port=$(free_port $((port + 1000)))
   case $name in
     sauna | sauna-log-text | sauna-log-json)
       local access_log=false format=text
@@ -77,7 +79,7 @@ workers = $workers
 threads = $threads
 access_log = $access_log
 [metrics]
-listen = "127.0.0.1:$((port + 1000))"
+listen = "127.0.0.1:$metrics_port"
 [control]
 socket = "$work/control.sock"
 TOML
