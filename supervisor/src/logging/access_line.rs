@@ -223,7 +223,8 @@ fn push_json_float(out: &mut Vec<u8>, value: f64) {
 /// `text` with the control characters a terminal could act on written as escapes, the way the
 /// fmt layer sanitizes a message: ESC, BEL, BS, FF and DEL as `\xNN`, C1 controls as `\u{NN}`.
 fn push_sanitized(out: &mut Vec<u8>, text: &str) {
-    // U+0080..=U+009F are the only characters whose UTF-8 starts with 0xC2 and that need it.
+    // C1 controls (U+0080..=U+009F) start with 0xC2 in UTF-8, like U+00A0..=U+00BF: a 0xC2
+    // only sends the text down the slow path, which looks at each character.
     if !text
         .bytes()
         .any(|byte| matches!(byte, 0x07 | 0x08 | 0x0c | 0x1b | 0x7f | 0xc2))
@@ -232,14 +233,16 @@ fn push_sanitized(out: &mut Vec<u8>, text: &str) {
         return;
     }
     for ch in text.chars() {
-        let _ = match ch {
-            '\x07' | '\x08' | '\x0c' | '\x1b' | '\x7f' => write!(out, "\\x{:02x}", ch as u32),
-            '\u{80}'..='\u{9f}' => write!(out, "\\u{{{:x}}}", ch as u32),
-            _ => {
-                out.extend_from_slice(ch.encode_utf8(&mut [0; 4]).as_bytes());
-                Ok(())
+        // Writing to a Vec cannot fail.
+        match ch {
+            '\x07' | '\x08' | '\x0c' | '\x1b' | '\x7f' => {
+                let _ = write!(out, "\\x{:02x}", ch as u32);
             }
-        };
+            '\u{80}'..='\u{9f}' => {
+                let _ = write!(out, "\\u{{{:x}}}", ch as u32);
+            }
+            _ => out.extend_from_slice(ch.encode_utf8(&mut [0; 4]).as_bytes()),
+        }
     }
 }
 
