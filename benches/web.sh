@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Side-by-side load benchmark of sauna-supervisor against Gunicorn (sync and gthread), uWSGI
 # (--http-socket) and Granian (WSGI), same apps (benches/web_apps.py and the Django project in
-# benches/django_app), same number of workers, load
-# from wrk on loopback, one server after another. Prints req/s, p50, p99, the CPU time each
-# server's whole process tree spent per request (µs, from /proc: every process and thread, children
-# it reaped included) and sauna's ratio; with ROUNDS > 1 the servers take turns round after round
-# and the table shows medians.
+# benches/django_app), same number of workers, load from wrk on loopback, one server after
+# another. Prints req/s, p50, p99, the CPU time each server's whole process tree spent per request
+# (µs, from /proc: every process and thread, children it reaped included) and sauna's ratio; with
+# ROUNDS > 1 the servers take turns round after round and the table shows medians. The load
+# average is printed before and after: on a busy machine, trust CPU µs/req over req/s.
 #
 #   benches/web.sh                 # everything (about 9 minutes)
 #   DURATION=5s benches/web.sh     # shorter runs
