@@ -13,6 +13,8 @@
 # Needs wrk, curl and bc (apt-get install -y wrk curl bc) and the venv scripts/setup.sh makes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=benches/peers.sh
+. benches/peers.sh
 [ $# -eq 2 ] || { echo "usage: $0 OLD_BINARY NEW_BINARY" >&2; exit 2; }
 for tool in wrk curl bc; do
   command -v $tool >/dev/null || { echo "$tool is missing: apt-get install -y $tool" >&2; exit 2; }
@@ -29,7 +31,7 @@ work=$(mktemp -d); cp benches/web_apps.py "$work/apps.py"
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 port=18700
 run_one() { # binary conns -> req/s
-  local bin=$1 c=$2; port=$((port+1))
+  local bin=$1 c=$2; port=$(free_port $((port+1)))
   mkdir -p "$work/$port"
   cat > "$work/$port/sauna.toml" <<TOML
 [app]
@@ -46,13 +48,14 @@ listen = ""
 [control]
 socket = "$work/$port/control.sock"
 TOML
-  "$bin" run -c "$work/$port/sauna.toml" --log-format "$log_format" > "$work/$port/log" 2>&1 &
-  local pid=$!
-  for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/" >/dev/null 2>&1 && break; sleep 0.1; done
+  name=$port
+  "$bin" run -c "$work/$port/sauna.toml" --log-format "$log_format" > "$work/$name.log" 2>&1 &
+  pid=$! url="http://127.0.0.1:$port"
+  wait_until_up 100
   wrk -t2 -c"$c" -d2s "http://127.0.0.1:$port/" >/dev/null 2>&1
   local rps; rps=$(wrk -t2 -c"$c" -d"$dur" "http://127.0.0.1:$port/" | awk '/Requests\/sec/ {print $2}')
   kill -TERM $pid; wait $pid 2>/dev/null || true
-  rm -f "$work/$port/log" # with the access log on, tens of MB per run
+  rm -f "$work/$name.log" # with the access log on, tens of MB per run
   echo "$rps"
 }
 echo "load: $(cut -d' ' -f1-3 /proc/loadavg)"

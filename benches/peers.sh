@@ -1,18 +1,36 @@
-# Shared by benches/web.sh and benches/reload.sh (sourced, not run): the peers' venv, waiting for
-# a server to answer, and stopping it. Callers set $pid, $url, $work and $name as they go.
+# Shared by benches/web.sh, benches/reload.sh and benches/compare-builds.sh (sourced, not run):
+# the peers' venv, a free port, waiting for a server to answer, and stopping it. Callers set $pid,
+# $url, $work and $name as they go.
 
-# Installs Gunicorn, uWSGI and Granian into the venv $1 unless they are there already.
+# The peers and the Django the `django` scenario runs on, pinned so that figures from different
+# days compare like with like (Django as in the project's test venv). Change a pin here and the
+# next run reinstalls.
+PEER_PACKAGES="gunicorn==27.0.1 uwsgi==2.0.31 granian==2.8.9 django==5.2.19"
+
+# Installs $PEER_PACKAGES into the venv $1 unless that exact list is installed there already.
 ensure_peers() {
   local venv=$1
-  if [ ! -x "$venv/bin/granian" ] || [ ! -x "$venv/bin/uwsgi" ] || [ ! -x "$venv/bin/gunicorn" ]; then
-    "${PYTHON:-python3}" -m venv "$venv"
-    "$venv/bin/pip" install -q --disable-pip-version-check gunicorn uwsgi granian
+  if [ "$(cat "$venv/peers.txt" 2>/dev/null)" != "$PEER_PACKAGES" ]; then
+    [ -x "$venv/bin/pip" ] || "${PYTHON:-python3}" -m venv "$venv"
+    # shellcheck disable=SC2086 # one word per package
+    "$venv/bin/pip" install -q --disable-pip-version-check $PEER_PACKAGES
+    echo "$PEER_PACKAGES" >"$venv/peers.txt"
   fi
 }
 
-# Waits until $url answers (up to $1 tenths of a second); otherwise prints $name's log and exits.
+# The first port from $1 up on which nothing listens on loopback. The machine may be shared with
+# other benchmark runs: a request answered by one of their servers would count as one of ours.
+free_port() {
+  local port=$1
+  while (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do port=$((port + 1)); done
+  echo "$port"
+}
+
+# Waits until $url answers (up to $1 tenths of a second) while the server $pid runs; otherwise
+# prints $name's log and exits.
 wait_until_up() {
   for _ in $(seq "$1"); do
+    kill -0 "$pid" 2>/dev/null || break
     curl -sf -o /dev/null "$url/" && return 0
     sleep 0.1
   done

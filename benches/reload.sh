@@ -58,7 +58,7 @@ PY
 
 start_server() { # name -> sets $pid and $url
   local name=$1
-  port=$((port + 1))
+  port=$(free_port $((port + 1)))
   case $name in
     sauna)
       cat >"$work/sauna.toml" <<TOML

@@ -15,6 +15,7 @@
 //! module that captures it; secrets (broker passwords, `[app].env` values) must never be passed
 //! to an event in the first place, since no filter here could recognise them.
 
+mod access_line;
 mod batch;
 
 use std::fs::{File, OpenOptions};
@@ -135,25 +136,10 @@ fn build(
         }
         None => (batch::Output::Stderr, None, stderr_is_terminal),
     };
-    let formatter = match args.log_format {
-        LogFormat::Text => tracing::Dispatch::new(
-            Registry::default().with(
-                tracing_subscriber::fmt::layer()
-                    .with_ansi(ansi)
-                    .with_timer(batch::RecordedTime)
-                    .with_writer(batch::FormattedBuffer),
-            ),
-        ),
-        LogFormat::Json => tracing::Dispatch::new(
-            Registry::default().with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_ansi(false)
-                    .with_timer(batch::RecordedTime)
-                    .with_writer(batch::FormattedBuffer),
-            ),
-        ),
+    // The same shapes as the layer below gives every other line.
+    let style = match args.log_format {
+        LogFormat::Text => access_line::Style::Text { ansi },
+        LogFormat::Json => access_line::Style::Json,
     };
     // Decided once, with the same directives as the filter below, so that the front does not
     // ask the subscriber for every request. (A per-layer filter asked through `enabled!` would
@@ -165,7 +151,7 @@ fn build(
             || tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO),
         )
     };
-    let writer = batch::Batched::new(output, formatter, access_enabled, &ACCESS_LINES_DROPPED);
+    let writer = batch::Batched::new(output, style, access_enabled, &ACCESS_LINES_DROPPED);
     let handle = LogHandle {
         file,
         writer: Some(writer.clone()),

@@ -1,8 +1,8 @@
 //! The writer behind every log line. Access-log entries are not formatted by the thread that
 //! logs them (the front's only thread): it hands their fields ([`AccessRecord`]) to a bounded
-//! queue, and a dedicated thread formats them — with the same `tracing` formatter and options
-//! as every other line, so the format is the one a plain event would have — and writes many
-//! lines per `write(2)`. Every other line is formatted by the thread that logs it and written at
+//! queue, and a dedicated thread formats them into a reused buffer ([`access_line`]: the bytes
+//! a plain `tracing` event would have, in the log's format) and writes many lines per
+//! `write(2)`. Every other line is formatted by the thread that logs it and written at
 //! once — or, when access entries are queued, queued behind them for the writer thread, woken
 //! at once — so lines keep the order they were logged in.
 //!
@@ -15,19 +15,15 @@
 //! Nothing queued is lost on a clean stop: [`Batched::flush`] writes it out, and the supervisor
 //! calls it once the runtime has stopped.
 
-use std::cell::{Cell, RefCell};
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use chrono::{Datelike, Timelike};
-use tracing::Dispatch;
 use tracing_subscriber::fmt::MakeWriter;
-use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::time::FormatTime;
 
 use super::LogFile;
+use super::access_line::{LineFormatter, Style};
 
 /// The target of access-log events.
 pub const ACCESS_TARGET: &str = "sauna::access";
@@ -98,67 +94,6 @@ impl AccessRecord {
     }
 }
 
-thread_local! {
-    /// The timestamp of the entry being formatted on this thread, read by [`RecordedTime`].
-    static ENTRY_TIME: Cell<Option<SystemTime>> = const { Cell::new(None) };
-    /// Lines formatted on this thread and not yet written.
-    static FORMATTED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Timestamps access lines with the instant the response ended rather than the instant the
-/// line is formatted, in the same form as `tracing_subscriber`'s default `SystemTime`
-/// (RFC 3339, UTC, microseconds) so that access lines and other lines look alike.
-#[derive(Debug, Clone, Copy, Default)]
-pub(super) struct RecordedTime;
-
-impl FormatTime for RecordedTime {
-    fn format_time(&self, w: &mut Writer<'_>) -> std::fmt::Result {
-        let at = ENTRY_TIME.with(Cell::get).unwrap_or_else(SystemTime::now);
-        let at = chrono::DateTime::<chrono::Utc>::from(at);
-        let year = at.year();
-        if year > 9999 {
-            write!(w, "+{year}")?;
-        } else if year < 0 {
-            write!(w, "{year:05}")?;
-        } else {
-            write!(w, "{year:04}")?;
-        }
-        write!(
-            w,
-            "-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-            at.month(),
-            at.day(),
-            at.hour(),
-            at.minute(),
-            at.second(),
-            at.timestamp_subsec_micros().min(999_999)
-        )
-    }
-}
-
-/// Where the access formatter writes: this thread's [`FORMATTED`] buffer.
-#[derive(Debug, Clone, Copy, Default)]
-pub(super) struct FormattedBuffer;
-
-impl Write for FormattedBuffer {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        FORMATTED.with(|formatted| formatted.borrow_mut().extend_from_slice(buf));
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl MakeWriter<'_> for FormattedBuffer {
-    type Writer = FormattedBuffer;
-
-    fn make_writer(&self) -> FormattedBuffer {
-        FormattedBuffer
-    }
-}
-
 /// Where the bytes end up.
 #[derive(Debug)]
 pub(super) enum Output {
@@ -194,8 +129,6 @@ struct Shared {
     /// Held while formatting and writing, so that batches and immediate lines never interleave;
     /// the spare queue is swapped with `waiting` under it.
     sink: Mutex<Sink>,
-    /// Formats access entries: the same layer as other lines, its output to [`FORMATTED`].
-    formatter: Dispatch,
     /// Whether the log filter lets access entries through at all.
     access_enabled: bool,
     dropped: &'static AtomicU64,
@@ -217,8 +150,8 @@ struct Queue {
 #[derive(Debug)]
 enum Entry {
     Access(AccessRecord),
-    /// A line formatted while access entries were queued, by a thread in the middle of
-    /// dispatching it, where the access formatter cannot run.
+    /// A line of another target, formatted by the thread that logged it, which came while
+    /// access entries were queued.
     Line(Vec<u8>),
 }
 
@@ -226,15 +159,17 @@ enum Entry {
 struct Sink {
     output: Output,
     spare: Queue,
+    formatter: LineFormatter,
+    /// The batch's bytes; kept between batches for its capacity.
+    formatted: Vec<u8>,
 }
 
 impl Batched {
-    /// A writer to `output` whose access entries `formatter` formats (into [`FormattedBuffer`],
-    /// timestamps from [`RecordedTime`]) when `access_enabled`; dropped entries are added to
-    /// `dropped`. Starts no thread.
+    /// A writer to `output` that writes access entries, when `access_enabled`, in `style`;
+    /// dropped entries are added to `dropped`. Starts no thread.
     pub(super) fn new(
         output: Output,
-        formatter: Dispatch,
+        style: Style,
         access_enabled: bool,
         dropped: &'static AtomicU64,
     ) -> Batched {
@@ -245,8 +180,9 @@ impl Batched {
                 sink: Mutex::new(Sink {
                     output,
                     spare: Queue::default(),
+                    formatter: LineFormatter::new(style),
+                    formatted: Vec::new(),
                 }),
-                formatter,
                 access_enabled,
                 dropped,
                 writer_running: OnceLock::new(),
@@ -271,8 +207,7 @@ impl Batched {
         })
     }
 
-    /// Formats and writes every queued entry now; returns once they are written. Must not be
-    /// called while this thread dispatches an event (the formatter is a dispatcher too).
+    /// Formats and writes every queued entry now; returns once they are written.
     pub fn flush(&self) {
         let mut sink = self
             .shared
@@ -284,29 +219,18 @@ impl Batched {
         if sink.spare.entries.is_empty() {
             return;
         }
-        tracing::dispatcher::with_default(&self.shared.formatter, || {
-            for entry in sink.spare.entries.drain(..) {
-                match entry {
-                    Entry::Access(record) => {
-                        ENTRY_TIME.with(|time| time.set(Some(record.at)));
-                        record.emit();
-                    }
-                    Entry::Line(line) => {
-                        FORMATTED.with(|formatted| formatted.borrow_mut().extend_from_slice(&line))
-                    }
-                }
+        for entry in sink.spare.entries.drain(..) {
+            match entry {
+                Entry::Access(record) => sink.formatter.write(&record, &mut sink.formatted),
+                Entry::Line(line) => sink.formatted.extend_from_slice(&line),
             }
-            ENTRY_TIME.with(|time| time.set(None));
-        });
+        }
         sink.spare.bytes = 0;
         sink.spare.urgent = false;
-        FORMATTED.with(|formatted| {
-            let mut formatted = formatted.borrow_mut();
-            // A log that cannot be written has nowhere to report that either (the tracing
-            // formatter ignores write errors the same way).
-            let _ = sink.output.write_all(&formatted);
-            formatted.clear();
-        });
+        // A log that cannot be written has nowhere to report that either (the tracing
+        // formatter ignores write errors the same way).
+        let _ = sink.output.write_all(&sink.formatted);
+        sink.formatted.clear();
     }
 
     /// Writes one line of another target at once, or, when access entries are queued, queues
@@ -454,15 +378,8 @@ mod tests {
     use std::path::Path;
 
     fn batched(path: &Path, dropped: &'static AtomicU64) -> Batched {
-        let formatter = Dispatch::new(
-            tracing_subscriber::fmt()
-                .with_ansi(false)
-                .with_timer(RecordedTime)
-                .with_writer(FormattedBuffer)
-                .finish(),
-        );
         let output = Output::File(Arc::new(LogFile::open(path).expect("open log file")));
-        Batched::new(output, formatter, true, dropped)
+        Batched::new(output, Style::Text { ansi: false }, true, dropped)
     }
 
     fn record(path: &str) -> AccessRecord {
@@ -551,31 +468,5 @@ mod tests {
         batched.flush();
         assert_eq!(read(&path).lines().count(), fits);
         assert_eq!(batched.dropped(), 100);
-    }
-
-    #[test]
-    fn recorded_time_is_formatted_like_the_default_timer() {
-        let mut ours = String::new();
-        let mut theirs = String::new();
-        RecordedTime
-            .format_time(&mut Writer::new(&mut ours))
-            .expect("format");
-        tracing_subscriber::fmt::time::SystemTime
-            .format_time(&mut Writer::new(&mut theirs))
-            .expect("format");
-        // Both read the clock: compare the shape and the minute, not the microseconds.
-        assert_eq!(ours.len(), theirs.len(), "{ours} / {theirs}");
-        assert_eq!(ours[..16], theirs[..16], "{ours} / {theirs}");
-        ENTRY_TIME.with(|time| {
-            time.set(Some(
-                std::time::UNIX_EPOCH + Duration::from_micros(86_400_000_001),
-            ));
-        });
-        let mut fixed = String::new();
-        RecordedTime
-            .format_time(&mut Writer::new(&mut fixed))
-            .expect("format");
-        ENTRY_TIME.with(|time| time.set(None));
-        assert_eq!(fixed, "1970-01-02T00:00:00.000001Z");
     }
 }
