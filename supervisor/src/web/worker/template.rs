@@ -8,7 +8,7 @@
 //! first worker that asked for it, which is how a reload's canary fails and rolls back.
 //!
 //! For each worker the supervisor makes the descriptors exactly as for a spawned one (control,
-//! slots, rings) plus two output pipes, and passes them with `SCM_RIGHTS`; the template forks,
+//! slots, offer eventfds and memfd, rings) plus two output pipes, and passes them with `SCM_RIGHTS`; the template forks,
 //! the child puts them on their numbers and serves. The child leads its own process group (set
 //! on both sides of the fork, before the supervisor learns the pid), dies with the template
 //! (`PR_SET_PDEATHSIG`), and the template — spawned like every child, so it dies with the
@@ -168,6 +168,7 @@ impl Template {
         let WorkerEnds {
             control,
             slots,
+            mailboxes,
             rings,
             stdout,
             stderr,
@@ -180,6 +181,7 @@ impl Template {
             pid,
             control: super::frame::Channel::new(super::tokio_stream(control)?),
             slots,
+            mailboxes,
             rings,
         };
         pending.handshake(Mode::Serve, launch.start_timeout).await
@@ -291,6 +293,7 @@ impl Template {
 struct WorkerEnds {
     control: std::os::unix::net::UnixStream,
     slots: Vec<std::os::unix::net::UnixStream>,
+    mailboxes: Vec<super::offer::Mailbox>,
     rings: Vec<Arc<super::ring::Ring>>,
     stdout: OwnedFd,
     stderr: OwnedFd,
@@ -312,6 +315,7 @@ async fn ask_for_worker(
     let Channels {
         control,
         slots,
+        mailboxes,
         rings,
         ring_size,
         theirs,
@@ -352,6 +356,7 @@ async fn ask_for_worker(
     let ends = WorkerEnds {
         control,
         slots,
+        mailboxes,
         rings,
         stdout,
         stderr,
