@@ -644,26 +644,28 @@ impl Dispatcher {
             return Err(waiter);
         }
         let generation = state.generation;
-        let open = |lane: &Lane| {
-            lane.pending.is_none() && lane.service.as_ref().is_some_and(|service| service.offered)
-        };
-        let Some(route) = state
+        // The least-loaded worker, and among equals the slot whose request started last.
+        let Some((_, route, lane)) = state
             .routes
-            .iter_mut()
-            .filter(|route| route.routable && route.generation <= generation)
-            .filter(|route| route.lanes.iter().any(open))
-            .min_by_key(|route| route.busy + route.pending())
+            .iter()
+            .enumerate()
+            .filter(|(_, route)| route.routable && route.generation <= generation)
+            .flat_map(|(r, route)| {
+                let load = route.busy + route.pending();
+                route.lanes.iter().enumerate().filter_map(move |(l, lane)| {
+                    let service = lane.service.as_ref().filter(|service| service.offered)?;
+                    lane.pending.is_none().then_some((
+                        (load, std::cmp::Reverse(service.since)),
+                        r,
+                        l,
+                    ))
+                })
+            })
+            .min_by_key(|(key, _, _)| *key)
         else {
             return Err(waiter);
         };
-        let Some(lane) = route
-            .lanes
-            .iter_mut()
-            .filter(|lane| open(lane))
-            .max_by_key(|lane| lane.service.as_ref().map(|service| service.since))
-        else {
-            return Err(waiter);
-        };
+        let lane = &mut state.routes[route].lanes[lane];
         let sequence = lane.next_sequence();
         frame::set_sequence(&mut waiter.frame, sequence);
         if let Err(error) = lane.mailbox.offer(&waiter.frame) {
