@@ -42,6 +42,8 @@ use crate::process::spawn as child;
 
 /// The fork-request socket's number in the template.
 const TEMPLATE_FD: i32 = 4;
+/// Most descriptors one `SCM_RIGHTS` message carries (the kernel's `SCM_MAX_FD`).
+const SCM_MAX_FD: usize = 253;
 /// Longest wait for the template to answer a fork request (it forks at once; this only catches
 /// a template that hangs).
 const FORK_ANSWER: Duration = Duration::from_secs(10);
@@ -324,6 +326,13 @@ async fn ask_for_worker(
     let (stderr, stderr_theirs) = output_pipe().map_err(Refusal::Failed)?;
     let mut fds: Vec<RawFd> = theirs.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
     fds.extend([stdout_theirs.as_raw_fd(), stderr_theirs.as_raw_fd()]);
+    if fds.len() > SCM_MAX_FD {
+        return Err(Refusal::Failed(StartError::Spawn(format!(
+            "[web] preload hands a worker its {} descriptors in one message, and the kernel passes at most {SCM_MAX_FD}: use at most {} threads per worker with preload",
+            fds.len(),
+            (SCM_MAX_FD - 4) / 3
+        ))));
+    }
     let request = format!("{} {ring_size}", launch.threads);
     send_request(&running.requests, request.as_bytes(), &fds)
         .await
