@@ -1086,7 +1086,7 @@ mod tests {
 
     /// The slots of a worker and its side of them: sockets and the offer claimer.
     struct Theirs {
-        _sockets: Vec<tokio::net::UnixStream>,
+        sockets: Vec<tokio::net::UnixStream>,
         worker: Claimer,
     }
 
@@ -1102,13 +1102,7 @@ mod tests {
             });
             sockets.push(b);
         }
-        (
-            ours,
-            Theirs {
-                _sockets: sockets,
-                worker,
-            },
-        )
+        (ours, Theirs { sockets, worker })
     }
 
     fn dispatcher(queue_size: usize) -> (Arc<Dispatcher>, mpsc::UnboundedReceiver<Notice>) {
@@ -1442,6 +1436,70 @@ mod tests {
             let mut next = next;
             assert!(!next.withdraw());
             done(next);
+        });
+    }
+
+    #[test]
+    fn a_request_given_up_while_offered_ahead_is_taken_back() {
+        runtime().block_on(async {
+            let (dispatcher, _notices) = dispatcher(4);
+            dispatcher.set_generation(1);
+            let (slots, mut theirs) = channels(1);
+            dispatcher.add_worker(1, 0, 1, slots, None);
+            let running = acquire(&dispatcher).await.unwrap();
+            // Its client leaves while it is offered ahead: hyper drops the request's future.
+            let gone = spawn_acquire(&dispatcher, "gone");
+            tokio::task::yield_now().await;
+            gone.abort();
+            assert!(gone.await.unwrap_err().is_cancelled());
+            assert_eq!(taken_back(&dispatcher), 1);
+            let next = spawn_acquire(&dispatcher, "next");
+            tokio::task::yield_now().await;
+            assert_eq!(name(theirs.worker.claim(0)).as_deref(), Some("x"));
+            assert_eq!(name(theirs.worker.claim(0)).as_deref(), Some("next"));
+            done(running);
+            assert!(next.await.unwrap().unwrap().was_offered());
+        });
+    }
+
+    #[test]
+    fn a_request_given_up_after_its_worker_claimed_it_is_aborted_and_drained() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        runtime().block_on(async {
+            let (dispatcher, _notices) = dispatcher(4);
+            dispatcher.set_generation(1);
+            let (slots, mut theirs) = channels(1);
+            dispatcher.add_worker(1, 0, 1, slots, None);
+            let running = acquire(&dispatcher).await.unwrap();
+            let gone = spawn_acquire(&dispatcher, "gone");
+            tokio::task::yield_now().await;
+            assert!(theirs.worker.claim(0).is_some());
+            let claimed = theirs.worker.claim(0).unwrap();
+            gone.abort();
+            assert!(gone.await.unwrap_err().is_cancelled());
+            assert_eq!(taken_back(&dispatcher), 0, "the worker has it");
+            done(running);
+            // Nobody reads its answer: the worker is told, and the slot waits for its end.
+            let mut abort = [0u8; frame::HEADER_LEN];
+            theirs.sockets[0].read_exact(&mut abort).await.unwrap();
+            assert_eq!(abort[8], frame::Kind::Abort as u8);
+            assert_eq!(
+                &abort[4..6],
+                &claimed[10..12],
+                "the Abort names that request"
+            );
+            assert_eq!(dispatcher.loads()[0].busy, 1);
+            let mut end = BytesMut::new();
+            frame::put_header(&mut end, frame::Kind::End, 0, 0, 0);
+            theirs.sockets[0].write_all(&end).await.unwrap();
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while dispatcher.loads()[0].busy != 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .expect("the drained slot is idle again");
+            assert_eq!(dispatcher.loads()[0].served, 2);
         });
     }
 }
