@@ -17,9 +17,11 @@
 //! it as soon as it finishes its current request and runs it back to back without sleeping, and
 //! when the current request's exchange gives the slot back, the channel goes straight to the
 //! pending request (its frame is already delivered). Of the busy slots, the least-loaded worker's
-//! is chosen and, among its slots, the one whose request started last (one that runs long is
-//! more likely a slow request). A slot serving a request that came over its socket gets no
-//! pending offer: the worker must read that request before any offer.
+//! is chosen and, among its slots, the one whose request started last; a slot whose request has
+//! run longer than `AHEAD_WINDOW` (likely a slow one) is chosen only when no other is open, and
+//! an offer waiting behind such a request is moved (taken back, offered again) to a slot whose
+//! request is recent as soon as one is open. A slot serving a request that came over its socket
+//! gets no pending offer: the worker must read that request before any offer.
 //!
 //! A pending offer the worker has not claimed can be **taken back** (a successful read of the
 //! same eventfd; the kernel makes exactly one side win): when a slot becomes idle with an older
@@ -53,6 +55,12 @@ use crate::metrics::Metrics;
 use crate::web::worker::frame::{self, Channel};
 use crate::web::worker::offer::Mailbox;
 use crate::web::worker::{RequestSlot, WorkerId};
+
+/// How long a slot's request may have run and still get the next request offered ahead to it.
+/// Pipelining saves a wake-up (microseconds) per request, which only matters for short
+/// requests; one still running after this is likely slow, and a request waiting behind it is
+/// taken back, to be offered to the next slot that moves on.
+const AHEAD_WINDOW: Duration = Duration::from_millis(2);
 
 /// What the dispatcher tells the pool.
 #[derive(Debug)]
@@ -208,6 +216,8 @@ struct State {
     closed: bool,
     queue_size: usize,
     queue_timeout: Duration,
+    /// `AHEAD_WINDOW`, shorter or longer in tests.
+    ahead_window: Duration,
     next_ticket: u64,
     /// Leases whose request went away while they were handed over; dropped once the lock is
     /// released (dropping one may take the lock).
@@ -472,6 +482,7 @@ impl Dispatcher {
             state: Mutex::new(State {
                 queue_size,
                 queue_timeout,
+                ahead_window: AHEAD_WINDOW,
                 ..State::default()
             }),
             metrics,
@@ -644,7 +655,9 @@ impl Dispatcher {
             return Err(waiter);
         }
         let generation = state.generation;
-        // The least-loaded worker, and among equals the slot whose request started last.
+        let (now, window) = (Instant::now(), state.ahead_window);
+        // A slot whose request is recent (not likely a slow one) first, then the least-loaded
+        // worker, then the slot whose request started last.
         let Some((_, route, lane)) = state
             .routes
             .iter()
@@ -654,8 +667,9 @@ impl Dispatcher {
                 let load = route.busy + route.pending();
                 route.lanes.iter().enumerate().filter_map(move |(l, lane)| {
                     let service = lane.service.as_ref().filter(|service| service.offered)?;
+                    let stale = now.duration_since(service.since) >= window;
                     lane.pending.is_none().then_some((
-                        (load, std::cmp::Reverse(service.since)),
+                        (stale, load, std::cmp::Reverse(service.since)),
                         r,
                         l,
                     ))
@@ -705,6 +719,7 @@ impl Dispatcher {
     /// oldest request waiting (queued, or pending elsewhere and taken back), then busy slots
     /// without a pending offer get the oldest queued requests that fit a region.
     fn pump(self: &Arc<Self>, state: &mut State) {
+        self.take_back_stale(state);
         loop {
             while state
                 .waiters
@@ -750,6 +765,52 @@ impl Dispatcher {
                 return;
             }
         }
+    }
+
+    /// Moves offers waiting behind a request that has run longer than `AHEAD_WINDOW` (likely a
+    /// slow one) to slots whose request is recent, oldest first, as many as such slots are open:
+    /// they are taken back here and offered again by `pump`.
+    fn take_back_stale(&self, state: &mut State) {
+        let (now, window, generation) = (Instant::now(), state.ahead_window, state.generation);
+        let is_stale = |lane: &Lane| {
+            lane.service
+                .as_ref()
+                .is_some_and(|service| now.duration_since(service.since) >= window)
+        };
+        let open = state
+            .routes
+            .iter()
+            .filter(|route| route.routable && route.generation <= generation)
+            .flat_map(|route| route.lanes.iter())
+            .filter(|lane| {
+                lane.pending.is_none()
+                    && !is_stale(lane)
+                    && lane.service.as_ref().is_some_and(|service| service.offered)
+            })
+            .count();
+        if open == 0 {
+            return;
+        }
+        let mut stale: Vec<(u64, usize, usize)> = state
+            .routes
+            .iter()
+            .enumerate()
+            .flat_map(|(r, route)| {
+                route.lanes.iter().enumerate().filter_map(move |(l, lane)| {
+                    let pending = lane.pending.as_ref().filter(|pending| !pending.claimed)?;
+                    is_stale(lane).then_some((pending.ticket, r, l))
+                })
+            })
+            .collect();
+        stale.sort_unstable();
+        let mut moved = Vec::new();
+        for (_, route, lane) in stale {
+            if moved.len() == open {
+                break;
+            }
+            moved.extend(self.take_back_pending(&mut state.routes[route].lanes[lane]));
+        }
+        Dispatcher::requeue(state, moved);
     }
 
     /// The oldest unclaimed pending offer older than the ticket `than`, taken back from its slot.
@@ -1105,13 +1166,18 @@ mod tests {
         (ours, Theirs { sockets, worker })
     }
 
+    /// A dispatcher whose offers ahead never go stale unless a test says so: a test machine
+    /// may pause longer than `AHEAD_WINDOW` anywhere.
     fn dispatcher(queue_size: usize) -> (Arc<Dispatcher>, mpsc::UnboundedReceiver<Notice>) {
         let (sender, receiver) = mpsc::unbounded_channel();
         let metrics = Arc::new(Metrics::new().unwrap());
-        (
-            Dispatcher::new(queue_size, Duration::from_millis(200), metrics, sender),
-            receiver,
-        )
+        let dispatcher = Dispatcher::new(queue_size, Duration::from_millis(200), metrics, sender);
+        set_window(&dispatcher, Duration::from_secs(3600));
+        (dispatcher, receiver)
+    }
+
+    fn set_window(dispatcher: &Dispatcher, window: Duration) {
+        dispatcher.lock().ahead_window = window;
     }
 
     /// A request frame whose environ names it.
@@ -1500,6 +1566,46 @@ mod tests {
             .await
             .expect("the drained slot is idle again");
             assert_eq!(dispatcher.loads()[0].served, 2);
+        });
+    }
+
+    #[test]
+    fn an_offer_behind_a_request_that_runs_long_moves_to_the_next_slot_that_moves_on() {
+        runtime().block_on(async {
+            let (dispatcher, _notices) = dispatcher(4);
+            set_window(&dispatcher, Duration::from_millis(300));
+            dispatcher.set_limits(4, Duration::from_secs(30));
+            dispatcher.set_generation(1);
+            let (slots, mut theirs) = channels(2);
+            dispatcher.add_worker(1, 0, 1, slots, None);
+            let fast = acquire(&dispatcher).await.unwrap();
+            let slow = acquire(&dispatcher).await.unwrap();
+            let (fast_lane, slow_lane) = (fast.lane, slow.lane);
+            // "behind" goes behind the request that started last (the slow one), "next" behind
+            // the other; the worker's fast thread claims its next request at once.
+            let behind = spawn_acquire(&dispatcher, "behind");
+            tokio::task::yield_now().await;
+            let next = spawn_acquire(&dispatcher, "next");
+            tokio::task::yield_now().await;
+            assert_eq!(name(theirs.worker.claim(fast_lane)).as_deref(), Some("x"));
+            assert_eq!(
+                name(theirs.worker.claim(fast_lane)).as_deref(),
+                Some("next")
+            );
+            tokio::time::sleep(Duration::from_millis(350)).await;
+            done(fast);
+            // The fast slot moves on to "next"; "behind" has waited past the window behind the
+            // slow request: taken back and offered behind "next" instead.
+            assert_eq!(taken_back(&dispatcher), 1);
+            assert_eq!(
+                name(theirs.worker.claim(fast_lane)).as_deref(),
+                Some("behind")
+            );
+            assert_eq!(name(theirs.worker.claim(slow_lane)).as_deref(), Some("x"));
+            assert_eq!(theirs.worker.claim(slow_lane), None);
+            done(next.await.unwrap().unwrap());
+            assert_eq!(behind.await.unwrap().unwrap().lane, fast_lane);
+            drop(slow);
         });
     }
 }

@@ -496,6 +496,12 @@ mod tests {
         assert_eq!((frame.arg, &frame.payload[..]), (4, &b"A\0b\0"[..]));
 
         let mut wire = RequestFrame::new(0).inline_body(b"", true);
+        set_sequence(&mut wire, 0xBEEF);
+        assert_eq!(
+            wire[10..12],
+            0xBEEFu16.to_le_bytes(),
+            "the seq field, for the shim"
+        );
         let frame = decode(&mut wire).unwrap().unwrap();
         assert_eq!((frame.flags, frame.arg), (FLAG_TERMINATED, 0));
         assert!(frame.payload.is_empty());
