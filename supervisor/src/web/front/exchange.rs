@@ -320,7 +320,7 @@ pub fn drain(lease: Lease, timeout: Duration) {
         lease,
         deadline,
         Instant::now(),
-        Arc::from("an abandoned request"),
+        Arc::from("(left by its client before it began)"),
     );
 }
 
