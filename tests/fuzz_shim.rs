@@ -216,3 +216,64 @@ proptest! {
         }
     }
 }
+
+/// An `Abort` names its request: one that arrives after its request ended (the worker sent
+/// `End` before reading it) must not stop the next request on the slot, which may have come as
+/// an offer, past it. The shim's body reader and its between-chunks check both get a late
+/// `Abort` (for request 4) while serving request 5, then the check gets one for request 5.
+const ABORT_HARNESS: &str = r#"
+import select, socket, sys
+path = sys.argv[1]
+source = open(path, encoding="utf-8").read()
+last = "sys.exit(main(sys.argv[1:]))"
+if source.rstrip().splitlines()[-1] != last:
+    sys.exit("the shim no longer ends with %r; update tests/fuzz_shim.rs" % last)
+shim = {"__name__": "sauna_shim"}
+exec(compile(source[:source.rindex(last)], path, "exec"), shim)
+slot = shim["Slot"](0, None, {})
+slot.seq = 5
+reader = shim["PullInput"](slot)
+buffer = bytearray(16)
+got = reader.readinto(buffer)
+print("read", bytes(buffer[:got]).decode(), "aborted" if slot.aborted else "running", flush=True)
+for _ in range(2):
+    select.select([slot.sock], [], [])
+    print("gone" if slot.client_gone() else "running", flush=True)
+"#;
+
+#[test]
+fn a_late_abort_does_not_stop_the_next_request() {
+    use std::io::BufRead;
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    ours.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut python = shim_python(ABORT_HARNESS, OwnedFd::from(theirs), &[], Stdio::piped());
+    let mut lines = std::io::BufReader::new(python.stdout.take().unwrap()).lines();
+    let mut next_line = || lines.next().and_then(Result::ok).unwrap_or_default();
+    let frame = |kind: Kind, arg: u32, payload: &[u8]| {
+        let mut wire = BytesMut::new();
+        frame::put_header(&mut wire, kind, 0, arg, payload.len());
+        wire.extend_from_slice(payload);
+        wire
+    };
+    let mut writer = &ours;
+    // The body read: a late Abort, then the Data it asked for.
+    let mut read_frame = [0u8; frame::HEADER_LEN];
+    (&ours).read_exact(&mut read_frame).unwrap();
+    assert_eq!(read_frame[8], Kind::Read as u8);
+    writer.write_all(&frame(Kind::Abort, 4, b"")).unwrap();
+    writer.write_all(&frame(Kind::Data, 0, b"body")).unwrap();
+    let first = next_line();
+    writer.write_all(&frame(Kind::Abort, 4, b"")).unwrap();
+    let second = next_line();
+    writer.write_all(&frame(Kind::Abort, 5, b"")).unwrap();
+    let third = next_line();
+    let _ = python.kill();
+    let output = python.wait_with_output().unwrap();
+    assert_eq!(
+        [first.as_str(), &second, &third],
+        ["read body running", "running", "gone"],
+        "stderr:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

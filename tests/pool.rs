@@ -121,6 +121,26 @@ def _app(environ, start_response):
         time.sleep(float(environ["QUERY_STRING"] or "1"))
         start_response("200 OK", text)
         return [b"slept"]
+    if path == "/hold":
+        # Says which worker holds it, then holds it (until killed).
+        with open(environ["QUERY_STRING"], "w") as marker:
+            marker.write(str(os.getpid()))
+        time.sleep(60)
+        start_response("200 OK", text)
+        return [b"held"]
+    if path == "/spin":
+        # 5 ms of CPU, then the worker's voluntary context switches so far: how often it slept.
+        end = time.perf_counter() + 0.005
+        while time.perf_counter() < end:
+            pass
+        switches = 0
+        for task in os.listdir("/proc/self/task"):
+            with open("/proc/self/task/%s/status" % task) as status:
+                for line in status:
+                    if line.startswith("voluntary_ctxt_switches"):
+                        switches += int(line.split()[1])
+        start_response("200 OK", text)
+        return [str(switches).encode()]
     if path == "/crash":
         os._exit(3)
     if path == "/pid":
@@ -1349,4 +1369,140 @@ fn a_stream_that_outlives_the_timeout_is_cut_and_its_worker_replaced() {
     let error = status.workers[0].last_error.clone().unwrap_or_default();
     assert!(error.contains("GET /forever"), "{error}");
     assert_eq!(get(&pool.address, "/hello").status, 200);
+}
+
+/// Waits until the pool has `busy` requests in its workers.
+fn wait_in_flight(pool: &TestPool, busy: usize) {
+    pool.wait_for("requests in the workers", |status| {
+        status.workers.iter().map(|w| w.in_flight).sum::<usize>() == busy
+    });
+}
+
+/// Waits until `waiting` requests wait for a worker (queued or offered ahead to a busy one).
+fn wait_waiting(pool: &TestPool, waiting: i64) {
+    util::wait_until(Duration::from_secs(10), "a waiting request", || {
+        (pool.metrics.http_queue_depth.get() == waiting).then_some(())
+    });
+}
+
+#[test]
+fn a_fast_request_offered_behind_a_slow_one_is_taken_back_when_another_worker_frees() {
+    let sandbox = Sandbox::new();
+    let pool = start_test_app(&sandbox, |web| web.workers = count(2));
+    let address = pool.address.clone();
+    let medium = std::thread::spawn({
+        let address = address.clone();
+        move || get(&address, "/sleep?0.5").status
+    });
+    wait_in_flight(&pool, 1);
+    let slow = std::thread::spawn({
+        let address = address.clone();
+        move || {
+            let started = Instant::now();
+            (get(&address, "/sleep?3").status, started.elapsed())
+        }
+    });
+    wait_in_flight(&pool, 2);
+    // Both workers are busy: the fast request is offered ahead to the slot whose request
+    // started last, the slow one's.
+    let started = Instant::now();
+    let fast = get(&address, "/hello");
+    let fast_took = started.elapsed();
+    assert_eq!(fast.status, 200);
+    let (slow_status, slow_took) = slow.join().expect("slow");
+    assert_eq!((slow_status, medium.join().expect("medium")), (200, 200));
+    assert!(
+        fast_took < Duration::from_secs(2) && slow_took >= Duration::from_secs(3),
+        "the fast request waited behind the slow one: {fast_took:?} (slow {slow_took:?})"
+    );
+    assert_eq!(
+        pool.metrics.http_offers_taken_back_total.get(),
+        1,
+        "it was offered to the slow worker and taken back when the other one freed"
+    );
+}
+
+#[test]
+fn a_request_offered_to_a_worker_killed_before_it_started_it_is_served_by_another() {
+    let sandbox = Sandbox::new();
+    let pool = start_test_app(&sandbox, |web| web.workers = count(2));
+    let address = pool.address.clone();
+    let medium = std::thread::spawn({
+        let address = address.clone();
+        move || get(&address, "/sleep?1.5").status
+    });
+    wait_in_flight(&pool, 1);
+    let marker = sandbox.root().join("held-by");
+    let held = std::thread::spawn({
+        let address = address.clone();
+        let path = format!("/hold?{}", marker.display());
+        move || get(&address, &path).status
+    });
+    let pid: i32 = util::wait_until(Duration::from_secs(10), "the held request", || {
+        std::fs::read_to_string(&marker).ok()?.trim().parse().ok()
+    });
+    // Offered ahead to the holding worker (its request started last), which never claims it.
+    let fast = std::thread::spawn({
+        let address = address.clone();
+        move || get(&address, "/pid")
+    });
+    wait_waiting(&pool, 1);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the holding worker");
+    assert_eq!(
+        held.join().expect("held"),
+        502,
+        "its own request dies with it"
+    );
+    let fast = fast.join().expect("fast");
+    assert_eq!(
+        fast.status, 200,
+        "the offered request was never started: run elsewhere"
+    );
+    assert_ne!(fast.text(), pid.to_string());
+    assert_eq!(medium.join().expect("medium"), 200);
+    // Taken back from the dead worker (and maybe again from the busy one, for the dead one's
+    // replacement when that is ready first).
+    assert!(pool.metrics.http_offers_taken_back_total.get() >= 1);
+}
+
+#[test]
+fn a_saturated_worker_runs_its_next_request_without_sleeping() {
+    let sandbox = Sandbox::new();
+    let pool = start_test_app(&sandbox, |_| {});
+    // Four clients keep a request in service, one offered ahead and two queued at all times.
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let address = pool.address.clone();
+            std::thread::spawn(move || {
+                (0..40)
+                    .map(|_| {
+                        let response = get(&address, "/spin");
+                        assert_eq!(response.status, 200);
+                        response.text().parse::<u64>().expect("a switch count")
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let counts: Vec<u64> = clients
+        .into_iter()
+        .flat_map(|client| client.join().expect("client"))
+        .collect();
+    let (first, last) = (
+        counts.iter().min().copied().unwrap_or_default(),
+        counts.iter().max().copied().unwrap_or_default(),
+    );
+    let per_request = (last - first) as f64 / (counts.len() - 1) as f64;
+    // Waiting for each request over the socket costs at least one sleep per request; an offer
+    // claimed as soon as the previous request ends costs none.
+    assert!(
+        per_request < 0.5,
+        "the worker slept {per_request:.2} times per request ({} sleeps over {} requests)",
+        last - first,
+        counts.len()
+    );
 }

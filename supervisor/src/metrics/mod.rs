@@ -71,6 +71,8 @@ pub struct Metrics {
     pub http_in_flight: IntGauge,
     /// Requests refused before reaching a worker, by reason.
     pub http_rejected_total: IntCounterVec,
+    /// Requests offered in advance to a busy worker and taken back before it started them.
+    pub http_offers_taken_back_total: IntCounter,
     /// Workers by state.
     pub workers: IntGaugeVec,
     /// RSS of each worker, labelled by slot number (never by pid, which changes on recycle).
@@ -173,6 +175,14 @@ impl Metrics {
                 "Requests refused before reaching a worker, by reason.",
                 &["reason"],
             )?,
+            http_offers_taken_back_total: {
+                let family = IntCounter::new(
+                    "sauna_http_offers_taken_back_total",
+                    "Requests handed in advance to a busy worker (to start as soon as it finishes its current one) and taken back before it started them: to run on a worker that became free first, or because their worker timed out, was retired or died.",
+                )?;
+                registry.register(Box::new(family.clone()))?;
+                family
+            },
             workers: gauge_vec("sauna_workers", "Web workers by state.", &["state"])?,
             worker_rss_bytes: gauge_vec(
                 "sauna_worker_rss_bytes",
@@ -345,6 +355,7 @@ mod tests {
             "sauna_http_queue_depth",
             "sauna_http_in_flight_requests",
             "sauna_http_rejected_total",
+            "sauna_http_offers_taken_back_total",
             "sauna_worker_restarts_total",
             "sauna_beat_lag_seconds",
             "sauna_beat_leader",

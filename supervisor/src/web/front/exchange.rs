@@ -1,10 +1,12 @@
-//! One request's conversation with the worker slot it was dispatched to: send the request frame,
-//! answer the worker's body reads from the buffered body, and turn its response frames into a
-//! hyper response whose body is streamed as the worker produces it (checked against the app's
-//! `Content-Length`: a mismatch is logged as the app's error). It enforces the request's
-//! deadline, and when the client leaves early it tells the worker (`Abort`) and drains the slot in
-//! the background so the slot is reused only once the worker is done. It owns no socket: the
-//! slot comes from the dispatcher as a `Lease` and goes back to it.
+//! One request's conversation with the worker slot it was dispatched to: send the request frame
+//! (unless the dispatcher already offered it), answer the worker's body reads from the buffered
+//! body, and turn its response frames into a hyper response whose body is streamed as the worker
+//! produces it (checked against the app's `Content-Length`: a mismatch is logged as the app's
+//! error). It enforces the request's deadline — an offered request the worker never started is
+//! taken back then and answered like a queue timeout — and when the client leaves early it takes
+//! an unstarted offer back, or tells the worker (`Abort`) and drains the slot in the background
+//! so the slot is reused only once the worker is done. It owns no socket: the slot comes from
+//! the dispatcher as a `Lease` and goes back to it.
 
 use std::io;
 use std::pin::Pin;
@@ -12,7 +14,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http_body::{Body, Frame as BodyFrame, SizeHint};
 use tokio::sync::mpsc;
 use tokio::time::Sleep;
@@ -50,6 +52,10 @@ pub enum ExchangeError {
     /// The request passed `timeout`.
     #[error("the request took longer than the timeout")]
     Timeout,
+    /// The request passed `timeout` offered to a worker that never started it (busy all that
+    /// time); it was taken back.
+    #[error("no worker started the request within the timeout")]
+    NotStarted,
     /// The worker died (its slot closed).
     #[error("the worker died while serving the request")]
     WorkerGone,
@@ -75,6 +81,9 @@ pub struct Exchange {
     started: Instant,
     context: Arc<str>,
     draining: bool,
+    /// A frame came from the worker: it has started the request (an offer can no longer be
+    /// taken back).
+    answered: bool,
 }
 
 impl std::fmt::Debug for Exchange {
@@ -86,17 +95,18 @@ impl std::fmt::Debug for Exchange {
 }
 
 impl Exchange {
-    /// Starts the exchange: queues `request` (a complete `Request` frame) on the slot. `body` is
-    /// the part of the body not sent inline, served to the worker's `Read`s from `offset`.
+    /// Starts the exchange: queues the lease's request frame on the slot unless the dispatcher
+    /// offered it. `body` is the part of the body not sent inline, served to the worker's `Read`s
+    /// from `offset`.
     pub fn new(
         mut lease: Lease,
-        request: BytesMut,
         body: RequestBody,
         offset: u64,
         timeout: Duration,
         context: Arc<str>,
     ) -> Exchange {
-        if let Some(channel) = lease.channel() {
+        let request = lease.take_request();
+        if let (Some(channel), Some(request)) = (lease.channel(), request) {
             let queue = channel.queue();
             if queue.is_empty() {
                 *queue = request;
@@ -113,7 +123,20 @@ impl Exchange {
             started: Instant::now(),
             context,
             draining: false,
+            answered: false,
         }
+    }
+
+    /// Takes the request back if it was offered and the worker has not started it.
+    fn withdraw(&mut self) -> bool {
+        if self.answered {
+            return false;
+        }
+        let withdrawn = self.lease.as_mut().is_some_and(Lease::withdraw);
+        if withdrawn {
+            self.lease = None;
+        }
+        withdrawn
     }
 
     fn finish(&mut self, outcome: Outcome) {
@@ -173,6 +196,7 @@ impl Exchange {
                 Poll::Ready(Err(error)) => return Poll::Ready(Err(self.fail(error))),
                 Poll::Ready(Ok(frame)) => frame,
             };
+            self.answered = true;
             match frame.kind {
                 Kind::Read => {
                     let max = usize::try_from(frame.arg)
@@ -243,8 +267,12 @@ impl Exchange {
         ended
     }
 
-    /// Gives the slot back as timed out (the pool kills the worker) and returns the error.
+    /// Gives the slot back as timed out (the pool kills the worker) and returns the error; an
+    /// offer the worker never started is taken back instead.
     fn time_out(&mut self) -> ExchangeError {
+        if self.withdraw() {
+            return ExchangeError::NotStarted;
+        }
         let age = self.started.elapsed();
         let context = format!(
             "request {} timed out after {:.1} s",
@@ -268,36 +296,61 @@ impl Exchange {
 
 impl Drop for Exchange {
     fn drop(&mut self) {
-        if self.draining || self.lease.is_none() {
+        if self.draining || self.lease.is_none() || self.withdraw() {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return; // no runtime: the lease is dropped as broken and the worker replaced
-        };
         // The client left before the response ended: tell the worker, then read until its
         // response ends, so the slot is handed on clean.
-        let Some(mut lease) = self.lease.take() else {
-            return;
-        };
-        if let Some(channel) = lease.channel() {
-            frame::put_header(channel.queue(), Kind::Abort, 0, 0, 0);
+        if let Some(lease) = self.lease.take() {
+            spawn_drain(
+                lease,
+                self.deadline.deadline(),
+                self.started,
+                Arc::clone(&self.context),
+            );
         }
-        let mut drain = Exchange {
-            worker: self.worker,
-            lease: Some(lease),
-            body: RequestBody::Memory(Bytes::new()),
-            offset: 0,
-            deadline: Box::pin(tokio::time::sleep_until(self.deadline.deadline())),
-            started: self.started,
-            context: Arc::clone(&self.context),
-            draining: true,
-        };
-        runtime.spawn(async move {
-            while let Ok(Event::Chunk(_) | Event::Head { end: false, .. }) =
-                drain.next_event().await
-            {}
-        });
     }
+}
+
+/// Drains a request nobody waits for any more (its client left) that the worker has started
+/// or may have: `Abort`, then its response is read and dropped until it ends, within `timeout`.
+pub fn drain(lease: Lease, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    spawn_drain(
+        lease,
+        deadline,
+        Instant::now(),
+        Arc::from("(left by its client before it began)"),
+    );
+}
+
+fn spawn_drain(
+    mut lease: Lease,
+    deadline: tokio::time::Instant,
+    started: Instant,
+    context: Arc<str>,
+) {
+    let sequence = lease.sequence();
+    if let Some(channel) = lease.channel() {
+        frame::put_header(channel.queue(), Kind::Abort, 0, u32::from(sequence), 0);
+    }
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return; // no runtime: the lease is dropped as broken and the worker replaced
+    };
+    let mut drain = Exchange {
+        worker: lease.slot(),
+        lease: Some(lease),
+        body: RequestBody::Memory(Bytes::new()),
+        offset: 0,
+        deadline: Box::pin(tokio::time::sleep_until(deadline)),
+        started,
+        context,
+        draining: true,
+        answered: true,
+    };
+    runtime.spawn(async move {
+        while let Ok(Event::Chunk(_) | Event::Head { end: false, .. }) = drain.next_event().await {}
+    });
 }
 
 /// What is recorded when a response ends: the access log line and the request metrics.

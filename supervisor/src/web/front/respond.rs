@@ -19,6 +19,7 @@ use super::Front;
 use super::body::{self, BodyError, RequestBody};
 use super::environ::{self, Connection};
 use super::exchange::{Completion, Event, Exchange, ExchangeError, ResponseBody, Streaming};
+use crate::web::dispatch::Rejected;
 use crate::web::worker::frame::RequestFrame;
 
 /// Bodies up to this size travel inside the request frame; larger ones are pulled by the worker.
@@ -84,6 +85,20 @@ fn reject(
         .headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     response
+}
+
+/// The 503 of a request no worker took in time (or at all: a full queue, a stopping pool).
+fn overloaded(front: &Front, rejected: Rejected, completion: Completion) -> Response<ResponseBody> {
+    let mut response = plain(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Service temporarily overloaded, retry later\n",
+    );
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(front.config().retry_after),
+    );
+    let label = rejected.label().unwrap_or("queue_timeout");
+    reject(front, label, response, completion)
 }
 
 /// Requests the front refuses before reading a body, because passing them on would be unsafe:
@@ -258,18 +273,27 @@ async fn respond(
         _ => (request.pulled_body(terminated), 0),
     };
 
-    let lease = match front.dispatcher.acquire().await {
+    let lease = match front
+        .dispatcher
+        .acquire(request_frame, config.timeout)
+        .await
+    {
         Ok(lease) => lease,
-        Err(rejected) => {
-            let mut response = plain(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Service temporarily overloaded, retry later\n",
+        Err(Rejected::WorkerGone(worker)) => {
+            tracing::error!(
+                "worker {worker} died while serving {} {}",
+                completion.method,
+                completion.path
             );
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(config.retry_after));
-            return reject(front, rejected.label(), response, completion);
+            let response = plain(
+                StatusCode::BAD_GATEWAY,
+                "Bad Gateway: the application worker died\n",
+            );
+            completion.status = response.status().as_u16();
+            completion.record(0, true);
+            return response;
         }
+        Err(rejected) => return overloaded(front, rejected, completion),
     };
     let queue_wait = completion.accepted.elapsed();
     front
@@ -279,7 +303,7 @@ async fn respond(
     completion.queue_wait = Some(queue_wait);
     completion.worker = Some(lease.slot());
     let context: Arc<str> = Arc::from(format!("{} {}", completion.method, completion.path));
-    let mut exchange = Exchange::new(lease, request_frame, body, offset, config.timeout, context);
+    let mut exchange = Exchange::new(lease, body, offset, config.timeout, context);
 
     let failure = match exchange.next_event().await {
         Ok(Event::Head { head, chunk, end }) => {
@@ -335,6 +359,11 @@ async fn respond(
         Ok(Event::Chunk(_) | Event::End) => {
             tracing::error!("worker sent a body before the response head");
             (StatusCode::BAD_GATEWAY, "Bad Gateway\n")
+        }
+        Err(ExchangeError::NotStarted) => {
+            completion.queue_wait = None;
+            completion.worker = None;
+            return overloaded(front, Rejected::QueueTimeout, completion);
         }
         Err(ExchangeError::Timeout) => (
             StatusCode::GATEWAY_TIMEOUT,

@@ -65,16 +65,15 @@ fn write_environ(
 /// `timeout`.
 pub async fn warm_up(
     front: &Front,
-    lease: crate::web::dispatch::Lease,
+    mut lease: crate::web::dispatch::Lease,
     warm_up: &WarmUp,
     timeout: Duration,
 ) -> Result<WarmUpAnswer, String> {
     let mut request = RequestFrame::new(512);
     write_environ(request.environ(), warm_up, &front.config().environ)?;
-    let request_frame = request.inline_body(&[], false);
+    lease.send(request.inline_body(&[], false), timeout);
     let mut exchange = Exchange::new(
         lease,
-        request_frame,
         RequestBody::Memory(Bytes::new()),
         0,
         timeout,

@@ -187,7 +187,7 @@ impl Actor {
         }
     }
 
-    fn on_ready(&mut self, id: WorkerId, pid: u32, slots: Vec<worker::frame::Channel>) {
+    fn on_ready(&mut self, id: WorkerId, pid: u32, slots: Vec<worker::RequestSlot>) {
         let Some(generation) = self.workers.get(&id).map(|worker| worker.generation) else {
             return;
         };

@@ -1,4 +1,4 @@
-//! The wire format between the HTTP front and a worker (protocol version 1), and the buffered,
+//! The wire format between the HTTP front and a worker (protocol version 3), and the buffered,
 //! poll-based reader/writer of one worker channel. It owns the byte layout only: what a request
 //! or a response means is decided by `front::exchange` (Rust side) and `shim.py` (Python side).
 //!
@@ -9,13 +9,20 @@
 //! u32 arg   kind-specific (environ length, head length, read size)
 //! u8  kind  see `Kind`
 //! u8  flags kind-specific
-//! u16 zero  reserved
+//! u16 seq   `Request`: its number on the slot (wrapping); 0 elsewhere
 //! ```
 //!
 //! The header is one `struct.unpack_from('<IIBBH')` in Python. A request's environ is a single
 //! block of `key\0value\0…` bytes that the shim turns into a dict with `bytes.decode('latin-1')`,
 //! `str.split('\0')` and `dict(zip(it, it))` — three C-level calls, no per-key Python work. Each
 //! request slot has its own channel, so frames need no request id and never interleave.
+//!
+//! A `Request` frame reaches the worker either written to the slot's socket or, when it fits,
+//! as an offer (`worker::offer`): the same bytes in a shared region, announced on the slot's
+//! eventfd. Either way everything after it — `Read`/`Data`, `Abort`, the response frames — goes
+//! over the socket while that request is in service. An `Abort` names the request it is for
+//! (`arg` = its `seq`): one that arrives after its request ended is ignored, not taken for the
+//! next one.
 
 use std::io;
 use std::pin::Pin;
@@ -31,7 +38,7 @@ use crate::web::worker::ring::Ring;
 
 /// The protocol version the shim reports in its `Ready` frame; both sides ship in one binary, the
 /// check catches a stale shim file or a hand-started worker.
-pub const PROTOCOL: u32 = 2;
+pub const PROTOCOL: u32 = 3;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 12;
 /// Largest payload accepted from a worker; a bigger length means a corrupt channel.
@@ -52,7 +59,8 @@ pub enum Kind {
     Request = 1,
     /// Front → worker: body bytes answering a `Read`; empty means end of body.
     Data = 2,
-    /// Front → worker: the client went away; stop producing the response.
+    /// Front → worker: the client of request `arg` (its `seq`) went away; stop producing its
+    /// response.
     Abort = 3,
     /// Worker → front (control channel): the app is imported; payload `pid\0protocol\0python`.
     Ready = 16,
@@ -164,6 +172,13 @@ impl RequestFrame {
         };
         patch_header(&mut self.bytes, Kind::Request, flags, environ_len);
         self.bytes
+    }
+}
+
+/// Sets the `seq` of a complete `Request` frame (its number on the slot it is sent to).
+pub fn set_sequence(frame: &mut [u8], sequence: u16) {
+    if let Some(field) = frame.get_mut(10..HEADER_LEN) {
+        field.copy_from_slice(&sequence.to_le_bytes());
     }
 }
 
@@ -481,6 +496,12 @@ mod tests {
         assert_eq!((frame.arg, &frame.payload[..]), (4, &b"A\0b\0"[..]));
 
         let mut wire = RequestFrame::new(0).inline_body(b"", true);
+        set_sequence(&mut wire, 0xBEEF);
+        assert_eq!(
+            wire[10..12],
+            0xBEEFu16.to_le_bytes(),
+            "the seq field, for the shim"
+        );
         let frame = decode(&mut wire).unwrap().unwrap();
         assert_eq!((frame.flags, frame.arg), (FLAG_TERMINATED, 0));
         assert!(frame.payload.is_empty());

@@ -12,8 +12,15 @@
 //!   registered on SIGUSR2 with this descriptor as its file: a stack dump of a stuck worker is
 //!   written by the C signal handler even while Python code holds the GIL or sleeps in C.
 //! - **4 … 4+threads-1, the request slots**, one socketpair each, one request at a time each.
-//! - **4+threads … 4+2·threads-1, the slots' shared body rings** (`ring`), one memfd each: big
-//!   response chunks are copied there and announced on the slot instead of written into it.
+//! - **4+threads … 4+2·threads-1, the slots' offer eventfds** and **4+2·threads, the memfd of
+//!   their offer regions** (`offer`): a request is copied into a region and announced on the
+//!   eventfd, so a busy slot can be handed its next request before it finishes the current one.
+//! - **5+2·threads … 4+3·threads, the slots' shared body rings** (`ring`, x86-64), one memfd
+//!   each: big response chunks are copied there and announced on the slot instead of written
+//!   into it.
+//!
+//! The descriptors of a worker forked by a preloaded template travel in one `SCM_RIGHTS` message
+//! (at most 253 descriptors: 3·threads + 4), so preload allows up to 83 threads per worker.
 //!
 //! Readiness is the child's own word over its own channel (started ≠ ready): a worker that is
 //! running but has not imported the app never receives a request.
@@ -23,6 +30,7 @@
 //! the handshake, requests, stack dumps, kills — is the same as for a spawned worker.
 
 pub mod frame;
+pub mod offer;
 pub mod ring;
 mod template;
 
@@ -234,8 +242,8 @@ pub enum Event {
         id: WorkerId,
         /// Its pid.
         pid: u32,
-        /// One channel per request slot.
-        slots: Vec<Channel>,
+        /// One per request slot.
+        slots: Vec<RequestSlot>,
     },
     /// The worker never became ready; its process is gone.
     Failed {
@@ -362,12 +370,21 @@ impl Process {
     }
 }
 
+/// The front's ends of one request slot: its socket and its offer mailbox.
+#[derive(Debug)]
+pub struct RequestSlot {
+    /// The slot's socket.
+    pub channel: Channel,
+    /// The slot's offers (`offer`).
+    pub mailbox: offer::Mailbox,
+}
+
 /// A worker process that reported ready.
 struct Started {
     process: Process,
     pid: u32,
     control: Channel,
-    slots: Vec<Channel>,
+    slots: Vec<RequestSlot>,
     /// The `Ready` frame's payload: `pid\0protocol\0python[\0…]`.
     ready: String,
 }
@@ -410,10 +427,16 @@ fn channel_error(error: std::io::Error) -> StartError {
 struct Channels {
     control: std::os::unix::net::UnixStream,
     slots: Vec<std::os::unix::net::UnixStream>,
+    mailboxes: Vec<offer::Mailbox>,
     rings: Vec<Arc<ring::Ring>>,
     ring_size: usize,
-    /// `(their end, its number in the worker)`: control, slots, then rings.
+    /// `(their end, its number in the worker)`: control, slots, eventfds, offer memfd, rings.
     theirs: Vec<(OwnedFd, i32)>,
+}
+
+/// The descriptor number `FIRST_SLOT_FD + index` in the worker.
+fn worker_fd(index: usize) -> i32 {
+    FIRST_SLOT_FD + i32::try_from(index).unwrap_or(i32::MAX - FIRST_SLOT_FD)
 }
 
 impl Channels {
@@ -432,11 +455,23 @@ impl Channels {
                 nix::sys::socket::sockopt::SndBuf,
                 &SLOT_SEND_BUFFER,
             );
-            let number = FIRST_SLOT_FD + i32::try_from(index).unwrap_or(i32::MAX - FIRST_SLOT_FD);
-            theirs.push((OwnedFd::from(slot_theirs), number));
+            theirs.push((OwnedFd::from(slot_theirs), worker_fd(index)));
             slots.push(ours);
         }
-        // One ring per slot, passed after the slots; without them (memfd refused) bodies go
+        let mut mailboxes = Vec::new();
+        if slot_count > 0 {
+            let offers = offer::Mailboxes::new(slot_count).map_err(|error| {
+                StartError::Spawn(format!(
+                    "cannot create the request offer mailboxes: {error}"
+                ))
+            })?;
+            for (index, fd) in offers.eventfds.into_iter().enumerate() {
+                theirs.push((fd, worker_fd(slot_count + index)));
+            }
+            theirs.push((offers.memfd, worker_fd(2 * slot_count)));
+            mailboxes = offers.ours;
+        }
+        // One ring per slot, passed after the mailboxes; without them (memfd refused) bodies go
         // through the sockets.
         let mut rings = Vec::new();
         let wanted_ring = ring_size(slot_count);
@@ -444,9 +479,7 @@ impl Channels {
             for index in 0..slot_count {
                 match ring::Ring::new(wanted_ring) {
                     Ok((ring, fd)) => {
-                        let number = FIRST_SLOT_FD
-                            + i32::try_from(slot_count + index).unwrap_or(i32::MAX - FIRST_SLOT_FD);
-                        theirs.push((fd, number));
+                        theirs.push((fd, worker_fd(2 * slot_count + 1 + index)));
                         rings.push(ring);
                     }
                     Err(error) => {
@@ -464,6 +497,7 @@ impl Channels {
         Ok(Channels {
             control,
             slots,
+            mailboxes,
             rings,
             ring_size,
             theirs,
@@ -493,6 +527,7 @@ async fn start_with(
     let Channels {
         mut control,
         slots,
+        mailboxes,
         rings,
         ring_size,
         mut theirs,
@@ -536,6 +571,7 @@ async fn start_with(
         pid,
         control: Channel::new(tokio_stream(control)?),
         slots,
+        mailboxes,
         rings,
     };
     pending.handshake(mode, launch.start_timeout).await
@@ -547,6 +583,7 @@ struct Pending {
     pid: u32,
     control: Channel,
     slots: Vec<std::os::unix::net::UnixStream>,
+    mailboxes: Vec<offer::Mailbox>,
     rings: Vec<Arc<ring::Ring>>,
 }
 
@@ -558,6 +595,7 @@ impl Pending {
             pid,
             mut control,
             slots,
+            mailboxes,
             rings,
         } = self;
         let deadline = Instant::now() + timeout;
@@ -626,10 +664,14 @@ impl Pending {
         let mut rings = rings.into_iter();
         let slots = slots
             .into_iter()
-            .map(|stream| {
-                tokio_stream(stream).map(|stream| match rings.next() {
-                    Some(ring) => Channel::with_ring(stream, ring),
-                    None => Channel::new(stream),
+            .zip(mailboxes)
+            .map(|(stream, mailbox)| {
+                tokio_stream(stream).map(|stream| RequestSlot {
+                    channel: match rings.next() {
+                        Some(ring) => Channel::with_ring(stream, ring),
+                        None => Channel::new(stream),
+                    },
+                    mailbox,
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;

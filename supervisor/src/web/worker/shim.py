@@ -6,23 +6,37 @@ response back into frames (the format is documented in supervisor/src/worker/fra
 
 Descriptors: 3 is the control channel (the source of this file arrives on it, then "ready" or the
 import traceback goes back, then faulthandler writes stack dumps to it on SIGUSR2); 4, 5, ... are
-the request slots, one per thread. Each slot carries one request at a time, so a thread blocks on
-its own socket and needs no locking, queueing or request ids.
+the request slots, one per thread. Each slot carries one request at a time, so a thread waits on
+its own slot and needs no locking, queueing or request ids.
+
+Requests reach a slot as offers (supervisor/src/worker/offer.rs): descriptors 4+threads, ... are
+the slots' eventfds (semaphore mode, non-blocking) and 4+2*threads is a memfd holding two regions
+of REGION bytes per slot (slot i's at i*2*REGION). The supervisor copies a whole REQUEST frame into
+a region and adds 1 to the slot's eventfd; the thread claims it with a read of the eventfd (the
+supervisor may take an unclaimed offer back with a read of its own: whoever reads first has it) and
+reads region claims % 2. A request too big for a region comes on the socket instead, and only to a
+slot that is idle. The supervisor may offer the next request while the current one runs, so after
+each request the thread first tries the eventfd and only then waits, with poll() on both the
+eventfd and the socket: never in a blocking recv, which any read of the socket by the supervisor
+would wake for nothing. Everything else of a request in service (READ/DATA, ABORT, the response)
+goes over the socket. The header's last field is the request's number on the slot; an ABORT names
+the request it is for in its arg, so a late one is ignored. End-of-file on the socket means the
+slot is closed: the process exits once every slot is.
 
 argv: protocol mode(serve|check|template) kind(wsgi|paste) target threads ring_size [post_fork]
 
 With mode "template" ([web] preload) this process imports the app once for a whole generation and
 never serves: descriptor 4 is then a SOCK_SEQPACKET socket on which the supervisor asks for
 workers. Each request is "threads ring_size" with the new worker's descriptors attached
-(SCM_RIGHTS: control, slots, rings, stdout, stderr); the template forks, the child puts them on
-3, 4, ... (and 1, 2) and serves exactly like a spawned worker. The template answers "F pid" (or
-"E why"), and "X pid code" when a worker it forked has exited (waitstatus_to_exitcode). Its
-`threads` argument is the workers' slot count: it holds their descriptor numbers with /dev/null
-during the import, so the app's own files land elsewhere. The child leads its own process group,
-dies with the template (PR_SET_PDEATHSIG), re-enables the gc the template froze, reseeds random
-and calls post_fork (module:callable) before it reports ready.
+(SCM_RIGHTS: control, slots, eventfds, offer memfd, rings, stdout, stderr); the template forks, the
+child puts them on 3, 4, ... (and 1, 2) and serves exactly like a spawned worker. The template
+answers "F pid" (or "E why"), and "X pid code" when a worker it forked has exited
+(waitstatus_to_exitcode). Its `threads` argument is the workers' slot count: it holds their
+descriptor numbers with /dev/null during the import, so the app's own files land elsewhere. The
+child leads its own process group, dies with the template (PR_SET_PDEATHSIG), re-enables the gc the
+template froze, reseeds random and calls post_fork (module:callable) before it reports ready.
 
-With ring_size > 0, descriptors 4+threads, ... are the slots' shared body rings (memfds, see
+With ring_size > 0, descriptors 5+2*threads, ... are the slots' shared body rings (memfds, see
 supervisor/src/worker/ring.rs): a big chunk is copied into the ring and announced with a small
 SHARED frame instead of being written to the socket, when the ring has room for it.
 """
@@ -44,7 +58,7 @@ import threading
 import time
 import traceback
 
-PROTOCOL = 2
+PROTOCOL = 3
 HEADER = struct.Struct("<IIBBH")
 HLEN = HEADER.size
 REQUEST, DATA, ABORT = 1, 2, 3
@@ -63,6 +77,7 @@ ABORT_CHECK_INTERVAL = 0.05
 RING_HEADER = 64
 SHARE_FROM = 16384
 SHARED_FRAME = struct.Struct("<IIBBHI")
+REGION = 65536
 
 _pack = HEADER.pack
 _unpack = HEADER.unpack_from
@@ -110,10 +125,10 @@ class PullInput(io.RawIOBase):
         slot = self.slot
         slot.send(_pack(0, len(buffer), READ, 0, 0))
         while True:
-            kind, _flags, _arg, payload = slot.recv_frame()
+            kind, _flags, arg, payload = slot.recv_frame()
             if kind == DATA:
                 break
-            if kind == ABORT:
+            if kind == ABORT and arg == slot.seq:
                 slot.aborted = True
         if not payload:
             self.eof = True
@@ -128,8 +143,23 @@ class PullInput(io.RawIOBase):
 class Slot:
     """One request slot: a socket to the front and the state of the request it is serving."""
 
-    def __init__(self, fd, app, base, ring_fd=None, ring_size=0):
+    def __init__(self, fd, app, base, ring_fd=None, ring_size=0, offer_fd=None, offers=None, region=0):
         self.sock = socket.socket(fileno=fd)
+        self.offer_fd = offer_fd
+        self.offers = offers
+        self.region = region
+        self.claims = 0
+        # The number of the request in service, and of the last frame read from the socket.
+        self.seq = 0
+        self.frame_seq = 0
+        # poll, not a blocking recv: the supervisor reading this socket wakes every thread
+        # blocked in recv on it (no event filter), while poll only wakes for what it asked.
+        self.waiter = select.poll()
+        if offer_fd is not None:
+            self.waiter.register(offer_fd, select.POLLIN)
+        self.waiter.register(fd, select.POLLIN)
+        self.reader = select.poll()
+        self.reader.register(fd, select.POLLIN)
         self.ring = None
         if ring_fd is not None:
             self.ring_map = mmap.mmap(ring_fd, RING_HEADER + ring_size)
@@ -184,6 +214,8 @@ class Slot:
             self.sock.sendall(b"".join(parts)[sent:])
 
     def receive(self, flags=0):
+        if not flags:
+            self.reader.poll()
         size = self.sock.recv_into(self.buffer, RECV_SIZE, flags)
         if not size:
             raise EOFError
@@ -193,7 +225,7 @@ class Slot:
         data = self.pending
         while len(data) < HLEN:
             data += self.receive()
-        size, arg, kind, flags, _ = _unpack(data)
+        size, arg, kind, flags, seq = _unpack(data)
         end = HLEN + size
         if len(data) < end:
             whole = bytearray(end)
@@ -207,22 +239,49 @@ class Slot:
                     raise EOFError
                 have += got
             self.pending = b""
+            self.frame_seq = seq
             return kind, flags, arg, bytes(view[HLEN:])
         self.pending = data[end:]
+        self.frame_seq = seq
         return kind, flags, arg, data[HLEN:end]
+
+    def claim(self):
+        """Serves the next offered request if there is one the supervisor has not taken back."""
+        if self.offer_fd is None:
+            return False
+        try:
+            os.read(self.offer_fd, 8)
+        except BlockingIOError:
+            return False
+        at = self.region + (self.claims & 1) * REGION
+        self.claims += 1
+        size, arg, _kind, flags, seq = _unpack(self.offers, at)
+        start = at + HLEN
+        self.handle(flags, arg, self.offers[start:start + min(size, REGION - HLEN)], seq)
+        return True
 
     def serve(self):
         """Serves requests until the supervisor closes the slot."""
+        wait = self.waiter.poll
+        claim = self.claim
+        sock_fd = self.sock.fileno()
         try:
             while True:
+                if not self.pending:
+                    # Under load the next request is already offered: no sleep between the two.
+                    if claim():
+                        continue
+                    if all(fd != sock_fd for fd, _events in wait()):
+                        continue
                 kind, flags, arg, payload = self.recv_frame()
                 if kind == REQUEST:
-                    self.handle(flags, arg, payload)
+                    self.handle(flags, arg, payload, self.frame_seq)
                 # A stray ABORT (the response had ended before it arrived) is dropped here.
         except (EOFError, ConnectionError):
             return
 
-    def handle(self, flags, env_len, payload):
+    def handle(self, flags, env_len, payload, seq):
+        self.seq = seq
         parts = payload[:env_len].decode("latin-1").split("\0")
         it = iter(parts)
         environ = dict(zip(it, it))
@@ -347,12 +406,15 @@ class Slot:
         except BlockingIOError:
             return False
         self.pending += data
-        kind = _unpack(self.pending)[2] if len(self.pending) >= HLEN else None
-        if kind == ABORT:
+        while len(self.pending) >= HLEN:
+            _size, arg, kind, _flags, _seq = _unpack(self.pending)
+            if kind != ABORT:
+                return False
             self.pending = self.pending[HLEN:]
-            self.aborted = True
-            self.send(_pack(0, 0, END, 0, 0))
-            return True
+            if arg == self.seq:
+                self.aborted = True
+                self.send(_pack(0, 0, END, 0, 0))
+                return True
         return False
 
     def write_first(self, chunk):
@@ -467,13 +529,19 @@ def serve(app, threads, ring_size):
         "wsgi.run_once": False,
         "wsgi.file_wrapper": FileWrapper,
     }
+    offers_fd = FIRST_SLOT_FD + 2 * threads
+    offers = mmap.mmap(offers_fd, 2 * REGION * threads, access=mmap.ACCESS_READ)
+    os.close(offers_fd)
     slots = [
         Slot(
             FIRST_SLOT_FD + index,
             app,
             base,
-            FIRST_SLOT_FD + threads + index if ring_size else None,
+            FIRST_SLOT_FD + 2 * threads + 1 + index if ring_size else None,
             ring_size,
+            FIRST_SLOT_FD + threads + index,
+            offers,
+            2 * REGION * index,
         )
         for index in range(threads)
     ]
@@ -621,16 +689,17 @@ def fcntl_dup(fd, floor):
 
 
 def reserve_worker_descriptors(threads):
-    """Holds the numbers a forked worker's slots and rings will take (after 4, the template's
-    request socket) with /dev/null, so that files the app opens at import get other numbers and
-    are not overwritten in the worker."""
+    """Holds the numbers a forked worker's slots, eventfds, offer memfd and rings will take (after
+    4, the template's request socket) with /dev/null, so that files the app opens at import get
+    other numbers and are not overwritten in the worker."""
     placeholder = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    for number in range(TEMPLATE_FD + 1, FIRST_SLOT_FD + 2 * threads):
+    end = FIRST_SLOT_FD + 3 * threads + 1
+    for number in range(TEMPLATE_FD + 1, end):
         try:
             os.fstat(number)
         except OSError:
             os.dup2(placeholder, number, inheritable=False)
-    if placeholder >= FIRST_SLOT_FD + 2 * threads:
+    if placeholder >= end:
         os.close(placeholder)
 
 

@@ -8,7 +8,7 @@
 //! first worker that asked for it, which is how a reload's canary fails and rolls back.
 //!
 //! For each worker the supervisor makes the descriptors exactly as for a spawned one (control,
-//! slots, rings) plus two output pipes, and passes them with `SCM_RIGHTS`; the template forks,
+//! slots, offer eventfds and memfd, rings) plus two output pipes, and passes them with `SCM_RIGHTS`; the template forks,
 //! the child puts them on their numbers and serves. The child leads its own process group (set
 //! on both sides of the fork, before the supervisor learns the pid), dies with the template
 //! (`PR_SET_PDEATHSIG`), and the template — spawned like every child, so it dies with the
@@ -42,6 +42,8 @@ use crate::process::spawn as child;
 
 /// The fork-request socket's number in the template.
 const TEMPLATE_FD: i32 = 4;
+/// Most descriptors one `SCM_RIGHTS` message carries (the kernel's `SCM_MAX_FD`).
+const SCM_MAX_FD: usize = 253;
 /// Longest wait for the template to answer a fork request (it forks at once; this only catches
 /// a template that hangs).
 const FORK_ANSWER: Duration = Duration::from_secs(10);
@@ -168,6 +170,7 @@ impl Template {
         let WorkerEnds {
             control,
             slots,
+            mailboxes,
             rings,
             stdout,
             stderr,
@@ -180,6 +183,7 @@ impl Template {
             pid,
             control: super::frame::Channel::new(super::tokio_stream(control)?),
             slots,
+            mailboxes,
             rings,
         };
         pending.handshake(Mode::Serve, launch.start_timeout).await
@@ -291,6 +295,7 @@ impl Template {
 struct WorkerEnds {
     control: std::os::unix::net::UnixStream,
     slots: Vec<std::os::unix::net::UnixStream>,
+    mailboxes: Vec<super::offer::Mailbox>,
     rings: Vec<Arc<super::ring::Ring>>,
     stdout: OwnedFd,
     stderr: OwnedFd,
@@ -312,6 +317,7 @@ async fn ask_for_worker(
     let Channels {
         control,
         slots,
+        mailboxes,
         rings,
         ring_size,
         theirs,
@@ -320,6 +326,13 @@ async fn ask_for_worker(
     let (stderr, stderr_theirs) = output_pipe().map_err(Refusal::Failed)?;
     let mut fds: Vec<RawFd> = theirs.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
     fds.extend([stdout_theirs.as_raw_fd(), stderr_theirs.as_raw_fd()]);
+    if fds.len() > SCM_MAX_FD {
+        return Err(Refusal::Failed(StartError::Spawn(format!(
+            "[web] preload hands a worker its {} descriptors in one message, and the kernel passes at most {SCM_MAX_FD}: use at most {} threads per worker with preload",
+            fds.len(),
+            (SCM_MAX_FD - 4) / 3
+        ))));
+    }
     let request = format!("{} {ring_size}", launch.threads);
     send_request(&running.requests, request.as_bytes(), &fds)
         .await
@@ -352,6 +365,7 @@ async fn ask_for_worker(
     let ends = WorkerEnds {
         control,
         slots,
+        mailboxes,
         rings,
         stdout,
         stderr,
