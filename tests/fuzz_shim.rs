@@ -5,7 +5,8 @@
 //! every frame back unchanged; and its body writer (`Slot.send_body`) streams generated chunks
 //! through a slot's shared ring (`Shared` frames, split at the ring's end, socket fallback when
 //! full) while the supervisor's channel holds and drops them in any order, and every chunk
-//! must arrive intact. Case counts: `util::fuzz::config`; long runs: `benches/fuzz.sh`.
+//! must arrive intact. Plus example tests of Abort numbering and of how responses are framed.
+//! Case counts: `util::fuzz::config`; long runs: `benches/fuzz.sh`.
 
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
@@ -276,4 +277,71 @@ fn a_late_abort_does_not_stop_the_next_request() {
         "stderr:\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// Responses as the shim frames them: Django's `HttpResponse` (no `len()`, iterates over a
+/// list it holds) leaves in one `Start` frame marked as the end, while a generator still
+/// streams — its first chunk is sent before the app produces the next, not held back.
+const RESPONSE_HARNESS: &str = r#"
+import sys
+path = sys.argv[1]
+source = open(path, encoding="utf-8").read()
+last = "sys.exit(main(sys.argv[1:]))"
+if source.rstrip().splitlines()[-1] != last:
+    sys.exit("the shim no longer ends with %r; update tests/fuzz_shim.rs" % last)
+shim = {"__name__": "sauna_shim"}
+exec(compile(source[:source.rindex(last)], path, "exec"), shim)
+
+class HttpResponseLike:
+    def __init__(self):
+        self._container = [b"<p>", b"page", b"</p>"]
+    def __iter__(self):
+        return iter(self._container)
+
+def stream():
+    yield b"first"
+    # The supervisor answers once it has the first chunk: a held-back chunk never arrives.
+    slot.sock.recv(1)
+    yield b"second"
+
+slot = shim["Slot"](0, None, {})
+for result in (HttpResponseLike(), stream()):
+    slot.status, slot.sent = None, False
+    slot.start_response("200 OK", [("Content-Type", "text/html")])
+    slot.respond(result)
+"#;
+
+#[test]
+fn an_in_memory_body_is_one_frame_and_a_generator_still_streams() {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    ours.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut python = shim_python(RESPONSE_HARNESS, OwnedFd::from(theirs), &[], Stdio::null());
+    let next_frame = || {
+        let mut header = [0u8; frame::HEADER_LEN];
+        (&ours).read_exact(&mut header).unwrap();
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let arg = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
+        let mut payload = vec![0u8; len];
+        (&ours).read_exact(&mut payload).unwrap();
+        (header[8], header[9], payload.split_off(arg.min(len)))
+    };
+    let whole = next_frame();
+    assert_eq!(
+        whole,
+        (Kind::Start as u8, frame::FLAG_END, b"<p>page</p>".to_vec()),
+        "an in-memory body must leave in one frame that ends the response"
+    );
+    let first = next_frame();
+    assert_eq!(first, (Kind::Start as u8, 0, b"first".to_vec()));
+    (&ours).write_all(b"x").unwrap();
+    assert_eq!(
+        [next_frame(), next_frame()],
+        [
+            (Kind::Body as u8, 0, b"second".to_vec()),
+            (Kind::End as u8, 0, Vec::new())
+        ]
+    );
+    let status = python.wait().unwrap();
+    assert!(status.success(), "the harness failed: {status}");
 }

@@ -82,6 +82,8 @@ REGION = 65536
 _pack = HEADER.pack
 _unpack = HEADER.unpack_from
 _chain = itertools.chain.from_iterable
+# Iterators over a body already in memory: draining them cannot block or wait on the app.
+IN_MEMORY_ITERATORS = (type(iter([])), type(iter(())))
 
 
 class ClientDisconnected(OSError):
@@ -345,9 +347,17 @@ class Slot:
             return
         if isinstance(result, FileWrapper) and self.send_file(result):
             return
+        chunks = iter(result)
+        if type(chunks) in IN_MEMORY_ITERATORS and not self.sent:
+            # Django's HttpResponse has no len() but iterates over a list it already holds: all
+            # of it is there, so it goes out as one frame instead of a streamed head, body and end.
+            body = b"".join(chunks)
+            head = self.head()
+            self.sendv([_pack(len(head) + len(body), len(head), START, FLAG_END, 0), head, body])
+            return
         clock = time.monotonic
         next_check = clock() + ABORT_CHECK_INTERVAL
-        for chunk in result:
+        for chunk in chunks:
             if not chunk:
                 continue
             if self.sent:
