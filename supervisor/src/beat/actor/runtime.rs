@@ -248,7 +248,7 @@ impl Actor {
             return;
         }
         let judged = JobDoc::parse(&stored.document)
-            .and_then(|doc| doc.validate(&name, self.settings.timezone));
+            .and_then(|doc| doc.into_job(&name, self.settings.timezone));
         let runtime = match judged {
             Ok(runtime) => runtime,
             Err(reason) => return self.refuse(name, reason),
