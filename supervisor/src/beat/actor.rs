@@ -599,18 +599,20 @@ impl Actor {
     /// since dropped, indices brought up to date; with the mark and instant they were prepared
     /// for.
     fn take_ready(&mut self, count: usize, now: DateTime<Utc>) -> (Vec<Ready>, u32, DateTime<Utc>) {
-        let Some(prepared) = self.prepared.as_mut().filter(|p| p.at <= now) else {
+        let Some(mut prepared) = self.prepared.take_if(|p| p.at <= now) else {
             return (Vec::new(), 0, now);
         };
         let (mark, at, moved) = (prepared.mark, prepared.at, prepared.moves != self.moves);
         let taken: Vec<Ready> = if count < self.jobs.len() {
+            // The TOML jobs' batches now; the runtime jobs' after the change stream is read.
             let (toml, rest) = std::mem::take(&mut prepared.batches)
                 .into_iter()
                 .partition(|batch| batch.toml);
             prepared.batches = rest;
+            self.prepared = Some(prepared);
             toml
         } else {
-            std::mem::take(&mut prepared.batches)
+            prepared.batches
         };
         let toml = self.jobs.len() - self.runtime.count();
         let mut ready = Vec::with_capacity(taken.len());
