@@ -227,6 +227,7 @@ fn consume(url: String, until: DateTime<Utc>) -> std::thread::JoinHandle<Vec<Pub
         let mut connection = redis::Client::open(url.as_str())
             .and_then(|client| client.get_connection())
             .expect("connect");
+        // Parsed once the time is up: parsing between pops would delay the next pop.
         let mut taken = Vec::new();
         while Utc::now() < until {
             let popped: Option<(String, Vec<String>)> = redis::cmd("BLMPOP")
@@ -238,12 +239,14 @@ fn consume(url: String, until: DateTime<Utc>) -> std::thread::JoinHandle<Vec<Pub
                 .arg(100_000)
                 .query(&mut connection)
                 .expect("BLMPOP (Redis 7 or later)");
-            let now = Utc::now();
             if let Some((_, messages)) = popped {
-                taken.extend(messages.iter().filter_map(|text| parse(text, now)));
+                taken.push((Utc::now(), messages));
             }
         }
         taken
+            .iter()
+            .flat_map(|(at, messages)| messages.iter().filter_map(|text| parse(text, *at)))
+            .collect()
     })
 }
 
