@@ -165,9 +165,10 @@ type Pending = (Vec<(usize, DateTime<Utc>)>, Vec<String>, PublishTask);
 /// Done ahead, the slot itself costs one read of the change stream and the writes.
 const PREPARE_AHEAD: Duration = Duration::from_secs(1);
 
-/// The messages of every job due at `at`, built ahead of it. A job's entries stand only while
-/// its `prepared` mark equals `mark`: a change to the job (read from the change stream at the
-/// slot, a reload, a resync) clears it, and the job is planned afresh at the slot instead.
+/// The messages of every job due at `at` with one on-time slot, built ahead of it. A job's entry
+/// stands only while its `prepared` mark equals `mark` — a change to the job (read from the
+/// change stream at the slot, a reload, a resync) clears it — and while its slot is still on
+/// time; otherwise the job is planned at the slot as if nothing had been prepared.
 struct Prepared {
     at: DateTime<Utc>,
     mark: u32,
@@ -562,8 +563,8 @@ impl Actor {
                 state.cursor,
                 at,
             );
-            if plan.skipped.is_some() || plan.publish.is_empty() {
-                // Only a job already late skips slots: it is planned at the slot, as before.
+            if plan.skipped.is_some() || plan.publish.len() != 1 {
+                // Catching up (only a job already late does): planned at the slot, as before.
                 continue;
             }
             state.prepared = mark;
@@ -637,10 +638,15 @@ impl Actor {
                 } else {
                     index
                 };
-                let Some(state) = self.jobs.get(index) else {
+                let Some(state) = self.jobs.get_mut(index) else {
                     continue;
                 };
                 if state.prepared != mark || state.job.name != outgoing.job {
+                    continue;
+                }
+                if now - slot > jobs::on_time_tolerance(&state.job.schedule) {
+                    // Too late to count as on time: planned now under its catch-up policy.
+                    state.prepared = 0;
                     continue;
                 }
                 kept.slots.push((index, slot));
