@@ -40,6 +40,9 @@ struct JobState {
     one_off: bool,
     /// The job's arguments as its messages carry them (`job.args`/`kwargs` are then `null`).
     arguments: Arguments,
+    /// The mark of the [`Prepared`] set holding its messages for the next slot; any change to
+    /// the job clears it (0: none), so a stale message is never sent.
+    prepared: u32,
 }
 
 impl JobState {
@@ -58,6 +61,7 @@ impl JobState {
             runtime: false,
             one_off: false,
             arguments,
+            prepared: 0,
         }
     }
 
@@ -74,6 +78,7 @@ impl JobState {
     fn replace_job(&mut self, mut job: Job) {
         self.arguments = take_arguments(&mut job);
         self.job = job;
+        self.prepared = 0;
     }
 
     /// The `job` label of its metrics: runtime jobs share one, so that thousands of them do
@@ -91,12 +96,14 @@ impl JobState {
     fn resume(&mut self, mark: DateTime<Utc>) {
         self.cursor = self.since.map_or(mark, |since| mark.max(since));
         self.next = self.job.schedule.next_after(self.cursor);
+        self.prepared = 0;
     }
 
     /// Marks every slot up to `cursor` handled and recomputes the next one from the cursor.
     fn advance(&mut self, cursor: DateTime<Utc>) {
         self.cursor = self.cursor.max(cursor);
         self.next = self.job.schedule.next_after(self.cursor);
+        self.prepared = 0;
     }
 
     fn show(&self, time: DateTime<Utc>) -> String {
@@ -129,6 +136,13 @@ pub(super) struct Actor {
     /// The earliest `next` of any job, once computed (`None`: a job changed since); with
     /// 100 000 jobs, scanning them at every wake-up would be most of the idle cost.
     earliest: Option<Option<DateTime<Utc>>>,
+    /// The messages of the next slot, built ahead (see [`PREPARE_AHEAD`]).
+    prepared: Option<Prepared>,
+    /// The last mark given to a prepared set.
+    marks: u32,
+    /// Counts moves in the job table (a runtime job removed or added), so prepared batches
+    /// know whether their job indices still hold.
+    moves: u64,
     origin: String,
     metrics: Arc<Metrics>,
 }
@@ -143,6 +157,34 @@ fn take_arguments(job: &mut Job) -> Arguments {
 
 /// A batch on its way: its (job index, slot) pairs, their task ids, the task sending it.
 type Pending = (Vec<(usize, DateTime<Utc>)>, Vec<String>, PublishTask);
+
+/// How long before a slot the jobs due then are planned and their messages built. Thousands
+/// of jobs share a minute boundary; planning and building them takes tens of milliseconds of CPU,
+/// and on a busy host the beat thread waits for a CPU several times as long again (measured:
+/// 38 ms running, 324 ms waiting on the run queue for 5 452 messages at load 8 on 2 cores).
+/// Done ahead, the slot itself costs one read of the change stream and the writes.
+const PREPARE_AHEAD: Duration = Duration::from_secs(1);
+
+/// The messages of every job due at `at` with one on-time slot, built ahead of it. A job's entry
+/// stands only while its `prepared` mark equals `mark` — a change to the job (read from the
+/// change stream at the slot, a reload, a resync) clears it — and while its slot is still on
+/// time; otherwise the job is planned at the slot as if nothing had been prepared.
+struct Prepared {
+    at: DateTime<Utc>,
+    mark: u32,
+    /// `Actor::moves` when built: the indices hold while it is unchanged.
+    moves: u64,
+    /// The TOML jobs' batches, then the runtime jobs' (a batch never mixes them).
+    batches: Vec<Ready>,
+}
+
+/// One batch built ahead: (job index, slot) pairs, their task ids and messages.
+struct Ready {
+    toml: bool,
+    slots: Vec<(usize, DateTime<Utc>)>,
+    ids: Vec<String>,
+    outgoing: Vec<Outgoing>,
+}
 
 /// Slots published per pipeline.
 const PUBLISH_BATCH: usize = 250;
@@ -180,6 +222,9 @@ impl Actor {
             synced: false,
             runtime: runtime::Follower::new(),
             earliest: None,
+            prepared: None,
+            marks: 0,
+            moves: 0,
             origin,
             metrics,
         }
@@ -239,8 +284,16 @@ impl Actor {
             if !self.synced {
                 Some(now)
             } else {
+                // Wake ahead of the next slot to prepare it, then at the slot to send it.
+                let ready = |at| self.prepared.as_ref().is_some_and(|p| p.at == at);
                 earliest
-                    .map(instant_of)
+                    .map(|at| {
+                        if ready(at) {
+                            instant_of(at)
+                        } else {
+                            instant_of(at).checked_sub(PREPARE_AHEAD).unwrap_or(now)
+                        }
+                    })
                     .into_iter()
                     .chain([self.runtime.next_poll])
                     .min()
@@ -352,6 +405,7 @@ impl Actor {
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
         self.retry_at = Some(retry_at);
         self.synced = false;
+        self.prepared = None;
         if self.leader.unreachable(now, retry_at) {
             tracing::warn!(
                 "beat: leader lease ran out while Redis was unreachable; no longer publishing"
@@ -465,9 +519,145 @@ impl Actor {
             self.redis_failed(&error);
         }
         if let Err(error) = self.finish_one_offs().await {
-            self.redis_failed(&error);
+            return self.redis_failed(&error);
         }
+        self.prepare_next();
         self.update_next_metrics();
+    }
+
+    /// Plans the next slot and builds its messages when it is less than [`PREPARE_AHEAD`]
+    /// away (and not prepared yet).
+    fn prepare_next(&mut self) {
+        let now = Utc::now();
+        let Some(at) = self.earliest_next() else {
+            return;
+        };
+        // With some slack: the wake-up was computed from a monotonic instant.
+        let ahead = chrono::Duration::from_std(PREPARE_AHEAD + Duration::from_millis(50))
+            .unwrap_or(chrono::Duration::MAX);
+        if at <= now
+            || at - now > ahead
+            || !self.synced
+            || !self.leader.may_publish(Instant::now())
+            || self.prepared.as_ref().is_some_and(|p| p.at == at)
+        {
+            return;
+        }
+        self.marks = self.marks.wrapping_add(1).max(1);
+        let mark = self.marks;
+        let toml = self.jobs.len() - self.runtime.count();
+        let mut batches = Vec::new();
+        let mut slots: Vec<(usize, DateTime<Utc>)> = Vec::new();
+        for index in 0..self.jobs.len() {
+            if index == toml && !slots.is_empty() {
+                batches.push(self.ready(true, std::mem::take(&mut slots)));
+            }
+            let state = &mut self.jobs[index];
+            if state.next.is_none_or(|next| next > at) {
+                continue;
+            }
+            let plan = jobs::plan_due(
+                &state.job.schedule,
+                state.job.catch_up,
+                state.job.catch_up_window,
+                state.cursor,
+                at,
+            );
+            if plan.skipped.is_some() || plan.publish.len() != 1 {
+                // Catching up (only a job already late does): planned at the slot, as before.
+                continue;
+            }
+            state.prepared = mark;
+            slots.extend(plan.publish.into_iter().map(|slot| (index, slot)));
+            // Cut only between jobs, as `publish_due` does.
+            if slots.len() >= PUBLISH_BATCH {
+                batches.push(self.ready(index < toml, std::mem::take(&mut slots)));
+            }
+        }
+        if !slots.is_empty() {
+            let toml_batch = slots.last().is_some_and(|&(index, _)| index < toml);
+            batches.push(self.ready(toml_batch, slots));
+        }
+        self.prepared = Some(Prepared {
+            at,
+            mark,
+            moves: self.moves,
+            batches,
+        });
+    }
+
+    fn ready(&self, toml: bool, slots: Vec<(usize, DateTime<Utc>)>) -> Ready {
+        let (ids, outgoing) = self.prepare_batch(&slots);
+        Ready {
+            toml,
+            slots,
+            ids,
+            outgoing,
+        }
+    }
+
+    /// The prepared batches due by `now` among the first `count` jobs, those of jobs changed
+    /// since dropped, indices brought up to date; with the mark and instant they were prepared
+    /// for.
+    fn take_ready(&mut self, count: usize, now: DateTime<Utc>) -> (Vec<Ready>, u32, DateTime<Utc>) {
+        let Some(mut prepared) = self.prepared.take_if(|p| p.at <= now) else {
+            return (Vec::new(), 0, now);
+        };
+        let (mark, at, moved) = (prepared.mark, prepared.at, prepared.moves != self.moves);
+        let taken: Vec<Ready> = if count < self.jobs.len() {
+            // The TOML jobs' batches now; the runtime jobs' after the change stream is read.
+            let (toml, rest) = std::mem::take(&mut prepared.batches)
+                .into_iter()
+                .partition(|batch| batch.toml);
+            prepared.batches = rest;
+            self.prepared = Some(prepared);
+            toml
+        } else {
+            prepared.batches
+        };
+        let toml = self.jobs.len() - self.runtime.count();
+        let mut ready = Vec::with_capacity(taken.len());
+        for mut batch in taken {
+            let mut kept = Ready {
+                toml: batch.toml,
+                slots: Vec::with_capacity(batch.slots.len()),
+                ids: Vec::with_capacity(batch.ids.len()),
+                outgoing: Vec::with_capacity(batch.outgoing.len()),
+            };
+            for ((&(index, slot), id), outgoing) in batch
+                .slots
+                .iter()
+                .zip(batch.ids.drain(..))
+                .zip(batch.outgoing.drain(..))
+            {
+                let index = if moved && index >= toml {
+                    match self.runtime.position(&outgoing.job) {
+                        Some(position) => position,
+                        None => continue,
+                    }
+                } else {
+                    index
+                };
+                let Some(state) = self.jobs.get_mut(index) else {
+                    continue;
+                };
+                if state.prepared != mark || state.job.name != outgoing.job {
+                    continue;
+                }
+                if now - slot > jobs::on_time_tolerance(&state.job.schedule) {
+                    // Too late to count as on time: planned now under its catch-up policy.
+                    state.prepared = 0;
+                    continue;
+                }
+                kept.slots.push((index, slot));
+                kept.ids.push(id);
+                kept.outgoing.push(outgoing);
+            }
+            if !kept.slots.is_empty() {
+                ready.push(kept);
+            }
+        }
+        (ready, mark, at)
     }
 
     /// Moves each job's cursor to the last slot any supervisor published for it, when Redis has
@@ -485,6 +675,7 @@ impl Actor {
             }
         }
         self.earliest = None;
+        self.prepared = None;
         self.synced = true;
         Ok(())
     }
@@ -492,21 +683,41 @@ impl Actor {
     /// Publishes what is due among the first `count` jobs (the TOML ones come first).
     async fn publish_due(&mut self, count: usize) -> Result<(), BrokerError> {
         let now = Utc::now();
-        if self.earliest_next().is_none_or(|earliest| earliest > now) {
+        let (ready, mark, prepared_for) = self.take_ready(count, now);
+        if ready.is_empty() && self.earliest_next().is_none_or(|earliest| earliest > now) {
             return Ok(());
         }
         // Publish in batches, each sent as soon as it is full and while the next is planned
         // and prepared: thousands of jobs due at one minute boundary cost a few round trips,
-        // and the first batch leaves before the last job is planned.
+        // and the first batch leaves before the last job is planned. The batches built ahead
+        // for this slot go first.
         let mut slots: Vec<(usize, DateTime<Utc>)> = Vec::new();
-        let mut planned: Vec<usize> = Vec::new();
+        let mut planned: Vec<(usize, DateTime<Utc>)> = Vec::new();
         let mut pending = Vec::new();
         // The lease ran out before every batch went out: the rest stays due.
         let mut lease_ended = false;
         // The script found the lock no longer ours.
         let mut refused = false;
+        for batch in ready {
+            if !self.leader.may_publish(Instant::now()) {
+                lease_ended = true;
+                break;
+            }
+            let task = self
+                .broker
+                .start_publish(self.leader.fence(), batch.outgoing)
+                .await?;
+            // A prepared job counts as planned at the instant it was prepared for.
+            planned.extend(batch.slots.iter().map(|&(index, _)| (index, prepared_for)));
+            pending.push((batch.slots, batch.ids, task));
+            tokio::task::yield_now().await;
+        }
         for index in 0..count.min(self.jobs.len()) {
-            if self.jobs[index].next.is_none_or(|next| next > now) {
+            if lease_ended {
+                break;
+            }
+            let state = &self.jobs[index];
+            if state.next.is_none_or(|next| next > now) || (mark != 0 && state.prepared == mark) {
                 continue;
             }
             let state = &self.jobs[index];
@@ -527,7 +738,7 @@ impl Actor {
                 );
             }
             slots.extend(plan.publish.into_iter().map(|slot| (index, slot)));
-            planned.push(index);
+            planned.push((index, now));
             // Cut only between jobs: the batches run on tasks of their own, so only within one
             // batch is their order certain, and a job's slots must go out oldest first.
             if slots.len() >= PUBLISH_BATCH {
@@ -591,8 +802,11 @@ impl Actor {
         if lease_ended {
             return Ok(());
         }
-        for index in planned {
-            self.jobs[index].advance(now);
+        if planned.is_empty() {
+            return Ok(());
+        }
+        for (index, cursor) in planned {
+            self.jobs[index].advance(cursor);
         }
         self.earliest = None;
         Ok(())
@@ -636,10 +850,11 @@ impl Actor {
                 arguments: &state.arguments,
                 queue: &job.queue,
                 priority: job.priority,
+                // From the publish, or from the slot for a message built ahead of it.
                 expires: job
                     .expires
                     .and_then(|expires| chrono::Duration::from_std(expires).ok())
-                    .map(|expires| published_at + expires),
+                    .map(|expires| published_at.max(slot) + expires),
                 origin: &self.origin,
                 slot: Some((&job.name, slot)),
             };
@@ -769,6 +984,7 @@ impl Actor {
         jobs.extend(runtime_jobs);
         self.jobs = jobs;
         self.earliest = None;
+        self.prepared = None;
         self.settings = settings;
         self.runtime.toml_changed();
         self.synced = false;

@@ -134,7 +134,8 @@ pub struct DuePlan {
     pub skipped: Option<(DateTime<Utc>, DateTime<Utc>)>,
 }
 
-fn on_time_tolerance(schedule: &Schedule) -> chrono::Duration {
+/// How late a slot may go out and still count as on time (shorter than the schedule's period).
+pub fn on_time_tolerance(schedule: &Schedule) -> chrono::Duration {
     match schedule {
         Schedule::Every { interval } if interval.as_millis() < 2000 => {
             chrono::Duration::milliseconds(interval.as_millis() as i64 / 2)

@@ -196,7 +196,7 @@ pub fn list_command(config: &ConfigArg, json: bool) -> Result<(), CommandError> 
     }
     for job in stored {
         let judged =
-            JobDoc::parse(&job.document).and_then(|doc| doc.validate(&job.name, beat.timezone));
+            JobDoc::parse(&job.document).and_then(|doc| doc.into_job(&job.name, beat.timezone));
         let judged = match judged {
             Ok(_) if beat.jobs.contains_key(&job.name) => {
                 Err("a sauna.toml job has this name; the runtime job is ignored".to_owned())
@@ -236,67 +236,107 @@ pub fn list_command(config: &ConfigArg, json: bool) -> Result<(), CommandError> 
         };
         listed.push(entry);
     }
+    // Runtime jobs come sorted from the store; the few TOML ones are merged in.
     listed.sort_by(|a, b| a.name.cmp(&b.name).then(a.source.cmp(b.source)));
-    let text = if json {
-        serde_json::to_string_pretty(&listed).map_err(|error| CommandError::Other(error.into()))?
-            + "\n"
-    } else {
-        table(&listed)
-    };
     use std::io::Write as _;
-    let mut out = std::io::stdout().lock();
+    // Written as it is formatted, through one buffer: 100 000 jobs make some 20 MB of text.
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+    let written = if json {
+        serde_json::to_writer_pretty(&mut out, &listed)
+            .map_err(std::io::Error::from)
+            .and_then(|()| out.write_all(b"\n"))
+    } else {
+        write_table(&mut out, &listed)
+    };
     // A closed pipe (`| head`) is not an error worth a message.
-    let _ = out.write_all(text.as_bytes());
+    let _ = written.and_then(|()| out.flush());
     Ok(())
 }
 
-fn table(listed: &[Listed]) -> String {
-    let dash = || "-".to_owned();
-    let rows: Vec<[String; 7]> = listed
-        .iter()
-        .map(|job| {
-            [
-                job.name.clone(),
-                job.source.to_owned(),
-                job.state.to_owned(),
-                job.schedule.clone().unwrap_or_else(dash),
-                job.task.clone().unwrap_or_else(dash),
-                job.next_run.clone().unwrap_or_else(dash),
-                match &job.error {
-                    Some(error) => format!("error: {error}"),
-                    None => job.last_run.clone().unwrap_or_else(dash),
-                },
-            ]
-        })
-        .collect();
-    let header = [
+/// `beat list`'s table: one line per job, columns padded to their widest cell.
+fn write_table(out: &mut impl std::io::Write, listed: &[Listed]) -> std::io::Result<()> {
+    const HEADER: [&str; 7] = [
         "NAME", "SOURCE", "STATE", "SCHEDULE", "TASK", "NEXT", "LAST",
     ];
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
+    let mut widths = HEADER.map(str::len);
+    for job in listed {
+        for (width, cell) in widths.iter_mut().zip(cells(job)) {
+            *width = (*width).max(cell.width());
         }
     }
-    let mut out = String::new();
-    let mut line = |cells: &[&str]| {
-        let last = cells.len() - 1;
-        for (index, cell) in cells.iter().enumerate() {
-            if index == last {
-                out.push_str(cell);
-            } else {
-                let pad = widths[index] - cell.chars().count();
-                out.push_str(cell);
-                out.push_str(&" ".repeat(pad + 2));
+    let mut line = |row: [Cell; 7]| -> std::io::Result<()> {
+        for (index, cell) in row.iter().enumerate() {
+            if index > 0 {
+                out.write_all(b"  ")?;
+            }
+            cell.write(out)?;
+            if index < row.len() - 1 {
+                for _ in cell.width()..widths[index] {
+                    out.write_all(b" ")?;
+                }
             }
         }
-        out.push('\n');
+        out.write_all(b"\n")
     };
-    line(&header);
-    for row in &rows {
-        line(&row.each_ref().map(String::as_str));
+    line(HEADER.map(Cell::Text))?;
+    for job in listed {
+        line(cells(job))?;
     }
-    out
+    Ok(())
+}
+
+/// One cell of the table, borrowed from its job.
+#[derive(Clone, Copy)]
+enum Cell<'a> {
+    Text(&'a str),
+    Error(&'a str),
+}
+
+impl Cell<'_> {
+    fn width(&self) -> usize {
+        match self {
+            Cell::Text(text) => chars(text),
+            Cell::Error(error) => "error: ".len() + chars(error),
+        }
+    }
+
+    fn write(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        match self {
+            Cell::Text(text) => out.write_all(text.as_bytes()),
+            Cell::Error(error) => {
+                out.write_all(b"error: ")?;
+                out.write_all(error.as_bytes())
+            }
+        }
+    }
+}
+
+/// Characters in `text` (its byte length when ASCII, as names and times nearly always are).
+fn chars(text: &str) -> usize {
+    if text.is_ascii() {
+        text.len()
+    } else {
+        text.chars().count()
+    }
+}
+
+fn or_dash(value: &Option<String>) -> Cell<'_> {
+    Cell::Text(value.as_deref().unwrap_or("-"))
+}
+
+fn cells(job: &Listed) -> [Cell<'_>; 7] {
+    [
+        Cell::Text(&job.name),
+        Cell::Text(job.source),
+        Cell::Text(job.state),
+        or_dash(&job.schedule),
+        or_dash(&job.task),
+        or_dash(&job.next_run),
+        match &job.error {
+            Some(error) => Cell::Error(error),
+            None => or_dash(&job.last_run),
+        },
+    ]
 }
 
 /// `beat import --django-celery-beat URL`.

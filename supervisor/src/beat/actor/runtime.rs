@@ -69,6 +69,11 @@ impl Follower {
     pub(super) fn count(&self) -> usize {
         self.index.len()
     }
+
+    /// Where the runtime job `name` is in the table.
+    pub(super) fn position(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
+    }
 }
 
 fn from_ms(ms: Option<i64>) -> Option<DateTime<Utc>> {
@@ -126,6 +131,7 @@ impl Actor {
         self.runtime.index.clear();
         self.runtime.invalid.clear();
         self.earliest = None;
+        self.prepared = None;
         // In steps, so that memory for the documents in flight stays small.
         let mut cursor = 0;
         loop {
@@ -216,6 +222,7 @@ impl Actor {
     fn take_runtime(&mut self, name: &str) -> Option<JobState> {
         let position = self.runtime.index.remove(name)?;
         self.earliest = None;
+        self.moves += 1;
         let state = self.jobs.swap_remove(position);
         if let Some(moved) = self.jobs.get(position) {
             self.runtime.index.insert(moved.job.name.clone(), position);
@@ -248,7 +255,7 @@ impl Actor {
             return;
         }
         let judged = JobDoc::parse(&stored.document)
-            .and_then(|doc| doc.validate(&name, self.settings.timezone));
+            .and_then(|doc| doc.into_job(&name, self.settings.timezone));
         let runtime = match judged {
             Ok(runtime) => runtime,
             Err(reason) => return self.refuse(name, reason),
@@ -290,6 +297,7 @@ impl Actor {
         self.runtime.index.insert(name, self.jobs.len());
         self.jobs.push(state);
         self.earliest = None;
+        self.moves += 1;
     }
 
     fn refuse(&mut self, name: String, reason: String) {
