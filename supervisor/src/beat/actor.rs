@@ -3,118 +3,28 @@
 //! of the next due slot, the next lock renewal/attempt and the next Redis retry, and wakes early
 //! on a command from the [`BeatHandle`](super::BeatHandle). The rules it follows (cursors,
 //! take-over, catch-up) are described in the module above.
+//! Its parts: `job_state` (one job as the table holds it), `ahead` (the next slot's messages built
+//! before it falls due) and `runtime` (the jobs stored in Redis).
 
+mod ahead;
+mod job_state;
 mod runtime;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::jobs;
 use super::leader::{Leader, Lease};
-use super::message::{Arguments, TaskMessage};
+use super::message::TaskMessage;
 use super::publisher::{Broker, BrokerError, Outgoing, PublishTask, Published};
-use super::{
-    BACKOFF_MAX, BACKOFF_MIN, BeatError, BeatStatus, Command, Job, JobStatus, Schedule, Settings,
-};
+use super::{BACKOFF_MAX, BACKOFF_MIN, BeatError, BeatStatus, Command, JobStatus, Settings};
 use crate::metrics::Metrics;
-
-struct JobState {
-    job: Job,
-    cursor: DateTime<Utc>,
-    next: Option<DateTime<Utc>>,
-    last_run: Option<DateTime<Utc>>,
-    last_task_id: Option<String>,
-    published: u64,
-    /// The value last written to the next-run gauge (`None`: never written).
-    shown_next: Option<Option<DateTime<Utc>>>,
-    /// When a reload put the job's current schedule in force: Redis's mark of an older schedule
-    /// never moves the cursor behind it. `None` for the jobs this supervisor started with.
-    since: Option<DateTime<Utc>>,
-    /// Stored in Redis (`beat::runtime`) rather than in sauna.toml.
-    runtime: bool,
-    /// A runtime job paused after its first publish.
-    one_off: bool,
-    /// The job's arguments as its messages carry them (`job.args`/`kwargs` are then `null`).
-    arguments: Arguments,
-    /// The mark of the [`Prepared`] set holding its messages for the next slot; any change to
-    /// the job clears it (0: none), so a stale message is never sent.
-    prepared: u32,
-}
-
-impl JobState {
-    fn new(mut job: Job, cursor: DateTime<Utc>) -> JobState {
-        let next = job.schedule.next_after(cursor);
-        let arguments = take_arguments(&mut job);
-        JobState {
-            job,
-            cursor,
-            next,
-            last_run: None,
-            last_task_id: None,
-            published: 0,
-            shown_next: None,
-            since: None,
-            runtime: false,
-            one_off: false,
-            arguments,
-            prepared: 0,
-        }
-    }
-
-    fn runtime(job: super::runtime::RuntimeJob, cursor: DateTime<Utc>) -> JobState {
-        JobState {
-            since: Some(cursor),
-            runtime: true,
-            one_off: job.one_off,
-            ..JobState::new(job.job, cursor)
-        }
-    }
-
-    /// Puts `job` (same name) in place of the job, its arguments prepared again.
-    fn replace_job(&mut self, mut job: Job) {
-        self.arguments = take_arguments(&mut job);
-        self.job = job;
-        self.prepared = 0;
-    }
-
-    /// The `job` label of its metrics: runtime jobs share one, so that thousands of them do
-    /// not become thousands of series.
-    fn metric_label(&self) -> &str {
-        if self.runtime {
-            "(runtime)"
-        } else {
-            &self.job.name
-        }
-    }
-
-    /// Continues from `mark`, the last slot any supervisor published for the job, so every
-    /// supervisor sees the same missed slots after it whenever it started (bounded by `since`).
-    fn resume(&mut self, mark: DateTime<Utc>) {
-        self.cursor = self.since.map_or(mark, |since| mark.max(since));
-        self.next = self.job.schedule.next_after(self.cursor);
-        self.prepared = 0;
-    }
-
-    /// Marks every slot up to `cursor` handled and recomputes the next one from the cursor.
-    fn advance(&mut self, cursor: DateTime<Utc>) {
-        self.cursor = self.cursor.max(cursor);
-        self.next = self.job.schedule.next_after(self.cursor);
-        self.prepared = 0;
-    }
-
-    fn show(&self, time: DateTime<Utc>) -> String {
-        match &self.job.schedule {
-            Schedule::Cron { tz, .. } => time
-                .with_timezone(tz)
-                .to_rfc3339_opts(SecondsFormat::AutoSi, false),
-            Schedule::Every { .. } => time.to_rfc3339_opts(SecondsFormat::AutoSi, false),
-        }
-    }
-}
+use ahead::{PREPARE_AHEAD, Prepared};
+use job_state::JobState;
 
 pub(super) struct Actor {
     settings: Settings,
@@ -147,44 +57,8 @@ pub(super) struct Actor {
     metrics: Arc<Metrics>,
 }
 
-/// Moves `job`'s arguments out into their message forms (leaving `null` behind).
-fn take_arguments(job: &mut Job) -> Arguments {
-    Arguments::new(
-        &std::mem::take(&mut job.args),
-        &std::mem::take(&mut job.kwargs),
-    )
-}
-
 /// A batch on its way: its (job index, slot) pairs, their task ids, the task sending it.
 type Pending = (Vec<(usize, DateTime<Utc>)>, Vec<String>, PublishTask);
-
-/// How long before a slot the jobs due then are planned and their messages built. Thousands
-/// of jobs share a minute boundary; planning and building them takes tens of milliseconds of CPU,
-/// and on a busy host the beat thread waits for a CPU several times as long again (measured:
-/// 38 ms running, 324 ms waiting on the run queue for 5 452 messages at load 8 on 2 cores).
-/// Done ahead, the slot itself costs one read of the change stream and the writes.
-const PREPARE_AHEAD: Duration = Duration::from_secs(1);
-
-/// The messages of every job due at `at` with one on-time slot, built ahead of it. A job's entry
-/// stands only while its `prepared` mark equals `mark` — a change to the job (read from the
-/// change stream at the slot, a reload, a resync) clears it — and while its slot is still on
-/// time; otherwise the job is planned at the slot as if nothing had been prepared.
-struct Prepared {
-    at: DateTime<Utc>,
-    mark: u32,
-    /// `Actor::moves` when built: the indices hold while it is unchanged.
-    moves: u64,
-    /// The TOML jobs' batches, then the runtime jobs' (a batch never mixes them).
-    batches: Vec<Ready>,
-}
-
-/// One batch built ahead: (job index, slot) pairs, their task ids and messages.
-struct Ready {
-    toml: bool,
-    slots: Vec<(usize, DateTime<Utc>)>,
-    ids: Vec<String>,
-    outgoing: Vec<Outgoing>,
-}
 
 /// Slots published per pipeline.
 const PUBLISH_BATCH: usize = 250;
@@ -523,141 +397,6 @@ impl Actor {
         }
         self.prepare_next();
         self.update_next_metrics();
-    }
-
-    /// Plans the next slot and builds its messages when it is less than [`PREPARE_AHEAD`]
-    /// away (and not prepared yet).
-    fn prepare_next(&mut self) {
-        let now = Utc::now();
-        let Some(at) = self.earliest_next() else {
-            return;
-        };
-        // With some slack: the wake-up was computed from a monotonic instant.
-        let ahead = chrono::Duration::from_std(PREPARE_AHEAD + Duration::from_millis(50))
-            .unwrap_or(chrono::Duration::MAX);
-        if at <= now
-            || at - now > ahead
-            || !self.synced
-            || !self.leader.may_publish(Instant::now())
-            || self.prepared.as_ref().is_some_and(|p| p.at == at)
-        {
-            return;
-        }
-        self.marks = self.marks.wrapping_add(1).max(1);
-        let mark = self.marks;
-        let toml = self.jobs.len() - self.runtime.count();
-        let mut batches = Vec::new();
-        let mut slots: Vec<(usize, DateTime<Utc>)> = Vec::new();
-        for index in 0..self.jobs.len() {
-            if index == toml && !slots.is_empty() {
-                batches.push(self.ready(true, std::mem::take(&mut slots)));
-            }
-            let state = &mut self.jobs[index];
-            if state.next.is_none_or(|next| next > at) {
-                continue;
-            }
-            let plan = jobs::plan_due(
-                &state.job.schedule,
-                state.job.catch_up,
-                state.job.catch_up_window,
-                state.cursor,
-                at,
-            );
-            if plan.skipped.is_some() || plan.publish.len() != 1 {
-                // Catching up (only a job already late does): planned at the slot, as before.
-                continue;
-            }
-            state.prepared = mark;
-            slots.extend(plan.publish.into_iter().map(|slot| (index, slot)));
-            // Cut only between jobs, as `publish_due` does.
-            if slots.len() >= PUBLISH_BATCH {
-                batches.push(self.ready(index < toml, std::mem::take(&mut slots)));
-            }
-        }
-        if !slots.is_empty() {
-            let toml_batch = slots.last().is_some_and(|&(index, _)| index < toml);
-            batches.push(self.ready(toml_batch, slots));
-        }
-        self.prepared = Some(Prepared {
-            at,
-            mark,
-            moves: self.moves,
-            batches,
-        });
-    }
-
-    fn ready(&self, toml: bool, slots: Vec<(usize, DateTime<Utc>)>) -> Ready {
-        let (ids, outgoing) = self.prepare_batch(&slots);
-        Ready {
-            toml,
-            slots,
-            ids,
-            outgoing,
-        }
-    }
-
-    /// The prepared batches due by `now` among the first `count` jobs, those of jobs changed
-    /// since dropped, indices brought up to date; with the mark and instant they were prepared
-    /// for.
-    fn take_ready(&mut self, count: usize, now: DateTime<Utc>) -> (Vec<Ready>, u32, DateTime<Utc>) {
-        let Some(mut prepared) = self.prepared.take_if(|p| p.at <= now) else {
-            return (Vec::new(), 0, now);
-        };
-        let (mark, at, moved) = (prepared.mark, prepared.at, prepared.moves != self.moves);
-        let taken: Vec<Ready> = if count < self.jobs.len() {
-            // The TOML jobs' batches now; the runtime jobs' after the change stream is read.
-            let (toml, rest) = std::mem::take(&mut prepared.batches)
-                .into_iter()
-                .partition(|batch| batch.toml);
-            prepared.batches = rest;
-            self.prepared = Some(prepared);
-            toml
-        } else {
-            prepared.batches
-        };
-        let toml = self.jobs.len() - self.runtime.count();
-        let mut ready = Vec::with_capacity(taken.len());
-        for mut batch in taken {
-            let mut kept = Ready {
-                toml: batch.toml,
-                slots: Vec::with_capacity(batch.slots.len()),
-                ids: Vec::with_capacity(batch.ids.len()),
-                outgoing: Vec::with_capacity(batch.outgoing.len()),
-            };
-            for ((&(index, slot), id), outgoing) in batch
-                .slots
-                .iter()
-                .zip(batch.ids.drain(..))
-                .zip(batch.outgoing.drain(..))
-            {
-                let index = if moved && index >= toml {
-                    match self.runtime.position(&outgoing.job) {
-                        Some(position) => position,
-                        None => continue,
-                    }
-                } else {
-                    index
-                };
-                let Some(state) = self.jobs.get_mut(index) else {
-                    continue;
-                };
-                if state.prepared != mark || state.job.name != outgoing.job {
-                    continue;
-                }
-                if now - slot > jobs::on_time_tolerance(&state.job.schedule) {
-                    // Too late to count as on time: planned now under its catch-up policy.
-                    state.prepared = 0;
-                    continue;
-                }
-                kept.slots.push((index, slot));
-                kept.ids.push(id);
-                kept.outgoing.push(outgoing);
-            }
-            if !kept.slots.is_empty() {
-                ready.push(kept);
-            }
-        }
-        (ready, mark, at)
     }
 
     /// Moves each job's cursor to the last slot any supervisor published for it, when Redis has
