@@ -385,7 +385,7 @@ impl Completion {
     }
 
     /// Records the end of the response after `bytes` body bytes.
-    pub fn record(&self, bytes: u64, completed: bool) {
+    pub fn record(&mut self, bytes: u64, completed: bool) {
         let duration = self.accepted.elapsed();
         let class = match self.status {
             100..=199 => "1xx",
@@ -404,8 +404,9 @@ impl Completion {
         if self.access_log {
             crate::logging::log_access(crate::logging::AccessRecord {
                 at: std::time::SystemTime::now(),
-                method: self.method.clone(),
-                path: self.path.clone(),
+                // Recorded once, at the end: the strings move to the log's writer thread.
+                method: std::mem::take(&mut self.method),
+                path: std::mem::take(&mut self.path),
                 status: self.status,
                 bytes,
                 duration,
