@@ -345,3 +345,64 @@ fn an_in_memory_body_is_one_frame_and_a_generator_still_streams() {
     let status = python.wait().unwrap();
     assert!(status.success(), "the harness failed: {status}");
 }
+
+/// A body over the supervisor's 64 MiB frame limit, returned whole (a list) or yielded as one
+/// chunk: the shim must cut it into frames the supervisor accepts, and every byte must arrive.
+const BIG_BODY_HARNESS: &str = r#"
+import sys
+path = sys.argv[1]
+source = open(path, encoding="utf-8").read()
+last = "sys.exit(main(sys.argv[1:]))"
+if source.rstrip().splitlines()[-1] != last:
+    sys.exit("the shim no longer ends with %r; update tests/fuzz_shim.rs" % last)
+shim = {"__name__": "sauna_shim"}
+exec(compile(source[:source.rindex(last)], path, "exec"), shim)
+big = b"x" * ((65 << 20) + 3)
+
+def stream():
+    yield big
+
+slot = shim["Slot"](0, None, {})
+for result in ([big], stream()):
+    slot.status, slot.sent = None, False
+    slot.start_response("200 OK", [("Content-Type", "application/octet-stream")])
+    slot.respond(result)
+"#;
+
+#[test]
+fn a_body_over_the_frame_limit_arrives_whole_in_accepted_frames() {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    ours.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut python = shim_python(BIG_BODY_HARNESS, OwnedFd::from(theirs), &[], Stdio::null());
+    let mut decoder = BytesMut::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut responses = Vec::new();
+    let mut body = 0usize;
+    while responses.len() < 2 {
+        let frame = loop {
+            match frame::decode(&mut decoder) {
+                Ok(Some(frame)) => break frame,
+                Ok(None) => {}
+                Err(error) => panic!("the supervisor would refuse this frame: {error:?}"),
+            }
+            let read = (&ours).read(&mut buffer).unwrap();
+            assert!(read > 0, "the shim closed the slot mid-response");
+            decoder.extend_from_slice(&buffer[..read]);
+        };
+        match frame.kind {
+            Kind::Start => body += frame.payload.len() - frame.arg as usize,
+            Kind::Body => body += frame.payload.len(),
+            Kind::End => responses.push(std::mem::take(&mut body)),
+            other => panic!("unexpected {other:?} frame"),
+        }
+        assert_eq!(
+            frame.flags & frame::FLAG_END,
+            0,
+            "a cut body cannot end in its first frame"
+        );
+    }
+    assert_eq!(responses, [(65 << 20) + 3, (65 << 20) + 3]);
+    let status = python.wait().unwrap();
+    assert!(status.success(), "the harness failed: {status}");
+}

@@ -82,6 +82,8 @@ REGION = 65536
 _pack = HEADER.pack
 _unpack = HEADER.unpack_from
 _chain = itertools.chain.from_iterable
+# The supervisor refuses a frame over 64 MiB (a corrupt length); bigger bodies go in pieces.
+FRAME_BODY_MAX = 16 << 20
 # Iterators over a body already in memory: draining them cannot block or wait on the app.
 IN_MEMORY_ITERATORS = (type(iter([])), type(iter(())))
 
@@ -191,6 +193,11 @@ class Slot:
     def send_body(self, chunk):
         """Sends a body chunk: through the shared ring when it is big and fits, else inline."""
         size = len(chunk)
+        if size > FRAME_BODY_MAX:
+            view = memoryview(chunk)
+            for at in range(0, size, FRAME_BODY_MAX):
+                self.send_body(view[at:at + FRAME_BODY_MAX])
+            return
         ring = self.ring
         if ring is not None and size >= SHARE_FROM:
             ring_size = self.ring_size
@@ -330,20 +337,17 @@ class Slot:
             body = b"".join(result)
             if self.sent:
                 if body:
-                    self.sendv([_pack(len(body), 0, BODY, 0, 0), body])
+                    self.send_body(body)
                 self.send(_pack(0, 0, END, 0, 0))
             else:
-                head = self.head()
-                self.sendv([_pack(len(head) + len(body), len(head), START, FLAG_END, 0), head, body])
+                self.send_whole(body)
             return
         try:
             single = len(result) == 1
         except (TypeError, AttributeError):
             single = False
         if single and not self.sent:
-            body = b"".join(result)
-            head = self.head()
-            self.sendv([_pack(len(head) + len(body), len(head), START, FLAG_END, 0), head, body])
+            self.send_whole(b"".join(result))
             return
         if isinstance(result, FileWrapper) and self.send_file(result):
             return
@@ -351,9 +355,7 @@ class Slot:
         if type(chunks) in IN_MEMORY_ITERATORS and not self.sent:
             # Django's HttpResponse has no len() but iterates over a list it already holds: all
             # of it is there, so it goes out as one frame instead of a streamed head, body and end.
-            body = b"".join(chunks)
-            head = self.head()
-            self.sendv([_pack(len(head) + len(body), len(head), START, FLAG_END, 0), head, body])
+            self.send_whole(b"".join(chunks))
             return
         clock = time.monotonic
         next_check = clock() + ABORT_CHECK_INTERVAL
@@ -427,7 +429,21 @@ class Slot:
                 return True
         return False
 
+    def send_whole(self, body):
+        """Sends the head and a complete body: one frame that ends the response, when it fits."""
+        if len(body) > FRAME_BODY_MAX:
+            self.write_first(body)
+            self.send(_pack(0, 0, END, 0, 0))
+            return
+        head = self.head()
+        self.sendv([_pack(len(head) + len(body), len(head), START, FLAG_END, 0), head, body])
+
     def write_first(self, chunk):
+        if len(chunk) > FRAME_BODY_MAX:
+            view = memoryview(chunk)
+            self.write_first(view[:FRAME_BODY_MAX])
+            self.send_body(view[FRAME_BODY_MAX:])
+            return
         head = self.head()
         self.sendv([_pack(len(head) + len(chunk), len(head), START, 0, 0), head, chunk])
         self.sent = True
