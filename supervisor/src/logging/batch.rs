@@ -141,15 +141,38 @@ struct Shared {
 #[derive(Debug, Default)]
 struct Queue {
     entries: Vec<Entry>,
+    /// The queued access entries' methods and paths, one after the other. Copied in, so that
+    /// the front frees its own strings while they are still in its cache: freed on the writer
+    /// thread, they left the front's allocator handing out cold memory on every request.
+    text: String,
     bytes: usize,
     /// A line of another target waits: write without lingering.
     urgent: bool,
 }
 
+impl Queue {
+    fn push_access(&mut self, mut record: AccessRecord) {
+        let method = std::mem::take(&mut record.method);
+        let path = std::mem::take(&mut record.path);
+        self.text.push_str(&method);
+        self.text.push_str(&path);
+        self.entries.push(Entry::Access {
+            record,
+            method: method.len(),
+            path: path.len(),
+        });
+    }
+}
+
 /// What waits for the writer thread, in the order it was logged.
 #[derive(Debug)]
 enum Entry {
-    Access(AccessRecord),
+    /// An access entry whose method and path (of these lengths) are in `Queue::text`.
+    Access {
+        record: AccessRecord,
+        method: usize,
+        path: usize,
+    },
     /// A line of another target, formatted by the thread that logged it, which came while
     /// access entries were queued.
     Line(Vec<u8>),
@@ -219,12 +242,25 @@ impl Batched {
         if sink.spare.entries.is_empty() {
             return;
         }
+        let mut text = sink.spare.text.as_str();
         for entry in sink.spare.entries.drain(..) {
             match entry {
-                Entry::Access(record) => sink.formatter.write(&record, &mut sink.formatted),
+                Entry::Access {
+                    mut record,
+                    method,
+                    path,
+                } => {
+                    let (method, rest) = text.split_at_checked(method).unwrap_or((text, ""));
+                    let (path, rest) = rest.split_at_checked(path).unwrap_or((rest, ""));
+                    text = rest;
+                    record.method.push_str(method);
+                    record.path.push_str(path);
+                    sink.formatter.write(&record, &mut sink.formatted);
+                }
                 Entry::Line(line) => sink.formatted.extend_from_slice(&line),
             }
         }
+        sink.spare.text.clear();
         sink.spare.bytes = 0;
         sink.spare.urgent = false;
         // A log that cannot be written has nowhere to report that either (the tracing
@@ -278,7 +314,7 @@ impl Batched {
         let size = record.queued_size();
         if !self.writer_running() {
             let mut waiting = self.lock_waiting();
-            waiting.entries.push(Entry::Access(record));
+            waiting.push_access(record);
             waiting.bytes += size;
             drop(waiting);
             self.flush();
@@ -291,7 +327,7 @@ impl Batched {
             self.shared.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        waiting.entries.push(Entry::Access(record));
+        waiting.push_access(record);
         waiting.bytes += size;
         let after = waiting.bytes;
         drop(waiting);
