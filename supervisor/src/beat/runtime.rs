@@ -733,6 +733,30 @@ mod tests {
         JobDoc::parse(json).unwrap()
     }
 
+    /// `python/sauna_beat.py` writes the same layout from application code with its own copy of
+    /// the write scripts and limits (it cannot load them from this binary): they must not drift.
+    #[test]
+    fn the_python_helper_writes_with_the_same_scripts_and_limits() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../python/sauna_beat.py");
+        let helper = std::fs::read_to_string(path).unwrap();
+        let python_string = |name: &str| {
+            let start = helper
+                .find(&format!("{name} = \"\"\""))
+                .unwrap_or_else(|| panic!("{name} is not in {path}"));
+            let body = &helper[start + name.len() + 6..];
+            body[..body.find("\"\"\"").unwrap()].to_owned()
+        };
+        for (name, ours) in [
+            ("PUT_LUA", PUT_LUA),
+            ("REMOVE_LUA", REMOVE_LUA),
+            ("PAUSE_LUA", PAUSE_LUA),
+        ] {
+            assert_eq!(python_string(name).trim(), ours.trim(), "{name} differs");
+        }
+        assert!(helper.contains(&format!("\nCHANGES_MAXLEN = {CHANGES_MAXLEN}\n")));
+        assert!(helper.contains(&format!("\nMAX_NAME_LEN = {MAX_NAME_LEN}\n")));
+    }
+
     #[test]
     fn a_valid_document_becomes_the_job_a_toml_entry_would() {
         let job = doc(r#"{"task":"t.x","cron":"30 3 * * *","timezone":"Europe/Helsinki","args":[1],"kwargs":{"k":"v"},"queue":"hi","priority":3,"expires":"1m","catch_up":"all","catch_up_window":"1h"}"#)
