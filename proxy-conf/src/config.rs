@@ -111,6 +111,11 @@ pub const MIN_HEADER_SIZE: u64 = 8 << 10;
 /// arrives, so it stays far below what a crowd of slow clients could turn into memory pressure.
 pub const MAX_HEADER_SIZE: u64 = 1 << 20;
 
+/// Most `threads` a worker can have with `preload`: a worker forked from the template gets all
+/// its descriptors (3 per thread: slot, offer eventfd, ring; plus control, offer memfd, stdout,
+/// stderr) in one `SCM_RIGHTS` message, and the kernel passes at most 253 (`SCM_MAX_FD`).
+pub const MAX_PRELOAD_THREADS: usize = (253 - 4) / 3;
+
 /// `[web]`: the HTTP front and its pool of Python workers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WebConfig {

@@ -60,6 +60,15 @@ impl Checker<'_> {
             web.threads,
             "must be at least 1 (1 = one request at a time per worker)",
         );
+        if web.preload && threads.get() > crate::config::MAX_PRELOAD_THREADS {
+            self.report(
+                &["web", "threads"],
+                format!(
+                    "is at most {} with preload = true (a forked worker gets its descriptors in one message); lower threads or add workers",
+                    crate::config::MAX_PRELOAD_THREADS
+                ),
+            );
+        }
         if web.max_requests_jitter > 0 && web.max_requests == 0 {
             self.report(
                 &["web", "max_requests_jitter"],
@@ -302,6 +311,18 @@ mod tests {
         let web = load_str(&text, "sauna.toml").unwrap().web.unwrap();
         assert!(web.preload);
         assert_eq!(web.post_fork.as_deref(), Some("hooks:reopen"));
+    }
+
+    #[test]
+    fn preload_bounds_threads_by_what_one_descriptor_message_carries() {
+        assert_eq!(
+            problems(&format!("{APP}[web]\npreload = true\nthreads = 84\n")),
+            [
+                "5:11: web.threads: is at most 83 with preload = true (a forked worker gets its descriptors in one message); lower threads or add workers",
+            ]
+        );
+        assert!(problems(&format!("{APP}[web]\npreload = true\nthreads = 83\n")).is_empty());
+        assert!(problems(&format!("{APP}[web]\nthreads = 84\n")).is_empty());
     }
 
     #[test]

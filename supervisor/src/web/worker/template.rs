@@ -330,7 +330,7 @@ async fn ask_for_worker(
         return Err(Refusal::Failed(StartError::Spawn(format!(
             "[web] preload hands a worker its {} descriptors in one message, and the kernel passes at most {SCM_MAX_FD}: use at most {} threads per worker with preload",
             fds.len(),
-            (SCM_MAX_FD - 4) / 3
+            proxy_conf::config::MAX_PRELOAD_THREADS
         ))));
     }
     let request = format!("{} {ring_size}", launch.threads);
