@@ -7,58 +7,14 @@
 //!
 //! Run with `cargo bench --bench beat` (needs `redis-server`: `apt-get install -y redis-server`).
 
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Timelike, Utc};
 use sauna_supervisor::metrics::Metrics;
 
-struct Redis {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_redis() -> Redis {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("a free port");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-        ])
-        .arg("--dir")
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server is not installed: apt-get install -y redis-server");
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/0")).expect("url");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while client.get_connection().is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Redis {
-        child,
-        port,
-        _dir: dir,
-    }
-}
+mod beat_support;
+use beat_support::RedisServer;
 
 fn cpu_time() -> Duration {
     let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
@@ -73,7 +29,7 @@ fn cpu_time() -> Duration {
     )
 }
 
-async fn lag(redis: &Redis) {
+async fn lag(redis: &RedisServer) {
     let mut text = format!("[beat]\nbroker = \"redis://127.0.0.1:{}/0\"\n", redis.port);
     for index in 0..50 {
         text.push_str(&format!(
@@ -91,29 +47,11 @@ async fn lag(redis: &Redis) {
     )
     .await
     .expect("beat starts");
-    let url = format!("redis://127.0.0.1:{}/0", redis.port);
     let until = Utc::now() + chrono::Duration::seconds(20);
     // Takes the messages as they land, oldest first, stamped with the instant they were taken.
+    let taking = beat_support::take_until(redis.url(), "lag", until);
     let consumer = std::thread::spawn(move || {
-        let mut connection = redis::Client::open(url.as_str())
-            .and_then(|client| client.get_connection())
-            .expect("connect");
-        // Parsed once the time is up: parsing between pops would delay the next pop.
-        let mut taken = Vec::new();
-        while Utc::now() < until {
-            let popped: Option<(String, Vec<String>)> = redis::cmd("BLMPOP")
-                .arg(0.05)
-                .arg(1)
-                .arg("lag")
-                .arg("RIGHT")
-                .arg("COUNT")
-                .arg(10_000)
-                .query(&mut connection)
-                .expect("BLMPOP (Redis 7 or later)");
-            if let Some((_, messages)) = popped {
-                taken.push((Utc::now(), messages));
-            }
-        }
+        let taken = taking.join().expect("consumer");
         let mut lags = Vec::new();
         for (at, messages) in taken {
             for text in messages {
@@ -148,7 +86,7 @@ async fn lag(redis: &Redis) {
     );
 }
 
-async fn idle(redis: &Redis) {
+async fn idle(redis: &RedisServer) {
     // Daily jobs at an hour 12 h away: nothing is due while we measure.
     let hour = (Utc::now().hour() + 12) % 24;
     let mut text = format!("[beat]\nbroker = \"redis://127.0.0.1:{}/0\"\n", redis.port);
@@ -192,7 +130,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let redis = start_redis();
+    let redis = RedisServer::start();
     runtime.block_on(async {
         lag(&redis).await;
         idle(&redis).await;

@@ -17,13 +17,15 @@
 //! Run with `cargo bench --bench beat_runtime` (needs `redis-server`).
 
 use std::io::Write as _;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use chrono::{DateTime, Timelike as _, Utc};
 use sauna_supervisor::beat::runtime::{CHANGES_MAXLEN, JobDoc, PUT_LUA};
+
+mod beat_support;
+use beat_support::{RedisServer, free_port};
 
 const JOBS_EVERY_MINUTE: usize = 5_000;
 const JOBS_DAILY: usize = 45_000;
@@ -37,38 +39,6 @@ impl Drop for Guard {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("a free port")
-}
-
-fn start_redis(dir: &Path) -> (Guard, u16) {
-    let port = free_port();
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-        ])
-        .arg("--dir")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server is not installed: apt-get install -y redis-server");
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/0")).expect("url");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while client.get_connection().is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (Guard(child), port)
 }
 
 fn doc(task: &str, cron: Option<String>, every: Option<String>, args: serde_json::Value) -> JobDoc {
@@ -223,26 +193,9 @@ fn drain(connection: &mut redis::Connection) {
 /// Takes every message from the bench queue as it lands, oldest first, as a Celery worker
 /// waits on its queue, until `until`; each is stamped with the instant it was taken.
 fn consume(url: String, until: DateTime<Utc>) -> std::thread::JoinHandle<Vec<Published>> {
+    let taking = beat_support::take_until(url, "bench", until);
     std::thread::spawn(move || {
-        let mut connection = redis::Client::open(url.as_str())
-            .and_then(|client| client.get_connection())
-            .expect("connect");
-        // Parsed once the time is up: parsing between pops would delay the next pop.
-        let mut taken = Vec::new();
-        while Utc::now() < until {
-            let popped: Option<(String, Vec<String>)> = redis::cmd("BLMPOP")
-                .arg(0.05)
-                .arg(1)
-                .arg("bench")
-                .arg("RIGHT")
-                .arg("COUNT")
-                .arg(100_000)
-                .query(&mut connection)
-                .expect("BLMPOP (Redis 7 or later)");
-            if let Some((_, messages)) = popped {
-                taken.push((Utc::now(), messages));
-            }
-        }
+        let taken = taking.join().expect("consumer");
         taken
             .iter()
             .flat_map(|(at, messages)| messages.iter().filter_map(|text| parse(text, *at)))
@@ -286,8 +239,8 @@ fn next_boundary(after: DateTime<Utc>) -> DateTime<Utc> {
 fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let load_before = load_average();
-    let (_redis, port) = start_redis(dir.path());
-    let url = format!("redis://127.0.0.1:{port}/0");
+    let redis = RedisServer::start();
+    let url = redis.url();
     let mut connection = redis::Client::open(url.as_str())
         .and_then(|client| client.get_connection())
         .expect("connect");
