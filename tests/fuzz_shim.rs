@@ -22,18 +22,11 @@ use sauna_supervisor::web::worker::ring::Ring;
 use crate::fuzz_frame::{any_frame, encode};
 use crate::util::{self, fuzz};
 
-/// Loads the shim without running it (everything but its last line, `sys.exit(main(...))`),
-/// then serves frames on descriptor 0: each read asks for at most a random 1–64 bytes, each
+/// Serves frames on descriptor 0: each read asks for at most a random 1–64 bytes, each
 /// frame read goes back as it was, until the other end shuts its side.
 const HARNESS: &str = r#"
 import random, socket, sys
-path, seed = sys.argv[1], int(sys.argv[2])
-source = open(path, encoding="utf-8").read()
-last = "sys.exit(main(sys.argv[1:]))"
-if source.rstrip().splitlines()[-1] != last:
-    sys.exit("the shim no longer ends with %r; update tests/fuzz_shim.rs" % last)
-shim = {"__name__": "sauna_shim"}
-exec(compile(source[:source.rindex(last)], path, "exec"), shim)
+seed = int(sys.argv[2])
 rng = random.Random(seed)
 
 class ShortReads(socket.socket):
@@ -55,13 +48,7 @@ except EOFError:
 /// each `Data` frame's payload goes back through `send_body`, followed by an `End` frame.
 const RING_HARNESS: &str = r#"
 import socket, sys
-path, ring_size = sys.argv[1], int(sys.argv[2])
-source = open(path, encoding="utf-8").read()
-last = "sys.exit(main(sys.argv[1:]))"
-if source.rstrip().splitlines()[-1] != last:
-    sys.exit("the shim no longer ends with %r; update tests/fuzz_shim.rs" % last)
-shim = {"__name__": "sauna_shim"}
-exec(compile(source[:source.rindex(last)], path, "exec"), shim)
+ring_size = int(sys.argv[2])
 slot = shim["Slot"](0, None, {}, 1, ring_size)
 end = shim["_pack"](0, 0, shim["END"], 0, 0)
 try:
@@ -74,7 +61,21 @@ except EOFError:
     pass
 "#;
 
-/// The Python the harnesses run, started with the slot socket as descriptor 0.
+/// What every harness starts with: the shim at `sys.argv[1]` loaded without running it
+/// (everything but its last line, `sys.exit(main(...))`), its globals in `shim`.
+const LOAD_SHIM: &str = r#"
+import sys
+path = sys.argv[1]
+source = open(path, encoding="utf-8").read()
+last = "sys.exit(main(sys.argv[1:]))"
+if source.rstrip().splitlines()[-1] != last:
+    sys.exit("the shim no longer ends with %r; update tests/fuzz_shim.rs" % last)
+shim = {"__name__": "sauna_shim"}
+exec(compile(source[:source.rindex(last)], path, "exec"), shim)
+"#;
+
+/// The Python the harnesses run (after [`LOAD_SHIM`]), started with the slot socket as
+/// descriptor 0.
 fn shim_python(
     harness: &str,
     slot: OwnedFd,
@@ -84,7 +85,7 @@ fn shim_python(
     let shim = util::repo_root().join("supervisor/src/web/worker/shim.py");
     Command::new(util::python())
         .arg("-c")
-        .arg(harness)
+        .arg(format!("{LOAD_SHIM}{harness}"))
         .arg(&shim)
         .args(args)
         .stdin(Stdio::from(slot))
@@ -224,13 +225,6 @@ proptest! {
 /// `Abort` (for request 4) while serving request 5, then the check gets one for request 5.
 const ABORT_HARNESS: &str = r#"
 import select, socket, sys
-path = sys.argv[1]
-source = open(path, encoding="utf-8").read()
-last = "sys.exit(main(sys.argv[1:]))"
-if source.rstrip().splitlines()[-1] != last:
-    sys.exit("the shim no longer ends with %r; update tests/fuzz_shim.rs" % last)
-shim = {"__name__": "sauna_shim"}
-exec(compile(source[:source.rindex(last)], path, "exec"), shim)
 slot = shim["Slot"](0, None, {})
 slot.seq = 5
 reader = shim["PullInput"](slot)
@@ -284,13 +278,6 @@ fn a_late_abort_does_not_stop_the_next_request() {
 /// streams — its first chunk is sent before the app produces the next, not held back.
 const RESPONSE_HARNESS: &str = r#"
 import sys
-path = sys.argv[1]
-source = open(path, encoding="utf-8").read()
-last = "sys.exit(main(sys.argv[1:]))"
-if source.rstrip().splitlines()[-1] != last:
-    sys.exit("the shim no longer ends with %r; update tests/fuzz_shim.rs" % last)
-shim = {"__name__": "sauna_shim"}
-exec(compile(source[:source.rindex(last)], path, "exec"), shim)
 
 class HttpResponseLike:
     def __init__(self):
@@ -350,13 +337,6 @@ fn an_in_memory_body_is_one_frame_and_a_generator_still_streams() {
 /// chunk: the shim must cut it into frames the supervisor accepts, and every byte must arrive.
 const BIG_BODY_HARNESS: &str = r#"
 import sys
-path = sys.argv[1]
-source = open(path, encoding="utf-8").read()
-last = "sys.exit(main(sys.argv[1:]))"
-if source.rstrip().splitlines()[-1] != last:
-    sys.exit("the shim no longer ends with %r; update tests/fuzz_shim.rs" % last)
-shim = {"__name__": "sauna_shim"}
-exec(compile(source[:source.rindex(last)], path, "exec"), shim)
 big = b"x" * ((65 << 20) + 3)
 
 def stream():
