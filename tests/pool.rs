@@ -1473,7 +1473,8 @@ fn a_request_offered_to_a_worker_killed_before_it_started_it_is_served_by_anothe
 fn a_saturated_worker_runs_its_next_request_without_sleeping() {
     let sandbox = Sandbox::new();
     let pool = start_test_app(&sandbox, |_| {});
-    // Four clients keep a request in service, one offered ahead and two queued at all times.
+    // Four clients keep a request in service and three waiting (offered ahead or queued) at all
+    // times.
     let clients: Vec<_> = (0..4)
         .map(|_| {
             let address = pool.address.clone();

@@ -13,23 +13,25 @@
 //! into the slot's region and announced on its eventfd, so the worker finds it without a
 //! round-trip. To an idle slot that is how every fitting request goes (a bigger one is written to
 //! the slot's socket by the exchange). When no slot is idle, the oldest fitting request becomes
-//! the **pending offer** of a busy slot that has none (at most one per slot): the worker claims
-//! it as soon as it finishes its current request and runs it back to back without sleeping, and
-//! when the current request's exchange gives the slot back, the channel goes straight to the
-//! pending request (its frame is already delivered). Of the busy slots, the least-loaded worker's
-//! is chosen and, among its slots, the one whose request started last; a slot whose request has
-//! run longer than `AHEAD_WINDOW` (likely a slow one) is chosen only when no other is open, and
-//! an offer waiting behind such a request is moved (taken back, offered again) to a slot whose
-//! request is recent as soon as one is open. A slot serving a request that came over its socket
-//! gets no pending offer: the worker must read that request before any offer.
+//! a **pending offer** of a busy slot with room for one (up to `AHEAD_DEPTH` per slot): the worker
+//! claims its pending offers in order as soon as it finishes its current request and runs them
+//! back to back without sleeping, and when the current request's exchange gives the slot back,
+//! the channel goes straight to the next pending request (its frame is already delivered). Of the
+//! busy slots, the least-loaded worker's is chosen and, among its slots, the one with the fewest
+//! offers queued, then the one whose request started last; a slot whose request has run longer
+//! than `AHEAD_WINDOW` (likely a slow one) is chosen only when no other is open, and offers
+//! waiting behind such a request are moved (taken back, offered again) to slots whose request is
+//! recent as soon as one is open. A slot serving a request that came over its socket gets no
+//! pending offer: the worker must read that request before any offer.
 //!
 //! A pending offer the worker has not claimed can be **taken back** (a successful read of the
 //! same eventfd; the kernel makes exactly one side win): when a slot becomes idle with an older
 //! request pending elsewhere, when its worker stops being routable (retired, timed out, broken,
 //! died), when its request gives up (queue timeout, client gone), and when the request in
-//! service was itself an offer that was never claimed when its deadline passed. A request taken
-//! back was never started, so it is dispatched again (first in line); one the worker claimed
-//! completes there, or fails with the worker.
+//! service was itself an offer that was never claimed when its deadline passed. A take-back
+//! takes the slot's latest offer, so reaching an earlier one takes back those behind it too. A
+//! request taken back was never started, so it is dispatched again (in line by age); one the
+//! worker claimed completes there, or fails with the worker.
 //!
 //! Workers of the served generation and older ones still routable take requests: during a rolling
 //! reload old and new workers serve side by side, each old one retired as its replacement is
@@ -52,7 +54,8 @@
 //!   and a worker taken out of routing;
 //! - `queue`: a request waiting in `acquire`, giving up, and `pump`, which matches waiting
 //!   requests with slots;
-//! - `offers`: offers ahead to busy slots (the `AHEAD_WINDOW` rule) and taking them back.
+//! - `offers`: offers ahead to busy slots (the `AHEAD_WINDOW` and `AHEAD_DEPTH` rules) and taking
+//!   them back.
 
 mod lease;
 mod offers;
@@ -62,6 +65,7 @@ mod state;
 #[cfg(test)]
 mod tests;
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -271,7 +275,7 @@ impl Dispatcher {
                 mailbox: request_slot.mailbox,
                 channel: Some(request_slot.channel),
                 service: None,
-                pending: None,
+                pending: VecDeque::new(),
                 sequence: 0,
             })
             .collect();

@@ -66,14 +66,14 @@ impl Dispatcher {
             return true;
         }
         let mut withdrawn = false;
+        let mut again = Vec::new();
         for route in &mut state.routes {
             for lane in &mut route.lanes {
-                if lane.pending.as_ref().is_some_and(|w| w.ticket == ticket) {
-                    withdrawn = self.take_back_pending(lane).is_some();
-                }
+                withdrawn |= self.take_back_ticket(lane, ticket, &mut again).is_some();
             }
         }
-        if withdrawn {
+        if withdrawn || !again.is_empty() {
+            Dispatcher::requeue(&mut state, again);
             self.pump(&mut state);
         }
         self.unlock(state);
@@ -82,7 +82,7 @@ impl Dispatcher {
 
     /// Matches waiting requests with slots until nothing more can move: an idle slot takes the
     /// oldest request waiting (queued, or pending elsewhere and taken back), then busy slots
-    /// without a pending offer get the oldest queued requests that fit a region.
+    /// with room for a pending offer get the oldest queued requests that fit a region.
     pub(super) fn pump(self: &Arc<Self>, state: &mut State) {
         self.take_back_stale(state);
         loop {

@@ -93,10 +93,9 @@ impl Dispatcher {
         let mut failed = Vec::new();
         for lane in &mut route.lanes {
             lane.channel = None;
-            if let Some(waiter) = self.take_back_pending(lane) {
-                again.push(waiter);
-            } else if dead {
-                failed.extend(lane.pending.take());
+            again.extend(self.take_back_from(lane, 0));
+            if dead {
+                failed.extend(lane.pending.drain(..));
             }
         }
         if route.is_empty() {
@@ -150,9 +149,9 @@ impl Dispatcher {
         if let Some(lane) = route.lanes.get_mut(lane_index) {
             lane.service = None;
             if !dead {
-                match lane.pending.take() {
-                    // The slot goes straight to the request offered in advance: its frame is
-                    // already with the worker.
+                match lane.pending.pop_front() {
+                    // The slot goes straight to the next request offered in advance: its frame
+                    // is already with the worker.
                     Some(pending) => {
                         let lease = self.resume(route, lane_index, channel, &pending);
                         handed = Some((pending.sender, lease));
@@ -175,7 +174,7 @@ impl Dispatcher {
         self.unlock(state);
     }
 
-    /// Puts the pending request of the lane in service; the worker already has its frame.
+    /// Puts the next pending request of the lane in service; the worker already has its frame.
     fn resume(
         self: &Arc<Self>,
         route: &mut Route,

@@ -1,5 +1,5 @@
 //! What the dispatcher's lock protects: the requests waiting for a slot (`Waiter`), each worker
-//! as a `Route` of `Lane`s (its request slots, each with the request in service and the one
+//! as a `Route` of `Lane`s (its request slots, each with the request in service and those
 //! offered ahead to it), and what is handed out or sent once the lock is released. Also the two
 //! steps every path shares: delivering a numbered frame to a lane, and answering a waiting
 //! request.
@@ -46,7 +46,9 @@ pub(super) struct Lane {
     /// The channel while the slot is idle; a lease holds it while a request is in service.
     pub(super) channel: Option<Channel>,
     pub(super) service: Option<Service>,
-    pub(super) pending: Option<Waiter>,
+    /// Requests offered ahead, in the order the worker claims them; the claimed ones (if any)
+    /// come first, since the worker claims in order.
+    pub(super) pending: VecDeque<Waiter>,
     /// Number of the last request sent to the slot (wrapping), carried in its frame and in an
     /// `Abort` for it, so that the worker can tell a late `Abort` from one for its request.
     pub(super) sequence: u16,
@@ -83,10 +85,7 @@ impl Route {
     }
 
     pub(super) fn pending(&self) -> usize {
-        self.lanes
-            .iter()
-            .filter(|lane| lane.pending.is_some())
-            .count()
+        self.lanes.iter().map(|lane| lane.pending.len()).sum()
     }
 
     /// Nothing in service, nothing offered: the route can be forgotten once unroutable.

@@ -1,6 +1,7 @@
 //! Tests of the dispatcher against real socket pairs and offer regions, the worker's side played
 //! by the test.
 
+use super::offers::AHEAD_DEPTH;
 use super::*;
 use crate::test_support::runtime;
 use crate::web::worker::frame::{self, Channel, RequestFrame};
@@ -208,31 +209,107 @@ fn retired_workers_close_idle_slots_and_finish_busy_ones() {
 }
 
 #[test]
-fn a_busy_slot_gets_one_offer_ahead_and_hands_the_slot_straight_to_it() {
+fn a_busy_slot_gets_offers_ahead_up_to_the_depth_and_hands_the_slot_straight_to_them() {
     runtime().block_on(async {
-        let (dispatcher, _notices) = dispatcher(4);
+        let (dispatcher, _notices) = dispatcher(8);
         dispatcher.set_generation(1);
         let (slots, mut theirs) = channels(1);
         dispatcher.add_worker(1, 0, 1, slots, None);
         let mut first = acquire(&dispatcher).await.unwrap();
         assert!(first.was_offered() && first.take_request().is_none());
         assert_eq!(name(theirs.worker.claim(0)).as_deref(), Some("x"));
-        let second = spawn_acquire(&dispatcher, "second");
-        let third = spawn_acquire(&dispatcher, "third");
+        let ahead: Vec<String> = (0..AHEAD_DEPTH).map(|n| format!("ahead {n}")).collect();
+        let mut waiting: Vec<_> = ahead
+            .iter()
+            .map(|what| spawn_acquire(&dispatcher, what))
+            .collect();
+        let queued = spawn_acquire(&dispatcher, "queued");
         tokio::task::yield_now().await;
-        // The worker finds its next request without waiting for the first one's end to be
-        // read; the third waits in the queue (one offer ahead per slot).
-        assert_eq!(name(theirs.worker.claim(0)).as_deref(), Some("second"));
+        // The worker finds its next requests without waiting for the first one's end to be
+        // read; the last one waits in the queue (`AHEAD_DEPTH` offers ahead per slot).
+        for what in &ahead {
+            assert_eq!(name(theirs.worker.claim(0)).as_deref(), Some(what.as_str()));
+        }
         assert_eq!(theirs.worker.claim(0), None);
         done(first);
-        let mut second = second.await.unwrap().unwrap();
-        assert!(second.was_offered() && second.take_request().is_none());
-        assert_eq!(dispatcher.loads()[0].busy, 1);
-        assert_eq!(name(theirs.worker.claim(0)).as_deref(), Some("third"));
-        done(second);
-        done(third.await.unwrap().unwrap());
-        assert_eq!(dispatcher.loads()[0].served, 3);
+        waiting.push(queued);
+        for (index, request) in waiting.into_iter().enumerate() {
+            let mut lease = request.await.unwrap().unwrap();
+            assert!(lease.was_offered() && lease.take_request().is_none());
+            assert_eq!(dispatcher.loads()[0].busy, 1);
+            if index == 0 {
+                // A slot came free behind the first: the queued request is offered in its place.
+                assert_eq!(name(theirs.worker.claim(0)).as_deref(), Some("queued"));
+            }
+            done(lease);
+        }
+        assert_eq!(dispatcher.loads()[0].served, 2 + AHEAD_DEPTH as u64);
         assert_eq!(taken_back(&dispatcher), 0);
+    });
+}
+
+#[test]
+fn reaching_an_earlier_offer_takes_back_the_later_ones_and_offers_them_again() {
+    runtime().block_on(async {
+        let (dispatcher, _notices) = dispatcher(8);
+        dispatcher.set_generation(1);
+        let (a, mut theirs_a) = channels(1);
+        let (b, mut theirs_b) = channels(1);
+        dispatcher.add_worker(1, 0, 1, a, None);
+        let first = acquire(&dispatcher).await.unwrap();
+        let older = spawn_acquire(&dispatcher, "older");
+        tokio::task::yield_now().await;
+        let younger = spawn_acquire(&dispatcher, "younger");
+        tokio::task::yield_now().await;
+        // A slot frees elsewhere: it takes the oldest offer, which means taking back the one
+        // behind it first; that one is offered again, to the slot whose request started last.
+        dispatcher.add_worker(2, 1, 1, b, None);
+        let older = older.await.unwrap().unwrap();
+        assert_eq!(older.worker(), 2);
+        assert_eq!(taken_back(&dispatcher), 2);
+        assert_eq!(name(theirs_a.worker.claim(0)).as_deref(), Some("x"));
+        assert_eq!(theirs_a.worker.claim(0), None, "both taken back");
+        assert_eq!(name(theirs_b.worker.claim(0)).as_deref(), Some("older"));
+        assert_eq!(name(theirs_b.worker.claim(0)).as_deref(), Some("younger"));
+        done(older);
+        let younger = younger.await.unwrap().unwrap();
+        assert_eq!(younger.worker(), 2);
+        assert!(younger.was_offered());
+        drop((first, younger));
+    });
+}
+
+#[test]
+fn a_request_giving_up_takes_back_only_what_the_worker_has_not_claimed() {
+    runtime().block_on(async {
+        let (dispatcher, _notices) = dispatcher(8);
+        dispatcher.set_generation(1);
+        let (slots, mut theirs) = channels(1);
+        dispatcher.add_worker(1, 0, 1, slots, None);
+        let first = acquire(&dispatcher).await.unwrap();
+        let leaving = spawn_acquire(&dispatcher, "leaving");
+        tokio::task::yield_now().await;
+        let staying = spawn_acquire(&dispatcher, "staying");
+        tokio::task::yield_now().await;
+        // The client of the first offer ahead goes away: the offer behind it is taken back on
+        // the way and offered again, in the region the one that left had used.
+        leaving.abort();
+        assert!(leaving.await.unwrap_err().is_cancelled());
+        assert_eq!(taken_back(&dispatcher), 2);
+        assert_eq!(name(theirs.worker.claim(0)).as_deref(), Some("x"));
+        assert_eq!(name(theirs.worker.claim(0)).as_deref(), Some("staying"));
+        assert_eq!(theirs.worker.claim(0), None);
+        // Claimed: it stays with the worker whatever happens to the queue now.
+        let last = spawn_acquire(&dispatcher, "last");
+        tokio::task::yield_now().await;
+        done(first);
+        let staying = staying.await.unwrap().unwrap();
+        assert!(staying.was_offered() && staying.worker() == 1);
+        assert_eq!(name(theirs.worker.claim(0)).as_deref(), Some("last"));
+        assert_eq!(taken_back(&dispatcher), 2);
+        done(staying);
+        done(last.await.unwrap().unwrap());
+        assert_eq!(dispatcher.loads()[0].served, 3);
     });
 }
 

@@ -38,7 +38,7 @@ use crate::web::worker::ring::Ring;
 
 /// The protocol version the shim reports in its `Ready` frame; both sides ship in one binary, the
 /// check catches a stale shim file or a hand-started worker.
-pub const PROTOCOL: u32 = 3;
+pub const PROTOCOL: u32 = 4;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 12;
 /// Largest payload accepted from a worker; a bigger length means a corrupt channel.

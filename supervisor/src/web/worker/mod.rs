@@ -773,4 +773,18 @@ mod tests {
         assert_eq!(ring_size(64), 256 << 10);
         assert!((1..100).all(|threads| ring_size(threads).is_power_of_two()));
     }
+
+    /// The shim keeps its own copies of the numbers both sides must agree on; a mismatch would
+    /// have it read requests from the wrong offer region.
+    #[test]
+    fn the_shim_agrees_on_the_protocol_and_the_offer_regions() {
+        for (name, value) in [
+            ("PROTOCOL", frame::PROTOCOL as usize),
+            ("REGION", offer::REGION),
+            ("REGIONS", offer::REGIONS),
+        ] {
+            let line = format!("\n{name} = {value}\n");
+            assert!(SHIM.contains(&line), "shim.py must say {line:?}");
+        }
+    }
 }

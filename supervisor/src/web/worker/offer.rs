@@ -1,20 +1,21 @@
 //! Request offers: how a `Request` frame reaches a worker's request slot without the socket, and
 //! how the front can take it back while the worker has not started it.
 //!
-//! Each slot has an eventfd (semaphore mode, non-blocking) and two offer regions of `REGION`
-//! bytes in a memfd shared by the worker's slots (slot `i`'s regions at `i · 2 · REGION`). To
-//! **offer** a request the front copies the complete frame (header, environ, inline body) into a
-//! region and adds 1 to the eventfd. The eventfd counter arbitrates the claim: the worker
+//! Each slot has an eventfd (semaphore mode, non-blocking) and `REGIONS` offer regions of `REGION`
+//! bytes in a memfd shared by the worker's slots (slot `i`'s regions at `i · REGIONS · REGION`).
+//! To **offer** a request the front copies the complete frame (header, environ, inline body) into
+//! a region and adds 1 to the eventfd. The eventfd counter arbitrates the claim: the worker
 //! **claims** an offer with a successful read (semaphore mode takes exactly 1), the front **takes
 //! it back** with a successful read of the same eventfd; exactly one side wins, and the
 //! eventfd's lock orders the region's bytes before the worker reads them, on every architecture
 //! (the regions themselves need no atomics).
 //!
-//! The worker claims offers in order and reads region `claims % 2`. At most two offers of a slot
-//! are outstanding (the request in service and one pending), and a take-back always removes the
-//! latest unclaimed one, so the front writes the region `offers not taken back % 2`: never the
-//! region of a request still in service, and a region is rewritten only after the request that
-//! used it is complete (the worker copies a frame out before it serves it).
+//! The worker claims offers in order and reads region `claims % REGIONS`. At most `REGIONS`
+//! offers of a slot are outstanding (the request in service and those pending behind it; the
+//! dispatcher keeps to that), and a take-back always removes the latest unclaimed one, so the
+//! front writes the region `offers not taken back % REGIONS`: never the region of a request still
+//! in service or pending, and a region is rewritten only after the request that used it is
+//! complete (the worker copies a frame out before it serves it).
 //!
 //! It owns the mapping, the eventfds and that counting; when to offer or take back is the
 //! dispatcher's (`crate::web::dispatch`).
@@ -27,6 +28,9 @@ use std::sync::Arc;
 /// goes over the slot's socket to an idle slot.
 pub const REGION: usize = 64 * 1024;
 
+/// Offer regions per slot: the most offers a slot can have outstanding (the shim's `REGIONS`).
+pub const REGIONS: usize = 4;
+
 /// The shared memfd mapping of one worker's offer regions.
 #[derive(Debug)]
 struct Mapping {
@@ -37,7 +41,7 @@ struct Mapping {
 // SAFETY: the mapping lives as long as the `Mapping`; the front only writes regions that the
 // worker does not read at that time (see the module comment), and never reads them.
 unsafe impl Send for Mapping {}
-// SAFETY: as above; each slot's `Mailbox` writes only its own two regions, behind `&mut`.
+// SAFETY: as above; each slot's `Mailbox` writes only its own regions, behind `&mut`.
 unsafe impl Sync for Mapping {}
 
 impl Drop for Mapping {
@@ -57,7 +61,7 @@ pub struct Mailbox {
     mapping: Arc<Mapping>,
     /// Offset of the slot's first region in the mapping.
     at: usize,
-    /// Offers made and not taken back: the next offer goes to region `offered % 2`.
+    /// Offers made and not taken back: the next offer goes to region `offered % REGIONS`.
     offered: u64,
 }
 
@@ -97,7 +101,7 @@ impl Mailboxes {
         }
         // SAFETY: memfd_create returned a new descriptor that nothing else owns.
         let memfd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let len = slots.max(1) * 2 * REGION;
+        let len = slots.max(1) * REGIONS * REGION;
         let length = libc::off_t::try_from(len).map_err(io::Error::other)?;
         // SAFETY: ftruncate on our descriptor.
         if unsafe { libc::ftruncate(memfd.as_raw_fd(), length) } != 0 {
@@ -129,7 +133,7 @@ impl Mailboxes {
             ours.push(Mailbox {
                 eventfd: ours_fd,
                 mapping: Arc::clone(&mapping),
-                at: index * 2 * REGION,
+                at: index * REGIONS * REGION,
                 offered: 0,
             });
         }
@@ -155,9 +159,10 @@ impl Mailbox {
                 "the request frame is bigger than a region",
             ));
         }
-        let region = self.at + usize::from(self.offered % 2 == 1) * REGION;
-        // SAFETY: `region + frame.len()` is within the mapping (checked size, two regions per
-        // slot); the worker does not read this region now (module comment).
+        // `offered % REGIONS` is below `REGIONS`, so the cast cannot truncate.
+        let region = self.at + (self.offered % REGIONS as u64) as usize * REGION;
+        // SAFETY: `region + frame.len()` is within the mapping (checked size, `REGIONS` regions
+        // per slot); the worker does not read this region now (module comment).
         unsafe {
             std::ptr::copy_nonoverlapping(
                 frame.as_ptr(),
@@ -198,7 +203,8 @@ impl Mailbox {
 pub(crate) mod worker_side {
     use super::*;
 
-    /// Claims offers like the shim: a read of the slot's eventfd, then region `claims % 2`.
+    /// Claims offers like the shim: a read of the slot's eventfd, then region
+    /// `claims % REGIONS`.
     pub(crate) struct Claimer {
         eventfds: Vec<OwnedFd>,
         memfd: std::fs::File,
@@ -227,7 +233,7 @@ pub(crate) mod worker_side {
                 return None;
             }
             let claims = &mut self.claims[slot];
-            let at = slot * 2 * REGION + usize::from(*claims % 2 == 1) * REGION;
+            let at = slot * REGIONS * REGION + (*claims % REGIONS as u64) as usize * REGION;
             *claims += 1;
             let mut header = [0u8; 4];
             self.memfd.read_exact_at(&mut header, at as u64).unwrap();
@@ -273,5 +279,27 @@ mod tests {
         // The other slot's eventfd is its own.
         assert_eq!(worker.claim(0), None);
         assert!(slot.offer(&vec![0; REGION + 1]).is_err());
+    }
+
+    #[test]
+    fn every_region_of_a_slot_holds_an_outstanding_offer_until_claimed() {
+        let (mut ours, mut worker) = Claimer::new(1);
+        let slot = &mut ours[0];
+        for round in 0..3 {
+            let texts: Vec<Vec<u8>> = (0..REGIONS)
+                .map(|n| format!("round {round} offer {n}").into_bytes())
+                .collect();
+            for text in &texts {
+                slot.offer(&frame(text)).unwrap();
+            }
+            // The last one is taken back and offered again: its region is reused, the others
+            // are untouched.
+            assert!(slot.take_back().unwrap());
+            slot.offer(&frame(&texts[REGIONS - 1])).unwrap();
+            for text in &texts {
+                assert_eq!(worker.claim(0), Some(frame(text)));
+            }
+            assert_eq!(worker.claim(0), None);
+        }
     }
 }

@@ -10,18 +10,18 @@ the request slots, one per thread. Each slot carries one request at a time, so a
 its own slot and needs no locking, queueing or request ids.
 
 Requests reach a slot as offers (supervisor/src/worker/offer.rs): descriptors 4+threads, ... are
-the slots' eventfds (semaphore mode, non-blocking) and 4+2*threads is a memfd holding two regions
-of REGION bytes per slot (slot i's at i*2*REGION). The supervisor copies a whole REQUEST frame into
-a region and adds 1 to the slot's eventfd; the thread claims it with a read of the eventfd (the
-supervisor may take an unclaimed offer back with a read of its own: whoever reads first has it) and
-reads region claims % 2. A request too big for a region comes on the socket instead, and only to a
-slot that is idle. The supervisor may offer the next request while the current one runs, so after
-each request the thread first tries the eventfd and only then waits, with poll() on both the
-eventfd and the socket: never in a blocking recv, which any read of the socket by the supervisor
-would wake for nothing. Everything else of a request in service (READ/DATA, ABORT, the response)
-goes over the socket. The header's last field is the request's number on the slot; an ABORT names
-the request it is for in its arg, so a late one is ignored. End-of-file on the socket means the
-slot is closed: the process exits once every slot is.
+the slots' eventfds (semaphore mode, non-blocking) and 4+2*threads is a memfd holding REGIONS
+regions of REGION bytes per slot (slot i's at i*REGIONS*REGION). The supervisor copies a whole
+REQUEST frame into a region and adds 1 to the slot's eventfd; the thread claims it with a read of
+the eventfd (the supervisor may take an unclaimed offer back with a read of its own: whoever reads
+first has it) and reads region claims % REGIONS. A request too big for a region comes on the socket
+instead, and only to a slot that is idle. The supervisor may offer the next request while the
+current one runs, so after each request the thread first tries the eventfd and only then waits,
+with poll() on both the eventfd and the socket: never in a blocking recv, which any read of the
+socket by the supervisor would wake for nothing. Everything else of a request in service
+(READ/DATA, ABORT, the response) goes over the socket. The header's last field is the request's
+number on the slot; an ABORT names the request it is for in its arg, so a late one is ignored.
+End-of-file on the socket means the slot is closed: the process exits once every slot is.
 
 argv: protocol mode(serve|check|template) kind(wsgi|paste) target threads ring_size [post_fork]
 
@@ -58,7 +58,7 @@ import threading
 import time
 import traceback
 
-PROTOCOL = 3
+PROTOCOL = 4
 HEADER = struct.Struct("<IIBBH")
 HLEN = HEADER.size
 REQUEST, DATA, ABORT = 1, 2, 3
@@ -78,6 +78,7 @@ RING_HEADER = 64
 SHARE_FROM = 16384
 SHARED_FRAME = struct.Struct("<IIBBHI")
 REGION = 65536
+REGIONS = 4
 
 _pack = HEADER.pack
 _unpack = HEADER.unpack_from
@@ -262,7 +263,7 @@ class Slot:
             os.read(self.offer_fd, 8)
         except BlockingIOError:
             return False
-        at = self.region + (self.claims & 1) * REGION
+        at = self.region + (self.claims % REGIONS) * REGION
         self.claims += 1
         size, arg, _kind, flags, seq = _unpack(self.offers, at)
         start = at + HLEN
@@ -556,7 +557,7 @@ def serve(app, threads, ring_size):
         "wsgi.file_wrapper": FileWrapper,
     }
     offers_fd = FIRST_SLOT_FD + 2 * threads
-    offers = mmap.mmap(offers_fd, 2 * REGION * threads, access=mmap.ACCESS_READ)
+    offers = mmap.mmap(offers_fd, REGIONS * REGION * threads, access=mmap.ACCESS_READ)
     os.close(offers_fd)
     slots = [
         Slot(
@@ -567,7 +568,7 @@ def serve(app, threads, ring_size):
             ring_size,
             FIRST_SLOT_FD + threads + index,
             offers,
-            2 * REGION * index,
+            REGIONS * REGION * index,
         )
         for index in range(threads)
     ]
