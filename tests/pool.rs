@@ -644,6 +644,17 @@ fn responses_keep_wsgi_semantics() {
     assert_eq!(bad.status, 400);
     let nul = get(address, "/a%00b");
     assert_eq!(nul.status, 400);
+    // RFC 9112 §3.2: an HTTP/1.1 request needs exactly one Host; HTTP/1.0 may go without.
+    let hostless = exchange(address, b"GET /pid HTTP/1.1\r\nConnection: close\r\n\r\n");
+    assert_eq!(hostless.status, 400);
+    assert!(hostless.text().contains("Missing Host header"));
+    let twice = exchange(
+        address,
+        b"GET /pid HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(twice.status, 400);
+    let old_client = exchange(address, b"GET /pid HTTP/1.0\r\n\r\n");
+    assert_eq!((old_client.status, old_client.text()), (200, pid.clone()));
     // Framing that is unsafe to pass on: a tunnel nobody serves, a body that cannot be decoded.
     // The worker still serves afterwards.
     let connect = exchange(

@@ -103,8 +103,9 @@ fn overloaded(front: &Front, rejected: Rejected, completion: Completion) -> Resp
 
 /// Requests the front refuses before reading a body, because passing them on would be unsafe:
 /// `CONNECT` (a 2xx answer would turn the connection into a tunnel nobody serves), a `Host` that
-/// is repeated or not one `host[:port]` (RFC 9112 §3.2: 400; hyper would join two into
-/// `a, b` and an app building links from it could be made to point anywhere), and a transfer
+/// is repeated or not one `host[:port]`, or missing from an HTTP/1.1 request (RFC 9112 §3.2: 400,
+/// as nginx answers; hyper would join two into `a, b`, and an app building links from the
+/// header or falling back to `SERVER_NAME` could be made to point anywhere), and a transfer
 /// coding other than `chunked` (RFC 9112 §6.1: 501, the body cannot be decoded). hyper already
 /// drops `Content-Length` when `Transfer-Encoding` is present, as RFC 9112 §6.3 prescribes.
 fn framing_problem(parts: &hyper::http::request::Parts) -> Option<(StatusCode, &'static str)> {
@@ -118,6 +119,8 @@ fn framing_problem(parts: &hyper::http::request::Parts) -> Option<(StatusCode, &
         }
     } else if parts.headers.contains_key(header::HOST) {
         return Some((StatusCode::BAD_REQUEST, "More than one Host header\n"));
+    } else if parts.version == hyper::Version::HTTP_11 {
+        return Some((StatusCode::BAD_REQUEST, "Missing Host header\n"));
     }
     let mut codings = parts
         .headers
