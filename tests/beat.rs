@@ -968,7 +968,9 @@ fn supervisors_without_the_lock_still_publish_every_slot_once() {
         .map(|_| {
             let dir = Sandbox::new();
             dir.write_config(&format!(
-                "[beat]\nbroker = \"{}\"\nleader_lock = false\n[beat.jobs.tick]\ntask = \"t\"\nevery = \"1s\"\nqueue = \"nolock\"\n",
+                // catch_up = "all": a loaded machine may stall all three past the half-second
+                // on-time tolerance, and what is tested here is that none publishes twice.
+                "[beat]\nbroker = \"{}\"\nleader_lock = false\n[beat.jobs.tick]\ntask = \"t\"\nevery = \"1s\"\nqueue = \"nolock\"\ncatch_up = \"all\"\ncatch_up_window = \"60s\"\n",
                 redis.url(0)
             ));
             let running = dir.start();
@@ -1032,12 +1034,30 @@ fn redis_outage_follows_each_catch_up_policy() {
     });
     let log = running.log();
     assert!(running.stop().success());
-    assert_eq!(
-        log.matches("cannot reach Redis").count(),
-        1,
-        "one line per state change:\n{log}"
+    // One line per state change, not one per retry. A loaded machine may stall Redis past the
+    // publish timeout once more right after it comes back: that is a second change, so the
+    // lines alternate rather than number exactly one each.
+    let changes: Vec<bool> = log
+        .lines()
+        .filter_map(|line| {
+            if line.contains("cannot reach Redis") {
+                Some(false)
+            } else if line.contains("Redis is reachable again") {
+                Some(true)
+            } else {
+                None
+            }
+        })
+        .collect();
+    assert!(
+        changes.len() >= 2
+            && changes.len() % 2 == 0
+            && changes
+                .iter()
+                .enumerate()
+                .all(|(index, up)| *up == (index % 2 == 1)),
+        "one line per state change, down then up:\n{log}"
     );
-    assert_eq!(log.matches("Redis is reachable again").count(), 1, "{log}");
     assert!(
         log.contains("missed slot(s) not published"),
         "skipped slots are reported:\n{log}"

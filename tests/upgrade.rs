@@ -5,7 +5,7 @@
 //! that exits, an invalid sauna.toml, an app that fails to import) changes nothing; while the old
 //! process drains a slow request, `status` is already answered by the new one.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::Path;
 use std::process::Output;
@@ -20,13 +20,20 @@ use crate::util::{self, Running, Sandbox, output_text};
 // faults: successors that hang, start late, die mid-hand-over, or outlive a killed old process.
 mod faults;
 
-/// Answers `v1 <body length>`, as the reload tests' load generator expects.
+/// Answers `v1 <body length>`, as the reload tests' load generator expects. `/slow` answers
+/// once the file `release` exists beside the app (at most 60 s): a test holds it for as long as
+/// it needs, however slowly a loaded machine runs the steps in between.
 const APP: &str = r#"
+import os
 import time
+
+RELEASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "release")
 
 def application(environ, start_response):
     if environ["PATH_INFO"] == "/slow":
-        time.sleep(4)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(RELEASE) and time.monotonic() < deadline:
+            time.sleep(0.05)
     body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [("v1 %d" % len(body)).encode()]
@@ -510,13 +517,27 @@ fn the_new_process_answers_status_while_the_old_one_drains() {
         "the old process should still be draining the slow request"
     );
     // A reload sent now waits for the hand-over (programs and beat start only then), then runs.
-    let reload = stack.sandbox.run(&["reload"]);
-    assert!(reload.status.success(), "{}", output_text(&reload));
-    assert!(
-        String::from_utf8_lossy(&reload.stderr).contains("still taking over"),
-        "{}",
-        output_text(&reload)
-    );
+    let mut reload = stack
+        .sandbox
+        .command(&["reload"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run reload");
+    let mut stderr = std::io::BufReader::new(reload.stderr.take().expect("reload's stderr"));
+    let mut said = String::new();
+    while !said.contains("still taking over") {
+        if stderr.read_line(&mut said).expect("read reload's stderr") == 0 {
+            break;
+        }
+    }
+    assert!(said.contains("still taking over"), "reload said: {said}");
+    std::fs::write(stack.sandbox.path("release"), "").expect("release the slow request");
+    stderr
+        .read_to_string(&mut said)
+        .expect("read reload's stderr");
+    let reload = reload.wait().expect("wait for reload");
+    assert!(reload.success(), "reload said: {said}");
     let (status, body) =
         read_response(&mut std::io::BufReader::new(stream)).expect("the slow request's answer");
     assert_eq!((status, body.as_str()), (200, "v1 0"));

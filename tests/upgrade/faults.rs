@@ -167,7 +167,9 @@ fn executable(sandbox: &Sandbox, name: &str, script: &str) -> String {
 /// draining it when the test has seen the new one answer `status`, however slowly that one
 /// started on a loaded machine.
 fn slower_app() -> String {
-    APP.replace("time.sleep(4)", "time.sleep(12)")
+    let app = APP.replace("time.monotonic() + 60", "time.monotonic() + 12");
+    assert_ne!(app, APP, "the app's wait changed shape");
+    app
 }
 
 /// Sends a slow request and waits until a worker has it: the supervisor that accepted it
