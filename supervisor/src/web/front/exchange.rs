@@ -254,17 +254,23 @@ impl Exchange {
         }
     }
 
-    /// True (and the slot released) when the worker's `End` has already arrived.
-    pub fn try_finish(&mut self) -> bool {
-        let ended = self
-            .lease
-            .as_mut()
-            .and_then(Lease::channel)
-            .is_some_and(|channel| !channel.has_output() && channel.try_take_end());
-        if ended {
-            self.finish(Outcome::Done);
+    /// The rest of the response (the slot released) when it has already arrived after a head
+    /// whose first body bytes were `chunk` (see `Channel::try_take_end`).
+    fn try_finish(&mut self, chunk: &Bytes) -> Result<Option<Bytes>, ExchangeError> {
+        let Some(channel) = self.lease.as_mut().and_then(Lease::channel) else {
+            return Ok(None);
+        };
+        if channel.has_output() {
+            return Ok(None);
         }
-        ended
+        match channel.try_take_end(chunk.is_empty()) {
+            Ok(Some(rest)) => {
+                self.finish(Outcome::Done);
+                Ok(Some(rest))
+            }
+            Ok(None) => Ok(None),
+            Err(error) => Err(self.fail(error)),
+        }
     }
 
     /// Gives the slot back as timed out (the pool kills the worker) and returns the error; an
@@ -291,6 +297,30 @@ impl Exchange {
     /// Waits for the next event.
     pub async fn next_event(&mut self) -> Result<Event, ExchangeError> {
         std::future::poll_fn(|cx| self.poll_event(cx)).await
+    }
+
+    /// Waits for the response head; a body that has already arrived whole by then comes with
+    /// it, marked as the end.
+    pub async fn head(&mut self) -> Result<Event, ExchangeError> {
+        match self.next_event().await? {
+            Event::Head {
+                head,
+                chunk,
+                end: false,
+            } => Ok(match self.try_finish(&chunk)? {
+                Some(rest) => Event::Head {
+                    head,
+                    chunk: if chunk.is_empty() { rest } else { chunk },
+                    end: true,
+                },
+                None => Event::Head {
+                    head,
+                    chunk,
+                    end: false,
+                },
+            }),
+            event => Ok(event),
+        }
     }
 }
 

@@ -308,9 +308,8 @@ async fn respond(
     let context: Arc<str> = Arc::from(format!("{} {}", completion.method, completion.path));
     let mut exchange = Exchange::new(lease, body, offset, config.timeout, context);
 
-    let failure = match exchange.next_event().await {
+    let failure = match exchange.head().await {
         Ok(Event::Head { head, chunk, end }) => {
-            let end = end || exchange.try_finish();
             match build_response(&head, ResponseBody::Full(None)) {
                 Ok(mut response) => {
                     completion.status = response.status().as_u16();

@@ -397,22 +397,46 @@ impl Channel {
         (READ_SIZE, false)
     }
 
-    /// Takes an `End` frame if one has already arrived, without waiting: lets the front answer a
-    /// one-chunk streamed response with `Content-Length` instead of chunked encoding.
-    pub fn try_take_end(&mut self) -> bool {
-        if self.input.len() < HEADER_LEN {
+    /// Takes the rest of a response if it has already arrived, without waiting: a lone `End`
+    /// frame (an empty chunk), or, with `shared`, one `Shared` chunk followed by the `End` (the
+    /// chunk: a big one-chunk body goes through the ring). Lets the front answer a one-chunk
+    /// streamed response with `Content-Length` instead of chunked encoding; anything else stays
+    /// where it is.
+    pub fn try_take_end(&mut self, shared: bool) -> Result<Option<Bytes>, ChannelError> {
+        const SHARED_FRAME: usize = HEADER_LEN + 4;
+        let is_end = |input: &[u8]| {
+            input.len() >= HEADER_LEN && input[8] == Kind::End as u8 && input[..4] == [0, 0, 0, 0]
+        };
+        let is_shared = |input: &[u8]| {
+            shared
+                && input.len() >= HEADER_LEN
+                && input[8] == Kind::Shared as u8
+                && input[..4] == [4, 0, 0, 0]
+        };
+        let wanted = if is_shared(&self.input) {
+            SHARED_FRAME + HEADER_LEN
+        } else {
+            HEADER_LEN
+        };
+        if self.input.len() < wanted {
             self.input.reserve(READ_SIZE);
             if self.stream.try_read_buf(&mut self.input).is_err() {
-                return false;
+                return Ok(None);
             }
         }
-        let is_end = self.input.len() >= HEADER_LEN
-            && self.input[8] == Kind::End as u8
-            && self.input[..4] == [0, 0, 0, 0];
-        if is_end {
+        if is_end(&self.input) {
             self.input.advance(HEADER_LEN);
+            return Ok(Some(Bytes::new()));
         }
-        is_end
+        if !(is_shared(&self.input) && is_end(&self.input[SHARED_FRAME.min(self.input.len())..])) {
+            return Ok(None);
+        }
+        let Some(frame) = decode(&mut self.input)? else {
+            return Ok(None);
+        };
+        let chunk = self.resolve(frame)?.payload;
+        self.input.advance(HEADER_LEN);
+        Ok(Some(chunk))
     }
 
     /// Reads the next frame.
@@ -597,6 +621,51 @@ mod tests {
                 channel.frame().await,
                 Err(ChannelError::Protocol(_))
             ));
+        });
+    }
+
+    #[test]
+    fn a_whole_one_chunk_body_is_taken_with_its_end() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (ring, fd) = Ring::new(4096).unwrap();
+            let file = std::fs::File::from(fd);
+            std::os::unix::fs::FileExt::write_all_at(&file, b"bodymore", 64).unwrap();
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+            ours.set_nonblocking(true).unwrap();
+            let mut channel = Channel::with_ring(UnixStream::from_std(ours).unwrap(), ring);
+            let send = |frames: &[(Kind, u32, &[u8])]| {
+                let mut wire = BytesMut::new();
+                for (kind, arg, payload) in frames {
+                    put_header(&mut wire, *kind, 0, *arg, payload.len());
+                    wire.extend_from_slice(payload);
+                }
+                std::io::Write::write_all(&mut &theirs, &wire).unwrap();
+            };
+            let head = (Kind::Start, 6, &b"200 OK"[..]);
+            let four = 4u32.to_le_bytes();
+            // The head and a chunk in the ring, the End still to come: no rest yet, and the
+            // chunk stays for the streamed body.
+            send(&[head, (Kind::Shared, 0, &four)]);
+            assert_eq!(channel.frame().await.unwrap().kind, Kind::Start);
+            assert_eq!(channel.try_take_end(true).unwrap(), None);
+            send(&[(Kind::End, 0, b"")]);
+            let body = channel.frame().await.unwrap();
+            assert_eq!((body.kind, &body.payload[..]), (Kind::Body, &b"body"[..]));
+            assert_eq!(channel.frame().await.unwrap().kind, Kind::End);
+            // All of it already there: the chunk is the rest, unless the head brought bytes.
+            send(&[head, (Kind::Shared, 4, &four), (Kind::End, 0, b"")]);
+            assert_eq!(channel.frame().await.unwrap().kind, Kind::Start);
+            assert_eq!(channel.try_take_end(false).unwrap(), None);
+            let rest = channel.try_take_end(true).unwrap();
+            assert_eq!(rest.as_deref(), Some(&b"more"[..]));
+            // A lone End is an empty rest.
+            send(&[head, (Kind::End, 0, b"")]);
+            assert_eq!(channel.frame().await.unwrap().kind, Kind::Start);
+            assert_eq!(channel.try_take_end(false).unwrap(), Some(Bytes::new()));
         });
     }
 

@@ -199,23 +199,38 @@ class Slot:
             for at in range(0, size, FRAME_BODY_MAX):
                 self.send_body(view[at:at + FRAME_BODY_MAX])
             return
-        ring = self.ring
-        if ring is not None and size >= SHARE_FROM:
-            ring_size = self.ring_size
-            written = self.written
-            if ((written - self.released[0]) & 0xFFFFFFFF) + size <= ring_size:
-                at = written & (ring_size - 1)
-                first = min(size, ring_size - at)
-                view = memoryview(chunk)
-                ring[at:at + first] = view[:first]
-                frames = SHARED_FRAME.pack(4, at, SHARED, 0, 0, first)
-                if first < size:
-                    ring[:size - first] = view[first:]
-                    frames += SHARED_FRAME.pack(4, 0, SHARED, 0, 0, size - first)
-                self.written = (written + size) & 0xFFFFFFFF
-                self.sock.sendall(frames)
-                return
+        frames = self.share(chunk, size)
+        if frames is not None:
+            self.sock.sendall(frames)
+            return
         self.sendv([_pack(size, 0, BODY, 0, 0), chunk])
+
+    def share(self, chunk, size):
+        """Copies a big chunk into the ring and returns the SHARED frames announcing it; None
+        (nothing copied) when it is small, there is no ring or the ring has no room."""
+        ring = self.ring
+        if ring is None or size < SHARE_FROM:
+            return None
+        ring_size = self.ring_size
+        written = self.written
+        if ((written - self.released[0]) & 0xFFFFFFFF) + size > ring_size:
+            return None
+        at = written & (ring_size - 1)
+        if at + size <= ring_size:
+            # Straight from the app's object: no memoryview of it, no slice of it.
+            ring[at:at + size] = chunk
+            frames = SHARED_FRAME.pack(4, at, SHARED, 0, 0, size)
+        else:
+            first = ring_size - at
+            view = memoryview(chunk)
+            ring[at:] = view[:first]
+            ring[:size - first] = view[first:]
+            frames = SHARED_FRAME.pack(4, at, SHARED, 0, 0, first)
+            frames += SHARED_FRAME.pack(4, 0, SHARED, 0, 0, size - first)
+        # Only once the copy succeeded (a str from the app raises above): the supervisor expects
+        # each chunk where the last announced one ended.
+        self.written = (written + size) & 0xFFFFFFFF
+        return frames
 
     def sendv(self, parts):
         total = sum(map(len, parts))
@@ -446,7 +461,13 @@ class Slot:
             self.send_body(view[FRAME_BODY_MAX:])
             return
         head = self.head()
-        self.sendv([_pack(len(head) + len(chunk), len(head), START, 0, 0), head, chunk])
+        # A big first chunk goes through the ring like the rest: the START frame carries the
+        # head alone and the SHARED frame follows it in the same write.
+        shared = self.share(chunk, len(chunk))
+        if shared is not None:
+            self.sock.sendall(_pack(len(head), len(head), START, 0, 0) + head + shared)
+        else:
+            self.sendv([_pack(len(head) + len(chunk), len(head), START, 0, 0), head, chunk])
         self.sent = True
 
     def start_response(self, status, headers, exc_info=None):
