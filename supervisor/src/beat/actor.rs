@@ -24,13 +24,15 @@ use super::publisher::{Broker, BrokerError, Outgoing, PublishTask, Published};
 use super::{BACKOFF_MAX, BACKOFF_MIN, BeatError, BeatStatus, Command, JobStatus, Settings};
 use crate::metrics::Metrics;
 use ahead::{PREPARE_AHEAD, Prepared};
-use job_state::JobState;
+use job_state::{JobState, Shared};
 
 pub(super) struct Actor {
     settings: Settings,
     broker: Broker,
     leader: Leader,
     jobs: Vec<JobState>,
+    /// The task names, queues and cron texts the jobs share.
+    shared: Shared,
     /// `None` until the first Redis command, so the first outcome is logged either way.
     redis_up: Option<bool>,
     /// The last Redis failure and when it happened, for `status`.
@@ -58,10 +60,12 @@ pub(super) struct Actor {
 }
 
 /// A batch on its way: its (job index, slot) pairs, their task ids, the task sending it.
-type Pending = (Vec<(usize, DateTime<Utc>)>, Vec<String>, PublishTask);
+type Pending = (Vec<(usize, DateTime<Utc>)>, Vec<uuid::Uuid>, PublishTask);
 
 /// Slots published per pipeline.
 const PUBLISH_BATCH: usize = 250;
+/// Jobs whose last published slots are read per round trip when syncing cursors.
+const SYNC_BATCH: usize = 5_000;
 
 fn instant_of(time: DateTime<Utc>) -> Instant {
     let wait = (time - Utc::now()).to_std().unwrap_or(Duration::ZERO);
@@ -78,16 +82,18 @@ impl Actor {
         metrics: Arc<Metrics>,
     ) -> Actor {
         let wall = Utc::now();
+        let mut shared = Shared::default();
         let jobs = settings
             .jobs
             .iter()
-            .map(|job| JobState::new(job.clone(), wall))
+            .map(|job| JobState::new(job.clone(), wall, &mut shared))
             .collect();
         Actor {
             settings,
             broker,
             leader,
             jobs,
+            shared,
             redis_up: None,
             last_error: None,
             refused_login: false,
@@ -196,12 +202,12 @@ impl Actor {
             jobs: self.jobs[..self.jobs.len() - self.runtime.count()]
                 .iter()
                 .map(|state| JobStatus {
-                    name: state.job.name.clone(),
-                    task: state.job.task.clone(),
+                    name: state.job.name.to_string(),
+                    task: state.job.task.to_string(),
                     schedule: state.job.schedule.to_string(),
                     next_run: state.next.map(|time| state.show(time)),
                     last_run: state.last_run.map(|time| state.show(time)),
-                    last_task_id: state.last_task_id.clone(),
+                    last_task_id: state.last_task_id.map(|id| id.to_string()),
                     published: state.published,
                 })
                 .collect(),
@@ -219,7 +225,7 @@ impl Actor {
             if state.shown_next.is_none() {
                 // A new job's counters start at 0, so both families show before its first
                 // publish or error and `rate()` sees the first increment.
-                let name = [state.job.name.as_str()];
+                let name = [&*state.job.name];
                 self.metrics.beat_published_total.with_label_values(&name);
                 self.metrics.beat_errors_total.with_label_values(&name);
             }
@@ -402,15 +408,18 @@ impl Actor {
     /// Moves each job's cursor to the last slot any supervisor published for it, when Redis has
     /// one (else the cursor stays: a new job starts from when this supervisor first had it).
     async fn sync_cursors(&mut self) -> Result<(), BrokerError> {
-        let names: Vec<&str> = self
-            .jobs
-            .iter()
-            .map(|state| state.job.name.as_str())
-            .collect();
-        let slots = self.broker.last_slots(&names).await?;
-        for (state, slot) in self.jobs.iter_mut().zip(slots) {
-            if let Some(mark) = slot.and_then(DateTime::from_timestamp_millis) {
-                state.resume(mark);
+        // In steps: one reply for 100 000 jobs was a transient ten megabytes, the peak of a load.
+        for start in (0..self.jobs.len()).step_by(SYNC_BATCH) {
+            let end = (start + SYNC_BATCH).min(self.jobs.len());
+            let names: Vec<&str> = self.jobs[start..end]
+                .iter()
+                .map(|state| &*state.job.name)
+                .collect();
+            let slots = self.broker.last_slots(&names).await?;
+            for (state, slot) in self.jobs[start..end].iter_mut().zip(slots) {
+                if let Some(mark) = slot.and_then(DateTime::from_timestamp_millis) {
+                    state.resume(mark);
+                }
             }
         }
         self.earliest = None;
@@ -505,7 +514,7 @@ impl Actor {
                     if tracing::enabled!(tracing::Level::DEBUG) {
                         let mut names: Vec<&str> = batch
                             .iter()
-                            .map(|&(index, _)| self.jobs[index].job.name.as_str())
+                            .map(|&(index, _)| &*self.jobs[index].job.name)
                             .collect();
                         names.dedup();
                         tracing::debug!(
@@ -573,19 +582,24 @@ impl Actor {
     }
 
     /// The task ids and messages of `batch` (job index, slot).
-    fn prepare_batch(&self, batch: &[(usize, DateTime<Utc>)]) -> (Vec<String>, Vec<Outgoing>) {
+    fn prepare_batch(&self, batch: &[(usize, DateTime<Utc>)]) -> (Vec<uuid::Uuid>, Vec<Outgoing>) {
         let published_at = Utc::now();
         let mut ids = Vec::with_capacity(batch.len());
         let mut outgoing = Vec::with_capacity(batch.len());
         for &(index, slot) in batch {
             let state = &self.jobs[index];
             let job = &state.job;
-            let task_id = uuid::Uuid::new_v4().to_string();
-            let delivery_tag = uuid::Uuid::new_v4().to_string();
+            let task_id = uuid::Uuid::new_v4();
+            let (mut id_text, mut tag_text) = (
+                [0; uuid::fmt::Hyphenated::LENGTH],
+                [0; uuid::fmt::Hyphenated::LENGTH],
+            );
             let message = TaskMessage {
                 task: &job.task,
-                id: &task_id,
-                delivery_tag: &delivery_tag,
+                id: task_id.hyphenated().encode_lower(&mut id_text),
+                delivery_tag: uuid::Uuid::new_v4()
+                    .hyphenated()
+                    .encode_lower(&mut tag_text),
                 arguments: &state.arguments,
                 queue: &job.queue,
                 priority: job.priority,
@@ -613,7 +627,7 @@ impl Actor {
     fn record_batch(
         &mut self,
         batch: &[(usize, DateTime<Utc>)],
-        ids: Vec<String>,
+        ids: Vec<uuid::Uuid>,
         outcomes: Vec<Published>,
     ) -> Option<usize> {
         let lag_base = Utc::now();
@@ -642,11 +656,13 @@ impl Actor {
                         );
                     }
                     if state.one_off {
-                        self.runtime.one_offs_done.push(state.job.name.clone());
+                        self.runtime.one_offs_done.push(state.job.name.to_string());
                     }
                     let state = &mut self.jobs[index];
                     state.last_run = Some(slot);
-                    state.last_task_id = Some(task_id);
+                    if !state.runtime {
+                        state.last_task_id = Some(task_id);
+                    }
                     state.published += 1;
                 }
                 Published::AlreadySent => {
@@ -687,17 +703,19 @@ impl Actor {
             self.set_leader_metric();
         }
         let now = Utc::now();
-        let mut old: Vec<JobState> = std::mem::take(&mut self.jobs);
-        let (runtime_jobs, toml_jobs): (Vec<JobState>, Vec<JobState>) =
-            old.into_iter().partition(|state| state.runtime);
-        old = toml_jobs;
-        let mut jobs = Vec::with_capacity(settings.jobs.len() + runtime_jobs.len());
+        // The TOML jobs are the table's head. The runtime ones stay in the table, keeping their
+        // cursors, and are re-read at the next publishing wake-up (a new TOML job may now shadow
+        // one, or a new default zone apply): moved out and back, 100 000 of them were a second
+        // copy of the table.
+        let toml = self.jobs.len() - self.runtime.count();
+        let mut old: Vec<JobState> = self.jobs.drain(..toml).collect();
+        let mut jobs = Vec::with_capacity(settings.jobs.len());
         for job in &settings.jobs {
-            let state = match old.iter().position(|state| state.job.name == job.name) {
+            let state = match old.iter().position(|state| *state.job.name == *job.name) {
                 Some(position) => {
                     let mut state = old.swap_remove(position);
                     let changed = state.job.schedule != job.schedule;
-                    state.replace_job(job.clone());
+                    state.replace_job(job.clone(), &mut self.shared);
                     if changed {
                         state.advance(now);
                         state.since = Some(now);
@@ -706,7 +724,7 @@ impl Actor {
                 }
                 None => JobState {
                     since: Some(now),
-                    ..JobState::new(job.clone(), now)
+                    ..JobState::new(job.clone(), now, &mut self.shared)
                 },
             };
             jobs.push(state);
@@ -717,11 +735,11 @@ impl Actor {
                 .beat_next_run_timestamp_seconds
                 .remove_label_values(&[&removed.job.name]);
         }
-        // Runtime jobs go back after the TOML ones and are re-read at the next publishing
-        // wake-up, keeping their cursors (a new TOML job may now shadow one, or a new default
-        // zone apply).
-        jobs.extend(runtime_jobs);
-        self.jobs = jobs;
+        let moved = jobs.len() != toml;
+        self.jobs.splice(..0, jobs);
+        if moved {
+            self.reindex_runtime();
+        }
         self.earliest = None;
         self.prepared = None;
         self.settings = settings;

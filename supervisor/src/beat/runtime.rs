@@ -178,7 +178,7 @@ impl JobDoc {
                     Schedule::Cron {
                         spec,
                         tz,
-                        text: cron.text,
+                        text: cron.text.into(),
                     }
                 }),
                 Err(error) => {

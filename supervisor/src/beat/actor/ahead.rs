@@ -36,7 +36,7 @@ pub(super) struct Prepared {
 pub(super) struct Ready {
     pub(super) toml: bool,
     pub(super) slots: Vec<(usize, DateTime<Utc>)>,
-    pub(super) ids: Vec<String>,
+    pub(super) ids: Vec<uuid::Uuid>,
     pub(super) outgoing: Vec<Outgoing>,
 }
 
