@@ -719,7 +719,7 @@ async fn the_batch_publish_is_fenced_and_never_repeats_a_slot() {
             .iter()
             .enumerate()
             .map(|(index, slot)| Outgoing {
-                job: format!("job{}", index % 2),
+                job: format!("job{}", index % 2).into(),
                 slot_ms: *slot,
                 queue_key: if index % 2 == 0 { "even" } else { "odd" }.to_owned(),
                 message: format!("{{\"slot\": {slot}}}"),
