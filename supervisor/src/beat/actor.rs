@@ -201,14 +201,21 @@ impl Actor {
             // walking 100 000 runtime jobs for it was most of an idle leader's CPU.
             jobs: self.jobs[..self.jobs.len() - self.runtime.count()]
                 .iter()
-                .map(|state| JobStatus {
-                    name: state.job.name.to_string(),
-                    task: state.job.task.to_string(),
-                    schedule: state.job.schedule.to_string(),
-                    next_run: state.next.map(|time| state.show(time)),
-                    last_run: state.last_run.map(|time| state.show(time)),
-                    last_task_id: state.last_task_id.map(|id| id.to_string()),
-                    published: state.published,
+                .map(|state| {
+                    let shown = state.shown.as_deref();
+                    JobStatus {
+                        name: state.job.name.to_string(),
+                        task: state.job.task.to_string(),
+                        schedule: state.job.schedule.to_string(),
+                        next_run: state.next.map(|time| state.show(time)),
+                        last_run: shown
+                            .and_then(|shown| shown.last_run)
+                            .map(|time| state.show(time)),
+                        last_task_id: shown
+                            .and_then(|shown| shown.last_task_id)
+                            .map(|id| id.to_string()),
+                        published: shown.map_or(0, |shown| shown.published),
+                    }
                 })
                 .collect(),
         }
@@ -219,17 +226,20 @@ impl Actor {
         // Runtime jobs come after the TOML ones and have no series of their own.
         let toml = self.jobs.len() - self.runtime.count();
         for state in &mut self.jobs[..toml] {
-            if state.runtime || state.shown_next == Some(state.next) {
+            let Some(shown) = state.shown.as_deref_mut() else {
+                continue;
+            };
+            if shown.next == Some(state.next) {
                 continue;
             }
-            if state.shown_next.is_none() {
+            if shown.next.is_none() {
                 // A new job's counters start at 0, so both families show before its first
                 // publish or error and `rate()` sees the first increment.
                 let name = [&*state.job.name];
                 self.metrics.beat_published_total.with_label_values(&name);
                 self.metrics.beat_errors_total.with_label_values(&name);
             }
-            state.shown_next = Some(state.next);
+            shown.next = Some(state.next);
             let gauge = self
                 .metrics
                 .beat_next_run_timestamp_seconds
@@ -658,12 +668,11 @@ impl Actor {
                     if state.one_off {
                         self.runtime.one_offs_done.push(state.job.name.to_string());
                     }
-                    let state = &mut self.jobs[index];
-                    state.last_run = Some(slot);
-                    if !state.runtime {
-                        state.last_task_id = Some(task_id);
+                    if let Some(shown) = self.jobs[index].shown.as_deref_mut() {
+                        shown.last_run = Some(slot);
+                        shown.last_task_id = Some(task_id);
+                        shown.published += 1;
                     }
-                    state.published += 1;
                 }
                 Published::AlreadySent => {
                     tracing::debug!(job = %state.job.name, slot = %state.show(slot), "beat: slot already published by another supervisor");

@@ -83,17 +83,24 @@ impl Shared {
     }
 }
 
+/// What `status` and the metrics show of a `sauna.toml` job. Runtime jobs have none: `status`
+/// lists only the TOML jobs, their metrics share one series, and `beat list` reads a runtime
+/// job's last run from Redis.
+#[derive(Default)]
+pub(super) struct Shown {
+    pub(super) last_run: Option<DateTime<Utc>>,
+    pub(super) last_task_id: Option<uuid::Uuid>,
+    pub(super) published: u64,
+    /// The value last written to the next-run gauge (`None`: never written).
+    pub(super) next: Option<Option<DateTime<Utc>>>,
+}
+
 pub(super) struct JobState {
     pub(super) job: Definition,
     pub(super) cursor: DateTime<Utc>,
     pub(super) next: Option<DateTime<Utc>>,
-    pub(super) last_run: Option<DateTime<Utc>>,
-    /// Kept for the `sauna.toml` jobs only, which `status` shows (a runtime job's last run is in
-    /// Redis, where `beat list` reads it).
-    pub(super) last_task_id: Option<uuid::Uuid>,
-    pub(super) published: u64,
-    /// The value last written to the next-run gauge (`None`: never written).
-    pub(super) shown_next: Option<Option<DateTime<Utc>>>,
+    /// `None` for a runtime job (see [`Shown`]).
+    pub(super) shown: Option<Box<Shown>>,
     /// When a reload put the job's current schedule in force: Redis's mark of an older schedule
     /// never moves the cursor behind it. `None` for the jobs this supervisor started with.
     pub(super) since: Option<DateTime<Utc>>,
@@ -118,10 +125,7 @@ impl JobState {
             job,
             cursor,
             next,
-            last_run: None,
-            last_task_id: None,
-            published: 0,
-            shown_next: None,
+            shown: Some(Box::default()),
             since: None,
             runtime: false,
             one_off: false,
@@ -138,6 +142,7 @@ impl JobState {
     ) -> JobState {
         JobState {
             since: Some(cursor),
+            shown: None,
             runtime: true,
             one_off: job.one_off,
             ..JobState::new(job.job, cursor, shared)
