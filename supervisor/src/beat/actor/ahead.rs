@@ -8,7 +8,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 
-use super::{Actor, PUBLISH_BATCH};
+use super::Actor;
+use super::publish::PUBLISH_BATCH;
 use crate::beat::jobs;
 use crate::beat::publisher::Outgoing;
 
