@@ -189,3 +189,55 @@ impl JobState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(name: &str, task: &str, cron: &str) -> Job {
+        Job {
+            name: name.to_owned(),
+            task: task.to_owned(),
+            schedule: Schedule::cron(cron, chrono_tz::UTC).unwrap(),
+            args: serde_json::json!([name]),
+            kwargs: serde_json::json!({}),
+            queue: "celery".to_owned(),
+            priority: None,
+            expires: None,
+            catch_up: CatchUp::Once,
+            catch_up_window: None,
+        }
+    }
+
+    fn cron_text(state: &JobState) -> Arc<str> {
+        match &state.job.schedule {
+            Schedule::Cron { text, .. } => text.clone(),
+            Schedule::Every { .. } => panic!("a cron job"),
+        }
+    }
+
+    #[test]
+    fn jobs_share_one_copy_of_equal_texts_and_forget_unused_ones() {
+        let mut shared = Shared::default();
+        let now = Utc::now();
+        let a = JobState::new(job("a", "t.report", "* * * * *"), now, &mut shared);
+        let mut b = JobState::new(job("b", "t.report", "* * * * *"), now, &mut shared);
+        assert!(Arc::ptr_eq(&a.job.task, &b.job.task));
+        assert!(Arc::ptr_eq(&a.job.queue, &b.job.queue));
+        assert!(Arc::ptr_eq(&cron_text(&a), &cron_text(&b)));
+        assert_eq!(b.arguments.args_json(), "[\"b\"]");
+
+        b.replace_job(job("b", "t.other", "0 3 * * *"), &mut shared);
+        assert_eq!(&*b.job.task, "t.other");
+        assert_eq!(b.job.schedule.to_string(), "cron \"0 3 * * *\" (UTC)");
+        assert_eq!(shared.texts.len(), 5);
+        shared.prune();
+        // Both crons and tasks are still in use, and the queue.
+        assert_eq!(shared.texts.len(), 5);
+        drop(a);
+        shared.prune();
+        let mut left: Vec<&str> = shared.texts.iter().map(|text| &**text).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["0 3 * * *", "celery", "t.other"]);
+    }
+}
