@@ -438,6 +438,99 @@ fn python_helper_jobs_run_on_a_real_worker_and_change_without_a_reload() {
     assert!(running.stop().success());
 }
 
+/// A config reload that puts TOML jobs ahead of the runtime ones in the leader's table (and
+/// one of them shadowing a runtime job) keeps the others running from their cursors: removing
+/// one afterwards stops that one and no other, and no slot goes out twice.
+#[test]
+fn a_config_reload_keeps_runtime_jobs_running_and_a_new_toml_job_shadows_one() {
+    let sandbox = Sandbox::new();
+    let redis = RedisServer::start(&sandbox.path("redis"));
+    sandbox.write_config(&config(&redis, ""));
+    for name in ["rt-a", "rt-b", "rt-c"] {
+        let output = sandbox.run(&[
+            "beat",
+            "add",
+            name,
+            "--task",
+            "tasks.record",
+            "--every",
+            "1s",
+            "--queue",
+            "rt",
+        ]);
+        assert_ok(&output, "beat add");
+    }
+    let running = sandbox.start();
+    running.wait_for(
+        Duration::from_secs(10),
+        "the three runtime jobs loaded",
+        |status| status["beat"]["runtime_jobs"] == 3,
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "every runtime job to publish",
+        || {
+            let published = messages(&redis, "rt");
+            ["rt-a", "rt-b", "rt-c"]
+                .iter()
+                .all(|name| published.iter().any(|m| m.job == *name))
+                .then_some(())
+        },
+    );
+
+    sandbox.write_config(&config(
+        &redis,
+        "[beat.jobs.rt-b]\ntask = \"tasks.record\"\nevery = \"1h\"\n[beat.jobs.hourly]\ntask = \"tasks.record\"\nevery = \"1h\"\n",
+    ));
+    assert_ok(&sandbox.run(&["reload"]), "reload");
+    running.wait_for(
+        Duration::from_secs(10),
+        "rt-b refused for the new TOML job's name",
+        |status| {
+            status["beat"]["runtime_jobs"] == 2
+                && status["beat"]["runtime_invalid"]["rt-b"].is_string()
+        },
+    );
+    let shadowed_at = Utc::now();
+    assert_ok(&sandbox.run(&["beat", "remove", "rt-a"]), "beat remove");
+    let removed_at = Utc::now();
+    running.wait_for(Duration::from_secs(5), "rt-a gone", |status| {
+        status["beat"]["runtime_jobs"] == 1
+    });
+    wait_until(Duration::from_secs(10), "rt-c to go on publishing", || {
+        (messages(&redis, "rt")
+            .iter()
+            .filter(|m| m.job == "rt-c" && m.slot > removed_at)
+            .count()
+            >= 2)
+            .then_some(())
+    });
+    assert!(running.stop().success());
+
+    let published = messages(&redis, "rt");
+    let late: Vec<&Message> = published
+        .iter()
+        .filter(|m| {
+            (m.job == "rt-a" && m.slot > removed_at) || (m.job == "rt-b" && m.slot > shadowed_at)
+        })
+        .collect();
+    assert!(
+        late.is_empty(),
+        "published after removal or shadowing: {late:?}"
+    );
+    for name in ["rt-a", "rt-b", "rt-c"] {
+        let mut slots: Vec<DateTime<Utc>> = published
+            .iter()
+            .filter(|m| m.job == name)
+            .map(|m| m.slot)
+            .collect();
+        let count = slots.len();
+        slots.sort();
+        slots.dedup();
+        assert_eq!(slots.len(), count, "{name}: a slot went out twice");
+    }
+}
+
 /// Sleeps until the wall clock is `second`.`millis` into a minute that leaves at least that much.
 fn wait_for_second(second: u32, millis: u32) -> DateTime<Utc> {
     loop {
@@ -719,7 +812,7 @@ async fn the_batch_publish_is_fenced_and_never_repeats_a_slot() {
             .iter()
             .enumerate()
             .map(|(index, slot)| Outgoing {
-                job: format!("job{}", index % 2),
+                job: format!("job{}", index % 2).into(),
                 slot_ms: *slot,
                 queue_key: if index % 2 == 0 { "even" } else { "odd" }.to_owned(),
                 message: format!("{{\"slot\": {slot}}}"),

@@ -3,11 +3,13 @@
 //! of the next due slot, the next lock renewal/attempt and the next Redis retry, and wakes early
 //! on a command from the [`BeatHandle`](super::BeatHandle). The rules it follows (cursors,
 //! take-over, catch-up) are described in the module above.
-//! Its parts: `job_state` (one job as the table holds it), `ahead` (the next slot's messages built
-//! before it falls due) and `runtime` (the jobs stored in Redis).
+//! Its parts: `job_state` (one job as the table holds it), `publish` (a publishing pass),
+//! `ahead` (the next slot's messages built before it falls due) and `runtime` (the jobs stored
+//! in Redis).
 
 mod ahead;
 mod job_state;
+mod publish;
 mod runtime;
 
 use std::sync::Arc;
@@ -17,20 +19,20 @@ use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::jobs;
 use super::leader::{Leader, Lease};
-use super::message::TaskMessage;
-use super::publisher::{Broker, BrokerError, Outgoing, PublishTask, Published};
+use super::publisher::{Broker, BrokerError};
 use super::{BACKOFF_MAX, BACKOFF_MIN, BeatError, BeatStatus, Command, JobStatus, Settings};
 use crate::metrics::Metrics;
 use ahead::{PREPARE_AHEAD, Prepared};
-use job_state::JobState;
+use job_state::{JobState, Shared};
 
 pub(super) struct Actor {
     settings: Settings,
     broker: Broker,
     leader: Leader,
     jobs: Vec<JobState>,
+    /// The task names, queues and cron texts the jobs share.
+    shared: Shared,
     /// `None` until the first Redis command, so the first outcome is logged either way.
     redis_up: Option<bool>,
     /// The last Redis failure and when it happened, for `status`.
@@ -57,11 +59,8 @@ pub(super) struct Actor {
     metrics: Arc<Metrics>,
 }
 
-/// A batch on its way: its (job index, slot) pairs, their task ids, the task sending it.
-type Pending = (Vec<(usize, DateTime<Utc>)>, Vec<String>, PublishTask);
-
-/// Slots published per pipeline.
-const PUBLISH_BATCH: usize = 250;
+/// Jobs whose last published slots are read per round trip when syncing cursors.
+const SYNC_BATCH: usize = 5_000;
 
 fn instant_of(time: DateTime<Utc>) -> Instant {
     let wait = (time - Utc::now()).to_std().unwrap_or(Duration::ZERO);
@@ -78,16 +77,18 @@ impl Actor {
         metrics: Arc<Metrics>,
     ) -> Actor {
         let wall = Utc::now();
+        let mut shared = Shared::default();
         let jobs = settings
             .jobs
             .iter()
-            .map(|job| JobState::new(job.clone(), wall))
+            .map(|job| JobState::new(job.clone(), wall, &mut shared))
             .collect();
         Actor {
             settings,
             broker,
             leader,
             jobs,
+            shared,
             redis_up: None,
             last_error: None,
             refused_login: false,
@@ -195,14 +196,21 @@ impl Actor {
             // walking 100 000 runtime jobs for it was most of an idle leader's CPU.
             jobs: self.jobs[..self.jobs.len() - self.runtime.count()]
                 .iter()
-                .map(|state| JobStatus {
-                    name: state.job.name.clone(),
-                    task: state.job.task.clone(),
-                    schedule: state.job.schedule.to_string(),
-                    next_run: state.next.map(|time| state.show(time)),
-                    last_run: state.last_run.map(|time| state.show(time)),
-                    last_task_id: state.last_task_id.clone(),
-                    published: state.published,
+                .map(|state| {
+                    let shown = state.shown.as_deref();
+                    JobStatus {
+                        name: state.job.name.to_string(),
+                        task: state.job.task.to_string(),
+                        schedule: state.job.schedule.to_string(),
+                        next_run: state.next.map(|time| state.show(time)),
+                        last_run: shown
+                            .and_then(|shown| shown.last_run)
+                            .map(|time| state.show(time)),
+                        last_task_id: shown
+                            .and_then(|shown| shown.last_task_id)
+                            .map(|id| id.to_string()),
+                        published: shown.map_or(0, |shown| shown.published),
+                    }
                 })
                 .collect(),
         }
@@ -213,17 +221,20 @@ impl Actor {
         // Runtime jobs come after the TOML ones and have no series of their own.
         let toml = self.jobs.len() - self.runtime.count();
         for state in &mut self.jobs[..toml] {
-            if state.runtime || state.shown_next == Some(state.next) {
+            let Some(shown) = state.shown.as_deref_mut() else {
+                continue;
+            };
+            if shown.next == Some(state.next) {
                 continue;
             }
-            if state.shown_next.is_none() {
+            if shown.next.is_none() {
                 // A new job's counters start at 0, so both families show before its first
                 // publish or error and `rate()` sees the first increment.
-                let name = [state.job.name.as_str()];
+                let name = [&*state.job.name];
                 self.metrics.beat_published_total.with_label_values(&name);
                 self.metrics.beat_errors_total.with_label_values(&name);
             }
-            state.shown_next = Some(state.next);
+            shown.next = Some(state.next);
             let gauge = self
                 .metrics
                 .beat_next_run_timestamp_seconds
@@ -402,260 +413,24 @@ impl Actor {
     /// Moves each job's cursor to the last slot any supervisor published for it, when Redis has
     /// one (else the cursor stays: a new job starts from when this supervisor first had it).
     async fn sync_cursors(&mut self) -> Result<(), BrokerError> {
-        let names: Vec<&str> = self
-            .jobs
-            .iter()
-            .map(|state| state.job.name.as_str())
-            .collect();
-        let slots = self.broker.last_slots(&names).await?;
-        for (state, slot) in self.jobs.iter_mut().zip(slots) {
-            if let Some(mark) = slot.and_then(DateTime::from_timestamp_millis) {
-                state.resume(mark);
+        // In steps: one reply for 100 000 jobs was a transient ten megabytes, the peak of a load.
+        for start in (0..self.jobs.len()).step_by(SYNC_BATCH) {
+            let end = (start + SYNC_BATCH).min(self.jobs.len());
+            let names: Vec<&str> = self.jobs[start..end]
+                .iter()
+                .map(|state| &*state.job.name)
+                .collect();
+            let slots = self.broker.last_slots(&names).await?;
+            for (state, slot) in self.jobs[start..end].iter_mut().zip(slots) {
+                if let Some(mark) = slot.and_then(DateTime::from_timestamp_millis) {
+                    state.resume(mark);
+                }
             }
         }
         self.earliest = None;
         self.prepared = None;
         self.synced = true;
         Ok(())
-    }
-
-    /// Publishes what is due among the first `count` jobs (the TOML ones come first).
-    async fn publish_due(&mut self, count: usize) -> Result<(), BrokerError> {
-        let now = Utc::now();
-        let (ready, mark, prepared_for) = self.take_ready(count, now);
-        if ready.is_empty() && self.earliest_next().is_none_or(|earliest| earliest > now) {
-            return Ok(());
-        }
-        // Publish in batches, each sent as soon as it is full and while the next is planned
-        // and prepared: thousands of jobs due at one minute boundary cost a few round trips,
-        // and the first batch leaves before the last job is planned. The batches built ahead
-        // for this slot go first.
-        let mut slots: Vec<(usize, DateTime<Utc>)> = Vec::new();
-        let mut planned: Vec<(usize, DateTime<Utc>)> = Vec::new();
-        let mut pending = Vec::new();
-        // The lease ran out before every batch went out: the rest stays due.
-        let mut lease_ended = false;
-        // The script found the lock no longer ours.
-        let mut refused = false;
-        for batch in ready {
-            if !self.leader.may_publish(Instant::now()) {
-                lease_ended = true;
-                break;
-            }
-            let task = self
-                .broker
-                .start_publish(self.leader.fence(), batch.outgoing)
-                .await?;
-            // A prepared job counts as planned at the instant it was prepared for.
-            planned.extend(batch.slots.iter().map(|&(index, _)| (index, prepared_for)));
-            pending.push((batch.slots, batch.ids, task));
-            tokio::task::yield_now().await;
-        }
-        for index in 0..count.min(self.jobs.len()) {
-            if lease_ended {
-                break;
-            }
-            let state = &self.jobs[index];
-            if state.next.is_none_or(|next| next > now) || (mark != 0 && state.prepared == mark) {
-                continue;
-            }
-            let state = &self.jobs[index];
-            let plan = jobs::plan_due(
-                &state.job.schedule,
-                state.job.catch_up,
-                state.job.catch_up_window,
-                state.cursor,
-                now,
-            );
-            if let Some((first, last)) = plan.skipped {
-                tracing::warn!(
-                    job = %state.job.name,
-                    first = %state.show(first),
-                    last = %state.show(last),
-                    catch_up = ?state.job.catch_up,
-                    "beat: missed slot(s) not published (nobody could publish then; see catch_up and catch_up_window)"
-                );
-            }
-            slots.extend(plan.publish.into_iter().map(|slot| (index, slot)));
-            planned.push((index, now));
-            // Cut only between jobs: the batches run on tasks of their own, so only within one
-            // batch is their order certain, and a job's slots must go out oldest first.
-            if slots.len() >= PUBLISH_BATCH {
-                let batch = std::mem::take(&mut slots);
-                if !self.send_batch(batch, &mut pending).await? {
-                    lease_ended = true;
-                    break;
-                }
-            }
-        }
-        if !lease_ended && !slots.is_empty() && !self.send_batch(slots, &mut pending).await? {
-            lease_ended = true;
-        }
-        let mut runtime_sent = 0usize;
-        for (batch, ids, handle) in pending {
-            let outcomes = match self.broker.finish_publish(handle.await) {
-                Ok(outcomes) => outcomes,
-                Err(error) => {
-                    for &(index, _) in &batch {
-                        self.metrics
-                            .beat_errors_total
-                            .with_label_values(&[self.jobs[index].metric_label()])
-                            .inc();
-                    }
-                    if tracing::enabled!(tracing::Level::DEBUG) {
-                        let mut names: Vec<&str> = batch
-                            .iter()
-                            .map(|&(index, _)| self.jobs[index].job.name.as_str())
-                            .collect();
-                        names.dedup();
-                        tracing::debug!(
-                            jobs = %names.join(","),
-                            error = %error,
-                            "beat: publish failed; the slots stay due"
-                        );
-                    }
-                    return Err(error);
-                }
-            };
-            match self.record_batch(&batch, ids, outcomes) {
-                Some(sent) => runtime_sent += sent,
-                None => refused = true,
-            }
-        }
-        if runtime_sent > 0 {
-            tracing::info!(
-                count = runtime_sent,
-                lag_ms = (Utc::now() - now).num_milliseconds().max(0),
-                "beat: published runtime job tasks"
-            );
-        }
-        if refused {
-            tracing::warn!(
-                "beat: publish refused because the leader lock is no longer ours; standing by"
-            );
-            self.leader.resign(Instant::now());
-            self.set_leader_metric();
-            self.synced = false;
-            return Ok(());
-        }
-        if lease_ended {
-            return Ok(());
-        }
-        if planned.is_empty() {
-            return Ok(());
-        }
-        for (index, cursor) in planned {
-            self.jobs[index].advance(cursor);
-        }
-        self.earliest = None;
-        Ok(())
-    }
-
-    /// Prepares `batch` (job index, slot) and starts sending it on a task of its own, so Redis
-    /// works through it while the caller goes on; false (nothing sent) when the lease ran out.
-    async fn send_batch(
-        &mut self,
-        batch: Vec<(usize, DateTime<Utc>)>,
-        pending: &mut Vec<Pending>,
-    ) -> Result<bool, BrokerError> {
-        if !self.leader.may_publish(Instant::now()) {
-            return Ok(false);
-        }
-        let (ids, outgoing) = self.prepare_batch(&batch);
-        let task = self
-            .broker
-            .start_publish(self.leader.fence(), outgoing)
-            .await?;
-        pending.push((batch, ids, task));
-        // Lets the connection's task write the batch out now.
-        tokio::task::yield_now().await;
-        Ok(true)
-    }
-
-    /// The task ids and messages of `batch` (job index, slot).
-    fn prepare_batch(&self, batch: &[(usize, DateTime<Utc>)]) -> (Vec<String>, Vec<Outgoing>) {
-        let published_at = Utc::now();
-        let mut ids = Vec::with_capacity(batch.len());
-        let mut outgoing = Vec::with_capacity(batch.len());
-        for &(index, slot) in batch {
-            let state = &self.jobs[index];
-            let job = &state.job;
-            let task_id = uuid::Uuid::new_v4().to_string();
-            let delivery_tag = uuid::Uuid::new_v4().to_string();
-            let message = TaskMessage {
-                task: &job.task,
-                id: &task_id,
-                delivery_tag: &delivery_tag,
-                arguments: &state.arguments,
-                queue: &job.queue,
-                priority: job.priority,
-                // From the publish, or from the slot for a message built ahead of it.
-                expires: job
-                    .expires
-                    .and_then(|expires| chrono::Duration::from_std(expires).ok())
-                    .map(|expires| published_at.max(slot) + expires),
-                origin: &self.origin,
-                slot: Some((&job.name, slot)),
-            };
-            outgoing.push(Outgoing {
-                job: job.name.clone(),
-                slot_ms: slot.timestamp_millis(),
-                queue_key: message.queue_key(),
-                message: message.envelope(),
-            });
-            ids.push(task_id);
-        }
-        (ids, outgoing)
-    }
-
-    /// Records what happened to `batch`: the number of runtime jobs' tasks sent, or `None` when
-    /// the lock turned out not to be ours (the script pushed nothing from then on).
-    fn record_batch(
-        &mut self,
-        batch: &[(usize, DateTime<Utc>)],
-        ids: Vec<String>,
-        outcomes: Vec<Published>,
-    ) -> Option<usize> {
-        let lag_base = Utc::now();
-        let mut runtime_sent = 0;
-        for ((&(index, slot), task_id), outcome) in batch.iter().zip(ids).zip(outcomes) {
-            let state = &self.jobs[index];
-            match outcome {
-                Published::Sent => {
-                    let lag = (lag_base - slot).to_std().unwrap_or(Duration::ZERO);
-                    self.metrics
-                        .beat_published_total
-                        .with_label_values(&[state.metric_label()])
-                        .inc();
-                    self.metrics.beat_lag_seconds.observe(lag.as_secs_f64());
-                    if state.runtime {
-                        runtime_sent += 1;
-                        tracing::debug!(job = %state.job.name, task = %state.job.task, task_id = %task_id, slot = %state.show(slot), lag_ms = lag.as_millis() as u64, "beat: published");
-                    } else {
-                        tracing::info!(
-                            job = %state.job.name,
-                            task = %state.job.task,
-                            task_id = %task_id,
-                            slot = %state.show(slot),
-                            lag_ms = lag.as_millis() as u64,
-                            "beat: published"
-                        );
-                    }
-                    if state.one_off {
-                        self.runtime.one_offs_done.push(state.job.name.clone());
-                    }
-                    let state = &mut self.jobs[index];
-                    state.last_run = Some(slot);
-                    state.last_task_id = Some(task_id);
-                    state.published += 1;
-                }
-                Published::AlreadySent => {
-                    tracing::debug!(job = %state.job.name, slot = %state.show(slot), "beat: slot already published by another supervisor");
-                }
-                Published::NotLeader => return None,
-            }
-        }
-        Some(runtime_sent)
     }
 
     async fn reload(&mut self, settings: Settings) -> Result<(), BeatError> {
@@ -687,17 +462,19 @@ impl Actor {
             self.set_leader_metric();
         }
         let now = Utc::now();
-        let mut old: Vec<JobState> = std::mem::take(&mut self.jobs);
-        let (runtime_jobs, toml_jobs): (Vec<JobState>, Vec<JobState>) =
-            old.into_iter().partition(|state| state.runtime);
-        old = toml_jobs;
-        let mut jobs = Vec::with_capacity(settings.jobs.len() + runtime_jobs.len());
+        // The TOML jobs are the table's head. The runtime ones stay in the table, keeping their
+        // cursors, and are re-read at the next publishing wake-up (a new TOML job may now shadow
+        // one, or a new default zone apply): moved out and back, 100 000 of them were a second
+        // copy of the table.
+        let toml = self.jobs.len() - self.runtime.count();
+        let mut old: Vec<JobState> = self.jobs.drain(..toml).collect();
+        let mut jobs = Vec::with_capacity(settings.jobs.len());
         for job in &settings.jobs {
-            let state = match old.iter().position(|state| state.job.name == job.name) {
+            let state = match old.iter().position(|state| *state.job.name == *job.name) {
                 Some(position) => {
                     let mut state = old.swap_remove(position);
                     let changed = state.job.schedule != job.schedule;
-                    state.replace_job(job.clone());
+                    state.replace_job(job.clone(), &mut self.shared);
                     if changed {
                         state.advance(now);
                         state.since = Some(now);
@@ -706,7 +483,7 @@ impl Actor {
                 }
                 None => JobState {
                     since: Some(now),
-                    ..JobState::new(job.clone(), now)
+                    ..JobState::new(job.clone(), now, &mut self.shared)
                 },
             };
             jobs.push(state);
@@ -717,11 +494,11 @@ impl Actor {
                 .beat_next_run_timestamp_seconds
                 .remove_label_values(&[&removed.job.name]);
         }
-        // Runtime jobs go back after the TOML ones and are re-read at the next publishing
-        // wake-up, keeping their cursors (a new TOML job may now shadow one, or a new default
-        // zone apply).
-        jobs.extend(runtime_jobs);
-        self.jobs = jobs;
+        let moved = jobs.len() != toml;
+        self.jobs.splice(..0, jobs);
+        if moved {
+            self.reindex_runtime();
+        }
         self.earliest = None;
         self.prepared = None;
         self.settings = settings;

@@ -163,7 +163,7 @@ fn convert(entry: Entry, tz: Tz) -> Result<Job, String> {
             Schedule::Cron {
                 spec,
                 tz,
-                text: cron.text.clone(),
+                text: cron.text.as_str().into(),
             }
         }
         (None, None) => return Err(fail("no schedule".to_owned())),

@@ -306,7 +306,7 @@ impl Broker {
         }
         call.arg(token.unwrap_or(""));
         for outgoing in &batch {
-            call.arg(&outgoing.job)
+            call.arg(&*outgoing.job)
                 .arg(outgoing.slot_ms)
                 .arg(&outgoing.message);
         }
@@ -376,7 +376,7 @@ pub type PublishTask = tokio::task::JoinHandle<redis::RedisResult<Vec<i64>>>;
 #[derive(Debug, Clone)]
 pub struct Outgoing {
     /// The job it is for.
-    pub job: String,
+    pub job: std::sync::Arc<str>,
     /// Its slot, Unix ms.
     pub slot_ms: i64,
     /// The queue list it goes to.

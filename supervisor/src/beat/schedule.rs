@@ -18,6 +18,7 @@
 //! whether a slot was already sent.
 
 use std::fmt;
+use std::sync::Arc;
 
 use chrono::{DateTime, Datelike, Duration, LocalResult, NaiveDate, NaiveDateTime, TimeZone, Utc};
 use chrono_tz::Tz;
@@ -38,8 +39,9 @@ pub enum Schedule {
         spec: CronSpec,
         /// The zone the fields are read in.
         tz: Tz,
-        /// The expression as written, for status and logs.
-        text: String,
+        /// The expression as written, for status and logs (shared: thousands of runtime jobs
+        /// have the same few expressions).
+        text: Arc<str>,
     },
     /// Every `interval`, aligned to the Unix epoch.
     Every {
@@ -77,7 +79,7 @@ impl Schedule {
         Ok(Schedule::Cron {
             spec: cron.spec,
             tz,
-            text: cron.text,
+            text: cron.text.into(),
         })
     }
 
@@ -87,7 +89,7 @@ impl Schedule {
             JobSchedule::Cron(cron) => Schedule::Cron {
                 spec: cron.spec.clone(),
                 tz: job.timezone,
-                text: cron.text.clone(),
+                text: cron.text.as_str().into(),
             },
             JobSchedule::Every(interval) => Schedule::Every {
                 interval: interval.get(),

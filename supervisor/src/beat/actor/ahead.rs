@@ -8,7 +8,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 
-use super::{Actor, PUBLISH_BATCH};
+use super::Actor;
+use super::publish::PUBLISH_BATCH;
 use crate::beat::jobs;
 use crate::beat::publisher::Outgoing;
 
@@ -36,7 +37,7 @@ pub(super) struct Prepared {
 pub(super) struct Ready {
     pub(super) toml: bool,
     pub(super) slots: Vec<(usize, DateTime<Utc>)>,
-    pub(super) ids: Vec<String>,
+    pub(super) ids: Vec<uuid::Uuid>,
     pub(super) outgoing: Vec<Outgoing>,
 }
 

@@ -11,6 +11,7 @@
 //! fenced publish keeps any slot from going out twice.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -33,8 +34,8 @@ pub(super) struct Follower {
     last_id: Option<String>,
     /// When the change stream is read next.
     pub(super) next_poll: Instant,
-    /// Job name → position in the actor's table.
-    index: HashMap<String, usize>,
+    /// Job name (shared with the job's state) → position in the actor's table.
+    index: HashMap<Arc<str>, usize>,
     /// Stored jobs the leader refuses, with the reason (shown by `status`).
     pub(super) invalid: BTreeMap<String, String>,
     /// The `sauna.toml` job names have been written for writers to refuse.
@@ -108,7 +109,7 @@ impl Actor {
                 .jobs
                 .iter()
                 .filter(|state| !state.runtime)
-                .map(|state| state.job.name.as_str())
+                .map(|state| &*state.job.name)
                 .collect();
             if let Err(error) = store.set_static_names(&names).await {
                 return Err(self.store_failed(error));
@@ -123,12 +124,13 @@ impl Actor {
             Ok(position) => position,
             Err(error) => return Err(self.store_failed(error)),
         };
-        let mut kept: HashMap<String, JobState> = HashMap::new();
-        let toml = self.jobs.iter().filter(|state| !state.runtime).count();
-        for state in self.jobs.drain(toml..) {
-            kept.insert(state.job.name.clone(), state);
+        // The jobs already in the table stay there while the stored ones are read, each found
+        // one continuing from its state (set aside in a map, they were a second copy of the
+        // table at the peak); those not found are removed after the scan.
+        let toml = self.jobs.len() - self.runtime.count();
+        for state in &mut self.jobs[toml..] {
+            state.seen = false;
         }
-        self.runtime.index.clear();
         self.runtime.invalid.clear();
         self.earliest = None;
         self.prepared = None;
@@ -140,9 +142,7 @@ impl Actor {
                 Err(error) => return Err(self.store_failed(error)),
             };
             for job in stored {
-                let previous = kept
-                    .remove(&job.name)
-                    .or_else(|| self.take_runtime(&job.name));
+                let previous = self.take_runtime(&job.name);
                 self.apply(job.name.clone(), Some(job), previous);
             }
             if next == 0 {
@@ -150,7 +150,17 @@ impl Actor {
             }
             cursor = next;
         }
+        let mut at = toml;
+        while let Some(state) = self.jobs.get(at) {
+            if state.seen {
+                at += 1;
+            } else {
+                let name = state.job.name.clone();
+                self.take_runtime(&name);
+            }
+        }
         self.jobs.shrink_to_fit();
+        self.shared.prune();
         tracing::info!(
             jobs = self.runtime.count(),
             invalid = self.runtime.invalid.len(),
@@ -218,6 +228,19 @@ impl Actor {
         Ok(())
     }
 
+    /// Brings the name index up to date after the TOML jobs before the runtime ones changed in
+    /// number.
+    pub(super) fn reindex_runtime(&mut self) {
+        let toml = self.jobs.len() - self.runtime.count();
+        for (position, state) in self.jobs.iter().enumerate().skip(toml) {
+            if let Some(indexed) = self.runtime.index.get_mut(&*state.job.name) {
+                *indexed = position;
+            }
+        }
+        self.earliest = None;
+        self.moves += 1;
+    }
+
     /// Takes `name`'s state out of the table.
     fn take_runtime(&mut self, name: &str) -> Option<JobState> {
         let position = self.runtime.index.remove(name)?;
@@ -247,7 +270,10 @@ impl Actor {
         }
         // The TOML jobs come first in the table, the runtime ones after them.
         let toml = self.jobs.len() - self.runtime.index.len();
-        if self.jobs[..toml].iter().any(|state| state.job.name == name) {
+        if self.jobs[..toml]
+            .iter()
+            .any(|state| *state.job.name == *name)
+        {
             self.refuse(
                 name,
                 "a sauna.toml job has this name; the runtime job is ignored".to_owned(),
@@ -264,8 +290,9 @@ impl Actor {
         let since = from_ms(stored.since).unwrap_or(now);
         let state = match previous {
             Some(mut state) if state.job.schedule == runtime.job.schedule => {
-                state.replace_job(runtime.job);
+                state.replace_job(runtime.job, &mut self.shared);
                 state.one_off = runtime.one_off;
+                state.seen = true;
                 state
             }
             Some(old) => {
@@ -276,11 +303,11 @@ impl Actor {
                     _ => old.cursor.max(since),
                 };
                 tracing::info!(job = %name, schedule = %runtime.job.schedule, "beat: runtime job changed");
-                JobState::runtime(runtime, cursor)
+                JobState::runtime(runtime, cursor, &mut self.shared)
             }
             None => {
                 let cursor = since.max(from_ms(stored.last).unwrap_or(since));
-                let state = JobState::runtime(runtime, cursor);
+                let state = JobState::runtime(runtime, cursor, &mut self.shared);
                 // A one-off job published after its definition was stored has run (its leader
                 // stopped before pausing it): it is paused now rather than run again.
                 if state.one_off
@@ -294,7 +321,9 @@ impl Actor {
                 state
             }
         };
-        self.runtime.index.insert(name, self.jobs.len());
+        self.runtime
+            .index
+            .insert(state.job.name.clone(), self.jobs.len());
         self.jobs.push(state);
         self.earliest = None;
         self.moves += 1;
