@@ -40,6 +40,16 @@ fn dispatcher(queue_size: usize) -> (Arc<Dispatcher>, mpsc::UnboundedReceiver<No
     (dispatcher, receiver)
 }
 
+/// A dispatcher serving generation 1 with one single-slot worker (id 1), and that worker's
+/// side.
+fn one_worker(queue_size: usize) -> (Arc<Dispatcher>, mpsc::UnboundedReceiver<Notice>, Theirs) {
+    let (dispatcher, notices) = dispatcher(queue_size);
+    dispatcher.set_generation(1);
+    let (slots, theirs) = channels(1);
+    dispatcher.add_worker(1, 0, 1, slots, None);
+    (dispatcher, notices, theirs)
+}
+
 fn set_window(dispatcher: &Dispatcher, window: Duration) {
     dispatcher.lock().ahead_window = window;
 }
@@ -211,10 +221,7 @@ fn retired_workers_close_idle_slots_and_finish_busy_ones() {
 #[test]
 fn a_busy_slot_gets_offers_ahead_up_to_the_depth_and_hands_the_slot_straight_to_them() {
     runtime().block_on(async {
-        let (dispatcher, _notices) = dispatcher(8);
-        dispatcher.set_generation(1);
-        let (slots, mut theirs) = channels(1);
-        dispatcher.add_worker(1, 0, 1, slots, None);
+        let (dispatcher, _notices, mut theirs) = one_worker(8);
         let mut first = acquire(&dispatcher).await.unwrap();
         assert!(first.was_offered() && first.take_request().is_none());
         assert_eq!(name(theirs.worker.claim(0)).as_deref(), Some("x"));
@@ -282,10 +289,7 @@ fn reaching_an_earlier_offer_takes_back_the_later_ones_and_offers_them_again() {
 #[test]
 fn a_request_giving_up_takes_back_only_what_the_worker_has_not_claimed() {
     runtime().block_on(async {
-        let (dispatcher, _notices) = dispatcher(8);
-        dispatcher.set_generation(1);
-        let (slots, mut theirs) = channels(1);
-        dispatcher.add_worker(1, 0, 1, slots, None);
+        let (dispatcher, _notices, mut theirs) = one_worker(8);
         let first = acquire(&dispatcher).await.unwrap();
         let leaving = spawn_acquire(&dispatcher, "leaving");
         tokio::task::yield_now().await;
@@ -448,10 +452,7 @@ fn giving_up_takes_an_offer_back_and_an_unclaimed_request_in_service_can_be_with
 #[test]
 fn a_request_given_up_while_offered_ahead_is_taken_back() {
     runtime().block_on(async {
-        let (dispatcher, _notices) = dispatcher(4);
-        dispatcher.set_generation(1);
-        let (slots, mut theirs) = channels(1);
-        dispatcher.add_worker(1, 0, 1, slots, None);
+        let (dispatcher, _notices, mut theirs) = one_worker(4);
         let running = acquire(&dispatcher).await.unwrap();
         // Its client leaves while it is offered ahead: hyper drops the request's future.
         let gone = spawn_acquire(&dispatcher, "gone");
@@ -472,10 +473,7 @@ fn a_request_given_up_while_offered_ahead_is_taken_back() {
 fn a_request_given_up_after_its_worker_claimed_it_is_aborted_and_drained() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     runtime().block_on(async {
-        let (dispatcher, _notices) = dispatcher(4);
-        dispatcher.set_generation(1);
-        let (slots, mut theirs) = channels(1);
-        dispatcher.add_worker(1, 0, 1, slots, None);
+        let (dispatcher, _notices, mut theirs) = one_worker(4);
         let running = acquire(&dispatcher).await.unwrap();
         let gone = spawn_acquire(&dispatcher, "gone");
         tokio::task::yield_now().await;

@@ -571,20 +571,24 @@ mod tests {
         });
     }
 
+    /// A channel with a 4 KiB ring that holds `bytes` from its start, and the worker's end of
+    /// its socket. Call inside a runtime.
+    fn ring_channel(bytes: &[u8]) -> (Channel, std::os::unix::net::UnixStream) {
+        let (ring, fd) = Ring::new(4096).unwrap();
+        // The worker's side: write the bytes through the memfd, then announce them.
+        let file = std::fs::File::from(fd);
+        std::os::unix::fs::FileExt::write_all_at(&file, bytes, 64).unwrap();
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let channel = Channel::with_ring(UnixStream::from_std(ours).unwrap(), ring);
+        (channel, theirs)
+    }
+
     #[test]
     fn shared_frames_become_body_frames_from_the_ring_in_order() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = crate::test_support::runtime();
         runtime.block_on(async {
-            let (ring, fd) = Ring::new(4096).unwrap();
-            // The worker's side: write the bytes through the memfd, then announce them.
-            let file = std::fs::File::from(fd);
-            std::os::unix::fs::FileExt::write_all_at(&file, b"hello world", 64).unwrap();
-            let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-            ours.set_nonblocking(true).unwrap();
-            let mut channel = Channel::with_ring(UnixStream::from_std(ours).unwrap(), ring);
+            let (mut channel, theirs) = ring_channel(b"hello world");
             let shared = |at: u32, len: u32| {
                 let mut wire = BytesMut::new();
                 put_header(&mut wire, Kind::Shared, 0, at, 4);
@@ -626,17 +630,8 @@ mod tests {
 
     #[test]
     fn a_whole_one_chunk_body_is_taken_with_its_end() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let (ring, fd) = Ring::new(4096).unwrap();
-            let file = std::fs::File::from(fd);
-            std::os::unix::fs::FileExt::write_all_at(&file, b"bodymore", 64).unwrap();
-            let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-            ours.set_nonblocking(true).unwrap();
-            let mut channel = Channel::with_ring(UnixStream::from_std(ours).unwrap(), ring);
+        crate::test_support::runtime().block_on(async {
+            let (mut channel, theirs) = ring_channel(b"bodymore");
             let send = |frames: &[(Kind, u32, &[u8])]| {
                 let mut wire = BytesMut::new();
                 for (kind, arg, payload) in frames {
