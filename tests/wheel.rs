@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::util::{Sandbox, binary, python, repo_root};
+use crate::util::{Sandbox, built_binary, python, repo_root};
 
 /// Kept in step with scripts/build-wheel.sh and tests/requirements.txt.
 const MATURIN_INSTALL: &str = ".venv/bin/python -m pip install 'maturin>=1.9,<2'";
@@ -49,7 +49,7 @@ fn maturin() -> PathBuf {
 /// The Cargo profile that built the binary under test, from the directory it sits in
 /// (`target/debug` is the `dev` profile's).
 fn profile_of_binary() -> String {
-    let directory = binary()
+    let directory = built_binary()
         .parent()
         .and_then(Path::file_name)
         .map(|name| name.to_string_lossy().into_owned())

@@ -8,7 +8,7 @@ use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -18,9 +18,57 @@ pub mod nginx;
 pub mod postgres;
 pub mod redis;
 
-/// The binary under test.
+/// The binary under test: a hard link to the one cargo built, made once per test process.
+/// Even a `cargo build` that finds nothing to do links its output again (remove, then link),
+/// and the wheel test runs one while other tests start the binary: through our own link they
+/// never meet the moment the path is missing.
 pub fn binary() -> PathBuf {
+    static LINKED: OnceLock<PathBuf> = OnceLock::new();
+    LINKED.get_or_init(link_built_binary).clone()
+}
+
+/// The binary where cargo built it, in `target/<profile>/`.
+pub fn built_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_sauna-supervisor"))
+}
+
+/// Links the built binary into `target/<profile>/test-binaries/<our pid>/`, after removing the
+/// links of test processes that are gone (each would keep an old build's file alive).
+fn link_built_binary() -> PathBuf {
+    let built = built_binary();
+    let Some(profile_dir) = built.parent() else {
+        return built;
+    };
+    let links = profile_dir.join("test-binaries");
+    if let Ok(entries) = std::fs::read_dir(&links) {
+        for entry in entries.flatten() {
+            let owner_alive = entry
+                .file_name()
+                .to_str()
+                .and_then(|name| name.parse::<u32>().ok())
+                .is_some_and(alive);
+            if !owner_alive {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let ours = links.join(std::process::id().to_string());
+    let linked = ours.join("sauna-supervisor");
+    let _ = std::fs::remove_dir_all(&ours);
+    std::fs::create_dir_all(&ours).expect("create the test binary's directory");
+    // The first call may itself meet a relink: try again for a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match std::fs::hard_link(&built, &linked) {
+            Ok(()) => return linked,
+            Err(error)
+                if error.kind() == std::io::ErrorKind::NotFound && Instant::now() < deadline =>
+            {
+                thread::sleep(Duration::from_millis(20));
+            }
+            Err(error) => panic!("link {} to {}: {error}", built.display(), linked.display()),
+        }
+    }
 }
 
 /// The repository root.
@@ -168,7 +216,15 @@ impl Sandbox {
 
     /// Runs the binary to completion and returns its output.
     pub fn run(&self, args: &[&str]) -> Output {
-        self.command(args).output().expect("run sauna-supervisor")
+        self.command(args).output().unwrap_or_else(|error| {
+            panic!(
+                "run sauna-supervisor {args:?}: {error} (binary {} exists: {}, sandbox {} exists: {})",
+                binary().display(),
+                binary().exists(),
+                self.root().display(),
+                self.root().exists()
+            )
+        })
     }
 
     /// Starts `sauna-supervisor run` and waits until `status --json` answers.
@@ -280,10 +336,28 @@ impl Running {
         serde_json::from_slice(&output.stdout).ok()
     }
 
-    /// `status --json` now; panics with the log when it does not answer.
+    /// `status --json` now; panics with what went wrong and the log when it does not answer.
     pub fn status_json(&self) -> serde_json::Value {
-        self.try_status()
-            .unwrap_or_else(|| panic!("status --json did not answer; log:\n{}", self.log()))
+        let output = match self.status_command().output() {
+            Ok(output) => output,
+            Err(error) => panic!(
+                "status --json could not run ({error}; binary {} exists: {}, sandbox {} exists: {}); log:\n{}",
+                binary().display(),
+                binary().exists(),
+                self.sandbox_root.display(),
+                self.sandbox_root.exists(),
+                self.log()
+            ),
+        };
+        match serde_json::from_slice(&output.stdout) {
+            Ok(status) if output.status.success() => status,
+            _ => panic!(
+                "status --json did not answer ({}): {}; log:\n{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr),
+                self.log()
+            ),
+        }
     }
 
     /// Waits until `predicate` holds for `status --json`, and returns that status.
