@@ -152,11 +152,11 @@ impl Actor {
         }
         let mut at = toml;
         while let Some(state) = self.jobs.get(at) {
-            if state.seen {
+            let name = (!state.seen).then(|| state.job.name.clone());
+            // Each turn moves on or shrinks the table, so the scan ends even should the index
+            // miss a name (it never should: the table's runtime part is what it indexes).
+            if name.is_none_or(|name| self.take_runtime(&name).is_none()) {
                 at += 1;
-            } else {
-                let name = state.job.name.clone();
-                self.take_runtime(&name);
             }
         }
         self.jobs.shrink_to_fit();
