@@ -26,32 +26,12 @@ case ${ACCESS_LOG:-} in
   text | json) access_log=true log_format=$ACCESS_LOG ;;
   *) echo "ACCESS_LOG must be text or json" >&2; exit 2 ;;
 esac
-py=$(readlink -f "${PYTHON:-.venv/bin/python}")
 work=$(mktemp -d); cp benches/web_apps.py "$work/apps.py"
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 port=18700
 run_one() { # binary conns -> req/s
-  local bin=$1 c=$2; port=$(free_port $((port+1)))
-  mkdir -p "$work/$port"
-  cat > "$work/$port/sauna.toml" <<TOML
-[app]
-directory = "$work"
-python = "$py"
-wsgi = "apps:hello"
-[web]
-listen = ["127.0.0.1:$port"]
-workers = 2
-threads = 1
-access_log = $access_log
-[metrics]
-listen = ""
-[control]
-socket = "$work/$port/control.sock"
-TOML
-  name=$port
-  "$bin" run -c "$work/$port/sauna.toml" --log-format "$log_format" > "$work/$name.log" 2>&1 &
-  pid=$! url="http://127.0.0.1:$port"
-  wait_until_up 100
+  local bin=$1 c=$2
+  start_sauna_hello "$bin" "$access_log" "$log_format"
   wrk -t2 -c"$c" -d2s "http://127.0.0.1:$port/" >/dev/null 2>&1
   local rps; rps=$(wrk -t2 -c"$c" -d"$dur" "http://127.0.0.1:$port/" | awk '/Requests\/sec/ {print $2}')
   kill -TERM $pid; wait $pid 2>/dev/null || true

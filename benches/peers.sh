@@ -1,6 +1,6 @@
-# Shared by benches/web.sh, benches/reload.sh and benches/compare-builds.sh (sourced, not run):
-# the peers' venv, a free port, waiting for a server to answer, and stopping it. Callers set $pid,
-# $url, $work and $name as they go.
+# Shared by benches/web.sh, reload.sh, compare-builds.sh and wakeups.sh (sourced, not run):
+# the peers' venv, a free port, starting sauna on hello world, waiting for a server to answer,
+# and stopping it. Callers set $pid, $url, $work and $name as they go.
 
 # The peers and the Django the `django` scenario runs on, pinned so that figures from different
 # days compare like with like (Django as in the project's test venv). Change a pin here and the
@@ -35,6 +35,36 @@ wait_until_up() {
     sleep 0.1
   done
   echo "$name did not start; its log:" >&2; cat "$work/$name.log" >&2; exit 1
+}
+
+# Starts the sauna-supervisor binary $1 on hello world (apps.py in $work: 2 workers x 1 thread,
+# no metrics endpoint) on a free port from $port + 1, with the access log $2 (true/false, default
+# false) in the log format $3 (text/json); sets $port, $pid, $url and $name, and returns once it
+# answers. Its log goes to $work/$name.log.
+start_sauna_hello() {
+  local bin=$1 access_log=${2:-false} log_format=${3:-text} py
+  py=$(readlink -f "${PYTHON:-.venv/bin/python}")
+  port=$(free_port $((port + 1)))
+  name=$port
+  mkdir -p "$work/$port"
+  cat > "$work/$port/sauna.toml" <<TOML
+[app]
+directory = "$work"
+python = "$py"
+wsgi = "apps:hello"
+[web]
+listen = ["127.0.0.1:$port"]
+workers = 2
+threads = 1
+access_log = $access_log
+[metrics]
+listen = ""
+[control]
+socket = "$work/$port/control.sock"
+TOML
+  "$bin" run -c "$work/$port/sauna.toml" --log-format "$log_format" > "$work/$name.log" 2>&1 &
+  pid=$! url="http://127.0.0.1:$port"
+  wait_until_up 100
 }
 
 # Stops the server $pid gracefully and gives its port a moment to be free again.

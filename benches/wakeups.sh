@@ -12,12 +12,13 @@
 # Needs wrk and curl (apt-get install -y wrk curl) and the venv scripts/setup.sh makes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=benches/peers.sh
+. benches/peers.sh
 [ $# -ge 1 ] || { echo "usage: $0 BINARY [BINARY...]" >&2; exit 2; }
 for tool in wrk curl; do
   command -v $tool >/dev/null || { echo "$tool is missing: apt-get install -y $tool" >&2; exit 2; }
 done
 rounds=${ROUNDS:-3} dur=${DURATION:-5s} conns=${CONNS:-16}
-py=$(readlink -f "${PYTHON:-.venv/bin/python}")
 work=$(mktemp -d); cp benches/web_apps.py "$work/apps.py"
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 ticks=$(getconf CLK_TCK)
@@ -35,25 +36,7 @@ cpu() { # pids... -> utime+stime ticks
 }
 
 run_one() { # binary -> "req sup_switches worker_switches cpu_us" per request
-  local bin=$1; port=$((port+1))
-  mkdir -p "$work/$port"
-  cat > "$work/$port/sauna.toml" <<TOML
-[app]
-directory = "$work"
-python = "$py"
-wsgi = "apps:hello"
-[web]
-listen = ["127.0.0.1:$port"]
-workers = 2
-threads = 1
-[metrics]
-listen = ""
-[control]
-socket = "$work/$port/control.sock"
-TOML
-  "$bin" run -c "$work/$port/sauna.toml" > "$work/$port/log" 2>&1 &
-  local pid=$!
-  for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/" >/dev/null 2>&1 && break; sleep 0.1; done
+  start_sauna_hello "$1"
   wrk -t2 -c"$conns" -d2s "http://127.0.0.1:$port/" >/dev/null 2>&1
   local workers; workers=$(pgrep -P "$pid" -f sauna-shim | tr '\n' ' ')
   [ -n "$workers" ] || workers=$(pgrep -P "$pid" | tr '\n' ' ')

@@ -60,26 +60,11 @@ impl Dispatcher {
         lane_index: usize,
         timeout: Duration,
     ) -> Lease {
-        let lane = &mut route.lanes[lane_index];
-        lane.service = Some(Service {
-            since: Instant::now(),
-            offered: false,
-        });
-        let channel = lane.channel.take();
-        route.busy += 1;
-        self.metrics.http_in_flight.inc();
-        Lease {
-            channel,
-            worker: route.id,
-            slot: route.slot,
-            lane: lane_index,
-            sequence: lane.sequence,
-            request: None,
-            offered: false,
-            timeout,
-            used: false,
-            dispatcher: Arc::clone(self),
-        }
+        let (channel, sequence) = route
+            .lanes
+            .get_mut(lane_index)
+            .map_or((None, 0), |lane| (lane.channel.take(), lane.sequence));
+        self.in_service(route, lane_index, channel, sequence, false, timeout)
     }
 
     /// Stops routing to the route at `index`: closes its idle slots and takes back the offers it
@@ -182,10 +167,31 @@ impl Dispatcher {
         channel: Option<Channel>,
         pending: &Waiter,
     ) -> Lease {
+        self.in_service(
+            route,
+            lane_index,
+            channel,
+            pending.sequence,
+            true,
+            pending.timeout,
+        )
+    }
+
+    /// Marks the lane serving a request from now on, counts it, and makes the lease the request
+    /// holds the slot by.
+    fn in_service(
+        self: &Arc<Self>,
+        route: &mut Route,
+        lane_index: usize,
+        channel: Option<Channel>,
+        sequence: u16,
+        offered: bool,
+        timeout: Duration,
+    ) -> Lease {
         if let Some(lane) = route.lanes.get_mut(lane_index) {
             lane.service = Some(Service {
                 since: Instant::now(),
-                offered: true,
+                offered,
             });
         }
         route.busy += 1;
@@ -195,10 +201,10 @@ impl Dispatcher {
             worker: route.id,
             slot: route.slot,
             lane: lane_index,
-            sequence: pending.sequence,
+            sequence,
             request: None,
-            offered: true,
-            timeout: pending.timeout,
+            offered,
+            timeout,
             used: false,
             dispatcher: Arc::clone(self),
         }
