@@ -2,7 +2,9 @@
 # Did a change make the request path slower? Runs two sauna-supervisor binaries (say, a release
 # build of main before the change and one after) on hello world, 2 workers x 1 thread, keep-alive,
 # wrk at -c16 and -c64, alternating old/new over ROUNDS rounds, and prints each round, the medians,
-# new/old ratios and the load average before and after (measure on a quiet machine).
+# new/old ratios and the load average before and after (measure on a quiet machine). Beside req/s
+# it gives the CPU time of each server's process tree per request, which varies less between
+# rounds on a shared host than req/s does.
 #
 #   git worktree add /tmp/old REV && (cd /tmp/old && cargo build --release)
 #   cargo build --release
@@ -29,24 +31,31 @@ esac
 work=$(mktemp -d); cp benches/web_apps.py "$work/apps.py"
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 port=18700
-run_one() { # binary conns -> req/s
-  local bin=$1 c=$2
+hz=$(getconf CLK_TCK)
+run_one() { # binary conns -> "req/s CPU-µs-per-request"
+  local bin=$1 c=$2 before after out
   start_sauna_hello "$bin" "$access_log" "$log_format"
   wrk -t2 -c"$c" -d2s "http://127.0.0.1:$port/" >/dev/null 2>&1
-  local rps; rps=$(wrk -t2 -c"$c" -d"$dur" "http://127.0.0.1:$port/" | awk '/Requests\/sec/ {print $2}')
+  before=$(tree_cpu_ticks "$pid")
+  out=$(wrk -t2 -c"$c" -d"$dur" "http://127.0.0.1:$port/")
+  after=$(tree_cpu_ticks "$pid")
   kill -TERM $pid; wait $pid 2>/dev/null || true
   rm -f "$work/$name.log" # with the access log on, tens of MB per run
-  echo "$rps"
+  awk -v ticks=$((after - before)) -v hz="$hz" '
+    / requests in / {requests=$1} /Requests\/sec/ {rps=$2}
+    END {printf "%s %.1f\n", rps, ticks * 1e6 / hz / requests}' <<<"$out"
 }
+median() { sort -n | sed -n "$(( (rounds+1)/2 ))p"; }
 echo "load: $(cut -d' ' -f1-3 /proc/loadavg)"
 for c in 16 64; do
   o=(); n=()
   for r in $(seq "$rounds"); do
     o+=("$(run_one "$old" $c)"); n+=("$(run_one "$new" $c)")
-    echo "c$c round $r: old ${o[-1]} new ${n[-1]}"
+    echo "c$c round $r: old ${o[-1]% *} req/s ${o[-1]#* } µs/req, new ${n[-1]% *} req/s ${n[-1]#* } µs/req"
   done
-  mo=$(printf '%s\n' "${o[@]}" | sort -n | sed -n "$(( (rounds+1)/2 ))p")
-  mn=$(printf '%s\n' "${n[@]}" | sort -n | sed -n "$(( (rounds+1)/2 ))p")
-  echo "c$c median: old $mo new $mn ratio $(echo "scale=3; $mn/$mo" | bc)"
+  mo=$(printf '%s\n' "${o[@]% *}" | median) mn=$(printf '%s\n' "${n[@]% *}" | median)
+  co=$(printf '%s\n' "${o[@]#* }" | median) cn=$(printf '%s\n' "${n[@]#* }" | median)
+  echo "c$c median: old $mo new $mn req/s, ratio $(echo "scale=3; $mn/$mo" | bc);" \
+    "CPU old $co new $cn µs/req, ratio $(echo "scale=3; $cn/$co" | bc)"
 done
 echo "load: $(cut -d' ' -f1-3 /proc/loadavg)"
