@@ -39,7 +39,8 @@ slot.sock.setblocking(True)
 try:
     while True:
         kind, flags, arg, payload = slot.recv_frame()
-        slot.sendv([shim["_pack"](len(payload), arg, kind, flags, 0), payload])
+        header = shim["_pack"](len(payload), arg, kind, flags, 0)
+        slot.sendv([header, payload], len(header) + len(payload))
 except EOFError:
     pass
 "#;
