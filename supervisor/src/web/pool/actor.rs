@@ -181,7 +181,7 @@ impl Actor {
                 }
                 Some(notice) = self.notices.recv() => self.on_notice(notice),
                 Some((id, answer)) = self.warm_ups.recv() => self.on_warm_up(id, answer),
-                _ = rss_tick.tick() => self.sample(),
+                _ = rss_tick.tick() => self.sample().await,
                 () = restart_timer => self.restart_due(),
             }
         }
