@@ -117,10 +117,20 @@ fn is_pid(name: &str) -> bool {
     !name.is_empty() && name.bytes().all(|byte| byte.is_ascii_digit())
 }
 
-/// Total RSS in bytes of the tree rooted at `root`, or `None` when `root` is gone.
-pub fn tree_rss(root: u32) -> Option<u64> {
+/// Total RSS in bytes of the tree rooted at each of `roots` (`None` where that root is gone),
+/// from one scan of `/proc`.
+pub fn trees_rss(roots: &[u32]) -> Vec<Option<u64>> {
     let processes = read_processes(Path::new("/proc"));
-    let members = tree_members(&processes, root);
+    roots
+        .iter()
+        .map(|&root| tree_rss(&processes, root))
+        .collect()
+}
+
+/// Total RSS in bytes of the tree rooted at `root` among `processes`, or `None` when `root` is
+/// not among them.
+fn tree_rss(processes: &[ProcStat], root: u32) -> Option<u64> {
+    let members = tree_members(processes, root);
     if members.is_empty() {
         return None;
     }
@@ -256,7 +266,7 @@ mod tests {
 
     #[test]
     fn measures_this_test_process() {
-        let rss = tree_rss(std::process::id()).expect("this process exists");
+        let rss = trees_rss(&[std::process::id()])[0].expect("this process exists");
         assert!(rss > 1 << 20, "{rss}");
         // Sampled apart from the tree (and other tests allocate meanwhile): only the order of
         // magnitude is comparable.

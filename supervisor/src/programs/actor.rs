@@ -130,7 +130,16 @@ impl ProgramActor {
                     }
                 },
                 Some(exited) = self.exits_rx.recv() => self.on_exit(exited),
-                () = timer => self.on_timers(Instant::now()),
+                () = timer => {
+                    let now = Instant::now();
+                    self.on_timers(now);
+                    if self.next_rss_sample.is_some_and(|at| at <= now)
+                        && self.shutting_down.is_none()
+                    {
+                        self.next_rss_sample = Some(now + self.launch.rss_interval);
+                        self.sample_rss().await;
+                    }
+                }
             }
             self.advance_rollout();
         }
@@ -218,10 +227,6 @@ impl ProgramActor {
             {
                 self.check_stopped_group(slot, now);
             }
-        }
-        if self.next_rss_sample.is_some_and(|at| at <= now) && self.shutting_down.is_none() {
-            self.next_rss_sample = Some(now + self.launch.rss_interval);
-            self.sample_rss();
         }
     }
 

@@ -373,21 +373,35 @@ impl ProgramActor {
         }
     }
 
-    pub(super) fn sample_rss(&mut self) {
-        for slot in 0..self.instances.len() {
+    /// Samples the RSS of every running instance's process tree that has a `max_rss`, and
+    /// restarts those over it for `max_rss_samples` samples in a row.
+    pub(super) async fn sample_rss(&mut self) {
+        let sampled: Vec<(usize, u32)> = self
+            .instances
+            .iter()
+            .enumerate()
+            .filter(|(_, instance)| {
+                instance.launch.max_rss > 0
+                    && matches!(
+                        instance.state,
+                        InstanceState::Starting | InstanceState::Running
+                    )
+            })
+            .filter_map(|(slot, instance)| Some((slot, instance.pid?)))
+            .collect();
+        if sampled.is_empty() {
+            return;
+        }
+        let roots: Vec<u32> = sampled.iter().map(|&(_, pid)| pid).collect();
+        // Off the runtime's only thread, which also runs the web front: a scan of `/proc` reads
+        // every process's stat file (milliseconds on a busy host).
+        let Ok(trees) = tokio::task::spawn_blocking(move || procfs::trees_rss(&roots)).await else {
+            return; // the runtime is shutting down
+        };
+        for (&(slot, pid), rss_bytes) in sampled.iter().zip(trees) {
             let instance = &mut self.instances[slot];
             let limit = instance.launch.max_rss;
-            if limit == 0 {
-                continue;
-            }
-            let running = matches!(
-                instance.state,
-                InstanceState::Starting | InstanceState::Running
-            );
-            let Some(pid) = instance.pid.filter(|_| running) else {
-                continue;
-            };
-            instance.rss_bytes = procfs::tree_rss(pid);
+            instance.rss_bytes = rss_bytes;
             let rss = instance.rss_bytes.unwrap_or_default();
             if rss <= limit {
                 instance.rss_over = 0;
